@@ -17,6 +17,14 @@ what a tool-call parser reads: a call written while thinking is reasoning text).
   ``enable_thinking`` (as vLLM's, truthy; a ``reasoning_effort`` other than "none" sets the
   latter), else the whole output is content, its ``reasoning`` null (vLLM's identity reading).
 
+- ``granite`` (Granite 3.2/3.3 told ``thinking``): no tags but plain-text markers, an output that
+  begins (after whitespace) with "Here is my thought process:" (or "Here's ...", vLLM's) is
+  reasoning up to "Here is my response:" (or "Here's ..."), what follows it content; one that does
+  not begin so is all content, its ``reasoning`` null; one cut before its response marker is all
+  reasoning (vLLM's stream reads it so; its whole reading gives it as content). The markers are
+  text of several tokens whatever the tokenizer: a structured output beside it binds from the
+  first token (no reasoning read), and usage says no reasoning_tokens (vLLM counts none either).
+
 A ``<think>`` later in the reasoning is taken off, the text before it kept as reasoning, as vLLM's
 stream reads it (its tag token skipped); vLLM's whole-output reading drops that text too: dlora
 answers both as vLLM's stream does (the tag was left in the reasoning text).
@@ -27,7 +35,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-PARSERS = ("deepseek_r1", "qwen3", "deepseek_v3")
+PARSERS = ("deepseek_r1", "qwen3", "deepseek_v3", "granite")
+# Parsers whose reasoning is marked by plain text, not tags a grammar or a token count can wait for
+MARKED = frozenset({"granite"})
+_THOUGHT = ("Here is my thought process:", "Here's my thought process:")
+_RESPONSE = ("Here is my response:", "Here's my response:")
 _OPEN, _CLOSE = "<think>", "</think>"
 REASONING_START, REASONING_END = _OPEN, _CLOSE  # a structured output's grammar binds what follows the end
 
@@ -38,7 +50,7 @@ def tag_problem(kind: str, end_ids: list[int]) -> str | None:
     in other pieces (a SentencePiece "▁</", say) never completes that sequence, so its grammar never
     starts. vLLM refuses to start such a parser (its end token must be one token); dlora serves it
     and says so at start: the text parser still splits on the tag."""
-    if not kind or len(end_ids) == 1:
+    if not kind or kind in MARKED or len(end_ids) == 1:
         return None
     return (
         f"reasoning_parser {kind}: the tokenizer writes {_CLOSE} as {len(end_ids)} tokens {end_ids}, not one; "
@@ -81,10 +93,13 @@ class ReasoningParser:
     # Whitespace that may precede an opening <think>, kept apart from _held, which each feed scans:
     # in it, an output of nothing but whitespace was scanned whole at every token (quadratic).
     _space: list[str] = field(default_factory=list)
+    reasoned: bool = False  # granite: the output began with its thought marker (else its reasoning is null)
 
     def feed(self, text: str) -> tuple[str, str]:
         if not self.kind or not self.thinking or self._state == "content":  # ("": no parser)
             return "", text
+        if self.kind in MARKED:
+            return self._marked(text)
         if self._state == "start":
             if not self._held:  # (after a part of "<think>", whitespace is no more before it)
                 start = text.lstrip()
@@ -107,8 +122,40 @@ class ReasoningParser:
         reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
         return reasoning.replace(_OPEN, ""), ""
 
+    def _marked(self, text: str) -> tuple[str, str]:
+        """``feed`` for granite: its markers are text (``_THOUGHT``, ``_RESPONSE``)."""
+        if self._state == "start":
+            if not self._held:  # (whitespace kept apart, as feed's, not scanned again per token)
+                start = text.lstrip()
+                self._space.append(text[: len(text) - len(start)])
+                text = start
+            self._held += text
+            if any(m.startswith(self._held) and m != self._held for m in _THOUGHT):
+                return "", ""  # whitespace, or a part of the marker: which is it?
+            opened = next((m for m in _THOUGHT if self._held.startswith(m)), None)
+            if opened is None:  # no marker: the whole output is content
+                content, self._held, self._state, self._space = "".join(self._space) + self._held, "", "content", []
+                return "", content
+            self._held, self._state, self.reasoned, self._space = self._held[len(opened) :], "reasoning", True, []
+        else:
+            self._held += text
+        found = [(at, m) for m in _RESPONSE if (at := self._held.find(m)) >= 0]
+        if found:
+            at, marker = min(found)
+            reasoning, content = self._held[:at], self._held[at + len(marker) :]
+            self._held, self._state = "", "content"
+            return reasoning, content
+        keep = max(_partial_tag(self._held, m) for m in _RESPONSE)
+        reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+        return reasoning, ""
+
     def finish(self) -> tuple[str, str]:
-        """The end of the output: text held back is reasoning (a think block not closed)."""
+        """The end of the output: text held back is reasoning (a think block not closed); granite's
+        before its marker came whole is content (the output did not begin with it)."""
+        if self.kind in MARKED and self._state == "start":
+            content, self._held, self._state = "".join(self._space) + self._held, "", "content"
+            self._space = []
+            return "", content
         reasoning, content = self.feed("")
         rest, self._held, self._space = "".join(self._space) + self._held, "", []
         return reasoning + rest, content
@@ -222,7 +269,8 @@ def split(kind: str, text: str, thinking: bool = True) -> tuple[str | None, str 
     parser = ReasoningParser(kind, thinking)
     reasoning, content = parser.feed(text)
     rest, more = parser.finish()
-    return (reasoning + rest if thinking else None), (content + more) or None
+    read = thinking and (parser.reasoned or kind not in MARKED)
+    return (reasoning + rest if read else None), (content + more) or None
 
 
 def _partial_tag(text: str, tag: str) -> int:

@@ -41,10 +41,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     tool_call_parser: str = ""
     # vLLM's --reasoning-parser: how the model writes its reasoning, "deepseek_r1" (DeepSeek R1 and
     # its distills), "qwen3" (Qwen3, QwQ, Qwen3.5; chat_template_kwargs enable_thinking false:
-    # all content) or "deepseek_v3" (DeepSeek V3.1+: read only where chat_template_kwargs say
-    # thinking or enable_thinking, else all content); set, a chat's <think>...</think> goes out
-    # as the message's "reasoning" and the rest as its content, the only text tool calls are read
-    # from (gateway/reasoning.py).
+    # all content), "deepseek_v3" (DeepSeek V3.1+: read only where chat_template_kwargs say
+    # thinking or enable_thinking, else all content) or "granite" (Granite 3.2/3.3: plain-text
+    # markers "Here is my thought process:" / "Here is my response:", not tags); set, a chat's
+    # <think>...</think> goes out as the message's "reasoning" and the rest as its content, the
+    # only text tool calls are read from (gateway/reasoning.py).
     # Set, a structured output's grammar binds only the content: the workers hold it back until the
     # output's </think> (as vLLM does once the reasoning ends). Empty: off, the text as written.
     reasoning_parser: str = ""

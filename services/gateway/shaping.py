@@ -29,7 +29,14 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
-from dlora.services.gateway.reasoning import REASONING_END, REASONING_START, closes_reasoning, tag_problem, thinking
+from dlora.services.gateway.reasoning import (
+    MARKED,
+    REASONING_END,
+    REASONING_START,
+    closes_reasoning,
+    tag_problem,
+    thinking,
+)
 from dlora.services.gateway.sampling import (
     auto_tools,
     forced_tool,
@@ -91,6 +98,11 @@ class ServedModel:
     def reasoning_start(self) -> list[int]:
         """``<think>``'s ids likewise: where a usage's reasoning tokens start (``ReasoningTokens``)."""
         return list(self.tokenizer.encode(REASONING_START, add_special_tokens=False))
+
+    @property
+    def reasoning_tags(self) -> bool:
+        """Whether its reasoning parser reads tags (``<think>``), whose tokens a usage counts between."""
+        return bool(self.reasoning_parser) and self.reasoning_parser not in MARKED
 
     @property
     def call_id_length(self) -> int:
@@ -354,7 +366,7 @@ def shape_request(
         echo_logprobs=echo_logprobs,
         prompt_logprobs=field_logprobs,
         structured_field=structured_field(body),
-        reasoning_tags=(model.reasoning_start, model.reasoning_end) if chat and model.reasoning_parser else None,
+        reasoning_tags=(model.reasoning_start, model.reasoning_end) if chat and model.reasoning_tags else None,
     )
 
 
@@ -371,6 +383,8 @@ def chat_thinking(body: ChatBody, template: ChatTemplate, ids: list[int], model:
         return True
     if body.include_reasoning is False and structured_field(body) is not None:
         return False
+    if model.reasoning_parser in MARKED and structured_field(body) is not None:
+        return False  # (granite's markers are text no grammar waits for: it binds from the first token)
     continued = template.continue_final_message
     text = model.tokenizer.decode(ids if continued else ids[-PROMPT_TAIL:], skip_special_tokens=False)
     return not closes_reasoning(text, continued)

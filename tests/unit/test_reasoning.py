@@ -146,7 +146,7 @@ def test_deepseek_v3_reads_reasoning_only_where_the_template_was_told_to_think()
 
 
 def test_a_reasoning_parser_must_be_one_dlora_has() -> None:
-    problems = GatewaySettings(model="m", reasoning_parser="granite").check()
+    problems = GatewaySettings(model="m", reasoning_parser="olmo3").check()
     assert [p[0] for p in problems] == ["reasoning_parser"] and "deepseek_r1" in problems[0][2]
     assert GatewaySettings(model="m", reasoning_parser="qwen3").check() == []
     assert GatewaySettings(model="m").reasoning_parser == ""  # off unless set, as vLLM's
