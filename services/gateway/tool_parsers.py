@@ -239,9 +239,8 @@ class ToolParser:
     # what follows _held, kept apart while a call stays open: joined to it at every token, a 200 kB
     # call copied all of itself per token (0.5 s of the gateway's loop; a review)
     _pieces: list[str] = field(default_factory=list)
-    _inside: bool = (
-        False  # hermes: within <tool_call> ...; mistral: after [TOOL_CALLS]; llama3_json: the output is calls
-    )
+    # hermes: within <tool_call> ...; mistral: after [TOOL_CALLS]; llama3_json: the output is calls
+    _inside: bool = False
     _decided: bool = False  # llama3_json: whether the output's start was seen
     _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
     # llama3_json: the output until its first call (what an output of none gives out), in pieces
@@ -253,6 +252,8 @@ class ToolParser:
     _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
     _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
+    # content so far, whitespace alone, before any call (_shown); None: other text went out
+    _blank: list[str] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind == "pythonic":
@@ -260,12 +261,31 @@ class ToolParser:
 
             self._pythonic = PythonicReader(self.calls, self.names)
 
+    def finish(self) -> tuple[str, list[Call]]:
+        """The end of the output (``_finish``); whitespace held that no call followed goes out."""
+        content, calls = self._shown(self._finish())
+        return "".join(self._blank or []) + content, calls
+
+    def _shown(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
+        """Content before any call that is whitespace alone is held until text or a call follows:
+        beside calls it is none, as vLLM's null (Qwen3's blank line after </think> was content)."""
+        content, calls = read
+        if self._blank is None or not (content or calls):
+            return read
+        if content.strip():
+            blank, self._blank = "".join(self._blank), None
+            return blank + content, calls
+        self._blank.append(content)
+        if calls or self.calls:
+            self._blank.clear()
+        return "", calls
+
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if self._pythonic is not None:
-            return self._pythonic.feed(text)
+            return self._shown(self._pythonic.feed(text))
         if not text:  # a token that completes no character, or a stop string holds: nothing new to read
             return "", []  # (read, it joined an open call's pieces: copied again at every such token; a review)
-        return self._take(text)
+        return self._shown(self._take(text))
 
     def _take(self, text: str) -> tuple[str, list[Call]]:
         if self.kind == "llama3_json" and not self.calls and (self._inside or not self._decided):
@@ -279,7 +299,7 @@ class ToolParser:
             return self._hermes()
         return self._mistral() if self.kind == "mistral" else self._llama3_json()
 
-    def finish(self) -> tuple[str, list[Call]]:
+    def _finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
         unless calls came before it (llama3_json's: unless it is an unfinished call)."""
         if self._pythonic is not None:

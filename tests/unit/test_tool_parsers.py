@@ -122,6 +122,13 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", QUOTES_TAG.removesuffix("</tool_call>"), "", [QUOTED]),  # left open (a stop at the tag)
         ("hermes", '<tool_call>{"name": "f", "arguments": {"s": "\\\\"}}</tool_call>x', "", [("f", '{"s": "\\\\"}')]),
         ("hermes", '<tool_call>not "json</tool_call> after', '<tool_call>not "json</tool_call> after', []),
+        # content of whitespace alone before calls is none (vLLM answers null): Qwen3's blank line after
+        # </think> was the reply's content; without a call it is the text as written
+        ("hermes", "\n\n" + HERMES_TWO.split("\n", 1)[1], "", [WEATHER, PING]),
+        ("mistral", " \n[TOOL_CALLS]ping{}", "", [PING]),
+        ("pythonic", "\n[ping()]", "", [PING]),
+        ("hermes", " \n\n ", " \n\n ", []),
+        ("hermes", "\n\nHi <tool_call>" + HERMES_TWO.split("<tool_call>")[2], "\n\nHi ", [PING]),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
@@ -349,3 +356,19 @@ def test_an_empty_piece_does_not_join_an_open_call(kind: str, opening: str, clos
         assert parser.feed("日本😀") == ("", []) and parser.feed("") == ("", [])
     assert len(parser._held) == held and len(parser._pieces) == 1000  # none joined yet
     assert joined(parser.feed(closing), parser.finish()) == ("", [(0, "f", arguments_json({"s": "日本😀" * 1000}))])
+
+
+def test_a_blank_line_before_a_call_is_no_content_whole_or_streamed() -> None:
+    """Qwen3 writes a blank line between </think> and <tool_call>: its reply's content was "\\n\\n"
+    beside the call, where vLLM answers null; the stream gave out the same, read as the openai
+    package reads it."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    text = '<think>\nhm\n</think>\n\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
+    shape = Shape(True, "chatcmpl-abc", "m", 0, tool_parser="hermes", reasoning_parser="qwen3")
+    whole = ChatCompletion.model_validate(shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9))
+    assert whole.choices[0].message.content is None and whole.choices[0].finish_reason == "tool_calls"
+    events = [shape.chunk("", None, first=True)] + [shape.chunk(c, None) for c in text] + [shape.chunk("", "stop")]
+    deltas = [ChatCompletionChunk.model_validate(e).choices[0].delta for e in events if not shape.silent(e)]
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert [c.function.name for d in deltas for c in d.tool_calls or [] if c.function] == ["ping"]
