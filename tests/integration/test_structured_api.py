@@ -170,6 +170,19 @@ async def test_auto_tool_choice_reads_the_calls_the_model_wrote(
         assert "".join(c["delta"].get("content") or "" for c in choices) == "Sure. "
         streamed = [t for c in choices for t in c["delta"].get("tool_calls", [])]
         assert [t["function"] for t in streamed] == [call["function"]] and choices[-1]["finish_reason"] == "tool_calls"
+        # a blank line before the call is no content (vLLM's null); an argument quoting the closing
+        # tag is the argument's (vLLM PRs #48353/#55848): both came back as content
+        quoting = r'\n\n<tool_call>\{"name": "weather", "arguments": \{"city": "</tool_call>"\}\}</tool_call>'
+        quoted = {**body, "structured_outputs": {"regex": quoting}}
+        status, resp = await post(stack, "/v1/chat/completions", quoted)
+        [call] = resp["choices"][0]["message"]["tool_calls"]
+        assert resp["choices"][0]["message"]["content"] is None and call["function"]["arguments"] == (
+            '{"city": "</tool_call>"}'
+        ), resp
+        events = await stream(stack, "/v1/chat/completions", {**quoted, "stream": True})
+        choices = [e["choices"][0] for e in events if isinstance(e, dict) and e.get("choices")]
+        assert "".join(c["delta"].get("content") or "" for c in choices) == ""
+        assert [t["function"] for c in choices for t in c["delta"].get("tool_calls", [])] == [call["function"]]
         # free text (no call written): content, as without tools
         status, resp = await post(stack, "/v1/chat/completions", {**body, "structured_outputs": {"regex": "kalo remi"}})
         assert status == 200 and resp["choices"][0]["message"] == {
