@@ -163,6 +163,7 @@ class ToolParser:
     # hermes: where the closing tag was looked for to (a token costs its own characters); mistral:
     # where the whitespace after [TOOL_CALLS] was read to
     _read: int = 0
+    _body: bool = False  # hermes: within a call whose body began as a JSON object
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
     _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
     _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
@@ -246,7 +247,7 @@ class ToolParser:
         does not end it: what a reading of the joined text would answer then is nothing, so it is
         only kept, each character looked at once."""
         if self.kind == "hermes":
-            if not self._inside or not self._close.open_through(text):
+            if not self._body or not self._close.open_through(text):
                 return False
             self._read += len(text)
             return True
@@ -280,12 +281,24 @@ class ToolParser:
                 content += text
                 if not self._inside:
                     return content, out
+            if not self._body:  # a call's body is a JSON object: else the tag was text (a reply quoting
+                # it), given out as it comes; it held the rest of the reply until the end
+                at = self._read
+                while at < len(self._held) and self._held[at].isspace():
+                    at += 1
+                self._read = at
+                if at == len(self._held):
+                    return content, out
+                if self._held[at] != "{":
+                    content, self._inside, self._read = content + (_OPEN if not self.calls else ""), False, 0
+                    continue
+                self._body = True
             end = self._close.find(self._held, self._read)  # (not one inside an argument's string)
             if end is None:
                 self._read = len(self._held)
                 return content, out
             body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
-            self._read = 0
+            self._read, self._body = 0, False
             try:
                 parsed = loads(body)
             except ValueError:

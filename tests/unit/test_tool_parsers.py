@@ -122,6 +122,18 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", QUOTES_TAG.removesuffix("</tool_call>"), "", [QUOTED]),  # left open (a stop at the tag)
         ("hermes", '<tool_call>{"name": "f", "arguments": {"s": "\\\\"}}</tool_call>x', "", [("f", '{"s": "\\\\"}')]),
         ("hermes", '<tool_call>not "json</tool_call> after', '<tool_call>not "json</tool_call> after', []),
+        (
+            "hermes",
+            "<tool_call>[1]</tool_call>" + HERMES_TWO,
+            "<tool_call>[1]</tool_call>Let me look.\n",
+            [WEATHER, PING],
+        ),
+        (
+            "hermes",
+            '<tool_call>\n<function=f>"</function></tool_call>',
+            '<tool_call>\n<function=f>"</function></tool_call>',
+            [],
+        ),
         # content of whitespace alone before calls is none (vLLM answers null): Qwen3's blank line after
         # </think> was the reply's content; without a call it is the text as written
         ("hermes", "\n\n" + HERMES_TWO.split("\n", 1)[1], "", [WEATHER, PING]),
@@ -161,6 +173,22 @@ def test_text_goes_out_as_it_comes_and_only_a_possible_tag_is_held_back() -> Non
     assert said == ["Hello", " world ", "", "", "", ""]
     _, _, said = read("llama3_json", ["Sun", "ny"])
     assert said == ["Sun", "ny", ""]
+
+
+def test_a_reply_quoting_the_call_tag_streams_on_past_it() -> None:
+    """A <tool_call> not followed by a JSON object is no call (a reply about the format, a
+    Qwen3-Coder XML call): the text after it was held until the end of the reply, the stream silent
+    meanwhile (club-3090 #72's kind). It goes out as it comes; a call after it is still read."""
+    pieces = [
+        "Write <tool_call> t",
+        'hen "JSON',
+        "</tool_call>. Like: ",
+        '<tool_call>{"name": "ping", "arguments": {}}',
+    ]
+    content, calls, said = read("hermes", [*pieces, "</tool_call>"])
+    assert said[:3] == pieces[:3] and calls == [PING]
+    text = "".join(pieces) + "</tool_call>"
+    assert read("hermes", [text])[:2] == read("hermes", list(text))[:2] == (content, calls)
 
 
 def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> None:
