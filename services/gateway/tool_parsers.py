@@ -157,7 +157,6 @@ class ToolParser:
     # hermes: within <tool_call> ...; mistral: after [TOOL_CALLS]; llama3_json: the output is calls
     _inside: bool = False
     _decided: bool = False  # llama3_json: whether the output's start was seen
-    _stuck: bool = False  # llama3_json: held text that is not a call (given out at the finish)
     # llama3_json: the output until its first call (what an output of none gives out), in pieces
     _written: list[str] = field(default_factory=list)
     # hermes: where the closing tag was looked for to (a token costs its own characters); mistral:
@@ -235,7 +234,7 @@ class ToolParser:
         rest, self._held = self._held, ""
         if self.kind == "llama3_json" and self._inside and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
-        if self.kind == "llama3_json" and self.calls and not self._stuck and self._scan.read:
+        if self.kind == "llama3_json" and self.calls and self._inside and self._scan.read:
             rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
         tag = _TAGS.get(self.kind)
         if self._inside and tag:
@@ -243,15 +242,12 @@ class ToolParser:
         return content + (rest if tag is None or not self.calls else ""), calls
 
     def _goes_on(self, text: str) -> bool:
-        """Whether ``text`` continues an open call (or llama3_json's held text that is none) and
-        does not end it: what a reading of the joined text would answer then is nothing, so it is
-        only kept, each character looked at once."""
+        """Whether ``text`` continues an open call and does not end it: what a reading of the
+        joined text would answer then is nothing, so it is only kept, each character looked at once."""
         if self.kind == "hermes":
             if not self._body or not self._close.open_through(text):
                 return False
             self._read += len(text)
-            return True
-        if self.kind == "llama3_json" and self._stuck:
             return True
         return self._inside and self._scan.read > 0 and self._scan.open_through(text)
 
@@ -362,7 +358,7 @@ class ToolParser:
             content, self._held = self._held, ""
             return content, []
         out: list[Call] = []
-        while not self._stuck:
+        while self._inside:
             if self._scan.read == 0:  # between objects: the separators go, and Llama's call tag
                 # in any order: a tag after "; " was text unstreamed and a call streamed, where
                 # the tag (a special token) came as a piece of its own
@@ -370,7 +366,8 @@ class ToolParser:
                     self._held = between
                 if not self._held or self._held[0] != "{":
                     # (the start of a tag waits for its end, unstreamed alike)
-                    self._stuck = bool(self._held) and not _PYTHON_TAG.startswith(self._held)
+                    if self._held and not _PYTHON_TAG.startswith(self._held):
+                        return self._not_calls(), out
                     break
             if (end := self._scan.find(self._held)) is None:
                 break  # not whole yet
@@ -379,10 +376,17 @@ class ToolParser:
             except ValueError:
                 obj = None
             if not self._add(_call(obj, ("parameters", "arguments")), out):
-                self._stuck = True  # not a call (or not JSON): held, and given out as text at the finish
-                break
+                return self._not_calls(), out  # not a call (or not JSON)
             self._held = self._held[end:]
         return "", out
+
+    def _not_calls(self) -> str:
+        """llama3_json's text where the calls end (or the output is none): given out now, the rest
+        as it comes (held to the end, a reply that began as a JSON answer streamed nothing until
+        then): the output as written where it made no call, else what follows the calls."""
+        text = "".join(self._written) if not self.calls else self._held
+        self._held, self._inside, self._written = "", False, []
+        return text
 
 
 def joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:

@@ -354,14 +354,16 @@ def test_an_open_call_is_kept_in_pieces_not_copied_at_each_token(kind: str, open
     assert parser._pieces == []
 
 
-def test_text_held_after_a_llama3_json_call_that_is_none_is_kept_in_pieces() -> None:
-    """An output that began as calls and then held an object that is none is held to the end, given
-    out at the finish: it too grew by a copy of all of it at every token."""
+def test_text_after_llama3_json_calls_or_instead_of_them_streams_as_it_comes() -> None:
+    """An output that began as calls and then held an object that is none, or began as a JSON
+    object that is no call (a JSON answer with tools on), was held to the end and given out at the
+    finish: nothing streamed meanwhile. It goes out once it is known to be text, then as it comes."""
     parser = ToolParser("llama3_json")
-    for piece in [LLAMA_ONE, "; ", '{"temperature": 3}', *["word "] * 1000]:
-        parser.feed(piece)
-    assert len(parser._pieces) == 1000 and len(parser._held) <= len('{"temperature": 3}')
-    assert parser.finish() == ('{"temperature": 3}' + "word " * 1000, [])
+    said = [parser.feed(piece) for piece in [LLAMA_ONE, "; ", '{"temperature": 3}', *["word "] * 1000]]
+    assert said[2] == ('{"temperature": 3}', []) and said[3:] == [("word ", [])] * 1000
+    assert parser._held == "" and not parser._pieces and parser.finish() == ("", [])
+    _, _, said = read("llama3_json", ['\n{"temperature"', ": 3}", " is", " the answer"])
+    assert said == ["", '\n{"temperature": 3}', " is", " the answer", ""]
 
 
 @pytest.mark.parametrize(
