@@ -34,6 +34,9 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:api-keys``             hash  key digest (SHA-256, hex) -> ApiKey (JSON): inference API keys,
                                      revoked ones kept (``common/apikeys.py``)
 - ``{p}:api-key-ids``          hash  key id -> its digest (revocation and lookup by id)
+- ``{p}:response:{id}``        hash  a stored Responses API response: tenant, response (JSON),
+                                     input (its conversation's items, JSON); expires
+                                     (``state_responses.py``, ``gateway/responses_store.py``)
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from redis.asyncio import Redis
 
 from dlora.common.inflight import Copy, Inflight, Sent
 from dlora.common.messages import AdapterEntry, AdapterRemoval, ApiKey, GenerateRequest
+from dlora.common.state_responses import ResponseKeys
 from dlora.common.state_scripts import (
     _DELETE_IF_LUA,
     _DELETE_INFLIGHT_LUA,
@@ -73,7 +77,7 @@ INFLIGHT_TTL_S = 600.0
 POLICY_TTL_S = 86400.0
 
 
-class StateStore(WorkerKeys):
+class StateStore(WorkerKeys, ResponseKeys):
     """Every Redis key dlora uses (the module's list) and the operations on them."""
 
     def __init__(self, redis: Redis, prefix: str = PREFIX) -> None:

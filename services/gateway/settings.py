@@ -122,6 +122,16 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Open connections at most from one client address; more are answered 429 and closed at once.
     # 0: no limit (behind a proxy, where every client has the proxy's address).
     max_connections_per_client: int = 1024
+    # Seconds a Responses API response asked with store (OpenAI's default) is kept in Redis, for
+    # GET /v1/responses/{id} and a later request's previous_response_id; then it expires. A day:
+    # an agent's chain of turns, and a session resumed later that day, find theirs, while what
+    # Redis holds stays a day of traffic (OpenAI keeps 30 days; vLLM keeps them in memory for
+    # ever). 0: nothing is stored, previous_response_id refused (vLLM's default).
+    responses_ttl_s: float = 86400.0
+    # Bytes one stored response may take (its object and its conversation's input items, JSON),
+    # at most: a larger one is answered but not kept (its "store" false) so one huge conversation
+    # cannot fill Redis. 8 MiB: a 128k-token context's conversation a few times over.
+    responses_max_bytes: int = 8 << 20
 
     def check(self) -> Problems:
         bad = Common.check(self) + nested_problems("adapter_limits", self.adapter_limits.check())
@@ -129,8 +139,11 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("port", self.port, "must be in 1..65535"))
         if not self.model:
             bad.append(("model", self.model, "must name the base model directory"))
-        if self.max_body_bytes <= 0:
-            bad.append(("max_body_bytes", self.max_body_bytes, "must be > 0"))
+        for field in ("max_body_bytes", "responses_max_bytes"):
+            if getattr(self, field) <= 0:
+                bad.append((field, getattr(self, field), "must be > 0"))
+        if not 0 <= self.responses_ttl_s < math.inf:
+            bad.append(("responses_ttl_s", self.responses_ttl_s, "must be >= 0 (0: nothing stored)"))
         positive: tuple[str, ...] = ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "body_timeout_s")
         positive += ("idle_timeout_s", "send_timeout_s")
         for field in (*positive, "max_connections"):

@@ -1,0 +1,34 @@
+"""The Redis key of the Responses API's stored responses (``{p}:response:{id}``, a hash:
+``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
+JSON)); ``state.py`` lists every key. A part of ``StateStore``."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from redis.asyncio import Redis
+
+
+class ResponseKeys:
+    """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
+
+    r: Redis
+    p: str
+
+    async def put_response(self, response_id: str, tenant: str, response: bytes, items: bytes, ttl_s: float) -> None:
+        """Keep a finished response for ``ttl_s`` seconds: its fields and their expiry in one
+        transaction, so no record outlives its TTL (a gateway dying between the two)."""
+        key = f"{self.p}:response:{response_id}"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        await pipe.execute()
+
+    async def response_fields(self, response_id: str, *fields: str) -> list[bytes | None] | None:
+        """``fields`` of a stored response (``tenant`` first, to check who may see it), or None:
+        none is kept under ``response_id`` (never stored, expired or deleted)."""
+        got = cast(list[bytes | None], await self.r.hmget(f"{self.p}:response:{response_id}", ["tenant", *fields]))
+        return None if got[0] is None else got
+
+    async def delete_response(self, response_id: str) -> bool:
+        return bool(await self.r.delete(f"{self.p}:response:{response_id}"))
