@@ -1,15 +1,17 @@
 """Which API a generation request speaks: completions and chat as their bodies say, and OpenAI's
-Responses API as the chat that serves it (``responses_api``, ``responses_shape``). One is made per
-request (``Gateway.generate``): it reads the body, makes the shaped job answer in its API, and
-names a refusal by its own fields."""
+Responses API as the chat that serves it (``responses_api``, ``responses_shape``), its responses
+stored (``responses_store``). One is made per request (``Gateway.generate``): it reads the body,
+makes the shaped job answer in its API, and names a refusal by its own fields."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from dlora.services.gateway import openai, responses_api
+from dlora.services.gateway.auth import Principal
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody
 from dlora.services.gateway.responses_shape import ResponsesShape
+from dlora.services.gateway.responses_store import Keeping, ResponsesStore
 from dlora.services.gateway.shaping import Job, response_id
 
 
@@ -18,8 +20,9 @@ class Dialect:
 
     kind: type[Body] = ChatBody
 
-    def decode(self, raw: bytes) -> Body:
-        """``raw`` as the body the chat or completion path serves (APIError 400: as ``decode_body``)."""
+    async def decode(self, raw: bytes, who: Principal) -> Body:
+        """``raw`` as the body the chat or completion path serves, asked by ``who`` (APIError 400:
+        as ``decode_body``)."""
         body: Body = openai.decode_body(raw, self.kind)
         return body
 
@@ -46,20 +49,28 @@ class Completions(Dialect):
 class Responses(Dialect):
     """``POST /v1/responses``: served by the chat path, answered as a response object or its events."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: ResponsesStore) -> None:
+        self.store = store
         self.asked: responses_api.ResponsesBody | None = None
+        self.keeping: Keeping | None = None  # None: its response is not stored
 
-    def decode(self, raw: bytes) -> Body:
-        self.asked, chat = responses_api.decode(raw)
-        return chat
+    async def decode(self, raw: bytes, who: Principal) -> Body:
+        """As the chat's, after the stored conversation its previous_response_id names is put
+        before its input (APIError 404: none such of ``who``'s tenant: ``ResponsesStore.prepared``)."""
+        body = openai.decode_body(raw, responses_api.ResponsesBody)
+        responses_api.refuse_unserved(body)  # (a refusal before a Redis read)
+        self.asked, self.keeping = await self.store.prepared(body, who.tenant or "")
+        return responses_api.to_chat(self.asked)
 
     def response_id(self, chat: bool, base: str) -> str:
         return f"resp_{base}"  # the response's id (ResponsesShape.base): a chat's logged what the client never saw
 
     def answer(self, job: Job) -> Job:
         assert self.asked is not None
-        shape = ResponsesShape.of(job.shape, self.asked)
-        return dataclasses.replace(job, shape=shape, events=shape.events)
+        keeping = self.keeping
+        shape = ResponsesShape.of(job.shape, self.asked, keep=keeping.keep if keeping else None)
+        finishing = keeping.finishing if keeping else None
+        return dataclasses.replace(job, shape=shape, events=shape.events, finishing=finishing)
 
     def refused(self, e: APIError) -> APIError:
         return responses_api.renamed(e)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -126,10 +127,9 @@ class Gateway:
         self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
 
     # ---- handlers -----------------------------------------------------------------------
-    async def generate(self, dialect: type[Dialect], request: web.Request) -> web.StreamResponse:
+    async def generate(self, dialect: Callable[[], Dialect], request: web.Request) -> web.StreamResponse:
         """A completion, chat or Responses request (``dialect``: which; ``routes`` binds each path's)."""
-        api = dialect()
-        adapter_label, public = "?", True  # the metrics' label; whether it may be shown (``metrics``)
+        api, adapter_label, public = dialect(), "?", True  # the metrics' label; whether it may be shown (``metrics``)
         self.handling += 1
         try:
             if self.closing:  # those taken before go on for shutdown_timeout_s (shutdown)
@@ -140,7 +140,7 @@ class Gateway:
             with self.auth.admitted(who):
                 raw, arrived = await self.read_body(request), time.monotonic()  # (vLLM's arrival: before tokenizing)
                 try:
-                    body, refused = api.decode(raw), None
+                    body, refused = await api.decode(raw, who), None
                 except APIError as e:  # still counted under the model it names, read past the rest
                     body, refused = None, e
                 # none named, or "": the base model, as vLLM serves it (and shaping)

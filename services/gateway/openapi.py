@@ -90,7 +90,7 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
         400: "invalid request",
         401: "no key, or a wrong or revoked one",
         403: "the key lacks the scope (inference or admin)",
-        404: "unknown model, adapter or key",
+        404: "unknown model, adapter, key or stored response",
         408: "the body did not arrive within body_timeout_s",
         409: "adapter name taken",
         413: "body over the limit, or the request over what the message bus carries",
@@ -107,6 +107,14 @@ def _responses(ok: str, *errors: int, streams: bool = False) -> dict[str, Any]:
         "content": error,
     }
     return out
+
+
+# A stored response's id in its path, and its routes' query parameters (each a string as sent)
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}} for n in names]
 
 
 @functools.cache
@@ -149,10 +157,32 @@ def document() -> dict[str, Any]:
         "/v1/responses": {
             "post": {
                 "operationId": "createResponse",
-                "description": "OpenAI's Responses API, served as a chat; nothing is stored (no previous_response_id)",
+                "description": "OpenAI's Responses API, served as a chat; stored (store) for responses_ttl_s",
                 "security": inference,
                 "requestBody": _json_body(responses),
                 "responses": _responses("a response", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
+            }
+        },
+        "/v1/responses/{id}": {
+            "get": {
+                "operationId": "getResponse",
+                "security": inference,
+                "parameters": [_ID, *_query("include", "stream", "starting_after")],
+                "responses": _responses("the stored response, as its POST answered it", 400, 401, 403, 404),
+            },
+            "delete": {
+                "operationId": "deleteResponse",
+                "security": inference,
+                "parameters": [_ID],
+                "responses": _responses("OpenAI's deleted object", 401, 403, 404),
+            },
+        },
+        "/v1/responses/{id}/input_items": {
+            "get": {
+                "operationId": "listInputItems",
+                "security": inference,
+                "parameters": [_ID, *_query("include", "limit", "order", "after", "before")],
+                "responses": _responses("a page of its input items (OpenAI's list object)", 400, 401, 403, 404),
             }
         },
         "/v1/models": {

@@ -213,6 +213,8 @@ class ResponseWriter:
                     c.out.prompt_token_ids = c.prompt_ids
             body = job.shape.full([c.out for c in self.choices], job.prompt_tokens, completion_tokens, self._cached())
             self._detailed(body["usage"], self.choices)
+            if job.finishing is not None:
+                await job.finishing()
             return web.json_response(body)
         if self.stream is None:  # echo with max_tokens 0: no chunk came
             self.stream = await self._open()
@@ -248,6 +250,8 @@ class ResponseWriter:
         assert self.stream is not None
         if self.job.events is None:  # (the Responses API ends with its response.completed event)
             self._held.append(b"data: [DONE]\n\n")
+        if self.job.finishing is not None:
+            await self.job.finishing()
         await self.flush()
         await self._sent(self.stream.write_eof())
         return self.stream

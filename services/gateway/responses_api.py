@@ -3,11 +3,12 @@ as the chat it is served as: its body read and rendered as a ``ChatBody`` (``to_
 check, template, structured output, tool and reasoning parser is the chat's; a refusal named by
 the Responses field (``renamed``). The answer's shape is ``responses_shape``'s. Pure: no aiohttp.
 
-Served as vLLM serves it without its store: one turn at a time, the client sending the whole
-conversation in ``input``. ``store`` is taken (true is OpenAI's default, sent by every client) and
-nothing is kept, as vLLM does unless VLLM_ENABLE_RESPONSES_API_STORE is set; what would need a
-stored response (``previous_response_id``, ``item_reference``, ``background``, ``conversation``)
-is refused by name. Hosted tools (web search, file search, MCP...) are not served: functions only.
+Responses are stored as OpenAI stores them (``store``, true by default) in Redis
+(``responses_store``), which puts the conversation a ``previous_response_id`` names, and the items
+``item_reference``s name, into ``input`` before this module reads it. ``background`` stays
+refused: a response run for nobody connected needs a runner that outlives the request (a gateway
+restart would lose it) and a cancel route; ``conversation`` (OpenAI's Conversations API) is not
+served. Hosted tools (web search, file search, MCP...) are not served: functions only.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_options: ResponsesStreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None  # taken; nothing is stored (the module's docstring)
+    store: bool | None = None  # None: true, as OpenAI's default (``responses_store``)
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -70,8 +71,8 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     truncation: str | None = None  # "disabled" (the default) only
     include: list[str] | None = None  # none served: an empty list only
     top_logprobs: int | None = None  # 0 only (logprobs need include, not served)
-    # Need a stored response or a service dlora has not: refused when set.
-    previous_response_id: Any = None
+    previous_response_id: Any = None  # a string (``responses_store.ResponsesStore.prepared`` checks it)
+    # Need a service dlora has not: refused when set.
     background: Any = None
     conversation: Any = None
     prompt: Any = None
@@ -162,8 +163,7 @@ _ITEMS |= {"function_call_output": _FunctionCallOutput, "reasoning": _ReasoningI
 _PARTS = {"message": "content", "function_call_output": "output"}  # an item's field that holds content parts
 # Fields of a Responses body that need what dlora does not serve, and why (each refused by name).
 _UNSERVED = {
-    "previous_response_id": "responses are not stored here; send the whole conversation in input",
-    "background": "responses are not stored here, so none runs in the background",
+    "background": "a response is served while its request is open (the module's docstring)",
     "conversation": "conversations are not stored here; send the whole conversation in input",
     "prompt": "stored prompt templates are not served",
     "max_tool_calls": "hosted tools are not served, so there are no tool calls to bound",
@@ -231,7 +231,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
         kind = raw.get("type", "message") if isinstance(raw, dict) else None
         kind = kind if isinstance(kind, str) else None  # (a list there is no key of _ITEMS: a TypeError)
         if kind == "item_reference":
-            raise APIError(400, "item_reference needs a stored response; none are stored here", f"{where}.type")
+            raise APIError(400, "item_reference needs a stored response (responses_store)", f"{where}.type")
         if kind not in _ITEMS:
             raise APIError(400, f"input items of type {kind!r} are not supported", f"{where}.type")
         if (parts := _PARTS.get(kind)) is not None:
@@ -289,7 +289,7 @@ def chat_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": spec}
 
 
-def _refuse_unserved(body: ResponsesBody) -> None:
+def refuse_unserved(body: ResponsesBody) -> None:
     for name, why in _UNSERVED.items():
         # by identity: 0 == False, and a previous_response_id 0 was taken as none
         if (value := getattr(body, name)) is not None and value is not False:
@@ -313,7 +313,7 @@ def to_chat(body: ResponsesBody) -> ChatBody:
         APIError(400): a field that needs what is not served (a stored response, hosted tools,
             logprobs, images), an input item or tool malformed, named by its field.
     """
-    _refuse_unserved(body)
+    refuse_unserved(body)
     tools = [_tool(t, f"tools[{k}]") for k, t in enumerate(body.tools)] if body.tools is not None else None
     return ChatBody(
         model=body.model,

@@ -8,6 +8,7 @@ texts joined), not a field of the object."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,8 @@ import msgspec
 
 from dlora.services.gateway.openai import APIError, Shape
 from dlora.services.gateway.responses_api import ResponsesBody, chat_format, renamed
+
+Keep = Callable[[dict[str, Any]], bool]
 
 
 def _part(kind: str, text: str = "") -> dict[str, Any]:
@@ -38,6 +41,9 @@ class ResponsesShape(Shape):
     """A chat's shape (one choice: the Responses API has no ``n``) answering as the Responses API."""
 
     asked: ResponsesBody | None = None  # the body as sent, echoed in the response object
+    # Whether its final object (completed, incomplete, failed) is stored, told it (and storing it
+    # then: ``responses_store.Keeping``); None: not stored (``store`` false, the store off)
+    keep: Keep | None = None
     _seq: int = 0  # the next event's sequence_number
     _items: list[dict[str, Any]] = field(default_factory=list)  # the output so far (streamed)
     _open: dict[str, Any] | None = None  # the item the stream is writing
@@ -47,8 +53,8 @@ class ResponsesShape(Shape):
     _finish: str | None = None
 
     @classmethod
-    def of(cls, shape: Shape, asked: ResponsesBody) -> ResponsesShape:
-        return cls(**vars(shape), asked=asked)
+    def of(cls, shape: Shape, asked: ResponsesBody, keep: Keep | None = None) -> ResponsesShape:
+        return cls(**vars(shape), asked=asked, keep=keep)
 
     @property
     def base(self) -> str:
@@ -77,11 +83,11 @@ class ResponsesShape(Shape):
             "model": self.model,
             "output": output,
             "parallel_tool_calls": a.parallel_tool_calls is not False,
-            "previous_response_id": None,
+            "previous_response_id": a.previous_response_id,
             # the effort asked, as OpenAI's and vLLM's echo it (it went to the template: responses_api)
             "reasoning": {"effort": a.reasoning.effort if a.reasoning else None, "summary": None},
             "service_tier": a.service_tier or "default",
-            "store": False,  # nothing is stored (responses_api)
+            "store": self.keep is not None,  # (false in a final object too large to keep: ``final``)
             "temperature": a.temperature,
             "text": text | ({"verbosity": a.text.verbosity} if a.text and a.text.verbosity else {}),
             "tool_choice": a.tool_choice or "auto",  # (OpenAI's default, tools or none)
@@ -92,6 +98,12 @@ class ResponsesShape(Shape):
             "user": a.user,
             "metadata": a.metadata or {},
         }
+
+    def final(self, response: dict[str, Any]) -> dict[str, Any]:
+        """``response``, the last this request makes, kept if it is to be (told so in its ``store``)."""
+        if self.keep is not None:
+            response["store"] = self.keep(response)
+        return response
 
     def _item(self, kind: str, k: int, **extra: Any) -> dict[str, Any]:
         prefix = {"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind]
@@ -129,7 +141,7 @@ class ResponsesShape(Shape):
             )
         for item in output:
             item["status"] = status
-        return self.response(status, output, _usage(prompt_tokens, completion_tokens, cached_tokens))
+        return self.final(self.response(status, output, _usage(prompt_tokens, completion_tokens, cached_tokens)))
 
     # ---- streamed ------------------------------------------------------------------------
     def events(self, chat: dict[str, Any]) -> list[bytes]:
@@ -146,7 +158,7 @@ class ResponsesShape(Shape):
             out.append({"type": "error", "code": error["code"], "message": named.message, "param": named.param})
             failed = self.response("failed", self._items)
             failed["error"] = {"code": "server_error", "message": named.message}
-            out.append({"type": "response.failed", "response": failed})
+            out.append({"type": "response.failed", "response": self.final(failed)})
         elif chat.get("choices"):
             out += self._delta(chat["choices"][0])
         elif "usage" in chat:
@@ -157,7 +169,7 @@ class ResponsesShape(Shape):
             done = _usage(usage["prompt_tokens"], usage["completion_tokens"], cached, reasoning)
             incomplete = self._finish == "length"
             kind = "response.incomplete" if incomplete else "response.completed"
-            out.append({"type": kind, "response": self.response(kind.split(".")[1], self._items, done)})
+            out.append({"type": kind, "response": self.final(self.response(kind.split(".")[1], self._items, done))})
         return [self._frame(e) for e in out]
 
     def _frame(self, event: dict[str, Any]) -> bytes:

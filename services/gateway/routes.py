@@ -18,6 +18,8 @@ from dlora.services.gateway.health import retry_after_s
 from dlora.services.gateway.hosts import allowed_hosts, host_guard
 from dlora.services.gateway.keys import KeyAdmin
 from dlora.services.gateway.model_routes import ModelRoutes
+from dlora.services.gateway.responses_routes import ResponsesRoutes
+from dlora.services.gateway.responses_store import ResponsesStore
 from dlora.services.gateway.tokenize_routes import TokenizeRoutes
 
 if TYPE_CHECKING:
@@ -36,7 +38,12 @@ def make_app(gw: Gateway) -> web.Application:
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
     post("/v1/completions", functools.partial(gw.generate, Completions))
     post("/v1/chat/completions", functools.partial(gw.generate, Chat))
-    post("/v1/responses", functools.partial(gw.generate, Responses))  # OpenAI's, served as a chat
+    stored = ResponsesStore(gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes)
+    post("/v1/responses", functools.partial(gw.generate, functools.partial(Responses, stored)))  # served as a chat
+    responses = ResponsesRoutes(gw.auth, stored)
+    app.router.add_get("/v1/responses/{id}", responses.retrieve, allow_head=False)
+    app.router.add_delete("/v1/responses/{id}", responses.delete)
+    app.router.add_get("/v1/responses/{id}/input_items", responses.input_items, allow_head=False)
     models = ModelRoutes(gw)
     app.router.add_get("/v1/models", models.models)
     app.router.add_get("/v1/models/{model:.+}", models.model)  # names may hold a slash (org/name)

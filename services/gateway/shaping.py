@@ -11,7 +11,7 @@ for some schemas) only after all of them (``compile_grammar``, ``grammar_pool``)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -186,6 +186,8 @@ class Job:
     reasoning_tags: tuple[list[int], list[int]] | None = None
     # Another API's server-sent events made of each chat event (its ``dialects``); None: the chat's own
     events: Callable[[dict[str, Any]], list[bytes]] | None = None
+    # Awaited before the answer's last bytes go out (the Responses API stores its response there)
+    finishing: Callable[[], Awaitable[None]] | None = None
 
 
 def response_id(chat: bool, base: str) -> str:

@@ -260,12 +260,12 @@ async def test_text_parts_render_as_the_chats_joined_by_newlines(stack: Stack) -
 # (body, status, param): the Responses field each refusal names, never the chat's that serves it
 _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "frequency": 1}, 400, "frequency"),  # not a Responses field
-    ({"input": "kalo", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ({"input": "kalo", "previous_response_id": "resp_1"}, 404, "previous_response_id"),  # none stored so
     ({"input": "kalo", "previous_response_id": 0}, 400, "previous_response_id"),  # (0 == False: it was taken)
     ({"input": "kalo", "background": 0}, 400, "background"),
     ({"input": "kalo", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input[0].content[0]"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].type"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].id"),  # (no previous_response_id)
     ({"input": "kalo", "stream_options": {"include_obfuscation": False}}, 400, "stream_options"),  # no stream
     ({"input": "kalo", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"input": "kalo", "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format"),

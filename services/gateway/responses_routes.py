@@ -1,0 +1,118 @@
+"""The routes that read stored responses back (``responses_store``), as OpenAI serves them:
+``GET /v1/responses/{id}`` (the object its POST answered), ``DELETE /v1/responses/{id}`` and
+``GET /v1/responses/{id}/input_items`` (its conversation's input items, a page at a time). Each
+answers only its API key's tenant: another's id is a 404, as one never stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from dlora.services.gateway.auth import Auth
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_store import ResponsesStore, not_found
+
+# input_items' page size: OpenAI's default and bound
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+
+
+def _refuse_include(query: Any) -> None:
+    """``include`` asks for what a stored response keeps none of (logprobs, encrypted reasoning,
+    hosted tools' results), as a create's ``include`` is refused: a 400 naming the first."""
+    for name in ("include", "include[]"):
+        if asked := [v for v in query.getall(name, []) if v]:
+            raise APIError(400, f"include {asked[0]!r} is not supported", param="include")
+
+
+def listed(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as input_items lists it: a message's string content as its one text part
+    (kept as sent, so that a chain's prompt is the one its client sent)."""
+    if item.get("type", "message") != "message" or not isinstance(item.get("content"), str):
+        return item
+    part: dict[str, Any] = {"type": "output_text" if item.get("role") == "assistant" else "input_text"}
+    part["text"] = item["content"]
+    if part["type"] == "output_text":
+        part["annotations"] = []
+    return {"type": "message", "status": "completed"} | item | {"content": [part]}
+
+
+def page(items: list[dict[str, Any]], order: str, limit: int, after: str | None, before: str | None) -> dict[str, Any]:
+    """OpenAI's list object of ``items`` (oldest first) in ``order``, ``limit`` of them after the
+    item ``after`` and before the item ``before`` (ids; each in that order): the first ``limit``,
+    or with ``before`` alone the last (the page before it).
+
+    Raises:
+        APIError(400): an ``after`` or ``before`` naming no item of the list.
+    """
+    ordered = items if order == "asc" else items[::-1]
+    ids = [i.get("id") for i in ordered]
+    start, end = 0, len(ordered)
+    for param, cursor in (("after", after), ("before", before)):
+        if cursor is None:
+            continue
+        if cursor not in ids:
+            raise APIError(400, f"{param} {cursor!r} names no input item of this response", param=param)
+        if param == "after":
+            start = ids.index(cursor) + 1
+        else:
+            end = ids.index(cursor)
+    # paging back (``before`` alone): the page just before it, has_more saying more lie before that
+    within = ordered[start:end]
+    data = [listed(i) for i in (within[-limit:] if before is not None and after is None else within[:limit])]
+    first, last = (data[0].get("id"), data[-1].get("id")) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": len(within) > limit}
+
+
+def _limit(query: Any) -> int:
+    raw = query.get("limit", str(DEFAULT_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise APIError(400, f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}", param="limit")
+    return limit
+
+
+class ResponsesRoutes:
+    def __init__(self, auth: Auth, store: ResponsesStore) -> None:
+        self.auth, self.store = auth, store
+
+    async def _tenant(self, request: web.Request) -> str:
+        return (await self.auth.inference(request)).tenant or ""
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        """``GET /v1/responses/{id}``: the object its POST answered. ``stream=true`` (replaying its
+        events) is refused: they are not kept, only the finished object."""
+        tenant, query = await self._tenant(request), request.query
+        _refuse_include(query)
+        if query.get("stream", "false").lower() not in ("false", "0"):
+            why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
+            raise APIError(400, why, param="stream")
+        if "starting_after" in query:
+            raise APIError(400, "starting_after is only for stream, which is not supported", param="starting_after")
+        [response] = await self.store.fields(request.match_info["id"], tenant, "response")
+        return web.Response(body=response, content_type="application/json")
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404."""
+        tenant, response_id = await self._tenant(request), request.match_info["id"]
+        await self.store.fields(response_id, tenant)  # (another tenant's: a 404, and not deleted)
+        async with self.store.bound():
+            if not await self.store.state.delete_response(response_id):
+                raise not_found(response_id)  # (deleted meanwhile, or expired)
+        return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def input_items(self, request: web.Request) -> web.Response:
+        """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous
+        response's items and output first), OpenAI's list object; ``order`` desc by default."""
+        tenant, query = await self._tenant(request), request.query
+        _refuse_include(query)
+        if (order := query.get("order", "desc")) not in ("asc", "desc"):
+            raise APIError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
+        limit = _limit(query)
+        [items] = await self.store.fields(request.match_info["id"], tenant, "input")
+        listing = page(msgspec.json.decode(items), order, limit, query.get("after"), query.get("before"))
+        return web.json_response(listing)

@@ -1,0 +1,164 @@
+"""OpenAI's stored responses (``store``, OpenAI's default), kept in Redis (``StateStore.put_response``)
+so that every gateway sharing it serves them and a restart loses none: a finished response's object
+and its conversation's input items, for ``ttl_s`` seconds (``GatewaySettings.responses_ttl_s``),
+each at most ``max_bytes``. A later request's ``previous_response_id`` puts that conversation (its
+input items, then its output) before its own input, ``instructions`` not carried over (OpenAI's
+rule); an ``item_reference`` names an item of that conversation. Each is its API key's tenant's
+alone: another tenant's id is a 404, as one never stored. As vLLM with
+VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole with each response (``msg_store``):
+a response stays readable when the one before it expired or was deleted. The HTTP routes that
+read them back are ``responses_routes``'s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from dlora.common import bus, log
+from dlora.common.state import StateStore
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_api import ResponsesBody
+
+logger = log.get("gateway")
+
+# An item's id, where its client sent none, begins as OpenAI's do (``input_items`` lists every item by id)
+_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def not_found(response_id: str, param: str | None = None) -> APIError:
+    """OpenAI's 404 for a response that is not there (never stored, expired, deleted or another
+    tenant's: told apart by nobody)."""
+    said = "Previous response" if param == "previous_response_id" else "Response"
+    code = "previous_response_not_found" if param == "previous_response_id" else None
+    return APIError(404, f"{said} with id {response_id!r} not found.", param=param, code=code)
+
+
+def _items(given: str | list[Any]) -> list[Any]:
+    """A request's input as items: a string, the one user message it stands for."""
+    return [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else list(given)
+
+
+def conversation(prior: list[dict[str, Any]], given: str | list[Any]) -> str | list[Any]:
+    """The items a request is served with: the conversation ``prior`` (its previous response's
+    input items and output; empty without one), then its own input, each ``item_reference`` the
+    item of ``prior`` it names.
+
+    Raises:
+        APIError(400): an item_reference with no id, or without a previous_response_id.
+        APIError(404): an item_reference naming no item of the previous response's conversation.
+    """
+    if not _references(given):
+        return [*prior, *_items(given)] if prior else given  # (a string as it came: the prompt unchanged)
+    by_id = {i.get("id"): i for i in prior}
+    out: list[Any] = list(prior)
+    for k, item in enumerate(_items(given)):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            where, ref = f"input[{k}]", item.get("id")
+            if not isinstance(ref, str):
+                raise APIError(400, f"{where}: an item_reference names an item by its id (a string)", f"{where}.id")
+            if not prior:
+                why = "items are looked up in the conversation of the response previous_response_id names; none given"
+                raise APIError(400, f"{where}: {why}", param=f"{where}.id")
+            if (item := by_id.get(ref)) is None:
+                raise APIError(404, f"Item with id {ref!r} not found.", param=f"{where}.id")
+        out.append(item)
+    return out
+
+
+@dataclass
+class Keeping:
+    """One request's response, to be stored once it is over (``ResponsesShape.keep`` decides it
+    with its final object; ``finishing`` writes it, before its last bytes go out, so that the
+    client's next turn, sent the moment it reads them, finds it on any gateway)."""
+
+    store: ResponsesStore
+    tenant: str
+    items: list[Any]  # the conversation served: ``conversation``'s
+    _record: tuple[str, bytes, dict[str, Any]] | None = field(default=None, init=False)
+
+    def keep(self, response: dict[str, Any]) -> bool:
+        """Whether ``response`` (its final object: completed, incomplete or failed) is stored: the
+        new items given ids of it, the whole within ``max_bytes`` (else answered, not kept)."""
+        base = response["id"].removeprefix("resp_")
+        for k, item in enumerate(self.items):
+            if isinstance(item, dict) and not item.get("id") and (prefix := _PREFIX.get(item.get("type", "message"))):
+                self.items[k] = {**item, "id": f"{prefix}_{base}_in{k}"}
+        items = msgspec.json.encode(self.items)
+        size = len(items) + len(msgspec.json.encode(response))
+        if size > self.store.max_bytes:
+            logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
+            return False
+        self._record = (response["id"], items, response)
+        return True
+
+    async def finishing(self) -> None:
+        """Stores what ``keep`` took. Redis failing then loses only the store: the answer still
+        goes out (a whole one says "store": false; a stream's last event was made already)."""
+        if self._record is None:
+            return
+        response_id, items, response = self._record
+        try:
+            async with self.store.bound():
+                await self.store.state.put_response(
+                    response_id, self.tenant, msgspec.json.encode(response), items, self.store.ttl_s
+                )
+        except bus.STATE_OUTAGE as e:
+            response["store"] = False
+            logger.warning("a response could not be stored", id=response_id, error=type(e).__name__)
+
+
+@dataclass
+class ResponsesStore:
+    """Stored responses in Redis, as the gateway's settings bound them."""
+
+    state: StateStore
+    bound: Callable[[], AbstractAsyncContextManager[None]]  # a request's Redis work (``Gateway.state_bound``)
+    ttl_s: float
+    max_bytes: int
+
+    @property
+    def on(self) -> bool:
+        return self.ttl_s > 0
+
+    async def fields(self, response_id: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
+        """``names`` of ``tenant``'s response ``response_id``, decoded later by the caller.
+
+        Raises:
+            APIError(404): none such for ``tenant`` (``param``: the field that named it).
+        """
+        async with self.bound():
+            got = await self.state.response_fields(response_id, *names)
+        if got is None or got[0] != tenant.encode() or any(v is None for v in got):
+            raise not_found(response_id, param)
+        return [v for v in got[1:] if v is not None]
+
+    async def prepared(self, body: ResponsesBody, tenant: str) -> tuple[ResponsesBody, Keeping | None]:
+        """``body`` with the conversation its previous_response_id names put before its input, and
+        what keeps its response (None: not stored, ``store`` false or the store off).
+
+        Raises:
+            APIError(400): previous_response_id not a string, or the store off.
+            APIError(404): ``conversation``'s, and a previous response not there.
+        """
+        previous = body.previous_response_id
+        if previous is not None and not isinstance(previous, str) or previous == "":
+            raise APIError(400, "previous_response_id must be a response's id (a string)", "previous_response_id")
+        if not self.on and (previous is not None or _references(body.input)):
+            param = "previous_response_id" if previous is not None else "input"
+            raise APIError(400, f"{param}: responses are not stored here (responses_ttl_s is 0)", param=param)
+        prior: list[dict[str, Any]] = []
+        if previous is not None:
+            items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
+            prior = [*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]]
+        given = conversation(prior, body.input)
+        body = msgspec.structs.replace(body, input=given)
+        keeping = Keeping(self, tenant, _items(given)) if self.on and body.store is not False else None
+        return body, keeping
+
+
+def _references(given: str | list[Any]) -> bool:
+    return any(isinstance(i, dict) and i.get("type") == "item_reference" for i in _items(given))

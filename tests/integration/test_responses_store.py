@@ -1,0 +1,160 @@
+"""OpenAI's stored responses (``store``, ``previous_response_id``, ``GET``/``DELETE
+/v1/responses/{id}``, ``input_items``) against the real stack through the openai package's client:
+a chain of three turns over two gateways sharing Redis renders as the chat of the whole
+conversation, each response read back as its POST answered it; a streamed one stored once over;
+another tenant's ids are 404s; ``store`` false keeps nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack, start_gateway
+from tests.integration.test_gateway import post
+from tests.integration.test_keys import bearer, make_key
+
+
+def _client(url: str, key: str = "unused") -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+async def _call(url: str, method: str, path: str, key: str | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, url + path, headers=bearer(key) if key else None) as r:
+            return r.status, await r.json()
+
+
+ASKED: dict[str, Any] = {"model": "lora-1", "temperature": 0, "max_output_tokens": 6}
+
+
+async def test_a_chain_of_three_turns_over_two_gateways_renders_the_whole_conversation(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Turns 1 and 3 on one gateway, 2 on the other: turn 3 is served as the chat of every turn's
+    input and answer, only its own instructions (OpenAI's rule); each response is read back on
+    the other gateway as its POST answered it; its input items listed a page at a time."""
+    import openai
+
+    conns: list[Any] = []
+    async with run_stack(nats_server, redis, tiny_llama) as stack:
+        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
+        one, two = _client(stack.url), _client(other_url)
+        try:
+            first = await one.responses.create(**ASKED, instructions="Be brief.", input="kalo")
+            assert first.store is True and first.previous_response_id is None
+            assert (await two.responses.retrieve(first.id)).model_dump() == first.model_dump()
+            second = await two.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+            assert second.previous_response_id == first.id and second.instructions is None
+            third = await one.responses.create(
+                **ASKED,
+                instructions="Be kind.",
+                input=[{"role": "user", "content": "lumo"}],
+                previous_response_id=second.id,
+            )
+            messages = [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "kalo"},
+                {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "remi"},
+                {"role": "assistant", "content": second.output_text},
+                {"role": "user", "content": "lumo"},
+            ]
+            chat = {"model": "lora-1", "messages": messages, "temperature": 0, "max_completion_tokens": 6}
+            status, expected = await post(stack, "/v1/chat/completions", chat)
+            assert status == 200, expected
+            assert third.usage is not None and third.usage.input_tokens == expected["usage"]["prompt_tokens"]
+            assert third.output_text == expected["choices"][0]["message"]["content"]
+            # its input items: every turn's input and the answers between, newest first by default
+            listed = await two.responses.input_items.list(third.id)
+            kinds = [(i.type, i.role) for i in listed.data]
+            assert kinds[::-1] == [("message", r) for r in ("user", "assistant", "user", "assistant", "user")]
+            assert listed.data[1].id == second.output[0].id and listed.data[3].id == first.output[0].id
+            paged = [i.id async for i in two.responses.input_items.list(third.id, order="asc", limit=2)]
+            assert paged == [i.id for i in listed.data[::-1]] and len(set(paged)) == 5
+            status, page = await _call(
+                stack.url, "GET", f"/v1/responses/{third.id}/input_items?limit=2&before={paged[3]}&order=asc"
+            )
+            assert [i["id"] for i in page["data"]] == paged[1:3] and page["has_more"] is True, page
+            # deleted: OpenAI's deleted object, then a 404 wherever it is asked; what came after stays whole
+            status, deleted = await _call(other_url, "DELETE", f"/v1/responses/{first.id}")
+            assert (status, deleted) == (200, {"id": first.id, "object": "response", "deleted": True})
+            with pytest.raises(openai.NotFoundError) as gone:
+                await one.responses.retrieve(first.id)
+            assert gone.value.body["param"] is None and first.id in gone.value.body["message"]
+            with pytest.raises(openai.NotFoundError) as gone:
+                await one.responses.create(**ASKED, input="kalo", previous_response_id=first.id)
+            assert gone.value.body["param"] == "previous_response_id" and first.id in gone.value.body["message"]
+            assert (await one.responses.retrieve(third.id)).output_text == third.output_text
+            assert len((await one.responses.input_items.list(third.id)).data) == 5
+        finally:
+            await one.close()
+            await two.close()
+            await runner.cleanup()
+            for nc in conns:
+                await nc.drain()
+
+
+async def test_a_stream_is_stored_once_over_and_store_false_keeps_nothing(stack: Stack) -> None:
+    import openai
+
+    client = _client(stack.url)
+    try:
+        async with client.responses.stream(**ASKED, input="kalo") as s:
+            # (cut at max_output_tokens: the package's get_final_response() takes only response.completed)
+            [streamed] = [e.response async for e in s if e.type in ("response.completed", "response.incomplete")]
+        assert streamed.store is True
+        assert (await client.responses.retrieve(streamed.id)).model_dump() == streamed.model_dump()
+        after = await client.responses.create(**ASKED, input="remi", previous_response_id=streamed.id)
+        assert [i.role for i in (await client.responses.input_items.list(after.id, order="asc")).data] == [
+            "user",
+            "assistant",
+            "user",
+        ]
+        unkept = await client.responses.create(**ASKED, input="kalo", store=False)
+        assert unkept.store is False
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(unkept.id)
+        # an item of the conversation previous_response_id names, by reference
+        [answer] = streamed.output
+        ref = [{"type": "item_reference", "id": answer.id}, {"role": "user", "content": "lumo"}]
+        referred = await client.responses.create(**ASKED, input=ref, previous_response_id=streamed.id)
+        items = (await client.responses.input_items.list(referred.id, order="asc")).data
+        assert [i.id for i in items][:2] == [streamed.id.replace("resp_", "msg_") + "_in0", answer.id]
+        assert items[2].id == answer.id and len(items) == 4
+        # what a retrieve cannot serve is refused by name
+        for query, param in (("stream=true", "stream"), ("include[]=reasoning.encrypted_content", "include")):
+            status, err = await _call(stack.url, "GET", f"/v1/responses/{streamed.id}?{query}")
+            assert status == 400 and err["error"]["param"] == param, err
+        status, err = await _call(stack.url, "GET", "/v1/responses/resp_nobody")
+        assert status == 404 and err["error"]["type"] == "not_found_error", err
+        status, err = await post(stack, "/v1/responses", {**ASKED, "input": ref})  # no previous_response_id
+        assert status == 400 and err["error"]["param"] == "input[0].id", err
+    finally:
+        await client.close()
+
+
+async def test_another_tenants_response_is_a_404(keyed_stack: Stack) -> None:
+    import openai
+
+    stack = keyed_stack
+    (mine, _), (theirs, _) = await make_key(stack, "acme"), await make_key(stack, "other")
+    acme, other = _client(stack.url, mine), _client(stack.url, theirs)
+    try:
+        made = await acme.responses.create(**ASKED, input="kalo")
+        for path in (f"/v1/responses/{made.id}", f"/v1/responses/{made.id}/input_items"):
+            status, err = await _call(stack.url, "GET", path, theirs)
+            assert status == 404 and "kalo" not in str(err) and made.output_text not in str(err), err
+        assert (await _call(stack.url, "DELETE", f"/v1/responses/{made.id}", theirs))[0] == 404
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.create(**ASKED, input="remi", previous_response_id=made.id)
+        assert (await acme.responses.retrieve(made.id)).output_text == made.output_text  # still there
+    finally:
+        await acme.close()
+        await other.close()

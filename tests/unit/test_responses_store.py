@@ -1,0 +1,117 @@
+"""Stored responses' pure parts (services/gateway/responses_store.py, responses_routes.py): the
+conversation a previous_response_id and item_references make, input_items' pages, the size bound.
+The rest runs against the real stack in tests/integration/test_responses_store.py."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_routes import page
+from dlora.services.gateway.responses_store import Keeping, ResponsesStore, conversation
+from dlora.services.gateway.settings import GatewaySettings
+
+PRIOR: list[dict[str, Any]] = [
+    {"id": "msg_a_in0", "type": "message", "role": "user", "content": "kalo"},
+    {"id": "msg_a_0", "type": "message", "role": "assistant", "status": "completed", "content": []},
+]
+
+
+def test_a_previous_conversation_comes_first_and_a_reference_is_its_item() -> None:
+    assert conversation([], "kalo") == "kalo"  # (no previous: the input as sent, its prompt unchanged)
+    assert conversation(PRIOR, "remi") == [*PRIOR, {"type": "message", "role": "user", "content": "remi"}]
+    given = [{"type": "item_reference", "id": "msg_a_0"}, {"role": "user", "content": "remi"}]
+    assert conversation(PRIOR, given) == [*PRIOR, PRIOR[1], given[1]]
+    for prior, ref, status, param in (
+        (PRIOR, {"type": "item_reference", "id": "msg_nobody"}, 404, "input[0].id"),
+        (PRIOR, {"type": "item_reference"}, 400, "input[0].id"),
+        ([], {"type": "item_reference", "id": "msg_a_0"}, 400, "input[0].id"),  # no previous_response_id
+    ):
+        with pytest.raises(APIError) as refused:
+            conversation(prior, [ref])
+        assert (refused.value.status, refused.value.param) == (status, param)
+
+
+ITEMS = [{"id": f"i{k}", "type": "message", "role": "user", "content": str(k)} for k in range(5)]
+
+
+def _ids(listing: dict[str, Any]) -> list[str]:
+    return [i["id"] for i in listing["data"]]
+
+
+def test_input_items_page_as_openai_lists_them() -> None:
+    newest = page(ITEMS, "desc", 2, None, None)
+    assert _ids(newest) == ["i4", "i3"] and newest["has_more"] is True
+    assert (newest["object"], newest["first_id"], newest["last_id"]) == ("list", "i4", "i3")
+    assert _ids(page(ITEMS, "desc", 2, "i3", None)) == ["i2", "i1"]
+    last = page(ITEMS, "asc", 20, "i2", None)
+    assert _ids(last) == ["i3", "i4"] and last["has_more"] is False
+    assert _ids(page(ITEMS, "asc", 2, None, "i4")) == ["i2", "i3"]  # the page just before it
+    assert _ids(page(ITEMS, "asc", 5, "i0", "i3")) == ["i1", "i2"]
+    assert page(ITEMS, "asc", 2, "i4", None) == {
+        "object": "list",
+        "data": [],
+        "first_id": None,
+        "last_id": None,
+        "has_more": False,
+    }
+    # a string content as its one text part, the answer's an output_text
+    [listed] = page([{"id": "m", "role": "assistant", "content": "x"}], "asc", 1, None, None)["data"]
+    assert listed == {
+        "type": "message",
+        "status": "completed",
+        "id": "m",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "x", "annotations": []}],
+    }
+    with pytest.raises(APIError) as refused:
+        page(ITEMS, "asc", 2, "nobody", None)
+    assert refused.value.param == "after"
+
+
+@contextlib.asynccontextmanager
+async def _unbound() -> AsyncIterator[None]:
+    yield
+
+
+def test_a_response_over_the_bound_is_answered_not_kept_and_new_items_get_ids() -> None:
+    store = ResponsesStore(None, _unbound, 60.0, 400)  # type: ignore[arg-type]  # (no Redis: keep() is pure)
+    response = {"id": "resp_b", "output": [{"type": "message", "content": [{"text": "remi"}]}]}
+    given = [{"type": "message", "role": "user", "content": "kalo"}, {"type": "function_call_output", "output": "x"}]
+    keeping = Keeping(store, "acme", [*PRIOR, *given])
+    assert keeping.keep(response) is True
+    assert [i["id"] for i in keeping.items] == ["msg_a_in0", "msg_a_0", "msg_b_in2", "fco_b_in3"]
+    huge = {"id": "resp_c", "output": [{"type": "message", "content": [{"text": "x" * 400}]}]}
+    assert Keeping(store, "acme", list(given)).keep(huge) is False
+
+
+def test_the_store_settings_are_checked() -> None:
+    base = {"model": "m", "nats_url": "nats://x", "redis_url": "redis://x"}
+    for field, value in (("responses_ttl_s", -1.0), ("responses_ttl_s", float("nan")), ("responses_max_bytes", 0)):
+        assert field in {bad[0] for bad in GatewaySettings(**base, **{field: value}).check()}, (field, value)
+    assert not GatewaySettings(**base, responses_ttl_s=0.0).check()  # 0: nothing stored
+
+
+def test_a_streams_last_object_is_kept_once_a_failed_one_with_its_status() -> None:
+    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.responses_api import ResponsesBody
+    from dlora.services.gateway.responses_shape import ResponsesShape
+
+    for end, status in ((None, "completed"), (APIError(400, "the output cannot go on", "response_format"), "failed")):
+        kept: list[dict[str, Any]] = []
+
+        def keep(response: dict[str, Any]) -> bool:
+            kept.append(response)
+            return False  # (over the bound, say)
+
+        shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), ResponsesBody(input="kalo"), keep=keep)
+        first = shape.events(shape.chunk("", None, first=True))
+        shape.events(shape.chunk("kalo", "stop" if end is None else None))
+        last = shape.events(shape.usage_chunk(5, 1, 0) if end is None else end.body())
+        assert b'"store":true' in first[0] and b'"previous_response_id":null' in first[0]
+        assert [k["status"] for k in kept] == [status] and kept[0]["output"][0]["content"][0]["text"] == "kalo"
+        assert b'"store":false' in last[-1]  # (keep said no: the last event tells it)
