@@ -11,7 +11,7 @@ from dlora.services.gateway import openai, responses_api
 from dlora.services.gateway.auth import Principal
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody
 from dlora.services.gateway.responses_shape import ResponsesShape
-from dlora.services.gateway.responses_store import Keeping, ResponsesStore
+from dlora.services.gateway.responses_store import Keeping, ResponsesStore, counted_as_sent
 from dlora.services.gateway.shaping import Job, response_id
 
 
@@ -60,7 +60,10 @@ class Responses(Dialect):
         body = openai.decode_body(raw, responses_api.ResponsesBody)
         responses_api.refuse_unserved(body)  # (a refusal before a Redis read)
         self.asked, self.keeping = await self.store.prepared(body, who.tenant or "")
-        return responses_api.to_chat(self.asked)
+        try:
+            return responses_api.to_chat(self.asked)
+        except APIError as e:
+            raise counted_as_sent(e, self.asked.input, body.input) from None
 
     def response_id(self, chat: bool, base: str) -> str:
         return f"resp_{base}"  # the response's id (ResponsesShape.base): a chat's logged what the client never saw

@@ -11,6 +11,7 @@ read them back are ``responses_routes``'s."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -158,6 +159,24 @@ class ResponsesStore:
         body = msgspec.structs.replace(body, input=given)
         keeping = Keeping(self, tenant, _items(given)) if self.on and body.store is not False else None
         return body, keeping
+
+
+_INDEX = re.compile(r"\binput\[(\d+)\]")
+
+
+def counted_as_sent(e: APIError, served: str | list[Any], given: str | list[Any]) -> APIError:
+    """``e``, a refusal of the items ``served`` (``conversation``'s), naming an item by its index
+    in ``given``, as its client counts them: the conversation put before them had each named
+    past the previous response's items (input[4] for the client's first)."""
+    prior = len(served) - len(_items(given)) if isinstance(served, list) else 0
+    if prior <= 0:
+        return e
+
+    def sent(m: re.Match[str]) -> str:
+        return f"input[{int(m[1]) - prior}]" if int(m[1]) >= prior else m[0]
+
+    param = _INDEX.sub(sent, e.param) if e.param else e.param
+    return APIError(e.status, _INDEX.sub(sent, e.message), param=param, kind=e.kind, code=e.code, headers=e.headers)
 
 
 def _references(given: str | list[Any]) -> bool:

@@ -136,6 +136,17 @@ async def test_a_stream_is_stored_once_over_and_store_false_keeps_nothing(stack:
         assert status == 404 and err["error"]["type"] == "not_found_error", err
         status, err = await post(stack, "/v1/responses", {**ASKED, "input": ref})  # no previous_response_id
         assert status == 400 and err["error"]["param"] == "input[0].id", err
+        # a refusal names the item as its client counts them, not after the conversation put before them
+        for bad, param in (
+            ([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}], "input[0].content[0]"),
+            ([{"role": "user", "content": "x", "foo": 1}], "input[0].foo"),
+            ([{"role": "user", "content": "x"}, {"type": "web_search_call"}], "input[1].type"),
+        ):
+            status, err = await post(stack, "/v1/responses", {**ASKED, "input": bad, "previous_response_id": after.id})
+            assert status == 400 and err["error"]["param"] == param, err
+            assert "input[2]" not in err["error"]["message"] and "input[3]" not in err["error"]["message"], err
+        key = f"{stack.store.p}:response:{after.id}"  # kept for responses_ttl_s
+        assert 0 < await stack.store.r.pttl(key) <= 86400 * 1000
     finally:
         await client.close()
 
@@ -158,3 +169,48 @@ async def test_another_tenants_response_is_a_404(keyed_stack: Stack) -> None:
     finally:
         await acme.close()
         await other.close()
+
+
+async def test_a_tool_calls_turns_chained_by_id_keep_the_call_and_its_output(stack: Stack) -> None:
+    """vllm#43244: a function call, then its output sent alone with previous_response_id, then a
+    user turn: each served as the chat with the assistant's tool call and the tool message."""
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}
+    tools = [{"type": "function", "name": "weather", "parameters": params, "strict": True}]
+    client = _client(stack.url)
+    asked = {"model": "lora-1", "tools": tools, "temperature": 0}
+    try:
+        named = {"type": "function", "name": "weather"}
+        called = await client.responses.create(**asked, input="kalo?", tool_choice=named, max_output_tokens=60)
+        [call] = called.output
+        assert call.type == "function_call", called
+        output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+        told = await client.responses.create(
+            **asked, input=[output], previous_response_id=called.id, tool_choice="none", max_output_tokens=6
+        )
+        then = await client.responses.create(
+            **asked, input="remi?", previous_response_id=told.id, tool_choice="none", max_output_tokens=6
+        )
+        function = {"name": "weather", "arguments": call.arguments}
+        messages: list[dict[str, Any]] = [
+            {"role": "user", "content": "kalo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": call.call_id, "type": "function", "function": function}],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"},
+        ]
+        chat_tools = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools]
+        chat = {"model": "lora-1", "tools": chat_tools, "tool_choice": "none", "temperature": 0, "max_tokens": 6}
+        for answered, more in (
+            (told, []),
+            (then, [{"role": "assistant", "content": told.output_text}, {"role": "user", "content": "remi?"}]),
+        ):
+            status, expected = await post(stack, "/v1/chat/completions", chat | {"messages": messages + more})
+            assert status == 200, expected
+            assert answered.usage is not None and answered.usage.input_tokens == expected["usage"]["prompt_tokens"]
+            assert answered.output_text == expected["choices"][0]["message"]["content"]
+        kinds = [i.type for i in (await client.responses.input_items.list(then.id, order="asc")).data]
+        assert kinds == ["message", "function_call", "function_call_output", "message", "message"]
+    finally:
+        await client.close()
