@@ -221,7 +221,8 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
     """The conversation as chat messages: ``instructions`` as a system message first; a string
     input one user message; a function_call item an assistant message's tool call (calls in a row,
     and text just before them, one message, as a chat sends them); its output a tool message; an
-    earlier answer's reasoning item the next assistant message's reasoning."""
+    earlier answer's reasoning item the next assistant message's reasoning (followed by no answer
+    of its own, a turn of reasoning alone, in its place)."""
     out: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if isinstance(body.input, str):
         return [*out, {"role": "user", "content": body.input}]
@@ -240,6 +241,10 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
         if isinstance(item, _ReasoningItem):
             reasoning += "".join(t.text for t in item.content or [])
             continue
+        answer = isinstance(item, _FunctionCall) or isinstance(item, _Message) and item.role == "assistant"
+        if reasoning and not answer:  # an answer of reasoning alone (cut short): its own turn, in its place
+            out.append({"role": "assistant", "content": "", "reasoning": reasoning})
+            reasoning = ""
         last = out[-1] if out else {}
         if isinstance(item, _Message):
             out.append({"role": item.role, "content": _content(item.content)})

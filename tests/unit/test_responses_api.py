@@ -80,3 +80,18 @@ def test_chat_template_kwargs_reach_the_chat_as_vllms_responses_request_takes_th
     body, chat = decode(json.dumps({"model": "m", "input": "x", "chat_template_kwargs": kwargs}).encode())
     assert body.chat_template_kwargs == kwargs and chat.chat_template_kwargs == kwargs
     assert decode(b'{"input": "x"}')[1].chat_template_kwargs is None
+
+
+def test_an_answers_lone_reasoning_stays_before_the_next_users_message() -> None:
+    """An answer cut short while thinking is one reasoning item; sent back (or put before the next
+    input by previous_response_id) with the user's next message after it, the reasoning went to an
+    assistant message after that user message, as if the model had answered the new question."""
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]}
+    given = [{"role": "user", "content": "kalo"}, thought, {"role": "user", "content": "remi"}]
+    _, chat = decode(json.dumps({"input": given}).encode())
+    said = [(m.role, m.content, m.reasoning) for m in chat.messages]
+    assert said == [("user", "kalo", None), ("assistant", "", "hm"), ("user", "remi", None)]
+    # before an answer's message or call it stays that message's reasoning
+    answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
+    _, chat = decode(json.dumps({"input": [given[0], thought, answer]}).encode())
+    assert [(m.role, m.reasoning) for m in chat.messages] == [("user", None), ("assistant", "hm")]
