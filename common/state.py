@@ -34,9 +34,10 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:api-keys``             hash  key digest (SHA-256, hex) -> ApiKey (JSON): inference API keys,
                                      revoked ones kept (``common/apikeys.py``)
 - ``{p}:api-key-ids``          hash  key id -> its digest (revocation and lookup by id)
-- ``{p}:response:{id}``        hash  a stored Responses API response: tenant, response (JSON),
-                                     input (its conversation's items, JSON); expires
-                                     (``state_responses.py``, ``gateway/responses_store.py``)
+- ``{p}:response:{tenant}:{id}`` hash a stored Responses API response, under its API key's
+                                     tenant ("" without keys): tenant, response (JSON), input (its
+                                     conversation's items, JSON); expires (``state_responses.py``,
+                                     ``gateway/responses_store.py``)
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class ResponsesStore:
             APIError(404): none such for ``tenant`` (``param``: the field that named it).
         """
         async with self.bound():
-            got = await self.state.response_fields(response_id, *names)
+            got = await self.state.response_fields(response_id, tenant, *names)
         if got is None or got[0] != tenant.encode() or any(v is None for v in got):
             raise not_found(response_id, param)
         return [v for v in got[1:] if v is not None]

@@ -145,7 +145,7 @@ async def test_a_stream_is_stored_once_over_and_store_false_keeps_nothing(stack:
             status, err = await post(stack, "/v1/responses", {**ASKED, "input": bad, "previous_response_id": after.id})
             assert status == 400 and err["error"]["param"] == param, err
             assert "input[2]" not in err["error"]["message"] and "input[3]" not in err["error"]["message"], err
-        key = f"{stack.store.p}:response:{after.id}"  # kept for responses_ttl_s
+        key = f"{stack.store.p}:response::{after.id}"  # kept for responses_ttl_s (no keys: tenant "")
         assert 0 < await stack.store.r.pttl(key) <= 86400 * 1000
     finally:
         await client.close()
@@ -166,6 +166,16 @@ async def test_another_tenants_response_is_a_404(keyed_stack: Stack) -> None:
         with pytest.raises(openai.NotFoundError):
             await other.responses.create(**ASKED, input="remi", previous_response_id=made.id)
         assert (await acme.responses.retrieve(made.id)).output_text == made.output_text  # still there
+        # a response's id is the client's X-Request-Id where it sends one (vLLM's): another tenant
+        # naming its own so stores nothing over the first's; the same tenant again (a retry) replaces it
+        named = {"extra_headers": {"X-Request-Id": "chosen"}}
+        first = await acme.responses.create(**ASKED, input="kalo", **named)
+        theirs = await other.responses.create(**ASKED, input="remi", **named)
+        assert theirs.id == first.id == "resp_chosen" and theirs.store is True
+        assert (await acme.responses.retrieve(first.id)).model_dump() == first.model_dump()
+        assert (await other.responses.retrieve(first.id)).model_dump() == theirs.model_dump()
+        again = await acme.responses.create(**ASKED, input="lumo", **named)
+        assert (await acme.responses.retrieve(first.id)).model_dump() == again.model_dump()
     finally:
         await acme.close()
         await other.close()
