@@ -115,3 +115,17 @@ def test_a_streams_last_object_is_kept_once_a_failed_one_with_its_status() -> No
         assert b'"store":true' in first[0] and b'"previous_response_id":null' in first[0]
         assert [k["status"] for k in kept] == [status] and kept[0]["output"][0]["content"][0]["text"] == "kalo"
         assert b'"store":false' in last[-1]  # (keep said no: the last event tells it)
+
+
+async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    class Down:
+        async def put_response(self, *args: Any) -> None:
+            raise RedisConnectionError("down")
+
+    keeping = Keeping(ResponsesStore(Down(), _unbound, 60.0, 1 << 20), "", [{"role": "user", "content": "x"}])  # type: ignore[arg-type]
+    response = {"id": "resp_d", "output": [], "store": True}
+    assert keeping.keep(response) is True
+    await keeping.finishing()  # (raised nothing: the answer goes out)
+    assert response["store"] is False  # (a whole answer says so)
