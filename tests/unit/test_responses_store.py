@@ -129,3 +129,19 @@ async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
     assert keeping.keep(response) is True
     await keeping.finishing()  # (raised nothing: the answer goes out)
     assert response["store"] is False  # (a whole answer says so)
+
+
+async def test_with_the_store_off_nothing_is_kept_and_previous_response_id_refused() -> None:
+    from dlora.services.gateway.responses_api import ResponsesBody
+
+    off = ResponsesStore(None, _unbound, 0.0, 1 << 20)  # type: ignore[arg-type]  # (no Redis read is made)
+    body, keeping = await off.prepared(ResponsesBody(input="kalo"), "")
+    assert body.input == "kalo" and keeping is None
+    for asked, param in (
+        (ResponsesBody(input="kalo", previous_response_id="resp_a"), "previous_response_id"),
+        (ResponsesBody(input=[{"type": "item_reference", "id": "msg_a"}]), "input"),
+        (ResponsesBody(input="kalo", previous_response_id=3), "previous_response_id"),
+    ):
+        with pytest.raises(APIError) as refused:
+            await off.prepared(asked, "")
+        assert (refused.value.status, refused.value.param) == (400, param)
