@@ -17,14 +17,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from dlora.common import log
 from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.common.versions import name_of
 from dlora.model.config import served_name
-from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.engine.stats import ITERATION_BUCKETS, EngineStats
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -135,6 +141,7 @@ def families(v: WorkerView) -> Iterator[Metric]:
     yield from _both(
         _counter, "dlora_num_preemptions", "vllm:num_preemptions", "Running requests preempted", v, e.preemptions
     )
+    yield _iteration_tokens(v)
     yield _counter(
         "dlora_steps", "Engine steps by mode", ["worker", "mode"], {(w, m): e.steps_by_mode.get(m, 0) for m in MODES}
     )
@@ -233,6 +240,22 @@ def families(v: WorkerView) -> Iterator[Metric]:
         ["worker", *names],
         {(w, *(v.settings[n] for n in names)): 1.0} if v.settings else {},
     )
+
+
+def _iteration_tokens(v: WorkerView) -> Metric:
+    """vLLM's tokens per engine step: prompt tokens counted in it plus tokens generated, so that its
+    _sum is vllm:prompt_tokens_total + vllm:generation_tokens_total, as vLLM's is."""
+    family = HistogramMetricFamily(
+        "vllm:iteration_tokens_total", "Tokens per engine step", labels=["model_name", "worker"]
+    )
+    steps, buckets = v.engine.iteration_steps, []
+    below = 0
+    for i, bound in enumerate(ITERATION_BUCKETS):
+        below += steps.get(i, 0)
+        buckets.append((str(float(bound)), below))
+    buckets.append(("+Inf", below + steps.get(len(ITERATION_BUCKETS), 0)))
+    family.add_metric([v.model_name, v.worker], buckets, v.engine.iteration_tokens)
+    return family
 
 
 def _by_name(by_key: Mapping[str, float], base: str = "") -> dict[str, float]:

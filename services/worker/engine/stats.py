@@ -5,7 +5,11 @@ Running estimates of step costs for decisions live with the policy (policy/costs
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+
+# vLLM's buckets of its tokens-per-step histogram (vllm:iteration_tokens_total)
+ITERATION_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass
@@ -44,6 +48,12 @@ class EngineStats:
     # shared by tokens fed, and the tokens they generated.
     adapter_seconds: dict[str, float] = field(default_factory=dict)
     adapter_tokens: dict[str, int] = field(default_factory=dict)
+    # vLLM's tokens per step: the prompt tokens counted in it (``prompt_tokens``, at a request's first
+    # token) plus the tokens it generated; steps by the least bucket bound at or above (an index of
+    # ``ITERATION_BUCKETS``, its length for none), and their sum.
+    iteration_steps: dict[int, int] = field(default_factory=dict)
+    iteration_tokens: int = 0
+    _prompt_counted: int = 0  # ``prompt_tokens`` at the last step recorded
 
     def record_steps(
         self,
@@ -72,6 +82,15 @@ class EngineStats:
         self.max_step_seconds = max(self.max_step_seconds, max(seconds))
         self.tokens_generated += tokens * runs
         self.prefill_tokens += prefill * runs
+        prompt, self._prompt_counted = self.prompt_tokens - self._prompt_counted, self.prompt_tokens
+        self._iteration(tokens + prompt, 1)
+        if runs > 1:
+            self._iteration(tokens, runs - 1)
+
+    def _iteration(self, tokens: int, runs: int) -> None:
+        bucket = bisect.bisect_left(ITERATION_BUCKETS, tokens)
+        self.iteration_steps[bucket] = self.iteration_steps.get(bucket, 0) + runs
+        self.iteration_tokens += tokens * runs
 
     def record_adapters(self, seconds: list[float], fed: int, sequences: list[tuple[str, int, bool]]) -> None:
         """Share each run's time (``seconds``, as ``record_steps``) among its sequences, given as
