@@ -214,6 +214,9 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     worker: str = ""
     # Seconds from arrival at the worker to the first step that ran it (first chunk only).
     queue_seconds: float | None = None
+    # Seconds from that step to this first token: its prefill (vLLM's request_prefill_time; first
+    # chunk only, where the worker that made it scheduled it; None from an older worker).
+    prefill_seconds: float | None = None
     # On the first chunk of a request's first run: of its prompt, the tokens its prefill found in
     # the prefix cache. ``usage.cached_tokens`` says the same at the end, unless the request was
     # moved or recovered meanwhile: then it is the recompute's (a reader keeps this one).

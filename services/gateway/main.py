@@ -111,7 +111,7 @@ class Gateway:
         # Tokenizing a long prompt takes a while (a 1 MB one ~1 s): off the event loop, on one
         # thread, so it never stalls other requests' streams and the tokenizer sees one caller.
         self.shaping = ThreadPoolExecutor(1, thread_name_prefix="shaping")
-        self.metrics = Metrics(self.base_name, settings.max_adapter_labels)
+        self.metrics = Metrics(self.base_name, settings.max_adapter_labels, self.served.context)
         self._redis_id: str | None = None  # data_epoch of the Redis the records live in, as last seen
         self._other_model: set[str] = set()  # workers heard serving another base model (logged once)
         self.cluster = ClusterView()  # the workers' latest stats and the migrator's plans, for /v1/status
@@ -254,7 +254,7 @@ class Gateway:
             # Every hand-over waited for: those taken are counted (vllm:request_success, aborts)
             sent = await asyncio.gather(*(self._submit(c.request) for c in by_id.values()), return_exceptions=True)
             handed = [c for c, e in zip(by_id.values(), sent) if e is None]
-            timer.ran = [c.replies for c in handed if c.replies is not None]
+            timer.began(handed)
             if refused := next((e for e in sent if e is not None), None):
                 await self._abort(handed)  # they would run on for nobody
                 raise refused

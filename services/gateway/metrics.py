@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.exceptions import RedisError
@@ -21,6 +22,9 @@ from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
 from dlora.common.state import StateStore
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.gateway.status import Traffic
+
+if TYPE_CHECKING:
+    from dlora.services.gateway.responses import RunningChoice
 
 # The error ``Gateway.shutdown`` ends what still runs with (``Metrics.finished``: an abort)
 SHUTTING_DOWN = "the gateway is shutting down"
@@ -45,7 +49,37 @@ _VLLM_BUCKETS = {
     "e2e_request_latency_seconds": (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0)
     + (50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
 }
-_VLLM_BUCKETS["request_queue_time_seconds"] = _VLLM_BUCKETS["e2e_request_latency_seconds"]
+_VLLM_BUCKETS["inter_token_latency_seconds"] = _VLLM_BUCKETS["request_time_per_output_token_seconds"]
+for _phase in ("queue", "prefill", "decode", "inference"):
+    _VLLM_BUCKETS[f"request_{_phase}_time_seconds"] = _VLLM_BUCKETS["e2e_request_latency_seconds"]
+# vLLM's per-request timings beyond ours, observed as vLLM observes them (vllm/v1/metrics/stats.py):
+# the inter-token latency at each output after a choice's first, the rest as a choice finishes.
+_VLLM_TIMES = (
+    ("inter_token_latency_seconds", "Time between a choice's outputs after its first"),
+    ("request_prefill_time_seconds", "Time from a choice's first step scheduled to its first token"),
+    ("request_decode_time_seconds", "Time from a choice's first token to its last"),
+    ("request_inference_time_seconds", "Time from a choice's first step scheduled to its last token"),
+)
+# vLLM's histograms of counts (buckets 1, 2, 5, 10, ... up to the model's context; n's its own)
+_VLLM_COUNTS = (
+    ("request_prompt_tokens", "Prompt tokens of a finished choice"),
+    ("request_generation_tokens", "Tokens a finished choice generated"),
+    ("request_params_max_tokens", "The max_tokens a finished choice ran with"),
+    ("request_max_num_generation_tokens", "Tokens the longest choice of a finished request generated"),
+    ("request_params_n", "The n of a finished request"),
+)
+
+
+def one_two_five(most: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``most`` (vLLM's ``build_1_2_5_buckets``), as floats."""
+    out: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > most:
+                return tuple(out)
+            out.append(float(m * scale))
+        scale *= 10
 
 
 class Metrics:
@@ -53,7 +87,7 @@ class Metrics:
     served base model's name ``model_name`` alone (as vLLM labels a LoRA request's: no adapter
     named, so no tenant's shows), so that vLLM dashboards' latency panels read a dlora gateway."""
 
-    def __init__(self, model_name: str = "", max_adapter_labels: int = 256) -> None:
+    def __init__(self, model_name: str = "", max_adapter_labels: int = 256, max_model_len: int = 8192) -> None:
         self.registry = r = CollectorRegistry()
         self.model_name = model_name
         # Public adapters named in the series, first served first, until removed: ~89 series each,
@@ -96,7 +130,7 @@ class Metrics:
             registry=r,
         )
         # vLLM's (v1) names for the same figures: its request_time_per_output_token is, as ours, one
-        # observation per request (its inter_token_latency, one per token, has no counterpart here).
+        # observation per request; its inter-token latency one per output after a choice's first.
         self.vllm = {
             name: Histogram(
                 f"vllm:{name}", doc, ["model_name"], buckets=_VLLM_BUCKETS[name], unit="seconds", registry=r
@@ -106,8 +140,22 @@ class Metrics:
                 ("request_time_per_output_token_seconds", "Time per output token after the first, per request"),
                 ("e2e_request_latency_seconds", "End-to-end request latency"),
                 ("request_queue_time_seconds", "Time waiting at the worker before the first step"),
+                *_VLLM_TIMES,
             )
         }
+        tokens = one_two_five(max_model_len)
+        self.vllm_counts = {
+            name: Histogram(
+                f"vllm:{name}",
+                doc,
+                ["model_name"],
+                buckets=(1.0, 2.0, 5.0, 10.0, 20.0) if name == "request_params_n" else tokens,
+                registry=r,
+            )
+            for name, doc in _VLLM_COUNTS
+        }
+        # (the one observed at every output: its child looked up once)
+        self.itl = self.vllm["inter_token_latency_seconds"].labels(model_name)
         # vLLM's finished-request counter: one per request its engine ran (a choice here, as vLLM
         # runs each of n as a request), by how it ended; every reason from the start, as vLLM
         # declares them, so that a rate() of a reason not seen yet reads 0, not nothing.
@@ -211,9 +259,19 @@ class RequestTimer:
         self.metrics, self.name, self.public = metrics, name, public
         self.start = time.monotonic() if start is None else start
         self.first_at: float | None = None  # monotonic seconds of the first chunk
-        self.choice_first: dict[str, tuple[float, float | None]] = {}  # each choice's first chunk, queue time
+        # Each choice's first chunk: when, and its queue and prefill time at the worker
+        self.choice_first: dict[str, tuple[float, float | None, float | None]] = {}
+        self.choice_last: dict[str, float] = {}  # each choice's latest output with tokens (monotonic s)
         self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
         self.ran: Sequence[ReplyStream] = ()  # its choices' replies, once a dispatcher took them
+        self.max_tokens: dict[str, int] = {}  # each choice's max_tokens, as it ran
+        self.prompt_of: dict[str, int] = {}  # each choice's prompt (a completion may send several)
+
+    def began(self, handed: Sequence[RunningChoice]) -> None:
+        """A dispatcher took ``handed``, the request's choices that run (``ran``, their ``max_tokens``)."""
+        self.ran = [c.replies for c in handed if c.replies is not None]
+        self.max_tokens = {c.request.request_id: c.request.params.max_tokens for c in handed if c.request is not None}
+        self.prompt_of = {c.request.request_id: c.prompt for c in handed if c.request is not None}
 
     def __enter__(self) -> RequestTimer:
         return self
@@ -235,30 +293,51 @@ class RequestTimer:
 
     def chunk(self, chunk: TokenChunk, tokens: int) -> None:
         """``chunk`` of a choice came (none a duplicate), the choice's ``tokens`` so far with it:
-        the request's first chunk and each choice's first are timed, and each choice's end (stop
-        or length) under vLLM's names, its queue time with it: vLLM observes that with its
-        end-to-end latency, in one loop over the requests it counts finished (a choice whose
-        client went after its first token is in neither)."""
-        choice = chunk.request_id
-        if chunk.finish_reason is None and choice in self.choice_first:
-            return  # (each token's: nothing timed)
-        now, m = time.monotonic(), self.metrics
+        the request's first chunk and each choice's first are timed, each later one with tokens
+        (vLLM's inter-token latency, one per output), and each choice's end (stop or length) under
+        vLLM's names, its queue time with it: vLLM observes that with its end-to-end latency, in
+        one loop over the requests it counts finished (a choice whose client went after its first
+        token is in neither)."""
+        choice, now = chunk.request_id, time.monotonic()
         if choice not in self.choice_first:
-            self._first(choice, now, chunk.queue_seconds)
+            self._first(choice, now, chunk.queue_seconds, chunk.prefill_seconds)
+        elif chunk.token_ids:
+            self.metrics.itl.observe(now - self.choice_last[choice])
+            self.choice_last[choice] = now
         if chunk.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-            first, queue_s = self.choice_first[choice]
-            m.vllm["e2e_request_latency_seconds"].labels(m.model_name).observe(now - self.start)
-            if queue_s is not None:
-                m.vllm["request_queue_time_seconds"].labels(m.model_name).observe(queue_s)
-            # Each finished choice, 0 for one of a token (as vLLM: its _count is e2e's)
-            tpot = (now - first) / (tokens - 1) if tokens > 1 else 0.0
-            m.vllm["request_time_per_output_token_seconds"].labels(m.model_name).observe(tpot)
+            self._finished(chunk, tokens, now)
 
-    def _first(self, choice: str, now: float, queue_s: float | None) -> None:
+    def _finished(self, chunk: TokenChunk, tokens: int, now: float) -> None:
+        """A choice ended (stop or length) at ``now`` with ``tokens``: what vLLM observes of each
+        request it counts finished (``IterationStats.update_from_finished_request``)."""
+        m, choice = self.metrics, chunk.request_id
+        first, queue_s, prefill_s = self.choice_first[choice]
+
+        def observe(name: str, value: float) -> None:
+            (m.vllm[name] if name in m.vllm else m.vllm_counts[name]).labels(m.model_name).observe(value)
+
+        observe("e2e_request_latency_seconds", now - self.start)
+        if queue_s is not None:
+            observe("request_queue_time_seconds", queue_s)
+        # Each finished choice, 0 for one of a token (as vLLM: its _count is e2e's)
+        observe("request_time_per_output_token_seconds", (now - first) / (tokens - 1) if tokens > 1 else 0.0)
+        decode_s = self.choice_last[choice] - first  # (to its last output with a token, as vLLM's)
+        observe("request_decode_time_seconds", decode_s)
+        if prefill_s is not None:  # (the worker's, from its first step to its first token)
+            observe("request_prefill_time_seconds", prefill_s)
+            observe("request_inference_time_seconds", prefill_s + decode_s)
+        if chunk.usage is not None:
+            observe("request_prompt_tokens", chunk.usage.prompt_tokens)
+        observe("request_generation_tokens", tokens)
+        if (max_tokens := self.max_tokens.get(choice)) is not None:
+            observe("request_params_max_tokens", max_tokens)
+
+    def _first(self, choice: str, now: float, queue_s: float | None, prefill_s: float | None) -> None:
         """``choice``'s first chunk came at ``now``: its time to first token; the request's too,
         with its queue time, if it is the request's first."""
         m = self.metrics
-        self.choice_first[choice] = (now, queue_s)
+        self.choice_first[choice] = (now, queue_s, prefill_s)
+        self.choice_last[choice] = now
         m.vllm["time_to_first_token_seconds"].labels(m.model_name).observe(now - self.start)
         if self.first_at is not None:
             return
@@ -278,6 +357,14 @@ class RequestTimer:
         m.traffic.done(self.name, end - self.start, total_tokens)
         if self.first_at is not None and n_tokens > 1:
             m.tpot.labels(self.label).observe((end - self.first_at) / (n_tokens - 1))
+        # vLLM's once a request, as its last choice finishes: a prompt of a completion's list is a
+        # request of its own there, its n choices a parent's children
+        by_prompt: dict[int, list[int]] = {}
+        for replies in self.ran:
+            by_prompt.setdefault(self.prompt_of.get(replies.request_id, 0), []).append(replies.tokens)
+        for tokens in by_prompt.values():
+            m.vllm_counts["request_params_n"].labels(m.model_name).observe(len(tokens))
+            m.vllm_counts["request_max_num_generation_tokens"].labels(m.model_name).observe(max(tokens))
 
     def failed(self, status: int) -> None:
         """It failed after its stream opened (an error event ended it)."""

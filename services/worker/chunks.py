@@ -33,9 +33,10 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         own = out.error_code is ErrorCode.BAD_REQUEST
         reason = out.error if own else f"the request failed on worker {worker}: {out.error}"
         return error_chunk(stream.request, out.error_code, reason, worker, seq=stream.seq, param=out.error_param)
-    queue_seconds = prompt_cached = None
+    queue_seconds = prompt_cached = prefill_seconds = None
     if not stream.first_sent:
         stream.first_sent = True
+        prefill_seconds = out.scheduled_s
         # until its first step was scheduled, not its prefill after (vLLM's queue time; a helper
         # found a 29-step chunked prefill counted as 96 % of the time to first token)
         waited = max(0.0, now - stream.arrived - (out.scheduled_s or 0.0))
@@ -58,6 +59,7 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
         else None,
         worker=worker,
         queue_seconds=queue_seconds,
+        prefill_seconds=prefill_seconds,
         prompt_cached_tokens=prompt_cached,
         logprobs=out.logprobs or [],
         prompt_logprobs=out.prompt_logprobs or [],

@@ -242,7 +242,9 @@ async def test_vllm_latency_histograms_observe_each_choice_as_vllm_observes_each
 
     def counts() -> dict[str, float]:
         got = {}
-        for name, family in [*m.vllm.items(), ("ours_e2e", m.e2e), ("ours_ttft", m.ttft)]:
+        latencies = [(n, m.vllm[n]) for n in ("time_to_first_token_seconds", "request_time_per_output_token_seconds")]
+        latencies += [(n, m.vllm[n]) for n in ("e2e_request_latency_seconds", "request_queue_time_seconds")]
+        for name, family in [*latencies, ("ours_e2e", m.e2e), ("ours_ttft", m.ttft)]:
             got[name] = sum(s.value for f in family.collect() for s in f.samples if s.name.endswith("_count"))
         got["success"] = sum(
             s.value
