@@ -268,6 +268,9 @@ class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
     # Those of ``never_arrived`` whose adapter version this worker cannot load (its files were
     # rewritten since registration): sent only to a worker that holds that version, else failed.
     elsewhere: list[str] = []
+    # Of ``requests``, those whose client has no token yet: the seconds each has waited unscheduled,
+    # here and where it was moved from (``GenerateRequest.queued_s`` for its next attempt).
+    queued_s: dict[str, float] = {}
 
 
 class AdapterEntry(msgspec.Struct, kw_only=True, frozen=True):

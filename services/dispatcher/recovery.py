@@ -5,6 +5,7 @@ client aborts it. A mixin of ``Dispatcher`` (``main.py``), which holds the state
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import TYPE_CHECKING
@@ -143,6 +144,8 @@ class Recovery:
                 rec = await self.store.get_inflight(rid)
                 if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
                     holding = rid in lost.elsewhere  # only a worker holding its adapter's version
+                    if (waited := lost.queued_s.get(rid)) is not None:
+                        rec = _waited(rec, waited)
                     await self._recover(rec, died=died, avoid=None if died else lost.worker, holding=holding)
             except bus.STATE_OUTAGE as e:
                 logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
@@ -254,3 +257,12 @@ class Recovery:
             continued=True,
         )
         await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid, holding=holding)
+
+
+def _waited(rec: Inflight, seconds: float) -> Inflight:
+    """``rec`` with the queue time the worker handing it back said it has (its wait there, which
+    the record, written before, lacks; the next attempt's first chunk says it), bounded by the time
+    the request has been in the system (a worker's figure, bounded all the same)."""
+    age = max(0.0, time.time() - rec.request.created) if rec.request.created else float("inf")
+    request = msgspec.structs.replace(rec.request, queued_s=min(max(0.0, seconds), age))
+    return dataclasses.replace(rec, request=request)

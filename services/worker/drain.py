@@ -15,6 +15,7 @@ from dlora.common.messages import LostRequests
 from dlora.services.worker.arrival import stop_preparing
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
+from dlora.services.worker.move_out import queued
 from dlora.services.worker.one_id import give_up, successor
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     that breaks every GPU it runs on must not go round them all). Unsent (NATS down), they are
     recovered anyway once this worker's heartbeat is gone."""
     held: dict[str, int] = {}
+    waited: dict[str, float] = {}  # the queue time of those whose client has no token yet
     unrun: list[str] = []  # after a device loss: requests in no step, not its death even if marked taken
     # Requests that came during the drain go back unrun: those still waiting on arrival (for a
     # moved cache, a grammar or a long prompt's tokens; stopped first, so that none joins the queue after it is read)
@@ -80,6 +82,9 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
         held.setdefault(culprit.request_id, culprit.recoveries)
     for rid, stream in list(w.streams.items()):
         held[rid] = stream.request.recoveries
+        seq = w.engine.seqs.get(rid)
+        if (wait := queued(w, stream, seq.scheduled_at if seq is not None else None)) > 0:
+            waited[rid] = wait  # (its record's queued_s lacks its wait here: its next worker adds on)
         if died and _never_scheduled(w, rid):  # admitted, then waited: the device failed in others' steps
             unrun.append(rid)
         elif rid in unrun:  # another copy of it waited (a later attempt, one delivered late): this one ran
@@ -97,7 +102,9 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             await _bounded(w, lambda: w.records.write({}))
         if not held:
             return
-        handed = LostRequests(worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun)
+        handed = LostRequests(
+            worker=w.s.worker_id, requests=held, draining=not died, never_arrived=unrun, queued_s=waited
+        )
         await bus.publish(w.nc, subjects.LOST, handed)
         await bus.flush(w.nc, round_trip_s=2)
         logger.info("handed over at stop", requests=len(held))

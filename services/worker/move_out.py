@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 logger = log.get("worker")
 
 
-def _queued(w: WorkerService, stream: Stream, scheduled_at: float | None) -> float:
+def queued(w: WorkerService, stream: Stream, scheduled_at: float | None) -> float:
     """Seconds the request has waited unscheduled, here and where it came from, while its client
-    has no token yet: what its first chunk's queue time says wherever that is sent (0 after)."""
+    has no token yet: what its first chunk's queue time says wherever that is sent (0 after); a
+    move and a stop's hand-over carry it on."""
     if stream.first_sent:
         return 0.0
     here = time.monotonic() - stream.arrived  # (less its time since it was scheduled: the engine's clock)
@@ -59,7 +60,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
         data,
         time.monotonic() - start,
         text_held=seq.text[seq.emitted :],  # held back while it could begin a stop string
-        queued_s=_queued(w, stream, seq.scheduled_at),
+        queued_s=queued(w, stream, seq.scheduled_at),
     )
     if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
         logger.warning("request too large to move; it stays here", request=move.request_id)

@@ -1,0 +1,115 @@
+"""A request handed over at a worker's stop before its first token keeps the time it waited there
+in its queue time, as a request the migrator moves does (GenerateRequest.queued_s)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import nats
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
+from dlora.services.servers import Server
+from dlora.services.worker.engine import EngineConfig
+from dlora.services.worker.main import WorkerService, build_engine
+from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import sse_events, start_gateway
+
+WAIT_S = 1.0
+
+
+async def _queue_time(base_url: str) -> tuple[float, float]:
+    """The gateway's vllm:request_queue_time_seconds _sum and _count, scraped (none before the first)."""
+    async with aiohttp.ClientSession() as http, http.get(base_url + "/metrics") as r:
+        text = await r.text()
+    got = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("vllm:request_queue_time_seconds_") and "le" not in s.labels
+    }
+    return got.get("vllm:request_queue_time_seconds_sum", 0.0), got.get("vllm:request_queue_time_seconds_count", 0.0)
+
+
+async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue_time(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A request that waited on a full worker (one request a step) until the worker stopped
+    (SIGTERM, its drain over) was handed back and re-dispatched from its in-flight record, which
+    did not know that wait: its first chunk on the next worker said a few milliseconds of queue
+    time though its client had waited the whole drain, so vllm:request_queue_time_seconds lost the
+    waits of every rolling restart under load (left noticed by the last session). The hand-over
+    says each one's wait, and the next attempt carries it on."""
+    store = StateStore(redis)
+    common = dict(nats_url=nats_server.url, redis_url="unused")
+    conns: list[nats.NATS] = []
+    stop, stop_victim = asyncio.Event(), asyncio.Event()
+    tasks: list[asyncio.Task] = []
+
+    async def worker(name: str, until: asyncio.Event, seats: int) -> WorkerService:
+        engine = EngineConfig(max_num_seqs=seats, device="cpu", dtype="float32")
+        model = str(tiny_llama.model)
+        ws = WorkerSettings(
+            **common, worker_id=name, model=model, stats_interval_s=0.1, drain_timeout_s=0.0, engine=engine
+        )
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        service = WorkerService(ws, nc, store, build_engine(ws))
+        tasks.append(asyncio.create_task(service.run(until)))
+        return service
+
+    try:
+        victim = await worker("a-victim", stop_victim, 1)  # alone at first: both requests go there
+        step = victim.engine.step
+
+        def slow():  # type: ignore[no-untyped-def]
+            time.sleep(0.02)  # (in the step's thread) so that the first request outlasts the wait
+            return step()
+
+        victim.engine.step = slow  # type: ignore[method-assign]
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), nc, store).run(stop)))
+        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
+        await asyncio.sleep(0.3)  # the dispatcher has seen the worker's stats
+        before = await _queue_time(base_url)
+        body = {"model": "model", "prompt": [5, 40, 41], "temperature": 0, "ignore_eos": True}
+        async with aiohttp.ClientSession() as http:
+            url = f"{base_url}/v1/completions"
+            async with http.post(url, json={**body, "max_tokens": 400, "stream": True}) as busy:
+                await anext(sse_events(busy))  # running: the one seat taken
+                waiting = asyncio.create_task(http.post(url, json={**body, "max_tokens": 4}))
+                async with asyncio.timeout(30):
+                    while len(victim.streams) < 2:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(WAIT_S)  # it waits there, unscheduled
+                assert victim.engine.seqs[next(r for r in victim.streams if r != busy_id(victim))].scheduled_at is None
+                await worker("b-survivor", stop, 4)  # (room for both: the moved one waits for nothing there)
+                await asyncio.sleep(0.3)  # the dispatcher has seen it
+                stop_victim.set()  # what SIGTERM does: drained at once (0 s), the rest handed over
+                async with asyncio.timeout(30):
+                    answer = await waiting
+                    assert answer.status == 200, await answer.text()
+                    assert (await answer.json())["choices"][0]["finish_reason"] == "length"
+        queue_sum, count = await _queue_time(base_url)
+        # one observation (the busy one's client went before it finished): the waiting one's, its
+        # wait on the stopped worker with it (it read a few ms)
+        assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
+        await runner.cleanup()
+    finally:
+        stop.set()
+        stop_victim.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+def busy_id(worker: WorkerService) -> str:
+    """The id of the request running on ``worker`` (its one seat)."""
+    return next(rid for rid, seq in worker.engine.seqs.items() if seq.scheduled_at is not None)
