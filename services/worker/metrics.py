@@ -240,6 +240,18 @@ def families(v: WorkerView) -> Iterator[Metric]:
         ["worker", *names],
         {(w, *(v.settings[n] for n in names)): 1.0} if v.settings else {},
     )
+    yield _cache_config(v)
+
+
+def _cache_config(v: WorkerView) -> Metric:
+    """vLLM's ``cache_config_info`` (1, the KV cache's settings as labels, as vLLM writes them:
+    ``True``/``False``): routers and load monitors take the KV capacity from it (``num_gpu_blocks`` x
+    ``block_size``; the worker's device blocks, CPU ones on a CPU worker)."""
+    labels = ["block_size", "num_gpu_blocks", "enable_prefix_caching", "worker"]
+    s = v.settings
+    known = {"block_size", "num_blocks", "enable_prefix_caching"} <= s.keys()
+    value = (s.get("block_size", ""), s.get("num_blocks", ""), str(s.get("enable_prefix_caching") == "true"), v.worker)
+    return _gauge("vllm:cache_config_info", "The KV cache's settings", labels, {value: 1.0} if known else {})
 
 
 def _iteration_tokens(v: WorkerView) -> Metric:

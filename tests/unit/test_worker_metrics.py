@@ -241,3 +241,15 @@ def test_tokens_per_step_are_vllms_iteration_tokens_histogram() -> None:
     assert _one(s, "vllm:iteration_tokens_total_count", model_name="llama", worker="w0") == 6
     total = _one(s, "vllm:prompt_tokens_total") + _one(s, "vllm:generation_tokens_total")
     assert _one(s, "vllm:iteration_tokens_total_sum") == total == 37 + 9 + 0 + 20_000
+
+
+def test_the_kv_cache_s_settings_as_vllms_cache_config_info() -> None:
+    """Routers and load monitors take a vLLM server's KV capacity from vllm:cache_config_info's
+    labels (num_gpu_blocks x block_size): a dlora worker had its settings under its own name only,
+    and they read no capacity. vLLM's labels, its spelling of a flag (True/False)."""
+    settings = {"block_size": "16", "num_blocks": "2048", "enable_prefix_caching": "true", "policy": "dlora"}
+    s = _scrape(_view(settings=settings))
+    assert s["vllm:cache_config_info"] == {
+        (("block_size", "16"), ("enable_prefix_caching", "True"), ("num_gpu_blocks", "2048"), ("worker", "w0")): 1.0
+    }
+    assert "vllm:cache_config_info" not in _scrape(_view())  # none known: the family, no sample
