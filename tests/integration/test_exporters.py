@@ -150,6 +150,13 @@ def test_every_exporter_serves_its_families_with_values_that_agree_with_the_load
     assert sum(w.total("dlora_generation_tokens_total") for w in workers) == generated
     assert sum(w.total("vllm:prompt_tokens_total") for w in workers) == prompt
     assert sum(w.total("dlora_prompt_tokens_total") for w in workers) == prompt
+    # vLLM's tokens per step: the steps' prompt and generated tokens, as its two counters count them
+    assert sum(w.total("vllm:iteration_tokens_total_sum") for w in workers) == prompt + generated
+    for w in workers:  # the KV capacity a router reads, as dlora's own settings say it
+        ((cache, config),) = [
+            (c.labels, d.labels) for c in w.of("vllm:cache_config_info") for d in w.of("dlora_engine_config_info")
+        ]
+        assert (cache["num_gpu_blocks"], cache["block_size"]) == (config["num_blocks"], config["block_size"])
     # every request's prompt (one prompt, repeated) was looked up in the prefix cache
     queries = sum(w.total("vllm:prefix_cache_queries_total") for w in workers)
     assert queries >= prompt and sum(w.total("vllm:prefix_cache_hits_total") for w in workers) <= queries
@@ -197,6 +204,14 @@ def test_every_exporter_serves_its_families_with_values_that_agree_with_the_load
         assert gateway.total(histogram + "_count") == len(REQUESTS), histogram
         assert gateway.total(histogram + "_count", adapter="lora-1") == 3, histogram
         assert gateway.total(histogram + "_sum") > 0, histogram
+    # vLLM's per-request histograms: each request's lengths, its n and max_tokens, its phases
+    assert gateway.total("vllm:request_generation_tokens_sum") == generated
+    assert gateway.total("vllm:request_prompt_tokens_sum") == prompt
+    assert gateway.total("vllm:request_params_max_tokens_sum") == sum(n for _, n in REQUESTS)
+    assert gateway.total("vllm:request_params_n_sum") == gateway.total("vllm:request_params_n_count") == len(REQUESTS)
+    assert gateway.total("vllm:inter_token_latency_seconds_count") <= generated - len(REQUESTS)
+    for phase in ("prefill", "decode", "inference"):
+        assert gateway.total(f"vllm:request_{phase}_time_seconds_count") == len(REQUESTS), phase
     # The migrator has planned or not; its solve histogram counts what it did.
     migrator = scrapes["migrator"]
     assert migrator.total("dlora_migration_plan_solve_seconds_count") == migrator.total("dlora_migration_plans_total")
