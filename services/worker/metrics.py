@@ -255,8 +255,8 @@ def _cache_config(v: WorkerView) -> Metric:
 
 
 def _iteration_tokens(v: WorkerView) -> Metric:
-    """vLLM's tokens per engine step: prompt tokens counted in it plus tokens generated, so that its
-    _sum is vllm:prompt_tokens_total + vllm:generation_tokens_total, as vLLM's is."""
+    """vLLM's tokens per engine step: the prompt tokens computed, counted in it, plus the tokens
+    generated (as vLLM observes it since its #43346: a prefix cache hit is no token of the step)."""
     family = HistogramMetricFamily(
         "vllm:iteration_tokens_total", "Tokens per engine step", labels=["model_name", "worker"]
     )

@@ -208,6 +208,18 @@ def test_choices_of_one_prompt_compute_it_once_and_match_the_oracle(tiny_llama: 
     assert _hits(engine) == 3 * 24 and engine.stats.prefill_tokens == 26 + 3 * 2
 
 
+def test_vllms_tokens_per_step_leave_the_prompt_tokens_found_in_the_cache_out(tiny_llama: TinyOutput) -> None:
+    """vllm:iteration_tokens_total counts a step's computed prompt tokens, not those its requests
+    found in the prefix cache (vLLM #43346: with them, a step of cached prompts read as thousands
+    of tokens that no forward ran); vllm:prompt_tokens_total still counts every prompt token."""
+    prompt = SYSTEM + TURNS[1]  # 26 tokens: 6 full blocks of 4, reused by the three after the first
+    engine = make_engine(tiny_llama, block_size=4)
+    run_all(engine, {f"c{i}": (None, prompt) for i in range(4)}, MAX_TOKENS)
+    assert engine.stats.prompt_tokens == 4 * 26 and _hits(engine) == 3 * 24
+    assert engine.stats.iteration_tokens == 4 * 26 - 3 * 24 + engine.stats.tokens_generated == 32 + 4 * MAX_TOKENS
+    assert sum(engine.stats.iteration_steps.values()) == engine.stats.steps
+
+
 def test_the_policy_sees_what_a_waiting_prompt_would_find_cached_under_each_merged_state(
     tiny_llama: TinyOutput,
 ) -> None:

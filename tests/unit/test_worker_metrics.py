@@ -224,22 +224,24 @@ def test_a_deleted_adapters_credit_series_goes_once_it_is_gone_here() -> None:
 
 
 def test_tokens_per_step_are_vllms_iteration_tokens_histogram() -> None:
-    """vllm:iteration_tokens_total (vLLM's tokens per engine step: the prompt tokens counted in the
-    step, at a request's first token, plus the tokens it generated; vLLM's buckets) was missing, so
-    a vLLM dashboard's batch-size panel read nothing from a dlora worker. Its _sum is the prompt
-    and generation counters' sum, as vLLM's is."""
+    """vllm:iteration_tokens_total (vLLM's tokens per engine step: the prompt tokens computed and
+    counted in the step, at a request's first token, plus the tokens it generated; vLLM's buckets)
+    was missing, so a vLLM dashboard's batch-size panel read nothing from a dlora worker. A prefix
+    cache hit is no token of the step (vLLM #43346): its _sum is the generation counter plus the
+    prompt counter less the hits."""
     engine = EngineStats()
-    engine.prompt_tokens += 36  # (a request's first token taken: its prompt counted, then the step recorded)
+    engine.count_prompt(36, 0)  # (a request's first token taken: its prompt counted, then the step recorded)
     engine.record_steps([0.1], tokens=1, fed=36, prefill=36)  # 37
     engine.record_steps([0.1, 0.1, 0.1], tokens=3, fed=3, prefill=0)  # the simulator's repeats: 3 steps of 3
     engine.record_steps([0.1], tokens=0, fed=512, prefill=512)  # a prefill chunk short of its prompt's end: 0
-    engine.prompt_tokens += 19_990
+    engine.count_prompt(20_990, 1_000)  # 1,000 of them found in the prefix cache
     engine.record_steps([0.1], tokens=10, fed=20_000, prefill=19_990)  # past the last bound
+    engine.count_prompt(0, 0)  # a resumed request's: counted where it began
     s = _scrape(_view(engine=engine))
     buckets = {dict(k)["le"]: v for k, v in s["vllm:iteration_tokens_total_bucket"].items()}
     assert (buckets["1.0"], buckets["8.0"], buckets["64.0"], buckets["16384.0"], buckets["+Inf"]) == (1, 4, 5, 5, 6)
     assert _one(s, "vllm:iteration_tokens_total_count", model_name="llama", worker="w0") == 6
-    total = _one(s, "vllm:prompt_tokens_total") + _one(s, "vllm:generation_tokens_total")
+    total = _one(s, "vllm:prompt_tokens_total") - 1_000 + _one(s, "vllm:generation_tokens_total")
     assert _one(s, "vllm:iteration_tokens_total_sum") == total == 37 + 9 + 0 + 20_000
 
 

@@ -477,7 +477,7 @@ class LLMEngine:
 
     def _advance(self, seq: Sequence, token: int, reserved: bool = False) -> RequestOutput:
         out = advance(seq, token, self.eos_ids, self.max_model_len, self.primary_eos, reserved)
-        self.stats.prompt_tokens += seq.uncounted_prompt  # its first token: prefilled (vLLM counts it then)
+        self.stats.count_prompt(seq.uncounted_prompt, seq.num_cached_prompt)  # its first token: prefilled
         seq.uncounted_prompt = 0
         if out.finish_reason is not None:
             self._finish(seq, out.finish_reason)

@@ -23,6 +23,7 @@ class EngineStats:
     last_fed: int = 0  # and every token it fed (a decode feeds one)
     last_lora: tuple[int, int] = (0, 0)  # and its LoRA work: (segments, rank-tokens), ``policy.lora_work``
     prompt_tokens: int = 0  # total, of requests prefilled here (counted at their first token), not resumed
+    prompt_computed: int = 0  # of those, the ones their prefill computed (not found in the prefix cache)
     tokens_generated: int = 0  # total, over all requests
     prefill_tokens: int = 0  # total prompt (and recompute) tokens fed
     prefill_seconds: float = 0.0  # their share of step time
@@ -48,12 +49,19 @@ class EngineStats:
     # shared by tokens fed, and the tokens they generated.
     adapter_seconds: dict[str, float] = field(default_factory=dict)
     adapter_tokens: dict[str, int] = field(default_factory=dict)
-    # vLLM's tokens per step: the prompt tokens counted in it (``prompt_tokens``, at a request's first
-    # token) plus the tokens it generated; steps by the least bucket bound at or above (an index of
-    # ``ITERATION_BUCKETS``, its length for none), and their sum.
+    # vLLM's tokens per step: the computed prompt tokens counted in it (``prompt_computed``, at a
+    # request's first token) plus the tokens it generated; steps by the least bucket bound at or above
+    # (an index of ``ITERATION_BUCKETS``, its length for none), and their sum.
     iteration_steps: dict[int, int] = field(default_factory=dict)
     iteration_tokens: int = 0
-    _prompt_counted: int = 0  # ``prompt_tokens`` at the last step recorded
+    _prompt_counted: int = 0  # ``prompt_computed`` at the last step recorded
+
+    def count_prompt(self, tokens: int, cached: int) -> None:
+        """A request's first token: its prompt's ``tokens`` counted (vLLM counts them then), of which
+        ``cached`` were found in the prefix cache (none counted for a resumed request: 0 tokens)."""
+        if tokens:
+            self.prompt_tokens += tokens
+            self.prompt_computed += max(0, tokens - cached)
 
     def record_steps(
         self,
@@ -82,7 +90,7 @@ class EngineStats:
         self.max_step_seconds = max(self.max_step_seconds, max(seconds))
         self.tokens_generated += tokens * runs
         self.prefill_tokens += prefill * runs
-        prompt, self._prompt_counted = self.prompt_tokens - self._prompt_counted, self.prompt_tokens
+        prompt, self._prompt_counted = self.prompt_computed - self._prompt_counted, self.prompt_computed
         self._iteration(tokens + prompt, 1)
         if runs > 1:
             self._iteration(tokens, runs - 1)
