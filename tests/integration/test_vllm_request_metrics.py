@@ -5,11 +5,18 @@ from a real stack and checked against what the requests were and did, as vLLM ob
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
-from tests.integration.conftest import Stack
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from dlora.services.worker.main import WorkerService
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_gateway import post, stream
 
 TIMES = ("prefill", "decode", "inference", "queue")
@@ -92,3 +99,44 @@ async def test_vllms_phase_times_and_inter_token_latency_add_up_as_vllms_do(stac
     # one-token one; the gaps sum to the decode times (its last output carries its last token)
     assert 1 <= d["vllm:inter_token_latency_seconds_count"] <= 3 * 5
     assert d["vllm:inter_token_latency_seconds_sum"] == pytest.approx(d["vllm:request_decode_time_seconds_sum"])
+
+
+async def test_preempted_requests_count_their_tokens_once_in_every_vllm_series(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """vLLM reports of counts doubled by preemption (a recomputed prompt counted again in
+    prompt_tokens, a preempted request's tokens or lengths twice), replayed under KV pressure:
+    each worker's counters and tokens-per-step histogram and the gateway's per-request histograms
+    count each request's prompt and output once, as its usage says, however often it was evicted
+    and recomputed."""
+    engine = {"num_blocks": 6, "block_size": 16, "max_num_seqs": 4}  # 96 tokens of KV for 4 requests
+    async with run_stack(nats_server, redis, tiny_llama, engine=engine) as stack:
+        before = await _scrape(stack)
+        body = {"model": "model", "prompt": "kalo remi " * 4, "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        answers = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(6)))
+        assert all(status == 200 for status, _ in answers), answers
+        prompt = sum(out["usage"]["prompt_tokens"] for _, out in answers)
+        generated = sum(out["usage"]["completion_tokens"] for _, out in answers)
+        worker = {n: sum(_sample(w, n) for w in stack.workers) for n in _WORKER}
+        d = _delta(before, await _scrape(stack))
+    assert worker["vllm:num_preemptions_total"] > 0, worker  # the pressure this replays
+    assert (worker["vllm:prompt_tokens_total"], worker["vllm:generation_tokens_total"]) == (prompt, generated)
+    computed = prompt - worker["vllm:prefix_cache_hits_total"]
+    assert worker["vllm:iteration_tokens_total_sum"] == computed + generated, worker
+    assert (d["vllm:request_prompt_tokens_sum"], d["vllm:request_generation_tokens_sum"]) == (prompt, generated)
+    assert d["vllm:request_prompt_tokens_count"] == d["vllm:request_success_total:length"] == 6
+
+
+_WORKER = (
+    "vllm:num_preemptions_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:iteration_tokens_total_sum",
+)
+
+
+def _sample(worker: WorkerService, name: str) -> float:
+    """A worker's sample ``name``, as its exporter serves it (its one series)."""
+    text = generate_latest(worker.metrics.registry).decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
