@@ -101,7 +101,7 @@ async def admit(w: WorkerService, add: Add) -> None:
             # the cache does not fit here, or not in this worker's precision: recompute instead
             logger.info("moved KV not taken; recomputed", request=req.request_id, reason=str(e))
             _add_to_engine(w, req, add, None)
-        w.streams[req.request_id] = open_stream(req, time.monotonic())
+        w.streams[req.request_id] = open_stream(req, time.monotonic() if add.arrived is None else add.arrived)
         return
     except AdapterNotFound as e:
         code, reason = ErrorCode.NOT_FOUND, str(e)

@@ -65,10 +65,10 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
         if req.kv_chunks:
             w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
     elif long or req.kv_chunks or req.params.structured_outputs():
-        task = asyncio.create_task(_prepared(w, req, text, tokenize=long))
+        task = asyncio.create_task(_prepared(w, req, text, long, arrived))
         w.preparing[req.request_id] = Preparing(task, req, arrived)  # (its wait timed in the metrics)
         return
-    await w.commands.put(Add(req, bad_words_ids, text_prompt=text))
+    await w.commands.put(Add(req, bad_words_ids, text_prompt=text, arrived=arrived))
 
 
 async def _tokenized(
@@ -87,10 +87,10 @@ async def _tokenized(
     return req, bad_words_ids
 
 
-async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize: bool) -> None:
+async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize: bool, arrived: float) -> None:
     """``req`` to the loop once tokenized (``tokenize``: a long text prompt), its shipped cache here
     (or not in time: then it is recomputed) and its grammar compiled (one that fails is refused at
-    admission, saying why)."""
+    admission, saying why); it ``arrived`` then (monotonic seconds)."""
     kv, waited, bad_words_ids = None, 0.0, None
     # Its deadline bounds the wait, as ``_expire`` bounds one the loop holds: past it, the request
     # is refused at admission, saying so (a compile can take minutes, vLLM #54003).
@@ -121,7 +121,7 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
     finally:
         if (mine := w.preparing.get(req.request_id)) is not None and mine.task is asyncio.current_task():
             del w.preparing[req.request_id]
-    await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text))
+    await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text, arrived=arrived))
 
 
 def stop_preparing(w: WorkerService) -> list[GenerateRequest]:

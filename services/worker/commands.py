@@ -20,6 +20,9 @@ class Add:
     kv: KVSnapshot | None = None
     kv_wait_s: float = 0.0
     text_prompt: bool = False  # its prompt came as text, tokenized on arrival: errors name ``prompt``
+    # When it came (monotonic seconds; None: now): its queue time runs from there, its wait on arrival
+    # (its grammar's compile, its prompt's tokenizing) in it, as vLLM's counts a wait for its grammar
+    arrived: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""A request handed over at a worker's stop before its first token keeps the time it waited there
-in its queue time, as a request the migrator moves does (GenerateRequest.queued_s)."""
+"""A request's queue time at the workers (vllm:request_queue_time_seconds): its wait on arrival
+counts, and one handed over at a worker's stop before its first token keeps the time it waited
+there, as a request the migrator moves does (GenerateRequest.queued_s)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dlora.services.servers import Server
 from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sse_events, start_gateway
+from tests.integration.conftest import Stack, sse_events, start_gateway
+from tests.integration.test_gateway import post
 
 WAIT_S = 1.0
 
@@ -113,3 +115,25 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
 def busy_id(worker: WorkerService) -> str:
     """The id of the request running on ``worker`` (its one seat)."""
     return next(rid for rid, seq in worker.engine.seqs.items() if seq.scheduled_at is not None)
+
+
+async def test_a_requests_wait_on_arrival_for_its_grammar_counts_in_its_queue_time(stack: Stack) -> None:
+    """docs/metrics.md: queue time is the time waiting at the worker until the first step; a request
+    waiting on arrival for its grammar's compile (minutes for some schemas, vLLM #54003) is counted
+    waiting (vllm:num_requests_waiting, as vLLM counts one waiting for its grammar, whose queue
+    time that wait is in), but its queue time ran from its admission, after the compile: it read
+    a few ms where the client waited the whole compile."""
+    for worker in stack.workers:
+        prepare = worker.engine.grammars.prepare
+
+        def slow(params, prepare=prepare):  # type: ignore[no-untyped-def]  # (on a thread: off_loop)
+            time.sleep(WAIT_S)
+            return prepare(params)
+
+        worker.engine.grammars.prepare = slow  # type: ignore[method-assign]
+    before = await _queue_time(stack.url)
+    body = {"model": "model", "messages": [{"role": "user", "content": "k"}], "max_tokens": 3}
+    status, out = await post(stack, "/v1/chat/completions", {**body, "response_format": {"type": "json_object"}})
+    assert status == 200, out
+    queue_sum, count = await _queue_time(stack.url)
+    assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
