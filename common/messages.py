@@ -198,24 +198,20 @@ class TokenChunk(msgspec.Struct, kw_only=True, frozen=True):
     seq: int
     token_ids: list[int] = []
     text: str = ""
-    # Set on the last chunk; None before.
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason | None = None  # set on the last chunk
     # With finish_reason "stop": the stop string or stop token id that ended it; None for EOS or a
     # complete structured document (vLLM's stop_reason).
     stop_reason: str | int | None = None
     usage: Usage | None = None
-    # Set on a failed request's only chunk: a reason for the caller.
-    error: str | None = None
+    error: str | None = None  # a failed request's only chunk: a reason for the caller
     error_code: ErrorCode | None = None
     # With a BAD_REQUEST error: the request's field at fault as SamplingParams names it (a
     # structured output that fails as the output grows: "regex", "json_schema", ...), or None.
     param: str | None = None
-    # Worker that produced it.
-    worker: str = ""
-    # Seconds from arrival at the worker to the first step that ran it (first chunk only).
+    worker: str = ""  # the one that produced it
+    # First chunk only: seconds from arrival at the worker to the first step that ran it, and from
+    # that step to this token (vLLM's request_prefill_time; None from an older worker).
     queue_seconds: float | None = None
-    # Seconds from that step to this first token: its prefill (vLLM's request_prefill_time; first
-    # chunk only, where the worker that made it scheduled it; None from an older worker).
     prefill_seconds: float | None = None
     # On the first chunk of a request's first run: of its prompt, the tokens its prefill found in
     # the prefix cache. ``usage.cached_tokens`` says the same at the end, unless the request was
@@ -243,9 +239,8 @@ class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
     ``subjects.clients_of(user)`` (applications; see ``GenerateRequest.client``)."""
 
     client: Name
-    # Times its NATS connection came back: when it grows, the reader may have missed replies sent
-    # while it was away, and workers send their recent ones to it again (those of its requests, and
-    # any on its replies_of subjects).
+    # Times its NATS connection came back: when it grows, workers send their recent replies to it
+    # again (those of its requests, and any on its replies_of subjects): it may have missed them.
     reconnects: int = 0
     # Its process's start (a token of its own, ``clients.announce``): a new one is a reader started
     # again, which has none of its replies (they are sent again too). "": not said.
@@ -262,14 +257,13 @@ class LostRequests(msgspec.Struct, kw_only=True, frozen=True):
     # Those of ``requests`` recorded as sent to the incarnation handing them back: their message
     # never came, and the re-dispatch does not count as a death (``MAX_RECOVERIES``).
     never_arrived: list[str] = []
-    # Handed over by a worker that is stopping (``WorkerSettings.drain_timeout_s``): none of them
-    # counts as a death either.
+    # Handed over by a worker that is stopping (``drain_timeout_s``): not a death either.
     draining: bool = False
     # Those of ``never_arrived`` whose adapter version this worker cannot load (its files were
     # rewritten since registration): sent only to a worker that holds that version, else failed.
     elsewhere: list[str] = []
-    # Of ``requests``, those whose client has no token yet: the seconds each has waited unscheduled,
-    # here and where it was moved from (``GenerateRequest.queued_s`` for its next attempt).
+    # Of ``requests``, those with no token yet: seconds each waited unscheduled here and where it
+    # was moved from (``GenerateRequest.queued_s`` for its next attempt).
     queued_s: dict[str, float] = {}
 
 

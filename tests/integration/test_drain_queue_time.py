@@ -39,6 +39,14 @@ async def _queue_time(base_url: str) -> tuple[float, float]:
     return got.get("vllm:request_queue_time_seconds_sum", 0.0), got.get("vllm:request_queue_time_seconds_count", 0.0)
 
 
+async def _seen(dispatcher: Dispatcher, worker_id: str) -> None:
+    """Returns once ``dispatcher`` has heard ``worker_id``'s stats (polled: no fixed sleep to
+    outlast a loaded machine)."""
+    async with asyncio.timeout(30):
+        while worker_id not in dispatcher.workers:
+            await asyncio.sleep(0.02)
+
+
 async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue_time(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
@@ -77,9 +85,10 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
         victim.engine.step = slow  # type: ignore[method-assign]
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
-        tasks.append(asyncio.create_task(Dispatcher(DispatcherSettings(**common), nc, store).run(stop)))
+        dispatcher = Dispatcher(DispatcherSettings(**common), nc, store)
+        tasks.append(asyncio.create_task(dispatcher.run(stop)))
         base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
-        await asyncio.sleep(0.3)  # the dispatcher has seen the worker's stats
+        await _seen(dispatcher, "a-victim")
         before = await _queue_time(base_url)
         body = {"model": "model", "prompt": [5, 40, 41], "temperature": 0, "ignore_eos": True}
         async with aiohttp.ClientSession() as http:
@@ -93,7 +102,7 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
                 await asyncio.sleep(WAIT_S)  # it waits there, unscheduled
                 assert victim.engine.seqs[next(r for r in victim.streams if r != busy_id(victim))].scheduled_at is None
                 await worker("b-survivor", stop, 4)  # (room for both: the moved one waits for nothing there)
-                await asyncio.sleep(0.3)  # the dispatcher has seen it
+                await _seen(dispatcher, "b-survivor")
                 stop_victim.set()  # what SIGTERM does: drained at once (0 s), the rest handed over
                 async with asyncio.timeout(30):
                     answer = await waiting
