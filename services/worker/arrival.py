@@ -124,11 +124,11 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
     await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text, arrived=arrived))
 
 
-def stop_preparing(w: WorkerService) -> list[GenerateRequest]:
-    """The requests still being prepared, stopped: a stopping worker hands them back unrun."""
-    stopped = []
-    for preparing in list(w.preparing.values()):
+def stop_preparing(w: WorkerService) -> list[Preparing]:
+    """The requests still being prepared, stopped: a stopping worker hands them back unrun (with
+    when each came: their wait here is queue time)."""
+    stopped = list(w.preparing.values())
+    for preparing in stopped:
         preparing.task.cancel()  # (its cache's wait ends: the inbox drops what came of it)
-        stopped.append(preparing.req)
     w.preparing.clear()
     return stopped

@@ -67,14 +67,18 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
     # Requests that came during the drain go back unrun: those still waiting on arrival (for a
     # moved cache, a grammar or a long prompt's tokens; stopped first, so that none joins the queue after it is read)
     # and those queued.
-    came = stop_preparing(w)
+    came = [(p.req, p.arrived) for p in stop_preparing(w)]
     while not w.commands.empty():
         if isinstance(cmd := w.commands.get_nowait(), Add):
-            came.append(cmd.req)
+            came.append((cmd.req, cmd.arrived))
         elif not died:  # a dead device runs nothing more: a move's KV export raised there (a review)
             await w._safely(cmd)
-    for req in came:
+    now = time.monotonic()
+    for req, arrived in came:
         held[req.request_id] = req.recoveries
+        # its wait on arrival here (a grammar's compile can take minutes) is queue time too
+        if not req.resume_token_ids and (wait := req.queued_s + now - (arrived or now)) > 0:
+            waited[req.request_id] = wait
         w.pending.discard(req.request_id)
         if died:
             unrun.append(req.request_id)

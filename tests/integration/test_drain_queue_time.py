@@ -5,6 +5,7 @@ there, as a request the migrator moves does (GenerateRequest.queued_s)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import aiohttp
@@ -146,3 +147,75 @@ async def test_a_requests_wait_on_arrival_for_its_grammar_counts_in_its_queue_ti
     assert status == 200, out
     queue_sum, count = await _queue_time(stack.url)
     assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
+
+
+async def test_a_request_waiting_on_arrival_at_a_stop_keeps_that_wait_in_its_queue_time(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A request still waiting on arrival when its worker stopped (its grammar compiling, or its
+    moved cache or long prompt's tokens on their way) was handed back with no wait said for it,
+    though its queue time counts that wait (docs/metrics.md, as vLLM counts a wait for its
+    grammar): re-dispatched, its first chunk said the next worker's few milliseconds, and a
+    rolling restart under a slow schema lost every such wait (a review of the queue-time series)."""
+    store = StateStore(redis)
+    common = dict(nats_url=nats_server.url, redis_url="unused")
+    conns: list[nats.NATS] = []
+    stop, stop_victim, release = asyncio.Event(), asyncio.Event(), threading.Event()
+    tasks: list[asyncio.Task] = []
+
+    async def worker(name: str, until: asyncio.Event) -> WorkerService:
+        engine = EngineConfig(device="cpu", dtype="float32")
+        ws = WorkerSettings(
+            **common,
+            worker_id=name,
+            model=str(tiny_llama.model),
+            stats_interval_s=0.1,
+            engine=engine,
+            drain_timeout_s=0.0,
+        )
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        service = WorkerService(ws, nc, store, build_engine(ws))
+        tasks.append(asyncio.create_task(service.run(until)))
+        return service
+
+    try:
+        victim = await worker("a-victim", stop_victim)  # alone at first: the request goes there
+        prepare = victim.engine.grammars.prepare
+
+        def stuck(params):  # type: ignore[no-untyped-def]  # (on a thread): compiles until released
+            release.wait(30)
+            return prepare(params)
+
+        victim.engine.grammars.prepare = stuck  # type: ignore[method-assign]
+        nc = await nats.connect(nats_server.url)
+        conns.append(nc)
+        dispatcher = Dispatcher(DispatcherSettings(**common), nc, store)
+        tasks.append(asyncio.create_task(dispatcher.run(stop)))
+        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
+        await _seen(dispatcher, "a-victim")
+        before = await _queue_time(base_url)
+        body = {"model": "model", "messages": [{"role": "user", "content": "k"}], "max_tokens": 3}
+        body["response_format"] = {"type": "json_object"}
+        async with aiohttp.ClientSession() as http:
+            waiting = asyncio.create_task(http.post(f"{base_url}/v1/chat/completions", json=body))
+            async with asyncio.timeout(30):
+                while not victim.preparing:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(WAIT_S)  # it waits there, on arrival
+            await worker("b-survivor", stop)
+            await _seen(dispatcher, "b-survivor")
+            stop_victim.set()  # SIGTERM: what is not running is handed over
+            async with asyncio.timeout(30):
+                answer = await waiting
+                assert answer.status == 200, await answer.text()
+        queue_sum, count = await _queue_time(base_url)
+        assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
+        await runner.cleanup()
+    finally:
+        release.set()
+        stop.set()
+        stop_victim.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
