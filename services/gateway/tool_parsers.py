@@ -245,6 +245,9 @@ class ToolParser:
         """Whether ``text`` continues an open call and does not end it: what a reading of the
         joined text would answer then is nothing, so it is only kept, each character looked at once."""
         if self.kind == "hermes":
+            if self._inside and not self._body and text.isspace():  # (after <tool_call>: call or text, not known yet)
+                self._read += len(text)
+                return True
             if not self._body or not self._close.open_through(text):
                 return False
             self._read += len(text)

@@ -354,6 +354,22 @@ def test_an_open_call_is_kept_in_pieces_not_copied_at_each_token(kind: str, open
     assert parser._pieces == []
 
 
+@pytest.mark.parametrize("then", ['{"name": "ping", "arguments": {}}</tool_call>', "Hi."])
+def test_whitespace_after_a_hermes_call_tag_is_kept_in_pieces_not_joined_at_each_token(then: str) -> None:
+    """Until what follows <tool_call> says whether it is a call (a JSON object) or text, the held
+    text was joined again at every token: a model writing newlines there copied all of them per
+    token (quadratic). They are kept as pieces, joined once; the reading is as before."""
+    parser = ToolParser("hermes")
+    assert parser.feed("<tool_call>") == ("", [])
+    for _ in range(1000):
+        assert parser.feed("\n") == ("", [])
+    assert parser._held == "" and len(parser._pieces) == 1000
+    content, calls = joined(parser.feed(then), parser.finish())
+    text = "<tool_call>" + "\n" * 1000 + then
+    assert (content, [(n, a) for _, n, a in calls]) == read("hermes", [text])[:2]
+    assert (content, calls) == (("", [(0, *PING)]) if then.startswith("{") else (text, []))
+
+
 def test_text_after_llama3_json_calls_or_instead_of_them_streams_as_it_comes() -> None:
     """An output that began as calls and then held an object that is none, or began as a JSON
     object that is no call (a JSON answer with tools on), was held to the end and given out at the
