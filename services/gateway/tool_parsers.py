@@ -232,7 +232,7 @@ class ToolParser:
             if any(found):
                 self._held, self._inside = "", False
         rest, self._held = self._held, ""
-        if self.kind == "llama3_json" and self._inside and not self.calls:
+        if self.kind == "llama3_json" and (self._inside or not self._decided) and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
         if self.kind == "llama3_json" and self.calls and self._inside and self._scan.read:
             rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
@@ -351,12 +351,14 @@ class ToolParser:
                 content += _TOOL_CALLS + body  # not calls: the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:
-        if not self._decided:
-            start = self._held.lstrip()
+        if not self._decided:  # (leading whitespace leaves _held, not stripped again per token; _written keeps it)
+            self._held = start = self._held.lstrip()
             if not start or _PYTHON_TAG.startswith(start) and start != _PYTHON_TAG:
                 return "", []  # not decided yet
             self._decided = True
             self._inside = start.startswith("{") or start.startswith(_PYTHON_TAG)
+            if not self._inside:
+                self._held, self._written = "".join(self._written), []
         if not self._inside:
             content, self._held = self._held, ""
             return content, []
