@@ -49,10 +49,12 @@ def conversation(prior: list[dict[str, Any]], given: str | list[Any]) -> str | l
     item of ``prior`` it names.
 
     Raises:
-        APIError(400): an item_reference with no id, or without a previous_response_id.
+        APIError(400): an item_reference with no id, or without a previous_response_id; an item's
+            id twice (OpenAI's "Duplicate item found": one named by item_reference is there already).
         APIError(404): an item_reference naming no item of the previous response's conversation.
     """
     if not _references(given):
+        _unique([*prior, *_items(given)])
         return [*prior, *_items(given)] if prior else given  # (a string as it came: the prompt unchanged)
     by_id = {i.get("id"): i for i in prior}
     out: list[Any] = list(prior)
@@ -67,7 +69,21 @@ def conversation(prior: list[dict[str, Any]], given: str | list[Any]) -> str | l
             if (item := by_id.get(ref)) is None:
                 raise APIError(404, f"Item with id {ref!r} not found.", param=f"{where}.id")
         out.append(item)
+    _unique(out)
     return out
+
+
+def _unique(items: list[Any]) -> None:
+    """OpenAI's 400 for an item id twice in the conversation (its client sent the previous
+    response's items again beside previous_response_id, or referenced one of them): input_items
+    pages by id, and a cursor naming an id twice sent the openai package's pager round for ever."""
+    seen: set[str] = set()
+    for item in items:
+        if isinstance(item, dict) and isinstance(i := item.get("id"), str):
+            if i in seen:
+                why = f"Duplicate item found with id {i}. Remove duplicate items from your input and try again."
+                raise APIError(400, why, param="input")
+            seen.add(i)
 
 
 @dataclass

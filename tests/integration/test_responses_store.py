@@ -121,13 +121,14 @@ async def test_a_stream_is_stored_once_over_and_store_false_keeps_nothing(stack:
         assert unkept.store is False
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve(unkept.id)
-        # an item of the conversation previous_response_id names, by reference
+        # an item of the conversation previous_response_id names, by reference or sent again: there
+        # twice, OpenAI's 400 (input_items' pages by id went round for ever)
         [answer] = streamed.output
         ref = [{"type": "item_reference", "id": answer.id}, {"role": "user", "content": "lumo"}]
-        referred = await client.responses.create(**ASKED, input=ref, previous_response_id=streamed.id)
-        items = (await client.responses.input_items.list(referred.id, order="asc")).data
-        assert [i.id for i in items][:2] == [streamed.id.replace("resp_", "msg_") + "_in0", answer.id]
-        assert items[2].id == answer.id and len(items) == 4
+        for given in (ref, [answer.model_dump(exclude_none=True), ref[1]]):
+            with pytest.raises(openai.BadRequestError) as twice:
+                await client.responses.create(**ASKED, input=given, previous_response_id=streamed.id)
+            assert twice.value.body["param"] == "input" and answer.id in twice.value.body["message"]
         # what a retrieve cannot serve is refused by name
         for query, param in (("stream=true", "stream"), ("include[]=reasoning.encrypted_content", "include")):
             status, err = await _call(stack.url, "GET", f"/v1/responses/{streamed.id}?{query}")

@@ -24,8 +24,6 @@ PRIOR: list[dict[str, Any]] = [
 def test_a_previous_conversation_comes_first_and_a_reference_is_its_item() -> None:
     assert conversation([], "kalo") == "kalo"  # (no previous: the input as sent, its prompt unchanged)
     assert conversation(PRIOR, "remi") == [*PRIOR, {"type": "message", "role": "user", "content": "remi"}]
-    given = [{"type": "item_reference", "id": "msg_a_0"}, {"role": "user", "content": "remi"}]
-    assert conversation(PRIOR, given) == [*PRIOR, PRIOR[1], given[1]]
     for prior, ref, status, param in (
         (PRIOR, {"type": "item_reference", "id": "msg_nobody"}, 404, "input[0].id"),
         (PRIOR, {"type": "item_reference"}, 400, "input[0].id"),
@@ -34,6 +32,23 @@ def test_a_previous_conversation_comes_first_and_a_reference_is_its_item() -> No
         with pytest.raises(APIError) as refused:
             conversation(prior, [ref])
         assert (refused.value.status, refused.value.param) == (status, param)
+
+
+def test_an_item_twice_in_the_conversation_is_refused_as_openai_refuses_it() -> None:
+    """OpenAI's 400 "Duplicate item found with id ..." (vercel/ai#15492: the previous response's
+    items sent again, or referenced, beside previous_response_id): kept, input_items listed an id
+    twice, and paging after it (the openai package's pager: after=last_id) came back to the same
+    page for ever."""
+    again = {"id": "msg_a_0", "type": "message", "role": "assistant", "content": "x"}
+    for prior, given in (
+        (PRIOR, [{"type": "item_reference", "id": "msg_a_0"}, {"role": "user", "content": "remi"}]),
+        (PRIOR, [again, {"role": "user", "content": "remi"}]),
+        ([], [again, {**again, "role": "user"}]),
+    ):
+        with pytest.raises(APIError) as refused:
+            conversation(prior, given)
+        assert (refused.value.status, refused.value.param) == (400, "input")
+        assert "Duplicate item found with id msg_a_0" in refused.value.message
 
 
 ITEMS = [{"id": f"i{k}", "type": "message", "role": "user", "content": str(k)} for k in range(5)]
