@@ -72,8 +72,12 @@ class Responses(Dialect):
         assert self.asked is not None
         keeping = self.keeping
         shape = ResponsesShape.of(job.shape, self.asked, keep=keeping.keep if keeping else None)
-        finishing = keeping.finishing if keeping else None
-        return dataclasses.replace(job, shape=shape, events=shape.events, finishing=finishing)
+
+        async def finishing() -> bytes | None:
+            # the store failing after a stream's last event said "store": true: that event said again, false
+            return None if keeping is None or await keeping.finishing() else shape.again()
+
+        return dataclasses.replace(job, shape=shape, events=shape.events, finishing=finishing if keeping else None)
 
     def refused(self, e: APIError) -> APIError:
         return responses_api.renamed(e)

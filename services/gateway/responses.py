@@ -250,8 +250,8 @@ class ResponseWriter:
         assert self.stream is not None
         if self.job.events is None:  # (the Responses API ends with its response.completed event)
             self._held.append(b"data: [DONE]\n\n")
-        if self.job.finishing is not None:
-            await self.job.finishing()
+        if self.job.finishing is not None and (again := await self.job.finishing()) is not None and self._held:
+            self._held[-1] = again  # (the last event, still held: every end holds it, then comes here)
         await self.flush()
         await self._sent(self.stream.write_eof())
         return self.stream

@@ -51,6 +51,7 @@ class ResponsesShape(Shape):
     # delta, every event copied all the text before it (128k tokens: 63 us an event, 8 s in all)
     _pieces: list[str] = field(default_factory=list)
     _finish: str | None = None
+    _last: dict[str, Any] | None = None  # the stream's last event (its response final), as framed
 
     @classmethod
     def of(cls, shape: Shape, asked: ResponsesBody, keep: Keep | None = None) -> ResponsesShape:
@@ -170,10 +171,21 @@ class ResponsesShape(Shape):
             incomplete = self._finish == "length"
             kind = "response.incomplete" if incomplete else "response.completed"
             out.append({"type": kind, "response": self.final(self.response(kind.split(".")[1], self._items, done))})
+        if out and out[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"):
+            self._last = out[-1]
         return [self._frame(e) for e in out]
+
+    def again(self) -> bytes | None:
+        """The stream's last event framed again, its number kept: what its response says (its
+        ``store``, the write failing) changed after it was framed; None: no stream ended here."""
+        return None if self._last is None else self._framed(self._last)
 
     def _frame(self, event: dict[str, Any]) -> bytes:
         event["sequence_number"], self._seq = self._seq, self._seq + 1
+        return self._framed(event)
+
+    @staticmethod
+    def _framed(event: dict[str, Any]) -> bytes:
         kind: str = event["type"]
         return b"event: " + kind.encode() + b"\ndata: " + msgspec.json.encode(event) + b"\n\n"
 

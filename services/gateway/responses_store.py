@@ -112,11 +112,12 @@ class Keeping:
         self._record = (response["id"], items, response)
         return True
 
-    async def finishing(self) -> None:
-        """Stores what ``keep`` took. Redis failing then loses only the store: the answer still
-        goes out (a whole one says "store": false; a stream's last event was made already)."""
+    async def finishing(self) -> bool:
+        """Stores what ``keep`` took; False: Redis failed, its response's ``store`` made false.
+        That loses only the store: the answer still goes out, saying so (a stream's last event is
+        framed again: ``Responses.answer``)."""
         if self._record is None:
-            return
+            return True
         response_id, items, response = self._record
         try:
             async with self.store.bound():
@@ -126,6 +127,8 @@ class Keeping:
         except bus.STATE_OUTAGE as e:
             response["store"] = False
             logger.warning("a response could not be stored", id=response_id, error=type(e).__name__)
+            return False
+        return True
 
 
 @dataclass

@@ -186,8 +186,9 @@ class Job:
     reasoning_tags: tuple[list[int], list[int]] | None = None
     # Another API's server-sent events made of each chat event (its ``dialects``); None: the chat's own
     events: Callable[[dict[str, Any]], list[bytes]] | None = None
-    # Awaited before the answer's last bytes go out (the Responses API stores its response there)
-    finishing: Callable[[], Awaitable[None]] | None = None
+    # Awaited before the answer's last bytes go out (the Responses API stores its response there):
+    # a stream's last event made again where what it told changed (None: it stands)
+    finishing: Callable[[], Awaitable[bytes | None]] | None = None
 
 
 def response_id(chat: bool, base: str) -> str:

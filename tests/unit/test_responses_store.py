@@ -160,3 +160,45 @@ async def test_with_the_store_off_nothing_is_kept_and_previous_response_id_refus
         with pytest.raises(APIError) as refused:
             await off.prepared(asked, "")
         assert (refused.value.status, refused.value.param) == (400, param)
+
+
+async def test_a_stream_whose_store_fails_ends_saying_store_false() -> None:
+    """Its last event, framed before the write, said "store": true over a response that was not
+    kept (a retrieve then a 404): said again, its number kept, once the write failed."""
+    import json
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from dlora.services.gateway.dialects import Responses
+    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.responses import ResponseWriter
+    from dlora.services.gateway.responses_api import ResponsesBody
+    from dlora.services.gateway.shaping import Job
+
+    class Redis:
+        def __init__(self, up: bool) -> None:
+            self.up = up
+
+        async def put_response(self, *args: Any) -> None:
+            if not self.up:
+                raise RedisConnectionError("down")
+
+    for up in (True, False):
+        dialect = Responses(ResponsesStore(Redis(up), _unbound, 60.0, 1 << 20))  # type: ignore[arg-type]
+        dialect.asked, dialect.keeping = await dialect.store.prepared(ResponsesBody(input="kalo", stream=True), "")
+        job = dialect.answer(Job(Shape(True, "chatcmpl-abc", "m", 7), None, 1, True, True, []))
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await ResponseWriter(request, job, [], None).finish(0)  # type: ignore[arg-type]  # (no tokens)
+
+        app = web.Application()
+        app.router.add_post("/", handler)
+        async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+            async with session.post(server.make_url("/")) as resp:
+                body = await resp.read()
+        events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith(b"data: ")]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["type"] == "response.completed" and events[-1]["response"]["store"] is up, events[-1]
