@@ -41,9 +41,10 @@ def make_app(gw: Gateway) -> web.Application:
     stored = ResponsesStore(gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes)
     post("/v1/responses", functools.partial(gw.generate, functools.partial(Responses, stored)))  # served as a chat
     responses = ResponsesRoutes(gw.auth, stored)
-    app.router.add_get("/v1/responses/{id}", responses.retrieve, allow_head=False)
-    app.router.add_delete("/v1/responses/{id}", responses.delete)
-    app.router.add_get("/v1/responses/{id}/input_items", responses.input_items, allow_head=False)
+    # an id is its client's X-Request-Id where sent, any printable: "{id}" alone matches no brace
+    app.router.add_get("/v1/responses/{id:[^/]+}", responses.retrieve, allow_head=False)
+    app.router.add_delete("/v1/responses/{id:[^/]+}", responses.delete)
+    app.router.add_get("/v1/responses/{id:[^/]+}/input_items", responses.input_items, allow_head=False)
     models = ModelRoutes(gw)
     app.router.add_get("/v1/models", models.models)
     app.router.add_get("/v1/models/{model:.+}", models.model)  # names may hold a slash (org/name)

@@ -225,3 +225,19 @@ async def test_a_tool_calls_turns_chained_by_id_keep_the_call_and_its_output(sta
         assert kinds == ["message", "function_call", "function_call_output", "message", "message"]
     finally:
         await client.close()
+
+
+async def test_a_response_named_by_any_x_request_id_is_read_back(stack: Stack) -> None:
+    """An id its client chose (any printable X-Request-Id, as vLLM takes it) is retrieved, listed
+    and deleted by it: aiohttp's ``{id}`` matches no brace, so one with "{" was stored and then
+    every route naming it was the router's 404."""
+    client = _client(stack.url)
+    try:
+        for chosen in ("{x}", "a}b", "a:b*"):
+            made = await client.responses.create(**ASKED, input="kalo", extra_headers={"X-Request-Id": chosen})
+            assert made.id == f"resp_{chosen}"
+            assert (await client.responses.retrieve(made.id)).model_dump() == made.model_dump()
+            assert len((await client.responses.input_items.list(made.id)).data) == 1
+            assert (await client.responses.delete(made.id)) is None  # (the package returns nothing)
+    finally:
+        await client.close()
