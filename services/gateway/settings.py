@@ -15,6 +15,9 @@ from dlora.services.gateway.tool_parsers import PARSERS
 AUTH_MODES = ("none", "keys")
 # Where requests' sampling defaults come from (see the setting).
 GENERATION_CONFIGS = ("auto", "vllm")
+# The longest responses_ttl_s: ten years. Redis refuses a PEXPIRE past 2^63 ms at EXEC, after the
+# HSET queued with it is done (no rollback): every response stored without a TTL, and refused.
+MAX_RESPONSES_TTL_S = 10 * 365 * 86400.0
 
 
 # The characters no HTTP header value holds: the controls but a tab, and DEL
@@ -142,8 +145,9 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in ("max_body_bytes", "responses_max_bytes"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
-        if not 0 <= self.responses_ttl_s < math.inf:
-            bad.append(("responses_ttl_s", self.responses_ttl_s, "must be >= 0 (0: nothing stored)"))
+        if not 0 <= self.responses_ttl_s <= MAX_RESPONSES_TTL_S:
+            why = f"must be from 0 (nothing stored) to {MAX_RESPONSES_TTL_S:g} (ten years)"
+            bad.append(("responses_ttl_s", self.responses_ttl_s, why))
         positive: tuple[str, ...] = ("chunk_timeout_s", "dispatch_timeout_s", "header_timeout_s", "body_timeout_s")
         positive += ("idle_timeout_s", "send_timeout_s")
         for field in (*positive, "max_connections"):
