@@ -50,6 +50,7 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
+from dlora.services.migrator.shared_slots import bound_slots
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
 
 BASE = ""  # the base model needs no slot
@@ -342,18 +343,18 @@ def _solve(
                 if not isinstance(y[g.adapter, w], int):  # where it runs, n's bound says it all
                     prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
                 objective.append((n[i, w], unit))
+    arriving = {(groups[i].adapter, w) for (i, w), k in moved.items() if k}  # by the start's plan
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
-            prob += pulp.LpAffineExpression((v, 1) for _, v in new) <= max(0, ws.slots - active[w].slots)
+            bound_slots(prob, new, index[w], {a for a, _ in new if (a, w) in arriving}, ws.slots - active[w].slots)
             for a, v in new:
                 if not ws.has(a):  # as it measures its reads, scaled to the adapter's files
                     price = ws.read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds
                     objective.append((v, price))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
-        # A worker already over its blocks (by the same count) may stay there, not grow: nobody
-        # moving always fits.
+        # A worker already over its blocks (by the same count) may stay there, not grow: no move fits.
         home = sum(groups[i].size * c for (_, c), i in zip(kv, here) if groups[i].worker == w)
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, home)
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)

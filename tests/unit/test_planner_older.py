@@ -86,3 +86,23 @@ def test_a_name_alone_on_a_worker_that_counts_by_version_takes_a_slot_of_its_own
     assert "x" not in {m.to_worker for m in moves}
     assert Running(["rl", "rl@v1"], by_version=True).slots == 2
     assert not runs_among(Running(["rl"], by_version=True), "rl@v2")
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_name_alone_and_a_version_of_it_moving_to_one_worker_take_one_slot(solver: str) -> None:
+    """x, an older worker, runs rl's requests by name alone (some version); y runs rl@v1's; z, idle,
+    has one slot. Both groups may go to z together: there the name alone shares rl@v1's slot, as it
+    would were either running there (``Running.slots``). The ILP gave each arriving key a slot of its
+    own, so only one group could go there, the other's worker stayed as busy, and the plan was no
+    gain: nothing moved, where the greedy pass took work from both (left by the last session)."""
+    # Neither may go to the other (where it would join rl, as any version): x's requests are of a
+    # rank y does not load, y's too long for x's context.
+    ranked = [msgspec.structs.replace(r, rank=32) for r in OLDER]
+    v1 = [msgspec.structs.replace(_load(f"v1-{i}", "v1"), context_tokens=1, total_tokens=200) for i in range(8)]
+    x = msgspec.structs.replace(_stats("x", (("rl", ""),), ranked), max_model_len=100)
+    y = msgspec.structs.replace(_stats("y", (("rl", "v1"),), v1), max_lora_rank=16, unlisted_by_version={})
+    z = _stats("z", (("rl", "v1"),), [], slots=1)
+    snap = snapshot_from_stats([x, y, z], {"rl": 16}, adapter_load_seconds=0.0)
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert {m.to_worker for m in moves} == {"z"}
+    assert {m.request_id[:2] for m in moves} == {"o-", "v1"}
