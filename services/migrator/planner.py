@@ -161,10 +161,10 @@ def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
 
 
 def running_adapters(snapshot: ClusterSnapshot) -> dict[str, Running]:
-    """The adapter versions (``RequestState.key``: each a slot) each worker has requests of (not the base
-    model's). What its slots must hold at once for one step to run them all: a worker with more than
-    ``slots`` of them runs its requests a few at a time, so a move brings a new one only where fewer run."""
-    out: dict[str, set[str]] = {w.worker: set() for w in snapshot.workers}
+    """The adapter versions (``RequestState.key``: a slot each) each worker has requests of, listed or
+    counted past its list (not the base model's): what its slots hold for one step to run them all;
+    with more than ``slots`` it runs them a few at a time, so a move brings one only where fewer run."""
+    out: dict[str, set[str]] = {w.worker: set(w.unlisted_keys) - {BASE} for w in snapshot.workers}
     for r in snapshot.requests:
         if r.adapter:
             out[r.worker].add(r.key)

@@ -119,6 +119,9 @@ class WorkerState:
     versions: frozenset[tuple[str, str]] | None = None
     # Its stats count by version (``WorkerStats.unlisted_by_version`` said): its keys are its engine's.
     by_version: bool = False
+    # The adapter keys of the requests it counts past the listed ones (by name from an older worker):
+    # they take slots when they run, as the listed ones' do (``planner.running_adapters``).
+    unlisted_keys: frozenset[str] = frozenset()
 
     def has(self, key: str) -> bool:
         """Whether it holds ``key`` (``RequestState.key``) in host memory or on the device: a moved

@@ -115,3 +115,29 @@ def test_version_keys_and_their_matches() -> None:
     w = WorkerState("x", 10, 16, 2, frozenset({"rl"}), 0.01, versions=frozenset({("rl", "v1")}))
     assert w.has("rl@v1") and not w.has("rl@v2") and w.has("rl") and not w.has("other")
     assert WorkerState("x", 10, 16, 2, frozenset({"rl"}), 0.01).has("rl@v2")  # versions not known
+
+
+@pytest.mark.parametrize("newer", [True, False])
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_requests_a_worker_counts_but_does_not_list_hold_their_slots(solver: str, newer: bool) -> None:
+    """x lists one short request of rl@v1 and counts, past its list (the latest of thousands, or
+    waiting on a moved cache), requests of other@v3: its two slots are both taken. y's requests of a
+    third adapter have none there; taken by its list alone, x had one free and they went there to
+    wait (``unlisted_by_version``, by name from an older worker: left by the last session)."""
+    counted = {"other@v3" if newer else "other": (0, 5), "": (0, 1)}
+    x = msgspec.structs.replace(
+        _stats("x", (("rl", "v1"), ("other", "v3")), OLD),
+        unlisted_requests=6,
+        unlisted_remaining_tokens=6,
+        unlisted_by_adapter={"other": (0, 5), "": (0, 1)},
+        unlisted_by_version=counted if newer else None,
+    )
+    third = [msgspec.structs.replace(r, adapter="third", version="") for r in BUSY]
+    snap = snapshot_from_stats([x, _stats("y", (("third", ""),), third)], {"rl": 16}, adapter_load_seconds=0.0)
+    assert running_adapters(snap)["x"] == {"rl@v1", "other@v3" if newer else "other"}
+    assert (plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())) == []
+    # listed, the same requests of rl@v1 may join x's
+    same = [msgspec.structs.replace(r, version="v1") for r in BUSY]
+    snap = snapshot_from_stats([x, _stats("y", (("rl", "v1"),), same)], {"rl": 16}, adapter_load_seconds=0.0)
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    assert moves and {m.to_worker for m in moves} == {"x"}
