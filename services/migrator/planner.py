@@ -50,6 +50,7 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
+from dlora.services.migrator.named import within
 from dlora.services.migrator.shared_slots import bound_slots
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
 
@@ -389,16 +390,14 @@ def _solve(
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []
     for i, g in enumerate(groups):
-        taken = 0
-        for w in dests[i]:
-            if w == g.worker:
-                continue
-            k = int(round(n[i, w].value() or 0))
+        left = g.requests
+        for w in dests[i][1:]:  # (home first)
+            k, size = int(round(n[i, w].value() or 0)), workers[w].block_size
+            named, left = within(left, k, k * g.mean_blocks(size), size)
             moves.extend(
                 MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w, ship_kv=_ship_kv(snapshot))
-                for r in g.requests[taken : taken + k]
+                for r in named
             )
-            taken += k
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, PlanMethod.ILP if optimal else PlanMethod.ILP_INCUMBENT
 
