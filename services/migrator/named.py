@@ -1,8 +1,11 @@
-"""Which of a group's requests the ILP's count of them moving to a worker names. Pure."""
+"""Which requests a plan names, of those the ILP counts moving by their group's mean. Pure."""
 
 from __future__ import annotations
 
-from dlora.services.migrator.snapshot import RequestState
+from collections import defaultdict
+
+from dlora.common.messages import MoveRequest
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 
 def within(
@@ -23,3 +26,43 @@ def within(
         else:
             rest.append(r)
     return named, rest
+
+
+def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> list[MoveRequest]:
+    """``moves`` less those that would leave a destination's requests over its KV blocks and over
+    what they were (a worker over its blocks may stay there, not grow), the largest dropped first.
+    The ILP counts those leaving a group at its mean too, and the ones named are its cheapest to
+    move (short contexts, mostly): a worker whose few long contexts filled it freed less than
+    counted, and what arrived overfilled it (a seeded fuzz of small clusters)."""
+    size = {w.worker: w.block_size for w in snapshot.workers}
+    bound = {w.worker: w.kv_blocks for w in snapshot.workers}
+    by_id = {r.request_id: r for r in snapshot.requests}
+
+    def blocks(r: RequestState, worker: str) -> int:
+        return -(-r.context_tokens // size[worker])
+
+    after: dict[str, int] = defaultdict(int)
+    for r in snapshot.requests:
+        after[r.worker] += blocks(r, r.worker)
+    for w, demand in after.items():
+        bound[w] = max(bound[w], demand)
+    arriving: dict[str, list[int]] = defaultdict(list)
+    for i, m in enumerate(moves):
+        r = by_id[m.request_id]
+        after[r.worker] -= blocks(r, r.worker)
+        after[m.to_worker] += blocks(r, m.to_worker)
+        arriving[m.to_worker].append(i)
+    dropped: set[int] = set()
+    over = list(arriving)
+    while over:
+        w = over.pop()
+        for i in sorted(arriving[w], key=lambda i: -blocks(by_id[moves[i].request_id], w)):
+            if after[w] <= bound[w]:
+                break
+            if i not in dropped:  # it stays home, which it may fill again: looked at anew
+                r = by_id[moves[i].request_id]
+                dropped.add(i)
+                after[w] -= blocks(r, w)
+                after[r.worker] += blocks(r, r.worker)
+                over.append(r.worker)
+    return [m for i, m in enumerate(moves) if i not in dropped]

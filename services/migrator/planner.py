@@ -50,7 +50,7 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
-from dlora.services.migrator.named import within
+from dlora.services.migrator.named import fitting, within
 from dlora.services.migrator.shared_slots import bound_slots
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
 
@@ -223,6 +223,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         fallback, moves, method = solved, greedy, PlanMethod.GREEDY
     else:
         moves, method = solved
+    moves = fitting(snapshot, moves)
     moved = apply(snapshot, moves)
     before = max(completion_times(snapshot).values())
     after = max(completion_times(moved).values())

@@ -26,3 +26,27 @@ def test_the_requests_a_plan_names_fit_the_blocks_it_counted(solver: str) -> Non
     )
     moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
     assert moves and kv_demand(apply(snap, moves))["z"] <= 5  # (short ones, in its place)
+
+
+def test_a_plan_leaves_no_destination_fuller_than_its_blocks_or_than_it_was() -> None:
+    """y's two requests of a (1 and 38 blocks: 20 each by their mean) are over its 20 blocks. The ILP
+    counted the short one leaving as 20 blocks freed, room for x's 4-block request of a to arrive;
+    it freed 1, and y, over its cache already, grew (39 -> 42). Found by a seeded fuzz of small
+    clusters (a plan, then each destination's demand against max(its blocks, its demand before))."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a", "b", "c"], slots=1, kv_blocks=20), worker("y", ["a"], slots=2, kv_blocks=20)]
+        + [worker("z", ["a", "b", "c"], slots=3)],
+        requests=[
+            RequestState("x-a-0", "x", "a", 50, 300),
+            RequestState("x-a-1", "x", "a", 200, 50),
+            RequestState("x-b", "x", "b", 600, 50),
+            RequestState("x-c", "x", "c", 600, 5),
+            RequestState("y-a-0", "y", "a", 10, 5),
+            RequestState("y-a-1", "y", "a", 600, 50),
+        ],
+        file_bytes={"a": 16, "b": 16, "c": 16},
+    )
+    before = kv_demand(snap)
+    assert before["y"] == 39
+    moves = plan(snap).moves
+    assert moves and kv_demand(apply(snap, moves))["y"] <= before["y"]
