@@ -50,11 +50,19 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
+from dlora.services.migrator.costs import (
+    BASE,
+    apply,
+    blocks_of,
+    completion_times,
+    kv_demand,
+    kv_overflow_cost,
+    move_cost,
+    running_adapters,
+)
 from dlora.services.migrator.named import fitting, within
 from dlora.services.migrator.shared_slots import bound_slots
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
-
-BASE = ""  # the base model needs no slot
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ class _Group:
         32 x 128 x 2,000)."""
         if block_size not in self._blocks:
             self._blocks[block_size] = -(
-                -sum(_blocks(r.context_tokens, block_size) for r in self.requests) // self.size
+                -sum(blocks_of(r.context_tokens, block_size) for r in self.requests) // self.size
             )
         return self._blocks[block_size]
 
@@ -153,53 +161,8 @@ def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
     return replace(snapshot, requests=reqs)
 
 
-def completion_times(snapshot: ClusterSnapshot) -> dict[str, float]:
-    workers = {w.worker: w for w in snapshot.workers}
-    out = {w.worker: w.unlisted_seconds() for w in snapshot.workers}
-    for r in snapshot.requests:
-        out[r.worker] += r.remaining_tokens * workers[r.worker].cost(r.adapter)
-    return out
-
-
-def running_adapters(snapshot: ClusterSnapshot) -> dict[str, Running]:
-    """The adapter versions (``RequestState.key``: a slot each) each worker has requests of, listed or
-    counted past its list (not the base model's): what its slots hold for one step to run them all;
-    with more than ``slots`` it runs them a few at a time, so a move brings one only where fewer run."""
-    out: dict[str, set[str]] = {w.worker: set(w.unlisted_keys) - {BASE} for w in snapshot.workers}
-    for r in snapshot.requests:
-        if r.adapter:
-            out[r.worker].add(r.key)
-    return {w.worker: Running(out[w.worker], w.by_version) for w in snapshot.workers}  # (each key once)
-
-
-def _blocks(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
-
-
-def kv_demand(snapshot: ClusterSnapshot) -> dict[str, int]:
-    """KV blocks each worker's requests need for their contexts so far (waiting ones too: they will)."""
-    size = {w.worker: w.block_size for w in snapshot.workers}
-    out = {w.worker: 0 for w in snapshot.workers}
-    for r in snapshot.requests:
-        out[r.worker] += _blocks(r.context_tokens, size[r.worker])
-    return out
-
-
-def kv_overflow_cost(snapshot: ClusterSnapshot, fraction: float) -> float:
-    """Seconds of recompute that KV demand above ``fraction`` of each worker's blocks will cost."""
-    demand = kv_demand(snapshot)
-    over = sum(max(0.0, demand[w.worker] - fraction * w.kv_blocks) * w.block_size for w in snapshot.workers)
-    return over * snapshot.recompute_seconds_per_token
-
-
 def _ship_kv(snapshot: ClusterSnapshot) -> bool:
     return snapshot.kv_transfer_seconds_per_token < snapshot.recompute_seconds_per_token
-
-
-def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
-    """Nothing for a request holding no KV (waiting: its prompt is computed wherever it runs)."""
-    per_token = min(snapshot.recompute_seconds_per_token, snapshot.kv_transfer_seconds_per_token)
-    return r.context_tokens * per_token if r.running else 0.0
 
 
 def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings()) -> MovePlan:
@@ -243,13 +206,6 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         makespan_before_s=before,
         makespan_after_s=after,
     )
-
-
-def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
-    """The snapshot as it would be after the moves (for checking a plan)."""
-    dest = {m.request_id: m.to_worker for m in moves}
-    reqs = [replace(r, worker=dest[r.request_id]) if r.request_id in dest else r for r in snapshot.requests]
-    return replace(snapshot, requests=reqs)
 
 
 def _destinations(
@@ -473,7 +429,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
                 if dst == src:
                     continue
                 slot = workers[dst].holds(r) and takes(held[dst], a, workers[dst].slots)
-                room = demand[dst] + _blocks(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
+                room = demand[dst] + blocks_of(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
                 new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
                 if slot and room and new_dst < load[src]:
                     best = (i, r, dst)
@@ -485,8 +441,8 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
         i, r, dst = best
         load[src] -= r.remaining_tokens * workers[src].cost(r.adapter)
         load[dst] += r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
-        demand[src] -= _blocks(r.context_tokens, workers[src].block_size)
-        demand[dst] += _blocks(r.context_tokens, workers[dst].block_size)
+        demand[src] -= blocks_of(r.context_tokens, workers[src].block_size)
+        demand[dst] += blocks_of(r.context_tokens, workers[dst].block_size)
         del on[src][i]
         bisect.insort(on[dst], r, key=price)
         if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)

@@ -8,7 +8,7 @@ import msgspec
 
 from dlora.common.messages import PlanTrigger, WorkerStats
 from dlora.common.reads import pooled_read
-from dlora.services.migrator.planner import completion_times, kv_demand
+from dlora.services.migrator.costs import completion_times, kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
 
