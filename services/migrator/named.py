@@ -9,20 +9,23 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 
 def within(
-    requests: list[RequestState], count: int, blocks: int, block_size: int
+    requests: list[RequestState], count: int, blocks: int, block_size: int, room: dict[str, int], worker: str
 ) -> tuple[list[RequestState], list[RequestState]]:
-    """Up to ``count`` of ``requests`` (in the order they are best moved) whose contexts fill at most
-    ``blocks`` of ``block_size`` tokens, and the rest. The ILP counts a group's requests at their
-    mean blocks, and the first ``count`` could hold more: a long context with a long answer to go is
-    the cheapest to move per second of work, and a plan sent it to a worker half its size (a
-    helper's probe). One that does not fit is passed over for a later, shorter one."""
+    """Up to ``count`` of ``requests`` (in the order they are best moved) to ``worker``, whose
+    contexts fill at most ``blocks`` of ``block_size`` tokens or its free ``room`` (less what arrives
+    there: taken from it), and the rest. The ILP counts a group's requests at their mean blocks, and
+    the first ``count`` could hold more: a long context with a long answer to go is the cheapest to
+    move per second of work, and a plan sent it to a worker half its size (a helper's probe). One
+    that does not fit is passed over for a later, shorter one."""
     named: list[RequestState] = []
     rest: list[RequestState] = []
+    blocks = max(blocks, room[worker])
     for r in requests:
         need = -(-r.context_tokens // block_size)
         if len(named) < count and need <= blocks:
             named.append(r)
             blocks -= need
+            room[worker] -= need
         else:
             rest.append(r)
     return named, rest

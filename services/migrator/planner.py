@@ -346,11 +346,12 @@ def _solve(
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []
+    room = {w: workers[w].kv_blocks - d for w, d in kv_demand(snapshot).items()}  # (arrivals take it)
     for i, g in enumerate(groups):
         left = g.requests
         for w in dests[i][1:]:  # (home first)
             k, size = int(round(n[i, w].value() or 0)), workers[w].block_size
-            named, left = within(left, k, k * g.mean_blocks(size), size)
+            named, left = within(left, k, k * g.mean_blocks(size), size, room, w)
             moves.extend(
                 MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w, ship_kv=_ship_kv(snapshot))
                 for r in named

@@ -50,3 +50,21 @@ def test_a_plan_leaves_no_destination_fuller_than_its_blocks_or_than_it_was() ->
     assert before["y"] == 39
     moves = plan(snap).moves
     assert moves and kv_demand(apply(snap, moves))["y"] <= before["y"]
+
+
+def test_a_request_longer_than_its_groups_mean_moves_where_there_is_room() -> None:
+    """x's two requests of a (4 and 13 blocks: 9 by their mean) beside a pinned one: one each to y
+    and z evens the three out. Named against the mean alone, the second (13 > 9) was passed over
+    though z had 1,000 blocks free, and x kept twice the others' work."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", ["a"]), worker("z", ["a"])],
+        requests=[
+            RequestState("short", "x", "a", 50, 300),
+            RequestState("long", "x", "a", 200, 300),
+            RequestState("pinned", "x", None, 10, 300, pinned=True),
+        ],
+        file_bytes={"a": 16},
+    )
+    moves = plan(snap).moves
+    assert {m.request_id for m in moves} == {"short", "long"}
+    assert {m.to_worker for m in moves} == {"y", "z"}
