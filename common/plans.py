@@ -38,7 +38,8 @@ class PlanMethod(enum.StrEnum):
     NONE = "none"  # nothing to plan (fewer than two workers, or no requests)
     ILP = "ilp"  # the ILP solved to optimality
     ILP_INCUMBENT = "ilp-incumbent"  # the ILP's best solution when its time bound expired
-    GREEDY = "greedy"  # the greedy pass, when the ILP found nothing (``MovePlan.ilp_fallback`` says why)
+    # the greedy pass, where the ILP found nothing (``MovePlan.ilp_fallback`` says why) or planned worse
+    GREEDY = "greedy"
 
 
 class IlpFallback(enum.StrEnum):
@@ -74,7 +75,7 @@ class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     stats_sent: dict[str, float] = {}
     moves: list[MoveRequest] = []
     method: PlanMethod = PlanMethod.NONE
-    # Why the ILP gave way to the greedy pass (method GREEDY only).
+    # Why the ILP gave way to the greedy pass (method GREEDY only; None there: the ILP's plan was worse).
     ilp_fallback: IlpFallback | None = None
     # The moves found were dropped for not shortening the longest completion by more than they cost.
     no_gain: bool = False

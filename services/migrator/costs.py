@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dlora.common.messages import MoveRequest
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running
+from dlora.common.versions import name_of
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, runs_among
 
 BASE = ""  # the base model needs no slot
 
@@ -61,3 +62,27 @@ def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapsho
     dest = {m.request_id: m.to_worker for m in moves}
     reqs = [replace(r, worker=dest[r.request_id]) if r.request_id in dest else r for r in snapshot.requests]
     return replace(snapshot, requests=reqs)
+
+
+def worth(snapshot: ClusterSnapshot, moves: list[MoveRequest], kv_pressure: float) -> float:
+    """Seconds ``moves`` save: the longest completion time's drop and the recompute of KV demand
+    over ``kv_pressure`` they spare, less their recomputes or KV shipped and the adapter reads
+    their destinations make (priced as the ILP prices them)."""
+    after = apply(snapshot, moves)
+    by_id = {r.request_id: r for r in snapshot.requests}
+    workers = {w.worker: w for w in snapshot.workers}
+    running = running_adapters(snapshot)
+    read = {
+        (r.key, m.to_worker)
+        for m in moves
+        if (r := by_id[m.request_id]).key
+        and not runs_among(running[m.to_worker], r.key)
+        and not workers[m.to_worker].has(r.key)
+    }
+    reads = sum(
+        workers[w].read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds
+        for a, w in read
+    )
+    saved = max(completion_times(snapshot).values()) - max(completion_times(after).values())
+    spared = kv_overflow_cost(snapshot, kv_pressure) - kv_overflow_cost(after, kv_pressure)
+    return saved + spared - sum(move_cost(snapshot, by_id[m.request_id]) for m in moves) - reads

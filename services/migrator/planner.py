@@ -59,6 +59,7 @@ from dlora.services.migrator.costs import (
     kv_overflow_cost,
     move_cost,
     running_adapters,
+    worth,
 )
 from dlora.services.migrator.named import fitting, within
 from dlora.services.migrator.shared_slots import bound_slots
@@ -186,6 +187,11 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         fallback, moves, method = solved, greedy, PlanMethod.GREEDY
     else:
         moves, method = solved
+        # Named from counts of each group at its mean, the ILP's moves can do worse than its start.
+        if worth(snapshot, greedy, settings.kv_pressure) > worth(
+            snapshot, fitting(snapshot, moves), settings.kv_pressure
+        ):
+            moves, method = greedy, PlanMethod.GREEDY
     moves = fitting(snapshot, moves)
     moved = apply(snapshot, moves)
     before = max(completion_times(snapshot).values())
