@@ -348,7 +348,10 @@ def _solve(
         solver = pulp.COIN_CMD(
             path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S), warmStart=True
         )
-    prob.solve(solver)
+    try:
+        prob.solve(solver)
+    except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
+        return IlpFallback.FAILED
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []

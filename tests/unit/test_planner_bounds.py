@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from dlora.services.migrator import planner
 from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
-from tests.unit.test_planner import worker
+from tests.unit.test_planner import reqs, worker
 
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
@@ -87,3 +88,15 @@ def test_the_ilp_plan_is_taken_only_where_it_does_better_than_the_greedy_one() -
     p = plan(snap)
     assert p.makespan_after_s == pytest.approx(3.0) and [m.request_id for m in p.moves] == ["long"]
     assert (p.method, p.ilp_fallback) == ("greedy", None)
+
+
+def test_a_solver_that_fails_leaves_the_greedy_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CBC runs as a subprocess: killed (out of memory) or unable to write its files, PuLP raised,
+    and the migrator's look planned nothing where the greedy plan was ready (the module's docstring:
+    where the solver ends without a solution, the greedy plan is taken)."""
+    monkeypatch.setattr(planner, "_cbc_path", lambda: "/bin/false")
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 10), file_bytes={"a": 16}
+    )
+    p = plan(snap)
+    assert (p.method, p.ilp_fallback) == ("greedy", "ilp-failed") and p.moves
