@@ -34,7 +34,10 @@ finish) stays, unless its worker is past its KV pressure.
 A greedy pass (single requests from the most to the least loaded worker while that shortens the
 longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
 CBC begins from an incumbent and improves on it within its bound, where alone it found none in
-time at that size. If the solver ends without a solution, the greedy plan is taken.
+time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
+ILP counts a group by its mean: the requests its counts name are checked against each destination's
+blocks (``named``), and where they do worse than the greedy plan by the ILP's own objective
+(``costs.worth``), the greedy plan is taken.
 """
 
 from __future__ import annotations
