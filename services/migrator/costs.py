@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from dlora.common.messages import MoveRequest
 from dlora.common.versions import name_of
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, runs_among
+from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among
 
 BASE = ""  # the base model needs no slot
 
@@ -75,14 +75,17 @@ def worth(snapshot: ClusterSnapshot, moves: list[MoveRequest], kv_pressure: floa
     read = {
         (r.key, m.to_worker)
         for m in moves
-        if (r := by_id[m.request_id]).key
-        and not runs_among(running[m.to_worker], r.key)
-        and not workers[m.to_worker].has(r.key)
+        if (r := by_id[m.request_id]).key and not runs_among(running[m.to_worker], r.key)
     }
-    reads = sum(
-        workers[w].read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds
-        for a, w in read
-    )
+    reads = sum(read_price(snapshot, workers[w], a) for a, w in read)
     saved = max(completion_times(snapshot).values()) - max(completion_times(after).values())
     spared = kv_overflow_cost(snapshot, kv_pressure) - kv_overflow_cost(after, kv_pressure)
     return saved + spared - sum(move_cost(snapshot, by_id[m.request_id]) for m in moves) - reads
+
+
+def read_price(snapshot: ClusterSnapshot, w: WorkerState, key: str) -> float:
+    """Seconds ``w`` takes to read adapter version ``key`` (``RequestState.key``) for a request moved
+    there, as it measures its reads, scaled to the adapter's files; nothing where it holds it."""
+    if not key or w.has(key):
+        return 0.0
+    return w.read_seconds(snapshot.file_bytes.get(name_of(key), 0)) or snapshot.adapter_load_seconds

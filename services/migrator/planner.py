@@ -61,6 +61,7 @@ from dlora.services.migrator.costs import (
     kv_demand,
     kv_overflow_cost,
     move_cost,
+    read_price,
     running_adapters,
     worth,
 )
@@ -316,8 +317,7 @@ def _solve(
         if new:
             bound_slots(prob, new, index[w], {a for a, _ in new if (a, w) in arriving}, ws.slots - active[w].slots)
             for a, v in new:
-                if not ws.has(a):  # as it measures its reads, scaled to the adapter's files
-                    price = ws.read_seconds(snapshot.file_bytes.get(name_of(a), 0)) or snapshot.adapter_load_seconds
+                if price := read_price(snapshot, ws, a):
                     objective.append((v, price))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
@@ -443,17 +443,20 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
                     continue
                 slot = workers[dst].holds(r) and takes(held[dst], a, workers[dst].slots)
                 room = demand[dst] + blocks_of(r.context_tokens, workers[dst].block_size) <= workers[dst].kv_blocks
-                new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
+                # a read it makes there is waited for, as the ILP prices it (unpriced, a fallback
+                # plan moved 2 s of work onto a worker whose read of their adapter took 3 s)
+                read = 0.0 if runs_among(held[dst], a) else read_price(snapshot, workers[dst], a)
+                new_dst = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r) + read
                 if slot and room and new_dst < load[src]:
-                    best = (i, r, dst)
+                    best = (i, r, dst, read)
                     break
             if best:
                 break
         if best is None:
             break
-        i, r, dst = best
+        i, r, dst, read = best
         load[src] -= r.remaining_tokens * workers[src].cost(r.adapter)
-        load[dst] += r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r)
+        load[dst] += r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r) + read
         demand[src] -= blocks_of(r.context_tokens, workers[src].block_size)
         demand[dst] += blocks_of(r.context_tokens, workers[dst].block_size)
         del on[src][i]

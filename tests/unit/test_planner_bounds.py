@@ -3,6 +3,8 @@ interchangeable requests by their mean, so the requests it then names must add u
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dlora.services.migrator import planner
@@ -100,3 +102,19 @@ def test_a_solver_that_fails_leaves_the_greedy_plan(monkeypatch: pytest.MonkeyPa
     )
     p = plan(snap)
     assert (p.method, p.ilp_fallback) == ("greedy", "ilp-failed") and p.moves
+
+
+@pytest.mark.parametrize("settings", [PlannerSettings(), PlannerSettings(max_ilp_variables=1)], ids=["ilp", "greedy"])
+def test_no_plan_moves_work_onto_a_worker_whose_read_of_its_adapter_costs_more(settings: PlannerSettings) -> None:
+    """y lacks a, and reads an adapter in 3 s; half of x's 4 s would save 2 s. The ILP prices the
+    read and moves nothing; the greedy pass (the fallback where the model is too large, and the
+    ILP's start) did not, and moved two requests there to wait 3 s for their adapter."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", [])],
+        requests=reqs("x", "a", 4),
+        file_bytes={"a": 16},
+        adapter_load_seconds=3.0,
+    )
+    assert plan(snap, settings).moves == []
+    # where y holds a, the same moves go
+    assert len(plan(replace(snap, workers=[worker("x", ["a"]), worker("y", ["a"])]), settings).moves) == 2
