@@ -1,0 +1,103 @@
+"""The migrator service's plans from what workers report, over real NATS and Redis: the worker stats
+are written by hand (no model), and the plans are read off the bus as workers read them. The
+planner's own cases are unit-tested in ``tests/unit/test_planner_bounds.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats
+import pytest
+from redis.asyncio import Redis
+
+from dlora.common import bus, subjects
+from dlora.common.messages import AdapterResidency, MovePlan, RequestLoad, WorkerStats
+from dlora.common.state import StateStore
+from dlora.services.migrator import planner
+from dlora.services.migrator.main import Migrator
+from dlora.services.migrator.settings import MigratorSettings
+from dlora.services.migrator.trigger import TriggerBounds
+from dlora.services.servers import Server
+
+
+def _stats(name: str, loads: list[RequestLoad], held: tuple[str, ...] = (), **more: object) -> WorkerStats:
+    return WorkerStats(
+        worker=name,
+        running=len(loads),
+        waiting=0,
+        free_blocks=1000,
+        total_blocks=1000,
+        block_size=16,
+        max_loras=2,
+        seconds_per_token=0.01,
+        prefill_seconds_per_token=0.0001,
+        requests=loads,
+        adapters=[AdapterResidency(name=a, slot=None, merged=False) for a in held],
+        unlisted_by_version={},
+        **more,  # type: ignore[arg-type]
+    )
+
+
+async def _plans(nats_server: Server, redis: Redis, stats: list[WorkerStats]) -> list[MovePlan]:
+    """The plans a leading migrator publishes on one look at ``stats``."""
+    nc = await nats.connect(nats_server.url)
+    plans: list[MovePlan] = []
+
+    async def got(plan: MovePlan) -> None:
+        plans.append(plan)
+
+    sub = await bus.subscribe(nc, subjects.MOVES, MovePlan, got)
+    try:
+        trigger = TriggerBounds(patience=1, cooldown_s=0, min_gain_s=0.0)
+        m = Migrator(MigratorSettings(nats_url=nats_server.url, trigger=trigger), nc, StateStore(redis))
+        for st in stats:
+            m.stats[st.worker] = (st, time.monotonic())
+        await m.tick()
+        await bus.flush(nc)
+        for _ in range(20):
+            if len(plans) == m.plans:
+                break
+            await asyncio.sleep(0.05)
+        assert len(plans) == m.plans
+        return plans
+    finally:
+        await bus.unsubscribe([sub])
+        await nc.drain()
+
+
+def _busy(name: str, adapter: str | None, n: int = 12) -> list[RequestLoad]:
+    return [
+        RequestLoad(request_id=f"{name}-{i}", adapter=adapter, context_tokens=8, remaining_tokens=200) for i in range(n)
+    ]
+
+
+async def test_a_solver_that_fails_still_balances(
+    nats_server: Server, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CBC exiting in error (killed for memory, its files unwritable): the look logged a failure and
+    published nothing, cool-down after cool-down, where the greedy plan was ready."""
+    monkeypatch.setattr(planner, "_cbc_path", lambda: "/bin/false")
+    plans = await _plans(nats_server, redis, [_stats("w0", _busy("w0", None)), _stats("w1", [])])
+    assert len(plans) == 1 and plans[0].moves and {m.to_worker for m in plans[0].moves} == {"w1"}
+    assert (plans[0].method, plans[0].ilp_fallback) == ("greedy", "ilp-failed")
+
+
+@pytest.mark.parametrize("counted", [True, False])
+async def test_requests_a_worker_counts_but_does_not_list_keep_a_third_adapter_off_it(
+    nats_server: Server, redis: Redis, counted: bool
+) -> None:
+    """w1 lists one request of a@v1 and counts five of b@v2 past its list (``unlisted_by_version``):
+    its two slots are taken, and w0's requests of c may not go there to wait for one. Listed alone,
+    it looked to have one free and they went (as they do where nothing is counted past its list)."""
+    short = [RequestLoad(request_id="w1-0", adapter="a", context_tokens=8, remaining_tokens=10, version="v1")]
+    past = {"unlisted_requests": 5, "unlisted_remaining_tokens": 50, "unlisted_by_adapter": {"b": (0, 5)}}
+    w1 = _stats("w1", short, ("a", "b", "c"), **(past if counted else {}))
+    if counted:
+        w1 = msgspec.structs.replace(w1, unlisted_by_version={"b@v2": (0, 5)})
+    plans = await _plans(nats_server, redis, [_stats("w0", _busy("w0", "c"), ("c",)), w1])
+    if counted:
+        assert plans == []
+    else:
+        assert len(plans) == 1 and {m.to_worker for m in plans[0].moves} == {"w1"}
