@@ -94,7 +94,8 @@ class HttpClient:
         ids = prompt_ids(index, spec)
         if self.chat_text is None:
             return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
-        message = {"role": "user", "content": self.chat_text(ids)}
+        # vLLM's openai-chat sends the prompt as a list of content parts (one text part), not a string
+        message = {"role": "user", "content": [{"type": "text", "text": self.chat_text(ids)}]}
         return "/v1/chat/completions", common | {"messages": [message], "max_completion_tokens": spec.output_len}
 
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:

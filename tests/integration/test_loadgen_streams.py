@@ -290,8 +290,9 @@ async def test_a_stream_labelled_application_json_is_read_as_the_stream_it_is() 
 
 
 async def test_chat_backend_sends_vllms_chat_body_and_reads_deltas(tmp_path: Path) -> None:
-    """--backend openai-chat sends what vLLM's benchmark's openai-chat sends (one user message of
-    text, max_completion_tokens, ignore_eos, streamed with usage), and reads the deltas: the role's
+    """--backend openai-chat sends what vLLM's benchmark's openai-chat sends (one user message whose
+    content is a list of one text part, as vLLM's ``_get_chat_content`` builds it, not a string;
+    max_completion_tokens, ignore_eos, streamed with usage), and reads the deltas: the role's
     opening event is no token (it made one ITL too many), the usage's prompt_tokens the prompt's
     length (the server's template adds tokens to the workload's)."""
     bodies: list[dict] = []
@@ -319,7 +320,9 @@ async def test_chat_backend_sends_vllms_chat_body_and_reads_deltas(tmp_path: Pat
         finally:
             await client.close()
     body = bodies[0]
-    assert [m["role"] for m in body["messages"]] == ["user"] and len(body["messages"][0]["content"].split()) == 5
+    [part] = body["messages"][0]["content"]
+    assert [m["role"] for m in body["messages"]] == ["user"] and part["type"] == "text"
+    assert len(part["text"].split()) == 5
     assert (body["max_completion_tokens"], body["ignore_eos"], body["stream"]) == (3, True, True)
     assert body["stream_options"] == {"include_usage": True} and "prompt" not in body
     assert all(r.completed and r.tokens == 3 and len(r.token_times) == 3 and r.prompt_len == 30 for r in results)
