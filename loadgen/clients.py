@@ -44,8 +44,12 @@ class HttpClient:
         max_retries: int = 0,
         api_key: str | None = None,
         chat_text: Callable[[list[int]], str] | None = None,
+        ignore_eos: bool = True,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
+        # vLLM's --ignore-eos (which its random dataset turns on, as the workload's prompts are random):
+        # off, the field is not sent at all, for servers that refuse it (OpenAI's answers 400 to it)
+        self.ignore_eos = ignore_eos
         # vLLM's --backend openai-chat: the prompt's ids as text (their tokenizer's decode) in one user
         # message, through the server's chat template and tokenizer; None: ids to /v1/completions.
         self.chat_text = chat_text
@@ -87,10 +91,9 @@ class HttpClient:
         common = {
             "model": spec.adapter or self.base_model,
             "temperature": 0,
-            "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
-        }
+        } | ({"ignore_eos": True} if self.ignore_eos else {})
         ids = prompt_ids(index, spec)
         if self.chat_text is None:
             return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
@@ -224,8 +227,8 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 class NatsClient:
     """GenerateRequest on the request subject; TokenChunks on one reply subscription for the run."""
 
-    def __init__(self, nc: nats.NATS, clock: Callable[[], float], user: str = "app") -> None:
-        self.nc, self.clock = nc, clock
+    def __init__(self, nc: nats.NATS, clock: Callable[[], float], user: str = "app", ignore_eos: bool = True) -> None:
+        self.nc, self.clock, self.ignore_eos = nc, clock, ignore_eos
         # Replies under the NATS user's own subjects (the only ones it may read where the server
         # has users: common/permissions.py), then this run's.
         self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
@@ -236,7 +239,7 @@ class NatsClient:
         self.next_seq: dict[str, int] = {}
 
     @classmethod
-    async def connect(cls, url: str, clock: Callable[[], float]) -> NatsClient:
+    async def connect(cls, url: str, clock: Callable[[], float], ignore_eos: bool = True) -> NatsClient:
         """Connected to ``url``, or OSError with the server's last word after two retries (a wrong
         password or a server that is not there: nats-py's defaults retried for two minutes, printing
         a traceback a second)."""
@@ -259,7 +262,7 @@ class NatsClient:
             last = errors[-1] if errors else e
             reason = str(last) or type(last).__name__  # some of nats-py's errors say nothing
             raise OSError(f"cannot connect to NATS at {redacted(url)}: {reason}") from None
-        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app")
+        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app", ignore_eos)
         made.append(client)
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
@@ -296,7 +299,7 @@ class NatsClient:
             adapter=spec.adapter,
             prompt_token_ids=prompt_ids(index, spec),
             created=time.time(),
-            params=SamplingParams(max_tokens=spec.output_len, ignore_eos=True),
+            params=SamplingParams(max_tokens=spec.output_len, ignore_eos=self.ignore_eos),
         )
         try:
             await self.nc.publish(self.subject, msgspec.json.encode(req))

@@ -73,6 +73,7 @@ async def run(
     max_concurrency: int | None = None,
     backend: str = "openai",
     tokenizer: str | None = None,
+    ignore_eos: bool = True,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -81,7 +82,8 @@ async def run(
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
     report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
-    API. Ctrl-C or SIGTERM stops sending; the report is still written.
+    API. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
+    lengths). Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -109,9 +111,17 @@ async def run(
         allow_open_files(min(max_concurrency or len(requests), len(requests)), console)
     clock = Clock()
     client = (
-        await NatsClient.connect(target, clock)
+        await NatsClient.connect(target, clock, ignore_eos)
         if target.startswith(NATS_SCHEMES)
-        else HttpClient(target, base_model, clock, max_retries=max_retries, api_key=api_key, chat_text=chat_text)
+        else HttpClient(
+            target,
+            base_model,
+            clock,
+            max_retries=max_retries,
+            api_key=api_key,
+            chat_text=chat_text,
+            ignore_eos=ignore_eos,
+        )
     )
     if isinstance(client, HttpClient):
         try:
@@ -166,7 +176,8 @@ async def run(
         if (unsent := len(requests) - summary["sent"]) and not interrupted:
             ended = f"--duration {spec.duration:g} s ended sending"
             console.print(f"{ended}: {unsent} of {len(requests)} requests not sent")
-        if summary["short"]:  # in result.json only, a server ignoring ignore_eos measured other lengths silently
+        # in result.json only, a server ignoring ignore_eos measured other lengths silently
+        if summary["short"] and ignore_eos:
             console.print(
                 f"{summary['short']} of {summary['completed']} completed requests ended before the tokens they "
                 "asked for (max_tokens with ignore_eos): the target did not honour ignore_eos, so this run's "
@@ -181,7 +192,7 @@ async def run(
             {"target": redacted(target), "base_model": base_model, "backend": backend, "tokenizer": tokenizer}
             | spec.options()
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
-            | {"max_concurrency": max_concurrency}
+            | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -227,6 +238,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 backend=args.backend,
                 tokenizer=args.tokenizer,
+                ignore_eos=args.ignore_eos,
             )
         )
     except (TraceError, ValueError, OSError) as e:

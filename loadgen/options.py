@@ -120,6 +120,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "from when it is sent (vLLM's benchmark_serving --max-concurrency; default: no cap, open loop)",
     )
     p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send ignore_eos, so that outputs run to the workload's lengths (vLLM's --ignore-eos, which its "
+        "random dataset turns on); --no-ignore-eos sends none, for a server that refuses the field "
+        "(default: on)",
+    )
+    p.add_argument(
         "--out",
         default="loadgen-results",
         help="folder for result.json, vllm-result.json, report.png, report.html (default %(default)s)",

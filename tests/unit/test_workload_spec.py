@@ -32,6 +32,7 @@ NOT_WORKLOAD = {
     "max_concurrency",
     "backend",  # how the requests are sent (vLLM's --backend), not what they are
     "tokenizer",
+    "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
 }
 
 
