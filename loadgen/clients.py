@@ -45,11 +45,15 @@ class HttpClient:
         api_key: str | None = None,
         chat_text: Callable[[list[int]], str] | None = None,
         ignore_eos: bool = True,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         # vLLM's --ignore-eos (which its random dataset turns on, as the workload's prompts are random):
         # off, the field is not sent at all, for servers that refuse it (OpenAI's answers 400 to it)
         self.ignore_eos = ignore_eos
+        # Output tokens where the server's usage says none (vLLM's bench counts the generated text's
+        # tokens with its tokenizer); None: one a streamed event
+        self.count_tokens = count_tokens
         # vLLM's --backend openai-chat: the prompt's ids as text (their tokenizer's decode) in one user
         # message, through the server's chat template and tokenizer; None: ids to /v1/completions.
         self.chat_text = chat_text
@@ -140,6 +144,7 @@ class HttpClient:
         beside them; Azure's first carries none), its usage's completion tokens where a number,
         an ``"error": null`` no error. ``other``: the start of what came that is no event."""
         counted: int | None = None  # completion tokens the server's usage says
+        said: list[str] = []  # every piece of text streamed, reasoning too: what count_tokens counts
         async for data in _events(resp.content, other):
             if data.strip() == "[DONE]":
                 continue
@@ -163,13 +168,30 @@ class HttpClient:
                 r.first_token_s = now
             r.token_times.append(now)
             r.tokens = len(r.token_times)  # so far: a stream cut off keeps what it got (NATS's does)
+            _read_text(choices[0], r, said)
             if choices[0].get("finish_reason") is not None:
                 r.finish_s = now
         if counted is not None:
             r.tokens = counted
+        elif self.count_tokens is not None and said:
+            # A server that ignores include_usage (or sends a null count) and streams several tokens an
+            # event: counted by events, each such output read short (and its TPOT long)
+            r.tokens = self.count_tokens("".join(said))
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def _read_text(choice: dict, r: RequestResult, said: list[str]) -> None:
+    """A completion's ``text`` or a chat delta's ``content`` onto ``r.text`` (vLLM's
+    generated_text), and with a reasoning parser's ``reasoning``/``reasoning_content`` onto ``said``."""
+    delta = choice.get("delta")
+    parts = {"text": choice.get("text")} if not isinstance(delta, dict) else delta
+    for key in ("text", "content", "reasoning", "reasoning_content"):
+        if isinstance(piece := parts.get(key), str) and piece:
+            said.append(piece)
+            if key in ("text", "content"):
+                r.text += piece
 
 
 def _opening(choice: dict) -> bool:

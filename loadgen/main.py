@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import resource
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -53,6 +56,12 @@ def allow_open_files(in_flight: int, console: Console) -> None:
             "in flight: those past it fail here (Too many open files), not at the target; raise it or give "
             "--max-concurrency"
         )
+
+
+def _tokens_in(tokenizer: Any, text: str) -> int:
+    """The output tokens in ``text`` where the server's usage gives none: as vLLM's bench counts
+    them, its tokenizer's ids with no special tokens added."""
+    return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -96,10 +105,12 @@ async def run(
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
     requests = build_specs(spec, traces)
-    chat_text = None
+    chat_text: Callable[[list[int]], str] | None = None
+    count_tokens: Callable[[str], int] | None = None
     if backend == "openai-chat":  # before the run: a folder without a tokenizer is a usage error
         tokenizer = tokenizer or base_model
-        chat_text = load_tokenizer(tokenizer).decode
+        tok = load_tokenizer(tokenizer)
+        chat_text, count_tokens = tok.decode, functools.partial(_tokens_in, tok)
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
@@ -121,6 +132,7 @@ async def run(
             api_key=api_key,
             chat_text=chat_text,
             ignore_eos=ignore_eos,
+            count_tokens=count_tokens,
         )
     )
     if isinstance(client, HttpClient):

@@ -59,6 +59,8 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         # clock's, from its start): 0.0 where the request did not complete, as its other lists
         "latencies": [r.finish_s - r.arrival_s if r.completed and r.finish_s is not None else 0.0 for r in sent],
         "start_times": [r.arrival_s for r in sent],
+        # what each streamed (its content; HTTP only: NATS answers token ids), a failed one's up to its end
+        "generated_texts": [r.text for r in sent],
         "errors": [
             "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent
         ],

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from dlora.loadgen.main import run
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
 from tests.integration.test_loadgen_streams import CHUNK, _stream, serving
 
@@ -39,3 +40,41 @@ async def test_no_ignore_eos_sends_none_and_short_outputs_are_no_warning(tmp_pat
     assert summary["completed"] == 3 and summary["failed"] == 0 and all("ignore_eos" not in b for b in bodies)
     assert summary["short"] == 3 and "did not honour ignore_eos" not in console.file.getvalue()
     assert json.loads((tmp_path / "result.json").read_text())["config"]["ignore_eos"] is False
+
+
+async def test_chat_outputs_without_usage_are_counted_by_the_tokenizer_and_recorded(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """A server that ignores ``include_usage`` and streams several tokens an event: dlora loadgen
+    counted one token an event, so each output read short (a warning that the target ignored
+    ignore_eos, a TPOT several times too long). vLLM's bench counts the generated text's tokens with
+    its tokenizer, and records each text (``generated_texts``); so does this now."""
+    from dlora.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama.model)
+    words = [tok.decode(tok.encode(" kalo mira", add_special_tokens=False)), " tu", " veni sola"]
+    expected = len(tok.encode("".join(words), add_special_tokens=False))
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        assert body["max_completion_tokens"] == expected
+        events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+        for i, word in enumerate(words):
+            finish = "length" if i == len(words) - 1 else None
+            events.append({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": finish}]})
+        return await _stream(request, events)  # no usage event
+
+    async def completions(_: web.Request) -> web.Response:
+        raise AssertionError("the chat backend posted to /v1/completions")
+
+    spec = WorkloadSpec(
+        requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=expected, adapter_names=(None,)
+    )
+    console = Console(file=io.StringIO(), width=300)
+    async with serving(completions, chat=chat) as url:
+        summary = await run(spec, url, tmp_path, console, backend="openai-chat", tokenizer=str(tiny_llama.model))
+    assert expected > len(words) and summary["completed"] == 2 and summary["short"] == 0
+    assert summary["total_output_tokens"] == 2 * expected and "did not honour" not in console.file.getvalue()
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert v["output_lens"] == [expected] * 2 and v["generated_texts"] == ["".join(words)] * 2
+    assert [len(i) for i in v["itls"]] == [len(words) - 1] * 2  # ITL stays one an event, as vLLM's
