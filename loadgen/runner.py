@@ -57,11 +57,13 @@ async def replay(
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async def one(i: int) -> None:
+        came = clock()
         async with slots or contextlib.nullcontext():
             if slots is not None:
                 if stop.is_set() or clock() > max_duration_s:
                     return  # sending ended while it waited for a slot
                 results[i].sent, results[i].arrival_s = True, clock()
+                results[i].queued_s = results[i].arrival_s - came
             try:
                 await client.send(i, specs[i], results[i])
             except Exception as e:  # noqa: BLE001 - its own failure (a stream not in the expected form, a

@@ -22,6 +22,21 @@ def _burstiness(config: dict) -> float | None:
     return {"poisson": 1.0, "gamma": 1.0 / config.get("cv", 1.0) ** 2}.get(config.get("arrivals", ""))
 
 
+def peaks(done: list[RequestResult]) -> tuple[float, int]:
+    """vLLM's ``max_output_tokens_per_s`` and ``max_concurrent_requests`` over the completed
+    requests: the most streamed events (its tokens: one an event, as its ITLs) in one whole second
+    counted from the first send, and the most requests in flight at once, each over [sent, finished)
+    (one ending as another is sent: not both)."""
+    if not done:
+        return 0.0, 0
+    start = min(r.arrival_s for r in done)
+    seconds = np.bincount([int(t - start) for r in done for t in r.token_times if t >= start] or [0])
+    edges = sorted([(r.arrival_s, 1) for r in done] + [(r.finish_s or r.arrival_s, -1) for r in done])
+    in_flight = np.cumsum([step for _, step in edges])
+    has_events = any(r.token_times for r in done)
+    return float(seconds.max()) if has_events else 0.0, int(in_flight.max())
+
+
 def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     """vLLM's record of the run described by ``config`` and ``summary`` (main.run's) over
     ``results``. Where a metric has no sample (no completed request, only one-token outputs for
@@ -31,9 +46,12 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     done = [r for r in sent if r.completed]
     slo_given = any(config.get(f"slo_{name}") is not None for name in ("ttft", "tpot", "e2e"))
     target = str(config.get("target", ""))
+    backend = "dlora-nats" if target.startswith(("nats://", "tls://")) else config.get("backend", "openai")
+    most_tokens_per_s, most_in_flight = peaks(done)
     out: dict = {
         "date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": "dlora-nats" if target.startswith(("nats://", "tls://")) else config.get("backend", "openai"),
+        "endpoint_type": backend,  # vLLM writes both, the older name for older readers
+        "backend": backend,
         "model_id": config.get("base_model"),
         "tokenizer_id": config.get("tokenizer"),  # completions: None, prompts go as token ids, counted exactly
         # the requests its lists hold (vLLM's: completed + failed): a duration or Ctrl-C that ended
@@ -59,11 +77,16 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         # clock's, from its start): 0.0 where the request did not complete, as its other lists
         "latencies": [r.finish_s - r.arrival_s if r.completed and r.finish_s is not None else 0.0 for r in sent],
         "start_times": [r.arrival_s for r in sent],
+        # seconds each waited for a --max-concurrency slot before its send (vLLM's client queue time)
+        "queue_times": [r.queued_s for r in sent],
         # what each streamed (its content; HTTP only: NATS answers token ids), a failed one's up to its end
         "generated_texts": [r.text for r in sent],
         "errors": [
             "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent
         ],
+        "max_output_tokens_per_s": most_tokens_per_s,
+        "max_concurrent_requests": most_in_flight,
+        "rtfx": 0.0,  # vLLM's speech-recognition figure (seconds of audio in a second): no audio here
     }
     for ours, theirs in METRICS.items():
         ms = np.asarray(samples(done)[ours] or [0.0]) * 1000

@@ -3,8 +3,10 @@ record, against servers written here."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import math
 from pathlib import Path
 
 from aiohttp import web
@@ -14,7 +16,7 @@ from dlora.loadgen.main import run
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
-from tests.integration.test_loadgen_streams import CHUNK, _stream, serving
+from tests.integration.test_loadgen_streams import CHUNK, LAST, _stream, serving
 
 
 async def test_no_ignore_eos_sends_none_and_short_outputs_are_no_warning(tmp_path: Path) -> None:
@@ -78,3 +80,26 @@ async def test_chat_outputs_without_usage_are_counted_by_the_tokenizer_and_recor
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert v["output_lens"] == [expected] * 2 and v["generated_texts"] == ["".join(words)] * 2
     assert [len(i) for i in v["itls"]] == [len(words) - 1] * 2  # ITL stays one an event, as vLLM's
+
+
+async def test_vllms_record_has_queue_times_and_peaks_under_max_concurrency(tmp_path: Path) -> None:
+    """vLLM's record says how long each request waited for a --max-concurrency slot
+    (``queue_times``), the peak tokens a second and requests in flight, and its backend under
+    ``endpoint_type`` too; dlora's vllm-result.json had none of them (readers of vLLM's keys found
+    none). Capped at one, all three arrive at once: the second and third wait while the first runs,
+    each came (its send less its wait) before the first ended."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return await _stream(request, [CHUNK, CHUNK, LAST])
+
+    spec = WorkloadSpec(requests=3, rate=math.inf, lengths="fixed", prompt_len=4, output_len=3, adapter_names=(None,))
+    async with serving(completions) as url:
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), max_concurrency=1)
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert (v["endpoint_type"], v["backend"], v["max_concurrent_requests"], v["rtfx"]) == ("openai", "openai", 1, 0.0)
+    assert 1 <= v["max_output_tokens_per_s"] <= 9 and len(v["queue_times"]) == 3
+    order = sorted(range(3), key=lambda i: v["start_times"][i])
+    sends, waits = [v["start_times"][i] for i in order], [v["queue_times"][i] for i in order]
+    first_ended = sends[0] + v["latencies"][order[0]]
+    assert waits[0] < waits[1] < waits[2] and all(s - w < first_ended for s, w in zip(sends, waits))
