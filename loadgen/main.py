@@ -83,6 +83,8 @@ async def run(
     backend: str = "openai",
     tokenizer: str | None = None,
     ignore_eos: bool = True,
+    percentile_metrics: tuple[str, ...] | None = None,
+    metric_percentiles: tuple[float, ...] | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -92,7 +94,9 @@ async def run(
     report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
     API. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
-    lengths). Ctrl-C or SIGTERM stops sending; the report is still written.
+    lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
+    vllm-result.json writes (None: every metric, at p50, p90, p99). Ctrl-C or SIGTERM stops sending;
+    the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -205,6 +209,7 @@ async def run(
             | spec.options()
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
+            | {"percentile_metrics": percentile_metrics, "metric_percentiles": metric_percentiles}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -251,6 +256,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 backend=args.backend,
                 tokenizer=args.tokenizer,
                 ignore_eos=args.ignore_eos,
+                percentile_metrics=args.percentile_metrics,
+                metric_percentiles=args.metric_percentiles,
             )
         )
     except (TraceError, ValueError, OSError) as e:

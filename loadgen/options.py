@@ -75,6 +75,30 @@ def ranks(text: str) -> list[int]:
     return [positive(r) for r in items]
 
 
+# vLLM's --percentile-metrics names (its e2el is loadgen's e2e)
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+def percentile_metrics(text: str) -> tuple[str, ...]:
+    """An argparse type: vLLM's ``--percentile-metrics``, comma-separated names of
+    ``PERCENTILE_METRICS``, each once."""
+    names = tuple(n.strip() for n in text.split(","))
+    if unknown := [n for n in names if n not in PERCENTILE_METRICS]:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: expected {','.join(PERCENTILE_METRICS)}")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a metric twice")
+    return names
+
+
+def metric_percentiles(text: str) -> tuple[float, ...]:
+    """An argparse type: vLLM's ``--metric-percentiles``, comma-separated percentiles in [0, 100]
+    (numpy's range: 99.9 is one, 999 an error at the run's end)."""
+    values = tuple(_at_least(float, 0)(p.strip()) for p in text.split(","))
+    if over := [p for p in values if p > 100]:
+        raise argparse.ArgumentTypeError(f"{over[0]:g} is above 100")
+    return values
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
@@ -126,6 +150,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="send ignore_eos, so that outputs run to the workload's lengths (vLLM's --ignore-eos, which its "
         "random dataset turns on); --no-ignore-eos sends none, for a server that refuses the field "
         "(default: on)",
+    )
+    p.add_argument(
+        "--percentile-metrics",
+        type=percentile_metrics,
+        help="vllm-result.json: the metrics whose mean, median, std and percentiles it writes, of "
+        f"{','.join(PERCENTILE_METRICS)} (vLLM's --percentile-metrics; default: all four)",
+    )
+    p.add_argument(
+        "--metric-percentiles",
+        type=metric_percentiles,
+        help="vllm-result.json: the percentiles it writes, comma-separated, e.g. 50,99,99.9 as p50_ttft_ms, "
+        "p99_ttft_ms, p99.9_ttft_ms (vLLM's --metric-percentiles; default 50,90,99)",
     )
     p.add_argument(
         "--out",

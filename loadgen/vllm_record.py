@@ -12,7 +12,8 @@ import numpy as np
 
 from dlora.loadgen.metrics import RequestResult, samples
 
-PERCENTILES = (50, 90, 99)  # result.json's; vLLM writes those its --metric-percentiles names (99 by default)
+# result.json's, vllm-result.json's unless --metric-percentiles names others (vLLM's default: 99 only)
+PERCENTILES = (50.0, 90.0, 99.0)
 # vLLM's metric names for ours: its e2el is our e2e
 METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
 
@@ -88,11 +89,18 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "max_concurrent_requests": most_in_flight,
         "rtfx": 0.0,  # vLLM's speech-recognition figure (seconds of audio in a second): no audio here
     }
+    # vLLM writes the figures of the metrics --percentile-metrics names only, at --metric-percentiles
+    chosen = config.get("percentile_metrics") or METRICS.values()
+    percentiles = config.get("metric_percentiles") or PERCENTILES
     for ours, theirs in METRICS.items():
+        if theirs not in chosen:
+            continue
         ms = np.asarray(samples(done)[ours] or [0.0]) * 1000
         out[f"mean_{theirs}_ms"] = float(ms.mean())
         out[f"median_{theirs}_ms"] = float(np.median(ms))
         out[f"std_{theirs}_ms"] = float(ms.std())
-        for p in PERCENTILES:
-            out[f"p{p}_{theirs}_ms"] = float(np.percentile(ms, p))
+        for p in percentiles:
+            out[f"p{int(p) if p == int(p) else p}_{theirs}_ms"] = float(
+                np.percentile(ms, p)
+            )  # vLLM's names: p99, p99.9
     return out

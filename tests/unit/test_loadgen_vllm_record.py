@@ -3,8 +3,12 @@ hand-made timelines."""
 
 from __future__ import annotations
 
-from dlora.loadgen.metrics import RequestResult
-from dlora.loadgen.vllm_record import peaks
+import numpy as np
+import pytest
+
+from dlora.loadgen.metrics import RequestResult, summarize
+from dlora.loadgen.vllm_record import peaks, record
+from dlora.services.cli import build_parser
 
 
 def done(sent: float, events: list[float]) -> RequestResult:
@@ -28,3 +32,28 @@ def test_peak_tokens_a_second_and_requests_in_flight_are_vllms() -> None:
     assert peaks(runs) == (6.0, 2)
     assert peaks([]) == (0.0, 0)
     assert peaks(runs[:1] + [done(0.1, [0.3, 2.0])]) == (4.0, 2)
+
+
+def test_percentile_metrics_and_metric_percentiles_choose_what_the_record_writes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """vLLM users type ``--percentile-metrics ttft,e2el --metric-percentiles 50,99.9`` and read
+    ``p99.9_ttft_ms``; dlora loadgen refused both options (unrecognized arguments) and wrote p50, p90
+    and p99 of every metric whatever was asked. Names as vLLM's: an integral percentile without its
+    ``.0``; the unchosen metrics not written; an unknown metric or a percentile past 100 refused."""
+    runs = [done(0.0, [0.1 * k + 0.1, 0.1 * k + 0.3]) for k in range(10)]
+    args = build_parser().parse_args(
+        ["loadgen", "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99.9"]
+    )
+    config = {"percentile_metrics": args.percentile_metrics, "metric_percentiles": args.metric_percentiles}
+    v = record(config, summarize(runs, 2.0), runs)
+    ttft_ms = np.asarray([0.1 * k + 0.1 for k in range(10)]) * 1000
+    assert v["p99.9_ttft_ms"] == pytest.approx(np.percentile(ttft_ms, 99.9)) and "p99.9_e2el_ms" in v
+    assert v["p50_ttft_ms"] == v["median_ttft_ms"] and "p99_ttft_ms" not in v
+    assert not any(("tpot" in key or "itl" in key) and key.endswith("_ms") for key in v)
+    default = record({}, summarize(runs, 2.0), runs)
+    assert {f"p{p}_{m}_ms" for p in (50, 90, 99) for m in ("ttft", "tpot", "itl", "e2el")} <= set(default)
+    for argv in (["--percentile-metrics", "ttft,queue"], ["--metric-percentiles", "99,999"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["loadgen", *argv])
+        assert argv[1].split(",")[1] in capsys.readouterr().err

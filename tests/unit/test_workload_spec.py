@@ -33,6 +33,8 @@ NOT_WORKLOAD = {
     "backend",  # how the requests are sent (vLLM's --backend), not what they are
     "tokenizer",
     "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
+    "percentile_metrics",  # what vllm-result.json writes
+    "metric_percentiles",
 }
 
 
