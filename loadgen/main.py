@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
-from dlora.loadgen.options import NATS_SCHEMES
+from dlora.loadgen.options import NATS_SCHEMES, slo_seconds
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -249,7 +249,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 args.out,
                 console,
                 base_model=args.base_model,
-                slo=SLO(args.slo_ttft, args.slo_tpot, args.slo_e2e),
+                slo=SLO(*slo_seconds(args).values()),
                 max_retries=args.max_retries,
                 api_key=args.api_key,
                 max_concurrency=args.max_concurrency,

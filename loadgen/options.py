@@ -75,6 +75,32 @@ def ranks(text: str) -> list[int]:
     return [positive(r) for r in items]
 
 
+# vLLM's --goodput keys and the --slo-* option each sets
+GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
+
+
+def goodput(text: str) -> tuple[str, float]:
+    """An argparse type: one of vLLM's ``--goodput`` pairs, ``KEY:MILLISECONDS``, as the --slo-*
+    option it sets and its seconds."""
+    key, colon, ms = text.partition(":")
+    if not colon or key.strip() not in GOODPUT:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:MILLISECONDS, KEY one of {', '.join(GOODPUT)}")
+    return GOODPUT[key.strip()], above_zero(ms) / 1000
+
+
+def slo_seconds(args: argparse.Namespace) -> dict[str, float | None]:
+    """The --slo-* options' seconds, each set by --slo-X or by --goodput's key for it.
+
+    Raises:
+        ValueError: one given both ways, or twice in --goodput."""
+    slo = {name: getattr(args, name) for name in GOODPUT.values()}
+    for name, seconds in args.goodput or ():
+        if slo[name] is not None:
+            raise ValueError(f"--goodput sets --{name.replace('_', '-')} that is given already")
+        slo[name] = seconds
+    return slo
+
+
 # vLLM's --percentile-metrics names (its e2el is loadgen's e2e)
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 
@@ -130,6 +156,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--slo-e2e", type=above_zero, help="SLO on end-to-end latency (s; vLLM's --goodput e2el, there in ms)"
     )
     p.add_argument(
+        "--goodput",
+        nargs="+",
+        type=goodput,
+        metavar="KEY:MS",
+        help="vLLM's --goodput: SLOs in milliseconds, ttft:MS tpot:MS e2el:MS (the --slo-* options in seconds)",
+    )
+    p.add_argument(
         "--max-retries",
         type=count,
         default=0,
@@ -177,7 +210,11 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     # given, so that one given where it does nothing is refused (WorkloadSpec.from_args fills in
     # the defaults).
     p.add_argument(
-        "--requests", type=positive, default=_SPEC.requests, help=f"cap on requests (default {_SPEC.requests})"
+        "--requests",
+        "--num-prompts",
+        type=positive,
+        default=_SPEC.requests,
+        help=f"cap on requests (vLLM's --num-prompts; default {_SPEC.requests})",
     )
     p.add_argument(
         "--duration",
@@ -189,6 +226,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrivals", choices=get_args(Arrivals), default=_SPEC.arrivals)
     p.add_argument(
         "--rate",
+        "--request-rate",
         type=rate,
         default=_SPEC.rate,
         help="mean requests/s (trace replay is rescaled to it); inf sends every request at once, as vLLM's "
@@ -196,6 +234,12 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cv", type=above_zero, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"
+    )
+    p.add_argument(
+        "--burstiness",
+        type=above_zero,
+        help="vLLM's --burstiness, the gamma shape: gamma arrivals with --cv 1/sqrt(BURSTINESS) (1: Poisson's "
+        "gaps; below 1 burstier)",
     )
     p.add_argument(
         "--trace",

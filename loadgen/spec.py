@@ -101,6 +101,8 @@ class WorkloadSpec:
         for name in (*SCOPED_OPTIONS, "adapters"):  # not given: the default
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
+        if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
+            values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)
         values["trace"] = tuple(args.trace or ())
         if args.adapter_names is not None:  # "" too: refused, not the default count
             values["adapter_names"] = adapter_names(args.adapter_names)
@@ -117,6 +119,8 @@ class WorkloadSpec:
             if getattr(args, name) is not None and (value := getattr(args, selector)) not in where:
                 option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
                 return f"{option} applies to {chosen} {' or '.join(where)} only, not {value}"
+        if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
+            return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
         if args.adapter_names and args.adapters is not None:
             return "give --adapters or --adapter-names, not both (the names say how many)"
         if args.trace_format != "auto" and not args.trace:  # recorded as if it had read the bundled ones

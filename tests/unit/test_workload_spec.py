@@ -35,6 +35,8 @@ NOT_WORKLOAD = {
     "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
     "percentile_metrics",  # what vllm-result.json writes
     "metric_percentiles",
+    "goodput",  # vLLM's spelling of the --slo-* options
+    "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
 }
 
 

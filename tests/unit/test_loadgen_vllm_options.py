@@ -1,0 +1,53 @@
+"""``dlora loadgen`` takes the options a ``vllm bench serve`` user types first, with vLLM's meanings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dlora.loadgen.options import slo_seconds
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.vllm_record import _burstiness
+from dlora.services.cli import build_parser
+
+
+def test_vllms_spellings_of_the_workload_and_slo_options_are_taken() -> None:
+    """``--num-prompts 7 --request-rate 4 --burstiness 0.25 --goodput ttft:500 e2el:2000`` was refused
+    (unrecognized arguments): the user had to find loadgen's names (--requests, --rate, --arrivals
+    gamma --cv, --slo-* in seconds) for each. Each is taken with vLLM's meaning: burstiness the gamma
+    shape (CV 1/sqrt(B), recorded back as vLLM's burstiness), goodput's SLOs in milliseconds."""
+    argv = ["loadgen", "--num-prompts", "7", "--request-rate", "4", "--burstiness", "0.25"]
+    args = build_parser().parse_args([*argv, "--goodput", "ttft:500", "e2el:2000"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.requests, spec.rate, spec.arrivals, spec.cv) == (7, 4.0, "gamma", 2.0)
+    assert _burstiness(spec.options()) == pytest.approx(0.25)
+    assert slo_seconds(args) == {"slo_ttft": 0.5, "slo_tpot": None, "slo_e2e": 2.0}
+    plain = build_parser().parse_args(["loadgen", "--request-rate", "inf", "--slo-tpot", "0.05"])
+    assert math.isinf(WorkloadSpec.from_args(plain).rate) and WorkloadSpec.from_args(plain).arrivals == "poisson"
+    assert slo_seconds(plain) == {"slo_ttft": None, "slo_tpot": 0.05, "slo_e2e": None}
+
+
+@pytest.mark.parametrize(
+    "argv, refusal",
+    [
+        (["--goodput", "ttft:500", "--slo-ttft", "1"], "--goodput sets --slo-ttft that is given already"),
+        (["--burstiness", "2", "--arrivals", "gamma", "--cv", "3"], "give it or --cv"),
+        (["--burstiness", "2", "--arrivals", "trace"], "not with --arrivals trace"),
+    ],
+)
+def test_vllms_options_given_with_loadgens_own_for_the_same_thing_are_refused(
+    argv: list[str], refusal: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["loadgen", "--requests", "1", "--out", str(tmp_path), *argv])
+    assert args.func(args) == 2
+    assert refusal in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair", ["ttft=500", "queue:5", "ttft:-1", "tpot:x"])
+def test_a_goodput_pair_not_vllms_is_a_usage_error(pair: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", "--goodput", pair])
+    assert "--goodput" in capsys.readouterr().err
