@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dlora.loadgen import report
+from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
 from dlora.loadgen.options import NATS_SCHEMES, slo_seconds
@@ -85,6 +85,8 @@ async def run(
     ignore_eos: bool = True,
     percentile_metrics: tuple[str, ...] | None = None,
     metric_percentiles: tuple[float, ...] | None = None,
+    label: str | None = None,
+    metadata: list[tuple[str, str]] | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -95,8 +97,8 @@ async def run(
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
     API. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
     lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
-    vllm-result.json writes (None: every metric, at p50, p90, p99). Ctrl-C or SIGTERM stops sending;
-    the report is still written.
+    vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
+    value pairs) its keys of those names. Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -105,6 +107,9 @@ async def run(
         TraceError, ValueError, OSError: a trace cannot be read or the workload cannot be built,
             the target cannot be reached (NATS), the report cannot be written.
     """
+    shown = {"percentile_metrics": percentile_metrics, "metric_percentiles": metric_percentiles}
+    if clash := sorted({key for key, _ in metadata or ()} & vllm_record.taken(shown)):  # else lost after the run
+        raise ValueError(f"--metadata {', '.join(clash)}: vllm-result.json has that key of its own")
     traces = load_traces(spec)
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
@@ -209,7 +214,8 @@ async def run(
             | spec.options()
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
-            | {"percentile_metrics": percentile_metrics, "metric_percentiles": metric_percentiles}
+            | shown
+            | {"label": label, "metadata": metadata}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -258,6 +264,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 ignore_eos=args.ignore_eos,
                 percentile_metrics=args.percentile_metrics,
                 metric_percentiles=args.metric_percentiles,
+                label=args.label,
+                metadata=args.metadata,
             )
         )
     except (TraceError, ValueError, OSError) as e:

@@ -125,6 +125,14 @@ def metric_percentiles(text: str) -> tuple[float, ...]:
     return values
 
 
+def metadata(text: str) -> tuple[str, str]:
+    """An argparse type: one of vLLM's ``--metadata`` items, ``KEY=VALUE`` (the value may hold ``=``)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key.strip(), value.strip()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
@@ -195,6 +203,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=metric_percentiles,
         help="vllm-result.json: the percentiles it writes, comma-separated, e.g. 50,99,99.9 as p50_ttft_ms, "
         "p99_ttft_ms, p99.9_ttft_ms (vLLM's --metric-percentiles; default 50,90,99)",
+    )
+    p.add_argument("--label", help="vllm-result.json's label, as vLLM's --label (default: none)")
+    p.add_argument(
+        "--metadata",
+        nargs="+",
+        type=metadata,
+        metavar="KEY=VALUE",
+        help="vllm-result.json: these keys and their string values beside its own (vLLM's --metadata, e.g. "
+        "version=0.3.3 tp=1); a key the record has already is refused",
     )
     p.add_argument(
         "--out",

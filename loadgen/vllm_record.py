@@ -10,7 +10,7 @@ import datetime
 
 import numpy as np
 
-from dlora.loadgen.metrics import RequestResult, samples
+from dlora.loadgen.metrics import RequestResult, samples, summarize
 
 # result.json's, vllm-result.json's unless --metric-percentiles names others (vLLM's default: 99 only)
 PERCENTILES = (50.0, 90.0, 99.0)
@@ -38,6 +38,11 @@ def peaks(done: list[RequestResult]) -> tuple[float, int]:
     return float(seconds.max()) if has_events else 0.0, int(in_flight.max())
 
 
+def taken(config: dict) -> set[str]:
+    """The keys the record of a run so configured writes of its own (a --metadata key must be none)."""
+    return set(record(config | {"metadata": None}, summarize([], 1.0), []))
+
+
 def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     """vLLM's record of the run described by ``config`` and ``summary`` (main.run's) over
     ``results``. Where a metric has no sample (no completed request, only one-token outputs for
@@ -53,6 +58,7 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "date": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
         "endpoint_type": backend,  # vLLM writes both, the older name for older readers
         "backend": backend,
+        "label": config.get("label"),
         "model_id": config.get("base_model"),
         "tokenizer_id": config.get("tokenizer"),  # completions: None, prompts go as token ids, counted exactly
         # the requests its lists hold (vLLM's: completed + failed): a duration or Ctrl-C that ended
@@ -89,6 +95,8 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "max_concurrent_requests": most_in_flight,
         "rtfx": 0.0,  # vLLM's speech-recognition figure (seconds of audio in a second): no audio here
     }
+    # vLLM's --metadata: the user's keys beside the record's (one of these refused before the run)
+    out |= dict(config.get("metadata") or ())
     # vLLM writes the figures of the metrics --percentile-metrics names only, at --metric-percentiles
     chosen = config.get("percentile_metrics") or METRICS.values()
     percentiles = config.get("metric_percentiles") or PERCENTILES

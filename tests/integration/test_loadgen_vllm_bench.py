@@ -103,3 +103,18 @@ async def test_vllms_record_has_queue_times_and_peaks_under_max_concurrency(tmp_
     sends, waits = [v["start_times"][i] for i in order], [v["queue_times"][i] for i in order]
     first_ended = sends[0] + v["latencies"][order[0]]
     assert waits[0] < waits[1] < waits[2] and all(s - w < first_ended for s, w in zip(sends, waits))
+
+
+async def test_label_and_metadata_are_vllm_result_keys(tmp_path: Path) -> None:
+    """vLLM's --label and --metadata KEY=VALUE (a run's version, its tensor parallelism: how its
+    users tell records apart) were refused by dlora loadgen; they are keys of vllm-result.json now."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, LAST])
+
+    args = build_parser().parse_args(["loadgen", "--label", "dlora-a", "--metadata", "version=0.3.3", "cmd=a=b"])
+    spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
+    async with serving(completions) as url:
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), label=args.label, metadata=args.metadata)
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert (v["label"], v["version"], v["cmd"], v["completed"]) == ("dlora-a", "0.3.3", "a=b", 2)

@@ -36,6 +36,9 @@ def test_vllms_spellings_of_the_workload_and_slo_options_are_taken() -> None:
         (["--goodput", "ttft:500", "--slo-ttft", "1"], "--goodput sets --slo-ttft that is given already"),
         (["--burstiness", "2", "--arrivals", "gamma", "--cv", "3"], "give it or --cv"),
         (["--burstiness", "2", "--arrivals", "trace"], "not with --arrivals trace"),
+        # a key of the record's own: one of the two lost after the run
+        (["--metadata", "tp=1", "date=today"], "--metadata date: vllm-result.json has that key"),
+        (["--metric-percentiles", "99.9", "--metadata", "p99.9_ttft_ms=1"], "p99.9_ttft_ms: vllm-result.json"),
     ],
 )
 def test_vllms_options_given_with_loadgens_own_for_the_same_thing_are_refused(

@@ -36,6 +36,8 @@ NOT_WORKLOAD = {
     "percentile_metrics",  # what vllm-result.json writes
     "metric_percentiles",
     "goodput",  # vLLM's spelling of the --slo-* options
+    "label",  # vllm-result.json's keys
+    "metadata",
     "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
 }
 
