@@ -75,6 +75,14 @@ def ranks(text: str) -> list[int]:
     return [positive(r) for r in items]
 
 
+def range_ratio(text: str) -> float:
+    """An argparse type: vLLM's ``--random-range-ratio``, in [0, 1)."""
+    value = float(_at_least(float, 0)(text))
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not below 1 (a length could be drawn as 0)")
+    return value
+
+
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
 
@@ -274,13 +282,37 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         default=_SPEC.trace_format,
         help="format of every --trace (auto: sniffed from each file's first row)",
     )
-    p.add_argument("--lengths", choices=get_args(Lengths), default=_SPEC.lengths)
+    p.add_argument(
+        "--lengths",
+        choices=get_args(Lengths),
+        default=_SPEC.lengths,
+        help="random: vLLM's random dataset's lengths (--random-range-ratio around --prompt-len and --output-len)",
+    )
+    p.add_argument(
+        "--dataset-name",
+        dest="lengths",
+        choices=("random",),
+        default=argparse.SUPPRESS,
+        help="vLLM's --dataset-name random: --lengths random (its other datasets are texts loadgen does not send)",
+    )
     p.add_argument(
         "--prompt-len",
+        "--random-input-len",
         type=positive,
-        help=f"fixed: the prompt's tokens; uniform: the most (default {_SPEC.prompt_len})",
+        help=f"fixed, random: the prompt's tokens; uniform: the most (default {_SPEC.prompt_len})",
     )
-    p.add_argument("--output-len", type=positive, help=f"the same for outputs (default {_SPEC.output_len})")
+    p.add_argument(
+        "--output-len",
+        "--random-output-len",
+        type=positive,
+        help=f"the same for outputs (default {_SPEC.output_len})",
+    )
+    p.add_argument(
+        "--random-range-ratio",
+        type=range_ratio,
+        help="random: each length drawn uniformly within this fraction of --prompt-len/--output-len, in [0, 1) "
+        f"(vLLM's; default {_SPEC.random_range_ratio:g})",
+    )
     p.add_argument(
         "--length-divide",
         type=above_zero,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import argparse
 
 Arrivals = Literal["poisson", "gamma", "trace"]
-Lengths = Literal["trace", "fixed", "uniform"]
+Lengths = Literal["trace", "fixed", "uniform", "random"]
 Popularity = Literal["uniform", "zipf", "power", "stride"]
 
 
@@ -53,11 +53,15 @@ class WorkloadSpec:
     trace_format: str = "auto"
     """Format of every trace (``traces.FORMATS``); ``auto`` sniffs each from its first row."""
     lengths: Lengths = "trace"
-    """Prompt/output lengths: from the request trace (scaled), fixed, or uniform in [1, len]."""
+    """Prompt/output lengths: from the request trace (scaled), fixed, uniform in [1, len], or vLLM's
+    random dataset's, uniform within ``random_range_ratio`` of each length."""
     prompt_len: int = 32
     """Fixed lengths: prompt tokens; uniform: the largest prompt drawn."""
     output_len: int = 32
     """Fixed lengths: output tokens; uniform: the largest output drawn."""
+    random_range_ratio: float = 0.0
+    """Random lengths: each in [floor(len (1 - r)), ceil(len (1 + r))], an output at least 1 token
+    (vLLM's --random-range-ratio, in [0, 1)); 0: the lengths themselves."""
     length_divide: float = 1.0
     """Trace lengths (and Mooncake prompt blocks) are divided by this, then capped."""
     max_prompt: int = 256
@@ -92,6 +96,8 @@ class WorkloadSpec:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if not 0 <= self.random_range_ratio < 1:  # vLLM's bound: at 1 an input could be empty
+            raise ValueError(f"random_range_ratio {self.random_range_ratio}: expected at least 0 and below 1")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkloadSpec:
@@ -118,7 +124,8 @@ class WorkloadSpec:
         for name, (selector, where) in SCOPED_OPTIONS.items():
             if getattr(args, name) is not None and (value := getattr(args, selector)) not in where:
                 option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
-                return f"{option} applies to {chosen} {' or '.join(where)} only, not {value}"
+                listed = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]
+                return f"{option} applies to {chosen} {listed} only, not {value}"
         if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
             return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
         if args.adapter_names and args.adapters is not None:
@@ -146,8 +153,9 @@ class WorkloadSpec:
 _DEFAULTS = WorkloadSpec()
 # The options that apply to some choices of another only: name -> (that option, its choices).
 SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "prompt_len": ("lengths", ("fixed", "uniform")),
-    "output_len": ("lengths", ("fixed", "uniform")),
+    "prompt_len": ("lengths", ("fixed", "uniform", "random")),
+    "output_len": ("lengths", ("fixed", "uniform", "random")),
+    "random_range_ratio": ("lengths", ("random",)),
     "length_divide": ("lengths", ("trace",)),
     "max_prompt": ("lengths", ("trace",)),
     "max_output": ("lengths", ("trace",)),

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +224,8 @@ def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[Reques
         scaling = LengthScaling()
         if spec.lengths == "fixed":
             rows = [LLMRequestRow(0.0, spec.prompt_len, spec.output_len)]
+        elif spec.lengths == "random":
+            rows = _random_rows(spec, rng)
         else:
             rows = [
                 LLMRequestRow(0.0, int(p), int(o))
@@ -241,6 +244,18 @@ def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[Reques
         lengths_in_order=spec.arrivals == "trace" and spec.lengths == "trace",
         block_tokens=_replayed(trace).block_tokens if spec.lengths == "trace" else None,
     )
+
+
+def _random_rows(spec: WorkloadSpec, rng: np.random.Generator) -> list[LLMRequestRow]:
+    """Lengths as vLLM's random dataset draws them: each uniform in [floor(len (1 - r)),
+    ceil(len (1 + r))] for ``spec.random_range_ratio`` r, every bound at least one token."""
+    r = spec.random_range_ratio
+    bounds = [
+        (max(1, math.floor(n * (1 - r))), max(1, math.ceil(n * (1 + r)))) for n in (spec.prompt_len, spec.output_len)
+    ]
+    (p_low, p_high), (o_low, o_high) = bounds
+    drawn = zip(rng.integers(p_low, p_high + 1, 1000), rng.integers(o_low, o_high + 1, 1000))
+    return [LLMRequestRow(0.0, int(p), int(o)) for p, o in drawn]
 
 
 def _replayed(trace: RequestTrace | None) -> RequestTrace:

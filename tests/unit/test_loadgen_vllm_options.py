@@ -10,6 +10,7 @@ import pytest
 from dlora.loadgen.options import slo_seconds
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_record import _burstiness
+from dlora.loadgen.workload import build_specs
 from dlora.services.cli import build_parser
 
 
@@ -54,3 +55,33 @@ def test_a_goodput_pair_not_vllms_is_a_usage_error(pair: str, capsys: pytest.Cap
     with pytest.raises(SystemExit):
         build_parser().parse_args(["loadgen", "--goodput", pair])
     assert "--goodput" in capsys.readouterr().err
+
+
+def test_vllms_random_dataset_lengths_are_drawn_as_vllm_draws_them() -> None:
+    """``--dataset-name random --random-input-len 100 --random-output-len 10 --random-range-ratio 0.5``,
+    vLLM's most common workload, was refused: loadgen's nearest (--lengths uniform) draws in [1, len].
+    vLLM draws each length uniformly in [floor(len (1 - r)), ceil(len (1 + r))], an output at least
+    one token; ratio 0 is the lengths themselves; 1 and above refused (an input could be empty)."""
+    argv = ["loadgen", "--dataset-name", "random", "--random-input-len", "100", "--random-output-len", "3"]
+    args = build_parser().parse_args([*argv, "--random-range-ratio", "0.5", "--num-prompts", "400"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.lengths, spec.prompt_len, spec.output_len, spec.random_range_ratio) == ("random", 100, 3, 0.5)
+    requests = build_specs(spec)
+    assert {r.prompt_len for r in requests} <= set(range(50, 151)) and {r.output_len for r in requests} == {
+        1,
+        2,
+        3,
+        4,
+        5,
+    }
+    assert min(r.prompt_len for r in requests) < 60 and max(r.prompt_len for r in requests) > 140
+    exact = build_specs(WorkloadSpec.from_args(build_parser().parse_args(argv)))
+    assert {(r.prompt_len, r.output_len) for r in exact} == {(100, 3)}
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--random-range-ratio", bad])
+    with pytest.raises(ValueError, match="random_range_ratio"):
+        WorkloadSpec(lengths="random", random_range_ratio=1.0)
+    given = build_parser().parse_args(["loadgen", "--lengths", "fixed", "--random-range-ratio", "0.2"])
+    assert WorkloadSpec.unused_option(given) == "--random-range-ratio applies to --lengths random only, not fixed"

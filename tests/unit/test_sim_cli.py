@@ -92,7 +92,10 @@ def test_a_bounded_host_memory_reads_adapters_from_disk(tmp_path: Path) -> None:
         (["--rate", "0.001", "--duration", "1"], "the workload holds no request"),
         (["--lengths", "uniform", "--max-prompt", "256"], "--max-prompt applies to --lengths trace only, not uniform"),
         (["--migrate-interval", "2"], "--migrate-interval applies with --migrate only"),  # a user's trial: ignored
-        (["--lengths", "trace", "--prompt-len", "64"], "--prompt-len applies to --lengths fixed or uniform only"),
+        (
+            ["--lengths", "trace", "--prompt-len", "64"],
+            "--prompt-len applies to --lengths fixed, uniform or random only",
+        ),
         (["--lengths", "fixed", "--prompt-len", "5000"], "a prompt has 5000 tokens; the simulated model's context"),
         (["--popularity", "power", "--alpha", "0"], "alpha must be > 0"),
         (["--popularity", "zipf", "--alpha", "-1"], "alpha must be >= 0"),

@@ -99,7 +99,8 @@ def test_from_args_parses_the_cli_spellings_and_options_gives_them_back() -> Non
     assert workload.adapter_names(spec) == ["a", None, "b"]
     # result.json records the spec as the options that made it
     given = {k: v for k, v in vars(args).items() if k not in NOT_WORKLOAD}
-    assert spec.options() == given | {"adapters": 3}  # as many as the names (--adapters is not given with them)
+    # as many adapters as the names (--adapters is not given with them); --random-range-ratio is random lengths'
+    assert spec.options() == given | {"adapters": 3, "random_range_ratio": 0.0}
     assert WorkloadSpec().options()["trace"] is None and WorkloadSpec().options()["adapter_names"] is None
 
 
@@ -307,7 +308,7 @@ def test_a_length_option_given_where_it_does_nothing_is_named() -> None:
         "--max-prompt applies to --lengths trace only, not uniform"
     )
     assert problem("--lengths", "trace", "--output-len", "8") == (
-        "--output-len applies to --lengths fixed or uniform only, not trace"
+        "--output-len applies to --lengths fixed, uniform or random only, not trace"
     )
     assert problem("--lengths", "uniform", "--prompt-len", "256") is None and problem("--max-output", "9") is None
     # the same kind beyond lengths (a user's trial: recorded in result.json as if used)
