@@ -87,6 +87,7 @@ async def run(
     metric_percentiles: tuple[float, ...] | None = None,
     label: str | None = None,
     metadata: list[tuple[str, str]] | None = None,
+    result_filename: str | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -98,7 +99,8 @@ async def run(
     API. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
     lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
     vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
-    value pairs) its keys of those names. Ctrl-C or SIGTERM stops sending; the report is still written.
+    value pairs) its keys of those names; ``result_filename`` its name (vLLM's --result-filename; None:
+    vllm-result.json). Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -124,7 +126,8 @@ async def run(
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)  # OSError now, not after the run
-    if taken := [name for name in report.FILES if (out / name).is_dir()]:
+    names = [name for name in report.FILES if name != report.VLLM_RECORD] + [result_filename or report.VLLM_RECORD]
+    if taken := [name for name in names if (out / name).is_dir()]:
         raise IsADirectoryError(f"--out {out}: {', '.join(taken)} is a folder; the report writes a file there")
     tempfile.TemporaryFile(dir=out).close()  # a folder this run cannot write to: OSError now, likewise
     if not target.startswith(NATS_SCHEMES):  # a connection a request in flight (NATS: one for all)
@@ -215,7 +218,7 @@ async def run(
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
             | shown
-            | {"label": label, "metadata": metadata}
+            | {"label": label, "metadata": metadata, "result_filename": result_filename}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -266,6 +269,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 metric_percentiles=args.metric_percentiles,
                 label=args.label,
                 metadata=args.metadata,
+                result_filename=args.result_filename,
             )
         )
     except (TraceError, ValueError, OSError) as e:
@@ -279,7 +283,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
         console.print(f"interrupted ({by}): sending stopped after {summary['sent']} of {summary['planned']}")
     console.print(
         f"failed {summary['failed']}, cut {summary['cut']}, lost {summary['lost']} of {summary['sent']} sent  ->  "
-        f"{Path(args.out) / 'result.json'}, vllm-result.json, report.png, report.html"
+        f"{Path(args.out) / 'result.json'}, {args.result_filename or report.VLLM_RECORD}, report.png, report.html"
     )
     # A run where nothing completed failed, though its requests were only cut (a server that
     # answers nothing, or too slowly for the run: it exited 0).

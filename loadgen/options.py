@@ -141,6 +141,15 @@ def metadata(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def result_filename(text: str) -> str:
+    """An argparse type: a file name in --out (no folder in it), none of the report's other files."""
+    if not text or "/" in text or text in (".", "..") or text in ("result.json", "report.png", "report.html"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a file name in --out, other than result.json, report.png, report.html"
+        )
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
@@ -223,9 +232,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--out",
+        "--result-dir",
         default="loadgen-results",
-        help="folder for result.json, vllm-result.json, report.png, report.html (default %(default)s)",
+        help="folder for result.json, vllm-result.json, report.png, report.html (vLLM's --result-dir; default "
+        "%(default)s)",
     )
+    p.add_argument(
+        "--result-filename",
+        type=result_filename,
+        metavar="NAME",
+        help="the vLLM-shaped record's file name in --out (vLLM's --result-filename; default vllm-result.json)",
+    )
+    for option in ("--save-result", "--save-detailed"):  # a vLLM command line's: what loadgen always does
+        p.add_argument(
+            option,
+            action="store_true",
+            help="taken from vLLM's command lines: the record is always saved, its per-request lists with it",
+        )
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:

@@ -89,6 +89,7 @@ def plot(results: list[RequestResult], by_adapter: dict[str, dict], end_s: float
 
 
 FILES = ("result.json", "vllm-result.json", "report.png", "report.html")  # what ``write`` writes in its folder
+VLLM_RECORD = FILES[1]  # the vLLM-shaped record's name unless config's result_filename names another
 
 
 def write(
@@ -107,7 +108,8 @@ def write(
         )
         + "\n"
     )
-    (out / "vllm-result.json").write_text(json.dumps(vllm_record.record(config, summary, results), indent=2) + "\n")
+    vllm_name = config.get("result_filename") or VLLM_RECORD  # vLLM's --result-filename
+    (out / vllm_name).write_text(json.dumps(vllm_record.record(config, summary, results), indent=2) + "\n")
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(

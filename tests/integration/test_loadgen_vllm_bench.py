@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from rich.console import Console
 
@@ -118,3 +119,29 @@ async def test_label_and_metadata_are_vllm_result_keys(tmp_path: Path) -> None:
         await run(spec, url, tmp_path, Console(file=io.StringIO()), label=args.label, metadata=args.metadata)
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert (v["label"], v["version"], v["cmd"], v["completed"]) == ("dlora-a", "0.3.3", "a=b", 2)
+
+
+async def test_a_vllm_bench_command_line_saves_its_record_where_it_says(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vLLM user's command line ends in ``--save-result --save-detailed --result-dir DIR
+    --result-filename NAME``: dlora loadgen refused all four. The record goes to DIR/NAME (with
+    loadgen's own report beside it); --save-result and --save-detailed say what loadgen always does.
+    A name that is a path or one of the report's other files is a usage error."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, LAST])
+
+    argv = ["loadgen", "--dataset-name", "random", "--random-input-len", "4", "--random-output-len", "2"]
+    argv += ["--num-prompts", "3", "--request-rate", "inf", "--save-result", "--save-detailed"]
+    args = build_parser().parse_args([*argv, "--result-dir", str(tmp_path), "--result-filename", "run1.json"])
+    spec = WorkloadSpec.from_args(args)
+    async with serving(completions) as url:
+        await run(spec, url, args.out, Console(file=io.StringIO()), result_filename=args.result_filename)
+    v = json.loads((tmp_path / "run1.json").read_text())
+    assert v["completed"] == 3 and len(v["ttfts"]) == 3 and (tmp_path / "result.json").exists()
+    assert not (tmp_path / "vllm-result.json").exists()
+    for name in ("result.json", "a/b.json", ".."):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["loadgen", "--result-filename", name])
+        assert "a file name in --out" in capsys.readouterr().err

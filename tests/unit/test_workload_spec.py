@@ -36,6 +36,9 @@ NOT_WORKLOAD = {
     "percentile_metrics",  # what vllm-result.json writes
     "metric_percentiles",
     "goodput",  # vLLM's spelling of the --slo-* options
+    "result_filename",  # vllm-result.json's name, and vLLM's --save-result/--save-detailed: always so
+    "save_result",
+    "save_detailed",
     "label",  # vllm-result.json's keys
     "metadata",
     "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
