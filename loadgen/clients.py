@@ -306,6 +306,7 @@ class NatsClient:
         if r.first_token_s is None:
             r.first_token_s = now
         r.tokens += len(chunk.token_ids)
+        r.text += chunk.text  # the worker's detokenized text (vllm-result.json's generated_texts)
         r.token_times.append(now)
         if chunk.finish_reason:
             r.finish_s = now

@@ -29,7 +29,7 @@ class RequestResult:
     retry_reasons: list[str] = field(default_factory=list)  # why each earlier try was retried (--max-retries)
     prompt_len: int = 0  # prompt tokens sent (exact: the prompt goes as token ids)
     queued_s: float = 0.0  # waited for a slot under --max-concurrency before it was sent (vLLM's queue time)
-    text: str = ""  # the answer's content as streamed (vLLM's generated_text; HTTP only, NATS sends ids)
+    text: str = ""  # the answer's content as streamed (vLLM's generated_text)
 
     @property
     def completed(self) -> bool:

@@ -86,7 +86,7 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "start_times": [r.arrival_s for r in sent],
         # seconds each waited for a --max-concurrency slot before its send (vLLM's client queue time)
         "queue_times": [r.queued_s for r in sent],
-        # what each streamed (its content; HTTP only: NATS answers token ids), a failed one's up to its end
+        # what each streamed (its content; over NATS the worker's text), a failed one's up to its end
         "generated_texts": [r.text for r in sent],
         "errors": [
             "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent

@@ -48,6 +48,9 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     assert "lost" in (tmp_path / "console.txt").read_text()
+    # vLLM's generated_texts: each answer's text, over NATS too (the worker's chunks carry it)
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert len(v["generated_texts"]) == 24 and any(v["generated_texts"]), v["generated_texts"]
 
 
 async def _run_chat(spec: WorkloadSpec, url: str, out: Path, model: Path) -> dict:
