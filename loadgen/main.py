@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
-from dlora.loadgen.options import NATS_SCHEMES, slo_seconds
+from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, slo_seconds
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -241,6 +241,10 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError("--max-retries: retries are of HTTP answers (429, 503); a NATS target has none")
         if args.api_key is not None and args.target.startswith(NATS_SCHEMES):  # (it was dropped silently)
             raise ValueError("--api-key is the gateway's; a NATS target takes its user and password in the URL")
+        if args.endpoint not in (None, ENDPOINTS[args.backend]):  # vLLM's bench posted one body to the other
+            raise ValueError(
+                f"--endpoint {args.endpoint} is not --backend {args.backend}'s ({ENDPOINTS[args.backend]})"
+            )
         chat = args.backend == "openai-chat"
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")

@@ -53,6 +53,7 @@ def rate(text: str) -> float:
 
 # vLLM's benchmark's names for the completions and the chat completions APIs (its --backend).
 BACKENDS = ("openai", "openai-chat")
+ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}  # the path each posts to
 
 # A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
 NATS_SCHEMES = ("nats://", "tls://")
@@ -154,11 +155,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
         "--target",
+        "--base-url",
         type=_target,
         default="http://127.0.0.1:8000",
         help="gateway URL (http://...) or NATS URL (nats://..., tls://...) (default %(default)s)",
     )
-    p.add_argument("--base-model", default="model", help="the base model's name at the gateway")
+    p.add_argument(
+        "--base-model", "--model", default="model", help="the base model's name at the gateway (vLLM's --model)"
+    )
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
     p.add_argument(
         "--backend",
@@ -167,6 +171,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="openai: the prompt as token ids to /v1/completions; openai-chat: as text, in one user message, to "
         "/v1/chat/completions (vLLM's --backend openai-chat --endpoint /v1/chat/completions), through the "
         "server's chat template; HTTP targets only (default %(default)s)",
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=tuple(ENDPOINTS.values()),
+        help="vLLM's --endpoint: the path --backend posts to, given with it (default: the backend's)",
     )
     p.add_argument(
         "--tokenizer",

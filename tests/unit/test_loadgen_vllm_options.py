@@ -31,12 +31,23 @@ def test_vllms_spellings_of_the_workload_and_slo_options_are_taken() -> None:
     assert slo_seconds(plain) == {"slo_ttft": None, "slo_tpot": 0.05, "slo_e2e": None}
 
 
+def test_vllms_names_of_the_target_the_model_and_the_endpoint_are_taken() -> None:
+    """``--base-url URL --model NAME --backend openai-chat --endpoint /v1/chat/completions``, how a
+    vLLM bench command line names where it sends: each refused by dlora loadgen (its --target,
+    --base-model, and no --endpoint at all)."""
+    argv = ["--base-url", "http://10.0.0.2:8000", "--model", "llama", "--backend", "openai-chat"]
+    args = build_parser().parse_args(["loadgen", *argv, "--endpoint", "/v1/chat/completions"])
+    assert (args.target, args.base_model, args.endpoint) == ("http://10.0.0.2:8000", "llama", "/v1/chat/completions")
+
+
 @pytest.mark.parametrize(
     "argv, refusal",
     [
         (["--goodput", "ttft:500", "--slo-ttft", "1"], "--goodput sets --slo-ttft that is given already"),
         (["--burstiness", "2", "--arrivals", "gamma", "--cv", "3"], "give it or --cv"),
         (["--burstiness", "2", "--arrivals", "trace"], "not with --arrivals trace"),
+        # vLLM's bench posted the completions body to the chat path (every request failed)
+        (["--endpoint", "/v1/chat/completions"], "--endpoint /v1/chat/completions is not --backend openai's"),
         # a key of the record's own: one of the two lost after the run
         (["--metadata", "tp=1", "date=today"], "--metadata date: vllm-result.json has that key"),
         (["--metric-percentiles", "99.9", "--metadata", "p99.9_ttft_ms=1"], "p99.9_ttft_ms: vllm-result.json"),

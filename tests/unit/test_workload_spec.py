@@ -31,6 +31,7 @@ NOT_WORKLOAD = {
     "api_key",
     "max_concurrency",
     "backend",  # how the requests are sent (vLLM's --backend), not what they are
+    "endpoint",  # vLLM's spelling of the backend's path
     "tokenizer",
     "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
     "percentile_metrics",  # what vllm-result.json writes
