@@ -354,6 +354,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output", type=positive, help=f"(default {_SPEC.max_output})")
     p.add_argument("--adapters", type=positive, help=f"adapters lora-0..N-1 (default {_SPEC.adapters})")
     p.add_argument("--adapter-names", help="comma-separated names instead (- is the base model)")
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME",
+        help="vLLM's --lora-modules: the adapters by name, space-separated (--adapter-names a,b); each request's "
+        "drawn by --popularity (uniform: vLLM's random assignment)",
+    )
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
     p.add_argument("--alpha", type=_finite, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")
     p.add_argument(

@@ -110,6 +110,9 @@ class WorkloadSpec:
         if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
             values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)
         values["trace"] = tuple(args.trace or ())
+        if (modules := getattr(args, "lora_modules", None)) is not None:  # vLLM's spelling, names apart
+            values["adapter_names"] = adapter_names(",".join(modules))
+            values["adapters"] = len(values["adapter_names"])
         if args.adapter_names is not None:  # "" too: refused, not the default count
             values["adapter_names"] = adapter_names(args.adapter_names)
             values["adapters"] = len(values["adapter_names"])  # as result.json records it
@@ -128,6 +131,8 @@ class WorkloadSpec:
                 return f"{option} applies to {chosen} {listed} only, not {value}"
         if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
             return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
+        if getattr(args, "lora_modules", None) and (args.adapter_names is not None or args.adapters is not None):
+            return "--lora-modules names the adapters: give it, --adapter-names or --adapters, one of them"
         if args.adapter_names and args.adapters is not None:
             return "give --adapters or --adapter-names, not both (the names say how many)"
         if args.trace_format != "auto" and not args.trace:  # recorded as if it had read the bundled ones

@@ -40,12 +40,26 @@ def test_vllms_names_of_the_target_the_model_and_the_endpoint_are_taken() -> Non
     assert (args.target, args.base_model, args.endpoint) == ("http://10.0.0.2:8000", "llama", "/v1/chat/completions")
 
 
+def test_vllms_lora_modules_are_the_adapters_requests_go_to() -> None:
+    """``--lora-modules sql-lora chat-lora``, vLLM's bench's multi-LoRA option (each request to one
+    of them at random) was refused; it names the adapters, drawn by the popularity (uniform: vLLM's
+    random assignment), recorded as --adapter-names."""
+    args = build_parser().parse_args(["loadgen", "--lora-modules", "sql-lora", "chat-lora", "--num-prompts", "50"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.adapter_names, spec.adapters) == (("sql-lora", "chat-lora"), 2)
+    assert spec.options()["adapter_names"] == "sql-lora,chat-lora"
+    assert {r.adapter for r in build_specs(spec)} == {"sql-lora", "chat-lora"}
+
+
 @pytest.mark.parametrize(
     "argv, refusal",
     [
         (["--goodput", "ttft:500", "--slo-ttft", "1"], "--goodput sets --slo-ttft that is given already"),
         (["--burstiness", "2", "--arrivals", "gamma", "--cv", "3"], "give it or --cv"),
         (["--burstiness", "2", "--arrivals", "trace"], "not with --arrivals trace"),
+        (["--lora-modules", "a", "b", "--adapters", "3"], "give it, --adapter-names or --adapters, one of them"),
+        (["--lora-modules", "a", "a"], "names a more than once"),
         # vLLM's bench posted the completions body to the chat path (every request failed)
         (["--endpoint", "/v1/chat/completions"], "--endpoint /v1/chat/completions is not --backend openai's"),
         # a key of the record's own: one of the two lost after the run

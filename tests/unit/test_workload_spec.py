@@ -43,6 +43,7 @@ NOT_WORKLOAD = {
     "label",  # vllm-result.json's keys
     "metadata",
     "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
+    "lora_modules",  # vLLM's spelling of --adapter-names (likewise)
 }
 
 
