@@ -46,6 +46,7 @@ class HttpClient:
         chat_text: Callable[[list[int]], str] | None = None,
         ignore_eos: bool = True,
         count_tokens: Callable[[str], int] | None = None,
+        sampling: Mapping[str, object] | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         # vLLM's --ignore-eos (which its random dataset turns on, as the workload's prompts are random):
@@ -54,6 +55,9 @@ class HttpClient:
         # Output tokens where the server's usage says none (vLLM's bench counts the generated text's
         # tokens with its tokenizer); None: one a streamed event
         self.count_tokens = count_tokens
+        # vLLM's --temperature/--top-p/--top-k and --extra-body, over loadgen's greedy default, each
+        # request's own fields last (an extra body does not change the prompt or its length)
+        self.sampling = {"temperature": 0} | dict(sampling or {})
         # vLLM's --backend openai-chat: the prompt's ids as text (their tokenizer's decode) in one user
         # message, through the server's chat template and tokenizer; None: ids to /v1/completions.
         self.chat_text = chat_text
@@ -92,12 +96,11 @@ class HttpClient:
     def body(self, index: int, spec: RequestSpec) -> tuple[str, dict]:
         """The endpoint and the request body of request ``index``: vLLM's benchmark's for its
         ``openai`` backend (completions, here of token ids) or its ``openai-chat`` backend."""
-        common = {
-            "model": spec.adapter or self.base_model,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        } | ({"ignore_eos": True} if self.ignore_eos else {})
+        common = (
+            self.sampling
+            | {"model": spec.adapter or self.base_model, "stream": True, "stream_options": {"include_usage": True}}
+            | ({"ignore_eos": True} if self.ignore_eos else {})
+        )
         ids = prompt_ids(index, spec)
         if self.chat_text is None:
             return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
@@ -249,8 +252,16 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 class NatsClient:
     """GenerateRequest on the request subject; TokenChunks on one reply subscription for the run."""
 
-    def __init__(self, nc: nats.NATS, clock: Callable[[], float], user: str = "app", ignore_eos: bool = True) -> None:
+    def __init__(
+        self,
+        nc: nats.NATS,
+        clock: Callable[[], float],
+        user: str = "app",
+        ignore_eos: bool = True,
+        sampling: Mapping[str, float] | None = None,
+    ) -> None:
         self.nc, self.clock, self.ignore_eos = nc, clock, ignore_eos
+        self.sampling = dict(sampling or {})  # SamplingParams' temperature, top_p, top_k where given
         # Replies under the NATS user's own subjects (the only ones it may read where the server
         # has users: common/permissions.py), then this run's.
         self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
@@ -261,7 +272,9 @@ class NatsClient:
         self.next_seq: dict[str, int] = {}
 
     @classmethod
-    async def connect(cls, url: str, clock: Callable[[], float], ignore_eos: bool = True) -> NatsClient:
+    async def connect(
+        cls, url: str, clock: Callable[[], float], ignore_eos: bool = True, sampling: Mapping[str, float] | None = None
+    ) -> NatsClient:
         """Connected to ``url``, or OSError with the server's last word after two retries (a wrong
         password or a server that is not there: nats-py's defaults retried for two minutes, printing
         a traceback a second)."""
@@ -284,7 +297,7 @@ class NatsClient:
             last = errors[-1] if errors else e
             reason = str(last) or type(last).__name__  # some of nats-py's errors say nothing
             raise OSError(f"cannot connect to NATS at {redacted(url)}: {reason}") from None
-        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app", ignore_eos)
+        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app", ignore_eos, sampling)
         made.append(client)
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
@@ -322,7 +335,9 @@ class NatsClient:
             adapter=spec.adapter,
             prompt_token_ids=prompt_ids(index, spec),
             created=time.time(),
-            params=SamplingParams(max_tokens=spec.output_len, ignore_eos=self.ignore_eos),
+            params=msgspec.convert(
+                self.sampling | {"max_tokens": spec.output_len, "ignore_eos": self.ignore_eos}, SamplingParams
+            ),
         )
         try:
             await self.nc.publish(self.subject, msgspec.json.encode(req))

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
-from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, slo_seconds
+from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, sampling_of, slo_seconds
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -88,6 +88,7 @@ async def run(
     label: str | None = None,
     metadata: list[tuple[str, str]] | None = None,
     result_filename: str | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -100,7 +101,9 @@ async def run(
     lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
     vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
     value pairs) its keys of those names; ``result_filename`` its name (vLLM's --result-filename; None:
-    vllm-result.json). Ctrl-C or SIGTERM stops sending; the report is still written.
+    vllm-result.json). ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
+    --temperature, --top-p, --top-k; over HTTP its --extra-body's too). Ctrl-C or SIGTERM stops
+    sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -134,7 +137,7 @@ async def run(
         allow_open_files(min(max_concurrency or len(requests), len(requests)), console)
     clock = Clock()
     client = (
-        await NatsClient.connect(target, clock, ignore_eos)
+        await NatsClient.connect(target, clock, ignore_eos, sampling)
         if target.startswith(NATS_SCHEMES)
         else HttpClient(
             target,
@@ -145,6 +148,7 @@ async def run(
             chat_text=chat_text,
             ignore_eos=ignore_eos,
             count_tokens=count_tokens,
+            sampling=sampling,
         )
     )
     if isinstance(client, HttpClient):
@@ -218,7 +222,7 @@ async def run(
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
             | shown
-            | {"label": label, "metadata": metadata, "result_filename": result_filename}
+            | {"label": label, "metadata": metadata, "result_filename": result_filename, "sampling": sampling}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -245,6 +249,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--endpoint {args.endpoint} is not --backend {args.backend}'s ({ENDPOINTS[args.backend]})"
             )
+        if args.extra_body is not None and args.target.startswith(NATS_SCHEMES):  # SamplingParams, no body
+            raise ValueError("--extra-body is the gateway's request body; a NATS target takes SamplingParams")
         chat = args.backend == "openai-chat"
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
@@ -274,6 +280,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 label=args.label,
                 metadata=args.metadata,
                 result_filename=args.result_filename,
+                sampling=sampling_of(args),
             )
         )
     except (TraceError, ValueError, OSError) as e:

@@ -5,6 +5,7 @@ there once."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from typing import Any, get_args
@@ -151,6 +152,24 @@ def result_filename(text: str) -> str:
     return text
 
 
+def extra_body(text: str) -> dict:
+    """An argparse type: vLLM's ``--extra-body``, a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+def sampling_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The fields each request carries over loadgen's temperature 0: --extra-body's, then the
+    sampling options given (None: none given)."""
+    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k") if getattr(args, name) is not None}
+    return ((args.extra_body or {}) | given) or None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
     p.add_argument(
@@ -176,6 +195,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--endpoint",
         choices=tuple(ENDPOINTS.values()),
         help="vLLM's --endpoint: the path --backend posts to, given with it (default: the backend's)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_at_least(float, 0),
+        help="each request's temperature (vLLM's --temperature; default 0, greedy: vLLM's sends none, the "
+        "server's default)",
+    )
+    p.add_argument("--top-p", type=above_zero, help="each request's top_p (vLLM's --top-p; default: none sent)")
+    p.add_argument("--top-k", type=count, help="each request's top_k, 0 all (vLLM's --top-k; default: none sent)")
+    p.add_argument(
+        "--extra-body",
+        type=extra_body,
+        metavar="JSON",
+        help="vLLM's --extra-body: fields added to each request's body, e.g. "
+        '\'{"chat_template_kwargs": {"enable_thinking": false}}\'; loadgen\'s own (model, prompt, lengths, '
+        "stream) kept; HTTP targets only",
     )
     p.add_argument(
         "--tokenizer",

@@ -14,9 +14,11 @@ from aiohttp import web
 from rich.console import Console
 
 from dlora.loadgen.main import run
+from dlora.loadgen.options import sampling_of
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
+from tests.integration.conftest import Stack
 from tests.integration.test_loadgen_streams import CHUNK, LAST, _stream, serving
 
 
@@ -145,3 +147,42 @@ async def test_a_vllm_bench_command_line_saves_its_record_where_it_says(
         with pytest.raises(SystemExit):
             build_parser().parse_args(["loadgen", "--result-filename", name])
         assert "a file name in --out" in capsys.readouterr().err
+
+
+async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Path) -> None:
+    """vLLM's --temperature, --top-p, --top-k and --extra-body (its users turn a model's thinking off
+    with ``{"chat_template_kwargs": {"enable_thinking": false}}``) were refused: every request went
+    greedy with loadgen's fixed body. Each is sent now; loadgen's own fields (model, prompt, lengths,
+    streaming) are kept whatever the extra body says, so the workload stays the one measured."""
+    bodies: list[dict] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        return await _stream(request, [CHUNK, LAST])
+
+    extra = '{"chat_template_kwargs": {"enable_thinking": false}, "max_tokens": 999, "stream": false, "seed": 7}'
+    args = build_parser().parse_args(["loadgen", "--temperature", "0.7", "--top-p", "0.9", "--extra-body", extra])
+    spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
+    async with serving(completions) as url:
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
+    assert summary["completed"] == 2 and len(bodies) == 2
+    body = bodies[0]
+    assert (body["temperature"], body["top_p"], body["seed"], "top_k" in body) == (0.7, 0.9, 7, False)
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert (body["max_tokens"], body["stream"], len(body["prompt"])) == (2, True, 4)
+    plain = build_parser().parse_args(["loadgen"])
+    assert sampling_of(plain) is None
+
+
+async def test_sampling_options_reach_the_workers_over_nats(stack: Stack, tmp_path: Path) -> None:
+    """Over NATS the sampling options go into each GenerateRequest's SamplingParams; an extra body
+    (the gateway's request body) is refused for a NATS target."""
+    target = stack.nc._current_server.uri.geturl()
+    spec = WorkloadSpec(requests=4, rate=50.0, lengths="fixed", prompt_len=6, output_len=3, adapters=2)
+    args = build_parser().parse_args(["loadgen", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.5"])
+    summary = await run(spec, target, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
+    assert summary["completed"] == 4 and summary["failed"] == 0
+    config = json.loads((tmp_path / "result.json").read_text())["config"]
+    assert config["sampling"] == {"temperature": 0.8, "top_p": 0.5, "top_k": 5}
+    refused = build_parser().parse_args(["loadgen", "--target", target, "--extra-body", "{}", "--out", str(tmp_path)])
+    assert refused.func(refused) == 2

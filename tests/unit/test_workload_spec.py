@@ -32,6 +32,10 @@ NOT_WORKLOAD = {
     "max_concurrency",
     "backend",  # how the requests are sent (vLLM's --backend), not what they are
     "endpoint",  # vLLM's spelling of the backend's path
+    "temperature",  # sampling fields each request carries, not which requests
+    "top_p",
+    "top_k",
+    "extra_body",
     "tokenizer",
     "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
     "percentile_metrics",  # what vllm-result.json writes
