@@ -7,6 +7,8 @@ import asyncio
 import io
 import json
 import math
+import sys
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,31 @@ async def test_sampling_options_reach_the_workers_over_nats(stack: Stack, tmp_pa
     assert config["sampling"] == {"temperature": 0.8, "top_p": 0.5, "top_k": 5}
     refused = build_parser().parse_args(["loadgen", "--target", target, "--extra-body", "{}", "--out", str(tmp_path)])
     assert refused.func(refused) == 2
+
+
+async def test_a_vllm_bench_serve_command_line_runs_against_the_stack(stack: Stack, tmp_path: Path) -> None:
+    """The command a vLLM user copies from vLLM's docs, its options only, run as ``dlora loadgen``
+    against the real stack: every request completes and the record is where the command says."""
+    argv = ["--backend", "openai-chat", "--base-url", stack.url, "--endpoint", "/v1/chat/completions"]
+    argv += ["--model", "model", "--tokenizer", str(stack.tiny.model), "--lora-modules", "lora-0", "lora-1"]
+    argv += ["--dataset-name", "random", "--random-input-len", "12", "--random-output-len", "4"]
+    argv += ["--random-range-ratio", "0.5", "--num-prompts", "6", "--request-rate", "inf", "--max-concurrency", "3"]
+    argv += ["--ignore-eos", "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el"]
+    argv += ["--metric-percentiles", "50,99.9", "--goodput", "e2el:60000", "--label", "dlora", "--seed", "3"]
+    argv += ["--save-result", "--save-detailed", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dlora.services.cli", "loadgen", *argv, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    v = json.loads((tmp_path / "bench.json").read_text())
+    assert (v["completed"], v["failed"], v["label"], v["backend"], v["max_concurrency"]) == (
+        6,
+        0,
+        "dlora",
+        "openai-chat",
+        3,
+    )
+    assert v["request_goodput"] == v["request_throughput"] and v["p99.9_ttft_ms"] >= v["p50_ttft_ms"]
+    assert all(1 < n < 7 for n in v["output_lens"]) and len(v["generated_texts"]) == 6
+    assert max(v["queue_times"]) > 0 and v["max_concurrent_requests"] <= 3
