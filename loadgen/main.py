@@ -24,7 +24,7 @@ from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
 from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, sampling_of, slo_seconds
-from dlora.loadgen.runner import Clock, replay
+from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.workload import build_specs, load_traces
@@ -89,6 +89,7 @@ async def run(
     metadata: list[tuple[str, str]] | None = None,
     result_filename: str | None = None,
     sampling: dict[str, Any] | None = None,
+    num_warmups: int = 0,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -102,8 +103,9 @@ async def run(
     vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
     value pairs) its keys of those names; ``result_filename`` its name (vLLM's --result-filename; None:
     vllm-result.json). ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
-    --temperature, --top-p, --top-k; over HTTP its --extra-body's too). Ctrl-C or SIGTERM stops
-    sending; the report is still written.
+    --temperature, --top-p, --top-k; over HTTP its --extra-body's too). ``num_warmups`` requests go
+    first, uncounted (vLLM's --num-warmups: ``runner.warm_up``). Ctrl-C or SIGTERM stops sending; the
+    report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -160,6 +162,15 @@ async def run(
         wanted = {s.adapter or base_model for s in requests}
         if missing := sorted(wanted - served):
             console.print(f"not served by the target (their requests will fail): {', '.join(missing)}")
+    if num_warmups and requests:
+        try:  # before the clock and the signal handlers: Ctrl-C here is "interrupted before sending"
+            warm = await warm_up(requests, client, num_warmups, max_concurrency, spec.duration)
+        except BaseException:
+            await client.close()
+            raise
+        if failed := [r for r in warm if not r.completed]:
+            reason = failed[0].error or "not finished within --duration"
+            console.print(f"warm-up: {len(failed)} of {num_warmups} did not complete ({reason})", markup=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     stopped_by: list[str] = []
@@ -223,6 +234,7 @@ async def run(
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
             | shown
             | {"label": label, "metadata": metadata, "result_filename": result_filename, "sampling": sampling}
+            | {"num_warmups": num_warmups}
             | {"out": str(out), "interrupted": interrupted}
             | formats
             | skipped
@@ -281,6 +293,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 metadata=args.metadata,
                 result_filename=args.result_filename,
                 sampling=sampling_of(args),
+                num_warmups=args.num_warmups,
             )
         )
     except (TraceError, ValueError, OSError) as e:

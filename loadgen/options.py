@@ -240,6 +240,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "HTTP targets only",
     )
     p.add_argument(
+        "--num-warmups",
+        type=count,
+        default=0,
+        help="send this many requests first, not counted: shaped as the workload's first, to its adapters in "
+        "turn, with prompts of their own (vLLM's --num-warmups; default 0)",
+    )
+    p.add_argument(
         "--max-concurrency",
         type=positive,
         help="at most this many requests in flight: an arrival waits for one to end, and its times count "

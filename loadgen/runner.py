@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from dlora.loadgen.metrics import RequestResult
@@ -110,3 +111,35 @@ async def replay(
         if r.sent and r.finish_s is None and r.error is None:
             r.cut = True
     return results, end
+
+
+async def warm_up(
+    specs: list[RequestSpec], client: Client, n: int, max_concurrency: int | None, timeout_s: float
+) -> list[RequestResult]:
+    """vLLM's ``--num-warmups``: ``n`` requests shaped as the first of ``specs`` before the run,
+    at most ``max_concurrency`` at a time, none of them counted. They go to the workload's adapters
+    in turn (a multi-LoRA server's cold start is each adapter's load, not the base model's), with
+    prompts of their own (indexes past the workload's, no shared blocks: the run's prompts are not
+    put in the prefix cache). Returns their results; those unfinished after ``timeout_s`` are cut."""
+    adapters = list(dict.fromkeys(s.adapter for s in specs))
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    results = [RequestResult(0.0, adapters[k % len(adapters)], specs[0].output_len, sent=True) for k in range(n)]
+
+    async def one(k: int) -> None:
+        spec = replace(specs[0], adapter=results[k].adapter, hash_ids=())
+        async with slots or contextlib.nullcontext():
+            try:
+                await client.send(len(specs) + k, spec, results[k])
+            except Exception as e:  # noqa: BLE001 - as a run's request: its own failure
+                results[k].error = f"{type(e).__name__}: {e}"
+
+    tasks = [asyncio.create_task(one(k)) for k in range(n)]
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s) if tasks else (set(), set())
+    finally:
+        for task in tasks:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for k, task in enumerate(tasks):
+        results[k].cut = task in pending
+    return results

@@ -216,3 +216,26 @@ async def test_a_vllm_bench_serve_command_line_runs_against_the_stack(stack: Sta
     assert v["request_goodput"] == v["request_throughput"] and v["p99.9_ttft_ms"] >= v["p50_ttft_ms"]
     assert all(1 < n < 7 for n in v["output_lens"]) and len(v["generated_texts"]) == 6
     assert max(v["queue_times"]) > 0 and v["max_concurrent_requests"] <= 3
+
+
+async def test_warmups_go_first_to_each_adapter_and_are_not_counted(tmp_path: Path) -> None:
+    """vLLM's --num-warmups N (requests before the measured run, so a cold server's first loads do
+    not land in its TTFTs) was refused. They go first, to the workload's adapters in turn (a
+    multi-LoRA server's cold start is each adapter's load), with prompts none of the run's shares
+    (no prefix-cache hit given to the run), and none is counted."""
+    bodies: list[dict] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        return await _stream(request, [CHUNK, LAST])
+
+    spec = WorkloadSpec(requests=4, rate=50.0, lengths="fixed", prompt_len=6, output_len=2, adapters=3, seed=1)
+    args = build_parser().parse_args(["loadgen", "--num-warmups", "3"])
+    async with serving(completions) as url:
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), num_warmups=args.num_warmups)
+    warm, measured = bodies[:3], bodies[3:]
+    assert summary["sent"] == summary["completed"] == 4 and len(measured) == 4
+    assert {b["model"] for b in warm} == {b["model"] for b in measured} and len({b["model"] for b in warm}) > 1
+    assert not {tuple(b["prompt"]) for b in warm} & {tuple(b["prompt"]) for b in measured}
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert v["num_prompts"] == v["completed"] == 4

@@ -36,6 +36,7 @@ NOT_WORKLOAD = {
     "top_p",
     "top_k",
     "extra_body",
+    "num_warmups",  # requests before the workload's, not counted
     "tokenizer",
     "ignore_eos",  # a sampling field the client sends or not (vLLM's --ignore-eos), not which requests
     "percentile_metrics",  # what vllm-result.json writes
