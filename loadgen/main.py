@@ -115,7 +115,9 @@ async def run(
             the target cannot be reached (NATS), the report cannot be written.
     """
     shown = {"percentile_metrics": percentile_metrics, "metric_percentiles": metric_percentiles}
-    if clash := sorted({key for key, _ in metadata or ()} & vllm_record.taken(shown)):  # else lost after the run
+    # (else one of the two lost after the run)
+    own = vllm_record.taken(shown | {"max_concurrency": max_concurrency, "rate": spec.options()["rate"]})
+    if clash := sorted({key for key, _ in metadata or ()} & own):
         raise ValueError(f"--metadata {', '.join(clash)}: vllm-result.json has that key of its own")
     traces = load_traces(spec)
     if traces[0] is not None and traces[0].skipped:

@@ -111,8 +111,8 @@ def slo_seconds(args: argparse.Namespace) -> dict[str, float | None]:
     return slo
 
 
-# vLLM's --percentile-metrics names (its e2el is loadgen's e2e)
-PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+# vLLM's --percentile-metrics names (its e2el is loadgen's e2e); the last two under --max-concurrency only
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "client_queue_time", "e2el_including_client_queue")
 
 
 def percentile_metrics(text: str) -> tuple[str, ...]:
@@ -264,7 +264,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--percentile-metrics",
         type=percentile_metrics,
         help="vllm-result.json: the metrics whose mean, median, std and percentiles it writes, of "
-        f"{','.join(PERCENTILE_METRICS)} (vLLM's --percentile-metrics; default: all four)",
+        f"{','.join(PERCENTILE_METRICS)} (the queue's with --max-concurrency, the last at a finite rate, as vLLM's "
+        "--percentile-metrics; default: the first four)",
     )
     p.add_argument(
         "--metric-percentiles",

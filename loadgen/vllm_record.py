@@ -100,10 +100,16 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     # vLLM writes the figures of the metrics --percentile-metrics names only, at --metric-percentiles
     chosen = config.get("percentile_metrics") or METRICS.values()
     percentiles = config.get("metric_percentiles") or PERCENTILES
-    for ours, theirs in METRICS.items():
+    seconds = {theirs: samples(done)[ours] for ours, theirs in METRICS.items()}
+    if config.get("max_concurrency") is not None:  # vLLM's client-side queueing, under a cap only
+        seconds["client_queue_time"] = [r.queued_s for r in done]
+        if config.get("rate") != "inf":  # (vLLM's: at inf every request is queued from 0 by design)
+            e2el = [r.finish_s - r.arrival_s + r.queued_s for r in done if r.finish_s is not None]
+            seconds["e2el_including_client_queue"] = e2el
+    for theirs, values in seconds.items():
         if theirs not in chosen:
             continue
-        ms = np.asarray(samples(done)[ours] or [0.0]) * 1000
+        ms = np.asarray(values or [0.0]) * 1000
         out[f"mean_{theirs}_ms"] = float(ms.mean())
         out[f"median_{theirs}_ms"] = float(np.median(ms))
         out[f"std_{theirs}_ms"] = float(ms.std())

@@ -57,3 +57,24 @@ def test_percentile_metrics_and_metric_percentiles_choose_what_the_record_writes
         with pytest.raises(SystemExit):
             build_parser().parse_args(["loadgen", *argv])
         assert argv[1].split(",")[1] in capsys.readouterr().err
+
+
+def test_client_queue_metrics_are_written_when_named_under_a_concurrency_cap() -> None:
+    """vLLM's --percentile-metrics also names ``client_queue_time`` and
+    ``e2el_including_client_queue`` (the wait for a --max-concurrency slot, and the latency with it:
+    what a user behind the cap sees); loadgen refused both names. Written as vLLM writes them: under
+    a cap only, the second at a finite rate only."""
+    runs = [done(0.0, [0.1, 0.2]), done(0.2, [0.3, 0.5]), done(0.5, [0.6, 0.9])]
+    for r, waited in zip(runs, (0.0, 0.2, 0.5)):
+        r.queued_s = waited
+    args = build_parser().parse_args(
+        ["loadgen", "--percentile-metrics", "client_queue_time,e2el_including_client_queue"]
+    )
+    config = {"percentile_metrics": args.percentile_metrics, "metric_percentiles": (50.0,)}
+    v = record(config | {"max_concurrency": 1, "rate": 4.0}, summarize(runs, 1.0), runs)
+    assert v["p50_client_queue_time_ms"] == pytest.approx(200.0)
+    assert v["mean_e2el_including_client_queue_ms"] == pytest.approx((200 + 500 + 900) / 3)
+    assert "mean_ttft_ms" not in v and "p50_e2el_ms" not in v
+    at_once = record(config | {"max_concurrency": 1, "rate": "inf"}, summarize(runs, 1.0), runs)
+    assert "mean_client_queue_time_ms" in at_once and "mean_e2el_including_client_queue_ms" not in at_once
+    assert not any("queue_time_ms" in key for key in record(config, summarize(runs, 1.0), runs))
