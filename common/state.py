@@ -38,6 +38,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      tenant ("" without keys): tenant, response (JSON), input (its
                                      conversation's items, JSON); expires (``state_responses.py``,
                                      ``gateway/responses_store.py``)
+- ``{p}:response-item:{tenant}:{item}`` str the id of the stored response that holds an item
+                                     (``item_reference``'s index), written with it, its TTL
 """
 
 from __future__ import annotations

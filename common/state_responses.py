@@ -1,6 +1,8 @@
-"""The Redis key of the Responses API's stored responses (``{p}:response:{tenant}:{id}``, a hash:
+"""The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
-JSON)); ``state.py`` lists every key. A part of ``StateStore``.
+JSON); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the response that
+stored that item (an ``item_reference`` names any stored item by its id alone, as OpenAI's).
+``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored
@@ -8,6 +10,7 @@ over that one; each tenant's ids are its own."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 from redis.asyncio import Redis
@@ -19,16 +22,29 @@ class ResponseKeys:
     r: Redis
     p: str
 
-    async def put_response(self, response_id: str, tenant: str, response: bytes, items: bytes, ttl_s: float) -> None:
-        """Keep a finished response for ``ttl_s`` seconds: its fields and their expiry in one
-        transaction, so no record outlives its TTL (a gateway dying between the two). One of the
-        tenant's own under the same id (its client sent the same X-Request-Id again, a retry) is
-        replaced, as vLLM's store replaces it."""
-        key = f"{self.p}:response:{tenant}:{response_id}"
+    async def put_response(
+        self, response_id: str, tenant: str, response: bytes, items: bytes, ttl_s: float, item_ids: Sequence[str] = ()
+    ) -> None:
+        """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
+        its: its fields, its items' index and their expiry in one transaction, so no record
+        outlives its TTL (a gateway dying between them) nor an index entry names a response never
+        written. One of the tenant's own under the same id (its client sent the same X-Request-Id
+        again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (its
+        client sent it back) names the newest response that holds it."""
+        key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
-        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        pipe.pexpire(key, ms)
+        for item_id in item_ids:
+            pipe.set(f"{self.p}:response-item:{tenant}:{item_id}", response_id, px=ms)
         await pipe.execute()
+
+    async def responses_of_items(self, item_ids: Sequence[str], tenant: str) -> list[str | None]:
+        """The response that stored each of ``tenant``'s items ``item_ids`` (None: none, or expired)."""
+        if not item_ids:
+            return []
+        got = cast(list[bytes | None], await self.r.mget([f"{self.p}:response-item:{tenant}:{i}" for i in item_ids]))
+        return [None if v is None else v.decode() for v in got]
 
     async def response_fields(self, response_id: str, tenant: str, *fields: str) -> list[bytes | None] | None:
         """``fields`` of ``tenant``'s stored response (``tenant`` first), or None: it has none

@@ -3,8 +3,10 @@ so that every gateway sharing it serves them and a restart loses none: a finishe
 and its conversation's input items, for ``ttl_s`` seconds (``GatewaySettings.responses_ttl_s``),
 each at most ``max_bytes``. A later request's ``previous_response_id`` puts that conversation (its
 input items, then its output) before its own input, ``instructions`` not carried over (OpenAI's
-rule); an ``item_reference`` names an item of that conversation. Each is its API key's tenant's
-alone: another tenant's id is a 404, as one never stored. As vLLM with
+rule); an ``item_reference`` names any item a response of its tenant stored (its input or output,
+OpenAI's): each response's own items indexed by id with it, read from its conversation, living as
+long as the response that first stored them. Each is its API key's tenant's alone: another
+tenant's id is a 404, as one never stored. As vLLM with
 VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole with each response (``msg_store``):
 a response stays readable when the one before it expired or was deleted. The HTTP routes that
 read them back are ``responses_routes``'s."""
@@ -28,6 +30,9 @@ logger = log.get("gateway")
 
 # An item's id, where its client sent none, begins as OpenAI's do (``input_items`` lists every item by id)
 _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+# The most stored responses one request's item_references read (each read whole, up to
+# responses_max_bytes): references to items of more are refused, not read at any cost
+MAX_REFERENCED = 16
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
@@ -43,29 +48,29 @@ def _items(given: str | list[Any]) -> list[Any]:
     return [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else list(given)
 
 
-def conversation(prior: list[dict[str, Any]], given: str | list[Any]) -> str | list[Any]:
+def conversation(
+    prior: list[dict[str, Any]], given: str | list[Any], stored: dict[str, Any] | None = None
+) -> str | list[Any]:
     """The items a request is served with: the conversation ``prior`` (its previous response's
     input items and output; empty without one), then its own input, each ``item_reference`` the
-    item of ``prior`` it names.
+    item it names: one of ``prior``'s (there twice, refused) or of ``stored`` (items of other
+    stored responses of its tenant, by id: ``ResponsesStore.referenced``).
 
     Raises:
-        APIError(400): an item_reference with no id, or without a previous_response_id; an item's
-            id twice (OpenAI's "Duplicate item found": one named by item_reference is there already).
-        APIError(404): an item_reference naming no item of the previous response's conversation.
+        APIError(400): an item_reference with no id; an item's id twice (OpenAI's "Duplicate item
+            found": one named by item_reference is there already).
+        APIError(404): an item_reference naming no stored item.
     """
     if not _references(given):
         _unique([*prior, *_items(given)])
         return [*prior, *_items(given)] if prior else given  # (a string as it came: the prompt unchanged)
-    by_id = {i.get("id"): i for i in prior}
+    by_id = {i.get("id"): i for i in prior} | (stored or {})
     out: list[Any] = list(prior)
     for k, item in enumerate(_items(given)):
         if isinstance(item, dict) and item.get("type") == "item_reference":
             where, ref = f"input[{k}]", item.get("id")
             if not isinstance(ref, str):
                 raise APIError(400, f"{where}: an item_reference names an item by its id (a string)", f"{where}.id")
-            if not prior:
-                why = "items are looked up in the conversation of the response previous_response_id names; none given"
-                raise APIError(400, f"{where}: {why}", param=f"{where}.id")
             if (item := by_id.get(ref)) is None:
                 raise APIError(404, f"Item with id {ref!r} not found.", param=f"{where}.id")
         out.append(item)
@@ -95,7 +100,8 @@ class Keeping:
     store: ResponsesStore
     tenant: str
     items: list[Any]  # the conversation served: ``conversation``'s
-    _record: tuple[str, bytes, dict[str, Any]] | None = field(default=None, init=False)
+    new: int = 0  # where its own items begin in ``items`` (past the previous response's)
+    _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
     def keep(self, response: dict[str, Any]) -> bool:
         """Whether ``response`` (its final object: completed, incomplete or failed) is stored: the
@@ -109,7 +115,7 @@ class Keeping:
         if size > self.store.max_bytes:
             logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
             return False
-        self._record = (response["id"], items, response)
+        self._record = (response["id"], items, response, _ids([*self.items[self.new :], *response["output"]]))
         return True
 
     async def finishing(self) -> bool:
@@ -118,11 +124,11 @@ class Keeping:
         framed again: ``Responses.answer``)."""
         if self._record is None:
             return True
-        response_id, items, response = self._record
+        response_id, items, response, ids = self._record
         try:
             async with self.store.bound():
                 await self.store.state.put_response(
-                    response_id, self.tenant, msgspec.json.encode(response), items, self.store.ttl_s
+                    response_id, self.tenant, msgspec.json.encode(response), items, self.store.ttl_s, ids
                 )
         except bus.STATE_OUTAGE as e:
             response["store"] = False
@@ -174,10 +180,47 @@ class ResponsesStore:
         if previous is not None:
             items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
             prior = [*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]]
-        given = conversation(prior, body.input)
+        given = conversation(prior, body.input, await self.referenced(body.input, prior, tenant))
         body = msgspec.structs.replace(body, input=given)
-        keeping = Keeping(self, tenant, _items(given)) if self.on and body.store is not False else None
+        keeping = Keeping(self, tenant, _items(given), len(prior)) if self.on and body.store is not False else None
         return body, keeping
+
+    async def referenced(self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
+        """The stored items ``given``'s item_references name (by id; those of ``prior`` aside),
+        each read from the conversation of the response that stored it (``StateStore.put_response``
+        indexes them); one not found (never stored, expired, another tenant's) left out.
+
+        Raises:
+            APIError(400): items of more than ``MAX_REFERENCED`` responses named at once.
+        """
+        known = {i.get("id") for i in prior}
+        wanted = [r for r in _referenced_ids(given) if r not in known]
+        if not wanted:
+            return {}
+        async with self.bound():
+            holders = await self.state.responses_of_items(wanted, tenant)
+            if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:
+                why = f"item_references name items of {len(responses)} responses, at most {MAX_REFERENCED} at once"
+                raise APIError(400, why, param="input")
+            stored: dict[str, Any] = {}
+            for response_id in responses:
+                got = await self.state.response_fields(response_id, tenant, "input", "response")
+                if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
+                    continue  # (deleted since, or replaced: its items' references are 404s)
+                for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
+                    if isinstance(item, dict) and item.get("id") in wanted:
+                        stored.setdefault(item["id"], item)
+        return stored
+
+
+def _referenced_ids(given: str | list[Any]) -> list[str]:
+    refs = (i.get("id") for i in _items(given) if isinstance(i, dict) and i.get("type") == "item_reference")
+    return list(dict.fromkeys(r for r in refs if isinstance(r, str)))
+
+
+def _ids(items: list[Any]) -> list[str]:
+    """The ids of ``items`` (a response's own items: the request's and its output), unique."""
+    return list(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
 
 
 _INDEX = re.compile(r"\binput\[(\d+)\]")

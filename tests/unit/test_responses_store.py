@@ -24,10 +24,12 @@ PRIOR: list[dict[str, Any]] = [
 def test_a_previous_conversation_comes_first_and_a_reference_is_its_item() -> None:
     assert conversation([], "kalo") == "kalo"  # (no previous: the input as sent, its prompt unchanged)
     assert conversation(PRIOR, "remi") == [*PRIOR, {"type": "message", "role": "user", "content": "remi"}]
+    other = {"id": "msg_b_0", "type": "message", "role": "assistant", "content": "x"}  # (another response's)
+    assert conversation([], [{"type": "item_reference", "id": "msg_b_0"}], {"msg_b_0": other}) == [other]
     for prior, ref, status, param in (
         (PRIOR, {"type": "item_reference", "id": "msg_nobody"}, 404, "input[0].id"),
         (PRIOR, {"type": "item_reference"}, 400, "input[0].id"),
-        ([], {"type": "item_reference", "id": "msg_a_0"}, 400, "input[0].id"),  # no previous_response_id
+        ([], {"type": "item_reference", "id": "msg_a_0"}, 404, "input[0].id"),  # (none stored by that id)
     ):
         with pytest.raises(APIError) as refused:
             conversation(prior, [ref])

@@ -1,0 +1,60 @@
+"""Stored responses' items named again (``item_reference`` to any stored item of its tenant, by
+its id alone, as OpenAI's): against the real stack through the openai package's client."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.integration.test_keys import make_key
+from tests.integration.test_responses_store import ASKED, _client
+
+
+def _ref(item_id: str) -> dict[str, str]:
+    return {"type": "item_reference", "id": item_id}
+
+
+async def test_an_item_reference_names_any_stored_item_of_its_tenant(keyed_stack: Stack) -> None:
+    """An item of any stored response (its input or its output), referenced without
+    previous_response_id or beside one naming another response, is served as that item sent
+    again: it had to be in previous_response_id's conversation, where it was then there twice
+    (OpenAI's duplicate 400), so a reference was always refused. Another tenant's, or one never
+    stored, is OpenAI's 404 naming the input item."""
+    import openai
+
+    stack = keyed_stack
+    (mine, _), (theirs, _) = await make_key(stack, "acme"), await make_key(stack, "other")
+    acme, other = _client(stack.url, mine), _client(stack.url, theirs)
+    try:
+        first = await acme.responses.create(**ASKED, input="kalo")
+        [asked] = (await acme.responses.input_items.list(first.id)).data
+        [answer] = first.output
+        chained = await acme.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+        referenced = await acme.responses.create(
+            **ASKED, input=[_ref(asked.id), _ref(answer.id), {"role": "user", "content": "remi"}]
+        )
+        assert referenced.usage is not None and chained.usage is not None
+        assert referenced.usage.input_tokens == chained.usage.input_tokens
+        assert referenced.output_text == chained.output_text
+        listed = [i.id for i in (await acme.responses.input_items.list(referenced.id, order="asc")).data]
+        assert listed[:2] == [asked.id, answer.id]
+        # beside a previous_response_id naming another response: put after that one's conversation
+        lone = await acme.responses.create(**ASKED, input="lumo")
+        after = await acme.responses.create(
+            **ASKED, input=[_ref(answer.id), {"role": "user", "content": "remi"}], previous_response_id=lone.id
+        )
+        kinds = [(i.id, i.role) for i in (await acme.responses.input_items.list(after.id, order="asc")).data]
+        assert [k[1] for k in kinds] == ["user", "assistant", "assistant", "user"] and kinds[2][0] == answer.id
+        # an item the new response itself stored (the referenced one's output) is referable in its turn
+        again = await acme.responses.create(**ASKED, input=[_ref(referenced.output[0].id)])
+        assert again.store is True
+        for client, ref in ((other, answer.id), (acme, "msg_nobody")):
+            with pytest.raises(openai.NotFoundError) as gone:
+                await client.responses.create(**ASKED, input=[{"role": "user", "content": "x"}, _ref(ref)])
+            assert gone.value.body["param"] == "input[1].id" and ref in gone.value.body["message"], gone.value.body
+        # indexed under its tenant, naming the newest response that holds it (one referencing it), for its TTL
+        key = f"{stack.store.p}:response-item:acme:{answer.id}"
+        assert await stack.store.r.get(key) == after.id.encode() and 0 < await stack.store.r.pttl(key) <= 86400_000
+    finally:
+        await acme.close()
+        await other.close()
