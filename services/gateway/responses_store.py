@@ -164,7 +164,8 @@ class ResponsesStore:
 
     async def prepared(self, body: ResponsesBody, tenant: str) -> tuple[ResponsesBody, Keeping | None]:
         """``body`` with the conversation its previous_response_id names put before its input, and
-        what keeps its response (None: not stored, ``store`` false or the store off).
+        what keeps its response (None: not stored, ``store`` false, the store off, or the
+        conversation already over ``max_bytes``).
 
         Raises:
             APIError(400): previous_response_id not a string, or the store off.
@@ -182,8 +183,13 @@ class ResponsesStore:
             prior = [*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]]
         given = conversation(prior, body.input, await self.referenced(body.input, prior, tenant))
         body = msgspec.structs.replace(body, input=given)
-        keeping = Keeping(self, tenant, _items(given), len(prior)) if self.on and body.store is not False else None
-        return body, keeping
+        if not self.on or body.store is False:
+            return body, None
+        if (size := len(msgspec.json.encode(kept := _items(given)))) > self.max_bytes:
+            # over the bound before a token is made: not stored, said from the stream's first event
+            logger.warning("a conversation over responses_max_bytes is not stored", bytes=size)
+            return body, None
+        return body, Keeping(self, tenant, kept, len(prior))
 
     async def referenced(self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
         """The stored items ``given``'s item_references name (by id; those of ``prior`` aside),

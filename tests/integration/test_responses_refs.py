@@ -1,11 +1,15 @@
 """Stored responses' items named again (``item_reference`` to any stored item of its tenant, by
-its id alone, as OpenAI's): against the real stack through the openai package's client."""
+its id alone, as OpenAI's), and a conversation too large to store told so from its stream's first
+event: against the real stack through the openai package's client."""
 
 from __future__ import annotations
 
 import pytest
+from redis.asyncio import Redis
 
-from tests.integration.conftest import Stack
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_keys import make_key
 from tests.integration.test_responses_store import ASKED, _client
 
@@ -58,3 +62,27 @@ async def test_an_item_reference_names_any_stored_item_of_its_tenant(keyed_stack
     finally:
         await acme.close()
         await other.close()
+
+
+async def test_a_conversation_already_too_large_to_store_says_so_from_its_first_event(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A previous response's conversation and the new input over responses_max_bytes: its stream
+    said "store": true in response.created and every event until the last, which said false."""
+    import openai
+
+    async with run_stack(nats_server, redis, tiny_llama, responses_max_bytes=8000) as stack:
+        client = _client(stack.url)
+        try:
+            first = await client.responses.create(**ASKED, input="kalo")
+            assert first.store is True
+            # (bytes past the bound, not tokens past the context: an id the prompt does not hold)
+            big = [{"role": "user", "content": "remi", "id": "msg_" + "a" * 8000}]
+            async with client.responses.stream(**ASKED, input=big, previous_response_id=first.id) as s:
+                events = [e async for e in s]
+            responses = [e.response for e in events if hasattr(e, "response")]
+            assert responses[0].store is False and all(r.store is False for r in responses), responses
+            with pytest.raises(openai.NotFoundError):
+                await client.responses.retrieve(responses[-1].id)
+        finally:
+            await client.close()
