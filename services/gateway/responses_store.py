@@ -78,6 +78,20 @@ def conversation(
     return out
 
 
+def answered(output: list[Any], after: list[Any]) -> None:
+    """OpenAI's 400 for a previous response's function call (of its ``output``) whose output is
+    not among the items ``after`` it: a template rendered a call never answered, and the model
+    went on as if it had been (openai-agents-python#673 shows OpenAI's words).
+
+    Raises:
+        APIError(400): "No tool output found for function call call_...", param input.
+    """
+    outputs = {i.get("call_id") for i in after if isinstance(i, dict) and i.get("type") == "function_call_output"}
+    for item in output:
+        if isinstance(item, dict) and item.get("type") == "function_call" and item.get("call_id") not in outputs:
+            raise APIError(400, f"No tool output found for function call {item.get('call_id')}.", param="input")
+
+
 def _unique(items: list[Any]) -> None:
     """OpenAI's 400 for an item id twice in the conversation (its client sent the previous
     response's items again beside previous_response_id, or referenced one of them): input_items
@@ -168,7 +182,8 @@ class ResponsesStore:
         conversation already over ``max_bytes``).
 
         Raises:
-            APIError(400): previous_response_id not a string, or the store off.
+            APIError(400): previous_response_id not a string, or the store off; a function call
+                of the previous response's left without its output (``answered``).
             APIError(404): ``conversation``'s, and a previous response not there.
         """
         previous = body.previous_response_id
@@ -178,10 +193,13 @@ class ResponsesStore:
             param = "previous_response_id" if previous is not None else "input"
             raise APIError(400, f"{param}: responses are not stored here (responses_ttl_s is 0)", param=param)
         prior: list[dict[str, Any]] = []
+        output: list[Any] = []  # the previous response's
         if previous is not None:
             items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
-            prior = [*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]]
+            output = msgspec.json.decode(response)["output"]
+            prior = [*msgspec.json.decode(items), *output]
         given = conversation(prior, body.input, await self.referenced(body.input, prior, tenant))
+        answered(output, _items(given)[len(prior) :])
         body = msgspec.structs.replace(body, input=given)
         if not self.on or body.store is False:
             return body, None

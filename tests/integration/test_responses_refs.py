@@ -1,8 +1,11 @@
 """Stored responses' items named again (``item_reference`` to any stored item of its tenant, by
-its id alone, as OpenAI's), and a conversation too large to store told so from its stream's first
-event: against the real stack through the openai package's client."""
+its id alone, as OpenAI's), a conversation too large to store told so from its stream's first
+event, and a previous response's function call left without its output refused as OpenAI
+refuses it: against the real stack through the openai package's client."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -86,3 +89,33 @@ async def test_a_conversation_already_too_large_to_store_says_so_from_its_first_
                 await client.responses.retrieve(responses[-1].id)
         finally:
             await client.close()
+
+
+async def test_a_function_call_left_without_its_output_is_refused(stack: Stack) -> None:
+    """A previous response that called a function, then input with no function_call_output for
+    that call: OpenAI's 400 "No tool output found for function call call_..." (param input,
+    openai-agents-python#673), not a chat the template renders with a call never answered."""
+    import openai
+
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"]}
+    tools = [{"type": "function", "name": "weather", "parameters": params, "strict": True}]
+    asked: dict[str, Any] = {"model": "lora-1", "tools": tools, "temperature": 0, "max_output_tokens": 60}
+    client = _client(stack.url)
+    try:
+        named = {"type": "function", "name": "weather"}
+        called = await client.responses.create(**asked, input="kalo?", tool_choice=named)
+        [call] = called.output
+        assert call.type == "function_call", called
+        other = {"type": "function_call_output", "call_id": "call_other", "output": "sunny"}
+        for given in ("remi?", [other]):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(**asked, input=given, previous_response_id=called.id, tool_choice="none")
+            expected = {
+                "message": f"No tool output found for function call {call.call_id}.",
+                "type": "invalid_request_error",
+                "param": "input",
+                "code": None,
+            }
+            assert refused.value.body == expected, refused.value.body
+    finally:
+        await client.close()

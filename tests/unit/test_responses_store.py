@@ -12,7 +12,7 @@ import pytest
 
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_routes import page
-from dlora.services.gateway.responses_store import Keeping, ResponsesStore, conversation
+from dlora.services.gateway.responses_store import Keeping, ResponsesStore, answered, conversation
 from dlora.services.gateway.settings import GatewaySettings
 
 PRIOR: list[dict[str, Any]] = [
@@ -51,6 +51,18 @@ def test_an_item_twice_in_the_conversation_is_refused_as_openai_refuses_it() -> 
             conversation(prior, given)
         assert (refused.value.status, refused.value.param) == (400, "input")
         assert "Duplicate item found with id msg_a_0" in refused.value.message
+
+
+def test_each_of_a_previous_responses_function_calls_needs_its_output_after_it() -> None:
+    """OpenAI's 400 (openai-agents-python#673): parallel calls, one answered, the other named."""
+    calls = [{"type": "function_call", "call_id": c, "name": "f", "arguments": "{}"} for c in ("call_a", "call_b")]
+    out = {"type": "function_call_output", "call_id": "call_a", "output": "x"}
+    answered([PRIOR[1]], [])  # (an answer of text: nothing owed)
+    answered(calls, [out, {**out, "call_id": "call_b"}, {"role": "user", "content": "remi"}])
+    with pytest.raises(APIError) as refused:
+        answered(calls, [out, {"role": "user", "content": "remi"}])
+    assert (refused.value.status, refused.value.param) == (400, "input")
+    assert refused.value.message == "No tool output found for function call call_b."
 
 
 ITEMS = [{"id": f"i{k}", "type": "message", "role": "user", "content": str(k)} for k in range(5)]
