@@ -66,7 +66,7 @@ from dlora.services.migrator.costs import (
     worth,
 )
 from dlora.services.migrator.named import fitting, within
-from dlora.services.migrator.shared_slots import bound_slots
+from dlora.services.migrator.shared_slots import bound_slots, joins
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
 
 
@@ -293,7 +293,7 @@ def _solve(
     for i, g in enumerate(groups):
         for w in dests[i]:
             if (g.adapter, w) not in y:
-                running = g.adapter == BASE or runs_among(active[w], g.adapter)
+                running = g.adapter == BASE or runs_among(active[w], g.adapter) and not joins(active[w], g.adapter)
                 y[g.adapter, w] = 1 if running else prob.add_variable(f"y_{len(y)}", cat="Binary")
     # Expressions are built from (variable, coefficient) pairs at once: PuLP's operators make an
     # intermediate expression per product, which was most of the build time.
@@ -315,9 +315,11 @@ def _solve(
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
         if new:
-            bound_slots(prob, new, index[w], {a for a, _ in new if (a, w) in arriving}, ws.slots - active[w].slots)
+            joining = {a for a, _ in new if joins(active[w], a)}  # (no read: as where it runs)
+            coming = {a for a, _ in new if (a, w) in arriving}
+            bound_slots(prob, new, index[w], coming, ws.slots - active[w].slots, joining)
             for a, v in new:
-                if price := read_price(snapshot, ws, a):
+                if a not in joining and (price := read_price(snapshot, ws, a)):
                     objective.append((v, price))
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from dlora.services.migrator.planner import PlannerSettings, _greedy, plan
+from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, plan, running_adapters
 from dlora.services.migrator.snapshot import Running, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner_versions import _load, _stats
@@ -106,3 +106,23 @@ def test_a_name_alone_and_a_version_of_it_moving_to_one_worker_take_one_slot(sol
     moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
     assert {m.to_worker for m in moves} == {"z"}
     assert {m.request_id[:2] for m in moves} == {"o-", "v1"}
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_two_versions_arriving_beside_a_name_alone_take_a_second_slot(solver: str) -> None:
+    """x, an older worker with one slot, runs a short request of rl by name alone: a version arriving
+    there joins its slot, but a second version takes a slot of its own (``Running.slots`` 2). y runs
+    rl@v1's requests and z rl@v2's, each may go to x, and the ILP counted each as running there, so
+    it sent both: x then held two versions in one slot by the planner's own count (a seeded fuzz)."""
+    plain = [msgspec.structs.replace(_load("o-0", "", remaining=10), context_tokens=1)]
+    v1 = [_load(f"v1-{i}", "v1") for i in range(4)]
+    v2 = [_load(f"v2-{i}", "v2") for i in range(4)]
+    snap = snapshot_from_stats(
+        [_stats("x", (("rl", ""),), plain, slots=1), _stats("y", (("rl", "v1"),), v1)]
+        + [_stats("z", (("rl", "v2"),), v2)],
+        {"rl": 16},
+        adapter_load_seconds=0.0,
+    )
+    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    arrived = running_adapters(apply(snap, moves))["x"]
+    assert moves and arrived.slots <= 1
