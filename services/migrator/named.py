@@ -55,17 +55,23 @@ def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> list[MoveReq
         after[r.worker] -= blocks(r, r.worker)
         after[m.to_worker] += blocks(r, m.to_worker)
         arriving[m.to_worker].append(i)
+    # Each destination's arrivals sorted once, largest first, and dropped from the front: a move is
+    # dropped only at its destination, so what a later look there drops is what follows (sorted
+    # again at each look, a full destination sending hundreds home sorted their homes' arrivals
+    # that many times: quadratic in the moves).
+    for w in list(arriving):
+        arriving[w] = sorted(arriving[w], key=lambda i: -blocks(by_id[moves[i].request_id], w))
     dropped: set[int] = set()
+    taken = dict.fromkeys(arriving, 0)
     over = list(arriving)
     while over:
         w = over.pop()
-        for i in sorted(arriving[w], key=lambda i: -blocks(by_id[moves[i].request_id], w)):
-            if after[w] <= bound[w]:
-                break
-            if i not in dropped:  # it stays home, which it may fill again: looked at anew
-                r = by_id[moves[i].request_id]
-                dropped.add(i)
-                after[w] -= blocks(r, w)
-                after[r.worker] += blocks(r, r.worker)
-                over.append(r.worker)
+        while after[w] > bound[w] and taken.get(w, 0) < len(arriving[w]):
+            i = arriving[w][taken[w]]  # it stays home, which it may fill again: looked at anew
+            taken[w] += 1
+            r = by_id[moves[i].request_id]
+            dropped.add(i)
+            after[w] -= blocks(r, w)
+            after[r.worker] += blocks(r, r.worker)
+            over.append(r.worker)
     return [m for i, m in enumerate(moves) if i not in dropped]
