@@ -181,3 +181,43 @@ def test_the_moves_a_full_destination_sends_back_are_each_sorted_once(monkeypatc
     kept = named.fitting(snap, moves)
     assert kv_demand(apply(snap, kept))["B"] == 10 and len(kept) == n + 10
     assert sum(sorted_) <= len(moves)
+
+
+def _rolling(seed: int) -> ClusterSnapshot:
+    """As ``_cluster``, in a rolling upgrade: requests of a by name alone beside its versions, workers
+    counting requests past their lists (their adapters' slots taken) and holding some adapters only."""
+    rng = random.Random(seed)
+    ws = [
+        replace(
+            worker(f"w{i}", [a for a in "abc" if rng.random() < 0.6], rng.randint(1, 3), rng.choice([20, 50, 1000])),
+            seconds_per_token=rng.choice([0.01, 0.02]),
+            unlisted_tokens=rng.choice([0, 0, 500]),
+            unlisted_keys=frozenset(k for k in ("a@v1", "a", "b", "c") if rng.random() < 0.2),
+        )
+        for i in range(rng.randint(2, 5))
+    ]
+    keys = [("a", "v1"), ("a", "v2"), ("a", ""), ("b", ""), ("c", ""), (None, "")]
+    rs = []
+    for k in range(rng.randint(3, 30)):
+        adapter, version = rng.choice(keys)
+        home = rng.choice(ws[:-1]).worker
+        context, remaining = rng.choice([10, 50, 200, 600]), rng.choice([5, 50, 300])
+        rs.append(RequestState(f"r{k}", home, adapter, context, remaining, running=rng.random() < 0.8, version=version))
+    return ClusterSnapshot(ws, rs, {"a": 16, "b": 16, "c": 16}, adapter_load_seconds=rng.choice([0.05, 0.5, 3.0]))
+
+
+@pytest.mark.parametrize("seed", [*range(16), 31, 166])
+def test_plans_of_small_clusters_in_a_rolling_upgrade_keep_their_slots_and_blocks(seed: int) -> None:
+    """The bounds above, by a node bound (the same plan under any load), in the full model and one
+    pruned to a destination a group. Without a second slot for two versions arriving beside a name
+    alone (a 2nd version there joined its slot too), seeds 31 and 166 of 200 broke the slots."""
+    snap = _rolling(seed)
+    workers = {w.worker: w for w in snap.workers}
+    pruned = PlannerSettings(max_nodes=20, max_ilp_variables=12, max_destinations=1)
+    for settings in (PlannerSettings(max_nodes=20), pruned):
+        moves = plan(snap, settings).moves
+        before, after = kv_demand(snap), kv_demand(apply(snap, moves))
+        running, moved = running_adapters(snap), running_adapters(apply(snap, moves))
+        for w in {m.to_worker for m in moves}:
+            assert after[w] <= max(workers[w].kv_blocks, before[w])
+            assert not moved[w] - running[w] or moved[w].slots <= max(workers[w].slots, running[w].slots)
