@@ -230,6 +230,21 @@ def test_a_stop_signal_to_the_compilers_process_is_no_crash_of_its_grammar(sig: 
     assert _verdicts_of_a_compile_whose_child_gets(sig, "s") == [""]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["systemctl-stop", "Ctrl-C"])
+def test_a_stop_signal_that_comes_while_the_child_starts_is_no_crash_either(sig: int) -> None:
+    """The child ignores a stop's signal from its first line of ``_serve``, after Python's start
+    and its imports: a signal before then (a loaded host: a CI run caught it) killed it, and its
+    grammar was refused as one llguidance crashed on. Read as a kill from outside: tried again."""
+    from dlora.services.worker.engine.compile_bound import KILLED, _Child
+
+    child = _Child()
+    child.proc.kill()
+    child.proc.wait()
+    child.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    os.kill(child.proc.pid, sig)  # (its default action: it dies of it)
+    assert child.death() == KILLED
+
+
 def test_a_kept_child_that_died_idle_is_replaced_for_the_next_grammar() -> None:
     """A kept child killed while idle (the OOM killer's SIGKILL) is to be replaced by a new one for
     the next grammar; the grammar's write to its closed pipe failed, and so did the close of that

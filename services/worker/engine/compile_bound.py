@@ -183,7 +183,9 @@ class _Child:
 
     def death(self) -> str:
         """Why the child, found gone (its pipe ended), died: ``MEMORY`` (an allocation refused at its
-        cap), ``KILLED`` (SIGKILL from outside: not ours, it was not yet killed) or ``CRASHED``."""
+        cap), ``KILLED`` (SIGKILL from outside: not ours, it was not yet killed; or a stop's SIGTERM
+        or SIGINT that came before the child began to ignore them, while Python started) or
+        ``CRASHED``."""
         try:
             code = self.proc.wait(5)  # (its pipe closes as it exits: at most a moment before)
         except subprocess.TimeoutExpired:
@@ -193,7 +195,7 @@ class _Child:
             self.stderr.seek(max(0, self.stderr.seek(0, os.SEEK_END) - 4096))
             said = self.stderr.read()
         self.kill()
-        if code == -signal.SIGKILL:
+        if code in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT):
             return KILLED
         if code == -signal.SIGABRT and b"memory allocation of" in said:
             return MEMORY
