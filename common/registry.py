@@ -70,6 +70,10 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 # Seconds between two of ``AdapterRegistry.restore``'s comparisons of a non-empty Redis with the
 # bucket (the dispatcher asks every look).
 MERGE_INTERVAL_S = 5.0
+# How long a removal is left to its remover before a merge finishes it (Redis expires the mark):
+# finished by another process's merge meanwhile, the remover found nothing left and answered 404 (a
+# loaded CI run). Longer than a removal's five round trips take on a busy gateway.
+REMOVING_MS = 10_000
 # Seconds between two purges of the bucket's delete markers (``AdapterRegistry.tidy``), and the
 # most one may take.
 TIDY_INTERVAL_S = 3600.0
@@ -175,6 +179,7 @@ class AdapterRegistry(Durable):
         # Redis's first: written together, a Redis that refused it (at maxmemory) answered 503 while
         # the bucket's was kept, and the next merge removed the adapter seconds later (a helper's soak)
         await self.store.put_removal(removal)
+        await self.store.removing(name, under_way_ms=REMOVING_MS)
         removed = False
         if kv is not None:
             try:
@@ -190,9 +195,12 @@ class AdapterRegistry(Durable):
                 )
                 removed = durable is not None
         if cached is not None:  # Redis's answer decides, where it held one
-            return await self.store.delete_adapter(name, only=cached, retire=(entry.version, time.time()))
-        if removed:
+            removed = await self.store.delete_adapter(name, only=cached, retire=(entry.version, time.time()))
+        elif removed:
             await self.store.retire_version(name, entry.version, time.time())
+        # over: a Redis rolled back since is put right at the next merge (failed before here, the
+        # mark expires for it)
+        await self.store.removing(name, under_way_ms=0)
         return removed
 
     async def purge_retired(self, now: float, held: Set[tuple[str, str]] = frozenset()) -> int:
@@ -269,6 +277,8 @@ class AdapterRegistry(Durable):
         for entry in held.values():
             removal = removals.get(entry.name)
             if entry.name in live or removal is None or entry.created > removal.created:
+                continue
+            if await self.store.under_way(entry.name):  # its remover finishes it (or a later merge)
                 continue
             # only while Redis still holds what was read: a registration made since stands
             if await self.store.delete_adapter(entry.name, only=entry):

@@ -7,6 +7,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      requests still running on one, until purged
 - ``{p}:adapter-removals``     hash  name -> AdapterRemoval (JSON): the registration removed, until
                                      the name is registered again (``registry.py``)
+- ``{p}:adapter-removing:{name}`` str  a removal of the name under way (written with its record,
+                                     expires): another process's merge leaves it to its remover
 - ``{p}:adapter-versions-retired`` zset  name@version -> when it stopped being registered (Unix
                                      seconds): purged some time later (``purge_retired``)
 - ``{p}:placement:{adapter}``  set   workers that hold the adapter in memory
@@ -171,6 +173,16 @@ class StateStore(WorkerKeys, ResponseKeys):
 
     async def put_removal(self, removal: AdapterRemoval) -> None:
         await self.r.hset(f"{self.p}:adapter-removals", removal.name, msgspec.json.encode(removal))
+
+    async def removing(self, name: str, under_way_ms: int) -> None:
+        """Mark a removal of ``name`` under way for ``under_way_ms`` (Redis's clock: no host's is
+        compared), or, at 0, over."""
+        key = f"{self.p}:adapter-removing:{name}"
+        await (self.r.set(key, "1", px=under_way_ms) if under_way_ms else self.r.delete(key))
+
+    async def under_way(self, name: str) -> bool:
+        """Whether a removal of ``name`` is under way (``removing``'s mark, not yet expired)."""
+        return bool(await self.r.exists(f"{self.p}:adapter-removing:{name}"))
 
     async def removals(self) -> dict[str, AdapterRemoval]:
         raw = await self.r.hgetall(f"{self.p}:adapter-removals")

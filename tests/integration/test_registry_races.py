@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 from redis.asyncio import Redis
 
 from dlora.common.durable import Bucket, bucket_last
-from dlora.common.messages import AdapterEntry
+from dlora.common.messages import AdapterEntry, AdapterRemoval
 from dlora.common.registry import AdapterRegistry, bucket_name
 from dlora.common.state import StateStore
 from dlora.services.servers import Server
@@ -175,3 +175,34 @@ async def test_a_name_registered_again_while_a_tidy_purges_its_removal_marker_is
     assert await registry.register(again)
     assert reads >= 2 and await store.get_adapter("x") == again
     assert msgspec.json.decode((await kv.get("current.x")).value, type=AdapterEntry) == again
+
+
+async def test_a_removal_under_way_is_left_to_its_remover_by_another_process_s_merge(opened: Opened) -> None:
+    """Unload racing another process's merge: the merge read the removal's record, written first,
+    and removed the registration itself; the unload's own delete then found nothing and it was
+    answered 404 though the adapter was gone (a loaded CI run). A merge leaves a removal under way
+    to its remover, and finishes one whose remover died part way once its mark expired."""
+    nc, store, registry = opened
+    other = AdapterRegistry(store, Bucket(nc, bucket_name(store.p)), clock=lambda: 0.0)
+    removing = store.removing
+
+    async def merged_meanwhile(name: str, under_way_ms: int) -> None:
+        await removing(name, under_way_ms)
+        if under_way_ms:
+            assert await other.restore(at_once=True) == 0  # left to the remover
+            assert await store.get_adapter("x") is not None
+
+    entry = AdapterEntry(name="x", path="/a", rank=8, created=1.0, version="v1")
+    assert await registry.register(entry)
+    store.removing = merged_meanwhile  # type: ignore[method-assign]
+    assert await registry.remove("x") and await store.get_adapter("x") is None
+    store.removing = removing  # type: ignore[method-assign]
+    assert not await store.under_way("x")  # over
+    # a remover that died after its first writes
+    again = msgspec.structs.replace(entry, created=2.0, version="v2")
+    assert await registry.register(again)
+    await store.put_removal(AdapterRemoval(**msgspec.structs.asdict(again), removed=time.time()))
+    await store.removing("x", under_way_ms=60_000)
+    assert await other.restore(at_once=True) == 0 and await store.get_adapter("x") == again
+    await store.r.delete(f"{store.p}:adapter-removing:x")  # (what Redis does when the mark expires)
+    assert await other.restore(at_once=True) == 1 and await store.get_adapter("x") is None
