@@ -19,8 +19,11 @@ METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
 
 
 def _burstiness(config: dict) -> float | None:
-    """vLLM's --burstiness is the gamma shape, 1 / CV²: 1.0 for Poisson; a trace's has none."""
-    return {"poisson": 1.0, "gamma": 1.0 / config.get("cv", 1.0) ** 2}.get(config.get("arrivals", ""))
+    """vLLM's --burstiness is the gamma shape, 1 / CV²: 1.0 for Poisson; a trace's has none. To 12
+    significant digits: --burstiness B comes here through its CV, 1/sqrt(B), and 1/CV² read 0.5 as
+    0.5000000000000001, which a reader comparing with the B it typed did not find."""
+    shape = {"poisson": 1.0, "gamma": 1.0 / config.get("cv", 1.0) ** 2}.get(config.get("arrivals", ""))
+    return None if shape is None else float(f"{shape:.12g}")
 
 
 def peaks(done: list[RequestResult]) -> tuple[float, int]:

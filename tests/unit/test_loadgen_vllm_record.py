@@ -78,3 +78,14 @@ def test_client_queue_metrics_are_written_when_named_under_a_concurrency_cap() -
     at_once = record(config | {"max_concurrency": 1, "rate": "inf"}, summarize(runs, 1.0), runs)
     assert "mean_client_queue_time_ms" in at_once and "mean_e2el_including_client_queue_ms" not in at_once
     assert not any("queue_time_ms" in key for key in record(config, summarize(runs, 1.0), runs))
+
+
+@pytest.mark.parametrize("given", ["0.5", "2", "1.5", "0.1", "3"])
+def test_the_burstiness_given_is_the_burstiness_recorded(given: str) -> None:
+    """``--burstiness 0.5`` was recorded as 0.5000000000000001 (and 2 as 2.0000000000000004): the
+    shape went through the CV, 1/sqrt(B), and back as 1/CV². vLLM writes the number typed, and its
+    users select runs by it (``jq 'select(.burstiness == 0.5)'``, a sweep's plot grouped by it)."""
+    from dlora.loadgen.spec import WorkloadSpec
+
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--burstiness", given]))
+    assert record(spec.options(), summarize([], 1.0), [])["burstiness"] == float(given)
