@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
-from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, sampling_of, slo_seconds
+from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, ignore_eos_of, sampling_of, slo_seconds
 from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -288,7 +288,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 backend=args.backend,
                 tokenizer=args.tokenizer,
-                ignore_eos=args.ignore_eos,
+                ignore_eos=ignore_eos_of(args),
                 percentile_metrics=args.percentile_metrics,
                 metric_percentiles=args.metric_percentiles,
                 label=args.label,

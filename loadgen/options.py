@@ -164,10 +164,19 @@ def extra_body(text: str) -> dict:
 
 
 def sampling_of(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The fields each request carries over loadgen's temperature 0: --extra-body's, then the
-    sampling options given (None: none given)."""
+    """The fields each request carries over loadgen's temperature 0: the sampling options given,
+    then --extra-body's over them, as vLLM's bench merges them (``--temperature 0.7 --extra-body
+    '{"temperature": 0.2}'`` sends 0.2 there; here it sent 0.7). None: none given."""
     given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k") if getattr(args, name) is not None}
-    return ((args.extra_body or {}) | given) or None
+    return (given | (args.extra_body or {})) or None
+
+
+def ignore_eos_of(args: argparse.Namespace) -> bool:
+    """Whether requests ask for ``ignore_eos``: --extra-body's where it says (vLLM's body takes its
+    extra body last; its users turn off the ignore_eos its random dataset sets so), else
+    --ignore-eos. (Sent true over an extra body's false, silently: outputs ran past EOS.)"""
+    said = (args.extra_body or {}).get("ignore_eos")
+    return said if isinstance(said, bool) else args.ignore_eos
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -239,3 +239,29 @@ async def test_warmups_go_first_to_each_adapter_and_are_not_counted(tmp_path: Pa
     assert not {tuple(b["prompt"]) for b in warm} & {tuple(b["prompt"]) for b in measured}
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert v["num_prompts"] == v["completed"] == 4
+
+
+async def test_the_extra_body_is_merged_last_as_vllms_ignore_eos_and_sampling_too(tmp_path: Path) -> None:
+    """vLLM's bench puts --extra-body over everything else it sends: its users turn off the
+    ignore_eos its random dataset sets with ``--extra-body '{"ignore_eos": false}'``, and an extra
+    body's temperature is sent over --temperature's. dlora loadgen sent ``ignore_eos: true`` and
+    --temperature's value over them, silently (outputs ran past EOS, warned of as the target's fault)."""
+    bodies: list[dict] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        bodies.append(await request.json())
+        stop = {"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}], "usage": {"completion_tokens": 2}}
+        return await _stream(request, [CHUNK, stop])
+
+    argv = ["--dataset-name", "random", "--random-input-len", "4", "--random-output-len", "8", "--num-prompts", "2"]
+    argv += ["--temperature", "0.7", "--extra-body", '{"ignore_eos": false, "temperature": 0.2}']
+    async with serving(completions) as url:
+        argv += ["--base-url", url, "--model", "model", "--result-dir", str(tmp_path)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dlora.services.cli", "loadgen", *argv, stdout=PIPE, stderr=PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert len(bodies) == 2 and all(b["ignore_eos"] is False and b["temperature"] == 0.2 for b in bodies)
+    assert "did not honour ignore_eos" not in err.decode()
+    assert json.loads((tmp_path / "result.json").read_text())["config"]["ignore_eos"] is False
