@@ -119,6 +119,12 @@ async def run(
     own = vllm_record.taken(shown | {"max_concurrency": max_concurrency, "rate": spec.options()["rate"]})
     if clash := sorted({key for key, _ in metadata or ()} & own):
         raise ValueError(f"--metadata {', '.join(clash)}: vllm-result.json has that key of its own")
+    if unwritten := [m for m in percentile_metrics or () if f"mean_{m}_ms" not in own]:
+        # vLLM writes none of them then and says nothing: a record without the figures asked for
+        console.print(
+            f"--percentile-metrics {','.join(unwritten)}: not written (the client queue's are under --max-concurrency "
+            "only, e2el_including_client_queue at a finite --request-rate only, as vLLM's)"
+        )
     traces = load_traces(spec)
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")

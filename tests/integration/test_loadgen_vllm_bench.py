@@ -265,3 +265,27 @@ async def test_the_extra_body_is_merged_last_as_vllms_ignore_eos_and_sampling_to
     assert len(bodies) == 2 and all(b["ignore_eos"] is False and b["temperature"] == 0.2 for b in bodies)
     assert "did not honour ignore_eos" not in err.decode()
     assert json.loads((tmp_path / "result.json").read_text())["config"]["ignore_eos"] is False
+
+
+@pytest.mark.parametrize(
+    "cap, rate, unwritten",
+    [(None, 50.0, "client_queue_time,e2el_including_client_queue"), (2, math.inf, "e2el_including_client_queue")],
+)
+async def test_percentile_metrics_the_run_cannot_write_are_named(
+    cap: int | None, rate: float, unwritten: str, tmp_path: Path
+) -> None:
+    """``--percentile-metrics ttft,client_queue_time,e2el_including_client_queue`` with no
+    --max-concurrency (or at --request-rate inf, for the last) wrote no figure of the queue's and
+    said nothing, as vLLM's: the user found the record without what the command asked for."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, LAST])
+
+    spec = WorkloadSpec(requests=2, rate=rate, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
+    console = Console(file=io.StringIO(), width=300)
+    named = ("ttft", "client_queue_time", "e2el_including_client_queue")
+    async with serving(completions) as url:
+        await run(spec, url, tmp_path, console, max_concurrency=cap, percentile_metrics=named)
+    assert f"--percentile-metrics {unwritten}: not written" in console.file.getvalue()
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert "mean_ttft_ms" in v and all(f"mean_{m}_ms" not in v for m in unwritten.split(","))
