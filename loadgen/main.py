@@ -202,13 +202,14 @@ async def run(
     task = progress.add_task("sending", total=len(requests))
     clock.restart()  # the run begins now: not with NATS's connect, or the target's model list
 
-    def on_update(results: list[RequestResult]) -> None:
-        done = sum(r.completed for r in results)
-        failed = sum(r.error is not None for r in results)
-        tokens = sum(r.tokens for r in results)
-        progress.update(
-            task, completed=done + failed, description=f"{tokens / max(clock(), 1e-9):7.1f} tok/s  errors {failed}"
-        )
+    ended = {"requests": 0, "failed": 0, "tokens": 0}  # running counts: summed anew at each end, n² a run
+
+    def on_update(r: RequestResult) -> None:
+        ended["requests"] += 1
+        ended["failed"] += r.error is not None
+        ended["tokens"] += r.tokens
+        rate = ended["tokens"] / max(clock(), 1e-9)
+        progress.update(task, completed=ended["requests"], description=f"{rate:7.1f} tok/s  errors {ended['failed']}")
 
     try:
         try:

@@ -46,7 +46,7 @@ async def replay(
     max_duration_s: float,
     stop: asyncio.Event,
     grace_s: float = 30.0,
-    on_update: Callable[[list[RequestResult]], None] | None = None,
+    on_update: Callable[[RequestResult], None] | None = None,
     max_concurrency: int | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Send ``specs`` through ``client`` at their arrival times (``clock``'s seconds), at most
@@ -71,8 +71,8 @@ async def replay(
                 results[i].error = f"{type(e).__name__}: {e}"  # connection closed), not the run's
         if results[i].finish_s is None and results[i].error is None:
             results[i].error = "the stream ended without a finish"
-        if on_update:
-            on_update(results)
+        if on_update:  # the one that ended: handed them all, a caller summing them read n² in a run
+            on_update(results[i])
 
     for i, spec in enumerate(specs):
         # No later than the duration's end: an arrival past it is not sent, and was waited for
