@@ -382,8 +382,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-len",
         "--random-input-len",
+        "--input-len",
         type=positive,
-        help=f"fixed, random: the prompt's tokens; uniform: the most (default {_SPEC.prompt_len})",
+        help=f"fixed, random: the prompt's tokens; uniform: the most (vLLM's --input-len; default {_SPEC.prompt_len})",
     )
     p.add_argument(
         "--output-len",

@@ -110,3 +110,12 @@ def test_vllms_random_dataset_lengths_are_drawn_as_vllm_draws_them() -> None:
         WorkloadSpec(lengths="random", random_range_ratio=1.0)
     given = build_parser().parse_args(["loadgen", "--lengths", "fixed", "--random-range-ratio", "0.2"])
     assert WorkloadSpec.unused_option(given) == "--random-range-ratio applies to --lengths random only, not fixed"
+
+
+def test_vllms_general_input_length_is_the_prompts() -> None:
+    """``vllm bench serve ... --dataset-name random --input-len 100 --output-len 10``, the lengths as
+    vLLM's own usage line spells them, was refused: --input-len (which vLLM maps to
+    --random-input-len) was unknown, though its --output-len was taken."""
+    argv = ["loadgen", "--dataset-name", "random", "--input-len", "100", "--output-len", "10"]
+    spec = WorkloadSpec.from_args(build_parser().parse_args(argv))
+    assert (spec.lengths, spec.prompt_len, spec.output_len) == ("random", 100, 10)
