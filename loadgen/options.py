@@ -52,9 +52,10 @@ def rate(text: str) -> float:
     return above_zero(text)
 
 
-# vLLM's benchmark's names for the completions and the chat completions APIs (its --backend).
-BACKENDS = ("openai", "openai-chat")
-ENDPOINTS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}  # the path each posts to
+# vLLM's benchmark's names for the completions and the chat completions APIs (its --backend; its
+# "vllm" is its "openai", the spelling of vLLM's docs' examples)
+ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
+BACKENDS = tuple(ENDPOINTS)  # the path each posts to
 
 # A target with one of these schemes is a NATS server (nats-py's: tls:// is NATS over TLS).
 NATS_SCHEMES = ("nats://", "tls://")
@@ -196,13 +197,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="openai",
-        help="openai: the prompt as token ids to /v1/completions; openai-chat: as text, in one user message, to "
-        "/v1/chat/completions (vLLM's --backend openai-chat --endpoint /v1/chat/completions), through the "
+        help="openai (or vllm): the prompt as token ids to /v1/completions; openai-chat: as text, in one user "
+        "message, to /v1/chat/completions (vLLM's --backend openai-chat --endpoint /v1/chat/completions), through the "
         "server's chat template; HTTP targets only (default %(default)s)",
     )
     p.add_argument(
         "--endpoint",
-        choices=tuple(ENDPOINTS.values()),
+        choices=tuple(dict.fromkeys(ENDPOINTS.values())),
         help="vLLM's --endpoint: the path --backend posts to, given with it (default: the backend's)",
     )
     p.add_argument(

@@ -119,3 +119,15 @@ def test_vllms_general_input_length_is_the_prompts() -> None:
     argv = ["loadgen", "--dataset-name", "random", "--input-len", "100", "--output-len", "10"]
     spec = WorkloadSpec.from_args(build_parser().parse_args(argv))
     assert (spec.lengths, spec.prompt_len, spec.output_len) == ("random", 100, 10)
+
+
+def test_vllms_backend_vllm_is_its_openai(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vllm bench serve --backend vllm --endpoint /v1/completions``, as vLLM's docs' examples
+    spell it (its bench sends the completions body for both names), was refused: loadgen knew
+    openai and openai-chat only."""
+    args = build_parser().parse_args(["loadgen", "--backend", "vllm", "--endpoint", "/v1/completions"])
+    assert (args.backend, args.endpoint) == ("vllm", "/v1/completions")
+    assert WorkloadSpec.unused_option(args) is None
+    chat = build_parser().parse_args(["loadgen", "--backend", "vllm", "--endpoint", "/v1/chat/completions"])
+    chat.out = str(tmp_path)
+    assert chat.func(chat) == 2 and "is not --backend vllm's (/v1/completions)" in capsys.readouterr().err
