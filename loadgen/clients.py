@@ -186,7 +186,7 @@ class HttpClient:
 
 
 def _read_text(choice: dict, r: RequestResult, said: list[str]) -> None:
-    """A completion's ``text`` or a chat delta's ``content`` onto ``r.text`` (vLLM's
+    """A completion's ``text`` or a chat delta's ``content`` onto ``r.pieces`` (vLLM's
     generated_text), and with a reasoning parser's ``reasoning``/``reasoning_content`` onto ``said``."""
     delta = choice.get("delta")
     parts = {"text": choice.get("text")} if not isinstance(delta, dict) else delta
@@ -194,7 +194,7 @@ def _read_text(choice: dict, r: RequestResult, said: list[str]) -> None:
         if isinstance(piece := parts.get(key), str) and piece:
             said.append(piece)
             if key in ("text", "content"):
-                r.text += piece
+                r.pieces.append(piece)
 
 
 def _opening(choice: dict) -> bool:
@@ -319,7 +319,8 @@ class NatsClient:
         if r.first_token_s is None:
             r.first_token_s = now
         r.tokens += len(chunk.token_ids)
-        r.text += chunk.text  # the worker's detokenized text (vllm-result.json's generated_texts)
+        if chunk.text:  # the worker's detokenized text (vllm-result.json's generated_texts)
+            r.pieces.append(chunk.text)
         r.token_times.append(now)
         if chunk.finish_reason:
             r.finish_s = now

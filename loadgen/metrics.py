@@ -29,7 +29,14 @@ class RequestResult:
     retry_reasons: list[str] = field(default_factory=list)  # why each earlier try was retried (--max-retries)
     prompt_len: int = 0  # prompt tokens sent (exact: the prompt goes as token ids)
     queued_s: float = 0.0  # waited for a slot under --max-concurrency before it was sent (vLLM's queue time)
-    text: str = ""  # the answer's content as streamed (vLLM's generated_text)
+    # The answer's content as streamed, piece by piece: joined once, for the record (joined at each
+    # event, an output of n pieces copied some n²/2 of them, in the event loop that times the stream)
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The answer's content (vLLM's generated_text)."""
+        return "".join(self.pieces)
 
     @property
     def completed(self) -> bool:

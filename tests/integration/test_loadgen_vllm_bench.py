@@ -289,3 +289,28 @@ async def test_percentile_metrics_the_run_cannot_write_are_named(
     assert f"--percentile-metrics {unwritten}: not written" in console.file.getvalue()
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert "mean_ttft_ms" in v and all(f"mean_{m}_ms" not in v for m in unwritten.split(","))
+
+
+async def test_an_answers_text_is_held_in_its_pieces_and_joined_once(tmp_path: Path) -> None:
+    """vllm-result.json's generated_texts were built by adding each streamed piece to the text so
+    far: an output of n pieces copied some n²/2 of them (8,000 tokens of a reasoning model: ~128 MB
+    a request), in the event loop that stamps the token times. The pieces are held as they come and
+    joined once, for the record."""
+    from dlora.loadgen.clients import HttpClient
+    from dlora.loadgen.runner import Clock, replay
+    from dlora.loadgen.workload import RequestSpec
+
+    n = 200
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK] * (n - 1) + [LAST])
+
+    async with serving(completions) as url:
+        clock = Clock()
+        client = HttpClient(url, "model", clock)
+        specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=4, output_len=n)]
+        try:
+            [r], _ = await replay(specs, client, clock, 10.0, asyncio.Event())
+        finally:
+            await client.close()
+    assert r.completed and len(r.pieces) == n and r.text == "a" * (n - 1) + "b"
