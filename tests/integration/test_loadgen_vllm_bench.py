@@ -179,11 +179,27 @@ async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Pa
 async def test_sampling_options_reach_the_workers_over_nats(stack: Stack, tmp_path: Path) -> None:
     """Over NATS the sampling options go into each GenerateRequest's SamplingParams; an extra body
     (the gateway's request body) is refused for a NATS target."""
+    import urllib.parse
+
+    import msgspec
+
+    from dlora.common import subjects
+    from dlora.common.messages import GenerateRequest
+
     target = stack.nc._current_server.uri.geturl()
+    sent: list[GenerateRequest] = []
+
+    async def heard(msg) -> None:  # type: ignore[no-untyped-def]
+        sent.append(msgspec.json.decode(msg.data, type=GenerateRequest))
+
+    # what the workers are sent (the record's config alone was checked: it says what was asked for)
+    watch = await stack.nc.subscribe(subjects.requests_of(urllib.parse.urlsplit(target).username or "app"), cb=heard)
     spec = WorkloadSpec(requests=4, rate=50.0, lengths="fixed", prompt_len=6, output_len=3, adapters=2)
     args = build_parser().parse_args(["loadgen", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.5"])
     summary = await run(spec, target, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
+    await watch.unsubscribe()
     assert summary["completed"] == 4 and summary["failed"] == 0
+    assert len(sent) == 4 and {(r.params.temperature, r.params.top_p, r.params.top_k) for r in sent} == {(0.8, 0.5, 5)}
     config = json.loads((tmp_path / "result.json").read_text())["config"]
     assert config["sampling"] == {"temperature": 0.8, "top_p": 0.5, "top_k": 5}
     refused = build_parser().parse_args(["loadgen", "--target", target, "--extra-body", "{}", "--out", str(tmp_path)])
