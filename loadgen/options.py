@@ -213,7 +213,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "server's default)",
     )
     p.add_argument("--top-p", type=above_zero, help="each request's top_p (vLLM's --top-p; default: none sent)")
-    p.add_argument("--top-k", type=count, help="each request's top_k, 0 all (vLLM's --top-k; default: none sent)")
+    p.add_argument(
+        "--top-k", type=_at_least(int, -1), help="each request's top_k, -1 or 0 all (vLLM's --top-k; default: none)"
+    )
     p.add_argument(
         "--extra-body",
         type=extra_body,

@@ -131,3 +131,13 @@ def test_vllms_backend_vllm_is_its_openai(tmp_path: Path, capsys: pytest.Capture
     chat = build_parser().parse_args(["loadgen", "--backend", "vllm", "--endpoint", "/v1/chat/completions"])
     chat.out = str(tmp_path)
     assert chat.func(chat) == 2 and "is not --backend vllm's (/v1/completions)" in capsys.readouterr().err
+
+
+def test_vllms_top_k_minus_one_is_all_tokens() -> None:
+    """``--top-k -1``, vLLM's spelling of "every token" (its bench passes any integer; dlora's
+    servers take -1 as vLLM's do), was refused by loadgen as below 0."""
+    from dlora.loadgen.options import sampling_of
+
+    assert sampling_of(build_parser().parse_args(["loadgen", "--top-k", "-1"])) == {"top_k": -1}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", "--top-k", "-2"])
