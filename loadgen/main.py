@@ -23,10 +23,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
-from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES, ignore_eos_of, sampling_of, slo_seconds
+from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES
 from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
+from dlora.loadgen.vllm_options import ignore_eos_of, sampling_of, slo_seconds
 from dlora.loadgen.workload import build_specs, load_traces
 from dlora.model.tokenizer import load_tokenizer
 

@@ -5,7 +5,6 @@ there once."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from typing import Any, get_args
@@ -86,102 +85,19 @@ def range_ratio(text: str) -> float:
     return value
 
 
-# vLLM's --goodput keys and the --slo-* option each sets
-GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
-
-
-def goodput(text: str) -> tuple[str, float]:
-    """An argparse type: one of vLLM's ``--goodput`` pairs, ``KEY:MILLISECONDS``, as the --slo-*
-    option it sets and its seconds."""
-    key, colon, ms = text.partition(":")
-    if not colon or key.strip() not in GOODPUT:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:MILLISECONDS, KEY one of {', '.join(GOODPUT)}")
-    return GOODPUT[key.strip()], above_zero(ms) / 1000
-
-
-def slo_seconds(args: argparse.Namespace) -> dict[str, float | None]:
-    """The --slo-* options' seconds, each set by --slo-X or by --goodput's key for it.
-
-    Raises:
-        ValueError: one given both ways, or twice in --goodput."""
-    slo = {name: getattr(args, name) for name in GOODPUT.values()}
-    for name, seconds in args.goodput or ():
-        if slo[name] is not None:
-            raise ValueError(f"--goodput sets --{name.replace('_', '-')} that is given already")
-        slo[name] = seconds
-    return slo
-
-
-# vLLM's --percentile-metrics names (its e2el is loadgen's e2e); the last two under --max-concurrency only
-PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "client_queue_time", "e2el_including_client_queue")
-
-
-def percentile_metrics(text: str) -> tuple[str, ...]:
-    """An argparse type: vLLM's ``--percentile-metrics``, comma-separated names of
-    ``PERCENTILE_METRICS``, each once."""
-    names = tuple(n.strip() for n in text.split(","))
-    if unknown := [n for n in names if n not in PERCENTILE_METRICS]:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: expected {','.join(PERCENTILE_METRICS)}")
-    if len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{text!r} names a metric twice")
-    return names
-
-
-def metric_percentiles(text: str) -> tuple[float, ...]:
-    """An argparse type: vLLM's ``--metric-percentiles``, comma-separated percentiles in [0, 100]
-    (numpy's range: 99.9 is one, 999 an error at the run's end)."""
-    values = tuple(_at_least(float, 0)(p.strip()) for p in text.split(","))
-    if over := [p for p in values if p > 100]:
-        raise argparse.ArgumentTypeError(f"{over[0]:g} is above 100")
-    return values
-
-
-def metadata(text: str) -> tuple[str, str]:
-    """An argparse type: one of vLLM's ``--metadata`` items, ``KEY=VALUE`` (the value may hold ``=``)."""
-    key, equals, value = text.partition("=")
-    if not equals or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
-    return key.strip(), value.strip()
-
-
-def result_filename(text: str) -> str:
-    """An argparse type: a file name in --out (no folder in it), none of the report's other files."""
-    if not text or "/" in text or text in (".", "..") or text in ("result.json", "report.png", "report.html"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a file name in --out, other than result.json, report.png, report.html"
-        )
-    return text
-
-
-def extra_body(text: str) -> dict:
-    """An argparse type: vLLM's ``--extra-body``, a JSON object."""
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
-    return value
-
-
-def sampling_of(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The fields each request carries over loadgen's temperature 0: the sampling options given,
-    then --extra-body's over them, as vLLM's bench merges them (``--temperature 0.7 --extra-body
-    '{"temperature": 0.2}'`` sends 0.2 there; here it sent 0.7). None: none given."""
-    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k") if getattr(args, name) is not None}
-    return (given | (args.extra_body or {})) or None
-
-
-def ignore_eos_of(args: argparse.Namespace) -> bool:
-    """Whether requests ask for ``ignore_eos``: --extra-body's where it says (vLLM's body takes its
-    extra body last; its users turn off the ignore_eos its random dataset sets so), else
-    --ignore-eos. (Sent true over an extra body's false, silently: outputs ran past EOS.)"""
-    said = (args.extra_body or {}).get("ignore_eos")
-    return said if isinstance(said, bool) else args.ignore_eos
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dlora loadgen``'s options: where to send, the workload, SLOs, retries, the report."""
+    # (here: vllm_options takes this module's number types)
+    from dlora.loadgen.vllm_options import (
+        PERCENTILE_METRICS,
+        extra_body,
+        goodput,
+        metadata,
+        metric_percentiles,
+        percentile_metrics,
+        result_filename,
+    )
+
     p.add_argument(
         "--target",
         "--base-url",

@@ -16,8 +16,8 @@ from aiohttp import web
 from rich.console import Console
 
 from dlora.loadgen.main import run
-from dlora.loadgen.options import sampling_of
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.vllm_options import sampling_of
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
 from tests.integration.conftest import Stack

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dlora.loadgen.options import slo_seconds
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.vllm_options import slo_seconds
 from dlora.loadgen.vllm_record import _burstiness
 from dlora.loadgen.workload import build_specs
 from dlora.services.cli import build_parser
@@ -136,7 +136,7 @@ def test_vllms_backend_vllm_is_its_openai(tmp_path: Path, capsys: pytest.Capture
 def test_vllms_top_k_minus_one_is_all_tokens() -> None:
     """``--top-k -1``, vLLM's spelling of "every token" (its bench passes any integer; dlora's
     servers take -1 as vLLM's do), was refused by loadgen as below 0."""
-    from dlora.loadgen.options import sampling_of
+    from dlora.loadgen.vllm_options import sampling_of
 
     assert sampling_of(build_parser().parse_args(["loadgen", "--top-k", "-1"])) == {"top_k": -1}
     with pytest.raises(SystemExit):
