@@ -201,6 +201,18 @@ def test_a_long_prefill_runs_in_chunks_beside_the_decodes() -> None:
     assert [s.request_id for s in plan.seqs] == ["d1"]
 
 
+def test_a_chunked_prompt_starts_only_where_all_of_it_fits_the_blocks_free() -> None:
+    """vLLM's admission (scheduler_reserve_full_isl, on by default; vLLM #21793): let in for its
+    first chunk's blocks, a prompt the cache could not hold whole filled it and was evicted by the
+    decodes' next blocks, to be computed again; the short prompt behind it still starts."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    d = running(seq("d", 0, 3, outputs=1), bm)  # 1 block: 5 free
+    seqs = {s.request_id: s for s in (d, seq("long", 1, 24), seq("short", 2, 8))}  # 6 blocks, 2
+    plan = schedule(StepDecision(None, ["d", "long", "short"]), seqs, bm, replace(CHUNKED, max_num_batched_tokens=8))
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("d", 1), ("short", 7)]
+    assert not bm.holds("long")
+
+
 def test_decodes_keep_their_place_in_the_budget_behind_a_prefill_decided_first() -> None:
     """A prompt of a higher priority comes first in the decision: its chunk took the whole budget
     and every running stream stalled for its prefill (a user's trial). The decodes go first in

@@ -202,6 +202,13 @@ def schedule(
             if shared and 2 * shared >= min(seq.num_new, room):
                 _release(seq, blocks, fresh)
                 continue
+            if out.seqs and not blocks.can_grow(rid, seq.total_len):
+                # Starts only where all of it fits the blocks free (vLLM's scheduler_reserve_full_isl,
+                # on by default): a long prompt let in a chunk at a time filled the cache half-way,
+                # and the decodes' next blocks evicted it, to be let in and computed again (vLLM #21793)
+                _release(seq, blocks, fresh)
+                line = _stop(seq, line)
+                continue
         n = seq.num_new
         if n > room:
             if limits.chunked_prefill and seq.status is Status.WAITING and room > 0:
