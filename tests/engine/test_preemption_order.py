@@ -131,6 +131,45 @@ def test_prompts_arriving_after_a_recompute_do_not_start_before_it(tiny_llama: T
     finish(engine, got)
 
 
+def test_a_long_prompt_passed_over_for_small_ones_starts_once_the_requests_ahead_of_it_end(
+    tiny_llama: TinyOutput,
+) -> None:
+    """vLLM #31731's trade (its waiting loop stops at a prompt the free blocks cannot hold; dLoRA
+    lets smaller ones behind it start): the skipped prompt must not starve while they keep coming.
+    Here "L" (28 tokens: 7 of 12 blocks) arrives into a full cache with four small streams always
+    queued (a new one whenever one ends); it may be passed over, but once every request older than
+    it has ended it is first in its step and takes the blocks of those behind it (``_fits``)."""
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=12)
+    count = 0
+
+    def feed() -> None:
+        nonlocal count
+        tokens = SamplingParams(max_tokens=2 + (5 * count) % 11, ignore_eos=True)  # ends staggered
+        engine.add_request(f"s{count}", prompt_token_ids=[5 + count, 6, 7], params=tokens)
+        count += 1
+
+    got: dict[str, list[int]] = {}
+    for _ in range(40):
+        while len(engine.seqs) < 4:
+            feed()
+        step(engine, got)
+    engine.add_request("L", prompt_token_ids=list(range(20, 48)), params=SamplingParams(max_tokens=3, ignore_eos=True))
+    older = set(engine.seqs) - {"L"}
+    ended_at, overtaken = None, False
+    for t in range(100):
+        while len([rid for rid in engine.seqs if rid != "L"]) < 4:
+            feed()
+        if ended_at is None and not older & set(engine.seqs):
+            ended_at = t
+        ran = step(engine, got)
+        if "L" in ran:
+            break
+        overtaken |= bool(ran - older)
+    assert "L" in got, "passed over for as long as small prompts came"
+    assert overtaken  # (the case: prompts behind it started first)
+    assert ended_at is None or t <= ended_at  # at the latest in the first step with nothing older left
+
+
 def test_a_prompt_alone_in_its_step_evicts_no_one_when_that_would_not_make_it_fit(tiny_llama: TinyOutput) -> None:
     """The decision's prompt "big" (priority 0), alone in its step, evicted "v" (0) and still did
     not fit beside "h" (-1, not its to evict): nothing ran, and the head-of-line pass that ran
