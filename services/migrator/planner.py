@@ -1,9 +1,9 @@
 """Request-adapter co-migration planned by an integer linear program over the whole cluster.
 
-``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter):
-requests of one group are interchangeable to the planner, so an integer variable n[g, w] (how
-many of group g go to worker w) stands for |g| binary request->worker choices, which keeps 2,000
-requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
+``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter)
+(``bands``): requests of one group are interchangeable to the planner, so an integer variable
+n[g, w] (how many of group g go to worker w) stands for |g| binary request->worker choices,
+which keeps 2,000 requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
 worker w (fixed to 1 where it already does).
 
     minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
@@ -35,9 +35,9 @@ A greedy pass (single requests from the most to the least loaded worker while th
 longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
 CBC begins from an incumbent and improves on it within its bound, where alone it found none in
 time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
-ILP counts a group by its mean: the requests its counts name are checked against each destination's
-blocks (``named``), and where they do worse than the greedy plan by the ILP's own objective
-(``costs.worth``), the greedy plan is taken.
+ILP counts a group by its mean: the requests its counts name are checked
+against each destination's blocks (``named``), and where they do worse than the greedy plan by the
+ILP's own objective (``costs.worth``), the greedy plan is taken.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ import bisect
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, replace
 
 import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
+from dlora.services.migrator.bands import Group, grouped, price_of
 from dlora.services.migrator.costs import (
     BASE,
     apply,
@@ -90,66 +90,6 @@ class PlannerSettings:
     max_nodes: int | None = None
 
 
-@dataclass
-class _Group:
-    worker: str
-    adapter: str  # the version of it its requests run on (``RequestState.key``; BASE: the base model)
-    requests: list[RequestState]  # shortest context first
-    fits: frozenset[str]  # the workers that hold each of them whole (all, unless contexts differ)
-    _blocks: dict[int, int] = field(default_factory=dict)  # mean_blocks by block size
-
-    @property
-    def size(self) -> int:
-        return len(self.requests)
-
-    @cached_property
-    def mean_remaining(self) -> float:
-        return sum(r.remaining_tokens for r in self.requests) / self.size
-
-    def mean_blocks(self, block_size: int) -> int:
-        """KV blocks per request, counted request by request as kv_demand counts them and rounded
-        up: whole coefficients let CBC find incumbents in time (fractional ones did not at
-        32 x 128 x 2,000)."""
-        if block_size not in self._blocks:
-            self._blocks[block_size] = -(
-                -sum(blocks_of(r.context_tokens, block_size) for r in self.requests) // self.size
-            )
-        return self._blocks[block_size]
-
-
-def _groups(snapshot: ClusterSnapshot) -> list[_Group]:
-    by: dict[tuple[str, str, frozenset[str]], list[RequestState]] = defaultdict(list)
-    # Which workers hold a request depends only on what ``WorkerState.holds`` reads of it: its
-    # length, rank, base model, where it is pinned, and its adapter where a worker's read of it
-    # failed lately; one set per distinct such (the model left out, one model's request took
-    # another's set; the failed adapter left out, so did its requests: reviews).
-    failed = set().union(*(w.failed_adapters for w in snapshot.workers))
-    fits: dict[tuple[int, int, str, str, str | None], frozenset[str]] = {}
-    for r in snapshot.requests:
-        key = (
-            r.total_tokens,
-            r.rank,
-            r.model_digest,
-            r.worker if r.pinned else "",
-            r.adapter if r.adapter in failed else None,
-        )
-        if key not in fits:
-            fits[key] = frozenset(w.worker for w in snapshot.workers if w.holds(r))
-        by[(r.worker, r.key, fits[key])].append(r)
-    workers = {w.worker: w for w in snapshot.workers}
-    return [
-        _Group(w, a, sorted(rs, key=lambda r: _price(snapshot, workers[r.worker], r)), fits)
-        for (w, a, fits), rs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], sorted(kv[0][2])))
-    ]
-
-
-def _price(snapshot: ClusterSnapshot, home: WorkerState, r: RequestState) -> float:
-    """A move's cost per second of work it takes from ``home``. By context alone, a group of
-    60-token answers 3 tokens from their end beside 200-token ones moved the ones about to finish
-    (the shortest prompts) as if they carried the group's mean work (a trial on real workers)."""
-    return move_cost(snapshot, r) / max(1e-9, r.remaining_tokens * home.cost(r.adapter))
-
-
 def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
     """``snapshot`` with the requests whose move costs more than the work it takes away pinned
     where they are (about to finish, mostly): moved, they add more than they relieve. Not on a
@@ -159,7 +99,7 @@ def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
     calm = {w.worker for w in snapshot.workers if demand[w.worker] <= kv_pressure * w.kv_blocks}
     reqs = [
         replace(r, pinned=True)
-        if not r.pinned and r.worker in calm and _price(snapshot, workers[r.worker], r) >= 1
+        if not r.pinned and r.worker in calm and price_of(snapshot, workers[r.worker], r) >= 1
         else r
         for r in snapshot.requests
     ]
@@ -220,7 +160,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
 
 def _destinations(
     snapshot: ClusterSnapshot,
-    groups: list[_Group],
+    groups: list[Group],
     settings: PlannerSettings,
     start: dict[int, set[str]],
     active: dict[str, Running],
@@ -232,7 +172,7 @@ def _destinations(
     load, demand = completion_times(snapshot), kv_demand(snapshot)
     by_load = sorted(snapshot.workers, key=lambda w: load[w.worker])
 
-    def possible(g: _Group) -> list[WorkerState]:
+    def possible(g: Group) -> list[WorkerState]:
         return [
             w
             for w in by_load
@@ -269,14 +209,14 @@ def _solve(
 ) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
     """The ILP's moves, begun from ``start``'s (a feasible plan, the greedy one), or why it gave
     none; ``started``: when planning began (perf_counter), which the time bound counts from."""
-    groups = _groups(snapshot)
     workers = {w.worker: w for w in snapshot.workers}
+    active = running_adapters(snapshot)
+    groups = grouped(snapshot)
     group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
     moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
     towards: dict[int, set[str]] = defaultdict(set)
     for i, w in moved:
         towards[i].add(w)
-    active = running_adapters(snapshot)
     dests = _destinations(snapshot, groups, settings, towards, active)
     if sum(map(len, dests)) > settings.max_ilp_variables:
         return IlpFallback.TOO_LARGE
@@ -376,7 +316,7 @@ def _solve(
 
 def _start_from(
     moved: Counter[tuple[int, str]],
-    groups: list[_Group],
+    groups: list[Group],
     dests: list[list[str]],
     n: dict[tuple[int, str], pulp.LpVariable],
     y: dict[tuple[str, str], int | pulp.LpVariable],
@@ -424,7 +364,7 @@ def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: floa
     demand = kv_demand(snapshot)
 
     def price(r: RequestState) -> float:
-        return _price(snapshot, workers[r.worker], r)
+        return price_of(snapshot, workers[r.worker], r)
 
     on: dict[str, list[RequestState]] = defaultdict(list)
     for r in sorted(snapshot.requests, key=price):
