@@ -1,9 +1,10 @@
 """Request-adapter co-migration planned by an integer linear program over the whole cluster.
 
-``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter)
-(``bands``): requests of one group are interchangeable to the planner, so an integer variable
-n[g, w] (how many of group g go to worker w) stands for |g| binary request->worker choices,
-which keeps 2,000 requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
+``plan(snapshot, settings) -> MovePlan`` is pure. Requests are grouped by (worker, adapter) and
+split into bands of alike price per second of work and remaining work (``bands``, as fine as the
+variable bound allows): requests of one group are interchangeable to the planner, so an integer
+variable n[g, w] (how many of group g go to worker w) stands for |g| binary request->worker
+choices, which keeps 2,000 requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
 worker w (fixed to 1 where it already does).
 
     minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
@@ -35,7 +36,7 @@ A greedy pass (single requests from the most to the least loaded worker while th
 longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
 CBC begins from an incumbent and improves on it within its bound, where alone it found none in
 time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
-ILP counts a group by its mean: the requests its counts name are checked
+ILP counts a band by its mean (work, move cost, blocks): the requests its counts name are checked
 against each destination's blocks (``named``), and where they do worse than the greedy plan by the
 ILP's own objective (``costs.worth``), the greedy plan is taken.
 """
@@ -43,6 +44,7 @@ ILP's own objective (``costs.worth``), the greedy plan is taken.
 from __future__ import annotations
 
 import bisect
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -52,7 +54,7 @@ import pulp
 
 from dlora.common.messages import IlpFallback, MovePlan, MoveRequest, PlanMethod
 from dlora.common.versions import name_of
-from dlora.services.migrator.bands import Group, grouped, price_of
+from dlora.services.migrator.bands import Group, band_of, grouped, price_of
 from dlora.services.migrator.costs import (
     BASE,
     apply,
@@ -199,6 +201,37 @@ def _destinations(
     ]
 
 
+def _banded(snapshot: ClusterSnapshot, settings: PlannerSettings, active: dict[str, Running]) -> list[list[Group]]:
+    """The groups split in the finest bands (``band_of``) whose model fits ``max_ilp_variables``
+    (pruned where the whole one does not), then unbanded. A band's destinations are its group's
+    (they depend on its worker, adapter and the workers holding it alone), so a banded model's
+    size is counted from the unbanded groups' destinations: built for each try, the 128 x 1,024 x
+    10,000 snapshot took 2.7 s, past its 1 s bound, and fell back."""
+    parents = grouped(snapshot)
+    full: list[list[str]] = []
+    pruned: list[list[str]] = []
+    of = {(g.worker, g.adapter, g.fits): i for i, g in enumerate(parents)}
+    workers = {w.worker: w for w in snapshot.workers}
+    fine = [
+        (i, band_of(price_of(snapshot, workers[g.worker], r), r, 2)) for i, g in enumerate(parents) for r in g.requests
+    ]
+    for bands in (2, 1):
+        # A variable each at least: counted before they are built (0.2 s at 128 x 1,024 x 10,000)
+        if len({(i, band[:bands]) for i, band in fine}) > settings.max_ilp_variables:
+            continue
+        groups = grouped(snapshot, bands)
+        if not full:
+            full = _destinations(snapshot, parents, replace(settings, max_ilp_variables=sys.maxsize), {}, active)
+            pruned = _destinations(snapshot, parents, replace(settings, max_ilp_variables=0), {}, active)
+        at = [of[g.worker, g.adapter, g.fits] for g in groups]
+        size = sum(len(full[i]) for i in at)
+        if size > settings.max_ilp_variables and settings.max_destinations is not None:
+            size = sum(len(pruned[i]) for i in at)
+        if size <= settings.max_ilp_variables:
+            return [groups, parents]
+    return [parents]
+
+
 # CBC runs as a subprocess: writing the model, starting it and reading its solution back (0.2-0.25 s
 # at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands inside the bound.
 _CBC_OVERHEAD_S = 0.3
@@ -211,14 +244,16 @@ def _solve(
     none; ``started``: when planning began (perf_counter), which the time bound counts from."""
     workers = {w.worker: w for w in snapshot.workers}
     active = running_adapters(snapshot)
-    groups = grouped(snapshot)
-    group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
-    moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
-    towards: dict[int, set[str]] = defaultdict(set)
-    for i, w in moved:
-        towards[i].add(w)
-    dests = _destinations(snapshot, groups, settings, towards, active)
-    if sum(map(len, dests)) > settings.max_ilp_variables:
+    for groups in _banded(snapshot, settings, active):
+        group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
+        moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
+        towards: dict[int, set[str]] = defaultdict(set)
+        for i, w in moved:
+            towards[i].add(w)
+        dests = _destinations(snapshot, groups, settings, towards, active)
+        if sum(map(len, dests)) <= settings.max_ilp_variables:
+            break
+    else:
         return IlpFallback.TOO_LARGE
     prob = pulp.LpProblem("co_migration", pulp.LpMinimize)
     T = prob.add_variable("T", lowBound=0)
@@ -244,7 +279,7 @@ def _solve(
     per_worker: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         prob += pulp.LpAffineExpression((n[i, w], 1) for w in dests[i]) == g.size
-        unit = move_cost(snapshot, g.requests[len(g.requests) // 2])  # median request of the group
+        unit = sum(move_cost(snapshot, r) for r in g.requests) / g.size  # (k alike cost about k times it)
         for w in dests[i]:
             per_worker[w].append(i)
             if w != g.worker:
