@@ -192,6 +192,11 @@ def schedule(
         room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
         if fresh:
             ids, lookup = seq.all_ids(), NO_REUSE if seq.collects_prompt_logprobs else own_key
+            # (a recompute that blocks computed beside it may make fit goes the long way: it waits
+            # then without stopping the line)
+            if out.seqs and not (seq.output_ids and (providers or upcoming)) and not _may_fit(seq, blocks, ids, lookup):
+                line = _stop(seq, line)
+                continue
             seq.num_cached = blocks.reuse_prefix(rid, ids, lookup)
             for provider, start, end, key in providers:  # named only when a later prompt may share them
                 upcoming.update(blocks.upcoming(provider.request_id, provider.all_ids(), start, end, key))
@@ -253,6 +258,15 @@ def schedule(
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
+
+
+def _may_fit(seq: Sequence, blocks: BlockManager, ids: list[int], lookup: bytes) -> bool:
+    """Whether all of ``seq`` may fit the blocks free once it takes the cached blocks it begins with
+    (the full-ISL check after ``reuse_prefix`` says for sure): looked up by names hashed once
+    (``Sequence.block_names``), taking nothing. Looked up anew, a prompt passed over step after
+    step hashed its whole cached prefix each step, and the step goes on past it to the next."""
+    found = 0 if lookup == NO_REUSE else blocks.cached_tokens(ids, lookup, seq.block_names.setdefault(lookup, []))
+    return blocks.blocks_for(seq.total_len) - found // blocks.block_size <= blocks.num_free
 
 
 def _stop(seq: Sequence, line: float) -> float:
