@@ -265,7 +265,7 @@ _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "background": 0}, 400, "background"),
     ({"input": "kalo", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input[0].content[0]"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input[0].id"),  # (no previous_response_id)
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 404, "input[0].id"),  # (no item stored of that id)
     ({"input": "kalo", "stream_options": {"include_obfuscation": False}}, 400, "stream_options"),  # no stream
     ({"input": "kalo", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"input": "kalo", "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format"),
