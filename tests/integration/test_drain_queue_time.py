@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import nats
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -48,6 +49,56 @@ async def _seen(dispatcher: Dispatcher, worker_id: str) -> None:
             await asyncio.sleep(0.02)
 
 
+class _Handover:
+    """Workers, a dispatcher and a gateway over real NATS and Redis, each worker stopped (SIGTERM's
+    drain, over at once: the rest handed over) when its event is set."""
+
+    def __init__(self, nats_server: Server, redis: Redis, tiny: TinyOutput) -> None:
+        self.url, self.store, self.model = nats_server.url, StateStore(redis), str(tiny.model)
+        self.conns: list[nats.NATS] = []
+        self.tasks: list[asyncio.Task] = []
+        self.stop = asyncio.Event()
+        self.events = [self.stop]
+        self.runner: web.AppRunner | None = None
+
+    async def worker(self, name: str, until: asyncio.Event, seats: int = 64) -> WorkerService:
+        engine = EngineConfig(max_num_seqs=seats, device="cpu", dtype="float32")
+        ws = WorkerSettings(
+            nats_url=self.url,
+            redis_url="unused",
+            worker_id=name,
+            model=self.model,
+            stats_interval_s=0.1,
+            drain_timeout_s=0.0,
+            engine=engine,
+        )
+        nc = await nats.connect(self.url)
+        self.conns.append(nc)
+        service = WorkerService(ws, nc, self.store, build_engine(ws))
+        self.tasks.append(asyncio.create_task(service.run(until)))
+        self.events.append(until)
+        return service
+
+    async def front(self) -> str:
+        """A dispatcher and a gateway (its base URL), once the dispatcher heard "a-victim"."""
+        nc = await nats.connect(self.url)
+        self.conns.append(nc)
+        self.dispatcher = Dispatcher(DispatcherSettings(nats_url=self.url, redis_url="unused"), nc, self.store)
+        self.tasks.append(asyncio.create_task(self.dispatcher.run(self.stop)))
+        base_url, self.runner = await start_gateway(self.url, self.store, self.model, self.conns)
+        await _seen(self.dispatcher, "a-victim")
+        return base_url
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        for event in self.events:
+            event.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for c in self.conns:
+            await c.drain()
+
+
 async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue_time(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
@@ -57,26 +108,9 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
     time though its client had waited the whole drain, so vllm:request_queue_time_seconds lost the
     waits of every rolling restart under load (left noticed by the last session). The hand-over
     says each one's wait, and the next attempt carries it on."""
-    store = StateStore(redis)
-    common = dict(nats_url=nats_server.url, redis_url="unused")
-    conns: list[nats.NATS] = []
-    stop, stop_victim = asyncio.Event(), asyncio.Event()
-    tasks: list[asyncio.Task] = []
-
-    async def worker(name: str, until: asyncio.Event, seats: int) -> WorkerService:
-        engine = EngineConfig(max_num_seqs=seats, device="cpu", dtype="float32")
-        model = str(tiny_llama.model)
-        ws = WorkerSettings(
-            **common, worker_id=name, model=model, stats_interval_s=0.1, drain_timeout_s=0.0, engine=engine
-        )
-        nc = await nats.connect(nats_server.url)
-        conns.append(nc)
-        service = WorkerService(ws, nc, store, build_engine(ws))
-        tasks.append(asyncio.create_task(service.run(until)))
-        return service
-
+    stack, stop_victim = _Handover(nats_server, redis, tiny_llama), asyncio.Event()
     try:
-        victim = await worker("a-victim", stop_victim, 1)  # alone at first: both requests go there
+        victim = await stack.worker("a-victim", stop_victim, 1)  # alone at first: both requests go there
         step = victim.engine.step
 
         def slow():  # type: ignore[no-untyped-def]
@@ -84,12 +118,7 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
             return step()
 
         victim.engine.step = slow  # type: ignore[method-assign]
-        nc = await nats.connect(nats_server.url)
-        conns.append(nc)
-        dispatcher = Dispatcher(DispatcherSettings(**common), nc, store)
-        tasks.append(asyncio.create_task(dispatcher.run(stop)))
-        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
-        await _seen(dispatcher, "a-victim")
+        base_url = await stack.front()
         before = await _queue_time(base_url)
         body = {"model": "model", "prompt": [5, 40, 41], "temperature": 0, "ignore_eos": True}
         async with aiohttp.ClientSession() as http:
@@ -102,8 +131,9 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
                         await asyncio.sleep(0.01)
                 await asyncio.sleep(WAIT_S)  # it waits there, unscheduled
                 assert victim.engine.seqs[next(r for r in victim.streams if r != busy_id(victim))].scheduled_at is None
-                await worker("b-survivor", stop, 4)  # (room for both: the moved one waits for nothing there)
-                await _seen(dispatcher, "b-survivor")
+                # room for both: the moved one waits for nothing there
+                await stack.worker("b-survivor", stack.stop, 4)
+                await _seen(stack.dispatcher, "b-survivor")
                 stop_victim.set()  # what SIGTERM does: drained at once (0 s), the rest handed over
                 async with asyncio.timeout(30):
                     answer = await waiting
@@ -113,13 +143,8 @@ async def test_a_request_handed_over_at_a_stop_keeps_its_wait_there_in_its_queue
         # one observation (the busy one's client went before it finished): the waiting one's, its
         # wait on the stopped worker with it (it read a few ms)
         assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
-        await runner.cleanup()
     finally:
-        stop.set()
-        stop_victim.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
+        await stack.close()
 
 
 def busy_id(worker: WorkerService) -> str:
@@ -157,30 +182,9 @@ async def test_a_request_waiting_on_arrival_at_a_stop_keeps_that_wait_in_its_que
     though its queue time counts that wait (docs/metrics.md, as vLLM counts a wait for its
     grammar): re-dispatched, its first chunk said the next worker's few milliseconds, and a
     rolling restart under a slow schema lost every such wait (a review of the queue-time series)."""
-    store = StateStore(redis)
-    common = dict(nats_url=nats_server.url, redis_url="unused")
-    conns: list[nats.NATS] = []
-    stop, stop_victim, release = asyncio.Event(), asyncio.Event(), threading.Event()
-    tasks: list[asyncio.Task] = []
-
-    async def worker(name: str, until: asyncio.Event) -> WorkerService:
-        engine = EngineConfig(device="cpu", dtype="float32")
-        ws = WorkerSettings(
-            **common,
-            worker_id=name,
-            model=str(tiny_llama.model),
-            stats_interval_s=0.1,
-            engine=engine,
-            drain_timeout_s=0.0,
-        )
-        nc = await nats.connect(nats_server.url)
-        conns.append(nc)
-        service = WorkerService(ws, nc, store, build_engine(ws))
-        tasks.append(asyncio.create_task(service.run(until)))
-        return service
-
+    stack, stop_victim, release = _Handover(nats_server, redis, tiny_llama), asyncio.Event(), threading.Event()
     try:
-        victim = await worker("a-victim", stop_victim)  # alone at first: the request goes there
+        victim = await stack.worker("a-victim", stop_victim)  # alone at first: the request goes there
         prepare = victim.engine.grammars.prepare
 
         def stuck(params):  # type: ignore[no-untyped-def]  # (on a thread): compiles until released
@@ -188,12 +192,7 @@ async def test_a_request_waiting_on_arrival_at_a_stop_keeps_that_wait_in_its_que
             return prepare(params)
 
         victim.engine.grammars.prepare = stuck  # type: ignore[method-assign]
-        nc = await nats.connect(nats_server.url)
-        conns.append(nc)
-        dispatcher = Dispatcher(DispatcherSettings(**common), nc, store)
-        tasks.append(asyncio.create_task(dispatcher.run(stop)))
-        base_url, runner = await start_gateway(nats_server.url, store, str(tiny_llama.model), conns)
-        await _seen(dispatcher, "a-victim")
+        base_url = await stack.front()
         before = await _queue_time(base_url)
         body = {"model": "model", "messages": [{"role": "user", "content": "k"}], "max_tokens": 3}
         body["response_format"] = {"type": "json_object"}
@@ -203,19 +202,14 @@ async def test_a_request_waiting_on_arrival_at_a_stop_keeps_that_wait_in_its_que
                 while not victim.preparing:
                     await asyncio.sleep(0.01)
             await asyncio.sleep(WAIT_S)  # it waits there, on arrival
-            await worker("b-survivor", stop)
-            await _seen(dispatcher, "b-survivor")
+            await stack.worker("b-survivor", stack.stop)
+            await _seen(stack.dispatcher, "b-survivor")
             stop_victim.set()  # SIGTERM: what is not running is handed over
             async with asyncio.timeout(30):
                 answer = await waiting
                 assert answer.status == 200, await answer.text()
         queue_sum, count = await _queue_time(base_url)
         assert (count - before[1], queue_sum - before[0] >= WAIT_S) == (1, True), (queue_sum, before)
-        await runner.cleanup()
     finally:
         release.set()
-        stop.set()
-        stop_victim.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
+        await stack.close()
