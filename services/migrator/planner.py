@@ -201,7 +201,9 @@ def _destinations(
     ]
 
 
-def _banded(snapshot: ClusterSnapshot, settings: PlannerSettings, active: dict[str, Running]) -> list[list[Group]]:
+def _banded(
+    snapshot: ClusterSnapshot, settings: PlannerSettings, active: dict[str, Running], start: list[MoveRequest]
+) -> list[list[Group]]:
     """The groups split in the finest bands (``band_of``) whose model fits ``max_ilp_variables``
     (pruned where the whole one does not), then unbanded. A band's destinations are its group's
     (they depend on its worker, adapter and the workers holding it alone), so a banded model's
@@ -212,21 +214,27 @@ def _banded(snapshot: ClusterSnapshot, settings: PlannerSettings, active: dict[s
     pruned: list[list[str]] = []
     of = {(g.worker, g.adapter, g.fits): i for i, g in enumerate(parents)}
     workers = {w.worker: w for w in snapshot.workers}
-    fine = [
-        (i, band_of(price_of(snapshot, workers[g.worker], r), r, 2)) for i, g in enumerate(parents) for r in g.requests
-    ]
+    fine = {
+        r.request_id: (i, band_of(price_of(snapshot, workers[g.worker], r), r, 2))
+        for i, g in enumerate(parents)
+        for r in g.requests
+    }
     for bands in (2, 1):
         # A variable each at least: counted before they are built (0.2 s at 128 x 1,024 x 10,000)
-        if len({(i, band[:bands]) for i, band in fine}) > settings.max_ilp_variables:
+        if len({(i, band[:bands]) for i, band in fine.values()}) > settings.max_ilp_variables:
             continue
         groups = grouped(snapshot, bands)
         if not full:
             full = _destinations(snapshot, parents, replace(settings, max_ilp_variables=sys.maxsize), {}, active)
             pruned = _destinations(snapshot, parents, replace(settings, max_ilp_variables=0), {}, active)
         at = [of[g.worker, g.adapter, g.fits] for g in groups]
-        size = sum(len(full[i]) for i in at)
+        dests, size = full, sum(len(full[i]) for i in at)
         if size > settings.max_ilp_variables and settings.max_destinations is not None:
-            size = sum(len(pruned[i]) for i in at)
+            dests, size = pruned, sum(len(pruned[i]) for i in at)
+        # ``_destinations`` keeps where the start moves some of a band, pruned or not: one variable
+        # more each (uncounted, bands offered under the bound were over it once listed)
+        towards = {(i, band[:bands], m.to_worker) for m in start for i, band in [fine[m.request_id]]}
+        size += sum(w not in dests[i] for i, _, w in towards)
         if size <= settings.max_ilp_variables:
             return [groups, parents]
     return [parents]
@@ -244,7 +252,7 @@ def _solve(
     none; ``started``: when planning began (perf_counter), which the time bound counts from."""
     workers = {w.worker: w for w in snapshot.workers}
     active = running_adapters(snapshot)
-    for groups in _banded(snapshot, settings, active):
+    for groups in _banded(snapshot, settings, active, start):
         group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
         moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
         towards: dict[int, set[str]] = defaultdict(set)
