@@ -125,6 +125,13 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     # The greedy pass has the time bound too (not a node bound: the simulator plans alike anywhere):
     # unbounded, it once took 6 s, past the lease and a worker's plan age (``_greedy``).
     deadline = start + settings.time_limit_s if settings.max_nodes is None else None
+    # One order whatever order the stats came in (a restarted migrator lists them anew): the model's
+    # variables and constraints follow it, and with them the incumbent CBC finds in its bound.
+    snapshot = replace(
+        snapshot,
+        workers=sorted(snapshot.workers, key=lambda w: w.worker),
+        requests=sorted(snapshot.requests, key=lambda r: r.request_id),
+    )
     snapshot = _settled(snapshot, settings.kv_pressure)
     greedy = _greedy(snapshot, settings, deadline)
     solved = _solve(snapshot, settings, greedy, start)

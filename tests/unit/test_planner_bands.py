@@ -4,6 +4,7 @@ a band of alike requests by its mean, so the moves its counts name are the ones 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator.bands import grouped
@@ -63,3 +64,17 @@ def test_the_bands_offered_first_make_a_model_within_the_bound_with_the_greedy_s
         for m in greedy:
             towards[group_of[m.request_id]].add(m.to_worker)
         assert sum(map(len, _destinations(snap, groups, settings, towards, active))) <= bound, bound
+
+
+def test_the_same_cluster_listed_in_another_order_gets_the_same_plan() -> None:
+    """The migrator lists workers as their stats first came (a restarted migrator, another order).
+    The ILP's variables and constraints follow that order, and CBC under its node bound found another
+    incumbent: with its plan taken (bands), the same cluster moved other requests elsewhere."""
+    settings = PlannerSettings(max_nodes=20)
+    snap = bench_snapshot(4, 16, 100)
+    again = replace(snap, workers=snap.workers[::-1], requests=snap.requests[::-1])
+    first, second = plan(snap, settings), plan(again, settings)
+    assert first.method == "ilp-incumbent"
+    assert sorted((m.request_id, m.to_worker) for m in first.moves) == sorted(
+        (m.request_id, m.to_worker) for m in second.moves
+    )
