@@ -60,6 +60,17 @@ BACKENDS = tuple(ENDPOINTS)  # the path each posts to
 NATS_SCHEMES = ("nats://", "tls://")
 
 
+class _VllmModel(argparse.Action):
+    """``--model NAME`` as ``vllm bench serve`` reads it: the base model's name, noted as given in
+    vLLM's spelling (``model_is_vllms``) so that with no adapters named every request names it, as
+    vLLM's bench sends each to ``--model`` (``--model lora-0`` sent to lora-0 .. lora-3, loadgen's
+    default adapters: most requests a 404 against a server of fewer)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.model_is_vllms = True
+
+
 def _target(text: str) -> str:
     if not text.startswith(("http://", "https://", *NATS_SCHEMES)):
         raise argparse.ArgumentTypeError(f"{text!r}: a gateway URL (http://, https://) or a NATS URL (nats://, tls://)")
@@ -105,8 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="http://127.0.0.1:8000",
         help="gateway URL (http://...) or NATS URL (nats://..., tls://...) (default %(default)s)",
     )
+    p.add_argument("--base-model", default="model", help="the base model's name at the gateway (default %(default)s)")
     p.add_argument(
-        "--base-model", "--model", default="model", help="the base model's name at the gateway (vLLM's --model)"
+        "--model",
+        dest="base_model",
+        action=_VllmModel,
+        default=argparse.SUPPRESS,
+        help="vLLM's --model: the base model's name, and the model every request names unless --lora-modules, "
+        "--adapter-names or --adapters name adapters",
     )
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
     p.add_argument(

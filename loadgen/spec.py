@@ -113,6 +113,9 @@ class WorkloadSpec:
         if (modules := getattr(args, "lora_modules", None)) is not None:  # vLLM's spelling, names apart
             values["adapter_names"] = adapter_names(",".join(modules))
             values["adapters"] = len(values["adapter_names"])
+        named = modules is not None or args.adapter_names is not None or args.adapters is not None
+        if getattr(args, "model_is_vllms", False) and not named:  # vLLM's bench: every request to --model
+            values["adapter_names"], values["adapters"] = (None,), 1
         if args.adapter_names is not None:  # "" too: refused, not the default count
             values["adapter_names"] = adapter_names(args.adapter_names)
             values["adapters"] = len(values["adapter_names"])  # as result.json records it

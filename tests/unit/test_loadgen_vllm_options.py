@@ -52,6 +52,22 @@ def test_vllms_lora_modules_are_the_adapters_requests_go_to() -> None:
     assert {r.adapter for r in build_specs(spec)} == {"sql-lora", "chat-lora"}
 
 
+def test_vllms_model_with_no_adapters_named_is_where_every_request_goes() -> None:
+    """``vllm bench serve --model lora-0 ...`` (no --lora-modules) sends every request to lora-0; dlora
+    loadgen sent them to its default adapters lora-0 .. lora-3, and against a stack serving two
+    adapters 12 of 20 failed with a 404 (a new user's run of the README's vLLM command line). Named
+    adapters, or loadgen's own --base-model, keep loadgen's meaning."""
+    args = build_parser().parse_args(["loadgen", "--model", "lora-0", "--num-prompts", "20"])
+    assert WorkloadSpec.unused_option(args) is None and args.base_model == "lora-0"
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.adapter_names, spec.adapters) == ((None,), 1)
+    assert {r.adapter for r in build_specs(spec)} == {None}  # None: the request names the base model
+    lora = build_parser().parse_args(["loadgen", "--model", "llama", "--lora-modules", "a", "b"])
+    assert WorkloadSpec.from_args(lora).adapter_names == ("a", "b") and lora.base_model == "llama"
+    own = build_parser().parse_args(["loadgen", "--base-model", "llama"])
+    assert WorkloadSpec.from_args(own).adapters == 4 and WorkloadSpec.from_args(own).adapter_names is None
+
+
 @pytest.mark.parametrize(
     "argv, refusal",
     [
