@@ -81,8 +81,10 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "total_token_throughput": summary["throughput_total_tok_s"],
         "input_lens": [r.prompt_len for r in sent],
         "output_lens": [r.tokens if r.completed else 0 for r in sent],
-        "ttfts": [r.first_token_s - r.arrival_s if r.completed and r.first_token_s is not None else 0.0 for r in sent],
-        "itls": [[b - a for a, b in zip(r.token_times, r.token_times[1:])] if r.completed else [] for r in sent],
+        # vLLM's RequestFuncOutput keeps the ttft and itl of what streamed before a failure (0.0 and []
+        # only where nothing did): written 0 and [] here, a stream that broke late read as one never begun
+        "ttfts": [r.first_token_s - r.arrival_s if r.first_token_s is not None else 0.0 for r in sent],
+        "itls": [[b - a for a, b in zip(r.token_times, r.token_times[1:])] for r in sent],
         # vLLM's per-request end-to-end seconds and send times (its perf_counter's; here the run's
         # clock's, from its start): 0.0 where the request did not complete, as its other lists
         "latencies": [r.finish_s - r.arrival_s if r.completed and r.finish_s is not None else 0.0 for r in sent],

@@ -89,3 +89,19 @@ def test_the_burstiness_given_is_the_burstiness_recorded(given: str) -> None:
 
     spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", "--burstiness", given]))
     assert record(spec.options(), summarize([], 1.0), [])["burstiness"] == float(given)
+
+
+def test_a_failed_requests_ttft_and_itls_are_what_streamed_before_it_failed() -> None:
+    """vLLM's request function sets ``ttft`` at the first chunk and appends each gap to ``itl`` as
+    chunks come; a stream that breaks later keeps both (``success`` False), and its record's
+    ``ttfts``/``itls`` hold them. dlora loadgen wrote 0.0 and [] for every request that did not
+    complete, a stream that broke after three tokens read as one that never began."""
+    broke = RequestResult(1.0, None, 8, sent=True, first_token_s=1.5, tokens=3, token_times=[1.5, 1.75, 2.25])
+    broke.error = "ClientPayloadError: the stream broke"
+    refused = RequestResult(2.0, None, 8, sent=True, error="HTTP 503: busy")
+    runs = [done(0.0, [0.25, 0.5]), broke, refused]
+    v = record({}, summarize(runs, 3.0), runs)
+    assert v["ttfts"] == [0.25, 0.5, 0.0]
+    assert v["itls"] == [[0.25], [0.25, 0.5], []]
+    assert v["output_lens"] == [2, 0, 0] and v["latencies"] == [0.5, 0.0, 0.0]  # vLLM's for a failure
+    assert v["mean_ttft_ms"] == pytest.approx(250.0)  # the figures stay the completed requests'
