@@ -154,8 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=extra_body,
         metavar="JSON",
         help="vLLM's --extra-body: fields added to each request's body, e.g. "
-        '\'{"chat_template_kwargs": {"enable_thinking": false}}\'; loadgen\'s own (model, prompt, lengths, '
-        "stream) kept; HTTP targets only",
+        '\'{"chat_template_kwargs": {"enable_thinking": false}}\'; loadgen\'s own (model, prompt, messages, '
+        "max_tokens, max_completion_tokens, stream, stream_options) refused; HTTP targets only",
     )
     p.add_argument(
         "--tokenizer",

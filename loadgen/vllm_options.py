@@ -85,7 +85,24 @@ def extra_body(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    if owned := [field for field in OWNED_FIELDS if field in value]:
+        # vLLM's bench sends them over its own; loadgen kept its own and dropped them, silently: a
+        # max_tokens the run never asked for, a model it never sent to, measured as if it had
+        where = "; ".join(OWNED_FIELDS[field] for field in owned)
+        raise argparse.ArgumentTypeError(f"{', '.join(owned)}: the workload's own, not an extra body's ({where})")
     return value
+
+
+# The body's fields loadgen writes from the workload, and the option that sets each
+OWNED_FIELDS = {
+    "model": "--model, --lora-modules or --adapter-names name each request's model",
+    "prompt": "the workload's prompts are token ids of its lengths",
+    "messages": "--backend openai-chat sends the workload's prompts",
+    "max_tokens": "--output-len or --random-output-len set it",
+    "max_completion_tokens": "--output-len or --random-output-len set it",
+    "stream": "loadgen streams always: its TTFT and ITL are timed by the stream",
+    "stream_options": "loadgen asks for usage always",
+}
 
 
 def sampling_of(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -154,15 +154,15 @@ async def test_a_vllm_bench_command_line_saves_its_record_where_it_says(
 async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Path) -> None:
     """vLLM's --temperature, --top-p, --top-k and --extra-body (its users turn a model's thinking off
     with ``{"chat_template_kwargs": {"enable_thinking": false}}``) were refused: every request went
-    greedy with loadgen's fixed body. Each is sent now; loadgen's own fields (model, prompt, lengths,
-    streaming) are kept whatever the extra body says, so the workload stays the one measured."""
+    greedy with loadgen's fixed body. Each is sent now (loadgen's own fields in an extra body are
+    refused: test_loadgen_vllm_options)."""
     bodies: list[dict] = []
 
     async def completions(request: web.Request) -> web.StreamResponse:
         bodies.append(await request.json())
         return await _stream(request, [CHUNK, LAST])
 
-    extra = '{"chat_template_kwargs": {"enable_thinking": false}, "max_tokens": 999, "stream": false, "seed": 7}'
+    extra = '{"chat_template_kwargs": {"enable_thinking": false}, "seed": 7}'
     args = build_parser().parse_args(["loadgen", "--temperature", "0.7", "--top-p", "0.9", "--extra-body", extra])
     spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     async with serving(completions) as url:

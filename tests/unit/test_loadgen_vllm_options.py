@@ -91,6 +91,29 @@ def test_vllms_options_given_with_loadgens_own_for_the_same_thing_are_refused(
     assert refusal in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        ('{"max_tokens": 999, "seed": 7}', "max_tokens: the workload's own"),
+        ('{"model": "lora-1"}', "--model, --lora-modules or --adapter-names"),
+        ('{"stream": false, "max_completion_tokens": 5}', "max_completion_tokens, stream: the workload's own"),
+    ],
+)
+def test_an_extra_body_field_loadgen_sends_of_its_own_is_a_usage_error_naming_it(
+    extra: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vLLM's bench sends --extra-body over its own body (``{"max_tokens": 999}`` is sent); dlora
+    loadgen dropped such fields silently, so the run measured lengths, a model or a stream other
+    than the command asked for. Refused, naming the field and the option that sets it; the
+    other fields are taken."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", "--extra-body", extra])
+    err = capsys.readouterr().err
+    assert "--extra-body" in err and named in err
+    fine = build_parser().parse_args(["loadgen", "--extra-body", '{"seed": 7, "ignore_eos": false}'])
+    assert fine.extra_body == {"seed": 7, "ignore_eos": False}
+
+
 @pytest.mark.parametrize("pair", ["ttft=500", "queue:5", "ttft:-1", "tpot:x"])
 def test_a_goodput_pair_not_vllms_is_a_usage_error(pair: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
