@@ -99,7 +99,8 @@ async def run(
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
     report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
-    API. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
+    API; that tokenizer (``openai``: ``tokenizer`` where given) counts an output the server's usage
+    does not. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
     lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
     vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
     value pairs) its keys of those names; ``result_filename`` its name (vLLM's --result-filename; None:
@@ -132,10 +133,13 @@ async def run(
     requests = build_specs(spec, traces)
     chat_text: Callable[[list[int]], str] | None = None
     count_tokens: Callable[[str], int] | None = None
-    if backend == "openai-chat":  # before the run: a folder without a tokenizer is a usage error
+    if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
         tokenizer = tokenizer or base_model
+    if tokenizer is not None:  # before the run: a folder without a tokenizer is a usage error
         tok = load_tokenizer(tokenizer)
-        chat_text, count_tokens = tok.decode, functools.partial(_tokens_in, tok)
+        # completions' too: vLLM's bench counts with its tokenizer an output whose usage is missing
+        count_tokens = functools.partial(_tokens_in, tok)
+        chat_text = tok.decode if backend == "openai-chat" else None
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
@@ -276,8 +280,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
         chat = args.backend == "openai-chat"
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
-        if args.tokenizer is not None and not chat:  # completions send the ids themselves: none to decode
-            raise ValueError("--tokenizer decodes the prompts for --backend openai-chat; openai sends token ids")
+        if args.tokenizer is not None and args.target.startswith(NATS_SCHEMES):  # ids both ways: none to count
+            raise ValueError("--tokenizer is for HTTP targets; a NATS target's outputs come as token ids, counted so")
         if chat and args.tokenizer is None and not Path(args.base_model).is_dir():  # else asked of the Hub, ~50 s
             raise ValueError(
                 "--backend openai-chat needs --tokenizer FOLDER to turn the prompts' ids into text: "

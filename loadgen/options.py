@@ -160,8 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         metavar="FOLDER",
-        help="openai-chat: the model folder whose tokenizer turns the prompts' token ids into text "
-        "(vLLM's --tokenizer; default: --base-model, where that is a folder)",
+        help="the model folder whose tokenizer counts an output the server's usage does not, and (openai-chat) "
+        "turns the prompts' token ids into text (vLLM's --tokenizer; openai-chat's default: --base-model, "
+        "where that is a folder); HTTP targets only",
     )
     add_workload_arguments(p)
     p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")

@@ -80,7 +80,9 @@ async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack,
     "argv, refusal",
     [
         (["--backend", "openai-chat", "--target", "nats://127.0.0.1:4222"], "NATS target takes token ids"),
-        (["--tokenizer", "some/folder"], "--tokenizer decodes the prompts for --backend openai-chat"),
+        (["--tokenizer", "some/folder", "--target", "nats://127.0.0.1:4222"], "--tokenizer is for HTTP targets"),
+        # the completions backend takes it (it counts outputs the server's usage does not): loaded first
+        (["--backend", "vllm", "--tokenizer", "no/such/folder"], "no/such/folder holds no tokenizer"),
         (["--backend", "openai-chat", "--tokenizer", "no/such/folder"], "no/such/folder holds no tokenizer"),
         # a --base-model that is a name, no folder (the default "model"): refused at once (transformers
         # asked the Hub for that repository, five retries offline, ~50 s, then named no option)

@@ -87,6 +87,45 @@ async def test_chat_outputs_without_usage_are_counted_by_the_tokenizer_and_recor
     assert [len(i) for i in v["itls"]] == [len(words) - 1] * 2  # ITL stays one an event, as vLLM's
 
 
+async def test_completions_take_vllms_tokenizer_and_count_outputs_without_usage_by_it(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """``vllm bench serve --backend vllm --tokenizer FOLDER``, as vLLM's users type it, was refused
+    (the option was the chat backend's only), and an output whose server sends no usage was counted
+    one token an event: a server streaming several tokens an event read short. vLLM's bench counts
+    such an output's generated text with its tokenizer, and so does this, with the chat backend's
+    counting."""
+    from dlora.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama.model)
+    words = [" kalo mira", " tu", " veni sola"]
+    expected = len(tok.encode("".join(words), add_special_tokens=False))
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        assert body["max_tokens"] == expected and isinstance(body["prompt"], list)
+        last = len(words) - 1
+        events = [
+            {"choices": [{"index": 0, "text": w, "finish_reason": "length" if i == last else None}]}
+            for i, w in enumerate(words)
+        ]
+        return await _stream(request, events)  # no usage event
+
+    argv = ["--backend", "vllm", "--tokenizer", str(tiny_llama.model), "--model", "model", "--num-prompts", "2"]
+    argv += ["--dataset-name", "random", "--random-input-len", "4", "--random-output-len", str(expected)]
+    async with serving(completions) as url:
+        argv += ["--base-url", url, "--result-dir", str(tmp_path)]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dlora.services.cli", "loadgen", *argv, stdout=PIPE, stderr=PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert expected > len(words) and "did not honour" not in err.decode()
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert v["output_lens"] == [expected] * 2 and v["tokenizer_id"] == str(tiny_llama.model)
+    assert [len(i) for i in v["itls"]] == [len(words) - 1] * 2  # ITL stays one an event, as vLLM's
+
+
 async def test_vllms_record_has_queue_times_and_peaks_under_max_concurrency(tmp_path: Path) -> None:
     """vLLM's record says how long each request waited for a --max-concurrency slot
     (``queue_times``), the peak tokens a second and requests in flight, and its backend under
