@@ -25,6 +25,18 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
+BASE = "(base)"  # result.json's key of the requests that named no adapter (metrics.summarize_by_adapter)
+
+
+def named(by_adapter: dict[str, dict], base_model: str | None) -> dict[str, dict]:
+    """``by_adapter`` with the base row labelled by the model its requests named (``--model lora-0``
+    sends each to lora-0: the table called them "(base)"). result.json keeps "(base)", its readers'
+    key whatever the model's name; so does a row whose name another row, or "all", has already."""
+    if BASE not in by_adapter or not base_model or base_model in by_adapter or base_model == "all":
+        return by_adapter
+    return {base_model if n == BASE else n: s for n, s in by_adapter.items()}
+
+
 def table(summary: dict, by_adapter: dict[str, dict]) -> Table:
     t = Table(title="dlora loadgen")
     for col in (
@@ -110,6 +122,7 @@ def write(
     )
     vllm_name = config.get("result_filename") or VLLM_RECORD  # vLLM's --result-filename
     (out / vllm_name).write_text(json.dumps(vllm_record.record(config, summary, results), indent=2) + "\n")
+    by_adapter = named(by_adapter, config.get("base_model"))  # (what is shown; result.json written above)
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(

@@ -184,3 +184,26 @@ def test_the_progress_hears_each_ended_request_alone() -> None:
     results, _ = asyncio.run(replay(specs, Instant(), Clock(), 10.0, asyncio.Event(), on_update=heard.append))
     assert len(heard) == 50 and all(isinstance(r, RequestResult) for r in heard)
     assert {id(r) for r in heard} == {id(r) for r in results}
+
+
+def test_the_tables_base_row_is_named_by_the_model_its_requests_named(tmp_path) -> None:
+    """``vllm bench serve --model lora-0`` (no adapters named) sends every request to lora-0, and
+    the terminal's table labelled their row "(base)", the adapter's name nowhere. The table and
+    report.html name it by the model the requests named; result.json keeps its "(base)" key (its
+    readers look rows up by it) beside ``config.base_model``."""
+    import json
+
+    from rich.console import Console
+
+    from dlora.loadgen import report
+
+    results = [done(0.0, 0.1, 0.3, 3, adapter=None), done(0.5, 0.6, 0.8, 3, adapter=None)]
+    console = Console(record=True, width=200)
+    by = summarize_by_adapter(results, 1.0)
+    report.write(tmp_path, {"base_model": "lora-0"}, summarize(results, 1.0), by, results, 1.0, console)
+    rows = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.count("│") > 2]
+    assert "lora-0" in rows and "(base)" not in rows
+    assert "<td>lora-0</td>" in (tmp_path / "report.html").read_text()
+    assert list(json.loads((tmp_path / "result.json").read_text())["by_adapter"]) == ["(base)"]
+    both = {"(base)": by["(base)"], "lora-0": by["(base)"]}  # an adapter of that name has its own row
+    assert list(report.named(both, "lora-0")) == ["(base)", "lora-0"]
