@@ -4,7 +4,8 @@ object's closing brace (``ObjectEnd``), or a closing tag outside its strings (``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -60,29 +61,53 @@ class TagEnd:
     """Where a tag (``</tool_call>``) comes outside the JSON strings of a growing text, each
     character read once across looks: an argument quoting it (a file-editing tool, a RAG passage)
     was cut there, the call given out as text (vLLM #45167; PRs #48353/#55848). The tag's first
-    character occurs in it once: a mismatch restarts the match at that character alone."""
+    character occurs in it once: a mismatch restarts the match at that character alone. A look
+    jumps (a regex's search, in C) to the characters that matter, as vLLM #55848's does: a quote, a
+    backslash in a string, the tag's first character outside one. Walked one by one in Python, a
+    1 MB argument took 0.24 s of the gateway's loop whole (0.003 s before strings were minded) and
+    0.86 s streamed (a review)."""
 
     tag: str
     in_string: bool = False
     escaped: bool = False
     matched: int = 0  # the tag's characters matched at the end of what was read
+    # where a look stops outside a string: a quote, or where the tag may begin
+    _stops: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._stops = re.compile("[" + re.escape('"' + self.tag[0]) + "]")
 
     def find(self, text: str, begin: int) -> int | None:
         """Where the tag starts in ``text`` read from ``begin`` (where the last look ended), or None."""
-        tag, n = self.tag, len(self.tag)
-        for i in range(begin, len(text)):
-            char = text[i]
-            if self.in_string:
-                self.escaped, self.in_string = not self.escaped and char == "\\", self.escaped or char != '"'
-            elif char == '"':
-                self.in_string, self.matched = True, 0
-            elif char == tag[self.matched]:
-                self.matched += 1
-                if self.matched == n:
-                    self.in_string, self.escaped, self.matched = False, False, 0
-                    return i + 1 - n
+        tag, n, end, i = self.tag, len(self.tag), len(text), begin
+        while i < end:
+            if self.escaped:  # (the character after a backslash, whatever it is)
+                self.escaped, i = False, i + 1
+            elif self.in_string:
+                if (stop := _STRING_STOPS.search(text, i)) is None:
+                    return None
+                i = stop.end()
+                self.escaped = self.in_string = text[i - 1] == "\\"
+            elif self.matched:  # within a possible tag: its characters one by one (at most its length)
+                char, i = text[i], i + 1
+                if char == '"':
+                    self.in_string, self.matched = True, 0
+                elif char == tag[self.matched]:
+                    self.matched += 1
+                    if self.matched == n:
+                        self.matched = 0
+                        return i - n
+                else:
+                    self.matched = 1 if char == tag[0] else 0
+            elif (stop := self._stops.search(text, i)) is None:
+                return None
             else:
-                self.matched = 1 if char == tag[0] else 0
+                i = stop.end()
+                self.in_string = text[i - 1] == '"'
+                self.matched = 0 if self.in_string else 1
+                if self.matched == n:  # (a tag of one character)
+                    self.matched = 0
+                    return i - n
         return None
 
     def open_through(self, piece: str) -> bool:
@@ -92,3 +117,6 @@ class TagEnd:
             return True
         self.in_string, self.escaped, self.matched = before
         return False
+
+
+_STRING_STOPS = re.compile(r'["\\]')  # where a look in a string stops: its end, or an escape
