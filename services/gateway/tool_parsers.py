@@ -252,6 +252,12 @@ class ToolParser:
                 return False
             self._read += len(text)
             return True
+        if self.kind == "mistral" and self._inside and not self._scan.read and text.isspace():
+            # whitespace after [TOOL_CALLS] all read (nothing else held, or only such pieces):
+            # joined, all of it was copied again at every token (hermes' was so; a review)
+            if self._pieces or self._read == len(self._held):
+                self._read += len(text)
+                return True
         return self._inside and self._scan.read > 0 and self._scan.open_through(text)
 
     def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:

@@ -276,7 +276,12 @@ def test_a_mistral_stream_reads_each_character_once() -> None:
     for n in range(1, 1001):
         parser.feed("\n")
         assert parser._read == n  # where the next token's look starts: after what was read
+        assert parser._held == "" and len(parser._pieces) == n  # kept in pieces, not joined per token
     assert parser.finish()[0] == "[TOOL_CALLS]" + "\n" * 1000
+    for then in ["ping{}", '[{"name": "ping", "arguments": {}}]', "[ARGS]", "Hi."]:  # read as whole
+        parser = ToolParser("mistral")
+        content, calls = joined(*(parser.feed(p) for p in ["[TOOL_CALLS]", *["\n"] * 100, then]), parser.finish())
+        assert (content, [c[1:] for c in calls]) == read("mistral", ["[TOOL_CALLS]" + "\n" * 100 + then])[:2]
     text = '[TOOL_CALLS] [ARGS][{"a": 1}'
     pieces = ["[TOOL_CA", "LLS] [", "AR", 'GS][{"a": 1}']
     assert read("mistral", pieces)[:2] == read("mistral", [text])[:2]
