@@ -165,6 +165,7 @@ class ToolParser:
     _body: bool = False  # hermes: within a call whose body began as a JSON object
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
     _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
+    _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
     _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
@@ -220,13 +221,25 @@ class ToolParser:
         if self._pythonic is not None:
             return self._pythonic.finish()
         content, calls = self._take("")  # (what is held, its pieces joined, read to its end)
-        if self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
+        while self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
                 parsed = loads(self._held)
             except ValueError:
                 parsed = None
             if self._add(_call(parsed, ("arguments", "parameters")), calls):
                 self._held, self._inside = "", False
+            elif self._body and self._close.in_string and (end := self._held.find(_CLOSE)) >= 0:
+                # The output ended inside a string: a quote the model left unescaped ("5" inches")
+                # made the rest one, the calls after it none. Its quotes untrustworthy, its calls
+                # close at their first tag, as vLLM's hermes before #55848 read them (once: each
+                # call's rest scanned again to its end, 100 kB of '<tool_call>{"\"</tool_call>'
+                # took 9 s). A tag in a string whose quotes are escaped makes no call after it (a
+                # call's keys need a quote): none quoted is made one.
+                content += self._closed(end, calls)
+                self._literal = True
+                content, calls = joined((content, calls), self._hermes())
+                continue
+            break
         if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
             found = [self._add(_call(item, ("arguments",)), calls) for item in _whole_items(self._held)]
             if any(found):
@@ -298,18 +311,27 @@ class ToolParser:
                     content, self._inside, self._read = content + (_OPEN if not self.calls else ""), False, 0
                     continue
                 self._body = True
-            end = self._close.find(self._held, self._read)  # (not one inside an argument's string)
+            if self._literal:
+                end = found if (found := self._held.find(_CLOSE, self._read)) >= 0 else None
+            else:
+                end = self._close.find(self._held, self._read)  # (not one inside an argument's string)
             if end is None:
                 self._read = len(self._held)
                 return content, out
-            body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
-            self._read, self._body = 0, False
-            try:
-                parsed = loads(body)
-            except ValueError:
-                parsed = None
-            if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
-                content += _OPEN + body + _CLOSE  # not a call: the text as written
+            content += self._closed(end, out)
+
+    def _closed(self, end: int, out: list[Call]) -> str:
+        """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
+        where it is none and no call came before."""
+        body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
+        self._read, self._body, self._close = 0, False, TagEnd(_CLOSE)
+        try:
+            parsed = loads(body)
+        except ValueError:
+            parsed = None
+        if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
+            return _OPEN + body + _CLOSE  # not a call: the text as written
+        return ""
 
     def _mistral(self) -> tuple[str, list[Call]]:
         content, out = "", list[Call]()

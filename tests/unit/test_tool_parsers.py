@@ -11,6 +11,7 @@ import pytest
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser, arguments_json, joined
+from dlora.services.gateway.tool_scan import TagEnd
 
 WEATHER = ("weather", '{"city": "kalo"}')
 PING = ("ping", "{}")
@@ -48,6 +49,10 @@ STRING_ARRAY = '<tool_call>{"name": "f", "arguments": "[1, 2]"}</tool_call>'
 # an argument that quotes the closing tag, an escaped quote before it
 QUOTES_TAG = r'<tool_call>{"name": "write", "arguments": {"text": "say \"</tool_call>\" and </tool_call>"}}</tool_call>'
 QUOTED = ("write", r'{"text": "say \"</tool_call>\" and </tool_call>"}')
+UNESCAPED = '<tool_call>{"name": "find", "arguments": {"q": "5" inches"}}</tool_call>'
+PING_CALL = '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+QUOTES_CALL = '<tool_call>{"name": "write", "arguments": {"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"')
+QUOTES_CALL_ARGS = '{"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"') + '"}'
 MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
@@ -141,6 +146,12 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("pythonic", "\n[ping()]", "", [PING]),
         ("hermes", " \n\n ", " \n\n ", []),
         ("hermes", "\n\nHi <tool_call>" + HERMES_TWO.split("<tool_call>")[2], "\n\nHi ", [PING]),
+        # a quote left unescaped made the rest of the output a string, its calls none (vLLM alike):
+        # the output ended inside one, its first tag closes the call; a quoted call is still none
+        ("hermes", UNESCAPED + "\n" + PING_CALL, UNESCAPED + "\n", [PING]),
+        ("hermes", HERMES_TWO + UNESCAPED + PING_CALL, "Let me look.\n", [WEATHER, PING, PING]),
+        ("hermes", QUOTES_CALL, QUOTES_CALL, []),
+        ("hermes", QUOTES_CALL + '"}}</tool_call>', "", [("write", QUOTES_CALL_ARGS)]),
     ],
 )
 def test_a_whole_output_and_its_stream_read_alike(
@@ -439,3 +450,19 @@ def test_llama3_json_whitespace_before_its_start_is_not_held_and_scanned_at_each
     content, calls = joined(parser.feed(then), parser.finish())
     want = ("", [PING]) if then.startswith("{") else (text, [])
     assert (content, [(n, a) for _, n, a in calls]) == read("llama3_json", [text])[:2] == want
+
+
+def test_an_output_ending_in_a_string_is_read_again_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its calls closing at their first tag, each read again from there to its end: a model
+    repeating '<tool_call>{"\\"</tool_call>' (each call's rest one string) made the reading
+    quadratic, 100 kB took 9 s of the gateway's loop. After one such fall back the output's calls
+    close at their tag, strings or not: what the scan reads stays within twice the output."""
+    looked, find = [0], TagEnd.find
+
+    def counted(self: TagEnd, text: str, begin: int) -> int | None:
+        looked[0] += len(text) - begin
+        return find(self, text, begin)
+
+    monkeypatch.setattr(TagEnd, "find", counted)
+    text = '<tool_call>{"\\"</tool_call>' * 1000 + PING_CALL
+    assert read("hermes", [text])[:2] == (text.removesuffix(PING_CALL), [PING]) and looked[0] <= 2 * len(text)
