@@ -340,8 +340,15 @@ def _solve(
         remaining = settings.time_limit_s - (time.perf_counter() - started)
         if remaining <= _CBC_OVERHEAD_S:  # building took the bound: no time left to solve
             return IlpFallback.BUILD_TIMEOUT
+        # No cuts either: with them CBC spent the bound in its root's cut rounds at 128 x 1,024 x
+        # 10,000 (even at 3 s) and gave back its start, whose named plan lost to greedy's; without,
+        # it branches from the start and its plan won there and at 32 x 128 x 2,000 within 1 s.
         solver = pulp.COIN_CMD(
-            path=_cbc_path(), msg=False, timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S), warmStart=True
+            path=_cbc_path(),
+            msg=False,
+            timeLimit=max(0.1, remaining - _CBC_OVERHEAD_S),
+            warmStart=True,
+            options=["cuts off"],
         )
     try:
         prob.solve(solver)
