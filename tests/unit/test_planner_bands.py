@@ -117,3 +117,19 @@ def test_cbc_searches_without_cut_rounds_under_either_bound(
     monkeypatch.setattr(planner.pulp, "COIN_CMD", spy)
     plan(bench_snapshot(4, 16, 100), settings)
     assert options == [["cuts off"]]
+
+
+def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and_adapter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It depends on the worker and the adapter alone, and was looked at for every group (an
+    adapter's bands and pinned requests make several): 156,000 looks at 128 x 1,024 x 10,000, a
+    tenth of the migrator's 1 s bound, which CBC needs to branch from its start in."""
+    looks = []
+    takes = planner.takes
+    monkeypatch.setattr(planner, "takes", lambda *a: looks.append(a) or takes(*a))
+    snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
+    groups = grouped(snap, 2)
+    dests = _destinations(snap, groups, PlannerSettings(), {}, running_adapters(snap))
+    adapters = {g.adapter for g in groups}
+    assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
