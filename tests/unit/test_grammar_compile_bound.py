@@ -230,6 +230,15 @@ def test_a_stop_signal_to_the_compilers_process_is_no_crash_of_its_grammar(sig: 
     assert _verdicts_of_a_compile_whose_child_gets(sig, "s") == [""]
 
 
+_DEFAULT_ACTIONS_THEN_WAIT = """
+import signal, sys, time
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_DFL)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["systemctl-stop", "Ctrl-C"])
 def test_a_stop_signal_that_comes_while_the_child_starts_is_no_crash_either(sig: int) -> None:
     """The child ignores a stop's signal from its first line of ``_serve``, after Python's start
@@ -240,9 +249,13 @@ def test_a_stop_signal_that_comes_while_the_child_starts_is_no_crash_either(sig:
     child = _Child()
     child.proc.kill()
     child.proc.wait()
-    # not Python: its SIGINT is a KeyboardInterrupt, whose exit status depends on when it came
-    child.proc = subprocess.Popen(["sleep", "60"])
-    os.kill(child.proc.pid, sig)  # (its default action: it dies of it)
+    # Both signals' default action set, then said (a pytest-xdist worker ignores SIGINT, and its
+    # children inherit that), so that it dies of the signal as a child not yet ignoring it would
+    child.proc = subprocess.Popen(
+        [sys.executable, "-c", _DEFAULT_ACTIONS_THEN_WAIT], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert child.proc.stdout is not None and child.proc.stdout.readline() == b"ready\n"
+    os.kill(child.proc.pid, sig)
     assert child.death() == KILLED
 
 
