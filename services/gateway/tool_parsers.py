@@ -235,8 +235,8 @@ class ToolParser:
                 # call's rest scanned again to its end, 100 kB of '<tool_call>{"\"</tool_call>'
                 # took 9 s). A tag in a string whose quotes are escaped makes no call after it (a
                 # call's keys need a quote): none quoted is made one.
-                content += self._closed(end, calls)
                 self._literal = True
+                content += self._closed(end, calls)
                 content, calls = joined((content, calls), self._hermes())
                 continue
             break
@@ -311,10 +311,7 @@ class ToolParser:
                     content, self._inside, self._read = content + (_OPEN if not self.calls else ""), False, 0
                     continue
                 self._body = True
-            if self._literal:
-                end = found if (found := self._held.find(_CLOSE, self._read)) >= 0 else None
-            else:
-                end = self._close.find(self._held, self._read)  # (not one inside an argument's string)
+            end = self._close.find(self._held, self._read)  # (not one inside an argument's string, unless _literal)
             if end is None:
                 self._read = len(self._held)
                 return content, out
@@ -323,13 +320,21 @@ class ToolParser:
     def _closed(self, end: int, out: list[Call]) -> str:
         """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
         where it is none and no call came before."""
-        body, self._held, self._inside = self._held[:end], self._held[end + len(_CLOSE) :], False
-        self._read, self._body, self._close = 0, False, TagEnd(_CLOSE)
+        body = self._held[:end]
         try:
             parsed = loads(body)
         except ValueError:
             parsed = None
-        if not self._add(_call(parsed, ("arguments", "parameters")), out) and not self.calls:
+        call = _call(parsed, ("arguments", "parameters"))
+        if parsed is None and not self._literal and (first := body.find(_CLOSE)) >= 0:
+            # No JSON, closed past a tag taken as in a string: a quote left unescaped flipped them,
+            # a later escaped one flipped them back (the output ended outside one, _finish's fall
+            # back not taken), the calls between lost. Read from that tag as _finish reads, once.
+            self._literal = True
+            return self._closed(first, out)
+        self._held, self._inside = self._held[end + len(_CLOSE) :], False
+        self._read, self._body, self._close = 0, False, TagEnd(_CLOSE, quotes=not self._literal)
+        if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written
         return ""
 

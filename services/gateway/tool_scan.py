@@ -71,11 +71,12 @@ class TagEnd:
     in_string: bool = False
     escaped: bool = False
     matched: int = 0  # the tag's characters matched at the end of what was read
+    quotes: bool = True  # False: the tag wherever it comes, strings or not (a text whose quotes are untrustworthy)
     # where a look stops outside a string: a quote, or where the tag may begin
     _stops: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._stops = re.compile("[" + re.escape('"' + self.tag[0]) + "]")
+        self._stops = re.compile("[" + re.escape('"' * self.quotes + self.tag[0]) + "]")
 
     def find(self, text: str, begin: int) -> int | None:
         """Where the tag starts in ``text`` read from ``begin`` (where the last look ended), or None."""
@@ -90,7 +91,7 @@ class TagEnd:
                 self.escaped = self.in_string = text[i - 1] == "\\"
             elif self.matched:  # within a possible tag: its characters one by one (at most its length)
                 char, i = text[i], i + 1
-                if char == '"':
+                if char == '"' and self.quotes:
                     self.in_string, self.matched = True, 0
                 elif char == tag[self.matched]:
                     self.matched += 1

@@ -53,6 +53,8 @@ UNESCAPED = '<tool_call>{"name": "find", "arguments": {"q": "5" inches"}}</tool_
 PING_CALL = '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
 QUOTES_CALL = '<tool_call>{"name": "write", "arguments": {"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"')
 QUOTES_CALL_ARGS = '{"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"') + '"}'
+NO_CALL_QUOTES = '<tool_call>{"temperature": 3, "note": "</tool_call>"}</tool_call>'
+SAY_CALL = '<tool_call>{"name": "say", "arguments": {"t": "a \\" b"}}</tool_call>'  # one escaped quote
 MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[ARGS]{}'
 
 
@@ -151,6 +153,12 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", UNESCAPED + "\n" + PING_CALL, UNESCAPED + "\n", [PING]),
         ("hermes", HERMES_TWO + UNESCAPED + PING_CALL, "Let me look.\n", [WEATHER, PING, PING]),
         ("hermes", QUOTES_CALL, QUOTES_CALL, []),
+        # an escaped quote in a later call (read outside a string, it flips them back): the output
+        # ended outside one, the tags found were in its arguments, the calls after it were lost
+        ("hermes", UNESCAPED + "\n" + SAY_CALL + PING_CALL, UNESCAPED + "\n", [("say", '{"t": "a \\" b"}'), PING]),
+        ("hermes", UNESCAPED * 2 + PING_CALL, UNESCAPED * 2, [PING]),
+        # JSON that is no call, quoting the tag: its quotes are sound, a later call's strings minded
+        ("hermes", NO_CALL_QUOTES + QUOTES_TAG, NO_CALL_QUOTES, [QUOTED]),
         ("hermes", QUOTES_CALL + '"}}</tool_call>', "", [("write", QUOTES_CALL_ARGS)]),
     ],
 )
@@ -460,9 +468,12 @@ def test_an_output_ending_in_a_string_is_read_again_once(monkeypatch: pytest.Mon
     looked, find = [0], TagEnd.find
 
     def counted(self: TagEnd, text: str, begin: int) -> int | None:
-        looked[0] += len(text) - begin
-        return find(self, text, begin)
+        at = find(self, text, begin)  # what a look reads: to its tag's end, or to the text's
+        looked[0] += (len(text) if at is None else at + len(self.tag)) - begin
+        return at
 
     monkeypatch.setattr(TagEnd, "find", counted)
     text = '<tool_call>{"\\"</tool_call>' * 1000 + PING_CALL
     assert read("hermes", [text])[:2] == (text.removesuffix(PING_CALL), [PING]) and looked[0] <= 2 * len(text)
+    looked[0], text = 0, (UNESCAPED + SAY_CALL) * 300  # a call's tags flipped back: read again once too
+    assert len(read("hermes", [text])[1]) == 300 and looked[0] <= 2 * len(text)

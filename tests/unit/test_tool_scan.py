@@ -60,6 +60,25 @@ def state(scan: TagEnd | Walk) -> tuple[bool, bool, int]:
     return scan.in_string, scan.escaped, scan.matched
 
 
+def test_a_scan_blind_to_quotes_finds_the_tag_wherever_it_comes() -> None:
+    """quotes=False (a hermes output whose quotes were found untrustworthy): the first tag, as
+    str.find answers, looked at piece by piece and as the text grows."""
+    rng = random.Random(45167)
+    for _ in range(2000):
+        text = "".join(rng.choice(BITS) for _ in range(rng.randint(1, 40)))
+        want = text.find(TAG)
+        assert TagEnd(TAG, quotes=False).find(text, 0) == (want if want >= 0 else None), text
+        scan, read, found = TagEnd(TAG, quotes=False), 0, None
+        for cut in sorted(rng.sample(range(1, len(text) + 1), min(len(text), rng.randint(1, 8)))):
+            if (found := scan.find(text[:cut], read)) is not None:
+                break
+            read = cut
+        if found is None:  # no tag whole in what was read
+            assert want < 0 or want + len(TAG) > read, text
+        else:
+            assert found == want, text
+
+
 def test_the_jumping_scan_answers_as_the_walk_of_every_character() -> None:
     """A fuzz: random outputs of quotes, escapes and tags inside and outside strings, read whole,
     read as it grows (each look from where the last ended, as the hermes reading looks), and piece
