@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dlora.services.gateway import tool_scan
 from dlora.services.gateway.tool_scan import TagEnd
 
 TAG = "</tool_call>"
@@ -91,8 +92,8 @@ def test_the_jumping_scan_answers_as_the_walk_of_every_character() -> None:
         cuts = sorted(rng.sample(range(1, len(text) + 1), min(len(text), rng.randint(1, 8))))
         new, old, read = TagEnd(TAG), Walk(TAG), 0
         for cut in cuts:  # the held text grows; the look resumes where it ended, past a found tag
-            found = new.find(text, read)
-            assert found == old.find(text, read) and state(new) == state(old), (text, read)
+            found = new.find(text[:cut], read)
+            assert found == old.find(text[:cut], read) and state(new) == state(old), (text, read)
             read = cut if found is None else found + len(TAG)
         new, old = TagEnd(TAG), Walk(TAG)
         for a, b in zip([0, *cuts], cuts):
@@ -100,8 +101,9 @@ def test_the_jumping_scan_answers_as_the_walk_of_every_character() -> None:
 
 
 @contextmanager
-def lines_run(code: Any) -> Iterator[list[int]]:
-    """Counts the Python lines run in ``code`` (a function's): the work, not the clock."""
+def lines_run(path: str) -> Iterator[list[int]]:
+    """Counts the Python lines run in the module at ``path``, whichever of its functions runs
+    them: the work, not the clock (one function's alone read none where it handed its walk on)."""
     count = [0]
 
     def local(frame: FrameType, event: str, arg: object) -> Any:
@@ -109,7 +111,7 @@ def lines_run(code: Any) -> Iterator[list[int]]:
         return local
 
     def calls(frame: FrameType, event: str, arg: object) -> Any:
-        return local if frame.f_code is code else None
+        return local if frame.f_code.co_filename == path else None
 
     before = sys.gettrace()
     sys.settrace(calls)
@@ -117,6 +119,17 @@ def lines_run(code: Any) -> Iterator[list[int]]:
         yield count
     finally:
         sys.settrace(before)
+
+
+def test_the_line_count_sees_a_walk_of_every_character() -> None:
+    """The counter's own check: the walk (this module's) of 10,000 characters runs some lines per
+    character, and the jumping scan runs some at all (a counter that saw nothing would pass all)."""
+    text = '"' + "x" * 10_000 + '" ' + TAG
+    with lines_run(__file__) as walked:
+        assert Walk(TAG).find(text, 0) == len(text) - len(TAG)
+    with lines_run(tool_scan.__file__) as jumped:
+        assert TagEnd(TAG).find(text, 0) == len(text) - len(TAG)
+    assert walked[0] >= 2 * len(text) and 0 < jumped[0] < 400
 
 
 @pytest.mark.parametrize("piece", [100_000, 64])
@@ -127,7 +140,7 @@ def test_a_long_argument_is_looked_at_where_it_matters_not_per_character(piece: 
     and with the looks, not with the argument's length (checked by the lines, not by the clock)."""
     body = '{"name": "write", "arguments": {"text": "' + "x" * 100_000 + ' \\" </tool_call> y"}}'
     scan = TagEnd(TAG)
-    with lines_run(TagEnd.find.__code__) as count:
+    with lines_run(tool_scan.__file__) as count:
         if piece > len(body):
             assert scan.find(body + TAG, 0) == len(body)
         else:
@@ -135,4 +148,4 @@ def test_a_long_argument_is_looked_at_where_it_matters_not_per_character(piece: 
                 assert scan.open_through(body[a : a + piece])
             assert not scan.open_through(TAG)
     looks = -(-len(body) // piece) + 1
-    assert count[0] <= 20 * looks + 200  # (a walk: some 4 lines per character, 400,000 and more)
+    assert 0 < count[0] <= 20 * looks + 200  # (a walk: some 4 lines per character, 400,000 and more)
