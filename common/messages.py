@@ -442,9 +442,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # The tokens behind those two measurements (the migrator weighs workers' figures by them).
     prefill_tokens: int = 0
     kv_transfer_tokens: int = 0
-    # Every unfinished request here (the migrator's view of the load), up to ``MAX_LISTED``: past
-    # it the rest (the latest to arrive) are only counted, with their remaining tokens, so the
-    # stats fit one NATS message whatever the queue (~65 bytes a request).
+    # Every unfinished request here (the migrator's view of the load), up to ``MAX_LISTED``: past it
+    # the rest (the latest to arrive) are only counted, with their remaining tokens (and those waiting
+    # on arrival's, not in unlisted_requests), so the stats fit one NATS message (~65 B a request).
     requests: list[RequestLoad] = []
     unlisted_requests: int = 0
     unlisted_remaining_tokens: int = 0

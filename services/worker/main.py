@@ -63,7 +63,7 @@ from dlora.services.worker.one_id import given_up, refuse_if_taken
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.rerecord import record_again_if_lost
 from dlora.services.worker.settings import WorkerSettings
-from dlora.services.worker.snapshot import arriving_key, settings_in_effect, worker_stats
+from dlora.services.worker.snapshot import settings_in_effect, worker_stats
 from dlora.services.worker.tokenized import Tokenized
 
 logger = log.get("worker")
@@ -412,7 +412,7 @@ class WorkerService:
     def _snapshot(self) -> WorkerStats:
         # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) wait too,
         # as vLLM counts a request waiting for its grammar: they were in no figure (a helper's finding)
-        preparing, retired = [arriving_key(p.req) for p in self.preparing.values()], self.adapters.retired()
+        preparing, retired = [p.req for p in self.preparing.values()], self.adapters.retired()
         stats = worker_stats(
             self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, retired, preparing
         )

@@ -38,6 +38,12 @@ def arriving_key(req: GenerateRequest) -> str | None:
     return req.adapter and engine_key(req.adapter, req.adapter_version or "")
 
 
+def _remaining(lengths: OutputLengths, generated: int, max_tokens: int, min_tokens: int) -> int:
+    """The tokens a request that has ``generated`` so far is expected to add: no fewer than its
+    ``min_tokens`` asks for."""
+    return max(lengths.expected_remaining(generated, max_tokens), min_tokens - generated)
+
+
 def worker_stats(
     worker: str,
     engine: LLMEngine,
@@ -45,13 +51,13 @@ def worker_stats(
     kv_seconds: float = 0.0,
     kv_tokens: int = 0,
     retired: Collection[str] = (),
-    preparing: Collection[str | None] = (),
+    preparing: Collection[GenerateRequest] = (),
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
-    replaced or removed (their requests are pinned here); ``preparing``: the adapters (``engine_key``s,
-    None the base model) of the requests waiting on arrival, not yet in the engine: waiting too, as
-    vLLM counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
+    replaced or removed (their requests are pinned here); ``preparing``: the requests waiting on
+    arrival (a moved one's cache, a grammar's compile), not yet in the engine: waiting too, as vLLM
+    counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -73,11 +79,7 @@ def worker_stats(
             request_id=seq.request_id,
             adapter=seq.adapter and name_of(seq.adapter),
             context_tokens=seq.total_len,
-            # no fewer than min_tokens asks for
-            remaining_tokens=max(
-                lengths.expected_remaining(len(seq.output_ids), seq.params.max_tokens),
-                seq.params.min_tokens - len(seq.output_ids),
-            ),
+            remaining_tokens=_remaining(lengths, len(seq.output_ids), seq.params.max_tokens, seq.params.min_tokens),
             total_tokens=len(seq.prompt_ids) + seq.params.max_tokens,
             running=seq.request_id in in_batch,
             rank=e.adapters[seq.adapter].rank if seq.adapter in e.adapters else 0,
@@ -98,9 +100,16 @@ def worker_stats(
         by_adapter.setdefault(r.adapter or "", [0, 0])[0 if r.running else 1] += 1
         key = engine_key(r.adapter, r.version) if r.adapter else ""
         by_version.setdefault(key, [0, 0])[0 if r.running else 1] += 1
-    for key in preparing:
+    for req in preparing:
+        key = arriving_key(req)
         by_adapter.setdefault(name_of(key) if key else "", [0, 0])[1] += 1
         by_version.setdefault(key or "", [0, 0])[1] += 1
+    # their work too, where the planner and dispatch read a worker's load: its source lists a moved
+    # one no more, so counted in slots alone the worker that just took a plan's moves looked the
+    # lightest while their caches came, and drew the next plan's moves and new requests (a review)
+    arriving = sum(
+        _remaining(lengths, len(r.resume_token_ids), r.params.max_tokens, r.params.min_tokens) for r in preparing
+    )
     return WorkerStats(
         worker=worker,
         running=running,
@@ -131,7 +140,7 @@ def worker_stats(
         seconds_per_token=st.step_seconds / max(1, st.tokens_generated),
         requests=loads,
         unlisted_requests=len(unlisted),
-        unlisted_remaining_tokens=sum(r.remaining_tokens for r in unlisted),
+        unlisted_remaining_tokens=sum(r.remaining_tokens for r in unlisted) + arriving,
         unlisted_by_adapter={a: (n[0], n[1]) for a, n in by_adapter.items()},
         unlisted_by_version={k: (n[0], n[1]) for k, n in by_version.items()},
         adapter_seconds_per_token={  # of the adapters held (every one ever served would outgrow a message)

@@ -3,7 +3,7 @@ up, remaining tokens capped by max_tokens."""
 
 from __future__ import annotations
 
-from dlora.common.messages import SamplingParams
+from dlora.common.messages import GenerateRequest, SamplingParams, WorkerStats
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine.scheduler import preempt
 from dlora.services.worker.lengths import OutputLengths
@@ -93,6 +93,9 @@ def test_remaining_tokens_count_at_least_what_min_tokens_asks(tiny_llama: TinyOu
     assert remaining == {"short": 1, "long": 11}
 
 
+_ARRIVING = [("p1", "lora-1", "v2"), ("p2", None, None)]
+
+
 def test_per_adapter_figures_count_every_request_listed_or_not(tiny_llama: TinyOutput) -> None:
     """dlora_adapter_requests, vllm:lora_requests_info and /v1/status's per-adapter counts read the
     requests the stats list, the first MAX_LISTED: an adapter whose requests came after them showed
@@ -111,7 +114,8 @@ def test_per_adapter_figures_count_every_request_listed_or_not(tiny_llama: TinyO
         engine.add_request(
             f"r{i:05d}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9), adapter=adapter
         )
-    st = worker_stats("w0", engine, OutputLengths(), preparing=["lora-1@v2", None])
+    arriving = [GenerateRequest(request_id=r, reply_to="", adapter=a, adapter_version=v) for r, a, v in _ARRIVING]
+    st = worker_stats("w0", engine, OutputLengths(), preparing=arriving)
     assert st.unlisted_requests == 40 and st.waiting == MAX_LISTED + 42
     # and by version, for the dispatcher's count of slots (each version takes one)
     assert st.unlisted_by_version == {"lora-0@v1": (0, 40), "lora-1@v2": (0, 1), "": (0, 1)}
@@ -125,3 +129,58 @@ def test_per_adapter_figures_count_every_request_listed_or_not(tiny_llama: TinyO
     lora_0 = AdapterEntry(name="lora-0", path="/x", rank=8, created=0.0)
     doc = cluster_status([(st, 0.0)], [], [lora_0], Traffic(), "llama", "g", 0.0)
     assert [(a.name, a.waiting) for a in doc.adapters] == [("llama", MAX_LISTED + 1), ("lora-0", 40)]
+
+
+def _moved(rid: str, generated: int, max_tokens: int, min_tokens: int = 0) -> GenerateRequest:
+    """A request a plan moved here, resumed after ``generated`` tokens, its cache on the way."""
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens)
+    return GenerateRequest(
+        request_id=rid, reply_to="", prompt_token_ids=[5, 6, 7], params=params, resume_token_ids=[9] * generated
+    )
+
+
+def test_requests_waiting_on_arrival_count_their_remaining_work(tiny_llama: TinyOutput) -> None:
+    """A moved request whose cache is on the way, or one whose grammar compiles, was counted in a
+    slot and as waiting but its tokens in no figure of load: its source lists it no more, so the
+    planner and dispatch saw its new worker lighter by all of it (a review)."""
+    from dlora.services.dispatcher.choose import WorkerLoad
+
+    engine = make_engine(tiny_llama)
+    engine.add_request("here", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=9))
+    grammar = GenerateRequest(request_id="g", reply_to="", params=SamplingParams(max_tokens=30))
+    preparing = [_moved("m1", 10, 50), _moved("m2", 0, 20, min_tokens=20), grammar]
+    st = worker_stats("w0", engine, OutputLengths(), preparing=preparing)
+    assert st.unlisted_remaining_tokens == 40 + 20 + 30 and st.unlisted_by_version == {"": (0, 3)}
+    assert WorkerLoad.of(st).queued_tokens == 9 + 90
+    lengths = OutputLengths()
+    for _ in range(lengths.min_samples):
+        lengths.observe(2, cut_off=False)  # requests here end after two tokens: min_tokens still holds
+    st = worker_stats("w0", engine, lengths, preparing=[_moved("m2", 5, 20, min_tokens=15)])
+    assert st.unlisted_remaining_tokens == 10
+
+
+def _busy(tiny_llama: TinyOutput, worker: str, kept: int, arriving: int) -> WorkerStats:
+    """``worker``'s stats holding ``kept`` requests of 50 tokens to go and ``arriving`` more moved
+    to it, their caches on the way; priced alike (a step's measure is the clock's)."""
+    import msgspec
+
+    engine = make_engine(tiny_llama)
+    for i in range(kept):
+        engine.add_request(f"{worker}-{i}", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50))
+    moved = [_moved(f"to-{worker}-{i}", 0, 50) for i in range(arriving)]
+    st = worker_stats(worker, engine, OutputLengths(), preparing=moved)
+    return msgspec.structs.replace(st, seconds_per_token=0.01)
+
+
+def test_a_worker_taking_moves_is_not_the_lightest_while_they_arrive(tiny_llama: TinyOutput) -> None:
+    """A plan moved 6 of w0's 10 requests to w1 and their caches are on the way: w0 lists 4, w1
+    none. Read as idle, w1 drew the next request and the next plan's moves (onto the worker that
+    just took a plan's); it holds 300 tokens to w0's 200."""
+    from dlora.services.dispatcher.choose import choose_worker
+    from dlora.services.migrator.planner import plan
+    from dlora.services.migrator.trigger import snapshot_from_stats
+
+    stats = [_busy(tiny_llama, "w0", kept=4, arriving=0), _busy(tiny_llama, "w1", kept=0, arriving=6)]
+    assert choose_worker(stats, None) == "w0"
+    snap = snapshot_from_stats(stats, {}, recompute_seconds_per_token=0.0, kv_transfer_seconds_per_token=0.0)
+    assert not any(m.to_worker == "w1" for m in plan(snap).moves)
