@@ -150,7 +150,10 @@ class ToolParser:
 
     kind: str
     calls: list[tuple[str, str]] = field(default_factory=list)
-    _held: str = ""  # text not yet given out: a possible start of a call, or a call not yet whole
+    _held: str = ""  # text not yet given out (from _at): a possible start of a call, or a call not yet whole
+    # where _held's text not yet read begins: a call read moves it, not a copy of the rest (one
+    # delta of 400 calls copied the rest per call, quadratic: 800 kB took 0.6 s; a review)
+    _at: int = 0
     # what follows _held, kept apart while a call stays open: joined to it at every token, a 200 kB
     # call copied all of itself per token (0.5 s of the gateway's loop; a review)
     _pieces: list[str] = field(default_factory=list)
@@ -160,7 +163,8 @@ class ToolParser:
     # llama3_json: the output until its first call (what an output of none gives out), in pieces
     _written: list[str] = field(default_factory=list)
     # hermes: where the closing tag was looked for to (a token costs its own characters); mistral:
-    # where the whitespace after [TOOL_CALLS] was read to
+    # where the whitespace after [TOOL_CALLS] was read to. An index into _held (not from _at): it
+    # moves with _at when the text read is dropped (_drop), as ObjectEnd's start does
     _read: int = 0
     _body: bool = False  # hermes: within a call whose body began as a JSON object
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
@@ -209,11 +213,21 @@ class ToolParser:
         if text and self._goes_on(text):
             self._pieces.append(text)
             return "", []
+        self._drop()  # (before the join, which would copy it again)
         self._held = "".join([self._held, *self._pieces, text])
         self._pieces.clear()
         if self.kind == "hermes":
-            return self._hermes()
-        return self._mistral() if self.kind == "mistral" else self._llama3_json()
+            read = self._hermes()
+        else:
+            read = self._mistral() if self.kind == "mistral" else self._llama3_json()
+        if 2 * self._at > len(self._held):  # (what is copied is less than what is dropped: linear in all)
+            self._drop()
+        return read
+
+    def _drop(self) -> None:
+        """The text read leaves _held (a copy of the rest); the indices into it move alike."""
+        if self._at:
+            self._held, self._read, self._at = self._held[self._at :], max(self._read - self._at, 0), 0
 
     def _finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
@@ -223,12 +237,12 @@ class ToolParser:
         content, calls = self._take("")  # (what is held, its pieces joined, read to its end)
         while self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
-                parsed = loads(self._held)
+                parsed = loads(self._held[self._at :])
             except ValueError:
                 parsed = None
             if self._add(_call(parsed, ("arguments", "parameters")), calls):
-                self._held, self._inside = "", False
-            elif self._body and self._close.in_string and (end := self._held.find(_CLOSE)) >= 0:
+                self._held, self._at, self._inside = "", 0, False
+            elif self._body and self._close.in_string and (end := self._held.find(_CLOSE, self._at)) >= 0:
                 # The output ended inside a string: a quote the model left unescaped ("5" inches")
                 # made the rest one, the calls after it none. Its quotes untrustworthy, its calls
                 # close at their first tag, as vLLM's hermes before #55848 read them (once: each
@@ -241,10 +255,10 @@ class ToolParser:
                 continue
             break
         if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
-            found = [self._add(_call(item, ("arguments",)), calls) for item in _whole_items(self._held)]
+            found = [self._add(_call(item, ("arguments",)), calls) for item in _whole_items(self._held[self._at :])]
             if any(found):
-                self._held, self._inside = "", False
-        rest, self._held = self._held, ""
+                self._held, self._at, self._inside = "", 0, False
+        rest, self._held, self._at = self._held[self._at :], "", 0
         if self.kind == "llama3_json" and (self._inside or not self._decided) and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
         if self.kind == "llama3_json" and self.calls and self._inside and self._scan.read:
@@ -283,12 +297,13 @@ class ToolParser:
     def _text_to(self, tag: str) -> tuple[str, bool]:
         """The held text before ``tag`` (content only before the first call), and whether the tag
         came: then what follows it is held; else all of it goes but an end that may begin the tag."""
-        at = self._held.find(tag)
+        at = self._held.find(tag, self._at)
         found = at >= 0
         if not found:
-            at = len(self._held) - _partial_tag(self._held, tag)
-        text, self._held = self._held[:at], self._held[at + len(tag) if found else at :]
-        return text if not self.calls else "", found
+            at = max(self._at, len(self._held) - _partial_tag(self._held, tag))
+        text = self._held[self._at : at] if not self.calls else ""
+        self._at = self._read = at + len(tag) if found else at
+        return text, found
 
     def _hermes(self) -> tuple[str, list[Call]]:
         # Text after the first call is not content (vLLM's hermes keeps what comes before it).
@@ -308,7 +323,7 @@ class ToolParser:
                 if at == len(self._held):
                     return content, out
                 if self._held[at] != "{":
-                    content, self._inside, self._read = content + (_OPEN if not self.calls else ""), False, 0
+                    content, self._inside = content + (_OPEN if not self.calls else ""), False
                     continue
                 self._body = True
             end = self._close.find(self._held, self._read)  # (not one inside an argument's string, unless _literal)
@@ -320,7 +335,7 @@ class ToolParser:
     def _closed(self, end: int, out: list[Call]) -> str:
         """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
         where it is none and no call came before."""
-        body = self._held[:end]
+        body = self._held[self._at : end]
         try:
             parsed = loads(body)
         except ValueError:
@@ -331,9 +346,9 @@ class ToolParser:
             # a later escaped one flipped them back (the output ended outside one, _finish's fall
             # back not taken), the calls between lost. Read from that tag as _finish reads, once.
             self._literal = True
-            return self._closed(first, out)
-        self._held, self._inside = self._held[end + len(_CLOSE) :], False
-        self._read, self._body, self._close = 0, False, TagEnd(_CLOSE, quotes=not self._literal)
+            return self._closed(self._at + first, out)
+        self._at = self._read = end + len(_CLOSE)
+        self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal)
         if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written
         return ""
@@ -346,7 +361,6 @@ class ToolParser:
                 content += text
                 if not self._inside:
                     return content, out
-                self._read = 0
             # The calls: a JSON array (before v11), or a name and its arguments' object. Each
             # character is looked at once across tokens (a 140 kB call took a minute so in hermes;
             # whitespace after the tag, rescanned per token, took 9 s for 16k: a review).
@@ -360,14 +374,14 @@ class ToolParser:
             array = head[0] == "[" and head != _ARGS
             start = first if array else self._held.find("{", first, first + _NAME_ROOM)
             if start < 0 and len(self._held) >= first + _NAME_ROOM:  # no name and object: text
-                content += _TOOL_CALLS + self._held[: first + _NAME_ROOM] if not self.calls else ""
-                self._held, self._inside, self._read = self._held[first + _NAME_ROOM :], False, 0
+                content += _TOOL_CALLS + self._held[self._at : first + _NAME_ROOM] if not self.calls else ""
+                self._at, self._inside = first + _NAME_ROOM, False
                 continue
             if start < 0 or (end := self._scan.find(self._held, start)) is None:
                 return content, out  # not whole yet
-            body, self._held, self._inside, self._read = self._held[:end], self._held[end:], False, 0
+            begin, self._at, self._inside = self._at, end, False
             try:
-                parsed = loads(body[start:])
+                parsed = loads(self._held[start:end])
             except ValueError:
                 parsed = None
             calls: list[tuple[str, str] | None]
@@ -375,13 +389,13 @@ class ToolParser:
                 calls = [_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
             else:
                 # mistral-common's v11 writes the call's id between: name[CALL_ID]id[ARGS]{...}
-                name = body[:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
+                name = self._held[begin:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
                 named = 0 < len(name) <= 64 and not any(c.isspace() for c in name)  # OpenAI's names: no prose
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
                 self._add(call, out)
             if not self.calls:
-                content += _TOOL_CALLS + body  # not calls: the text as written
+                content += _TOOL_CALLS + self._held[begin:end]  # not calls: the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:
         if not self._decided:  # (leading whitespace leaves _held, not stripped again per token; _written keeps it)
