@@ -407,37 +407,40 @@ class ToolParser:
             if not self._inside:
                 self._held, self._written = "".join(self._written), []
         if not self._inside:
-            content, self._held = self._held, ""
+            content, self._held, self._at = self._held[self._at :], "", 0
             return content, []
         out: list[Call] = []
+        held = self._held
         while self._inside:
             if self._scan.read == 0:  # between objects: the separators go, and Llama's call tag
                 # in any order: a tag after "; " was text unstreamed and a call streamed, where
                 # the tag (a special token) came as a piece of its own
-                while (between := self._held.lstrip(" \t\r\n;,").removeprefix(_PYTHON_TAG)) != self._held:
-                    self._held = between
-                if not self._held or self._held[0] != "{":
+                at = self._at
+                while at < len(held) and (held[at] in " \t\r\n;," or held.startswith(_PYTHON_TAG, at)):
+                    at += 1 if held[at] in " \t\r\n;," else len(_PYTHON_TAG)
+                self._at = at
+                if at == len(held) or held[at] != "{":
                     # (the start of a tag waits for its end, unstreamed alike)
-                    if self._held and not _PYTHON_TAG.startswith(self._held):
+                    if len(held) - at > len(_PYTHON_TAG) or not _PYTHON_TAG.startswith(held[at:]):
                         return self._not_calls(), out
                     break
-            if (end := self._scan.find(self._held)) is None:
+            if (end := self._scan.find(held, self._at)) is None:
                 break  # not whole yet
             try:
-                obj = loads(self._held[:end])
+                obj = loads(held[self._at : end])
             except ValueError:
                 obj = None
             if not self._add(_call(obj, ("parameters", "arguments")), out):
                 return self._not_calls(), out  # not a call (or not JSON)
-            self._held = self._held[end:]
+            self._at = end
         return "", out
 
     def _not_calls(self) -> str:
         """llama3_json's text where the calls end (or the output is none): given out now, the rest
         as it comes (held to the end, a reply that began as a JSON answer streamed nothing until
         then): the output as written where it made no call, else what follows the calls."""
-        text = "".join(self._written) if not self.calls else self._held
-        self._held, self._inside, self._written = "", False, []
+        text = "".join(self._written) if not self.calls else self._held[self._at :]
+        self._held, self._at, self._inside, self._written = "", 0, False, []
         return text
 
 

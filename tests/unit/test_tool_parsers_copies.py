@@ -26,8 +26,9 @@ MANY = {
     "hermes": "Sure.\n"
     + "".join(f'<tool_call>{{"name": "f", "arguments": {{"i": {i}}}}}</tool_call>\n' for i in range(N)),
     "mistral": "Sure." + "".join(f'[TOOL_CALLS]f{{"i": {i}}}' for i in range(N)),
+    "llama3_json": "<|python_tag|>" + "; ".join(f'{{"name": "f", "parameters": {{"i": {i}}}}}' for i in range(N)),
 }
-CONTENT = {"hermes": "Sure.\n", "mistral": "Sure."}
+CONTENT = {"hermes": "Sure.\n", "mistral": "Sure.", "llama3_json": ""}
 CALLS = [(i, "f", arguments_json({"i": i})) for i in range(N)]
 
 
