@@ -264,14 +264,12 @@ class RequestTimer:
         self.choice_last: dict[str, float] = {}  # each choice's latest output with tokens (monotonic s)
         self.over = False  # counted in ``requests`` (its 200, its failure or its abort)
         self.ran: Sequence[ReplyStream] = ()  # its choices' replies, once a dispatcher took them
-        self.max_tokens: dict[str, int] = {}  # each choice's max_tokens, as it ran
-        self.prompt_of: dict[str, int] = {}  # each choice's prompt (a completion may send several)
+        self.handed: dict[str, RunningChoice] = {}  # those choices by request id (max_tokens, prompt)
 
     def began(self, handed: Sequence[RunningChoice]) -> None:
-        """A dispatcher took ``handed``, the request's choices that run (``ran``, their ``max_tokens``)."""
+        """A dispatcher took ``handed``, the request's choices that run."""
         self.ran = [c.replies for c in handed if c.replies is not None]
-        self.max_tokens = {c.request.request_id: c.request.params.max_tokens for c in handed if c.request is not None}
-        self.prompt_of = {c.request.request_id: c.prompt for c in handed if c.request is not None}
+        self.handed = {c.request.request_id: c for c in handed if c.request is not None}
 
     def __enter__(self) -> RequestTimer:
         return self
@@ -329,8 +327,8 @@ class RequestTimer:
         if chunk.usage is not None:
             observe("request_prompt_tokens", chunk.usage.prompt_tokens)
         observe("request_generation_tokens", tokens)
-        if (max_tokens := self.max_tokens.get(choice)) is not None:
-            observe("request_params_max_tokens", max_tokens)
+        if (ran := self.handed.get(choice)) is not None and ran.request is not None:
+            observe("request_params_max_tokens", ran.request.params.max_tokens)
 
     def _first(self, choice: str, now: float, queue_s: float | None, prefill_s: float | None) -> None:
         """``choice``'s first chunk came at ``now``: its time to first token; the request's too,
@@ -361,7 +359,8 @@ class RequestTimer:
         # request of its own there, its n choices a parent's children
         by_prompt: dict[int, list[int]] = {}
         for replies in self.ran:
-            by_prompt.setdefault(self.prompt_of.get(replies.request_id, 0), []).append(replies.tokens)
+            ran = self.handed.get(replies.request_id)
+            by_prompt.setdefault(ran.prompt if ran is not None else 0, []).append(replies.tokens)
         for tokens in by_prompt.values():
             m.vllm_counts["request_params_n"].labels(m.model_name).observe(len(tokens))
             m.vllm_counts["request_max_num_generation_tokens"].labels(m.model_name).observe(max(tokens))

@@ -62,8 +62,8 @@ def conversation(
         APIError(404): an item_reference naming no stored item.
     """
     if not _references(given):
-        _unique([*prior, *_items(given)])
-        return [*prior, *_items(given)] if prior else given  # (a string as it came: the prompt unchanged)
+        _unique(items := [*prior, *_items(given)])
+        return items if prior else given  # (a string as it came: the prompt unchanged)
     by_id = {i.get("id"): i for i in prior} | (stored or {})
     out: list[Any] = list(prior)
     for k, item in enumerate(_items(given)):
