@@ -16,6 +16,7 @@ from dlora.services.worker.arrival import stop_preparing
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.move_out import queued
+from dlora.services.worker.move_out import waited as waited_since
 from dlora.services.worker.one_id import give_up, successor
 
 if TYPE_CHECKING:
@@ -73,11 +74,10 @@ async def hand_over(w: WorkerService, died: bool = False) -> None:
             came.append((cmd.req, cmd.arrived))
         elif not died:  # a dead device runs nothing more: a move's KV export raised there (a review)
             await w._safely(cmd)
-    now = time.monotonic()
     for req, arrived in came:
         held[req.request_id] = req.recoveries
         # its wait on arrival here (a grammar's compile can take minutes) is queue time too
-        if not req.resume_token_ids and (wait := req.queued_s + now - (arrived or now)) > 0:
+        if not req.resume_token_ids and (wait := waited_since(req, arrived or time.monotonic())) > 0:
             waited[req.request_id] = wait
         w.pending.discard(req.request_id)
         if died:

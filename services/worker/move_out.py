@@ -15,6 +15,7 @@ from dlora.services.worker.chunks import Stream
 from dlora.services.worker.moves import Move, handoff
 
 if TYPE_CHECKING:
+    from dlora.common.messages import GenerateRequest
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
@@ -26,9 +27,14 @@ def queued(w: WorkerService, stream: Stream, scheduled_at: float | None) -> floa
     move and a stop's hand-over carry it on."""
     if stream.first_sent:
         return 0.0
-    here = time.monotonic() - stream.arrived  # (less its time since it was scheduled: the engine's clock)
-    since = w.engine.clock() - scheduled_at if scheduled_at is not None else 0.0
-    return stream.request.queued_s + max(0.0, here - since)
+    since = w.engine.clock() - scheduled_at if scheduled_at is not None else 0.0  # (the engine's clock)
+    return waited(stream.request, stream.arrived, since)
+
+
+def waited(req: GenerateRequest, arrived: float, scheduled_s: float = 0.0) -> float:
+    """Seconds ``req`` has waited unscheduled: where it came from (``queued_s``) and here since
+    ``arrived`` (monotonic seconds), less the ``scheduled_s`` it has run since its first step."""
+    return req.queued_s + max(0.0, time.monotonic() - arrived - scheduled_s)
 
 
 async def move_out(w: WorkerService, move: Move) -> None:
