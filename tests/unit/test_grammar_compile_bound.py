@@ -192,9 +192,12 @@ def test_a_grammar_that_killed_its_compiler_process_is_not_compiled_in_process(
 
 
 def _children() -> set[int]:
-    """This process's child processes (any thread's)."""
-    tasks = Path(f"/proc/{os.getpid()}/task")
-    return {int(pid) for t in tasks.iterdir() for pid in (t / "children").read_text().split()}
+    """This process's child processes (any thread's; a thread that ended meanwhile has none)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            out.update(int(pid) for pid in (task / "children").read_text().split())
+    return out
 
 
 def _verdicts_of_a_compile_whose_child_gets(sig: int, prefix: str) -> list[str | None]:
