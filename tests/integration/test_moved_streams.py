@@ -25,7 +25,6 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import MovePlan, MoveRequest
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.dispatcher.choose import DispatchCosts
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack, spawn_worker
 from tests.integration.test_abort import _nothing_left
@@ -239,19 +238,23 @@ async def test_a_reasoning_chat_stream_is_the_same_when_its_worker_is_killed(
         nats_server.url, redis_server.url, str(tiny_llama.model), "a-victim", DLORA_HEARTBEAT_TTL_S="2.0"
     )
     try:
-        # The struck run follows the plain run's worker whatever the workers' measured speeds: a
-        # loaded CI host made the victim's process slower than the in-process workers, and the
-        # struck run went to one of them (the kill found the stream not on the victim)
-        dispatcher = {"heartbeat_ttl_s": 1.0, "costs": DispatchCosts(prefix_affinity=1000.0)}
+        dispatcher = {"heartbeat_ttl_s": 1.0}
         async with run_stack(nats_server, redis, tiny_llama, dispatcher=dispatcher, reasoning_parser="qwen3") as stack:
+            # Both runs go to the victim: the in-process workers say they drain (given nothing new)
+            # until it is killed. Priced by the dispatcher, a loaded CI host made the victim's
+            # process slower than the in-process workers, and the kill found the stream elsewhere.
+            for w in stack.workers:
+                w.draining = True
             async with asyncio.timeout(120):  # (a worker process's start: about 17 s)
-                while "a-victim" not in stack.dispatcher.workers:
+                while {w.worker for w in stack.dispatcher.live()} != {"a-victim"}:
                     await asyncio.sleep(0.1)
 
             async def kill(stack: Stack) -> None:
-                # on a tie the dispatcher picks "a-victim" (by name): the in-process ones have nothing
                 assert not any(w.streams for w in stack.workers)
                 victim.send_signal(signal.SIGKILL)
+                # its request waits for a live worker (the heartbeat lapses first): these, from now
+                for w in stack.workers:
+                    w.draining = False
 
             _check_reasoning(await _same_moved_or_not(stack, "/v1/chat/completions", _reasoning_chat(tiny_llama), kill))
             assert victim.poll() is not None and any(w.engine.stats.steps for w in stack.workers)  # resumed here
