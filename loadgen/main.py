@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import resource
 import signal
@@ -28,6 +29,7 @@ from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.vllm_options import ignore_eos_of, sampling_of, slo_seconds
+from dlora.loadgen.vllm_record import RecordOptions
 from dlora.loadgen.workload import build_specs, load_traces
 from dlora.model.tokenizer import load_tokenizer
 
@@ -84,11 +86,7 @@ async def run(
     backend: str = "openai",
     tokenizer: str | None = None,
     ignore_eos: bool = True,
-    percentile_metrics: tuple[str, ...] | None = None,
-    metric_percentiles: tuple[float, ...] | None = None,
-    label: str | None = None,
-    metadata: list[tuple[str, str]] | None = None,
-    result_filename: str | None = None,
+    record: RecordOptions = RecordOptions(),
     sampling: dict[str, Any] | None = None,
     num_warmups: int = 0,
 ) -> dict:
@@ -101,10 +99,9 @@ async def run(
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
     API; that tokenizer (``openai``: ``tokenizer`` where given) counts an output the server's usage
     does not. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
-    lengths). ``percentile_metrics`` and ``metric_percentiles``: vLLM's options of those names, what
-    vllm-result.json writes (None: every metric, at p50, p90, p99); ``label`` and ``metadata`` (key,
-    value pairs) its keys of those names; ``result_filename`` its name (vLLM's --result-filename; None:
-    vllm-result.json). ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
+    lengths). ``record``: what vllm-result.json writes besides the run's figures, and its name
+    (vLLM's --percentile-metrics, --metric-percentiles, --label, --metadata, --result-filename).
+    ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
     --temperature, --top-p, --top-k; over HTTP its --extra-body's too). ``num_warmups`` requests go
     first, uncounted (vLLM's --num-warmups: ``runner.warm_up``). Ctrl-C or SIGTERM stops sending; the
     report is still written.
@@ -116,12 +113,12 @@ async def run(
         TraceError, ValueError, OSError: a trace cannot be read or the workload cannot be built,
             the target cannot be reached (NATS), the report cannot be written.
     """
-    shown = {"percentile_metrics": percentile_metrics, "metric_percentiles": metric_percentiles}
+    shown = dataclasses.asdict(record)  # result.json's config keys, in the CLI's option order
     # (else one of the two lost after the run)
     own = vllm_record.taken(shown | {"max_concurrency": max_concurrency, "rate": spec.options()["rate"]})
-    if clash := sorted({key for key, _ in metadata or ()} & own):
+    if clash := sorted({key for key, _ in record.metadata or ()} & own):
         raise ValueError(f"--metadata {', '.join(clash)}: vllm-result.json has that key of its own")
-    if unwritten := [m for m in percentile_metrics or () if f"mean_{m}_ms" not in own]:
+    if unwritten := [m for m in record.percentile_metrics or () if f"mean_{m}_ms" not in own]:
         # vLLM writes none of them then and says nothing: a record without the figures asked for
         console.print(
             f"--percentile-metrics {','.join(unwritten)}: not written (the client queue's are under --max-concurrency "
@@ -144,7 +141,8 @@ async def run(
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)  # OSError now, not after the run
-    names = [name for name in report.FILES if name != report.VLLM_RECORD] + [result_filename or report.VLLM_RECORD]
+    names = [name for name in report.FILES if name != report.VLLM_RECORD]
+    names.append(record.result_filename or report.VLLM_RECORD)
     if taken := [name for name in names if (out / name).is_dir()]:
         raise IsADirectoryError(f"--out {out}: {', '.join(taken)} is a folder; the report writes a file there")
     tempfile.TemporaryFile(dir=out).close()  # a folder this run cannot write to: OSError now, likewise
@@ -247,7 +245,7 @@ async def run(
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
             | shown
-            | {"label": label, "metadata": metadata, "result_filename": result_filename, "sampling": sampling}
+            | {"sampling": sampling}
             | {"num_warmups": num_warmups}
             | {"out": str(out), "interrupted": interrupted}
             | formats
@@ -301,11 +299,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 backend=args.backend,
                 tokenizer=args.tokenizer,
                 ignore_eos=ignore_eos_of(args),
-                percentile_metrics=args.percentile_metrics,
-                metric_percentiles=args.metric_percentiles,
-                label=args.label,
-                metadata=args.metadata,
-                result_filename=args.result_filename,
+                record=RecordOptions.from_args(args),
                 sampling=sampling_of(args),
                 num_warmups=args.num_warmups,
             )

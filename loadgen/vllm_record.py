@@ -7,15 +7,48 @@ own figures (seconds, nested, per adapter, cut and lost apart)."""
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dlora.loadgen.metrics import RequestResult, samples, summarize
 
+if TYPE_CHECKING:
+    import argparse
+
 # result.json's, vllm-result.json's unless --metric-percentiles names others (vLLM's default: 99 only)
 PERCENTILES = (50.0, 90.0, 99.0)
 # vLLM's metric names for ours: its e2el is our e2e
 METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "e2e": "e2el"}
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What the record writes besides the run's figures: vLLM's options of these names, built once
+    from the command line (``from_args``) and passed through ``main.run`` to ``record``.
+    ``percentile_metrics`` and ``metric_percentiles`` (None: every metric, at ``PERCENTILES``) pick
+    its latency figures; ``label`` and ``metadata`` (key, value pairs) are keys of it;
+    ``result_filename`` is its file's name in the run's folder (None: ``report.VLLM_RECORD``).
+    (--result-dir is the run's folder, --goodput its SLOs, --save-result and --save-detailed what
+    loadgen always does.)"""
+
+    percentile_metrics: tuple[str, ...] | None = None
+    metric_percentiles: tuple[float, ...] | None = None
+    label: str | None = None
+    metadata: tuple[tuple[str, str], ...] | None = None
+    result_filename: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RecordOptions:
+        """The options ``dlora loadgen``'s command line gives (``options.add_arguments``)."""
+        return cls(
+            percentile_metrics=args.percentile_metrics,
+            metric_percentiles=args.metric_percentiles,
+            label=args.label,
+            metadata=None if args.metadata is None else tuple(args.metadata),
+            result_filename=args.result_filename,
+        )
 
 
 def _burstiness(config: dict) -> float | None:

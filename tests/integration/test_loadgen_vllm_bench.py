@@ -18,6 +18,7 @@ from rich.console import Console
 from dlora.loadgen.main import run
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_options import sampling_of
+from dlora.loadgen.vllm_record import RecordOptions
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
 from tests.integration.conftest import Stack
@@ -159,7 +160,7 @@ async def test_label_and_metadata_are_vllm_result_keys(tmp_path: Path) -> None:
     args = build_parser().parse_args(["loadgen", "--label", "dlora-a", "--metadata", "version=0.3.3", "cmd=a=b"])
     spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, Console(file=io.StringIO()), label=args.label, metadata=args.metadata)
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), record=RecordOptions.from_args(args))
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert (v["label"], v["version"], v["cmd"], v["completed"]) == ("dlora-a", "0.3.3", "a=b", 2)
 
@@ -180,7 +181,7 @@ async def test_a_vllm_bench_command_line_saves_its_record_where_it_says(
     args = build_parser().parse_args([*argv, "--result-dir", str(tmp_path), "--result-filename", "run1.json"])
     spec = WorkloadSpec.from_args(args)
     async with serving(completions) as url:
-        await run(spec, url, args.out, Console(file=io.StringIO()), result_filename=args.result_filename)
+        await run(spec, url, args.out, Console(file=io.StringIO()), record=RecordOptions.from_args(args))
     v = json.loads((tmp_path / "run1.json").read_text())
     assert v["completed"] == 3 and len(v["ttfts"]) == 3 and (tmp_path / "result.json").exists()
     assert not (tmp_path / "vllm-result.json").exists()
@@ -340,7 +341,7 @@ async def test_percentile_metrics_the_run_cannot_write_are_named(
     console = Console(file=io.StringIO(), width=300)
     named = ("ttft", "client_queue_time", "e2el_including_client_queue")
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, console, max_concurrency=cap, percentile_metrics=named)
+        await run(spec, url, tmp_path, console, max_concurrency=cap, record=RecordOptions(percentile_metrics=named))
     assert f"--percentile-metrics {unwritten}: not written" in console.file.getvalue()
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert "mean_ttft_ms" in v and all(f"mean_{m}_ms" not in v for m in unwritten.split(","))
