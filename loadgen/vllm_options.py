@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from dlora.loadgen.options import _at_least, above_zero
+from dlora.loadgen.options import _at_least
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
@@ -16,11 +16,12 @@ GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
 
 def goodput(text: str) -> tuple[str, float]:
     """An argparse type: one of vLLM's ``--goodput`` pairs, ``KEY:MILLISECONDS``, as the --slo-*
-    option it sets and its seconds."""
+    option it sets and its seconds. 0 is taken, as vLLM takes it (its bound is "non-negative"): a
+    request meets it only with no wait at all (a one-token output's TPOT, which vLLM counts 0)."""
     key, colon, ms = text.partition(":")
     if not colon or key.strip() not in GOODPUT:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:MILLISECONDS, KEY one of {', '.join(GOODPUT)}")
-    return GOODPUT[key.strip()], above_zero(ms) / 1000
+    return GOODPUT[key.strip()], _at_least(float, 0)(ms) / 1000
 
 
 def slo_seconds(args: argparse.Namespace) -> dict[str, float | None]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dlora.loadgen import vllm_record
+from dlora.loadgen.metrics import SLO, RequestResult, summarize
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_options import slo_seconds
 from dlora.loadgen.vllm_record import _burstiness
@@ -119,6 +121,21 @@ def test_a_goodput_pair_not_vllms_is_a_usage_error(pair: str, capsys: pytest.Cap
     with pytest.raises(SystemExit):
         build_parser().parse_args(["loadgen", "--goodput", pair])
     assert "--goodput" in capsys.readouterr().err
+
+
+def test_a_goodput_of_zero_ms_is_taken_as_vllm_takes_it() -> None:
+    """``--goodput ttft:0`` was a usage error ("0.0 is not above 0"); vLLM's bench takes any bound
+    that is not negative, so a sweep of SLOs from 0 stopped at its first value. It is a bound only a
+    request with no wait meets: none by TTFT; by TPOT a one-token output (vLLM's TPOT 0 there)."""
+    args = build_parser().parse_args(["loadgen", "--goodput", "ttft:0", "tpot:0"])
+    assert slo_seconds(args) == {"slo_ttft": 0.0, "slo_tpot": 0.0, "slo_e2e": None}
+    one, two = (
+        RequestResult(0.0, None, n, sent=True, first_token_s=0.1, finish_s=0.1 * n, tokens=n, token_times=[0.1 * n])
+        for n in (1, 2)
+    )
+    assert not SLO(ttft_s=0.0).met(one) and SLO(tpot_s=0.0).met(one) and not SLO(tpot_s=0.0).met(two)
+    summary = summarize([one, two], 1.0, SLO(tpot_s=0.0))
+    assert vllm_record.record({"slo_tpot": 0.0}, summary, [one, two])["request_goodput"] == 1.0
 
 
 def test_vllms_random_dataset_lengths_are_drawn_as_vllm_draws_them() -> None:
