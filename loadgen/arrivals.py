@@ -13,11 +13,14 @@ def poisson(rate: float, n: int, rng: np.random.Generator) -> list[float]:
 
 def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
     """Gamma inter-arrivals with mean 1/rate and coefficient of variation ``cv`` (1 = Poisson;
-    larger = burstier); an infinite ``rate`` puts every arrival at 0 (vLLM's ``--request-rate inf``)."""
-    if rate <= 0 or cv <= 0:
-        raise ValueError(f"rate and cv must be > 0, got {rate}, {cv}")
+    larger = burstier; 0 = every gap 1/rate, the gamma's limit as its shape grows, vLLM's
+    ``--burstiness inf``); an infinite ``rate`` puts every arrival at 0 (vLLM's ``--request-rate inf``)."""
+    if rate <= 0 or cv < 0:
+        raise ValueError(f"rate must be > 0 and cv >= 0, got {rate}, {cv}")
     if math.isinf(rate):
         return [0.0] * n
+    if cv == 0:
+        return [(i + 1) / rate for i in range(n)]
     shape = 1.0 / cv**2
     gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
     return [float(t) for t in np.cumsum(gaps)]

@@ -283,9 +283,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--burstiness",
-        type=above_zero,
+        type=rate,  # above 0, or inf
         help="vLLM's --burstiness, the gamma shape: gamma arrivals with --cv 1/sqrt(BURSTINESS) (1: Poisson's "
-        "gaps; below 1 burstier)",
+        "gaps; below 1 burstier; inf: every gap 1/rate)",
     )
     p.add_argument(
         "--trace",

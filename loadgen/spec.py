@@ -45,7 +45,8 @@ class WorkloadSpec:
     """Mean arrival rate, requests/s; a trace's timestamps are rescaled to it. ``math.inf``: every
     request at once (vLLM's ``--request-rate inf``)."""
     cv: float = 1.0
-    """Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, larger = burstier)."""
+    """Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, larger = burstier; 0 =
+    even gaps, vLLM's ``--burstiness inf``)."""
     trace: tuple[str, ...] = ()
     """Trace paths or ``bundled:NAME``: at most one request trace (for ``arrivals``/``lengths``
     ``trace``) and one popularity source (for ``popularity`` ``stride``). Empty: the bundled Azure
@@ -108,7 +109,7 @@ class WorkloadSpec:
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
         if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
-            values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)
+            values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)  # inf: CV 0
         values["trace"] = tuple(args.trace or ())
         if (modules := getattr(args, "lora_modules", None)) is not None:  # vLLM's spelling, names apart
             values["adapter_names"] = adapter_names(",".join(modules))

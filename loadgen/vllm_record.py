@@ -51,11 +51,16 @@ class RecordOptions:
         )
 
 
-def _burstiness(config: dict) -> float | None:
-    """vLLM's --burstiness is the gamma shape, 1 / CV²: 1.0 for Poisson; a trace's has none. To 12
-    significant digits: --burstiness B comes here through its CV, 1/sqrt(B), and 1/CV² read 0.5 as
-    0.5000000000000001, which a reader comparing with the B it typed did not find."""
-    shape = {"poisson": 1.0, "gamma": 1.0 / config.get("cv", 1.0) ** 2}.get(config.get("arrivals", ""))
+def _burstiness(config: dict) -> float | str | None:
+    """vLLM's --burstiness is the gamma shape, 1 / CV²: 1.0 for Poisson; a trace's has none; even
+    gaps (CV 0) "inf", as the record writes an infinite request_rate (vLLM's json.dump writes
+    Infinity, which is no JSON). To 12 significant digits: --burstiness B comes here through its CV,
+    1/sqrt(B), and 1/CV² read 0.5 as 0.5000000000000001, which a reader comparing with the B it typed
+    did not find."""
+    arrivals, cv = config.get("arrivals", ""), config.get("cv", 1.0)
+    if arrivals == "gamma" and cv == 0:
+        return "inf"
+    shape = {"poisson": 1.0, "gamma": 1.0 / cv**2}.get(arrivals)
     return None if shape is None else float(f"{shape:.12g}")
 
 

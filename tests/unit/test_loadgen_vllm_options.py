@@ -33,6 +33,18 @@ def test_vllms_spellings_of_the_workload_and_slo_options_are_taken() -> None:
     assert slo_seconds(plain) == {"slo_ttft": None, "slo_tpot": 0.05, "slo_e2e": None}
 
 
+def test_burstiness_inf_sends_at_even_gaps_as_vllms_does() -> None:
+    """``--burstiness inf`` was a usage error ("not a finite number"); vLLM's bench takes it as the
+    gamma's limit, every gap 1/rate (a steady load). Arrivals are so drawn, and the record says
+    "inf", as it writes an infinite request_rate (JSON has no infinity)."""
+    args = build_parser().parse_args(["loadgen", "--num-prompts", "4", "--request-rate", "8", "--burstiness", "inf"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.arrivals, spec.cv) == ("gamma", 0.0)
+    assert [r.arrival_s for r in build_specs(spec)] == [0.125, 0.25, 0.375, 0.5]
+    assert _burstiness(spec.options()) == "inf"
+
+
 def test_vllms_names_of_the_target_the_model_and_the_endpoint_are_taken() -> None:
     """``--base-url URL --model NAME --backend openai-chat --endpoint /v1/chat/completions``, how a
     vLLM bench command line names where it sends: each refused by dlora loadgen (its --target,
