@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable
 from typing import Any, get_args
 
-from dlora.loadgen.spec import Arrivals, Lengths, Popularity, WorkloadSpec
+from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
 _SPEC = WorkloadSpec()
@@ -350,6 +350,12 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="vLLM's --lora-modules: the adapters by name, space-separated (--adapter-names a,b); each request's "
         "drawn by --popularity (uniform: vLLM's random assignment)",
+    )
+    p.add_argument(
+        "--lora-assignment",
+        choices=tuple(LORA_ASSIGNMENTS),
+        help="vLLM's --lora-assignment: random (--popularity uniform) or round-robin (each adapter in turn, in "
+        "arrival order; --popularity round-robin)",
     )
     p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
     p.add_argument("--alpha", type=_finite, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")

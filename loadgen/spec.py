@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 Arrivals = Literal["poisson", "gamma", "trace"]
 Lengths = Literal["trace", "fixed", "uniform", "random"]
-Popularity = Literal["uniform", "zipf", "power", "stride"]
+Popularity = Literal["uniform", "zipf", "power", "stride", "round-robin"]
+# vLLM's --lora-assignment choices and the popularity each is
+LORA_ASSIGNMENTS: dict[str, Popularity] = {"random": "uniform", "round-robin": "round-robin"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +76,9 @@ class WorkloadSpec:
     adapter_names: tuple[str | None, ...] | None = None
     """The adapters by name instead of ``adapters``; None in it is the base model."""
     popularity: Popularity = "uniform"
-    """How requests are spread over the adapters: uniform, Zipf, power law, or dLoRA's stride
-    mapping of the popularity source's tenants."""
+    """How requests are spread over the adapters: uniform, Zipf, power law, dLoRA's stride
+    mapping of the popularity source's tenants, or each in turn in arrival order (vLLM's
+    ``--lora-assignment round-robin``)."""
     alpha: float = 1.0
     """Zipf exponent / power-law alpha."""
     stride: int = 1
@@ -111,6 +114,8 @@ class WorkloadSpec:
         if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
             values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)  # inf: CV 0
         values["trace"] = tuple(args.trace or ())
+        if (assignment := getattr(args, "lora_assignment", None)) is not None:
+            values["popularity"] = LORA_ASSIGNMENTS[assignment]
         if (modules := getattr(args, "lora_modules", None)) is not None:  # vLLM's spelling, names apart
             values["adapter_names"] = adapter_names(",".join(modules))
             values["adapters"] = len(values["adapter_names"])
@@ -135,6 +140,8 @@ class WorkloadSpec:
                 return f"{option} applies to {chosen} {listed} only, not {value}"
         if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
             return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
+        if getattr(args, "lora_assignment", None) is not None and args.popularity != _DEFAULTS.popularity:
+            return "--lora-assignment is how requests are spread over the adapters: give it or --popularity, not both"
         if getattr(args, "lora_modules", None) and (args.adapter_names is not None or args.adapters is not None):
             return "--lora-modules names the adapters: give it, --adapter-names or --adapters, one of them"
         if args.adapter_names and args.adapters is not None:

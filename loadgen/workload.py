@@ -92,6 +92,7 @@ def build(
     shift_every_s: float | None = None,
     lengths_in_order: bool = False,
     block_tokens: int | None = None,
+    in_turn: bool = False,
 ) -> list[RequestSpec]:
     """One request per arrival.
 
@@ -100,13 +101,16 @@ def build(
     popularity moves over time: every that many seconds the weights rotate by one adapter, so the
     hot adapter changes (what migration is for). Its lengths are drawn from ``lengths`` rows, or
     taken in order (a trace replayed with its own lengths). Rows with hash ids (Mooncake) keep
-    them, with blocks of ``block_tokens`` trace tokens scaled like the lengths.
+    them, with blocks of ``block_tokens`` trace tokens scaled like the lengths. ``in_turn``: the
+    adapters are taken in turn in arrival order, not drawn (vLLM's ``--lora-assignment round-robin``).
     """
     n = len(weights.weights[0]) if isinstance(weights, Schedule) else len(weights)
     names = names or [f"lora-{i}" for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{len(names)} adapter names for {n} weights")
-    if isinstance(weights, Schedule):
+    if in_turn:
+        drawn = [i % n for i in range(len(arrivals))]
+    elif isinstance(weights, Schedule):
         drawn = [rng.choice(n, p=np.asarray(weights.at(t))) for t in arrivals]
     else:
         drawn = rng.choice(n, size=len(arrivals), p=np.asarray(weights)).tolist()
@@ -196,6 +200,7 @@ def adapter_weights(spec: WorkloadSpec, tenants: TenantSeries | None) -> list[fl
         return popularity.tenants(tenants, k, spec.stride, cap_rank=cap, window_s=spec.tenant_window)
     return {
         "uniform": lambda: popularity.uniform(k),
+        "round-robin": lambda: popularity.uniform(k),  # in turn (``build``'s in_turn): equal shares
         "zipf": lambda: popularity.zipf(k, spec.alpha),
         "power": lambda: popularity.power(k, spec.alpha),
     }[spec.popularity]()
@@ -243,6 +248,7 @@ def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[Reques
         shift_every_s=spec.shift_every,
         lengths_in_order=spec.arrivals == "trace" and spec.lengths == "trace",
         block_tokens=_replayed(trace).block_tokens if spec.lengths == "trace" else None,
+        in_turn=spec.popularity == "round-robin",
     )
 
 

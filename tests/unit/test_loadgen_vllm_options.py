@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -64,6 +65,23 @@ def test_vllms_lora_modules_are_the_adapters_requests_go_to() -> None:
     assert (spec.adapter_names, spec.adapters) == (("sql-lora", "chat-lora"), 2)
     assert spec.options()["adapter_names"] == "sql-lora,chat-lora"
     assert {r.adapter for r in build_specs(spec)} == {"sql-lora", "chat-lora"}
+
+
+def test_vllms_lora_assignment_round_robin_takes_the_adapters_in_turn() -> None:
+    """``--lora-modules a b c --lora-assignment round-robin`` (vLLM's bench since its multi-LoRA
+    assignment option: each request to the next adapter, deterministically) was refused
+    (unrecognized arguments). The adapters now go in turn in arrival order; ``random`` is
+    --popularity uniform, vLLM's default; given with --popularity it is a usage error."""
+    argv = ["loadgen", "--lora-modules", "a", "b", "c", "--num-prompts", "7", "--lora-assignment"]
+    args = build_parser().parse_args([*argv, "round-robin"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert spec.popularity == "round-robin" and spec.options()["popularity"] == "round-robin"
+    assert [r.adapter for r in build_specs(spec)] == ["a", "b", "c", "a", "b", "c", "a"]
+    random = WorkloadSpec.from_args(build_parser().parse_args([*argv, "random"]))
+    assert random == dataclasses.replace(spec, popularity="uniform")
+    both = build_parser().parse_args([*argv, "random", "--popularity", "zipf"])
+    assert "give it or --popularity, not both" in str(WorkloadSpec.unused_option(both))
 
 
 def test_vllms_model_with_no_adapters_named_is_where_every_request_goes() -> None:

@@ -49,6 +49,7 @@ NOT_WORKLOAD = {
     "metadata",
     "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
     "lora_modules",  # vLLM's spelling of --adapter-names (likewise)
+    "lora_assignment",  # vLLM's spelling of --popularity uniform or round-robin (likewise)
 }
 
 
