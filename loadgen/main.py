@@ -67,6 +67,12 @@ def _tokens_in(tokenizer: Any, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
 
+def holds_tokenizer(folder: str) -> bool:
+    """Whether ``folder`` is a model folder with a tokenizer's files: --model is a served name as
+    often as a path, and one that happens to name a folder without them is no usage error."""
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The exit status after each, the shell's 128 + the signal's number
 EXIT_AFTER = {"SIGINT": 130, "SIGTERM": 143}
@@ -97,8 +103,9 @@ async def run(
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
     report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
-    API; that tokenizer (``openai``: ``tokenizer`` where given) counts an output the server's usage
-    does not. ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
+    API; that tokenizer (``openai``: ``tokenizer``, else ``base_model`` where that folder holds one,
+    as vLLM's bench defaults to --model) counts an output the server's usage does not.
+    ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
     lengths). ``record``: what vllm-result.json writes besides the run's figures, and its name
     (vLLM's --percentile-metrics, --metric-percentiles, --label, --metadata, --result-filename).
     ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
@@ -132,6 +139,10 @@ async def run(
     count_tokens: Callable[[str], int] | None = None
     if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
         tokenizer = tokenizer or base_model
+    elif tokenizer is None and not target.startswith(NATS_SCHEMES) and holds_tokenizer(base_model):
+        # vLLM's bench counts an output without usage by --model's tokenizer where --tokenizer names
+        # none; counted here one token an event, a server streaming several an event read short
+        tokenizer = base_model
     if tokenizer is not None:  # before the run: a folder without a tokenizer is a usage error
         tok = load_tokenizer(tokenizer)
         # completions' too: vLLM's bench counts with its tokenizer an output whose usage is missing

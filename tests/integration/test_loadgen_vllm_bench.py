@@ -127,6 +127,37 @@ async def test_completions_take_vllms_tokenizer_and_count_outputs_without_usage_
     assert [len(i) for i in v["itls"]] == [len(words) - 1] * 2  # ITL stays one an event, as vLLM's
 
 
+async def test_completions_count_outputs_without_usage_by_the_model_folders_tokenizer(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """``vllm bench serve --model /models/llama`` with no --tokenizer counts an output whose server
+    sends no usage by that folder's tokenizer (its tokenizer_id defaults to --model); dlora loadgen's
+    completions backend had no default, so each such output read one token an event, short. The
+    folder's tokenizer is the default now; a served name, or a folder with no tokenizer, keeps the
+    count by events and is no usage error."""
+    from dlora.model.tokenizer import load_tokenizer
+
+    words = [" kalo mira", " tu", " veni sola"]
+    expected = len(load_tokenizer(tiny_llama.model).encode("".join(words), add_special_tokens=False))
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        events = [{"choices": [{"index": 0, "text": w, "finish_reason": None}]} for w in words]
+        return await _stream(request, [*events, {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}])
+
+    spec = WorkloadSpec(
+        requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=expected, adapter_names=(None,)
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    folder = str(tiny_llama.model)
+    async with serving(completions) as url:
+        for model, tokens, tokenizer in [(folder, expected, folder), (str(bare), 4, None)]:
+            await run(spec, url, tmp_path / "out", Console(file=io.StringIO()), base_model=model)
+            v = json.loads((tmp_path / "out" / "vllm-result.json").read_text())
+            assert (v["output_lens"], v["tokenizer_id"]) == ([tokens] * 2, tokenizer)
+    assert expected != 4  # (the words' tokens are not the events')
+
+
 async def test_vllms_record_has_queue_times_and_peaks_under_max_concurrency(tmp_path: Path) -> None:
     """vLLM's record says how long each request waited for a --max-concurrency slot
     (``queue_times``), the peak tokens a second and requests in flight, and its backend under
