@@ -129,8 +129,9 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "start_times": [r.arrival_s for r in sent],
         # seconds each waited for a --max-concurrency slot before its send (vLLM's client queue time)
         "queue_times": [r.queued_s for r in sent],
-        # what each streamed (its content; over NATS the worker's text), a failed one's up to its end
-        "generated_texts": [r.text for r in sent],
+        # what each streamed (its content; over NATS the worker's text); a failed one's "", as vLLM's
+        # request function sets it only on a whole stream (its output_lens 0 beside it)
+        "generated_texts": [r.text if r.completed else "" for r in sent],
         "errors": [
             "" if r.completed else r.error or ("cut off at the run's end" if r.cut else "no answer") for r in sent
         ],

@@ -105,3 +105,18 @@ def test_a_failed_requests_ttft_and_itls_are_what_streamed_before_it_failed() ->
     assert v["itls"] == [[0.25], [0.25, 0.5], []]
     assert v["output_lens"] == [2, 0, 0] and v["latencies"] == [0.5, 0.0, 0.0]  # vLLM's for a failure
     assert v["mean_ttft_ms"] == pytest.approx(250.0)  # the figures stay the completed requests'
+
+
+def test_a_failed_requests_generated_text_is_empty_as_vllms() -> None:
+    """vLLM's request function sets ``generated_text`` only on a stream that ends whole: every failed
+    request's is "" (its ``output_lens`` 0 beside it). dlora loadgen wrote the text streamed before the
+    failure, so a script reading the record's texts (beside output_lens, or counting non-empty ones
+    as answers) read a failure's fragment as an answer. The text is vLLM's ""; what streamed stays
+    in ``ttfts`` and ``itls``, and why it failed in ``errors``."""
+    broke = RequestResult(1.0, None, 8, sent=True, first_token_s=1.5, tokens=2, token_times=[1.5, 1.75])
+    broke.pieces, broke.error = ["half an ", "answer"], "server error: engine died"
+    whole = done(0.0, [0.25, 0.5])
+    whole.pieces = ["an answer"]
+    v = record({}, summarize([whole, broke], 3.0), [whole, broke])
+    assert v["generated_texts"] == ["an answer", ""] and v["output_lens"] == [2, 0]
+    assert v["errors"] == ["", "server error: engine died"] and v["itls"][1] == [0.25]
