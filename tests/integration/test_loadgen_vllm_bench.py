@@ -401,3 +401,22 @@ async def test_an_answers_text_is_held_in_its_pieces_and_joined_once(tmp_path: P
         finally:
             await client.close()
     assert r.completed and len(r.pieces) == n and r.text == "a" * (n - 1) + "b"
+
+
+async def test_a_stream_that_ends_in_an_error_event_fails_its_request(tmp_path: Path) -> None:
+    """vLLM's server reports a generation that fails after its 200 in-band, ``data: {"error": ...}``
+    then ``[DONE]``; vLLM's bench reads only choices and usage and counts such a request completed,
+    its fragment in the throughput and latencies (vLLM PR #57519 and SGLang PR #38868 fail it).
+    dlora loadgen fails it, with the server's message, on purpose: kept, not vLLM's reading."""
+    engine_died = {"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError", "code": 500}}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, CHUNK, engine_died])
+
+    spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=4, adapter_names=(None,))
+    async with serving(completions) as url:
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()))
+    assert (summary["completed"], summary["failed"]) == (0, 2)
+    v = json.loads((tmp_path / "vllm-result.json").read_text())
+    assert v["errors"] == ["EngineCore encountered an issue"] * 2 and v["output_lens"] == [0, 0]
+    assert v["generated_texts"] == ["", ""] and all(len(i) == 1 for i in v["itls"])
