@@ -1,8 +1,8 @@
 """The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
-JSON); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the response that
-stored that item (an ``item_reference`` names any stored item by its id alone, as OpenAI's).
-``state.py`` lists every key. A part of ``StateStore``.
+JSON); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest response
+that holds that item in its conversation or output (an ``item_reference`` names any stored item
+by its id alone, as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored
@@ -29,8 +29,9 @@ class ResponseKeys:
         its: its fields, its items' index and their expiry in one transaction, so no record
         outlives its TTL (a gateway dying between them) nor an index entry names a response never
         written. One of the tenant's own under the same id (its client sent the same X-Request-Id
-        again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (its
-        client sent it back) names the newest response that holds it."""
+        again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (a later
+        turn's conversation holds it, or its client sent it back) names the newest response that
+        holds it."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})

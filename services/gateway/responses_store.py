@@ -4,9 +4,9 @@ and its conversation's input items, for ``ttl_s`` seconds (``GatewaySettings.res
 each at most ``max_bytes``. A later request's ``previous_response_id`` puts that conversation (its
 input items, then its output) before its own input, ``instructions`` not carried over (OpenAI's
 rule); an ``item_reference`` names any item a response of its tenant stored (its input or output,
-OpenAI's): each response's own items indexed by id with it, read from its conversation, living as
-long as the response that first stored them. Each is its API key's tenant's alone: another
-tenant's id is a 404, as one never stored. As vLLM with
+OpenAI's): each response's whole conversation indexed by id with it, read from the newest response
+that holds the item, so a chain's earlier items stay referable while any later turn lives. Each is
+its API key's tenant's alone: another tenant's id is a 404, as one never stored. As vLLM with
 VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole with each response (``msg_store``):
 a response stays readable when the one before it expired or was deleted. The HTTP routes that
 read them back are ``responses_routes``'s."""
@@ -114,7 +114,6 @@ class Keeping:
     store: ResponsesStore
     tenant: str
     items: list[Any]  # the conversation served: ``conversation``'s
-    new: int = 0  # where its own items begin in ``items`` (past the previous response's)
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
     def keep(self, response: dict[str, Any]) -> bool:
@@ -129,7 +128,10 @@ class Keeping:
         if size > self.store.max_bytes:
             logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
             return False
-        self._record = (response["id"], items, response, _ids([*self.items[self.new :], *response["output"]]))
+        # Every item of the conversation, not only its own: indexed by the response that first stored
+        # it alone, an earlier turn's item was a 404 once that turn expired or was deleted, though
+        # each later turn of its chain still held it (``StateStore.put_response``: the newest wins)
+        self._record = (response["id"], items, response, _ids([*self.items, *response["output"]]))
         return True
 
     async def finishing(self) -> bool:
@@ -207,7 +209,7 @@ class ResponsesStore:
             # over the bound before a token is made: not stored, said from the stream's first event
             logger.warning("a conversation over responses_max_bytes is not stored", bytes=size)
             return body, None
-        return body, Keeping(self, tenant, kept, len(prior))
+        return body, Keeping(self, tenant, kept)
 
     async def referenced(self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
         """The stored items ``given``'s item_references name (by id; those of ``prior`` aside),
@@ -243,7 +245,7 @@ def _referenced_ids(given: str | list[Any]) -> list[str]:
 
 
 def _ids(items: list[Any]) -> list[str]:
-    """The ids of ``items`` (a response's own items: the request's and its output), unique."""
+    """The ids of ``items`` (a response's conversation and its output), unique."""
     return list(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
 
 

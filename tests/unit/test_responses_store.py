@@ -118,6 +118,34 @@ def test_a_response_over_the_bound_is_answered_not_kept_and_new_items_get_ids() 
     assert Keeping(store, "acme", list(given)).keep(huge) is False
 
 
+async def test_a_chains_earlier_items_are_indexed_with_each_later_turn() -> None:
+    """A turn after previous_response_id indexes the earlier turns' items too (the newest holder
+    wins): indexed only by the turn that first stored them, they were 404s to an item_reference
+    once that turn expired or was deleted, though this turn still held them."""
+
+    import msgspec
+
+    from dlora.services.gateway.responses_api import ResponsesBody
+
+    class Redis:
+        ids: list[str] = []
+
+        async def response_fields(self, response_id: str, tenant: str, *names: str) -> list[bytes]:
+            stored = {"input": msgspec.json.encode(PRIOR[:1]), "response": msgspec.json.encode({"output": PRIOR[1:]})}
+            return [tenant.encode(), *(stored[n] for n in names)]
+
+        async def put_response(self, *args: Any) -> None:
+            self.ids = list(args[-1])
+
+    state = Redis()
+    asked = ResponsesBody(input="x", previous_response_id="resp_a")
+    _, keeping = await ResponsesStore(state, _unbound, 60.0, 1 << 20).prepared(asked, "acme")  # type: ignore[arg-type]
+    assert keeping is not None
+    assert keeping.keep({"id": "resp_b", "output": [{"id": "msg_b_0", "type": "message", "content": []}]})
+    assert await keeping.finishing() is True
+    assert state.ids == ["msg_a_in0", "msg_a_0", "msg_b_in2", "msg_b_0"]
+
+
 def test_the_store_settings_are_checked() -> None:
     base = {"model": "m", "nats_url": "nats://x", "redis_url": "redis://x"}
     # (1e17 s: Redis refused its PEXPIRE after the HSET beside it was done: a key with no TTL)
