@@ -177,6 +177,15 @@ def document() -> dict[str, Any]:
                 "responses": _responses("OpenAI's deleted object", 401, 403, 404),
             },
         },
+        "/v1/responses/{id}/cancel": {
+            "post": {
+                "operationId": "cancelResponse",
+                "description": "A background response's cancel; none runs in the background here (a 400)",
+                "security": inference,
+                "parameters": [_ID],
+                "responses": _responses("never: no response runs in the background", 400, 401, 403, 404),
+            }
+        },
         "/v1/responses/{id}/input_items": {
             "get": {
                 "operationId": "listInputItems",

@@ -1,6 +1,7 @@
 """The routes that read stored responses back (``responses_store``), as OpenAI serves them:
 ``GET /v1/responses/{id}`` (the object its POST answered), ``DELETE /v1/responses/{id}`` and
-``GET /v1/responses/{id}/input_items`` (its conversation's input items, a page at a time). Each
+``GET /v1/responses/{id}/input_items`` (its conversation's input items, a page at a time), and
+``POST /v1/responses/{id}/cancel`` (a 400: none runs in the background). Each
 answers only its API key's tenant: another's id is a 404, as one never stored."""
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ class ResponsesRoutes:
             if not await self.store.state.delete_response(response_id, tenant):  # (another tenant's: none such)
                 raise not_found(response_id)  # (deleted meanwhile, or expired)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """``POST /v1/responses/{id}/cancel``: only a response created with ``background`` can be
+        cancelled (OpenAI's rule), and none is here (``background`` is refused): a stored response
+        was answered already, vLLM's 400 for it; one not there the 404. Without the route the
+        openai package's ``responses.cancel`` got aiohttp's 404 for the path, naming no response."""
+        tenant, response_id = await self._tenant(request), request.match_info["id"]
+        await self.store.fields(response_id, tenant, "tenant")  # (its 404)
+        raise APIError(400, "Cannot cancel a synchronous response.", param="response_id")
 
     async def input_items(self, request: web.Request) -> web.Response:
         """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous

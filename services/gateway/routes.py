@@ -45,6 +45,7 @@ def make_app(gw: Gateway) -> web.Application:
     app.router.add_get("/v1/responses/{id:[^/]+}", responses.retrieve, allow_head=False)
     app.router.add_delete("/v1/responses/{id:[^/]+}", responses.delete)
     app.router.add_get("/v1/responses/{id:[^/]+}/input_items", responses.input_items, allow_head=False)
+    post("/v1/responses/{id:[^/]+}/cancel", responses.cancel)
     models = ModelRoutes(gw)
     app.router.add_get("/v1/models", models.models)
     app.router.add_get("/v1/models/{model:.+}", models.model)  # names may hold a slash (org/name)

@@ -135,3 +135,23 @@ async def test_a_function_call_left_without_its_output_is_refused(stack: Stack) 
             assert refused.value.body == expected, refused.value.body
     finally:
         await client.close()
+
+
+async def test_cancelling_a_stored_response_is_vllms_400_and_an_unknown_one_a_404(stack: Stack) -> None:
+    """Only a background response can be cancelled and none runs here: the openai package's
+    ``responses.cancel`` got aiohttp's 404 for the path (its error naming no response), where vLLM
+    answers a stored response's cancel with its 400."""
+    import openai
+
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo")
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.cancel(made.id)
+        assert refused.value.body["message"] == "Cannot cancel a synchronous response.", refused.value.body
+        with pytest.raises(openai.NotFoundError) as gone:
+            await client.responses.cancel("resp_nobody")
+        assert "resp_nobody" in gone.value.body["message"], gone.value.body
+        assert (await client.responses.retrieve(made.id)).model_dump() == made.model_dump()  # (untouched)
+    finally:
+        await client.close()
