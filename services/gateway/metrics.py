@@ -21,6 +21,7 @@ from dlora.common.bus import STATE_OUTAGE, StateBound, every
 from dlora.common.messages import ErrorCode, FinishReason, TokenChunk
 from dlora.common.state import StateStore
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.gateway.responses_metrics import StoreCounts
 from dlora.services.gateway.status import Traffic
 
 if TYPE_CHECKING:
@@ -167,6 +168,7 @@ class Metrics:
         )
         for reason in FinishReason:
             self.success.labels(model_name, reason.value)
+        self.responses_store = StoreCounts(r)  # (the Responses API's stored responses)
         self.traffic = Traffic()  # the same, kept for the status page
         self._absent: set[str] = set()  # adapter labels unregistered at the last keep_only
         self._statuses: set[str] = set()  # those ``requests`` counted (``keep_only`` drops a label's)

@@ -100,9 +100,8 @@ class ResponsesRoutes:
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404."""
         tenant, response_id = await self._tenant(request), request.match_info["id"]
-        async with self.store.bound():
-            if not await self.store.state.delete_response(response_id, tenant):  # (another tenant's: none such)
-                raise not_found(response_id)  # (deleted meanwhile, or expired)
+        if not await self.store.delete(response_id, tenant):  # (another tenant's: none such)
+            raise not_found(response_id)  # (deleted meanwhile, or expired)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def cancel(self, request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ from dlora.common import bus, log
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import ResponsesBody
+from dlora.services.gateway.responses_metrics import StoreCounts
 
 logger = log.get("gateway")
 
@@ -127,6 +128,7 @@ class Keeping:
         size = len(items) + len(msgspec.json.encode(response))
         if size > self.store.max_bytes:
             logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
+            self.store.count("write", "too_large")
             return False
         # Every item of the conversation, not only its own: indexed by the response that first stored
         # it alone, an earlier turn's item was a 404 once that turn expired or was deleted, though
@@ -141,15 +143,18 @@ class Keeping:
         if self._record is None:
             return True
         response_id, items, response, ids = self._record
+        encoded = msgspec.json.encode(response)
         try:
             async with self.store.bound():
-                await self.store.state.put_response(
-                    response_id, self.tenant, msgspec.json.encode(response), items, self.store.ttl_s, ids
-                )
+                await self.store.state.put_response(response_id, self.tenant, encoded, items, self.store.ttl_s, ids)
         except bus.STATE_OUTAGE as e:
             response["store"] = False
             logger.warning("a response could not be stored", id=response_id, error=type(e).__name__)
+            self.store.count("write", "failed")
             return False
+        self.store.count("write", "stored")
+        if self.store.counts is not None:
+            self.store.counts.written.inc(len(encoded) + len(items))
         return True
 
 
@@ -161,10 +166,15 @@ class ResponsesStore:
     bound: Callable[[], AbstractAsyncContextManager[None]]  # a request's Redis work (``Gateway.state_bound``)
     ttl_s: float
     max_bytes: int
+    counts: StoreCounts | None = None  # (the gateway's metrics; None: uncounted)
 
     @property
     def on(self) -> bool:
         return self.ttl_s > 0
+
+    def count(self, op: str, outcome: str, n: int = 1) -> None:
+        if self.counts is not None:
+            self.counts.count(op, outcome, n)
 
     async def fields(self, response_id: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
         """``names`` of ``tenant``'s response ``response_id``, decoded later by the caller.
@@ -172,11 +182,28 @@ class ResponsesStore:
         Raises:
             APIError(404): none such for ``tenant`` (``param``: the field that named it).
         """
-        async with self.bound():
-            got = await self.state.response_fields(response_id, tenant, *names)
+        try:
+            async with self.bound():
+                got = await self.state.response_fields(response_id, tenant, *names)
+        except bus.STATE_OUTAGE:
+            self.count("read", "failed")
+            raise
         if got is None or got[0] != tenant.encode() or any(v is None for v in got):
+            self.count("read", "miss")
             raise not_found(response_id, param)
+        self.count("read", "hit")
         return [v for v in got[1:] if v is not None]
+
+    async def delete(self, response_id: str, tenant: str) -> bool:
+        """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not)."""
+        try:
+            async with self.bound():
+                deleted = await self.state.delete_response(response_id, tenant)
+        except bus.STATE_OUTAGE:
+            self.count("delete", "failed")
+            raise
+        self.count("delete", "hit" if deleted else "miss")
+        return deleted
 
     async def prepared(self, body: ResponsesBody, tenant: str) -> tuple[ResponsesBody, Keeping | None]:
         """``body`` with the conversation its previous_response_id names put before its input, and
@@ -208,6 +235,7 @@ class ResponsesStore:
         if (size := len(msgspec.json.encode(kept := _items(given)))) > self.max_bytes:
             # over the bound before a token is made: not stored, said from the stream's first event
             logger.warning("a conversation over responses_max_bytes is not stored", bytes=size)
+            self.count("write", "too_large")
             return body, None
         return body, Keeping(self, tenant, kept)
 
@@ -223,6 +251,16 @@ class ResponsesStore:
         wanted = [r for r in _referenced_ids(given) if r not in known]
         if not wanted:
             return {}
+        try:
+            stored = await self._items_of(wanted, tenant)
+        except bus.STATE_OUTAGE:
+            self.count("reference", "failed", len(wanted))
+            raise
+        self.count("reference", "hit", len(stored))
+        self.count("reference", "miss", len(wanted) - len(stored))  # (each a 404: the first ends the request)
+        return stored
+
+    async def _items_of(self, wanted: list[str], tenant: str) -> dict[str, Any]:
         async with self.bound():
             holders = await self.state.responses_of_items(wanted, tenant)
             if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:

@@ -38,7 +38,9 @@ def make_app(gw: Gateway) -> web.Application:
     post = functools.partial(app.router.add_post, expect_handler=expect_continue(gw.s.max_body_bytes))
     post("/v1/completions", functools.partial(gw.generate, Completions))
     post("/v1/chat/completions", functools.partial(gw.generate, Chat))
-    stored = ResponsesStore(gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes)
+    stored = ResponsesStore(
+        gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes, gw.metrics.responses_store
+    )
     post("/v1/responses", functools.partial(gw.generate, functools.partial(Responses, stored)))  # served as a chat
     responses = ResponsesRoutes(gw.auth, stored)
     # an id is its client's X-Request-Id where sent, any printable: "{id}" alone matches no brace

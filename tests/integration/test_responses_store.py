@@ -241,3 +241,49 @@ async def test_a_response_named_by_any_x_request_id_is_read_back(stack: Stack) -
             assert (await client.responses.delete(made.id)) is None  # (the package returns nothing)
     finally:
         await client.close()
+
+
+async def test_the_stores_reads_and_writes_are_counted_by_what_they_found(stack: Stack) -> None:
+    """``dlora_responses_store_total`` by op and outcome (every pair there from the start), and
+    the bytes written: a store that misses (a TTL too short for its clients' chains) or fails
+    showed nowhere but in its clients' 404s and 503s."""
+    import openai
+
+    async def counts() -> dict[str, float]:
+        async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
+            text = await r.text()
+        wanted = ("dlora_responses_store_total{", "dlora_responses_stored_bytes_total ")
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(wanted))}
+
+    def key(op: str, outcome: str) -> str:
+        return f'dlora_responses_store_total{{op="{op}",outcome="{outcome}"}}'
+
+    client = _client(stack.url)
+    try:
+        before = await counts()
+        assert key("write", "failed") in before and key("reference", "miss") in before  # (declared from the start)
+        made = await client.responses.create(**ASKED, input="kalo")
+        await client.responses.retrieve(made.id)
+        await client.responses.create(**ASKED, input="remi", previous_response_id=made.id, store=False)
+        for missing in (
+            client.responses.retrieve("resp_nobody"),
+            client.responses.create(**ASKED, input=[{"type": "item_reference", "id": "msg_nobody"}]),
+            client.responses.delete("resp_nobody"),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                await missing
+        await client.responses.delete(made.id)
+        after = await counts()
+        moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        written = moved.pop("dlora_responses_stored_bytes_total")
+        assert moved == {
+            key("write", "stored"): 1,
+            key("read", "hit"): 2,
+            key("read", "miss"): 1,
+            key("reference", "miss"): 1,
+            key("delete", "hit"): 1,
+            key("delete", "miss"): 1,
+        }
+        assert written > len(made.output_text)
+    finally:
+        await client.close()

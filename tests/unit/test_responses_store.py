@@ -187,11 +187,19 @@ async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
         async def put_response(self, *args: Any) -> None:
             raise RedisConnectionError("down")
 
-    keeping = Keeping(ResponsesStore(Down(), _unbound, 60.0, 1 << 20), "", [{"role": "user", "content": "x"}])  # type: ignore[arg-type]
+    from prometheus_client import CollectorRegistry
+
+    from dlora.services.gateway.responses_metrics import StoreCounts
+
+    counts = StoreCounts(registry := CollectorRegistry())
+    store = ResponsesStore(Down(), _unbound, 60.0, 1 << 20, counts)  # type: ignore[arg-type]
+    keeping = Keeping(store, "", [{"role": "user", "content": "x"}])
     response = {"id": "resp_d", "output": [], "store": True}
     assert keeping.keep(response) is True
     await keeping.finishing()  # (raised nothing: the answer goes out)
     assert response["store"] is False  # (a whole answer says so)
+    failed = registry.get_sample_value("dlora_responses_store_total", {"op": "write", "outcome": "failed"})
+    assert failed == 1 and registry.get_sample_value("dlora_responses_stored_bytes_total") == 0
 
 
 async def test_with_the_store_off_nothing_is_kept_and_previous_response_id_refused() -> None:
