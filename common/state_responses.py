@@ -15,6 +15,22 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+# Item index entries still naming a deleted response (KEYS[2..]) named the response before it in
+# its chain (ARGV[2], whose hash is KEYS[1]) instead, for that one's remaining TTL: only where the
+# entry names the deleted one still (ARGV[1]: a newer turn written since keeps its own).
+_REPOINT_LUA = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+local n = 0
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('SET', KEYS[i], ARGV[2], 'PX', ttl)
+    n = n + 1
+  end
+end
+return n
+"""
+
 
 class ResponseKeys:
     """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
@@ -56,3 +72,14 @@ class ResponseKeys:
 
     async def delete_response(self, response_id: str, tenant: str) -> bool:
         return bool(await self.r.delete(f"{self.p}:response:{tenant}:{response_id}"))
+
+    async def repoint_items(self, item_ids: Sequence[str], tenant: str, deleted: str, previous: str) -> int:
+        """``tenant``'s index entries of ``item_ids`` that name ``deleted`` (a response just
+        deleted) made to name ``previous`` (the response before it in its chain, which holds those
+        items), for its TTL; none where ``previous`` is gone. Returns how many: every turn indexes
+        its whole conversation under itself, so deleting the newest turn made an item the earlier
+        turn still held a 404 to item_reference."""
+        if not item_ids:
+            return 0
+        keys = [f"{self.p}:response:{tenant}:{previous}", *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]
+        return int(await self.r.register_script(_REPOINT_LUA)(keys=keys, args=[deleted, previous]))

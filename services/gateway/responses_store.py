@@ -195,10 +195,19 @@ class ResponsesStore:
         return [v for v in got[1:] if v is not None]
 
     async def delete(self, response_id: str, tenant: str) -> bool:
-        """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not)."""
+        """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not).
+        The items its previous response holds, indexed under it (the newest holder), are indexed
+        under that one again (``StateStore.repoint_items``): still there, they stay referable."""
         try:
             async with self.bound():
+                got = await self.state.response_fields(response_id, tenant, "response")
                 deleted = await self.state.delete_response(response_id, tenant)
+                previous = msgspec.json.decode(got[1]).get("previous_response_id") if got and got[1] else None
+                if deleted and isinstance(previous, str):
+                    held = await self.state.response_fields(previous, tenant, "input", "response")
+                    if held is not None and held[1] is not None and held[2] is not None:
+                        items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
+                        await self.state.repoint_items(_ids(items), tenant, response_id, previous)
         except bus.STATE_OUTAGE:
             self.count("delete", "failed")
             raise

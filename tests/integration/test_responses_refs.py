@@ -69,16 +69,19 @@ async def test_an_item_reference_names_any_stored_item_of_its_tenant(keyed_stack
 
 async def test_an_earlier_turns_item_outlives_that_turn_while_a_later_one_holds_it(stack: Stack) -> None:
     """The first turn deleted (or expired: the first to), its answer is still in the second turn's
-    conversation and referable through it: it was a 404, its index naming only the first turn."""
+    conversation and referable through it: it was a 404, its index naming only the first turn.
+    The second deleted instead, the first still holds it: the index names the first again."""
     client = _client(stack.url)
     try:
-        first = await client.responses.create(**ASKED, input="kalo")
-        second = await client.responses.create(**ASKED, input="remi", previous_response_id=first.id)
-        await client.responses.delete(first.id)
-        [answer] = first.output
-        referenced = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "x"}])
-        listed = [i.id for i in (await client.responses.input_items.list(referenced.id, order="asc")).data]
-        assert listed[0] == answer.id and second.id != referenced.id
+        for deleted in ("first", "second"):
+            first = await client.responses.create(**ASKED, input="kalo")
+            second = await client.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+            await client.responses.delete(first.id if deleted == "first" else second.id)
+            [answer] = first.output
+            asked = [_ref(answer.id), {"role": "user", "content": "x"}]
+            referenced = await client.responses.create(**ASKED, input=asked)
+            listed = [i.id for i in (await client.responses.input_items.list(referenced.id, order="asc")).data]
+            assert listed[0] == answer.id, deleted
     finally:
         await client.close()
 
