@@ -78,8 +78,10 @@ def band_of(price: float, r: RequestState, bands: int) -> tuple[int, ...]:
     unbanded, those carried more work and cost less than counted, and at every bench size the ILP's
     plan did worse than the greedy one it began from (a review). Banded, its requests are alike
     within a factor of 1.4 (by powers of two, one seeded plan in four still lost: two requests
-    counted at 2 s each, and the one of 2.5 s named for the busier destination)."""
-    keys = (price, float(r.remaining_tokens))[:bands]
+    counted at 2 s each, and the one of 2.5 s named for the busier destination). A pinned request
+    is in no band: it has one place to go, home, and its group's requests alike or not stay there
+    (banded, each band of it was a variable more, of the budget that sets how fine bands can be)."""
+    keys = (price, float(r.remaining_tokens))[: 0 if r.pinned else bands]
     return tuple(math.floor(2 * math.log2(max(k, 1e-9))) for k in keys)
 
 

@@ -133,3 +133,19 @@ def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and
     dests = _destinations(snap, groups, PlannerSettings(), {}, running_adapters(snap))
     adapters = {g.adapter for g in groups}
     assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
+
+
+def test_pinned_requests_stay_one_group_and_leave_the_budget_to_bands_that_can_move() -> None:
+    """A pinned request (its version retiring, just moved, or costing more to move than it relieves)
+    has one destination, home: split into bands all the same, x's twelve pinned requests took four
+    variables where one says it all, and with them the bands of y's movable ones no longer fit the
+    bound, which left them unbanded (counted at one mean, the cheapest named)."""
+    pinned = [RequestState(f"p{t}-{i}", "x", "a", 50, t, pinned=True) for t in (100, 200, 400, 800) for i in range(3)]
+    movable = [RequestState(f"m{t}-{i}", "y", "a", 50, t) for t in (100, 800) for i in range(3)]
+    snap = ClusterSnapshot([worker("x", ["a"]), worker("y", ["a"]), worker("z", ["a"])], pinned + movable, {"a": 16})
+    groups = grouped(snap, 2)
+    assert [len(g.requests) for g in groups if g.worker == "x"] == [12]
+    assert len([g for g in groups if g.worker == "y"]) == 2
+    # one variable for x's, three for each of y's two bands (home, x and z)
+    settings = PlannerSettings(max_ilp_variables=1 + 2 * 3)
+    assert len(_banded(snap, settings, running_adapters(snap), [])[0]) == 3
