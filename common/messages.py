@@ -399,6 +399,11 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     taken: float = 0.0
     # ``unlisted_by_adapter`` by ``engine_key`` (a slot each); None: an older worker (by name then).
     unlisted_by_version: dict[str, tuple[int, int]] | None = None
+    # The KV blocks the requests not in ``requests`` need for their contexts so far: those past it,
+    # and those waiting on arrival (a moved one's prompt and the tokens it made, its cache on the
+    # way; a prompt still text counts none). Uncounted, a worker that had just taken a plan's moves
+    # looked as roomy as before, and the next plan filled it again. 0: an older worker.
+    unlisted_kv_blocks: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -36,9 +36,10 @@ def blocks_of(tokens: int, block_size: int) -> int:
 
 
 def kv_demand(snapshot: ClusterSnapshot) -> dict[str, int]:
-    """KV blocks each worker's requests need for their contexts so far (waiting ones too: they will)."""
+    """KV blocks each worker's requests need for their contexts so far (waiting ones too: they will;
+    and those it counts but does not list, moved ones on their way among them)."""
     size = {w.worker: w.block_size for w in snapshot.workers}
-    out = {w.worker: 0 for w in snapshot.workers}
+    out = {w.worker: w.unlisted_blocks for w in snapshot.workers}
     for r in snapshot.requests:
         out[r.worker] += blocks_of(r.context_tokens, size[r.worker])
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from dlora.common.messages import MoveRequest
+from dlora.services.migrator.costs import kv_demand
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 
@@ -44,9 +45,7 @@ def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> list[MoveReq
     def blocks(r: RequestState, worker: str) -> int:
         return -(-r.context_tokens // size[worker])
 
-    after: dict[str, int] = defaultdict(int)
-    for r in snapshot.requests:
-        after[r.worker] += blocks(r, r.worker)
+    after = kv_demand(snapshot)  # (what a worker counts but does not list stays: moves on their way)
     for w, demand in after.items():
         bound[w] = max(bound[w], demand)
     arriving: dict[str, list[int]] = defaultdict(list)

@@ -316,10 +316,11 @@ def _solve(
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
         # A worker already over its blocks (by the same count) may stay there, not grow: no move fits.
+        # What it counts but does not list (moves on their way here among it) stays whatever the plan.
         home = sum(groups[i].size * c for (_, c), i in zip(kv, here) if groups[i].worker == w)
-        prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks, home)
+        prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks - ws.unlisted_blocks, home)
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
-        prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks
+        prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks - ws.unlisted_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
@@ -402,7 +403,7 @@ def _start_from(
     work = [sum(c * (v.varValue or 0) for v, c in work_of[w]) + workers[w].unlisted_seconds() for w in workers]
     T.setInitialValue(max(work, default=0.0))
     for w, over in overs.items():
-        used = sum(c * (v.varValue or 0) for v, c in kv_of[w])
+        used = sum(c * (v.varValue or 0) for v, c in kv_of[w]) + workers[w].unlisted_blocks
         over.setInitialValue(max(0.0, used - settings.kv_pressure * workers[w].kv_blocks))
 
 

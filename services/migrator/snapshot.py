@@ -122,6 +122,9 @@ class WorkerState:
     # The adapter keys of the requests it counts past the listed ones (by name from an older worker):
     # they take slots when they run, as the listed ones' do (``planner.running_adapters``).
     unlisted_keys: frozenset[str] = frozenset()
+    # The KV blocks of the requests it counts past the listed ones, those on their way here with
+    # them (WorkerStats.unlisted_kv_blocks): room a plan's moves may not count on.
+    unlisted_blocks: int = 0
 
     def has(self, key: str) -> bool:
         """Whether it holds ``key`` (``RequestState.key``) in host memory or on the device: a moved

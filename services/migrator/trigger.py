@@ -60,6 +60,7 @@ def snapshot_from_stats(
             versions=None if (held or {}).get(s.worker) else _versions(s),
             by_version=s.unlisted_by_version is not None,
             unlisted_keys=frozenset(s.unlisted_by_adapter if s.unlisted_by_version is None else s.unlisted_by_version),
+            unlisted_blocks=s.unlisted_kv_blocks,
         )
         for s in stats
     ]

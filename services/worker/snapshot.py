@@ -110,6 +110,10 @@ def worker_stats(
     arriving = sum(
         _remaining(lengths, len(r.resume_token_ids), r.params.max_tokens, r.params.min_tokens) for r in preparing
     )
+    # and their KV, as the listed ones' contexts count it (a moved one's fills its blocks on arrival)
+    size = e.blocks.block_size
+    contexts = [r.context_tokens for r in unlisted]
+    contexts += [len(r.prompt_token_ids or ()) + len(r.resume_token_ids) for r in preparing]
     return WorkerStats(
         worker=worker,
         running=running,
@@ -152,6 +156,7 @@ def worker_stats(
         kv_transfer_tokens=kv_tokens,
         sent=(now := time.time()),
         taken=now,
+        unlisted_kv_blocks=sum(-(-n // size) for n in contexts),
     )
 
 

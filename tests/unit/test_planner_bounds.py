@@ -8,10 +8,12 @@ from dataclasses import replace
 
 import pytest
 
+from dlora.common.messages import MoveRequest, RequestLoad, WorkerStats
 from dlora.services.migrator import planner
 from dlora.services.migrator.costs import running_adapters, worth
 from dlora.services.migrator.planner import PlannerSettings, _greedy, _settled, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
+from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner import reqs, worker
 
 
@@ -55,6 +57,44 @@ def test_a_plan_leaves_no_destination_fuller_than_its_blocks_or_than_it_was() ->
     assert before["y"] == 39
     moves = plan(snap).moves
     assert moves and kv_demand(apply(snap, moves))["y"] <= before["y"]
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_two_plans_in_a_row_leave_room_for_the_moves_still_on_their_way(solver: str) -> None:
+    """x holds twenty 10-block requests of 1 s each; y, idle, has 60 blocks: the first plan moves 6.
+    A moment later their caches are on their way: x lists the 14 left, and y lists none but counts
+    the six waiting on arrival, their tokens (its load) and now their blocks. Counted nowhere, those
+    blocks left y looking empty, and the next plan moved 4 more there: 100 blocks onto 60."""
+
+    def stats(name: str, listed: list[str], arriving: int = 0) -> WorkerStats:
+        loads = [RequestLoad(request_id=r, adapter=None, context_tokens=160, remaining_tokens=100) for r in listed]
+        return WorkerStats(
+            worker=name,
+            running=len(loads),
+            waiting=arriving,
+            free_blocks=60,
+            total_blocks=60,
+            block_size=16,
+            max_loras=2,
+            seconds_per_token=0.01,
+            requests=loads,
+            unlisted_remaining_tokens=100 * arriving,
+            unlisted_by_adapter={"": (0, arriving)},
+            unlisted_by_version={"": (0, arriving)},
+            unlisted_kv_blocks=10 * arriving,
+        )
+
+    def moves(snap: ClusterSnapshot) -> list[MoveRequest]:
+        return plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+
+    costs = {"recompute_seconds_per_token": 0.0001, "kv_transfer_seconds_per_token": 0.0001}
+    held = [f"r{i:02d}" for i in range(20)]
+    first = moves(snapshot_from_stats([stats("x", held), stats("y", [])], {}, **costs))
+    assert len(first) == 6 and {m.to_worker for m in first} == {"y"}
+    left = sorted(set(held) - {m.request_id for m in first})
+    second = snapshot_from_stats([stats("x", left), stats("y", [], arriving=6)], {}, **costs)
+    assert kv_demand(second)["y"] == 60
+    assert not [m for m in moves(second) if m.to_worker == "y"]
 
 
 def test_a_request_longer_than_its_groups_mean_moves_where_there_is_room() -> None:
