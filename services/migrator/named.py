@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from dlora.common.messages import MoveRequest
-from dlora.services.migrator.costs import kv_demand
+from dlora.services.migrator.costs import Standing
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 
@@ -21,9 +21,11 @@ def within(
     named: list[RequestState] = []
     rest: list[RequestState] = []
     blocks = max(blocks, room[worker])
-    for r in requests:
+    for i, r in enumerate(requests):
+        if len(named) == count:  # (the rest untouched: a group of thousands, after CBC returned)
+            return named, rest + requests[i:]
         need = -(-r.context_tokens // block_size)
-        if len(named) < count and need <= blocks:
+        if need <= blocks:
             named.append(r)
             blocks -= need
             room[worker] -= need
@@ -32,20 +34,22 @@ def within(
     return named, rest
 
 
-def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> list[MoveRequest]:
+def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest], standing: Standing | None = None) -> list[MoveRequest]:
     """``moves`` less those that would leave a destination's requests over its KV blocks and over
     what they were (a worker over its blocks may stay there, not grow), the largest dropped first.
     The ILP counts those leaving a group at its mean too, and the ones named are its cheapest to
     move (short contexts, mostly): a worker whose few long contexts filled it freed less than
-    counted, and what arrived overfilled it (a seeded fuzz of small clusters)."""
+    counted, and what arrived overfilled it (a seeded fuzz of small clusters). ``standing``: the
+    snapshot's figures where the caller has them (then only the moves are looked at)."""
+    standing = standing or Standing(snapshot)
     size = {w.worker: w.block_size for w in snapshot.workers}
     bound = {w.worker: w.kv_blocks for w in snapshot.workers}
-    by_id = {r.request_id: r for r in snapshot.requests}
+    by_id = standing.by_id
 
     def blocks(r: RequestState, worker: str) -> int:
         return -(-r.context_tokens // size[worker])
 
-    after = kv_demand(snapshot)  # (what a worker counts but does not list stays: moves on their way)
+    after = dict(standing.demand)  # (what a worker counts but does not list stays: moves on their way)
     for w, demand in after.items():
         bound[w] = max(bound[w], demand)
     arriving: dict[str, list[int]] = defaultdict(list)

@@ -57,16 +57,15 @@ from dlora.common.versions import name_of
 from dlora.services.migrator.bands import Group, band_of, grouped, price_of
 from dlora.services.migrator.costs import (
     BASE,
-    apply,
+    Standing,
     blocks_of,
     completion_times,
     kv_demand,
-    kv_overflow_cost,
     move_cost,
     read_price,
     running_adapters,
-    worth,
 )
+from dlora.services.migrator.costs import apply as apply  # (a plan's tests read it through here)
 from dlora.services.migrator.named import fitting, within
 from dlora.services.migrator.shared_slots import bound_slots, joins
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
@@ -133,28 +132,29 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         requests=sorted(snapshot.requests, key=lambda r: r.request_id),
     )
     snapshot = _settled(snapshot, settings.kv_pressure)
+    standing = Standing(snapshot)
     greedy = _greedy(snapshot, settings, deadline)
-    solved = _solve(snapshot, settings, greedy, start)
+    # The greedy plan measured before CBC starts, within the time it is given: what runs after it
+    # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the
+    # time kept back for reading its solution (``_CBC_OVERHEAD_S``) covers.
+    kept = fitting(snapshot, greedy, standing)
+    value = standing.worth(kept, settings.kv_pressure)
+    solved = _solve(snapshot, settings, greedy, start, standing)
     fallback: IlpFallback | None = None
+    moves, method = kept, PlanMethod.GREEDY
     if isinstance(solved, IlpFallback):
-        fallback, moves, method = solved, greedy, PlanMethod.GREEDY
+        fallback = solved
     else:
-        moves, method = solved
         # Named from counts of each group at its mean, the ILP's moves can do worse than its start.
-        if worth(snapshot, greedy, settings.kv_pressure) > worth(
-            snapshot, fitting(snapshot, moves), settings.kv_pressure
-        ):
-            moves, method = greedy, PlanMethod.GREEDY
-    moves = fitting(snapshot, moves)
-    moved = apply(snapshot, moves)
-    before = max(completion_times(snapshot).values())
-    after = max(completion_times(moved).values())
-    by_id = {r.request_id: r for r in snapshot.requests}
-    cost = sum(move_cost(snapshot, by_id[m.request_id]) for m in moves)
-    relief = kv_overflow_cost(snapshot, settings.kv_pressure) - kv_overflow_cost(moved, settings.kv_pressure)
+        named = fitting(snapshot, solved[0], standing)
+        if standing.worth(named, settings.kv_pressure) >= value:
+            moves, method = named, solved[1]
+    load, demand = standing.after(moves)
+    before, after = standing.longest, max(load.values())
+    relief = standing.relief(demand, settings.kv_pressure)
     # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
     # the moves cost in total: each move's recompute is real work taken from the destination.
-    no_gain = bool(moves) and before - after + relief < max(settings.min_gain_s, cost)
+    no_gain = bool(moves) and before - after + relief < max(settings.min_gain_s, standing.cost(moves))
     return MovePlan(
         plan_id=uuid.uuid4().hex,
         moves=[] if no_gain else moves,
@@ -255,10 +255,15 @@ _CBC_OVERHEAD_S = 0.3
 
 
 def _solve(
-    snapshot: ClusterSnapshot, settings: PlannerSettings, start: list[MoveRequest], started: float
+    snapshot: ClusterSnapshot,
+    settings: PlannerSettings,
+    start: list[MoveRequest],
+    started: float,
+    standing: Standing,
 ) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
     """The ILP's moves, begun from ``start``'s (a feasible plan, the greedy one), or why it gave
-    none; ``started``: when planning began (perf_counter), which the time bound counts from."""
+    none; ``started``: when planning began (perf_counter), which the time bound counts from;
+    ``standing``: the snapshot's figures (KV demand)."""
     workers = {w.worker: w for w in snapshot.workers}
     active = running_adapters(snapshot)
     for groups in _banded(snapshot, settings, active, start):
@@ -360,11 +365,13 @@ def _solve(
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []
-    room = {w: workers[w].kv_blocks - d for w, d in kv_demand(snapshot).items()}  # (arrivals take it)
+    room = {w: workers[w].kv_blocks - d for w, d in standing.demand.items()}  # (arrivals take it)
     for i, g in enumerate(groups):
         left = g.requests
         for w in dests[i][1:]:  # (home first)
             k, size = int(round(n[i, w].value() or 0)), workers[w].block_size
+            if not k:
+                continue
             named, left = within(left, k, k * g.mean_blocks(size), size, room, w)
             moves.extend(
                 MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=w, ship_kv=_ship_kv(snapshot))
