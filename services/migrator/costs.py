@@ -114,14 +114,21 @@ class Standing:
         over ``kv_pressure`` they spare, less their recomputes or KV shipped and the adapter reads
         their destinations make (priced as the ILP prices them)."""
         load, demand = self.after(moves)
+        saved = self.longest - max(load.values(), default=0.0)
+        return saved + self.relief(demand, kv_pressure) - self.cost(moves) - sum(self.reads(moves).values())
+
+    def reads(self, moves: list[MoveRequest]) -> dict[str, float]:
+        """Seconds each destination of ``moves`` takes to read the adapter versions they run on and
+        it neither holds nor runs (once each), priced as the ILP prices them."""
         read = {
-            (r.key, m.to_worker)
+            (m.to_worker, r.key)
             for m in moves
             if (r := self.by_id[m.request_id]).key and not runs_among(self.running[m.to_worker], r.key)
         }
-        reads = sum(read_price(self.snapshot, self.workers[w], a) for a, w in read)
-        saved = self.longest - max(load.values(), default=0.0)
-        return saved + self.relief(demand, kv_pressure) - self.cost(moves) - reads
+        out: dict[str, float] = {}
+        for w, key in sorted(read):  # (one order: the same sums whatever the set's)
+            out[w] = out.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)
+        return out
 
 
 def read_price(snapshot: ClusterSnapshot, w: WorkerState, key: str) -> float:

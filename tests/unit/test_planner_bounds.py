@@ -167,6 +167,26 @@ def test_no_plan_moves_work_onto_a_worker_whose_read_of_its_adapter_costs_more(s
     assert len(plan(replace(snap, workers=[worker("x", ["a"]), worker("y", ["a"])]), settings).moves) == 2
 
 
+def test_a_plans_gain_counts_the_wait_for_the_reads_its_moves_make() -> None:
+    """x runs four 1 s requests of a; y lacks a and reads it in 2.5 s. Where the ILP does not solve,
+    the greedy plan moves one (3.525 s on y with its read, under x's 4 s): the longest completion
+    goes from 4 s to 3.5 s, not to 3 s as counted without the read, so under a min_gain_s of 0.75
+    it moved for a gain it did not bring. Its worth is negative (the read summed as a cost), and
+    where the gain asked is less it still goes: a read runs beside y's steps, so it is priced as
+    the wait it is, not as work taken from y (``plan`` says why)."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", [])],
+        requests=reqs("x", "a", 4),
+        file_bytes={"a": 16},
+        adapter_load_seconds=2.5,
+    )
+    greedy = PlannerSettings(max_ilp_variables=1, min_gain_s=0.75)
+    p = plan(snap, greedy)
+    assert p.no_gain and p.moves == [] and p.makespan_after_s == pytest.approx(3.5)
+    p = plan(snap, replace(greedy, min_gain_s=0.25))
+    assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5) and worth(snap, p.moves, 1.0) < 0
+
+
 def _cluster(seed: int) -> ClusterSnapshot:
     """2 to 4 workers of 20, 50 or 1,000 blocks and 1 to 3 slots; up to 25 requests of three
     adapters (one at two versions) or the base model, of contexts and answers far apart."""
