@@ -66,6 +66,7 @@ from dlora.services.migrator.costs import (
     running_adapters,
 )
 from dlora.services.migrator.costs import apply as apply  # (a plan's tests read it through here)
+from dlora.services.migrator.mip_start import start_from
 from dlora.services.migrator.named import fitting, within
 from dlora.services.migrator.shared_slots import bound_slots, joins
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, WorkerState, runs_among, takes
@@ -339,7 +340,7 @@ def _solve(
         work_of[w], kv_of[w] = work, kv
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
     prob += pulp.LpAffineExpression(objective)
-    _start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings, workers)
+    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, workers)
     if settings.max_nodes is not None:
         # No cuts: a node bound does not bound CBC's cut rounds at the root, which took up to 28 s
         # a solve in the simulator's 32-replica runs; without them, the same plans at 20 nodes in
@@ -387,39 +388,6 @@ def _solve(
             )
     optimal = prob.sol_status == pulp.LpSolutionOptimal
     return moves, PlanMethod.ILP if optimal else PlanMethod.ILP_INCUMBENT
-
-
-def _start_from(
-    moved: Counter[tuple[int, str]],
-    groups: list[Group],
-    dests: list[list[str]],
-    n: dict[tuple[int, str], pulp.LpVariable],
-    y: dict[tuple[str, str], int | pulp.LpVariable],
-    T: pulp.LpVariable,
-    overs: dict[str, pulp.LpVariable],
-    work_of: dict[str, list[tuple[pulp.LpVariable, float]]],
-    kv_of: dict[str, list[tuple[pulp.LpVariable, int]]],
-    settings: PlannerSettings,
-    workers: dict[str, WorkerState],
-) -> None:
-    """Every variable's value in the plan ``moved`` ((group, destination) -> requests), as the
-    solver's start: T and the KV overflow by the model's own coefficients. The greedy plan keeps
-    the model's slot rule, but it checks KV room request by request where the model counts a
-    group's mean blocks, so near a full destination the start can break a KV bound: CBC then
-    drops it and searches alone (and the greedy plan stands if it finds nothing)."""
-    for i, g in enumerate(groups):
-        away = sum(moved[i, w] for w in dests[i][1:])
-        for w in dests[i]:
-            n[i, w].setInitialValue(g.size - away if w == g.worker else moved[i, w])
-    arriving = {(groups[i].adapter, w) for (i, w), k in moved.items() if k}
-    for (a, w), v in y.items():
-        if not isinstance(v, int):
-            v.setInitialValue(int((a, w) in arriving))
-    work = [sum(c * (v.varValue or 0) for v, c in work_of[w]) + workers[w].unlisted_seconds() for w in workers]
-    T.setInitialValue(max(work, default=0.0))
-    for w, over in overs.items():
-        used = sum(c * (v.varValue or 0) for v, c in kv_of[w]) + workers[w].unlisted_blocks
-        over.setInitialValue(max(0.0, used - settings.kv_pressure * workers[w].kv_blocks))
 
 
 def _cbc_path() -> str:
