@@ -307,6 +307,7 @@ async def test_a_request_waiting_on_arrival_counts_as_waiting_in_the_metrics(
             assert sample("dlora_worker_mode", mode="idle") == 0
             assert sample("dlora_longest_wait_seconds") >= 0.4
             assert w0.stats.unlisted_remaining_tokens == 8  # its work too, where planner and dispatch read load
+            assert w0.stats.unlisted_kv_blocks == 1  # and its prompt's KV, where the planner reads room
         await _until(ended, "g")
         await asyncio.sleep(0.5)
         assert sample("vllm:num_requests_waiting") == 0 and sample("dlora_longest_wait_seconds") == 0
