@@ -41,7 +41,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.sim -p dlora.services.worker.po
 	-m dlora.services.worker.kv_inbox -m dlora.services.worker.records -m dlora.services.worker.lengths \
 	-m dlora.services.worker.chunks -m dlora.services.worker.delivery -m dlora.services.worker.engine.config -m dlora.services.worker.engine.stopping \
 	-m dlora.services.worker.engine.scheduler -m dlora.services.worker.engine.placement -m dlora.services.worker.engine.kv_cache -m dlora.services.worker.engine.block_manager \
-	-m dlora.services.gateway.replies -m dlora.services.gateway.settings -m dlora.services.gateway.shaping -m dlora.services.gateway.chat_template -m dlora.services.gateway.sampling \
+	-m dlora.services.gateway.replies -m dlora.services.gateway.chunk_wait -m dlora.services.gateway.settings -m dlora.services.gateway.shaping -m dlora.services.gateway.chat_template -m dlora.services.gateway.sampling \
 	-m dlora.services.gateway.connections -m dlora.services.gateway.errors -m dlora.services.gateway.access -m dlora.services.gateway.tool_calls -m dlora.services.gateway.tool_parsers -m dlora.services.gateway.tool_scan -m dlora.services.gateway.tool_pythonic -m dlora.services.gateway.reasoning -m dlora.services.gateway.grammar_pool \
 	-m dlora.services.gateway.health -m dlora.services.gateway.hosts -m dlora.services.gateway.openapi -m dlora.services.gateway.responses_api -m dlora.services.gateway.responses_shape -m dlora.services.gateway.responses_store -m dlora.services.gateway.responses_routes -m dlora.services.gateway.responses_metrics -m dlora.services.gateway.dialects -m dlora.services.gateway.limits \
 	-m dlora.services.gateway.status -m dlora.services.gateway.dashboard -m dlora.services.worker.metrics \

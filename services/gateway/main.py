@@ -47,6 +47,7 @@ from dlora.model.tokenizer import load_tokenizer
 from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.body import read_body
+from dlora.services.gateway.chunk_wait import next_chunk
 from dlora.services.gateway.connections import listen
 from dlora.services.gateway.dialects import Dialect
 from dlora.services.gateway.errors import error_response, failure_status
@@ -73,7 +74,6 @@ from dlora.services.notify import notifier
 from dlora.services.run import StartupError
 
 logger = log.get("gateway")
-_decode_chunk = msgspec.json.Decoder(TokenChunk)
 _encode_request = msgspec.json.Encoder()
 
 
@@ -264,7 +264,16 @@ class Gateway:
                 timeout_s = GAP_WAIT_S if gap else self.s.chunk_timeout_s
                 if replies.empty():  # nothing more waiting to go out with the events held
                     await response.flush()
-                chunk = await self._next_chunk(replies, gap or late, timeout_s, redis_id, patient=gap is None)
+                chunk = await next_chunk(
+                    replies,
+                    gap or late,
+                    timeout_s,
+                    check_s=2 * self.s.heartbeat_ttl_s,
+                    record=functools.partial(self._record, redis_id=redis_id),
+                    stepped_since=self.cluster.stepped_since,
+                    subject=subjects.replies_of(self.gateway_id),
+                    patient=gap is None,
+                )
                 if chunk is None:
                     continue
                 if request.transport is None or request.transport.is_closing():
@@ -301,53 +310,6 @@ class Gateway:
             access.note(request, workers=sorted({c.replies.worker for c in choices if c.replies and c.replies.worker}))
             for rid in by_id:
                 del self.replies[rid]
-
-    async def _next_chunk(
-        self,
-        replies: asyncio.Queue[bytes],
-        late: RunningChoice,
-        timeout_s: float,
-        redis_id: str | None = None,
-        patient: bool = False,
-    ) -> TokenChunk | None:
-        """The next reply to this request, decoded; after ``timeout_s`` without one, an
-        UNAVAILABLE error for ``late`` (a choice not over yet), or sooner once ``late``'s in-flight
-        record is found gone at two checks in a row, ``2 × heartbeat_ttl_s`` apart, with nothing
-        heard: nobody holds it (it was dropped or lost on the way), so nothing more will come —
-        only while Redis holds the data it was recorded in (``redis_id``, its ``data_epoch``): after
-        a restart without persistence a record can be missing only because the data went.
-        ``patient``: the wait starts again at a check that finds the worker its record names live
-        and stepping since the last (the request waits its turn in a busy worker's queue: vLLM
-        has no queue timeout either); a worker that stops stepping, or goes, still times it out.
-        None: a reply that does not decode (logged and counted as a reject)."""
-        check_s = 2 * self.s.heartbeat_ttl_s
-        deadline = time.monotonic() + timeout_s
-        missing, since = 0, time.monotonic()  # the holder must have stepped since (the last check)
-        while True:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the handler's
-            # cancellation when get() completes at the same moment (CPython #86296), and the
-            # request then ran to the end for a client long gone.
-            try:
-                async with asyncio.timeout(min(check_s, deadline - time.monotonic())):
-                    data = await replies.get()
-                break
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    return late.unanswered("no worker answered in time")
-            record = await self._record(late.request.request_id, redis_id)
-            missing = missing + 1 if record is None else 0
-            if missing >= 2:
-                return late.unanswered("the request was lost on its way to a worker; try again")
-            now = time.monotonic()
-            if patient and isinstance(record, Inflight):
-                if self.cluster.stepped_since(record.worker, since):
-                    deadline = now + timeout_s
-            since = now
-        try:
-            return _decode_chunk.decode(data)
-        except msgspec.DecodeError as e:
-            bus.reject(subjects.replies_of(self.gateway_id), "(reply)", TokenChunk, e)
-            return None
 
     async def _record(self, request_id: str, redis_id: str | None) -> Inflight | None | bool:
         """``request_id``'s in-flight record in the Redis data ``redis_id``; None: it has none;
