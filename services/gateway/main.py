@@ -283,6 +283,12 @@ class Gateway:
                     continue
                 # none for a duplicate after a resume; several when it fills a gap (chunks re-sent)
                 ready = choice.replies.take(chunk, time.monotonic())
+                for taken in ready:
+                    # (before an error: the chunks a gap's re-send released in order were the
+                    # client's, dropped when the gap left behind them then timed out)
+                    if taken.error is None:
+                        timer.chunk(taken, choice.replies.tokens)
+                        await response.add(choice, taken)
                 if choice.replies.error is not None:
                     # Every choice that may still run, the failed one too: a chunk timeout is made
                     # here, and the request it gave up on may still be queued or running (an abort
@@ -291,9 +297,6 @@ class Gateway:
                     if response.stream is not None:  # else the APIError it raises is counted
                         timer.failed(STATUS.get(choice.replies.error_code or ErrorCode.INTERNAL, 500))
                     return await response.fail(choice.replies)
-                for taken in ready:
-                    timer.chunk(taken, choice.replies.tokens)
-                    await response.add(choice, taken)
             per_choice = [c.completion_tokens for c in choices]
             answer = await response.finish(sum(per_choice))  # then counted: a client gone in it is an abort
             timer.done(max(per_choice), sum(per_choice))
