@@ -156,6 +156,12 @@ class PythonicReader:
     _quote: str = ""  # the string being read: its quote, ' " ''' or """
     _escaped: bool = False
     _found: int = 0  # calls the list being read gave
+    # The first item's shape so far, outside its strings and nested values (``_fits``): "" where
+    # it is not checked (a comment, a line joined: Python's, left to ast at the item's end)
+    _shape: str = ""
+    _last: str = ""  # the character before, outside a string, within the first item's value
+    _prefix: bool = True  # the value's word so far could be a string's prefix (r'...', u'...')
+    _broken: bool = False  # the first item turned out no call before its end (``_scan`` stopped there)
     _blank: bool = True  # the text read past leaves its last line blank (where a list may open)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
@@ -171,6 +177,11 @@ class PythonicReader:
             end = self._scan()
             if end is None:
                 return content, out
+            if self._broken:  # the first item can no longer be a call: text, read on from there
+                self._broken = False
+                content += self._given(self._held[:end])
+                self._held, self._inside = self._held[end:], False
+                continue
             closed = self._depth == 0
             # (a list closed by ")" or "}" is no list: that item is read with it, and fails)
             item = self._held[self._item : end + (self._held[end] not in ",]")]
@@ -220,7 +231,7 @@ class PythonicReader:
                 self._held, first = text[i:], bracket - i + 1
                 self._inside, self._read, self._item, self._depth, self._found = True, first, first, 1, 0
                 self._tagged = text[i] == "<"
-                self._quote, self._escaped = "", False
+                self._quote, self._escaped, self._shape = "", False, "name"
             else:
                 self._held = text[i:]
             return self._given(text[:i])
@@ -237,6 +248,58 @@ class PythonicReader:
         self._blank = self._line_start(text)
         self._said = self._said or bool(text.strip(_SPACE))
         return text if not self.calls else ""
+
+    def _fits(self, char: str) -> bool:
+        """Whether the first item, ``char`` added (outside a string, at the list's depth or its
+        call's), can still be a call ``name(key=literal, ...)``. A list that opened ``[name(`` and
+        went on as prose ("[see(Python's docs) for more") was held to the end of the stream, as
+        vLLM's holds it (silent while its text does not parse): decided here at the first character
+        no call can hold, it goes out as the text it is. Its end, a call or not, is ast's word."""
+        shape, depth, space = self._shape, self._depth, char in _SPACE
+        word = char.isalnum() or char == "_"
+        if char in "#\\":  # (a comment, a line joined: valid Python, which ast reads at the end)
+            self._shape = ""
+            return True
+        if depth == 1:
+            if shape == "name":
+                if char == "(":
+                    self._shape = "key"
+                return space or word or char in "(,])}"
+            return space or char in ",])}"  # after the call's ")": the item's end
+        if shape == "key":
+            if word and not char.isdigit():
+                self._shape = "keyword"
+            elif char == ")":
+                self._shape = "after"
+            return space or word and not char.isdigit() or char == ")"
+        if shape in ("keyword", "equals"):
+            if char == "=":
+                self._shape = "value"
+            elif space:
+                self._shape = "equals"
+            return char == "=" or space or shape == "keyword" and word
+        if shape == "value":  # (after "=", a sign, whitespace)
+            if word or char == ".":
+                self._shape, self._prefix = "word", char in "rRuU"
+            elif char in "'\"([{":
+                self._shape = "next"  # (the string or the nested value read past, by _scan)
+            self._last = char
+            return space or word or char in ".+-'\"([{"
+        if shape == "word":  # a number, True, None, ...; or a string's prefix
+            if word or char == "." or char in "+-" and self._last in "eE":
+                self._prefix, self._last = self._prefix and char in "rRuUbB", char
+                return True
+            if char in "'\"" and self._prefix:
+                self._shape = "next"
+                return True
+        # after a value (or a word's end): more of it (strings side by side), the next key, the end
+        if space:
+            self._shape = "next"
+        elif char == ",":
+            self._shape = "key"
+        elif char == ")":
+            self._shape = "after"
+        return space or char in ",)'\""
 
     def _scan(self) -> int | None:
         """Where the list's item being read ends (its "," or the list's "]"), or None: not yet."""
@@ -256,6 +319,9 @@ class PythonicReader:
                         break  # a triple quote's end may be coming
                     elif text.startswith(self._quote, i):
                         self._quote, i = "", i + 2
+            elif self._shape and not self._found and self._depth <= 2 and not self._fits(char):
+                self._shape, self._broken, self._read = "", True, i
+                return i
             elif char in "'\"":
                 if len(text) - i < 3 and (char * 3).startswith(text[i:]):
                     break  # '' or ''' : which, the next character says

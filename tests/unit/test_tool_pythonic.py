@@ -14,6 +14,7 @@ from dlora.services.gateway import tool_pythonic
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
+from dlora.services.gateway.tool_pythonic import pythonic_call
 from tests.unit.test_tool_parsers import read
 
 TWO = "[get_weather(city='SF'), get_date()]"
@@ -101,6 +102,47 @@ def test_text_goes_out_as_it_comes_and_a_call_as_its_item_ends() -> None:
     assert parser.feed(", get_da") == ("", [(0, "get_weather", '{"city": "SF"}')])
     assert parser.feed("te()]") == ("", [(1, "get_date", "{}")])
     assert parser.finish() == ("", [])
+
+
+@pytest.mark.parametrize(
+    ("pieces", "said"),
+    [
+        # prose after a call's name: an apostrophe opened a string no quote closed, the rest held
+        (["[Note(Python's", " docs say so) and more.", " The end."], None),
+        (["[get_weather(city='SF') is", " what I'd call.", " Bye."], None),
+        (["[f(x=1", " or 2, y=3", " and so"], ["", "[f(x=1 or 2, y=3", " and so", ""]),
+        (["[f(x=g(", "a=1), y=2", " more"], None),  # a call is no literal
+        (["[f(x=1 2, y='it", "s']"], None),
+    ],
+)
+def test_a_list_that_becomes_no_call_goes_out_as_text_when_it_does(pieces: list[str], said: list[str] | None) -> None:
+    """The closing notes' left item: a list that opened ``[name(`` and went on as no call could was
+    held to the end of the stream (vLLM's pythonic holds it too, silent while its text does not
+    parse, and loses it). At the first character no call can hold, it goes out as text; the whole
+    output reads alike, and one that stays a call's possible start is still held. (None: each
+    piece goes out as it comes.)"""
+    assert read("pythonic", pieces)[2] == (said or [*pieces, ""])
+    text = "".join(pieces)
+    assert read("pythonic", [text])[:2] == (text, [])
+    assert read("pythonic", list(text))[:2] == (text, [])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[f(x = - 1.5e-3, y=r'a' \"b\", z=u'c', w=(1, [2]), v={'k': None})]",
+        "[f(\n  x=1,  # a comment\n  y=2,\n)]",
+        "[f(x=1,\\\n y=2)]",
+        "[ f ( x=True , ) ]",
+    ],
+)
+def test_calls_python_writes_in_every_form_stay_calls(text: str) -> None:
+    """The early word on a list that is no call takes any call Python reads: signs and exponents,
+    strings side by side and their prefixes, comments and joined lines (left to ast), spaces."""
+    expected = pythonic_call(text.strip()[1:-1].rstrip().rstrip(","))
+    assert expected is not None
+    assert read("pythonic", [text])[:2] == ("", [expected])
+    assert read("pythonic", list(text))[:2] == ("", [expected])
 
 
 CODE_ANSWER = "Two points:\n\n```python\n[Point(x=1, y=2), Point(x=3, y=4)]\n```\nEach has x and y."
