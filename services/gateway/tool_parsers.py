@@ -68,11 +68,12 @@ def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | Non
         args = {}
     if isinstance(args, str):  # already JSON text (Granite 4 writes its arguments so): not encoded again
         try:
-            args = loads(args)
+            args = decoded if isinstance(decoded := loads(args), dict) else args
         except ValueError:
-            return None
-    if not isinstance(args, dict):
-        return None
+            pass
+    # Arguments that are no object are the call's all the same, encoded as JSON: vLLM's and SGLang's
+    # parsers json.dumps whatever a call holds, and a client's agent loop can answer a call whose
+    # arguments do not fit (given out as text, the call's markup reached the user instead)
     return name, arguments_json(args)
 
 

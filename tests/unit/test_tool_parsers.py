@@ -106,7 +106,7 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("hermes", GRANITE, "", [WEATHER]),
         ("llama3_json", '{"name": "weather", "parameters": "{\\"city\\": \\"kalo\\"}"}', "", [WEATHER]),
         ("mistral", '[TOOL_CALLS] [{"name": "weather", "arguments": "{\\"city\\": \\"kalo\\"}"}]', "", [WEATHER]),
-        ("hermes", STRING_ARRAY, STRING_ARRAY, []),
+        ("hermes", STRING_ARRAY, "", [("f", '"[1, 2]"')]),  # JSON text of no object: the string, as vLLM's
         # A call cut short (max_tokens) after whole ones is no content, as hermes' and mistral's are
         # not: llama3_json gave the fragment out as the reply's text beside the calls
         ("llama3_json", LLAMA_ONE + '; {"name": "pi', "", [WEATHER]),
@@ -117,7 +117,7 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", MISTRAL_ARRAY.removesuffix("]") + ', {"name": "pi', "Let me look.", [WEATHER, PING]),
         ("mistral", MISTRAL_ARRAY.removesuffix("]"), "Let me look.", [WEATHER, PING]),
         ("mistral", MISTRAL_CUT, MISTRAL_CUT, []),
-        ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), STRING_ARRAY.replace("[1, 2]", "kalo"), []),
+        ("hermes", STRING_ARRAY.replace("[1, 2]", "kalo"), "", [("f", '"kalo"')]),
         # </tool_call> inside an argument's string is the argument's (vLLM #45167, PRs #48353/#55848):
         # the call was cut there and given out as text
         (
