@@ -17,6 +17,7 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   vLLM's. Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).
+- ``granite`` (Granite 3.0, 3.1): a JSON array of calls after ``<|tool_call|>`` (``tool_granite.py``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 from dlora.services.gateway.tool_scan import ObjectEnd, TagEnd
 
 if TYPE_CHECKING:
+    from dlora.services.gateway.tool_granite import GraniteReader
     from dlora.services.gateway.tool_pythonic import PythonicReader
 
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "granite")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: a field's default reads it)
 
 # The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
@@ -59,8 +61,9 @@ def short_call_id(seed: str, length: int) -> str:
 Call = tuple[int, str, str]  # (its place among the choice's calls, function name, arguments as JSON text)
 
 
-def _call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
-    """(name, arguments JSON) of a decoded call, or None where it is not one."""
+def decoded_call(obj: object, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, arguments JSON) of a decoded call (its arguments under the first of ``arguments_keys``
+    it holds), or None where it is not one."""
     if not isinstance(obj, dict) or not isinstance(name := obj.get("name"), str):
         return None
     args: object = next((obj[k] for k in arguments_keys if k in obj), {})
@@ -171,16 +174,21 @@ class ToolParser:
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
     _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
-    _pythonic: PythonicReader | None = None  # pythonic: its reader (tool_pythonic.PythonicReader), sharing ``calls``
+    # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
+    _reader: PythonicReader | GraniteReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
     _blank: list[str] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.kind == "pythonic":
-            from dlora.services.gateway.tool_pythonic import PythonicReader  # (it imports this module)
+        if self.kind == "pythonic":  # (these import this module)
+            from dlora.services.gateway.tool_pythonic import PythonicReader
 
-            self._pythonic = PythonicReader(self.calls, self.names)
+            self._reader = PythonicReader(self.calls, self.names)
+        elif self.kind == "granite":
+            from dlora.services.gateway.tool_granite import GraniteReader
+
+            self._reader = GraniteReader(self.calls)
 
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output (``_finish``); whitespace held that no call followed goes out."""
@@ -202,8 +210,8 @@ class ToolParser:
         return "", calls
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
-        if self._pythonic is not None:
-            return self._shown(self._pythonic.feed(text))
+        if self._reader is not None:
+            return self._shown(self._reader.feed(text))
         if not text:  # a token that completes no character, or a stop string holds: nothing new to read
             return "", []  # (read, it joined an open call's pieces: copied again at every such token; a review)
         return self._shown(self._take(text))
@@ -233,15 +241,15 @@ class ToolParser:
     def _finish(self) -> tuple[str, list[Call]]:
         """The end of the output: what was held back goes out as text (an unfinished call too),
         unless calls came before it (llama3_json's: unless it is an unfinished call)."""
-        if self._pythonic is not None:
-            return self._pythonic.finish()
+        if self._reader is not None:
+            return self._reader.finish()
         content, calls = self._take("")  # (what is held, its pieces joined, read to its end)
         while self.kind == "hermes" and self._inside:  # a last call left open (a stop at </tool_call>, or EOS)
             try:  # is one where it is whole, as vLLM's <tool_call>(.*) and SGLang read it
                 parsed = loads(self._held[self._at :])
             except ValueError:
                 parsed = None
-            if self._add(_call(parsed, ("arguments", "parameters")), calls):
+            if self._add(decoded_call(parsed, ("arguments", "parameters")), calls):
                 self._held, self._at, self._inside = "", 0, False
             elif self._body and self._close.in_string and (end := self._held.find(_CLOSE, self._at)) >= 0:
                 # The output ended inside a string: a quote the model left unescaped ("5" inches")
@@ -256,7 +264,9 @@ class ToolParser:
                 continue
             break
         if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
-            found = [self._add(_call(item, ("arguments",)), calls) for item in _whole_items(self._held[self._at :])]
+            found = [
+                self._add(decoded_call(item, ("arguments",)), calls) for item in _whole_items(self._held[self._at :])
+            ]
             if any(found):
                 self._held, self._at, self._inside = "", 0, False
         rest, self._held, self._at = self._held[self._at :], "", 0
@@ -341,7 +351,7 @@ class ToolParser:
             parsed = loads(body)
         except ValueError:
             parsed = None
-        call = _call(parsed, ("arguments", "parameters"))
+        call = decoded_call(parsed, ("arguments", "parameters"))
         if parsed is None and not self._literal and (first := body.find(_CLOSE)) >= 0:
             # No JSON, closed past a tag taken as in a string: a quote left unescaped flipped them,
             # a later escaped one flipped them back (the output ended outside one, _finish's fall
@@ -387,7 +397,7 @@ class ToolParser:
                 parsed = None
             calls: list[tuple[str, str] | None]
             if array:
-                calls = [_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
+                calls = [decoded_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
             else:
                 # mistral-common's v11 writes the call's id between: name[CALL_ID]id[ARGS]{...}
                 name = self._held[begin:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
@@ -431,7 +441,7 @@ class ToolParser:
                 obj = loads(held[self._at : end])
             except ValueError:
                 obj = None
-            if not self._add(_call(obj, ("parameters", "arguments")), out):
+            if not self._add(decoded_call(obj, ("parameters", "arguments")), out):
                 return self._not_calls(), out  # not a call (or not JSON)
             self._at = end
         return "", out

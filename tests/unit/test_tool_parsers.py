@@ -234,7 +234,7 @@ def test_auto_calls_answer_as_content_and_tool_calls_whole_and_streamed() -> Non
 
 
 def test_a_parser_must_be_one_dlora_has() -> None:
-    problems = GatewaySettings(model="m", tool_call_parser="granite").check()
+    problems = GatewaySettings(model="m", tool_call_parser="xlam").check()
     assert [p[0] for p in problems] == ["tool_call_parser"] and "hermes" in problems[0][2]
     assert GatewaySettings(model="m", tool_call_parser="llama3_json").check() == []
     assert GatewaySettings(model="m", tool_call_parser="mistral").check() == []

@@ -215,7 +215,7 @@ def test_a_long_output_costs_the_gateway_each_character_once(monkeypatch: pytest
     for n in range(2_000):
         ended = (n, "get_date", f'{{"n": {n - 1}}}') if n else (0, "get_weather", '{"city": "SF"}')
         assert parser.feed(f", get_date(n={n})")[1] == [ended]
-        assert len(parser._pythonic._held if parser._pythonic else "") < 30  # the item being read, not the list
+        assert len(parser._reader._held if parser._reader else "") < 30  # the item being read, not the list
     assert len(parser.feed("]")[1]) == 1 and len(parser.calls) == 2_001
 
 

@@ -1,0 +1,86 @@
+"""tool_call_parser "granite" (vLLM's, for Granite 3.0 and 3.1): the output a JSON array of calls
+after ``<|tool_call|>`` (3.0) or ``<tool_call>`` (3.1), whole and streamed alike."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.gateway.tool_parsers import ToolParser
+from tests.unit.test_tool_parsers import read
+
+ARRAY = '[{"name": "get_weather", "arguments": {"city": "SF"}}, {"name": "get_date", "arguments": {}}]'
+CALLS = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ("<|tool_call|>" + ARRAY, "", CALLS),  # Granite 3.0's special token
+        ("<tool_call>" + ARRAY, "", CALLS),  # 3.1's string
+        ("\n <|tool_call|> \n<tool_call>\n" + ARRAY + "\n", "", CALLS),  # both, whitespace around
+        (ARRAY, "", CALLS),  # neither: vLLM's reads the array alike
+        ("<|tool_call|>" + ARRAY + " Done.", "", CALLS),  # after the array: not content
+        ('<|tool_call|>[{"name": "f", "arguments": "{\\"x\\": 1}"}]', "", [("f", '{"x": 1}')]),  # JSON text
+        # cut short: the calls it finished; none, and it is text as written
+        ("<|tool_call|>" + ARRAY[: ARRAY.index("get_date") + 3], "", CALLS[:1]),
+        ('<|tool_call|>[{"name": "get_we', '<|tool_call|>[{"name": "get_we', []),
+        ("<|tool_call|>", "<|tool_call|>", []),
+        # not calls: text as written, the tag too
+        ("The weather is fine.", "The weather is fine.", []),
+        ("Sure. <|tool_call|>" + ARRAY, "Sure. <|tool_call|>" + ARRAY, []),  # vLLM's: only an output that opens so
+        ("<|tool_call|>[1, 2]", "<|tool_call|>[1, 2]", []),
+        ("<|tool_call|>[]", "<|tool_call|>[]", []),
+        ('[{"city": "SF"}] is the list.', '[{"city": "SF"}] is the list.', []),
+        ("<tool_call><|tool_call|>" + ARRAY, "<tool_call><|tool_call|>" + ARRAY, []),  # (3.0's first, as vLLM's)
+        ("<|tool_", "<|tool_", []),
+        # an item after a call that is none is passed over
+        ('[{"name": "a", "arguments": {}}, {"x": 1}, {"name": "b", "arguments": {}}]', "", [("a", "{}"), ("b", "{}")]),
+    ],
+)
+def test_a_whole_granite_output_and_its_stream_read_alike(
+    text: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert read("granite", [text])[:2] == (content, calls)
+    assert read("granite", list(text))[:2] == (content, calls)
+
+
+def test_text_goes_out_once_its_start_says_so_and_each_call_as_its_item_ends() -> None:
+    said = read("granite", ["<", "|tool", "_call|>", " Sure", ", it is.", " Bye"])[2]
+    assert said == ["", "", "", "<|tool_call|> Sure", ", it is.", " Bye", ""]
+    parser = ToolParser("granite")
+    assert parser.feed("<|tool_call|>[" + ARRAY[1:50]) == ("", [])
+    assert parser.feed(ARRAY[50:60]) == ("", [(0, *CALLS[0])])
+    assert parser.feed(ARRAY[60:]) == ("", [(1, *CALLS[1])])
+    assert parser.feed(" more") == ("", []) and parser.finish() == ("", [])
+
+
+def test_granite_calls_answer_as_tool_calls_whole_and_streamed() -> None:
+    shape = Shape(chat=True, request_id="chatcmpl-g", model="m", created=0, tool_parser="granite")
+    text = "<|tool_call|>" + ARRAY
+    [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] == CALLS
+    events = [shape.chunk("", None, first=True)["choices"][0]]
+    events += [shape.chunk(text[i : i + 4], None)["choices"][0] for i in range(0, len(text), 4)]
+    events.append(shape.chunk("", "stop")["choices"][0])
+    calls = [c for e in events for c in e["delta"].get("tool_calls", [])]
+    assert [{k: v for k, v in c.items() if k != "index"} for c in calls] == whole["message"]["tool_calls"]
+    assert [c["index"] for c in calls] == [0, 1] and events[-1]["finish_reason"] == "tool_calls"
+    assert GatewaySettings(model="m", tool_call_parser="granite").check() == []
+
+
+def test_fuzzed_granite_outputs_read_alike_however_split() -> None:
+    rng = random.Random(3)
+    atoms = ["<|tool_call|>", "<tool_call>", "<|tool", "[", "]", "{", "}", ",", " ", "\n", '"', "\\", "x"]
+    atoms += ['{"name": "f", "arguments": {"a": "]}"}}', '{"name": "g"}', "1", "text", ARRAY]
+    for _ in range(3000):
+        text = "".join(rng.choices(atoms, k=rng.randint(1, 12)))
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 6), len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        whole = read("granite", [text])[:2]
+        assert read("granite", pieces)[:2] == whole, pieces
+        assert whole[1] or whole[0] == text, text
