@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from dlora.services.gateway.tool_parsers import arguments_json, loads
+from dlora.services.gateway.tool_json import arguments_json, loads
 from dlora.services.gateway.tool_scan import ObjectEnd
 from dlora.services.worker.engine.served_schema import DATA_KEYWORDS, SCHEMA_MAPS
 

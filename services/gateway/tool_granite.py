@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora.services.gateway.tool_parsers import Call, decoded_call, loads
+from dlora.services.gateway.tool_json import loads
+from dlora.services.gateway.tool_parsers import Call, decoded_call
 from dlora.services.gateway.tool_scan import ObjectEnd
 
 _TAGS = ("<|tool_call|>", "<tool_call>")  # in this order, each at most once

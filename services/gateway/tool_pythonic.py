@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlora.services.gateway.tool_parsers import Call, Number, arguments_json, joined
+from dlora.services.gateway.tool_json import Number, arguments_json
+from dlora.services.gateway.tool_parsers import Call, joined
 
 _TAGS = ("<|python_start|>", "<|python_tag|>")  # Llama 4's and Llama 3's, before a list of calls
 _SPACE = " \t\r\n\f"  # Python's whitespace between tokens
