@@ -101,7 +101,9 @@ class ToolParser:
     _read: int = 0
     _body: bool = False  # hermes: within a call whose body began as a JSON object
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
-    _close: TagEnd = field(default_factory=lambda: TagEnd(_CLOSE))  # hermes, within a call: where it closes
+    _close: TagEnd = field(
+        default_factory=lambda: TagEnd(_CLOSE, literal=True)
+    )  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
     _reader: PythonicReader | GraniteReader | None = None
@@ -270,6 +272,9 @@ class ToolParser:
             if end is None:
                 self._read = len(self._held)
                 return content, out
+            if self._close.quoted and not _closes_call(self._held[self._at : end]):
+                self._read = end + len(_CLOSE)  # a tag an argument quotes
+                continue
             content += self._closed(end, out)
 
     def _closed(self, end: int, out: list[Call]) -> str:
@@ -288,7 +293,7 @@ class ToolParser:
             self._literal = True
             return self._closed(self._at + first, out)
         self._at = self._read = end + len(_CLOSE)
-        self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal)
+        self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal, literal=True)
         if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written
         return ""
@@ -416,6 +421,17 @@ def _whole_items(text: str) -> list[Any]:
         except ValueError:
             return items
         pos = end
+
+
+def _closes_call(body: str) -> bool:
+    """Whether a tag read inside a string closes the call all the same: the call's object closed
+    before it, its braces (strings not minded) balanced. A quote the model left unescaped ("5"
+    inches") made the rest of the output one string, so the stream held it all, silent, to its end
+    (where it was read again with literal tags); an argument that quotes the tag seldom ends its
+    braces there. (Built by hand to, '{"s": "}}</tool_call>"}' is cut: vLLM's hermes before
+    #55848 cut every quoted tag.)"""
+    body = body.rstrip()
+    return body.endswith("}") and body.count("{") == body.count("}")
 
 
 def _partial_tag(text: str, tag: str) -> int:

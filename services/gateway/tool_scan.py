@@ -72,23 +72,47 @@ class TagEnd:
     escaped: bool = False
     matched: int = 0  # the tag's characters matched at the end of what was read
     quotes: bool = True  # False: the tag wherever it comes, strings or not (a text whose quotes are untrustworthy)
+    # True: a tag inside a string stops a look too (``quoted`` says so), for the caller to judge
+    literal: bool = False
+    quoted: bool = False  # the tag the last look found is inside a string
     # where a look stops outside a string: a quote, or where the tag may begin
     _stops: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
+    _in_string_stops: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         self._stops = re.compile("[" + re.escape('"' * self.quotes + self.tag[0]) + "]")
+        # in a string: its end, an escape; literal, the tag too, or its start where the text ends
+        starts = "|".join(re.escape(self.tag[:k]) for k in range(len(self.tag) - 1, 0, -1))
+        literal = ("|" + re.escape(self.tag) + (f"|(?:{starts})\\Z" if starts else "")) * self.literal
+        self._in_string_stops = re.compile('["\\\\]' + literal)
 
     def find(self, text: str, begin: int) -> int | None:
         """Where the tag starts in ``text`` read from ``begin`` (where the last look ended), or None."""
         tag, n, end, i = self.tag, len(self.tag), len(text), begin
+        self.quoted = False
         while i < end:
             if self.escaped:  # (the character after a backslash, whatever it is)
                 self.escaped, i = False, i + 1
+            elif self.in_string and self.matched:  # (literal: within a possible tag in a string)
+                if text[i] != tag[self.matched]:
+                    self.matched = 0  # (that character read again as the string's)
+                    continue
+                self.matched, i = self.matched + 1, i + 1
+                if self.matched == n:
+                    self.matched, self.quoted = 0, True
+                    return i - n
             elif self.in_string:
-                if (stop := _STRING_STOPS.search(text, i)) is None:
+                if (stop := self._in_string_stops.search(text, i)) is None:
                     return None
-                i = stop.end()
-                self.escaped = self.in_string = text[i - 1] == "\\"
+                at, i = stop.span()
+                if text[at] not in '"\\':  # (literal) the tag, or its start at the text's end
+                    if i - at == n:
+                        self.quoted = True
+                        return at
+                    self.matched = i - at
+                    return None
+                self.escaped = self.in_string = text[at] == "\\"
             elif self.matched:  # within a possible tag: its characters one by one (at most its length)
                 char, i = text[i], i + 1
                 if char == '"' and self.quotes:
@@ -117,7 +141,5 @@ class TagEnd:
         if self.find(piece, 0) is None:
             return True
         self.in_string, self.escaped, self.matched = before
+        self.quoted = False
         return False
-
-
-_STRING_STOPS = re.compile(r'["\\]')  # where a look in a string stops: its end, or an escape

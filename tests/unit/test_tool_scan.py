@@ -149,3 +149,64 @@ def test_a_long_argument_is_looked_at_where_it_matters_not_per_character(piece: 
             assert not scan.open_through(TAG)
     looks = -(-len(body) // piece) + 1
     assert 0 < count[0] <= 20 * looks + 200  # (a walk: some 4 lines per character, 400,000 and more)
+
+
+@dataclass
+class LiteralWalk(Walk):
+    """The walk, a tag inside a string found too (``quoted``): every character read in Python."""
+
+    quoted: bool = False
+
+    def find(self, text: str, begin: int) -> int | None:
+        self.quoted = False
+        tag, n = self.tag, len(self.tag)
+        for i in range(begin, len(text)):
+            char = text[i]
+            if self.in_string and (self.escaped or char in '"\\'):  # (no tag across an escape)
+                self.escaped, self.in_string = not self.escaped and char == "\\", self.escaped or char != '"'
+                self.matched = 0
+            elif not self.in_string and char == '"':
+                self.in_string, self.matched = True, 0
+            elif char == tag[self.matched]:
+                self.matched += 1
+                if self.matched == n:
+                    self.matched, self.quoted = 0, self.in_string  # (a string goes on past its tag)
+                    return i + 1 - n
+            else:
+                self.matched = 1 if char == tag[0] else 0
+        return None
+
+
+def test_a_literal_scan_stops_at_a_tag_in_a_string_as_the_walk_does() -> None:
+    """literal=True (hermes: a tag in a string may close a call whose quotes are unsound, the
+    caller judges): it stops there too, saying so (``quoted``), whole, as the text grows, and
+    piece by piece; each answer and state after it is the reference walk's."""
+    rng = random.Random(4812)
+    for _ in range(3000):
+        text = "".join(rng.choice(BITS) for _ in range(rng.randint(1, 40)))
+        new, old = TagEnd(TAG, literal=True), LiteralWalk(TAG)
+        assert new.find(text, 0) == old.find(text, 0) and state(new) == state(old), text
+        assert new.quoted == old.quoted, text
+        cuts = sorted(rng.sample(range(1, len(text) + 1), min(len(text), rng.randint(1, 8))))
+        new, old, read = TagEnd(TAG, literal=True), LiteralWalk(TAG), 0
+        for cut in cuts:
+            found = new.find(text[:cut], read)
+            assert found == old.find(text[:cut], read) and state(new) == state(old), (text, read)
+            assert new.quoted == old.quoted, text
+            read = cut if found is None else found + len(TAG)
+        new, old = TagEnd(TAG, literal=True), LiteralWalk(TAG)
+        for a, b in zip([0, *cuts], cuts):
+            assert new.open_through(text[a:b]) == old.open_through(text[a:b]) and state(new) == state(old), text
+
+
+@pytest.mark.parametrize("filler", ["x", "<b>y</b> "])
+def test_a_literal_scan_jumps_over_a_strings_other_characters(filler: str) -> None:
+    """Tags looked for in strings too, its look still jumps (a regex, in C) past what is no quote,
+    escape or tag: the lines run grow with the looks, not with the string's length or its "<"s
+    (HTML an argument writes; a character-by-character match at each "<" doubled a stream's cost)."""
+    body = '{"name": "write", "arguments": {"text": "' + filler * (100_000 // len(filler))
+    scan = TagEnd(TAG, literal=True)
+    with lines_run(tool_scan.__file__) as count:
+        for a in range(0, len(body), 64):
+            assert scan.open_through(body[a : a + 64])
+    assert 0 < count[0] <= 20 * (len(body) // 64 + 1) + 200

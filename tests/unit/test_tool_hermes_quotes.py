@@ -1,0 +1,56 @@
+"""Hermes calls whose quotes are unsound (a quote the model left unescaped), streamed: the text
+and calls after such a call go out as they come, not at the end of the output."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.unit.test_tool_parsers import PING, PING_CALL, UNESCAPED, read
+
+BAD_THEN_GOOD = "Looking.\n" + UNESCAPED + "\n" + PING_CALL
+
+
+def test_a_call_with_an_unescaped_quote_goes_out_as_text_at_its_tag_and_the_next_call_at_its_own() -> None:
+    """The closing notes' left item: after "5" inches" the rest of the output read as one string,
+    so the stream said nothing after "Looking." until the output ended, then gave the bad call as
+    text and the good one as a call, all at once. A tag inside a string after the call's object
+    has closed (its braces balanced) closes it: each goes out as its tag comes, as unstreamed."""
+    bad_end = BAD_THEN_GOOD.index("</tool_call>") + len("</tool_call>")
+    pieces = [BAD_THEN_GOOD[:bad_end], BAD_THEN_GOOD[bad_end:-3], BAD_THEN_GOOD[-3:]]
+    content, calls, said = read("hermes", pieces)
+    assert (content, calls) == ("Looking.\n" + UNESCAPED + "\n", [PING])
+    assert said == ["Looking.\n" + UNESCAPED, "\n", "", ""]
+    assert read("hermes", list(BAD_THEN_GOOD))[:2] == (content, calls)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"text": "a {x} </tool_call> b"}',  # braces open before the tag: the argument's
+        '{"text": "say </tool_call>", "n": {"k": 1}}',
+        '{"code": "if x: {}\\n</tool_call>"}',
+    ],
+)
+def test_a_tag_an_argument_quotes_stays_the_arguments(arguments: str) -> None:
+    text = '<tool_call>{"name": "write", "arguments": ' + arguments + "}</tool_call>"
+    expected = ("", [("write", json.dumps(json.loads(arguments)))])
+    assert read("hermes", [text])[:2] == expected
+    assert read("hermes", list(text))[:2] == expected
+
+
+def test_fuzzed_hermes_outputs_read_alike_however_split() -> None:
+    """Random runs of tags, quotes, escapes and braces (calls whose quotes are sound or not):
+    any split reads as the whole does, and an output with no call is its own text."""
+    rng = random.Random(55848)
+    atoms = ["<tool_call>", "</tool_call>", "</tool", "{", "}", '"', '\\"', "\\", " ", "\n", "x", ":", ","]
+    atoms += [PING_CALL, UNESCAPED, '{"name": "f", "arguments": {"a": "', '"}}', "}}"]
+    for _ in range(3000):
+        text = "".join(rng.choices(atoms, k=rng.randint(1, 14)))
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 8), len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        whole = read("hermes", [text])[:2]
+        assert read("hermes", pieces)[:2] == whole, pieces
+        assert whole[1] or whole[0] == text, text
