@@ -39,7 +39,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # in its text, "hermes" (Hermes 2 Pro, Qwen2.5), "llama3_json" (Llama 3.1/3.2), "mistral"
     # (Mistral 7B v0.3, Nemo, Small 3.x: call ids of 9 alphanumeric characters), "pythonic"
     # (Llama 3.2 and Llama 4's [f(x=1), g()] lists: gateway/tool_pythonic.py) or "granite"
-    # (Granite 3.0/3.1's <|tool_call|>[{...}]: gateway/tool_granite.py); set, a chat's
+    # (Granite 3.0/3.1's <|tool_call|>[{...}]: gateway/tool_granite.py) or "granite-20b-fc"
+    # (Granite 20B FunctionCalling's <function_call> {...}); set, a chat's
     # tool_choice "auto" (the default with tools) is served, its calls read from the output
     # (gateway/tool_parsers.py). Empty: "auto" is refused (400).
     tool_call_parser: str = ""

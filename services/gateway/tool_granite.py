@@ -1,7 +1,8 @@
 """The ``granite`` tool-call format (vLLM's ``--tool-call-parser granite``: Granite 3.0 and 3.1):
 an output that is a JSON array of calls ``{"name": ..., "arguments": {...}}``, after Granite 3.0's
 ``<|tool_call|>`` or 3.1's ``<tool_call>`` (either, both in that order, or neither; whitespace
-around). Pure; ``ToolParser("granite")`` runs it, whole and streamed alike.
+around). Pure; ``ToolParser("granite")`` runs it, whole and streamed alike. Also Granite 20B
+FunctionCalling's ``<function_call> {...}`` per call (``FunctionCallReader``, "granite-20b-fc").
 
 As vLLM's: an output that does not begin so is text (given out as it comes once its start says
 so), and what follows the array is not content. Each call goes out as its item of the array ends,
@@ -113,3 +114,85 @@ class GraniteReader:
         self._plain, self._inside = True, False
         text, self._written = "".join(self._written), []
         return text
+
+
+_FUNCTION_CALL = "<function_call>"  # granite-20b-fc's, before each call
+_SPACE_ROOM = 64  # whitespace a call may hold between its tag and its object (more: the tag is text)
+
+
+@dataclass
+class FunctionCallReader:
+    """The ``granite-20b-fc`` format (vLLM's ``--tool-call-parser granite-20b-fc``: Granite 20B
+    FunctionCalling): ``<function_call> {"name": ..., "arguments": {...}}``, once per call. The
+    text before the first tag is content, what follows a call is not (vLLM's whole reading); a
+    tag not followed by a call is text where no call came before. A call cut short is none.
+    ``calls`` is the parser's, shared."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    _held: str = ""  # text not yet given out: a tag's possible start, or a call from its tag
+    _inside: bool = False  # _held begins with a tag
+    _pieces: list[str] = field(default_factory=list)  # what follows _held while a call's object stays open
+    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the call's object
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        if not text:
+            return "", []
+        if self._inside and self._scan.read and self._scan.open_through(text):
+            self._pieces.append(text)  # (an open call is not joined again at every token)
+            return "", []
+        self._held = "".join([self._held, *self._pieces, text])
+        self._pieces.clear()
+        return self._read()
+
+    def finish(self) -> tuple[str, list[Call]]:
+        content, out = self._read_joined() if self._pieces else ("", list[Call]())
+        rest, self._held, self._inside = self._held, "", False
+        return content + ("" if self.calls else rest), out
+
+    def _read_joined(self) -> tuple[str, list[Call]]:
+        self._held = "".join([self._held, *self._pieces])
+        self._pieces.clear()
+        return self._read()
+
+    def _read(self) -> tuple[str, list[Call]]:
+        content, out, held, at = "", list[Call](), self._held, 0
+        while True:
+            if not self._inside:
+                tag = held.find(_FUNCTION_CALL, at)
+                end = tag if tag >= 0 else len(held) - _partial(held, at)
+                content += held[at:end] if not self.calls else ""
+                if tag < 0:
+                    self._held = held[end:]
+                    return content, out
+                at, self._inside = tag, True
+            start = at + len(_FUNCTION_CALL)
+            window = held[start : start + _SPACE_ROOM + 1]
+            first = start + len(window) - len(window.lstrip(" \t\r\n"))
+            if first == len(held):
+                self._held = held[at:]  # (only whitespace after the tag yet)
+                return content, out
+            if first - start > _SPACE_ROOM or held[first] != "{":  # no call: the tag is text
+                content += _FUNCTION_CALL if not self.calls else ""
+                at, self._inside = start, False
+                continue
+            if (close := self._scan.find(held, first)) is None:
+                self._held = held[at:]  # (the scan's place counts from the object's start, which keeps its offset)
+                return content, out
+            try:
+                call = decoded_call(loads(held[first:close]), ("arguments",))
+            except ValueError:
+                call = None
+            if call is not None:
+                out.append((len(self.calls), *call))
+                self.calls.append(call)
+            elif not self.calls:
+                content += held[at:close]  # not a call: the text as written
+            at, self._inside = close, False
+
+
+def _partial(text: str, at: int) -> int:
+    """How many characters at the end of ``text`` (from ``at``) could begin the tag."""
+    for n in range(min(len(_FUNCTION_CALL) - 1, len(text) - at), 0, -1):
+        if _FUNCTION_CALL.startswith(text[-n:]):
+            return n
+    return 0

@@ -17,7 +17,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   vLLM's. Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).
-- ``granite`` (Granite 3.0, 3.1): a JSON array of calls after ``<|tool_call|>`` (``tool_granite.py``).
+- ``granite`` (Granite 3.0, 3.1): a JSON array of calls after ``<|tool_call|>``; ``granite-20b-fc``
+  (Granite 20B FunctionCalling): ``<function_call> {...}`` per call (``tool_granite.py``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from dlora.services.gateway.tool_json import arguments_json, loads
 from dlora.services.gateway.tool_scan import ObjectEnd, TagEnd
 
 if TYPE_CHECKING:
-    from dlora.services.gateway.tool_granite import GraniteReader
+    from dlora.services.gateway.tool_granite import FunctionCallReader, GraniteReader
     from dlora.services.gateway.tool_pythonic import PythonicReader
 
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "granite")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "granite", "granite-20b-fc")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: a field's default reads it)
 
 # The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
@@ -106,7 +107,7 @@ class ToolParser:
     )  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
-    _reader: PythonicReader | GraniteReader | None = None
+    _reader: PythonicReader | GraniteReader | FunctionCallReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
     _blank: list[str] | None = field(default_factory=list)
@@ -120,6 +121,10 @@ class ToolParser:
             from dlora.services.gateway.tool_granite import GraniteReader
 
             self._reader = GraniteReader(self.calls)
+        elif self.kind == "granite-20b-fc":
+            from dlora.services.gateway.tool_granite import FunctionCallReader
+
+            self._reader = FunctionCallReader(self.calls)
 
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output (``_finish``); whitespace held that no call followed goes out."""

@@ -84,3 +84,51 @@ def test_fuzzed_granite_outputs_read_alike_however_split() -> None:
         whole = read("granite", [text])[:2]
         assert read("granite", pieces)[:2] == whole, pieces
         assert whole[1] or whole[0] == text, text
+
+
+FC = (
+    '<function_call> {"name": "get_weather", "arguments": {"city": "SF"}}\n'
+    '<function_call> {"name": "get_date", "arguments": {}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        (FC, "", CALLS),
+        ("Let me look.\n" + FC, "Let me look.\n", CALLS),  # text before the first: content (vLLM's whole reading)
+        (FC + "\nDone.", "", CALLS),  # after a call: not content
+        ('<function_call>{"name": "f", "arguments": [1]}', "", [("f", "[1]")]),
+        (FC[: FC.index("get_date") + 3], "", CALLS[:1]),  # cut short: the calls it finished
+        ('<function_call> {"name": "get_we', '<function_call> {"name": "get_we', []),
+        ("Use <function_call> tags.", "Use <function_call> tags.", []),  # no object after it: text
+        ('<function_call> {"city": "SF"} ok', '<function_call> {"city": "SF"} ok', []),  # no call
+        ("<function_call>" + " " * 65 + "{}", "<function_call>" + " " * 65 + "{}", []),
+        ("a <functio", "a <functio", []),
+    ],
+)
+def test_a_whole_granite_20b_fc_output_and_its_stream_read_alike(
+    text: str, content: str, calls: list[tuple[str, str]]
+) -> None:
+    assert read("granite-20b-fc", [text])[:2] == (content, calls)
+    assert read("granite-20b-fc", list(text))[:2] == (content, calls)
+
+
+def test_granite_20b_fc_text_goes_out_as_it_comes_and_each_call_as_it_ends() -> None:
+    pieces = ["Sure", " thing <func", "tion_call> {", '"name": "get_date", "arguments": {}}', " x"]
+    said = read("granite-20b-fc", pieces)[2]
+    assert said == ["Sure", " thing ", "", "", "", ""]
+    assert GatewaySettings(model="m", tool_call_parser="granite-20b-fc").check() == []
+
+
+def test_fuzzed_granite_20b_fc_outputs_read_alike_however_split() -> None:
+    rng = random.Random(20)
+    atoms = ["<function_call>", "<function", "{", "}", " ", "\n", '"', "\\", "x", "[", "]"]
+    atoms += ['{"name": "f", "arguments": {"a": "}<function_call>"}}', '{"name": "g"}', "text"]
+    for _ in range(3000):
+        text = "".join(rng.choices(atoms, k=rng.randint(1, 12)))
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 6), len(text) - 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        whole = read("granite-20b-fc", [text])[:2]
+        assert read("granite-20b-fc", pieces)[:2] == whole, pieces
+        assert whole[1] or whole[0] == text, text
