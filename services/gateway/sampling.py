@@ -15,6 +15,7 @@ from typing import Any
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
+from dlora.services.gateway.tool_parsers import PARSERS
 from dlora.services.worker.engine.structured import (
     JSON_OBJECT_SCHEMA,
     GrammarError,
@@ -163,7 +164,7 @@ def auto_tools(body: Body, parser: str) -> bool:
     if not parser:
         why = "tool_choice \"auto\" (the default with tools) needs the gateway's tool_call_parser (vLLM's "
         why += "--tool-call-parser), which is not set ([gateway] tool_call_parser or DLORA_GATEWAY_TOOL_CALL_PARSER: "
-        why += 'hermes, llama3_json, mistral or pythonic): give "none", "required" or a named function'
+        why += f'{", ".join(PARSERS)}): give "none", "required" or a named function'
         raise APIError(400, why, param="tool_choice")
     return True
 

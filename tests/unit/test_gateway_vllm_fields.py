@@ -86,6 +86,7 @@ def test_auto_tools_without_a_parser_say_where_the_parser_is_set(served: ServedM
     e = refused(served, {"messages": [{"role": "user", "content": "kalo"}], "tools": tools}, chat=True)
     assert (e.status, e.param) == (400, "tool_choice")
     assert "DLORA_GATEWAY_TOOL_CALL_PARSER" in e.message and "hermes" in e.message
+    assert "granite-20b-fc" in e.message  # every parser the gateway takes (the list was written by hand)
 
 
 def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
