@@ -420,3 +420,18 @@ async def test_a_stream_that_ends_in_an_error_event_fails_its_request(tmp_path: 
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert v["errors"] == ["EngineCore encountered an issue"] * 2 and v["output_lens"] == [0, 0]
     assert v["generated_texts"] == ["", ""] and all(len(i) == 1 for i in v["itls"])
+
+
+async def test_a_model_folder_whose_tokenizer_has_no_vocabulary_is_refused_not_counted_zero(tmp_path: Path) -> None:
+    """--model FOLDER is the completions backend's default tokenizer where the folder holds
+    tokenizer_config.json. One without its vocabulary files (a partial download) loaded as an
+    empty tokenizer (transformers 5 builds one from the config alone): every output without usage
+    counted 0 tokens, each request "completed" with output_lens 0 and the run warned that the
+    target ignored ignore_eos. A reviewer's trial; refused before the run now, naming the folder."""
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    spec = WorkloadSpec(requests=1, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
+    with pytest.raises(ValueError, match="partial holds no tokenizer"):
+        await run(spec, "http://127.0.0.1:9", tmp_path / "out", Console(file=io.StringIO()), base_model=str(folder))
+    assert not (tmp_path / "out").exists()  # refused before the run wrote anything
