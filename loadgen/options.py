@@ -357,7 +357,13 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         help="vLLM's --lora-assignment: random (--popularity uniform) or round-robin (each adapter in turn, in "
         "arrival order; --popularity round-robin)",
     )
-    p.add_argument("--popularity", choices=get_args(Popularity), default=_SPEC.popularity)
+    p.add_argument(
+        "--popularity",
+        choices=get_args(Popularity),
+        # None: not given (WorkloadSpec.from_args fills in the default), so that --lora-assignment,
+        # vLLM's spelling of it, is refused beside it even where it names the default
+        help=f"how requests are spread over the adapters (default {_SPEC.popularity})",
+    )
     p.add_argument("--alpha", type=_finite, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")
     p.add_argument(
         "--stride",

@@ -108,7 +108,7 @@ class WorkloadSpec:
         """The spec ``dlora loadgen``'s options describe (``options.add_arguments``); options that
         are not about the workload (target, output folder, SLOs) are left to the caller."""
         values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        for name in (*SCOPED_OPTIONS, "adapters"):  # not given: the default
+        for name in (*SCOPED_OPTIONS, "adapters", "popularity"):  # not given: the default
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
         if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
@@ -134,13 +134,14 @@ class WorkloadSpec:
         1-32 (``--prompt-len``'s default); `--cv 3` with Poisson arrivals and `--alpha` with uniform
         popularity were recorded as if used."""
         for name, (selector, where) in SCOPED_OPTIONS.items():
-            if getattr(args, name) is not None and (value := getattr(args, selector)) not in where:
+            value = getattr(args, selector) or getattr(_DEFAULTS, selector)  # (--popularity: None, not given)
+            if getattr(args, name) is not None and value not in where:
                 option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
                 listed = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]
                 return f"{option} applies to {chosen} {listed} only, not {value}"
         if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
             return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
-        if getattr(args, "lora_assignment", None) is not None and args.popularity != _DEFAULTS.popularity:
+        if getattr(args, "lora_assignment", None) is not None and args.popularity is not None:
             return "--lora-assignment is how requests are spread over the adapters: give it or --popularity, not both"
         if getattr(args, "lora_modules", None) and (args.adapter_names is not None or args.adapters is not None):
             return "--lora-modules names the adapters: give it, --adapter-names or --adapters, one of them"

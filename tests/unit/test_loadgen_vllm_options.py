@@ -84,6 +84,19 @@ def test_vllms_lora_assignment_round_robin_takes_the_adapters_in_turn() -> None:
     assert "give it or --popularity, not both" in str(WorkloadSpec.unused_option(both))
 
 
+@pytest.mark.parametrize("popularity", ["uniform", "zipf"])
+def test_lora_assignment_beside_popularity_is_refused_even_where_it_names_the_default(popularity: str) -> None:
+    """``--popularity uniform --lora-assignment round-robin`` says two things: it ran round-robin
+    silently, the --popularity typed dropped, because only a --popularity other than the default
+    was seen as given (a reviewer's trial against a fake server). Refused, as beside zipf; the
+    default with neither is still uniform, and --alpha is still judged by the popularity in force."""
+    argv = ["loadgen", "--lora-modules", "a", "b", "--lora-assignment", "round-robin", "--popularity", popularity]
+    assert "not both" in str(WorkloadSpec.unused_option(build_parser().parse_args(argv)))
+    assert WorkloadSpec.from_args(build_parser().parse_args(["loadgen"])).popularity == "uniform"
+    alpha = build_parser().parse_args(["loadgen", "--alpha", "1.2"])
+    assert "--alpha applies to --popularity zipf or power only, not uniform" == WorkloadSpec.unused_option(alpha)
+
+
 def test_vllms_model_with_no_adapters_named_is_where_every_request_goes() -> None:
     """``vllm bench serve --model lora-0 ...`` (no --lora-modules) sends every request to lora-0; dlora
     loadgen sent them to its default adapters lora-0 .. lora-3, and against a stack serving two
