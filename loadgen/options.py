@@ -161,8 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         metavar="FOLDER",
         help="the model folder whose tokenizer counts an output the server's usage does not, and (openai-chat) "
-        "turns the prompts' token ids into text (vLLM's --tokenizer; default: --base-model where that is a folder, "
-        "openai's where it holds a tokenizer); HTTP targets only",
+        "turns the prompts' token ids into text (vLLM's --tokenizer; default, as vLLM's: the --model/--base-model "
+        "folder, where it holds a tokenizer; openai-chat's wherever it is a folder); HTTP targets only",
     )
     add_workload_arguments(p)
     p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")

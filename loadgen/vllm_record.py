@@ -101,7 +101,9 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "backend": backend,
         "label": config.get("label"),
         "model_id": config.get("base_model"),
-        "tokenizer_id": config.get("tokenizer"),  # completions: None unless --tokenizer (prompts go as ids)
+        # None where no tokenizer counts outputs (completions send the prompts as ids): no --tokenizer,
+        # and --model/--base-model no folder holding one
+        "tokenizer_id": config.get("tokenizer"),
         # the requests its lists hold (vLLM's: completed + failed): a duration or Ctrl-C that ended
         # sending leaves the workload's later ones unsent, counted in result.json's "planned"
         "num_prompts": len(sent),
