@@ -134,7 +134,7 @@ class WorkloadSpec:
         1-32 (``--prompt-len``'s default); `--cv 3` with Poisson arrivals and `--alpha` with uniform
         popularity were recorded as if used."""
         for name, (selector, where) in SCOPED_OPTIONS.items():
-            value = getattr(args, selector) or getattr(_DEFAULTS, selector)  # (--popularity: None, not given)
+            value = _chosen(args, selector)
             if getattr(args, name) is not None and value not in where:
                 option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
                 listed = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]
@@ -180,7 +180,18 @@ SCOPED_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "alpha": ("popularity", ("zipf", "power")),
     "stride": ("popularity", ("stride",)),
     "tenant_window": ("popularity", ("stride",)),
+    # round-robin's equal shares rotate to themselves (the turn, rotated, skipped adapters)
+    "shift_every": ("popularity", ("uniform", "zipf", "power", "stride")),
 }
+
+
+def _chosen(args: argparse.Namespace, selector: str) -> object:
+    """The choice in force of ``selector`` (``arrivals``, ``lengths``, ``popularity``), as
+    ``WorkloadSpec.from_args`` makes it: --lora-assignment's popularity, a --popularity not given
+    the default."""
+    if selector == "popularity" and (assignment := getattr(args, "lora_assignment", None)) is not None:
+        return LORA_ASSIGNMENTS[assignment]
+    return getattr(args, selector) or getattr(_DEFAULTS, selector)
 
 
 def adapter_names(text: str) -> tuple[str | None, ...]:

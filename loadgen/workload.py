@@ -121,7 +121,7 @@ def build(
     salt = int(rng.integers(1 << 62))  # drawn last: a seed's arrivals, adapters and lengths stay as they were
     out = []
     for t, a, k in zip(arrivals, drawn, picks):
-        if shift_every_s:
+        if shift_every_s and not in_turn:  # equal shares rotate to themselves; the turn's skipped adapters
             a = (a + int(t // shift_every_s)) % n
         p, o = scaling.apply(lengths[k].input_tokens, lengths[k].output_tokens)
         hash_ids = lengths[k].hash_ids if block else ()

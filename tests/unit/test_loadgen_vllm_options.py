@@ -97,6 +97,21 @@ def test_lora_assignment_beside_popularity_is_refused_even_where_it_names_the_de
     assert "--alpha applies to --popularity zipf or power only, not uniform" == WorkloadSpec.unused_option(alpha)
 
 
+def test_round_robin_with_shift_every_still_takes_every_adapter_in_turn() -> None:
+    """--shift-every rotated each request's adapter by one every that many seconds, over the turn
+    round-robin had already taken: at 2 req/s, 3 adapters, every 1 s, the turn read lora-0, lora-2,
+    lora-0, lora-2, ..., lora-1 never sent to (a reviewer's trial). Equal shares rotate to
+    themselves: a spec (a benchmark's) keeps the turn, and the command line refuses the pair."""
+    spec = WorkloadSpec(
+        requests=6, rate=2.0, arrivals="gamma", cv=0.0, adapters=3, popularity="round-robin", shift_every=1.0
+    )
+    assert [r.adapter for r in build_specs(spec)] == ["lora-0", "lora-1", "lora-2"] * 2
+    for given in (["--popularity", "round-robin"], ["--lora-modules", "a", "b", "--lora-assignment", "round-robin"]):
+        args = build_parser().parse_args(["loadgen", *given, "--shift-every", "10"])
+        assert "--shift-every applies to --popularity" in str(WorkloadSpec.unused_option(args))
+        assert "not round-robin" in str(WorkloadSpec.unused_option(args))
+
+
 def test_vllms_model_with_no_adapters_named_is_where_every_request_goes() -> None:
     """``vllm bench serve --model lora-0 ...`` (no --lora-modules) sends every request to lora-0; dlora
     loadgen sent them to its default adapters lora-0 .. lora-3, and against a stack serving two
