@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,7 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from dlora.common import apikeys, subjects
+from dlora.common import apikeys, log, subjects
 from dlora.common.key_registry import KEYS_RECONCILE_S
 from dlora.common.messages import GenerateRequest
 from dlora.services.cli import main
@@ -247,6 +248,10 @@ async def test_the_cli_creates_lists_and_revokes_keys(
     stack = keyed_stack
     monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
     monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
+    # The stack's log lines to stderr from now, as the command's own configuration sends them: under
+    # structlog's defaults (stdout) a line the stack wrote before the command configured its own
+    # was read as the command's output (a loaded CI run)
+    log.configure(json=False, level=logging.WARNING)
 
     async def dlora(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
