@@ -218,6 +218,19 @@ def config_path(toml_path: str | Path | None, env: Mapping[str, str] | None = No
     return Path(toml_path) if toml_path else (Path(env["DLORA_CONFIG"]) if env.get("DLORA_CONFIG") else None)
 
 
+def unread_config(
+    toml_path: str | Path | None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> list[str]:
+    """The warning, if any, where a ``dlora.toml`` lies in the working directory but no settings file is
+    chosen (``config_path`` is None): it is not read. A new user who wrote one there, as the
+    README's "settings come from dlora.toml" invited, got the defaults without a word (its
+    `[gateway] port` ignored, the gateway on 8000; a user's trial)."""
+    here = (cwd or Path.cwd()) / "dlora.toml"
+    if config_path(toml_path, env) is not None or not here.is_file():
+        return []
+    return [f"{here} is not read: name it with --config dlora.toml or DLORA_CONFIG=dlora.toml"]
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Notepad's UTF-8) read past

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--model", help="base model directory (default: the tiny demo model, made if missing)")
     upp.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
     upp.add_argument("--port", type=int, help="gateway port (default 8000)")
-    upp.add_argument("--config", help="dlora.toml")
+    upp.add_argument("--config", help="settings file (dlora.toml; default $DLORA_CONFIG, else none is read)")
     upp.set_defaults(func=_up)
 
     keys = sub.add_parser("keys", help="inference API keys: create, list, revoke (on the deployment's Redis and NATS)")
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from dlora.common import log
     from dlora.common.bus import ConnectionLost, CredentialsRefused, StoppedConnecting
-    from dlora.common.settings import SettingsError, load, unknown_env
+    from dlora.common.settings import SettingsError, load, unknown_env, unread_config
     from dlora.services.config_file import SERVICES, check_config
     from dlora.services.run import StartupError, run_until_signalled
     from dlora.services.worker.engine.faults import DeviceLost
@@ -398,6 +398,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dlora serve {args.service}: not a setting of the {args.service}: {flags}", file=sys.stderr)
         return 2
     for said in unknown_env(os.environ, SERVICES).values():  # warned, not refused: another tool's may be about
+        print(f"dlora serve {args.service}: warning: {said}", file=sys.stderr)
+    for said in unread_config(args.config):
         print(f"dlora serve {args.service}: warning: {said}", file=sys.stderr)
     try:
         check_config(args.config)

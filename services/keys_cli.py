@@ -18,7 +18,7 @@ from dlora.common import apikeys, log
 from dlora.common.bus import CredentialsRefused, connections
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import ApiKey
-from dlora.common.settings import Problems, SettingsError, load
+from dlora.common.settings import Problems, SettingsError, load, unread_config
 from dlora.common.urls import redacted
 from dlora.services.gateway.settings import GatewaySettings
 
@@ -34,6 +34,8 @@ def run_keys(args: argparse.Namespace) -> int:
     """Exit status 0 when done; 1 for an unknown key id; 2 for bad settings or arguments."""
     # Log lines (a restore, no JetStream) to stderr and only warnings: stdout is the key or JSON.
     log.configure(json=False, level=logging.WARNING)
+    for said in unread_config(args.config):
+        print(f"dlora keys: warning: {said}", file=sys.stderr)
     try:
         settings = load(_KeySettings, "gateway", args.config)
     except SettingsError as e:

@@ -28,7 +28,7 @@ import nats
 from dlora.common.permissions import APP_USER, ROLES
 from dlora.common.redis_client import redis_client
 from dlora.common.registry import AdapterRegistry
-from dlora.common.settings import SettingsError, load, unknown_env
+from dlora.common.settings import SettingsError, load, unknown_env, unread_config
 from dlora.common.state import StateStore
 from dlora.common.urls import http_url, nats_servers, redacted
 from dlora.model.adapters import parse_lora_args
@@ -435,7 +435,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
     # SIGHUP too (a closed terminal, a dropped ssh session): by default it killed dlora up outright.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    for said in unknown_env(os.environ, SERVICES).values():  # the services it starts read this environment
+    for said in [*unknown_env(os.environ, SERVICES).values(), *unread_config(config)]:  # what its services read
         print(f"dlora up: warning: {said}", file=sys.stderr)
     try:
         # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it

@@ -1,3 +1,4 @@
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -395,3 +396,30 @@ def test_the_example_file_names_every_parser_the_gateway_takes(setting: str) -> 
     comment = " ".join(lines[start:at])
     parsers = TOOL_PARSERS if setting == "tool_call_parser" else REASONING_PARSERS
     assert [p for p in parsers if f'"{p}"' not in comment] == []
+
+
+def test_a_dlora_toml_in_the_working_directory_that_no_option_names_is_said_to_be_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's "settings come from dlora.toml" led a new user to write one where they ran
+    `dlora up`: it was never read (only --config or $DLORA_CONFIG name a file), and the gateway
+    took port 8000 instead of the file's, without a word."""
+    from dlora.common.settings import unread_config
+    from dlora.services.cli import main
+
+    assert unread_config(None, {}, tmp_path) == []  # no file there: nothing to say
+    (tmp_path / "dlora.toml").write_text("[gateway]\nport = 8001\n")
+    said = unread_config(None, {}, tmp_path)
+    assert said == [
+        f"{tmp_path / 'dlora.toml'} is not read: name it with --config dlora.toml or DLORA_CONFIG=dlora.toml"
+    ]
+    assert unread_config("dlora.toml", {}, tmp_path) == []  # named, it is read
+    assert unread_config(None, {"DLORA_CONFIG": "/etc/dlora/dlora.toml"}, tmp_path) == []  # another chosen
+
+    monkeypatch.chdir(tmp_path)
+    for name in [k for k in os.environ if k.startswith("DLORA_")]:
+        monkeypatch.delenv(name)
+    assert main(["serve", "dispatcher"]) == 2  # no nats_url: it stops there, after the warning
+    assert f"dlora serve dispatcher: warning: {said[0]}" in capsys.readouterr().err
+    assert main(["keys", "list"]) == 2  # likewise
+    assert f"dlora keys: warning: {said[0]}" in capsys.readouterr().err
