@@ -64,7 +64,7 @@ def check_adapter(
             raise APIError(
                 400,
                 f"adapter path {path!r} is outside the adapter roots {roots} (the gateway's adapter_roots "
-                "setting; `dlora up --lora DIR` adds one)",
+                "setting; `dlora up --lora NAME=DIR` adds DIR's folder)",
                 param="path",
             )
         if not resolved.is_dir():

@@ -100,6 +100,8 @@ def test_a_directory_reached_through_a_link_out_of_the_roots_is_refused(
     with pytest.raises(APIError, match="outside the adapter roots .*adapter_roots") as e:
         _register(root / "a", root, engine_cfg)
     assert e.value.status == 400
+    # the way it names to add a root is one `dlora up` takes (`--lora DIR` is refused: NAME=DIR)
+    assert "`dlora up --lora NAME=DIR` adds DIR's folder" in e.value.message
     (root / "b").symlink_to(root / "a")  # a chain of links ends where the last one points
     with pytest.raises(APIError, match="outside the adapter roots"):
         _register(root / "b", root, engine_cfg)
