@@ -47,7 +47,7 @@ TYPED := -p dlora.common -p dlora.model -p dlora.sim -p dlora.services.worker.po
 	-m dlora.services.gateway.status -m dlora.services.gateway.dashboard -m dlora.services.worker.metrics \
 	-m dlora.services.gateway.auth -m dlora.services.gateway.models -m dlora.services.worker.engine.served_schema -m dlora.services.gateway.body -m dlora.services.gateway.keys -m dlora.services.keys_cli -m dlora.services.notify -m dlora.services.run -m dlora.services.config_file \
 	-m dlora.loadgen.spec -m dlora.loadgen.workload -m dlora.loadgen.traces -m dlora.loadgen.popularity \
-	-m dlora.loadgen.arrivals -p dlora.loadgen.chaos -m dlora.loadgen.soak
+	-m dlora.loadgen.arrivals -m dlora.loadgen.prompt_text -p dlora.loadgen.chaos -m dlora.loadgen.soak
 # mypy reads the packages through links that map the top-level folders under dlora, as installed.
 MYPY_SRC := .cache/mypy-src
 

@@ -25,12 +25,13 @@ from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
 from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES
+from dlora.loadgen.prompt_text import chat_texts
 from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
 from dlora.loadgen.vllm_options import ignore_eos_of, sampling_of, slo_seconds
 from dlora.loadgen.vllm_record import RecordOptions
-from dlora.loadgen.workload import build_specs, load_traces
+from dlora.loadgen.workload import build_specs, load_traces, prompt_ids
 from dlora.model.tokenizer import load_tokenizer
 
 # Descriptors the process holds besides its requests' sockets (stdio, the report's files, the event
@@ -147,7 +148,8 @@ async def run(
         tok = load_tokenizer(tokenizer)
         # completions' too: vLLM's bench counts with its tokenizer an output whose usage is missing
         count_tokens = functools.partial(_tokens_in, tok)
-        chat_text = tok.decode if backend == "openai-chat" else None
+        if backend == "openai-chat":
+            chat_text = chat_texts(tok, (prompt_ids(i, s) for i, s in enumerate(requests)))
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")

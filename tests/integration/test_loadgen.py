@@ -18,7 +18,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.cli import build_parser
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
-from tests.integration.test_gateway import stream
+from tests.integration.test_gateway import post, stream
 
 
 @pytest.mark.parametrize("via", ["http", "nats"])
@@ -74,6 +74,10 @@ async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack,
     assert v["output_lens"] == [5] * 6 and all(len(itls) == 4 for itls in v["itls"])
     assert all(n > 12 for n in v["input_lens"]) and v["total_input_tokens"] == sum(v["input_lens"])
     assert all(t > 0 for t in v["latencies"]) and len(v["start_times"]) == 6
+    # the template's own tokens on top of the workload's 12, not the ids' text re-encoded longer
+    # (random ids' text came back ~1.45x: the default workload overran `make run`'s context)
+    _, empty = await post(stack, "/tokenize", {"model": "lora-0", "messages": [{"role": "user", "content": ""}]})
+    assert all(n <= empty["count"] + 12 for n in v["input_lens"]), (v["input_lens"], empty["count"])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,59 @@
+"""A workload's prompt ids as the text ``--backend openai-chat`` sends, of the workload's length.
+
+The ids are random; their text, decoded, does not encode back to as many tokens: a byte-level
+tokenizer writes a byte that is no whole character as U+FFFD, three bytes again, and merges
+differ across the random boundaries. On the tiny demo model 256 ids came back as ~370 tokens, and
+`make run`'s 512-token context refused every chat request of the default workload (vLLM's random
+dataset had the same fault: vllm-project/vllm#17408, #24937, which iterate decode and encode).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+TRIES = 10
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def text_of_length(tokenizer: Any, ids: list[int], tries: int = TRIES) -> str:
+    """Text that ``tokenizer`` encodes (no special tokens added, as the server's chat template
+    tokenizes a message's text) to ``len(ids)`` tokens where it can be found within ``tries``
+    rounds, else to fewer (more only where no shorter text was found: one byte that is no
+    character): decoded, encoded again, cut back to a whole character where it is longer, and
+    filled from its own tokens where it is shorter (vLLM's ``gen_prompt_decode_to_target_len``
+    fills with random ones and may end longer)."""
+    target = len(ids)
+    seq = list(ids)
+    best = ""
+    for _ in range(tries):
+        text = tokenizer.decode(seq)
+        seq = _encode(tokenizer, text)
+        if len(seq) > target:
+            seq = seq[:target]
+            while seq and _encode(tokenizer, tokenizer.decode(seq)) != seq:  # cut within a character
+                seq = seq[:-1]
+            text = tokenizer.decode(seq)
+        if len(seq) == target:
+            return str(text)
+        if seq and len(seq) > len(_encode(tokenizer, best)):
+            best = str(text)
+        seq = seq + list(itertools.islice(itertools.cycle(seq), target - len(seq))) if seq else list(ids)
+    return best or str(tokenizer.decode(ids))
+
+
+def chat_texts(tokenizer: Any, prompts: Iterable[list[int]]) -> Callable[[list[int]], str]:
+    """``text_of_length`` of each of ``prompts``, made now, before the run (vLLM builds its dataset
+    before the first request): at send time it cost ~5 ms a 256-token prompt and ~45 ms an 8k one
+    on the event loop that times the sends. A prompt not among them (a warm-up's) is made when asked."""
+    made = {tuple(ids): text_of_length(tokenizer, ids) for ids in prompts}
+
+    def text(ids: list[int]) -> str:
+        key = tuple(ids)
+        return made[key] if key in made else text_of_length(tokenizer, ids)
+
+    return text
