@@ -1,7 +1,8 @@
 """Talk to dlora over NATS directly, with no gateway: publish a GenerateRequest, read TokenChunks.
 
-    python examples/nats_client.py 'nats://app:PASSWORD@127.0.0.1:4222' lora-0 "kalo remi"
+    .venv/bin/python examples/nats_client.py 'nats://app:PASSWORD@127.0.0.1:4222' lora-0 "kalo remi"
 
+with the venv's Python (`make run` made it; the system's has neither dlora nor nats-py) and
 with the URL `dlora up` prints as "NATS (applications)": its NATS server has users, and an
 application connects as `app` (an unnamed connection is refused: "Authorization Violation").
 Against your own NATS server (`nats_url` in dlora.toml), the URL and user your deployment gives
@@ -102,6 +103,8 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 4:  # (an IndexError's traceback said nothing of what to give)
+        sys.exit(f"usage: {sys.argv[0]} NATS_URL ADAPTER PROMPT  ('-' for the base model; the URL `dlora up` prints)")
     url, adapter, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
     try:
         print(asyncio.run(generate(url, None if adapter == "-" else adapter, prompt)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +38,14 @@ async def test_nats_native_example(stack: Stack) -> None:
         stack, "/v1/completions", {"model": "lora-0", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
     )
     assert text == resp["choices"][0]["text"]
+
+
+def test_the_nats_example_run_without_its_arguments_says_what_to_give() -> None:
+    """A new user's first try, with no arguments, ended in an IndexError's traceback."""
+    example = Path(__file__).parents[2] / "examples" / "nats_client.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "usage: " in done.stderr and "NATS_URL ADAPTER PROMPT" in done.stderr
 
 
 async def test_the_nats_example_says_at_once_that_no_dispatcher_runs(nats_server: Server) -> None:
