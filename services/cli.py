@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(sim)
     sim.set_defaults(func=_lazy("dlora.sim.main:run_simulate"))
 
-    serve = sub.add_parser("serve", help="run one service (settings from dlora.toml and DLORA_* variables)")
+    serve = sub.add_parser(
+        "serve", help="run one service (settings from --config or $DLORA_CONFIG, and DLORA_* variables)"
+    )
     serve.add_argument("service", choices=["gateway", "dispatcher", "worker", "migrator"])
     serve.add_argument("--config", help="settings file (dlora.toml; default $DLORA_CONFIG, else none is read)")
     serve.add_argument("--model", help="base model directory (gateway, worker)")
@@ -148,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     dep.set_defaults(func=_lazy("dlora.services.deploy:run"))
 
     upp = sub.add_parser("up", help="start the whole stack on this machine (NATS and Redis too, if not configured)")
-    upp.add_argument("--workers", type=positive, default=2)
+    upp.add_argument(
+        "--workers", type=positive, default=2, help="worker processes (default 2; several GPUs: one each, round robin)"
+    )
     upp.add_argument("--model", help="base model directory (default: the tiny demo model, made if missing)")
     upp.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", help="adapter to register")
-    upp.add_argument("--port", type=int, help="gateway port (default 8000)")
+    upp.add_argument("--port", type=int, help="gateway port (default: the gateway's port setting, 8000)")
     upp.add_argument("--config", help="settings file (dlora.toml; default $DLORA_CONFIG, else none is read)")
     upp.set_defaults(func=_up)
 
