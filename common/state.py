@@ -38,7 +38,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:api-key-ids``          hash  key id -> its digest (revocation and lookup by id)
 - ``{p}:response:{tenant}:{id}`` hash a stored Responses API response, under its API key's
                                      tenant ("" without keys): tenant, response (JSON), input (its
-                                     conversation's items, JSON); expires (``state_responses.py``,
+                                     conversation's items, JSON), sources (the responses its
+                                     item_references read, JSON); expires (``state_responses.py``,
                                      ``gateway/responses_store.py``)
 - ``{p}:response-item:{tenant}:{item}`` str the id of the stored response that holds an item
                                      (``item_reference``'s index), written with it, its TTL

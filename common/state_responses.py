@@ -1,8 +1,9 @@
 """The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
-JSON); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest response
-that holds that item in its conversation or output (an ``item_reference`` names any stored item
-by its id alone, as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
+JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
+written before it); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest
+response that holds that item in its conversation or output (an ``item_reference`` names any
+stored item by its id alone, as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored
@@ -10,14 +11,16 @@ over that one; each tenant's ids are its own."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import cast
 
 from redis.asyncio import Redis
 
-# Item index entries still naming a deleted response (KEYS[2..]) named the response before it in
-# its chain (ARGV[2], whose hash is KEYS[1]) instead, for that one's remaining TTL: only where the
-# entry names the deleted one still (ARGV[1]: a newer turn written since keeps its own).
+# Item index entries still naming a deleted response (KEYS[2..]) named a response it drew them from
+# (ARGV[2], whose hash is KEYS[1]: the one before it in its chain, or one its item_references read)
+# instead, for that one's remaining TTL: only where the entry names the deleted one still (ARGV[1]:
+# a newer turn written since keeps its own).
 _REPOINT_LUA = """
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl <= 0 then return 0 end
@@ -39,7 +42,14 @@ class ResponseKeys:
     p: str
 
     async def put_response(
-        self, response_id: str, tenant: str, response: bytes, items: bytes, ttl_s: float, item_ids: Sequence[str] = ()
+        self,
+        response_id: str,
+        tenant: str,
+        response: bytes,
+        items: bytes,
+        ttl_s: float,
+        item_ids: Sequence[str] = (),
+        sources: Sequence[str] = (),
     ) -> None:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
@@ -47,10 +57,12 @@ class ResponseKeys:
         written. One of the tenant's own under the same id (its client sent the same X-Request-Id
         again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (a later
         turn's conversation holds it, or its client sent it back) names the newest response that
-        holds it."""
+        holds it. ``sources``: the responses its item_references read items from, which the index
+        names again once it is deleted (``repoint_items``)."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
+        sourced = json.dumps(list(sources))  # (written when empty too: a retry replaces the replaced one's)
+        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
         pipe.pexpire(key, ms)
         for item_id in item_ids:
             pipe.set(f"{self.p}:response-item:{tenant}:{item_id}", response_id, px=ms)
@@ -75,10 +87,10 @@ class ResponseKeys:
 
     async def repoint_items(self, item_ids: Sequence[str], tenant: str, deleted: str, previous: str) -> int:
         """``tenant``'s index entries of ``item_ids`` that name ``deleted`` (a response just
-        deleted) made to name ``previous`` (the response before it in its chain, which holds those
-        items), for its TTL; none where ``previous`` is gone. Returns how many: every turn indexes
-        its whole conversation under itself, so deleting the newest turn made an item the earlier
-        turn still held a 404 to item_reference."""
+        deleted) made to name ``previous`` (a response it drew those items from: the one before it
+        in its chain, or one its item_references read), for its TTL; none where ``previous`` is
+        gone. Returns how many: every turn indexes its whole conversation under itself, so deleting
+        the newest turn made an item the earlier turn still held a 404 to item_reference."""
         if not item_ids:
             return 0
         keys = [f"{self.p}:response:{tenant}:{previous}", *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]

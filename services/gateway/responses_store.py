@@ -115,6 +115,7 @@ class Keeping:
     store: ResponsesStore
     tenant: str
     items: list[Any]  # the conversation served: ``conversation``'s
+    sources: list[str] = field(default_factory=list)  # the responses its item_references read
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
     def keep(self, response: dict[str, Any]) -> bool:
@@ -146,7 +147,9 @@ class Keeping:
         encoded = msgspec.json.encode(response)
         try:
             async with self.store.bound():
-                await self.store.state.put_response(response_id, self.tenant, encoded, items, self.store.ttl_s, ids)
+                await self.store.state.put_response(
+                    response_id, self.tenant, encoded, items, self.store.ttl_s, ids, sources=self.sources
+                )
         except bus.STATE_OUTAGE as e:
             response["store"] = False
             logger.warning("a response could not be stored", id=response_id, error=type(e).__name__)
@@ -196,18 +199,22 @@ class ResponsesStore:
 
     async def delete(self, response_id: str, tenant: str) -> bool:
         """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not).
-        The items its previous response holds, indexed under it (the newest holder), are indexed
-        under that one again (``StateStore.repoint_items``): still there, they stay referable."""
+        The items it drew from others (its previous response's, and those its item_references
+        read), indexed under it (the newest holder), are indexed under the one it drew them from
+        again (``StateStore.repoint_items``): still there, they stay referable."""
         try:
             async with self.bound():
-                got = await self.state.response_fields(response_id, tenant, "response")
+                got = await self.state.response_fields(response_id, tenant, "response", "sources")
                 deleted = await self.state.delete_response(response_id, tenant)
-                previous = msgspec.json.decode(got[1]).get("previous_response_id") if got and got[1] else None
-                if deleted and isinstance(previous, str):
-                    held = await self.state.response_fields(previous, tenant, "input", "response")
-                    if held is not None and held[1] is not None and held[2] is not None:
-                        items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
-                        await self.state.repoint_items(_ids(items), tenant, response_id, previous)
+                if deleted and got is not None and got[1] is not None:
+                    previous = msgspec.json.decode(got[1]).get("previous_response_id")
+                    # (a record written before ``sources`` has none: its previous response alone)
+                    drawn = [previous] if isinstance(previous, str) else []
+                    for holder in dict.fromkeys([*drawn, *(msgspec.json.decode(got[2]) if got[2] else [])]):
+                        held = await self.state.response_fields(holder, tenant, "input", "response")
+                        if held is not None and held[1] is not None and held[2] is not None:
+                            items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
+                            await self.state.repoint_items(_ids(items), tenant, response_id, holder)
         except bus.STATE_OUTAGE:
             self.count("delete", "failed")
             raise
@@ -236,7 +243,8 @@ class ResponsesStore:
             items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
             output = msgspec.json.decode(response)["output"]
             prior = [*msgspec.json.decode(items), *output]
-        given = conversation(prior, body.input, await self.referenced(body.input, prior, tenant))
+        stored, sources = await self.referenced(body.input, prior, tenant)
+        given = conversation(prior, body.input, stored)
         answered(output, _items(given)[len(prior) :])
         body = msgspec.structs.replace(body, input=given)
         if not self.on or body.store is False:
@@ -246,12 +254,15 @@ class ResponsesStore:
             logger.warning("a conversation over responses_max_bytes is not stored", bytes=size)
             self.count("write", "too_large")
             return body, None
-        return body, Keeping(self, tenant, kept)
+        return body, Keeping(self, tenant, kept, sources)
 
-    async def referenced(self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
+    async def referenced(
+        self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str
+    ) -> tuple[dict[str, Any], list[str]]:
         """The stored items ``given``'s item_references name (by id; those of ``prior`` aside),
         each read from the conversation of the response that stored it (``StateStore.put_response``
-        indexes them); one not found (never stored, expired, another tenant's) left out.
+        indexes them); one not found (never stored, expired, another tenant's) left out. And the
+        responses they were read from (``Keeping.sources``).
 
         Raises:
             APIError(400): items of more than ``MAX_REFERENCED`` responses named at once.
@@ -259,31 +270,33 @@ class ResponsesStore:
         known = {i.get("id") for i in prior}
         wanted = [r for r in _referenced_ids(given) if r not in known]
         if not wanted:
-            return {}
+            return {}, []
         try:
-            stored = await self._items_of(wanted, tenant)
+            stored, sources = await self._items_of(wanted, tenant)
         except bus.STATE_OUTAGE:
             self.count("reference", "failed", len(wanted))
             raise
         self.count("reference", "hit", len(stored))
         self.count("reference", "miss", len(wanted) - len(stored))  # (each a 404: the first ends the request)
-        return stored
+        return stored, sources
 
-    async def _items_of(self, wanted: list[str], tenant: str) -> dict[str, Any]:
+    async def _items_of(self, wanted: list[str], tenant: str) -> tuple[dict[str, Any], list[str]]:
         async with self.bound():
             holders = await self.state.responses_of_items(wanted, tenant)
             if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:
                 why = f"item_references name items of {len(responses)} responses, at most {MAX_REFERENCED} at once"
                 raise APIError(400, why, param="input")
             stored: dict[str, Any] = {}
+            sources: list[str] = []
             for response_id in responses:
                 got = await self.state.response_fields(response_id, tenant, "input", "response")
                 if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
                     continue  # (deleted since, or replaced: its items' references are 404s)
                 for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
-                    if isinstance(item, dict) and item.get("id") in wanted:
-                        stored.setdefault(item["id"], item)
-        return stored
+                    if isinstance(item, dict) and item.get("id") in wanted and item["id"] not in stored:
+                        stored[item["id"]] = item
+                        sources.append(response_id)
+        return stored, list(dict.fromkeys(sources))
 
 
 def _referenced_ids(given: str | list[Any]) -> list[str]:

@@ -86,6 +86,30 @@ async def test_an_earlier_turns_item_outlives_that_turn_while_a_later_one_holds_
         await client.close()
 
 
+async def test_a_referenced_item_stays_referable_after_the_response_that_referenced_it_is_deleted(
+    stack: Stack,
+) -> None:
+    """A response that referenced an item became the index's newest holder of it; deleted, the
+    item was a 404 to the next item_reference, though the response that stored it still held it
+    (the index was re-pointed only at the deleted one's previous response, and it had none)."""
+    client = _client(stack.url)
+    try:
+        first = await client.responses.create(**ASKED, input="kalo")
+        [answer] = first.output
+        referencing = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "x"}])
+        await client.responses.delete(referencing.id)
+        again = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "y"}])
+        listed = [i.id for i in (await client.responses.input_items.list(again.id, order="asc")).data]
+        assert listed[0] == answer.id
+        await client.responses.delete(again.id)  # (named by the first again, for the first's TTL)
+        key, held = f"{stack.store.p}:response-item::{answer.id}", f"{stack.store.p}:response::{first.id}"
+        assert await stack.store.r.get(key) == first.id.encode()
+        expires = await stack.store.r.pttl(held)  # (read first: the entry's, read after, is no later)
+        assert 0 < await stack.store.r.pttl(key) <= expires
+    finally:
+        await client.close()
+
+
 async def test_a_conversation_already_too_large_to_store_says_so_from_its_first_event(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:

@@ -134,7 +134,7 @@ async def test_a_chains_earlier_items_are_indexed_with_each_later_turn() -> None
             stored = {"input": msgspec.json.encode(PRIOR[:1]), "response": msgspec.json.encode({"output": PRIOR[1:]})}
             return [tenant.encode(), *(stored[n] for n in names)]
 
-        async def put_response(self, *args: Any) -> None:
+        async def put_response(self, *args: Any, **named: Any) -> None:
             self.ids = list(args[-1])
 
     state = Redis()
@@ -184,7 +184,7 @@ async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     class Down:
-        async def put_response(self, *args: Any) -> None:
+        async def put_response(self, *args: Any, **named: Any) -> None:
             raise RedisConnectionError("down")
 
     from prometheus_client import CollectorRegistry
@@ -238,7 +238,7 @@ async def test_a_stream_whose_store_fails_ends_saying_store_false() -> None:
         def __init__(self, up: bool) -> None:
             self.up = up
 
-        async def put_response(self, *args: Any) -> None:
+        async def put_response(self, *args: Any, **named: Any) -> None:
             if not self.up:
                 raise RedisConnectionError("down")
 
