@@ -43,6 +43,9 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      ``gateway/responses_store.py``)
 - ``{p}:response-item:{tenant}:{item}`` str the id of the stored response that holds an item
                                      (``item_reference``'s index), written with it, its TTL
+- ``{p}:response-gone:{tenant}:{id}`` str a deleted response's previous response and the ones
+                                     its item_references read (JSON), its remaining TTL: a later
+                                     turn's DELETE re-points the index through it
 """
 
 from __future__ import annotations

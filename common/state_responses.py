@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 # a newer turn written since keeps its own).
 _REPOINT_LUA = """
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl <= 0 then return 0 end
+if ttl <= 0 then return -1 end  -- (gone: its caller looks at what it drew from)
 local n = 0
 for i = 2, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
@@ -32,6 +32,17 @@ for i = 2, #KEYS do
   end
 end
 return n
+"""
+
+# A response deleted (KEYS[1]) leaves, for its remaining TTL, what it drew its items from (ARGV[1])
+# under KEYS[2]: a later turn deleted after it finds the response before this one through it. In one
+# step, so that the later turn's delete, reading the gone one, finds one or the other.
+_DELETE_LUA = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+redis.call('DEL', KEYS[1])
+if ttl > 0 then redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl) end
+return 1
 """
 
 
@@ -82,15 +93,25 @@ class ResponseKeys:
         got = cast(list[bytes | None], await self.r.hmget(key, ["tenant", *fields]))
         return None if got[0] is None else got
 
-    async def delete_response(self, response_id: str, tenant: str) -> bool:
-        return bool(await self.r.delete(f"{self.p}:response:{tenant}:{response_id}"))
+    async def delete_response(self, response_id: str, tenant: str, drawn: Sequence[str] = ()) -> bool:
+        """Whether it was there to delete; ``drawn`` (the responses it drew items from: its previous
+        response, those its item_references read) left under ``{p}:response-gone:{tenant}:{id}``
+        for its remaining TTL (``drawn_by_deleted``)."""
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-gone:{tenant}:{response_id}"]
+        return bool(await self.r.register_script(_DELETE_LUA)(keys=keys, args=[json.dumps(list(drawn))]))
+
+    async def drawn_by_deleted(self, response_id: str, tenant: str) -> list[str]:
+        """What ``delete_response`` left of a response it deleted: the responses it drew from."""
+        got = await self.r.get(f"{self.p}:response-gone:{tenant}:{response_id}")
+        return [i for i in json.loads(got) if isinstance(i, str)] if got else []
 
     async def repoint_items(self, item_ids: Sequence[str], tenant: str, deleted: str, previous: str) -> int:
         """``tenant``'s index entries of ``item_ids`` that name ``deleted`` (a response just
         deleted) made to name ``previous`` (a response it drew those items from: the one before it
         in its chain, or one its item_references read), for its TTL; none where ``previous`` is
-        gone. Returns how many: every turn indexes its whole conversation under itself, so deleting
-        the newest turn made an item the earlier turn still held a 404 to item_reference."""
+        gone (-1: then its own ``drawn_by_deleted`` may name one). Returns how many: every turn
+        indexes its whole conversation under itself, so deleting the newest turn made an item the
+        earlier turn still held a 404 to item_reference."""
         if not item_ids:
             return 0
         keys = [f"{self.p}:response:{tenant}:{previous}", *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]

@@ -34,6 +34,9 @@ _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco
 # The most stored responses one request's item_references read (each read whole, up to
 # responses_max_bytes): references to items of more are refused, not read at any cost
 MAX_REFERENCED = 16
+# The most responses a DELETE looks at to re-point its items' index (those it drew from, and
+# through those deleted, what they drew from): a bound on its Redis reads whatever was deleted
+MAX_WALKED = 64
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
@@ -201,25 +204,40 @@ class ResponsesStore:
         """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not).
         The items it drew from others (its previous response's, and those its item_references
         read), indexed under it (the newest holder), are indexed under the one it drew them from
-        again (``StateStore.repoint_items``): still there, they stay referable."""
+        again (``StateStore.repoint_items``): still there, they stay referable. One deleted before
+        it is passed through to what that one drew from (``StateStore.drawn_by_deleted``)."""
         try:
             async with self.bound():
                 got = await self.state.response_fields(response_id, tenant, "response", "sources")
-                deleted = await self.state.delete_response(response_id, tenant)
-                if deleted and got is not None and got[1] is not None:
+                drawn: list[str] = []
+                if got is not None and got[1] is not None:
                     previous = msgspec.json.decode(got[1]).get("previous_response_id")
                     # (a record written before ``sources`` has none: its previous response alone)
-                    drawn = [previous] if isinstance(previous, str) else []
-                    for holder in dict.fromkeys([*drawn, *(msgspec.json.decode(got[2]) if got[2] else [])]):
-                        held = await self.state.response_fields(holder, tenant, "input", "response")
-                        if held is not None and held[1] is not None and held[2] is not None:
-                            items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
-                            await self.state.repoint_items(_ids(items), tenant, response_id, holder)
+                    sources = msgspec.json.decode(got[2]) if got[2] else []
+                    drawn = list(dict.fromkeys([*([previous] if isinstance(previous, str) else []), *sources]))
+                deleted = await self.state.delete_response(response_id, tenant, drawn)
+                if deleted:
+                    await self._repoint(response_id, tenant, drawn)
         except bus.STATE_OUTAGE:
             self.count("delete", "failed")
             raise
         self.count("delete", "hit" if deleted else "miss")
         return deleted
+
+    async def _repoint(self, deleted: str, tenant: str, drawn: list[str]) -> None:
+        """``delete``'s index entries naming ``deleted`` re-pointed at the responses in ``drawn``
+        that are there, those gone passed through (at most ``MAX_WALKED`` looked at)."""
+        seen: set[str] = set()
+        while drawn and len(seen) < MAX_WALKED:
+            if (holder := drawn.pop(0)) in seen:
+                continue
+            seen.add(holder)
+            held = await self.state.response_fields(holder, tenant, "input", "response")
+            if held is not None and held[1] is not None and held[2] is not None:
+                items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
+                if await self.state.repoint_items(_ids(items), tenant, deleted, holder) >= 0:
+                    continue
+            drawn += await self.state.drawn_by_deleted(holder, tenant)  # (gone: expired ones left none)
 
     async def prepared(self, body: ResponsesBody, tenant: str) -> tuple[ResponsesBody, Keeping | None]:
         """``body`` with the conversation its previous_response_id names put before its input, and

@@ -110,6 +110,26 @@ async def test_a_referenced_item_stays_referable_after_the_response_that_referen
         await client.close()
 
 
+async def test_a_chains_first_item_stays_referable_when_its_later_turns_are_deleted_middle_first(
+    stack: Stack,
+) -> None:
+    """A chain of three, its middle turn deleted, then its last: the first's answer was a 404,
+    though the first still held it (the index named the last; its previous was gone, and which
+    response came before that one was lost with it)."""
+    client = _client(stack.url)
+    try:
+        first = await client.responses.create(**ASKED, input="kalo")
+        second = await client.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+        third = await client.responses.create(**ASKED, input="lumo", previous_response_id=second.id)
+        for deleted in (second, third):
+            await client.responses.delete(deleted.id)
+        [answer] = first.output
+        again = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "y"}])
+        assert [i.id for i in (await client.responses.input_items.list(again.id, order="asc")).data][0] == answer.id
+    finally:
+        await client.close()
+
+
 async def test_a_conversation_already_too_large_to_store_says_so_from_its_first_event(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
