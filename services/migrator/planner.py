@@ -38,7 +38,9 @@ CBC begins from an incumbent and improves on it within its bound, where alone it
 time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
 ILP counts a band by its mean (work, move cost, blocks): the requests its counts name are checked
 against each destination's blocks (``named``), and where they do worse than the greedy plan by the
-ILP's own objective (``costs.worth``), the greedy plan is taken.
+ILP's own objective (``costs.worth``), the greedy plan is taken. The plan taken goes out only
+where it shortens the longest completion (its reads waited for) by more than its moves cost; where
+it does not and the other one does, the other goes.
 """
 
 from __future__ import annotations
@@ -144,27 +146,22 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     solved = _solve(snapshot, settings, greedy, start, standing)
     fallback: IlpFallback | None = None
     moves, method = kept, PlanMethod.GREEDY
+    other: tuple[list[MoveRequest], PlanMethod] | None = None
     if isinstance(solved, IlpFallback):
         fallback = solved
     else:
         # Named from counts of each group at its mean, the ILP's moves can do worse than its start.
         named = fitting(snapshot, solved[0], standing)
         if standing.worth(named, settings.kv_pressure) >= value:
-            moves, method = named, solved[1]
-    load, demand = standing.after(moves)
-    # A read is waited for where it is made: the requests moved there for it start after it (their
-    # longest completion, left out, passed a plan on 0.7 s saved that its read made 0.3 s).
-    for w, seconds in standing.reads(moves).items():
-        load[w] += seconds
-    before, after = standing.longest, max(load.values())
-    relief = standing.relief(demand, settings.kv_pressure)
-    # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
-    # the moves cost in total: each move's recompute is real work taken from the destination. Not
-    # by their ``worth`` (its reads summed as if work too): a read runs beside the destination's
-    # steps, its cost the wait counted above. By worth, a greedy plan (the one sent where the ILP
-    # does not solve) that brought the longest completion from 25.9 s to 21.25 s, its four reads
-    # of 3 s waited for, was worth -4 s and would have been dropped (7 of 300 seeded clusters).
-    no_gain = bool(moves) and before - after + relief < max(settings.min_gain_s, standing.cost(moves))
+            (moves, method), other = (named, solved[1]), (kept, PlanMethod.GREEDY)
+        else:
+            other = (named, solved[1])
+    after, no_gain = _gained(standing, moves, settings)
+    # Chosen by worth (its reads summed as costs), a plan can bring too little where the other, its
+    # reads waited for, brings enough: the ILP that moved one to a busy worker rather than read an
+    # adapter on an idle one left no plan, where without it the greedy one went (a review).
+    if no_gain and other is not None and other[0] and not (alt := _gained(standing, other[0], settings))[1]:
+        (moves, method), (after, no_gain) = other, alt
     return MovePlan(
         plan_id=uuid.uuid4().hex,
         moves=[] if no_gain else moves,
@@ -172,9 +169,27 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
         ilp_fallback=fallback,
         no_gain=no_gain,
         solve_seconds=time.perf_counter() - start,
-        makespan_before_s=before,
+        makespan_before_s=standing.longest,
         makespan_after_s=after,
     )
+
+
+def _gained(standing: Standing, moves: list[MoveRequest], settings: PlannerSettings) -> tuple[float, bool]:
+    """The longest completion once ``moves`` are made, and whether they bring too little for it."""
+    load, demand = standing.after(moves)
+    # A read is waited for where it is made: the requests moved there for it start after it (their
+    # longest completion, left out, passed a plan on 0.7 s saved that its read made 0.3 s).
+    for w, seconds in standing.reads(moves).items():
+        load[w] += seconds
+    after, relief = max(load.values()), standing.relief(demand, settings.kv_pressure)
+    # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
+    # the moves cost in total: each move's recompute is real work taken from the destination. Not
+    # by their ``worth`` (its reads summed as if work too): a read runs beside the destination's
+    # steps, its cost the wait counted above. By worth, a greedy plan (the one sent where the ILP
+    # does not solve) that brought the longest completion from 25.9 s to 21.25 s, its four reads
+    # of 3 s waited for, was worth -4 s and would have been dropped (7 of 300 seeded clusters).
+    gain = standing.longest - after + relief
+    return after, bool(moves) and gain < max(settings.min_gain_s, standing.cost(moves))
 
 
 def _destinations(

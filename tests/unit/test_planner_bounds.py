@@ -187,6 +187,27 @@ def test_a_plans_gain_counts_the_wait_for_the_reads_its_moves_make() -> None:
     assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5) and worth(snap, p.moves, 1.0) < 0
 
 
+def test_where_the_plan_chosen_by_worth_brings_too_little_the_other_one_goes() -> None:
+    """x runs four 1 s requests of a; y, idle, lacks a (a read of 1.4 s); z holds a beside 2.5 s of
+    its own pinned work. The greedy plan moves one to y: the longest completion goes from 4 s to 3 s,
+    the read waited for. The ILP, pricing the read as a cost, moves one to z instead (4 s to 3.5 s),
+    and by worth its plan was chosen, then dropped as too little under a min_gain_s of 0.6: where the
+    ILP did not solve, the greedy plan went; where it did, nothing went (a review)."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", []), worker("z", ["a"])],
+        requests=reqs("x", "a", 4) + [replace(r, pinned=True) for r in reqs("z", None, 5, remaining=50)],
+        file_bytes={"a": 16},
+        adapter_load_seconds=1.4,
+    )
+    settings = PlannerSettings(max_nodes=20, min_gain_s=0.6)
+    p = plan(snap, replace(settings, max_ilp_variables=1))  # (no ILP: the greedy plan)
+    assert [(m.request_id, m.to_worker) for m in p.moves] == [("x-a-0", "y")] and not p.no_gain
+    p = plan(snap, settings)
+    assert p.ilp_fallback is None and not p.no_gain and p.method == "greedy"
+    assert [(m.request_id, m.to_worker) for m in p.moves] == [("x-a-0", "y")]
+    assert p.makespan_after_s == pytest.approx(3.0)
+
+
 def _cluster(seed: int) -> ClusterSnapshot:
     """2 to 4 workers of 20, 50 or 1,000 blocks and 1 to 3 slots; up to 25 requests of three
     adapters (one at two versions) or the base model, of contexts and answers far apart."""
