@@ -98,6 +98,24 @@ def test_two_plans_in_a_row_leave_room_for_the_moves_still_on_their_way(solver: 
     assert not [m for m in moves(second) if m.to_worker == "y"]
 
 
+def test_the_ilp_itself_leaves_room_for_the_blocks_on_their_way() -> None:
+    """The test above, on the ILP's own moves (before ``fitting`` drops those over a destination's
+    blocks, which passed it with the model's KV bounds blind to the blocks on their way): y's 60
+    blocks are all taken by the six requests arriving, so the model moves none of x's there."""
+    import time
+
+    from dlora.services.migrator.costs import Standing
+
+    y = replace(worker("y", kv_blocks=60), unlisted_blocks=60, unlisted_tokens=600)
+    snap = ClusterSnapshot([worker("x"), y], [RequestState(f"r{i:02d}", "x", None, 160, 100) for i in range(20)])
+    solved = planner._solve(snap, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(snap))
+    assert isinstance(solved, tuple) and solved[0] == []
+    # (with room for them, it moves some: the bound, not the balance, keeps them home)
+    roomy = replace(snap, workers=[worker("x"), replace(y, kv_blocks=200)])
+    solved = planner._solve(roomy, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(roomy))
+    assert isinstance(solved, tuple) and solved[0]
+
+
 def test_a_request_longer_than_its_groups_mean_moves_where_there_is_room() -> None:
     """x's two requests of a (4 and 13 blocks: 9 by their mean) beside a pinned one: one each to y
     and z evens the three out. Named against the mean alone, the second (13 > 9) was passed over
