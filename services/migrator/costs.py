@@ -130,6 +130,22 @@ class Standing:
             out[w] = out.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)
         return out
 
+    def waited(self, moves: list[MoveRequest], load: dict[str, float]) -> dict[str, float]:
+        """Each worker's completion time, ``load`` once ``moves`` are made (``after``), with the reads
+        they make waited for: the requests moved to a destination for a read start after it, while
+        its other streams step on beside it (added to all of its work, a read to a busy worker
+        dropped a plan for a gain it brought)."""
+        reads = {w: seconds for w, seconds in self.reads(moves).items() if seconds}
+        waiting = dict.fromkeys(reads, 0.0)
+        for m in (m for m in moves if m.to_worker in reads):  # (the requests of the others: not read)
+            r, there = self.by_id[m.request_id], self.workers[m.to_worker]
+            if (key := r.key) and not runs_among(self.running[there.worker], key) and not there.has(key):
+                waiting[there.worker] += r.remaining_tokens * there.cost(r.adapter)
+        out = dict(load)
+        for w, seconds in reads.items():
+            out[w] = max(load[w] - waiting[w], seconds) + waiting[w]
+        return out
+
 
 def read_price(snapshot: ClusterSnapshot, w: WorkerState, key: str) -> float:
     """Seconds ``w`` takes to read adapter version ``key`` (``RequestState.key``) for a request moved

@@ -179,9 +179,7 @@ def _gained(standing: Standing, moves: list[MoveRequest], settings: PlannerSetti
     load, demand = standing.after(moves)
     # A read is waited for where it is made: the requests moved there for it start after it (their
     # longest completion, left out, passed a plan on 0.7 s saved that its read made 0.3 s).
-    for w, seconds in standing.reads(moves).items():
-        load[w] += seconds
-    after, relief = max(load.values()), standing.relief(demand, settings.kv_pressure)
+    after, relief = max(standing.waited(moves, load).values()), standing.relief(demand, settings.kv_pressure)
     # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
     # the moves cost in total: each move's recompute is real work taken from the destination. Not
     # by their ``worth`` (its reads summed as if work too): a read runs beside the destination's

@@ -205,6 +205,26 @@ def test_a_plans_gain_counts_the_wait_for_the_reads_its_moves_make() -> None:
     assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5) and worth(snap, p.moves, 1.0) < 0
 
 
+def test_a_read_delays_the_requests_moved_for_it_not_the_destinations_own() -> None:
+    """x runs ten 1 s requests of a; y runs six 1 s requests of its own and lacks a (a read of 1 s).
+    The ILP moves two to y: y's own streams step on while a is read (DESIGN.md: "every other
+    stream steps on"), the two start after it, and both workers end at 8 s, 2 s before x did. The
+    gain check added the read to all of y's work (9 s), and under a min_gain_s of 1.5 dropped it."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", [])],
+        requests=reqs("x", "a", 10) + [replace(r, pinned=True) for r in reqs("y", None, 6)],
+        file_bytes={"a": 16},
+        adapter_load_seconds=1.0,
+    )
+    p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=1.5))
+    assert not p.no_gain and sorted(m.to_worker for m in p.moves) == ["y", "y"]
+    assert p.makespan_after_s == pytest.approx(8.0)
+    # where y is idle, the two wait for the read all the same (1 s, then 2 s of work)
+    idle = replace(snap, requests=reqs("x", "a", 4))
+    p = plan(idle, PlannerSettings(max_nodes=20, max_ilp_variables=1))
+    assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.0)
+
+
 def test_where_the_plan_chosen_by_worth_brings_too_little_the_other_one_goes() -> None:
     """x runs four 1 s requests of a; y, idle, lacks a (a read of 1.4 s); z holds a beside 2.5 s of
     its own pinned work. The greedy plan moves one to y: the longest completion goes from 4 s to 3 s,
