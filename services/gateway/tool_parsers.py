@@ -106,6 +106,11 @@ class ToolParser:
         default_factory=lambda: TagEnd(_CLOSE, literal=True)
     )  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
+    # hermes, within a call: its "{" less its "}" counted so far (strings not minded), and how far
+    # from _at (``_closes_call``: counted again from _at at each tag an argument quotes, n tags cost
+    # n times the call's length; a review)
+    _braces: int = 0
+    _counted: int = 0
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
     _reader: PythonicReader | GraniteReader | FunctionCallReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
@@ -277,10 +282,25 @@ class ToolParser:
             if end is None:
                 self._read = len(self._held)
                 return content, out
-            if self._close.quoted and not _closes_call(self._held[self._at : end]):
+            if self._close.quoted and not self._closes_call(end):
                 self._read = end + len(_CLOSE)  # a tag an argument quotes
                 continue
             content += self._closed(end, out)
+
+    def _closes_call(self, end: int) -> bool:
+        """Whether a tag read inside a string, at ``end``, closes the call all the same: the call's
+        object closed before it, its braces (strings not minded) balanced. A quote the model left
+        unescaped ("5" inches") made the rest of the output one string, so the stream held it all,
+        silent, to its end (where it was read again with literal tags); an argument that quotes the
+        tag seldom ends its braces there. (Built by hand to, '{"s": "}}</tool_call>"}' is cut: vLLM's
+        hermes before #55848 cut every quoted tag.) Each character is counted once per call."""
+        held, at = self._held, self._at
+        self._braces += _brace_balance(held, at + self._counted, end)
+        self._counted = end - at
+        last = end
+        while last > at and held[last - 1] in " \t\r\n":  # (back over the space since the last tag at most)
+            last -= 1
+        return self._braces == 0 and last > at and held[last - 1] == "}"
 
     def _closed(self, end: int, out: list[Call]) -> str:
         """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
@@ -298,6 +318,7 @@ class ToolParser:
             self._literal = True
             return self._closed(self._at + first, out)
         self._at = self._read = end + len(_CLOSE)
+        self._braces, self._counted = 0, 0
         self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal, literal=True)
         if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written
@@ -428,15 +449,9 @@ def _whole_items(text: str) -> list[Any]:
         pos = end
 
 
-def _closes_call(body: str) -> bool:
-    """Whether a tag read inside a string closes the call all the same: the call's object closed
-    before it, its braces (strings not minded) balanced. A quote the model left unescaped ("5"
-    inches") made the rest of the output one string, so the stream held it all, silent, to its end
-    (where it was read again with literal tags); an argument that quotes the tag seldom ends its
-    braces there. (Built by hand to, '{"s": "}}</tool_call>"}' is cut: vLLM's hermes before
-    #55848 cut every quoted tag.)"""
-    body = body.rstrip()
-    return body.endswith("}") and body.count("{") == body.count("}")
+def _brace_balance(text: str, start: int, end: int) -> int:
+    """The "{" less the "}" in ``text[start:end]`` (no copy of it)."""
+    return text.count("{", start, end) - text.count("}", start, end)
 
 
 def _partial_tag(text: str, tag: str) -> int:

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from dlora.services.gateway import tool_parsers
 from tests.unit.test_tool_parsers import PING, PING_CALL, UNESCAPED, read
 
 BAD_THEN_GOOD = "Looking.\n" + UNESCAPED + "\n" + PING_CALL
@@ -54,3 +55,25 @@ def test_fuzzed_hermes_outputs_read_alike_however_split() -> None:
         whole = read("hermes", [text])[:2]
         assert read("hermes", pieces)[:2] == whole, pieces
         assert whole[1] or whole[0] == text, text
+
+
+def test_an_argument_quoting_many_tags_is_brace_counted_once_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: at each tag inside a string the call's text so far was sliced and its braces
+    counted again, so an argument quoting the tag n times (a file-editing tool writing a document
+    about hermes calls) cost n times its length: 4,000 tags in 48 kB counted 96 M characters. The
+    braces are counted once through, each character at most once per call."""
+    counted = [0]
+    balance = tool_parsers._brace_balance
+
+    def counting(text: str, start: int, end: int) -> int:
+        counted[0] += end - start
+        return balance(text, start, end)
+
+    monkeypatch.setattr(tool_parsers, "_brace_balance", counting)
+    arguments = {"s": "{}</tool_call>" * 4000}  # (each tag after a "}": the braces counted at each)
+    text = '<tool_call>{"name": "write", "arguments": ' + json.dumps(arguments) + "}</tool_call>"
+    expected = ("", [("write", json.dumps(arguments))])
+    for pieces in ([text], [text[i : i + 4] for i in range(0, len(text), 4)]):
+        counted[0] = 0
+        assert read("hermes", pieces)[:2] == expected
+        assert counted[0] <= len(text)
