@@ -164,11 +164,18 @@ class PythonicReader:
     _prefix: bool = True  # the value's word so far could be a string's prefix (r'...', u'...')
     _broken: bool = False  # the first item turned out no call before its end (``_scan`` stopped there)
     _blank: bool = True  # the text read past leaves its last line blank (where a list may open)
+    # inside: what follows _held while the item being read stays open through it, scanned (joined
+    # at every token, a call's 40 kB argument streamed copied 200 M characters; a review)
+    _pieces: list[str] = field(default_factory=list)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if len(text) > _PIECE:
             return joined(*(self.feed(text[i : i + _PIECE]) for i in range(0, len(text), _PIECE)))
-        self._held += text
+        if self._goes_on(text):
+            self._pieces.append(text)
+            return "", []
+        self._held = "".join([self._held, *self._pieces, text])
+        self._pieces.clear()
         content, out = "", list[Call]()
         while True:
             if not self._inside:
@@ -302,10 +309,25 @@ class PythonicReader:
             self._shape = "after"
         return space or char in ",)'\""
 
-    def _scan(self) -> int | None:
-        """Where the list's item being read ends (its "," or the list's "]"), or None: not yet."""
-        text = self._held
-        i = self._read
+    def _goes_on(self, text: str) -> bool:
+        """Whether the item being read stays open through ``text``, all of it scanned on its own
+        (where the held text was scanned to its end): then it is read; else nothing is, and the
+        scan goes on over the joined text."""
+        if not text or not self._inside or not (self._pieces or self._read == len(self._held)):
+            return False
+        before = self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix
+        if self._scan(text, 0) is None and self._read == len(text):
+            self._read = before[0] + len(text)
+            return True
+        self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix = before
+        self._broken = False
+        return False
+
+    def _scan(self, text: str | None = None, i: int | None = None) -> int | None:
+        """Where the list's item being read ends (its "," or the list's "]"), or None: not yet.
+        Read from ``_read`` in the held text, or from ``i`` in ``text``."""
+        text = self._held if text is None else text
+        i = self._read if i is None else i
         while i < len(text):
             char = text[i]
             if self._quote:
