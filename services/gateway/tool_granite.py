@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dlora.services.gateway.tool_json import loads
-from dlora.services.gateway.tool_parsers import Call, decoded_call
+from dlora.services.gateway.tool_parsers import Call, decoded_call, partial_tag
 from dlora.services.gateway.tool_scan import ObjectEnd
 
 _TAGS = ("<|tool_call|>", "<tool_call>")  # in this order, each at most once
@@ -159,7 +159,7 @@ class FunctionCallReader:
         while True:
             if not self._inside:
                 tag = held.find(_FUNCTION_CALL, at)
-                end = tag if tag >= 0 else len(held) - _partial(held, at)
+                end = tag if tag >= 0 else len(held) - partial_tag(held, _FUNCTION_CALL, at)
                 content += held[at:end] if not self.calls else ""
                 if tag < 0:
                     self._held = held[end:]
@@ -188,11 +188,3 @@ class FunctionCallReader:
             elif not self.calls:
                 content += held[at:close]  # not a call: the text as written
             at, self._inside = close, False
-
-
-def _partial(text: str, at: int) -> int:
-    """How many characters at the end of ``text`` (from ``at``) could begin the tag."""
-    for n in range(min(len(_FUNCTION_CALL) - 1, len(text) - at), 0, -1):
-        if _FUNCTION_CALL.startswith(text[-n:]):
-            return n
-    return 0

@@ -252,7 +252,7 @@ class ToolParser:
         at = self._held.find(tag, self._at)
         found = at >= 0
         if not found:
-            at = max(self._at, len(self._held) - _partial_tag(self._held, tag))
+            at = max(self._at, len(self._held) - partial_tag(self._held, tag))
         text = self._held[self._at : at] if not self.calls else ""
         self._at = self._read = at + len(tag) if found else at
         return text, found
@@ -454,9 +454,9 @@ def _brace_balance(text: str, start: int, end: int) -> int:
     return text.count("{", start, end) - text.count("}", start, end)
 
 
-def _partial_tag(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` could begin ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+def partial_tag(text: str, tag: str, start: int = 0) -> int:
+    """How many characters at the end of ``text`` (from ``start``) could begin ``tag``."""
+    for n in range(min(len(tag) - 1, len(text) - start), 0, -1):
         if tag.startswith(text[-n:]):
             return n
     return 0
