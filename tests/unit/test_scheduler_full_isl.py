@@ -2,13 +2,17 @@
 vLLM's ``scheduler_reserve_full_isl``): what it costs a step to pass a prompt over."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
 from dlora.services.worker.engine import block_manager
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import schedule
-from dlora.services.worker.policy import StepDecision
+from dlora.services.worker.engine.scheduler import queued, schedule
+from dlora.services.worker.policy import BatchLimits, StepDecision
+from dlora.services.worker.policy.config import PolicyConfig
+from dlora.services.worker.policy.dlora import DLoraPolicy
+from dlora.services.worker.policy.fcfs import UnmergedOnly
 from tests.unit.test_scheduler import CHUNKED, running, seq
 
 
@@ -39,3 +43,25 @@ def test_a_prompt_passed_over_step_after_step_hashes_its_cached_prefix_once(monk
         bm.free("short")
         seqs["short"].num_cached = 0
     assert hashed <= 5  # (30 before) its 4 cached blocks and the one after, once
+
+
+@pytest.mark.parametrize("policy", ["unmerged-only", "dlora"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_prompt_the_blocks_free_cannot_hold_does_not_take_a_place_in_the_policy_s_batch(
+    policy: str, recompute: bool
+) -> None:
+    """The policy filled its batch to max_num_seqs in queue order with a prompt the scheduler then
+    passed over (all of it does not fit the blocks free: full-ISL admission), and the step ran a
+    request short while a prompt that fits waited outside the batch, for as long as the long one
+    could not start. A recompute keeps its place: no prompt behind it starts (vLLM's line)."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    d = running(seq("d", 0, 15, adapter="a", outputs=1), bm)  # 4 blocks held, 4 free
+    long = seq("long", 1, 20, adapter="a", outputs=4 if recompute else 0)  # 6 blocks
+    seqs = {s.request_id: s for s in (d, long, seq("short", 2, 4, adapter="a"))}
+    limits = replace(CHUNKED, max_num_seqs=2, max_num_batched_tokens=64)
+    batch_limits = BatchLimits(2, limits.max_adapters, 64)
+    chooser = UnmergedOnly(batch_limits) if policy == "unmerged-only" else DLoraPolicy(batch_limits, PolicyConfig())
+    queue = list(queued(seqs.values(), {"a": SimpleNamespace(rank=8)}, limits, {}, bm).values())
+    plan = schedule(chooser.decide(queue, None), seqs, bm, limits)
+    # (["d"] before: the long prompt passed over, the short one left out of the batch)
+    assert [s.request_id for s in plan.seqs] == (["d"] if recompute else ["d", "short"])

@@ -83,15 +83,28 @@ def queued(
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
         context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
+        fits = blocks is None or _fits_whole(s, blocks, cache_key(s.adapter, merged) if cache_key else b"")
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
             or q.held != held
+            or q.fits != fits
             or not q.context <= context <= q.context + q.context // 16
         ):
-            q = QueuedRequest(s.request_id, *fields, context, held)
+            q = QueuedRequest(s.request_id, *fields, context, held, fits)
         out[s.request_id] = q
     return out
+
+
+def _fits_whole(seq: Sequence, blocks: BlockManager, key: bytes) -> bool:
+    """False for a fresh prompt (not a recompute: that one stops the line behind it) whose whole
+    sequence the blocks free now cannot hold, as ``schedule``'s full-ISL check finds it when not
+    first in its step: the policy then fills the step's place with another (``fcfs_batch``)."""
+    if seq.status is not Status.WAITING or seq.output_ids or blocks.holds(seq.request_id):
+        return True
+    if blocks.blocks_for(seq.total_len) <= blocks.num_free:
+        return True
+    return _may_fit(seq, blocks, seq.prompt_ids, NO_REUSE if seq.collects_prompt_logprobs else seq.salted(key))
 
 
 def _looks_up(seq: Sequence, blocks: BlockManager) -> bool:

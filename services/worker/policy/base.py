@@ -50,6 +50,9 @@ class QueuedRequest:
     # With ``switched``: the KV entries it attends besides those it feeds, under each merged
     # state (what it holds and what it finds cached under that state's key).
     held: SwitchedFeeds | None = None
+    # False: a fresh prompt the blocks free now cannot hold whole, which the scheduler starts only
+    # first in its step (full-ISL admission): in a batch behind others it only took a place.
+    fits: bool = True
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
@@ -182,13 +185,16 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
     ``merged``: the batch of a mixed step with that adapter merged, whose requests need no slot
     while its correction holds one; or, given only that adapter's requests, of a merged step. The
     token budget is the scheduler's to apply (it knows each prompt's cached prefix): see
-    ``within_budget``."""
+    ``within_budget``. A prompt that does not ``fit`` is left out unless first (the scheduler
+    would pass it over, its step a request short)."""
     slots = free_slots(limits.max_adapters, merged)
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break
+        if out and not r.fits:
+            continue
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
             if len(adapters) >= slots:
                 continue

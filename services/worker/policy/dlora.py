@@ -178,9 +178,10 @@ class DLoraPolicy(Policy):
             if r.adapter is not None:
                 self.ranks[r.adapter] = r.rank
         by_adapter: dict[str, list[QueuedRequest]] = {}
-        for r in queue:
-            if r.adapter is not None and len(by_adapter.setdefault(r.adapter, [])) < self.limits.max_num_seqs:
-                by_adapter[r.adapter].append(r)
+        for r in queue:  # (a prompt that does not fit only first: ``fcfs_batch``)
+            group = by_adapter.setdefault(r.adapter, []) if r.adapter is not None else None
+            if group is not None and len(group) < self.limits.max_num_seqs and (r.fits or not group):
+                group.append(r)
         floor = -self.config.debt_floor_s
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first; never one that
