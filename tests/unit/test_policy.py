@@ -106,3 +106,24 @@ def test_policies_by_name(name: str) -> None:
 def test_unknown_policy_is_refused_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="dlora"):
         make_policy(PolicyConfig(name="sometimes"), LIMITS)  # type: ignore[arg-type]
+
+
+def test_within_budget_starts_no_prompt_keyed_after_a_recompute_that_does_not_fit_as_the_scheduler() -> None:
+    """Without chunked prefill a recompute (a request that was generating) too long for the budget
+    left stops the prompts keyed after it, in the scheduler (vLLM's waiting loop stops there: past
+    it small prompts kept the room it waited for). ``within_budget`` went on past it and priced the
+    step on a prompt that would not run (the last session's "misprices with chunked prefill off")."""
+    from dlora.services.worker.engine.block_manager import BlockManager
+    from dlora.services.worker.engine.scheduler import Limits, queued, schedule
+    from dlora.services.worker.policy import StepDecision
+    from tests.unit.test_scheduler import running, seq
+
+    bm = BlockManager(num_blocks=64, block_size=4)
+    seqs = {s.request_id: s for s in (running(seq("d", 0, 3, outputs=1), bm), seq("r", 1, 6, outputs=4))}
+    seqs |= {"p": seq("p", 2, 3), "e": running(seq("e", 3, 3, outputs=1), bm)}
+    limits = Limits(max_num_seqs=8, max_num_batched_tokens=8, max_adapters=2, chunked_prefill=False)
+    batch = list(queued(seqs.values(), {}, limits, {}, bm).values())
+    whole = BatchLimits(8, 2, 8, chunked_prefill=False)
+    plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
+    assert [s.request_id for s in plan.seqs] == ["d", "e"]  # r (10 tokens) waits, and p behind it
+    assert [r.request_id for r in within_budget(batch, whole)] == ["d", "e"]  # (["d", "p", "e"] before)

@@ -91,7 +91,9 @@ def queued(
             or q.fits != fits
             or not q.context <= context <= q.context + q.context // 16
         ):
-            q = QueuedRequest(s.request_id, *fields, context, held, fits)
+            q = QueuedRequest(
+                s.request_id, *fields, context, held, fits, s.status is Status.WAITING and bool(s.output_ids)
+            )
         out[s.request_id] = q
     return out
 

@@ -8,6 +8,7 @@ and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden sta
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -53,6 +54,9 @@ class QueuedRequest:
     # False: a fresh prompt the blocks free now cannot hold whole, which the scheduler starts only
     # first in its step (full-ISL admission): in a batch behind others it only took a place.
     fits: bool = True
+    # Waiting, it was generating (preempted, or resumed from elsewhere): one the step cannot start
+    # stops the fresh prompts keyed after it (the scheduler's ``line``; ``within_budget``).
+    recompute: bool = False
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
@@ -211,24 +215,28 @@ def within_budget(
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
     their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
-    first. For pricing a step."""
+    first; nor a prompt keyed after a recompute that did not fit (the scheduler's line). For
+    pricing a step."""
     budget = limits.max_num_batched_tokens
     if budget is None:
         return batch
     out: list[QueuedRequest] = []
-    tokens = 0
+    tokens, line = 0, math.inf
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
     for r in batch:
         if tokens >= budget:
             break
         if r.running:
             decodes -= r.num_new
+        elif r.arrival > line:
+            continue
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
         room = budget - tokens - reserved
         if (n := r.fed(merged, merged_now)) > room:
             if limits.chunked_prefill and not r.running and room > 0:
                 r, n = r.cut(room), room
             elif out or reserved:
+                line = min(line, r.arrival) if r.recompute else line
                 continue
         out.append(r)
         tokens += n
