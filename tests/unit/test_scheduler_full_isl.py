@@ -65,3 +65,28 @@ def test_a_prompt_the_blocks_free_cannot_hold_does_not_take_a_place_in_the_polic
     plan = schedule(chooser.decide(queue, None), seqs, bm, limits)
     # (["d"] before: the long prompt passed over, the short one left out of the batch)
     assert [s.request_id for s in plan.seqs] == (["d"] if recompute else ["d", "short"])
+
+
+def test_the_policy_s_queue_weighs_a_batch_s_worth_of_long_prompts_an_adapter_not_every_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whether a prompt fits whole is looked up in the prefix cache (a hash per cached block, once
+    per prompt) only for an adapter's first max_num_seqs prompts that may not: as far as any
+    candidate batch reaches. A queue of long prompts on a shared system prompt hashed them all."""
+    hashed = 0
+    hash_block = block_manager.block_hash
+
+    def counting(parent: bytes, token_ids: list[int], cache_key: bytes) -> bytes:
+        nonlocal hashed
+        hashed += 1
+        return hash_block(parent, token_ids, cache_key)
+
+    monkeypatch.setattr(block_manager, "block_hash", counting)
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    d = running(seq("d", 0, 16, outputs=1), bm)  # its 16-token prefix in 4 cached blocks, 4 free
+    bm.computed("d", d.all_ids(), 0, 16, d.salted(b""))
+    waiting = [seq(f"p{i}", 1 + i, 36) for i in range(10)]  # 9 blocks each, 5 to compute: none fits
+    limits, hashed = replace(CHUNKED, max_num_seqs=2), 0
+    queue = queued([d, *waiting], {}, limits, {}, bm, lambda adapter, merged: b"")
+    assert [q.fits for q in queue.values()] == [True, False, False, *[True] * 8]
+    assert hashed <= 2 * 5  # (50: all ten)

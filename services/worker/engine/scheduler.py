@@ -63,7 +63,7 @@ def queued(
     sixteenth: a decode's stays the same for many steps, and made anew it cost the step a few
     microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
-    budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
+    budget, looked, weighed = limits.max_num_batched_tokens, Counter[str | None](), Counter[str | None]()
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
@@ -83,7 +83,11 @@ def queued(
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
         context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
-        fits = blocks is None or _fits_whole(s, blocks, cache_key(s.adapter, merged) if cache_key else b"")
+        fits = True  # (past an adapter's first max_num_seqs not weighed, as ``looked``: taken to fit, as before)
+        if blocks is not None and _over_free(s, blocks) and weighed[s.adapter] < limits.max_num_seqs:
+            weighed[s.adapter] += 1
+            key = s.salted(cache_key(s.adapter, merged) if cache_key is not None else b"")
+            fits = _may_fit(s, blocks, s.prompt_ids, NO_REUSE if s.collects_prompt_logprobs else key)
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
@@ -98,15 +102,17 @@ def queued(
     return out
 
 
-def _fits_whole(seq: Sequence, blocks: BlockManager, key: bytes) -> bool:
-    """False for a fresh prompt (not a recompute: that one stops the line behind it) whose whole
-    sequence the blocks free now cannot hold, as ``schedule``'s full-ISL check finds it when not
-    first in its step: the policy then fills the step's place with another (``fcfs_batch``)."""
-    if seq.status is not Status.WAITING or seq.output_ids or blocks.holds(seq.request_id):
-        return True
-    if blocks.blocks_for(seq.total_len) <= blocks.num_free:
-        return True
-    return _may_fit(seq, blocks, seq.prompt_ids, NO_REUSE if seq.collects_prompt_logprobs else seq.salted(key))
+def _over_free(seq: Sequence, blocks: BlockManager) -> bool:
+    """Whether ``seq`` is a fresh prompt (not a recompute: that one stops the line behind it) longer
+    than the blocks free now hold, before its cached prefix counts (``_may_fit`` says then). One
+    that does not fit ``schedule`` passes over when not first in its step (full-ISL admission):
+    the policy gives its place in a batch to another (``QueuedRequest.fits``, ``fcfs_batch``)."""
+    return (
+        seq.status is Status.WAITING
+        and not seq.output_ids
+        and blocks.blocks_for(seq.total_len) > blocks.num_free
+        and not blocks.holds(seq.request_id)
+    )
 
 
 def _looks_up(seq: Sequence, blocks: BlockManager) -> bool:
