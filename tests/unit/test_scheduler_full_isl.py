@@ -9,7 +9,8 @@ import pytest
 from dlora.services.worker.engine import block_manager
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import queued, schedule
-from dlora.services.worker.policy import BatchLimits, StepDecision
+from dlora.services.worker.policy import BatchLimits, StepDecision, fcfs_batch
+from dlora.services.worker.policy.base import within_budget
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.fcfs import UnmergedOnly
@@ -90,3 +91,20 @@ def test_the_policy_s_queue_weighs_a_batch_s_worth_of_long_prompts_an_adapter_no
     queue = queued([d, *waiting], {}, limits, {}, bm, lambda adapter, merged: b"")
     assert [q.fits for q in queue.values()] == [True, False, False, *[True] * 8]
     assert hashed <= 2 * 5  # (50: all ten)
+
+
+def test_the_policy_prices_no_step_on_a_recompute_the_blocks_free_cannot_hold_nor_on_prompts_behind_it() -> None:
+    """A recompute that all of does not fit the blocks free waits when not first in its step, and
+    no prompt keyed after it starts (vLLM's line). ``within_budget``, which every candidate's price
+    and the dLoRA band's counts rest on, counted it and the prompt behind it as run."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    d = running(seq("d", 0, 15, outputs=1), bm)  # 4 blocks held, 4 free
+    seqs = {s.request_id: s for s in (d, seq("r", 1, 14, outputs=4), seq("p", 2, 4))}  # r: 5 blocks
+    limits = replace(CHUNKED, max_num_batched_tokens=64)
+    queue = list(queued(seqs.values(), {}, limits, {}, bm).values())
+    batch_limits = BatchLimits(limits.max_num_seqs, limits.max_adapters, 64)
+    batch = fcfs_batch(queue, batch_limits)
+    assert [r.request_id for r in batch] == ["d", "r", "p"]  # r keeps its place: left out, p would start
+    plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
+    assert [s.request_id for s in plan.seqs] == ["d"]
+    assert [r.request_id for r in within_budget(batch, batch_limits)] == ["d"]  # (["d", "r", "p"] before)

@@ -87,7 +87,7 @@ def queued(
         if blocks is not None and _over_free(s, blocks) and weighed[s.adapter] < limits.max_num_seqs:
             weighed[s.adapter] += 1
             key = s.salted(cache_key(s.adapter, merged) if cache_key is not None else b"")
-            fits = _may_fit(s, blocks, s.prompt_ids, NO_REUSE if s.collects_prompt_logprobs else key)
+            fits = _may_fit(s, blocks, s.all_ids(), NO_REUSE if s.collects_prompt_logprobs else key)
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
@@ -103,13 +103,12 @@ def queued(
 
 
 def _over_free(seq: Sequence, blocks: BlockManager) -> bool:
-    """Whether ``seq`` is a fresh prompt (not a recompute: that one stops the line behind it) longer
-    than the blocks free now hold, before its cached prefix counts (``_may_fit`` says then). One
-    that does not fit ``schedule`` passes over when not first in its step (full-ISL admission):
-    the policy gives its place in a batch to another (``QueuedRequest.fits``, ``fcfs_batch``)."""
+    """Whether ``seq`` is a prefill holding no blocks longer than the blocks free now hold, before
+    its cached prefix counts (``_may_fit`` says then). One that does not fit ``schedule`` passes
+    over when not first in its step (full-ISL admission): the policy gives a prompt's place in a
+    batch to another, and prices no step on either (``QueuedRequest.fits``)."""
     return (
         seq.status is Status.WAITING
-        and not seq.output_ids
         and blocks.blocks_for(seq.total_len) > blocks.num_free
         and not blocks.holds(seq.request_id)
     )

@@ -51,12 +51,18 @@ class QueuedRequest:
     # With ``switched``: the KV entries it attends besides those it feeds, under each merged
     # state (what it holds and what it finds cached under that state's key).
     held: SwitchedFeeds | None = None
-    # False: a fresh prompt the blocks free now cannot hold whole, which the scheduler starts only
-    # first in its step (full-ISL admission): in a batch behind others it only took a place.
+    # False: a prefill the blocks free now cannot hold whole, which the scheduler starts only first
+    # in its step (full-ISL admission): a prompt behind others in a batch only takes a place.
     fits: bool = True
     # Waiting, it was generating (preempted, or resumed from elsewhere): one the step cannot start
     # stops the fresh prompts keyed after it (the scheduler's ``line``; ``within_budget``).
     recompute: bool = False
+
+    @property
+    def keeps_place(self) -> bool:
+        """Whether it may run in a batch behind others: it fits, or it is a recompute (which, not
+        fitting, still stops the prompts keyed after it: left out, they would start instead)."""
+        return self.fits or self.recompute
 
     def fed(self, merged: str | None, merged_now: str | None) -> int:
         """Tokens it would feed in a step with ``merged`` merged, ``merged_now`` being merged now."""
@@ -197,7 +203,7 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break
-        if out and not r.fits:
+        if out and not r.keeps_place:
             continue
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
             if len(adapters) >= slots:
@@ -229,6 +235,9 @@ def within_budget(
         if r.running:
             decodes -= r.num_new
         elif r.arrival > line:
+            continue
+        elif out and not r.fits:  # (passed over for the blocks free; a recompute stops the line)
+            line = min(line, r.arrival) if r.recompute else line
             continue
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
         room = budget - tokens - reserved

@@ -180,7 +180,7 @@ class DLoraPolicy(Policy):
         by_adapter: dict[str, list[QueuedRequest]] = {}
         for r in queue:  # (a prompt that does not fit only first: ``fcfs_batch``)
             group = by_adapter.setdefault(r.adapter, []) if r.adapter is not None else None
-            if group is not None and len(group) < self.limits.max_num_seqs and (r.fits or not group):
+            if group is not None and len(group) < self.limits.max_num_seqs and (r.keeps_place or not group):
                 group.append(r)
         floor = -self.config.debt_floor_s
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
