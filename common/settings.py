@@ -224,9 +224,11 @@ def unread_config(
     """The warning, if any, where a ``dlora.toml`` lies in the working directory but no settings file is
     chosen (``config_path`` is None): it is not read. A new user who wrote one there, as the
     README's "settings come from dlora.toml" invited, got the defaults without a word (its
-    `[gateway] port` ignored, the gateway on 8000; a user's trial)."""
+    `[gateway] port` ignored, the gateway on 8000; a user's trial). ``$DLORA_CONFIG`` set empty
+    chooses none on purpose: ``dlora up`` gives its services that, having warned once itself."""
+    env = os.environ if env is None else env
     here = (cwd or Path.cwd()) / "dlora.toml"
-    if config_path(toml_path, env) is not None or not here.is_file():
+    if config_path(toml_path, env) is not None or "DLORA_CONFIG" in env or not here.is_file():
         return []
     return [f"{here} is not read: name it with --config dlora.toml or DLORA_CONFIG=dlora.toml"]
 

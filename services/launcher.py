@@ -350,8 +350,8 @@ class LocalStack:
             "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps(roots),
             "DLORA_GATEWAY_PORT": str(base.port),
         }
-        if self.config:
-            env["DLORA_CONFIG"] = self.config
+        # empty where none is named (a choice of none): no service warns again of a dlora.toml here
+        env["DLORA_CONFIG"] = self.config or env.get("DLORA_CONFIG", "")
         cmd = [sys.executable, "-m", "dlora.services.cli", "serve"]
         roles = self.role_env
         self._spawn(
