@@ -34,7 +34,7 @@ from dlora.common.urls import http_url, nats_servers, redacted
 from dlora.model.adapters import parse_lora_args
 from dlora.model.config import ModelConfig, served_name
 from dlora.services.config_file import SERVICES, check_config
-from dlora.services.gateway.admin import check_adapter
+from dlora.services.gateway.admin import check_adapter, lora_roots
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gpus import gpu_of_worker, visible_gpus
@@ -308,7 +308,7 @@ class LocalStack:
             self.loras = {**demo_loras, **self.loras}
         else:
             self.model_dir = Path(self.model)
-        roots = list(base.adapter_roots) + sorted({str(Path(p).resolve().parent) for p in self.loras.values()})
+        roots = list(base.adapter_roots) + lora_roots(self.loras.values())
         self.admin_key = base.admin_key or os.environ.get("DLORA_ADMIN_KEY") or secrets.token_hex(12)
         # Made here: printed, the only way to learn it. Given (dlora.toml, the environment): never
         # printed, as vLLM never prints --api-key (the output goes to logs).

@@ -5,6 +5,7 @@ configured root, and the files must make a valid adapter for the base model with
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -85,3 +86,16 @@ def check_adapter(
         owner=owner,
         file_bytes=adapter.file_bytes,
     )
+
+
+def lora_roots(paths: Iterable[str]) -> list[str]:
+    """The adapter roots ``dlora up --lora NAME=DIR`` adds: each DIR's folder, or, for a snapshot
+    of the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``, the path vLLM's
+    ``--lora-modules`` is given), the repository's folder: the snapshot's files link to its
+    ``blobs``, which the snapshots folder does not hold, so every one of them was refused."""
+    roots = set()
+    for path in paths:
+        folder = Path(path).expanduser().resolve().parent  # ~ as check_adapter reads it
+        in_hub_cache = folder.name == "snapshots" and (folder.parent / "blobs").is_dir()
+        roots.add(str(folder.parent if in_hub_cache else folder))
+    return sorted(roots)
