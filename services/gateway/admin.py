@@ -4,6 +4,7 @@ configured root, and the files must make a valid adapter for the base model with
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,11 +66,11 @@ def check_adapter(
             raise APIError(
                 400,
                 f"adapter path {path!r} is outside the adapter roots {roots} (the gateway's adapter_roots "
-                "setting; `dlora up --lora NAME=DIR` adds DIR's folder)",
+                f"setting; `dlora up --lora NAME=DIR` adds DIR's folder){_repo_hint(path)}",
                 param="path",
             )
         if not resolved.is_dir():
-            raise APIError(400, f"adapter path {path!r} is not a directory", param="path")
+            raise APIError(400, f"adapter path {path!r} is not a directory{_repo_hint(path)}", param="path")
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links, no permission, no home
         why = getattr(e, "strerror", None) or e  # (a RuntimeError has none: raised here, it was a 500)
         raise APIError(400, f"adapter path {path!r} cannot be read: {why}", param="path") from None
@@ -85,6 +86,21 @@ def check_adapter(
         version=adapter.digest,
         owner=owner,
         file_bytes=adapter.file_bytes,
+    )
+
+
+# A Hugging Face repo id ("org/name"), which vLLM downloads where a path is not found
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _repo_hint(path: str) -> str:
+    """Said beside a refused path that reads as a repo id: vLLM users give one (its docs do), were
+    told only "outside the adapter roots", added the roots, and were refused again."""
+    if not _REPO_ID.fullmatch(path):
+        return ""
+    return (
+        " (a Hugging Face repo id is not downloaded here, as vLLM would: give the directory of its "
+        f"files, e.g. the one `hf download {path}` prints)"
     )
 
 
