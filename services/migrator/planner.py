@@ -159,8 +159,10 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     after, no_gain = _gained(standing, moves, settings)
     # Chosen by worth (its reads summed as costs), a plan can bring too little where the other, its
     # reads waited for, brings enough: the ILP that moved one to a busy worker rather than read an
-    # adapter on an idle one left no plan, where without it the greedy one went (a review).
-    if no_gain and other is not None and other[0] and not (alt := _gained(standing, other[0], settings))[1]:
+    # adapter on an idle one left no plan, where without it the greedy one went (a review). An empty
+    # plan brings nothing: where the ILP's, worth 0 against a greedy plan's read, nothing went that
+    # the greedy plan alone (the ILP unsolved) would have sent (a review: reads priced two ways).
+    if (no_gain or not moves) and other and other[0] and not (alt := _gained(standing, other[0], settings))[1]:
         (moves, method), (after, no_gain) = other, alt
     return MovePlan(
         plan_id=uuid.uuid4().hex,

@@ -394,3 +394,22 @@ def test_a_time_bound_spent_before_the_solve_builds_no_model(monkeypatch: pytest
     assert plan(snap, PlannerSettings(time_limit_s=0.0)).ilp_fallback == "ilp-build-timeout"
     assert built == [] and listed == []
     assert plan(snap, PlannerSettings(max_nodes=20)).ilp_fallback is None and len(built) == 1  # (untimed: built)
+
+
+def test_where_the_ilps_plan_is_empty_the_greedy_one_goes_if_it_gains_enough() -> None:
+    """The snapshot of the gain test above (y reads a in 2.5 s), planned with the ILP: pricing the
+    read as a cost, it moves nothing (worth 0 against the greedy plan's negative worth), and an
+    empty plan brings "too little" of nothing, so the greedy plan that goes where the ILP does not
+    solve (4 s to 3.5 s, the read waited for) went nowhere once it did (a review)."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", [])],
+        requests=reqs("x", "a", 4),
+        file_bytes={"a": 16},
+        adapter_load_seconds=2.5,
+    )
+    p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=0.25))
+    assert (p.method, p.ilp_fallback, p.no_gain) == ("greedy", None, False)
+    assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5)
+    # asked for more than it brings, nothing goes, by either
+    p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=0.75))
+    assert p.moves == []
