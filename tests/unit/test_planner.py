@@ -213,11 +213,11 @@ def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> N
     """128 workers x 1,024 adapters x 10,000 requests: the full model (about 41,000 variables) is
     pruned to the groups on busy workers and their least loaded destinations, and CBC starts from
     the greedy plan: the ILP solves, no fallback (issue 21; `dlora bench migration` times it), and
-    its plan is taken over the greedy one (200.2 s saved against 198.2). A node bound rather than a
-    time bound, so a loaded machine plans the same."""
+    the better is taken: the ILP's (200.2 s saved against 198.2) until the greedy pass chose no read
+    first, whose plan (200.8 s) beats 20 nodes from it (193.5 s). A node bound, not a time bound."""
     snap = bench_snapshot(128, 1024, 10_000)
     p = plan(snap, PlannerSettings(max_nodes=20))
-    assert (p.method, p.ilp_fallback) == ("ilp-incumbent", None) and p.moves and not p.no_gain
+    assert p.ilp_fallback is None and p.moves and not p.no_gain and planner.Standing(snap).worth(p.moves, 1.0) > 200
     assert p.makespan_after_s < 0.5 * p.makespan_before_s
     workers = {w.worker: w for w in snap.workers}
     by_id = {r.request_id: r for r in snap.requests}

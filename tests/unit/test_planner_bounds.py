@@ -396,6 +396,24 @@ def test_a_time_bound_spent_before_the_solve_builds_no_model(monkeypatch: pytest
     assert plan(snap, PlannerSettings(max_nodes=20)).ilp_fallback is None and len(built) == 1  # (untimed: built)
 
 
+def test_the_greedy_pass_moves_to_a_worker_holding_the_adapter_where_it_ends_as_soon() -> None:
+    """x runs one 1 s request of a beside 4 s of its own pinned work; y, idle, lacks a (a read of
+    1 s); z holds a beside 1 s of its own. Moved to either, the request ends at 2 s: the greedy pass
+    took y, the least loaded before the move, and read a there for nothing (a review); a destination
+    is now one needing no read first (as the ILP prices a read), then the one that ends first."""
+    own = [replace(r, pinned=True) for r in reqs("x", None, 4) + reqs("z", None, 1)]
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", []), worker("z", ["a"])],
+        requests=[*own, RequestState("moving", "x", "a", 10, 100)],
+        file_bytes={"a": 16},
+        adapter_load_seconds=1.0,
+    )
+    moves = _greedy(snap, PlannerSettings())
+    assert [(m.request_id, m.to_worker) for m in moves] == [("moving", "z")]
+    p = plan(snap, PlannerSettings(max_ilp_variables=1))  # (the greedy plan, where the ILP does not solve)
+    assert [m.to_worker for m in p.moves] == ["z"] and p.makespan_after_s == pytest.approx(4.0)
+
+
 def test_where_the_ilps_plan_is_empty_the_greedy_one_goes_if_it_gains_enough() -> None:
     """The snapshot of the gain test above (y reads a in 2.5 s), planned with the ILP: pricing the
     read as a cost, it moves nothing (worth 0 against the greedy plan's negative worth), and an
