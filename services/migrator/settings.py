@@ -5,6 +5,11 @@ from __future__ import annotations
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.services.migrator.trigger import TriggerBounds
 
+# CBC runs as a subprocess: writing the model, starting it and reading its solution back (0.2-0.25 s
+# at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands inside the bound. A solve
+# bound at or below it never runs the ILP (the greedy pass plans alone), so it is refused.
+CBC_OVERHEAD_S = 0.3
+
 
 class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Names this migrator in the logs and the leader lease (with a token of its process: two
@@ -15,7 +20,8 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # Leader lease in Redis, seconds: the leader renews it every interval; a standby takes over
     # when it expires.
     lease_s: float = 3.0
-    # Solver time bound, seconds.
+    # Solver time bound, seconds: more than the 0.3 s kept back for starting the solver and reading
+    # its plan (at or below it the ILP never runs, only the greedy pass).
     solve_time_s: float = 1.0
     # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
     # KV transfer: unset, what the workers measured (prefill speed; a shipped cache's export plus the
@@ -31,4 +37,7 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
         for field in ("interval_s", "lease_s", "solve_time_s"):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
+        if 0 < self.solve_time_s <= CBC_OVERHEAD_S:
+            why = "kept back for starting the solver and reading its plan: the ILP would never run"
+            bad.append(("solve_time_s", self.solve_time_s, f"must be > {CBC_OVERHEAD_S:g} ({why})"))
         return bad
