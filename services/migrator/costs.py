@@ -45,11 +45,6 @@ def kv_demand(snapshot: ClusterSnapshot) -> dict[str, int]:
     return out
 
 
-def kv_overflow_cost(snapshot: ClusterSnapshot, fraction: float) -> float:
-    """Seconds of recompute that KV demand above ``fraction`` of each worker's blocks will cost."""
-    return _overflow(snapshot, kv_demand(snapshot), fraction)
-
-
 def _overflow(snapshot: ClusterSnapshot, demand: dict[str, int], fraction: float) -> float:
     over = sum(max(0.0, demand[w.worker] - fraction * w.kv_blocks) * w.block_size for w in snapshot.workers)
     return over * snapshot.recompute_seconds_per_token

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from dlora.common.messages import MoveRequest
-from dlora.services.migrator.costs import Standing
+from dlora.services.migrator.costs import Standing, blocks_of
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 
 
@@ -24,7 +24,7 @@ def within(
     for i, r in enumerate(requests):
         if len(named) == count:  # (the rest untouched: a group of thousands, after CBC returned)
             return named, rest + requests[i:]
-        need = -(-r.context_tokens // block_size)
+        need = blocks_of(r.context_tokens, block_size)
         if need <= blocks:
             named.append(r)
             blocks -= need
@@ -47,7 +47,7 @@ def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest], standing: Stand
     by_id = standing.by_id
 
     def blocks(r: RequestState, worker: str) -> int:
-        return -(-r.context_tokens // size[worker])
+        return blocks_of(r.context_tokens, size[worker])
 
     after = dict(standing.demand)  # (what a worker counts but does not list stays: moves on their way)
     for w, demand in after.items():

@@ -62,11 +62,9 @@ from dlora.services.migrator.costs import (
     BASE,
     Standing,
     blocks_of,
-    completion_times,
     kv_demand,
     move_cost,
     read_price,
-    running_adapters,
 )
 from dlora.services.migrator.costs import apply as apply  # (a plan's tests read it through here)
 from dlora.services.migrator.mip_start import start_from
@@ -78,9 +76,8 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Runn
 
 @dataclass(frozen=True)
 class PlannerSettings:
-    # Solver time bound; the incumbent is taken when it expires. Not refused at or below the time kept
-    # back for CBC (``_CBC_OVERHEAD_S``): the bound spent is a state the planner meets (the greedy pass
-    # took it), which tests set up so; a migrator's ``solve_time_s`` is refused there.
+    # Solver time bound; the incumbent is taken when it expires. At or below ``_CBC_OVERHEAD_S`` it is a
+    # bound spent (as where the greedy pass took it: tests set it so), not refused; ``solve_time_s`` is.
     time_limit_s: float = 1.0
     # Above this many request->worker variables, building the model (about 0.06 ms each here) does
     # not fit a 1 s bound: it is pruned (``max_destinations``), and if still larger the greedy pass
@@ -141,7 +138,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = PlannerSettings(
     )
     snapshot = _settled(snapshot, settings.kv_pressure)
     standing = Standing(snapshot)
-    greedy = _greedy(snapshot, settings, deadline)
+    greedy = _greedy(snapshot, settings, deadline, standing)
     # The greedy plan measured before CBC starts, within the time it is given: what runs after it
     # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the
     # time kept back for reading its solution (``_CBC_OVERHEAD_S``) covers.
@@ -201,13 +198,13 @@ def _destinations(
     groups: list[Group],
     settings: PlannerSettings,
     start: dict[int, set[str]],
-    active: dict[str, Running],
+    standing: Standing,
 ) -> list[list[str]]:
     """Per group: home first, then the workers it may move to: ones whose context holds its
-    requests that run its adapter (``active``: worker -> adapters it runs) or have a free slot for
+    requests that run its adapter (``standing.running``: worker -> adapters it runs) or have a free slot for
     it; where those make a model of more than ``max_ilp_variables``, pruned by ``max_destinations``
     (the module's docstring says how); and wherever ``start`` (group -> workers) moves some of it."""
-    load, demand = completion_times(snapshot), kv_demand(snapshot)
+    load, demand, active = standing.load, standing.demand, standing.running  # (not walked again)
     by_load = sorted(snapshot.workers, key=lambda w: load[w.worker])
 
     # The workers that take an adapter, once per adapter: for each group (bands and pinned ones
@@ -240,7 +237,7 @@ def _destinations(
 
 
 def _banded(
-    snapshot: ClusterSnapshot, settings: PlannerSettings, active: dict[str, Running], start: list[MoveRequest]
+    snapshot: ClusterSnapshot, settings: PlannerSettings, standing: Standing, start: list[MoveRequest]
 ) -> list[list[Group]]:
     """The groups split in the finest bands (``band_of``) whose model fits ``max_ilp_variables``
     (pruned where the whole one does not), then unbanded. A band's destinations are its group's
@@ -263,8 +260,8 @@ def _banded(
             continue
         groups = grouped(snapshot, bands)
         if not full:
-            full = _destinations(snapshot, parents, replace(settings, max_ilp_variables=sys.maxsize), {}, active)
-            pruned = _destinations(snapshot, parents, replace(settings, max_ilp_variables=0), {}, active)
+            full = _destinations(snapshot, parents, replace(settings, max_ilp_variables=sys.maxsize), {}, standing)
+            pruned = _destinations(snapshot, parents, replace(settings, max_ilp_variables=0), {}, standing)
         at = [of[g.worker, g.adapter, g.fits] for g in groups]
         dests, size = full, sum(len(full[i]) for i in at)
         if size > settings.max_ilp_variables and settings.max_destinations is not None:
@@ -294,14 +291,14 @@ def _solve(
     if _left(settings, started) <= _CBC_OVERHEAD_S:
         return IlpFallback.BUILD_TIMEOUT
     workers = {w.worker: w for w in snapshot.workers}
-    active = running_adapters(snapshot)
-    for groups in _banded(snapshot, settings, active, start):
+    active = standing.running
+    for groups in _banded(snapshot, settings, standing, start):
         group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
         moved = Counter((group_of[m.request_id], m.to_worker) for m in start)
         towards: dict[int, set[str]] = defaultdict(set)
         for i, w in moved:
             towards[i].add(w)
-        dests = _destinations(snapshot, groups, settings, towards, active)
+        dests = _destinations(snapshot, groups, settings, towards, standing)
         if sum(map(len, dests)) <= settings.max_ilp_variables:
             break
     else:
@@ -426,13 +423,17 @@ def _cbc_path() -> str:
     return str(cbcbox.cbc_bin_path())
 
 
-def _greedy(snapshot: ClusterSnapshot, settings: PlannerSettings, deadline: float | None = None) -> list[MoveRequest]:
+def _greedy(
+    snapshot: ClusterSnapshot,
+    settings: PlannerSettings,
+    deadline: float | None = None,
+    standing: Standing | None = None,
+) -> list[MoveRequest]:
     """One request at a time from the most loaded worker to one with its adapter or a free slot, and KV room,
     while the longest completion shrinks by more than it costs; at ``deadline``, the moves so far."""
-    workers = {w.worker: w for w in snapshot.workers}
-    load = completion_times(snapshot)
-    held = running_adapters(snapshot)
-    demand = kv_demand(snapshot)
+    standing = standing or Standing(snapshot)  # (the caller's sums: not walked again in the time bound)
+    workers, load, demand = standing.workers, dict(standing.load), dict(standing.demand)
+    held = {w: Running(keys, keys.by_version) for w, keys in standing.running.items()}  # (moves add to it)
 
     def price(r: RequestState) -> float:
         return price_of(snapshot, workers[r.worker], r)

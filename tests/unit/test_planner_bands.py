@@ -11,7 +11,7 @@ import pytest
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import planner
 from dlora.services.migrator.bands import grouped
-from dlora.services.migrator.costs import running_adapters, worth
+from dlora.services.migrator.costs import Standing, worth
 from dlora.services.migrator.planner import PlannerSettings, _banded, _destinations, _greedy, _settled, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 from tests.unit.test_planner import worker
@@ -57,16 +57,16 @@ def test_the_bands_offered_first_make_a_model_within_the_bound_with_the_greedy_s
         file_bytes={"a": 16},
     )
     snap = _settled(snap, 1.0)
-    active = running_adapters(snap)
+    standing = Standing(snap)
     for bound in range(4, 20):
         settings = PlannerSettings(max_ilp_variables=bound, max_destinations=1)
         greedy = _greedy(snap, settings)
-        groups = _banded(snap, settings, active, greedy)[0]
+        groups = _banded(snap, settings, standing, greedy)[0]
         group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
         towards: dict[int, set[str]] = defaultdict(set)
         for m in greedy:
             towards[group_of[m.request_id]].add(m.to_worker)
-        assert sum(map(len, _destinations(snap, groups, settings, towards, active))) <= bound, bound
+        assert sum(map(len, _destinations(snap, groups, settings, towards, standing))) <= bound, bound
 
 
 def test_the_same_cluster_listed_in_another_order_gets_the_same_plan() -> None:
@@ -130,7 +130,7 @@ def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and
     monkeypatch.setattr(planner, "takes", lambda *a: looks.append(a) or takes(*a))
     snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
     groups = grouped(snap, 2)
-    dests = _destinations(snap, groups, PlannerSettings(), {}, running_adapters(snap))
+    dests = _destinations(snap, groups, PlannerSettings(), {}, Standing(snap))
     adapters = {g.adapter for g in groups}
     assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
 
@@ -148,4 +148,4 @@ def test_pinned_requests_stay_one_group_and_leave_the_budget_to_bands_that_can_m
     assert len([g for g in groups if g.worker == "y"]) == 2
     # one variable for x's, three for each of y's two bands (home, x and z)
     settings = PlannerSettings(max_ilp_variables=1 + 2 * 3)
-    assert len(_banded(snap, settings, running_adapters(snap), [])[0]) == 3
+    assert len(_banded(snap, settings, Standing(snap), [])[0]) == 3

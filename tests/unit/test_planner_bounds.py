@@ -431,3 +431,25 @@ def test_where_the_ilps_plan_is_empty_the_greedy_one_goes_if_it_gains_enough() -
     # asked for more than it brings, nothing goes, by either
     p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=0.75))
     assert p.moves == []
+
+
+def test_a_plan_sums_the_clusters_requests_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Standing`` sums each worker's completion time, KV demand and adapters once, before the greedy
+    pass; the greedy pass and each listing of the groups' destinations (three, banded) walked every
+    request again for the same sums, inside the time bound (a review). Counted: one walk each."""
+    from dlora.services.migrator import costs
+
+    walks: dict[str, int] = {}
+    sums = {name: getattr(costs, name) for name in ("completion_times", "running_adapters")}
+    for name in sums:
+
+        def counted(snap: ClusterSnapshot, name: str = name) -> Any:
+            walks[name] = walks.get(name, 0) + 1
+            return sums[name](snap)
+
+        monkeypatch.setattr(costs, name, counted)
+        monkeypatch.setattr(planner, name, counted, raising=False)  # (where it read them itself)
+    snap = _cluster(3)
+    p = plan(snap, PlannerSettings(max_nodes=20))
+    assert p.ilp_fallback is None and p.moves
+    assert walks == {"completion_times": 1, "running_adapters": 1}

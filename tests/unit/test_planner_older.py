@@ -8,7 +8,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, plan, running_adapters
+from dlora.services.migrator.costs import running_adapters
+from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, plan
 from dlora.services.migrator.snapshot import Running, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner_versions import _load, _stats

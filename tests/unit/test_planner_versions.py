@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.migrator.planner import PlannerSettings, _greedy, plan, running_adapters
+from dlora.services.migrator.costs import running_adapters
+from dlora.services.migrator.planner import PlannerSettings, _greedy, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner import _worker_stats
