@@ -32,15 +32,15 @@ context and shipping its KV (nothing for a request holding no KV). A group's mov
 its cheapest per second of work taken away; one that costs more than that work (about to
 finish) stays, unless its worker is past its KV pressure.
 
-A greedy pass (single requests from the most to the least loaded worker while that shortens the
-longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
+A greedy pass (single requests from the most loaded worker, to one needing no adapter read first,
+while that shortens the longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
 CBC begins from an incumbent and improves on it within its bound, where alone it found none in
 time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
 ILP counts a band by its mean (work, move cost, blocks): the requests its counts name are checked
 against each destination's blocks (``named``), and where they do worse than the greedy plan by the
 ILP's own objective (``costs.worth``), the greedy plan is taken. The plan taken goes out only
 where it shortens the longest completion (its reads waited for) by more than its moves cost; where
-it does not and the other one does, the other goes.
+it does not (or is empty) and the other one does, the other goes.
 """
 
 from __future__ import annotations
