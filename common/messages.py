@@ -240,6 +240,15 @@ class AbortRequest(msgspec.Struct, kw_only=True, frozen=True):
     request_id: RequestId
 
 
+class CancelResponse(msgspec.Struct, kw_only=True, frozen=True):
+    """End a background response of the Responses API wherever it runs (cancelled or deleted);
+    published on ``subjects.RESPONSE_CANCELS`` by the gateway asked to, heard by every gateway
+    (only gateways may publish it): the one running it cancels its task."""
+
+    response_id: str
+    tenant: str  # its API key's tenant ("" without keys): ids are each tenant's own
+
+
 class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):
     """A reply reader saying it is there, every second or so on ``subjects.CLIENTS`` (gateways) or
     ``subjects.clients_of(user)`` (applications; see ``GenerateRequest.client``)."""

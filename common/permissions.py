@@ -52,8 +52,9 @@ def service_permissions(role: str) -> dict[str, list[str]]:
     perms = {
         "gateway": (
             [subjects.REQUESTS, subjects.ABORT, subjects.ADAPTER_EVENTS, subjects.CLIENTS, subjects.DISPATCHER_PING]
-            + [subjects.PREFIX_CACHE_RESET, *_JETSTREAM, *_KEYS_BUCKET],
-            [f"{P}.reply.>", subjects.STATS_ALL, subjects.MOVES, _INBOX],  # stats and plans: /v1/status
+            + [subjects.PREFIX_CACHE_RESET, subjects.RESPONSE_CANCELS, *_JETSTREAM, *_KEYS_BUCKET],
+            # stats and plans: /v1/status; cancels: a background response another gateway was asked to end
+            [f"{P}.reply.>", subjects.STATS_ALL, subjects.MOVES, subjects.RESPONSE_CANCELS, _INBOX],
         ),
         "dispatcher": (
             [f"{P}.worker.*.requests", subjects.PLACEMENT, f"{P}.reply.>", _INBOX, *_JETSTREAM],

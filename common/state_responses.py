@@ -45,6 +45,24 @@ if ttl > 0 then redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl) end
 return 1
 """
 
+# A background response's record (KEYS[1]) written only while its ``response`` field is still what
+# its writer last wrote there (ARGV[1]): a cancel, or a delete, in between wins. The same fields,
+# expiry and item index (KEYS[2..], naming ARGV[6]) as ``put_response``'s transaction, in one step.
+_PUT_IF_LUA = """
+if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'response', ARGV[2], 'input', ARGV[3], 'sources', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[6], 'PX', ARGV[5]) end
+return 1
+"""
+
+# A stored response's object (KEYS[1]'s ``response``) replaced only if it is still ARGV[1].
+_SWAP_LUA = """
+if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'response', ARGV[2])
+return 1
+"""
+
 
 class ResponseKeys:
     """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
@@ -61,7 +79,8 @@ class ResponseKeys:
         ttl_s: float,
         item_ids: Sequence[str] = (),
         sources: Sequence[str] = (),
-    ) -> None:
+        expect: bytes | None = None,
+    ) -> bool:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
         outlives its TTL (a gateway dying between them) nor an index entry names a response never
@@ -69,15 +88,28 @@ class ResponseKeys:
         again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (a later
         turn's conversation holds it, or its client sent it back) names the newest response that
         holds it. ``sources``: the responses its item_references read items from, which the index
-        names again once it is deleted (``repoint_items``)."""
+        names again once it is deleted (``repoint_items``). ``expect``: written only over that
+        object (a background response's last state; False where it is another now, or gone)."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
+        sourced = json.dumps(list(sources))
+        if expect is not None:
+            keys = [key, *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]
+            args: list[bytes | str | int] = [expect, response, items, sourced, ms, response_id]
+            return bool(await self.r.register_script(_PUT_IF_LUA)(keys=keys, args=args))
         pipe = self.r.pipeline(transaction=True)
-        sourced = json.dumps(list(sources))  # (written when empty too: a retry replaces the replaced one's)
+        # (sources written when empty too: a retry replaces the replaced one's)
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
         pipe.pexpire(key, ms)
         for item_id in item_ids:
             pipe.set(f"{self.p}:response-item:{tenant}:{item_id}", response_id, px=ms)
         await pipe.execute()
+        return True
+
+    async def swap_response(self, response_id: str, tenant: str, old: bytes, new: bytes) -> bool:
+        """``tenant``'s stored response object made ``new`` if it is ``old`` still (a background
+        response's state, changed by the gateway running it and by a cancel from any gateway)."""
+        key = f"{self.p}:response:{tenant}:{response_id}"
+        return bool(await self.r.register_script(_SWAP_LUA)(keys=[key], args=[old, new]))
 
     async def responses_of_items(self, item_ids: Sequence[str], tenant: str) -> list[str | None]:
         """The response that stored each of ``tenant``'s items ``item_ids`` (None: none, or expired)."""

@@ -27,6 +27,10 @@ CLIENTS = f"{PREFIX}.clients"
 # ClientAlive from applications (clients_of): only names of the same user count (``owns_client``).
 APP_CLIENTS = f"{PREFIX}.clients.*"
 
+# CancelResponse from the gateway that was asked to cancel a background response (Responses API),
+# broadcast to every gateway: the one running it cancels its task (``gateway/background.py``).
+RESPONSE_CANCELS = f"{PREFIX}.responses.cancel"
+
 # LostRequests from a worker; dispatchers consume it as one queue group.
 LOST = f"{PREFIX}.lost"
 

@@ -34,6 +34,11 @@ class Dialect:
     def answer(self, job: Job) -> Job:
         return job
 
+    def background(self) -> Keeping | None:
+        """What stores its response where it runs for nobody connected (``background``); None: served
+        to its client."""
+        return None
+
     def refused(self, e: APIError) -> APIError:
         return e
 
@@ -60,6 +65,11 @@ class Responses(Dialect):
         body = openai.decode_body(raw, responses_api.ResponsesBody)
         responses_api.refuse_unserved(body)  # (a refusal before a Redis read)
         self.asked, self.keeping = await self.store.prepared(body, who.tenant or "")
+        if body.background and self.keeping is None:  # (store false is refused before: ``refuse_unserved``)
+            why = "background needs the response stored: responses are not stored here (responses_ttl_s is 0)"
+            if self.store.on:
+                why = "background needs the response stored: its conversation is over responses_max_bytes"
+            raise APIError(400, why, param="background")
         try:
             return responses_api.to_chat(self.asked)
         except APIError as e:
@@ -78,6 +88,9 @@ class Responses(Dialect):
             return None if keeping is None or await keeping.finishing() else shape.again()
 
         return dataclasses.replace(job, shape=shape, events=shape.events, finishing=finishing if keeping else None)
+
+    def background(self) -> Keeping | None:
+        return self.keeping if self.asked is not None and self.asked.background else None
 
     def refused(self, e: APIError) -> APIError:
         return responses_api.renamed(e)

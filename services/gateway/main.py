@@ -46,6 +46,7 @@ from dlora.model.token_bytes import TokenText
 from dlora.model.tokenizer import load_tokenizer
 from dlora.services.gateway import access, openai
 from dlora.services.gateway.auth import Auth, Principal
+from dlora.services.gateway.background import Background
 from dlora.services.gateway.body import read_body
 from dlora.services.gateway.chunk_wait import next_chunk
 from dlora.services.gateway.connections import listen
@@ -125,6 +126,7 @@ class Gateway:
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
         self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
+        self.background = Background(nc, store, self.state_bound)  # the Responses API's background runs
 
     # ---- handlers -----------------------------------------------------------------------
     async def generate(self, dialect: Callable[[], Dialect], request: web.Request) -> web.StreamResponse:
@@ -137,7 +139,8 @@ class Gateway:
             # Who asks, and within their key's limits, before the body is even read: a refusal
             # costs one Redis lookup.
             who = await self.auth.inference(request)
-            with self.auth.admitted(who):
+            with contextlib.ExitStack() as held:  # (a background response's run takes it over)
+                held.enter_context(self.auth.admitted(who))
                 raw, arrived = await self.read_body(request), time.monotonic()  # (vLLM's arrival: before tokenizing)
                 try:
                     body, refused = await api.decode(raw, who), None
@@ -156,6 +159,9 @@ class Gateway:
                 access.note(request, traced=body.request_id)  # (where only the body names it)
                 with RequestTimer(self.metrics, adapter_label, public, arrived) as timer:  # (its abort counted)
                     job = api.answer(await self._job(request, body, entry, who, api))
+                    if (keeping := api.background()) is not None:
+                        run = functools.partial(self._detached, adapter_label, public, arrived)
+                        return await self.background.start(job, keeping, held, run)
                     return await self._relay(request, job, timer)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
@@ -314,6 +320,15 @@ class Gateway:
             for rid in by_id:
                 del self.replies[rid]
 
+    async def _detached(self, label: str, public: bool, arrived: float, request: web.Request, job: Job) -> None:
+        """A background response's relay (``background``), timed and counted as a request's."""
+        with RequestTimer(self.metrics, label, public, arrived) as timer:
+            try:
+                await self._relay(request, job, timer)
+            except APIError as e:
+                self.metrics.failed(label, e.status, public)
+                raise
+
     async def _record(self, request_id: str, redis_id: str | None) -> Inflight | None | bool:
         """``request_id``'s in-flight record in the Redis data ``redis_id``; None: it has none;
         False: Redis cannot say, or holds other data now."""
@@ -332,9 +347,13 @@ class Gateway:
         instead of leaving the work to run on for a client that will be cut off. The
         announcements go on while it waits: a worker drops a silent gateway's requests."""
         self.closing = True
-        if self.s.shutdown_timeout_s > 0 and self.handling:
-            logger.info("finishing requests", requests=self.handling, timeout_s=self.s.shutdown_timeout_s)
-            if left := await drained(lambda: self.handling, self.s.shutdown_timeout_s, stop, lambda: self.nc.is_closed):
+
+        def running() -> int:  # (background runs drain too)
+            return self.handling + len(self.background.running)
+
+        if self.s.shutdown_timeout_s > 0 and running():
+            logger.info("finishing requests", requests=running(), timeout_s=self.s.shutdown_timeout_s)
+            if left := await drained(running, self.s.shutdown_timeout_s, stop, lambda: self.nc.is_closed):
                 logger.warning("requests still running at the shutdown timeout are ended", requests=left)
         self._stopped.set()
         in_flight = dict(self.replies)
@@ -349,6 +368,7 @@ class Gateway:
             await bus.flush(self.nc, round_trip_s=2)
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
+        await self.background.settled(5.0)  # failed by the errors above: their records written before Redis closes
 
     def close(self) -> None:
         """After the listener closed (no handler left to shape a request): the shaping thread ends."""
@@ -429,6 +449,7 @@ class Gateway:
         await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
         await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
+        await self.background.listen()
         await bus.flush(self.nc)
         with contextlib.suppress(*bus.STATE_OUTAGE):  # down at start: learnt at the first check
             self._redis_id = await self.store.data_epoch()

@@ -157,7 +157,10 @@ def document() -> dict[str, Any]:
         "/v1/responses": {
             "post": {
                 "operationId": "createResponse",
-                "description": "OpenAI's Responses API, served as a chat; stored (store) for responses_ttl_s",
+                "description": (
+                    "OpenAI's Responses API, served as a chat; stored (store) for responses_ttl_s; "
+                    "background: answered queued at once, run for nobody connected (GET /v1/responses/{id})"
+                ),
                 "security": inference,
                 "requestBody": _json_body(responses),
                 "responses": _responses("a response", 400, 401, 403, 404, 408, 413, 415, 429, streams=True),
@@ -168,7 +171,13 @@ def document() -> dict[str, Any]:
                 "operationId": "getResponse",
                 "security": inference,
                 "parameters": [_ID, *_query("include", "stream", "starting_after")],
-                "responses": _responses("the stored response, as its POST answered it", 400, 401, 403, 404),
+                "responses": _responses(
+                    "the stored response, as its POST answered it (a background one: queued, in_progress, then done)",
+                    400,
+                    401,
+                    403,
+                    404,
+                ),
             },
             "delete": {
                 "operationId": "deleteResponse",
@@ -180,10 +189,13 @@ def document() -> dict[str, Any]:
         "/v1/responses/{id}/cancel": {
             "post": {
                 "operationId": "cancelResponse",
-                "description": "A background response's cancel; none runs in the background here (a 400)",
+                "description": (
+                    "A background response's cancel, from any gateway: one queued or running is answered "
+                    "cancelled and its request aborted; one cancelled already answered again; any other a 400"
+                ),
                 "security": inference,
                 "parameters": [_ID],
-                "responses": _responses("never: no response runs in the background", 400, 401, 403, 404),
+                "responses": _responses("the response, cancelled", 400, 401, 403, 404),
             }
         },
         "/v1/responses/{id}/input_items": {

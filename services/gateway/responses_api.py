@@ -5,9 +5,8 @@ the Responses field (``renamed``). The answer's shape is ``responses_shape``'s. 
 
 Responses are stored as OpenAI stores them (``store``, true by default) in Redis
 (``responses_store``), which puts the conversation a ``previous_response_id`` names, and the items
-``item_reference``s name, into ``input`` before this module reads it. ``background`` stays
-refused: a response run for nobody connected needs a runner that outlives the request (a gateway
-restart would lose it) and a cancel route; ``conversation`` (OpenAI's Conversations API) is not
+``item_reference``s name, into ``input`` before this module reads it. ``background`` runs it for
+nobody connected (``background``), stored, not streamed. ``conversation`` (OpenAI's Conversations API) is not
 served. Hosted tools (web search, file search, MCP...) are not served: functions only.
 """
 
@@ -72,8 +71,9 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include: list[str] | None = None  # none served: an empty list only
     top_logprobs: int | None = None  # 0 only (logprobs need include, not served)
     previous_response_id: Any = None  # a string (``responses_store.ResponsesStore.prepared`` checks it)
+    # Run for nobody connected (``background``): only stored (``store``), not streamed.
+    background: bool | None = None
     # Need a service dlora has not: refused when set.
-    background: Any = None
     conversation: Any = None
     prompt: Any = None
     max_tool_calls: Any = None
@@ -163,7 +163,6 @@ _ITEMS |= {"function_call_output": _FunctionCallOutput, "reasoning": _ReasoningI
 _PARTS = {"message": "content", "function_call_output": "output"}  # an item's field that holds content parts
 # Fields of a Responses body that need what dlora does not serve, and why (each refused by name).
 _UNSERVED = {
-    "background": "a response is served while its request is open (the module's docstring)",
     "conversation": "conversations are not stored here; send the whole conversation in input",
     "prompt": "stored prompt templates are not served",
     "max_tool_calls": "hosted tools are not served, so there are no tool calls to bound",
@@ -299,6 +298,11 @@ def refuse_unserved(body: ResponsesBody) -> None:
         # by identity: 0 == False, and a previous_response_id 0 was taken as none
         if (value := getattr(body, name)) is not None and value is not False:
             raise APIError(400, f"{name} is not supported: {why}", param=name)
+    if body.background and body.store is False:  # OpenAI's and vLLM's 400 (a null store is true)
+        raise APIError(400, "background can only be used when `store` is true", param="background")
+    if body.background and body.stream:
+        why = "background with stream is not supported here: retrieve the response (GET /v1/responses/{id})"
+        raise APIError(400, why, param="stream")
     if body.stream_options is not None and not body.stream:  # as the chat refuses it (OpenAI's, vLLM's)
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.truncation not in (None, "disabled"):

@@ -1,7 +1,7 @@
 """The routes that read stored responses back (``responses_store``), as OpenAI serves them:
 ``GET /v1/responses/{id}`` (the object its POST answered), ``DELETE /v1/responses/{id}`` and
 ``GET /v1/responses/{id}/input_items`` (its conversation's input items, a page at a time), and
-``POST /v1/responses/{id}/cancel`` (a 400: none runs in the background). Each
+``POST /v1/responses/{id}/cancel`` (a background response's: ``background``). Each
 answers only its API key's tenant: another's id is a 404, as one never stored."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 
 from dlora.services.gateway.auth import Auth
+from dlora.services.gateway.background import Background
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_store import ResponsesStore, not_found
 
@@ -78,8 +79,8 @@ def _limit(query: Any) -> int:
 
 
 class ResponsesRoutes:
-    def __init__(self, auth: Auth, store: ResponsesStore) -> None:
-        self.auth, self.store = auth, store
+    def __init__(self, auth: Auth, store: ResponsesStore, background: Background) -> None:
+        self.auth, self.store, self.background = auth, store, background
 
     async def _tenant(self, request: web.Request) -> str:
         return (await self.auth.inference(request)).tenant or ""
@@ -98,20 +99,32 @@ class ResponsesRoutes:
         return web.Response(body=response, content_type="application/json")
 
     async def delete(self, request: web.Request) -> web.Response:
-        """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404."""
+        """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404. A
+        background response still running is stopped too (its end has nowhere to go)."""
         tenant, response_id = await self._tenant(request), request.match_info["id"]
         if not await self.store.delete(response_id, tenant):  # (another tenant's: none such)
             raise not_found(response_id)  # (deleted meanwhile, or expired)
+        await self.background.stop(response_id, tenant)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        """``POST /v1/responses/{id}/cancel``: only a response created with ``background`` can be
-        cancelled (OpenAI's rule), and none is here (``background`` is refused): a stored response
-        was answered already, vLLM's 400 for it; one not there the 404. Without the route the
-        openai package's ``responses.cancel`` got aiohttp's 404 for the path, naming no response."""
+        """``POST /v1/responses/{id}/cancel``: a background response queued or running, made
+        ``cancelled`` and its request aborted wherever it runs (``Background.cancel``); one cancelled
+        already answered again (OpenAI's: cancelling is idempotent). Any other is over: vLLM's 400
+        (one answered to its client named as vLLM names it); one not there the 404."""
         tenant, response_id = await self._tenant(request), request.match_info["id"]
-        await self.store.fields(response_id, tenant, "tenant")  # (its 404)
-        raise APIError(400, "Cannot cancel a synchronous response.", param="response_id")
+        for _ in range(2):  # (it ended between the read and the swap: read again)
+            [stored] = await self.store.fields(response_id, tenant, "response")
+            if (cancelled := await self.background.cancel(response_id, tenant, stored)) is not None:
+                return web.json_response(cancelled)
+            response = msgspec.json.decode(stored)
+            if response.get("status") not in ("queued", "in_progress"):
+                break
+        if response.get("status") == "cancelled":
+            return web.Response(body=stored, content_type="application/json")
+        if not response.get("background"):
+            raise APIError(400, "Cannot cancel a synchronous response.", param="response_id")
+        raise APIError(400, f"Cannot cancel a background response that is {response.get('status')}.", "response_id")
 
     async def input_items(self, request: web.Request) -> web.Response:
         """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous

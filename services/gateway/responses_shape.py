@@ -75,7 +75,7 @@ class ResponsesShape(Shape):
             "object": "response",
             "created_at": self.created,
             "status": status,
-            "background": False,
+            "background": a.background is True,
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": a.instructions,

@@ -119,6 +119,10 @@ class Keeping:
     tenant: str
     items: list[Any]  # the conversation served: ``conversation``'s
     sources: list[str] = field(default_factory=list)  # the responses its item_references read
+    # A background response's: its record as last written (``background``), which its next write
+    # replaces only if it is still there (a cancel or a delete in between wins); None: written whole
+    expect: bytes | None = None
+    written: bytes | None = field(default=None, init=False)  # what ``finishing`` wrote (None: nothing)
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
     def keep(self, response: dict[str, Any]) -> bool:
@@ -150,9 +154,17 @@ class Keeping:
         encoded = msgspec.json.encode(response)
         try:
             async with self.store.bound():
-                await self.store.state.put_response(
-                    response_id, self.tenant, encoded, items, self.store.ttl_s, ids, sources=self.sources
+                put = await self.store.state.put_response(
+                    response_id,
+                    self.tenant,
+                    encoded,
+                    items,
+                    self.store.ttl_s,
+                    ids,
+                    sources=self.sources,
+                    expect=self.expect,
                 )
+            self.written = encoded if put else None
         except bus.STATE_OUTAGE as e:
             response["store"] = False
             logger.warning("a response could not be stored", id=response_id, error=type(e).__name__)

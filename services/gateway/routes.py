@@ -42,7 +42,7 @@ def make_app(gw: Gateway) -> web.Application:
         gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes, gw.metrics.responses_store
     )
     post("/v1/responses", functools.partial(gw.generate, functools.partial(Responses, stored)))  # served as a chat
-    responses = ResponsesRoutes(gw.auth, stored)
+    responses = ResponsesRoutes(gw.auth, stored, gw.background)
     # an id is its client's X-Request-Id where sent, any printable: "{id}" alone matches no brace
     app.router.add_get("/v1/responses/{id:[^/]+}", responses.retrieve, allow_head=False)
     app.router.add_delete("/v1/responses/{id:[^/]+}", responses.delete)

@@ -185,9 +185,9 @@ async def test_a_function_call_left_without_its_output_is_refused(stack: Stack) 
 
 
 async def test_cancelling_a_stored_response_is_vllms_400_and_an_unknown_one_a_404(stack: Stack) -> None:
-    """Only a background response can be cancelled and none runs here: the openai package's
-    ``responses.cancel`` got aiohttp's 404 for the path (its error naming no response), where vLLM
-    answers a stored response's cancel with its 400."""
+    """Only a background response can be cancelled (``test_responses_background``): the openai
+    package's ``responses.cancel`` got aiohttp's 404 for the path (its error naming no response),
+    where vLLM answers a foreground response's cancel with its 400."""
     import openai
 
     client = _client(stack.url)

@@ -1,0 +1,147 @@
+"""OpenAI's background responses (``background: true`` on ``POST /v1/responses``, as vLLM's
+``serving_responses`` runs them): the POST answers at once with the response ``queued``, stored in
+Redis; a task of the gateway that took it relays its request to the workers as if its client
+stayed, the record made ``in_progress``, then its final object (``completed``, ``incomplete`` or
+``failed``). Any gateway reads it (``GET /v1/responses/{id}``) and cancels it: ``cancel`` makes the
+record ``cancelled`` and tells every gateway on NATS (``subjects.RESPONSE_CANCELS``); the one
+running it cancels its task, which aborts its request on the worker. Each change of the record is
+a compare-and-swap on the object last written (``StateStore.swap_response``), so a cancel and the
+end of its run cannot overwrite each other. The key's concurrency slot (``Auth.admitted``) is held
+until the run ends. A gateway that stops waits for its runs within its drain
+(``shutdown_timeout_s``), as for its other requests; those still running then are ``failed``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, ExitStack
+from typing import Any, cast
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from dlora.common import bus, log, subjects
+from dlora.common.messages import CancelResponse
+from dlora.common.state import StateStore
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_shape import ResponsesShape
+from dlora.services.gateway.responses_store import Keeping
+from dlora.services.gateway.shaping import Job
+
+logger = log.get("gateway")
+
+
+class _Transport:
+    @staticmethod
+    def is_closing() -> bool:
+        return False
+
+
+class Detached(dict[str, Any]):
+    """What a background response's relay has for its HTTP request: nobody waits on it, so its
+    "client" never goes away (its run ends by its end, a cancel or the gateway's stop), and no
+    access line is noted (the POST's was written when it answered)."""
+
+    transport = _Transport()
+
+
+Relay = Callable[[web.Request, Job], Awaitable[object]]
+
+
+class Background:
+    """The background responses this gateway runs, by (tenant, response id)."""
+
+    def __init__(self, nc: NATS, state: StateStore, bound: Callable[[], AbstractAsyncContextManager[None]]) -> None:
+        self.nc, self.state, self.bound = nc, state, bound
+        self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def listen(self) -> None:
+        await bus.subscribe(self.nc, subjects.RESPONSE_CANCELS, CancelResponse, self._on_cancel)
+
+    async def start(self, job: Job, keeping: Keeping, held: ExitStack, relay: Relay) -> web.Response:
+        """Stores ``job``'s response ``queued`` and runs it in a task (``relay``: the gateway's);
+        ``held`` (its key's slot) is released when the run ends. Answers the queued object.
+
+        Raises:
+            APIError(503): Redis could not store it (nothing runs).
+            APIError(400): its conversation is over ``responses_max_bytes``.
+        """
+        with held:
+            queued = cast(ResponsesShape, job.shape).response("queued", [])
+            if not keeping.keep(queued):
+                why = "background: the response is over responses_max_bytes, so it cannot be stored"
+                raise APIError(400, why, param="background")
+            if not await keeping.finishing() or keeping.written is None:
+                raise APIError(503, "background: the response could not be stored; try again")
+            keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
+            key = (keeping.tenant, queued["id"])
+            task = asyncio.create_task(self._run(queued, keeping, job, held.pop_all(), relay))
+            self.running[key] = task
+            task.add_done_callback(lambda t: self.running.pop(key) if self.running.get(key) is t else None)
+        return web.json_response(queued)
+
+    async def _run(self, queued: dict[str, Any], keeping: Keeping, job: Job, held: ExitStack, relay: Relay) -> None:
+        with held:
+            started = queued | {"status": "in_progress"}
+            try:
+                if not await self._swap(keeping, started):
+                    return  # cancelled (or deleted) before it began
+            except bus.STATE_OUTAGE:  # (it stays queued until responses_ttl_s: nothing ran)
+                logger.warning("a background response could not be started", id=queued["id"])
+                return
+            why = "the response could not be stored"  # (over responses_max_bytes, or Redis failed)
+            try:
+                await relay(cast(web.Request, Detached()), job)
+                if keeping.written is not None:
+                    return  # its final object stored (not if cancelled meanwhile: the swap below fails too)
+            except APIError as e:  # it failed (a worker's error, a timeout, the gateway stopping)
+                why = e.message
+            except Exception as e:  # (asyncio.CancelledError, a cancel, is none: the record says cancelled)
+                logger.exception("a background response failed", id=queued["id"])
+                why = f"internal error: {type(e).__name__}"
+            failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
+            with contextlib.suppress(*bus.STATE_OUTAGE):
+                await self._swap(keeping, failed)
+
+    async def _swap(self, keeping: Keeping, new: dict[str, Any]) -> bool:
+        """The record made ``new`` if it is still what this gateway last wrote there."""
+        assert keeping.expect is not None
+        encoded = msgspec.json.encode(new)
+        async with self.bound():
+            swapped = await self.state.swap_response(new["id"], keeping.tenant, keeping.expect, encoded)
+        if swapped:
+            keeping.expect = encoded
+        return swapped
+
+    async def cancel(self, response_id: str, tenant: str, stored: bytes) -> dict[str, Any] | None:
+        """``tenant``'s response as cancelled, if ``stored`` (its record as just read) is one still
+        queued or running and still there: every gateway told, the one running it cancels its
+        task. None: it is not (anymore)."""
+        response = msgspec.json.decode(stored)
+        if response.get("status") not in ("queued", "in_progress"):
+            return None
+        cancelled = response | {"status": "cancelled"}
+        async with self.bound():
+            if not await self.state.swap_response(response_id, tenant, stored, msgspec.json.encode(cancelled)):
+                return None
+        await self.stop(response_id, tenant)
+        return cast(dict[str, Any], cancelled)
+
+    async def stop(self, response_id: str, tenant: str) -> None:
+        """Every gateway told to end its run of ``tenant``'s response (cancelled, or deleted: its
+        end could not be stored), at once where it runs here: its task cancelled."""
+        told = CancelResponse(response_id=response_id, tenant=tenant)
+        await self._on_cancel(told)
+        await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
+
+    async def _on_cancel(self, told: CancelResponse) -> None:
+        if (task := self.running.get((told.tenant, told.response_id))) is not None:
+            task.cancel()  # (its relay aborts its request on the worker)
+
+    async def settled(self, timeout_s: float) -> None:
+        """Waits (at most ``timeout_s``) for the runs to write their end: called once the gateway
+        has failed the requests still in flight (``Gateway.shutdown``)."""
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=timeout_s)

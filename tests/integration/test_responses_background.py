@@ -1,0 +1,177 @@
+"""OpenAI's background responses (``background: true``, as vLLM's ``serving_responses`` runs them)
+against the real stack through the openai package's client: the POST answers ``queued`` at once;
+any gateway reads it ``in_progress``, then done; a cancel on another gateway than the one running
+it answers ``cancelled`` and aborts its request on the worker; a cancel again answers the same, of
+one over a 400; ``store`` false or ``stream`` with it a 400; its key's concurrency slot held while
+it runs, a delete stopping it; a gateway that stops fails those it still runs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.main import serve
+from dlora.services.servers import Server, free_port
+from tests.integration.conftest import Stack, run_stack, start_gateway, until_live
+from tests.integration.test_abort import _nothing_left, _slow_steps
+from tests.integration.test_keys import make_key
+
+ASKED: dict[str, Any] = {"model": "lora-1", "temperature": 0, "max_output_tokens": 6}
+# Runs until it is cancelled (its steps slowed: ``_slow_steps``)
+LONG: dict[str, Any] = {**ASKED, "max_output_tokens": 400, "extra_body": {"ignore_eos": True}}
+
+
+def _client(url: str, key: str = "unused") -> Any:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+async def _over(client: Any, response_id: str) -> Any:
+    """The response once it is no longer queued or running (as a client polls for it)."""
+    for _ in range(600):
+        got = await client.responses.retrieve(response_id)
+        if got.status not in ("queued", "in_progress"):
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{response_id} still {got.status}")
+
+
+async def _running(stack: Stack) -> None:
+    for _ in range(600):
+        if sum(len(w.engine.seqs) for w in stack.workers):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("nothing ran")
+
+
+async def test_a_background_response_is_read_back_done_and_cancelled_on_another_gateway(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made on one gateway, read back and cancelled on another (they share Redis and NATS): done,
+    it is what the same request answers in the foreground; cancelled while it runs, the cancel
+    answers it ``cancelled``, the worker drops its request, and it stays cancelled."""
+    import openai
+
+    conns: list[Any] = []
+    async with run_stack(nats_server, redis, tiny_llama) as stack:
+        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
+        one, two = _client(stack.url), _client(other_url)
+        try:
+            made = await one.responses.create(**ASKED, input="kalo", background=True)
+            assert (made.status, made.background, made.output, made.store) == ("queued", True, [], True)
+            done = await _over(two, made.id)
+            foreground = await one.responses.create(**ASKED, input="kalo")
+            assert done.status == "incomplete" and done.background is True, done  # (cut at max_output_tokens)
+            assert done.output_text == foreground.output_text and done.usage == foreground.usage
+            assert [i.type for i in (await two.responses.input_items.list(made.id)).data] == ["message"]
+            with pytest.raises(openai.BadRequestError) as over:  # (vLLM's status; the words say why)
+                await two.responses.cancel(made.id)
+            assert over.value.body["message"] == "Cannot cancel a background response that is incomplete."
+
+            _slow_steps(stack, monkeypatch, 0.02)
+            long = await one.responses.create(**LONG, input="kalo", background=True)
+            await _running(stack)
+            assert (await two.responses.retrieve(long.id)).status == "in_progress"
+            steps = sum(w.engine.stats.steps for w in stack.workers)
+            cancelled = await two.responses.cancel(long.id)
+            assert (cancelled.id, cancelled.status, cancelled.background) == (long.id, "cancelled", True)
+            assert await _nothing_left(stack, within_s=10.0)  # aborted on its worker, told by NATS
+            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
+            while stack.gateway.background.running:  # its run over: it wrote nothing over the cancel
+                await asyncio.sleep(0.01)
+            assert (await one.responses.retrieve(long.id)).model_dump() == cancelled.model_dump()
+            again = await one.responses.cancel(long.id)  # (OpenAI's: idempotent)
+            assert again.model_dump() == cancelled.model_dump()
+        finally:
+            await one.close()
+            await two.close()
+            await runner.cleanup()
+            for nc in conns:
+                await nc.drain()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"store": False}, "background", "background can only be used when `store` is true"),
+        ({"stream": True}, "stream", "background with stream is not supported"),
+    ],
+)
+async def test_background_without_store_or_with_stream_is_a_400(
+    stack: Stack, extra: dict[str, Any], param: str, words: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        body = {**ASKED, "input": "kalo", "background": True, **extra}
+        async with http.post(stack.url + "/v1/responses", json=body) as r:
+            error = (await r.json())["error"]
+    assert r.status == 400 and error["param"] == param and error["message"].startswith(words), error
+
+
+async def test_a_background_response_holds_its_keys_concurrency_slot_while_it_runs(
+    keyed_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key of concurrency 1: its background response running, its next request is a 429; once
+    it is deleted (which stops it: its end has nowhere to go), the slot is free again."""
+    import openai
+
+    stack = keyed_stack
+    key, _ = await make_key(stack, "acme", concurrency=1)
+    client = _client(stack.url, key)
+    _slow_steps(stack, monkeypatch, 0.02)
+    try:
+        long = await client.responses.create(**LONG, input="kalo", background=True)
+        await _running(stack)
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.create(**ASKED, input="kalo")
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+        await client.responses.delete(long.id)
+        while stack.gateway.background.running:
+            await asyncio.sleep(0.01)
+        assert await _nothing_left(stack, within_s=10.0)
+        assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # stopped, not run to its end
+        assert (await client.responses.create(**ASKED, input="kalo")).status == "incomplete"
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(("drain_s", "tokens", "status"), [(0.0, 400, "failed"), (60.0, 8, "incomplete")])
+async def test_a_stopping_gateway_finishes_its_background_responses_within_its_drain_then_fails_them(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch, drain_s: float, tokens: int, status: str
+) -> None:
+    """`dlora serve gateway` told to stop while its background response runs: within its drain
+    (``shutdown_timeout_s``) it is finished, as a request whose client waits (it went unwaited
+    for); with none left it is ``failed`` (readable on another gateway) and aborted on the worker."""
+    _slow_steps(stack, monkeypatch, 0.02)
+    s = msgspec.structs.replace(
+        stack.gateway.s, port=free_port(), redis_url=redis_server.url, shutdown_timeout_s=drain_s
+    )
+    stop = asyncio.Event()
+    gateway = asyncio.create_task(serve(s, stop))
+    url = f"http://127.0.0.1:{s.port}"
+    async with aiohttp.ClientSession() as http:
+        await until_live(http, url)
+        body = {**ASKED, "max_output_tokens": tokens, "ignore_eos": True, "input": "kalo", "background": True}
+        async with http.post(url + "/v1/responses", json=body) as r:
+            made = await r.json()
+        assert r.status == 200 and made["status"] == "queued", made
+        await _running(stack)
+        stop.set()
+        await asyncio.wait_for(gateway, timeout=30)
+    client = _client(stack.url)
+    try:
+        ended = await client.responses.retrieve(made["id"])
+    finally:
+        await client.close()
+    assert ended.status == status, ended
+    if status == "failed":
+        assert ended.error is not None and "shutting down" in ended.error.message
+    else:
+        assert ended.usage is not None and ended.usage.output_tokens == tokens
+    assert await _nothing_left(stack, within_s=10.0)
