@@ -191,7 +191,7 @@ def document() -> dict[str, Any]:
                 "operationId": "cancelResponse",
                 "description": (
                     "A background response's cancel, from any gateway: one queued or running is answered "
-                    "cancelled and its request aborted; one cancelled already answered again; any other a 400"
+                    "cancelled and its request aborted; one over answered unchanged; a foreground one a 400"
                 ),
                 "security": inference,
                 "parameters": [_ID],

@@ -109,9 +109,10 @@ class ResponsesRoutes:
 
     async def cancel(self, request: web.Request) -> web.Response:
         """``POST /v1/responses/{id}/cancel``: a background response queued or running, made
-        ``cancelled`` and its request aborted wherever it runs (``Background.cancel``); one cancelled
-        already answered again (OpenAI's: cancelling is idempotent). Any other is over: vLLM's 400
-        (one answered to its client named as vLLM names it); one not there the 404."""
+        ``cancelled`` and its request aborted wherever it runs (``Background.cancel``); one over
+        (cancelled, or ended by itself) answered as it is, unchanged (OpenAI's: cancelling is
+        idempotent; vllm#57999 refused a finished one as "synchronous"). A foreground response is
+        vLLM's 400; one not there the 404."""
         tenant, response_id = await self._tenant(request), request.match_info["id"]
         for _ in range(2):  # (it ended between the read and the swap: read again)
             [stored] = await self.store.fields(response_id, tenant, "response")
@@ -120,11 +121,9 @@ class ResponsesRoutes:
             response = msgspec.json.decode(stored)
             if response.get("status") not in ("queued", "in_progress"):
                 break
-        if response.get("status") == "cancelled":
-            return web.Response(body=stored, content_type="application/json")
         if not response.get("background"):
             raise APIError(400, "Cannot cancel a synchronous response.", param="response_id")
-        raise APIError(400, f"Cannot cancel a background response that is {response.get('status')}.", "response_id")
+        return web.Response(body=stored, content_type="application/json")
 
     async def input_items(self, request: web.Request) -> web.Response:
         """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous
