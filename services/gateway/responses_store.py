@@ -257,8 +257,9 @@ class ResponsesStore:
         conversation already over ``max_bytes``).
 
         Raises:
-            APIError(400): previous_response_id not a string, or the store off; a function call
-                of the previous response's left without its output (``answered``).
+            APIError(400): previous_response_id not a string, or the store off, or naming a
+                background response not over (its answer would be left out of the conversation);
+                a function call of the previous response's left without its output (``answered``).
             APIError(404): ``conversation``'s, and a previous response not there.
         """
         previous = body.previous_response_id
@@ -271,7 +272,11 @@ class ResponsesStore:
         output: list[Any] = []  # the previous response's
         if previous is not None:
             items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
-            output = msgspec.json.decode(response)["output"]
+            decoded = msgspec.json.decode(response)
+            if decoded.get("status") in ("queued", "in_progress"):  # a background one not over: no answer yet
+                why = f"Previous response with id {previous!r} is still {decoded['status']}: wait until it is over."
+                raise APIError(400, why, param="previous_response_id")
+            output = decoded["output"]
             prior = [*msgspec.json.decode(items), *output]
         stored, sources = await self.referenced(body.input, prior, tenant)
         given = conversation(prior, body.input, stored)

@@ -57,7 +57,8 @@ async def test_a_background_response_is_read_back_done_and_cancelled_on_another_
     """Made on one gateway, read back and cancelled on another (they share Redis and NATS): done,
     it is what the same request answers in the foreground, and a cancel answers it unchanged;
     cancelled while it runs, the cancel answers it ``cancelled``, the worker drops its request,
-    and it stays cancelled."""
+    and it stays cancelled. A turn chained to it while it runs is a 400."""
+    import openai
 
     conns: list[Any] = []
     async with run_stack(nats_server, redis, tiny_llama) as stack:
@@ -78,6 +79,9 @@ async def test_a_background_response_is_read_back_done_and_cancelled_on_another_
             long = await one.responses.create(**LONG, input="kalo", background=True)
             await _running(stack)
             assert (await two.responses.retrieve(long.id)).status == "in_progress"
+            with pytest.raises(openai.BadRequestError) as early:  # (its answer, not there yet, was left out)
+                await two.responses.create(**ASKED, input="remi", previous_response_id=long.id)
+            assert early.value.body["param"] == "previous_response_id", early.value.body
             steps = sum(w.engine.stats.steps for w in stack.workers)
             cancelled = await two.responses.cancel(long.id)
             assert (cancelled.id, cancelled.status, cancelled.background) == (long.id, "cancelled", True)
