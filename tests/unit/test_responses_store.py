@@ -218,6 +218,30 @@ async def test_with_the_store_off_nothing_is_kept_and_previous_response_id_refus
         assert (refused.value.status, refused.value.param) == (400, param)
 
 
+async def test_background_needs_the_response_stored() -> None:
+    """OpenAI's and vLLM's 400 for background with store false (a null store is true, vLLM's
+    fix); with the store off (responses_ttl_s 0) it is refused too, naming why: nowhere to read
+    the response back from. Not streamed (no resumable events here)."""
+    from dlora.services.gateway.auth import Principal
+    from dlora.services.gateway.dialects import Responses
+
+    nobody = Principal(key_id=None, tenant=None, inference=True, admin=False)
+    on = ResponsesStore(None, _unbound, 60.0, 1 << 20)  # type: ignore[arg-type]  # (no Redis read is made)
+    off = ResponsesStore(None, _unbound, 0.0, 1 << 20)  # type: ignore[arg-type]
+    for store, extra, param, words in (
+        (on, ', "store": false', "background", "background can only be used when `store` is true"),
+        (on, ', "stream": true', "stream", "background with stream is not supported"),
+        (off, "", "background", "background needs the response stored: responses are not stored here"),
+        (off, ', "store": null', "background", "background needs the response stored"),
+    ):
+        with pytest.raises(APIError) as refused:
+            await Responses(store).decode(b'{"input": "kalo", "background": true' + extra.encode() + b"}", nobody)
+        assert (refused.value.status, refused.value.param) == (400, param), refused.value.message
+        assert refused.value.message.startswith(words), refused.value.message
+    body = await Responses(on).decode(b'{"input": "kalo", "background": true, "store": null}', nobody)
+    assert body.messages[0].content == "kalo"  # (taken: a null store is true)
+
+
 async def test_a_stream_whose_store_fails_ends_saying_store_false() -> None:
     """Its last event, framed before the write, said "store": true over a response that was not
     kept (a retrieve then a 404): said again, its number kept, once the write failed."""
