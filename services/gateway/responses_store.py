@@ -137,6 +137,7 @@ class Keeping:
         if size > self.store.max_bytes:
             logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
             self.store.count("write", "too_large")
+            self._record = None  # (a background response's queued object, kept before, is not written again)
             return False
         # Every item of the conversation, not only its own: indexed by the response that first stored
         # it alone, an earlier turn's item was a 404 once that turn expired or was deleted, though

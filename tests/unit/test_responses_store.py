@@ -118,6 +118,28 @@ def test_a_response_over_the_bound_is_answered_not_kept_and_new_items_get_ids() 
     assert Keeping(store, "acme", list(given)).keep(huge) is False
 
 
+async def test_a_background_response_whose_end_is_over_the_bound_leaves_its_queued_object_unwritten() -> None:
+    """Its queued object kept (and written), its final one over the bound: ``finishing`` wrote the
+    queued object again over the running one, so the response read ``queued`` for ever instead of
+    ``failed`` (``background``)."""
+    written: list[bytes] = []
+
+    class Redis:
+        async def put_response(self, _id: str, _tenant: str, response: bytes, *args: Any, **named: Any) -> bool:
+            written.append(response)
+            return True
+
+    store = ResponsesStore(Redis(), _unbound, 60.0, 400)  # type: ignore[arg-type]
+    keeping = Keeping(store, "acme", [{"type": "message", "role": "user", "content": "kalo"}])
+    assert keeping.keep({"id": "resp_q", "status": "queued", "output": []}) is True
+    await keeping.finishing()
+    huge = {"id": "resp_q", "status": "completed", "output": [{"type": "message", "content": [{"text": "x" * 400}]}]}
+    assert keeping.keep(huge) is False
+    keeping.written = None
+    await keeping.finishing()
+    assert len(written) == 1 and keeping.written is None
+
+
 async def test_a_chains_earlier_items_are_indexed_with_each_later_turn() -> None:
     """A turn after previous_response_id indexes the earlier turns' items too (the newest holder
     wins): indexed only by the turn that first stored them, they were 404s to an item_reference
