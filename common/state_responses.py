@@ -111,6 +111,20 @@ class ResponseKeys:
         key = f"{self.p}:response:{tenant}:{response_id}"
         return bool(await self.r.register_script(_SWAP_LUA)(keys=[key], args=[old, new]))
 
+    async def append_events(self, response_id: str, tenant: str, events: Sequence[bytes], ttl_s: float) -> None:
+        """A streamed background response's events (its SSE frames, in order: their index is their
+        sequence_number), kept as long as the response, read again by ``response_events``."""
+        key = f"{self.p}:response-events:{tenant}:{response_id}"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(key, *events)
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        await pipe.execute()
+
+    async def response_events(self, response_id: str, tenant: str, start: int) -> list[bytes]:
+        """Its events from the ``start``-th on (none: none yet, or it was not streamed)."""
+        key = f"{self.p}:response-events:{tenant}:{response_id}"
+        return cast(list[bytes], await self.r.lrange(key, start, -1))
+
     async def responses_of_items(self, item_ids: Sequence[str], tenant: str) -> list[str | None]:
         """The response that stored each of ``tenant``'s items ``item_ids`` (None: none, or expired)."""
         if not item_ids:

@@ -31,6 +31,7 @@ from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
 
 logger = log.get("gateway")
+Bound = Callable[[], AbstractAsyncContextManager[None]]
 
 
 class _Transport:
@@ -48,21 +49,46 @@ class Detached(dict[str, Any]):
 
 
 Relay = Callable[[web.Request, Job], Awaitable[object]]
+# The events that end a response's stream (then nothing follows)
+_LAST = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n")
+# How often a reader of a background response's stream looks for its next events
+POLL_S = 0.05
+
+
+class EventLog:
+    """Where a streamed background response's relay writes its events (``responses.opensse``): to
+    Redis, each frame its own entry, for every reader (``Background.replay``) from any gateway."""
+
+    def __init__(self, state: StateStore, bound: Bound, response_id: str, tenant: str, ttl_s: float) -> None:
+        self.state, self.bound, self.response_id, self.tenant, self.ttl_s = state, bound, response_id, tenant, ttl_s
+
+    async def write(self, data: bytes) -> None:
+        # (frames end with a blank line, and their JSON holds no raw newline)
+        events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
+        if events:
+            async with self.bound():
+                await self.state.append_events(self.response_id, self.tenant, events, self.ttl_s)
+
+    async def write_eof(self) -> None:
+        pass
 
 
 class Background:
     """The background responses this gateway runs, by (tenant, response id)."""
 
-    def __init__(self, nc: NATS, state: StateStore, bound: Callable[[], AbstractAsyncContextManager[None]]) -> None:
+    def __init__(self, nc: NATS, state: StateStore, bound: Bound) -> None:
         self.nc, self.state, self.bound = nc, state, bound
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def listen(self) -> None:
         await bus.subscribe(self.nc, subjects.RESPONSE_CANCELS, CancelResponse, self._on_cancel)
 
-    async def start(self, job: Job, keeping: Keeping, held: ExitStack, relay: Relay) -> web.Response:
+    async def start(
+        self, request: web.Request, job: Job, keeping: Keeping, held: ExitStack, relay: Relay
+    ) -> web.StreamResponse:
         """Stores ``job``'s response ``queued`` and runs it in a task (``relay``: the gateway's);
-        ``held`` (its key's slot) is released when the run ends. Answers the queued object.
+        ``held`` (its key's slot) is released when the run ends. Answers the queued object, or,
+        streamed, its events as they come (``replay``): a client gone leaves it running.
 
         Raises:
             APIError(503): Redis could not store it (nothing runs).
@@ -77,12 +103,47 @@ class Background:
                 raise APIError(503, "background: the response could not be stored; try again")
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
             key = (keeping.tenant, queued["id"])
-            task = asyncio.create_task(self._run(queued, keeping, job, held.pop_all(), relay))
+            detached = Detached()
+            if job.stream:
+                detached["sink"] = EventLog(self.state, self.bound, queued["id"], keeping.tenant, keeping.store.ttl_s)
+            task = asyncio.create_task(self._run(queued, keeping, job, held.pop_all(), relay, detached))
             self.running[key] = task
             task.add_done_callback(lambda t: self.running.pop(key) if self.running.get(key) is t else None)
+        if job.stream:
+            return await self.replay(request, queued["id"], keeping.tenant, -1)
         return web.json_response(queued)
 
-    async def _run(self, queued: dict[str, Any], keeping: Keeping, job: Job, held: ExitStack, relay: Relay) -> None:
+    async def replay(self, request: web.Request, response_id: str, tenant: str, after: int) -> web.StreamResponse:
+        """``GET /v1/responses/{id}?stream=true&starting_after=N`` (and a streamed POST): its events
+        after the ``after``-th, then each as it comes, until the one that ends it, or (cancelled,
+        its gateway stopped) its record is over with none left."""
+        stream = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        await stream.prepare(request)
+        while True:
+            async with self.bound():
+                events = await self.state.response_events(response_id, tenant, after + 1)
+                if not events:
+                    got = await self.state.response_fields(response_id, tenant, "response")
+                    status = msgspec.json.decode(got[1]).get("status") if got and got[1] else None
+                    if status not in ("queued", "in_progress"):  # (over: its events written before it)
+                        events = await self.state.response_events(response_id, tenant, after + 1)
+                        if not events:
+                            break
+            if events:
+                after += len(events)
+                await stream.write(b"".join(events))
+                if events[-1].startswith(_LAST):
+                    break
+            else:
+                await asyncio.sleep(POLL_S)
+        await stream.write_eof()
+        return stream
+
+    async def _run(
+        self, queued: dict[str, Any], keeping: Keeping, job: Job, held: ExitStack, relay: Relay, detached: Detached
+    ) -> None:
         with held:
             started = queued | {"status": "in_progress"}
             try:
@@ -93,7 +154,7 @@ class Background:
                 return
             why = "the response could not be stored"  # (over responses_max_bytes, or Redis failed)
             try:
-                await relay(cast(web.Request, Detached()), job)
+                await relay(cast(web.Request, detached), job)
                 if keeping.written is not None:
                     return  # its final object stored (not if cancelled meanwhile: the swap below fails too)
             except APIError as e:  # it failed (a worker's error, a timeout, the gateway stopping)

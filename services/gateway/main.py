@@ -161,7 +161,7 @@ class Gateway:
                     job = api.answer(await self._job(request, body, entry, who, api))
                     if (keeping := api.background()) is not None:
                         run = functools.partial(self._detached, adapter_label, public, arrived)
-                        return await self.background.start(job, keeping, held, run)
+                        return await self.background.start(request, job, keeping, held, run)
                     return await self._relay(request, job, timer)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)

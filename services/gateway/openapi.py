@@ -172,7 +172,8 @@ def document() -> dict[str, Any]:
                 "security": inference,
                 "parameters": [_ID, *_query("include", "stream", "starting_after")],
                 "responses": _responses(
-                    "the stored response, as its POST answered it (a background one: queued, in_progress, then done)",
+                    "the stored response, as its POST answered it (a background one: queued, in_progress, then "
+                    "done); a streamed background one's events with stream=true, after starting_after",
                     400,
                     401,
                     403,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -332,6 +332,8 @@ class ResponseWriter:
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:
+    if (sink := request.get("sink")) is not None:  # a background response's events: kept, for any reader
+        return cast(web.StreamResponse, sink)
     # The charset said, as vLLM and OpenAI say it: a client reading the stream as text (requests)
     # otherwise takes ISO-8859-1 and "Café" comes out "CafÃ©".
     headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}

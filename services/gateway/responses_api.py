@@ -300,9 +300,6 @@ def refuse_unserved(body: ResponsesBody) -> None:
             raise APIError(400, f"{name} is not supported: {why}", param=name)
     if body.background and body.store is False:  # OpenAI's and vLLM's 400 (a null store is true)
         raise APIError(400, "background can only be used when `store` is true", param="background")
-    if body.background and body.stream:
-        why = "background with stream is not supported here: retrieve the response (GET /v1/responses/{id})"
-        raise APIError(400, why, param="stream")
     if body.stream_options is not None and not body.stream:  # as the chat refuses it (OpenAI's, vLLM's)
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.truncation not in (None, "disabled"):

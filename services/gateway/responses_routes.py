@@ -85,18 +85,28 @@ class ResponsesRoutes:
     async def _tenant(self, request: web.Request) -> str:
         return (await self.auth.inference(request)).tenant or ""
 
-    async def retrieve(self, request: web.Request) -> web.Response:
-        """``GET /v1/responses/{id}``: the object its POST answered. ``stream=true`` (replaying its
-        events) is refused: they are not kept, only the finished object."""
-        tenant, query = await self._tenant(request), request.query
+    async def retrieve(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/responses/{id}``: the object its POST answered. ``stream=true`` replays the
+        events of a background response created streamed (``starting_after``: from the one after
+        that sequence_number; ``Background.replay``); any other's are not kept: a 400."""
+        tenant, query, response_id = await self._tenant(request), request.query, request.match_info["id"]
         _refuse_include(query)
-        if query.get("stream", "false").lower() not in ("false", "0"):
+        streamed = query.get("stream", "false").lower() not in ("false", "0")
+        if "starting_after" in query and not streamed:
+            raise APIError(400, "starting_after is only for stream", param="starting_after")
+        [response] = await self.store.fields(response_id, tenant, "response")
+        if not streamed:
+            return web.Response(body=response, content_type="application/json")
+        if not msgspec.json.decode(response).get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
-        if "starting_after" in query:
-            raise APIError(400, "starting_after is only for stream, which is not supported", param="starting_after")
-        [response] = await self.store.fields(request.match_info["id"], tenant, "response")
-        return web.Response(body=response, content_type="application/json")
+        try:
+            after = int(query.get("starting_after", "-1"))
+        except ValueError:
+            after = -2
+        if after < -1:
+            raise APIError(400, "starting_after must be a sequence_number (an integer >= 0)", param="starting_after")
+        return await self.background.replay(request, response_id, tenant, after)
 
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404. A

@@ -2,8 +2,9 @@
 against the real stack through the openai package's client: the POST answers ``queued`` at once;
 any gateway reads it ``in_progress``, then done; a cancel on another gateway than the one running
 it answers ``cancelled`` and aborts its request on the worker; a cancel again, or of one over,
-answers it unchanged; ``store`` false or ``stream`` with it a 400; its key's concurrency slot held while
-it runs, a delete stopping it; a gateway that stops fails those it still runs."""
+answers it unchanged; ``store`` false with it a 400; streamed, its events resumed on another
+gateway after its client left (``starting_after``); its key's concurrency slot held while it runs,
+a delete stopping it; a gateway that stops fails those it still runs."""
 
 from __future__ import annotations
 
@@ -100,21 +101,56 @@ async def test_a_background_response_is_read_back_done_and_cancelled_on_another_
                 await nc.drain()
 
 
-@pytest.mark.parametrize(
-    ("extra", "param", "words"),
-    [
-        ({"store": False}, "background", "background can only be used when `store` is true"),
-        ({"stream": True}, "stream", "background with stream is not supported"),
-    ],
-)
-async def test_background_without_store_or_with_stream_is_a_400(
-    stack: Stack, extra: dict[str, Any], param: str, words: str
-) -> None:
+async def test_background_without_store_is_a_400(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
-        body = {**ASKED, "input": "kalo", "background": True, **extra}
+        body = {**ASKED, "input": "kalo", "background": True, "store": False}
         async with http.post(stack.url + "/v1/responses", json=body) as r:
             error = (await r.json())["error"]
-    assert r.status == 400 and error["param"] == param and error["message"].startswith(words), error
+    assert r.status == 400 and error["param"] == "background", error
+    assert error["message"] == "background can only be used when `store` is true"
+
+
+async def test_a_streamed_background_response_is_resumed_after_its_client_left_from_another_gateway(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """OpenAI's resumable stream: its client reads a few events and leaves (the response runs on);
+    ``GET ?stream=true&starting_after=N`` on another gateway gives every event after the N-th, to
+    its end: the whole text is the foreground response's."""
+    conns: list[Any] = []
+    async with run_stack(nats_server, redis, tiny_llama) as stack:
+        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
+        one, two = _client(stack.url), _client(other_url)
+        try:
+            foreground = await one.responses.create(**ASKED, input="kalo")
+            seen: list[Any] = []
+            stream = await one.responses.create(**ASKED, input="kalo", background=True, stream=True)
+            async for event in stream:
+                seen.append(event)
+                if event.type == "response.output_text.delta":
+                    break
+            await stream.close()
+            made = seen[0].response
+            assert seen[0].type == "response.created" and made.background is True
+            rest = [
+                e
+                async for e in await two.responses.retrieve(
+                    made.id, stream=True, starting_after=seen[-1].sequence_number
+                )
+            ]
+            numbers = [e.sequence_number for e in [*seen, *rest]]
+            assert numbers == list(range(len(numbers))), numbers
+            assert rest[-1].type == "response.incomplete" and rest[-1].response.output_text == foreground.output_text
+            text = "".join(e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta")
+            assert text == foreground.output_text
+            again = [e async for e in await one.responses.retrieve(made.id, stream=True)]  # (from the start)
+            assert [e.sequence_number for e in again] == numbers
+            assert (await two.responses.retrieve(made.id)).status == "incomplete"
+        finally:
+            await one.close()
+            await two.close()
+            await runner.cleanup()
+            for nc in conns:
+                await nc.drain()
 
 
 async def test_a_background_response_holds_its_keys_concurrency_slot_while_it_runs(

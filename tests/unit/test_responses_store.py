@@ -243,7 +243,7 @@ async def test_with_the_store_off_nothing_is_kept_and_previous_response_id_refus
 async def test_background_needs_the_response_stored() -> None:
     """OpenAI's and vLLM's 400 for background with store false (a null store is true, vLLM's
     fix); with the store off (responses_ttl_s 0) it is refused too, naming why: nowhere to read
-    the response back from. Not streamed (no resumable events here)."""
+    the response back from."""
     from dlora.services.gateway.auth import Principal
     from dlora.services.gateway.dialects import Responses
 
@@ -252,7 +252,6 @@ async def test_background_needs_the_response_stored() -> None:
     off = ResponsesStore(None, _unbound, 0.0, 1 << 20)  # type: ignore[arg-type]
     for store, extra, param, words in (
         (on, ', "store": false', "background", "background can only be used when `store` is true"),
-        (on, ', "stream": true', "stream", "background with stream is not supported"),
         (off, "", "background", "background needs the response stored: responses are not stored here"),
         (off, ', "store": null', "background", "background needs the response stored"),
     ):
