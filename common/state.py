@@ -46,6 +46,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:response-gone:{tenant}:{id}`` str a deleted response's previous response and the ones
                                      its item_references read (JSON), its remaining TTL: a later
                                      turn's DELETE re-points the index through it
+- ``{p}:response-events:{tenant}:{id}`` list a streamed background response's SSE frames, in
+                                     order (index = sequence_number), its TTL (``gateway/background.py``)
 """
 
 from __future__ import annotations

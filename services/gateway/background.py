@@ -2,7 +2,9 @@
 ``serving_responses`` runs them): the POST answers at once with the response ``queued``, stored in
 Redis; a task of the gateway that took it relays its request to the workers as if its client
 stayed, the record made ``in_progress``, then its final object (``completed``, ``incomplete`` or
-``failed``). Any gateway reads it (``GET /v1/responses/{id}``) and cancels it: ``cancel`` makes the
+``failed``); streamed, its events go to Redis as they come (``EventLog``), where its client and
+any later reader (``GET ?stream=true&starting_after=N``) read them (``replay``). Any gateway reads
+it (``GET /v1/responses/{id}``) and cancels it: ``cancel`` makes the
 record ``cancelled`` and tells every gateway on NATS (``subjects.RESPONSE_CANCELS``); the one
 running it cancels its task, which aborts its request on the worker. Each change of the record is
 a compare-and-swap on the object last written (``StateStore.swap_response``), so a cancel and the

@@ -6,7 +6,7 @@ the Responses field (``renamed``). The answer's shape is ``responses_shape``'s. 
 Responses are stored as OpenAI stores them (``store``, true by default) in Redis
 (``responses_store``), which puts the conversation a ``previous_response_id`` names, and the items
 ``item_reference``s name, into ``input`` before this module reads it. ``background`` runs it for
-nobody connected (``background``), stored, not streamed. ``conversation`` (OpenAI's Conversations API) is not
+nobody connected (``background``), stored; its stream resumable. ``conversation`` (OpenAI's Conversations API) is not
 served. Hosted tools (web search, file search, MCP...) are not served: functions only.
 """
 
@@ -71,7 +71,7 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include: list[str] | None = None  # none served: an empty list only
     top_logprobs: int | None = None  # 0 only (logprobs need include, not served)
     previous_response_id: Any = None  # a string (``responses_store.ResponsesStore.prepared`` checks it)
-    # Run for nobody connected (``background``): only stored (``store``), not streamed.
+    # Run for nobody connected (``background``): only stored (``store``); streamed, its events kept.
     background: bool | None = None
     # Need a service dlora has not: refused when set.
     conversation: Any = None
