@@ -214,3 +214,30 @@ async def test_a_stopping_gateway_finishes_its_background_responses_within_its_d
     else:
         assert ended.usage is not None and ended.usage.output_tokens == tokens
     assert await _nothing_left(stack, within_s=10.0)
+
+
+async def test_the_stream_of_a_cancelled_background_response_ends(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader of a streamed background response cancelled meanwhile: its stream ends (no closing
+    event is made for it: its record says cancelled), not read for ever."""
+    _slow_steps(stack, monkeypatch, 0.02)
+    client = _client(stack.url)
+    try:
+        stream = await client.responses.create(**LONG, input="kalo", background=True, stream=True)
+        first = await stream.__anext__()  # response.created: its id
+        await stream.close()
+        response_id = first.response.id
+        await _running(stack)
+
+        async def read() -> list[Any]:
+            return [e async for e in await client.responses.retrieve(response_id, stream=True)]
+
+        reader = asyncio.create_task(read())
+        assert (await client.responses.cancel(response_id)).status == "cancelled"
+        events = await asyncio.wait_for(reader, timeout=60)  # (a bound on a hang, not a timing)
+        assert events[0].type == "response.created"
+        assert events[-1].type not in ("response.completed", "response.incomplete", "response.failed")
+        assert (await client.responses.retrieve(response_id)).status == "cancelled"
+    finally:
+        await client.close()
