@@ -127,3 +127,25 @@ def test_within_budget_starts_no_prompt_keyed_after_a_recompute_that_does_not_fi
     plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
     assert [s.request_id for s in plan.seqs] == ["d", "e"]  # r (10 tokens) waits, and p behind it
     assert [r.request_id for r in within_budget(batch, whole)] == ["d", "e"]  # (["d", "p", "e"] before)
+
+
+def test_within_budget_goes_on_past_a_recompute_that_does_not_fit_to_a_prompt_holding_blocks() -> None:
+    """The scheduler's line stops only fresh prompts: one whose chunks are under way (holding
+    blocks, vLLM's running list) goes on past a recompute that waits. ``within_budget`` stopped it
+    too, and priced the step without it (found by a differential check against ``schedule``)."""
+    from dlora.services.worker.engine.block_manager import BlockManager
+    from dlora.services.worker.engine.scheduler import queued, schedule
+    from dlora.services.worker.policy import StepDecision
+    from tests.unit.test_scheduler import CHUNKED, running, seq
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    d = running(seq("d", 0, 3, outputs=1), bm)
+    h = seq("h", 3, 8)
+    h.num_cached = 4
+    bm.grow("h", 4)  # its first chunk in: the second takes 1 block
+    seqs = {s.request_id: s for s in [d, seq("r", 1, 8, outputs=5), h, seq("p", 4, 4)]}  # r: 4 blocks, 2 free
+    batch = list(queued(seqs.values(), {}, CHUNKED, {}, bm).values())
+    limits = BatchLimits(CHUNKED.max_num_seqs, CHUNKED.max_adapters, CHUNKED.max_num_batched_tokens)
+    plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, CHUNKED)
+    assert [s.request_id for s in plan.seqs] == ["d", "h"]
+    assert [r.request_id for r in within_budget(batch, limits)] == ["d", "h"]  # (["d"] before)

@@ -83,6 +83,7 @@ def queued(
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
         context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
+        started = blocks is not None and s.status is Status.WAITING and blocks.holds(s.request_id)
         fits = True  # (past an adapter's first max_num_seqs not weighed, as ``looked``: taken to fit, as before)
         if blocks is not None and _over_free(s, blocks) and weighed[s.adapter] < limits.max_num_seqs:
             weighed[s.adapter] += 1
@@ -92,12 +93,11 @@ def queued(
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
             or q.held != held
-            or q.fits != fits
+            or (q.fits, q.started) != (fits, started)
             or not q.context <= context <= q.context + q.context // 16
         ):
-            q = QueuedRequest(
-                s.request_id, *fields, context, held, fits, s.status is Status.WAITING and bool(s.output_ids)
-            )
+            recompute = s.status is Status.WAITING and bool(s.output_ids)
+            q = QueuedRequest(s.request_id, *fields, context, held, fits, recompute, started)
         out[s.request_id] = q
     return out
 

@@ -57,6 +57,9 @@ class QueuedRequest:
     # Waiting, it was generating (preempted, or resumed from elsewhere): one the step cannot start
     # stops the fresh prompts keyed after it (the scheduler's ``line``; ``within_budget``).
     recompute: bool = False
+    # Waiting, it holds blocks: a prefill whose chunks are under way (vLLM's running list), which
+    # the scheduler's line does not stop (only fresh prompts wait behind a recompute).
+    started: bool = False
 
     @property
     def keeps_place(self) -> bool:
@@ -234,7 +237,7 @@ def within_budget(
             break
         if r.running:
             decodes -= r.num_new
-        elif r.arrival > line:
+        elif r.arrival > line and not r.started:
             continue
         elif out and not r.fits:  # (passed over for the blocks free; a recompute stops the line)
             line = min(line, r.arrival) if r.recompute else line
