@@ -9,6 +9,7 @@ import pytest
 from dlora.services.worker.engine import block_manager
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import queued, schedule
+from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import BatchLimits, StepDecision, fcfs_batch
 from dlora.services.worker.policy.base import within_budget
 from dlora.services.worker.policy.config import PolicyConfig
@@ -108,3 +109,27 @@ def test_the_policy_prices_no_step_on_a_recompute_the_blocks_free_cannot_hold_no
     plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
     assert [s.request_id for s in plan.seqs] == ["d"]
     assert [r.request_id for r in within_budget(batch, batch_limits)] == ["d"]  # (["d", "r", "p"] before)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_the_policy_s_queue_copies_no_prompt_s_ids_to_weigh_whether_it_fits(
+    monkeypatch: pytest.MonkeyPatch, caching: bool
+) -> None:
+    """Weighing a prompt over the blocks free (``QueuedRequest.fits``) copied all its ids each step
+    (``Sequence.all_ids``), for a batch's worth of long prompts an adapter, and with no prefix
+    cache to find any of them in: it then fits by nothing, and a lookup finds nothing."""
+    copies = 0
+    all_ids = Sequence.all_ids
+
+    def counting(self: Sequence) -> list[int]:
+        nonlocal copies
+        copies += 1
+        return all_ids(self)
+
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=caching)
+    d = running(seq("d", 0, 16, outputs=1), bm)  # 4 blocks held, 4 free
+    waiting = [seq(f"p{i}", 1 + i, 36) for i in range(4)]  # 9 blocks each: none fits
+    monkeypatch.setattr(Sequence, "all_ids", counting)
+    queue = queued([d, *waiting], {}, CHUNKED, {}, bm, lambda adapter, merged: b"")
+    assert [q.fits for q in queue.values()] == [True, False, False, False, False]
+    assert copies == 0  # (4 before: one a prompt, each step)

@@ -87,8 +87,13 @@ def queued(
         fits = True  # (past an adapter's first max_num_seqs not weighed, as ``looked``: taken to fit, as before)
         if blocks is not None and _over_free(s, blocks) and weighed[s.adapter] < limits.max_num_seqs:
             weighed[s.adapter] += 1
-            key = s.salted(cache_key(s.adapter, merged) if cache_key is not None else b"")
-            fits = _may_fit(s, blocks, s.all_ids(), NO_REUSE if s.collects_prompt_logprobs else key)
+            # Over the blocks free, it fits only by its cached prefix: none to find, nothing to look
+            # up (a prompt's ids copied for it each step cost as much as the rest of its entry)
+            if blocks.enable_prefix_caching and not s.collects_prompt_logprobs:
+                key = s.salted(cache_key(s.adapter, merged) if cache_key is not None else b"")
+                fits = _may_fit(s, blocks, s.all_ids() if s.output_ids else s.prompt_ids, key)
+            else:
+                fits = False
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
