@@ -33,6 +33,7 @@ class StoreCounts:
         self.written = Counter(
             "dlora_responses_stored_bytes",
             "Bytes of stored responses written to Redis (the object and its conversation)",
+            unit="bytes",
             registry=registry,
         )
 
