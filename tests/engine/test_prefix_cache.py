@@ -264,3 +264,25 @@ def test_each_step_reports_the_context_its_sequences_attend(tiny_llama: TinyOutp
     # knows the request ended); again: 20 tokens (five blocks) found cached, 1 fed
     decodes = [(1, 22), (1, 23), (1, 24)] if async_scheduling else [(1, 22), (1, 23)]
     assert steps == [(8, 8), (8, 16), (5, 21), *decodes, (1, 21), *decodes]
+
+
+def test_a_prompt_preempted_in_the_step_that_admitted_it_reports_what_it_later_found(tiny_llama: TinyOutput) -> None:
+    """A prompt found 8 tokens cached and was admitted, then a decode of a higher priority later in
+    the same step took its blocks, so it never ran; the cache was reset before it ran again and it
+    computed its whole prompt. Its usage said 8 cached tokens (and the stats 8 hits) from the
+    lookup of the step it did not run in; vLLM reports what the prefill that ran found."""
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=10)
+    run_all(engine, {"warm": (None, SYSTEM[:9])}, 1)  # 8 tokens of the prompt's prefix cached
+    urgent = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.add_request("decode", prompt_token_ids=list(range(100, 112)), params=urgent, priority=-1)
+    engine.step()  # 12 tokens in 3 blocks: its next token needs a fourth
+    prompt = SYSTEM[:9] + list(range(300, 319))  # 7 blocks: the 2 cached and the 5 left free
+    engine.add_request("prompt", prompt_token_ids=prompt, params=SamplingParams(max_tokens=2), priority=0)
+    engine.step(StepDecision(None, ["prompt", "decode"]))
+    assert engine.seqs["prompt"].num_scheduled == 0 and not engine.blocks.holds("prompt")  # it did not run
+    engine.reset_prefix_cache()
+    reported = []
+    while engine.has_unfinished():
+        reported += [o.num_cached_tokens for o in engine.step() if o.request_id == "prompt"]
+    assert reported and set(reported) == {0}
+    assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == (9 + 12 + 28, 0)

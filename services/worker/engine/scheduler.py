@@ -260,6 +260,8 @@ def schedule(
                     tokens -= victim.num_scheduled
                     victim.num_scheduled = 0
                     providers = [p for p in providers if p[0] is not victim]
+                    if victim.lookup is not None:  # admitted fresh this step: it never ran, so neither
+                        _unlook(victim, out)  # did its lookup (its cached tokens were reported as found)
                     adapters = {s.adapter for s in out.seqs if s.adapter not in (None, merged)}
             if not fits:
                 _release(seq, blocks, fresh)
@@ -357,6 +359,18 @@ def _fits(
     if not blocks.can_grow(rid, num_tokens):
         out.preempted += _make_room(seq, num_tokens, seqs, blocks, exclude=earlier)
     return blocks.can_grow(rid, num_tokens)
+
+
+def _unlook(seq: Sequence, out: Schedule) -> None:
+    """Take back the lookup of ``seq``, a prompt admitted fresh and then preempted in the same step
+    before it ran: its next admission is its first (as ``async_scheduling.recompute`` takes back a
+    row dropped before it ran). Kept, the blocks it found were its usage's ``cached_tokens`` and the
+    stats' hits though it computed its prompt later whatever the cache then held."""
+    total, found = seq.lookup or (0, 0)
+    out.prefix_queries -= total
+    out.prefix_hits -= found
+    seq.num_preemptions -= 1
+    seq.num_cached_prompt, seq.lookup = 0, None
 
 
 def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:
