@@ -19,19 +19,13 @@ from redis.asyncio import Redis
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.main import serve
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack, run_stack, start_gateway, until_live
+from tests.integration.conftest import Stack, until_live
 from tests.integration.test_abort import _nothing_left, _slow_steps
 from tests.integration.test_keys import make_key
+from tests.integration.test_responses_store import ASKED, _client, two_gateways
 
-ASKED: dict[str, Any] = {"model": "lora-1", "temperature": 0, "max_output_tokens": 6}
 # Runs until it is cancelled (its steps slowed: ``_slow_steps``)
 LONG: dict[str, Any] = {**ASKED, "max_output_tokens": 400, "extra_body": {"ignore_eos": True}}
-
-
-def _client(url: str, key: str = "unused") -> Any:
-    import openai
-
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
 async def _over(client: Any, response_id: str) -> Any:
@@ -61,44 +55,34 @@ async def test_a_background_response_is_read_back_done_and_cancelled_on_another_
     and it stays cancelled. A turn chained to it while it runs is a 400."""
     import openai
 
-    conns: list[Any] = []
-    async with run_stack(nats_server, redis, tiny_llama) as stack:
-        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
-        one, two = _client(stack.url), _client(other_url)
-        try:
-            made = await one.responses.create(**ASKED, input="kalo", background=True)
-            assert (made.status, made.background, made.output, made.store) == ("queued", True, [], True)
-            done = await _over(two, made.id)
-            foreground = await one.responses.create(**ASKED, input="kalo")
-            assert done.status == "incomplete" and done.background is True, done  # (cut at max_output_tokens)
-            assert done.output_text == foreground.output_text and done.usage == foreground.usage
-            assert [i.type for i in (await two.responses.input_items.list(made.id)).data] == ["message"]
-            # over: answered unchanged (OpenAI's; vllm#57999 refused it as "a synchronous response")
-            assert (await two.responses.cancel(made.id)).model_dump() == done.model_dump()
+    async with two_gateways(nats_server, redis, tiny_llama) as (stack, _, one, two):
+        made = await one.responses.create(**ASKED, input="kalo", background=True)
+        assert (made.status, made.background, made.output, made.store) == ("queued", True, [], True)
+        done = await _over(two, made.id)
+        foreground = await one.responses.create(**ASKED, input="kalo")
+        assert done.status == "incomplete" and done.background is True, done  # (cut at max_output_tokens)
+        assert done.output_text == foreground.output_text and done.usage == foreground.usage
+        assert [i.type for i in (await two.responses.input_items.list(made.id)).data] == ["message"]
+        # over: answered unchanged (OpenAI's; vllm#57999 refused it as "a synchronous response")
+        assert (await two.responses.cancel(made.id)).model_dump() == done.model_dump()
 
-            _slow_steps(stack, monkeypatch, 0.02)
-            long = await one.responses.create(**LONG, input="kalo", background=True)
-            await _running(stack)
-            assert (await two.responses.retrieve(long.id)).status == "in_progress"
-            with pytest.raises(openai.BadRequestError) as early:  # (its answer, not there yet, was left out)
-                await two.responses.create(**ASKED, input="remi", previous_response_id=long.id)
-            assert early.value.body["param"] == "previous_response_id", early.value.body
-            steps = sum(w.engine.stats.steps for w in stack.workers)
-            cancelled = await two.responses.cancel(long.id)
-            assert (cancelled.id, cancelled.status, cancelled.background) == (long.id, "cancelled", True)
-            assert await _nothing_left(stack, within_s=10.0)  # aborted on its worker, told by NATS
-            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
-            while stack.gateway.background.running:  # its run over: it wrote nothing over the cancel
-                await asyncio.sleep(0.01)
-            assert (await one.responses.retrieve(long.id)).model_dump() == cancelled.model_dump()
-            again = await one.responses.cancel(long.id)  # (OpenAI's: idempotent)
-            assert again.model_dump() == cancelled.model_dump()
-        finally:
-            await one.close()
-            await two.close()
-            await runner.cleanup()
-            for nc in conns:
-                await nc.drain()
+        _slow_steps(stack, monkeypatch, 0.02)
+        long = await one.responses.create(**LONG, input="kalo", background=True)
+        await _running(stack)
+        assert (await two.responses.retrieve(long.id)).status == "in_progress"
+        with pytest.raises(openai.BadRequestError) as early:  # (its answer, not there yet, was left out)
+            await two.responses.create(**ASKED, input="remi", previous_response_id=long.id)
+        assert early.value.body["param"] == "previous_response_id", early.value.body
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+        cancelled = await two.responses.cancel(long.id)
+        assert (cancelled.id, cancelled.status, cancelled.background) == (long.id, "cancelled", True)
+        assert await _nothing_left(stack, within_s=10.0)  # aborted on its worker, told by NATS
+        assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
+        while stack.gateway.background.running:  # its run over: it wrote nothing over the cancel
+            await asyncio.sleep(0.01)
+        assert (await one.responses.retrieve(long.id)).model_dump() == cancelled.model_dump()
+        again = await one.responses.cancel(long.id)  # (OpenAI's: idempotent)
+        assert again.model_dump() == cancelled.model_dump()
 
 
 async def test_background_without_store_is_a_400(stack: Stack) -> None:
@@ -116,41 +100,28 @@ async def test_a_streamed_background_response_is_resumed_after_its_client_left_f
     """OpenAI's resumable stream: its client reads a few events and leaves (the response runs on);
     ``GET ?stream=true&starting_after=N`` on another gateway gives every event after the N-th, to
     its end: the whole text is the foreground response's."""
-    conns: list[Any] = []
-    async with run_stack(nats_server, redis, tiny_llama) as stack:
-        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
-        one, two = _client(stack.url), _client(other_url)
-        try:
-            foreground = await one.responses.create(**ASKED, input="kalo")
-            seen: list[Any] = []
-            stream = await one.responses.create(**ASKED, input="kalo", background=True, stream=True)
-            async for event in stream:
-                seen.append(event)
-                if event.type == "response.output_text.delta":
-                    break
-            await stream.close()
-            made = seen[0].response
-            assert seen[0].type == "response.created" and made.background is True
-            rest = [
-                e
-                async for e in await two.responses.retrieve(
-                    made.id, stream=True, starting_after=seen[-1].sequence_number
-                )
-            ]
-            numbers = [e.sequence_number for e in [*seen, *rest]]
-            assert numbers == list(range(len(numbers))), numbers
-            assert rest[-1].type == "response.incomplete" and rest[-1].response.output_text == foreground.output_text
-            text = "".join(e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta")
-            assert text == foreground.output_text
-            again = [e async for e in await one.responses.retrieve(made.id, stream=True)]  # (from the start)
-            assert [e.sequence_number for e in again] == numbers
-            assert (await two.responses.retrieve(made.id)).status == "incomplete"
-        finally:
-            await one.close()
-            await two.close()
-            await runner.cleanup()
-            for nc in conns:
-                await nc.drain()
+    async with two_gateways(nats_server, redis, tiny_llama) as (stack, _, one, two):
+        foreground = await one.responses.create(**ASKED, input="kalo")
+        seen: list[Any] = []
+        stream = await one.responses.create(**ASKED, input="kalo", background=True, stream=True)
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta":
+                break
+        await stream.close()
+        made = seen[0].response
+        assert seen[0].type == "response.created" and made.background is True
+        rest = [
+            e async for e in await two.responses.retrieve(made.id, stream=True, starting_after=seen[-1].sequence_number)
+        ]
+        numbers = [e.sequence_number for e in [*seen, *rest]]
+        assert numbers == list(range(len(numbers))), numbers
+        assert rest[-1].type == "response.incomplete" and rest[-1].response.output_text == foreground.output_text
+        text = "".join(e.delta for e in [*seen, *rest] if e.type == "response.output_text.delta")
+        assert text == foreground.output_text
+        again = [e async for e in await one.responses.retrieve(made.id, stream=True)]  # (from the start)
+        assert [e.sequence_number for e in again] == numbers
+        assert (await two.responses.retrieve(made.id)).status == "incomplete"
 
 
 async def test_a_background_response_holds_its_keys_concurrency_slot_while_it_runs(

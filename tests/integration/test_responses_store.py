@@ -6,6 +6,8 @@ another tenant's ids are 404s; ``store`` false keeps nothing."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -25,6 +27,26 @@ def _client(url: str, key: str = "unused") -> Any:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
+@contextlib.asynccontextmanager
+async def two_gateways(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> AsyncIterator[tuple[Stack, str, Any, Any]]:
+    """The stack and a second gateway on its NATS and Redis: the stack, the second's URL, and an
+    openai client of each gateway."""
+    conns: list[Any] = []
+    async with run_stack(nats_server, redis, tiny_llama) as stack:
+        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
+        one, two = _client(stack.url), _client(other_url)
+        try:
+            yield stack, other_url, one, two
+        finally:
+            await one.close()
+            await two.close()
+            await runner.cleanup()
+            for nc in conns:
+                await nc.drain()
+
+
 async def _call(url: str, method: str, path: str, key: str | None = None) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http:
         async with http.request(method, url + path, headers=bearer(key) if key else None) as r:
@@ -42,63 +64,53 @@ async def test_a_chain_of_three_turns_over_two_gateways_renders_the_whole_conver
     the other gateway as its POST answered it; its input items listed a page at a time."""
     import openai
 
-    conns: list[Any] = []
-    async with run_stack(nats_server, redis, tiny_llama) as stack:
-        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
-        one, two = _client(stack.url), _client(other_url)
-        try:
-            first = await one.responses.create(**ASKED, instructions="Be brief.", input="kalo")
-            assert first.store is True and first.previous_response_id is None
-            assert (await two.responses.retrieve(first.id)).model_dump() == first.model_dump()
-            second = await two.responses.create(**ASKED, input="remi", previous_response_id=first.id)
-            assert second.previous_response_id == first.id and second.instructions is None
-            third = await one.responses.create(
-                **ASKED,
-                instructions="Be kind.",
-                input=[{"role": "user", "content": "lumo"}],
-                previous_response_id=second.id,
-            )
-            messages = [
-                {"role": "system", "content": "Be kind."},
-                {"role": "user", "content": "kalo"},
-                {"role": "assistant", "content": first.output_text},
-                {"role": "user", "content": "remi"},
-                {"role": "assistant", "content": second.output_text},
-                {"role": "user", "content": "lumo"},
-            ]
-            chat = {"model": "lora-1", "messages": messages, "temperature": 0, "max_completion_tokens": 6}
-            status, expected = await post(stack, "/v1/chat/completions", chat)
-            assert status == 200, expected
-            assert third.usage is not None and third.usage.input_tokens == expected["usage"]["prompt_tokens"]
-            assert third.output_text == expected["choices"][0]["message"]["content"]
-            # its input items: every turn's input and the answers between, newest first by default
-            listed = await two.responses.input_items.list(third.id)
-            kinds = [(i.type, i.role) for i in listed.data]
-            assert kinds[::-1] == [("message", r) for r in ("user", "assistant", "user", "assistant", "user")]
-            assert listed.data[1].id == second.output[0].id and listed.data[3].id == first.output[0].id
-            paged = [i.id async for i in two.responses.input_items.list(third.id, order="asc", limit=2)]
-            assert paged == [i.id for i in listed.data[::-1]] and len(set(paged)) == 5
-            status, page = await _call(
-                stack.url, "GET", f"/v1/responses/{third.id}/input_items?limit=2&before={paged[3]}&order=asc"
-            )
-            assert [i["id"] for i in page["data"]] == paged[1:3] and page["has_more"] is True, page
-            # deleted: OpenAI's deleted object, then a 404 wherever it is asked; what came after stays whole
-            status, deleted = await _call(other_url, "DELETE", f"/v1/responses/{first.id}")
-            assert (status, deleted) == (200, {"id": first.id, "object": "response", "deleted": True})
-            with pytest.raises(openai.NotFoundError) as gone:
-                await one.responses.retrieve(first.id)
-            assert gone.value.body["param"] is None and first.id in gone.value.body["message"]
-            with pytest.raises(openai.NotFoundError) as gone:
-                await one.responses.create(**ASKED, input="kalo", previous_response_id=first.id)
-            assert gone.value.body["param"] == "previous_response_id" and first.id in gone.value.body["message"]
-            assert (await one.responses.retrieve(third.id)).output_text == third.output_text
-            assert len((await one.responses.input_items.list(third.id)).data) == 5
-        finally:
-            await one.close()
-            await two.close()
-            await runner.cleanup()
-            for nc in conns:
-                await nc.drain()
+    async with two_gateways(nats_server, redis, tiny_llama) as (stack, other_url, one, two):
+        first = await one.responses.create(**ASKED, instructions="Be brief.", input="kalo")
+        assert first.store is True and first.previous_response_id is None
+        assert (await two.responses.retrieve(first.id)).model_dump() == first.model_dump()
+        second = await two.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+        assert second.previous_response_id == first.id and second.instructions is None
+        third = await one.responses.create(
+            **ASKED,
+            instructions="Be kind.",
+            input=[{"role": "user", "content": "lumo"}],
+            previous_response_id=second.id,
+        )
+        messages = [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "kalo"},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "remi"},
+            {"role": "assistant", "content": second.output_text},
+            {"role": "user", "content": "lumo"},
+        ]
+        chat = {"model": "lora-1", "messages": messages, "temperature": 0, "max_completion_tokens": 6}
+        status, expected = await post(stack, "/v1/chat/completions", chat)
+        assert status == 200, expected
+        assert third.usage is not None and third.usage.input_tokens == expected["usage"]["prompt_tokens"]
+        assert third.output_text == expected["choices"][0]["message"]["content"]
+        # its input items: every turn's input and the answers between, newest first by default
+        listed = await two.responses.input_items.list(third.id)
+        kinds = [(i.type, i.role) for i in listed.data]
+        assert kinds[::-1] == [("message", r) for r in ("user", "assistant", "user", "assistant", "user")]
+        assert listed.data[1].id == second.output[0].id and listed.data[3].id == first.output[0].id
+        paged = [i.id async for i in two.responses.input_items.list(third.id, order="asc", limit=2)]
+        assert paged == [i.id for i in listed.data[::-1]] and len(set(paged)) == 5
+        status, page = await _call(
+            stack.url, "GET", f"/v1/responses/{third.id}/input_items?limit=2&before={paged[3]}&order=asc"
+        )
+        assert [i["id"] for i in page["data"]] == paged[1:3] and page["has_more"] is True, page
+        # deleted: OpenAI's deleted object, then a 404 wherever it is asked; what came after stays whole
+        status, deleted = await _call(other_url, "DELETE", f"/v1/responses/{first.id}")
+        assert (status, deleted) == (200, {"id": first.id, "object": "response", "deleted": True})
+        with pytest.raises(openai.NotFoundError) as gone:
+            await one.responses.retrieve(first.id)
+        assert gone.value.body["param"] is None and first.id in gone.value.body["message"]
+        with pytest.raises(openai.NotFoundError) as gone:
+            await one.responses.create(**ASKED, input="kalo", previous_response_id=first.id)
+        assert gone.value.body["param"] == "previous_response_id" and first.id in gone.value.body["message"]
+        assert (await one.responses.retrieve(third.id)).output_text == third.output_text
+        assert len((await one.responses.input_items.list(third.id)).data) == 5
 
 
 async def test_a_stream_is_stored_once_over_and_store_false_keeps_nothing(stack: Stack) -> None:
