@@ -18,33 +18,39 @@ from dlora.services.worker.policy.fcfs import UnmergedOnly
 from tests.unit.test_scheduler import CHUNKED, running, seq
 
 
+def _counted_hashes(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per block name the block manager hashes from now (``clear()`` to count afresh)."""
+    hashed: list[None] = []
+    hash_block = block_manager.block_hash
+
+    def counting(parent: bytes, token_ids: list[int], cache_key: bytes) -> bytes:
+        hashed.append(None)
+        return hash_block(parent, token_ids, cache_key)
+
+    monkeypatch.setattr(block_manager, "block_hash", counting)
+    return hashed
+
+
 def test_a_prompt_passed_over_step_after_step_hashes_its_cached_prefix_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt whose cached prefix leaves more than the blocks free to compute waits (full-ISL
     admission), and the step goes on to the prompts behind it. Each step looked it up in the prefix
     cache anew, hashing every block of its cached prefix again (a long shared system prompt: as many
     hashes per step as it has blocks, for each prompt passed over), and let the cached blocks go
     again; where the blocks it would find cannot make it fit, the names hashed once say so."""
-    hashed = 0
-    hash_block = block_manager.block_hash
-
-    def counting(parent: bytes, token_ids: list[int], cache_key: bytes) -> bytes:
-        nonlocal hashed
-        hashed += 1
-        return hash_block(parent, token_ids, cache_key)
-
-    monkeypatch.setattr(block_manager, "block_hash", counting)
+    hashed = _counted_hashes(monkeypatch)
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     d = running(seq("d", 0, 16, outputs=1), bm)  # its 16-token prefix in 4 cached blocks, 4 free
     bm.computed("d", d.all_ids(), 0, 16, d.salted(b""))
     long = seq("long", 1, 36)  # its first 16 tokens those: 9 blocks, 5 to compute
     seqs = {s.request_id: s for s in (d, long, seq("short", 2, 4))}
-    limits, hashed = replace(CHUNKED, max_num_batched_tokens=8), 0
+    limits = replace(CHUNKED, max_num_batched_tokens=8)
+    hashed.clear()
     for _ in range(6):
         plan = schedule(StepDecision(None, ["d", "long", "short"]), seqs, bm, limits)
         assert [s.request_id for s in plan.seqs] == ["d", "short"]
         bm.free("short")
         seqs["short"].num_cached = 0
-    assert hashed <= 5  # (30 before) its 4 cached blocks and the one after, once
+    assert len(hashed) <= 5  # (30 before) its 4 cached blocks and the one after, once
 
 
 @pytest.mark.parametrize("policy", ["unmerged-only", "dlora"])
@@ -75,23 +81,16 @@ def test_the_policy_s_queue_weighs_a_batch_s_worth_of_long_prompts_an_adapter_no
     """Whether a prompt fits whole is looked up in the prefix cache (a hash per cached block, once
     per prompt) only for an adapter's first max_num_seqs prompts that may not: as far as any
     candidate batch reaches. A queue of long prompts on a shared system prompt hashed them all."""
-    hashed = 0
-    hash_block = block_manager.block_hash
-
-    def counting(parent: bytes, token_ids: list[int], cache_key: bytes) -> bytes:
-        nonlocal hashed
-        hashed += 1
-        return hash_block(parent, token_ids, cache_key)
-
-    monkeypatch.setattr(block_manager, "block_hash", counting)
+    hashed = _counted_hashes(monkeypatch)
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
     d = running(seq("d", 0, 16, outputs=1), bm)  # its 16-token prefix in 4 cached blocks, 4 free
     bm.computed("d", d.all_ids(), 0, 16, d.salted(b""))
     waiting = [seq(f"p{i}", 1 + i, 36) for i in range(10)]  # 9 blocks each, 5 to compute: none fits
-    limits, hashed = replace(CHUNKED, max_num_seqs=2), 0
+    limits = replace(CHUNKED, max_num_seqs=2)
+    hashed.clear()
     queue = queued([d, *waiting], {}, limits, {}, bm, lambda adapter, merged: b"")
     assert [q.fits for q in queue.values()] == [True, False, False, *[True] * 8]
-    assert hashed <= 2 * 5  # (50: all ten)
+    assert len(hashed) <= 2 * 5  # (50: all ten)
 
 
 def test_the_policy_prices_no_step_on_a_recompute_the_blocks_free_cannot_hold_nor_on_prompts_behind_it() -> None:
