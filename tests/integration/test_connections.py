@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.gateway.connections import listen
+from dlora.services.gateway.connections import Listener, listen
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack
 
@@ -49,47 +49,66 @@ async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes 
     return data
 
 
+async def _held_and_refused(listener: Listener, expect: int) -> None:
+    """Until ``listener`` has admitted or refused ``expect`` connections (accepts run on this loop,
+    after the client side's handshakes)."""
+    async with asyncio.timeout(60):
+        while listener.guard.open + listener.guard.refused < expect:
+            await asyncio.sleep(0.05)
+
+
 async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answers(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Two listeners on the stack's gateway. The first holds what it admits (its timeouts are far
+    # off), so what is held, what is refused and what is served beside them is counted, not raced
+    # against a 2 s timer on a loaded machine; the second has the short timeouts that are tested.
+    holding = msgspec.structs.replace(
+        stack.gateway.s, port=free_port(), header_timeout_s=600.0, idle_timeout_s=600.0, max_connections_per_client=100
+    )
     s = msgspec.structs.replace(
         stack.gateway.s, port=free_port(), header_timeout_s=2.0, idle_timeout_s=3.0, max_connections_per_client=100
     )
-    listener = await listen(stack.gateway.app(), s)  # the stack's gateway, with these limits
+    held = await listen(stack.gateway.app(), holding)
+    listener = await listen(stack.gateway.app(), s)
     caplog.set_level(logging.DEBUG)
     try:
-        start = time.monotonic()
         # 300 connections from one address that send half a request head and stall (slowloris),
         # and 20 from another that send nothing at all.
-        slow = [await _open(s.port, "127.0.0.2", PARTIAL_HEAD) for _ in range(300)]
-        idle = [await _open(s.port, "127.0.0.3") for _ in range(20)]
-        # A third of the slow ones are within that address's limit; the rest are refused at once.
-        answers = await asyncio.gather(*(_closed_within(r, 0.5) for r, _ in slow))
-        refused = [a for a in answers if a is not None]
-        assert len(refused) == 200 and all(a.startswith(b"HTTP/1.1 429 ") for a in refused), refused[:1]
-        assert b"Retry-After: 1" in refused[0]
-        assert listener.guard.open == 120
+        slow = [await _open(holding.port, "127.0.0.2", PARTIAL_HEAD) for _ in range(300)]
+        idle = [await _open(holding.port, "127.0.0.3") for _ in range(20)]
+        await _held_and_refused(held, 320)
+        # A third of the slow ones are within that address's limit and held; the rest are refused.
+        assert held.guard.open == 120 and held.guard.refused == 200 and held.guard.header_timeouts == 0
 
-        # Everyone else is served promptly meanwhile.
-        async with aiohttp.ClientSession() as http:
-            t = time.monotonic()
-            async with http.get(f"http://127.0.0.1:{s.port}/livez") as r:
+        # Everyone else is served meanwhile. (No time bound: the fault was a gateway that stopped
+        # answering at all; the client's own timeout is what would catch it.)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            async with http.get(f"http://127.0.0.1:{holding.port}/livez") as r:
                 assert r.status == 200
-            assert time.monotonic() - t < 1.0
             async with http.post(
-                f"http://127.0.0.1:{s.port}/v1/completions",
+                f"http://127.0.0.1:{holding.port}/v1/completions",
                 json={"model": "lora-0", "prompt": "kalo remi", "max_tokens": 4, "temperature": 0},
             ) as r:
                 assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 4
+        assert held.guard.open == 120  # still held while those were served
 
-        # The admitted slow and idle ones are closed once the head timeout has passed, unanswered.
-        stalled = [r for (r, _), a in zip(slow, answers) if a is None] + [r for r, _ in idle]
-        closed = await asyncio.gather(*(_closed_within(r, 3.0) for r in stalled))
+        await held.close()  # closes the held ones; each refused one was answered, each held one not
+        answers = await asyncio.gather(*(_closed_within(r, 60.0) for r, _ in slow + idle))
+        refused = [a for a in answers if a is not None and a.startswith(b"HTTP/1.1 429 ")]
+        assert len(refused) == 200 and b"Retry-After: 1" in refused[0], refused[:1]
+        assert answers.count(b"") == 120, [a for a in answers if a != b"" and a not in refused][:3]
+        for _, w in slow + idle:
+            w.close()
+
+        # The slow and idle ones are closed once the head timeout has passed, unanswered: by the
+        # head timer (counted), not by aiohttp's keep-alive timer at 3 s nor by chance.
+        start = time.monotonic()
+        slow = [await _open(s.port, "127.0.0.2", PARTIAL_HEAD) for _ in range(100)]
+        idle = [await _open(s.port, "127.0.0.3") for _ in range(20)]
+        closed = await asyncio.gather(*(_closed_within(r, 60.0) for r, _ in slow + idle))
         assert all(c == b"" for c in closed), closed[:3]
-        # Closed by the 2 s timeout, not by chance. (2 s, not 1: opening 320 connections from this
-        # loop can take a second on a loaded machine, and the first ones must still be open when
-        # the refusals above are read.)
-        assert 2.0 <= time.monotonic() - start < 7.0
+        assert 2.0 <= time.monotonic() - start  # not early
         assert listener.guard.header_timeouts == 120 and listener.guard.open == 0
 
         # A keep-alive connection that finished a request is left open while idle, for the idle
@@ -100,8 +119,9 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
         await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
         t = time.monotonic()
         assert await _closed_within(reader, 2.5) is None  # past the 2 s head timeout: still open
-        assert await _closed_within(reader, 2.0) == b""
-        assert 2.9 <= time.monotonic() - t < 5.5
+        assert await _closed_within(reader, 60.0) == b""
+        # closed by the 3 s idle timer: not early, and not by the head timer
+        assert 2.9 <= time.monotonic() - t and listener.guard.header_timeouts == 120
         # A request whose head came whole but whose body trickles (here: stops) is answered 408
         # once the body timeout has passed, not held open for as long as the client likes.
         settings, stack.gateway.s = stack.gateway.s, msgspec.structs.replace(stack.gateway.s, body_timeout_s=1.0)
@@ -109,16 +129,18 @@ async def test_slow_idle_and_excess_connections_are_closed_and_the_gateway_answe
             head = PARTIAL_HEAD + b"Content-Length: 100\r\n\r\n" + b'{"model": "'
             body_reader, body_writer = await _open(s.port, "127.0.0.5", head)
             t = time.monotonic()
-            answer = await asyncio.wait_for(body_reader.readuntil(b"\r\n\r\n"), 5.0)
+            answer = await asyncio.wait_for(body_reader.readuntil(b"\r\n\r\n"), 60.0)
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             answer += await body_reader.readexactly(int(answer.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
-            assert b"did not arrive within 1 s" in answer and 1.0 <= time.monotonic() - t < 4.0
+            # the body timer's answer (its text names it), not early
+            assert b"did not arrive within 1 s" in answer and 1.0 <= time.monotonic() - t
             body_writer.close()
         finally:
             stack.gateway.s = settings
         for _, w in slow + idle + [(reader, writer)]:
             w.close()
     finally:
+        await held.close()
         await listener.close()
     # 440 connections refused or timed out: a line or two of log, not one (or a traceback) each.
     lines = [r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio"))]
@@ -165,10 +187,10 @@ async def test_more_connections_than_file_descriptors_keep_the_gateway_up_and_it
                 except OSError:
                     break
             await asyncio.sleep(2.0)
-            t = time.monotonic()
-            async with http.get(f"http://127.0.0.1:{port}/livez", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            # Answered at all: the fault was a gateway that stopped answering (no time bound, which a
+            # loaded machine breaks; the client's timeout catches a gateway that does not answer).
+            async with http.get(f"http://127.0.0.1:{port}/livez", timeout=aiohttp.ClientTimeout(total=60)) as r:
                 assert r.status == 200
-            assert time.monotonic() - t < 1.0
         logged = log_path.stat().st_size - size_at_start
         assert logged < 4096, log_path.read_bytes()[size_at_start : size_at_start + 2000]
     finally:
