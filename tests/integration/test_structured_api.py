@@ -206,7 +206,7 @@ async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: S
     def slow(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
         if "slow-to-compile" in grammar:
             entered.set()
-            release.wait(30)
+            release.wait(600)  # (until the test sets it, at its end if it fails: nothing else ends the hold)
         return verdict(self, grammar)
 
     monkeypatch.setattr(Grammars, "_verdict", slow)
@@ -214,8 +214,10 @@ async def test_a_schema_slow_to_compile_holds_no_other_requests_shaping(stack: S
     slow_body = {**body, "max_tokens": 20, "guided_choice": ["slow-to-compile"]}
     held = asyncio.create_task(post(stack, "/v1/completions", slow_body))
     try:
-        assert await asyncio.to_thread(entered.wait, 30)
-        status, resp = await asyncio.wait_for(post(stack, "/v1/completions", body), 10)
+        assert await asyncio.to_thread(entered.wait, 120)
+        # Answered while the compile is held (until the test releases it): held behind it, it
+        # would never be, which 120 s catches on any machine.
+        status, resp = await asyncio.wait_for(post(stack, "/v1/completions", body), 120)
         assert status == 200, resp
     finally:
         release.set()
@@ -238,7 +240,7 @@ async def test_schemas_slow_to_compile_on_a_worker_leave_its_steps_running(stack
     def slow(self: Grammars, grammar: str):  # type: ignore[no-untyped-def]
         if self is not gateway and "slow-on-a-worker" in grammar:
             entered.set()
-            release.wait(30)
+            release.wait(600)  # (until the test sets it, at its end if it fails: nothing else ends the hold)
         return compile_(self, grammar)
 
     monkeypatch.setattr(Grammars, "_compile", slow)
@@ -247,14 +249,18 @@ async def test_schemas_slow_to_compile_on_a_worker_leave_its_steps_running(stack
         asyncio.create_task(post(stack, "/v1/completions", {**body, "max_tokens": 400, "ignore_eos": True}))
         for _ in range(4)
     ]
-    await asyncio.sleep(0.5)  # streaming on both workers
+    async with asyncio.timeout(60):  # streaming on the workers before the slow ones come
+        while sum(len(w.streams) for w in stack.workers) < 4:
+            await asyncio.sleep(0.05)
     held = [
         asyncio.create_task(post(stack, "/v1/completions", {**body, "guided_choice": [f"slow-on-a-worker {i}"]}))
         for i in range(4)
     ]
     try:
-        assert await asyncio.to_thread(entered.wait, 30)
-        assert all(status == 200 for status, _ in await asyncio.wait_for(asyncio.gather(*running), 20))
+        assert await asyncio.to_thread(entered.wait, 120)
+        # They end while the compile is held (until the test releases it): held behind it, they
+        # would never end, which 120 s catches (20 s failed a loaded machine's 4 x 400 tokens).
+        assert all(status == 200 for status, _ in await asyncio.wait_for(asyncio.gather(*running), 120))
         assert not release.is_set() and not any(h.done() for h in held)  # they ran on meanwhile
     finally:
         release.set()
