@@ -43,7 +43,6 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.port).start()
     try:
-        start = time.monotonic()
         async with (
             aiohttp.ClientSession() as http,
             http.post(
@@ -52,9 +51,10 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
             ) as r,
         ):
             body = await r.json()
-        assert r.status == 503 and "no dispatcher" in body["error"]["message"], body
+        # At once, by NATS's "no responders": not after the 60 s chunk timeout, nor the dispatch
+        # timeout ("no dispatcher took the request within"), whose answers say so.
+        assert r.status == 503 and "no dispatcher is running" in body["error"]["message"], body
         assert r.headers["Retry-After"] == "5"  # one heartbeat TTL: try again when the cluster has changed
-        assert time.monotonic() - start < 5.0  # not the 60 s chunk timeout
     finally:
         await runner.cleanup()
         await nc.drain()
@@ -168,9 +168,8 @@ async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
         assert status == 200 and body["dispatcher"] is True and body["workers"] == 2, body
         await stack.dispatcher_nc.close()  # the dispatcher's subscriptions go with its connection
         await _until_no_dispatcher_subscribes(stack.nc)
-        t = time.monotonic()
         status, body, retry_after = await health(http)
-        assert time.monotonic() - t < 1.0  # NATS says "no responders" at once
+        # NATS's "no responders", at once (a ping that timed out says "no dispatcher answered within")
         assert status == 503 and body["reason"] == "no dispatcher is running", body
         assert body["dispatcher"] is False and body["workers"] == 2 and retry_after == "5"
         async with http.post(
@@ -247,7 +246,7 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
     admin, key = {"Authorization": "Bearer adm"}, {"Authorization": f"Bearer {apikeys.PREFIX}unknown"}
     try:
         sigstop(redis.proc)
-        async with aiohttp.ClientSession() as http, asyncio.timeout(40):
+        async with aiohttp.ClientSession() as http, asyncio.timeout(150):
             requests = [
                 http.post(f"{url}/v1/completions", json={"model": "lora-0", "prompt": "kalo"}, headers=admin),
                 http.post(f"{url}/v1/completions", json={"model": "model", "prompt": "kalo"}, headers=key),
@@ -268,7 +267,9 @@ async def test_a_hung_state_store_is_a_503_within_seconds_on_every_route_that_re
                     assert r.status == 503 and r.headers["Retry-After"] == "5", body
                     text = body["error"]["message"] if "error" in body else body["reason"]
                     assert "the state store (Redis) is unreachable" in text, body
-                assert time.monotonic() - started < 8, (str(r.url), time.monotonic() - started)
+                # Within the 2 s bound, not redis-py's 4 x 5 s socket timeouts: those are 20 s of
+                # wall clock however idle the machine, so 15 s leaves a loaded one 13 s over the bound.
+                assert time.monotonic() - started < 15, (str(r.url), time.monotonic() - started)
     finally:
         redis.proc.send_signal(signal.SIGCONT)
         await runner.cleanup()
