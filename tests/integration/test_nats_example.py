@@ -7,7 +7,6 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -52,11 +51,12 @@ async def test_the_nats_example_says_at_once_that_no_dispatcher_runs(nats_server
     """A helper's finding: with the dispatcher stopped or restarting, or just after NATS restarted,
     the example's request was published to nobody and it waited for chunks for ever (``timeout 20``
     ended it). Sent as a NATS request, the server answers "no responders" at once."""
-    start = time.monotonic()
+    # At once: "no dispatcher is running" is NATS's "no responders"; the example's dispatch
+    # timeout says "no dispatcher took the request within", and a wait for chunks that never
+    # come is the TimeoutError of the 60 s here (no time bound, which a loaded machine breaks).
     with pytest.raises(RuntimeError, match="no dispatcher is running"):
-        async with asyncio.timeout(20):  # (without the answer: a TimeoutError, not a hang)
+        async with asyncio.timeout(60):
             await _example().generate(nats_server.url, "lora-0", "kalo")
-    assert time.monotonic() - start < 5
 
 
 async def test_the_nats_example_says_a_refusal_and_gives_up_on_silence(
