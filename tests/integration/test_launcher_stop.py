@@ -83,7 +83,6 @@ def test_dlora_up_stops_workers_before_the_dispatcher_and_hurries_them_at_a_seco
         time.sleep(1.0)  # the workers drain; the dispatcher must still run, untold
         told = {n for n, what, _ in _events(log) if what == "term"}
         assert told == {"gateway", "worker-0", "worker-1"}, _events(log)
-        pressed = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -91,9 +90,10 @@ def test_dlora_up_stops_workers_before_the_dispatcher_and_hurries_them_at_a_seco
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert time.monotonic() - pressed < 5, "the workers drained on after the second Ctrl-C"
     assert "Ctrl-C again" in err
     events = _events(log)
+    # Each worker exited on its second SIGTERM (the stand-in notes "exit" only then): not drained
+    # on to its 60 s, nor killed (which notes nothing). Told so by what they did, not how soon.
     for worker in ("worker-0", "worker-1"):
         assert [what for n, what, _ in events if n == worker] == ["up", "term", "term", "exit"], events
     workers_gone = max(t for n, what, t in events if n.startswith("worker-") and what == "exit")
