@@ -213,11 +213,11 @@ def test_dlora_up_stops_at_ctrl_c_while_it_starts_and_refuses_no_workers(tiny_ll
     seen = ""
     while "dispatcher ready" not in seen and proc.poll() is None:  # its services are starting
         seen += proc.stdout.readline()
-    started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    # Stopped by the Ctrl-C ("interrupted while starting", 130), not after its 180 s start limit:
+    # told by what it says; the 120 s only ends a test that waits on (the limit's answer differs).
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted while starting" in out, seen + out
-    assert time.monotonic() - started < 30
     with socket.socket() as s:  # the gateway it started is gone
         s.bind(("127.0.0.1", port))
 
@@ -412,7 +412,7 @@ def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_ll
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # (children left running never go: the wait's length only ends it)
     while any(map(_running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = [p for p in pids if _running(p)]
