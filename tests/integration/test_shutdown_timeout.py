@@ -45,7 +45,7 @@ async def _running(stack: Stack, n: int) -> None:
 async def test_a_request_in_flight_at_the_stop_finishes_whole_within_the_shutdown_timeout(
     stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A streamed and a plain request running when the gateway is told to stop, with 30 s to
+    """A streamed and a plain request running when the gateway is told to stop, with 600 s to
     finish: both end whole (the text the same request gets from a gateway not stopping), a new
     request meanwhile gets 503 and /healthz 503, and the gateway stops once they are done rather
     than at the timeout."""
@@ -54,7 +54,7 @@ async def test_a_request_in_flight_at_the_stop_finishes_whole_within_the_shutdow
         async with http.post(stack.url + "/v1/completions", json=body) as r:
             whole = (await r.json())["choices"][0]["text"]
         _slow_steps(stack, monkeypatch, 0.05)  # ~2 s a request: the stop comes in the middle
-        gateway, url, stop = _gateway(stack, redis_server, 30.0)
+        gateway, url, stop = _gateway(stack, redis_server, 600.0)
         await until_live(http, url)
         streamed = await http.post(url + "/v1/completions", json={**body, "stream": True})
         assert streamed.status == 200
@@ -63,7 +63,6 @@ async def test_a_request_in_flight_at_the_stop_finishes_whole_within_the_shutdow
         await _running(stack, 2)
 
         stop.set()
-        stopped = time.monotonic()
         async with http.post(url + "/v1/completions", json=body) as r:
             assert r.status == 503 and "shutting down" in (await r.json())["error"]["message"]
         async with http.get(url + "/healthz") as r:
@@ -78,8 +77,8 @@ async def test_a_request_in_flight_at_the_stop_finishes_whole_within_the_shutdow
         r = await plain
         assert r.status == 200, await r.text()
         assert (await r.json())["choices"][0]["text"] == whole
-        await asyncio.wait_for(gateway, timeout=30)
-        assert time.monotonic() - stopped < 15  # (done in ~2 s; not the 30 s of its timeout)
+        # Stopped once they were done (~2 s): at all within 120 s, its timeout being 600 s.
+        await asyncio.wait_for(gateway, timeout=120)
 
 
 @pytest.mark.parametrize("shutdown_timeout_s", [0.0, 1.5])
@@ -101,11 +100,13 @@ async def test_a_request_still_running_at_the_shutdown_timeout_ends_with_the_err
         stopped = time.monotonic()
         events = _events(first + await streamed.read())
         ended = time.monotonic() - stopped
-        await asyncio.wait_for(gateway, timeout=shutdown_timeout_s + 10)
+        await asyncio.wait_for(gateway, timeout=shutdown_timeout_s + 60)
     assert events[-1] == "[DONE]"
     assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
     assert len(events) > 3 if shutdown_timeout_s else True  # it went on streaming meanwhile
-    assert shutdown_timeout_s <= ended < shutdown_timeout_s + 5
+    # Not before the timeout; and cut by it, not run to its end: the 399 steps left take 20 s
+    # however idle the machine (each sleeps 0.05 s), so 15 s leaves a loaded one 13 s of slack.
+    assert shutdown_timeout_s <= ended < 15
     assert await _nothing_left(stack, within_s=2.0)
 
 
@@ -125,7 +126,7 @@ async def test_a_second_signal_ends_the_wait_for_the_requests_at_once(
         await asyncio.sleep(0.5)
         assert not gateway.done()  # it waits for the request
         stop.hurried = True  # as run.Stop's signal handler sets it
-        await asyncio.wait_for(gateway, timeout=10)
+        await asyncio.wait_for(gateway, timeout=40)  # (at once; the 60 s timeout's end would be past it)
         events = _events(first + await streamed.read())
     assert "shutting down" in json.loads(events[-2])["error"]["message"], events[-2:]
     assert await _nothing_left(stack, within_s=2.0)
@@ -136,7 +137,8 @@ async def test_a_gateway_whose_nats_closed_for_good_does_not_wait_out_the_shutdo
 ) -> None:
     """A review's finding: NATS closing the gateway's connection for good sets its stop (to be
     started again, ``ConnectionLost``), and with a 30 s timeout it waited all of it for requests
-    whose answers could no longer reach it, its restart held off meanwhile."""
+    whose answers could no longer reach it, its restart held off meanwhile. (Its timeout is 600 s
+    here: a stop that waits it out fails the 120 s wait, however loaded the machine.)"""
     from dlora.common.bus import ConnectionLost
     from dlora.services.gateway.main import Gateway
 
@@ -150,21 +152,18 @@ async def test_a_gateway_whose_nats_closed_for_good_does_not_wait_out_the_shutdo
     monkeypatch.setattr(Gateway, "start", started)
     _slow_steps(stack, monkeypatch, 0.05)
     async with aiohttp.ClientSession() as http:
-        gateway, url, stop = _gateway(stack, redis_server, 30.0)
+        gateway, url, stop = _gateway(stack, redis_server, 600.0)
         await until_live(http, url)
         streamed = await http.post(url + "/v1/completions", json={**BODY, "max_tokens": 400, "stream": True})
         first = await streamed.content.readline()
         await _running(stack, 1)
         await gateways[0].nc.publish("x" * 5000, b"")  # past the control line: NATS closes it for good
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(60):
             await stop.wait()
-        stopped = time.monotonic()
-        with pytest.raises(ConnectionLost):
-            await asyncio.wait_for(gateway, timeout=40)
-        ended = time.monotonic() - stopped
+        with pytest.raises(ConnectionLost):  # within its own bounds (the aborts' flush, the answers' writing)
+            await asyncio.wait_for(gateway, timeout=120)
         streamed.close()
     assert first.startswith(b"data: ")
-    assert ended < 12  # its own bounds (the aborts' flush, the answers' writing): not the 30 s of its timeout
 
 
 async def test_a_request_cut_by_the_gateways_stop_counts_as_an_abort_not_an_error(
