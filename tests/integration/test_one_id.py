@@ -160,11 +160,11 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
     # (the worker first: its engine is built with the loop held, which would hold the other's beats)
     async with worker_by_hand(nats_server, store, ws) as (service, _), live_worker(store):
         with pytest.raises(StartupError, match="'w-a' is in use"):
-            await asyncio.wait_for(service.run(asyncio.Event()), 10)
+            await asyncio.wait_for(service.run(asyncio.Event()), 60)
         nc = await nats.connect(nats_server.url)
         try:  # nobody took the id's subject: a request sent there finds no responder
             with pytest.raises(nats.errors.NoRespondersError):
-                await nc.request(subjects.worker_requests("w-a"), b"{}", timeout=1)
+                await nc.request(subjects.worker_requests("w-a"), b"{}", timeout=10)
         finally:
             await nc.close()
         assert (await store.beat_of("w-a", 60.0))[0].incarnation == "other1"  # its key left alone
@@ -198,7 +198,7 @@ async def test_two_workers_started_at_once_leave_one(nats_server: Server, redis:
         stop = asyncio.Event()
         runs = {asyncio.create_task(w.run(stop)): w for w in (first, second)}
         try:
-            done, running = await asyncio.wait(runs, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            done, running = await asyncio.wait(runs, timeout=60, return_when=asyncio.FIRST_COMPLETED)
             assert len(done) == 1 and len(running) == 1
             (gave_up,), (kept,) = (runs[t] for t in done), (runs[t] for t in running)
             error = next(iter(done)).exception()
@@ -268,7 +268,7 @@ async def test_a_drain_taken_over_meanwhile_hands_nothing_over(
         await none_handed_while_taken_over(worker, store, handed)
         worker.commands.put_nowait(Add(REQUEST))
         await drain.hand_over(worker)
-        assert (await asyncio.wait_for(handed.get(), 5)).requests == {"r1": 0} and handed.empty()
+        assert (await asyncio.wait_for(handed.get(), 30)).requests == {"r1": 0} and handed.empty()
 
 
 async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
@@ -285,7 +285,7 @@ async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
         await admit.hand_back_unheld(worker, grace_s=0.0)
         await none_handed_while_taken_over(worker, store, handed)
         await admit.hand_back_unheld(worker, grace_s=0.0)  # a predecessor's record, then
-        assert (await asyncio.wait_for(handed.get(), 5)).requests == {"r1": 0} and handed.empty()
+        assert (await asyncio.wait_for(handed.get(), 30)).requests == {"r1": 0} and handed.empty()
 
 
 REQUEST = GenerateRequest(
