@@ -9,15 +9,12 @@ import pytest
 from dlora.services.servers import free_port
 
 
-def test_an_admin_key_given_in_env_is_the_one_the_gateway_gets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``env=`` wins over this process's environment for every setting the launcher reads (the
-    key it prints and probes with among them), but the gateway's own DLORA_GATEWAY_ADMIN_KEY was
-    passed on from this process's environment alone: given in both, the gateway took another key
-    than the one the launcher said."""
+def _spawned(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str]]:
+    """Each service's environment, by name, as LocalStack would start it (none is started, nothing
+    registered or waited for)."""
     from dlora.services import launcher
     from dlora.services.launcher import LocalStack
 
-    monkeypatch.setenv("DLORA_GATEWAY_ADMIN_KEY", "key-of-the-shell")
     spawned: dict[str, dict[str, str]] = {}
 
     async def nothing(*_: object) -> set[str]:
@@ -27,6 +24,18 @@ def test_an_admin_key_given_in_env_is_the_one_the_gateway_gets(monkeypatch: pyte
     monkeypatch.setattr(launcher, "_ids_in_use", nothing)
     monkeypatch.setattr(launcher, "_wait_ready", lambda *_, **__: None)
     monkeypatch.setattr(LocalStack, "_spawn", lambda self, name, args, env: spawned.__setitem__(name, env))
+    return spawned
+
+
+def test_an_admin_key_given_in_env_is_the_one_the_gateway_gets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``env=`` wins over this process's environment for every setting the launcher reads (the
+    key it prints and probes with among them), but the gateway's own DLORA_GATEWAY_ADMIN_KEY was
+    passed on from this process's environment alone: given in both, the gateway took another key
+    than the one the launcher said."""
+    from dlora.services.launcher import LocalStack
+
+    monkeypatch.setenv("DLORA_GATEWAY_ADMIN_KEY", "key-of-the-shell")
+    spawned = _spawned(monkeypatch)
     env = {
         "DLORA_GATEWAY_ADMIN_KEY": "key-in-env",
         "DLORA_NATS_URL": "nats://127.0.0.1:1",  # (none started: nothing is spawned)
@@ -46,21 +55,12 @@ def test_the_services_dlora_up_starts_do_not_each_warn_of_the_unread_dlora_toml(
     services, started there with no file named either, each warned again (dispatcher, migrator,
     every worker, the gateway, and again at each restart): one warning printed many times."""
     from dlora.common.settings import unread_config
-    from dlora.services import launcher
     from dlora.services.launcher import LocalStack
 
     (tmp_path / "dlora.toml").write_text("[gateway]\nport = 8001\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DLORA_CONFIG", raising=False)
-    spawned: dict[str, dict[str, str]] = {}
-
-    async def nothing(*_: object) -> set[str]:
-        return set()
-
-    monkeypatch.setattr(launcher, "_register", nothing)
-    monkeypatch.setattr(launcher, "_ids_in_use", nothing)
-    monkeypatch.setattr(launcher, "_wait_ready", lambda *_, **__: None)
-    monkeypatch.setattr(LocalStack, "_spawn", lambda self, name, args, env: spawned.__setitem__(name, env))
+    spawned = _spawned(monkeypatch)
     env = {"DLORA_NATS_URL": "nats://127.0.0.1:1", "DLORA_REDIS_URL": "redis://127.0.0.1:1"}
     LocalStack(2, str(tmp_path), [], free_port(), None, env=env, migrator=True).start()
     assert unread_config(None, {}, tmp_path) != []  # dlora up's own warning, once
