@@ -51,6 +51,25 @@ def rate(text: str) -> float:
     return above_zero(text)
 
 
+def gamma_cv(text: str) -> float:
+    """An argparse type: a gamma arrivals' CV above 0 whose shape, 1 / CV², is above 0 (a CV past
+    ~1e154 overflowed its square into a traceback)."""
+    cv = above_zero(text)
+    if not math.isfinite(cv * cv):
+        raise argparse.ArgumentTypeError(f"{cv:g} is too large: the gamma's shape 1/cv² would be 0")
+    return cv
+
+
+def burstiness(text: str) -> float:
+    """An argparse type: vLLM's gamma shape, above 0 or ``inf`` (``rate``), and not so small that
+    its CV, 1/sqrt(shape), squares past a float (``gamma_cv``): ``--burstiness 1e-320`` was a
+    traceback."""
+    shape = rate(text)
+    if not math.isfinite(1 / shape) and shape != math.inf:
+        raise argparse.ArgumentTypeError(f"{shape:g} is too small: the gamma's CV 1/sqrt(it) would overflow")
+    return shape
+
+
 # vLLM's benchmark's names for the completions and the chat completions APIs (its --backend; its
 # "vllm" is its "openai", the spelling of vLLM's docs' examples)
 ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
@@ -279,11 +298,11 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         f"--request-rate inf (default {_SPEC.rate:g})",
     )
     p.add_argument(
-        "--cv", type=above_zero, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"
+        "--cv", type=gamma_cv, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"
     )
     p.add_argument(
         "--burstiness",
-        type=rate,  # above 0, or inf
+        type=burstiness,
         help="vLLM's --burstiness, the gamma shape: gamma arrivals with --cv 1/sqrt(BURSTINESS) (1: Poisson's "
         "gaps; below 1 burstier; inf: every gap 1/rate)",
     )

@@ -46,6 +46,23 @@ def test_burstiness_inf_sends_at_even_gaps_as_vllms_does() -> None:
     assert _burstiness(spec.options()) == "inf"
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--burstiness", "1e-320"], "--burstiness: 9.99989e-321 is too small"),
+        (["--cv", "1e200"], "--cv: 1e+200 is too large"),
+    ],
+)
+def test_a_gamma_shape_no_float_holds_is_a_usage_error(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CV whose square overflows (``--cv 1e200``, or ``--burstiness 1e-320``'s 1/sqrt) ended the
+    run in an OverflowError traceback from the arrivals' draw."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", "--arrivals", "gamma", *argv])
+    assert said in capsys.readouterr().err
+
+
 def test_vllms_names_of_the_target_the_model_and_the_endpoint_are_taken() -> None:
     """``--base-url URL --model NAME --backend openai-chat --endpoint /v1/chat/completions``, how a
     vLLM bench command line names where it sends: each refused by dlora loadgen (its --target,
