@@ -108,10 +108,13 @@ def lora_roots(paths: Iterable[str]) -> list[str]:
     """The adapter roots ``dlora up --lora NAME=DIR`` adds: each DIR's folder, or, for a snapshot
     of the Hugging Face cache (``models--ORG--NAME/snapshots/COMMIT``, the path vLLM's
     ``--lora-modules`` is given), the repository's folder: the snapshot's files link to its
-    ``blobs``, which the snapshots folder does not hold, so every one of them was refused."""
+    ``blobs``, which the snapshots folder does not hold, so every one of them was refused. An
+    adapter directly under ``/`` adds itself: its folder, ``/``, would let the admin API load from
+    anywhere."""
     roots = set()
     for path in paths:
-        folder = Path(path).expanduser().resolve().parent  # ~ as check_adapter reads it
+        adapter = Path(path).expanduser().resolve()  # ~ as check_adapter reads it
+        folder = adapter.parent
         in_hub_cache = folder.name == "snapshots" and (folder.parent / "blobs").is_dir()
-        roots.add(str(folder.parent if in_hub_cache else folder))
+        roots.add(str(folder.parent if in_hub_cache else adapter if folder == folder.parent else folder))
     return sorted(roots)

@@ -50,6 +50,9 @@ def test_other_adapter_directories_add_their_own_folder(tiny_llama: TinyOutput, 
         [str(tmp_path / "snapshots"), str(tiny_llama.adapters_dir.resolve())]
     )
 
+    # directly under /: itself, not every folder of the host (its parent)
+    assert lora_roots(["/adapter-at-the-top"]) == ["/adapter-at-the-top"]
+
 
 def test_a_link_out_of_a_hub_snapshot_is_still_refused(
     tiny_llama: TinyOutput, engine_cfg: ModelConfig, tmp_path: Path
