@@ -11,7 +11,7 @@ import os
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 
 import aiohttp
 import msgspec
@@ -47,6 +47,7 @@ class HttpClient:
         ignore_eos: bool = True,
         count_tokens: Callable[[str], int] | None = None,
         sampling: Mapping[str, object] | None = None,
+        prompt_vocab: Sequence[int] | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         # vLLM's --ignore-eos (which its random dataset turns on, as the workload's prompts are random):
@@ -61,6 +62,9 @@ class HttpClient:
         # vLLM's --backend openai-chat: the prompt's ids as text (their tokenizer's decode) in one user
         # message, through the server's chat template and tokenizer; None: ids to /v1/completions.
         self.chat_text = chat_text
+        # The target's tokenizer's ordinary ids, which the prompts are drawn from (``prompt_ids``'s
+        # ``ids``); None: 3..255, where no tokenizer is known
+        self.prompt_vocab = prompt_vocab
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         # No deadline of its own by default: the run bounds each request (its duration and grace, then
         # cut), and a shorter one counted a request a long queue kept past it as failed.
@@ -101,7 +105,7 @@ class HttpClient:
             | {"model": spec.adapter or self.base_model, "stream": True, "stream_options": {"include_usage": True}}
             | ({"ignore_eos": True} if self.ignore_eos else {})
         )
-        ids = prompt_ids(index, spec)
+        ids = prompt_ids(index, spec, ids=self.prompt_vocab)
         if self.chat_text is None:
             return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
         # vLLM's openai-chat sends the prompt as a list of content parts (one text part), not a string

@@ -25,7 +25,7 @@ from dlora.loadgen import report, vllm_record
 from dlora.loadgen.clients import HttpClient, NatsClient, redacted
 from dlora.loadgen.metrics import SLO, RequestResult, summarize, summarize_by_adapter
 from dlora.loadgen.options import ENDPOINTS, NATS_SCHEMES
-from dlora.loadgen.prompt_text import chat_texts
+from dlora.loadgen.prompt_text import chat_texts, ordinary_ids
 from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
@@ -138,6 +138,7 @@ async def run(
     requests = build_specs(spec, traces)
     chat_text: Callable[[list[int]], str] | None = None
     count_tokens: Callable[[str], int] | None = None
+    prompt_vocab: list[int] | None = None  # no tokenizer: the ids 3..255 themselves
     if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
         tokenizer = tokenizer or base_model
     elif tokenizer is None and not target.startswith(NATS_SCHEMES) and holds_tokenizer(base_model):
@@ -148,8 +149,9 @@ async def run(
         tok = load_tokenizer(tokenizer)
         # completions' too: vLLM's bench counts with its tokenizer an output whose usage is missing
         count_tokens = functools.partial(_tokens_in, tok)
+        prompt_vocab = ordinary_ids(tok)
         if backend == "openai-chat":
-            chat_text = chat_texts(tok, (prompt_ids(i, s) for i, s in enumerate(requests)))
+            chat_text = chat_texts(tok, (prompt_ids(i, s, ids=prompt_vocab) for i, s in enumerate(requests)))
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
@@ -175,6 +177,7 @@ async def run(
             ignore_eos=ignore_eos,
             count_tokens=count_tokens,
             sampling=sampling,
+            prompt_vocab=prompt_vocab,
         )
     )
     if isinstance(client, HttpClient):

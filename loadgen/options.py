@@ -179,7 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         metavar="FOLDER",
-        help="the model folder whose tokenizer counts an output the server's usage does not, and (openai-chat) "
+        help="the model folder whose tokenizer's ordinary ids the prompts are drawn from (its special ids left out, "
+        "as vLLM's random dataset), which counts an output the server's usage does not, and (openai-chat) "
         "turns the prompts' token ids into text (vLLM's --tokenizer; default, as vLLM's: the --model/--base-model "
         "folder, where it holds a tokenizer; openai-chat's wherever it is a folder); HTTP targets only",
     )

@@ -18,6 +18,22 @@ TRIES = 10
 # a merge across the cut a token or two more. Unbounded, a tokenizer whose text never encodes back
 # to its tokens (a prefix space its decode keeps) re-encoded the whole prompt once a token: n² work.
 DROPS = 8
+# The ids ``workload.prompt_ids`` draws from, 3..255: with a tokenizer, as many of its ordinary ones
+PROMPT_IDS = 253
+
+
+def ordinary_ids(tokenizer: Any, count: int = PROMPT_IDS) -> list[int]:
+    """The first ``count`` ids of ``tokenizer``'s vocabulary that are no special token, which
+    ``workload.prompt_ids`` draws its prompts from: vLLM's random dataset draws from its vocabulary
+    (``vocab_size``) less ``all_special_ids``; the added tokens marked special are left out too,
+    as a tokenizer need not list them among its special tokens' map."""
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    ordinary = (i for i in range(int(tokenizer.vocab_size)) if i not in special)
+    out = list(itertools.islice(ordinary, count))
+    if not out:
+        raise ValueError("the tokenizer's vocabulary holds no token that is not special: no prompt can be drawn")
+    return out
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +50,14 @@ def _block(hash_id: int, size: int, vocab: int, salt: int) -> tuple[int, ...]:
     return tuple(np.random.default_rng([hash_id, salt, 0x5EED]).integers(3, vocab, size).tolist())
 
 
-def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256) -> list[int]:
+def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256, ids: Sequence[int] | None = None) -> list[int]:
     """The prompt of request ``index``: exactly ``spec.prompt_len`` token ids in [3, vocab)
-    (exact lengths make runs comparable; ids below 3 are left to special tokens).
+    (exact lengths make runs comparable; ids below 3 are left to special tokens), or with ``ids``
+    (a tokenizer's ordinary ids, ``prompt_text.ordinary_ids``) each draw 3 + k as its k-th: a real
+    model's special tokens lie past 2 (Mistral v0.3's 771 control tokens), and its prompts were
+    mostly ``[INST]`` and ``[control_N]``, where vLLM's random dataset leaves the special ids out.
+    The draws are the same either way, so a tokenizer whose only special ids are 0-2 (the demo
+    model's) gets the prompts it always had.
 
     Its hash-id blocks come first, each a function of its id and the run's ``prompt_seed``, so
     requests that share an id share that block; the rest is random, a function of ``index`` and
@@ -65,7 +71,8 @@ def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256) -> list[int]:
         out += _block(h, spec.block_tokens, vocab, spec.prompt_seed)
     out = out[: spec.prompt_len]
     own = np.random.default_rng([index, spec.prompt_seed]).integers(3, vocab, spec.prompt_len - len(out))
-    return out + [int(t) for t in own]
+    drawn = out + [int(t) for t in own]
+    return drawn if ids is None else [int(ids[(t - 3) % len(ids)]) for t in drawn]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,21 @@ def engine_cfg(tiny_llama: TinyOutput):
     from dlora.model.config import ModelConfig
 
     return ModelConfig.from_dir(tiny_llama.model)
+
+
+# Ids of the tiny model's vocabulary that ``special_tokenizer`` marks special: inside 3..255, where
+# a real model's control tokens lie (Mistral v0.3's ids 3-770: [INST], [TOOL_CALLS], [control_N])
+SPECIAL_IDS = (*range(3, 21), 100, 200)
+
+
+@pytest.fixture(scope="session")
+def special_tokenizer(tiny_llama: TinyOutput, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny model's tokenizer with ``SPECIAL_IDS`` made special tokens (their
+    ids kept: tokens the vocabulary holds already)."""
+    from dlora.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama.model)
+    tok.add_special_tokens({"additional_special_tokens": tok.convert_ids_to_tokens(list(SPECIAL_IDS))})
+    out = tmp_path_factory.mktemp("special-tokenizer")
+    tok.save_pretrained(out)
+    return out

@@ -388,3 +388,33 @@ async def test_vllms_record_counts_the_prompts_its_lists_hold_when_the_duration_
     lists = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "start_times", "errors")
     assert [len(v[k]) for k in lists] == [v["num_prompts"]] * len(lists)
     assert v["completed"] + v["failed"] == v["num_prompts"]
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+async def test_prompts_leave_out_the_special_tokens_of_the_models_tokenizer(
+    backend: str, special_tokenizer: Path, tmp_path: Path
+) -> None:
+    """Prompts were ids 3..255 whatever the model: a real one's control tokens lie there (Mistral
+    v0.3's ids 3-770), so a benchmark sent mostly ``[INST]`` and ``[control_N]``, where `vllm bench
+    serve`'s random dataset draws from its tokenizer's vocabulary less its special ids. The
+    tokenizer is the --model/--base-model folder's (completions and chat alike)."""
+    from dlora.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(special_tokenizer)
+    sent: list[list[int]] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        sent.append((await request.json())["prompt"])
+        return await _stream(request, [CHUNK, LAST])
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        [part] = (await request.json())["messages"][0]["content"]
+        sent.append(tok.encode(part["text"], add_special_tokens=False))
+        delta = {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+        return await _stream(request, [delta, delta | {"choices": [delta["choices"][0] | {"finish_reason": "length"}]}])
+
+    spec = WorkloadSpec(requests=6, rate=float("inf"), lengths="fixed", prompt_len=64, output_len=2)
+    async with serving(completions, chat=chat) as url:
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), base_model=str(special_tokenizer), backend=backend)
+    assert len(sent) == 6 and all(len(p) >= 60 for p in sent)
+    assert not {t for p in sent for t in p} & set(tok.all_special_ids)

@@ -3,15 +3,17 @@ as the workload asked for, re-encoded by the server's tokenizer (the tiny model'
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dlora.loadgen.prompt_text import DROPS, TRIES, chat_texts, text_of_length
+from dlora.loadgen.prompt_text import DROPS, TRIES, chat_texts, ordinary_ids, text_of_length
 from dlora.loadgen.spec import WorkloadSpec
-from dlora.loadgen.workload import build_specs, load_traces, prompt_ids
+from dlora.loadgen.workload import RequestSpec, build_specs, load_traces, prompt_ids
 from dlora.model.make_tiny import TinyOutput
 from dlora.model.tokenizer import load_tokenizer
+from tests.conftest import SPECIAL_IDS
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,30 @@ def test_a_tokenizer_whose_text_never_encodes_back_costs_a_few_encodes_a_round()
     odd = _PrefixSpace()
     assert isinstance(text_of_length(odd, [ord("a") + i % 26 for i in range(2000)]), str)
     assert odd.encodes <= TRIES * (DROPS + 1)
+
+
+def test_a_tokenizers_special_ids_are_left_out_of_the_prompts_drawn(special_tokenizer: Path) -> None:
+    """Prompts were ids 3..255 whatever the tokenizer: a real model's control tokens lie there
+    (Mistral v0.3's ids 3-770), and a benchmark's prompts were mostly those, where vLLM's random
+    dataset draws from the vocabulary less its special ids. Drawn as before, each draw mapped onto
+    the tokenizer's ordinary ids: the same seed, the same prompts."""
+    special_tok = load_tokenizer(special_tokenizer)
+    assert set(SPECIAL_IDS) <= set(special_tok.all_special_ids)
+    ids = ordinary_ids(special_tok)
+    assert len(ids) == len(set(ids)) == 253 and not set(ids) & set(special_tok.all_special_ids)
+    specs = build_specs(WorkloadSpec(requests=20), load_traces(WorkloadSpec(requests=20)))
+    prompts = [prompt_ids(i, s, ids=ids) for i, s in enumerate(specs)]
+    assert not {t for p in prompts for t in p} & set(special_tok.all_special_ids)
+    assert [len(p) for p in prompts] == [s.prompt_len for s in specs]
+    again = build_specs(WorkloadSpec(requests=20), load_traces(WorkloadSpec(requests=20)))
+    assert [prompt_ids(i, s, ids=ordinary_ids(special_tok)) for i, s in enumerate(again)] == prompts
+
+
+def test_the_demo_tokenizer_keeps_the_prompts_drawn_without_one(tok: Any) -> None:
+    """The demo model's only special ids are 0-2: its runs' prompts (and the results recorded with
+    them) are those of a run that knows no tokenizer."""
+    ids = ordinary_ids(tok)
+    assert ids == list(range(3, 256))
+    specs = build_specs(WorkloadSpec(requests=10), load_traces(WorkloadSpec(requests=10)))
+    specs.append(RequestSpec(0.0, None, 40, 4, hash_ids=(7, 9), block_tokens=16, prompt_seed=5))  # Mooncake's blocks
+    assert [prompt_ids(i, s, ids=ids) for i, s in enumerate(specs)] == [prompt_ids(i, s) for i, s in enumerate(specs)]
