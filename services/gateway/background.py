@@ -108,9 +108,10 @@ class Background:
             detached = Detached()
             if job.stream:
                 detached["sink"] = EventLog(self.state, self.bound, queued["id"], keeping.tenant, keeping.store.ttl_s)
-            task = asyncio.create_task(self._run(queued, keeping, job, held.pop_all(), relay, detached))
+            slot = held.pop_all()
+            task = asyncio.create_task(self._run(queued, keeping, job, relay, detached))
             self.running[key] = task
-            task.add_done_callback(lambda t: self.running.pop(key) if self.running.get(key) is t else None)
+            task.add_done_callback(lambda t: self._ended(key, t, slot))
         if job.stream:
             return await self.replay(request, queued["id"], keeping.tenant, -1)
         return web.json_response(queued)
@@ -143,30 +144,34 @@ class Background:
         await stream.write_eof()
         return stream
 
-    async def _run(
-        self, queued: dict[str, Any], keeping: Keeping, job: Job, held: ExitStack, relay: Relay, detached: Detached
-    ) -> None:
-        with held:
-            started = queued | {"status": "in_progress"}
-            try:
-                if not await self._swap(keeping, started):
-                    return  # cancelled (or deleted) before it began
-            except bus.STATE_OUTAGE:  # (it stays queued until responses_ttl_s: nothing ran)
-                logger.warning("a background response could not be started", id=queued["id"])
-                return
-            why = "the response could not be stored"  # (over responses_max_bytes, or Redis failed)
-            try:
-                await relay(cast(web.Request, detached), job)
-                if keeping.written is not None:
-                    return  # its final object stored (not if cancelled meanwhile: the swap below fails too)
-            except APIError as e:  # it failed (a worker's error, a timeout, the gateway stopping)
-                why = e.message
-            except Exception as e:  # (asyncio.CancelledError, a cancel, is none: the record says cancelled)
-                logger.exception("a background response failed", id=queued["id"])
-                why = f"internal error: {type(e).__name__}"
-            failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
-            with contextlib.suppress(*bus.STATE_OUTAGE):
-                await self._swap(keeping, failed)
+    def _ended(self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack) -> None:
+        # The slot given back here, not in ``_run``'s body: a task cancelled before its first step
+        # (a cancel heard just after the POST answered) never enters its body.
+        slot.close()
+        if self.running.get(key) is task:
+            del self.running[key]
+
+    async def _run(self, queued: dict[str, Any], keeping: Keeping, job: Job, relay: Relay, detached: Detached) -> None:
+        started = queued | {"status": "in_progress"}
+        try:
+            if not await self._swap(keeping, started):
+                return  # cancelled (or deleted) before it began
+        except bus.STATE_OUTAGE:  # (it stays queued until responses_ttl_s: nothing ran)
+            logger.warning("a background response could not be started", id=queued["id"])
+            return
+        why = "the response could not be stored"  # (over responses_max_bytes, or Redis failed)
+        try:
+            await relay(cast(web.Request, detached), job)
+            if keeping.written is not None:
+                return  # its final object stored (not if cancelled meanwhile: the swap below fails too)
+        except APIError as e:  # it failed (a worker's error, a timeout, the gateway stopping)
+            why = e.message
+        except Exception as e:  # (asyncio.CancelledError, a cancel, is none: the record says cancelled)
+            logger.exception("a background response failed", id=queued["id"])
+            why = f"internal error: {type(e).__name__}"
+        failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
+        with contextlib.suppress(*bus.STATE_OUTAGE):
+            await self._swap(keeping, failed)
 
     async def _swap(self, keeping: Keeping, new: dict[str, Any]) -> bool:
         """The record made ``new`` if it is still what this gateway last wrote there."""

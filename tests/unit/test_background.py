@@ -1,0 +1,65 @@
+"""Background responses' runner (services/gateway/background.py) with its Redis and NATS stood in:
+what a run holds is given back on every way it ends. The rest runs against the real stack in
+tests/integration/test_responses_background.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from types import SimpleNamespace
+from typing import Any, cast
+
+from aiohttp import web
+
+from dlora.common.messages import CancelResponse
+from dlora.services.gateway.background import Background
+from dlora.services.gateway.shaping import Job
+
+
+@contextlib.asynccontextmanager
+async def _bound() -> AsyncIterator[None]:
+    yield
+
+
+class _Shape:
+    @staticmethod
+    def response(status: str, output: list[Any]) -> dict[str, Any]:
+        return {"id": "resp_1", "status": status, "output": output, "background": True}
+
+
+class _Keeping:
+    def __init__(self) -> None:
+        self.tenant, self.expect, self.written = "t", cast(bytes | None, None), cast(bytes | None, None)
+        self.store = SimpleNamespace(ttl_s=60.0)
+
+    def keep(self, response: dict[str, Any]) -> bool:
+        return True
+
+    async def finishing(self) -> bool:
+        self.written = b'{"status":"queued"}'
+        return True
+
+
+async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() -> None:
+    """A cancel heard (NATS, DELETE, a cancel route) between the POST's answer and the run's first
+    step: a task cancelled before it starts never enters its body, so a slot released only there
+    was held for good, the key refused at its concurrency for the gateway's life."""
+    released: list[int] = []
+    held = ExitStack()
+    held.callback(released.append, 1)
+    relayed: list[int] = []
+
+    async def relay(request: web.Request, job: Job) -> None:
+        relayed.append(1)
+
+    background = Background(cast(Any, None), cast(Any, None), _bound)
+    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
+    await background.start(cast(web.Request, {}), job, cast(Any, _Keeping()), held, relay)
+    task = background.running[("t", "resp_1")]
+    await background._on_cancel(CancelResponse(response_id="resp_1", tenant="t"))
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)  # (done callbacks run)
+    assert (released, relayed, background.running) == ([1], [], {})
