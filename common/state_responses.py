@@ -36,11 +36,12 @@ return n
 
 # A response deleted (KEYS[1]) leaves, for its remaining TTL, what it drew its items from (ARGV[1])
 # under KEYS[2]: a later turn deleted after it finds the response before this one through it. In one
-# step, so that the later turn's delete, reading the gone one, finds one or the other.
+# step, so that the later turn's delete, reading the gone one, finds one or the other. Its stream's
+# events (KEYS[3], a streamed background response's) go with it.
 _DELETE_LUA = """
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl == -2 then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[3])
 if ttl > 0 then redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl) end
 return 1
 """
@@ -100,6 +101,8 @@ class ResponseKeys:
         # (sources written when empty too: a retry replaces the replaced one's)
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
         pipe.pexpire(key, ms)
+        # A stored stream's events are the replaced response's (its id sent again): not the new one's
+        pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
         for item_id in item_ids:
             pipe.set(f"{self.p}:response-item:{tenant}:{item_id}", response_id, px=ms)
         await pipe.execute()
@@ -144,6 +147,7 @@ class ResponseKeys:
         response, those its item_references read) left under ``{p}:response-gone:{tenant}:{id}``
         for its remaining TTL (``drawn_by_deleted``)."""
         keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-gone:{tenant}:{response_id}"]
+        keys.append(f"{self.p}:response-events:{tenant}:{response_id}")  # (its stream's events: its text too)
         return bool(await self.r.register_script(_DELETE_LUA)(keys=keys, args=[json.dumps(list(drawn))]))
 
     async def drawn_by_deleted(self, response_id: str, tenant: str) -> list[str]:

@@ -212,3 +212,32 @@ async def test_the_stream_of_a_cancelled_background_response_ends(
         assert (await client.responses.retrieve(response_id)).status == "cancelled"
     finally:
         await client.close()
+
+
+async def test_a_streamed_background_response_stored_again_or_deleted_leaves_no_events_behind(
+    stack: Stack, redis: Redis
+) -> None:
+    """Its id is its client's X-Request-Id: sent again (a retry, vLLM's and dlora's store replace
+    the response), the new stream is the new response's alone, not the old one's events replayed
+    (that ended at the old response.incomplete before the new one ran); deleted, its events (its
+    whole text) go with it, as its record does."""
+    client = _client(stack.url)
+    headers = {"X-Request-Id": "resp_again"}
+    try:
+
+        async def streamed(text: str) -> list[Any]:
+            made = await client.responses.create(
+                **ASKED, input=text, background=True, stream=True, extra_headers=headers
+            )
+            return [e async for e in made]
+
+        first, second = await streamed("kalo"), await streamed("remi")
+        foreground = await client.responses.create(**ASKED, input="remi")
+        for events in (second, [e async for e in await client.responses.retrieve("resp_again", stream=True)]):
+            assert [e.sequence_number for e in events] == list(range(len(events)))
+            assert [e.type for e in events].count("response.created") == 1
+            assert events[-1].response.output_text == foreground.output_text != first[-1].response.output_text
+        await client.responses.delete("resp_again")
+        assert await redis.keys("*response-events*") == []
+    finally:
+        await client.close()
