@@ -14,6 +14,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from redis.asyncio import Redis
 
 from dlora.common import subjects
@@ -22,6 +23,7 @@ from dlora.common.messages import (
     MAX_NAME,
     AbortRequest,
     AdapterEntry,
+    CancelResponse,
     ClientAlive,
     GenerateRequest,
     SamplingParams,
@@ -449,3 +451,32 @@ async def test_names_too_long_for_a_subject_are_refused_and_every_service_stays_
     while (chunk := await asyncio.wait_for(chunks.get(), 10)).finish_reason is None:
         pass
     assert chunk.error is None and chunk.finish_reason == "length" and not worker.nc.is_closed
+
+
+async def test_only_gateways_cancel_background_responses_on_the_bus() -> None:
+    """``subjects.RESPONSE_CANCELS`` is the gateways' own (a CancelResponse names any tenant): an
+    application publishing one there is refused by the server, so no gateway hears it."""
+    server = start_nats(passwords=PASSWORDS)
+    try:
+        conns = [await nats.connect(server.url, user=u, password=PASSWORDS[u]) for u in ("gateway", "bob")]
+        gateway, bob = conns
+        heard: list[bytes] = []
+
+        async def hear(msg: Msg) -> None:
+            heard.append(msg.data)
+
+        await gateway.subscribe(subjects.RESPONSE_CANCELS, cb=hear)
+        await flush(gateway)
+        await bob.publish(subjects.RESPONSE_CANCELS, msgspec.json.encode(CancelResponse(response_id="r", tenant="t")))
+        await flush(bob)
+        await gateway.publish(subjects.RESPONSE_CANCELS, b"{}")  # (after bob's: heard once it is in)
+        await flush(gateway)
+        for _ in range(200):  # (a bound on a hang: the gateway's own comes)
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == [b"{}"]
+        for nc in conns:
+            await nc.close()
+    finally:
+        server.stop()
