@@ -247,6 +247,9 @@ class CancelResponse(msgspec.Struct, kw_only=True, frozen=True):
 
     response_id: str
     tenant: str  # its API key's tenant ("" without keys): ids are each tenant's own
+    # The gateway that sent it, which stopped its own run at once and ignores its echo: heard back
+    # after a retry under the same id had started anew there, it cancelled the new run.
+    gateway: str = ""
 
 
 class ClientAlive(msgspec.Struct, kw_only=True, frozen=True):

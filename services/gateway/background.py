@@ -78,8 +78,8 @@ class EventLog:
 class Background:
     """The background responses this gateway runs, by (tenant, response id)."""
 
-    def __init__(self, nc: NATS, state: StateStore, bound: Bound) -> None:
-        self.nc, self.state, self.bound = nc, state, bound
+    def __init__(self, nc: NATS, state: StateStore, bound: Bound, gateway_id: str = "") -> None:
+        self.nc, self.state, self.bound, self.gateway_id = nc, state, bound, gateway_id
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def listen(self) -> None:
@@ -101,6 +101,9 @@ class Background:
             if not keeping.keep(queued):
                 why = "background: the response is over responses_max_bytes, so it cannot be stored"
                 raise APIError(400, why, param="background")
+            # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
+            # stopped first: its record replaced, it ran on for nobody, holding its key's slot.
+            await self.stop(queued["id"], keeping.tenant)
             if not await keeping.finishing() or keeping.written is None:
                 raise APIError(503, "background: the response could not be stored; try again")
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
@@ -200,13 +203,16 @@ class Background:
     async def stop(self, response_id: str, tenant: str) -> None:
         """Every gateway told to end its run of ``tenant``'s response (cancelled, or deleted: its
         end could not be stored), at once where it runs here: its task cancelled."""
-        told = CancelResponse(response_id=response_id, tenant=tenant)
-        await self._on_cancel(told)
+        told = CancelResponse(response_id=response_id, tenant=tenant, gateway=self.gateway_id)
+        if (task := self.running.get((tenant, response_id))) is not None:
+            task.cancel()  # (its relay aborts its request on the worker)
         await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
 
     async def _on_cancel(self, told: CancelResponse) -> None:
+        if told.gateway and told.gateway == self.gateway_id:
+            return  # its own, done when sent (``stop``)
         if (task := self.running.get((told.tenant, told.response_id))) is not None:
-            task.cancel()  # (its relay aborts its request on the worker)
+            task.cancel()
 
     async def settled(self, timeout_s: float) -> None:
         """Waits (at most ``timeout_s``) for the runs to write their end: called once the gateway

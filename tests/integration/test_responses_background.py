@@ -241,3 +241,30 @@ async def test_a_streamed_background_response_stored_again_or_deleted_leaves_no_
         assert await redis.keys("*response-events*") == []
     finally:
         await client.close()
+
+
+async def test_a_background_response_sent_again_under_its_id_stops_the_run_it_replaces(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry under the same X-Request-Id while the first run goes: the store replaces the record,
+    so the first run's writes all failed their compare-and-swap and no cancel reached it; it ran
+    its 400 tokens for nobody, holding its key's slot. It is stopped now; the second runs to its
+    end (the sending gateway ignores its own cancel's echo, which had cancelled the new run)."""
+    _slow_steps(stack, monkeypatch, 0.02)
+    client = _client(stack.url)
+    headers = {"X-Request-Id": "resp_retried"}
+    try:
+        await client.responses.create(**LONG, input="kalo", background=True, extra_headers=headers)
+        await _running(stack)
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+        await client.responses.create(**ASKED, input="remi", background=True, extra_headers=headers)
+        done = await _over(client, "resp_retried")
+        assert (
+            done.status == "incomplete"
+            and done.output_text == (await client.responses.create(**ASKED, input="remi")).output_text
+        )
+        assert await _nothing_left(stack, within_s=10.0)
+        assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the first's 400
+        assert not stack.gateway.background.running
+    finally:
+        await client.close()

@@ -29,6 +29,14 @@ class _Shape:
         return {"id": "resp_1", "status": status, "output": output, "background": True}
 
 
+class _NATS:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.sent.append(subject)
+
+
 class _Keeping:
     def __init__(self) -> None:
         self.tenant, self.expect, self.written = "t", cast(bytes | None, None), cast(bytes | None, None)
@@ -54,7 +62,7 @@ async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() 
     async def relay(request: web.Request, job: Job) -> None:
         relayed.append(1)
 
-    background = Background(cast(Any, None), cast(Any, None), _bound)
+    background = Background(cast(Any, _NATS()), cast(Any, None), _bound)
     job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
     await background.start(cast(web.Request, {}), job, cast(Any, _Keeping()), held, relay)
     task = background.running[("t", "resp_1")]
