@@ -23,6 +23,7 @@ from typing import Any, cast
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
 from dlora.common import bus, log, subjects
 from dlora.common.messages import CancelResponse
@@ -103,7 +104,10 @@ class Background:
                 raise APIError(400, why, param="background")
             # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
             # stopped first: its record replaced, it ran on for nobody, holding its key's slot.
-            await self.stop(queued["id"], keeping.tenant)
+            try:
+                await self.stop(queued["id"], keeping.tenant)
+            except NatsError as e:  # (its own relay waits NATS out: a 503 here failed a POST that ran)
+                logger.warning("a retry's cancel could not be sent", id=queued["id"], error=type(e).__name__)
             if not await keeping.finishing() or keeping.written is None:
                 raise APIError(503, "background: the response could not be stored; try again")
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)

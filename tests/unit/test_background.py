@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from types import SimpleNamespace
 from typing import Any, cast
 
+import nats.errors
 from aiohttp import web
 
 from dlora.common.messages import CancelResponse
@@ -71,3 +72,32 @@ async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() 
         await task
     await asyncio.sleep(0)  # (done callbacks run)
     assert (released, relayed, background.running) == ([1], [], {})
+
+
+class _NATSAway(_NATS):
+    async def publish(self, subject: str, payload: bytes) -> None:
+        raise nats.errors.OutboundBufferLimitError  # (nats-py's, reconnecting with its buffer full)
+
+
+async def test_a_retry_runs_when_nats_cannot_carry_its_cancel() -> None:
+    """A background POST sent again under its id tells the other gateways to stop the run it
+    replaces: NATS reconnecting with its buffer full, that cancel raised out of ``start`` and the POST
+    answered 503, where before the retry's cancel it was stored and run (its own relay waits out
+    NATS's return). The run it replaces here is stopped all the same."""
+    gate, relayed = asyncio.Event(), cast(list[int], [])
+
+    async def relay(request: web.Request, job: Job) -> None:
+        relayed.append(1)
+        await gate.wait()
+
+    background = Background(cast(Any, _NATSAway()), cast(Any, None), _bound)
+    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
+    keeping = _Keeping()
+    background.running[("t", "resp_1")] = first = asyncio.create_task(gate.wait())
+    answered = await background.start(cast(web.Request, {}), job, cast(Any, keeping), ExitStack(), relay)
+    assert cast(web.Response, answered).status == 200 and ("t", "resp_1") in background.running
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    assert first.cancelled()
+    background.running[("t", "resp_1")].cancel()
+    gate.set()
