@@ -82,6 +82,7 @@ class Background:
     def __init__(self, nc: NATS, state: StateStore, bound: Bound, gateway_id: str = "") -> None:
         self.nc, self.state, self.bound, self.gateway_id = nc, state, bound, gateway_id
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.kept: dict[tuple[str, str], Keeping] = {}  # each run's record (``keeping.expect``: its last write)
 
     async def listen(self) -> None:
         await bus.subscribe(self.nc, subjects.RESPONSE_CANCELS, CancelResponse, self._on_cancel)
@@ -103,21 +104,26 @@ class Background:
                 why = "background: the response is over responses_max_bytes, so it cannot be stored"
                 raise APIError(400, why, param="background")
             # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
-            # stopped first: its record replaced, it ran on for nobody, holding its key's slot.
-            try:
-                await self.stop(queued["id"], keeping.tenant)
-            except NatsError as e:  # (its own relay waits NATS out: a 503 here failed a POST that ran)
-                logger.warning("a retry's cancel could not be sent", id=queued["id"], error=type(e).__name__)
+            # stopped: its record replaced, it ran on for nobody, holding its key's slot. Here first;
+            # the others told once this record is stored, so that one whose own retry stored a
+            # later record sees it still holds the record and runs on (``_on_cancel``).
+            key = (keeping.tenant, queued["id"])
+            if (replaced := self.running.get(key)) is not None:
+                replaced.cancel()
             if not await keeping.finishing() or keeping.written is None:
                 raise APIError(503, "background: the response could not be stored; try again")
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
-            key = (keeping.tenant, queued["id"])
+            told = CancelResponse(response_id=queued["id"], tenant=keeping.tenant, gateway=self.gateway_id)
+            try:
+                await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
+            except NatsError as e:  # (its own relay waits NATS out: a 503 here failed a POST that ran)
+                logger.warning("a retry's cancel could not be sent", id=queued["id"], error=type(e).__name__)
             detached = Detached()
             if job.stream:
                 detached["sink"] = EventLog(self.state, self.bound, queued["id"], keeping.tenant, keeping.store.ttl_s)
             slot = held.pop_all()
             task = asyncio.create_task(self._run(queued, keeping, job, relay, detached))
-            self.running[key] = task
+            self.running[key], self.kept[key] = task, keeping
             task.add_done_callback(lambda t: self._ended(key, t, slot))
         if job.stream:
             return await self.replay(request, queued["id"], keeping.tenant, -1)
@@ -156,7 +162,7 @@ class Background:
         # (a cancel heard just after the POST answered) never enters its body.
         slot.close()
         if self.running.get(key) is task:
-            del self.running[key]
+            del self.running[key], self.kept[key]
 
     async def _run(self, queued: dict[str, Any], keeping: Keeping, job: Job, relay: Relay, detached: Detached) -> None:
         started = queued | {"status": "in_progress"}
@@ -215,8 +221,18 @@ class Background:
     async def _on_cancel(self, told: CancelResponse) -> None:
         if told.gateway and told.gateway == self.gateway_id:
             return  # its own, done when sent (``stop``)
-        if (task := self.running.get((told.tenant, told.response_id))) is not None:
-            task.cancel()
+        key = (told.tenant, told.response_id)
+        if (task := self.running.get(key)) is None:
+            return
+        keeping = self.kept[key]
+        try:  # (a run whose record is still its own was stored after the sender's: a later retry)
+            async with self.bound():
+                got = await self.state.response_fields(told.response_id, told.tenant, "response")
+            if got is not None and got[1] is not None and got[1] == keeping.expect:
+                return
+        except bus.STATE_OUTAGE:
+            pass  # (stopped, as a run whose record cannot be read could not write its end either)
+        task.cancel()
 
     async def settled(self, timeout_s: float) -> None:
         """Waits (at most ``timeout_s``) for the runs to write their end: called once the gateway

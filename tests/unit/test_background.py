@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import nats.errors
 from aiohttp import web
 
@@ -25,9 +26,11 @@ async def _bound() -> AsyncIterator[None]:
 
 
 class _Shape:
-    @staticmethod
-    def response(status: str, output: list[Any]) -> dict[str, Any]:
-        return {"id": "resp_1", "status": status, "output": output, "background": True}
+    def __init__(self, created: int = 0) -> None:
+        self.created = created
+
+    def response(self, status: str, output: list[Any]) -> dict[str, Any]:
+        return {"id": "resp_1", "created_at": self.created, "status": status, "output": output, "background": True}
 
 
 class _NATS:
@@ -51,6 +54,22 @@ class _Keeping:
         return True
 
 
+class _Redis:
+    """A response's record, swapped as Redis's compare-and-swap does."""
+
+    def __init__(self) -> None:
+        self.record: bytes | None = None
+
+    async def swap_response(self, response_id: str, tenant: str, old: bytes, new: bytes) -> bool:
+        if self.record != old:
+            return False
+        self.record = new
+        return True
+
+    async def response_fields(self, response_id: str, tenant: str, *fields: str) -> list[bytes | None]:
+        return [tenant.encode(), self.record]
+
+
 async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() -> None:
     """A cancel heard (NATS, DELETE, a cancel route) between the POST's answer and the run's first
     step: a task cancelled before it starts never enters its body, so a slot released only there
@@ -63,7 +82,7 @@ async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() 
     async def relay(request: web.Request, job: Job) -> None:
         relayed.append(1)
 
-    background = Background(cast(Any, _NATS()), cast(Any, None), _bound)
+    background = Background(cast(Any, _NATS()), cast(Any, _Redis()), _bound)
     job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
     await background.start(cast(web.Request, {}), job, cast(Any, _Keeping()), held, relay)
     task = background.running[("t", "resp_1")]
@@ -101,3 +120,48 @@ async def test_a_retry_runs_when_nats_cannot_carry_its_cancel() -> None:
     assert first.cancelled()
     background.running[("t", "resp_1")].cancel()
     gate.set()
+
+
+class _Stored(_Keeping):
+    def __init__(self, redis: _Redis, n: int) -> None:
+        super().__init__()
+        self.redis, self.n = redis, n
+
+    async def finishing(self) -> bool:
+        self.written = self.redis.record = msgspec.json.encode(_Shape(self.n).response("queued", []))
+        return True
+
+
+async def test_two_retries_on_two_gateways_leave_the_one_stored_last_running() -> None:
+    """A client's POST sent twice under one X-Request-Id (a proxy's retry while the first was in
+    flight), each to another gateway: each gateway's cancel for the run its retry replaces reached
+    the other after that one had started its own, so both runs stopped, and the record (the later
+    retry's) said ``queued`` until its TTL with nothing running it. The run whose record is the
+    stored one goes on; the other, replaced, stops."""
+    redis, nats_ = _Redis(), _NATS()
+    payloads: list[bytes] = []
+
+    async def publish(subject: str, payload: bytes) -> None:
+        payloads.append(payload)
+
+    nats_.publish = publish  # type: ignore[method-assign]
+    gate = asyncio.Event()
+
+    async def relay(request: web.Request, job: Job) -> None:
+        await gate.wait()
+
+    a, b = (Background(cast(Any, nats_), cast(Any, redis), _bound, gateway) for gateway in ("a", "b"))
+    for n, gateway in enumerate((a, b)):  # (a second apart: their objects' created_at differ)
+        job = cast(Job, SimpleNamespace(shape=_Shape(n), stream=False))
+        await gateway.start(cast(web.Request, {}), job, cast(Any, _Stored(redis, n)), ExitStack(), relay)
+        for _ in range(3):
+            await asyncio.sleep(0)  # (its run made in_progress)
+    runs = [a.running[("t", "resp_1")], b.running[("t", "resp_1")]]
+    for gateway in (a, b):  # (each hears both: its own echo and the other's)
+        for payload in payloads:
+            await gateway._on_cancel(msgspec.json.decode(payload, type=CancelResponse))
+    await asyncio.sleep(0)
+    assert [run.cancelled() or run.done() for run in runs] == [True, False]
+    runs[1].cancel()
+    gate.set()
+    await asyncio.gather(*runs, return_exceptions=True)
