@@ -10,6 +10,7 @@ dataset had the same fault: vllm-project/vllm#17408, #24937, which iterate decod
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,16 +21,24 @@ TRIES = 10
 DROPS = 8
 # The ids ``workload.prompt_ids`` draws from, 3..255: with a tokenizer, as many of its ordinary ones
 PROMPT_IDS = 253
+# A SentencePiece tokenizer's byte-fallback tokens, its first past the special ones (Llama 2: 3-258;
+# Mistral v0.3: 771-1026): the first ordinary ids of such a tokenizer, they made every prompt raw bytes
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def ordinary_ids(tokenizer: Any, count: int = PROMPT_IDS) -> list[int]:
     """The first ``count`` ids of ``tokenizer``'s vocabulary that are no special token, which
     ``workload.prompt_ids`` draws its prompts from: vLLM's random dataset draws from its vocabulary
     (``vocab_size``) less ``all_special_ids``; the added tokens marked special are left out too,
-    as a tokenizer need not list them among its special tokens' map."""
+    as a tokenizer need not list them among its special tokens' map; and its byte-fallback tokens,
+    which vLLM's whole-vocabulary draw meets as rarely as the vocabulary holds them."""
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    ordinary = (i for i in range(int(tokenizer.vocab_size)) if i not in special)
+    ordinary = (
+        i
+        for i in range(int(tokenizer.vocab_size))
+        if i not in special and not _BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i)))
+    )
     out = list(itertools.islice(ordinary, count))
     if not out:
         raise ValueError("the tokenizer's vocabulary holds no token that is not special: no prompt can be drawn")

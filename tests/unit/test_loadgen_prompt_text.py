@@ -139,3 +139,25 @@ def test_the_demo_tokenizer_keeps_the_prompts_drawn_without_one(tok: Any) -> Non
     specs = build_specs(WorkloadSpec(requests=10), load_traces(WorkloadSpec(requests=10)))
     specs.append(RequestSpec(0.0, None, 40, 4, hash_ids=(7, 9), block_tokens=16, prompt_seed=5))  # Mooncake's blocks
     assert [prompt_ids(i, s, ids=ids) for i, s in enumerate(specs)] == [prompt_ids(i, s) for i, s in enumerate(specs)]
+
+
+class _ByteFallbackTokenizer:
+    """Mistral v0.3's layout: 0-2 <unk> <s> </s>, 3-770 control tokens, 771-1026 its byte-fallback
+    tokens <0x00>..<0xFF> (Llama 2's and Mistral v0.1's lie at 3-258), then its word pieces."""
+
+    vocab_size = 32768
+    all_special_ids = list(range(771))
+    added_tokens_decoder: dict[int, Any] = {}
+
+    @staticmethod
+    def convert_ids_to_tokens(i: int) -> str:
+        return f"<0x{i - 771:02X}>" if 771 <= i < 1027 else f"▁w{i}"
+
+
+def test_prompts_are_no_byte_fallback_tokens() -> None:
+    """A SentencePiece tokenizer's first ids past its special ones are its 256 byte-fallback
+    tokens: drawn from the first 253 ordinary ids, a Llama 2 or Mistral benchmark's prompts were
+    all raw bytes (invalid UTF-8 past 0x7F: chat text of U+FFFD), where vLLM's random dataset
+    draws them as rarely as the vocabulary holds them."""
+    ids = ordinary_ids(_ByteFallbackTokenizer())
+    assert len(ids) == 253 and not [i for i in ids if i < 1027]
