@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, get_args
 
@@ -57,6 +58,9 @@ def gamma_cv(text: str) -> float:
     cv = above_zero(text)
     if not math.isfinite(cv * cv):
         raise argparse.ArgumentTypeError(f"{cv:g} is too large: the gamma's shape 1/cv² would be 0")
+    # (below ~1e-154 its square is 0 or subnormal: a shape of 1/0, or inf and every arrival nan)
+    if cv * cv < sys.float_info.min or not math.isfinite(1 / (cv * cv)):
+        raise argparse.ArgumentTypeError(f"{cv:g} is too small: the gamma's shape 1/cv² would overflow")
     return cv
 
 

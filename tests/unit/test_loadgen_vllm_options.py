@@ -51,6 +51,9 @@ def test_burstiness_inf_sends_at_even_gaps_as_vllms_does() -> None:
     [
         (["--burstiness", "1e-320"], "--burstiness: 9.99989e-321 is too small"),
         (["--cv", "1e200"], "--cv: 1e+200 is too large"),
+        # (its square 0 or subnormal: a shape of 1/0, ZeroDivisionError, or inf, arrivals all nan)
+        (["--cv", "1e-170"], "--cv: 1e-170 is too small"),
+        (["--cv", "1e-155"], "--cv: 1e-155 is too small"),
     ],
 )
 def test_a_gamma_shape_no_float_holds_is_a_usage_error(
