@@ -49,6 +49,13 @@ ADMIN_KEY = "test-admin-key"
 STACK_KV_CACHE_BYTES = 32 << 20
 
 
+def small_engine(**fields: Any) -> EngineConfig:
+    """An EngineConfig of ``fields`` with a stack's KV cache (STACK_KV_CACHE_BYTES), for the
+    tests' own workers: no test's requests come near it (a test that sizes the cache names
+    ``num_blocks`` or ``kv_cache_bytes``)."""
+    return EngineConfig(**{"kv_cache_bytes": STACK_KV_CACHE_BYTES} | fields)
+
+
 def sigstop(proc: subprocess.Popen) -> None:
     """SIGSTOP ``proc`` and return once every thread of it has stopped. kill() only marks the stop:
     each thread stops as it next leaves the kernel, and on this VM a nats-server answered a PING
@@ -191,13 +198,8 @@ async def run_stack(
             **common,
             worker_id=f"w{i}",
             model=str(tiny_llama.model),
-            engine=EngineConfig(
-                **{
-                    "max_loras": 2,
-                    "device": os.environ.get("DLORA_TEST_DEVICE", "cpu"),
-                    "dtype": "float32",
-                    "kv_cache_bytes": STACK_KV_CACHE_BYTES,
-                }
+            engine=small_engine(
+                **{"max_loras": 2, "device": os.environ.get("DLORA_TEST_DEVICE", "cpu"), "dtype": "float32"}
                 | (engine or {})
             ),
             drain_timeout_s=0.0,  # the whole stack stops at once: no one to drain to, nothing to wait for
@@ -259,6 +261,7 @@ def spawn_worker(
         "DLORA_MODEL": model,
         "DLORA_WORKER_ID": worker_id,
         "DLORA_STATS_INTERVAL_S": "0.1",
+        "DLORA_WORKER_ENGINE__KV_CACHE_BYTES": str(STACK_KV_CACHE_BYTES),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],

@@ -35,9 +35,9 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server, start_nats
-from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import small_engine
 
 PASSWORDS = {name: f"pw-{name}" for name in (*ROLES, "alice", "bob")}
 
@@ -62,7 +62,7 @@ async def bus(
             **common,
             worker_id="w0",
             model=str(tiny_llama.model),
-            engine=EngineConfig(device="cpu"),
+            engine=small_engine(device="cpu"),
             stats_interval_s=0.1,
         )
         worker = WorkerService(ws, await connect("worker"), store, build_engine(ws))

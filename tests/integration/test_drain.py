@@ -24,7 +24,7 @@ from dlora.services.worker.chunks import open_stream
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sse_events, start_gateway, worker_by_hand
+from tests.integration.conftest import small_engine, sse_events, start_gateway, worker_by_hand
 from tests.integration.test_gateway import offline
 
 N = 160  # tokens: the stop comes after 10 of them
@@ -59,7 +59,12 @@ async def test_a_stopped_worker_finishes_or_hands_over_its_requests(
 
     async def worker(name: str, until: asyncio.Event) -> WorkerService:
         ws = WorkerSettings(
-            **common, worker_id=name, model=str(tiny_llama.model), stats_interval_s=0.1, drain_timeout_s=drain_timeout_s
+            **common,
+            worker_id=name,
+            model=str(tiny_llama.model),
+            stats_interval_s=0.1,
+            drain_timeout_s=drain_timeout_s,
+            engine=small_engine(),
         )
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
@@ -157,7 +162,13 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
     from dlora.services.worker import drain
 
     store = StateStore(redis)
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=small_engine(),
+    )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
         culprit, queued = (
             GenerateRequest(request_id=rid, reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
@@ -196,7 +207,13 @@ async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_st
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
 
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=small_engine(),
+    )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
         moved = GenerateRequest(
             request_id="moved", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, kv_chunks=2, kv_transfer="t"
@@ -217,7 +234,6 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
     one in a step (its blocks held) counts."""
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
-    from dlora.services.worker.engine.config import EngineConfig
 
     store = StateStore(redis)
     ws = WorkerSettings(
@@ -225,7 +241,7 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
         redis_url="unused",
         worker_id="w-a",
         model=str(tiny_llama.model),
-        engine=EngineConfig(max_num_seqs=1),
+        engine=small_engine(max_num_seqs=1),
     )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
         for rid in ("ran", "waited"):
@@ -261,13 +277,12 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
     out of the late hand-back (which named them all never run)."""
     from dlora.common.messages import AdapterEntry, GenerateRequest
     from dlora.services.worker import drain
-    from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
     store = StateStore(redis)
     name, path = next(iter(tiny_llama.adapters.items()))
     await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0))
-    merged_only = EngineConfig(policy=PolicyConfig(name=PolicyName.MERGED_ONLY))
+    merged_only = small_engine(policy=PolicyConfig(name=PolicyName.MERGED_ONLY))
     ws = WorkerSettings(
         nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model), engine=merged_only
     )
@@ -324,7 +339,13 @@ async def test_a_failed_devices_hand_over_counts_a_request_that_ran_though_anoth
     from dlora.services.worker import drain
 
     store = StateStore(redis)
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=small_engine(),
+    )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
         ran = GenerateRequest(request_id="r", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, recoveries=1)
         await service._on_request(ran)
@@ -352,7 +373,13 @@ async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stoppe
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
 
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=small_engine(),
+    )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
         service.kv_inbox.wait_s = 0.3
         first, later = (

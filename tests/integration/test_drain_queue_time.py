@@ -19,10 +19,9 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
-from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import Stack, sse_events, start_gateway
+from tests.integration.conftest import Stack, small_engine, sse_events, start_gateway
 from tests.integration.test_gateway import post
 
 WAIT_S = 1.0
@@ -62,7 +61,7 @@ class _Handover:
         self.runner: web.AppRunner | None = None
 
     async def worker(self, name: str, until: asyncio.Event, seats: int = 64) -> WorkerService:
-        engine = EngineConfig(max_num_seqs=seats, device="cpu", dtype="float32")
+        engine = small_engine(max_num_seqs=seats, device="cpu", dtype="float32")
         ws = WorkerSettings(
             nats_url=self.url,
             redis_url="unused",

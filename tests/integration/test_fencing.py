@@ -31,7 +31,7 @@ from dlora.services.worker.chunks import chunk_for
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sigstop, spawn_worker
+from tests.integration.conftest import sigstop, small_engine, spawn_worker
 from tests.integration.test_gateway import offline
 
 PROMPT = [5, 40, 41, 300, 17]
@@ -63,7 +63,7 @@ class Cluster:
             heartbeat_ttl_s=self.ttl_s,
             worker_id=worker_id,
             model=str(self.tiny.model),
-            engine=engine or EngineConfig(device="cpu", dtype="float32"),
+            engine=engine or small_engine(device="cpu", dtype="float32"),
             stats_interval_s=0.1,
         )
         nc = await nats.connect(self.nats_url)

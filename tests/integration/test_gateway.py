@@ -15,7 +15,7 @@ import torch
 
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.offline import generate_lines
-from tests.integration.conftest import ADMIN_KEY, Stack, sse_events
+from tests.integration.conftest import ADMIN_KEY, Stack, small_engine, sse_events
 
 PROMPTS = ["kalo remi suta", "nevo rida pole", "sumu gano befi tuza"]
 
@@ -43,7 +43,7 @@ async def stream(stack: Stack, path: str, body: dict) -> list:
 
 
 def offline(tiny, requests: list[dict]) -> list[dict]:
-    engine = LLMEngine(str(tiny.model))
+    engine = LLMEngine(str(tiny.model), small_engine())
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)
     return generate_lines(engine, [json.dumps(r) for r in requests])

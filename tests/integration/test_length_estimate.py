@@ -17,6 +17,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import small_engine
 from tests.integration.test_gateway import offline
 
 SHORT_PROMPT = [5, 6, 7]
@@ -26,7 +27,12 @@ async def test_stats_carry_the_expected_remaining_tokens(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
     ws = WorkerSettings(
-        nats_url=nats_server.url, redis_url="unused", worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.05
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w0",
+        model=str(tiny_llama.model),
+        stats_interval_s=0.05,
+        engine=small_engine(),
     )
     nc, client = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     worker = WorkerService(ws, nc, StateStore(redis), build_engine(ws))
@@ -93,6 +99,7 @@ async def test_a_worker_falling_idle_says_so_at_once(nats_server: Server, redis:
         redis_url="unused",
         worker_id="w-idle",
         model=str(tiny_llama.model),
+        engine=small_engine(),
         stats_interval_s=4.0,
         heartbeat_ttl_s=10.0,
     )

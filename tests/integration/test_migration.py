@@ -20,9 +20,9 @@ from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import TriggerBounds
 from dlora.services.servers import Server
-from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
+from tests.integration.conftest import small_engine
 from tests.integration.test_gateway import offline
 
 # Tokens each: the first plan moves requests a dozen or two tokens in, and what is left after
@@ -43,6 +43,7 @@ async def start_workers(
     """Real workers in this process, running until ``stop``; their connections and tasks go into
     ``conns`` and ``tasks`` for the test to close."""
     workers = {}
+    settings.setdefault("engine", small_engine())
     for name in names:
         ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model), **settings)
         nc = await nats.connect(nats_server.url)
@@ -63,7 +64,7 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
-        engine = EngineConfig(async_scheduling=overlap)
+        engine = small_engine(async_scheduling=overlap)
         workers = await start_workers(
             ("w0", "w1", "w2"), nats_server, store, tiny_llama, stop, conns, tasks, stats_interval_s=0.05, engine=engine
         )

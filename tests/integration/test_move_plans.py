@@ -22,11 +22,10 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
 from dlora.services.worker.admit import abort
-from dlora.services.worker.engine import EngineConfig
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.moves import handoff
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import worker_by_hand
+from tests.integration.conftest import small_engine, worker_by_hand
 from tests.integration.test_migration import start_workers
 
 
@@ -152,7 +151,9 @@ async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
     worker, came to the destination before the request) had the request refused there, and the
     cache shipped ahead of it kept in the destination's memory until another move's came (never,
     on a worker no more moves reached; a 4k-token context of Llama-3-8B's is 0.5 GB)."""
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model), engine=small_engine()
+    )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
         kv = KVSnapshot(tokens=3, k=torch.zeros(2, 3, 2, 16), v=torch.zeros(2, 3, 2, 16)).to_bytes()
         first = GenerateRequest(request_id="r", reply_to="test.r", prompt_token_ids=[5, 6, 7])
@@ -189,7 +190,9 @@ async def test_a_shipped_cache_s_cost_counts_its_import_into_the_engine(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine_module, "import_kv", slow_import)
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model), engine=small_engine()
+    )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
         kv = KVSnapshot(tokens=3, k=torch.zeros(2, 3, 2, 16), v=torch.zeros(2, 3, 2, 16)).to_bytes()
         moved, chunks = handoff(
@@ -213,7 +216,7 @@ async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
     stop = asyncio.Event()
     conns, tasks = [], []
     try:
-        engine = EngineConfig(async_scheduling=True)
+        engine = small_engine(async_scheduling=True)
         workers = await start_workers(
             ("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks, engine=engine
         )
@@ -264,7 +267,7 @@ async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
     conns, tasks = [], []
     wait_s = 1.0
     try:
-        engine = EngineConfig(max_num_seqs=1, device="cpu", dtype="float32")
+        engine = small_engine(max_num_seqs=1, device="cpu", dtype="float32")
         workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks, engine=engine)
         step = workers["w0"].engine.step
 

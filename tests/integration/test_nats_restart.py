@@ -29,10 +29,9 @@ from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server, start_nats
-from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import run_stack, sigstop, sse_events
+from tests.integration.conftest import run_stack, sigstop, small_engine, sse_events
 from tests.integration.test_gateway import offline
 
 PROMPT, N = [5, 40, 41, 300, 17], 200
@@ -72,7 +71,7 @@ async def _through_a_restart(
     conns = [await nats.connect(server.url, reconnect_time_wait=wait) for wait in (0.2, 0.2, 2.0)]
     d_nc, w_nc, app = conns
     ws = WorkerSettings(
-        **common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1, engine=EngineConfig(device="cpu")
+        **common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1, engine=small_engine(device="cpu")
     )
     worker = WorkerService(ws, w_nc, store, build_engine(ws))
     step = worker.engine.step

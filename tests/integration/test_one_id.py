@@ -31,7 +31,7 @@ from dlora.services.worker.commands import Add
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sigstop, spawn_worker, worker_by_hand
+from tests.integration.conftest import sigstop, small_engine, spawn_worker, worker_by_hand
 
 TTL_S = 2.0
 
@@ -154,6 +154,7 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
         redis_url="unused",
         worker_id="w-a",
         model=str(tiny_llama.model),
+        engine=small_engine(),
         heartbeat_ttl_s=TTL_S,
         stats_interval_s=0.1,
     )
@@ -176,6 +177,7 @@ def worker_settings(nats_server: Server, tiny_llama: TinyOutput, **more: Any) ->
         redis_url="unused",
         worker_id="w-a",
         model=str(tiny_llama.model),
+        engine=small_engine(),
         heartbeat_ttl_s=TTL_S,
         stats_interval_s=0.1,
         **more,

@@ -19,7 +19,7 @@ from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import spawn_worker, sse_events, start_gateway
+from tests.integration.conftest import small_engine, spawn_worker, sse_events, start_gateway
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -54,7 +54,9 @@ async def test_sigkilled_worker_loses_no_request(
             tiny_llama,
             [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N, "ignore_eos": True, **sampling}],
         )[0]
-        ws = WorkerSettings(**common, worker_id="b-survivor", model=str(tiny_llama.model), stats_interval_s=0.1)
+        ws = WorkerSettings(
+            **common, worker_id="b-survivor", model=str(tiny_llama.model), stats_interval_s=0.1, engine=small_engine()
+        )
         wnc = await nats.connect(nats_server.url)
         conns.append(wnc)
         survivor = WorkerService(ws, wnc, store, build_engine(ws))
@@ -232,7 +234,13 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
     from dlora.common.messages import GenerateRequest
 
     store = StateStore(redis)
-    ws = WorkerSettings(nats_url=nats_server.url, redis_url="unused", worker_id="w-a", model=str(tiny_llama.model))
+    ws = WorkerSettings(
+        nats_url=nats_server.url,
+        redis_url="unused",
+        worker_id="w-a",
+        model=str(tiny_llama.model),
+        engine=small_engine(),
+    )
     nc = await nats.connect(nats_server.url)
     try:
         service = WorkerService(ws, nc, store, build_engine(ws))  # its loop not running: driven by hand
