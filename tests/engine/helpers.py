@@ -24,18 +24,19 @@ def make_engine(tiny: TinyOutput, **overrides) -> LLMEngine:
     if "max_num_batched_tokens" in overrides:  # a budget of a few tokens: as few sequences (vLLM's rule)
         overrides.setdefault("max_num_seqs", min(EngineConfig().max_num_seqs, overrides["max_num_batched_tokens"]))
     if "num_blocks" not in overrides and "kv_cache_bytes" not in overrides:
-        overrides["kv_cache_bytes"] = _kv_bytes_enough(tiny, overrides)
+        overrides["kv_cache_bytes"] = kv_bytes_enough(tiny, overrides)
     engine = LLMEngine(str(tiny.model), EngineConfig(**overrides))
     for name, path in tiny.adapters.items():
         engine.register_adapter(name, path)
     return engine
 
 
-def _kv_bytes_enough(tiny: TinyOutput, overrides: dict[str, Any]) -> int:
+def kv_bytes_enough(tiny: TinyOutput, overrides: dict[str, Any] | None = None) -> int:
     """The engine's default KV cache (256 MiB), or less: twice what ``max_num_seqs`` requests at
     the model's whole context hold (in fp32), which no test's requests outgrow. The default is
     32,768 blocks of the tiny model; each engine zeroed it page by page (~0.1 s of a core, some
     hundred engines a run) and held it until the collector freed it."""
+    overrides = overrides or {}
     cfg = ModelConfig.from_dir(tiny.model)
     seqs = overrides.get("max_num_seqs", EngineConfig().max_num_seqs)
     context = max(cfg.context_length(), overrides.get("max_model_len") or 0)

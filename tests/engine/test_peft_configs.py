@@ -18,6 +18,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import EngineConfig, LLMEngine
 from dlora.services.worker.engine.lora import AdapterError, load_adapter
 from dlora.services.worker.policy import Mode, PolicyConfig, StepDecision
+from tests.engine.helpers import kv_bytes_enough
 
 PROMPT = [5, 40, 41, 300, 17, 99, 3]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,7 +92,9 @@ def peft_logits(tiny: TinyOutput, path: Path) -> torch.Tensor:
 
 
 def engine_logits(tiny: TinyOutput, path: Path, policy: str) -> torch.Tensor:
-    engine = LLMEngine(str(tiny.model), EngineConfig(policy=PolicyConfig(name=policy)))
+    engine = LLMEngine(
+        str(tiny.model), EngineConfig(policy=PolicyConfig(name=policy), kv_cache_bytes=kv_bytes_enough(tiny))
+    )
     engine.register_adapter("x", path)
     engine.add_request("r", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1), adapter="x")
     engine.step()
@@ -270,7 +273,7 @@ def test_per_module_ranks_in_one_fused_projection_match_peft_in_mixed_steps(
         target_modules=["q_proj", "v_proj", "down_proj"],
         use_rslora=True,
     )
-    engine = LLMEngine(str(tiny_llama.model), EngineConfig(kernels=kernels))
+    engine = LLMEngine(str(tiny_llama.model), EngineConfig(kernels=kernels, kv_cache_bytes=kv_bytes_enough(tiny_llama)))
     assert engine.kernels.name == kernels
     for name, path in (("a", patterned), ("b", plain)):
         engine.register_adapter(name, path)

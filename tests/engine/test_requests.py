@@ -6,9 +6,9 @@ import pytest
 
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine import EngineConfig, LLMEngine, RequestError
 from dlora.services.worker.policy import StepDecision
-from tests.engine.helpers import make_engine
+from tests.engine.helpers import kv_bytes_enough, make_engine
 
 PROMPT = [5, 40, 41, 300, 17]
 
@@ -84,7 +84,7 @@ def test_the_generation_configs_end_of_sequence_ids_stop_as_transformers_stops(
     full, _, _ = collect(make_engine(tiny_llama), "a", max_tokens=10)
     model = shutil.copytree(tiny_llama.model, tmp_path / "model")
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, full[2]], "bos_token_id": 1}))
-    engine = LLMEngine(str(model))
+    engine = LLMEngine(str(model), EngineConfig(kv_cache_bytes=kv_bytes_enough(tiny_llama)))
     engine.add_request("b", prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=10))
     outs = [o for _ in range(12) for o in engine.step()]
     stopped = [t for o in outs for t in o.new_token_ids]
