@@ -56,6 +56,14 @@ def small_engine(**fields: Any) -> EngineConfig:
     return EngineConfig(**{"kv_cache_bytes": STACK_KV_CACHE_BYTES} | fields)
 
 
+def worker_settings(nats_url: str, tiny: TinyOutput, worker_id: str = "w-a", **fields: Any) -> WorkerSettings:
+    """A test's own worker's settings: on ``nats_url``, the tiny model, a stack's KV cache
+    (``small_engine``, unless ``fields`` give an ``engine``); its Redis is the one the test hands
+    it (``redis_url`` unused)."""
+    fields.setdefault("engine", small_engine())
+    return WorkerSettings(nats_url=nats_url, redis_url="unused", worker_id=worker_id, model=str(tiny.model), **fields)
+
+
 def sigstop(proc: subprocess.Popen) -> None:
     """SIGSTOP ``proc`` and return once every thread of it has stopped. kill() only marks the stop:
     each thread stops as it next leaves the kernel, and on this VM a nats-server answered a PING

@@ -24,9 +24,8 @@ from dlora.services.dispatcher.choose import WorkerLoad
 from dlora.services.servers import Server
 from dlora.services.worker.commands import Abort, AdapterChanged
 from dlora.services.worker.main import WorkerService
-from dlora.services.worker.settings import WorkerSettings
 from tests.engine.helpers import make_engine
-from tests.integration.conftest import small_engine, worker_by_hand
+from tests.integration.conftest import worker_by_hand, worker_settings
 
 PROMPT = [5, 40, 41, 300, 17]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -77,12 +76,10 @@ async def _worker(
     store = StateStore(redis)
     name, path = next(iter(tiny_llama.adapters.items()))
     await store.put_adapter(AdapterEntry(name=name, path=str(path), rank=8, created=0.0, version=version))
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, store, ws) as (service, _):
         yield service, await _chunks(service), name

@@ -26,8 +26,7 @@ from dlora.services.worker.arrival import LONG_PROMPT
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.moves import handoff
-from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import small_engine, worker_by_hand
+from tests.integration.conftest import worker_by_hand, worker_settings
 from tests.integration.test_migration import start_workers
 
 
@@ -237,12 +236,10 @@ async def test_a_stale_copy_arriving_does_not_unmark_a_later_attempt(
     """A review: a copy of an earlier attempt delivered late overwrote the later attempt's pending
     mark with its own attempt (refused by the record, so the later one went unmarked: its death
     here would not count)."""
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
         later = GenerateRequest(request_id="r", reply_to="test.r", prompt_token_ids=[5, 6, 7], recorded=True)

@@ -24,7 +24,7 @@ from dlora.services.worker.chunks import open_stream
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import small_engine, sse_events, start_gateway, worker_by_hand
+from tests.integration.conftest import small_engine, sse_events, start_gateway, worker_by_hand, worker_settings
 from tests.integration.test_gateway import offline
 
 N = 160  # tokens: the stop comes after 10 of them
@@ -162,12 +162,10 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
     from dlora.services.worker import drain
 
     store = StateStore(redis)
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
         culprit, queued = (
@@ -207,12 +205,10 @@ async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_st
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
 
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
         moved = GenerateRequest(
@@ -236,11 +232,10 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
     from dlora.services.worker import drain
 
     store = StateStore(redis)
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
         engine=small_engine(max_num_seqs=1),
     )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
@@ -339,12 +334,10 @@ async def test_a_failed_devices_hand_over_counts_a_request_that_ran_though_anoth
     from dlora.services.worker import drain
 
     store = StateStore(redis)
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, store, ws) as (service, handed):
         ran = GenerateRequest(request_id="r", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True, recoveries=1)
@@ -373,12 +366,10 @@ async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stoppe
     from dlora.common.messages import GenerateRequest
     from dlora.services.worker import drain
 
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, handed):
         service.kv_inbox.wait_s = 0.3

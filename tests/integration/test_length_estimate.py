@@ -17,7 +17,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import small_engine
+from tests.integration.conftest import small_engine, worker_settings
 from tests.integration.test_gateway import offline
 
 SHORT_PROMPT = [5, 6, 7]
@@ -94,12 +94,10 @@ async def test_a_worker_falling_idle_says_so_at_once(nats_server: Server, redis:
     mid-burst, said this one was busy until the next interval. Its stats now go out as it falls idle
     (not sooner than a quarter interval after the last): here within a second of a request sent just
     after a regular message, against the 4 s interval."""
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-idle",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-idle",
         stats_interval_s=4.0,
         heartbeat_ttl_s=10.0,
     )

@@ -31,7 +31,7 @@ from dlora.services.worker.commands import Add
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.one_id import refuse_if_taken
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import sigstop, small_engine, spawn_worker, worker_by_hand
+from tests.integration.conftest import sigstop, spawn_worker, worker_by_hand, worker_settings
 
 TTL_S = 2.0
 
@@ -149,15 +149,7 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
 ) -> None:
     """The probe's case: both processes took every request sent to "w-a", and ran it twice."""
     store = StateStore(redis)
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
-        heartbeat_ttl_s=TTL_S,
-        stats_interval_s=0.1,
-    )
+    ws = _beating(nats_server, tiny_llama)
     # (the worker first: its engine is built with the loop held, which would hold the other's beats)
     async with worker_by_hand(nats_server, store, ws) as (service, _), live_worker(store):
         with pytest.raises(StartupError, match="'w-a' is in use"):
@@ -171,13 +163,12 @@ async def test_a_second_worker_under_a_live_id_does_not_subscribe(
         assert (await store.beat_of("w-a", 60.0))[0].incarnation == "other1"  # its key left alone
 
 
-def worker_settings(nats_server: Server, tiny_llama: TinyOutput, **more: Any) -> WorkerSettings:
-    return WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+def _beating(nats_server: Server, tiny_llama: TinyOutput, **more: Any) -> WorkerSettings:
+    """A worker "w-a" beating every 0.1 s under a TTL_S heartbeat."""
+    return worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
         heartbeat_ttl_s=TTL_S,
         stats_interval_s=0.1,
         **more,
@@ -189,7 +180,7 @@ async def test_two_workers_started_at_once_leave_one(nats_server: Server, redis:
     earlier start gives the id up, to the later (``WorkerStats.started``, Redis's clock), and exits
     saying why; the other serves on."""
     store = StateStore(redis)
-    ws = worker_settings(nats_server, tiny_llama)
+    ws = _beating(nats_server, tiny_llama)
     async with (
         worker_by_hand(nats_server, store, ws) as (first, _),
         worker_by_hand(nats_server, store, ws) as (
@@ -230,7 +221,7 @@ async def test_a_worker_resumed_after_its_replacement_started_gives_the_id_up(
     )
     stop = asyncio.Event()
     try:
-        async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (replacement, _):
+        async with worker_by_hand(nats_server, store, _beating(nats_server, tiny_llama)) as (replacement, _):
             while await store.beat_of("w-a", TTL_S) is None:  # the stalled one's process is up
                 assert stalled.poll() is None, (tmp_path / "stalled.log").read_text()
                 await asyncio.sleep(0.1)
@@ -263,7 +254,7 @@ async def test_a_drain_taken_over_meanwhile_hands_nothing_over(
     replaced, a worker handed the copies it held back (they were its successor's attempts: run
     again elsewhere) before its first beat told it. It asks just before."""
     store = StateStore(redis)
-    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
+    async with worker_by_hand(nats_server, store, _beating(nats_server, tiny_llama)) as (worker, handed):
         await started_before_its_successor(worker, store)
         worker.commands.put_nowait(Add(REQUEST))  # came during the drain: handed over unrun
         await drain.hand_over(worker)
@@ -280,7 +271,7 @@ async def test_a_process_taken_over_hands_back_none_of_its_successors_records(
     in-flight records found its successor's running requests under the id, took them for a
     predecessor's and handed them back (run again elsewhere) before its beat told it to stop."""
     store = StateStore(redis)
-    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, handed):
+    async with worker_by_hand(nats_server, store, _beating(nats_server, tiny_llama)) as (worker, handed):
         assert await store.put_inflight(REQUEST, "w-a", new=True, incarnation="new1")  # running on the successor
         await started_before_its_successor(worker, store)
         await asyncio.sleep(0.01)  # (recorded a millisecond ago at least: past the sweep's grace)
@@ -341,7 +332,7 @@ async def test_a_process_giving_the_id_up_puts_its_successors_beat_back(
     """Its beat (SET ... GET) wrote its own stats over the successor's: a start under the id in the
     next beat's time was refused naming the dead incarnation (a review)."""
     store = StateStore(redis)
-    async with worker_by_hand(nats_server, store, worker_settings(nats_server, tiny_llama)) as (worker, _):
+    async with worker_by_hand(nats_server, store, _beating(nats_server, tiny_llama)) as (worker, _):
         await started_before_its_successor(worker, store)
         await beats._heartbeat(worker, worker.stats)
         assert worker.taken_over_by is not None and worker.taken_over_by.incarnation == "new1"

@@ -19,7 +19,7 @@ from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
 from dlora.services.worker.main import WorkerService, build_engine
 from dlora.services.worker.settings import WorkerSettings
-from tests.integration.conftest import small_engine, spawn_worker, sse_events, start_gateway
+from tests.integration.conftest import small_engine, spawn_worker, sse_events, start_gateway, worker_settings
 from tests.integration.test_gateway import offline
 
 N = 400  # tokens: long enough that the victim is still generating when it dies
@@ -234,12 +234,10 @@ async def test_a_worker_marks_a_request_taken_before_it_works_on_it(
     from dlora.common.messages import GenerateRequest
 
     store = StateStore(redis)
-    ws = WorkerSettings(
-        nats_url=nats_server.url,
-        redis_url="unused",
-        worker_id="w-a",
-        model=str(tiny_llama.model),
-        engine=small_engine(),
+    ws = worker_settings(
+        nats_server.url,
+        tiny_llama,
+        "w-a",
     )
     nc = await nats.connect(nats_server.url)
     try:
