@@ -35,7 +35,7 @@ from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
-from dlora.services.worker.engine.scheduler import preempt
+from dlora.services.worker.engine.scheduler import forget_lookup, preempt
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.taking import fail_chunks
 from dlora.services.worker.policy import StepDecision
@@ -127,11 +127,8 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     blocks, rid = engine.blocks, seq.request_id
     if seq.status is not Status.WAITING or blocks.stepped(rid) or tainted.isdisjoint(blocks.table(rid)):
         return False
-    looked_up = seq.lookup is not None  # this step, not yet counted
     preempt(seq, blocks)
-    if looked_up:  # dropped before it ran, so no preemption of its: the scheduler counts its next lookup
-        seq.num_preemptions -= 1
-    seq.num_cached_prompt, seq.lookup = 0, None
+    forget_lookup(seq)  # dropped before it ran: no preemption of its; its next lookup is counted
     engine.stats.preemptions += 1
     return True
 

@@ -363,13 +363,21 @@ def _fits(
 
 def _unlook(seq: Sequence, out: Schedule) -> None:
     """Take back the lookup of ``seq``, a prompt admitted fresh and then preempted in the same step
-    before it ran: its next admission is its first (as ``async_scheduling.recompute`` takes back a
-    row dropped before it ran). Kept, the blocks it found were its usage's ``cached_tokens`` and the
-    stats' hits though it computed its prompt later whatever the cache then held."""
+    before it ran (``forget_lookup``), and the step's count of it. Kept, the blocks it found were its
+    usage's ``cached_tokens`` and the stats' hits though it computed its prompt later whatever the
+    cache then held."""
     total, found = seq.lookup or (0, 0)
     out.prefix_queries -= total
     out.prefix_hits -= found
-    seq.num_preemptions -= 1
+    forget_lookup(seq)
+
+
+def forget_lookup(seq: Sequence) -> None:
+    """``seq``, preempted before the step that looked it up this step ran: its lookup (and the
+    preemption that step's row would have been) not kept, so its next admission looks up as its
+    first and its usage counts what that finds (here, and ``async_scheduling.recompute``)."""
+    if seq.lookup is not None:
+        seq.num_preemptions -= 1
     seq.num_cached_prompt, seq.lookup = 0, None
 
 
