@@ -54,12 +54,15 @@ def _check_ranges(body: Body) -> None:
             raise APIError(400, f"{name} must be {span}, got {value}", param=name)
 
 
-def _unsupported(body: Body) -> list[tuple[str, bool]]:
+def _unsupported(body: Body, spaced: bool = True) -> list[tuple[str, bool]]:
     """(what, set to something dlora cannot honour) for every field of the spec it does not serve;
-    ``what`` begins with the field's name."""
+    ``what`` begins with the field's name. ``spaced``: the workers' decode writes spaces between
+    added tokens, which vLLM's spaces_between_special_tokens=false would take out (else it is
+    what every request gets: taken)."""
     so = body.structured_outputs
+    spaces = body.spaces_between_special_tokens
     out: list[tuple[str, bool]] = [
-        ("spaces_between_special_tokens", body.spaces_between_special_tokens not in (None, True)),
+        ("spaces_between_special_tokens", not (spaces is None or spaces is True or (spaces is False and not spaced))),
         ("use_beam_search", body.use_beam_search not in (None, False)),
         ("length_penalty", body.length_penalty not in (None, 1, 1.0) or isinstance(body.length_penalty, bool)),
         ("guided_whitespace_pattern", body.guided_whitespace_pattern is not None),
@@ -342,11 +345,13 @@ def sampling_params(
     grammars: Grammars | None = None,
     defaults: Mapping[str, float] | None = None,
     compile_grammar: bool = True,
+    spaces_added_tokens: bool = True,
 ) -> SamplingParams:
     """The engine's parameters for a request body (null fields at their defaults: the model's,
     ``defaults`` from its generation_config.json, where it has them); ``grammars``: the model's
     structured-output matchers, which try a structured output as a worker will (not
-    ``compile_grammar``: left for the caller, ``structured``).
+    ``compile_grammar``: left for the caller, ``structured``); ``spaces_added_tokens``: the
+    workers' decode spaces added tokens apart (``detokenizer.spaces_added_tokens``).
 
     Raises:
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
@@ -359,7 +364,7 @@ def sampling_params(
         raise APIError(400, f"prompt_cache_key must be at most {MAX_CACHE_SALT} characters", param="prompt_cache_key")
     if body.request_id is not None and not valid_request_id(body.request_id):
         raise APIError(400, "request_id must be 1 to 256 printable characters", param="request_id")
-    for what, unsupported in _unsupported(body):
+    for what, unsupported in _unsupported(body, spaces_added_tokens):
         if unsupported:
             raise APIError(400, f"{what} is not supported (only its default)", param=what.split()[0])
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

@@ -46,6 +46,7 @@ from dlora.services.gateway.sampling import (
     tools_required,
 )
 from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
+from dlora.services.worker.engine.detokenizer import spaces_added_tokens
 from dlora.services.worker.engine.structured import Grammars
 
 MAX_CHOICES = 256  # prompts x n in one request
@@ -103,6 +104,11 @@ class ServedModel:
     def reasoning_tags(self) -> bool:
         """Whether its reasoning parser reads tags (``<think>``), whose tokens a usage counts between."""
         return bool(self.reasoning_parser) and self.reasoning_parser not in MARKED
+
+    @cached_property
+    def spaces_added_tokens(self) -> bool:
+        """Whether the workers' decode writes spaces between added tokens (``detokenizer``'s)."""
+        return spaces_added_tokens(self.tokenizer)
 
     @property
     def call_id_length(self) -> int:
@@ -295,7 +301,9 @@ def shape_request(
         )
         if not prompt_only and (cap := model.defaults.get("max_tokens")):  # vLLM's: the least of them
             new = min(new, int(cap))
-        params = sampling_params(body, new if generate else 1, model.grammars, model.defaults, compile_grammar)
+        params = sampling_params(
+            body, new if generate else 1, model.grammars, model.defaults, compile_grammar, model.spaces_added_tokens
+        )
         if after:
             params = msgspec.structs.replace(params, structured_after_token_ids=after)
         if auto and model.tool_call_parser in ("hermes", "mistral") and body.skip_special_tokens is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from typing import Any
 
 import msgspec
 
@@ -179,9 +180,33 @@ def test_tools_named_or_required_constrain_the_output_auto_needs_a_parser(served
 def test_vllms_fields_at_their_defaults_are_taken_others_refused_by_name(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
     defaults = {"spaces_between_special_tokens": True, "use_beam_search": False, "length_penalty": 1.0}
     assert shape(served, {"prompt": "kalo", **defaults}).choices[0].request is not None
-    for field, value in (("spaces_between_special_tokens", False), ("use_beam_search", True), ("length_penalty", 2)):
+    for field, value in (("use_beam_search", True), ("length_penalty", 2), ("spaces_between_special_tokens", "no")):
         e = refused(served, {"prompt": "kalo", field: value})
         assert (e.status, e.param) == (400, field) and "only its default" in e.message
+
+
+class _SlowTokenizer:
+    """``tokenizer`` with a slow transformers tokenizer's decode, which spaces added tokens apart
+    by default."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.encode, self.added_tokens_decoder = tokenizer.encode, {0: "<pad>", 1: "<s>"}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(self.added_tokens_decoder.get(i, "x") for i in ids)
+
+
+def test_spaces_between_special_tokens_false_is_taken_where_decode_spaces_nothing(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported
+    """vLLM #1347, #33457: ``spaces_between_special_tokens: false`` asks that added tokens side by
+    side be written without a space between them, as a Rust tokenizer's decode (the workers')
+    writes them anyway: it was refused as a value "not supported"."""
+    body = {"prompt": "kalo", "skip_special_tokens": False, "spaces_between_special_tokens": False}
+    assert not served.spaces_added_tokens
+    assert shape(served, body).choices[0].request is not None
+    spaced = dataclasses.replace(served, tokenizer=_SlowTokenizer(served.tokenizer))  # type: ignore[arg-type]
+    assert spaced.spaces_added_tokens
+    e = refused(spaced, body)
+    assert (e.status, e.param) == (400, "spaces_between_special_tokens") and "only its default" in e.message
 
 
 def test_cache_salt_goes_with_the_request_and_must_not_be_empty(served: ServedModel) -> None:  # noqa: F811 - served: the fixture imported

@@ -44,6 +44,21 @@ def decoder(tokenizer: Tokenizer) -> Callable[[list[int], bool], str]:
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
+def spaces_added_tokens(tokenizer: Any) -> bool:
+    """Whether ``decoder(tokenizer)`` writes anything between two added tokens side by side (a
+    slow transformers tokenizer's ``spaces_between_special_tokens``, on by default; a Rust one
+    without a decoder joins every token with a space). A Rust tokenizer with a byte-level or
+    SentencePiece decoder, every Llama-family one, writes them as they are: vLLM's
+    ``spaces_between_special_tokens=false`` (its fast detokenizer's, #1347, advised for
+    Kimi K2's ``<think>``, #33457) is then what every request gets already. False where the
+    tokenizer has no added tokens: nothing to write between."""
+    added = list((getattr(tokenizer, "added_tokens_decoder", None) or {}).items())[:2]
+    if not added:
+        return False
+    (first, a), (second, b) = (added * 2)[:2]  # one added token: itself twice
+    return decoder(tokenizer)([first, second], False) != getattr(a, "content", a) + getattr(b, "content", b)
+
+
 class IncrementalDetokenizer:
     """``prompt_ids``: the tokens before the first new one (a resumed request's include the outputs
     produced before); ``pending``: how many of those at the end have had no text emitted yet (a
