@@ -68,8 +68,8 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt_cache_retention: str | None = None
     reasoning: Reasoning | None = None
     truncation: str | None = None  # "disabled" (the default) only
-    include: list[str] | None = None  # none served: an empty list only
-    top_logprobs: int | None = None  # 0 only (logprobs need include, not served)
+    include: list[str] | None = None  # OUTPUT_LOGPROBS only
+    top_logprobs: int | None = None  # [0, 20] alternatives of each token's logprob, with OUTPUT_LOGPROBS
     previous_response_id: Any = None  # a string (``responses_store.ResponsesStore.prepared`` checks it)
     # Run for nobody connected (``background``): only stored (``store``); streamed, its events kept.
     background: bool | None = None
@@ -304,12 +304,23 @@ def refuse_unserved(body: ResponsesBody) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation "auto" is not supported: a prompt past the context is refused', "truncation")
-    if body.include:
-        raise APIError(400, f"include {body.include[0]!r} is not supported", param="include")
-    if body.top_logprobs:
-        raise APIError(400, "top_logprobs is not supported on /v1/responses", param="top_logprobs")
+    if unserved := [i for i in body.include or [] if i != OUTPUT_LOGPROBS]:
+        raise APIError(400, f"include {unserved[0]!r} is not supported", param="include")
+    if body.top_logprobs and not output_logprobs(body):  # as the chat refuses them without logprobs
+        why = f'top_logprobs needs include ["{OUTPUT_LOGPROBS}"]: it counts the alternatives of those logprobs'
+        raise APIError(400, why, param="top_logprobs")
     if body.reasoning is not None and (body.reasoning.summary or body.reasoning.generate_summary):
         raise APIError(400, "reasoning summaries are not made", param="reasoning.summary")
+
+
+# The one ``include`` served: each output token's logprob (and ``top_logprobs`` alternatives) in the
+# output_text part's ``logprobs`` and its stream's deltas (OpenAI's; vLLM #23225).
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+
+
+def output_logprobs(body: ResponsesBody) -> bool:
+    """Whether ``body`` asks for its output's logprobs (``include`` names OUTPUT_LOGPROBS)."""
+    return OUTPUT_LOGPROBS in (body.include or [])
 
 
 def to_chat(body: ResponsesBody) -> ChatBody:
@@ -317,9 +328,11 @@ def to_chat(body: ResponsesBody) -> ChatBody:
 
     Raises:
         APIError(400): a field that needs what is not served (a stored response, hosted tools,
-            logprobs, images), an input item or tool malformed, named by its field.
+            images, an include other than OUTPUT_LOGPROBS), an input item or tool malformed, named
+            by its field.
     """
     refuse_unserved(body)
+    logprobs = output_logprobs(body)
     tools = [_tool(t, f"tools[{k}]") for k, t in enumerate(body.tools)] if body.tools is not None else None
     return ChatBody(
         model=body.model,
@@ -331,6 +344,8 @@ def to_chat(body: ResponsesBody) -> ChatBody:
         tool_choice=_tool_choice(body.tool_choice),
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=chat_format(body.text.format if body.text else None),
+        logprobs=logprobs or None,
+        top_logprobs=body.top_logprobs if logprobs else None,
         verbosity=body.text.verbosity if body.text else None,
         reasoning_effort=body.reasoning.effort if body.reasoning else None,
         # streamed: the usage chunk is what ends a response's events (response.completed carries it)

@@ -20,8 +20,17 @@ from dlora.services.gateway.responses_api import ResponsesBody, chat_format, ren
 Keep = Callable[[dict[str, Any]], bool]
 
 
-def _part(kind: str, text: str = "") -> dict[str, Any]:
-    return {"type": kind, "text": text} | ({"annotations": [], "logprobs": []} if kind == "output_text" else {})
+def _part(kind: str, text: str = "", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A content part; an output_text's ``logprobs`` are the chat's entries (token, logprob, bytes,
+    top_logprobs), OpenAI's Logprob: empty unless asked for (``responses_api.OUTPUT_LOGPROBS``)."""
+    extra = {"annotations": [], "logprobs": logprobs or []} if kind == "output_text" else {}
+    return {"type": kind, "text": text} | extra
+
+
+def _entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat choice's (or its event's) logprobs entries, every output token's: its reasoning's
+    and calls' too, as vLLM's Responses gives them."""
+    return list((choice.get("logprobs") or {}).get("content") or [])
 
 
 def _usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> dict[str, Any]:
@@ -52,6 +61,11 @@ class ResponsesShape(Shape):
     _pieces: list[str] = field(default_factory=list)
     _finish: str | None = None
     _last: dict[str, Any] | None = None  # the stream's last event (its response final), as framed
+    # The output's logprobs entries streamed so far (the message's part at its close), and those
+    # not sent yet: a token of no text yet (a character's first bytes), a reasoning's or a call's,
+    # goes with the next output_text delta, else with output_text.done
+    _logprobs: list[dict[str, Any]] = field(default_factory=list)
+    _unsent: int = 0
 
     @classmethod
     def of(cls, shape: Shape, asked: ResponsesBody, keep: Keep | None = None) -> ResponsesShape:
@@ -126,7 +140,7 @@ class ResponsesShape(Shape):
             output.append(self._item("reasoning", 0, content=[_part("reasoning_text", message["reasoning"])]))
         if message.get("content") or not (output or calls):
             text = message.get("content") or ""
-            output.append(self._item("message", len(output), content=[_part("output_text", text)]))
+            output.append(self._item("message", len(output), content=[_part("output_text", text, _entries(choice))]))
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         for call in calls:
             function = call["function"]
@@ -194,12 +208,16 @@ class ResponsesShape(Shape):
 
     def _delta(self, choice: dict[str, Any]) -> list[dict[str, Any]]:
         delta, out = choice.get("delta") or {}, []
+        entries = _entries(choice)
+        self._logprobs += entries
+        self._unsent += len(entries)
         if reasoning := delta.get("reasoning"):
             out += self._into("reasoning")
             out.append(self._text_delta("response.reasoning_text.delta", reasoning))
         if content := delta.get("content"):
             out += self._into("message")
-            out.append(self._text_delta("response.output_text.delta", content) | {"logprobs": []})
+            sent, self._unsent = self._logprobs[len(self._logprobs) - self._unsent :], 0
+            out.append(self._text_delta("response.output_text.delta", content) | {"logprobs": sent})
         for call in delta.get("tool_calls") or []:
             function = call.get("function") or {}
             if "id" in call:  # a call begins (its id and name come once)
@@ -264,7 +282,10 @@ class ResponsesShape(Shape):
             part = item["content"][0]
             kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
             text_done = {"type": kind, **where, "content_index": 0, "text": part["text"]}
-            out.append(text_done | ({"logprobs": []} if item["type"] == "message" else {}))
+            if item["type"] == "message":  # every logprob so far, those of no text yet too (an EOS's)
+                part["logprobs"], self._unsent = list(self._logprobs), 0
+                text_done["logprobs"] = part["logprobs"]
+            out.append(text_done)
             out.append({"type": "response.content_part.done", **where, "content_index": 0, "part": part})
         out.append({"type": "response.output_item.done", "output_index": index, "item": item})
         return out
