@@ -152,3 +152,38 @@ def test_the_reasoning_effort_asked_is_echoed_whole_and_streamed() -> None:
     [created, *_] = shape.events(shape.chunk("", None, first=True))
     event = json.loads(created.decode().split("\n")[1].removeprefix("data: "))
     assert event["response"]["reasoning"]["effort"] == "low"
+
+
+def test_output_logprobs_go_with_the_deltas_and_whole_with_the_done_part() -> None:
+    """``include: ["message.output_text.logprobs"]`` (vLLM #23225): each chat event's logprobs go
+    with the output_text delta it makes; those of an event that writes no text yet (a reasoning's,
+    a character's first bytes) with the next, the end's (an EOS's) with output_text.done, which
+    holds them all, as the whole answer's part does."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    def entry(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
+
+    pieces = [("<think>", ["<think>"]), ("so", ["so"]), ("</think>", ["</think>"]), ("", ["\\xc3"]), ("é", ["\\xa9"])]
+    pieces += [("", ["</s>"])]
+    every = [entry(t) for _, tokens in pieces for t in tokens]
+    shape, frames = _shape(), []
+    frames += shape.events(shape.chunk("", None, first=True))
+    for k, (text, tokens) in enumerate(pieces):
+        finish = "stop" if k == len(pieces) - 1 else None
+        frames += shape.events(shape.chunk(text, finish, logprobs={"content": [entry(t) for t in tokens]}))
+    frames += shape.events(shape.usage_chunk(5, len(every)))
+    events = [json.loads(f.decode().split("\n")[1].removeprefix("data: ")) for f in frames]
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [(d["delta"], [lp["token"] for lp in d["logprobs"]]) for d in deltas] == [
+        ("é", ["<think>", "so", "</think>", "\\xc3", "\\xa9"])
+    ]
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done["logprobs"] == every == events[-1]["response"]["output"][1]["content"][0]["logprobs"]
+    text = "".join(t for t, _ in pieces)
+    whole = _shape().full([Choice(0, text=text, finish_reason="stop", logprobs={"content": every})], 5, len(every))
+    assert Response.model_validate(whole).output_text == "é"
+    assert whole["output"][1]["content"][0]["logprobs"] == every
