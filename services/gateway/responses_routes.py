@@ -21,8 +21,9 @@ DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
 
 def _refuse_include(query: Any) -> None:
-    """``include`` asks for what a stored response keeps none of (logprobs, encrypted reasoning,
-    hosted tools' results), as a create's ``include`` is refused: a 400 naming the first."""
+    """``include`` asks for what a stored response keeps as its create asked (its output's
+    logprobs, there if that asked for them) or not at all (encrypted reasoning, hosted tools'
+    results): a 400 naming the first, as a create's unserved ``include`` is refused."""
     for name in ("include", "include[]"):
         if asked := [v for v in query.getall(name, []) if v]:
             raise APIError(400, f"include {asked[0]!r} is not supported", param="include")
