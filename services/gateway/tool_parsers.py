@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dlora.services.gateway.tool_json import arguments_json, loads
-from dlora.services.gateway.tool_scan import ObjectEnd, TagEnd
+from dlora.services.gateway.tool_scan import ObjectEnd, QuotesCheck, TagEnd
 
 if TYPE_CHECKING:
     from dlora.services.gateway.tool_granite import FunctionCallReader, GraniteReader
@@ -111,6 +111,7 @@ class ToolParser:
     # n times the call's length; a review)
     _braces: int = 0
     _counted: int = 0
+    _quotes: QuotesCheck = field(default_factory=QuotesCheck)  # hermes, within a call: whether its quotes are sound
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
     _reader: PythonicReader | GraniteReader | FunctionCallReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
@@ -289,18 +290,20 @@ class ToolParser:
 
     def _closes_call(self, end: int) -> bool:
         """Whether a tag read inside a string, at ``end``, closes the call all the same: the call's
-        object closed before it, its braces (strings not minded) balanced. A quote the model left
-        unescaped ("5" inches") made the rest of the output one string, so the stream held it all,
-        silent, to its end (where it was read again with literal tags); an argument that quotes the
-        tag seldom ends its braces there. (Built by hand to, '{"s": "}}</tool_call>"}' is cut: vLLM's
-        hermes before #55848 cut every quoted tag.) Each character is counted once per call."""
+        object closed before it, its braces (strings not minded) balanced, and its quotes unsound
+        (a string closed where JSON lets none: ``QuotesCheck``). A quote the model left unescaped
+        ("5" inches") made the rest of the output one string, so the stream held it all, silent,
+        to its end (where it was read again with literal tags). An argument that quotes the tag
+        right after closing braces ('{"s": "}}</tool_call>"}') balanced them there too, and was cut,
+        given out as text (vLLM's hermes before #55848 cut every quoted tag): its quotes are sound.
+        Each character is counted once per call."""
         held, at = self._held, self._at
         self._braces += _brace_balance(held, at + self._counted, end)
         self._counted = end - at
         last = end
         while last > at and held[last - 1] in " \t\r\n":  # (back over the space since the last tag at most)
             last -= 1
-        return self._braces == 0 and last > at and held[last - 1] == "}"
+        return self._braces == 0 and last > at and held[last - 1] == "}" and self._quotes.look(held, at, end)
 
     def _closed(self, end: int, out: list[Call]) -> str:
         """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
@@ -318,7 +321,7 @@ class ToolParser:
             self._literal = True
             return self._closed(self._at + first, out)
         self._at = self._read = end + len(_CLOSE)
-        self._braces, self._counted = 0, 0
+        self._braces, self._counted, self._quotes = 0, 0, QuotesCheck()
         self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal, literal=True)
         if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written

@@ -143,3 +143,42 @@ class TagEnd:
         self.in_string, self.escaped, self.matched = before
         self.quoted = False
         return False
+
+
+# A JSON string's characters up to its closing quote (or the text's end, or a backslash it ends at)
+_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)
+
+
+@dataclass
+class QuotesCheck:
+    """Whether a growing JSON text's quotes are unsound: a string closed where JSON lets none close,
+    what follows it not ":", ",", "}" or "]" (``{"q": "5" inches"}``, a quote the model left
+    unescaped). A tag read inside a string of a text whose quotes are sound is the string's (an
+    argument quoting it); of one whose quotes are not, it may close the call. Each character is
+    read once across looks; strings are skipped by a regex (in C)."""
+
+    read: int = 0  # characters of the text read so far
+    in_string: bool = False
+    after_string: bool = False  # a string closed: what comes next (whitespace passed) is checked
+    broken: bool = False
+
+    def look(self, text: str, start: int, end: int) -> bool:
+        """Whether ``text[start:end]`` (the text from its start; ``read`` of it already looked at)
+        has shown unsound quotes."""
+        i = start + self.read
+        while not self.broken and i < end:
+            if self.in_string:
+                i = match.end() if (match := _STRING_BODY.match(text, i, end)) else i
+                if i == end or text[i] != '"':  # (its end not come; or a backslash the look ends after)
+                    break
+                self.in_string, self.after_string, i = False, True, i + 1
+            elif self.after_string:
+                if text[i] not in " \t\r\n":
+                    self.broken, self.after_string = text[i] not in ":,}]", False
+                i += 1
+            elif (quote := text.find('"', i, end)) < 0:
+                i = end
+            else:
+                self.in_string, i = True, quote + 1
+        self.read = i - start
+        return self.broken

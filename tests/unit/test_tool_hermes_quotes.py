@@ -9,6 +9,7 @@ import random
 import pytest
 
 from dlora.services.gateway import tool_parsers
+from dlora.services.gateway.tool_scan import QuotesCheck
 from tests.unit.test_tool_parsers import PING, PING_CALL, UNESCAPED, read
 
 BAD_THEN_GOOD = "Looking.\n" + UNESCAPED + "\n" + PING_CALL
@@ -77,3 +78,32 @@ def test_an_argument_quoting_many_tags_is_brace_counted_once_through(monkeypatch
         counted[0] = 0
         assert read("hermes", pieces)[:2] == expected
         assert counted[0] <= len(text)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"s": "}}</tool_call>"}',  # the closing notes' left item: braces closed right before the tag
+        '{"s": "a}}</tool_call> and }}</tool_call>", "t": "x"}',
+        '{"code": "} } </tool_call>", "n": 1}',
+        '{"a": {"b": "}}}</tool_call>"}}',
+    ],
+)
+def test_a_tag_an_argument_quotes_after_closing_braces_stays_the_arguments(arguments: str) -> None:
+    """Braces balanced and a "}" before a tag inside a string closed the call there (the fall back
+    for a quote the model left unescaped): an argument that quotes the tag right after braces was
+    cut and given out as text. Its quotes are sound (every string closes where JSON lets one), so
+    the tag is the argument's."""
+    text = '<tool_call>{"name": "write", "arguments": ' + arguments + "}</tool_call>"
+    expected = ("", [("write", json.dumps(json.loads(arguments)))])
+    assert read("hermes", [text])[:2] == expected
+    assert read("hermes", list(text))[:2] == expected
+    then_ping = "Sure.\n" + text + "\n" + PING_CALL
+    assert read("hermes", [then_ping])[:2] == ("Sure.\n", [expected[1][0], PING])
+
+
+def test_quotes_check_finds_a_string_closed_where_json_lets_none_reading_each_character_once() -> None:
+    for text, unsound in [('{"q": "5" inches"}', True), ('{"a": "x\\"y", "b": ["z" , {"c": "}}"}]}', False)]:
+        check = QuotesCheck()
+        assert [check.look(text, 0, end) for end in range(len(text) + 1)][-1] == unsound
+        assert check.read <= len(text)
