@@ -14,7 +14,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
-  vLLM's. Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
+  vLLM's. An empty array, ``[TOOL_CALLS] []``, is no call and no content (vLLM's ``tools_called``).
+  Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).
 - ``granite`` (Granite 3.0, 3.1): a JSON array of calls after ``<|tool_call|>``; ``granite-20b-fc``
@@ -117,6 +118,7 @@ class ToolParser:
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
     _blank: list[str] | None = field(default_factory=list)
+    _empty: bool = False  # mistral: "[TOOL_CALLS] []", an empty array of calls (``tools_called``)
 
     def __post_init__(self) -> None:
         if self.kind == "pythonic":  # (these import this module)
@@ -132,10 +134,18 @@ class ToolParser:
 
             self._reader = FunctionCallReader(self.calls)
 
+    @property
+    def tools_called(self) -> bool:
+        """Whether the output was read as calls: some, or an empty array of them after its tag
+        (Granite's ``<|tool_call|>[]``, Mistral's ``[TOOL_CALLS] []``), which vLLM answers with no
+        calls and null content, as it does any output read as calls (vLLM's ``tools_called``)."""
+        return bool(self.calls) or self._empty or getattr(self._reader, "empty", False)
+
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output (``_finish``); whitespace held that no call followed goes out."""
         content, calls = self._shown(self._finish())
-        return "".join(self._blank or []) + content, calls
+        blank = "".join(self._blank or []) if not self.tools_called else ""  # (beside an empty array: none)
+        return blank + content, calls
 
     def _shown(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
         """Content before any call that is whitespace alone is held until text or a call follows:
@@ -361,6 +371,7 @@ class ToolParser:
             calls: list[tuple[str, str] | None]
             if array:
                 calls = [decoded_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
+                self._empty = self._empty or parsed == []
             else:
                 # mistral-common's v11 writes the call's id between: name[CALL_ID]id[ARGS]{...}
                 name = self._held[begin:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
@@ -368,7 +379,7 @@ class ToolParser:
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
                 self._add(call, out)
-            if not self.calls:
+            if not self.calls and not self._empty:
                 content += _TOOL_CALLS + self._held[begin:end]  # not calls: the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:

@@ -33,7 +33,12 @@ CALLS = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
         ("The weather is fine.", "The weather is fine.", []),
         ("Sure. <|tool_call|>" + ARRAY, "Sure. <|tool_call|>" + ARRAY, []),  # vLLM's: only an output that opens so
         ("<|tool_call|>[1, 2]", "<|tool_call|>[1, 2]", []),
-        ("<|tool_call|>[]", "<|tool_call|>[]", []),
+        # an empty array after a tag: the model called none, no content (vLLM's null; it was text);
+        # without a tag "[]" is a reply, and text after the empty array is content
+        ("<|tool_call|>[]", "", []),
+        ("<tool_call> [ ]\n", "", []),
+        ("[]", "[]", []),
+        ("<|tool_call|>[] None fits.", " None fits.", []),
         ('[{"city": "SF"}] is the list.', '[{"city": "SF"}] is the list.', []),
         ("<tool_call><|tool_call|>" + ARRAY, "<tool_call><|tool_call|>" + ARRAY, []),  # (3.0's first, as vLLM's)
         ("<|tool_", "<|tool_", []),
@@ -73,6 +78,21 @@ def test_granite_calls_answer_as_tool_calls_whole_and_streamed() -> None:
     assert GatewaySettings(model="m", tool_call_parser="granite").check() == []
 
 
+def test_an_empty_array_of_calls_answers_null_content_whole_and_nothing_streamed() -> None:
+    """The closing notes' left item: "<|tool_call|>[]" came back as the content "<|tool_call|>[]"
+    where vLLM answers no calls and null content (its tools_called, an empty list)."""
+    shape = Shape(chat=True, request_id="chatcmpl-g", model="m", created=0, tool_parser="granite")
+    [whole] = shape.full([Choice(0, text="<|tool_call|>[]\n", finish_reason="stop")], 3, 4)["choices"]
+    assert whole["message"]["content"] is None and "tool_calls" not in whole["message"]
+    assert whole["finish_reason"] == "stop"
+    events = [shape.chunk("", None, first=True)] + [shape.chunk(t, None) for t in ["<|tool_call|>", "[", "]", "\n"]]
+    events.append(shape.chunk("", "stop"))
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == ""
+    assert not any("tool_calls" in e["choices"][0]["delta"] for e in events)
+    [plain] = shape.full([Choice(0, text="[]", finish_reason="stop")], 3, 1)["choices"]
+    assert plain["message"]["content"] == "[]"
+
+
 def test_fuzzed_granite_outputs_read_alike_however_split() -> None:
     rng = random.Random(3)
     atoms = ["<|tool_call|>", "<tool_call>", "<|tool", "[", "]", "{", "}", ",", " ", "\n", '"', "\\", "x"]
@@ -83,7 +103,9 @@ def test_fuzzed_granite_outputs_read_alike_however_split() -> None:
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         whole = read("granite", [text])[:2]
         assert read("granite", pieces)[:2] == whole, pieces
-        assert whole[1] or whole[0] == text, text
+        parser = ToolParser("granite")
+        parser.feed(text), parser.finish()
+        assert whole[1] or whole[0] == text or parser.tools_called, text
 
 
 FC = (

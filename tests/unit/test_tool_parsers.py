@@ -85,7 +85,9 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", "a [TOOL_CALL] is not [TOOL_CALLS", "a [TOOL_CALL] is not [TOOL_CALLS", []),
         ("mistral", '[TOOL_CALLS]weather{"city": "ka', '[TOOL_CALLS]weather{"city": "ka', []),  # cut short
         ("mistral", "[TOOL_CALLS] not json at all", "[TOOL_CALLS] not json at all", []),
-        ("mistral", "[TOOL_CALLS] []", "[TOOL_CALLS] []", []),
+        # an empty array of calls: none, and no content (vLLM's tools_called, content null; was text)
+        ("mistral", "[TOOL_CALLS] []", "", []),
+        ("mistral", "Nothing to call.[TOOL_CALLS] []", "Nothing to call.", []),
         ("mistral", "[TOOL_CALLS]" + "x" * 150 + "{}", "[TOOL_CALLS]" + "x" * 150 + "{}", []),  # no name that long
         ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
         ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
