@@ -11,8 +11,10 @@ after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text
 first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
-after a call it is passed over. A list cut short keeps the calls it finished (its last item too
-where that parses: a model that left out the ``]``); none, and it is text as written.
+after a call it is passed over, and where it turns to prose (a quote after a word: "see(Python's
+docs)") the list ends there and a later list is read. A list cut short keeps the calls it finished
+(its last item too where that parses: a model that left out the ``]``); none, and it is text as
+written.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _YES, _MAYBE, _NO = 0, 1, 2
+_STRING_PREFIXES = {"r", "u", "b", "f", "br", "rb", "fr", "rf"}  # Python's (any case), before a quote
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # Python's (ast's line numbers), not str.splitlines' (\f, \v, ...)
 
 
@@ -163,6 +166,9 @@ class PythonicReader:
     _last: str = ""  # the character before, outside a string, within the first item's value
     _prefix: bool = True  # the value's word so far could be a string's prefix (r'...', u'...')
     _broken: bool = False  # the first item turned out no call before its end (``_scan`` stopped there)
+    # After a call: the last characters (at most 3) of the word just read, outside strings; "": none
+    # (a quote right after a word that is no string's prefix is prose: ``_scan``)
+    _word: str = ""
     _blank: bool = True  # the text read past leaves its last line blank (where a list may open)
     # inside: what follows _held while the item being read stays open through it, scanned (joined
     # at every token, a call's 40 kB argument streamed copied 200 M characters; a review)
@@ -205,7 +211,7 @@ class PythonicReader:
                 self._held, self._inside, self._blank = self._held[end + 1 :], False, False
             elif self._found:  # the list is calls: only the item being read is held (a list held
                 # whole was copied at every token: 1.8 s for a 200 kB list streamed)
-                self._held, self._read, self._item = self._held[self._item :], 0, 0
+                self._held, self._read, self._item, self._word = self._held[self._item :], 0, 0, ""
 
     def finish(self) -> tuple[str, list[Call]]:
         content, out = self.feed("")
@@ -239,7 +245,7 @@ class PythonicReader:
                 self._held, first = text[i:], bracket - i + 1
                 self._inside, self._read, self._item, self._depth, self._found = True, first, first, 1, 0
                 self._tagged = text[i] == "<"
-                self._quote, self._escaped, self._shape = "", False, "name"
+                self._quote, self._escaped, self._shape, self._word = "", False, "name", ""
             else:
                 self._held = text[i:]
             return self._given(text[:i])
@@ -315,11 +321,11 @@ class PythonicReader:
         scan goes on over the joined text."""
         if not text or not self._inside or not (self._pieces or self._read == len(self._held)):
             return False
-        before = self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix
+        before = self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix, self._word
         if self._scan(text, 0) is None and self._read == len(text):
             self._read = before[0] + len(text)
             return True
-        self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix = before
+        self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix, self._word = before
         self._broken = False
         return False
 
@@ -329,7 +335,7 @@ class PythonicReader:
         text = self._held if text is None else text
         i = self._read if i is None else i
         while i < len(text):
-            char = text[i]
+            char, outside = text[i], not self._quote
             if self._quote:
                 if self._escaped:
                     self._escaped = False
@@ -346,6 +352,14 @@ class PythonicReader:
                 self._shape, self._broken, self._read = "", True, i
                 return i
             elif char in "'\"":
+                if self._found and self._word and self._word.lower() not in _STRING_PREFIXES:
+                    # "[ping(), see(Python's docs)": no Python puts a quote after a word (but a
+                    # string's prefix, r'...'): prose. The item ends the list (the first's check,
+                    # ``_fits``, passes over an item after a call: print('a') is passed over); read
+                    # as a string, the quote took in the rest, a later list's calls came at the end
+                    # of the output, or (its quote closing that string) not at all
+                    self._broken, self._read = True, i
+                    return i
                 if len(text) - i < 3 and (char * 3).startswith(text[i:]):
                     break  # '' or ''' : which, the next character says
                 triple = text.startswith(char * 3, i)
@@ -360,6 +374,8 @@ class PythonicReader:
             elif char == "," and self._depth == 1:
                 self._read = i + 1
                 return i
+            if outside and self._found:
+                self._word = (self._word + char)[-3:] if char.isalnum() or char == "_" else ""
             i += 1
         self._read = i
         return None

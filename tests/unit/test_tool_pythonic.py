@@ -127,6 +127,21 @@ def test_a_list_that_becomes_no_call_goes_out_as_text_when_it_does(pieces: list[
     assert read("pythonic", list(text))[:2] == (text, [])
 
 
+def test_an_item_after_a_call_that_turns_to_prose_ends_the_list_and_a_later_list_is_read() -> None:
+    """The closing notes' left item: only a list's first item was checked as it came; a later one
+    that went on as prose ("see(Python's docs)") opened a string at its apostrophe that took in the
+    rest, so a later list's call came out at the end of the stream, or (its quote closing that
+    string) not at all. The item ends the list where no call can hold it; a later list is read."""
+    text = "[ping(), see(Python's docs) for more]\n[weather(city='x')] ok"
+    expected = ("", [("ping", "{}"), ("weather", '{"city": "x"}')])
+    assert read("pythonic", [text])[:2] == expected
+    assert read("pythonic", list(text))[:2] == expected
+    parser = ToolParser("pythonic")
+    assert parser.feed("[ping(), see(Python's docs) for more]\n") == ("", [(0, "ping", "{}")])
+    assert parser.feed("[weather(city='x')]") == ("", [(1, "weather", '{"city": "x"}')])
+    assert parser.feed(" ok") == ("", []) and parser.finish() == ("", [])
+
+
 @pytest.mark.parametrize(
     "text",
     [
