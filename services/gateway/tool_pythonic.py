@@ -4,7 +4,9 @@ Pure; ``ToolParser("pythonic")`` runs it, whole and streamed alike.
 
 Read with Python's own parser (``ast``), literals only, never evaluated: strings (any quotes,
 triple too), numbers (signed), ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``,
-which models write there), lists, tuples (as lists) and dicts with string keys. A list begins at
+which models write there), lists, tuples (as lists) and dicts with string keys; what Python
+refuses but a model means one way is read as meant (a reserved word as a keyword's name,
+``from=``; a line break inside a one-line string: ``_repaired``). A list begins at
 ``[name(`` that opens a line (text before it and a line break: vLLM's own plan for Llama 3.2; after
 text, its first call names one of the request's tools), or
 after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text before the
@@ -23,6 +25,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass, field
+from keyword import iskeyword
 from typing import Any
 
 from dlora.services.gateway.tool_json import Number, arguments_json
@@ -41,6 +44,8 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _YES, _MAYBE, _NO = 0, 1, 2
 _STRING_PREFIXES = {"r", "u", "b", "f", "br", "rb", "fr", "rf"}  # Python's (any case), before a quote
+_WORD = re.compile(r"\w+")
+_KEYWORD = "dlora_keyword_"  # a reserved word's stand-in as a keyword's name (``_repaired``)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # Python's (ast's line numbers), not str.splitlines' (\f, \v, ...)
 
 
@@ -120,24 +125,72 @@ def _value(node: ast.expr, source: list[bytes]) -> Any:
 
 def pythonic_call(item: str) -> tuple[str, str] | None:
     """(name, arguments as JSON) of one item of a list, ``name(key=literal, ...)``, or None where it
-    is not one (positional arguments, a repeated keyword, a value that is not a literal)."""
-    source = item.strip(_SPACE)
+    is not one (positional arguments, a repeated keyword, a value that is not a literal). What
+    Python refuses but a model means one way is read as meant (``_repaired``)."""
+    source, names = item.strip(_SPACE), dict[str, str]()
     try:
         node = ast.parse(source, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # (too deep: the parser's own bound)
+    except SyntaxError:
+        source, names = _repaired(source)
+        node = None
+    except (ValueError, RecursionError, MemoryError):  # (too deep: the parser's own bound)
         return None
+    if node is None:
+        try:
+            node = ast.parse(source, mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
         return None
     arguments: dict[str, Any] = {}
     lines = [line.encode() for line in _LINE_BREAK.split(source)]
     for keyword in node.keywords:
-        if keyword.arg is None or keyword.arg in arguments:  # **mapping; a keyword given twice
+        name = names.get(keyword.arg, keyword.arg) if keyword.arg is not None else None
+        if name is None or name in arguments:  # **mapping; a keyword given twice
             return None
         try:
-            arguments[keyword.arg] = _value(keyword.value, lines)
+            arguments[name] = _value(keyword.value, lines)
         except (_NotLiteral, RecursionError):
             return None
     return node.func.id, arguments_json(arguments)
+
+
+def _repaired(source: str) -> tuple[str, dict[str, str]]:
+    """A call Python refuses, written as Python reads what the model meant (vLLM's lfm2 parser
+    reads both, PR #48171; its pythonic one gives the call back as text): a reserved word as a
+    keyword's name (``memory_get(from=1)``, a tool's parameter "from"), renamed (returned: each
+    stand-in and the name it stands for); a line break in a one-line quoted string (a shell
+    command's lines), escaped. Strings are read past as written (any quote, triple, prefixed)."""
+    out: list[str] = []
+    names: dict[str, str] = {}
+    i, n, last = 0, len(source), ""  # last: the last word or character outside strings and whitespace
+    while i < n:
+        char = source[i]
+        if char in "'\"":
+            quote = char * 3 if source.startswith(char * 3, i) else char
+            end = i + len(quote)
+            while end < n and not source.startswith(quote, end):
+                end += 2 if source[end] == "\\" else 1
+            body = source[i + len(quote) : end]
+            raw = i > 0 and (source[i - 1].isalnum() or source[i - 1] == "_") and "r" in last.lower()
+            if len(quote) == 1 and not raw:  # (in a raw string an escape stays two characters)
+                body = body.replace("\r", "\\r").replace("\n", "\\n")
+            out.append(quote + body + source[end : end + len(quote)])
+            i, last = end + len(quote), char
+        elif char.isalnum() or char == "_":
+            word = match[0] if (match := _WORD.match(source, i)) else char  # (\w: isalnum's characters and "_")
+            after = i + len(word)
+            while after < n and source[after] in _SPACE:
+                after += 1
+            named = last in ("(", ",") and source.startswith("=", after) and not source.startswith("==", after)
+            if named and iskeyword(word):
+                names[_KEYWORD + word] = word
+            out.append(_KEYWORD + word if named and iskeyword(word) else word)
+            i, last = i + len(word), word
+        else:
+            out.append(char)
+            i, last = i + 1, last if char in _SPACE else char
+    return "".join(out), names
 
 
 @dataclass

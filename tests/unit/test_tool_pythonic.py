@@ -143,6 +143,29 @@ def test_an_item_after_a_call_that_turns_to_prose_ends_the_list_and_a_later_list
 
 
 @pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        ("[memory_get(from=1, to=2)]", [("memory_get", '{"from": 1, "to": 2}')]),
+        (
+            "[mail(to='a', class = 'b'), ping(import=None)]",
+            [("mail", '{"to": "a", "class": "b"}'), ("ping", '{"import": null}')],
+        ),
+        (
+            "[run(command='cat > f.py << EOF\nprint(1)\r\nEOF')]",
+            [("run", '{"command": "cat > f.py << EOF\\nprint(1)\\r\\nEOF"}')],
+        ),
+        ("[run(a=\"x\ny\", b='''p\nq''', c=r'\\d')]", [("run", '{"a": "x\\ny", "b": "p\\nq", "c": "\\\\d"}')]),
+    ],
+)
+def test_calls_python_refuses_but_a_model_means_one_way_are_calls(text: str, calls: list[tuple[str, str]]) -> None:
+    """vLLM PR #48171's cases (its lfm2 parser reads them; its pythonic one, and dlora's, gave the
+    calls back as text): a tool's parameter named by a reserved word ("from", "class", "import"),
+    a line break inside a one-line quoted string (a shell command written over lines)."""
+    assert read("pythonic", [text])[:2] == ("", calls)
+    assert read("pythonic", list(text))[:2] == ("", calls)
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "[f(x = - 1.5e-3, y=r'a' \"b\", z=u'c', w=(1, [2]), v={'k': None})]",
