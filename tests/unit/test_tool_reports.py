@@ -1,0 +1,175 @@
+"""Other servers' public bug reports about tool-call parsing, replayed against dlora's parsers: each
+report's model output read whole, token by token (a character at a time, as the smallest pieces
+the gateway feeds) and in random pieces (a batched detokenizer's, speculative decoding's), all
+answering the same content and calls. The reports' numbers name where the input came from."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from dlora.services.gateway.tool_calls import CallStream
+from dlora.services.gateway.tool_parsers import ToolParser
+
+
+def _hermes(*calls: dict[str, object]) -> str:
+    return "\n".join("<tool_call>\n" + json.dumps(c, ensure_ascii=False) + "\n</tool_call>" for c in calls)
+
+
+TWO = _hermes({"name": "get_weather", "arguments": {"city": "SF"}}, {"name": "get_time", "arguments": {"tz": "PST"}})
+TWO_CALLS = [("get_weather", {"city": "SF"}), ("get_time", {"tz": "PST"})]
+PREDICT = {"wd": 23, "sd": 0.8, "injection": "ZSJB39", "module_id": "M62121G9142"}
+
+REPORTS = [
+    # vLLM #28806, #11392, #21301 (SGLang #35564's step3 alike): a parameterless call streamed no "{}"
+    ("hermes", _hermes({"name": "current_time", "arguments": {}}), "", [("current_time", {})]),
+    ("hermes", '<tool_call>\n{"name": "sql_db_list_tables"}\n</tool_call>', "", [("sql_db_list_tables", {})]),
+    # pydantic-ai #1802: arguments null or "" for a parameterless tool
+    (
+        "hermes",
+        '<tool_call>{"name": "a", "arguments": null}</tool_call><tool_call>{"name": "b", "arguments": ""}</tool_call>',
+        "",
+        [("a", {}), ("b", {})],
+    ),
+    # SGLang #31915, #18001/#18127, #20004: two parallel calls in coarse chunks lost the second
+    ("hermes", TWO, "", TWO_CALLS),
+    ("hermes", "Sure. " + TWO, "Sure. ", TWO_CALLS),  # vLLM #48020: a call's start and end in one delta
+    # vLLM #45167 (PRs #45310, #48353): an argument quoting the closing tag
+    (
+        "hermes",
+        _hermes({"name": "w", "arguments": {"t": "end with </tool_call> ok"}}),
+        "",
+        [("w", {"t": "end with </tool_call> ok"})],
+    ),
+    # vLLM #9365, #17704: non-ASCII arguments escaped
+    (
+        "hermes",
+        _hermes({"name": "s", "arguments": {"q": "北京天气 Umeå"}}),
+        "",
+        [("s", {"q": "北京天气 Umeå"})],
+    ),
+    # vLLM #56263: text after a call, whole and streamed alike
+    (
+        "hermes",
+        "Let me check. " + _hermes({"name": "f", "arguments": {}}) + " Done!",
+        "Let me check. ",
+        [("f", {})],
+    ),
+    # SGLang #34677: a call of a tool not offered beside a good one (both passed on, as vLLM's)
+    (
+        "hermes",
+        _hermes({"name": "nope", "arguments": {}}, {"name": "f", "arguments": {"a": 1}}),
+        "",
+        [("nope", {}), ("f", {"a": 1})],
+    ),
+    ("hermes", _hermes({"name": "predict_x", "arguments": PREDICT}), "", [("predict_x", PREDICT)]),  # vLLM #10395
+    # SGLang #35564 (PR #36692): only the first call of a Mistral array was read
+    (
+        "mistral",
+        '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]',
+        "",
+        [("a", {"x": 1}), ("b", {})],
+    ),
+    # Rapid-MLX #579 (vllm-mlx #631): v11's [ARGS] split from the name and the object
+    (
+        "mistral",
+        '[TOOL_CALLS]read[ARGS]{"file_path": "/tmp/foo.txt"}[TOOL_CALLS]ls[ARGS]{}',
+        "",
+        [("read", {"file_path": "/tmp/foo.txt"}), ("ls", {})],
+    ),
+    ("mistral", '[TOOL_CALLS]read[CALL_ID]a1b2c3d4e[ARGS]{"p": 1}', "", [("read", {"p": 1})]),
+    # SGLang #24899: "]" inside a string cut a pythonic call
+    ("pythonic", '[search(query="hello]world"), ping()]', "", [("search", {"query": "hello]world"}), ("ping", {})]),
+    # SGLang #27910, vLLM #15462: negative numbers dropped every call of the list
+    (
+        "pythonic",
+        "[set_temperature(value=-5), goto(longitude=-74.0046539)]",
+        "",
+        [("set_temperature", {"value": -5}), ("goto", {"longitude": -74.0046539})],
+    ),
+    # vLLM #48171 (lfm2's cases): a bracket and a backslash at a string's end, a tuple, a reserved
+    # word as a parameter, a line break in a string, space after the tag
+    (
+        "pythonic",
+        """[run(command='grep -F "]" log.txt', p='x \\\\', size=(800, 600))]""",
+        "",
+        [("run", {"command": 'grep -F "]" log.txt', "p": "x \\", "size": [800, 600]})],
+    ),
+    (
+        "pythonic",
+        "<|python_start|> [memory_get(from=1), write(c='a\nb')]",
+        "",
+        [("memory_get", {"from": 1}), ("write", {"c": "a\nb"})],
+    ),
+    # dynamo #9536: Llama's calls separated by ";" after <|python_tag|>
+    (
+        "llama3_json",
+        '<|python_tag|>{"name":"get_weather","arguments":{"location":"NYC"}};{"name":"get_time","arguments":{}}',
+        "",
+        [("get_weather", {"location": "NYC"}), ("get_time", {})],
+    ),
+    # vLLM #51577: llama3_json streamed in pieces of many tokens disagreed with the whole reading
+    (
+        "llama3_json",
+        '{"name": "a", "parameters": {"q": "x; {y}"}}; {"name": "b", "parameters": {"n": [1, {"m": 2}]}}',
+        "",
+        [("a", {"q": "x; {y}"}), ("b", {"n": [1, {"m": 2}]})],
+    ),
+    # vLLM #46863: Llama 4 writing JSON calls to a pythonic server: text, as vLLM gives it
+    (
+        "pythonic",
+        '{"name": "Bash", "parameters": {"command": "echo"}}',
+        '{"name": "Bash", "parameters": {"command": "echo"}}',
+        [],
+    ),
+    ("granite", '<|tool_call|>[{"name": "now", "arguments": {}}]', "", [("now", {})]),
+    (
+        "granite-20b-fc",
+        '<function_call> {"name": "a", "arguments": {"x": "}"}} <function_call> {"name": "b", "arguments": {}}',
+        "",
+        [("a", {"x": "}"}), ("b", {})],
+    ),
+]
+
+
+def _read(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, object]]]:
+    parser = ToolParser(kind)
+    content, calls = "", []
+    for piece in [*pieces, None]:
+        text, new = parser.feed(piece) if piece is not None else parser.finish()
+        content, calls = content + text, calls + new
+    assert [k for k, _, _ in calls] == list(range(len(calls)))
+    return content, [(name, json.loads(arguments)) for _, name, arguments in calls]
+
+
+def _splits(text: str, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    out = [[text], list(text)]
+    for _ in range(60):
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 12), len(text) - 1)))
+        out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
+    return out
+
+
+@pytest.mark.parametrize(("kind", "text", "content", "calls"), REPORTS)
+def test_a_reported_output_reads_as_its_calls_whole_and_however_streamed(
+    kind: str, text: str, content: str, calls: list[tuple[str, object]]
+) -> None:
+    for pieces in _splits(text, len(text)):
+        assert _read(kind, pieces) == (content, calls), pieces
+
+
+def test_a_required_list_of_calls_reads_alike_however_streamed() -> None:
+    """vLLM #24509: tool_choice "required" streamed failed where the unstreamed answer worked."""
+    text = '[{"name": "get_weather", "parameters": {"city": "SF"}}, {"name": "get_time", "parameters": {}}]'
+    for pieces in _splits(text, 24509):
+        stream, calls = CallStream(), []
+        for piece in pieces:
+            calls += stream.feed(piece)
+        assert [(name, arguments) for _, name, arguments in calls] == [
+            ("get_weather", '{"city": "SF"}'),
+            ("get_time", "{}"),
+        ]
+        assert stream.closed
