@@ -356,11 +356,10 @@ class Shape:
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser, names=self.tool_names)
                 content, calls = self._allowed(joined(parser.feed(text or ""), parser.finish()))
-                shown = content or None if parser.tools_called else content  # (an empty array of calls: vLLM's null)
-                choice["message"] = {"role": self.role, "content": shown}
+                said = (content or None) if parser.tools_called else content  # (an empty array of calls too: vLLM's)
+                choice["message"] = {"role": self.role, "content": said}
                 if calls:
-                    listed = [self._call(c.index, args, name, k) for k, name, args in calls]
-                    choice["message"] = {"role": self.role, "content": content or None, "tool_calls": listed}
+                    choice["message"]["tool_calls"] = [self._call(c.index, args, name, k) for k, name, args in calls]
                     if c.finish_reason == "stop":
                         choice["finish_reason"] = "tool_calls"
             elif self.chat:
