@@ -13,10 +13,11 @@ after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text
 first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
-after a call it is passed over, and where it turns to prose (a quote after a word: "see(Python's
-docs)") the list ends there and a later list is read. A list cut short keeps the calls it finished
-(its last item too where that parses: a model that left out the ``]``); none, and it is text as
-written.
+after a call it is passed over, and where it turns to prose (a quote after a word, "see(Python's
+docs)"; words side by side, "see the docs": ``_Prose``) the list ends there and a later list is
+read. Comments are Python's: a quote in one opens no string. A list cut short keeps the calls it
+finished (its last item too where that parses: a model that left out the ``]``); none, and it is
+text as written.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import ast
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from keyword import iskeyword
 from typing import Any
 
@@ -44,6 +45,7 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 _JSON_NAMES = {"true": True, "false": False, "null": None}
 _YES, _MAYBE, _NO = 0, 1, 2
 _STRING_PREFIXES = {"r", "u", "b", "f", "br", "rb", "fr", "rf"}  # Python's (any case), before a quote
+_OPERAND_WORDS = {"True", "False", "None"}  # the keywords that are values (the others are operators)
 _WORD = re.compile(r"\w+")
 _KEYWORD = "dlora_keyword_"  # a reserved word's stand-in as a keyword's name (``_repaired``)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # Python's (ast's line numbers), not str.splitlines' (\f, \v, ...)
@@ -128,6 +130,8 @@ def pythonic_call(item: str) -> tuple[str, str] | None:
     is not one (positional arguments, a repeated keyword, a value that is not a literal). What
     Python refuses but a model means one way is read as meant (``_repaired``)."""
     source, names = item.strip(_SPACE), dict[str, str]()
+    while source.startswith("#"):  # a comment before the call, after the "," (Python's eval takes none there)
+        source = (_LINE_BREAK.split(source, maxsplit=1) + [""])[1].strip(_SPACE)
     try:
         node = ast.parse(source, mode="eval").body
     except SyntaxError:
@@ -177,6 +181,10 @@ def _repaired(source: str) -> tuple[str, dict[str, str]]:
                 body = body.replace("\r", "\\r").replace("\n", "\\n")
             out.append(quote + body + source[end : end + len(quote)])
             i, last = end + len(quote), char
+        elif char == "#":  # a comment, to its line's end, as written
+            end = match.start() if (match := _LINE_BREAK.search(source, i)) else n
+            out.append(source[i:end])
+            i = end
         elif char.isalnum() or char == "_":
             word = match[0] if (match := _WORD.match(source, i)) else char  # (\w: isalnum's characters and "_")
             after = i + len(word)
@@ -191,6 +199,42 @@ def _repaired(source: str) -> tuple[str, dict[str, str]]:
             out.append(char)
             i, last = i + 1, last if char in _SPACE else char
     return "".join(out), names
+
+
+@dataclass
+class _Prose:
+    """Whether an item of a list after its first call turned to prose, read a character at a time
+    outside strings and comments: a quote right after a word that is no string's prefix
+    ("see(Python's docs)"), or a word right after a value where Python takes only an operator
+    ("see the docs", "ping() now"): no Python writes either. Such an item after a call was passed
+    over at its end, but its end may never come: a quote opened a string that took in the rest, an
+    unclosed bracket held it, so a later list's calls came at the end of the output or not at all.
+    It ends the list where it turns (``_scan``). (The first item has its own check, ``_fits``.)"""
+
+    word: str = ""  # the word being read, its first 10 characters (no keyword is longer); "": none
+    operand: bool = False  # what came last (whitespace passed) ends a value: a name, a number, a string, ")]}"
+    juxtaposed: bool = False  # the word being read began right after a value
+
+    def quote(self) -> bool:
+        """Whether a quote now (outside strings) makes prose: one right after a word, not a prefix."""
+        return bool(self.word) and self.word.lower() not in _STRING_PREFIXES
+
+    def step(self, char: str) -> bool:
+        """Read ``char`` (outside strings and comments): whether the item turned to prose at it."""
+        if char.isalnum() or char == "_":
+            if not self.word:
+                self.juxtaposed = self.operand
+            self.word = (self.word + char)[:10]
+            return False
+        if self.word:
+            word, self.word = self.word, ""
+            operator = iskeyword(word) and word not in _OPERAND_WORDS  # (and, or, not, in, is, if, ...)
+            if self.juxtaposed and not operator:
+                return True
+            self.operand = not operator
+        if char not in _SPACE:
+            self.operand = char in ")]}'\""
+        return False
 
 
 @dataclass
@@ -219,9 +263,8 @@ class PythonicReader:
     _last: str = ""  # the character before, outside a string, within the first item's value
     _prefix: bool = True  # the value's word so far could be a string's prefix (r'...', u'...')
     _broken: bool = False  # the first item turned out no call before its end (``_scan`` stopped there)
-    # After a call: the last characters (at most 3) of the word just read, outside strings; "": none
-    # (a quote right after a word that is no string's prefix is prose: ``_scan``)
-    _word: str = ""
+    _prose: _Prose = field(default_factory=_Prose)  # after a call: whether the item turned to prose
+    _comment: bool = False  # within a comment (its quotes are no strings)
     _blank: bool = True  # the text read past leaves its last line blank (where a list may open)
     # inside: what follows _held while the item being read stays open through it, scanned (joined
     # at every token, a call's 40 kB argument streamed copied 200 M characters; a review)
@@ -264,7 +307,7 @@ class PythonicReader:
                 self._held, self._inside, self._blank = self._held[end + 1 :], False, False
             elif self._found:  # the list is calls: only the item being read is held (a list held
                 # whole was copied at every token: 1.8 s for a 200 kB list streamed)
-                self._held, self._read, self._item, self._word = self._held[self._item :], 0, 0, ""
+                self._held, self._read, self._item, self._prose = self._held[self._item :], 0, 0, _Prose()
 
     def finish(self) -> tuple[str, list[Call]]:
         content, out = self.feed("")
@@ -298,7 +341,8 @@ class PythonicReader:
                 self._held, first = text[i:], bracket - i + 1
                 self._inside, self._read, self._item, self._depth, self._found = True, first, first, 1, 0
                 self._tagged = text[i] == "<"
-                self._quote, self._escaped, self._shape, self._word = "", False, "name", ""
+                self._quote, self._escaped, self._shape, self._comment = "", False, "name", False
+                self._prose = _Prose()
             else:
                 self._held = text[i:]
             return self._given(text[:i])
@@ -374,11 +418,13 @@ class PythonicReader:
         scan goes on over the joined text."""
         if not text or not self._inside or not (self._pieces or self._read == len(self._held)):
             return False
-        before = self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix, self._word
+        before = self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix
+        comment, prose = self._comment, replace(self._prose)
         if self._scan(text, 0) is None and self._read == len(text):
             self._read = before[0] + len(text)
             return True
-        self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix, self._word = before
+        self._read, self._depth, self._quote, self._escaped, self._shape, self._last, self._prefix = before
+        self._comment, self._prose = comment, prose
         self._broken = False
         return False
 
@@ -404,13 +450,14 @@ class PythonicReader:
             elif self._shape and not self._found and self._depth <= 2 and not self._fits(char):
                 self._shape, self._broken, self._read = "", True, i
                 return i
+            elif self._comment or char == "#":  # to the line's end: a comment's quote ("don't") opens no string
+                if (found := _LINE_BREAK.search(text, i)) is None:
+                    self._comment, i = True, len(text)
+                    break
+                self._comment, i = False, found.start()
+                continue
             elif char in "'\"":
-                if self._found and self._word and self._word.lower() not in _STRING_PREFIXES:
-                    # "[ping(), see(Python's docs)": no Python puts a quote after a word (but a
-                    # string's prefix, r'...'): prose. The item ends the list (the first's check,
-                    # ``_fits``, passes over an item after a call: print('a') is passed over); read
-                    # as a string, the quote took in the rest, a later list's calls came at the end
-                    # of the output, or (its quote closing that string) not at all
+                if self._found and self._prose.quote():
                     self._broken, self._read = True, i
                     return i
                 if len(text) - i < 3 and (char * 3).startswith(text[i:]):
@@ -427,8 +474,9 @@ class PythonicReader:
             elif char == "," and self._depth == 1:
                 self._read = i + 1
                 return i
-            if outside and self._found:
-                self._word = (self._word + char)[-3:] if char.isalnum() or char == "_" else ""
+            if outside and self._found and self._prose.step(char):
+                self._broken, self._read = True, i
+                return i
             i += 1
         self._read = i
         return None

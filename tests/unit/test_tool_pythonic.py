@@ -143,6 +143,33 @@ def test_an_item_after_a_call_that_turns_to_prose_ends_the_list_and_a_later_list
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "[ping(), see the docs (chapter 2\n[weather(city='x')]",  # words side by side, a bracket left open
+        "[ping(), ping() now\n[weather(city='x')]",
+        "[ping(), not_a_call(x=1 if y else 2), bad(3) word\n[weather(city='x')]",
+    ],
+)
+def test_an_item_after_a_call_that_writes_words_no_python_writes_ends_the_list(text: str) -> None:
+    """A later item whose words stand side by side ("see the docs", a value then a word) is prose
+    where Python takes only an operator (keywords: if, else, not, ... are operators); an item
+    that is an expression (not a call) is passed over as before."""
+    expected = ("", [("ping", "{}"), ("weather", '{"city": "x"}')])
+    assert read("pythonic", [text])[:2] == expected
+    assert read("pythonic", list(text))[:2] == expected
+
+
+def test_a_comments_quote_opens_no_string() -> None:
+    """A comment in a list ("# don't") read its apostrophe as a string's start: the list's end
+    was lost with the calls after it; a comment before an item made it none (Python's eval reads
+    no comment before its expression)."""
+    text = "[a(),  # don't stop\n b(x=1,  # it's 1\n y=2), # last\n\r\n # one\r c(s='#')]\n[d()]"
+    expected = ("", [("a", "{}"), ("b", '{"x": 1, "y": 2}'), ("c", '{"s": "#"}'), ("d", "{}")])
+    assert read("pythonic", [text])[:2] == expected
+    assert read("pythonic", list(text))[:2] == expected
+
+
+@pytest.mark.parametrize(
     ("text", "calls"),
     [
         ("[memory_get(from=1, to=2)]", [("memory_get", '{"from": 1, "to": 2}')]),
