@@ -37,7 +37,7 @@ class APIError(Exception):
             400: "invalid_request_error",
             401: "invalid_request_error",  # OpenAI's, with code invalid_api_key where a key is wrong
             403: "permission_error",
-            404: "not_found_error",
+            404: "invalid_request_error",  # OpenAI's and vLLM's (a response, a model, a URL not there)
             409: "invalid_request_error",
             429: "rate_limit_exceeded",
             503: "service_unavailable",
@@ -54,7 +54,6 @@ def model_not_found(name: str) -> APIError:
         404,
         f"The model '{name}' does not exist or you do not have access to it.",
         param="model",
-        kind="invalid_request_error",  # OpenAI's type for it, not a 404's usual one
         code="model_not_found",
     )
 

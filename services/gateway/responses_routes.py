@@ -133,7 +133,7 @@ class ResponsesRoutes:
             if response.get("status") not in ("queued", "in_progress"):
                 break
         if not response.get("background"):
-            raise APIError(400, "Cannot cancel a synchronous response.", param="response_id")
+            raise APIError(400, "Cannot cancel a synchronous response.")  # (vLLM's: no param)
         return web.Response(body=stored, content_type="application/json")
 
     async def input_items(self, request: web.Request) -> web.Response:

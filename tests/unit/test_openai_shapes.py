@@ -43,7 +43,7 @@ def test_response_shapes() -> None:
     assert chat.chunk("", None)["choices"][0]["delta"] == {"content": ""}  # a held-back character's token
     assert text.usage_chunk(1, 2)["choices"] == []
     assert APIError(404, "no").body() == {
-        "error": {"message": "no", "type": "not_found_error", "param": None, "code": None}
+        "error": {"message": "no", "type": "invalid_request_error", "param": None, "code": None}
     }
 
 
