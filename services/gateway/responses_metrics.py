@@ -9,11 +9,12 @@ from prometheus_client import CollectorRegistry, Counter
 
 # (op, outcome) pairs, every one declared from the start, so that a rate() not seen yet reads 0:
 # read: a response named by previous_response_id, GET, input_items, cancel; reference: an item_reference's
-# item; delete: DELETE; write: a finished response kept, one over responses_max_bytes not written,
-# or Redis failing (on a read, failing is the 503 its request gets).
+# item (refused: its request named items of more than MAX_REFERENCED responses, none read); delete:
+# DELETE; write: a finished response kept, one over responses_max_bytes not written, or Redis
+# failing (on a read, failing is the 503 its request gets).
 OUTCOMES = {
     "read": ("hit", "miss", "failed"),
-    "reference": ("hit", "miss", "failed"),
+    "reference": ("hit", "miss", "failed", "refused"),
     "delete": ("hit", "miss", "failed"),
     "write": ("stored", "too_large", "failed"),
 }

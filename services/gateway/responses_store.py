@@ -312,6 +312,9 @@ class ResponsesStore:
         except bus.STATE_OUTAGE:
             self.count("reference", "failed", len(wanted))
             raise
+        except APIError:  # (more responses than MAX_REFERENCED: none read)
+            self.count("reference", "refused", len(wanted))
+            raise
         self.count("reference", "hit", len(stored))
         self.count("reference", "miss", len(wanted) - len(stored))  # (each a 404: the first ends the request)
         return stored, sources

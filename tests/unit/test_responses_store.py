@@ -303,3 +303,25 @@ async def test_a_stream_whose_store_fails_ends_saying_store_false() -> None:
         events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith(b"data: ")]
         assert [e["sequence_number"] for e in events] == list(range(len(events)))
         assert events[-1]["type"] == "response.completed" and events[-1]["response"]["store"] is up, events[-1]
+
+
+async def test_a_refused_reference_is_counted_as_refused() -> None:
+    """item_references naming items of 17 responses (more than MAX_REFERENCED): the 400, and each
+    item counted under ``reference`` ``refused``: such a request showed in no outcome of it."""
+    from prometheus_client import CollectorRegistry
+
+    from dlora.services.gateway.responses_metrics import StoreCounts
+    from dlora.services.gateway.responses_store import MAX_REFERENCED
+
+    class Holders:
+        async def responses_of_items(self, item_ids: list[str], tenant: str) -> list[str]:
+            return [f"resp_{i}" for i in item_ids]  # (each item a response of its own)
+
+    counts = StoreCounts(registry := CollectorRegistry())
+    store = ResponsesStore(Holders(), _unbound, 60.0, 1 << 20, counts)  # type: ignore[arg-type]
+    refs = [{"type": "item_reference", "id": f"msg_{k}"} for k in range(MAX_REFERENCED + 1)]
+    with pytest.raises(APIError) as refused:
+        await store.referenced(refs, [], "t")
+    assert (refused.value.status, refused.value.param) == (400, "input")
+    counted = registry.get_sample_value("dlora_responses_store_total", {"op": "reference", "outcome": "refused"})
+    assert counted == MAX_REFERENCED + 1
