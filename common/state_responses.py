@@ -1,7 +1,8 @@
 """The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
 JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
-written before it); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest
+written before it), ``stream`` (a streamed background response's: the token of the run whose events
+its stream holds, ``append_events``); and ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest
 response that holds that item in its conversation or output (an ``item_reference`` names any
 stored item by its id alone, as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
 
@@ -48,12 +49,29 @@ return 1
 
 # A background response's record (KEYS[1]) written only while its ``response`` field is still what
 # its writer last wrote there (ARGV[1]): a cancel, or a delete, in between wins. The same fields,
-# expiry and item index (KEYS[2..], naming ARGV[6]) as ``put_response``'s transaction, in one step.
+# expiry and item index (KEYS[3..], naming ARGV[6]) as ``put_response``'s transaction, in one step,
+# with its stream's last events (ARGV[7..], put after its others in KEYS[2]): a reader that found
+# the record over before they came ended its stream without them.
 _PUT_IF_LUA = """
 if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'response', ARGV[2], 'input', ARGV[3], 'sources', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[6], 'PX', ARGV[5]) end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[6], 'PX', ARGV[5]) end
+if #ARGV > 6 then
+  for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return 1
+"""
+
+# A streamed background response's events (ARGV[3..]) put after its others (KEYS[2], expiring in
+# ARGV[2] ms) only while its record (KEYS[1]) is there and names their run (its ``stream`` field is
+# ARGV[1]): a run stopped late (deleted, or replaced by a retry under its id, its cancel not yet
+# heard) neither fills the new response's stream nor makes the deleted one's again.
+_APPEND_IF_LUA = """
+if redis.call('HGET', KEYS[1], 'stream') ~= ARGV[1] then return 0 end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
@@ -81,6 +99,8 @@ class ResponseKeys:
         item_ids: Sequence[str] = (),
         sources: Sequence[str] = (),
         expect: bytes | None = None,
+        stream: str | None = None,
+        events: Sequence[bytes] = (),
     ) -> bool:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
@@ -90,16 +110,24 @@ class ResponseKeys:
         turn's conversation holds it, or its client sent it back) names the newest response that
         holds it. ``sources``: the responses its item_references read items from, which the index
         names again once it is deleted (``repoint_items``). ``expect``: written only over that
-        object (a background response's last state; False where it is another now, or gone)."""
+        object (a background response's last state; False where it is another now, or gone).
+        ``stream``: the token of the run whose events its stream holds (a streamed background
+        response's, written with its first record; ``append_events`` checks it); written whole
+        otherwise (not ``expect``), the record has none: it is not streamed, or by another run.
+        ``events``: with ``expect``, its stream's last ones, appended in the same step."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         sourced = json.dumps(list(sources))
         if expect is not None:
-            keys = [key, *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]
-            args: list[bytes | str | int] = [expect, response, items, sourced, ms, response_id]
+            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}"]
+            keys += [f"{self.p}:response-item:{tenant}:{i}" for i in item_ids]
+            args: list[bytes | str | int] = [expect, response, items, sourced, ms, response_id, *events]
             return bool(await self.r.register_script(_PUT_IF_LUA)(keys=keys, args=args))
         pipe = self.r.pipeline(transaction=True)
-        # (sources written when empty too: a retry replaces the replaced one's)
+        # Replaced whole: a field of the replaced one's kept (its run's token) was taken as this one's
+        pipe.delete(key)
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
+        if stream is not None:
+            pipe.hset(key, "stream", stream)
         pipe.pexpire(key, ms)
         # A stored stream's events are the replaced response's (its id sent again): not the new one's
         pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
@@ -114,14 +142,20 @@ class ResponseKeys:
         key = f"{self.p}:response:{tenant}:{response_id}"
         return bool(await self.r.register_script(_SWAP_LUA)(keys=[key], args=[old, new]))
 
-    async def append_events(self, response_id: str, tenant: str, events: Sequence[bytes], ttl_s: float) -> None:
+    async def append_events(
+        self, response_id: str, tenant: str, stream: str, events: Sequence[bytes], ttl_s: float
+    ) -> bool:
         """A streamed background response's events (its SSE frames, in order: their index is their
-        sequence_number), kept as long as the response, read again by ``response_events``."""
-        key = f"{self.p}:response-events:{tenant}:{response_id}"
-        pipe = self.r.pipeline(transaction=True)
-        pipe.rpush(key, *events)
-        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
-        await pipe.execute()
+        sequence_number), kept as long as the response, read again by ``response_events``; only
+        while its record is there and names their run (``stream``: ``put_response``'s). False: it
+        does not (deleted, expired, or another run's now), and nothing was written."""
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
+        args: list[bytes | str | int] = [stream, max(1, int(ttl_s * 1000)), *events]
+        return bool(await self.r.register_script(_APPEND_IF_LUA)(keys=keys, args=args))
+
+    async def streamed(self, response_id: str, tenant: str) -> bool:
+        """Whether ``tenant``'s response was made streamed in the background (its events kept)."""
+        return bool(await self.r.hexists(f"{self.p}:response:{tenant}:{response_id}", "stream"))
 
     async def response_events(self, response_id: str, tenant: str, start: int) -> list[bytes]:
         """Its events from the ``start``-th on (none: none yet, or it was not streamed)."""

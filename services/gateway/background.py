@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, ExitStack
 from typing import Any, cast
@@ -60,17 +62,37 @@ POLL_S = 0.05
 
 class EventLog:
     """Where a streamed background response's relay writes its events (``responses.opensse``): to
-    Redis, each frame its own entry, for every reader (``Background.replay``) from any gateway."""
+    Redis, each frame its own entry, for every reader (``Background.replay``) from any gateway;
+    only while its record names its run (``keeping.stream``: ``StateStore.append_events``). Its
+    last ones go with its final object (``finishing``), in one step."""
 
-    def __init__(self, state: StateStore, bound: Bound, response_id: str, tenant: str, ttl_s: float) -> None:
-        self.state, self.bound, self.response_id, self.tenant, self.ttl_s = state, bound, response_id, tenant, ttl_s
+    def __init__(self, state: StateStore, bound: Bound, response_id: str, keeping: Keeping) -> None:
+        assert keeping.stream is not None
+        self.state, self.bound, self.response_id, self.keeping = state, bound, response_id, keeping
+        self.run = keeping.stream  # (the token its record names: ``Keeping.stream``)
+        self.closing = False  # its final object is to be stored with the next events (its last)
+
+    async def finishing(self) -> bytes | None:
+        """The job's (``Job.finishing``): its final object stored with its last events, which the
+        writer writes next (``ResponseWriter._end``), not before them: a reader that found the
+        record over before they came ended its stream without them."""
+        self.closing = True
+        return None  # (the events, not written, need no framing again)
 
     async def write(self, data: bytes) -> None:
+        """Raises ConnectionResetError where its run's record is gone (deleted) or another's (a
+        retry under its id): the run ends as a foreground one whose client left (its request
+        aborted on the worker), not writing into the new response's stream or a deleted one's."""
         # (frames end with a blank line, and their JSON holds no raw newline)
         events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
-        if events:
+        k = self.keeping
+        if events and self.closing:  # (not stored, cancelled or replaced meanwhile: none written)
+            await k.finishing(events)
+        elif events:
             async with self.bound():
-                await self.state.append_events(self.response_id, self.tenant, events, self.ttl_s)
+                appended = await self.state.append_events(self.response_id, k.tenant, self.run, events, k.store.ttl_s)
+            if not appended:  # (raised out of the bound: a ConnectionError within it reads as Redis down)
+                raise ConnectionResetError(f"{self.response_id} is deleted or replaced: its run is over")
 
     async def write_eof(self) -> None:
         pass
@@ -110,6 +132,7 @@ class Background:
             key = (keeping.tenant, queued["id"])
             if (replaced := self.running.get(key)) is not None:
                 replaced.cancel()
+            keeping.stream = secrets.token_hex(8) if job.stream else None  # (its events' writer: ``EventLog``)
             if not await keeping.finishing() or keeping.written is None:
                 raise APIError(503, "background: the response could not be stored; try again")
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
@@ -119,8 +142,9 @@ class Background:
             except NatsError as e:  # (its own relay waits NATS out: a 503 here failed a POST that ran)
                 logger.warning("a retry's cancel could not be sent", id=queued["id"], error=type(e).__name__)
             detached = Detached()
-            if job.stream:
-                detached["sink"] = EventLog(self.state, self.bound, queued["id"], keeping.tenant, keeping.store.ttl_s)
+            if keeping.stream is not None:
+                detached["sink"] = log = EventLog(self.state, self.bound, queued["id"], keeping)
+                job = dataclasses.replace(job, finishing=log.finishing)
             slot = held.pop_all()
             task = asyncio.create_task(self._run(queued, keeping, job, relay, detached))
             self.running[key], self.kept[key] = task, keeping
@@ -156,6 +180,11 @@ class Background:
                 await asyncio.sleep(POLL_S)
         await stream.write_eof()
         return stream
+
+    async def streamed(self, response_id: str, tenant: str) -> bool:
+        """Whether ``tenant``'s response was made streamed in the background: its events kept."""
+        async with self.bound():
+            return await self.state.streamed(response_id, tenant)
 
     def _ended(self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack) -> None:
         # The slot given back here, not in ``_run``'s body: a task cancelled before its first step

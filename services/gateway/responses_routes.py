@@ -89,7 +89,8 @@ class ResponsesRoutes:
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/responses/{id}``: the object its POST answered. ``stream=true`` replays the
         events of a background response created streamed (``starting_after``: from the one after
-        that sequence_number; ``Background.replay``); any other's are not kept: a 400."""
+        that sequence_number; ``Background.replay``); any other's (a foreground response's, a
+        background one made unstreamed) are not kept: a 400."""
         tenant, query, response_id = await self._tenant(request), request.query, request.match_info["id"]
         _refuse_include(query)
         streamed = query.get("stream", "false").lower() not in ("false", "0")
@@ -100,6 +101,9 @@ class ResponsesRoutes:
             return web.Response(body=response, content_type="application/json")
         if not msgspec.json.decode(response).get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
+            raise APIError(400, why, param="stream")
+        if not await self.background.streamed(response_id, tenant):  # (OpenAI's 400: not an empty stream)
+            why = "stream is only for a background response created with stream true: this one's events are not kept"
             raise APIError(400, why, param="stream")
         try:
             after = int(query.get("starting_after", "-1"))

@@ -14,7 +14,7 @@ read them back are ``responses_routes``'s."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +122,9 @@ class Keeping:
     # A background response's: its record as last written (``background``), which its next write
     # replaces only if it is still there (a cancel or a delete in between wins); None: written whole
     expect: bytes | None = None
+    # A streamed background response's run token, written with its first record: only its run's
+    # events are appended to its stream (``StateStore.append_events``)
+    stream: str | None = None
     written: bytes | None = field(default=None, init=False)  # what ``finishing`` wrote (None: nothing)
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
@@ -145,10 +148,11 @@ class Keeping:
         self._record = (response["id"], items, response, _ids([*self.items, *response["output"]]))
         return True
 
-    async def finishing(self) -> bool:
+    async def finishing(self, events: Sequence[bytes] = ()) -> bool:
         """Stores what ``keep`` took; False: Redis failed, its response's ``store`` made false.
         That loses only the store: the answer still goes out, saying so (a stream's last event is
-        framed again: ``Responses.answer``)."""
+        framed again: ``Responses.answer``). ``events``: a streamed background response's last,
+        appended with its final object in one step (``background.EventLog``)."""
         if self._record is None:
             return True
         response_id, items, response, ids = self._record
@@ -164,6 +168,8 @@ class Keeping:
                     ids,
                     sources=self.sources,
                     expect=self.expect,
+                    stream=self.stream,
+                    events=events,
                 )
             self.written = encoded if put else None
         except bus.STATE_OUTAGE as e:

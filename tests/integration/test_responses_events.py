@@ -1,0 +1,104 @@
+"""A streamed background response's events against the real stack: only the run its record names
+appends them (a run stopped late writes nothing into a new response's stream nor a deleted one's);
+its last ones are stored with its final object; a background response made unstreamed has no
+stream to read."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from tests.integration.conftest import Stack
+from tests.integration.test_abort import _nothing_left, _slow_steps
+from tests.integration.test_responses_background import LONG, _over
+from tests.integration.test_responses_store import ASKED, _call, _client
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted"])
+async def test_a_run_whose_record_is_replaced_or_deleted_before_its_cancel_lands_appends_nothing(
+    stack: Stack, redis: Redis, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Another gateway's retry under its id (a new record, another run's) or DELETE, whose cancel
+    this gateway has not heard (none is sent here): the run's next events are refused, so none go
+    into the new response's stream nor make the deleted one's again, and the run stops by itself
+    (its request aborted on the worker). Appends were not compare-and-swapped: it wrote on for
+    its 400 tokens."""
+    _slow_steps(stack, monkeypatch, 0.02)
+    client = _client(stack.url)
+    try:
+        stream = await client.responses.create(
+            **LONG, input="kalo", background=True, stream=True, extra_headers={"X-Request-Id": "resp_old"}
+        )
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+        await stream.close()
+        steps = sum(w.engine.stats.steps for w in stack.workers)
+        if how == "replaced":  # (as ``Background.start`` stores a retry's, its run token another)
+            queued = msgspec.json.encode({"id": "resp_old", "status": "queued", "background": True})
+            await stack.store.put_response("resp_old", "", queued, b"[]", 60.0, stream="another run")
+        else:
+            assert await stack.store.delete_response("resp_old", "")
+        while stack.gateway.background.running:
+            await asyncio.sleep(0.01)
+        assert await redis.keys("*response-events*") == []
+        assert await _nothing_left(stack, within_s=10.0)
+        assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # stopped, not its 400
+        if how == "replaced":  # (its record left as the other run wrote it)
+            assert (await client.responses.retrieve("resp_old")).status == "queued"
+    finally:
+        await client.close()
+
+
+async def test_a_background_response_made_unstreamed_has_no_stream_to_read(stack: Stack) -> None:
+    """``GET ?stream=true`` of one created without ``stream``: OpenAI's 400, not an empty stream
+    (no events were kept), while one created streamed is read from the start."""
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", background=True)
+        await _over(client, made.id)
+        status, err = await _call(stack.url, "GET", f"/v1/responses/{made.id}?stream=true")
+        assert status == 400 and err["error"]["param"] == "stream", err
+        assert "stream" in err["error"]["message"], err
+        streamed = await client.responses.create(**ASKED, input="kalo", background=True, stream=True)
+        first = [e async for e in streamed][0].response.id
+        events = [e async for e in await client.responses.retrieve(first, stream=True)]
+        assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    finally:
+        await client.close()
+
+
+async def test_a_streamed_background_responses_record_is_over_only_with_its_last_event_there(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its final object and its stream's last events are stored in one step: each time the record
+    is written over, its closing event is already in its stream. Written before them, a reader
+    that found the record over with no event left ended its stream without response.incomplete
+    (under load, the POST's own stream: ``test_..._too_large_...`` failed so)."""
+    store = stack.gateway.store
+    put = store.put_response
+    seen: list[tuple[str, bytes]] = []
+
+    async def watched(response_id: str, tenant: str, *args: Any, **named: Any) -> bool:
+        done = await put(response_id, tenant, *args, **named)
+        [_, record] = await store.response_fields(response_id, tenant, "response") or [None, None]
+        events = await store.response_events(response_id, tenant, -1)
+        seen.append((msgspec.json.decode(record or b"{}").get("status"), events[0] if events else b""))
+        return done
+
+    monkeypatch.setattr(store, "put_response", watched)
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", background=True, stream=True)
+        events = [e async for e in made]
+        assert events[-1].type == "response.incomplete", events[-1]
+        while stack.gateway.background.running:  # (its last write watched to its end)
+            await asyncio.sleep(0.01)
+        assert [s for s, _ in seen] == ["queued", "incomplete"], seen
+        assert seen[-1][1].startswith(b"event: response.incomplete\n"), seen
+    finally:
+        await client.close()
