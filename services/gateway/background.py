@@ -31,7 +31,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
-from dlora.services.gateway.responses_shape import ResponsesShape
+from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
 
@@ -123,8 +123,7 @@ class Background:
         with held:
             queued = cast(ResponsesShape, job.shape).response("queued", [])
             if not keeping.keep(queued):
-                why = "background: the response is over responses_max_bytes, so it cannot be stored"
-                raise APIError(400, why, param="background")
+                raise APIError(400, f"background: {TOO_LARGE}", param="background")
             # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
             # stopped: its record replaced, it ran on for nobody, holding its key's slot. Here first;
             # the others told once this record is stored, so that one whose own retry stored a
@@ -201,7 +200,7 @@ class Background:
         except bus.STATE_OUTAGE:  # (it stays queued until responses_ttl_s: nothing ran)
             logger.warning("a background response could not be started", id=queued["id"])
             return
-        why = "the response could not be stored"  # (over responses_max_bytes, or Redis failed)
+        why = "the response could not be stored"  # (Redis failed; over responses_max_bytes: ``ResponsesShape.final``)
         try:
             await relay(cast(web.Request, detached), job)
             if keeping.written is not None:

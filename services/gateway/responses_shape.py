@@ -18,6 +18,8 @@ from dlora.services.gateway.openai import APIError, Shape
 from dlora.services.gateway.responses_api import ResponsesBody, chat_format, renamed
 
 Keep = Callable[[dict[str, Any]], bool]
+# Why a background response is failed (its record is all its client reads): over the store's bound
+TOO_LARGE = "the response is over responses_max_bytes, so it cannot be stored"
 
 
 def _part(kind: str, text: str = "", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -115,9 +117,15 @@ class ResponsesShape(Shape):
         }
 
     def final(self, response: dict[str, Any]) -> dict[str, Any]:
-        """``response``, the last this request makes, kept if it is to be (told so in its ``store``)."""
+        """``response``, the last this request makes, kept if it is to be (told so in its ``store``).
+        A background one not kept (over ``responses_max_bytes``) is made ``failed``, as its record
+        is: its stream ended ``response.completed`` where a retrieve read ``failed``."""
         if self.keep is not None:
             response["store"] = self.keep(response)
+            if not response["store"] and response["background"]:
+                failed = self.response("failed", []) | {"error": {"code": "server_error", "message": TOO_LARGE}}
+                response.clear()
+                response.update(failed, store=self.keep(failed))
         return response
 
     def _item(self, kind: str, k: int, **extra: Any) -> dict[str, Any]:
@@ -183,8 +191,8 @@ class ResponsesShape(Shape):
             reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
             done = _usage(usage["prompt_tokens"], usage["completion_tokens"], cached, reasoning)
             incomplete = self._finish == "length"
-            kind = "response.incomplete" if incomplete else "response.completed"
-            out.append({"type": kind, "response": self.final(self.response(kind.split(".")[1], self._items, done))})
+            final = self.final(self.response("incomplete" if incomplete else "completed", self._items, done))
+            out.append({"type": f"response.{final['status']}", "response": final})  # (or failed: ``final``)
         if out and out[-1]["type"] in ("response.completed", "response.incomplete", "response.failed"):
             self._last = out[-1]
         return [self._frame(e) for e in out]

@@ -1,7 +1,7 @@
 """A streamed background response's events against the real stack: only the run its record names
 appends them (a run stopped late writes nothing into a new response's stream nor a deleted one's);
-its last ones are stored with its final object; a background response made unstreamed has no
-stream to read."""
+its last ones are stored with its final object, so its stream and its record end alike (one too
+large to store ends failed); a background response made unstreamed has no stream to read."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.conftest import Stack
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_abort import _nothing_left, _slow_steps
 from tests.integration.test_responses_background import LONG, _over
 from tests.integration.test_responses_store import ASKED, _call, _client
@@ -70,6 +72,29 @@ async def test_a_background_response_made_unstreamed_has_no_stream_to_read(stack
         assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
     finally:
         await client.close()
+
+
+async def test_a_streamed_background_response_too_large_to_store_ends_failed_as_its_record(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Its final object over responses_max_bytes (its queued one within): the record is
+    ``failed``, so its stream ends ``response.failed`` with that very object, read again alike
+    from any reader; its stream said ``response.incomplete`` where a retrieve said ``failed``."""
+    async with run_stack(nats_server, redis, tiny_llama, responses_max_bytes=1400) as stack:  # (queued ~1 kB, done 1.7)
+        client = _client(stack.url)
+        try:
+            asked: dict[str, Any] = {**ASKED, "max_output_tokens": 200, "extra_body": {"ignore_eos": True}}
+            made = await client.responses.create(**asked, input="kalo", background=True, stream=True)
+            events = [e async for e in made]
+            assert events[-1].type == "response.failed", events[-1]
+            stored = await client.responses.retrieve(events[-1].response.id)
+            assert stored.status == "failed" and stored.error is not None, stored
+            assert "responses_max_bytes" in stored.error.message
+            assert events[-1].response.model_dump() == stored.model_dump()
+            again = [e async for e in await client.responses.retrieve(stored.id, stream=True)]
+            assert [e.model_dump() for e in again] == [e.model_dump() for e in events]
+        finally:
+            await client.close()
 
 
 async def test_a_streamed_background_responses_record_is_over_only_with_its_last_event_there(

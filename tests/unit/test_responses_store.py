@@ -202,6 +202,31 @@ def test_a_streams_last_object_is_kept_once_a_failed_one_with_its_status() -> No
         assert b'"store":false' in last[-1]  # (keep said no: the last event tells it)
 
 
+def test_a_background_streams_object_too_large_to_keep_ends_it_failed_as_its_record() -> None:
+    """A background response is its record alone: one whose final object is not kept is stored
+    ``failed`` (its error saying why), and its stream's last event is that object's
+    response.failed, not the response.completed its record contradicted."""
+    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.responses_api import ResponsesBody
+    from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
+
+    kept: list[dict[str, Any]] = []
+
+    def keep(response: dict[str, Any]) -> bool:
+        kept.append(dict(response))
+        return response["status"] == "failed"  # (the answer over the bound; the failed one within)
+
+    asked = ResponsesBody(input="kalo", background=True)
+    shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), asked, keep=keep)
+    shape.events(shape.chunk("", None, first=True))
+    shape.events(shape.chunk("kalo", "stop"))
+    *_, last = shape.events(shape.usage_chunk(5, 1, 0))
+    assert [k["status"] for k in kept] == ["completed", "failed"]
+    assert last.startswith(b"event: response.failed\n"), last
+    assert kept[-1]["output"] == [] and kept[-1]["error"] == {"code": "server_error", "message": TOO_LARGE}
+    assert b'"store":true' in last  # (the failed object is stored)
+
+
 async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
