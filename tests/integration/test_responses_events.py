@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
@@ -127,3 +128,15 @@ async def test_a_streamed_background_responses_record_is_over_only_with_its_last
         assert seen[-1][1].startswith(b"event: response.incomplete\n"), seen
     finally:
         await client.close()
+
+
+async def test_a_record_written_whole_keeps_no_token_of_the_one_it_replaced(redis: Redis) -> None:
+    """A foreground response under a streamed background one's id (its client's X-Request-Id sent
+    again): the replaced run's token went on in the record, so that run still appended its events
+    to the new response and ``stream=true`` read them as the new one's."""
+    store = StateStore(redis)
+    await store.put_response("resp_same", "", b'{"status":"queued"}', b"[]", 60.0, stream="old run")
+    assert await store.append_events("resp_same", "", "old run", [b"event: a\n\n"], 60.0)
+    await store.put_response("resp_same", "", b'{"status":"completed"}', b"[]", 60.0)  # (foreground)
+    assert not await store.append_events("resp_same", "", "old run", [b"event: b\n\n"], 60.0)
+    assert not await store.streamed("resp_same", "") and await store.response_events("resp_same", "", 0) == []
