@@ -56,6 +56,11 @@ def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
     return r.context_tokens * per_token if r.running else 0.0
 
 
+def ship_kv(snapshot: ClusterSnapshot) -> bool:
+    """Whether a move ships its KV rather than recomputes it (the cheaper per token)."""
+    return snapshot.kv_transfer_seconds_per_token < snapshot.recompute_seconds_per_token
+
+
 def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapshot:
     """The snapshot as it would be after the moves (for checking a plan)."""
     dest = {m.request_id: m.to_worker for m in moves}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.services.migrator.trigger import TriggerBounds
 
@@ -9,6 +11,28 @@ from dlora.services.migrator.trigger import TriggerBounds
 # at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands inside the bound. A solve
 # bound at or below it never runs the ILP (the greedy pass plans alone), so it is refused.
 CBC_OVERHEAD_S = 0.3
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    # Solver time bound; the incumbent is taken when it expires. At or below ``CBC_OVERHEAD_S`` it is a
+    # bound spent (as where the greedy pass took it: tests set it so), not refused; ``solve_time_s`` is.
+    time_limit_s: float = 1.0
+    # Above this many request->worker variables, building the model (about 0.06 ms each here) does
+    # not fit a 1 s bound: it is pruned (``max_destinations``), and if still larger the greedy pass
+    # plans instead.
+    max_ilp_variables: int = 5_000
+    # Where the full model has more variables than ``max_ilp_variables``: the destinations a group
+    # on a busy worker keeps (its least loaded possible ones; as many roomiest again on a worker
+    # over its KV pressure). None: never pruned.
+    max_destinations: int | None = 4
+    min_gain_s: float = 0.0  # a plan must shorten the longest completion time by at least this
+    # (and always by more than the summed cost of its moves)
+    kv_pressure: float = 1.0  # KV demand above this fraction of a worker's blocks is priced (see above)
+    # A bound by work instead of time: CBC (one thread) stops after this many branch-and-bound
+    # nodes, ``time_limit_s`` not applying, so a snapshot gives the same plan on any machine and
+    # under any load (the simulator's setting). None: the time bound, as a migrator runs.
+    max_nodes: int | None = None
 
 
 class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from dlora.common import bus, subjects
 from dlora.common.messages import AdapterResidency, MovePlan, RequestLoad, WorkerStats
 from dlora.common.state import StateStore
-from dlora.services.migrator import planner
+from dlora.services.migrator import ilp
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import TriggerBounds
@@ -78,7 +78,7 @@ async def test_a_solver_that_fails_still_balances(
 ) -> None:
     """CBC exiting in error (killed for memory, its files unwritable): the look logged a failure and
     published nothing, cool-down after cool-down, where the greedy plan was ready."""
-    monkeypatch.setattr(planner, "_cbc_path", lambda: "/bin/false")
+    monkeypatch.setattr(ilp, "cbc_path", lambda: "/bin/false")
     plans = await _plans(nats_server, redis, [_stats("w0", _busy("w0", None)), _stats("w1", [])])
     assert len(plans) == 1 and plans[0].moves and {m.to_worker for m in plans[0].moves} == {"w1"}
     assert (plans[0].method, plans[0].ilp_fallback) == ("greedy", "ilp-failed")

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from typing import Any
 
 import pytest
 
-from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import planner
 from dlora.services.migrator.costs import completion_times
-from dlora.services.migrator.planner import PlannerSettings, _greedy, apply, kv_demand, plan
+from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.planner import PlannerSettings, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
-
-
-def worker(name: str, adapters=(), slots: int = 4, kv_blocks: int = 1000) -> WorkerState:
-    return WorkerState(name, kv_blocks, 16, slots, frozenset(adapters), seconds_per_token=0.01)
-
-
-def reqs(worker: str, adapter: str | None, count: int, remaining: float = 100, context: int = 50, start: int = 0):
-    return [RequestState(f"{worker}-{adapter}-{start + i}", worker, adapter, context, remaining) for i in range(count)]
+from tests.unit.planner_cases import reqs, worker, worker_stats
 
 
 def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
@@ -40,30 +31,6 @@ def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
 
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
-def test_no_request_moves_to_a_worker_whose_read_of_its_adapter_failed(solver: str) -> None:
-    """A helper's multi-host trial: one GPU host's copy of an adapter's files differed from the
-    registered version; dispatch kept its requests off it, but the migrator moved running ones
-    there, and they failed mid-stream (a worker hands a request back once)."""
-    from dlora.services.migrator.trigger import snapshot_from_stats
-
-    loads = [RequestLoad(request_id=f"r{i}", adapter="a", context_tokens=50, remaining_tokens=100) for i in range(12)]
-    # and one of another adapter, its length the same, listed first (a review: the planner kept
-    # one set of destinations per length, and a's requests took b's, w1 included)
-    other = [RequestLoad(request_id="b0", adapter="b", context_tokens=50, remaining_tokens=100)]
-    snap = snapshot_from_stats(
-        [
-            _worker_stats("w-b", other, 0.01, adapters=[AdapterResidency(name="b", slot=0, merged=False)]),
-            _worker_stats("w0", loads, 0.01, adapters=[AdapterResidency(name="a", slot=0, merged=False)]),
-            _worker_stats("w1", [], 0.01, failed_adapters=["a"]),
-            _worker_stats("w2", [], 0.01),
-        ],
-        {"a": 16, "b": 16},
-    )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
-    assert moves and not {m.to_worker for m in moves if m.adapter == "a"} & {"w1"}
-
-
-@pytest.mark.parametrize("solver", ["ilp", "greedy"])
 def test_a_request_moves_only_to_a_worker_whose_context_holds_it(solver: str) -> None:
     """w1's context is 512 tokens: of w0's requests, only those whose prompt + max_tokens fit go
     there (elsewhere they would be refused, or cut short); the rest stay or go to w2."""
@@ -77,7 +44,7 @@ def test_a_request_moves_only_to_a_worker_whose_context_holds_it(solver: str) ->
         requests=[RequestState(f"long-{i}", "w0", None, 50, 100, total_tokens=2000) for i in range(8)]
         + [RequestState(f"short-{i}", "w0", None, 50, 100, total_tokens=300) for i in range(8)],
     )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert {m.to_worker for m in moves if m.request_id.startswith("long")} == {"w2"}
     if solver == "ilp":  # greedy stops once the busiest worker (w2, with the long ones) cannot shed
         assert {m.to_worker for m in moves if m.request_id.startswith("short")} == {"w1"}
@@ -92,7 +59,7 @@ def test_requests_about_to_finish_are_not_the_ones_moved(solver: str) -> None:
     near = [RequestState(f"near-{i}", "w0", None, 100, 3) for i in range(6)]  # 0.05 s to move, 0.03 s left
     long = [RequestState(f"long-{i}", "w0", None, 60, 150) for i in range(6)]
     snap = ClusterSnapshot([worker("w0"), worker("w1"), worker("w2")], near + long)
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert moves and all(m.request_id.startswith("long") for m in moves)
     assert max(completion_times(apply(snap, moves)).values()) < 0.5 * max(completion_times(snap).values())
 
@@ -135,14 +102,14 @@ def test_a_destination_s_own_measured_adapter_reads_price_loading_an_adapter_the
         snap = ClusterSnapshot(workers=[worker("w0", ["a"]), reader], requests=reqs("w0", "a", 12), file_bytes=files)
         assert bool(plan(snap).moves) is moves, (read_s, read_bytes)
     measured, fresh = (
-        _worker_stats(n, [], 0.01, adapter_read_seconds=r, adapter_read_bytes=k)
+        worker_stats(n, [], 0.01, adapter_read_seconds=r, adapter_read_bytes=k)
         for n, r, k in (("w0", 6.0, 32.0), ("w1", 0.0, 0.0))
     )
     workers = snapshot_from_stats([measured, fresh], {}).workers
     assert [(w.adapter_read_seconds, w.adapter_read_bytes) for w in workers] == [(6.0, 32.0), (6.0, 32.0)]
     # of two that measured reads of different sizes, an unmeasured one prices a read of n bytes at
     # the mean of their own prices of it, as dispatch does (``pooled_read``): 6 s at 32 and 1 s at 8
-    other = _worker_stats("w2", [], 0.01, adapter_read_seconds=1.0, adapter_read_bytes=8.0)
+    other = worker_stats("w2", [], 0.01, adapter_read_seconds=1.0, adapter_read_bytes=8.0)
     unread = snapshot_from_stats([measured, other, fresh], {}).workers[2]
     assert unread.read_seconds(64) == pytest.approx((12.0 + 8.0) / 2)
 
@@ -159,7 +126,7 @@ def test_greedy_fallback_balances_too() -> None:
         requests=reqs("w0", "a", 9),
         file_bytes={"a": 16},
     )
-    moves = _greedy(snap, PlannerSettings())
+    moves = greedy_moves(snap)
     after = completion_times(apply(snap, moves))
     assert max(after.values()) < max(completion_times(snap).values()) / 2
 
@@ -179,7 +146,7 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert p.makespan_after_s <= p.makespan_before_s
     # The greedy pass (the ILP's start) moves each request once, never to where it is.
-    greedy = _greedy(snap, PlannerSettings())
+    greedy = greedy_moves(snap)
     home = {r.request_id: r.worker for r in rs}
     assert len({m.request_id for m in greedy}) == len(greedy)
     assert all(home[m.request_id] != m.to_worker for m in greedy)
@@ -201,13 +168,13 @@ def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease(monke
     monkeypatch.setattr(
         planner, "sorted", lambda *a, **k: lengths.append(len(o := sorted(*a, **k))) or o, raising=False
     )
-    moves = _greedy(ClusterSnapshot(ws, rs), PlannerSettings())
+    moves = greedy_moves(ClusterSnapshot(ws, rs))
     monkeypatch.undo()
     assert moves and sum(lengths) <= len(rs) + 2 * len(moves) * len(ws)  # (the busiest one's each move: 27 M)
     p = plan(ClusterSnapshot(ws, rs, file_bytes={f"a{j}": 16 for j in range(8)}), PlannerSettings(max_nodes=20))
     assert p.moves and p.makespan_after_s < 0.1 * p.makespan_before_s
     # past its deadline the greedy pass stops with what it has (each move shrank the longest)
-    assert _greedy(ClusterSnapshot(ws, rs), PlannerSettings(), deadline=0.0) == []
+    assert greedy_moves(ClusterSnapshot(ws, rs), deadline=0.0) == []
 
 
 def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> None:
@@ -284,7 +251,7 @@ def test_no_plan_adds_to_a_worker_already_over_its_blocks() -> None:
     )
     moves = plan(snap).moves
     assert moves and kv_demand(apply(snap, moves))["w1"] <= 16
-    greedy = _greedy(snap, PlannerSettings())  # greedy keeps to the blocks a worker has
+    greedy = greedy_moves(snap)  # greedy keeps to the blocks a worker has
     assert greedy and all(m.to_worker == "w2" for m in greedy)
 
 
@@ -316,185 +283,3 @@ def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
         file_bytes={"a": 16},
     )
     assert plan(snap).method.startswith("ilp")
-
-
-def test_the_planner_reads_worker_stats_in_the_engines_slots() -> None:
-    """Workers as they report themselves: max_loras adapters of any rank. w1 holds one rank-64
-    adapter in two slots, so it has room for the hot rank-8 adapter (read as rank-16 units, the
-    rank-64 one filled four and w1 looked full)."""
-    from dlora.services.migrator.trigger import snapshot_from_stats
-
-    def stats(name: str, adapters: dict[str, int], loads: list[RequestLoad]) -> WorkerStats:
-        held = [AdapterResidency(name=a, slot=i, merged=False) for i, a in enumerate(adapters)]
-        return _worker_stats(name, loads, 0.01, adapters=held)
-
-    hot = [RequestLoad(request_id=f"r{i}", adapter="small", context_tokens=50, remaining_tokens=100) for i in range(12)]
-    snap = snapshot_from_stats(
-        [stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])], {"small": 8, "other": 8, "big": 64}
-    )
-    p = plan(snap)
-    assert p.moves and all(m.to_worker == "w1" and m.adapter == "small" for m in p.moves)
-    # The names a caller already has (a simulated cluster's dispatcher, of the same messages) are
-    # the ones it would list.
-    workers = [stats("w0", {"small": 8, "other": 8}, hot), stats("w1", {"big": 64}, [])]
-    held = {"w0": frozenset({"small", "other"})}
-    ranks = {"small": 8, "other": 8, "big": 64}
-    assert snapshot_from_stats(workers, ranks, held) == snapshot_from_stats(workers, ranks)
-
-
-def test_every_worker_is_priced_at_the_clusters_mean_speed() -> None:
-    """A batched engine's seconds per token fall as its batch grows: w0 runs 12 requests and
-    measures 5 ms a token, w1 runs 4 and measures 20 ms. Priced by their own figures w1 looked the
-    more loaded (8 s against 6 s) and requests would move towards the busier w0; at the mean
-    (12.5 ms, for the adapter too) w0 is, and moves go from it to w1."""
-    from dlora.services.migrator.trigger import snapshot_from_stats
-
-    def stats(name: str, n: int, spt: float) -> WorkerStats:
-        loads = [
-            RequestLoad(request_id=f"{name}-{i}", adapter="a", context_tokens=50, remaining_tokens=100)
-            for i in range(n)
-        ]
-        return _worker_stats(name, loads, spt, adapter_seconds_per_token={"a": spt})
-
-    snap = snapshot_from_stats([stats("w0", 12, 0.005), stats("w1", 4, 0.02)], {"a": 8})
-    assert all(w.cost("a") == w.cost(None) == 0.0125 for w in snap.workers)
-    p = plan(snap)
-    assert p.moves and all(m.to_worker == "w1" for m in p.moves), p
-
-
-def _worker_stats(name: str, loads: list[RequestLoad], spt: float, max_loras: int = 2, **more: Any) -> WorkerStats:
-    """A worker's stats as it reports them: ``loads`` running, 1,000 blocks, ``max_loras`` slots."""
-    return WorkerStats(
-        worker=name,
-        running=len(loads),
-        waiting=0,
-        free_blocks=900,
-        total_blocks=1000,
-        block_size=16,
-        max_loras=max_loras,
-        seconds_per_token=spt,
-        requests=loads,
-        **more,
-    )
-
-
-def test_slots_count_the_adapters_a_worker_runs_not_those_it_keeps_in_memory() -> None:
-    """w1 keeps four idle adapters (its four slots' worth) and runs nothing: a's requests may go
-    there (it loads a in place of an idle one). w2 runs two adapters in its two slots: a third would
-    split its steps, so a may not join them."""
-    snap = ClusterSnapshot(
-        workers=[worker("w0", ["a"]), worker("w1", ["p", "q", "r", "s"]), worker("w2", ["b", "c"], slots=2)],
-        requests=reqs("w0", "a", 12) + reqs("w2", "b", 1) + reqs("w2", "c", 1),
-        file_bytes={"a": 16, "b": 16, "c": 16},
-    )
-    for moves in (plan(snap).moves, _greedy(snap, PlannerSettings())):
-        assert moves and {m.to_worker for m in moves} == {"w1"}
-
-
-@pytest.mark.parametrize("solver", ["ilp", "greedy"])
-def test_a_request_moves_only_where_its_adapters_rank_loads_and_never_when_pinned(solver: str) -> None:
-    """A migrator moved a rank-32 adapter's requests to a worker whose max_lora_rank is 8, and
-    requests on an adapter version replaced since (that no other worker could load any more): both
-    failed mid-stream. w1 loads rank 8 at most; w0's pinned requests stay whatever the imbalance."""
-    snap = ClusterSnapshot(
-        workers=[
-            WorkerState("w0", 1000, 16, 4, frozenset(["a", "b"]), 0.01, max_lora_rank=64),
-            WorkerState("w1", 1000, 16, 4, frozenset(), 0.01, max_lora_rank=8),
-            WorkerState("w2", 1000, 16, 4, frozenset(), 0.01),  # an older worker: says no rank
-        ],
-        requests=[RequestState(f"pinned-{i}", "w0", "b", 50, 100, rank=8, pinned=True) for i in range(8)]
-        + [RequestState(f"big-{i}", "w0", "a", 50, 100, rank=32) for i in range(8)],
-        file_bytes={"a": 16, "b": 16},
-    )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
-    assert moves and {(m.request_id.split("-")[0], m.to_worker) for m in moves} == {("big", "w2")}
-    pinned = dataclasses.replace(snap, requests=snap.requests[:8])
-    assert not (plan(pinned).moves if solver == "ilp" else _greedy(pinned, PlannerSettings()))
-
-
-@pytest.mark.parametrize("solver", ["ilp", "greedy"])
-def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None:
-    """Workers started apart may serve different models (one host's other revision in the same
-    path): a request moved between them would run its token ids under another tokenizer. w1 serves
-    another model; w2 does not say (an older worker). Then two models' requests of one length
-    (a review: the ILP's sets of workers that hold a request were shared between them)."""
-    snap = ClusterSnapshot(
-        workers=[
-            WorkerState("w0", 1000, 16, 4, frozenset(["a"]), 0.01, model_digest="m1"),
-            WorkerState("w1", 1000, 16, 4, frozenset(), 0.01, model_digest="m2"),
-            WorkerState("w2", 1000, 16, 4, frozenset(), 0.01),
-        ],
-        requests=[RequestState(f"r-{i}", "w0", "a", 50, 100, model_digest="m1") for i in range(12)],
-        file_bytes={"a": 16},
-    )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
-    assert moves and {m.to_worker for m in moves} == {"w2"}
-    mixed = ClusterSnapshot(
-        workers=[
-            WorkerState("a-m1", 1000, 16, 4, frozenset(["a"]), 0.01, model_digest="m1"),
-            WorkerState("b-m2", 1000, 16, 4, frozenset(["b"]), 0.01, model_digest="m2"),
-            WorkerState("c-m1", 1000, 16, 4, frozenset(), 0.01, model_digest="m1"),
-        ],
-        requests=[RequestState(f"a-{i}", "a-m1", "a", 50, 100, model_digest="m1") for i in range(2)]
-        + [RequestState(f"b-{i}", "b-m2", "b", 50, 100, model_digest="m2") for i in range(12)],
-        file_bytes={"a": 16, "b": 16},
-    )
-    moves = plan(mixed).moves if solver == "ilp" else _greedy(mixed, PlannerSettings())
-    assert not [m for m in moves if m.request_id.startswith("b-")], moves
-
-
-def test_a_request_two_workers_list_is_left_out_not_a_crash() -> None:
-    """Stats taken either side of a move (or one id an application sent to two workers) list a
-    request twice: the ILP's start raised (a negative initial value) and the migrator died."""
-    snap = ClusterSnapshot(
-        workers=[worker("w0", ["a"]), worker("w1", ["a"]), worker("w2", ["a"])],
-        requests=reqs("w0", "a", 12) + [RequestState("w0-a-0", "w1", "a", 50, 100)],
-        file_bytes={"a": 16},
-    )
-    p = plan(snap)
-    assert p.moves and "w0-a-0" not in {m.request_id for m in p.moves}
-
-
-@pytest.mark.parametrize("solver", ["ilp", "greedy"])
-def test_a_workers_requests_past_those_its_stats_list_count_as_its_load(solver: str) -> None:
-    """A worker lists 4,096 requests in its stats and only counts the rest with their tokens: the
-    planner read a worker with thousands more queued as no busier than its list, and moved
-    requests onto it. w0 lists 10 and holds 50,000 tokens more; w1 lists 20; w2 is idle."""
-    from dlora.services.migrator.trigger import snapshot_from_stats
-
-    def loads(name: str, n: int) -> list[RequestLoad]:
-        return [
-            RequestLoad(request_id=f"{name}-{i}", adapter=None, context_tokens=50, remaining_tokens=100)
-            for i in range(n)
-        ]
-
-    stats = [
-        _worker_stats("w0", loads("w0", 10), 0.01, unlisted_requests=500, unlisted_remaining_tokens=50_000),
-        _worker_stats("w1", loads("w1", 20), 0.01),
-        _worker_stats("w2", [], 0.01),
-    ]
-    snap = snapshot_from_stats(stats, {})
-    assert completion_times(snap)["w0"] == pytest.approx(510.0)
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
-    assert moves and all(m.request_id.startswith("w0") and m.to_worker != "w0" for m in moves)
-
-
-def test_a_waiting_request_moves_without_a_recompute_charged() -> None:
-    """A request that holds no KV (waiting for a batch) is prefilled wherever it runs: charged its
-    context's recompute all the same, a worker queueing long prompts kept them all (12 s of work
-    on w0, an idle w1) since each move was priced at 25 s."""
-    from dlora.services.migrator.trigger import snapshot_from_stats
-
-    queued = [
-        RequestLoad(request_id=f"q{i}", adapter=None, context_tokens=500, remaining_tokens=100, running=False)
-        for i in range(12)
-    ]
-    snap = snapshot_from_stats(
-        [_worker_stats("w0", queued, 0.01), _worker_stats("w1", [], 0.01)],
-        {},
-        recompute_seconds_per_token=0.05,
-        kv_transfer_seconds_per_token=0.05,
-    )
-    p = plan(snap)
-    assert len(p.moves) == 6 and p.makespan_after_s == pytest.approx(6.0)
-    assert len(_greedy(snap, PlannerSettings())) == 6

@@ -9,12 +9,15 @@ from dataclasses import replace
 import pytest
 
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
-from dlora.services.migrator import planner
+from dlora.services.migrator import greedy as greedy_pass
+from dlora.services.migrator import ilp
 from dlora.services.migrator.bands import grouped
 from dlora.services.migrator.costs import Standing, worth
-from dlora.services.migrator.planner import PlannerSettings, _banded, _destinations, _greedy, _settled, plan
+from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.ilp import banded, destinations
+from dlora.services.migrator.planner import PlannerSettings, _settled, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
-from tests.unit.test_planner import worker
+from tests.unit.planner_cases import worker
 
 
 def test_the_ilps_plan_is_taken_over_the_greedy_one_it_began_from() -> None:
@@ -28,7 +31,7 @@ def test_the_ilps_plan_is_taken_over_the_greedy_one_it_began_from() -> None:
     for size, seed in [((4, 16, 100), s) for s in range(4)] + [((8, 64, 500), s) for s in range(2)]:
         snap = bench_snapshot(*size, seed=seed)
         p = plan(snap, settings)
-        greedy = _greedy(_settled(snap, settings.kv_pressure), settings)
+        greedy = greedy_moves(_settled(snap, settings.kv_pressure))
         assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0)
         taken.append(p.method)
     assert taken == ["ilp-incumbent"] * 6
@@ -60,13 +63,13 @@ def test_the_bands_offered_first_make_a_model_within_the_bound_with_the_greedy_s
     standing = Standing(snap)
     for bound in range(4, 20):
         settings = PlannerSettings(max_ilp_variables=bound, max_destinations=1)
-        greedy = _greedy(snap, settings)
-        groups = _banded(snap, settings, standing, greedy)[0]
+        greedy = greedy_moves(snap)
+        groups = banded(snap, settings, standing, greedy)[0]
         group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
         towards: dict[int, set[str]] = defaultdict(set)
         for m in greedy:
             towards[group_of[m.request_id]].add(m.to_worker)
-        assert sum(map(len, _destinations(snap, groups, settings, towards, standing))) <= bound, bound
+        assert sum(map(len, destinations(snap, groups, settings, towards, standing))) <= bound, bound
 
 
 def test_the_same_cluster_listed_in_another_order_gets_the_same_plan() -> None:
@@ -92,10 +95,10 @@ def test_the_greedy_pass_prices_a_read_only_where_a_move_could_shorten_the_longe
     was left no time to solve in. Checked cheapest first, a read is priced only where the move
     fits otherwise: about once per move (32 x 128 x 2,000: 28,971 reads for 201 moves before)."""
     priced = []
-    read_price = planner.read_price
-    monkeypatch.setattr(planner, "read_price", lambda *a: priced.append(a) or read_price(*a))
+    read_price = greedy_pass.read_price
+    monkeypatch.setattr(greedy_pass, "read_price", lambda *a: priced.append(a) or read_price(*a))
     snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
-    moves = _greedy(snap, PlannerSettings())
+    moves = greedy_moves(snap)
     assert moves and len(priced) <= len(moves)
 
 
@@ -108,13 +111,13 @@ def test_cbc_searches_without_cut_rounds_under_either_bound(
     counts at their means, lost to greedy's (190.3 s saved against 198.2). Without cuts, as under the
     node bound, it branches from the start: 200.2 there, within the migrator's 1 s on 2 cores."""
     options: list[object] = []
-    coin = planner.pulp.COIN_CMD
+    coin = ilp.pulp.COIN_CMD
 
     def spy(*args: object, **kwargs: object) -> object:
         options.append(kwargs.get("options"))
         return coin(*args, **kwargs)
 
-    monkeypatch.setattr(planner.pulp, "COIN_CMD", spy)
+    monkeypatch.setattr(ilp.pulp, "COIN_CMD", spy)
     plan(bench_snapshot(4, 16, 100), settings)
     assert options == [["cuts off"]]
 
@@ -126,11 +129,11 @@ def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and
     adapter's bands and pinned requests make several): 156,000 looks at 128 x 1,024 x 10,000, a
     tenth of the migrator's 1 s bound, which CBC needs to branch from its start in."""
     looks = []
-    takes = planner.takes
-    monkeypatch.setattr(planner, "takes", lambda *a: looks.append(a) or takes(*a))
+    takes = ilp.takes
+    monkeypatch.setattr(ilp, "takes", lambda *a: looks.append(a) or takes(*a))
     snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
     groups = grouped(snap, 2)
-    dests = _destinations(snap, groups, PlannerSettings(), {}, Standing(snap))
+    dests = destinations(snap, groups, PlannerSettings(), {}, Standing(snap))
     adapters = {g.adapter for g in groups}
     assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
 
@@ -148,4 +151,4 @@ def test_pinned_requests_stay_one_group_and_leave_the_budget_to_bands_that_can_m
     assert len([g for g in groups if g.worker == "y"]) == 2
     # one variable for x's, three for each of y's two bands (home, x and z)
     settings = PlannerSettings(max_ilp_variables=1 + 2 * 3)
-    assert len(_banded(snap, settings, Standing(snap), [])[0]) == 3
+    assert len(banded(snap, settings, Standing(snap), [])[0]) == 3

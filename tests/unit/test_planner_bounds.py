@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from dlora.common.messages import MoveRequest, RequestLoad, WorkerStats
-from dlora.services.migrator import planner
+from dlora.services.migrator import ilp, planner
 from dlora.services.migrator.costs import running_adapters, worth
-from dlora.services.migrator.planner import PlannerSettings, _greedy, _settled, apply, kv_demand, plan
+from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.planner import PlannerSettings, _settled, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 from dlora.services.migrator.trigger import snapshot_from_stats
-from tests.unit.test_planner import reqs, worker
+from tests.unit.planner_cases import reqs, worker
 
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
@@ -32,7 +33,7 @@ def test_the_requests_a_plan_names_fit_the_blocks_it_counted(solver: str) -> Non
         ],
         file_bytes={"a": 16},
     )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert moves and kv_demand(apply(snap, moves))["z"] <= 5  # (short ones, in its place)
 
 
@@ -86,7 +87,7 @@ def test_two_plans_in_a_row_leave_room_for_the_moves_still_on_their_way(solver: 
         )
 
     def moves(snap: ClusterSnapshot) -> list[MoveRequest]:
-        return plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+        return plan(snap).moves if solver == "ilp" else greedy_moves(snap)
 
     costs = {"recompute_seconds_per_token": 0.0001, "kv_transfer_seconds_per_token": 0.0001}
     held = [f"r{i:02d}" for i in range(20)]
@@ -108,11 +109,11 @@ def test_the_ilp_itself_leaves_room_for_the_blocks_on_their_way() -> None:
 
     y = replace(worker("y", kv_blocks=60), unlisted_blocks=60, unlisted_tokens=600)
     snap = ClusterSnapshot([worker("x"), y], [RequestState(f"r{i:02d}", "x", None, 160, 100) for i in range(20)])
-    solved = planner._solve(snap, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(snap))
+    solved = ilp.solve(snap, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(snap))
     assert isinstance(solved, tuple) and solved[0] == []
     # (with room for them, it moves some: the bound, not the balance, keeps them home)
     roomy = replace(snap, workers=[worker("x"), replace(y, kv_blocks=200)])
-    solved = planner._solve(roomy, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(roomy))
+    solved = ilp.solve(roomy, PlannerSettings(max_nodes=20), [], time.perf_counter(), Standing(roomy))
     assert isinstance(solved, tuple) and solved[0]
 
 
@@ -161,7 +162,7 @@ def test_a_solver_that_fails_leaves_the_greedy_plan(monkeypatch: pytest.MonkeyPa
     """CBC runs as a subprocess: killed (out of memory) or unable to write its files, PuLP raised,
     and the migrator's look planned nothing where the greedy plan was ready (the module's docstring:
     where the solver ends without a solution, the greedy plan is taken)."""
-    monkeypatch.setattr(planner, "_cbc_path", lambda: "/bin/false")
+    monkeypatch.setattr(ilp, "cbc_path", lambda: "/bin/false")
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 10), file_bytes={"a": 16}
     )
@@ -282,7 +283,7 @@ def test_plans_of_small_random_clusters_keep_every_bound(seed: int) -> None:
         assert after[w] <= max(workers[w].kv_blocks, before[w])
         arriving = moved[w] - running[w]
         assert not arriving or moved[w].slots <= max(workers[w].slots, running[w].slots)
-    greedy = _greedy(_settled(snap, 1.0), PlannerSettings())
+    greedy = greedy_moves(_settled(snap, 1.0))
     assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0) - 1e-9 or p.no_gain
 
 
@@ -383,11 +384,11 @@ def test_a_time_bound_spent_before_the_solve_builds_no_model(monkeypatch: pytest
     built all the same, then thrown away (no time left to solve), and the plan came past its bound
     by the building: a greedy plan in 1.4-2 s of 1 s at 128 x 1,024 x 10,000 on a loaded machine.
     Counted, not timed: with no time left, no group's destinations listed and no model built."""
-    problem, destinations = planner.pulp.LpProblem, planner._destinations
+    problem, destinations = ilp.pulp.LpProblem, ilp.destinations
     built: list[object] = []
     listed: list[object] = []
-    monkeypatch.setattr(planner.pulp, "LpProblem", lambda *a, **k: built.append(a) or problem(*a, **k))
-    monkeypatch.setattr(planner, "_destinations", lambda *a, **k: listed.append(a) or destinations(*a, **k))
+    monkeypatch.setattr(ilp.pulp, "LpProblem", lambda *a, **k: built.append(a) or problem(*a, **k))
+    monkeypatch.setattr(ilp, "destinations", lambda *a, **k: listed.append(a) or destinations(*a, **k))
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 10), file_bytes={"a": 16}
     )
@@ -408,7 +409,7 @@ def test_the_greedy_pass_moves_to_a_worker_holding_the_adapter_where_it_ends_as_
         file_bytes={"a": 16},
         adapter_load_seconds=1.0,
     )
-    moves = _greedy(snap, PlannerSettings())
+    moves = greedy_moves(snap)
     assert [(m.request_id, m.to_worker) for m in moves] == [("moving", "z")]
     p = plan(snap, PlannerSettings(max_ilp_variables=1))  # (the greedy plan, where the ILP does not solve)
     assert [m.to_worker for m in p.moves] == ["z"] and p.makespan_after_s == pytest.approx(4.0)

@@ -10,10 +10,11 @@ import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
 from dlora.services.migrator.costs import running_adapters
-from dlora.services.migrator.planner import PlannerSettings, _greedy, plan
+from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.planner import plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
-from tests.unit.test_planner import _worker_stats
+from tests.unit.planner_cases import worker_stats
 
 
 def _load(rid: str, version: str, remaining: int = 100, pinned: bool = False) -> RequestLoad:
@@ -25,7 +26,7 @@ def _load(rid: str, version: str, remaining: int = 100, pinned: bool = False) ->
 def _stats(name: str, held: tuple[tuple[str, str], ...], loads: list[RequestLoad], slots: int = 2) -> WorkerStats:
     """A worker holding ``held`` (name, version) in host memory, running ``loads``."""
     adapters = [AdapterResidency(name=a, slot=None, merged=False, version=v) for a, v in held]
-    return _worker_stats(name, loads, 0.01, max_loras=slots, adapters=adapters)
+    return worker_stats(name, loads, 0.01, max_loras=slots, adapters=adapters)
 
 
 # y runs four requests of rl@v2 (4 s of work); x runs a short one of rl@v1, pinned there (its
@@ -65,7 +66,7 @@ def test_each_version_takes_a_slot_of_its_own(solver: str) -> None:
         adapter_load_seconds=0.0,
     )
     assert running_adapters(snap) == {"x": {"rl@v1"}, "y": {"rl@v2"}}
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert moves == []
     # the same requests on v1 (another worker's, before its reload) may join x's
     same = [msgspec.structs.replace(r, version="v1") for r in BUSY]
@@ -74,7 +75,7 @@ def test_each_version_takes_a_slot_of_its_own(solver: str) -> None:
         {"rl": 16},
         adapter_load_seconds=0.0,
     )
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert moves and {m.to_worker for m in moves} == {"x"}
 
 
@@ -136,9 +137,9 @@ def test_requests_a_worker_counts_but_does_not_list_hold_their_slots(solver: str
     third = [msgspec.structs.replace(r, adapter="third", version="") for r in BUSY]
     snap = snapshot_from_stats([x, _stats("y", (("third", ""),), third)], {"rl": 16}, adapter_load_seconds=0.0)
     assert running_adapters(snap)["x"] == {"rl@v1", "other@v3" if newer else "other"}
-    assert (plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())) == []
+    assert (plan(snap).moves if solver == "ilp" else greedy_moves(snap)) == []
     # listed, the same requests of rl@v1 may join x's
     same = [msgspec.structs.replace(r, version="v1") for r in BUSY]
     snap = snapshot_from_stats([x, _stats("y", (("rl", "v1"),), same)], {"rl": 16}, adapter_load_seconds=0.0)
-    moves = plan(snap).moves if solver == "ilp" else _greedy(snap, PlannerSettings())
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
     assert moves and {m.to_worker for m in moves} == {"x"}
