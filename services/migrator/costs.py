@@ -110,40 +110,38 @@ class Standing:
         return _overflow(self.snapshot, self.demand, kv_pressure) - _overflow(self.snapshot, demand, kv_pressure)
 
     def worth(self, moves: list[MoveRequest], kv_pressure: float) -> float:
-        """Seconds ``moves`` save: the longest completion time's drop and the recompute of KV demand
-        over ``kv_pressure`` they spare, less their recomputes or KV shipped and the adapter reads
-        their destinations make (priced as the ILP prices them)."""
+        """Seconds ``moves`` save: the longest completion time's drop (the adapter reads they make
+        waited for, ``waited``) and the recompute of KV demand over ``kv_pressure`` they spare, less
+        their recomputes or KV shipped: the ILP's objective, and what the gain check asks to be
+        positive. A read costs only the wait of the requests moved for it (DESIGN.md: "every other
+        stream steps on"): summed as a cost here while the gain check waited for it, each plan judged
+        a read two ways, and where both plans were empty by the sum nothing went though one gained."""
         load, demand = self.after(moves)
-        saved = self.longest - max(load.values(), default=0.0)
-        return saved + self.relief(demand, kv_pressure) - self.cost(moves) - sum(self.reads(moves).values())
-
-    def reads(self, moves: list[MoveRequest]) -> dict[str, float]:
-        """Seconds each destination of ``moves`` takes to read the adapter versions they run on and
-        it neither holds nor runs (once each), priced as the ILP prices them."""
-        read = {
-            (m.to_worker, r.key)
-            for m in moves
-            if (r := self.by_id[m.request_id]).key and not runs_among(self.running[m.to_worker], r.key)
-        }
-        out: dict[str, float] = {}
-        for w, key in sorted(read):  # (one order: the same sums whatever the set's)
-            out[w] = out.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)
-        return out
+        saved = self.longest - max(self.waited(moves, load).values(), default=0.0)
+        return saved + self.relief(demand, kv_pressure) - self.cost(moves)
 
     def waited(self, moves: list[MoveRequest], load: dict[str, float]) -> dict[str, float]:
         """Each worker's completion time, ``load`` once ``moves`` are made (``after``), with the reads
-        they make waited for: the requests moved to a destination for a read start after it, while
-        its other streams step on beside it (added to all of its work, a read to a busy worker
-        dropped a plan for a gain it brought)."""
-        reads = {w: seconds for w, seconds in self.reads(moves).items() if seconds}
-        waiting = dict.fromkeys(reads, 0.0)
-        for m in (m for m in moves if m.to_worker in reads):  # (the requests of the others: not read)
-            r, there = self.by_id[m.request_id], self.workers[m.to_worker]
-            if (key := r.key) and not runs_among(self.running[there.worker], key) and not there.has(key):
-                waiting[there.worker] += r.remaining_tokens * there.cost(r.adapter)
+        they make waited for: a destination reads the adapter versions they run on that it neither
+        holds nor runs (once each, one after another), and the requests moved there for them start
+        after those reads, while its other streams step on beside them (added to all of its work, a
+        read to a busy worker dropped a plan for a gain it brought)."""
+        read: set[tuple[str, str]] = set()
+        waiting: dict[str, float] = {}
+        for m in moves:  # (one walk: ``worth`` and the gain check each make one after CBC returns)
+            r = self.by_id[m.request_id]
+            if (key := r.key) and not runs_among(self.running[m.to_worker], key):
+                read.add((m.to_worker, key))
+                there = self.workers[m.to_worker]
+                if not there.has(key):
+                    waiting[there.worker] = waiting.get(there.worker, 0.0) + r.remaining_tokens * there.cost(r.adapter)
+        reads: dict[str, float] = {}
+        for w, key in sorted(read):  # (one order: the same sums whatever the set's)
+            reads[w] = reads.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)
         out = dict(load)
         for w, seconds in reads.items():
-            out[w] = max(load[w] - waiting[w], seconds) + waiting[w]
+            if seconds:
+                out[w] = max(load[w] - waiting.get(w, 0.0), seconds) + waiting.get(w, 0.0)
         return out
 
 

@@ -21,70 +21,128 @@ def greedy_moves(
 ) -> list[MoveRequest]:
     """One request at a time from the most loaded worker to one with its adapter or a free slot, and KV room,
     while the longest completion shrinks by more than it costs; at ``deadline``, the moves so far."""
-    standing = standing or Standing(snapshot)  # (the caller's sums: not walked again in the time bound)
-    workers, load, demand = standing.workers, dict(standing.load), dict(standing.demand)
-    held = {w: Running(keys, keys.by_version) for w, keys in standing.running.items()}  # (moves add to it)
+    return _Pass(snapshot, standing or Standing(snapshot)).run(deadline)
 
-    def price(r: RequestState) -> float:
-        return price_of(snapshot, workers[r.worker], r)
 
-    on: dict[str, list[RequestState]] = defaultdict(list)
-    for r in sorted(snapshot.requests, key=price):
-        on[r.worker].append(r)  # each worker's cheapest first, kept so (sorted for each move: 6 s)
-    to: dict[str, str] = {}
-    for _ in range(len(snapshot.requests)):
-        if deadline is not None and time.perf_counter() > deadline:
-            break
-        src = max(load, key=lambda w: load[w])
-        order = sorted(load, key=lambda w: load[w])
-        pick: tuple[float, float, str] | None = None  # (read, end, destination)
-        for i, r in enumerate(on[src]):  # noqa: B007 (the one picked: read after the loop)
-            if price(r) >= 1:  # (and every one after it) adds more than it relieves
+class _Pass:
+    """The greedy pass's state: each worker's completion time counted as ``Standing.waited`` counts a
+    plan's (its reads waited for by the requests moved there for them, not by its own work), so the
+    pass, ``worth`` and the gain check judge a read alike. Priced as work taken from the destination,
+    a read to a busy worker was a move the pass never made, though the plan gained (left by the last
+    session: both plans empty where one would have gone)."""
+
+    def __init__(self, snapshot: ClusterSnapshot, standing: Standing) -> None:
+        self.snapshot, self.standing, self.workers = snapshot, standing, standing.workers
+        self.demand = dict(standing.demand)
+        self.held = {w: Running(keys, keys.by_version) for w, keys in standing.running.items()}  # (moves add to it)
+        # A worker's completion is max(own, reading) + waiting (``Standing.waited``): its own work
+        # (the requests moved there that wait for no read among it), the reads made there (one at a
+        # time, beside its steps) and the work of the requests moved there that wait for them.
+        self.own = dict(standing.load)
+        self.reading = dict.fromkeys(self.workers, 0.0)
+        self.waiting = dict.fromkeys(self.workers, 0.0)
+        self.load = dict(standing.load)
+        self.waits_at: dict[str, str] = {}  # request id -> the worker it was moved to and waits for a read at
+        self.on: dict[str, list[RequestState]] = defaultdict(list)
+        for r in sorted(snapshot.requests, key=self.price):
+            self.on[r.worker].append(r)  # each worker's cheapest first, kept so (sorted for each move: 6 s)
+
+    def price(self, r: RequestState) -> float:
+        return price_of(self.snapshot, self.workers[r.worker], r)
+
+    def run(self, deadline: float | None) -> list[MoveRequest]:
+        to: dict[str, str] = {}
+        load = self.load
+        for _ in range(len(self.snapshot.requests)):
+            if deadline is not None and time.perf_counter() > deadline:
                 break
-            a, moving = r.key, move_cost(snapshot, r)
-            # One needing no read first (as the ILP prices one), then the one ending first: the least
-            # loaded read an adapter where one holding it ended as soon (a review; the commit's numbers).
+            src = max(load, key=lambda w: load[w])
+            order = sorted(load, key=lambda w: load[w])
             pick = None
-            for dst in order:
-                bound = pick[1] if pick and not pick[0] else load[src]
-                if load[dst] > bound:  # (in load order: none after it ends as soon)
+            for i, r in enumerate(self.on[src]):  # noqa: B007 (the one picked: read after the loop)
+                if self.price(r) >= 1:  # (and every one after it) adds more than it relieves
                     break
-                if dst == src:
-                    continue
-                # The cheapest checks first, each only where the last passed: priced for every one
-                # looked at, they took 0.7 s of the 1 s bound at 128 x 1,024 x 10,000 (the ILP none).
-                arrives = load[dst] + r.remaining_tokens * workers[dst].cost(r.adapter) + moving
-                if arrives > bound:  # (a read only adds to it)
-                    continue
-                if demand[dst] + blocks_of(r.context_tokens, workers[dst].block_size) > workers[dst].kv_blocks:
-                    continue
-                if not (workers[dst].holds(r) and takes(held[dst], a, workers[dst].slots)):
-                    continue
-                # a read it makes is waited for (unpriced, a fallback plan moved 2 s of work where a
-                # read took 3 s); priced until one passes (about once a move), then none is taken
-                needs = a and not (runs_among(held[dst], a) or workers[dst].has(a))
-                if needs and pick:
-                    continue
-                read = read_price(snapshot, workers[dst], a) if needs else 0.0
-                if arrives + read < load[src] and (pick is None or (read, arrives + read) < pick[:2]):
-                    pick = (read, arrives + read, dst)
-            if pick:
+                if pick := self.destination(r, src, order):
+                    break
+            if pick is None:
                 break
-        if pick is None:
-            break
-        read, _, dst = pick
-        load[src] -= r.remaining_tokens * workers[src].cost(r.adapter)
-        load[dst] += r.remaining_tokens * workers[dst].cost(r.adapter) + move_cost(snapshot, r) + read
-        demand[src] -= blocks_of(r.context_tokens, workers[src].block_size)
-        demand[dst] += blocks_of(r.context_tokens, workers[dst].block_size)
-        del on[src][i]
-        bisect.insort(on[dst], r, key=price)
+            self.move(r, i, src, pick)
+            to[r.request_id] = pick[2]
+        # A request moved on again counts once, to where it ended (nowhere, if back home).
+        return [
+            MoveRequest(
+                request_id=r.request_id, adapter=r.adapter, to_worker=to[r.request_id], ship_kv=ship_kv(self.snapshot)
+            )
+            for r in self.snapshot.requests
+            if to.get(r.request_id, r.worker) != r.worker
+        ]
+
+    def destination(self, r: RequestState, src: str, order: list[str]) -> tuple[float, float, str, bool] | None:
+        """Where ``r`` (on ``src``) is best moved, of ``order`` (the workers, least loaded first), as
+        (read seconds, its destination's completion after, destination, whether it waits for a read
+        there); None: nowhere ends before ``src`` does now. One needing no read first (as the ILP
+        prices one), then the one ending first: the least loaded read an adapter where one holding
+        it ended as soon (a review; the commit's numbers)."""
+        workers, load, a = self.workers, self.load, r.key
+        moving = move_cost(self.snapshot, r)
+        pick: tuple[float, float, str, bool] | None = None
+        for dst in order:
+            bound = pick[1] if pick and not pick[0] else load[src]
+            if load[dst] > bound:  # (in load order: none after it ends as soon; an arrival only adds)
+                break
+            if dst == src:
+                continue
+            there = workers[dst]
+            # The cheapest checks first, each only where the last passed: priced for every one
+            # looked at, they took 0.7 s of the 1 s bound at 128 x 1,024 x 10,000 (the ILP none).
+            work = r.remaining_tokens * there.cost(r.adapter) + moving
+            waits = bool(a) and not (runs_among(self.standing.running[dst], a) or there.has(a))
+            end = self.done(dst, work, 0.0, waits)
+            if end > bound:  # (a read only adds to it)
+                continue
+            if self.demand[dst] + blocks_of(r.context_tokens, there.block_size) > there.kv_blocks:
+                continue
+            if not (there.holds(r) and takes(self.held[dst], a, there.slots)):
+                continue
+            # a read it makes is waited for (unpriced, a fallback plan moved 2 s of work where a read
+            # took 3 s); priced until one passes (about once a move), then none is taken
+            needs = bool(a) and not (runs_among(self.held[dst], a) or there.has(a))
+            if needs and pick:
+                continue
+            read = read_price(self.snapshot, there, a) if needs else 0.0
+            end = self.done(dst, work, read, waits or needs)
+            if end < load[src] and (pick is None or (read, end) < pick[:2]):
+                pick = (read, end, dst, waits or needs)
+        return pick
+
+    def done(self, w: str, work: float, read: float, waits: bool) -> float:
+        """``w``'s completion once a request of ``work`` seconds arrives (``read``: the seconds of the
+        read it makes there; ``waits``: whether it waits for a read there)."""
+        if waits:
+            return max(self.own[w], self.reading[w] + read) + self.waiting[w] + work
+        return max(self.own[w] + work, self.reading[w]) + self.waiting[w]
+
+    def move(self, r: RequestState, i: int, src: str, pick: tuple[float, float, str, bool]) -> None:
+        """Move ``r``, ``self.on[src][i]``, where ``pick`` (``destination``) says."""
+        read, _, dst, waits = pick
+        home, there = self.workers[src], self.workers[dst]
+        left = r.remaining_tokens * home.cost(r.adapter)
+        if self.waits_at.pop(r.request_id, None) == src:
+            self.waiting[src] -= left
+        else:
+            self.own[src] -= left
+        work = r.remaining_tokens * there.cost(r.adapter) + move_cost(self.snapshot, r)
+        if waits:
+            self.waiting[dst] += work
+            self.reading[dst] += read
+            self.waits_at[r.request_id] = dst
+        else:
+            self.own[dst] += work
+        for w in (src, dst):
+            self.load[w] = max(self.own[w], self.reading[w]) + self.waiting[w]
+        self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
+        self.demand[dst] += blocks_of(r.context_tokens, there.block_size)
+        del self.on[src][i]
+        bisect.insort(self.on[dst], r, key=self.price)
         if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)
-            held[dst].add(r.key)
-        to[r.request_id] = dst
-    # A request moved on again counts once, to where it ended (nowhere, if back home).
-    return [
-        MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=to[r.request_id], ship_kv=ship_kv(snapshot))
-        for r in snapshot.requests
-        if to.get(r.request_id, r.worker) != r.worker
-    ]
+            self.held[dst].add(r.key)

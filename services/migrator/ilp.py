@@ -8,12 +8,14 @@ variable n[g, w] (how many of group g go to worker w) stands for |g| binary requ
 choices, which keeps 2,000 requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
 worker w (fixed to 1 where it already does).
 
-    minimise  T + sum over moves of their cost + sum over new adapter copies of the load cost
+    minimise  T + sum over moves of their cost
     s.t.      each group's requests all land somewhere           sum_w n[g, w] = |g|
               a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
               adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - running_w
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
               T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
+              and its reads, waited for by what they bring       sum_a y[a, w] read_a,w
+                                                                   + sum_{g moved for a read} n[g, w] work_g,w <= T
 
 KV demand above a pressure fraction of a worker's blocks (all of them by default) is priced as
 the recompute of its tokens, since that is what the worker's preemptions will cost: a slack
@@ -23,7 +25,7 @@ objective. A worker already over its blocks (waiting requests count) may stay th
 work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its
 mean where the adapter has not run there). running_w counts the adapters w has requests of: one
 step runs at most slots_w adapters, so a new adapter may go only where fewer than that run (its
-load from host memory or disk is paid where w does not hold it). A group's destinations are only
+read from host memory or disk is waited for where w does not hold it). A group's destinations are only
 the workers where it could run (its adapter runs there or a slot is free). Where those make too
 big a model, only groups on workers busier than the mean (or over their KV pressure) may leave
 home, each to its few least loaded (or roomiest) destinations: what shortens the longest
@@ -53,6 +55,11 @@ from dlora.services.migrator.named import within
 from dlora.services.migrator.settings import CBC_OVERHEAD_S, PlannerSettings
 from dlora.services.migrator.shared_slots import bound_slots, joins
 from dlora.services.migrator.snapshot import ClusterSnapshot, WorkerState, runs_among, takes
+
+# A read's seconds, this fraction of them in the objective: only T counts a read (a wait), so among
+# plans as good by it the one reading no adapter it need not read is taken, by a margin no plan's
+# worth (``Standing.worth``, in which a read is a wait alone) notices.
+READ_TIE = 1e-3
 
 
 def destinations(
@@ -199,15 +206,15 @@ def solve(
                     prob += pulp.LpAffineExpression([(n[i, w], 1), (y[g.adapter, w], -g.size)]) <= 0
                 objective.append((n[i, w], unit))
     arriving = {(groups[i].adapter, w) for (i, w), k in moved.items() if k}  # by the start's plan
+    reads_of: dict[str, list[tuple[pulp.LpVariable, float]]] = {}
     for w, ws in workers.items():
         new = [(a, v) for (a, x), v in y.items() if x == w and not isinstance(v, int)]
+        joining = {a for a, _ in new if joins(active[w], a)}  # (no read: as where it runs)
         if new:
-            joining = {a for a, _ in new if joins(active[w], a)}  # (no read: as where it runs)
             coming = {a for a, _ in new if (a, w) in arriving}
             bound_slots(prob, new, index[w], coming, ws.slots - active[w].slots, joining)
-            for a, v in new:
-                if a not in joining and (price := read_price(snapshot, ws, a)):
-                    objective.append((v, price))
+        reads = [(v, price) for a, v in new if a not in joining and (price := read_price(snapshot, ws, a))]
+        objective.extend((v, READ_TIE * price) for v, price in reads)
         here = per_worker[w]
         kv = [(n[i, w], groups[i].mean_blocks(ws.block_size)) for i in here]
         # A worker already over its blocks (by the same count) may stay there, not grow: no move fits.
@@ -220,8 +227,18 @@ def solve(
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
+        if reads:
+            # A read is waited for (``Standing.waited``): the requests moved here for one start once
+            # the reads made here end (one after another), beside this worker's own steps, so T
+            # bounds both its work and its reads plus the work waiting for them: a max, linear
+            # as two rows. Summed into the objective instead, a read to a busy worker made a move
+            # that gained look worse than none (the commit's test).
+            unread = {a for a, _ in new if a not in joining and not ws.has(a)}
+            waiting = [(v, c) for (v, c), i in zip(work, here) if groups[i].worker != w and groups[i].adapter in unread]
+            reads_of[w] = [*reads, *waiting]
+            prob += pulp.LpAffineExpression([*reads_of[w], (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
-    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, workers)
+    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, workers, reads_of)
     if settings.max_nodes is not None:
         # No cuts: a node bound does not bound CBC's cut rounds at the root, which took up to 28 s
         # a solve in the simulator's 32-replica runs; without them, the same plans at 20 nodes in

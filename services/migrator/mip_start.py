@@ -23,6 +23,7 @@ def start_from(
     kv_of: dict[str, list[tuple[pulp.LpVariable, int]]],
     kv_pressure: float,
     workers: dict[str, WorkerState],
+    reads_of: dict[str, list[tuple[pulp.LpVariable, float]]],
 ) -> None:
     """Every variable's value in the plan ``moved`` ((group, destination) -> requests), as the
     solver's start: T and the KV overflow by the model's own coefficients. The greedy plan keeps
@@ -38,6 +39,7 @@ def start_from(
         if not isinstance(v, int):
             v.setInitialValue(int((a, w) in arriving))
     work = [sum(c * (v.varValue or 0) for v, c in work_of[w]) + workers[w].unlisted_seconds() for w in workers]
+    work += [sum(c * (v.varValue or 0) for v, c in row) for row in reads_of.values()]
     T.setInitialValue(max(work, default=0.0))
     for w, over in overs.items():
         used = sum(c * (v.varValue or 0) for v, c in kv_of[w]) + workers[w].unlisted_blocks

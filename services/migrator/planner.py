@@ -10,8 +10,13 @@ time at that size. If the solver ends without a solution (or fails), the greedy 
 ILP counts a band by its mean (work, move cost, blocks): the requests its counts name are checked
 against each destination's blocks (``named``), and where they do worse than the greedy plan by the
 ILP's own objective (``costs.worth``), the greedy plan is taken. The plan taken goes out only
-where it shortens the longest completion (its reads waited for) by more than its moves cost; where
-it does not (or is empty) and the other one does, the other goes.
+where it shortens the longest completion by more than its moves cost (and by ``min_gain_s``);
+where it does not (or is empty) and the other one does, the other goes.
+
+One model of an adapter read holds throughout (DESIGN.md): it runs beside the destination's steps,
+one read after another, and only the requests moved there for it wait for it. The greedy pass,
+the ILP's T, ``worth`` and the gain check all count a destination's completion as
+max(its other work, its reads) + the work waiting for them (``Standing.waited``).
 """
 
 from __future__ import annotations
@@ -93,11 +98,10 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> Mov
         else:
             other = (named, solved[1])
     after, no_gain = _gained(standing, moves, settings)
-    # Chosen by worth (its reads summed as costs), a plan can bring too little where the other, its
-    # reads waited for, brings enough: the ILP that moved one to a busy worker rather than read an
-    # adapter on an idle one left no plan, where without it the greedy one went (a review). An empty
-    # plan brings nothing: where the ILP's, worth 0 against a greedy plan's read, nothing went that
-    # the greedy plan alone (the ILP unsolved) would have sent (a review: reads priced two ways).
+    # Chosen by worth (the gain less the moves' cost), a plan can still bring less than min_gain_s
+    # where the other, costing more, brings enough: then the other goes. (Where worth summed the
+    # reads as costs and the gain check waited for them, an empty ILP plan, worth 0 against a
+    # greedy plan's read, sent nothing the greedy plan alone would have sent: a review.)
     if (no_gain or not moves) and other and other[0] and not (alt := _gained(standing, other[0], settings))[1]:
         (moves, method), (after, no_gain) = other, alt
     return MovePlan(
@@ -119,10 +123,10 @@ def _gained(standing: Standing, moves: list[MoveRequest], settings: PlannerSetti
     # longest completion, left out, passed a plan on 0.7 s saved that its read made 0.3 s).
     after, relief = max(standing.waited(moves, load).values()), standing.relief(demand, settings.kv_pressure)
     # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
-    # the moves cost in total: each move's recompute is real work taken from the destination. Not
-    # by their ``worth`` (its reads summed as if work too): a read runs beside the destination's
-    # steps, its cost the wait counted above. By worth, a greedy plan (the one sent where the ILP
-    # does not solve) that brought the longest completion from 25.9 s to 21.25 s, its four reads
-    # of 3 s waited for, was worth -4 s and would have been dropped (7 of 300 seeded clusters).
+    # the moves cost in total: each move's recompute is real work taken from the destination; a
+    # read is not, it runs beside the destination's steps, its cost the wait counted above (the
+    # gain less the cost is ``worth``, which chose the plan). Summed as work, a greedy plan that
+    # brought the longest completion from 25.9 s to 21.25 s, its four reads of 3 s waited for,
+    # was worth -4 s and would have been dropped (7 of 300 seeded clusters).
     gain = standing.longest - after + relief
     return after, bool(moves) and gain < max(settings.min_gain_s, standing.cost(moves))

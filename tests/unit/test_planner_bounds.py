@@ -190,9 +190,9 @@ def test_a_plans_gain_counts_the_wait_for_the_reads_its_moves_make() -> None:
     """x runs four 1 s requests of a; y lacks a and reads it in 2.5 s. Where the ILP does not solve,
     the greedy plan moves one (3.525 s on y with its read, under x's 4 s): the longest completion
     goes from 4 s to 3.5 s, not to 3 s as counted without the read, so under a min_gain_s of 0.75
-    it moved for a gain it did not bring. Its worth is negative (the read summed as a cost), and
-    where the gain asked is less it still goes: a read runs beside y's steps, so it is priced as
-    the wait it is, not as work taken from y (``plan`` says why)."""
+    it moved for a gain it did not bring. Where the gain asked is less it still goes: a read runs
+    beside y's steps, so it is priced as the wait it is, not as work taken from y (``plan`` says
+    why), and its worth is that gain less its move (by ``worth`` the read was once a cost too)."""
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", [])],
         requests=reqs("x", "a", 4),
@@ -203,7 +203,8 @@ def test_a_plans_gain_counts_the_wait_for_the_reads_its_moves_make() -> None:
     p = plan(snap, greedy)
     assert p.no_gain and p.moves == [] and p.makespan_after_s == pytest.approx(3.5)
     p = plan(snap, replace(greedy, min_gain_s=0.25))
-    assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5) and worth(snap, p.moves, 1.0) < 0
+    assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5)
+    assert worth(snap, p.moves, 1.0) == pytest.approx(0.5 - 50 * 0.0005)
 
 
 def test_a_read_delays_the_requests_moved_for_it_not_the_destinations_own() -> None:
@@ -229,9 +230,10 @@ def test_a_read_delays_the_requests_moved_for_it_not_the_destinations_own() -> N
 def test_where_the_plan_chosen_by_worth_brings_too_little_the_other_one_goes() -> None:
     """x runs four 1 s requests of a; y, idle, lacks a (a read of 1.4 s); z holds a beside 2.5 s of
     its own pinned work. The greedy plan moves one to y: the longest completion goes from 4 s to 3 s,
-    the read waited for. The ILP, pricing the read as a cost, moves one to z instead (4 s to 3.5 s),
+    the read waited for. The ILP, pricing the read as a cost, moved one to z instead (4 s to 3.5 s),
     and by worth its plan was chosen, then dropped as too little under a min_gain_s of 0.6: where the
-    ILP did not solve, the greedy plan went; where it did, nothing went (a review)."""
+    ILP did not solve, the greedy plan went; where it did, nothing went (a review). The ILP waits
+    for a read now too, and moves it to y itself."""
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", []), worker("z", ["a"])],
         requests=reqs("x", "a", 4) + [replace(r, pinned=True) for r in reqs("z", None, 5, remaining=50)],
@@ -242,7 +244,7 @@ def test_where_the_plan_chosen_by_worth_brings_too_little_the_other_one_goes() -
     p = plan(snap, replace(settings, max_ilp_variables=1))  # (no ILP: the greedy plan)
     assert [(m.request_id, m.to_worker) for m in p.moves] == [("x-a-0", "y")] and not p.no_gain
     p = plan(snap, settings)
-    assert p.ilp_fallback is None and not p.no_gain and p.method == "greedy"
+    assert p.ilp_fallback is None and not p.no_gain
     assert [(m.request_id, m.to_worker) for m in p.moves] == [("x-a-0", "y")]
     assert p.makespan_after_s == pytest.approx(3.0)
 
@@ -417,9 +419,10 @@ def test_the_greedy_pass_moves_to_a_worker_holding_the_adapter_where_it_ends_as_
 
 def test_where_the_ilps_plan_is_empty_the_greedy_one_goes_if_it_gains_enough() -> None:
     """The snapshot of the gain test above (y reads a in 2.5 s), planned with the ILP: pricing the
-    read as a cost, it moves nothing (worth 0 against the greedy plan's negative worth), and an
+    read as a cost, it moved nothing (worth 0 against the greedy plan's negative worth), and an
     empty plan brings "too little" of nothing, so the greedy plan that goes where the ILP does not
-    solve (4 s to 3.5 s, the read waited for) went nowhere once it did (a review)."""
+    solve (4 s to 3.5 s, the read waited for) went nowhere once it did (a review). Either plan
+    moves it now, the read waited for by both."""
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", [])],
         requests=reqs("x", "a", 4),
@@ -427,7 +430,7 @@ def test_where_the_ilps_plan_is_empty_the_greedy_one_goes_if_it_gains_enough() -
         adapter_load_seconds=2.5,
     )
     p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=0.25))
-    assert (p.method, p.ilp_fallback, p.no_gain) == ("greedy", None, False)
+    assert (p.ilp_fallback, p.no_gain) == (None, False)
     assert len(p.moves) == 1 and p.makespan_after_s == pytest.approx(3.5)
     # asked for more than it brings, nothing goes, by either
     p = plan(snap, PlannerSettings(max_nodes=20, min_gain_s=0.75))
@@ -454,3 +457,25 @@ def test_a_plan_sums_the_clusters_requests_once(monkeypatch: pytest.MonkeyPatch)
     p = plan(snap, PlannerSettings(max_nodes=20))
     assert p.ilp_fallback is None and p.moves
     assert walks == {"completion_times": 1, "running_adapters": 1}
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy"])
+def test_a_read_to_a_busy_worker_is_judged_as_the_gain_check_judges_it(solver: str) -> None:
+    """x runs five 1 s requests of a; y runs 3.5 s of its own and lacks a (a read of 3 s). Moved
+    there, one waits for the read beside y's steps and ends at 4.5 s, before x's 5 s: the plan
+    gains 0.5 s. Priced as work taken from y (3.5 + 3 + 1 s), the read made the move look worse
+    than none to the greedy pass and to the ILP alike, and nothing went, though the gain check
+    (the read waited for) passed it (left by the last session): now all three judge it alike."""
+    own = [replace(r, pinned=True) for r in reqs("y", None, 7, remaining=50)]
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a"]), worker("y", [])],
+        requests=reqs("x", "a", 5) + own,
+        file_bytes={"a": 16},
+        adapter_load_seconds=3.0,
+    )
+    settings = PlannerSettings(max_nodes=20) if solver == "ilp" else PlannerSettings(max_ilp_variables=1)
+    p = plan(snap, settings)
+    assert [m.to_worker for m in p.moves] == ["y"] and not p.no_gain
+    assert p.makespan_after_s == pytest.approx(4.5)
+    assert p.method == ("greedy" if solver == "greedy" else "ilp")
+    assert worth(snap, p.moves, 1.0) == pytest.approx(0.5 - 50 * 0.0005)
