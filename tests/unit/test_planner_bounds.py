@@ -479,3 +479,20 @@ def test_a_read_to_a_busy_worker_is_judged_as_the_gain_check_judges_it(solver: s
     assert p.makespan_after_s == pytest.approx(4.5)
     assert p.method == ("greedy" if solver == "greedy" else "ilp")
     assert worth(snap, p.moves, 1.0) == pytest.approx(0.5 - 50 * 0.0005)
+
+
+def test_the_greedy_pass_moves_a_request_needing_no_read_before_one_that_reads() -> None:
+    """x runs two 1 s requests of a and two of b; y, idle, holds b and lacks a (a read of 1 s). All
+    alike in price, a's come first, and the pass read a on y for one of them, where b's could go
+    there without a read and end as soon (at 2 s either way): it now moves b's (seed 167 of a fuzz,
+    left by the last session)."""
+    snap = ClusterSnapshot(
+        workers=[worker("x", ["a", "b"]), worker("y", ["b"])],
+        requests=reqs("x", "a", 2) + reqs("x", "b", 2),
+        file_bytes={"a": 16, "b": 16},
+        adapter_load_seconds=1.0,
+    )
+    moves = greedy_moves(snap)
+    assert sorted((m.request_id, m.to_worker) for m in moves) == [("x-b-0", "y"), ("x-b-1", "y")]
+    p = plan(snap, PlannerSettings(max_ilp_variables=1))  # (the greedy plan, where the ILP does not solve)
+    assert {m.adapter for m in p.moves} == {"b"} and p.makespan_after_s == pytest.approx(2.0)
