@@ -34,6 +34,8 @@ from dlora.services.migrator.costs import apply as apply  # (a plan's tests read
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.ilp import solve
 from dlora.services.migrator.named import fitting
+from dlora.services.migrator.pace import Clock
+from dlora.services.migrator.settings import GREEDY_WRAP_UP_S
 from dlora.services.migrator.settings import PlannerSettings as PlannerSettings  # (its callers read it here)
 from dlora.services.migrator.snapshot import ClusterSnapshot
 
@@ -59,7 +61,7 @@ _DEFAULT = PlannerSettings()
 
 def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> MovePlan:
     """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
-    start = time.perf_counter()
+    clock = Clock()
     # A request listed by two workers (stats taken either side of a move, or one id sent to two)
     # is left out: the model counts each on one worker (it raised, and the migrator died).
     listed = Counter(r.request_id for r in snapshot.requests)
@@ -68,8 +70,9 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> Mov
     if len(snapshot.workers) < 2 or not snapshot.requests:
         return MovePlan(plan_id=uuid.uuid4().hex, method=PlanMethod.NONE, solve_seconds=0.0)
     # The greedy pass has the time bound too (not a node bound: the simulator plans alike anywhere):
-    # unbounded, it once took 6 s, past the lease and a worker's plan age (``greedy``).
-    deadline = start + settings.time_limit_s if settings.max_nodes is None else None
+    # unbounded, it once took 6 s, past the lease and a worker's plan age (``greedy``). Less the
+    # time its plan's checks take once it returns (``GREEDY_WRAP_UP_S``).
+    deadline = clock.wall + settings.time_limit_s - GREEDY_WRAP_UP_S if settings.max_nodes is None else None
     # One order whatever order the stats came in (a restarted migrator lists them anew): the model's
     # variables and constraints follow it, and with them the incumbent CBC finds in its bound.
     snapshot = replace(
@@ -82,10 +85,10 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> Mov
     greedy = greedy_moves(snapshot, deadline, standing)
     # The greedy plan measured before CBC starts, within the time it is given: what runs after it
     # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the
-    # time kept back for reading its solution (``_CBC_OVERHEAD_S``) covers.
+    # time kept back for reading its solution (``Clock.reserve``) covers.
     kept = fitting(snapshot, greedy, standing)
     value = standing.worth(kept, settings.kv_pressure)
-    solved = solve(snapshot, settings, greedy, start, standing)
+    solved = solve(snapshot, settings, greedy, clock, standing)
     fallback: IlpFallback | None = None
     moves, method = kept, PlanMethod.GREEDY
     other: tuple[list[MoveRequest], PlanMethod] | None = None
@@ -111,7 +114,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> Mov
         method=method,
         ilp_fallback=fallback,
         no_gain=no_gain,
-        solve_seconds=time.perf_counter() - start,
+        solve_seconds=time.perf_counter() - clock.wall,
         makespan_before_s=standing.longest,
         makespan_after_s=after,
     )

@@ -20,6 +20,7 @@ from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.trigger import TriggerBounds
 from dlora.services.servers import Server
+from tests.unit.planner_cases import whole_core
 
 
 def _stats(name: str, loads: list[RequestLoad], held: tuple[str, ...] = (), **more: object) -> WorkerStats:
@@ -79,6 +80,7 @@ async def test_a_solver_that_fails_still_balances(
     """CBC exiting in error (killed for memory, its files unwritable): the look logged a failure and
     published nothing, cool-down after cool-down, where the greedy plan was ready."""
     monkeypatch.setattr(ilp, "cbc_path", lambda: "/bin/false")
+    whole_core(monkeypatch)
     plans = await _plans(nats_server, redis, [_stats("w0", _busy("w0", None)), _stats("w1", [])])
     assert len(plans) == 1 and plans[0].moves and {m.to_worker for m in plans[0].moves} == {"w1"}
     assert (plans[0].method, plans[0].ilp_fallback) == ("greedy", "ilp-failed")

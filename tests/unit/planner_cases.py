@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import pytest
 
 from dlora.common.messages import RequestLoad, WorkerStats
 from dlora.services.migrator.snapshot import RequestState, WorkerState
@@ -30,3 +33,11 @@ def worker_stats(name: str, loads: list[RequestLoad], spt: float, max_loras: int
         requests=loads,
         **more,
     )
+
+
+def whole_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's thread given a core of its own, however loaded the machine running the test is:
+    under its time bound the planner runs CBC only where the pace it measures leaves CBC time
+    (``pace.Clock``), and a test that needs CBC run under it would pass on an idle machine alone."""
+    wall = time.perf_counter()
+    monkeypatch.setattr(time, "thread_time", lambda: time.perf_counter() - wall)

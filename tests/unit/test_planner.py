@@ -14,6 +14,10 @@ from dlora.services.migrator.planner import PlannerSettings, apply, kv_demand, p
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 from tests.unit.planner_cases import reqs, worker, worker_stats
 
+# Run as on a machine of its own: under its time bound the planner runs CBC only where the pace it
+# measures leaves CBC time (``pace.Clock``; ``test_planner_pace`` fakes a loaded one).
+pytestmark = pytest.mark.usefixtures("whole_core")
+
 
 def test_moves_work_off_the_hottest_worker_with_its_adapter() -> None:
     snap = ClusterSnapshot(

@@ -19,6 +19,10 @@ from dlora.services.migrator.planner import PlannerSettings, _settled, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
 from tests.unit.planner_cases import worker
 
+# Run as on a machine of its own: under its time bound the planner runs CBC only where the pace it
+# measures leaves CBC time (``pace.Clock``; ``test_planner_pace`` fakes a loaded one).
+pytestmark = pytest.mark.usefixtures("whole_core")
+
 
 def test_the_ilps_plan_is_taken_over_the_greedy_one_it_began_from() -> None:
     """``plan`` keeps the better of the ILP's plan and the greedy one by ``worth``. Priced by each

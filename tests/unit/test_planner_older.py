@@ -15,6 +15,10 @@ from dlora.services.migrator.snapshot import Running, runs_among, takes
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.test_planner_versions import _load, _stats
 
+# Run as on a machine of its own: under its time bound the planner runs CBC only where the pace it
+# measures leaves CBC time (``pace.Clock``; ``test_planner_pace`` fakes a loaded one).
+pytestmark = pytest.mark.usefixtures("whole_core")
+
 # x, an older worker, runs eight requests of rl (8 s of work); y runs one short one of rl@v1 in its
 # only slot, and holds v1.
 OLDER = [msgspec.structs.replace(_load(f"o-{i}", ""), context_tokens=1) for i in range(8)]

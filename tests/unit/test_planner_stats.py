@@ -14,6 +14,10 @@ from dlora.services.migrator.planner import plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 from tests.unit.planner_cases import reqs, worker, worker_stats
 
+# Run as on a machine of its own: under its time bound the planner runs CBC only where the pace it
+# measures leaves CBC time (``pace.Clock``; ``test_planner_pace`` fakes a loaded one).
+pytestmark = pytest.mark.usefixtures("whole_core")
+
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
 def test_no_request_moves_to_a_worker_whose_read_of_its_adapter_failed(solver: str) -> None:

@@ -16,6 +16,10 @@ from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Work
 from dlora.services.migrator.trigger import snapshot_from_stats
 from tests.unit.planner_cases import worker_stats
 
+# Run as on a machine of its own: under its time bound the planner runs CBC only where the pace it
+# measures leaves CBC time (``pace.Clock``; ``test_planner_pace`` fakes a loaded one).
+pytestmark = pytest.mark.usefixtures("whole_core")
+
 
 def _load(rid: str, version: str, remaining: int = 100, pinned: bool = False) -> RequestLoad:
     return RequestLoad(
