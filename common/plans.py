@@ -46,7 +46,7 @@ class IlpFallback(enum.StrEnum):
     """Why the planner's ILP gave way to the greedy pass."""
 
     TOO_LARGE = "ilp-too-large"  # more request->worker variables than fit the time bound
-    BUILD_TIMEOUT = "ilp-build-timeout"  # building the model used up the time bound
+    BUILD_TIMEOUT = "ilp-build-timeout"  # the greedy pass or the build left no time to solve (at its pace)
     FAILED = "ilp-failed"  # the solver ended without a solution
 
 
