@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import GenerateRequest, SamplingParams, WorkerStats
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.lengths import OutputLengths
@@ -64,6 +64,20 @@ class Moving:
     ship_kv: bool
 
 
+def _coming(m: Moving) -> GenerateRequest:
+    """``m`` as a worker holds a moved request waiting on arrival: its prompt, the tokens it made."""
+    req = m.served.request
+    params = SamplingParams(max_tokens=req.max_tokens or req.output_len)
+    return GenerateRequest(
+        request_id=req.request_id,
+        reply_to="",
+        adapter=req.adapter,
+        prompt_token_ids=req.prompt_token_ids,
+        resume_token_ids=m.produced,
+        params=params,
+    )
+
+
 @dataclass(frozen=True)
 class ReplicaSummary:
     """What a run's reports read of one replica once it is over."""
@@ -89,6 +103,10 @@ class Replica:
     # idle replica's are the same message, and building one lists every adapter it holds (160 µs
     # at 128 adapters, every half second of every replica: half an idle cluster's run).
     last_stats: WorkerStats | None = None
+    # Requests moved here, on their way (their caches coming): reported as a worker reports those
+    # waiting on arrival (``worker_stats``'s ``preparing``: their KV blocks and work), where unreported
+    # the replica that had just taken a plan's moves looked as roomy as before to the next plan.
+    on_way: dict[str, GenerateRequest] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,6 +180,8 @@ class Shard:
         for m in moved:
             self.served[m.served.request.request_id] = m.served
             heapq.heappush(self.replicas[m.to].incoming, m.at)
+            self.replicas[m.to].on_way[m.served.request.request_id] = _coming(m)
+            self.replicas[m.to].last_stats = None
             self._push(m.at, "moved", m)
         finished = 0
         while self._events and self._events[0][0] < end:
@@ -188,7 +208,7 @@ class Shard:
         when last built: nothing here reads it)."""
         for r in self.replicas.values():
             if r.last_stats is None:
-                stats = worker_stats(r.name, r.engine, r.lengths)
+                stats = worker_stats(r.name, r.engine, r.lengths, preparing=list(r.on_way.values()))
                 r.last_stats = msgspec.structs.replace(stats, **r.read_costs.stats())
         return [r.last_stats for r in self.replicas.values() if r.last_stats is not None]
 
@@ -285,6 +305,7 @@ class Shard:
         )
         served.replica = m.to
         served.moves += 1
+        replica.on_way.pop(req.request_id, None)
         heapq.heappop(replica.incoming)
         replica.last_stats = None
         self._next_read(replica, now)

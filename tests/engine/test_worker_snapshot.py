@@ -79,6 +79,7 @@ def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOut
     assert st.requests[-1].request_id == f"r{MAX_LISTED - 1:05d}"  # the first to arrive are listed
     assert st.unlisted_remaining_tokens == 40 * 9 and len(msgspec.json.encode(st)) < 512 * 1024
     assert st.unlisted_kv_blocks == 40 * -(-3 // engine.blocks.block_size)  # (their KV too)
+    assert st.arriving_kv_blocks == 0  # (none on its way: theirs are taken already where they run)
     assert WorkerLoad.of(st).queued_tokens == sum(r.remaining_tokens for r in st.requests) + 40 * 9
 
 
@@ -155,7 +156,7 @@ def test_requests_waiting_on_arrival_count_their_remaining_work(tiny_llama: Tiny
     # and their KV blocks (prompt and tokens made; the grammar's request has no tokens yet): uncounted,
     # the next plan read this worker as roomy as before its moves came, and filled it again
     size = engine.blocks.block_size
-    assert st.unlisted_kv_blocks == -(-(3 + 10) // size) + -(-3 // size)
+    assert st.unlisted_kv_blocks == st.arriving_kv_blocks == -(-(3 + 10) // size) + -(-3 // size)
     assert WorkerLoad.of(st).queued_tokens == 9 + 90
     lengths = OutputLengths()
     for _ in range(lengths.min_samples):

@@ -123,3 +123,21 @@ def test_the_indexed_placement_chooses_as_the_first_one_did() -> None:
         penalty = rng.choice([0.0, 0.1, 0.5])
         expected = _reference_place(shares, workers, ranks, {w: list(a) for w, a in current.items()}, penalty)
         assert place(shares, workers, ranks, current, penalty) == expected
+
+
+def test_the_placement_counts_kv_on_its_way_to_a_worker_as_taken() -> None:
+    """w0 has 100 blocks free and 80 of them are coming (a plan's moved requests, their caches on the
+    way); w1 has 60 free. The hot adapter went to w0, the roomier by ``free_blocks`` alone, which its
+    arrivals were about to fill: it goes to w1."""
+    from dlora.common.messages import WorkerStats
+    from dlora.services.dispatcher.placement import placement_of
+
+    def stats(name: str, free: int, coming: int = 0) -> WorkerStats:
+        return WorkerStats(
+            worker=name, running=0, waiting=0, free_blocks=free, total_blocks=100, block_size=16, max_loras=1,
+            arriving_kv_blocks=coming,
+        )  # fmt: skip
+
+    ranks = {"hot": 16, "cold": 16}
+    assert placement_of({"hot": 1.0, "cold": 0.2}, [stats("w0", 100), stats("w1", 60)], ranks)["w0"] == ["hot"]
+    assert placement_of({"hot": 1.0, "cold": 0.2}, [stats("w0", 100, 80), stats("w1", 60)], ranks)["w1"] == ["hot"]

@@ -332,3 +332,21 @@ def test_a_replica_reads_an_adapter_as_host_memory_has_room_as_a_worker_does(mon
             assert served[0].finish_s is not None and at == pytest.approx(served[0].finish_s + load, abs=0.02)
         else:
             assert 0.1 + READ_ROOM_WAIT_S + load <= at < 0.1 + READ_ROOM_WAIT_S + load + 0.05
+
+
+def test_a_replica_reports_a_request_moved_to_it_while_its_cache_is_on_the_way() -> None:
+    """A worker counts a moved request waiting on arrival (its KV blocks, its work) in its stats; a
+    replica did not, and one that had just taken a plan's moves looked as roomy as before to the
+    next plan and to the dispatcher's placement until they arrived (left by the last session)."""
+    from dlora.sim.shard import Served, Shard
+
+    shard = Shard(ARTIFACT, ["r0", "r1"], {"a0": 16}, None, fast_forward=True)
+    request = SimRequest("q0", 0.5, "a0", list(range(3, 40)), 500)
+    shard.advance([Served(request, "r0")], [], 1.0, report=True)
+    (moving,) = shard.take([("q0", "r1", True)], 1.0, 0.01)  # (37+ tokens shipped: 0.37 s and more)
+    coming = {st.worker: st for st in shard.advance([], [moving], 1.2, report=True)[1]}["r1"]
+    blocks = -(-(37 + len(moving.produced)) // coming.block_size)
+    assert (coming.waiting, coming.unlisted_kv_blocks, coming.arriving_kv_blocks) == (1, blocks, blocks)
+    assert coming.unlisted_remaining_tokens > 0 and coming.unlisted_by_adapter == {"a0": (0, 1)}
+    came = {st.worker: st for st in shard.advance([], [], 2.0, report=True)[1]}["r1"]
+    assert (came.arriving_kv_blocks, came.requests[0].request_id) == (0, "q0")
