@@ -1,6 +1,7 @@
 """The greedy pass of the co-migration planner: single requests from the most loaded worker, to one
-needing no adapter read first, while that shortens the longest completion. Its plan is sent where
-the ILP finds none, and is the ILP's starting solution (``planner``'s docstring). Pure."""
+needing no adapter read first (and a request needing none before one that reads, where it ends as
+soon), while that shortens the longest completion, a read waited for (``_Pass``). Its plan is sent
+where the ILP finds none, and is the ILP's starting solution (``planner``'s docstring). Pure."""
 
 from __future__ import annotations
 
@@ -94,10 +95,9 @@ class _Pass:
             self.move(r, i, src, pick)
             to[r.request_id] = pick[2]
         # A request moved on again counts once, to where it ended (nowhere, if back home).
+        ship = ship_kv(self.snapshot)
         return [
-            MoveRequest(
-                request_id=r.request_id, adapter=r.adapter, to_worker=to[r.request_id], ship_kv=ship_kv(self.snapshot)
-            )
+            MoveRequest(request_id=r.request_id, adapter=r.adapter, to_worker=to[r.request_id], ship_kv=ship)
             for r in self.snapshot.requests
             if to.get(r.request_id, r.worker) != r.worker
         ]
@@ -106,9 +106,9 @@ class _Pass:
         """Where ``r`` (on ``src``) is best moved, of ``order`` (the workers, least loaded first), as
         (read seconds, its destination's completion after, destination, whether it waits for a read
         there); None: nowhere ends before ``src`` does now. One needing no read first (as the ILP
-        prices one), then the one ending first: the least loaded read an adapter where one holding
-        it ended as soon (a review; the commit's numbers). ``until``: only where it needs no read and
-        its destination ends by then."""
+        takes the plan reading less of those as good, ``ilp.READ_TIE``), then the one ending first:
+        the least loaded read an adapter where one holding it ended as soon (a review; the commit's
+        numbers). ``until``: only where it needs no read and its destination ends by then."""
         workers, load, a = self.workers, self.load, r.key
         moving = move_cost(self.snapshot, r)
         pick: Pick | None = None

@@ -8,7 +8,7 @@ variable n[g, w] (how many of group g go to worker w) stands for |g| binary requ
 choices, which keeps 2,000 requests x 32 workers solvable in well under a second. Binary y[a, w] says adapter a runs on
 worker w (fixed to 1 where it already does).
 
-    minimise  T + sum over moves of their cost
+    minimise  T + sum over moves of their cost (+ a tie-break on reads, ``READ_TIE``)
     s.t.      each group's requests all land somewhere           sum_w n[g, w] = |g|
               a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
               adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - running_w
