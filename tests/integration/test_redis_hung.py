@@ -62,7 +62,7 @@ async def test_steps_do_not_wait_for_progress_writes_redis_refuses(
     await asyncio.sleep(0.3)
     assert calls[0] == 2 and await write_step() == set()  # tried again beside the steps: still refused
     down[0] = False
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(60):
         while records.behind:
             await write_step()
             await asyncio.sleep(0.05)
@@ -89,7 +89,7 @@ async def test_a_hung_redis_holds_a_step_a_second_at_most(redis: Redis, monkeypa
         async with asyncio.timeout(0.1):
             await records.write_step({"r": Sent(0, 0, [1], 0)})
     assert [sent.seq for _, sent in records.unwritten] == [0] and not records.outage
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(60):
         assert await records.write_step({}) == set()
         assert records.outage and await records.write_step({"r": Sent(0, 1, [2], 0)}) == set()
     assert [(sent.seq, sent.last, sent.token_ids) for _, sent in records.unwritten] == [(0, 1, [1, 2])]
@@ -105,7 +105,7 @@ async def test_a_hung_redis_gets_requests_refused_at_once_and_a_deadline_ends_it
 
     redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
-    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _):
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _, _):
         try:  # (Redis let go before the services stop: their drain writes to it)
             await asyncio.sleep(1.0)
             owner = uuid.uuid4().hex[:8]
@@ -169,7 +169,7 @@ async def test_a_write_redis_ran_after_its_caller_gave_up_leaves_no_hole(
     for seq in range(4):  # the first one's write applied, then counted failed; the others joined to it
         await records.write_step({"r": Sent(0, seq, [10 + seq, 20 + seq], 0)})
     assert [(sent.seq, sent.last, sent.counts) for _, sent in records.unwritten] == [(0, 3, (2, 2, 2, 2))]
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(60):
         while records.behind or records.outage:
             await records.write_step({})
             await asyncio.sleep(0.02)
@@ -187,7 +187,7 @@ async def test_a_record_whose_write_was_cut_off_is_taken_back_once_redis_answers
     the same id met it as a duplicate and waited out its timeout."""
     redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
-    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, store):
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, store, _):
         await asyncio.sleep(1.0)
         assert (await _generate(client))[-1].error is None  # (Redis has the record's script: run late, it writes)
         owner = uuid.uuid4().hex[:8]
@@ -227,7 +227,7 @@ async def test_a_hung_redis_holds_an_adapter_requests_admission_seconds_not_the_
     running stream's steps with it. Bounded: it is answered UNAVAILABLE and the streams go on."""
     redis = start_redis_here()
     common = dict(nats_url=nats_server.url, redis_url=redis.url, heartbeat_ttl_s=2.0)
-    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _):
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, _, _):
         try:
             await asyncio.sleep(1.0)
             owner = uuid.uuid4().hex[:8]

@@ -65,25 +65,23 @@ async def _generate(nc: nats.NATS, tokens: int = 8, adapter: str | None = None) 
 @contextlib.asynccontextmanager
 async def _worker_and_dispatcher(
     nats_url: str, common: dict, tiny: TinyOutput
-) -> AsyncIterator[tuple[nats.NATS, list[asyncio.Task], StateStore]]:
+) -> AsyncIterator[tuple[nats.NATS, list[asyncio.Task], StateStore, WorkerService]]:
     """A worker "w0" on ``tiny``'s model and a dispatcher, and a NATS client of the test's: the
-    client, the services' tasks and the dispatcher's store; all stopped at the end."""
+    client, the services' tasks, the dispatcher's store and the worker; all stopped at the end."""
     stop = asyncio.Event()
     client = await nats.connect(nats_url)
     await purge(client, "dlora")
     async with contextlib.AsyncExitStack() as stack:
-        # The default KV cache: with the small one test_a_worker_writes_its_requests_records_again_...
-        # failed 2 runs of 4 (its requests all finished before their records were written again).
-        ws = WorkerSettings(**common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1)
+        ws = WorkerSettings(
+            **common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1, engine=small_engine()
+        )
         worker_nc, worker_store = await stack.enter_async_context(connections(ws))
         ds = DispatcherSettings(**common)
         d_nc, d_store = await stack.enter_async_context(connections(ds))
-        tasks = [
-            asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)),
-            asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop)),
-        ]
+        worker = WorkerService(ws, worker_nc, worker_store, build_engine(ws))
+        tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(Dispatcher(ds, d_nc, d_store).run(stop))]
         try:
-            yield client, tasks, d_store
+            yield client, tasks, d_store, worker
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -164,7 +162,7 @@ async def test_a_dispatcher_and_a_worker_started_while_redis_is_down_wait_for_it
     checkpoint): under systemd's start limit, a Redis down for ten seconds kept them down for good."""
     port = free_port()
     common = dict(nats_url=nats_server.url, redis_url=f"redis://127.0.0.1:{port}/0", heartbeat_ttl_s=2.0)
-    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, d_store):
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, tasks, d_store, _):
         await asyncio.sleep(2.0)
         assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
         start_redis_here(port)
@@ -192,7 +190,8 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
         chunk = msgspec.json.decode(msg.data, type=TokenChunk)
         streams[chunk.request_id].accept(chunk)
 
-    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, _, d_store):
+    async with _worker_and_dispatcher(nats_server.url, common, tiny_llama) as (client, _, d_store, worker):
+        found_it = _step_once_per_reconcile(worker)
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
         await asyncio.sleep(1.0)
         for rid in streams:
@@ -214,10 +213,35 @@ async def test_a_worker_writes_its_requests_records_again_when_redis_lost_its_da
                     held = [await d_store.get_inflight(rid) for rid, s in streams.items() if not s.done]
                     found = next((rec for rec in held if rec is not None), None)
         assert found is not None and found.worker == "w0" and found.request.resume_token_ids
+        found_it.set()  # the rest at the worker's own pace
         async with asyncio.timeout(60):
             while not all(s.done for s in streams.values()):
                 await asyncio.sleep(0.05)
         assert all(s.error is None and s.tokens == 480 for s in streams.values())
+
+
+def _step_once_per_reconcile(worker: WorkerService) -> asyncio.Event:
+    """Have ``worker`` step at most once per reconciliation (``_reconcile``, where it writes its
+    records again) until the event returned is set: its requests then cannot all end before their
+    records are written again, however fast its steps (with the small KV cache the 480 tokens of
+    each took less than the ~2 s of outage retry and reconcile interval: 2 whole-file runs of 4
+    failed). Counted in turns, not seconds: a slow machine slows both alike."""
+    found, reconciled = asyncio.Event(), [0, 0]  # reconciliations, and the count at the last step
+    reconcile, step = worker._reconcile, worker._step
+
+    async def counted() -> None:
+        reconciled[0] += 1
+        await reconcile()
+
+    async def paced() -> None:
+        if found.is_set() or reconciled[0] > reconciled[1]:
+            reconciled[1] = reconciled[0]
+            await step()
+        else:
+            await asyncio.sleep(0.01)  # the loop's turn comes again; its reconcile when due
+
+    worker._reconcile, worker._step = counted, paced  # type: ignore[method-assign]
+    return found
 
 
 async def _full(admin: Redis) -> Callable[[], Awaitable[Any]]:
