@@ -47,6 +47,8 @@ ADMIN_KEY = "test-admin-key"
 # hundred stacks a run) and held it until the collector freed it. 32 MiB is 4,096 blocks, twice
 # what max_num_seqs (64) requests at the tiny models' whole context (512 tokens) take.
 STACK_KV_CACHE_BYTES = 32 << 20
+# The same for a worker process (``dlora serve worker``, ``dlora up``'s), in its environment.
+STACK_KV_ENV = {"DLORA_WORKER_ENGINE__KV_CACHE_BYTES": str(STACK_KV_CACHE_BYTES)}
 
 
 def small_engine(**fields: Any) -> EngineConfig:
@@ -269,7 +271,7 @@ def spawn_worker(
         "DLORA_MODEL": model,
         "DLORA_WORKER_ID": worker_id,
         "DLORA_STATS_INTERVAL_S": "0.1",
-        "DLORA_WORKER_ENGINE__KV_CACHE_BYTES": str(STACK_KV_CACHE_BYTES),
+        **STACK_KV_ENV,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "dlora.services.cli", "serve", "worker"],

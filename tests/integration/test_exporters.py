@@ -20,6 +20,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import LocalStack
 from dlora.services.servers import free_port
 from tests.grafana import dashboard_queries, documented_by_section, family, metric_names
+from tests.integration.conftest import STACK_KV_ENV
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dlora.json"
 # (adapter, max_tokens): the longest keeps a worker busy for a few of its stats snapshots (0.25 s
@@ -76,7 +77,7 @@ class Scrape:
 @pytest.fixture(scope="module")
 def running(tiny_llama: TinyOutput) -> Iterator[LocalStack]:
     loras = [f"{name}={tiny_llama.adapters[name]}" for name in ("lora-1", "lora-2")]
-    worker_env = {"DLORA_WORKER_ENGINE__DEVICE": "cpu", "DLORA_WORKER_TORCH_THREADS": "1"}
+    worker_env = {"DLORA_WORKER_ENGINE__DEVICE": "cpu", "DLORA_WORKER_TORCH_THREADS": "1", **STACK_KV_ENV}
     stack = LocalStack(2, str(tiny_llama.model), loras, free_port(), None, worker_env=worker_env)
     stack.start()
     try:

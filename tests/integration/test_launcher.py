@@ -19,6 +19,7 @@ from pathlib import Path
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import CRASH_LOOP_S
 from dlora.services.servers import free_port, start_nats_preferring
+from tests.integration.conftest import STACK_KV_ENV
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -83,6 +84,7 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
             "DLORA_GATEWAY_ADAPTER_ROOTS": json.dumps([str(extra)]),
             "DLORA_ADMIN_KEY": GIVEN,
             "DLORA_HEARTBEAT_TLL_S": "7",  # a typo: said once, by dlora up (each service said it again)
+            **STACK_KV_ENV,
         },
     )
     lines = []
@@ -209,6 +211,7 @@ def test_dlora_up_stops_at_ctrl_c_while_it_starts_and_refuses_no_workers(tiny_ll
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, **STACK_KV_ENV},
     )
     seen = ""
     while "dispatcher ready" not in seen and proc.poll() is None:  # its services are starting
@@ -343,7 +346,8 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
     monkeypatch.setenv("DLORA_NATS_URL", nats_server.url)
     monkeypatch.setenv("DLORA_REDIS_URL", redis_server.url)
     given = {"DLORA_ADMIN_KEY": "key-in-env"}  # (given in env=, it reached every service: as one of os.environ, not)
-    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, {"DLORA_TORCH_THREADS": "1"}, given)
+    worker_env = {"DLORA_TORCH_THREADS": "1", **STACK_KV_ENV}
+    stack = LocalStack(1, str(tiny_llama.model), [], free_port(), None, worker_env, given)
     try:
         await asyncio.to_thread(stack.start)
         assert stack.names == ["dispatcher", "migrator", "worker-1", "gateway"] and stack.admin_key == "key-in-env"
@@ -384,7 +388,7 @@ def _up(tiny_llama: TinyOutput, cwd: Path, temp: Path) -> tuple[subprocess.Popen
     process, its gateway's port and what it printed (killed if it does not come up)."""
     port = free_port()
     cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
-    env = {**os.environ, "TMPDIR": str(temp)}
+    env = {**os.environ, "TMPDIR": str(temp), **STACK_KV_ENV}
     proc = subprocess.Popen(
         [*cli, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
