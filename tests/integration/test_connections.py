@@ -228,7 +228,7 @@ async def test_expect_100_continue_is_answered_by_what_the_body_may_be(stack: St
         more = f"Expect: {expect}\r\nContent-Length: {length}\r\n\r\n".encode()
         reader, writer = await _open(port, "127.0.0.1", PARTIAL_HEAD + more)
         try:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(60):
                 first = await reader.readuntil(b"\r\n\r\n")
                 if first.startswith(b"HTTP/1.1 100 "):
                     return first

@@ -31,10 +31,10 @@ async def test_a_request_is_not_started_past_its_deadline_and_stopped_when_it_pa
             params=SamplingParams(max_tokens=500, ignore_eos=True),  # ~3 s here: well past the deadline
             deadline=deadline,
         )
-        await stack.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=5)
+        await stack.nc.request(subjects.REQUESTS, msgspec.json.encode(req), timeout=60)
 
     await send("late", time.time() - 1)
-    told = await asyncio.wait_for(chunks["late"].get(), 10)
+    told = await asyncio.wait_for(chunks["late"].get(), 60)
     assert (told.seq, told.token_ids, told.error_code) == (0, [], "unavailable") and "deadline" in (told.error or "")
 
     await send("long", time.time() + 0.5)

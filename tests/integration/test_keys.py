@@ -205,7 +205,7 @@ async def test_keys_and_revocations_survive_redis_losing_everything(keyed_stack:
     assert status == 200
     await stack.store.r.flushdb()  # as a Redis restarted without persistence
     assert not await stack.store.has_api_keys()
-    async with asyncio.timeout(10):  # the workers' heartbeats come back within their interval
+    async with asyncio.timeout(60):  # the workers' heartbeats come back within their interval
         while not await stack.store.live_workers():
             await asyncio.sleep(0.05)
     # several at once: each waits for the restore the first set off (the others were 401 for a

@@ -162,7 +162,7 @@ async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
             await service._on_kv_chunk(chunk)
         await abort(service, "r", None)
         await service._on_request(moved)
-        async with asyncio.timeout(10):  # (its cache taken up beside the loop: arrival.py)
+        async with asyncio.timeout(60):  # (its cache taken up beside the loop: arrival.py)
             await service._take(await service.commands.get())
         assert "r" not in service.streams and len(service.kv_inbox) == 0
         # A cache whose request never comes (its source died after sending it) goes once stale,
@@ -201,7 +201,7 @@ async def test_a_shipped_cache_s_cost_counts_its_import_into_the_engine(
         for chunk in chunks:
             await service._on_kv_chunk(chunk)
         await service._on_request(moved)
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(60):
             await service._take(await service.commands.get())
         assert "r" in service.streams and service.kv_tokens == 3
         assert service.kv_seconds >= 0.3

@@ -95,7 +95,7 @@ async def test_a_request_tokenized_for_another_model_runs_on_no_worker_of_this_o
     assert chunk.request_id == "same" and chunk.error is None
     for w in stack.workers:  # as if both ran another revision: not ready, saying why
         w.engine.model_digest = "f" * 16
-    async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
         while True:
             async with http.get(f"{stack.url}/healthz") as r:
                 if r.status == 503:
