@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import stat
 import struct
 from collections.abc import Callable, Sequence
@@ -27,6 +28,9 @@ from safetensors import SafetensorError, deserialize
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT's weights file before safetensors (save_pretrained(safe_serialization=False)): vLLM reads
+# it with torch.load(weights_only=True); refused here with how to convert it (read_adapter_files).
+PICKLE_FILE = "adapter_model.bin"
 # adapter_config.json is a few kB; a bound keeps a planted huge file from being parsed as JSON.
 MAX_CONFIG_BYTES = 1 << 20
 # The float dtypes a LoRA weight may have, by their safetensors names: the numpy dtype that reads
@@ -166,6 +170,19 @@ def files_bytes(path: str | Path) -> int | None:
         return None
 
 
+def convert_command(pickled: Path, weights: Path) -> str:
+    """A shell command that writes the tensors of PEFT's pickled weights file ``pickled``
+    (``adapter_model.bin``) into the safetensors file ``weights`` (the names kept: safetensors'
+    ``save_file``, each tensor made contiguous as it requires), loading the pickle with
+    ``torch.load(weights_only=True)`` (tensors only, as vLLM reads it)."""
+    code = (
+        "import torch; from safetensors.torch import save_file; "
+        f"save_file({{k: v.contiguous() for k, v in torch.load({str(pickled)!r}, weights_only=True).items()}}, "
+        f"{str(weights)!r})"
+    )
+    return f"python -c {shlex.quote(code)}"
+
+
 # Judges the config's bytes and the weights' header (AdapterError) before the weights' data is read
 HeaderJudge = Callable[[bytes, "dict[str, TensorInfo]"], None]
 
@@ -186,8 +203,13 @@ def read_adapter_files(
     path = Path(path)
     resolved = None if roots is None else [Path(r).expanduser().resolve() for r in roots]  # ~: as the gateway
     weights = path / WEIGHTS_FILE
-    if not os.path.lexists(weights) and (path / "adapter_model.bin").exists():
-        raise AdapterError(f"adapter {name!r}: {weights} not found (only safetensors are loaded)")
+    if not os.path.lexists(weights) and (pickled := path / PICKLE_FILE).exists():
+        raise AdapterError(
+            f"adapter {name!r}: {weights} not found, only {pickled} (a pickle): only safetensors are "
+            "loaded, as a pickle runs code when it is read and cannot be checked before; save the adapter "
+            "again with PEFT's save_pretrained(dir, safe_serialization=True) (PEFT's default), or convert "
+            f"it where torch is installed: {convert_command(pickled, weights)}"
+        )
     conf = read_file(name, path / CONFIG_FILE, MAX_CONFIG_BYTES, resolved)
     head = partial(_weights_head, name, weights, None if judge is None else partial(judge, conf))
     return conf, read_file(name, weights, limits.max_file_bytes, resolved, head)

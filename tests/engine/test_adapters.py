@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -115,6 +116,30 @@ def test_bad_adapters_are_refused_with_a_reason(tiny_llama: TinyOutput, engine_c
     breaker(path)
     with pytest.raises(AdapterError, match=fragment):
         load_adapter("bad", path, engine_cfg)
+
+
+def test_a_pickled_adapter_is_refused_with_how_to_convert_it_and_the_way_given_works(
+    tiny_llama: TinyOutput, engine_cfg, tmp_path: Path
+) -> None:
+    """PEFT's ``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``: ``torch.save``
+    of the state dict), which vLLM loads: refused, as it was, but saying how to convert it (the
+    message said only "only safetensors are loaded"), and the command it gives makes it load."""
+    path = _copy(tiny_llama, tmp_path)
+    weights = path / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), path / "adapter_model.bin")
+    weights.unlink()
+    with pytest.raises(AdapterError) as refused:
+        load_adapter("pickled", path, engine_cfg)
+    said = str(refused.value)
+    assert "only safetensors are loaded" in said and "save_pretrained(dir, safe_serialization=True)" in said
+    python, flag, code = shlex.split(said.split("where torch is installed: ", 1)[1])  # as a shell reads it
+    assert (python, flag) == ("python", "-c")
+    exec(code, {})  # what `python -c` runs, here (a process of its own spent seconds importing torch)
+    converted = load_adapter("pickled", path, engine_cfg)
+    original = load_adapter("lora-0", tiny_llama.adapters["lora-0"], engine_cfg)
+    assert converted.weights.keys() == original.weights.keys()
+    assert all(torch.equal(converted.weights[k].a, w.a) for k, w in original.weights.items())
+    assert all(torch.equal(converted.weights[k].b, w.b) for k, w in original.weights.items())
 
 
 def test_unregister_and_reuse_slots(tiny_llama: TinyOutput) -> None:
