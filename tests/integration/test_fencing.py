@@ -172,7 +172,7 @@ async def test_a_worker_restarted_within_the_heartbeat_hands_back_its_requests(c
     await _read(stream, chunks)
     assert stream.finish_reason == "length" and stream.attempt == 1 and stream.error is None
     assert stream.text == _expected(c.tiny)
-    await _until(lambda: _gone(c.store, "restarted"), timeout=10)
+    await _until(lambda: _gone(c.store, "restarted"))
 
 
 async def _gone(store: StateStore, request_id: str) -> bool:
@@ -216,7 +216,7 @@ async def test_a_copy_another_attempt_serves_is_not_sent_again(cluster) -> None:
     assert rec is not None
     assert await c.store.put_inflight(msgspec.structs.replace(rec.request, recoveries=1), "w-b", expect=("w-a", 0))
     assert await worker.records.superseded({"moved-on": 0, "finished": 0}) == {"moved-on"}
-    await _until(lambda: _dropped(worker, "moved-on"), timeout=10)  # its next progress write is fenced
+    await _until(lambda: _dropped(worker, "moved-on"))  # its next progress write is fenced
     assert not [c for _, c in worker.delivery.resend.recent(time.monotonic()) if c.request_id == "moved-on"]
 
 
@@ -247,7 +247,7 @@ async def test_a_stall_after_a_step_is_asked_about_before_its_chunks_go_out(
         return chunk
 
     monkeypatch.setattr(worker_main, "chunk_for", stalled_while_made)
-    await _until(lambda: _dropped(worker, "taken-over"), timeout=10)
+    await _until(lambda: _dropped(worker, "taken-over"))
     await asyncio.sleep(0.3)  # anything sent would have arrived by now
     assert made and worker.records.stalls >= 1
     assert not [c.seq for _, c in c.arrivals if c.request_id == "taken-over" and c.seq >= made[0].seq]
@@ -280,7 +280,7 @@ async def test_a_request_whose_client_went_away_is_dropped(cluster) -> None:  # 
     stream = ReplyStream("orphaned")
     await _read(stream, chunks, until_tokens=3)
     # gw-1 says nothing more: within the TTL and a reconciliation the request stops
-    await _until(lambda: _gone(c.store, "orphaned"), timeout=10)
+    await _until(lambda: _gone(c.store, "orphaned"))
     assert "orphaned" not in worker.streams and not worker.engine.has_unfinished() and not stream.done
 
 
@@ -314,16 +314,16 @@ async def test_a_stalled_worker_given_up_on_stops_when_it_resumes(
         survivor, _, _ = await c.worker("b-survivor")
         await _until(lambda: _live(c.store, "a-stalled"), timeout=120)
         # The dispatcher has both: on a tie it picks "a-stalled" (by name).
-        await _until(lambda: _seen(c, "a-stalled", "b-survivor"), timeout=30)
+        await _until(lambda: _seen(c, "a-stalled", "b-survivor"))
         chunks = await c.send("stalled")
         stream = ReplyStream("stalled")
         await _read(stream, chunks, until_tokens=10)
         assert survivor.engine.stats.steps == 0  # the victim has it
         sigstop(victim)
-        await _until(lambda: _recovered(c.store, "stalled"), timeout=15)
+        await _until(lambda: _recovered(c.store, "stalled"))
         resumed_at = time.monotonic()
         victim.send_signal(signal.SIGCONT)
-        await _until(lambda: _idle(c.store, "a-stalled"), timeout=15)
+        await _until(lambda: _idle(c.store, "a-stalled"))
         assert not stream.done  # the stalled copy stopped while the new attempt still runs
         await _read(stream, chunks)
         assert stream.error is None and stream.attempt == 1 and stream.text == expected

@@ -84,7 +84,7 @@ async def test_an_abort_heard_while_its_request_s_worker_was_dead_ends_the_reque
         await asyncio.sleep(0.05)
     chunks = await _recorded(c, "aborted-meanwhile", "w-dead")
     await c.worker("w-a")  # the restarted one: it never heard the abort
-    chunk = await asyncio.wait_for(chunks.get(), 15)
+    chunk = await asyncio.wait_for(chunks.get(), 60)
     assert (chunk.finish_reason, chunk.token_ids, chunk.seq) == ("abort", [], 0)
     await asyncio.sleep(1.0)  # nothing runs after it
     assert chunks.empty() and await c.store.get_inflight("aborted-meanwhile") is None
@@ -124,7 +124,7 @@ async def test_a_message_that_never_reached_its_worker_goes_to_another(cluster) 
     chunks = await _recorded(c, "never-came", "w-a", incarnation=a.incarnation)
     stream, workers = ReplyStream("never-came"), set()
     while not stream.done:
-        chunk = await asyncio.wait_for(chunks.get(), 15)
+        chunk = await asyncio.wait_for(chunks.get(), 60)
         workers.add(chunk.worker)
         stream.accept(chunk)
     assert stream.error is None and stream.tokens == 8 and workers == {"w-b"}
@@ -140,9 +140,9 @@ async def test_a_request_of_a_client_judged_gone_is_answered_not_dropped(cluster
     # the test would then judge the worker's silence, not the quiet client's.
     async with _announcing(c, "gw-loud"):
         await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-quiet")))
-        await _until(lambda: _judged_gone(worker, "gw-quiet"), timeout=10)
+        await _until(lambda: _judged_gone(worker, "gw-quiet"))
         chunks = await c.send("from-quiet", client="gw-quiet", to_worker="w-a")
-        chunk = await asyncio.wait_for(chunks.get(), 10)
+        chunk = await asyncio.wait_for(chunks.get(), 60)
     assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or "")
     assert await c.store.get_inflight("from-quiet") is None
 
@@ -155,7 +155,7 @@ async def test_a_resumed_request_of_a_client_silent_about_the_ttl_is_taken(clust
     worker, _, _ = await c.worker("w-a")
     async with _announcing(c, "gw-loud"):
         await c.nc.publish(subjects.CLIENTS, msgspec.json.encode(ClientAlive(client="gw-cut")))
-        await _until(lambda: _judged_gone(worker, "gw-cut"), timeout=10)  # silent past the TTL
+        await _until(lambda: _judged_gone(worker, "gw-cut"))  # silent past the TTL
         replies: asyncio.Queue = asyncio.Queue()
         await c.nc.subscribe("test.reply.resumed", cb=replies.put)
         resumed = GenerateRequest(
@@ -167,7 +167,7 @@ async def test_a_resumed_request_of_a_client_silent_about_the_ttl_is_taken(clust
             recoveries=1,
         )
         await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(resumed))
-        first = msgspec.json.decode((await asyncio.wait_for(replies.get(), 10)).data, type=TokenChunk)
+        first = msgspec.json.decode((await asyncio.wait_for(replies.get(), 60)).data, type=TokenChunk)
     assert first.error is None and first.token_ids
 
 
@@ -186,11 +186,11 @@ async def test_a_request_stopped_because_its_client_went_quiet_ends_with_a_last_
     worker.engine.step = slow_step  # type: ignore[method-assign]
     async with _announcing(c, "gw-loud"):  # the worker hears someone
         async with _announcing(c, "gw-away"):
-            await _until(lambda: _heard(worker, "gw-away"), timeout=10)
+            await _until(lambda: _heard(worker, "gw-away"))
             chunks = await c.send("left", client="gw-away", max_tokens=400, to_worker="w-a")
-            assert (await asyncio.wait_for(chunks.get(), 10)).finish_reason is None  # running
+            assert (await asyncio.wait_for(chunks.get(), 60)).finish_reason is None  # running
         # the reader goes away
-        while (chunk := await asyncio.wait_for(chunks.get(), 15)).finish_reason is None:
+        while (chunk := await asyncio.wait_for(chunks.get(), 60)).finish_reason is None:
             pass
     assert chunk.error_code == ErrorCode.UNAVAILABLE and "not heard from" in (chunk.error or ""), chunk
 
