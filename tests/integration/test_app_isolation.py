@@ -64,6 +64,9 @@ async def bus(
             model=str(tiny_llama.model),
             engine=small_engine(device="cpu"),
             stats_interval_s=0.1,
+            # No one to drain to: a test's slowed request left running held each stop for the 10 s
+            # default, the bound below.
+            drain_timeout_s=0.0,
         )
         worker = WorkerService(ws, await connect("worker"), store, build_engine(ws))
         tasks.append(asyncio.create_task(worker.run(stop)))
