@@ -271,7 +271,7 @@ async def test_a_dispatcher_hears_which_version_a_worker_reads(
         await service._on_request(msgspec.structs.replace(_request("lora", name), adapter_version="v1"))
         await asyncio.wait_for(service._take(service.commands.get_nowait()), 5)
         await bus.publish(service.nc, subjects.stats(service.s.worker_id), service._snapshot())
-        st = await asyncio.wait_for(heard.get(), 10)
+        st = await asyncio.wait_for(heard.get(), 60)
         released.set()
         await _turns_until(service, lambda: "lora" not in service.streams)
     assert st.reading == [(name, "v1")]

@@ -41,7 +41,7 @@ async def test_a_second_request_under_an_id_in_flight_is_answered_when_redis_fai
 
     monkeypatch.setattr(worker.store, "get_inflight", down)  # the dispatcher's store too (one in the fixture)
     monkeypatch.setattr(worker.store, "put_inflight", down)
-    told = await asyncio.wait_for(refused.get(), 10)
+    told = await asyncio.wait_for(refused.get(), 60)
     assert told.error_code == "unavailable" and "Redis" in (told.error or "")
 
 

@@ -176,7 +176,7 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
         await service._on_request(queued)
         service.device_failed = True
         await drain.hand_over(service, died=True)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"culprit": 0, "queued": 0} and not lost.draining
         assert lost.never_arrived == ["queued"]  # waited, never ran: not a death
         # A trial: requests a dispatcher sent before it heard of the loss arrive during the hand-over
@@ -189,7 +189,7 @@ async def test_a_failed_devices_hand_over_blames_what_it_took_up_not_what_waited
             assert await store.put_inflight(req, "w-a", new=True, incarnation=service.incarnation)
             await service._on_request(req)
         await drain.hand_back_late(service)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"late-ids": 0, "late-text": 0} and sorted(lost.never_arrived) == [
             "late-ids",
             "late-text",
@@ -217,7 +217,7 @@ async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_st
         await service._on_request(moved)
         assert "moved" in service.preparing and service.commands.empty()
         await drain.hand_over(service)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"moved": 0} and lost.draining
         assert not service.preparing and "moved" not in service.pending
 
@@ -256,7 +256,7 @@ async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_
         service.streams["moved"] = open_stream(moved, 0.0)
         service.device_failed = True
         await drain.hand_over(service, died=True)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"ran": 0, "waited": 0, "moved": 0} and sorted(lost.never_arrived) == [
             "moved",
             "waited",
@@ -300,7 +300,7 @@ async def test_a_device_lost_in_a_merge_is_its_requests_death(
             await service._step()
         service.device_failed = True
         await drain.hand_over(service, died=True)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"p1": 0, "p2": 0} and not lost.never_arrived
 
         # Another worker, its hand-over's records write failing: nothing is sent (recovered after the
@@ -351,7 +351,7 @@ async def test_a_failed_devices_hand_over_counts_a_request_that_ran_though_anoth
         assert "r" in service.preparing
         service.device_failed = True
         await drain.hand_over(service, died=True)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"r": 1} and lost.never_arrived == [] and not lost.draining
 
 
@@ -384,7 +384,7 @@ async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stoppe
         await service._on_request(first)  # delivered again: ignored
         assert service.preparing["r"][1] is later
         await drain.hand_over(service)
-        lost = await asyncio.wait_for(handed.get(), 5)
+        lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"r": 1}
         await asyncio.sleep(0.6)  # past the inbox's wait: nothing of either copy comes to the queue
         assert service.commands.empty() and not service.preparing

@@ -27,7 +27,7 @@ async def test_requests_of_a_gateway_gone_silent_are_dropped(stack: Stack, monke
         heard.put_nowait(msgspec.json.decode(msg.data, type=ClientAlive))
 
     await stack.nc.subscribe(subjects.CLIENTS, cb=on_alive)
-    assert (await asyncio.wait_for(heard.get(), 5)).client == stack.gateway.gateway_id
+    assert (await asyncio.wait_for(heard.get(), 60)).client == stack.gateway.gateway_id
     body = {"model": "model", "prompt": "kalo", "max_tokens": 400, "ignore_eos": True, "stream": True}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{stack.url}/v1/completions", json=body) as r:

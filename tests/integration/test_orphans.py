@@ -65,7 +65,7 @@ async def test_records_left_on_a_worker_nobody_recovered_are_re_dispatched(clust
     await c.worker("w-a")
     chunks = await _recorded(c, "orphan", "w-dead")
     stream = ReplyStream("orphan")
-    await asyncio.wait_for(_read(stream, chunks), 15)
+    await asyncio.wait_for(_read(stream, chunks), 60)
     assert stream.done and stream.error is None and stream.tokens == 8
     assert not await c.store.indexed_workers() - {"w-a"}  # the dead worker's index is gone
     assert c.dispatcher is not None
@@ -283,9 +283,9 @@ async def test_a_request_that_reaches_a_stopping_worker_after_its_hand_over_runs
 
     monkeypatch.setattr(drain, "hand_over", then_one_more)
     stop_a.set()
-    await asyncio.wait_for(task_a, 15)
+    await asyncio.wait_for(task_a, 60)
     stream = ReplyStream("late")
-    await asyncio.wait_for(_read(stream, chunks[0]), 10)
+    await asyncio.wait_for(_read(stream, chunks[0]), 60)
     assert stream.error is None and stream.tokens == 8 and stream.worker == "w-b"
     assert c.dispatcher is not None
     assert c.dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0

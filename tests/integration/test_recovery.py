@@ -154,7 +154,7 @@ async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
         )
 
     async def taken(worker: str) -> GenerateRequest:
-        return msgspec.json.decode((await asyncio.wait_for(forwarded[worker].get(), 5)).data, type=GenerateRequest)
+        return msgspec.json.decode((await asyncio.wait_for(forwarded[worker].get(), 60)).data, type=GenerateRequest)
 
     def request(rid: str) -> GenerateRequest:
         return GenerateRequest(request_id=rid, reply_to="test.taken.reply", prompt_token_ids=[5, 6, 7])
@@ -184,7 +184,7 @@ async def test_only_a_worker_that_took_a_request_up_counts_its_loss_as_a_death(
         # Taken up where it runs, then that worker dies too: its second death, given up as before.
         await store.mark_taken("w-live", {"counted": 2})
         await dispatcher.recover("w-live", "")
-        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 60)).data, type=TokenChunk)
         assert chunk.request_id == "counted" and chunk.error is not None and "not retried again" in chunk.error
     finally:
         await nc.drain()
@@ -220,7 +220,7 @@ async def test_an_older_worker_that_does_not_mark_has_its_loss_counted_as_a_deat
         assert rec is not None and rec.worker == "w-old" and rec.deaths == 1 and not rec.marks_taken
         del dispatcher.workers["w-old"]
         await dispatcher.recover("w-old", "")
-        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 5)).data, type=TokenChunk)
+        chunk = msgspec.json.decode((await asyncio.wait_for(replies.get(), 60)).data, type=TokenChunk)
         assert chunk.request_id == "p" and chunk.error is not None and "not retried again" in chunk.error
     finally:
         await nc.drain()

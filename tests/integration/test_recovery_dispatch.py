@@ -60,7 +60,7 @@ def _idle(worker: str) -> WorkerStats:
 
 
 async def _next(queue: asyncio.Queue, kind: type[T]) -> T:
-    return msgspec.json.decode((await asyncio.wait_for(queue.get(), 5)).data, type=kind)
+    return msgspec.json.decode((await asyncio.wait_for(queue.get(), 60)).data, type=kind)
 
 
 async def test_a_request_whose_workers_keep_dying_is_failed_not_retried_forever(

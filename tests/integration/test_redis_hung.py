@@ -245,7 +245,7 @@ async def test_a_hung_redis_holds_an_adapter_requests_admission_seconds_not_the_
                 return msgspec.json.encode(GenerateRequest(request_id=rid, reply_to=reply, params=params, **extra))
 
             await client.publish(subjects.REQUESTS, request("long", 480, prompt_token_ids=[5]))
-            await asyncio.wait_for(got["long"].get(), 10)  # running
+            await asyncio.wait_for(got["long"].get(), 60)  # running
             sigstop(redis.proc)
             lora = request("lora", 2, prompt_token_ids=[5], adapter="lora-0", adapter_version="v1")
             await client.publish(subjects.worker_requests("w0"), lora)

@@ -51,7 +51,7 @@ async def test_a_request_a_worker_cannot_read_goes_to_another_and_else_is_answer
     lone = msgspec.structs.replace(req, request_id="lone", reply_to="test.reply.lone", next_seq=0)
     for _ in range(2):
         await stack.nc.publish(subjects.worker_requests(first), newer(lone))
-    told = await asyncio.wait_for(chunks.get(), 10)
+    told = await asyncio.wait_for(chunks.get(), 60)
     assert (told.request_id, told.seq, told.error_code, told.finish_reason) == ("lone", 0, "unavailable", "error")
     assert first in (told.error or "") and "a_field_of_a_newer_version" in (told.error or "")
 
@@ -81,12 +81,12 @@ async def test_a_request_tokenized_for_another_model_runs_on_no_worker_of_this_o
         request_id="other", reply_to="test.reply.other", prompt_token_ids=[5, 6], params=params, model_digest="0" * 16
     )
     await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(req))
-    told = await asyncio.wait_for(chunks.get(), 10)
+    told = await asyncio.wait_for(chunks.get(), 60)
     assert (told.request_id, told.error_code, told.finish_reason) == ("other", "unavailable", "error")
     assert "no live worker serves the base model" in (told.error or "") and ours in (told.error or "")
     direct = msgspec.structs.replace(req, request_id="direct", reply_to="test.reply.direct")
     await stack.nc.publish(subjects.worker_requests(stack.workers[0].s.worker_id), msgspec.json.encode(direct))
-    told = await asyncio.wait_for(chunks.get(), 10)
+    told = await asyncio.wait_for(chunks.get(), 60)
     assert (told.request_id, told.error_code) == ("direct", "internal") and "mixes models" in (told.error or "")
     same = msgspec.structs.replace(req, request_id="same", reply_to="test.reply.same", model_digest=ours)
     await stack.nc.publish(subjects.REQUESTS, msgspec.json.encode(same))
