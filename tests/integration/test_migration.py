@@ -41,9 +41,12 @@ async def start_workers(
     **settings,
 ) -> dict[str, WorkerService]:
     """Real workers in this process, running until ``stop``; their connections and tasks go into
-    ``conns`` and ``tasks`` for the test to close."""
+    ``conns`` and ``tasks`` for the test to close. They stop at once, as run_stack's do (all stop
+    together: none to drain to), unless ``settings`` give a ``drain_timeout_s``: a request a test
+    left running held the stop for the 10 s default drain."""
     workers = {}
     settings.setdefault("engine", small_engine())
+    settings.setdefault("drain_timeout_s", 0.0)
     for name in names:
         ws = WorkerSettings(nats_url=nats_server.url, worker_id=name, model=str(tiny_llama.model), **settings)
         nc = await nats.connect(nats_server.url)
@@ -480,10 +483,10 @@ async def test_a_migrator_stopped_while_it_takes_the_lease_releases_it(nats_serv
         migrator = Migrator(MigratorSettings(nats_url=nats_server.url, lease_s=30.0), nc, store)
         stop = asyncio.Event()
         running = asyncio.create_task(migrator.run(stop))
-        await asyncio.wait_for(taken.wait(), 10)
+        await asyncio.wait_for(taken.wait(), 60)
         assert await store.lease_holder("migrator") == migrator.holder
         stop.set()
-        await asyncio.wait_for(running, 10)
+        await asyncio.wait_for(running, 60)
         assert await store.lease_holder("migrator") is None
     finally:
         await nc.drain()
