@@ -14,7 +14,15 @@ def poisson(rate: float, n: int, rng: np.random.Generator) -> list[float]:
 def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
     """Gamma inter-arrivals with mean 1/rate and coefficient of variation ``cv`` (1 = Poisson;
     larger = burstier; 0 = every gap 1/rate, the gamma's limit as its shape grows, vLLM's
-    ``--burstiness inf``); an infinite ``rate`` puts every arrival at 0 (vLLM's ``--request-rate inf``)."""
+    ``--burstiness inf``); an infinite ``rate`` puts every arrival at 0 (vLLM's ``--request-rate inf``).
+
+    The gaps are rescaled so that the ``n``-th arrival is at exactly ``n / rate`` seconds, as
+    vLLM's ``get_request`` (vllm/benchmarks/serve.py) rescales its cumulative delays: a sum of
+    drawn gaps misses it (200 requests: by 5 % at the median seed at CV 1, 16 % at CV 4), and runs
+    of one workload under two seeds offered different loads.
+
+    Raises:
+        ValueError: ``rate`` not above 0 or ``cv`` below 0."""
     if rate <= 0 or cv < 0:
         raise ValueError(f"rate must be > 0 and cv >= 0, got {rate}, {cv}")
     if math.isinf(rate):
@@ -22,8 +30,10 @@ def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[floa
     if cv == 0:
         return [(i + 1) / rate for i in range(n)]
     shape = 1.0 / cv**2
-    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
-    return [float(t) for t in np.cumsum(gaps)]
+    times = np.cumsum(rng.gamma(shape, 1.0 / (rate * shape), size=n))
+    if n and times[-1] > 0:
+        times *= n / rate / times[-1]
+    return [float(t) for t in times]
 
 
 def replay(timestamps: list[float], rate: float | None = None) -> list[float]:
