@@ -189,10 +189,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "folder, where it holds a tokenizer; openai-chat's wherever it is a folder); HTTP targets only",
     )
     add_workload_arguments(p)
-    p.add_argument("--slo-ttft", type=above_zero, help="SLO on time to first token (s)")
-    p.add_argument("--slo-tpot", type=above_zero, help="SLO on time per output token (s)")
+    # 0 taken, as --goodput's KEY:0 is (vLLM's bound is "non-negative"): only a request with no wait meets it
+    slo = _at_least(float, 0)
+    p.add_argument("--slo-ttft", type=slo, help="SLO on time to first token (s; 0 or more)")
+    p.add_argument("--slo-tpot", type=slo, help="SLO on time per output token (s; 0 or more)")
     p.add_argument(
-        "--slo-e2e", type=above_zero, help="SLO on end-to-end latency (s; vLLM's --goodput e2el, there in ms)"
+        "--slo-e2e", type=slo, help="SLO on end-to-end latency (s, 0 or more; vLLM's --goodput e2el, there in ms)"
     )
     p.add_argument(
         "--goodput",

@@ -207,6 +207,9 @@ def test_a_goodput_of_zero_ms_is_taken_as_vllm_takes_it() -> None:
     request with no wait meets: none by TTFT; by TPOT a one-token output (vLLM's TPOT 0 there)."""
     args = build_parser().parse_args(["loadgen", "--goodput", "ttft:0", "tpot:0"])
     assert slo_seconds(args) == {"slo_ttft": 0.0, "slo_tpot": 0.0, "slo_e2e": None}
+    # loadgen's own spelling takes it too (it was refused, "0.0 is not above 0", where --goodput took it)
+    own = build_parser().parse_args(["loadgen", "--slo-ttft", "0", "--slo-tpot", "0", "--slo-e2e", "0"])
+    assert slo_seconds(own) == {"slo_ttft": 0.0, "slo_tpot": 0.0, "slo_e2e": 0.0}
     one, two = (
         RequestResult(0.0, None, n, sent=True, first_token_s=0.1, finish_s=0.1 * n, tokens=n, token_times=[0.1 * n])
         for n in (1, 2)
