@@ -263,9 +263,13 @@ class NatsClient:
         user: str = "app",
         ignore_eos: bool = True,
         sampling: Mapping[str, float] | None = None,
+        prompt_vocab: Sequence[int] | None = None,
     ) -> None:
         self.nc, self.clock, self.ignore_eos = nc, clock, ignore_eos
         self.sampling = dict(sampling or {})  # SamplingParams' temperature, top_p, top_k where given
+        # The model's tokenizer's ordinary ids, which the prompts are drawn from (``prompt_ids``'s
+        # ``ids``), as HttpClient's; None: 3..255, where no tokenizer is known
+        self.prompt_vocab = prompt_vocab
         # Replies under the NATS user's own subjects (the only ones it may read where the server
         # has users: common/permissions.py), then this run's.
         self.owner = f"{user}.loadgen{uuid.uuid4().hex[:8]}"
@@ -277,7 +281,12 @@ class NatsClient:
 
     @classmethod
     async def connect(
-        cls, url: str, clock: Callable[[], float], ignore_eos: bool = True, sampling: Mapping[str, float] | None = None
+        cls,
+        url: str,
+        clock: Callable[[], float],
+        ignore_eos: bool = True,
+        sampling: Mapping[str, float] | None = None,
+        prompt_vocab: Sequence[int] | None = None,
     ) -> NatsClient:
         """Connected to ``url``, or OSError with the server's last word after two retries (a wrong
         password or a server that is not there: nats-py's defaults retried for two minutes, printing
@@ -301,7 +310,7 @@ class NatsClient:
             last = errors[-1] if errors else e
             reason = str(last) or type(last).__name__  # some of nats-py's errors say nothing
             raise OSError(f"cannot connect to NATS at {redacted(url)}: {reason}") from None
-        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app", ignore_eos, sampling)
+        client = cls(nc, clock, urllib.parse.urlsplit(url).username or "app", ignore_eos, sampling, prompt_vocab)
         made.append(client)
         await client.nc.subscribe(subjects.replies_of(client.owner), cb=client._on_chunk)
         return client
@@ -338,7 +347,7 @@ class NatsClient:
             request_id=rid,
             reply_to=subjects.reply_inbox(rid, self.owner),
             adapter=spec.adapter,
-            prompt_token_ids=prompt_ids(index, spec),
+            prompt_token_ids=prompt_ids(index, spec, ids=self.prompt_vocab),
             created=time.time(),
             params=msgspec.convert(
                 self.sampling | {"max_tokens": spec.output_len, "ignore_eos": self.ignore_eos}, SamplingParams

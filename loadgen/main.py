@@ -104,8 +104,9 @@ async def run(
     requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
     report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
     (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
-    API; that tokenizer (``openai``: ``tokenizer``, else ``base_model`` where that folder holds one,
-    as vLLM's bench defaults to --model) counts an output the server's usage does not.
+    API; that tokenizer (``openai`` and NATS: ``tokenizer``, else ``base_model`` where that folder
+    holds one, as vLLM's bench defaults to --model) is the vocabulary the prompts are drawn from
+    (``prompt_text.ordinary_ids``) and counts an output the server's usage does not.
     ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
     lengths). ``record``: what vllm-result.json writes besides the run's figures, and its name
     (vLLM's --percentile-metrics, --metric-percentiles, --label, --metadata, --result-filename).
@@ -141,9 +142,11 @@ async def run(
     prompt_vocab: list[int] | None = None  # no tokenizer: the ids 3..255 themselves
     if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
         tokenizer = tokenizer or base_model
-    elif tokenizer is None and not target.startswith(NATS_SCHEMES) and holds_tokenizer(base_model):
-        # vLLM's bench counts an output without usage by --model's tokenizer where --tokenizer names
-        # none; counted here one token an event, a server streaming several an event read short
+    elif tokenizer is None and holds_tokenizer(base_model):
+        # vLLM's bench loads --model's tokenizer where --tokenizer names none: the prompts are drawn
+        # from its vocabulary (over NATS too: one model folder, one set of prompts whichever the
+        # target), and over HTTP it counts an output without usage (else one token an event, a
+        # server streaming several an event read short)
         tokenizer = base_model
     if tokenizer is not None:  # before the run: a folder without a tokenizer is a usage error
         tok = load_tokenizer(tokenizer)
@@ -165,7 +168,7 @@ async def run(
         allow_open_files(min(max_concurrency or len(requests), len(requests)), console)
     clock = Clock()
     client = (
-        await NatsClient.connect(target, clock, ignore_eos, sampling)
+        await NatsClient.connect(target, clock, ignore_eos, sampling, prompt_vocab)
         if target.startswith(NATS_SCHEMES)
         else HttpClient(
             target,
@@ -294,8 +297,6 @@ def run_loadgen(args: argparse.Namespace) -> int:
         chat = args.backend == "openai-chat"
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
-        if args.tokenizer is not None and args.target.startswith(NATS_SCHEMES):  # ids both ways: none to count
-            raise ValueError("--tokenizer is for HTTP targets; a NATS target's outputs come as token ids, counted so")
         if chat and args.tokenizer is None and not Path(args.base_model).is_dir():  # else asked of the Hub, ~50 s
             raise ValueError(
                 "--backend openai-chat needs --tokenizer FOLDER to turn the prompts' ids into text: "

@@ -183,10 +183,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         metavar="FOLDER",
-        help="the model folder whose tokenizer's ordinary ids the prompts are drawn from (its special ids left out, "
-        "as vLLM's random dataset), which counts an output the server's usage does not, and (openai-chat) "
-        "turns the prompts' token ids into text (vLLM's --tokenizer; default, as vLLM's: the --model/--base-model "
-        "folder, where it holds a tokenizer; openai-chat's wherever it is a folder); HTTP targets only",
+        help="the model folder whose tokenizer's whole vocabulary the prompts are drawn from (its special ids left "
+        "out, as vLLM's random dataset), which (HTTP) counts an output the server's usage does not, and "
+        "(openai-chat) turns the prompts' token ids into text (vLLM's --tokenizer; default, as vLLM's: the "
+        "--model/--base-model folder, where it holds a tokenizer; openai-chat's wherever it is a folder; without "
+        "one, ids 3-255)",
     )
     add_workload_arguments(p)
     # 0 taken, as --goodput's KEY:0 is (vLLM's bound is "non-negative"): only a request with no wait meets it

@@ -19,27 +19,24 @@ TRIES = 10
 # a merge across the cut a token or two more. Unbounded, a tokenizer whose text never encodes back
 # to its tokens (a prefix space its decode keeps) re-encoded the whole prompt once a token: n² work.
 DROPS = 8
-# The ids ``workload.prompt_ids`` draws from, 3..255: with a tokenizer, as many of its ordinary ones
-PROMPT_IDS = 253
-# A SentencePiece tokenizer's byte-fallback tokens, its first past the special ones (Llama 2: 3-258;
-# Mistral v0.3: 771-1026): the first ordinary ids of such a tokenizer, they made every prompt raw bytes
+# A SentencePiece tokenizer's byte-fallback tokens (Llama 2: 3-258; Mistral v0.3: 771-1026): a raw
+# byte each, invalid UTF-8 past 0x7F (chat text of U+FFFD), left out of the prompts drawn
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
-def ordinary_ids(tokenizer: Any, count: int = PROMPT_IDS) -> list[int]:
-    """The first ``count`` ids of ``tokenizer``'s vocabulary that are no special token, which
-    ``workload.prompt_ids`` draws its prompts from: vLLM's random dataset draws from its vocabulary
-    (``vocab_size``) less ``all_special_ids``; the added tokens marked special are left out too,
-    as a tokenizer need not list them among its special tokens' map; and its byte-fallback tokens,
-    which vLLM's whole-vocabulary draw meets as rarely as the vocabulary holds them."""
+def ordinary_ids(tokenizer: Any) -> list[int]:
+    """Every id of ``tokenizer``'s vocabulary (its ``vocab_size``, added tokens apart) that is no
+    special token, ascending, which ``workload.prompt_ids`` draws its prompts from: vLLM's random
+    dataset draws from ``vocab_size`` less ``all_special_ids``; the added tokens marked special are
+    left out too, as a tokenizer need not list them among its special tokens' map; and its
+    byte-fallback tokens (256 of Llama 2's 32,000 ids).
+
+    Raises:
+        ValueError: every id is special (no prompt can be drawn)."""
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-    ordinary = (
-        i
-        for i in range(int(tokenizer.vocab_size))
-        if i not in special and not _BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i)))
-    )
-    out = list(itertools.islice(ordinary, count))
+    ids = [i for i in range(int(tokenizer.vocab_size)) if i not in special]
+    out = [i for i, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if not _BYTE_TOKEN.fullmatch(str(token))]
     if not out:
         raise ValueError("the tokenizer's vocabulary holds no token that is not special: no prompt can be drawn")
     return out

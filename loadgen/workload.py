@@ -51,19 +51,21 @@ def _block(hash_id: int, size: int, vocab: int, salt: int) -> tuple[int, ...]:
 
 
 def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256, ids: Sequence[int] | None = None) -> list[int]:
-    """The prompt of request ``index``: exactly ``spec.prompt_len`` token ids in [3, vocab)
-    (exact lengths make runs comparable; ids below 3 are left to special tokens), or with ``ids``
-    (a tokenizer's ordinary ids, ``prompt_text.ordinary_ids``) each draw 3 + k as its k-th: a real
-    model's special tokens lie past 2 (Mistral v0.3's 771 control tokens), and its prompts were
-    mostly ``[INST]`` and ``[control_N]``, where vLLM's random dataset leaves the special ids out.
-    The draws are the same either way, so a tokenizer whose only special ids are 0-2 (the demo
-    model's) gets the prompts it always had.
+    """The prompt of request ``index``: exactly ``spec.prompt_len`` token ids, each drawn uniformly
+    from [3, vocab) (exact lengths make runs comparable; ids below 3 are left to special tokens), or
+    from ``ids`` (a tokenizer's ordinary ids, ``prompt_text.ordinary_ids``: its whole vocabulary less
+    its special ids, as vLLM's random dataset draws; the first 253 of them, as it was, made every
+    prompt of a 32k or 150k vocabulary its first 253 ids, and Mistral v0.3's its control tokens).
+    Without ``ids`` the draws are those they always were (the ids 3..255).
 
     Its hash-id blocks come first, each a function of its id and the run's ``prompt_seed``, so
     requests that share an id share that block; the rest is random, a function of ``index`` and
     ``prompt_seed`` (it was ``index``'s alone: request i + 253 repeated request i, and every run,
-    whatever its seed, found the last one's prompts in the prefix cache).
+    whatever its seed, found the last one's prompts in the prefix cache). One seed and one
+    tokenizer (or none), one set of prompts, over HTTP and over NATS alike.
     """
+    if ids is not None:
+        vocab = 3 + len(ids)  # each draw 3 + k picks ids[k]
     out: list[int] = []
     for h in spec.hash_ids:
         if len(out) >= spec.prompt_len:
@@ -72,7 +74,7 @@ def prompt_ids(index: int, spec: RequestSpec, vocab: int = 256, ids: Sequence[in
     out = out[: spec.prompt_len]
     own = np.random.default_rng([index, spec.prompt_seed]).integers(3, vocab, spec.prompt_len - len(out))
     drawn = out + [int(t) for t in own]
-    return drawn if ids is None else [int(ids[(t - 3) % len(ids)]) for t in drawn]
+    return drawn if ids is None else [int(ids[t - 3]) for t in drawn]
 
 
 @dataclass(frozen=True)

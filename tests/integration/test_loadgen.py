@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from rich.console import Console
 
+from dlora.common import subjects
+from dlora.common.messages import GenerateRequest
 from dlora.loadgen.main import run
 from dlora.loadgen.metrics import SLO
 from dlora.loadgen.options import add_arguments
+from dlora.loadgen.prompt_text import ordinary_ids
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.workload import build_specs, prompt_ids
 from dlora.model.make_tiny import TinyOutput
+from dlora.model.tokenizer import load_tokenizer
 from dlora.services.cli import build_parser
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
@@ -84,7 +91,6 @@ async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack,
     "argv, refusal",
     [
         (["--backend", "openai-chat", "--target", "nats://127.0.0.1:4222"], "NATS target takes token ids"),
-        (["--tokenizer", "some/folder", "--target", "nats://127.0.0.1:4222"], "--tokenizer is for HTTP targets"),
         # the completions backend takes it (it counts outputs the server's usage does not): loaded first
         (["--backend", "vllm", "--tokenizer", "no/such/folder"], "no/such/folder holds no tokenizer"),
         (["--backend", "openai-chat", "--tokenizer", "no/such/folder"], "no/such/folder holds no tokenizer"),
@@ -157,3 +163,29 @@ async def test_loadgen_chat_backend_names_the_templates_refusal_in_its_failures(
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert all(e.startswith("HTTP 400") and "takes no chat" in e for e in v["errors"]), v["errors"]
     assert len(v["latencies"]) == len(v["start_times"]) == len(v["errors"]) == 3 and v["latencies"] == [0.0] * 3
+
+
+async def test_a_nats_run_draws_its_prompts_from_the_model_folders_vocabulary(stack: Stack, tmp_path: Path) -> None:
+    """Over NATS the prompts stayed ids 3..255 (--tokenizer refused there), where an HTTP run
+    of the same model folder drew from its tokenizer: ``--model FOLDER`` (or ``--tokenizer``) gives
+    a NATS run the same prompts as an HTTP one, drawn over the whole vocabulary (the demo's 3..511)."""
+    seen: list[GenerateRequest] = []
+
+    async def heard(msg: Any) -> None:
+        seen.append(msgspec.json.decode(msg.data, type=GenerateRequest))
+
+    sub = await stack.nc.subscribe(subjects.requests_of("app"), cb=heard)
+    spec = WorkloadSpec(requests=4, rate=20.0, duration=10.0, lengths="fixed", prompt_len=64, output_len=2, adapters=2)
+    target = stack.nc._current_server.uri.geturl()
+    try:
+        with open(tmp_path / "console.txt", "w") as log:
+            summary = await run(spec, target, tmp_path, Console(file=log), base_model=str(stack.tiny.model))
+        await stack.nc.flush()
+    finally:
+        await sub.unsubscribe()
+    assert summary["completed"] == 4 and len(seen) == 4
+    vocab = ordinary_ids(load_tokenizer(stack.tiny.model))
+    assert sorted(r.prompt_token_ids for r in seen) == sorted(
+        prompt_ids(i, s, ids=vocab) for i, s in enumerate(build_specs(spec))
+    )
+    assert max(t for r in seen for t in r.prompt_token_ids) > 255
