@@ -43,7 +43,7 @@ class HttpClient:
         timeout_s: float | None = None,
         max_retries: int = 0,
         api_key: str | None = None,
-        chat_text: Callable[[list[int]], str] | None = None,
+        chat_text: Callable[[int, list[int]], str] | None = None,
         ignore_eos: bool = True,
         count_tokens: Callable[[str], int] | None = None,
         sampling: Mapping[str, object] | None = None,
@@ -109,7 +109,7 @@ class HttpClient:
         if self.chat_text is None:
             return "/v1/completions", common | {"prompt": ids, "max_tokens": spec.output_len}
         # vLLM's openai-chat sends the prompt as a list of content parts (one text part), not a string
-        message = {"role": "user", "content": [{"type": "text", "text": self.chat_text(ids)}]}
+        message = {"role": "user", "content": [{"type": "text", "text": self.chat_text(index, ids)}]}
         return "/v1/chat/completions", common | {"messages": [message], "max_completion_tokens": spec.output_len}
 
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:

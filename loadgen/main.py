@@ -14,7 +14,8 @@ import resource
 import signal
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,39 @@ def holds_tokenizer(folder: str) -> bool:
     """Whether ``folder`` is a model folder with a tokenizer's files: --model is a served name as
     often as a path, and one that happens to name a folder without them is no usage error."""
     return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+# Seconds between progress lines where stderr is no terminal (a log, a CI step): a bar there is one
+# line at its end, and a large chat run's texts take minutes
+PROGRESS_EVERY_S = 10.0
+
+
+def made_chat_texts(
+    tokenizer: Any, prompts: Iterable[list[int]], total: int, console: Console
+) -> Callable[[int, list[int]], str]:
+    """``prompt_text.chat_texts`` of the run's ``total`` prompts, showing how far it is on
+    ``console`` (stderr), as vLLM's bench shows its dataset's and its requests' progress: a bar on
+    a terminal, else a line every ``PROGRESS_EVERY_S`` seconds and one at the end if any was
+    written (10,000 prompts of 32k tokens took minutes that printed nothing)."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    task = bar.add_task("prompts' chat text", total=total)
+    said = [time.monotonic(), 0]  # the last line's time, lines written
+
+    def made(k: int) -> None:
+        bar.update(task, completed=k)
+        if not console.is_terminal and (time.monotonic() - said[0] >= PROGRESS_EVERY_S or (k == total and said[1])):
+            console.print(f"prompts' chat text: {k} of {total} made")
+            said[:] = [time.monotonic(), said[1] + 1]
+
+    with bar:
+        return chat_texts(tokenizer, prompts, made)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -137,7 +171,7 @@ async def run(
     if traces[0] is not None and traces[0].skipped:
         console.print(f"trace: skipped {traces[0].skipped} failed requests (no response tokens)")
     requests = build_specs(spec, traces)
-    chat_text: Callable[[list[int]], str] | None = None
+    chat_text: Callable[[int, list[int]], str] | None = None
     count_tokens: Callable[[str], int] | None = None
     prompt_vocab: list[int] | None = None  # no tokenizer: the ids 3..255 themselves
     if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
@@ -154,7 +188,8 @@ async def run(
         count_tokens = functools.partial(_tokens_in, tok)
         prompt_vocab = ordinary_ids(tok)
         if backend == "openai-chat":
-            chat_text = chat_texts(tok, (prompt_ids(i, s, ids=prompt_vocab) for i, s in enumerate(requests)))
+            prompts = (prompt_ids(i, s, ids=prompt_vocab) for i, s in enumerate(requests))
+            chat_text = made_chat_texts(tok, prompts, len(requests), console)
     out = Path(out)
     if out.exists() and not out.is_dir():  # found only after the whole run, its results lost
         raise NotADirectoryError(f"--out {out} is a file, not a folder")

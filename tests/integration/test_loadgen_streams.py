@@ -318,7 +318,7 @@ async def test_chat_backend_sends_vllms_chat_body_and_reads_deltas(tmp_path: Pat
 
     specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=5, output_len=3)] * 2
     async with serving(completions, chat=chat) as url:
-        client = HttpClient(url, "model", Clock(), chat_text=lambda ids: " ".join(map(str, ids)))
+        client = HttpClient(url, "model", Clock(), chat_text=lambda _, ids: " ".join(map(str, ids)))
         try:
             results, _ = await replay(specs, client, Clock(), 10.0, asyncio.Event())
         finally:
@@ -361,7 +361,7 @@ async def test_a_chat_streams_opening_is_no_token_whatever_null_fields_it_carrie
 
     specs = [RequestSpec(arrival_s=0.0, adapter=None, prompt_len=5, output_len=5)]
     async with serving(completions, chat=chat) as url:
-        client = HttpClient(url, "model", Clock(), chat_text=lambda ids: " ".join(map(str, ids)))
+        client = HttpClient(url, "model", Clock(), chat_text=lambda _, ids: " ".join(map(str, ids)))
         try:
             results, _ = await replay(specs, client, Clock(), 10.0, asyncio.Event())
         finally:
