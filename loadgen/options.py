@@ -43,6 +43,19 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
+def within(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high] (a sampling field's range, as the gateway checks it:
+    out of it, every request of the run would be answered 400)."""
+
+    def parse(text: str) -> float:
+        value = float(_at_least(float, low)(text))
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{value:g} is above {high:g}")
+        return value
+
+    return parse
+
+
 def rate(text: str) -> float:
     """An argparse type: a rate above 0, or ``inf`` (every request at once, vLLM's default
     ``--request-rate inf``, which vLLM users pair with ``--max-concurrency``: it was refused as
@@ -171,6 +184,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=above_zero, help="each request's top_p (vLLM's --top-p; default: none sent)")
     p.add_argument(
         "--top-k", type=_at_least(int, -1), help="each request's top_k, -1 or 0 all (vLLM's --top-k; default: none)"
+    )
+    p.add_argument(
+        "--min-p",
+        type=within(0, 1),
+        help="each request's min_p, in [0, 1] (vLLM's --min-p; default: none sent)",
+    )
+    for name in ("frequency", "presence"):
+        p.add_argument(
+            f"--{name}-penalty",
+            type=within(-2, 2),
+            help=f"each request's {name}_penalty, in [-2, 2] (OpenAI's range; vLLM's --{name}-penalty; default: none)",
+        )
+    p.add_argument(
+        "--repetition-penalty",
+        type=within(0.01, 100),
+        help="each request's repetition_penalty, in [0.01, 100] (the servers' range; vLLM's --repetition-penalty; "
+        "default: none)",
     )
     p.add_argument(
         "--extra-body",

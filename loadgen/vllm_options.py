@@ -106,11 +106,23 @@ OWNED_FIELDS = {
 }
 
 
+# vLLM's bench's sampling options (its "sampling parameters" group), each the request field of its name
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+
+
 def sampling_of(args: argparse.Namespace) -> dict[str, Any] | None:
     """The fields each request carries over loadgen's temperature 0: the sampling options given,
     then --extra-body's over them, as vLLM's bench merges them (``--temperature 0.7 --extra-body
     '{"temperature": 0.2}'`` sends 0.2 there; here it sent 0.7). None: none given."""
-    given = {name: getattr(args, name) for name in ("temperature", "top_p", "top_k") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SAMPLING if getattr(args, name, None) is not None}
     return (given | (args.extra_body or {})) or None
 
 

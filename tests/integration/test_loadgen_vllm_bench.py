@@ -234,7 +234,9 @@ async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Pa
         return await _stream(request, [CHUNK, LAST])
 
     extra = '{"chat_template_kwargs": {"enable_thinking": false}, "seed": 7}'
-    args = build_parser().parse_args(["loadgen", "--temperature", "0.7", "--top-p", "0.9", "--extra-body", extra])
+    penalties = ["--min-p", "0.05", "--frequency-penalty", "0.5", "--presence-penalty", "-0.5"]
+    argv = ["loadgen", "--temperature", "0.7", "--top-p", "0.9", *penalties, "--repetition-penalty", "1.1"]
+    args = build_parser().parse_args([*argv, "--extra-body", extra])
     spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     async with serving(completions) as url:
         summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
@@ -242,6 +244,13 @@ async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Pa
     body = bodies[0]
     assert (body["temperature"], body["top_p"], body["seed"], "top_k" in body) == (0.7, 0.9, 7, False)
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    # vLLM's --min-p and its penalties, refused before
+    assert [body[k] for k in ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")] == [
+        0.05,
+        0.5,
+        -0.5,
+        1.1,
+    ]
     assert (body["max_tokens"], body["stream"], len(body["prompt"])) == (2, True, 4)
     plain = build_parser().parse_args(["loadgen"])
     assert sampling_of(plain) is None
@@ -266,13 +275,22 @@ async def test_sampling_options_reach_the_workers_over_nats(stack: Stack, tmp_pa
     # what the workers are sent (the record's config alone was checked: it says what was asked for)
     watch = await stack.nc.subscribe(subjects.requests_of(urllib.parse.urlsplit(target).username or "app"), cb=heard)
     spec = WorkloadSpec(requests=4, rate=50.0, lengths="fixed", prompt_len=6, output_len=3, adapters=2)
-    args = build_parser().parse_args(["loadgen", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.5"])
+    argv = ["loadgen", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.5", "--min-p", "0.1"]
+    argv += ["--frequency-penalty", "0.2", "--presence-penalty", "0.3", "--repetition-penalty", "1.2"]
+    args = build_parser().parse_args(argv)
     summary = await run(spec, target, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
     await watch.unsubscribe()
     assert summary["completed"] == 4 and summary["failed"] == 0
     assert len(sent) == 4 and {(r.params.temperature, r.params.top_p, r.params.top_k) for r in sent} == {(0.8, 0.5, 5)}
+    penalties = {(r.params.min_p, r.params.frequency_penalty, r.params.presence_penalty) for r in sent}
+    assert penalties == {(0.1, 0.2, 0.3)} and {r.params.repetition_penalty for r in sent} == {1.2}
     config = json.loads((tmp_path / "result.json").read_text())["config"]
-    assert config["sampling"] == {"temperature": 0.8, "top_p": 0.5, "top_k": 5}
+    assert config["sampling"] == {"temperature": 0.8, "top_p": 0.5, "top_k": 5} | {
+        "min_p": 0.1,
+        "frequency_penalty": 0.2,
+        "presence_penalty": 0.3,
+        "repetition_penalty": 1.2,
+    }
     refused = build_parser().parse_args(["loadgen", "--target", target, "--extra-body", "{}", "--out", str(tmp_path)])
     assert refused.func(refused) == 2
 

@@ -278,3 +278,15 @@ def test_vllms_top_k_minus_one_is_all_tokens() -> None:
     assert sampling_of(build_parser().parse_args(["loadgen", "--top-k", "-1"])) == {"top_k": -1}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["loadgen", "--top-k", "-2"])
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--min-p", "1.5"), ("--presence-penalty", "-3"), ("--frequency-penalty", "2.5")]
+)
+def test_a_sampling_option_out_of_the_servers_range_is_a_usage_error(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sent, every request of the run would be answered 400: refused before the run, naming it."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", option, value])
+    assert option in capsys.readouterr().err

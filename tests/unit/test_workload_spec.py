@@ -35,6 +35,10 @@ NOT_WORKLOAD = {
     "temperature",  # sampling fields each request carries, not which requests
     "top_p",
     "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
     "extra_body",
     "num_warmups",  # requests before the workload's, not counted
     "tokenizer",
