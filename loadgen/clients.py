@@ -48,6 +48,7 @@ class HttpClient:
         count_tokens: Callable[[str], int] | None = None,
         sampling: Mapping[str, object] | None = None,
         prompt_vocab: Sequence[int] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url, self.base_model, self.clock, self.max_retries = url.rstrip("/"), base_model, clock, max_retries
         # vLLM's --ignore-eos (which its random dataset turns on, as the workload's prompts are random):
@@ -71,7 +72,8 @@ class HttpClient:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             connector=aiohttp.TCPConnector(limit=0),
-            headers={"Authorization": f"Bearer {key}"} if key else None,
+            # vLLM's --header over the key's, as its bench merges them: on every request, the model list's too
+            headers=({"Authorization": f"Bearer {key}"} if key else {}) | dict(headers or {}),
         )
 
     async def served_models(self) -> set[str]:

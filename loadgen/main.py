@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,8 @@ async def run(
     record: RecordOptions = RecordOptions(),
     sampling: dict[str, Any] | None = None,
     num_warmups: int = 0,
+    headers: Mapping[str, str] | None = None,
+    served_model_name: str | None = None,
 ) -> dict:
     """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
     model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
@@ -146,8 +148,10 @@ async def run(
     (vLLM's --percentile-metrics, --metric-percentiles, --label, --metadata, --result-filename).
     ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
     --temperature, --top-p, --top-k; over HTTP its --extra-body's too). ``num_warmups`` requests go
-    first, uncounted (vLLM's --num-warmups: ``runner.warm_up``). Ctrl-C or SIGTERM stops sending; the
-    report is still written.
+    first, uncounted (vLLM's --num-warmups: ``runner.warm_up``). ``headers``: sent with every HTTP
+    request, over the key's (vLLM's --header). ``served_model_name``: the name requests to the base
+    model send, where ``base_model`` is its folder (vLLM's --served-model-name beside its --model;
+    None: ``base_model``). Ctrl-C or SIGTERM stops sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -207,7 +211,7 @@ async def run(
         if target.startswith(NATS_SCHEMES)
         else HttpClient(
             target,
-            base_model,
+            served_model_name or base_model,
             clock,
             max_retries=max_retries,
             api_key=api_key,
@@ -216,6 +220,7 @@ async def run(
             count_tokens=count_tokens,
             sampling=sampling,
             prompt_vocab=prompt_vocab,
+            headers=headers,
         )
     )
     if isinstance(client, HttpClient):
@@ -224,7 +229,7 @@ async def run(
         except BaseException:  # refused, or Ctrl-C while it asked: closed either way (no warning left)
             await client.close()
             raise
-        wanted = {s.adapter or base_model for s in requests}
+        wanted = {s.adapter or served_model_name or base_model for s in requests}
         if missing := sorted(wanted - served):
             console.print(f"not served by the target (their requests will fail): {', '.join(missing)}")
     if num_warmups and requests:
@@ -294,7 +299,10 @@ async def run(
         formats = {f"{kind}_format": t.format for kind, t in zip(kinds, traces) if t is not None}
         skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
         config = (
-            {"target": redacted(target), "base_model": base_model, "backend": backend, "tokenizer": tokenizer}
+            {"target": redacted(target), "base_model": base_model, "served_model_name": served_model_name}
+            | {"backend": backend, "tokenizer": tokenizer}
+            # the headers' names: their values may be credentials (vLLM's bench redacts --header)
+            | {"headers": sorted(headers) if headers else None}
             | spec.options()
             | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
             | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
@@ -323,6 +331,9 @@ def run_loadgen(args: argparse.Namespace) -> int:
             raise ValueError("--max-retries: retries are of HTTP answers (429, 503); a NATS target has none")
         if args.api_key is not None and args.target.startswith(NATS_SCHEMES):  # (it was dropped silently)
             raise ValueError("--api-key is the gateway's; a NATS target takes its user and password in the URL")
+        for option in ("header", "served_model_name"):  # the HTTP request's; a NATS request names no model
+            if getattr(args, option) is not None and args.target.startswith(NATS_SCHEMES):
+                raise ValueError(f"--{option.replace('_', '-')} is for HTTP targets, not a NATS one")
         if args.endpoint not in (None, ENDPOINTS[args.backend]):  # vLLM's bench posted one body to the other
             raise ValueError(
                 f"--endpoint {args.endpoint} is not --backend {args.backend}'s ({ENDPOINTS[args.backend]})"
@@ -354,6 +365,8 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 record=RecordOptions.from_args(args),
                 sampling=sampling_of(args),
                 num_warmups=args.num_warmups,
+                headers=dict(args.header) if args.header else None,
+                served_model_name=args.served_model_name,
             )
         )
     except (TraceError, ValueError, OSError) as e:

@@ -139,6 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         PERCENTILE_METRICS,
         extra_body,
         goodput,
+        header,
         metadata,
         metric_percentiles,
         percentile_metrics,
@@ -162,6 +163,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--adapter-names or --adapters name adapters",
     )
     p.add_argument("--api-key", help='bearer token for the gateway (default: $OPENAI_API_KEY; auth = "keys" wants one)')
+    p.add_argument(
+        "--header",
+        nargs="*",
+        type=header,
+        metavar="KEY=VALUE",
+        help="vLLM's --header: HTTP headers sent with every request (over --api-key's Authorization, as vLLM's); "
+        "result.json records their names only; HTTP targets only",
+    )
+    p.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="vLLM's --served-model-name: the name requests to the base model send, where --model is its folder "
+        "(whose tokenizer the prompts are drawn from); HTTP targets only (default: --model/--base-model)",
+    )
     p.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -297,6 +312,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=result_filename,
         metavar="NAME",
         help="the vLLM-shaped record's file name in --out (vLLM's --result-filename; default vllm-result.json)",
+    )
+    p.add_argument(
+        "--append-result",
+        action="store_true",
+        help="vLLM's --append-result: add the vLLM-shaped record to its file's end, one line of JSON a run "
+        "(JSON Lines), where it is written over otherwise (result.json and the report are this run's)",
     )
     for option in ("--save-result", "--save-detailed"):  # a vLLM command line's: what loadgen always does
         p.add_argument(

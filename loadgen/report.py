@@ -121,8 +121,14 @@ def write(
         + "\n"
     )
     vllm_name = config.get("result_filename") or VLLM_RECORD  # vLLM's --result-filename
-    (out / vllm_name).write_text(json.dumps(vllm_record.record(config, summary, results), indent=2) + "\n")
-    by_adapter = named(by_adapter, config.get("base_model"))  # (what is shown; result.json written above)
+    record = vllm_record.record(config, summary, results)
+    if config.get("append_result"):  # vLLM's --append-result: each run's record one line after the last's
+        with open(out / vllm_name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    else:
+        (out / vllm_name).write_text(json.dumps(record, indent=2) + "\n")
+    # (what is shown; result.json written above)
+    by_adapter = named(by_adapter, config.get("served_model_name") or config.get("base_model"))
     plot(results, by_adapter, end_s, out / "report.png")
     png = base64.b64encode((out / "report.png").read_bytes()).decode()
     rows = "".join(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from typing import Any
 
 from dlora.loadgen.options import _at_least
@@ -67,6 +68,22 @@ def metadata(text: str) -> tuple[str, str]:
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
     return key.strip(), value.strip()
+
+
+# An HTTP field name: RFC 9110's token (aiohttp sent a name with a space or a colon as it was, and
+# the server refused every request, or read another header)
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header(text: str) -> tuple[str, str]:
+    """An argparse type: one of vLLM's ``--header`` items, ``KEY=VALUE``, sent with every request
+    (the value may hold ``=``; a name that is no HTTP token, or a value with a line break, is refused)."""
+    key, value = metadata(text)
+    if not _FIELD_NAME.fullmatch(key):
+        raise argparse.ArgumentTypeError(f"{key!r} is not an HTTP header name")
+    if any(c in value for c in "\r\n\0"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a header's value is one line")
+    return key, value
 
 
 def result_filename(text: str) -> str:

@@ -29,7 +29,8 @@ class RecordOptions:
     from the command line (``from_args``) and passed through ``main.run`` to ``record``.
     ``percentile_metrics`` and ``metric_percentiles`` (None: every metric, at ``PERCENTILES``) pick
     its latency figures; ``label`` and ``metadata`` (key, value pairs) are keys of it;
-    ``result_filename`` is its file's name in the run's folder (None: ``report.VLLM_RECORD``).
+    ``result_filename`` is its file's name in the run's folder (None: ``report.VLLM_RECORD``);
+    ``append_result`` adds it to that file's end.
     (--result-dir is the run's folder, --goodput its SLOs, --save-result and --save-detailed what
     loadgen always does.)"""
 
@@ -38,6 +39,9 @@ class RecordOptions:
     label: str | None = None
     metadata: tuple[tuple[str, str], ...] | None = None
     result_filename: str | None = None
+    append_result: bool = False
+    """vLLM's --append-result: the record is added to the file's end, one line of JSON a run (JSON
+    Lines, as vLLM's appended records are), where it was written over, indented."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RecordOptions:
@@ -48,6 +52,7 @@ class RecordOptions:
             label=args.label,
             metadata=None if args.metadata is None else tuple(args.metadata),
             result_filename=args.result_filename,
+            append_result=args.append_result,
         )
 
 

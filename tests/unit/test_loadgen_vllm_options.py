@@ -290,3 +290,21 @@ def test_a_sampling_option_out_of_the_servers_range_is_a_usage_error(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["loadgen", option, value])
     assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item", ["X Tenant=blue", "X-Tenant", "=blue", "X:Tenant=blue"])
+def test_a_header_that_is_no_http_field_is_a_usage_error(item: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sent as given, a name with a space or a colon had the server refuse every request."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", "--header", item])
+    assert "--header" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--header", "X-Tenant=blue"], ["--served-model-name", "m"]])
+def test_http_request_options_are_refused_with_a_nats_target(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NATS request has no HTTP headers and names no model: dropped silently, the run would not
+    be the one asked for."""
+    args = build_parser().parse_args(["loadgen", "--target", "nats://127.0.0.1:1", "--out", str(tmp_path), *argv])
+    assert args.func(args) == 2 and "is for HTTP targets, not a NATS one" in capsys.readouterr().err

@@ -39,6 +39,9 @@ NOT_WORKLOAD = {
     "frequency_penalty",
     "presence_penalty",
     "repetition_penalty",
+    "header",  # HTTP headers each request carries
+    "served_model_name",  # the name the base model's requests send
+    "append_result",  # how vllm-result.json is written
     "extra_body",
     "num_warmups",  # requests before the workload's, not counted
     "tokenizer",
