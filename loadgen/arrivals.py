@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from dlora.loadgen.spec import RampUp
+
 
 def poisson(rate: float, n: int, rng: np.random.Generator) -> list[float]:
     return gamma(rate, 1.0, n, rng)
@@ -34,6 +36,39 @@ def gamma(rate: float, cv: float, n: int, rng: np.random.Generator) -> list[floa
     if n and times[-1] > 0:
         times *= n / rate / times[-1]
     return [float(t) for t in times]
+
+
+def ramp_up_rates(strategy: RampUp, start: float, end: float, n: int) -> list[float]:
+    """vLLM's ``--ramp-up-strategy``: request i's rate (req/s), from ``start`` at the first to
+    ``end`` at the last, linearly or geometrically in i / (n - 1) (vllm/benchmarks/serve.py's
+    ``_get_current_request_rate``).
+
+    Raises:
+        ValueError: ``start`` not above 0 (vLLM's bench stops at its first request then) or above ``end``."""
+    if not 0 < start <= end:
+        raise ValueError(f"ramp-up rates must be 0 < start <= end, got {start}, {end}")
+    progress = [i / max(n - 1, 1) for i in range(n)]
+    if strategy == "linear":
+        return [start + (end - start) * p for p in progress]
+    return [start * (end / start) ** p for p in progress]
+
+
+def ramp_up(strategy: RampUp, start: float, end: float, cv: float, n: int, rng: np.random.Generator) -> list[float]:
+    """Arrival times whose rate ramps from ``start`` to ``end`` req/s (``ramp_up_rates``), each
+    gap drawn as ``gamma``'s at its request's rate (CV 0: 1/rate), as vLLM's ``get_request`` draws
+    them, and not rescaled (vLLM rescales a fixed rate's only: the ramp sets the run's length).
+
+    Raises:
+        ValueError: as ``ramp_up_rates``; ``cv`` below 0."""
+    if cv < 0:
+        raise ValueError(f"cv must be >= 0, got {cv}")
+    rates = np.array(ramp_up_rates(strategy, start, end, n))
+    if cv == 0:
+        gaps = 1.0 / rates
+    else:
+        shape = 1.0 / cv**2
+        gaps = rng.gamma(shape, 1.0 / (rates * shape))
+    return [float(t) for t in np.cumsum(gaps)]
 
 
 def replay(timestamps: list[float], rate: float | None = None) -> list[float]:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, get_args
 
-from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, WorkloadSpec
+from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, RampUp, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
 _SPEC = WorkloadSpec()
@@ -352,10 +352,19 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         "--rate",
         "--request-rate",
         type=rate,
-        default=_SPEC.rate,
+        # None: not given (WorkloadSpec.from_args fills in the default), so that it is refused beside a ramp
         help="mean requests/s (trace replay is rescaled to it); inf sends every request at once, as vLLM's "
-        f"--request-rate inf (default {_SPEC.rate:g})",
+        f"--request-rate inf (default {_SPEC.rate:g}; with --ramp-up-strategy inf)",
     )
+    p.add_argument(
+        "--ramp-up-strategy",
+        choices=get_args(RampUp),
+        help="vLLM's --ramp-up-strategy: the rate goes from --ramp-up-start-rps at the first request to "
+        "--ramp-up-end-rps at the last, linearly or exponentially in the request's index (poisson or gamma "
+        "gaps at each one's rate); not with --rate (default: a fixed --rate)",
+    )
+    p.add_argument("--ramp-up-start-rps", type=above_zero, help="the first request's rate, req/s (vLLM's)")
+    p.add_argument("--ramp-up-end-rps", type=above_zero, help="the last request's rate, req/s (vLLM's)")
     p.add_argument(
         "--cv", type=gamma_cv, help=f"gamma: coefficient of variation of inter-arrivals (default {_SPEC.cv:g})"
     )

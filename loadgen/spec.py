@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 Arrivals = Literal["poisson", "gamma", "trace"]
 Lengths = Literal["trace", "fixed", "uniform", "random"]
 Popularity = Literal["uniform", "zipf", "power", "stride", "round-robin"]
+RampUp = Literal["linear", "exponential"]
 # vLLM's --lora-assignment choices and the popularity each is
 LORA_ASSIGNMENTS: dict[str, Popularity] = {"random": "uniform", "round-robin": "round-robin"}
 
@@ -49,6 +50,15 @@ class WorkloadSpec:
     cv: float = 1.0
     """Gamma arrivals: coefficient of variation of the gaps (1 = Poisson, larger = burstier; 0 =
     even gaps, vLLM's ``--burstiness inf``)."""
+    ramp_up_strategy: RampUp | None = None
+    """vLLM's --ramp-up-strategy: the rate goes from ``ramp_up_start_rps`` at the first request to
+    ``ramp_up_end_rps`` at the last, linearly or geometrically in the request's index, Poisson or
+    gamma gaps at each request's rate (``arrivals.ramp_up``); ``rate`` is then ``math.inf``, as
+    vLLM's --request-rate must be beside it. None: the fixed ``rate``."""
+    ramp_up_start_rps: float | None = None
+    """Ramp-up: the first request's rate, req/s (above 0)."""
+    ramp_up_end_rps: float | None = None
+    """Ramp-up: the last request's rate, req/s (at least the start's)."""
     trace: tuple[str, ...] = ()
     """Trace paths or ``bundled:NAME``: at most one request trace (for ``arrivals``/``lengths``
     ``trace``) and one popularity source (for ``popularity`` ``stride``). Empty: the bundled Azure
@@ -102,6 +112,30 @@ class WorkloadSpec:
                 raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if not 0 <= self.random_range_ratio < 1:  # vLLM's bound: at 1 an input could be empty
             raise ValueError(f"random_range_ratio {self.random_range_ratio}: expected at least 0 and below 1")
+        self._check_ramp_up()
+
+    def _check_ramp_up(self) -> None:
+        """vLLM's checks of its ramp-up options, and its start of 0 (its bench stopped at the first
+        request on an assertion), and arrivals it draws (a trace's are its own)."""
+        start, end = self.ramp_up_start_rps, self.ramp_up_end_rps
+        if self.ramp_up_strategy is None:
+            if start is not None or end is not None:
+                raise ValueError("--ramp-up-start-rps and --ramp-up-end-rps apply to --ramp-up-strategy only")
+            return
+        if self.ramp_up_strategy not in get_args(RampUp):
+            raise ValueError(
+                f"ramp_up_strategy {self.ramp_up_strategy!r}: expected one of {', '.join(get_args(RampUp))}"
+            )
+        if start is None or end is None:
+            raise ValueError("--ramp-up-strategy needs both --ramp-up-start-rps and --ramp-up-end-rps")
+        if not 0 < start <= end or math.isinf(end):
+            raise ValueError(
+                f"--ramp-up-start-rps {start:g}, --ramp-up-end-rps {end:g}: expected 0 < start <= end < inf"
+            )
+        if self.arrivals == "trace":
+            raise ValueError("--ramp-up-strategy draws the arrivals: not with --arrivals trace")
+        if not math.isinf(self.rate):
+            raise ValueError("--ramp-up-strategy sets the rate: give it or --rate (--request-rate), not both")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkloadSpec:
@@ -111,6 +145,8 @@ class WorkloadSpec:
         for name in (*SCOPED_OPTIONS, "adapters", "popularity"):  # not given: the default
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)
+        if values["rate"] is None:  # a ramp sets the rates (vLLM's --request-rate is inf beside it)
+            values["rate"] = _DEFAULTS.rate if values["ramp_up_strategy"] is None else math.inf
         if (burstiness := getattr(args, "burstiness", None)) is not None:  # vLLM's gamma shape: 1 / CV²
             values["arrivals"], values["cv"] = "gamma", 1 / math.sqrt(burstiness)  # inf: CV 0
         values["trace"] = tuple(args.trace or ())

@@ -115,6 +115,10 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "request_rate": config.get("rate"),
         "burstiness": _burstiness(config),
         "max_concurrency": config.get("max_concurrency"),
+    }
+    if config.get("ramp_up_strategy") is not None:  # vLLM's record has them only under a ramp
+        out |= {key: config[key] for key in ("ramp_up_strategy", "ramp_up_start_rps", "ramp_up_end_rps")}
+    out |= {
         "duration": summary["duration_s"],
         "completed": summary["completed"],
         "failed": summary["sent"] - summary["completed"],

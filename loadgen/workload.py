@@ -229,6 +229,10 @@ def build_specs(spec: WorkloadSpec, traces: Traces | None = None) -> list[Reques
     trace, tenants = traces or load_traces(spec)
     if spec.arrivals == "trace":
         times = arrival_times.replay([r.t for r in _replayed(trace).rows[:n]], rate=spec.rate)
+    elif spec.ramp_up_strategy is not None:  # (its rates given: checked by the spec)
+        cv = 1.0 if spec.arrivals == "poisson" else spec.cv
+        start, end = spec.ramp_up_start_rps or 0.0, spec.ramp_up_end_rps or 0.0
+        times = arrival_times.ramp_up(spec.ramp_up_strategy, start, end, cv, n, rng)
     else:
         times = arrival_times.gamma(spec.rate, 1.0 if spec.arrivals == "poisson" else spec.cv, n, rng)
     if spec.lengths == "trace":

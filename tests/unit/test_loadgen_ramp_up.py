@@ -1,0 +1,67 @@
+"""vLLM's --ramp-up-strategy, --ramp-up-start-rps and --ramp-up-end-rps: a load that rises over
+the run's requests, drawn and recorded as vLLM's bench does (vllm/benchmarks/serve.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dlora.loadgen import arrivals
+from dlora.loadgen.metrics import summarize
+from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.vllm_record import record
+from dlora.loadgen.workload import build_specs
+from dlora.services.cli import build_parser
+
+RAMP = ["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "1", "--ramp-up-end-rps", "9"]
+
+
+def test_each_requests_rate_is_vllms() -> None:
+    """Request i's rate is start + (end - start) i / (n - 1), or start (end / start)^(i / (n - 1))."""
+    assert arrivals.ramp_up_rates("linear", 1, 9, 5) == [1, 3, 5, 7, 9]
+    assert arrivals.ramp_up_rates("exponential", 1, 16, 5) == pytest.approx([1, 2, 4, 8, 16])
+    assert arrivals.ramp_up_rates("linear", 2, 8, 1) == [2]
+    with pytest.raises(ValueError, match="0 < start <= end"):  # vLLM's bench asserted at its first request
+        arrivals.ramp_up_rates("linear", 0, 9, 5)
+
+
+def test_a_ramp_from_the_command_line_draws_gaps_at_each_requests_rate() -> None:
+    """The options were refused; a ramp is the gaps of each request's own rate, not rescaled to n /
+    rate (vLLM rescales a fixed rate's only), and the rate the record gives is vLLM's inf."""
+    args = build_parser().parse_args(["loadgen", *RAMP, "--requests", "5", "--burstiness", "inf"])
+    assert WorkloadSpec.unused_option(args) is None
+    spec = WorkloadSpec.from_args(args)
+    assert (spec.ramp_up_strategy, spec.ramp_up_start_rps, spec.ramp_up_end_rps) == ("linear", 1.0, 9.0)
+    assert math.isinf(spec.rate) and spec.options()["rate"] == "inf"
+    times = [r.arrival_s for r in build_specs(spec)]
+    assert np.diff([0.0, *times]) == pytest.approx([1, 1 / 3, 1 / 5, 1 / 7, 1 / 9])
+    poisson = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP, "--requests", "400"]))
+    gaps = np.diff([0.0, *(r.arrival_s for r in build_specs(poisson))])
+    assert gaps[:100].mean() > 3 * gaps[-100:].mean()  # (rates ~2 against ~8.5)
+
+
+def test_the_record_names_the_ramp_as_vllms_does() -> None:
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP]))
+    config = spec.options() | {"target": "http://127.0.0.1:8000"}
+    out = record(config, summarize([], 1.0), [])
+    assert (out["request_rate"], out["ramp_up_strategy"]) == ("inf", "linear")
+    assert (out["ramp_up_start_rps"], out["ramp_up_end_rps"]) == (1.0, 9.0)
+    plain = record(WorkloadSpec().options(), summarize([], 1.0), [])
+    assert "ramp_up_strategy" not in plain  # vLLM's record has them under a ramp only
+
+
+@pytest.mark.parametrize(
+    "argv, refusal",
+    [
+        ([*RAMP, "--rate", "4"], "give it or --rate"),
+        (["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "1"], "needs both"),
+        (["--ramp-up-strategy", "exponential", "--ramp-up-start-rps", "9", "--ramp-up-end-rps", "1"], "start <= end"),
+        (["--ramp-up-start-rps", "1", "--ramp-up-end-rps", "9"], "apply to --ramp-up-strategy only"),
+        ([*RAMP, "--arrivals", "trace"], "not with --arrivals trace"),
+    ],
+)
+def test_a_ramp_vllm_refuses_is_a_usage_error(argv: list[str], refusal: str) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *argv]))
