@@ -80,14 +80,9 @@ def holds_tokenizer(folder: str) -> bool:
 PROGRESS_EVERY_S = 10.0
 
 
-def made_chat_texts(
-    tokenizer: Any, prompts: Iterable[list[int]], total: int, console: Console
-) -> Callable[[int, list[int]], str]:
-    """``prompt_text.chat_texts`` of the run's ``total`` prompts, showing how far it is on
-    ``console`` (stderr), as vLLM's bench shows its dataset's and its requests' progress: a bar on
-    a terminal, else a line every ``PROGRESS_EVERY_S`` seconds and one at the end if any was
-    written (10,000 prompts of 32k tokens took minutes that printed nothing)."""
-    bar = Progress(
+def progress_bar(console: Console) -> Progress:
+    """A bar of done/total with the time taken, on ``console`` where it is a terminal (else none)."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
@@ -95,6 +90,16 @@ def made_chat_texts(
         console=console,
         disable=not console.is_terminal,
     )
+
+
+def made_chat_texts(
+    tokenizer: Any, prompts: Iterable[list[int]], total: int, console: Console
+) -> Callable[[int, list[int]], str]:
+    """``prompt_text.chat_texts`` of the run's ``total`` prompts, showing how far it is on
+    ``console`` (stderr), as vLLM's bench shows its dataset's and its requests' progress: a bar on
+    a terminal, else a line every ``PROGRESS_EVERY_S`` seconds and one at the end if any was
+    written (10,000 prompts of 32k tokens took minutes that printed nothing)."""
+    bar = progress_bar(console)
     task = bar.add_task("prompts' chat text", total=total)
     said = [time.monotonic(), 0]  # the last line's time, lines written
 
@@ -253,14 +258,7 @@ async def run(
     # ended the run with nothing written (as `dlora generate` treats it).
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, heard, sig)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    progress = progress_bar(console)
     task = progress.add_task("sending", total=len(requests))
     clock.restart()  # the run begins now: not with NATS's connect, or the target's model list
 
