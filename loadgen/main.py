@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import functools
 import resource
 import signal
@@ -261,6 +262,7 @@ async def run(
     progress = progress_bar(console)
     task = progress.add_task("sending", total=len(requests))
     clock.restart()  # the run begins now: not with NATS's connect, or the target's model list
+    started_at = datetime.datetime.now().isoformat()  # (local, naive: vLLM's records' timestamps)
 
     ended = {"requests": 0, "failed": 0, "tokens": 0}  # running counts: summed anew at each end, n² a run
 
@@ -307,7 +309,7 @@ async def run(
             | shown
             | {"sampling": sampling}
             | {"num_warmups": num_warmups}
-            | {"out": str(out), "interrupted": interrupted}
+            | {"out": str(out), "interrupted": interrupted, "started_at": started_at}
             | formats
             | skipped
         )

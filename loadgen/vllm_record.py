@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dlora.loadgen.arrivals import ramp_up_rates
 from dlora.loadgen.metrics import RequestResult, samples, summarize
 
 if TYPE_CHECKING:
@@ -69,6 +70,24 @@ def _burstiness(config: dict) -> float | str | None:
     return None if shape is None else float(f"{shape:.12g}")
 
 
+def rps_change_events(config: dict, results: list[RequestResult]) -> list[dict[str, object]]:
+    """vLLM's ``rps_change_events`` under a ramp: the start's whole rate at the run's start, then
+    each whole rate the ramp reaches (``arrivals.ramp_up_rates`` of request i of ``results``, the
+    run's requests in order) at the time the first request at it was due, as local ISO times
+    (vLLM's: its send's ``datetime.now()``). Requests not sent (past ``--duration``) reach none."""
+    start, end = config["ramp_up_start_rps"], config["ramp_up_end_rps"]
+    rates = ramp_up_rates(config["ramp_up_strategy"], start, end, len(results))
+    started = datetime.datetime.fromisoformat(config.get("started_at") or datetime.datetime.now().isoformat())
+    last = int(start)
+    events: list[dict[str, object]] = [{"rps": last, "timestamp": started.isoformat()}]
+    for r, rate in zip(results, rates):
+        if r.sent and int(rate) > last:
+            at = (started + datetime.timedelta(seconds=r.arrival_s)).isoformat()
+            events += [{"rps": v, "timestamp": at} for v in range(last + 1, int(rate) + 1)]
+            last = int(rate)
+    return events
+
+
 def peaks(done: list[RequestResult]) -> tuple[float, int]:
     """vLLM's ``max_output_tokens_per_s`` and ``max_concurrent_requests`` over the completed
     requests: the most streamed events (its tokens: one an event, as its ITLs) in one whole second
@@ -118,6 +137,7 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
     }
     if config.get("ramp_up_strategy") is not None:  # vLLM's record has them only under a ramp
         out |= {key: config[key] for key in ("ramp_up_strategy", "ramp_up_start_rps", "ramp_up_end_rps")}
+        out["rps_change_events"] = rps_change_events(config, results)
     out |= {
         "duration": summary["duration_s"],
         "completed": summary["completed"],

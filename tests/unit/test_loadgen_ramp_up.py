@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dlora.loadgen import arrivals
-from dlora.loadgen.metrics import summarize
+from dlora.loadgen.metrics import RequestResult, summarize
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_record import record
 from dlora.loadgen.workload import build_specs
@@ -43,11 +43,16 @@ def test_a_ramp_from_the_command_line_draws_gaps_at_each_requests_rate() -> None
 
 
 def test_the_record_names_the_ramp_as_vllms_does() -> None:
-    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP]))
-    config = spec.options() | {"target": "http://127.0.0.1:8000"}
-    out = record(config, summarize([], 1.0), [])
+    """vLLM's record under a ramp: its request_rate inf, the ramp's options, and each whole rate
+    the ramp reached with when (here: when its first request was due, from the run's start)."""
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP, "--requests", "5"]))
+    config = spec.options() | {"target": "http://127.0.0.1:8000", "started_at": "2026-01-02T03:04:05"}
+    results = [RequestResult(float(i), None, 1, sent=i < 4) for i in range(5)]  # rates 1, 3, 5, 7; 9 not sent
+    out = record(config, summarize(results, 5.0), results)
     assert (out["request_rate"], out["ramp_up_strategy"]) == ("inf", "linear")
     assert (out["ramp_up_start_rps"], out["ramp_up_end_rps"]) == (1.0, 9.0)
+    at = [f"2026-01-02T03:04:0{s}" for s in (5, 6, 6, 7, 7, 8, 8)]
+    assert out["rps_change_events"] == [{"rps": v, "timestamp": t} for v, t in zip(range(1, 8), at)]
     plain = record(WorkloadSpec().options(), summarize([], 1.0), [])
     assert "ramp_up_strategy" not in plain  # vLLM's record has them under a ramp only
 
