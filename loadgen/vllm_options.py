@@ -70,8 +70,8 @@ def metadata(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-# An HTTP field name: RFC 9110's token (aiohttp sent a name with a space or a colon as it was, and
-# the server refused every request, or read another header)
+# An HTTP field name: RFC 9110's token (a name with a space or a colon is no header a server reads
+# as written: every request of the run would carry it wrong)
 _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 

@@ -294,7 +294,8 @@ def test_a_sampling_option_out_of_the_servers_range_is_a_usage_error(
 
 @pytest.mark.parametrize("item", ["X Tenant=blue", "X-Tenant", "=blue", "X:Tenant=blue"])
 def test_a_header_that_is_no_http_field_is_a_usage_error(item: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Sent as given, a name with a space or a colon had the server refuse every request."""
+    """A name that is no HTTP token (a space, a colon) is no header a server reads as written, and
+    KEY without =VALUE none at all: refused before the run, naming the option."""
     with pytest.raises(SystemExit):
         build_parser().parse_args(["loadgen", "--header", item])
     assert "--header" in capsys.readouterr().err
