@@ -13,6 +13,7 @@ import pytest
 from dlora.loadgen import arrivals, bench_cluster, bench_e2e, bench_policy, bundled, popularity, workload
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import read_azure_functions, read_azure_llm
+from dlora.loadgen.vllm_options import SAMPLING
 from dlora.services.cli import build_parser
 
 # Options that say where the workload goes and how it is judged, not what it is: plain arguments of
@@ -32,13 +33,7 @@ NOT_WORKLOAD = {
     "max_concurrency",
     "backend",  # how the requests are sent (vLLM's --backend), not what they are
     "endpoint",  # vLLM's spelling of the backend's path
-    "temperature",  # sampling fields each request carries, not which requests
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
+    *SAMPLING,  # sampling fields each request carries, not which requests
     "header",  # HTTP headers each request carries
     "served_model_name",  # the name the base model's requests send
     "append_result",  # how vllm-result.json is written
