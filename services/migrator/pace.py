@@ -10,6 +10,13 @@ from dlora.services.migrator.settings import CBC_OVERHEAD_S, PlannerSettings
 
 # Pace is capped here: past it every reserve is larger than any bound a migrator is given anyway.
 MAX_PACE = 20.0
+# Wall seconds without CPU forgiven once: a window of a few ms holds one stall (the GIL held by the
+# migrator's loop for its switch interval, 5 ms; a slice of another process), not a share of a core.
+# Counted, 1.5 ms of greedy pass and a 4 ms stall read as pace 3.5, a 1.05 s reserve, and a 2-worker
+# cluster got the greedy plan with 0.99 s of its 1 s bound left (5 plans in 60 beside a loop decoding
+# stats; a review). Taken as a prior of 20 ms at pace 1 instead, it hid the share too: 32 x 128 x
+# 2,000 built its model at 4.5x oversubscription and its plan came in 1.06 s.
+STALL_S = 0.01
 # CPU seconds a model variable takes to build (PuLP, here: 0.03-0.04 ms of thread time each at
 # 2,000-5,000 variables), priced at the pace before a model is built.
 BUILD_S_PER_VARIABLE = 4e-5
@@ -24,13 +31,14 @@ class Clock:
     cpu: float = field(default_factory=lambda: time.thread_time())
 
     def pace(self) -> float:
-        """Wall seconds per CPU second this thread had since it began: 1 where it had a core to
-        itself, about 7 where seven runnable threads share each core; 1 to ``MAX_PACE``. CBC (a
-        process of its own) is started, fed and read back at that pace: under 6x oversubscription its
-        0.2-0.25 s took 0.3-1.4 s, past the 0.3 s kept back, and the plan came 0.1-0.2 s late."""
+        """Wall seconds (less one stall, ``STALL_S``) per CPU second this thread had since it
+        began: 1 where it had a core to itself, about 7 where seven runnable threads share each
+        core; 1 to ``MAX_PACE``. CBC (a process of its own) is started, fed and read back at
+        that pace: under 6x oversubscription its 0.2-0.25 s took 0.3-1.4 s, past the 0.3 s kept
+        back, and the plan came 0.1-0.2 s late."""
         cpu = time.thread_time() - self.cpu
         wall = time.perf_counter() - self.wall
-        return min(MAX_PACE, max(1.0, wall / cpu)) if cpu > 0 else 1.0
+        return min(MAX_PACE, max(1.0, (wall - STALL_S) / cpu)) if cpu > 0 else 1.0
 
     def left(self, settings: PlannerSettings) -> float:
         """Seconds of the time bound left; a node bound is not timed (infinite)."""

@@ -12,6 +12,7 @@ import pytest
 
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import greedy as greedy_pass
+from dlora.services.migrator import pace, planner
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot
@@ -27,6 +28,9 @@ def test_a_planner_given_a_seventh_of_a_core_builds_no_model_cbc_could_not_solve
     reserve is 2.1 s, more than the bound: the greedy plan is sent and no model is built."""
     wall = time.perf_counter()
     monkeypatch.setattr(time, "thread_time", lambda: (time.perf_counter() - wall) / 7)
+    # a window long enough to be a share, not a stall (``pace.STALL_S``), however fast the greedy pass
+    greedy = planner.greedy_moves
+    monkeypatch.setattr(planner, "greedy_moves", lambda *a: time.sleep(0.1) or greedy(*a))
     built: list[Any] = []
     problem = pulp.LpProblem
     monkeypatch.setattr(pulp, "LpProblem", lambda *a, **k: built.append(a) or problem(*a, **k))
@@ -57,3 +61,28 @@ def test_the_greedy_pass_stops_at_its_deadline_within_one_request_looked_at(monk
     monkeypatch.setattr(greedy_pass, "price_of", lambda *a: (looked and looked.append("price")) or price_of(*a))
     assert greedy_moves(snap, deadline=5.0) == []
     assert looked.count("price") <= 2
+
+
+def test_a_stall_of_a_few_ms_before_the_model_leaves_the_ilp_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside the migrator's loop (holding the GIL up to its switch interval, 5 ms, as it decoded
+    stats) a 2-worker plan had 1.5 ms of greedy pass and a 4-5 ms stall before its first check:
+    read as pace 3.5-4.5, CBC's reserve (1-1.35 s) outgrew the 1 s bound and the greedy plan went
+    (ilp-build-timeout), 5 plans of 60 (a loop taking 5 ms each 20 ms; 3 of 40 beside none, where
+    the machine's other processes took the slices). Here the clocks say 1.5 ms run, then 5 ms
+    stalled, at the ILP's first check, and a core of its own after it."""
+    real = time.perf_counter
+    at: list[float] = []  # (real) when planning began, and when the ILP began
+
+    def wall() -> float:
+        at[:] = at or [real()]
+        return real() if len(at) == 1 else at[0] + 0.0065 + real() - at[1]
+
+    def cpu() -> float:
+        return real() - at[0] if len(at) == 1 else 0.0015 + real() - at[1]
+
+    monkeypatch.setattr(pace, "time", SimpleNamespace(perf_counter=wall, thread_time=cpu))
+    solve = planner.solve
+    monkeypatch.setattr(planner, "solve", lambda *a: at.append(real()) or solve(*a))
+    snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
+    p = plan(snap, PlannerSettings(time_limit_s=1.0))
+    assert len(at) == 2 and p.ilp_fallback is None and p.moves
