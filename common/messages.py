@@ -416,9 +416,9 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # way; a prompt still text counts none). Uncounted, a worker that had just taken a plan's moves
     # looked as roomy as before, and the next plan filled it again. 0: an older worker.
     unlisted_kv_blocks: int = 0
-    # Of those, the blocks of the requests waiting on arrival alone (moved ones on their way, their
-    # caches coming): taken from ``free_blocks`` once they arrive, where the ones past the list hold
-    # theirs already. 0: an older worker (or none on its way).
+    # Of those, the blocks of the requests waiting on arrival alone (a moved one's cache on its way,
+    # a grammar compiling): none taken from ``free_blocks`` yet (running ones past the list hold
+    # theirs already). 0: an older worker (or none waiting on arrival).
     arriving_kv_blocks: int = 0
 
     @property
