@@ -68,6 +68,9 @@ class ResponsesShape(Shape):
     # goes with the next output_text delta, else with output_text.done
     _logprobs: list[dict[str, Any]] = field(default_factory=list)
     _unsent: int = 0
+    # The last message's closed output_text part: the stream's end gives it every entry, those of
+    # a function call after it too, as ``full``'s message has them (its done events went before)
+    _said: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, shape: Shape, asked: ResponsesBody, keep: Keep | None = None) -> ResponsesShape:
@@ -186,6 +189,8 @@ class ResponsesShape(Shape):
             out += self._delta(chat["choices"][0])
         elif "usage" in chat:
             out += self._close() if self._items else [*self._into("message"), *self._close()]  # as ``full``'s
+            if self._said is not None:
+                self._said["logprobs"] = list(self._logprobs)
             usage = chat["usage"]
             cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
@@ -291,7 +296,7 @@ class ResponsesShape(Shape):
             kind = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
             text_done = {"type": kind, **where, "content_index": 0, "text": part["text"]}
             if item["type"] == "message":  # every logprob so far, those of no text yet too (an EOS's)
-                part["logprobs"], self._unsent = list(self._logprobs), 0
+                part["logprobs"], self._unsent, self._said = list(self._logprobs), 0, part
                 text_done["logprobs"] = part["logprobs"]
             out.append(text_done)
             out.append({"type": "response.content_part.done", **where, "content_index": 0, "part": part})

@@ -187,3 +187,35 @@ def test_output_logprobs_go_with_the_deltas_and_whole_with_the_done_part() -> No
     whole = _shape().full([Choice(0, text=text, finish_reason="stop", logprobs={"content": every})], 5, len(every))
     assert Response.model_validate(whole).output_text == "é"
     assert whole["output"][1]["content"][0]["logprobs"] == every
+
+
+def test_a_message_then_a_call_gives_the_same_logprobs_streamed_and_whole() -> None:
+    """A message followed by a function call (hermes): the stream's message closes as the call
+    begins, before the call's tokens come; its final response (what get_final_response gives and
+    what is stored) must hold every token's entry on the message, as the whole answer does."""
+    from openai.lib.streaming.responses._responses import ResponseStreamState
+    from openai.types.responses import ResponseStreamEvent
+
+    def entry(token: str) -> dict[str, Any]:
+        return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
+
+    tokens = ["kalo", " remi", "<tool_call>", '{"name": "f", ', '"arguments": {}}', "</tool_call>", ""]
+    every = [entry(t) for t in tokens]
+    shape, frames = _shape(reasoning_parser="", tool_parser="hermes"), []
+    frames += shape.events(shape.chunk("", None, first=True))
+    for k, token in enumerate(tokens):
+        finish = "stop" if k == len(tokens) - 1 else None
+        frames += shape.events(shape.chunk(token, finish, logprobs={"content": [every[k]]}))
+    frames += shape.events(shape.usage_chunk(5, len(tokens)))
+    state = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    for frame in frames:
+        event = json.loads(frame.decode().split("\n")[1].removeprefix("data: "))
+        state.handle_event(openai._models.construct_type(type_=ResponseStreamEvent, value=event))
+    streamed = state._completed_response
+    assert streamed is not None and [item.type for item in streamed.output] == ["message", "function_call"]
+    whole = _shape(reasoning_parser="", tool_parser="hermes").full(
+        [Choice(0, text="".join(tokens), finish_reason="stop", logprobs={"content": every})], 5, len(tokens)
+    )
+    assert [item["type"] for item in whole["output"]] == ["message", "function_call"]
+    assert whole["output"][0]["content"][0]["logprobs"] == every
+    assert [lp.model_dump() for lp in streamed.output[0].content[0].logprobs] == every
