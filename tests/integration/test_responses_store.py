@@ -299,3 +299,19 @@ async def test_the_stores_reads_and_writes_are_counted_by_what_they_found(stack:
         assert written > len(made.output_text)
     finally:
         await client.close()
+
+
+async def test_a_response_kept_with_its_logprobs_is_retrieved_with_the_include_that_asked(stack: Stack) -> None:
+    """``include: ["message.output_text.logprobs"]`` is served on create: the openai package's
+    ``retrieve(id, include=...)`` of that response (its natural read back) was a 400 "not
+    supported"; the stored object, its logprobs as kept, is the answer (vLLM's retrieve's)."""
+    include = ["message.output_text.logprobs"]
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", include=include, top_logprobs=1)
+        assert made.output[0].content[0].logprobs
+        assert (await client.responses.retrieve(made.id, include=include)).model_dump() == made.model_dump()
+        status, listed = await _call(stack.url, "GET", f"/v1/responses/{made.id}/input_items?include[]={include[0]}")
+        assert status == 200, listed
+    finally:
+        await client.close()
