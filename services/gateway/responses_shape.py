@@ -179,7 +179,9 @@ class ResponsesShape(Shape):
             out += [self._lifecycle("response.created"), self._lifecycle("response.in_progress")]
         if "error" in chat:  # named by the Responses field, as a refusal before the stream is
             error = chat["error"]
-            self._settle()  # (the failed response shows the open item's text so far)
+            self._settle()  # (the failed response shows the open item's text so far, its logprobs too)
+            if self._open is not None and self._open["type"] == "message":
+                self._open["content"][0]["logprobs"] = list(self._logprobs)
             named = renamed(APIError(500, error["message"], error["param"]))
             out.append({"type": "error", "code": error["code"], "message": named.message, "param": named.param})
             failed = self.response("failed", self._items)

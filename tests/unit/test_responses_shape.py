@@ -219,3 +219,20 @@ def test_a_message_then_a_call_gives_the_same_logprobs_streamed_and_whole() -> N
     assert [item["type"] for item in whole["output"]] == ["message", "function_call"]
     assert whole["output"][0]["content"][0]["logprobs"] == every
     assert [lp.model_dump() for lp in streamed.output[0].content[0].logprobs] == every
+
+
+def test_a_stream_failed_mid_message_keeps_the_logprobs_of_its_text_so_far() -> None:
+    """A stream that fails mid-message (include: ["message.output_text.logprobs"]): its failed
+    response shows the message's text so far, and must show those tokens' logprobs with it, as
+    its deltas sent them, not the empty list of a response that asked for none."""
+    from dlora.services.gateway.openai import APIError
+
+    said = {"token": "kalo", "logprob": -0.5, "bytes": list(b"kalo"), "top_logprobs": []}
+    shape = _shape(reasoning_parser="")
+    frames = shape.events(shape.chunk("", None, first=True))
+    frames += shape.events(shape.chunk("kalo", None, logprobs={"content": [said]}))
+    frames += shape.events(APIError(500, "the worker failed", None).body())
+    failed = json.loads(frames[-1].decode().split("\n")[1].removeprefix("data: "))
+    assert failed["type"] == "response.failed"
+    [message] = failed["response"]["output"]
+    assert message["content"][0]["text"] == "kalo" and message["content"][0]["logprobs"] == [said]
