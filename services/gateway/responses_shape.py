@@ -113,6 +113,7 @@ class ResponsesShape(Shape):
             "tool_choice": a.tool_choice or "auto",  # (OpenAI's default, tools or none)
             "tools": [{"strict": None, "description": None} | t for t in a.tools or []],
             "top_p": a.top_p,
+            "top_logprobs": a.top_logprobs,  # (served with include OUTPUT_LOGPROBS: echoed as OpenAI's is)
             "truncation": "disabled",
             "usage": usage,
             "user": a.user,

@@ -236,3 +236,17 @@ def test_a_stream_failed_mid_message_keeps_the_logprobs_of_its_text_so_far() -> 
     assert failed["type"] == "response.failed"
     [message] = failed["response"]["output"]
     assert message["content"][0]["text"] == "kalo" and message["content"][0]["logprobs"] == [said]
+
+
+def test_the_top_logprobs_asked_are_echoed_whole_and_streamed() -> None:
+    """``top_logprobs`` is served (with include ["message.output_text.logprobs"]): the response
+    object echoes it, as OpenAI's (the openai package's Response.top_logprobs) does the sampling
+    fields it was sent, where it was always null."""
+    from openai.types.responses import Response
+
+    asked = ResponsesBody(input="kalo", include=["message.output_text.logprobs"], top_logprobs=3)
+    shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), asked)
+    whole = Response.model_validate(shape.full([Choice(0, text="kalo", finish_reason="stop")], 5, 1))
+    assert whole.top_logprobs == 3
+    [created, *_] = shape.events(shape.chunk("", None, first=True))
+    assert json.loads(created.decode().split("\n")[1].removeprefix("data: "))["response"]["top_logprobs"] == 3
