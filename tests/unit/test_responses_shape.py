@@ -20,6 +20,11 @@ def _shape(**chat: Any) -> ResponsesShape:
     return ResponsesShape.of(shape, ResponsesBody(input="kalo", instructions="Be brief."))
 
 
+def _entry(token: str) -> dict[str, Any]:
+    """A chat logprobs entry of ``token`` (OpenAI's ChatCompletionTokenLogprob)."""
+    return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
+
+
 def _events(pieces: list[str], finish: str, **chat: Any) -> list[tuple[str, dict[str, Any]]]:
     """The events of a stream of ``pieces``, each checked by the openai package's own event types."""
     from openai.types.responses import ResponseStreamEvent
@@ -162,17 +167,14 @@ def test_output_logprobs_go_with_the_deltas_and_whole_with_the_done_part() -> No
     from openai.types.responses import Response, ResponseStreamEvent
     from pydantic import TypeAdapter
 
-    def entry(token: str) -> dict[str, Any]:
-        return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
-
     pieces = [("<think>", ["<think>"]), ("so", ["so"]), ("</think>", ["</think>"]), ("", ["\\xc3"]), ("é", ["\\xa9"])]
     pieces += [("", ["</s>"])]
-    every = [entry(t) for _, tokens in pieces for t in tokens]
+    every = [_entry(t) for _, tokens in pieces for t in tokens]
     shape, frames = _shape(), []
     frames += shape.events(shape.chunk("", None, first=True))
     for k, (text, tokens) in enumerate(pieces):
         finish = "stop" if k == len(pieces) - 1 else None
-        frames += shape.events(shape.chunk(text, finish, logprobs={"content": [entry(t) for t in tokens]}))
+        frames += shape.events(shape.chunk(text, finish, logprobs={"content": [_entry(t) for t in tokens]}))
     frames += shape.events(shape.usage_chunk(5, len(every)))
     events = [json.loads(f.decode().split("\n")[1].removeprefix("data: ")) for f in frames]
     for event in events:
@@ -196,11 +198,8 @@ def test_a_message_then_a_call_gives_the_same_logprobs_streamed_and_whole() -> N
     from openai.lib.streaming.responses._responses import ResponseStreamState
     from openai.types.responses import ResponseStreamEvent
 
-    def entry(token: str) -> dict[str, Any]:
-        return {"token": token, "logprob": -1.0, "bytes": list(token.encode()), "top_logprobs": []}
-
     tokens = ["kalo", " remi", "<tool_call>", '{"name": "f", ', '"arguments": {}}', "</tool_call>", ""]
-    every = [entry(t) for t in tokens]
+    every = [_entry(t) for t in tokens]
     shape, frames = _shape(reasoning_parser="", tool_parser="hermes"), []
     frames += shape.events(shape.chunk("", None, first=True))
     for k, token in enumerate(tokens):
