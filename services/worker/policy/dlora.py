@@ -49,19 +49,20 @@ once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt
 adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
 policy chose: a request it leaves out for memory or the token budget still counts as displaced
 and moves credit, which can take the payer below that floor and lengthen the bound of the
-payer's own requests.) A running request's adapter starves at ``running_starvation_s`` (the lesser)
-instead: a stream pauses at most that bound with it (``wait_bound_s(t_max, running=True)``). A
-lone stream of a rarely used adapter beside a busy one gains nothing by waiting (it has nobody of
-its adapter to share a step's LoRA work with later) and its price does not show that: one step's
-price counts a request it leaves waiting as an average request's share of the step, and the busy
-adapter's new prompt that takes its place as prompt tokens of work, so merged epochs held such a
-stream to a token a second under ``starvation_s`` alone.
+payer's own requests. Nor does it bound the wait before a request is in F: a prompt the blocks
+free cannot hold whole (``QueuedRequest.fits``) enters F only first in the queue, or once
+finished requests free its blocks, however much credit its adapter holds; and a starving
+adapter's prompt put first in F still waits where the requests of F that came before it hold the
+blocks its next chunk needs: the scheduler evicts none of them for a prompt, ``_fits``.) A
+running request's adapter starves at ``running_starvation_s`` (the lesser) instead: a stream
+pauses at most that bound with it (``wait_bound_s(t_max, running=True)``). A lone stream of a
+rarely used adapter beside a busy one gains nothing by waiting (it has nobody of its adapter to
+share a step's LoRA work with later) and its price does not show that: one step's price counts a
+request it leaves waiting as an average request's share of the step, and the busy adapter's new
+prompt that takes its place as prompt tokens of work, so merged epochs held such a stream to a
+token a second under ``starvation_s`` alone.
 
-**Band.** At each change of mode the epoch that ended is compared with what the other mode would
-have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
-the switches), using measured step and switch times. Merged epochs that lost raise R by
-``band_up``; unmerged epochs that merging would have beaten by ``band_margin`` scale R by
-``band_down``. L = ``band_ratio`` * R keeps the hysteresis.
+**Band** and **watchdog**: what ``observe`` learns from the steps that ran (``dlora_learning.py``).
 """
 
 from __future__ import annotations
@@ -72,20 +73,12 @@ from typing import Any
 
 import msgspec
 
-from dlora.services.worker.policy.base import (
-    BatchLimits,
-    Mode,
-    Policy,
-    QueuedRequest,
-    StepDecision,
-    StepRecord,
-    fcfs_batch,
-    within_budget,
-)
+from dlora.services.worker.policy.base import BatchLimits, Mode, QueuedRequest, StepDecision, fcfs_batch, within_budget
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import CreditLedger
-from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, facts_of, key_of, step_work
+from dlora.services.worker.policy.dlora_learning import EpochLearning
+from dlora.services.worker.policy.dlora_steps import Basis, key_of, step_work
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ class _Candidate:
         return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
 
 
-class DLoraPolicy(Policy):
+class DLoraPolicy(EpochLearning):
     """dLoRA's batching policy (OSDI'24) with mixed steps: each step runs unmerged across many
     adapters, merged on the most-queued one, or mixed (that one merged, the rest beside it), by
     the costs each measured and how sure they are; thresholds adapted from measured throughput
@@ -133,8 +126,8 @@ class DLoraPolicy(Policy):
         self.r = self.config.r_initial
         self.credits = CreditLedger()
         self.costs = CostModel()
-        self.ranks: dict[str, int] = {}
-        self._epoch: Epoch | None = None
+        self.ranks = {}
+        self._epoch = None
         # Running estimate of how many steps a merged (or mixed) epoch lasts, for amortising a switch.
         self.merged_epoch_steps = 8.0
         self.fallback_steps = 0  # steps the watchdog still holds the policy unmerged
@@ -359,125 +352,6 @@ class DLoraPolicy(Policy):
             return True
         saving = g_work * (unmerged / f_work - merged / g_work)
         return self.merged_epoch_steps * saving > self._round_trip(adapter)
-
-    # ---- learning from what ran -----------------------------------------------------------
-    def observe(self, decision: StepDecision, record: StepRecord) -> None:
-        self.observe_repeated(decision, record, [record.seconds])
-
-    def observe_repeated(self, decision: StepDecision, record: StepRecord, seconds: list[float]) -> None:
-        basis = decision.basis
-        if not isinstance(basis, Basis):  # decided elsewhere: its times teach, its batch moves no credit
-            for i, t in enumerate(seconds):
-                self._learn(record, t, i)
-            return
-        facts = facts_of(basis, record, self.ranks)
-        for i, t in enumerate(seconds):
-            self._learn(record, t, i, basis.merged_now)
-            self._move_credits(facts, t)
-            self._account(basis, record, facts, t, i)
-
-    def _learn(self, record: StepRecord, seconds: float, repeat: int = 0, merged_before: str | None = None) -> None:
-        """The ``repeat``-th run of ``record``'s step (decodes: one more context token a request
-        each time); ``merged_before``: the adapter merged before the step (what an unmerge took
-        out; None: not known)."""
-        context = record.context_tokens + repeat * len(record.request_ids)
-        self.costs.observe_step(record.num_tokens, seconds, record.lora_segments, record.lora_rank_tokens, context)
-        if record.merge_seconds or record.unmerge_seconds:  # a repeated step's are 0
-            ranks = (self.ranks.get(record.merged or "", 0), self.ranks.get(merged_before or "", 0))
-            self.costs.observe_switch(record.merge_seconds or None, record.unmerge_seconds or None, *ranks)
-        if self.fallback_steps > 0:
-            self.fallback_steps -= 1
-
-    def _move_credits(self, facts: Facts, seconds: float) -> None:
-        if facts.transfers:
-            self.credits.transfer(facts.displaced, facts.payers, seconds)
-        for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
-            self.credits.settle(key)
-
-    def _account(self, basis: Basis, record: StepRecord, facts: Facts, seconds: float, repeat: int = 0) -> None:
-        # ``repeat``: as in ``_learn``; the counterfactual steps' requests each attend one more token too.
-        # An epoch lasts while the same adapter stays merged (or none): mixed and merged steps of one
-        # merge are one epoch, its mode the last step's.
-        epoch = self._epoch
-        if epoch is None or epoch.merged != record.merged:
-            if epoch is not None:
-                self._adapt(epoch)
-            epoch = self._epoch = Epoch(mode=facts.mode, merged=record.merged)
-        else:
-            epoch.mode = facts.mode
-        epoch.mixed_steps += facts.mode is Mode.MIXED
-        epoch.steps += 1
-        epoch.tokens += facts.served  # tokens of work (``QueuedRequest.work``)
-        # A step that leaves requests of F waiting has put their work off, not saved it: it counts
-        # as long as it would take to serve them too (as ``_price`` counts a candidate's waiting),
-        # or a merged epoch's throughput, and the counterfactual merged one, flatter merging.
-        epoch.seconds += seconds * facts.slowdown + record.switch_seconds
-        if basis.predicted is not None:
-            epoch.predicted += basis.predicted
-            epoch.predicted_actual += seconds
-            epoch.predicted_steps += 1
-            self._watch(epoch)
-        if facts.cf is not None:  # counterfactual: the FCFS batch, unmerged
-            # A waiting prompt is prefilled once an epoch, then decodes, as in the merged one below
-            # (a review: a prompt the merged epoch left waiting was counted prefilled at every step,
-            # and unmerged serving looked better than it was)
-            seen = epoch.cf_prefilled
-            (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
-            if any(not r.running and r.request_id in seen for r in basis.fcfs):
-                batch = [r.decoding() if r.request_id in seen else r for r in basis.fcfs]
-                tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
-                work = sum(r.work for r in batch)
-            seen.update(r.request_id for r in basis.fcfs if not r.running)
-            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fcfs))
-            if cf is not None:
-                epoch.cf_tokens += work
-                epoch.cf_seconds += cf
-        elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
-            # Each request's prompt counts once in an epoch: one that waits for room through many
-            # steps would be prefilled by the first merged step, not by every one (counted at each,
-            # a long prompt queued a while made merging look many times better than it was).
-            fresh = [r for r in basis.best_group if r.request_id not in epoch.cf_prefilled]
-            tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
-            epoch.cf_prefilled.update(r.request_id for r in fresh)
-            context = sum(r.attends(basis.best, basis.merged_now) for r in basis.best_group)
-            context += repeat * len(basis.best_group)
-            cf = self.costs.step_seconds(tokens, context=context)
-            if cf is not None:
-                cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
-                if basis.best != epoch.cf_adapter:
-                    cf += self._round_trip(basis.best)
-                    epoch.cf_adapter = basis.best
-                epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
-                epoch.cf_seconds += cf
-
-    def _watch(self, epoch: Epoch) -> None:
-        """The watchdog: a merged or mixed epoch whose steps took ``watchdog_ratio`` times what was
-        predicted of them falls back to unmerged for ``watchdog_steps`` steps."""
-        c = self.config
-        if epoch.merged is None or epoch.predicted_steps < 3:
-            return
-        if epoch.predicted_actual <= c.watchdog_ratio * epoch.predicted:
-            return
-        self.fallback_steps = c.watchdog_steps
-        self.watchdog_trips += 1
-        epoch.predicted = epoch.predicted_actual = 0.0
-        epoch.predicted_steps = 0
-
-    def _adapt(self, epoch: Epoch) -> None:
-        if epoch.merged is not None:
-            self.merged_epoch_steps = 0.8 * self.merged_epoch_steps + 0.2 * epoch.steps
-        if epoch.seconds <= 0 or epoch.cf_seconds <= 0 or epoch.cf_tokens == 0 or 2 * epoch.mixed_steps > epoch.steps:
-            return  # mostly mixed: it displaced (almost) nobody, and says nothing about merged steps' band
-        c = self.config
-        seconds = epoch.seconds
-        if epoch.merged is not None:  # its unmerge is paid by the next epoch's first step
-            seconds += self.costs.unmerge_seconds or 0.0
-        actual = epoch.tokens / seconds
-        counterfactual = epoch.cf_tokens / epoch.cf_seconds
-        if epoch.merged is not None and actual < counterfactual:
-            self.r = min(c.r_max, self.r + c.band_up)
-        elif epoch.merged is None and counterfactual > actual * (1 + c.band_margin):
-            self.r = max(c.r_min, self.r * c.band_down)
 
     def forget_adapter(self, name: str, keep: str | None = None) -> None:
         gone = [k for k in [*self.credits.balances, *self.ranks] if k.partition("@")[0] == name and k != keep]
