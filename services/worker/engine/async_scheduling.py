@@ -35,7 +35,7 @@ from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
-from dlora.services.worker.engine.scheduler import forget_lookup, preempt
+from dlora.services.worker.engine.scheduler import forget_lookup, kv_room, preempt
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.taking import fail_chunks
 from dlora.services.worker.policy import StepDecision
@@ -74,7 +74,7 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     call_start = e.clock()
     last = e._in_flight  # left in flight should deciding or preparing raise
     if e.seqs:
-        decision = decision or e.policy.decide(e.queue(), e.merger.merged)
+        decision = decision or e.policy.decide(e.queue(), e.merger.merged, kv_room(e.blocks))
     prepared = e._prepare(decision) if e.seqs and decision is not None else None
     e._in_flight = None
     failures: list[tuple[Sequence, str]] = []

@@ -210,6 +210,11 @@ class BlockManager:
             run += 1
         return run * bs
 
+    def unheld(self, names: list[bytes], count: int) -> int:
+        """Of the first ``count`` blocks ``names`` names (cached: ``cached_tokens`` found them), those
+        no sequence holds: ``reuse_prefix`` takes them out of ``num_free``."""
+        return sum(self._ref[self._cached[name]] == 0 for name in names[:count])
+
     def fills_block(self, start: int, end: int) -> bool:
         """Whether computing tokens [start, end) completes a block (``computed`` then reads ids)."""
         return end // self.block_size > start // self.block_size

@@ -40,7 +40,7 @@ from dlora.services.worker.engine.outputs import (
 )
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots, place_adapters
 from dlora.services.worker.engine.sampler import SamplingError, allowed_mask, sample_sequences
-from dlora.services.worker.engine.scheduler import Limits, queued, schedule
+from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival, requeue
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
@@ -343,7 +343,7 @@ class LLMEngine:
             return async_scheduling.step(self, decision)
         if not self.seqs:
             return []
-        decision = decision or self.policy.decide(self.queue(), self.merger.merged)
+        decision = decision or self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
         step = self._prepare(decision)
         if step is None:
             return []

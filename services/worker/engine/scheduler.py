@@ -19,6 +19,7 @@ from typing import Any
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import QueuedRequest, StepDecision, SwitchedFeeds, free_slots
+from dlora.services.worker.policy.base import KvNeed, KvRoom
 
 # A prefix-cache key no block is computed under: a prefill that looks under it finds nothing (one
 # collecting prompt logprobs: a cached block's positions have no hidden states to give them).
@@ -63,11 +64,13 @@ def queued(
     sixteenth: a decode's stays the same for many steps, and made anew it cost the step a few
     microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
-    budget, looked, weighed = limits.max_num_batched_tokens, Counter[str | None](), Counter[str | None]()
+    budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
     for s in sorted(seqs, key=_by_arrival):
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        new, switched, held, found = min(s.num_new, budget), None, None, 0  # found: cached now, not held
+        new, switched, held = min(s.num_new, budget), None, None
+        found: int | None = None  # a prompt holding no blocks: its tokens cached now, if looked up
+        reused = 0  # and the blocks of them no one holds
         if (
             blocks is not None
             and cache_key is not None
@@ -76,47 +79,81 @@ def queued(
         ):
             looked[s.adapter] += 1
             fed = {m: s.num_new - _cached(s, blocks, cache_key(s.adapter, m)) for m in {None, s.adapter, merged}}
+            found = s.num_new - fed[merged]
+            if found:
+                names = s.block_names[s.salted(cache_key(s.adapter, merged))]
+                reused = blocks.unheld(names, found // blocks.block_size)
             if min(fed.values()) < s.num_new:
-                new, found = min(fed[merged], budget), s.num_new - fed[merged]
+                new = min(fed[merged], budget)
                 switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
                 length = s.num_cached + s.num_new
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
-        context = s.num_cached + found + new  # what it attends fed ``new``: its cached tokens too
+        context = s.num_cached + (found or 0) + new  # what it attends fed ``new``: its cached tokens too
         started = blocks is not None and s.status is Status.WAITING and blocks.holds(s.request_id)
-        fits = True  # (past an adapter's first max_num_seqs not weighed, as ``looked``: taken to fit, as before)
-        if blocks is not None and _over_free(s, blocks) and weighed[s.adapter] < limits.max_num_seqs:
-            weighed[s.adapter] += 1
-            # Over the blocks free, it fits only by its cached prefix: none to find, nothing to look
-            # up (a prompt's ids copied for it each step cost as much as the rest of its entry)
-            if blocks.enable_prefix_caching and not s.collects_prompt_logprobs:
-                key = s.salted(cache_key(s.adapter, merged) if cache_key is not None else b"")
-                fits = _may_fit(s, blocks, s.all_ids() if s.output_ids else s.prompt_ids, key)
-            else:
-                fits = False
+        fits, kv = True, None
+        if blocks is not None:
+            kv = _kv_need(s, blocks, new, found or 0, reused)
+            fits = _fits_whole(s, blocks, kv, new, found, looked, limits.max_num_seqs, cache_key, merged)
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
             or q.held != held
-            or (q.fits, q.started) != (fits, started)
+            or (q.fits, q.started, q.kv) != (fits, started, kv)
             or not q.context <= context <= q.context + q.context // 16
         ):
             recompute = s.status is Status.WAITING and bool(s.output_ids)
-            q = QueuedRequest(s.request_id, *fields, context, held, fits, recompute, started)
+            q = QueuedRequest(s.request_id, *fields, context, held, fits, recompute, started, kv)
         out[s.request_id] = q
     return out
 
 
-def _over_free(seq: Sequence, blocks: BlockManager) -> bool:
-    """Whether ``seq`` is a prefill holding no blocks longer than the blocks free now hold, before
-    its cached prefix counts (``_may_fit`` says then). One that does not fit ``schedule`` passes
-    over when not first in its step (full-ISL admission): the policy gives a prompt's place in a
-    batch to another, and prices no step on either (``QueuedRequest.fits``)."""
-    return (
-        seq.status is Status.WAITING
-        and blocks.blocks_for(seq.total_len) > blocks.num_free
-        and not blocks.holds(seq.request_id)
-    )
+def kv_room(blocks: BlockManager) -> KvRoom:
+    """The KV cache as the policy counts it (``within_budget``): its blocks free now."""
+    return KvRoom(blocks.num_free, blocks.block_size)
+
+
+def _kv_need(seq: Sequence, blocks: BlockManager, new: int, found: int, reused: int) -> KvNeed:
+    """What feeding ``new`` tokens of ``seq`` takes of the blocks; ``found`` and ``reused``: of a
+    prompt holding none, its tokens cached under the merged state now and its blocks of them no one
+    holds (0: not looked up)."""
+    if blocks.holds(seq.request_id):
+        return KvNeed(min(new, blocks.capacity(seq.request_id) - seq.num_cached))
+    return KvNeed(0, blocks.blocks_for(seq.total_len) - found // blocks.block_size, reused)
+
+
+def _fits_whole(
+    seq: Sequence,
+    blocks: BlockManager,
+    kv: KvNeed,
+    new: int,
+    found: int | None,
+    looked: Counter[str | None],
+    limit: int,
+    cache_key: Callable[[str | None, str | None], bytes] | None,
+    merged: str | None,
+) -> bool:
+    """Whether ``seq``'s step may start it behind others (``QueuedRequest.fits``): the blocks free
+    hold what it takes (``kv``): a prompt holding none, all of it (full-ISL admission) besides its
+    cached prefix; one under way, its next chunk (``new`` tokens); a decode always (it preempts for its block).
+    Where its cached prefix was not looked up (``found`` None), a prompt over the blocks free is
+    looked up while its adapter has had fewer than ``limit`` prompts looked up (``looked``), as far
+    as any candidate batch of the policy reaches; past them it fits by the most the cache could
+    hold of it (taken to fit, one waited in a batch the scheduler ran a request short)."""
+    if seq.status is Status.RUNNING:
+        return True
+    if blocks.holds(seq.request_id):
+        return kv.blocks(new, blocks.block_size) <= blocks.num_free
+    if found is not None or not blocks.enable_prefix_caching:
+        return kv.whole + kv.reused <= blocks.num_free
+    if kv.whole <= blocks.num_free or seq.collects_prompt_logprobs:
+        return kv.whole <= blocks.num_free
+    if looked[seq.adapter] < limit:
+        looked[seq.adapter] += 1
+        # (a prompt's ids copied for it each step cost as much as the rest of its entry: only here)
+        key = seq.salted(cache_key(seq.adapter, merged) if cache_key is not None else b"")
+        return _may_fit(seq, blocks, seq.all_ids() if seq.output_ids else seq.prompt_ids, key)
+    return kv.whole - min(blocks.num_cached, (seq.total_len - 1) // blocks.block_size) <= blocks.num_free
 
 
 def _looks_up(seq: Sequence, blocks: BlockManager) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dlora.services.worker.policy.base import (
     BatchLimits,
+    KvNeed,
+    KvRoom,
     Mode,
     Policy,
     QueuedRequest,
@@ -39,6 +41,8 @@ def make_policy(config: PolicyConfig, limits: BatchLimits) -> Policy:
 
 __all__ = [
     "BatchLimits",
+    "KvNeed",
+    "KvRoom",
     "Mode",
     "Policy",
     "PolicyConfig",

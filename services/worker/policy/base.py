@@ -33,6 +33,31 @@ class SwitchedFeeds(NamedTuple):
     other: int  # with another adapter merged (taken to have none of it cached)
 
 
+class KvNeed(NamedTuple):
+    """What a request's next feed takes of a paged KV cache, as the scheduler counts it
+    (``within_budget``, ``scheduler.schedule``). Blocks of ``KvRoom.block_size`` tokens."""
+
+    spare: int  # tokens the blocks it holds still have room for, at most ``num_new`` (fresh prompt: 0)
+    # A prompt holding no blocks: the blocks all of it takes besides the cached ones it begins with
+    # (it starts behind others only where they are free: full-ISL admission); 0 for the others.
+    whole: int = 0
+    # A prompt holding no blocks: its cached blocks that no one holds (taking them, it takes them
+    # from the blocks free).
+    reused: int = 0
+
+    def blocks(self, n: int, block_size: int) -> int:
+        """Blocks a feed of ``n`` tokens takes from the free ones: those past its spare room, and
+        the unheld cached ones a prompt takes first."""
+        return self.reused + -(-max(0, n - self.spare) // block_size)
+
+
+class KvRoom(NamedTuple):
+    """The paged KV cache as a step begins: what ``within_budget`` counts each ``KvNeed`` against."""
+
+    free_blocks: int  # blocks a sequence can be given (never cached, or cached and held by none)
+    block_size: int  # tokens a block holds
+
+
 @dataclass(frozen=True)
 class QueuedRequest:
     """What a policy sees of one unfinished request."""
@@ -60,6 +85,8 @@ class QueuedRequest:
     # Waiting, it holds blocks: a prefill whose chunks are under way (vLLM's running list), which
     # the scheduler's line does not stop (only fresh prompts wait behind a recompute).
     started: bool = False
+    # What its next feed takes of the KV cache's blocks (None: not counted, taken to fit).
+    kv: KvNeed | None = None
 
     @property
     def keeps_place(self) -> bool:
@@ -217,39 +244,54 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
 
 
 def within_budget(
-    batch: list[QueuedRequest], limits: BatchLimits, merged: str | None = None, merged_now: str | None = None
+    batch: list[QueuedRequest],
+    limits: BatchLimits,
+    merged: str | None = None,
+    merged_now: str | None = None,
+    kv: KvRoom | None = None,
 ) -> list[QueuedRequest]:
     """What of ``batch`` one step with ``merged`` merged can feed (``merged_now`` being merged now:
     ``QueuedRequest.fed``), as the scheduler feeds it: its requests in order up to
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
     their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
-    first; nor a prompt keyed after a recompute that did not fit (the scheduler's line). For
-    pricing a step."""
+    first; nor a prompt keyed after a recompute that did not fit (the scheduler's line). With
+    ``kv`` (the cache as the step begins) the blocks too, each admitted request's feed taking its
+    ``QueuedRequest.kv`` from the free ones: a prompt not first whose feed, or whole prompt for
+    one holding none, does not fit what the requests before it left is skipped as the scheduler
+    skips it; a decode preempts others for its block, and runs. For pricing a step."""
     budget = limits.max_num_batched_tokens
-    if budget is None:
+    if budget is None and kv is None:
         return batch
     out: list[QueuedRequest] = []
     tokens, line = 0, math.inf
+    free = kv.free_blocks if kv is not None else 0
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
     for r in batch:
-        if tokens >= budget:
+        if budget is not None and tokens >= budget:
             break
+        need = r.kv if kv is not None else None
         if r.running:
             decodes -= r.num_new
         elif r.arrival > line and not r.started:
             continue
-        elif out and not r.fits:  # (passed over for the blocks free; a recompute stops the line)
-            line = min(line, r.arrival) if r.recompute else line
+        elif out and (not r.fits or (need is not None and need.whole + need.reused > free)):
+            line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
-        room = budget - tokens - reserved
+        room = (budget if budget is not None else math.inf) - tokens - reserved
         if (n := r.fed(merged, merged_now)) > room:
             if limits.chunked_prefill and not r.running and room > 0:
-                r, n = r.cut(room), room
+                r, n = r.cut(int(room)), int(room)
             elif out or reserved:
                 line = min(line, r.arrival) if r.recompute else line
                 continue
+        if need is not None and kv is not None:
+            taken = need.blocks(n, kv.block_size)
+            if taken > free and out and not r.running:  # (a decode, or the step's first, preempts)
+                line = min(line, r.arrival) if r.recompute else line
+                continue
+            free = max(0, free - taken)
         out.append(r)
         tokens += n
     return out
@@ -264,9 +306,9 @@ class Policy:
         # engine shares its set here.
         self.unmergeable: set[str] = set()
 
-    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
-        """The next step, from every unfinished request (``queue``, in arrival order) and the
-        adapter merged now (None: base weights)."""
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
+        """The next step, from every unfinished request (``queue``, in arrival order), the adapter
+        merged now (None: base weights) and the KV cache's free blocks (None: not counted)."""
         raise NotImplementedError
 
     def observe(self, decision: StepDecision, record: StepRecord) -> None:

@@ -73,7 +73,15 @@ from typing import Any
 
 import msgspec
 
-from dlora.services.worker.policy.base import BatchLimits, Mode, QueuedRequest, StepDecision, fcfs_batch, within_budget
+from dlora.services.worker.policy.base import (
+    BatchLimits,
+    KvRoom,
+    Mode,
+    QueuedRequest,
+    StepDecision,
+    fcfs_batch,
+    within_budget,
+)
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import CreditLedger
@@ -162,7 +170,7 @@ class DLoraPolicy(EpochLearning):
         return starvation + c.debt_floor_s + (self.limits.max_adapters + 2) * t_max
 
     # ---- the decision ---------------------------------------------------------------------
-    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
         fcfs = fcfs_batch(queue, self.limits)
         if not queue:
             return StepDecision(merged=merged_now, request_ids=[])
@@ -182,7 +190,7 @@ class DLoraPolicy(EpochLearning):
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
         basis = Basis(fcfs, best, eligible.get(best or "", []), merged_now)
-        f_run = within_budget(fcfs, self.limits, None, merged_now)
+        f_run = within_budget(fcfs, self.limits, None, merged_now, kv)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
         starving = self._starving(queue, fcfs)
@@ -193,7 +201,7 @@ class DLoraPolicy(EpochLearning):
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
         merged = {
-            a: self._candidate(Mode.MERGED, a, eligible[a], f_run, merged_now)
+            a: self._candidate(Mode.MERGED, a, eligible[a], f_run, merged_now, kv)
             for a in (merged_now, best)
             if a in eligible
         }
@@ -201,7 +209,7 @@ class DLoraPolicy(EpochLearning):
         enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
-            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run, merged_now)
+            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run, merged_now, kv)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
@@ -256,14 +264,20 @@ class DLoraPolicy(EpochLearning):
         return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if key_of(r.adapter) not in starving])
 
     def _candidate(
-        self, mode: Mode, m: str | None, batch: list[QueuedRequest], f_run: list[QueuedRequest], merged_now: str | None
+        self,
+        mode: Mode,
+        m: str | None,
+        batch: list[QueuedRequest],
+        f_run: list[QueuedRequest],
+        merged_now: str | None,
+        kv: KvRoom | None,
     ) -> _Candidate:
         """``batch`` as a candidate, counted within the token budget (``f_run``: what one step of F
         feeds): a step's queued prompts, all counted, priced a merged step on ~35 requests and
         thousands of prompt tokens the scheduler would not admit, which made one that left most of
         F idle look ten times cheaper per token (issue 21's regime map: 0.69 of unmerged-only at
         overhead 1.2, Zipf 1, load 1.4)."""
-        run = within_budget(batch, self.limits, m, merged_now)
+        run = within_budget(batch, self.limits, m, merged_now, kv)
         ids = {r.request_id for r in run}
         return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in f_run), run=run)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dlora.services.worker.policy.base import Policy, QueuedRequest, StepDecision, fcfs_batch
+from dlora.services.worker.policy.base import KvRoom, Policy, QueuedRequest, StepDecision, fcfs_batch
 
 
 class UnmergedOnly(Policy):
     """FCFS across adapters, at most the device's adapter slots per step."""
 
-    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
         return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs_batch(queue, self.limits)])
 
 
@@ -19,7 +19,7 @@ class MergedOnly(Policy):
     """Merge the head-of-line request's adapter and run only its requests (base requests run
     on the plain base weights; an ``unmergeable`` adapter's, unmerged on them)."""
 
-    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
         if not queue:
             return StepDecision(merged=merged_now, request_ids=[])
         head = queue[0].adapter
@@ -38,7 +38,7 @@ class MixedOnly(Policy):
     (left out of the count, its requests never ran under one slot, and the engine stepped on
     empty batches for ever: a helper's finding)."""
 
-    def decide(self, queue: list[QueuedRequest], merged_now: str | None) -> StepDecision:
+    def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
         counts = Counter(r.adapter for r in queue if r.adapter is not None)
         busiest = max(counts, key=lambda a: (counts[a], a == merged_now), default=merged_now)
         if busiest in self.unmergeable:
