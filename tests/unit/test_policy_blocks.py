@@ -8,8 +8,10 @@ from dataclasses import replace
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence
-from dlora.services.worker.policy import BatchLimits, StepDecision, fcfs_batch
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, fcfs_batch
 from dlora.services.worker.policy.base import within_budget
+from dlora.services.worker.policy.dlora import DLoraPolicy
+from dlora.services.worker.policy.dlora_steps import Basis
 from tests.unit.test_scheduler import CHUNKED, running, seq
 
 
@@ -93,3 +95,29 @@ def test_a_prompt_under_way_whose_next_chunk_finds_no_block_gives_its_place_in_t
     counted, ran, _ = _both(seqs, bm, limits)
     assert [rid for rid, _ in ran] == ["d", "p"]  # (["d"] before: h passed over, p not in the batch)
     assert counted == ran
+
+
+def test_no_prompt_behind_a_recompute_that_cannot_start_takes_a_place_in_the_batch() -> None:
+    """A recompute the blocks free cannot hold stops the prompts keyed after it (the scheduler's
+    line, vLLM's waiting loop): such a prompt took a place in the batch, and a decode behind it,
+    left out, paused for the step."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    d, e = running(seq("d", 0, 15, outputs=1), bm), running(seq("e", 3, 3, outputs=1), bm)  # 3 blocks free
+    seqs = {s.request_id: s for s in (d, seq("r", 1, 14, outputs=4), seq("p", 2, 4), e)}  # r: 5 blocks
+    limits = replace(CHUNKED, max_num_seqs=3, max_num_batched_tokens=64)
+    batch = fcfs_batch(list(queued(seqs.values(), {}, limits, {}, bm).values()), _batch_limits(limits))
+    assert [r.request_id for r in batch] == ["d", "r", "e"]  # (["d", "r", "p"] before)
+    plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
+    assert [s.request_id for s in plan.seqs] == ["d", "e"]  # (["d"] before)
+
+
+def test_the_dlora_policy_s_merged_group_counts_no_prompt_behind_its_recompute_that_cannot_start() -> None:
+    """The most-queued adapter's group (what a merged step on it runs, and its n_m in dLoRA's band)
+    counted the prompts keyed after its recompute that cannot start, which a merged step on it does
+    not start either."""
+    d = QueuedRequest("d", "a", 0, running=True, num_new=1, rank=8)
+    r = QueuedRequest("r", "a", 1, running=False, num_new=9, rank=8, fits=False, recompute=True)
+    prompts = [QueuedRequest(f"p{i}", "a", 2 + i, running=False, num_new=4, rank=8) for i in range(2)]
+    decision = DLoraPolicy(BatchLimits(4, 2, 64)).decide([d, r, *prompts], None)
+    assert isinstance(decision.basis, Basis)
+    assert [q.request_id for q in decision.basis.best_group] == ["d", "r"]  # (["d", "r", "p0", "p1"] before)

@@ -106,7 +106,7 @@ def test_the_policy_prices_no_step_on_a_recompute_the_blocks_free_cannot_hold_no
     queue = list(queued(seqs.values(), {}, limits, {}, bm).values())
     batch_limits = BatchLimits(limits.max_num_seqs, limits.max_adapters, 64)
     batch = fcfs_batch(queue, batch_limits)
-    assert [r.request_id for r in batch] == ["d", "r", "p"]  # r keeps its place: left out, p would start
+    assert [r.request_id for r in batch] == ["d", "r"]  # r keeps its place (left out, p would start); p none
     plan = schedule(StepDecision(None, [r.request_id for r in batch]), seqs, bm, limits)
     assert [s.request_id for s in plan.seqs] == ["d"]
     assert [r.request_id for r in within_budget(batch, batch_limits)] == ["d"]  # (["d", "r", "p"] before)

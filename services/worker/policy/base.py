@@ -89,6 +89,11 @@ class QueuedRequest:
     kv: KvNeed | None = None
 
     @property
+    def fresh(self) -> bool:
+        """Whether it holds no KV: a prompt (or recompute) yet to start, which the scheduler's line stops."""
+        return not (self.running or self.started)
+
+    @property
     def keeps_place(self) -> bool:
         """Whether it may run in a batch behind others: it fits, or it is a recompute (which, not
         fitting, still stops the prompts keyed after it: left out, they would start instead)."""
@@ -226,19 +231,23 @@ def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | No
     while its correction holds one; or, given only that adapter's requests, of a merged step. The
     token budget is the scheduler's to apply (it knows each prompt's cached prefix): see
     ``within_budget``. A prompt that does not ``fit`` is left out unless first (the scheduler
-    would pass it over, its step a request short)."""
+    would pass it over, its step a request short); a recompute that does not keeps its place, and
+    the prompts keyed after it that hold no KV are left out (the scheduler's line starts none)."""
     slots = free_slots(limits.max_adapters, merged)
     adapters: set[str] = set()
     out: list[QueuedRequest] = []
+    line = math.inf
     for r in queue:
         if len(out) == limits.max_num_seqs:
             break
-        if out and not r.keeps_place:
+        if (out and not r.keeps_place) or (r.fresh and r.arrival > line):
             continue
         if r.adapter is not None and r.adapter != merged and r.adapter not in adapters:
             if len(adapters) >= slots:
                 continue
             adapters.add(r.adapter)
+        if out and not r.fits:
+            line = min(line, r.arrival)
         out.append(r)
     return out
 
@@ -273,7 +282,7 @@ def within_budget(
         need = r.kv if kv is not None else None
         if r.running:
             decodes -= r.num_new
-        elif r.arrival > line and not r.started:
+        elif r.arrival > line and r.fresh:
             continue
         elif out and (not r.fits or (need is not None and need.whole + need.reused > free)):
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)

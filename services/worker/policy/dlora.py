@@ -179,10 +179,16 @@ class DLoraPolicy(EpochLearning):
             if r.adapter is not None:
                 self.ranks[r.adapter] = r.rank
         by_adapter: dict[str, list[QueuedRequest]] = {}
-        for r in queue:  # (a prompt that does not fit only first: ``fcfs_batch``)
+        lines: dict[str, int] = {}  # by adapter: its first recompute that cannot start behind others
+        for r in queue:  # (a prompt that does not fit only first, none behind such a recompute: ``fcfs_batch``)
             group = by_adapter.setdefault(r.adapter, []) if r.adapter is not None else None
-            if group is not None and len(group) < self.limits.max_num_seqs and (r.keeps_place or not group):
-                group.append(r)
+            if group is None or len(group) == self.limits.max_num_seqs or not (r.keeps_place or not group):
+                continue
+            if r.fresh and r.arrival > lines.get(r.adapter or "", r.arrival):
+                continue
+            if group and not r.fits:
+                lines.setdefault(r.adapter or "", r.arrival)
+            group.append(r)
         floor = -self.config.debt_floor_s
         eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first; never one that
