@@ -70,6 +70,27 @@ def test_a_block_computed_under_two_keys_is_not_cached_nor_anything_after_it() -
     assert bm.reuse_prefix("b", ids, KEY) == 4 and bm.reuse_prefix("c", ids, OTHER) == 0
 
 
+def test_a_block_computed_under_another_key_than_the_blocks_before_it_is_not_cached() -> None:
+    """The merged state changed between two chunks of a prompt, at a block's edge: its next blocks
+    were cached under a chain that begins under the old key and goes on under the new one, which no
+    lookup (one key for a whole prompt) reaches: blocks kept cached for no one."""
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    ids = list(range(14))
+    bm.grow("a", 8)
+    bm.computed("a", ids, 0, 8, KEY)  # blocks 0 and 1 under KEY
+    bm.grow("a", 14)
+    bm.computed("a", ids, 8, 14, OTHER)  # block 2 under OTHER
+    assert bm.num_cached == 2  # (3 before)
+    assert bm.reuse_prefix("b", ids, KEY) == 8 and bm.reuse_prefix("c", ids, OTHER) == 0
+    bm.free("b")
+    bm.free("c")
+    longer = [*ids[:8], 99, 98, 97, 96, 95]
+    assert bm.reuse_prefix("d", longer, KEY) == 8  # found under KEY, then computed under OTHER
+    bm.grow("d", 13)
+    bm.computed("d", longer, 8, 13, OTHER)
+    assert bm.num_cached == 2  # (3 before)
+
+
 def test_two_sequences_computing_the_same_prefix_cache_it_once() -> None:
     bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
     for s in ("a", "b"):

@@ -14,7 +14,9 @@ it was computed. The second part is there because merged and unmerged execution 
 the same KV: ``x (W + s·BA)`` and ``x W + s·(x A) B`` round differently, and in half precision
 the merged weight itself loses the delta's low bits (tests/engine/test_prefix_cache.py measures
 it). A block whose tokens were computed under two merged states is not cached, nor any block after
-it in that sequence (its chain would name KV that no single state produces).
+it in that sequence (its chain would name KV that no single state produces), nor a block
+computed under another state than the blocks before it (a lookup names a prompt's blocks under
+one key: none would reach it).
 
 **Block 0 is nobody's** (vLLM's null block): the torch attention pads every block table with it
 and reads whole blocks, hiding keys past a context by a mask, under which a key weighs 0, but
@@ -60,6 +62,10 @@ class _Held:
     # The cache key of the tokens computed so far in the block after the chain: None before any,
     # or False once two keys have been seen there (then nothing more of this sequence is cached).
     open_key: bytes | None | bool = None
+    # The cache key its chain's blocks were found or computed under (None: no chain yet). A lookup
+    # names every block of a prompt under one key: a block named under another after them would be
+    # reached by none, so a sequence whose key changes caches nothing more.
+    chain_key: bytes | None = None
     # Where its last step's names begin in ``chain``: NaN in that step's logits may have spoiled
     # those, not the ones before, which a step with finite logits read (a key or value not finite
     # makes every later token's logits so). 0 through its first step: that step read the blocks
@@ -191,6 +197,7 @@ class BlockManager:
             held.table.append(block)
             held.chain.append(name)
             parent = name
+        held.chain_key = cache_key if held.chain else None
         return len(held.table) * bs
 
     def cached_tokens(self, token_ids: list[int], cache_key: bytes, names: list[bytes]) -> int:
@@ -239,7 +246,7 @@ class BlockManager:
         """The names ``computed`` would give the blocks that computing tokens [start, end) of
         ``seq_id`` completes, changing nothing (the scheduler's view of what a step will cache)."""
         held = self._held.get(seq_id)
-        if held is None or not self._extends_chain(held, start, end) or held.open_key not in (None, cache_key):
+        if held is None or not self._extends_chain(held, start, end) or not _one_key(held, cache_key):
             return []
         return self._chain(held, token_ids, end, cache_key)
 
@@ -254,10 +261,10 @@ class BlockManager:
             held.stepped = True
         if held is None or not self._extends_chain(held, start, end):
             return
-        if held.open_key is not None and held.open_key != cache_key:
+        if not _one_key(held, cache_key):
             held.open_key = False
             return
-        held.open_key = cache_key
+        held.open_key = held.chain_key = cache_key
         for name in self._chain(held, token_ids, end, cache_key):
             block = held.table[len(held.chain)]
             held.chain.append(name)
@@ -353,6 +360,12 @@ class BlockManager:
         self._ref[block] = 1
         self._fresh.add(block)
         return block
+
+
+def _one_key(held: _Held, cache_key: bytes) -> bool:
+    """Whether KV computed under ``cache_key`` may extend ``held``'s chain: what it holds of the
+    block after the chain, and the chain, were computed under the same key (or there are none)."""
+    return held.open_key in (None, cache_key) and held.chain_key in (None, cache_key)
 
 
 def _last_step(held: _Held) -> list[tuple[bytes, int]]:
