@@ -479,3 +479,14 @@ def test_a_merged_step_does_not_evict_its_running_decode_for_a_recompute_keyed_p
     line = [s.request_id for s in sorted(seqs.values(), key=lambda s: s.arrival) if s.adapter == "y"]
     plan = schedule(StepDecision("y", line), seqs, bm, LIMITS)
     assert plan.seqs == [run] and plan.preempted == []
+
+
+def test_a_prompt_preempted_in_the_step_that_admitted_it_is_no_preemption() -> None:
+    """It lost no KV of its own (vLLM preempts only what an earlier step admitted), yet it counted
+    in vllm:num_preemptions and in its own preemptions (with no prefix cache to take back)."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    urgent = running(seq("urgent", 0, 12, outputs=1), bm)  # 3 blocks: its next token needs the 4th
+    prompt = seq("prompt", 1 + 5 * PRIORITY_SPAN, 3)  # a lower priority, decided first
+    plan = schedule(StepDecision(None, ["prompt", "urgent"]), {"prompt": prompt, "urgent": urgent}, bm, LIMITS)
+    assert plan.seqs == [urgent] and not bm.holds("prompt")  # it took the prompt's block
+    assert plan.preempted == [] and prompt.num_preemptions == 0  # ([prompt] and 1 before)

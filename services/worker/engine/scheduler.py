@@ -229,6 +229,7 @@ def schedule(
     # waiting loop stops there. Going on past it, a stream of small prompts kept the blocks it
     # waited for taken, and it never ran again (tests/engine/test_preemption_order.py).
     line = math.inf
+    admitted: set[str] = set()  # admitted holding no blocks before this step
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -297,8 +298,8 @@ def schedule(
                     tokens -= victim.num_scheduled
                     victim.num_scheduled = 0
                     providers = [p for p in providers if p[0] is not victim]
-                    if victim.lookup is not None:  # admitted fresh this step: it never ran, so neither
-                        _unlook(victim, out)  # did its lookup (its cached tokens were reported as found)
+                    if victim.request_id in admitted:
+                        _take_back(victim, out)
                     adapters = {s.adapter for s in out.seqs if s.adapter not in (None, merged)}
             if not fits:
                 _release(seq, blocks, fresh)
@@ -309,6 +310,8 @@ def schedule(
         seq.block_names.clear()  # looked up for the policy while it waited; admitted, it needs them no more
         out.seqs.append(seq)
         chosen.add(rid)
+        if fresh:
+            admitted.add(rid)
         tokens += n
         if caches:
             providers.append((seq, seq.num_cached, seq.num_cached + n, own_key))
@@ -398,14 +401,20 @@ def _fits(
     return blocks.can_grow(rid, num_tokens)
 
 
-def _unlook(seq: Sequence, out: Schedule) -> None:
-    """Take back the lookup of ``seq``, a prompt admitted fresh and then preempted in the same step
-    before it ran (``forget_lookup``), and the step's count of it. Kept, the blocks it found were its
-    usage's ``cached_tokens`` and the stats' hits though it computed its prompt later whatever the
-    cache then held."""
+def _take_back(seq: Sequence, out: Schedule) -> None:
+    """Take back the admission of ``seq``, a prompt admitted holding no blocks and then preempted
+    in the same step before it ran: it lost no KV of its own, so it is no preemption (vLLM preempts
+    only requests admitted in an earlier step: its waiting loop runs after the running loop that
+    preempts), and its lookup is not kept either, nor the step's count of it (``forget_lookup``).
+    Kept, the blocks it found were its usage's ``cached_tokens`` and the stats' hits though it
+    computed its prompt later whatever the cache then held, and it counted in
+    ``vllm:num_preemptions``."""
     total, found = seq.lookup or (0, 0)
     out.prefix_queries -= total
     out.prefix_hits -= found
+    out.preempted.remove(seq)
+    if seq.lookup is None:
+        seq.num_preemptions -= 1
     forget_lookup(seq)
 
 
