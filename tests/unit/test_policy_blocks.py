@@ -8,7 +8,7 @@ from dataclasses import replace
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence
-from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, fcfs_batch
+from dlora.services.worker.policy import BatchLimits, KvNeed, KvRoom, QueuedRequest, StepDecision, fcfs_batch
 from dlora.services.worker.policy.base import within_budget
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.dlora_steps import Basis
@@ -121,3 +121,13 @@ def test_the_dlora_policy_s_merged_group_counts_no_prompt_behind_its_recompute_t
     decision = DLoraPolicy(BatchLimits(4, 2, 64)).decide([d, r, *prompts], None)
     assert isinstance(decision.basis, Basis)
     assert [q.request_id for q in decision.basis.best_group] == ["d", "r"]  # (["d", "r", "p0", "p1"] before)
+
+
+def test_the_dlora_policy_counts_its_batch_s_shares_within_the_blocks_free() -> None:
+    """dLoRA's count rule merges an adapter at R of what one step of F runs: with the second base
+    prompt left out for the blocks the first takes, a's one request is half of F (R = 0.5), and a
+    mixed step on it begins; counted whole, F was three and a a third."""
+    a0 = QueuedRequest("a0", "a", 0, running=False, num_new=4, rank=8, kv=KvNeed(0, 1))
+    prompts = [QueuedRequest(f"b{i}", None, 1 + i, running=False, num_new=8, kv=KvNeed(0, 2)) for i in range(2)]
+    decision = DLoraPolicy(BatchLimits(8, 2, 64)).decide([a0, *prompts], None, KvRoom(free_blocks=3, block_size=4))
+    assert (decision.merged, decision.mixed) == ("a", True)  # ((None, False) before)
