@@ -59,7 +59,9 @@ def queued(
     and, with a prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed
     under), without the blocks it would find cached with ``merged`` merged as now, and under the
     other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
-    waiting prompts, all that one step of any candidate can run. A request's entry in ``last``
+    waiting prompts, all that one step of any candidate can run. With ``blocks``, what its next
+    feed takes of them (``QueuedRequest.kv``, under the merged state now) and whether it ``fits``
+    them. A request's entry in ``last``
     (the previous call's) is kept while it is unchanged, its context grown by at most a
     sixteenth: a decode's stays the same for many steps, and made anew it cost the step a few
     microseconds per sequence, as much as scheduling it."""
@@ -135,11 +137,12 @@ def _fits_whole(
 ) -> bool:
     """Whether ``seq``'s step may start it behind others (``QueuedRequest.fits``): the blocks free
     hold what it takes (``kv``): a prompt holding none, all of it (full-ISL admission) besides its
-    cached prefix; one under way, its next chunk (``new`` tokens); a decode always (it preempts for its block).
-    Where its cached prefix was not looked up (``found`` None), a prompt over the blocks free is
-    looked up while its adapter has had fewer than ``limit`` prompts looked up (``looked``), as far
-    as any candidate batch of the policy reaches; past them it fits by the most the cache could
-    hold of it (taken to fit, one waited in a batch the scheduler ran a request short)."""
+    cached prefix; one under way, its next chunk (``new`` tokens); a decode, always (it preempts
+    for its block). Where its cached prefix was not looked up (``found`` None), a prompt over the
+    blocks free is looked up while its adapter has had fewer than ``limit`` prompts looked up
+    (``looked``), as far as any candidate batch of the policy reaches; past them it fits if the
+    most the cache could hold of it leaves it room (taken to fit, such a prompt took a place in
+    the policy's batch that the scheduler then left empty)."""
     if seq.status is Status.RUNNING:
         return True
     if blocks.holds(seq.request_id):

@@ -35,7 +35,9 @@ class SwitchedFeeds(NamedTuple):
 
 class KvNeed(NamedTuple):
     """What a request's next feed takes of a paged KV cache, as the scheduler counts it
-    (``within_budget``, ``scheduler.schedule``). Blocks of ``KvRoom.block_size`` tokens."""
+    (``within_budget``, ``scheduler.schedule``), in blocks of ``KvRoom.block_size`` tokens. A
+    prompt's cached prefix is the one it finds with the adapter merged now: under another merged
+    state it finds other blocks cached, and is counted the same (its feed is ``fed``'s)."""
 
     spare: int  # tokens the blocks it holds still have room for, at most ``num_new`` (fresh prompt: 0)
     # A prompt holding no blocks: the blocks all of it takes besides the cached ones it begins with
