@@ -131,3 +131,16 @@ def test_the_dlora_policy_counts_its_batch_s_shares_within_the_blocks_free() -> 
     prompts = [QueuedRequest(f"b{i}", None, 1 + i, running=False, num_new=8, kv=KvNeed(0, 2)) for i in range(2)]
     decision = DLoraPolicy(BatchLimits(8, 2, 64)).decide([a0, *prompts], None, KvRoom(free_blocks=3, block_size=4))
     assert (decision.merged, decision.mixed) == ("a", True)  # ((None, False) before)
+
+
+def test_a_prompt_under_way_fits_by_the_chunk_the_decodes_leave_it() -> None:
+    """The decodes go first in the token budget: a prompt under way beside them is fed what they
+    leave, whose blocks may be free where a budget's worth of its prompt would not fit."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    decodes = [running(seq(f"d{i}", i, 3, outputs=1), bm) for i in range(3)]  # a block each, room in it
+    h = seq("h", 3, 14)
+    h.num_cached = 6
+    bm.grow("h", 6)  # 2 blocks (2 tokens of room), 1 free: 8 tokens take 2 more, the 5 left beside 3 decodes 1
+    counted, ran, _ = _both({s.request_id: s for s in (*decodes, h)}, bm, replace(CHUNKED, max_num_batched_tokens=8))
+    assert ran == [("d0", 1), ("d1", 1), ("d2", 1), ("h", 5)]
+    assert counted == ran

@@ -67,7 +67,11 @@ def queued(
     microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
-    for s in sorted(seqs, key=_by_arrival):
+    ordered = sorted(seqs, key=_by_arrival)
+    # The token budget a prompt under way has beside the decodes, which go first in it: its chunk
+    # (a prompt before it in the step takes tokens and the blocks they fill alike)
+    beside = max(1, budget - min(sum(s.status is Status.RUNNING for s in ordered), limits.max_num_seqs - 1))
+    for s in ordered:
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
         new, switched, held = min(s.num_new, budget), None, None
@@ -96,7 +100,7 @@ def queued(
         fits, kv = True, None
         if blocks is not None:
             kv = _kv_need(s, blocks, new, found or 0, reused)
-            fits = _fits_whole(s, blocks, kv, new, found, looked, limits.max_num_seqs, cache_key, merged)
+            fits = _fits_whole(s, blocks, kv, min(new, beside), found, looked, limits.max_num_seqs, cache_key, merged)
         if (
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
@@ -128,7 +132,7 @@ def _fits_whole(
     seq: Sequence,
     blocks: BlockManager,
     kv: KvNeed,
-    new: int,
+    chunk: int,
     found: int | None,
     looked: Counter[str | None],
     limit: int,
@@ -137,8 +141,8 @@ def _fits_whole(
 ) -> bool:
     """Whether ``seq``'s step may start it behind others (``QueuedRequest.fits``): the blocks free
     hold what it takes (``kv``): a prompt holding none, all of it (full-ISL admission) besides its
-    cached prefix; one under way, its next chunk (``new`` tokens); a decode, always (it preempts
-    for its block). Where its cached prefix was not looked up (``found`` None), a prompt over the
+    cached prefix; one under way, its next ``chunk`` of tokens; a decode, always (it preempts for
+    its block). Where its cached prefix was not looked up (``found`` None), a prompt over the
     blocks free is looked up while its adapter has had fewer than ``limit`` prompts looked up
     (``looked``), as far as any candidate batch of the policy reaches; past them it fits if the
     most the cache could hold of it leaves it room (taken to fit, such a prompt took a place in
@@ -146,7 +150,7 @@ def _fits_whole(
     if seq.status is Status.RUNNING:
         return True
     if blocks.holds(seq.request_id):
-        return kv.blocks(new, blocks.block_size) <= blocks.num_free
+        return kv.blocks(chunk, blocks.block_size) <= blocks.num_free
     if found is not None or not blocks.enable_prefix_caching:
         return kv.whole + kv.reused <= blocks.num_free
     if kv.whole <= blocks.num_free or seq.collects_prompt_logprobs:
