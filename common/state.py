@@ -50,6 +50,9 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:response-events:{tenant}:{id}`` list a streamed background response's SSE frames, in
                                      order (index = sequence_number), its TTL, appended only
                                      by the run its record names (``gateway/background.py``)
+- ``{p}:response-lease:{tenant}:{id}`` str the gateway running a background response (its id),
+                                     expires unless that run renews it: a reader that finds the
+                                     response queued or in_progress with none ends it ``failed``
 """
 
 from __future__ import annotations

@@ -83,6 +83,26 @@ redis.call('HSET', KEYS[1], 'response', ARGV[2])
 return 1
 """
 
+# A background response's lease (KEYS[2]) renewed by its run (ARGV[2]: its gateway, ARGV[3] ms)
+# while its record (KEYS[1]) is still what the run last wrote there (ARGV[1]): 0 where a cancel, a
+# delete, a retry's record or a reader that found the lease lapsed has changed it.
+_RENEW_LUA = """
+if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# A background response's record (KEYS[1]) made ARGV[2] (its failed object) if it is still ARGV[1]
+# (read queued or in_progress) and its lease (KEYS[2]) has lapsed: one step, so that of the readers
+# that find it so one writes, and a run that renews its lease in between keeps it. Answers the
+# record as it is then (nil: gone).
+_LAPSE_LUA = """
+local now = redis.call('HGET', KEYS[1], 'response')
+if now ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return now end
+redis.call('HSET', KEYS[1], 'response', ARGV[2])
+return ARGV[2]
+"""
+
 
 class ResponseKeys:
     """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
@@ -201,3 +221,23 @@ class ResponseKeys:
             return 0
         keys = [f"{self.p}:response:{tenant}:{previous}", *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]
         return int(await self.r.register_script(_REPOINT_LUA)(keys=keys, args=[deleted, previous]))
+
+    async def lease_response(
+        self, response_id: str, tenant: str, holder: str, ttl_s: float, expect: bytes | None = None
+    ) -> bool:
+        """``holder`` (a gateway's id) runs ``tenant``'s background response for ``ttl_s`` seconds
+        more, where its record is still ``expect`` (its run's last write; None: taken whatever it
+        is, before its queued record is written). False: the record is another's now, or gone."""
+        lease, ms = f"{self.p}:response-lease:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
+        if expect is None:
+            await self.r.set(lease, holder, px=ms)
+            return True
+        keys = [f"{self.p}:response:{tenant}:{response_id}", lease]
+        return bool(await self.r.register_script(_RENEW_LUA)(keys=keys, args=[expect, holder, ms]))
+
+    async def end_unleased(self, response_id: str, tenant: str, stored: bytes, ended: bytes) -> bytes | None:
+        """``tenant``'s response made ``ended`` if it is ``stored`` still and no gateway holds its
+        lease (``lease_response``: the one running it died, or lost Redis for longer than its
+        lease). Returns its record as it is then; None: it is gone."""
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-lease:{tenant}:{response_id}"]
+        return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=[stored, ended]))

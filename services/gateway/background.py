@@ -8,9 +8,12 @@ it (``GET /v1/responses/{id}``) and cancels it: ``cancel`` makes the
 record ``cancelled`` and tells every gateway on NATS (``subjects.RESPONSE_CANCELS``); the one
 running it cancels its task, which aborts its request on the worker. Each change of the record is
 a compare-and-swap on the object last written (``StateStore.swap_response``), so a cancel and the
-end of its run cannot overwrite each other. The key's concurrency slot (``Auth.admitted``) is held
-until the run ends. A gateway that stops waits for its runs within its drain
-(``shutdown_timeout_s``), as for its other requests; those still running then are ``failed``."""
+end of its run cannot overwrite each other. Its run holds a lease (``responses_lease``): a gateway
+killed outright leaves its runs to the first reader after it lapses, which ends them ``failed``;
+a run whose record changed under it where NATS told it nothing is stopped at its next renewal.
+The key's concurrency slot (``Auth.admitted``) is held until the run ends. A gateway that stops
+waits for its runs within its drain (``shutdown_timeout_s``), as for its other requests; those
+still running then are ``failed``."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_lease import RunLease, running, settled
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
@@ -101,8 +105,9 @@ class EventLog:
 class Background:
     """The background responses this gateway runs, by (tenant, response id)."""
 
-    def __init__(self, nc: NATS, state: StateStore, bound: Bound, gateway_id: str = "") -> None:
+    def __init__(self, nc: NATS, state: StateStore, bound: Bound, gateway_id: str = "", lease_s: float = 5.0) -> None:
         self.nc, self.state, self.bound, self.gateway_id = nc, state, bound, gateway_id
+        self.lease_s = lease_s  # a run's lease (``responses_lease``): the gateway's heartbeat_ttl_s
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.kept: dict[tuple[str, str], Keeping] = {}  # each run's record (``keeping.expect``: its last write)
 
@@ -124,33 +129,55 @@ class Background:
             queued = cast(ResponsesShape, job.shape).response("queued", [])
             if not keeping.keep(queued):
                 raise APIError(400, f"background: {TOO_LARGE}", param="background")
+            slot = held.pop_all()
+        await self._begin(queued, job, keeping, slot, relay)
+        if job.stream:
+            return await self.replay(request, queued["id"], keeping.tenant, -1)
+        return web.json_response(queued)
+
+    async def _begin(self, queued: dict[str, Any], job: Job, keeping: Keeping, slot: ExitStack, relay: Relay) -> None:
+        """``start`` past its checks: the run's lease taken, its record stored ``queued``, its run
+        started, holding ``slot`` until it ends (released at once where nothing runs).
+
+        Raises:
+            APIError(503): Redis could not store it (nothing runs).
+        """
+        key, response_id = (keeping.tenant, queued["id"]), queued["id"]
+        lease = RunLease(
+            self.state, self.bound, response_id, keeping.tenant, self.gateway_id, self.lease_s, lambda: keeping.expect
+        )
+        with slot:
             # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
             # stopped: its record replaced, it ran on for nobody, holding its key's slot. Here first;
             # the others told once this record is stored, so that one whose own retry stored a
             # later record sees it still holds the record and runs on (``_on_cancel``).
-            key = (keeping.tenant, queued["id"])
             if (replaced := self.running.get(key)) is not None:
                 replaced.cancel()
             keeping.stream = secrets.token_hex(8) if job.stream else None  # (its events' writer: ``EventLog``)
+            unstored = APIError(503, "background: the response could not be stored; try again")
+            try:  # (first: a reader finding its record queued finds its lease too)
+                await lease.take()
+            except bus.STATE_OUTAGE:
+                raise unstored from None
             if not await keeping.finishing() or keeping.written is None:
-                raise APIError(503, "background: the response could not be stored; try again")
+                raise unstored
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
-            told = CancelResponse(response_id=queued["id"], tenant=keeping.tenant, gateway=self.gateway_id)
+            told = CancelResponse(response_id=response_id, tenant=keeping.tenant, gateway=self.gateway_id)
             try:
                 await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
             except NatsError as e:  # (its own relay waits NATS out: a 503 here failed a POST that ran)
-                logger.warning("a retry's cancel could not be sent", id=queued["id"], error=type(e).__name__)
+                logger.warning("a retry's cancel could not be sent", id=response_id, error=type(e).__name__)
             detached = Detached()
             if keeping.stream is not None:
-                detached["sink"] = log = EventLog(self.state, self.bound, queued["id"], keeping)
+                detached["sink"] = log = EventLog(self.state, self.bound, response_id, keeping)
                 job = dataclasses.replace(job, finishing=log.finishing)
-            slot = held.pop_all()
-            task = asyncio.create_task(self._run(queued, keeping, job, relay, detached))
+            if job.finishing is not None:  # (a stream's: its last events' write, ``EventLog.write``)
+                job = dataclasses.replace(job, finishing=lease.guarded(job.finishing))
+            held = slot.pop_all()
+            task = asyncio.create_task(self._run(queued, keeping, job, relay, detached, lease))
+            holding = asyncio.create_task(lease.hold(task))
             self.running[key], self.kept[key] = task, keeping
-            task.add_done_callback(lambda t: self._ended(key, t, slot))
-        if job.stream:
-            return await self.replay(request, queued["id"], keeping.tenant, -1)
-        return web.json_response(queued)
+            task.add_done_callback(lambda t: self._ended(key, t, held, holding))
 
     async def replay(self, request: web.Request, response_id: str, tenant: str, after: int) -> web.StreamResponse:
         """``GET /v1/responses/{id}?stream=true&starting_after=N`` (and a streamed POST): its events
@@ -165,8 +192,8 @@ class Background:
                 events = await self.state.response_events(response_id, tenant, after + 1)
                 if not events:
                     got = await self.state.response_fields(response_id, tenant, "response")
-                    status = msgspec.json.decode(got[1]).get("status") if got and got[1] else None
-                    if status not in ("queued", "in_progress"):  # (over: its events written before it)
+                    stored = await settled(self.state, response_id, tenant, got[1]) if got and got[1] else None
+                    if stored is None or not running(stored):  # (over: its events written before it)
                         events = await self.state.response_events(response_id, tenant, after + 1)
                         if not events:
                             break
@@ -185,19 +212,24 @@ class Background:
         async with self.bound():
             return await self.state.streamed(response_id, tenant)
 
-    def _ended(self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack) -> None:
+    def _ended(
+        self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack, holding: asyncio.Task[None]
+    ) -> None:
         # The slot given back here, not in ``_run``'s body: a task cancelled before its first step
         # (a cancel heard just after the POST answered) never enters its body.
         slot.close()
+        holding.cancel()
         if self.running.get(key) is task:
             del self.running[key], self.kept[key]
 
-    async def _run(self, queued: dict[str, Any], keeping: Keeping, job: Job, relay: Relay, detached: Detached) -> None:
+    async def _run(
+        self, queued: dict[str, Any], keeping: Keeping, job: Job, relay: Relay, detached: Detached, lease: RunLease
+    ) -> None:
         started = queued | {"status": "in_progress"}
         try:
-            if not await self._swap(keeping, started):
-                return  # cancelled (or deleted) before it began
-        except bus.STATE_OUTAGE:  # (it stays queued until responses_ttl_s: nothing ran)
+            if not await self._swap(keeping, started, lease):
+                return  # cancelled (or deleted, replaced) before it began
+        except bus.STATE_OUTAGE:  # (its lease lapses with it: a reader once Redis is back fails it)
             logger.warning("a background response could not be started", id=queued["id"])
             return
         why = "the response could not be stored"  # (Redis failed; over responses_max_bytes: ``ResponsesShape.final``)
@@ -212,16 +244,16 @@ class Background:
             why = f"internal error: {type(e).__name__}"
         failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
         with contextlib.suppress(*bus.STATE_OUTAGE):
-            await self._swap(keeping, failed)
+            await self._swap(keeping, failed, lease)
 
-    async def _swap(self, keeping: Keeping, new: dict[str, Any]) -> bool:
+    async def _swap(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
         """The record made ``new`` if it is still what this gateway last wrote there."""
         assert keeping.expect is not None
         encoded = msgspec.json.encode(new)
-        async with self.bound():
+        async with lease.lock, self.bound():
             swapped = await self.state.swap_response(new["id"], keeping.tenant, keeping.expect, encoded)
-        if swapped:
-            keeping.expect = encoded
+            if swapped:
+                keeping.expect = encoded
         return swapped
 
     async def cancel(self, response_id: str, tenant: str, stored: bytes) -> dict[str, Any] | None:

@@ -126,7 +126,9 @@ class Gateway:
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
         self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
-        self.background = Background(nc, store, self.state_bound, self.gateway_id)  # background responses
+        self.background = Background(  # background responses, their runs' lease a heartbeat's span
+            nc, store, self.state_bound, self.gateway_id, settings.heartbeat_ttl_s
+        )
 
     # ---- handlers -----------------------------------------------------------------------
     async def generate(self, dialect: Callable[[], Dialect], request: web.Request) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from dlora.common import bus, log
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import ResponsesBody
+from dlora.services.gateway.responses_lease import settled
 from dlora.services.gateway.responses_metrics import StoreCounts
 
 logger = log.get("gateway")
@@ -202,7 +203,8 @@ class ResponsesStore:
             self.counts.count(op, outcome, n)
 
     async def fields(self, response_id: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
-        """``names`` of ``tenant``'s response ``response_id``, decoded later by the caller.
+        """``names`` of ``tenant``'s response ``response_id``, decoded later by the caller; its
+        ``response`` as it stands: a background one whose run was lost ended first (``settled``).
 
         Raises:
             APIError(404): none such for ``tenant`` (``param``: the field that named it).
@@ -210,6 +212,8 @@ class ResponsesStore:
         try:
             async with self.bound():
                 got = await self.state.response_fields(response_id, tenant, *names)
+                if got is not None and "response" in names and (stored := got[k := names.index("response") + 1]):
+                    got[k] = await settled(self.state, response_id, tenant, stored)
         except bus.STATE_OUTAGE:
             self.count("read", "failed")
             raise

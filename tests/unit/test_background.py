@@ -69,6 +69,11 @@ class _Redis:
     async def response_fields(self, response_id: str, tenant: str, *fields: str) -> list[bytes | None]:
         return [tenant.encode(), self.record]
 
+    async def lease_response(
+        self, response_id: str, tenant: str, holder: str, ttl_s: float, expect: bytes | None = None
+    ) -> bool:
+        return expect is None or self.record == expect
+
 
 async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() -> None:
     """A cancel heard (NATS, DELETE, a cancel route) between the POST's answer and the run's first
@@ -83,8 +88,9 @@ async def test_a_run_cancelled_before_its_first_step_gives_its_keys_slot_back() 
         relayed.append(1)
 
     background = Background(cast(Any, _NATS()), cast(Any, _Redis()), _bound)
-    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
-    await background.start(cast(web.Request, {}), job, cast(Any, _Keeping()), held, relay)
+    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False, finishing=None))
+    queued = _Shape().response("queued", [])
+    await background._begin(queued, job, cast(Any, _Keeping()), held, relay)  # (``start`` past its checks)
     task = background.running[("t", "resp_1")]
     await background._on_cancel(CancelResponse(response_id="resp_1", tenant="t"))
     with contextlib.suppress(asyncio.CancelledError):
@@ -109,9 +115,10 @@ async def test_a_retry_runs_when_nats_cannot_carry_its_cancel() -> None:
         relayed.append(1)
         await gate.wait()
 
-    background = Background(cast(Any, _NATSAway()), cast(Any, None), _bound)
-    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False))
-    keeping = _Keeping()
+    redis = _Redis()
+    background = Background(cast(Any, _NATSAway()), cast(Any, redis), _bound)
+    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False, finishing=None))
+    keeping = _Stored(redis, 0)
     background.running[("t", "resp_1")] = first = asyncio.create_task(gate.wait())
     answered = await background.start(cast(web.Request, {}), job, cast(Any, keeping), ExitStack(), relay)
     assert cast(web.Response, answered).status == 200 and ("t", "resp_1") in background.running
@@ -152,7 +159,7 @@ async def test_two_retries_on_two_gateways_leave_the_one_stored_last_running() -
 
     a, b = (Background(cast(Any, nats_), cast(Any, redis), _bound, gateway) for gateway in ("a", "b"))
     for n, gateway in enumerate((a, b)):  # (a second apart: their objects' created_at differ)
-        job = cast(Job, SimpleNamespace(shape=_Shape(n), stream=False))
+        job = cast(Job, SimpleNamespace(shape=_Shape(n), stream=False, finishing=None))
         await gateway.start(cast(web.Request, {}), job, cast(Any, _Stored(redis, n)), ExitStack(), relay)
         for _ in range(3):
             await asyncio.sleep(0)  # (its run made in_progress)

@@ -1,0 +1,82 @@
+"""Background responses (``background: true``) through the trouble a deployment meets, against the
+real stack: the gateway running one killed outright (SIGKILL). Each ends as its client would expect
+(``failed`` with a reason), not left ``queued`` or ``in_progress`` until ``responses_ttl_s``
+(``responses_lease``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.responses_lease import LAPSED
+from dlora.services.servers import Server, free_port
+from tests.integration.conftest import Stack
+from tests.integration.test_abort import _slow_steps
+from tests.integration.test_responses_background import _over, _running
+from tests.integration.test_responses_store import ASKED, _client
+
+
+async def _ready(url: str, log: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Once the gateway process at ``url`` is healthy (it has heard from the workers)."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(1200):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get(url + "/healthz") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+async def test_a_background_response_of_a_gateway_killed_outright_is_failed_by_its_next_reader(
+    stack: Stack, nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, monkeypatch: Any, tmp_path: Path
+) -> None:
+    """`dlora serve gateway` SIGKILLed while it runs a background response: nothing of it is left
+    to write the end, and its record said ``in_progress`` until ``responses_ttl_s`` (a day). Once
+    its lease lapses (unrenewed for heartbeat_ttl_s), the next GET on another gateway finds it
+    ``failed`` with the reason; a cancel then answers it as it is."""
+    _slow_steps(stack, monkeypatch, 0.02)
+    port = free_port()
+    env = {
+        **os.environ,
+        "DLORA_NATS_URL": nats_server.url,
+        "DLORA_REDIS_URL": redis_server.url,
+        "DLORA_MODEL": str(tiny_llama.model),
+        "DLORA_GATEWAY_PORT": str(port),
+        "DLORA_HEARTBEAT_TTL_S": "1",
+    }
+    log, url = tmp_path / "gateway.log", f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dlora.services.cli", "serve", "gateway"], env=env, stdout=out, stderr=out
+        )
+    client = _client(stack.url)
+    try:
+        await _ready(url, log, proc)
+        async with aiohttp.ClientSession() as http:
+            body = {**ASKED, "max_output_tokens": 400, "ignore_eos": True, "input": "kalo", "background": True}
+            async with http.post(url + "/v1/responses", json=body) as r:
+                made = await r.json()
+        assert r.status == 200 and made["status"] == "queued", made
+        await _running(stack)
+        assert (await client.responses.retrieve(made["id"])).status == "in_progress"  # (its lease renewed)
+        proc.kill()
+        proc.wait()
+        ended = await _over(client, made["id"])
+        assert ended.status == "failed" and ended.error is not None, ended
+        assert (ended.error.code, ended.error.message) == ("server_error", LAPSED)
+        assert (await client.responses.cancel(made["id"])).model_dump() == ended.model_dump()
+    finally:
+        await client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
