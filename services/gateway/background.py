@@ -272,11 +272,15 @@ class Background:
 
     async def stop(self, response_id: str, tenant: str) -> None:
         """Every gateway told to end its run of ``tenant``'s response (cancelled, or deleted: its
-        end could not be stored), at once where it runs here: its task cancelled."""
+        end could not be stored), at once where it runs here: its task cancelled. NATS failing,
+        the record changed is the word: a run elsewhere finds it at its lease's next renewal."""
         told = CancelResponse(response_id=response_id, tenant=tenant, gateway=self.gateway_id)
         if (task := self.running.get((tenant, response_id))) is not None:
             task.cancel()  # (its relay aborts its request on the worker)
-        await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
+        try:
+            await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)
+        except NatsError as e:  # the record is the truth: its run finds it changed at its lease's renewal
+            logger.warning("a background response's stop could not be sent", id=response_id, error=type(e).__name__)
 
     async def _on_cancel(self, told: CancelResponse) -> None:
         if told.gateway and told.gateway == self.gateway_id:

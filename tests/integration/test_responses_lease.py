@@ -1,6 +1,7 @@
 """Background responses (``background: true``) through the trouble a deployment meets, against the
-real stack: the gateway running one killed outright (SIGKILL). Each ends as its client would expect
-(``failed`` with a reason), not left ``queued`` or ``in_progress`` until ``responses_ttl_s``
+real stack: the gateway running one killed outright (SIGKILL), its NATS gone when another gateway
+cancels it. Each ends as its client would expect (``failed`` with a reason, ``cancelled`` and
+stopped), not left ``queued`` or ``in_progress`` until ``responses_ttl_s``
 (``responses_lease``)."""
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
+import pytest
+from redis.asyncio import Redis
 
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.responses_lease import LAPSED
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack
-from tests.integration.test_abort import _slow_steps
-from tests.integration.test_responses_background import _over, _running
+from tests.integration.conftest import Stack, run_stack, start_gateway
+from tests.integration.test_abort import _nothing_left, _slow_steps
+from tests.integration.test_responses_background import LONG, _over, _running
 from tests.integration.test_responses_store import ASKED, _client
 
 
@@ -80,3 +84,33 @@ async def test_a_background_response_of_a_gateway_killed_outright_is_failed_by_i
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_cancel_whose_gateway_lost_nats_answers_cancelled_and_the_run_elsewhere_stops(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel on a gateway whose NATS connection is gone: the record was made ``cancelled`` but
+    the route answered 503, and the gateway running it, never told, ran its 400 tokens for nobody.
+    The record is the truth: the cancel answers it, and the run finds it changed at its lease's
+    next renewal and stops (its request aborted on its worker)."""
+    async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=1.0) as stack:
+        _slow_steps(stack, monkeypatch, 0.02)
+        conns: list[nats.NATS] = []
+        other_url, runner = await start_gateway(nats_server.url, stack.store, str(tiny_llama.model), conns)
+        one, two = _client(stack.url), _client(other_url)
+        try:
+            long = await one.responses.create(**LONG, input="kalo", background=True)
+            await _running(stack)
+            await conns[0].close()
+            steps = sum(w.engine.stats.steps for w in stack.workers)
+            cancelled = await two.responses.cancel(long.id)
+            assert (cancelled.id, cancelled.status) == (long.id, "cancelled")
+            assert await _nothing_left(stack, within_s=10.0)
+            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
+            while stack.gateway.background.running:
+                await asyncio.sleep(0.01)
+            assert (await one.responses.retrieve(long.id)).model_dump() == cancelled.model_dump()
+        finally:
+            await one.close()
+            await two.close()
+            await runner.cleanup()
