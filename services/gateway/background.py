@@ -62,6 +62,8 @@ Relay = Callable[[web.Request, Job], Awaitable[object]]
 _LAST = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n")
 # How often a reader of a background response's stream looks for its next events
 POLL_S = 0.05
+# How often a run whose start Redis failed tries it again (``StateBound`` answers at once for 1 s)
+RETRY_S = 0.5
 
 
 class EventLog:
@@ -227,7 +229,7 @@ class Background:
     ) -> None:
         started = queued | {"status": "in_progress"}
         try:
-            if not await self._swap(keeping, started, lease):
+            if not await self._started(keeping, started, lease):
                 return  # cancelled (or deleted, replaced) before it began
         except bus.STATE_OUTAGE:  # (its lease lapses with it: a reader once Redis is back fails it)
             logger.warning("a background response could not be started", id=queued["id"])
@@ -245,6 +247,33 @@ class Background:
         failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
         with contextlib.suppress(*bus.STATE_OUTAGE):
             await self._swap(keeping, failed, lease)
+
+    async def _started(self, keeping: Keeping, started: dict[str, Any], lease: RunLease) -> bool:
+        """The record made ``started`` (``_swap``), tried again while Redis fails, for as long as
+        the run's lease lasts unrenewed: a Redis blip as it began left it queued, never run.
+
+        Raises:
+            ``bus.STATE_OUTAGE``: Redis failed for the whole lease.
+        """
+        loop, failed = asyncio.get_running_loop(), False
+        until = loop.time() + self.lease_s
+        while True:
+            try:
+                if await self._swap(keeping, started, lease):
+                    return True
+                if not failed:
+                    return False
+                async with self.bound():  # a try whose answer was lost may have written it
+                    got = await self.state.response_fields(started["id"], keeping.tenant, "response")
+                if got is None or got[1] != msgspec.json.encode(started):
+                    return False
+                keeping.expect = got[1]
+                return True
+            except bus.STATE_OUTAGE:
+                if loop.time() >= until:
+                    raise
+                failed = True
+                await asyncio.sleep(RETRY_S)
 
     async def _swap(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
         """The record made ``new`` if it is still what this gateway last wrote there."""

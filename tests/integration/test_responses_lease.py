@@ -1,14 +1,15 @@
 """Background responses (``background: true``) through the trouble a deployment meets, against the
 real stack: the gateway running one killed outright (SIGKILL), its NATS gone when another gateway
-cancels it. Each ends as its client would expect (``failed`` with a reason, ``cancelled`` and
-stopped), not left ``queued`` or ``in_progress`` until ``responses_ttl_s``
-(``responses_lease``)."""
+cancels it, Redis stopped as its run begins. Each ends as its client would expect (``failed`` with
+a reason, ``cancelled`` and stopped, run to its end), not left ``queued`` or ``in_progress`` until
+``responses_ttl_s`` (``responses_lease``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from redis.asyncio import Redis
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.responses_lease import LAPSED
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack, run_stack, start_gateway
+from tests.integration.conftest import Stack, run_stack, sigstop, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
 from tests.integration.test_responses_background import LONG, _over, _running
 from tests.integration.test_responses_store import ASKED, _client
@@ -114,3 +115,40 @@ async def test_a_cancel_whose_gateway_lost_nats_answers_cancelled_and_the_run_el
             await one.close()
             await two.close()
             await runner.cleanup()
+
+
+async def test_a_background_response_whose_start_met_redis_stopped_runs_once_it_is_back(
+    stack: Stack, redis_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stopped (SIGSTOP: its data kept) just as a run makes its record ``in_progress``: that
+    write failed and the run gave up, the response ``queued`` until ``responses_ttl_s``. It tries
+    again while its lease lasts, and runs once Redis answers."""
+    import openai
+
+    real, stopped = stack.store.swap_response, asyncio.Event()
+
+    async def swap(*args: Any) -> bool:
+        if stopped.is_set():
+            return await real(*args)
+        stopped.set()
+        sigstop(redis_server.proc)
+        try:
+            return await real(*args)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+
+    monkeypatch.setattr(stack.store, "swap_response", swap)
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", background=True)
+        for _ in range(600):  # (its readers meanwhile answered 503, Redis out: as a client tries again)
+            with contextlib.suppress(openai.InternalServerError):
+                done = await client.responses.retrieve(made.id)
+                if done.status not in ("queued", "in_progress"):
+                    break
+            await asyncio.sleep(0.05)
+        assert stopped.is_set()
+        foreground = await client.responses.create(**ASKED, input="kalo")
+        assert (done.status, done.output_text) == ("incomplete", foreground.output_text), done
+    finally:
+        await client.close()
