@@ -112,6 +112,7 @@ class Background:
         self.lease_s = lease_s  # a run's lease (``responses_lease``): the gateway's heartbeat_ttl_s
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.kept: dict[tuple[str, str], Keeping] = {}  # each run's record (``keeping.expect``: its last write)
+        self._beginning: set[asyncio.Task[None]] = set()  # runs being stored (``_begin``), whoever waits
 
     async def listen(self) -> None:
         await bus.subscribe(self.nc, subjects.RESPONSE_CANCELS, CancelResponse, self._on_cancel)
@@ -132,10 +133,20 @@ class Background:
             if not keeping.keep(queued):
                 raise APIError(400, f"background: {TOO_LARGE}", param="background")
             slot = held.pop_all()
-        await self._begin(queued, job, keeping, slot, relay)
+        # Stored and run whether its client stays or not: one that left while its record was
+        # written (its handler cancelled) left it queued with nothing to run it
+        begin = asyncio.create_task(self._begin(queued, job, keeping, slot, relay))
+        self._beginning.add(begin)
+        begin.add_done_callback(self._begun)
+        await asyncio.shield(begin)
         if job.stream:
             return await self.replay(request, queued["id"], keeping.tenant, -1)
         return web.json_response(queued)
+
+    def _begun(self, task: asyncio.Task[None]) -> None:
+        self._beginning.discard(task)
+        if not task.cancelled():
+            task.exception()  # (its POST's client was the one to tell, and it may have left)
 
     async def _begin(self, queued: dict[str, Any], job: Job, keeping: Keeping, slot: ExitStack, relay: Relay) -> None:
         """``start`` past its checks: the run's lease taken, its record stored ``queued``, its run

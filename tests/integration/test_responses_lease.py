@@ -1,8 +1,8 @@
 """Background responses (``background: true``) through the trouble a deployment meets, against the
 real stack: the gateway running one killed outright (SIGKILL), its NATS gone when another gateway
-cancels it, Redis stopped as its run begins. Each ends as its client would expect (``failed`` with
-a reason, ``cancelled`` and stopped, run to its end), not left ``queued`` or ``in_progress`` until
-``responses_ttl_s`` (``responses_lease``)."""
+cancels it, Redis stopped as its run begins, its client gone while its record is written. Each
+ends as its client would expect (``failed`` with a reason, ``cancelled`` and stopped, run to its
+end), not left ``queued`` or ``in_progress`` until ``responses_ttl_s`` (``responses_lease``)."""
 
 from __future__ import annotations
 
@@ -150,5 +150,45 @@ async def test_a_background_response_whose_start_met_redis_stopped_runs_once_it_
         assert stopped.is_set()
         foreground = await client.responses.create(**ASKED, input="kalo")
         assert (done.status, done.output_text) == ("incomplete", foreground.output_text), done
+    finally:
+        await client.close()
+
+
+async def test_a_streamed_background_response_whose_client_left_while_it_was_stored_runs(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed background POST whose client hangs up while its record is written: its handler
+    cancelled there left the record ``queued`` with nothing to run it. Its client gone, it runs
+    all the same (as a background response's whose client leaves later does)."""
+    real, written, release = stack.store.put_response, asyncio.Event(), asyncio.Event()
+
+    async def put(*args: Any, **kwargs: Any) -> bool:
+        put = await real(*args, **kwargs)
+        if not written.is_set():
+            written.set()
+            await release.wait()
+        return put
+
+    monkeypatch.setattr(stack.store, "put_response", put)
+    headers = {"X-Request-Id": "resp_left"}
+    body = {**ASKED, "input": "kalo", "background": True, "stream": True}
+    async with aiohttp.ClientSession() as http:
+
+        async def post() -> None:
+            async with http.post(stack.url + "/v1/responses", json=body, headers=headers) as r:
+                await r.read()
+
+        posting = asyncio.create_task(post())
+        await written.wait()
+        posting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await posting
+    while stack.gateway.handling:  # (its handler cancelled by its client's leaving)
+        await asyncio.sleep(0.01)
+    release.set()
+    client = _client(stack.url)
+    try:
+        done = await _over(client, "resp_left")
+        assert done.status == "incomplete", done
     finally:
         await client.close()
