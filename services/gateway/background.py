@@ -160,12 +160,6 @@ class Background:
             self.state, self.bound, response_id, keeping.tenant, self.gateway_id, self.lease_s, lambda: keeping.expect
         )
         with slot:
-            # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
-            # stopped: its record replaced, it ran on for nobody, holding its key's slot. Here first;
-            # the others told once this record is stored, so that one whose own retry stored a
-            # later record sees it still holds the record and runs on (``_on_cancel``).
-            if (replaced := self.running.get(key)) is not None:
-                replaced.cancel()
             keeping.stream = secrets.token_hex(8) if job.stream else None  # (its events' writer: ``EventLog``)
             unstored = APIError(503, "background: the response could not be stored; try again")
             try:  # (first: a reader finding its record queued finds its lease too)
@@ -175,6 +169,13 @@ class Background:
             if not await keeping.finishing() or keeping.written is None:
                 raise unstored
             keeping.expect, keeping.written = keeping.written, None  # (its final write: ``_run``)
+            # A run of the same id (a retry under its X-Request-Id), here or on another gateway, is
+            # stopped: its record replaced, it ran on for nobody, holding its key's slot. Once this
+            # record is stored (a store that failed leaves it its record, running), and the others
+            # told, so that one whose own retry stored a later record sees it still holds the
+            # record and runs on (``_on_cancel``); where NATS fails, its lease's renewal finds it.
+            if (replaced := self.running.get(key)) is not None:
+                replaced.cancel()
             told = CancelResponse(response_id=response_id, tenant=keeping.tenant, gateway=self.gateway_id)
             try:
                 await bus.publish(self.nc, subjects.RESPONSE_CANCELS, told)

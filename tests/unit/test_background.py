@@ -13,10 +13,12 @@ from typing import Any, cast
 
 import msgspec
 import nats.errors
+import pytest
 from aiohttp import web
 
 from dlora.common.messages import CancelResponse
 from dlora.services.gateway.background import Background
+from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.shaping import Job
 
 
@@ -172,3 +174,28 @@ async def test_two_retries_on_two_gateways_leave_the_one_stored_last_running() -
     runs[1].cancel()
     gate.set()
     await asyncio.gather(*runs, return_exceptions=True)
+
+
+class _Unstored(_Keeping):
+    async def finishing(self) -> bool:
+        return False  # (Redis failed: the record is not written)
+
+
+async def test_a_retry_whose_record_cannot_be_stored_leaves_the_run_it_would_replace_running() -> None:
+    """A background POST sent again under its id, its record not stored (Redis failed: a 503):
+    the run it would have replaced, on the same gateway, was cancelled before the store was
+    tried, so nothing ran either and its record said ``in_progress`` until its TTL. Its record
+    still its own, it runs on."""
+    gate = asyncio.Event()
+
+    async def relay(request: web.Request, job: Job) -> None:
+        await gate.wait()
+
+    background = Background(cast(Any, _NATS()), cast(Any, _Redis()), _bound)
+    background.running[("t", "resp_1")] = first = asyncio.create_task(gate.wait())
+    job = cast(Job, SimpleNamespace(shape=_Shape(), stream=False, finishing=None))
+    with pytest.raises(APIError) as refused:
+        await background.start(cast(web.Request, {}), job, cast(Any, _Unstored()), ExitStack(), relay)
+    assert refused.value.status == 503 and not first.done()
+    gate.set()
+    await first
