@@ -1,8 +1,9 @@
 """Background responses (``background: true``) through the trouble a deployment meets, against the
 real stack: the gateway running one killed outright (SIGKILL), its NATS gone when another gateway
-cancels it, Redis stopped as its run begins, its client gone while its record is written. Each
-ends as its client would expect (``failed`` with a reason, ``cancelled`` and stopped, run to its
-end), not left ``queued`` or ``in_progress`` until ``responses_ttl_s`` (``responses_lease``)."""
+cancels it, Redis stopped as its run begins, its client gone while its record is written, a
+foreground response stored under its id. Each ends as its client would expect (``failed`` with a
+reason, ``cancelled`` and stopped, run to its end, stopped), not left ``queued`` or
+``in_progress`` until ``responses_ttl_s`` (``responses_lease``)."""
 
 from __future__ import annotations
 
@@ -192,3 +193,26 @@ async def test_a_streamed_background_response_whose_client_left_while_it_was_sto
         assert done.status == "incomplete", done
     finally:
         await client.close()
+
+
+async def test_a_foreground_response_stored_under_a_running_background_ones_id_stops_it(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A foreground POST under the X-Request-Id of a background response still running: its
+    record replaced the background one's, whose run went on for nobody, its 400 tokens. It stops
+    once it finds its record replaced (its lease's renewal); the record stays the foreground's."""
+    async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=1.0) as stack:
+        _slow_steps(stack, monkeypatch, 0.02)
+        client, headers = _client(stack.url), {"X-Request-Id": "resp_twice"}
+        try:
+            await client.responses.create(**LONG, input="kalo", background=True, extra_headers=headers)
+            await _running(stack)
+            steps = sum(w.engine.stats.steps for w in stack.workers)
+            foreground = await client.responses.create(**ASKED, input="remi", extra_headers=headers)
+            assert await _nothing_left(stack, within_s=10.0)
+            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
+            while stack.gateway.background.running:
+                await asyncio.sleep(0.01)
+            assert (await client.responses.retrieve("resp_twice")).model_dump() == foreground.model_dump()
+        finally:
+            await client.close()
