@@ -161,10 +161,12 @@ class Gateway:
                 access.note(request, traced=body.request_id)  # (where only the body names it)
                 with RequestTimer(self.metrics, adapter_label, public, arrived) as timer:  # (its abort counted)
                     job = api.answer(await self._job(request, body, entry, who, api))
-                    if (keeping := api.background()) is not None:
-                        run = functools.partial(self._detached, adapter_label, public, arrived)
-                        return await self.background.start(request, job, keeping, held, run)
-                    return await self._relay(request, job, timer)
+                    if (keeping := api.background()) is None:
+                        return await self._relay(request, job, timer)
+                # A background response is counted by its run (``_detached``): its streamed POST's
+                # client leaving is no abort, the run goes on
+                run = functools.partial(self._detached, adapter_label, public, arrived)
+                return await self.background.start(request, job, keeping, held, run)
         except APIError as e:
             self.metrics.failed(adapter_label, e.status, public)
             return error_response(api.refused(e))

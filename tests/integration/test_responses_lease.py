@@ -216,3 +216,27 @@ async def test_a_foreground_response_stored_under_a_running_background_ones_id_s
             assert (await client.responses.retrieve("resp_twice")).model_dump() == foreground.model_dump()
         finally:
             await client.close()
+
+
+async def test_a_streamed_background_response_whose_client_leaves_is_counted_once_by_how_it_ended(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its client reading its first event and hanging up: the POST was counted ``aborted`` and its
+    run, which goes on, counted again at its end; one request, counted once, as it ended."""
+    _slow_steps(stack, monkeypatch, 0.02)  # (it runs on after its client left)
+    requests = stack.gateway.metrics.requests
+    body = {**ASKED, "max_output_tokens": 50, "input": "kalo", "background": True, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(stack.url + "/v1/responses", json=body, headers={"X-Request-Id": "resp_gone"})
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"event: response.created")
+        r.close()  # (its connection closed)
+    client = _client(stack.url)
+    try:
+        done = await _over(client, "resp_gone")
+        assert done.status == "incomplete", done.error
+    finally:
+        await client.close()
+    while stack.gateway.background.running or stack.gateway.handling:  # (each counts as it ends)
+        await asyncio.sleep(0.01)
+    counted = {s.labels["status"]: s.value for f in requests.collect() for s in f.samples if s.name.endswith("_total")}
+    assert {k: v for k, v in counted.items() if v} == {"200": 1}, counted
