@@ -109,7 +109,7 @@ class Background:
 
     def __init__(self, nc: NATS, state: StateStore, bound: Bound, gateway_id: str = "", lease_s: float = 5.0) -> None:
         self.nc, self.state, self.bound, self.gateway_id = nc, state, bound, gateway_id
-        self.lease_s = lease_s  # a run's lease (``responses_lease``): the gateway's heartbeat_ttl_s
+        self.lease_s = lease_s  # a run's lease (``responses_lease``): a few heartbeat_ttl_s
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.kept: dict[tuple[str, str], Keeping] = {}  # each run's record (``keeping.expect``: its last write)
         self._beginning: set[asyncio.Task[None]] = set()  # runs being stored (``_begin``), whoever waits

@@ -59,6 +59,7 @@ from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics, RequestTimer,
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
+from dlora.services.gateway.responses_lease import SPAN_HEARTBEATS
 from dlora.services.gateway.routes import make_app
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import (
@@ -126,8 +127,8 @@ class Gateway:
         self.registry = AdapterRegistry(store, None)  # with its durable copy once started
         self.auth = Auth(settings, KeyRegistry(store, None))  # likewise
         self.state_bound = self.auth.state_bound  # a request's Redis reads (redis-py's tries: 20 s, Redis hung)
-        self.background = Background(  # background responses, their runs' lease a heartbeat's span
-            nc, store, self.state_bound, self.gateway_id, settings.heartbeat_ttl_s
+        self.background = Background(  # background responses, their runs' leases a few heartbeats long
+            nc, store, self.state_bound, self.gateway_id, SPAN_HEARTBEATS * settings.heartbeat_ttl_s
         )
 
     # ---- handlers -----------------------------------------------------------------------

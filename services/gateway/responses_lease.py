@@ -1,7 +1,7 @@
 """The lease of a background response's run (``background``): a Redis key with a short TTL
-(``StateStore.lease_response``; ``heartbeat_ttl_s``, the span after which every service counts
-another gone) taken before its record is stored ``queued`` and renewed by the gateway running it
-(``RunLease.hold``) while its record is still what that run last wrote. So a gateway killed
+(``StateStore.lease_response``; ``SPAN_HEARTBEATS`` times ``heartbeat_ttl_s``, the span after
+which every service counts another gone) taken before its record is stored ``queued`` and renewed
+by the gateway running it (``RunLease.hold``) while its record is still what that run last wrote. So a gateway killed
 outright (SIGKILL, the OOM killer, its host lost) no longer leaves its runs ``queued`` or
 ``in_progress`` until ``responses_ttl_s``: the first reader after its lease lapsed (a GET, a
 cancel, a ``previous_response_id``, a stream's reader, on any gateway) ends it ``failed``
@@ -28,8 +28,12 @@ Finishing = Callable[[], Awaitable[bytes | None]]
 
 # The error a response whose run was lost is failed with (OpenAI's ``server_error`` code)
 LAPSED = "the gateway running this background response stopped (or lost Redis) before it ended"
-# Renewals per lease span: two may fail (a Redis blip, a busy loop) before a reader may end it
-RENEWALS = 3
+# A lease's span in heartbeat_ttl_s: three (15 s by default), as a live run failed by a reader
+# costs its client more than a dead gateway's runs learnt failed seconds later
+SPAN_HEARTBEATS = 3
+# Renewals per lease span (one a third of heartbeat_ttl_s): eight in a row may fail (Redis out,
+# its bound waited out, a starved loop) before a reader may end it
+RENEWALS = 9
 _RUNNING = ("queued", "in_progress")
 
 
@@ -82,12 +86,12 @@ class RunLease:
             await self.state.lease_response(self.response_id, self.tenant, self.holder, self.ttl_s)
 
     async def hold(self, run: asyncio.Task[None]) -> None:
-        """Renews the lease until the run ends (its caller cancels this) or writes its end; cancels
+        """Renews the lease, at once (what storing its record took is renewed) then every
+        ``ttl_s / RENEWALS``, until the run ends (its caller cancels this) or writes its end; cancels
         ``run`` once its record is not its own anymore. Redis failing is ridden out: where it lasts
         past the lease, a reader may end the response, which the next renewal then finds."""
         outage = bus.Outage(f"background response {self.response_id}'s lease (redis)")
         while not self.over:
-            await asyncio.sleep(self.ttl_s / RENEWALS)
             try:
                 async with self.lock:
                     if self.over or (expect := self.expect()) is None:
@@ -96,14 +100,15 @@ class RunLease:
                         ours = await self.state.lease_response(
                             self.response_id, self.tenant, self.holder, self.ttl_s, expect
                         )
-            except bus.STATE_OUTAGE as e:
-                outage.failed(e)
-                continue
-            outage.succeeded()
-            if not ours:  # (cancelled or deleted where NATS did not tell this gateway, replaced, failed)
-                logger.info("a background response's record is not its run's anymore: stopped", id=self.response_id)
-                run.cancel()
-                return
+            except Exception as e:  # noqa: BLE001 - Redis out, or any other error: tried again at the next
+                outage.failed(e)  # (a renewal task that ended on one left a live run to a reader's lapse)
+            else:
+                outage.succeeded()
+                if not ours:  # (cancelled or deleted where NATS did not tell this gateway, replaced, failed)
+                    logger.info("a background response's record is not its run's anymore: stopped", id=self.response_id)
+                    run.cancel()
+                    return
+            await asyncio.sleep(self.ttl_s / RENEWALS)
 
     def guarded(self, finishing: Finishing) -> Finishing:
         """``finishing`` (the run's write of its final object) under ``lock``, the lease over

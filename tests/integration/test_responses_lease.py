@@ -190,7 +190,7 @@ async def test_a_streamed_background_response_whose_client_left_while_it_was_sto
     client = _client(stack.url)
     try:
         done = await _over(client, "resp_left")
-        assert done.status == "incomplete", done
+        assert done.status == "incomplete", done.error
     finally:
         await client.close()
 
