@@ -43,6 +43,19 @@ async def _ready(url: str, log: Path, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(log.read_text()[-3000:])
 
 
+def _steps(stack: Stack) -> int:
+    return sum(w.engine.stats.steps for w in stack.workers)
+
+
+async def _stopped(stack: Stack, steps: int) -> None:
+    """The LONG background response the stack's gateway runs was stopped: aborted on its worker
+    well before its 400 tokens (``steps``: the workers' steps before it was to stop), its run over."""
+    assert await _nothing_left(stack, within_s=10.0)
+    assert _steps(stack) - steps < 100
+    while stack.gateway.background.running:
+        await asyncio.sleep(0.01)
+
+
 async def test_a_background_response_of_a_gateway_killed_outright_is_failed_by_its_next_reader(
     stack: Stack, nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, monkeypatch: Any, tmp_path: Path
 ) -> None:
@@ -104,13 +117,10 @@ async def test_a_cancel_whose_gateway_lost_nats_answers_cancelled_and_the_run_el
             long = await one.responses.create(**LONG, input="kalo", background=True)
             await _running(stack)
             await conns[0].close()
-            steps = sum(w.engine.stats.steps for w in stack.workers)
+            steps = _steps(stack)
             cancelled = await two.responses.cancel(long.id)
             assert (cancelled.id, cancelled.status) == (long.id, "cancelled")
-            assert await _nothing_left(stack, within_s=10.0)
-            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
-            while stack.gateway.background.running:
-                await asyncio.sleep(0.01)
+            await _stopped(stack, steps)
             assert (await one.responses.retrieve(long.id)).model_dump() == cancelled.model_dump()
         finally:
             await one.close()
@@ -207,12 +217,9 @@ async def test_a_foreground_response_stored_under_a_running_background_ones_id_s
         try:
             await client.responses.create(**LONG, input="kalo", background=True, extra_headers=headers)
             await _running(stack)
-            steps = sum(w.engine.stats.steps for w in stack.workers)
+            steps = _steps(stack)
             foreground = await client.responses.create(**ASKED, input="remi", extra_headers=headers)
-            assert await _nothing_left(stack, within_s=10.0)
-            assert sum(w.engine.stats.steps for w in stack.workers) - steps < 100  # not the 400 it asked for
-            while stack.gateway.background.running:
-                await asyncio.sleep(0.01)
+            await _stopped(stack, steps)
             assert (await client.responses.retrieve("resp_twice")).model_dump() == foreground.model_dump()
         finally:
             await client.close()

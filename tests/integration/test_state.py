@@ -271,3 +271,24 @@ async def test_an_untaken_delete_drops_only_that_request_never_taken_up(redis: R
     assert await s.put_inflight(req, "w1", new=True)  # an older worker: marks nothing
     assert not await s.delete_inflight("t", ("w1", 0), untaken=req)
     assert await s.delete_inflight("gone", ("w1", 0), untaken=req)  # nothing there: nothing to keep
+
+
+async def test_a_background_responses_lease_is_renewed_while_its_record_is_its_runs_and_ended_once(
+    redis: Redis,
+) -> None:
+    """A run renews its lease only while its record is what it wrote last; with its lease gone,
+    the first reader ends the record (``end_unleased``), a second reading the same record finds
+    it ended, not ended again; while it is held, nothing changes."""
+    s = StateStore(redis)
+    queued, running, failed = b'{"status":"queued"}', b'{"status":"in_progress"}', b'{"status":"failed"}'
+    await s.lease_response("resp_1", "t", "gw-a", 60.0)
+    await s.put_response("resp_1", "t", queued, b"[]", 60.0)
+    assert await s.end_unleased("resp_1", "t", queued, failed) == queued  # (held)
+    assert await s.swap_response("resp_1", "t", queued, running)
+    assert not await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=queued)  # (not its last write)
+    assert await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=running)
+    await redis.delete(f"{s.p}:response-lease:t:resp_1")  # (lapsed: its gateway died)
+    assert await s.end_unleased("resp_1", "t", running, failed) == failed
+    assert await s.end_unleased("resp_1", "t", running, b'{"status":"failed","again":1}') == failed
+    assert not await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=running)  # (its run then stops)
+    assert await s.end_unleased("resp_2", "t", running, failed) is None  # (none such)
