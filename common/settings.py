@@ -67,7 +67,8 @@ class Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     redis_prefix: str = "dlora"
     # Seconds without a worker's stats after which it is gone, for every service alike: its
     # heartbeat key expires, the dispatcher stops choosing it and recovers its requests, the
-    # migrator stops counting it. One value, so they cannot disagree.
+    # migrator stops counting it. One value, so they cannot disagree. A gateway's background
+    # responses hold leases of three times this (``gateway/responses_lease.py``).
     heartbeat_ttl_s: float = 5.0
     # Redis connections this process keeps at most (redis-py's pool); a burst beyond it waits up to
     # redis_pool_timeout_s for one to come free instead of failing.
