@@ -57,8 +57,8 @@ async def settled(state: StateStore, response_id: str, tenant: str, stored: byte
     if not running(stored):
         return stored
     failed = msgspec.json.decode(stored) | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
-    now = await state.end_unleased(response_id, tenant, stored, msgspec.json.encode(failed))
-    if now == msgspec.json.encode(failed):
+    ended = msgspec.json.encode(failed)
+    if (now := await state.end_unleased(response_id, tenant, stored, ended)) == ended:
         logger.warning("a background response whose run was lost is failed", id=response_id)
     return now
 
