@@ -1,14 +1,14 @@
 """The lease of a background response's run (``background``): a Redis key with a short TTL
-(``StateStore.lease_response``; ``SPAN_HEARTBEATS`` times ``heartbeat_ttl_s``, the span after
-which every service counts another gone) taken before its record is stored ``queued`` and renewed
-by the gateway running it (``RunLease.hold``) while its record is still what that run last wrote. So a gateway killed
-outright (SIGKILL, the OOM killer, its host lost) no longer leaves its runs ``queued`` or
-``in_progress`` until ``responses_ttl_s``: the first reader after its lease lapsed (a GET, a
-cancel, a ``previous_response_id``, a stream's reader, on any gateway) ends it ``failed``
+(``StateStore.lease_response``; ``SPAN_HEARTBEATS`` times ``heartbeat_ttl_s``, the span after which
+every service counts another gone) taken before its record is stored ``queued`` and renewed by the
+gateway running it (``RunLease.hold``) while its record is still what that run last wrote. So a
+gateway killed outright (SIGKILL, the OOM killer, its host lost) no longer leaves its runs
+``queued`` or ``in_progress`` until ``responses_ttl_s``: the first reader after its lease lapsed (a
+GET, a cancel, a ``previous_response_id``, a stream's reader, on any gateway) ends it ``failed``
 (``settled``), by compare-and-swap, so of several such readers one writes. And a run whose record
 changed under it (cancelled or deleted where NATS could not tell it, replaced by a retry or by a
-foreground response of its id, failed by a reader) finds so at its next renewal and is stopped
-(its request aborted on its worker), as a cancel heard on NATS stops it."""
+foreground response of its id, failed by a reader) finds so at its next renewal and is stopped (its
+request aborted on its worker), as a cancel heard on NATS stops it."""
 
 from __future__ import annotations
 

@@ -57,11 +57,16 @@ async def _stopped(stack: Stack, steps: int) -> None:
 
 
 async def test_a_background_response_of_a_gateway_killed_outright_is_failed_by_its_next_reader(
-    stack: Stack, nats_server: Server, redis_server: Server, tiny_llama: TinyOutput, monkeypatch: Any, tmp_path: Path
+    stack: Stack,
+    nats_server: Server,
+    redis_server: Server,
+    tiny_llama: TinyOutput,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """`dlora serve gateway` SIGKILLed while it runs a background response: nothing of it is left
     to write the end, and its record said ``in_progress`` until ``responses_ttl_s`` (a day). Once
-    its lease lapses (unrenewed for heartbeat_ttl_s), the next GET on another gateway finds it
+    its lease lapses (unrenewed for three heartbeat_ttl_s), the next GET on another gateway finds it
     ``failed`` with the reason; a cancel then answers it as it is."""
     _slow_steps(stack, monkeypatch, 0.02)
     port = free_port()
