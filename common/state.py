@@ -53,6 +53,7 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:response-lease:{tenant}:{id}`` str the gateway running a background response (its id),
                                      expires unless that run renews it: a reader that finds the
                                      response queued or in_progress with none ends it ``failed``
+                                     (and its stream, with ``response.failed``)
 """
 
 from __future__ import annotations

@@ -94,12 +94,20 @@ return 1
 
 # A background response's record (KEYS[1]) made ARGV[2] (its failed object) if it is still ARGV[1]
 # (read queued or in_progress) and its lease (KEYS[2]) has lapsed: one step, so that of the readers
-# that find it so one writes, and a run that renews its lease in between keeps it. Answers the
-# record as it is then (nil: gone).
+# that find it so one writes, and a run that renews its lease in between keeps it. A streamed one's
+# stream (KEYS[3]) ends with its closing event (ARGV[3], its sequence_number (the stream's length)
+# and ARGV[4]), for its readers; its token cleared, so that its run, if it lives on (Redis lost
+# for longer than its lease), appends nothing after it. Answers the record as it is then (nil: gone).
 _LAPSE_LUA = """
 local now = redis.call('HGET', KEYS[1], 'response')
 if now ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return now end
 redis.call('HSET', KEYS[1], 'response', ARGV[2])
+if redis.call('HEXISTS', KEYS[1], 'stream') == 1 then
+  redis.call('HSET', KEYS[1], 'stream', '')
+  redis.call('RPUSH', KEYS[3], ARGV[3] .. redis.call('LLEN', KEYS[3]) .. ARGV[4])
+  local ms = redis.call('PTTL', KEYS[1])
+  if ms > 0 then redis.call('PEXPIRE', KEYS[3], ms) end
+end
 return ARGV[2]
 """
 
@@ -235,9 +243,15 @@ class ResponseKeys:
         keys = [f"{self.p}:response:{tenant}:{response_id}", lease]
         return bool(await self.r.register_script(_RENEW_LUA)(keys=keys, args=[expect, holder, ms]))
 
-    async def end_unleased(self, response_id: str, tenant: str, stored: bytes, ended: bytes) -> bytes | None:
+    async def end_unleased(
+        self, response_id: str, tenant: str, stored: bytes, ended: bytes, closing: tuple[bytes, bytes]
+    ) -> bytes | None:
         """``tenant``'s response made ``ended`` if it is ``stored`` still and no gateway holds its
         lease (``lease_response``: the one running it died, or lost Redis for longer than its
-        lease). Returns its record as it is then; None: it is gone."""
+        lease); a streamed one's stream ended with the event ``closing`` frames around its
+        sequence_number, and closed to its run (``append_events`` refuses it). Returns its record
+        as it is then; None: it is gone."""
         keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-lease:{tenant}:{response_id}"]
-        return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=[stored, ended]))
+        keys.append(f"{self.p}:response-events:{tenant}:{response_id}")
+        args = [stored, ended, *closing]
+        return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=args))

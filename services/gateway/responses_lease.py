@@ -46,10 +46,19 @@ def running(stored: bytes) -> bool:
     return msgspec.json.decode(stored, type=_Status).status in _RUNNING
 
 
+def closing(failed: bytes) -> tuple[bytes, bytes]:
+    """The ``response.failed`` event of ``failed`` (a response object, JSON) framed as
+    ``ResponsesShape`` frames its stream's events, in two parts around its sequence_number, which
+    Redis counts as it appends it (``StateStore.end_unleased``)."""
+    head = b'event: response.failed\ndata: {"type":"response.failed","response":'
+    return head + failed + b',"sequence_number":', b"}\n\n"
+
+
 async def settled(state: StateStore, response_id: str, tenant: str, stored: bytes) -> bytes | None:
     """``stored`` (``tenant``'s response as just read) as it stands: one queued or in progress
-    whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile. The
-    caller bounds the Redis work. Returns its record (None: gone since it was read).
+    whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile, a streamed
+    one's stream ended with its ``response.failed`` event. The caller bounds the Redis work.
+    Returns its record (None: gone since it was read).
 
     Raises:
         ``bus.STATE_OUTAGE``: Redis failed.
@@ -58,7 +67,7 @@ async def settled(state: StateStore, response_id: str, tenant: str, stored: byte
         return stored
     failed = msgspec.json.decode(stored) | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
     ended = msgspec.json.encode(failed)
-    if (now := await state.end_unleased(response_id, tenant, stored, ended)) == ended:
+    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended))) == ended:
         logger.warning("a background response whose run was lost is failed", id=response_id)
     return now
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.gateway.responses_lease import LAPSED
+from dlora.services.gateway.responses_lease import LAPSED, RunLease
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, sigstop, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
@@ -252,3 +253,47 @@ async def test_a_streamed_background_response_whose_client_leaves_is_counted_onc
         await asyncio.sleep(0.01)
     counted = {s.labels["status"]: s.value for f in requests.collect() for s in f.samples if s.name.endswith("_total")}
     assert {k: v for k, v in counted.items() if v} == {"200": 1}, counted
+
+
+async def test_a_streamed_run_past_its_lease_ends_its_stream_failed_and_is_stopped_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed run that lives on past its lease (its gateway cut from Redis longer than that;
+    here its renewals never run): the reader that failed it left its stream with no closing event,
+    and the run, whose token its record still named, appended after the record said failed and
+    ran its 400 tokens for nobody. Its stream ends with the record's ``response.failed``, and the
+    run, its next append refused, is aborted on its worker and counted once."""
+    _slow_steps(stack, monkeypatch, 0.02)
+
+    async def unrenewed(lease: RunLease, run: asyncio.Task[None]) -> None:
+        pass
+
+    monkeypatch.setattr(RunLease, "hold", unrenewed)
+    stack.gateway.background.lease_s = 0.5
+    body = {**ASKED, "max_output_tokens": 400, "ignore_eos": True, "input": "kalo", "background": True, "stream": True}
+    client = _client(stack.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(stack.url + "/v1/responses", json=body, headers={"X-Request-Id": "resp_lapsed"})
+            assert (await r.content.readuntil(b"\n\n")).startswith(b"event: response.created")
+            r.close()
+            await _running(stack)
+            steps = _steps(stack)
+            ended = await _over(client, "resp_lapsed")
+            assert ended.error is not None and ended.error.message == LAPSED, ended
+            await _stopped(stack, steps)
+            async with http.get(stack.url + "/v1/responses/resp_lapsed") as got:
+                record = await got.json()
+            async with http.get(stack.url + "/v1/responses/resp_lapsed?stream=true") as got:
+                frames = (await got.read()).decode().split("\n\n")[:-1]
+        events = [json.loads(f.split("\ndata: ", 1)[1]) for f in frames]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert frames[-1].startswith("event: response.failed\n")
+        assert events[-1] == {"type": "response.failed", "response": record, "sequence_number": len(events) - 1}
+    finally:
+        await client.close()
+    while stack.gateway.background.running or stack.gateway.handling:
+        await asyncio.sleep(0.01)
+    requests = stack.gateway.metrics.requests
+    counted = {s.labels["status"]: s.value for f in requests.collect() for s in f.samples if s.name.endswith("_total")}
+    assert {k: v for k, v in counted.items() if v} == {"aborted": 1}, counted

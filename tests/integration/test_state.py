@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import AdapterEntry, GenerateRequest, SamplingParams, WorkerStats
 from dlora.common.state import StateStore
+from dlora.services.gateway.responses_lease import closing
 
 
 async def test_registry_placement_and_policy(redis: Redis) -> None:
@@ -283,12 +284,33 @@ async def test_a_background_responses_lease_is_renewed_while_its_record_is_its_r
     queued, running, failed = b'{"status":"queued"}', b'{"status":"in_progress"}', b'{"status":"failed"}'
     await s.lease_response("resp_1", "t", "gw-a", 60.0)
     await s.put_response("resp_1", "t", queued, b"[]", 60.0)
-    assert await s.end_unleased("resp_1", "t", queued, failed) == queued  # (held)
+    assert await s.end_unleased("resp_1", "t", queued, failed, closing(failed)) == queued  # (held)
     assert await s.swap_response("resp_1", "t", queued, running)
     assert not await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=queued)  # (not its last write)
     assert await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=running)
     await redis.delete(f"{s.p}:response-lease:t:resp_1")  # (lapsed: its gateway died)
-    assert await s.end_unleased("resp_1", "t", running, failed) == failed
-    assert await s.end_unleased("resp_1", "t", running, b'{"status":"failed","again":1}') == failed
+    assert await s.end_unleased("resp_1", "t", running, failed, closing(failed)) == failed
+    again = b'{"status":"failed","again":1}'
+    assert await s.end_unleased("resp_1", "t", running, again, closing(again)) == failed
     assert not await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=running)  # (its run then stops)
-    assert await s.end_unleased("resp_2", "t", running, failed) is None  # (none such)
+    assert await s.end_unleased("resp_2", "t", running, failed, closing(failed)) is None  # (none such)
+
+
+async def test_a_streamed_background_responses_lapse_ends_its_stream_and_closes_it_to_its_run(redis: Redis) -> None:
+    """A streamed run's lease gone: the reader that ends its record ends its stream too, with the
+    failed object's ``response.failed`` numbered after its others, and its run's token no longer
+    appends (a run that lived on past its lease); the response is still one made streamed."""
+    s = StateStore(redis)
+    running, failed = b'{"status":"in_progress"}', b'{"status":"failed"}'
+    await s.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a")
+    assert await s.append_events("resp_1", "t", "run-a", [b"e0", b"e1"], 60.0)
+    assert await s.end_unleased("resp_1", "t", running, failed, closing(failed)) == failed
+    event = {"type": "response.failed", "response": {"status": "failed"}, "sequence_number": 2}
+    last = b"event: response.failed\ndata: " + msgspec.json.encode(event) + b"\n\n"
+    assert await s.response_events("resp_1", "t", 0) == [b"e0", b"e1", last]
+    assert 0 < await redis.pttl(f"{s.p}:response-events:t:resp_1") <= 60_000
+    assert not await s.append_events("resp_1", "t", "run-a", [b"e3"], 60.0)
+    assert await s.streamed("resp_1", "t")
+    await s.put_response("resp_2", "t", running, b"[]", 60.0)  # (not streamed: no stream made)
+    assert await s.end_unleased("resp_2", "t", running, failed, closing(failed)) == failed
+    assert await s.response_events("resp_2", "t", 0) == []
