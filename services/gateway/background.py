@@ -196,11 +196,19 @@ class Background:
     async def replay(self, request: web.Request, response_id: str, tenant: str, after: int) -> web.StreamResponse:
         """``GET /v1/responses/{id}?stream=true&starting_after=N`` (and a streamed POST): its events
         after the ``after``-th, then each as it comes, until the one that ends it, or (cancelled,
-        its gateway stopped) its record is over with none left."""
+        its gateway stopped) its record is over with none left. A reader that leaves ends it
+        quietly (the run goes on): raised, aiohttp logged a traceback for a client that hung up."""
         stream = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         )
-        await stream.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            await stream.prepare(request)
+            await self._follow(stream, response_id, tenant, after)
+            await stream.write_eof()
+        return stream
+
+    async def _follow(self, stream: web.StreamResponse, response_id: str, tenant: str, after: int) -> None:
+        """``replay``'s events written to ``stream``. Raises ConnectionResetError: its reader left."""
         while True:
             async with self.bound():
                 events = await self.state.response_events(response_id, tenant, after + 1)
@@ -210,16 +218,14 @@ class Background:
                     if stored is None or not running(stored):  # (over: its events written before it)
                         events = await self.state.response_events(response_id, tenant, after + 1)
                         if not events:
-                            break
+                            return
             if events:
                 after += len(events)
                 await stream.write(b"".join(events))
                 if events[-1].startswith(_LAST):
-                    break
+                    return
             else:
                 await asyncio.sleep(POLL_S)
-        await stream.write_eof()
-        return stream
 
     async def streamed(self, response_id: str, tenant: str) -> bool:
         """Whether ``tenant``'s response was made streamed in the background: its events kept."""
