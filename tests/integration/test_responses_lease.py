@@ -48,6 +48,12 @@ def _steps(stack: Stack) -> int:
     return sum(w.engine.stats.steps for w in stack.workers)
 
 
+def _counted(stack: Stack) -> dict[str, float]:
+    """The gateway's requests counted so far, by status (those counted at all)."""
+    samples = [s for f in stack.gateway.metrics.requests.collect() for s in f.samples if s.name.endswith("_total")]
+    return {s.labels["status"]: s.value for s in samples if s.value}
+
+
 async def _stopped(stack: Stack, steps: int) -> None:
     """The LONG background response the stack's gateway runs was stopped: aborted on its worker
     well before its 400 tokens (``steps``: the workers' steps before it was to stop), its run over."""
@@ -211,17 +217,24 @@ async def test_a_streamed_background_response_whose_client_left_while_it_was_sto
         await client.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
 async def test_a_foreground_response_stored_under_a_running_background_ones_id_stops_it(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch, stream: bool
 ) -> None:
     """A foreground POST under the X-Request-Id of a background response still running: its
     record replaced the background one's, whose run went on for nobody, its 400 tokens. It stops
-    once it finds its record replaced (its lease's renewal); the record stays the foreground's."""
+    once it finds its record replaced (its lease's renewal; streamed, its next append refused,
+    whichever comes first): aborted on its worker, counted once; the record stays the
+    foreground's."""
     async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=1.0) as stack:
         _slow_steps(stack, monkeypatch, 0.02)
         client, headers = _client(stack.url), {"X-Request-Id": "resp_twice"}
+        body = {**ASKED, "max_output_tokens": 400, "ignore_eos": True, "input": "kalo", "background": True}
         try:
-            await client.responses.create(**LONG, input="kalo", background=True, extra_headers=headers)
+            async with aiohttp.ClientSession() as http:
+                r = await http.post(stack.url + "/v1/responses", json=body | {"stream": stream}, headers=headers)
+                assert r.status == 200, await r.text()
+                r.close()  # (streamed, its run goes on)
             await _running(stack)
             steps = _steps(stack)
             foreground = await client.responses.create(**ASKED, input="remi", extra_headers=headers)
@@ -229,6 +242,9 @@ async def test_a_foreground_response_stored_under_a_running_background_ones_id_s
             assert (await client.responses.retrieve("resp_twice")).model_dump() == foreground.model_dump()
         finally:
             await client.close()
+        while stack.gateway.handling:
+            await asyncio.sleep(0.01)
+        assert _counted(stack) == {"200": 1, "aborted": 1}
 
 
 async def test_a_streamed_background_response_whose_client_leaves_is_counted_once_by_how_it_ended(
@@ -239,7 +255,6 @@ async def test_a_streamed_background_response_whose_client_leaves_is_counted_onc
     POST's handler, writing to the closed connection, ends quietly (aiohttp logged a traceback,
     as for an error of the gateway's)."""
     _slow_steps(stack, monkeypatch, 0.02)  # (it runs on after its client left)
-    requests = stack.gateway.metrics.requests
     body = {**ASKED, "max_output_tokens": 50, "input": "kalo", "background": True, "stream": True}
     async with aiohttp.ClientSession() as http:
         r = await http.post(stack.url + "/v1/responses", json=body, headers={"X-Request-Id": "resp_gone"})
@@ -253,8 +268,7 @@ async def test_a_streamed_background_response_whose_client_leaves_is_counted_onc
         await client.close()
     while stack.gateway.background.running or stack.gateway.handling:  # (each counts as it ends)
         await asyncio.sleep(0.01)
-    counted = {s.labels["status"]: s.value for f in requests.collect() for s in f.samples if s.name.endswith("_total")}
-    assert {k: v for k, v in counted.items() if v} == {"200": 1}, counted
+    assert _counted(stack) == {"200": 1}
     assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
 
 
@@ -297,7 +311,5 @@ async def test_a_streamed_run_past_its_lease_ends_its_stream_failed_and_is_stopp
         await client.close()
     while stack.gateway.background.running or stack.gateway.handling:
         await asyncio.sleep(0.01)
-    requests = stack.gateway.metrics.requests
-    counted = {s.labels["status"]: s.value for f in requests.collect() for s in f.samples if s.name.endswith("_total")}
-    assert {k: v for k, v in counted.items() if v} == {"aborted": 1}, counted
+    assert _counted(stack) == {"aborted": 1}
     assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
