@@ -281,6 +281,26 @@ def spawn_worker(
     )
 
 
+def spawn_gateway(
+    nats_url: str, redis_url: str, model: str, port: int, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """``dlora serve gateway`` as a process of its own on ``port``, to be killed or stopped whole;
+    ``env`` adds or overrides its ``DLORA_*`` settings; its output (its logs) goes to ``log``."""
+    settings = {
+        "DLORA_NATS_URL": nats_url,
+        "DLORA_REDIS_URL": redis_url,
+        "DLORA_MODEL": model,
+        "DLORA_GATEWAY_PORT": str(port),
+    }
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dlora.services.cli", "serve", "gateway"],
+            env={**os.environ, **settings, **env},
+            stdout=out,
+            stderr=out,
+        )
+
+
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
     """The events of a server-sent stream as they arrive: each ``data:`` line's JSON, and the
     closing ``"[DONE]"`` as that string."""

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from redis.asyncio import Redis
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.responses_lease import LAPSED, RunLease
 from dlora.services.servers import Server, free_port
-from tests.integration.conftest import Stack, run_stack, sigstop, start_gateway
+from tests.integration.conftest import Stack, run_stack, sigstop, spawn_gateway, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
 from tests.integration.test_responses_background import LONG, _over, _running
 from tests.integration.test_responses_store import ASKED, _client
@@ -76,20 +74,10 @@ async def test_a_background_response_of_a_gateway_killed_outright_is_failed_by_i
     its lease lapses (unrenewed for three heartbeat_ttl_s), the next GET on another gateway finds it
     ``failed`` with the reason; a cancel then answers it as it is."""
     _slow_steps(stack, monkeypatch, 0.02)
-    port = free_port()
-    env = {
-        **os.environ,
-        "DLORA_NATS_URL": nats_server.url,
-        "DLORA_REDIS_URL": redis_server.url,
-        "DLORA_MODEL": str(tiny_llama.model),
-        "DLORA_GATEWAY_PORT": str(port),
-        "DLORA_HEARTBEAT_TTL_S": "1",
-    }
-    log, url = tmp_path / "gateway.log", f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dlora.services.cli", "serve", "gateway"], env=env, stdout=out, stderr=out
-        )
+    port, log = free_port(), tmp_path / "gateway.log"
+    url = f"http://127.0.0.1:{port}"
+    model = str(tiny_llama.model)
+    proc = spawn_gateway(nats_server.url, redis_server.url, model, port, log, DLORA_HEARTBEAT_TTL_S="1")
     client = _client(stack.url)
     try:
         await _ready(url, log, proc)

@@ -28,7 +28,7 @@ from dlora.common.sampling import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server, free_port
 from dlora.services.stack_stop import STOP_WAIT_S
-from tests.integration.conftest import sigstop, spawn_worker
+from tests.integration.conftest import sigstop, spawn_gateway, spawn_worker
 
 UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 
@@ -142,19 +142,8 @@ def test_a_gateway_told_to_stop_while_a_grammar_compiles_stops(
     """A compile runs on threads nothing can interrupt; concurrent.futures' pool threads are joined
     at the interpreter's exit, so a gateway told to stop while one compiled closed its port and
     then waited for the compile (hours) until systemd killed it (the worker compiles alike)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "DLORA_NATS_URL": nats_server.url,
-        "DLORA_REDIS_URL": redis_server.url,
-        "DLORA_MODEL": str(tiny_llama.model),
-        "DLORA_GATEWAY_PORT": str(port),
-    }
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dlora.services.cli", "serve", "gateway"], env=env, stdout=out, stderr=out
-        )
+    port, log = free_port(), tmp_path / "gateway.log"
+    proc = spawn_gateway(nats_server.url, redis_server.url, str(tiny_llama.model), port, log)
     body = {
         "model": tiny_llama.model.name,
         "prompt": "hi",
