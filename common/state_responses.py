@@ -76,10 +76,25 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
-# A stored response's object (KEYS[1]'s ``response``) replaced only if it is still ARGV[1].
-_SWAP_LUA = """
+# A streamed response's stream (KEYS[2]) ended, with its record (KEYS[1]) made failed in the same
+# step, by its closing event (ARGV[3], its sequence_number (the stream's length), ARGV[4]), for its
+# readers; its token cleared, so that its run, if it lives on, appends nothing after it. (None
+# without ARGV[3], or for a record made unstreamed.)
+_CLOSE_STREAM_LUA = """
+if #ARGV > 2 and redis.call('HEXISTS', KEYS[1], 'stream') == 1 then
+  redis.call('HSET', KEYS[1], 'stream', '')
+  redis.call('RPUSH', KEYS[2], ARGV[3] .. redis.call('LLEN', KEYS[2]) .. ARGV[4])
+  local ms = redis.call('PTTL', KEYS[1])
+  if ms > 0 then redis.call('PEXPIRE', KEYS[2], ms) end
+end
+"""
+
+# A stored response's object (KEYS[1]'s ``response``) replaced only if it is still ARGV[1]; a
+# streamed one's stream closed with it where it is made failed (``_CLOSE_STREAM_LUA``).
+_SWAP_LUA = f"""
 if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'response', ARGV[2])
+{_CLOSE_STREAM_LUA}
 return 1
 """
 
@@ -93,21 +108,14 @@ return 1
 """
 
 # A background response's record (KEYS[1]) made ARGV[2] (its failed object) if it is still ARGV[1]
-# (read queued or in_progress) and its lease (KEYS[2]) has lapsed: one step, so that of the readers
-# that find it so one writes, and a run that renews its lease in between keeps it. A streamed one's
-# stream (KEYS[3]) ends with its closing event (ARGV[3], its sequence_number (the stream's length)
-# and ARGV[4]), for its readers; its token cleared, so that its run, if it lives on (Redis lost
-# for longer than its lease), appends nothing after it. Answers the record as it is then (nil: gone).
-_LAPSE_LUA = """
+# (read queued or in_progress) and its lease (KEYS[3]) has lapsed: one step, so that of the readers
+# that find it so one writes, and a run that renews its lease in between keeps it; a streamed one's
+# stream closed (``_CLOSE_STREAM_LUA``). Answers the record as it is then (nil: gone).
+_LAPSE_LUA = f"""
 local now = redis.call('HGET', KEYS[1], 'response')
-if now ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 1 then return now end
+if now ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 1 then return now end
 redis.call('HSET', KEYS[1], 'response', ARGV[2])
-if redis.call('HEXISTS', KEYS[1], 'stream') == 1 then
-  redis.call('HSET', KEYS[1], 'stream', '')
-  redis.call('RPUSH', KEYS[3], ARGV[3] .. redis.call('LLEN', KEYS[3]) .. ARGV[4])
-  local ms = redis.call('PTTL', KEYS[1])
-  if ms > 0 then redis.call('PEXPIRE', KEYS[3], ms) end
-end
+{_CLOSE_STREAM_LUA}
 return ARGV[2]
 """
 
@@ -165,11 +173,16 @@ class ResponseKeys:
         await pipe.execute()
         return True
 
-    async def swap_response(self, response_id: str, tenant: str, old: bytes, new: bytes) -> bool:
+    async def swap_response(
+        self, response_id: str, tenant: str, old: bytes, new: bytes, closing: tuple[bytes, bytes] = (b"", b"")
+    ) -> bool:
         """``tenant``'s stored response object made ``new`` if it is ``old`` still (a background
-        response's state, changed by the gateway running it and by a cancel from any gateway)."""
-        key = f"{self.p}:response:{tenant}:{response_id}"
-        return bool(await self.r.register_script(_SWAP_LUA)(keys=[key], args=[old, new]))
+        response's state, changed by the gateway running it and by a cancel from any gateway).
+        ``closing`` (a failed one's ``response.failed``, in two parts around its sequence_number):
+        a streamed one's stream ended with it, and closed to its run, in the same step."""
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
+        args = [old, new, *closing] if any(closing) else [old, new]
+        return bool(await self.r.register_script(_SWAP_LUA)(keys=keys, args=args))
 
     async def append_events(
         self, response_id: str, tenant: str, stream: str, events: Sequence[bytes], ttl_s: float
@@ -251,7 +264,7 @@ class ResponseKeys:
         lease); a streamed one's stream ended with the event ``closing`` frames around its
         sequence_number, and closed to its run (``append_events`` refuses it). Returns its record
         as it is then; None: it is gone."""
-        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-lease:{tenant}:{response_id}"]
-        keys.append(f"{self.p}:response-events:{tenant}:{response_id}")
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
+        keys.append(f"{self.p}:response-lease:{tenant}:{response_id}")
         args = [stored, ended, *closing]
         return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=args))

@@ -34,7 +34,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
-from dlora.services.gateway.responses_lease import RunLease, running, settled
+from dlora.services.gateway.responses_lease import RunLease, closing, running, settled
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
@@ -62,7 +62,8 @@ Relay = Callable[[web.Request, Job], Awaitable[object]]
 _LAST = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n")
 # How often a reader of a background response's stream looks for its next events
 POLL_S = 0.05
-# How often a run whose start Redis failed tries it again (``StateBound`` answers at once for 1 s)
+# How often a run whose start Redis failed, or a stream's reader, tries it again (``StateBound``
+# answers at once for 1 s)
 RETRY_S = 0.5
 
 
@@ -208,17 +209,22 @@ class Background:
         return stream
 
     async def _follow(self, stream: web.StreamResponse, response_id: str, tenant: str, after: int) -> None:
-        """``replay``'s events written to ``stream``. Raises ConnectionResetError: its reader left."""
+        """``replay``'s events written to ``stream``, Redis failing waited out: raised, its 503 was
+        written into the stream already open. Raises ConnectionResetError: its reader left."""
         while True:
-            async with self.bound():
-                events = await self.state.response_events(response_id, tenant, after + 1)
-                if not events:
-                    got = await self.state.response_fields(response_id, tenant, "response")
-                    stored = await settled(self.state, response_id, tenant, got[1]) if got and got[1] else None
-                    if stored is None or not running(stored):  # (over: its events written before it)
-                        events = await self.state.response_events(response_id, tenant, after + 1)
-                        if not events:
-                            return
+            try:
+                async with self.bound():
+                    events = await self.state.response_events(response_id, tenant, after + 1)
+                    if not events:
+                        got = await self.state.response_fields(response_id, tenant, "response")
+                        stored = await settled(self.state, response_id, tenant, got[1]) if got and got[1] else None
+                        if stored is None or not running(stored):  # (over: its events written before it)
+                            events = await self.state.response_events(response_id, tenant, after + 1)
+                            if not events:
+                                return
+            except bus.STATE_OUTAGE:
+                await asyncio.sleep(RETRY_S)
+                continue
             if events:
                 after += len(events)
                 await stream.write(b"".join(events))
@@ -247,7 +253,7 @@ class Background:
     ) -> None:
         started = queued | {"status": "in_progress"}
         try:
-            if not await self._started(keeping, started, lease):
+            if not await self._retried(keeping, started, lease):
                 return  # cancelled (or deleted, replaced) before it began
         except bus.STATE_OUTAGE:  # (its lease lapses with it: a reader once Redis is back fails it)
             logger.warning("a background response could not be started", id=queued["id"])
@@ -263,12 +269,14 @@ class Background:
             logger.exception("a background response failed", id=queued["id"])
             why = f"internal error: {type(e).__name__}"
         failed = started | {"status": "failed", "error": {"code": "server_error", "message": why}}
-        with contextlib.suppress(*bus.STATE_OUTAGE):
-            await self._swap(keeping, failed, lease)
+        with contextlib.suppress(*bus.STATE_OUTAGE):  # (then its lease lapses: a reader fails it)
+            await self._retried(keeping, failed, lease)
 
-    async def _started(self, keeping: Keeping, started: dict[str, Any], lease: RunLease) -> bool:
-        """The record made ``started`` (``_swap``), tried again while Redis fails, for as long as
-        the run's lease lasts unrenewed: a Redis blip as it began left it queued, never run.
+    async def _retried(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
+        """The record made ``new`` (``_swap``), tried again while Redis fails, for as long as the
+        run's lease lasts unrenewed: a Redis blip as it began left it queued, never run; as its
+        end's write failed, its failed record met the blip still (``StateBound``'s second), and
+        stayed in progress until its lease lapsed, its stream unclosed till then.
 
         Raises:
             ``bus.STATE_OUTAGE``: Redis failed for the whole lease.
@@ -277,13 +285,13 @@ class Background:
         until = loop.time() + self.lease_s
         while True:
             try:
-                if await self._swap(keeping, started, lease):
+                if await self._swap(keeping, new, lease):
                     return True
                 if not failed:
                     return False
                 async with self.bound():  # a try whose answer was lost may have written it
-                    got = await self.state.response_fields(started["id"], keeping.tenant, "response")
-                if got is None or got[1] != msgspec.json.encode(started):
+                    got = await self.state.response_fields(new["id"], keeping.tenant, "response")
+                if got is None or got[1] != msgspec.json.encode(new):
                     return False
                 keeping.expect = got[1]
                 return True
@@ -294,11 +302,14 @@ class Background:
                 await asyncio.sleep(RETRY_S)
 
     async def _swap(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
-        """The record made ``new`` if it is still what this gateway last wrote there."""
+        """The record made ``new`` if it is still what this gateway last wrote there; made
+        ``failed``, a streamed one's stream ends with its ``response.failed`` (where its run failed
+        before its writer's end, or the write of its end did: its readers had no closing event)."""
         assert keeping.expect is not None
         encoded = msgspec.json.encode(new)
+        ends = closing(encoded) if new["status"] == "failed" else (b"", b"")
         async with lease.lock, self.bound():
-            swapped = await self.state.swap_response(new["id"], keeping.tenant, keeping.expect, encoded)
+            swapped = await self.state.swap_response(new["id"], keeping.tenant, keeping.expect, encoded, ends)
             if swapped:
                 keeping.expect = encoded
         return swapped

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisDown
 
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -140,3 +141,32 @@ async def test_a_record_written_whole_keeps_no_token_of_the_one_it_replaced(redi
     await store.put_response("resp_same", "", b'{"status":"completed"}', b"[]", 60.0)  # (foreground)
     assert not await store.append_events("resp_same", "", "old run", [b"event: b\n\n"], 60.0)
     assert not await store.streamed("resp_same", "") and await store.response_events("resp_same", "", 0) == []
+
+
+async def test_a_streamed_background_response_whose_end_could_not_be_stored_ends_its_stream_failed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing the write of its final object and last events (for a second: ``StateBound``):
+    its run's write of it ``failed`` met Redis out too, left it in progress till its lease lapsed;
+    written, its stream, whose closing event went with the lost write, ended with none, its
+    readers never told how it ended. It is stored failed, and its ``response.failed`` ends it."""
+    store = stack.gateway.store
+    put = store.put_response
+
+    async def lost(response_id: str, tenant: str, *args: Any, **named: Any) -> bool:
+        if named.get("events"):  # (its end: its last events with it)
+            raise RedisDown("Redis went away")
+        return await put(response_id, tenant, *args, **named)
+
+    monkeypatch.setattr(store, "put_response", lost)
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", background=True, stream=True)
+        events = [e async for e in made]
+        stored = await client.responses.retrieve(events[0].response.id)
+        assert stored.error is not None and stored.error.message == "the response could not be stored", stored
+        assert events[-1].type == "response.failed", events[-1]
+        assert events[-1].response.model_dump() == stored.model_dump()
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+    finally:
+        await client.close()

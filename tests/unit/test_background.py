@@ -62,8 +62,10 @@ class _Redis:
     def __init__(self) -> None:
         self.record: bytes | None = None
 
-    async def swap_response(self, response_id: str, tenant: str, old: bytes, new: bytes) -> bool:
-        if self.record != old:
+    async def swap_response(
+        self, response_id: str, tenant: str, old: bytes, new: bytes, closing: tuple[bytes, bytes] = (b"", b"")
+    ) -> bool:
+        if self.record != old:  # (no stream here: ``closing`` closes none)
             return False
         self.record = new
         return True
