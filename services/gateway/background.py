@@ -274,9 +274,9 @@ class Background:
 
     async def _retried(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
         """The record made ``new`` (``_swap``), tried again while Redis fails, for as long as the
-        run's lease lasts unrenewed: a Redis blip as it began left it queued, never run; as its
-        end's write failed, its failed record met the blip still (``StateBound``'s second), and
-        stayed in progress until its lease lapsed, its stream unclosed till then.
+        run's lease lasts unrenewed: a Redis blip as it began left it queued, never run; one that
+        failed its end's write failed its failed record's too (``StateBound`` answers at once for
+        a second), leaving it in progress, its stream unclosed, until its lease lapsed.
 
         Raises:
             ``bus.STATE_OUTAGE``: Redis failed for the whole lease.
@@ -303,8 +303,9 @@ class Background:
 
     async def _swap(self, keeping: Keeping, new: dict[str, Any], lease: RunLease) -> bool:
         """The record made ``new`` if it is still what this gateway last wrote there; made
-        ``failed``, a streamed one's stream ends with its ``response.failed`` (where its run failed
-        before its writer's end, or the write of its end did: its readers had no closing event)."""
+        ``failed``, a streamed one's stream ends with its ``response.failed`` in the same step (its
+        run failed before its stream's end, or the write of that end failed: without it, its
+        readers had no closing event)."""
         assert keeping.expect is not None
         encoded = msgspec.json.encode(new)
         ends = closing(encoded) if new["status"] == "failed" else (b"", b"")
