@@ -74,7 +74,8 @@ def rps_change_events(config: dict, results: list[RequestResult]) -> list[dict[s
     """vLLM's ``rps_change_events`` under a ramp: the start's whole rate at the run's start, then
     each whole rate the ramp reaches (``arrivals.ramp_up_rates`` of request i of ``results``, the
     run's requests in order) at the time the first request at it was due, as local ISO times
-    (vLLM's: its send's ``datetime.now()``). Requests not sent (past ``--duration``) reach none."""
+    (vLLM's: ``datetime.now()`` as its ``get_request`` yields it, before a --max-concurrency
+    slot: here its send less the wait for one). Requests not sent (past ``--duration``) reach none."""
     start, end = config["ramp_up_start_rps"], config["ramp_up_end_rps"]
     rates = ramp_up_rates(config["ramp_up_strategy"], start, end, len(results))
     started = datetime.datetime.fromisoformat(config.get("started_at") or datetime.datetime.now().isoformat())
@@ -82,7 +83,7 @@ def rps_change_events(config: dict, results: list[RequestResult]) -> list[dict[s
     events: list[dict[str, object]] = [{"rps": last, "timestamp": started.isoformat()}]
     for r, rate in zip(results, rates):
         if r.sent and int(rate) > last:
-            at = (started + datetime.timedelta(seconds=r.arrival_s)).isoformat()
+            at = (started + datetime.timedelta(seconds=r.arrival_s - r.queued_s)).isoformat()
             events += [{"rps": v, "timestamp": at} for v in range(last + 1, int(rate) + 1)]
             last = int(rate)
     return events

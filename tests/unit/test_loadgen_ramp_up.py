@@ -57,6 +57,17 @@ def test_the_record_names_the_ramp_as_vllms_does() -> None:
     assert "ramp_up_strategy" not in plain  # vLLM's record has them under a ramp only
 
 
+def test_a_rates_event_is_when_its_request_was_due_not_when_a_slot_freed() -> None:
+    """Under --max-concurrency a request is sent when a slot frees (``arrival_s``), after waiting
+    ``queued_s``; vLLM stamps the rate's event as its ``get_request`` yields the request, before
+    the slot: the due time. The send time dated the ramp's rates late by the queue's wait."""
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP, "--requests", "5"]))
+    config = spec.options() | {"target": "http://127.0.0.1:8000", "started_at": "2026-01-02T03:04:05"}
+    results = [RequestResult(float(i) + 3, None, 1, sent=True, queued_s=3.0) for i in range(5)]  # rates 1 .. 9
+    events = record(config, summarize(results, 9.0), results)["rps_change_events"]
+    assert [e["timestamp"] for e in events if e["rps"] in (2, 9)] == ["2026-01-02T03:04:06", "2026-01-02T03:04:09"]
+
+
 @pytest.mark.parametrize(
     "argv, refusal",
     [
