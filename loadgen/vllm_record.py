@@ -137,7 +137,10 @@ def record(config: dict, summary: dict, results: list[RequestResult]) -> dict:
         "max_concurrency": config.get("max_concurrency"),
     }
     if config.get("ramp_up_strategy") is not None:  # vLLM's record has them only under a ramp
-        out |= {key: config[key] for key in ("ramp_up_strategy", "ramp_up_start_rps", "ramp_up_end_rps")}
+        out["ramp_up_strategy"] = config["ramp_up_strategy"]
+        # vLLM's are ints (its options' type): 2, not 2.0, for a whole rate; a fractional one as given
+        for key in ("ramp_up_start_rps", "ramp_up_end_rps"):
+            out[key] = int(config[key]) if float(config[key]).is_integer() else config[key]
         out["rps_change_events"] = rps_change_events(config, results)
     out |= {
         "duration": summary["duration_s"],

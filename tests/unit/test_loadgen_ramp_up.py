@@ -50,7 +50,9 @@ def test_the_record_names_the_ramp_as_vllms_does() -> None:
     results = [RequestResult(float(i), None, 1, sent=i < 4) for i in range(5)]  # rates 1, 3, 5, 7; 9 not sent
     out = record(config, summarize(results, 5.0), results)
     assert (out["request_rate"], out["ramp_up_strategy"]) == ("inf", "linear")
-    assert (out["ramp_up_start_rps"], out["ramp_up_end_rps"]) == (1.0, 9.0)
+    # vLLM's options are ints, and so its record's values: 1, not 1.0
+    assert [type(out[k]) for k in ("ramp_up_start_rps", "ramp_up_end_rps")] == [int, int]
+    assert (out["ramp_up_start_rps"], out["ramp_up_end_rps"]) == (1, 9)
     at = [f"2026-01-02T03:04:0{s}" for s in (5, 6, 6, 7, 7, 8, 8)]
     assert out["rps_change_events"] == [{"rps": v, "timestamp": t} for v, t in zip(range(1, 8), at)]
     plain = record(WorkloadSpec().options(), summarize([], 1.0), [])
