@@ -140,8 +140,10 @@ class WorkloadSpec:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkloadSpec:
         """The spec ``dlora loadgen``'s options describe (``options.add_arguments``); options that
-        are not about the workload (target, output folder, SLOs) are left to the caller."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        are not about the workload (target, output folder, SLOs) are left to the caller. A field
+        ``args`` lacks is its default: a benchmark's record (``options``) written before the field
+        was (`dlora bench simulate --experiment validate --measured OLD.json`) still reads."""
+        values = {f.name: getattr(args, f.name, getattr(_DEFAULTS, f.name)) for f in fields(cls)}
         for name in (*SCOPED_OPTIONS, "adapters", "popularity"):  # not given: the default
             if values[name] is None:
                 values[name] = getattr(_DEFAULTS, name)

@@ -80,3 +80,14 @@ def test_each_run_is_simulated_with_its_own_steps_and_the_pooled_ones(tmp_path: 
         {"date": "d", "machine": "m", "settings": {"measured": paths}, "rows": rows}
     )
     assert "| e2e, 4 req/s, unmerged-only | 1.00 | 30.0 / " in text and "of 3 runs" in text
+
+
+def test_a_record_made_before_the_ramp_options_still_reads(tmp_path: Path) -> None:
+    """A bench's workload record written before --ramp-up-strategy existed lacks its keys: the
+    whole file was refused as "not the JSON of `dlora bench policy`" (no attribute ramp_up_strategy)."""
+    old = {k: v for k, v in WORKLOAD.items() if not k.startswith("ramp_up_")}
+    measured = {"throughput_tok_s": 30.0, "norm_latency_mean_s": 0.1, "norm_latency_p90_s": 0.2}
+    bench = {"rows": [{"rate": 4.0, "system": "dlora", "workload": old, **measured, "steps": _steps(1.0)}]}
+    (tmp_path / "e2e.json").write_text(json.dumps(bench))
+    bench_validate.check_measured(str(tmp_path / "e2e.json"))
+    assert WorkloadSpec.from_args(argparse.Namespace(**old)) == WorkloadSpec.from_args(argparse.Namespace(**WORKLOAD))
