@@ -104,6 +104,22 @@ FILES = ("result.json", "vllm-result.json", "report.png", "report.html")  # what
 VLLM_RECORD = FILES[1]  # the vLLM-shaped record's name unless config's result_filename names another
 
 
+def append_line(path: Path, record: dict) -> None:
+    """``record`` as one line of JSON at the end of ``path`` (JSON Lines; made if missing). A
+    record written there indented (a run without --append-result, into the same --out) becomes
+    one line first, and a last line without its line break (vLLM's) gets one: appended as they
+    were, the file was neither JSON nor JSON Lines."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if "\n" in text.strip():  # one record indented, or JSON Lines already
+        try:
+            text = json.dumps(json.loads(text)) + "\n"
+            path.write_text(text, encoding="utf-8")
+        except json.JSONDecodeError:
+            pass  # JSON Lines: appended to as they are
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(record) + "\n")
+
+
 def write(
     out: Path,
     config: dict,
@@ -123,8 +139,7 @@ def write(
     vllm_name = config.get("result_filename") or VLLM_RECORD  # vLLM's --result-filename
     record = vllm_record.record(config, summary, results)
     if config.get("append_result"):  # vLLM's --append-result: each run's record one line after the last's
-        with open(out / vllm_name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(out / vllm_name, record)
     else:
         (out / vllm_name).write_text(json.dumps(record, indent=2) + "\n")
     # (what is shown; result.json written above)

@@ -82,3 +82,27 @@ async def test_append_result_adds_each_runs_record_as_a_line(tmp_path: Path) -> 
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
     assert [json.loads(line)["request_rate"] for line in lines] == [10.0, 20.0]
     assert [json.loads(line)["completed"] for line in lines] == [2, 2]
+
+
+async def test_append_result_after_a_record_written_whole_keeps_the_file_json_lines(tmp_path: Path) -> None:
+    """A run without --append-result writes the record indented; a sweep then appended into the
+    same --out put its lines after it: a file neither JSON nor JSON Lines. A vLLM-written file's
+    last line has no line break: the next record ran onto it."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, [CHUNK, LAST])
+
+    appended = RecordOptions.from_args(build_parser().parse_args(["loadgen", "--append-result"]))
+    (tmp_path / "vllm.jsonl").write_text(json.dumps({"request_rate": 1.0}))  # vLLM's: no line break
+    named = RecordOptions.from_args(
+        build_parser().parse_args(["loadgen", "--append-result", "--result-filename", "vllm.jsonl"])
+    )
+    async with serving(completions) as url:
+        for rate, record in ((10.0, RecordOptions()), (20.0, appended), (30.0, named)):
+            spec = WorkloadSpec(
+                requests=2, rate=rate, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,)
+            )
+            await run(spec, url, tmp_path, Console(file=io.StringIO()), record=record)
+    for name, rates in (("vllm-result.json", [10.0, 20.0]), ("vllm.jsonl", [1.0, 30.0])):
+        lines = (tmp_path / name).read_text().splitlines()
+        assert [json.loads(line)["request_rate"] for line in lines] == rates, name
