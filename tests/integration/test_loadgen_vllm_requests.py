@@ -49,7 +49,9 @@ async def test_the_served_model_name_is_what_requests_name_and_the_folder_their_
     each request) was refused; with --model alone every request named the folder and the gateway
     answered 404."""
     folder = str(stack.tiny.model)
-    argv = ["loadgen", "--model", folder, "--served-model-name", "model"]
+    argv = ["loadgen", "--model", folder, "--served-model-name", "model", "--num-prompts", "4", "--request-rate", "20"]
+    # a few short requests: the default 100 of the trace's lengths took 50 s, all to finish in --duration's grace
+    argv += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "2"]
     args = build_parser().parse_args(argv)
     shown = io.StringIO()
     spec = WorkloadSpec.from_args(args)
