@@ -67,13 +67,16 @@ class HttpClient:
         # ``ids``); None: 3..255, where no tokenizer is known
         self.prompt_vocab = prompt_vocab
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        given = dict(headers or {})
+        if any(name.lower() == "authorization" for name in given):  # (names are case-insensitive: both were sent)
+            key = None
         # No deadline of its own by default: the run bounds each request (its duration and grace, then
         # cut), and a shorter one counted a request a long queue kept past it as failed.
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             connector=aiohttp.TCPConnector(limit=0),
             # vLLM's --header over the key's, as its bench merges them: on every request, the model list's too
-            headers=({"Authorization": f"Bearer {key}"} if key else {}) | dict(headers or {}),
+            headers=({"Authorization": f"Bearer {key}"} if key else {}) | given,
         )
 
     async def served_models(self) -> set[str]:

@@ -42,6 +42,20 @@ async def test_headers_go_with_every_request_over_the_keys(tmp_path: Path) -> No
     assert json.loads((tmp_path / "result.json").read_text())["config"]["headers"] == ["Authorization", "X-Tenant"]
 
 
+async def test_an_authorization_header_in_any_case_replaces_the_keys(tmp_path: Path) -> None:
+    """HTTP field names are case-insensitive: ``--header authorization=...`` beside --api-key sent
+    two Authorization headers, and a server reading the first took the key's, not the header's."""
+    seen: list[list[str]] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.getall("Authorization"))
+        return await _stream(request, [CHUNK, LAST])
+
+    async with serving(completions) as url:
+        await run(SPEC, url, tmp_path, Console(file=io.StringIO()), api_key="k", headers={"authorization": "Bearer h"})
+    assert seen == [["Bearer h"]] * 2
+
+
 async def test_the_served_model_name_is_what_requests_name_and_the_folder_their_tokenizer(
     stack: Stack, tmp_path: Path
 ) -> None:
