@@ -153,13 +153,15 @@ _STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 class QuotesCheck:
     """Whether a growing JSON text's quotes are unsound: a string closed where JSON lets none close,
     what follows it not ":", ",", "}" or "]" (``{"q": "5" inches"}``, a quote the model left
-    unescaped). A tag read inside a string of a text whose quotes are sound is the string's (an
-    argument quoting it); of one whose quotes are not, it may close the call. Each character is
-    read once across looks; strings are skipped by a regex (in C)."""
+    unescaped), or opened where JSON lets none open, what comes before it not "{", "[", ":" or ","
+    (``{"q": 5"}``, a stray quote after a value). A tag read inside a string of a text whose quotes
+    are sound is the string's (an argument quoting it); of one whose quotes are not, it may close
+    the call. Each character is read once across looks; strings are skipped by a regex (in C)."""
 
     read: int = 0  # characters of the text read so far
     in_string: bool = False
     after_string: bool = False  # a string closed: what comes next (whitespace passed) is checked
+    last: str = ""  # the last character outside strings and whitespace ("": none yet)
     broken: bool = False
 
     def look(self, text: str, start: int, end: int) -> bool:
@@ -174,11 +176,14 @@ class QuotesCheck:
                 self.in_string, self.after_string, i = False, True, i + 1
             elif self.after_string:
                 if text[i] not in " \t\r\n":
-                    self.broken, self.after_string = text[i] not in ":,}]", False
+                    self.broken, self.after_string, self.last = text[i] not in ":,}]", False, text[i]
                 i += 1
-            elif (quote := text.find('"', i, end)) < 0:
-                i = end
             else:
-                self.in_string, i = True, quote + 1
+                quote = text.find('"', i, end)
+                self.last = text[i : end if quote < 0 else quote].rstrip(" \t\r\n")[-1:] or self.last
+                if quote < 0:
+                    i = end
+                else:
+                    self.broken, self.in_string, i = self.last not in ("", "{", "[", ":", ","), True, quote + 1
         self.read = i - start
         return self.broken

@@ -29,6 +29,26 @@ def test_a_call_with_an_unescaped_quote_goes_out_as_text_at_its_tag_and_the_next
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [
+        '<tool_call>{"name": "find", "arguments": {"q": 5"}}</tool_call>',  # a stray quote after a value
+        '<tool_call>{"name": "say", "arguments": {"t": "a", b"}}</tool_call>',  # after a "," no key opens
+    ],
+)
+def test_a_quote_opened_where_json_lets_none_goes_out_as_text_at_its_tag(bad: str) -> None:
+    """A review of the quotes check: it caught a string closed where JSON lets none ("5" inches)
+    but not one opened so (``5"``, ``b"``): that call's quotes read as sound, so its quoted tag was
+    the argument's and the stream said nothing more until the output's end or a later call's quote
+    flipped them back (as before the check, braces balanced cut it at its tag)."""
+    text = "Looking.\n" + bad + "\n" + PING_CALL
+    bad_end = text.index("</tool_call>") + len("</tool_call>")
+    content, calls, said = read("hermes", [text[:bad_end], text[bad_end:-3], text[-3:]])
+    assert (content, calls) == ("Looking.\n" + bad + "\n", [PING])
+    assert said[0] == "Looking.\n" + bad
+    assert read("hermes", list(text))[:2] == (content, calls)
+
+
+@pytest.mark.parametrize(
     "arguments",
     [
         '{"text": "a {x} </tool_call> b"}',  # braces open before the tag: the argument's
@@ -103,7 +123,8 @@ def test_a_tag_an_argument_quotes_after_closing_braces_stays_the_arguments(argum
 
 
 def test_quotes_check_finds_a_string_closed_where_json_lets_none_reading_each_character_once() -> None:
-    for text, unsound in [('{"q": "5" inches"}', True), ('{"a": "x\\"y", "b": ["z" , {"c": "}}"}]}', False)]:
+    cases = [('{"q": "5" inches"}', True), ('{"q": 5"}', True), ('{"a": "x\\"y", "b": ["z" , {"c": "}}"}]}', False)]
+    for text, unsound in cases:
         check = QuotesCheck()
         assert [check.look(text, 0, end) for end in range(len(text) + 1)][-1] == unsound
         assert check.read <= len(text)
