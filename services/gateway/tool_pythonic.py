@@ -228,6 +228,9 @@ class _Prose:
             return False
         if self.word:
             word, self.word = self.word, ""
+            if char in "'\"":  # a string's prefix (``quote`` passed it), as strings side by side are joined
+                self.operand = True
+                return False
             operator = iskeyword(word) and word not in _OPERAND_WORDS  # (and, or, not, in, is, if, ...)
             if self.juxtaposed and not operator:
                 return True

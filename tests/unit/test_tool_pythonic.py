@@ -159,6 +159,16 @@ def test_an_item_after_a_call_that_writes_words_no_python_writes_ends_the_list(t
     assert read("pythonic", list(text))[:2] == expected
 
 
+def test_strings_side_by_side_with_a_prefix_after_a_call_stay_one_value() -> None:
+    """A review: a prefixed string right after a string ('a' r'b', which Python joins) read as a
+    word after a value, prose, so the list ended there and its calls from that item on were lost."""
+    text = "[ping(), say(t='a' r'\\b'), say(t='c'\n  U\"d\"), ping()]"
+    says = [("say", json.dumps({"t": "a\\b"})), ("say", '{"t": "cd"}')]
+    expected = ("", [("ping", "{}"), *says, ("ping", "{}")])
+    assert read("pythonic", [text])[:2] == expected
+    assert read("pythonic", list(text))[:2] == expected
+
+
 def test_a_comments_quote_opens_no_string() -> None:
     """A comment in a list ("# don't") read its apostrophe as a string's start: the list's end
     was lost with the calls after it; a comment before an item made it none (Python's eval reads
