@@ -301,9 +301,9 @@ class ToolParser:
     def _closes_call(self, end: int) -> bool:
         """Whether a tag read inside a string, at ``end``, closes the call all the same: the call's
         object closed before it, its braces (strings not minded) balanced, and its quotes unsound
-        (a string closed or opened where JSON lets none: ``QuotesCheck``). A quote the model left unescaped
-        ("5" inches") made the rest of the output one string, so the stream held it all, silent,
-        to its end (where it was read again with literal tags). An argument that quotes the tag
+        (a string closed or opened where JSON lets none: ``QuotesCheck``). A quote the model left
+        unescaped ("5" inches") made the rest of the output one string, so the stream held it all,
+        silent, to its end (where it was read again with literal tags). An argument that quotes the tag
         right after closing braces ('{"s": "}}</tool_call>"}') balanced them there too, and was cut,
         given out as text (vLLM's hermes before #55848 cut every quoted tag): its quotes are sound.
         Each character is counted once per call."""
