@@ -379,7 +379,7 @@ class ToolParser:
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
                 self._add(call, out)
-            if not self.calls and not self._empty:
+            if not self.calls and not (array and parsed == []):
                 content += _TOOL_CALLS + self._held[begin:end]  # not calls: the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:

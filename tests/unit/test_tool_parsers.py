@@ -88,6 +88,13 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         # an empty array of calls: none, and no content (vLLM's tools_called, content null; was text)
         ("mistral", "[TOOL_CALLS] []", "", []),
         ("mistral", "Nothing to call.[TOOL_CALLS] []", "Nothing to call.", []),
+        # a later block that is no call is text, as one alone is (after an empty array it was dropped)
+        (
+            "mistral",
+            'a[TOOL_CALLS] [] b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
+            'a b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
+            [],
+        ),
         ("mistral", "[TOOL_CALLS]" + "x" * 150 + "{}", "[TOOL_CALLS]" + "x" * 150 + "{}", []),  # no name that long
         ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
         ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
