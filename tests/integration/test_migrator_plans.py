@@ -58,10 +58,9 @@ async def _plans(nats_server: Server, redis: Redis, stats: list[WorkerStats]) ->
             m.stats[st.worker] = (st, time.monotonic())
         await m.tick()
         await bus.flush(nc)
-        for _ in range(20):
-            if len(plans) == m.plans:
-                break
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(60):  # (1 s of looks: one plan not yet back on a loaded machine)
+            while len(plans) < m.plans:
+                await asyncio.sleep(0.02)
         assert len(plans) == m.plans
         return plans
     finally:
