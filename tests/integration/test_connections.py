@@ -299,8 +299,12 @@ async def test_a_stream_whose_client_stopped_reading_is_closed_and_aborted(
             async with asyncio.timeout(60):
                 while aborted._value.get() < 1:
                     await asyncio.sleep(0.2)
-            await asyncio.sleep(0.5)
-            assert not any(w.streams for w in stack.workers)  # stopped, not run on for nobody
+                # The abort reaches the worker over NATS and ends its streams at its next step: a
+                # fixed 0.5 s for that failed once beside other tests on a loaded machine.
+                while any(w.streams for w in stack.workers):
+                    await asyncio.sleep(0.05)
+            # stopped, not run on for nobody: its 32 x 500 tokens were not all generated
+            assert sum(w.engine.stats.tokens_generated for w in stack.workers) < 32 * 500
             assert stack.gateway.metrics.requests.labels("model", "200")._value.get() == 0
         finally:
             sock.close()
