@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 
 import aiohttp
@@ -123,9 +124,14 @@ async def test_a_client_gone_while_its_request_is_shaped_is_counted_aborted(
 
     shape = gateway_main.shape_request
 
+    shaped = threading.Event()
+
     def slow_shape(*args, **kwargs):  # type: ignore[no-untyped-def]  # a long prompt's tokenizing
         time.sleep(1.0)
-        return shape(*args, **kwargs)
+        try:
+            return shape(*args, **kwargs)
+        finally:
+            shaped.set()
 
     monkeypatch.setattr(gateway_main, "shape_request", slow_shape)
     counter = stack.gateway.metrics.requests
@@ -138,7 +144,10 @@ async def test_a_client_gone_while_its_request_is_shaped_is_counted_aborted(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.3):
                 await http.post(stack.url + "/v1/completions", json={"model": "lora-1", "prompt": "kalo"})
-    await asyncio.sleep(1.5)  # its shaping over, and whatever came after
+    async with asyncio.timeout(60):  # its shaping over, and counted (a fixed 1.5 s: not under load)
+        while not shaped.is_set() or aborted() < before + 1:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # whatever came after the shaping: not counted again
     assert aborted() == before + 1
     samples = {(s.labels["adapter"], s.labels["status"]) for f in counter.collect() for s in f.samples}
     assert ("lora-1", "aborted") in samples
@@ -149,8 +158,6 @@ async def test_the_status_document_is_made_off_the_event_loop(stack: Stack, monk
     adapters x workers: made on the event loop it held every stream for tens of milliseconds a
     poll at 4,000 adapters (more with each worker's residency; a helper's measure). It is made on a
     thread from the figures the loop held when the poll came, the same figures."""
-    import threading
-
     from dlora.services.gateway import status
     from tests.integration.conftest import ADMIN_KEY
 
