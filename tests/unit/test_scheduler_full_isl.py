@@ -134,3 +134,20 @@ def test_the_policy_s_queue_copies_no_prompt_s_ids_to_weigh_whether_it_fits(
     queue = queued([d, *waiting], {}, CHUNKED, {}, bm, lambda adapter, merged: b"")
     assert [q.fits for q in queue.values()] == [True, False, False, False, False]
     assert copies == 0  # (4 before: one a prompt, each step)
+
+
+def test_two_half_prefilled_recomputes_with_one_key_do_not_hold_the_cache_for_ever() -> None:
+    """Two requests resumed while the same prompt waited get one key (``fcfs_arrival``): each took
+    the other for one that came before it, spared it, and neither's next chunk ever found a block
+    (pressure fuzz seed 1048, dlora policy). The one added later gives its blocks up, as the later
+    key would."""
+    bm = BlockManager(num_blocks=10, block_size=1)
+    first, second = seq("first", 5, 6, outputs=3), seq("second", 5, 6, outputs=3)
+    for s, n in ((first, 5), (second, 4)):
+        s.num_cached = n
+        bm.grow(s.request_id, n)  # 9 of 10 blocks held: first's 4 tokens left take 4
+    seqs = {"first": first, "second": second}
+    limits = replace(CHUNKED, max_num_batched_tokens=4)
+    plan = schedule(StepDecision(None, ["first", "second"]), seqs, bm, limits)
+    assert [(s.request_id, s.num_scheduled) for s in plan.seqs] == [("first", 4)]  # ([] for ever before)
+    assert plan.preempted == [second]

@@ -390,12 +390,16 @@ def _fits(
         return False
     # Not a prefill that came first: two prompts the cache holds one at a time, each first in
     # turn, evicted each other's chunks for ever (the engine then runs the head of line instead).
-    ahead = {r for r, s in seqs.items() if s.status is Status.WAITING and s.arrival < seq.arrival}
+    # Keys may tie (requests resumed while the same prompt waited, ``fcfs_arrival``): then the order
+    # they were added in, as the queue sorts them. Taken as one before the other, two half-prefilled
+    # ones each spared the other, and neither's next chunk ever found a block (pressure fuzz 1048).
+    place = {r: (s.arrival, i) for i, (r, s) in enumerate(seqs.items())}
+    ahead = {r for r, s in seqs.items() if s.status is Status.WAITING and place[r] < place[rid]}
     # (the decision's of a lower priority are not spared: a higher priority outside it went first)
     spared = {r for r in decision.request_ids if (s := seqs.get(r)) is None or s.priority <= seq.priority}
     # Half-prefilled prompts of the decision that came after this one may go too (else two of
     # them can fill the cache and no step ever runs again).
-    earlier = {r for r, s in seqs.items() if s.arrival <= seq.arrival}
+    earlier = {r for r in seqs if place[r] <= place[rid]}
     kept = (spared | ahead) & earlier
     could = [r for r, s in seqs.items() if r not in kept and s.priority >= seq.priority]
     if blocks.extra_blocks_needed(rid, num_tokens) > blocks.num_free + blocks.freeable(could):
