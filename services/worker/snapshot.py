@@ -113,7 +113,7 @@ def worker_stats(
     # and their KV, as the listed ones' contexts count it (a moved one's fills its blocks on arrival)
     size = e.blocks.block_size
     contexts = [r.context_tokens for r in unlisted]
-    coming = [-(-(len(r.prompt_token_ids or ()) + len(r.resume_token_ids)) // size) for r in preparing]
+    coming = sum(-(-(len(r.prompt_token_ids or ()) + len(r.resume_token_ids)) // size) for r in preparing)
     return WorkerStats(
         worker=worker,
         running=running,
@@ -156,8 +156,8 @@ def worker_stats(
         kv_transfer_tokens=kv_tokens,
         sent=(now := time.time()),
         taken=now,
-        unlisted_kv_blocks=sum(-(-n // size) for n in contexts) + sum(coming),
-        arriving_kv_blocks=sum(coming),
+        unlisted_kv_blocks=sum(-(-n // size) for n in contexts) + coming,
+        arriving_kv_blocks=coming,
     )
 
 
