@@ -62,10 +62,12 @@ async def test_the_migrator_moves_new_version_requests_onto_the_old_versions_hol
         owner = uuid.uuid4().hex[:8]
         streams: dict[str, ReplyStream] = {}
         plans: list[MovePlan] = []
+        ran_on: dict[str, set[str]] = {}  # request -> the workers whose chunks it got (a later plan may move it back)
 
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
             chunk = msgspec.json.decode(msg.data, type=TokenChunk)
             streams[chunk.request_id].accept(chunk)
+            ran_on.setdefault(chunk.request_id, set()).add(chunk.worker)
 
         async def on_plan(msg) -> None:  # type: ignore[no-untyped-def]
             plans.append(msgspec.json.decode(msg.data, type=MovePlan))
@@ -88,7 +90,12 @@ async def test_the_migrator_moves_new_version_requests_onto_the_old_versions_hol
 
         mnc = await nats.connect(nats_server.url)
         conns.append(mnc)
-        trigger = TriggerBounds(imbalance=0.25, min_gain_s=0.01, patience=1, kv_pressure=None)
+        # Looked at again soon after a solve, and a move refused pinned briefly: under load (a CI run)
+        # a plan from a half-seen burst found nothing to move, or a Redis write too slow for the
+        # source refused the moves, and the default 3 s cool-down and 10 s settle outlasted the burst.
+        trigger = TriggerBounds(
+            imbalance=0.25, min_gain_s=0.01, patience=1, kv_pressure=None, cooldown_s=0.2, settle_s=1.0
+        )
         settings = MigratorSettings(nats_url=nats_server.url, redis_url="unused", interval_s=0.05, trigger=trigger)
         migrator = Migrator(settings, mnc, store)
         tasks.append(asyncio.create_task(migrator.run(stop)))
@@ -116,7 +123,7 @@ async def test_the_migrator_moves_new_version_requests_onto_the_old_versions_hol
         async with asyncio.timeout(120):
             while not all(streams[rid].done for rid in prompts):
                 await asyncio.sleep(0.02)
-        moved = [rid for rid in prompts if streams[rid].worker == "w0"]
+        moved = [rid for rid in prompts if "w0" in ran_on.get(rid, ())]
         assert moved, f"no new request moved to w0 (plans: {[len(p.moves) for p in plans]}, solves: {len(planned)})"
         key = f"rl@{v2.version}"
         # planned from a view of w0 without v2: the move paid for its read there
