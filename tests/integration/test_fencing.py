@@ -65,6 +65,7 @@ class Cluster:
             model=str(self.tiny.model),
             engine=engine or small_engine(device="cpu", dtype="float32"),
             stats_interval_s=0.1,
+            drain_timeout_s=0.0,  # no test here is of the drain: a stop hands over at once
         )
         nc = await nats.connect(self.nats_url)
         self.conns.append(nc)

@@ -71,7 +71,12 @@ async def _through_a_restart(
     conns = [await nats.connect(server.url, reconnect_time_wait=wait) for wait in (0.2, 0.2, 2.0)]
     d_nc, w_nc, app = conns
     ws = WorkerSettings(
-        **common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1, engine=small_engine(device="cpu")
+        **common,
+        worker_id="w0",
+        model=str(tiny_llama.model),
+        stats_interval_s=0.1,
+        engine=small_engine(device="cpu"),
+        drain_timeout_s=0.0,  # (nothing here is of the drain: the stop hands over at once)
     )
     worker = WorkerService(ws, w_nc, store, build_engine(ws))
     step = worker.engine.step

@@ -55,7 +55,12 @@ async def test_sigkilled_worker_loses_no_request(
             [{"id": "x", "prompt_token_ids": [5, 40, 41, 300, 17], "max_tokens": N, "ignore_eos": True, **sampling}],
         )[0]
         ws = WorkerSettings(
-            **common, worker_id="b-survivor", model=str(tiny_llama.model), stats_interval_s=0.1, engine=small_engine()
+            **common,
+            worker_id="b-survivor",
+            model=str(tiny_llama.model),
+            stats_interval_s=0.1,
+            engine=small_engine(),
+            drain_timeout_s=0.0,  # (nothing here is of the drain: the stop hands over at once)
         )
         wnc = await nats.connect(nats_server.url)
         conns.append(wnc)

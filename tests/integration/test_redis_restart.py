@@ -73,7 +73,12 @@ async def _worker_and_dispatcher(
     await purge(client, "dlora")
     async with contextlib.AsyncExitStack() as stack:
         ws = WorkerSettings(
-            **common, worker_id="w0", model=str(tiny.model), stats_interval_s=0.1, engine=small_engine()
+            **common,
+            worker_id="w0",
+            model=str(tiny.model),
+            stats_interval_s=0.1,
+            engine=small_engine(),
+            drain_timeout_s=0.0,  # (nothing here is of the drain: the stop hands over at once)
         )
         worker_nc, worker_store = await stack.enter_async_context(connections(ws))
         ds = DispatcherSettings(**common)
@@ -103,7 +108,12 @@ async def test_services_ride_out_a_redis_restart(
     await purge(client, "dlora")
     async with contextlib.AsyncExitStack() as stack:
         ws = WorkerSettings(
-            **common, worker_id="w0", model=str(tiny_llama.model), stats_interval_s=0.1, engine=small_engine()
+            **common,
+            worker_id="w0",
+            model=str(tiny_llama.model),
+            stats_interval_s=0.1,
+            engine=small_engine(),
+            drain_timeout_s=0.0,
         )
         worker_nc, worker_store = await stack.enter_async_context(connections(ws))
         tasks.append(asyncio.create_task(WorkerService(ws, worker_nc, worker_store, build_engine(ws)).run(stop)))
