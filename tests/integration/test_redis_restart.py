@@ -274,6 +274,9 @@ async def _disk_full(admin: Redis) -> Callable[[], Awaitable[Any]]:
 
     async def room() -> None:
         await admin.config_set("stop-writes-on-bgsave-error", "no")
+        # Its working directory is still the removed one: the save at its stop failed there, and
+        # it refused SIGTERM until killed 5 s later (Server.stop), each run's teardown.
+        await admin.config_set("save", "")
         where.mkdir()  # (for the server's own clean-up)
 
     return room
