@@ -36,6 +36,7 @@ from tests.integration.test_gateway import offline
 
 PROMPT = [5, 40, 41, 300, 17]
 N = 300  # tokens: the request is still running when its worker goes
+SHORT = 100  # where the test stops or re-sends it a few steps in (its worker steps as it awaits)
 
 
 @dataclass
@@ -151,8 +152,8 @@ async def cluster(nats_server: Server, redis_server: Server, redis: Redis, tiny_
                 await conn.close()
 
 
-def _expected(tiny: TinyOutput) -> str:
-    return offline(tiny, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": N, "ignore_eos": True}])[0]["text"]
+def _expected(tiny: TinyOutput, n: int = N) -> str:
+    return offline(tiny, [{"id": "x", "prompt_token_ids": PROMPT, "max_tokens": n, "ignore_eos": True}])[0]["text"]
 
 
 async def test_a_worker_restarted_within_the_heartbeat_hands_back_its_requests(cluster) -> None:  # type: ignore[no-untyped-def]
@@ -161,7 +162,7 @@ async def test_a_worker_restarted_within_the_heartbeat_hands_back_its_requests(c
     request resumes, exact, instead of hanging until the client's timeout."""
     c: Cluster = await cluster(ttl_s=60.0)  # far beyond the test: only the hand-back can save it
     first, first_stop, first_task = await c.worker("w-a")
-    chunks = await c.send("restarted")
+    chunks = await c.send("restarted", max_tokens=SHORT)
     stream = ReplyStream("restarted")
     await _read(stream, chunks, until_tokens=10)
     # SIGKILL, in-process: its connection closed without a word, then the task ended.
@@ -172,7 +173,7 @@ async def test_a_worker_restarted_within_the_heartbeat_hands_back_its_requests(c
     assert second.incarnation != first.incarnation
     await _read(stream, chunks)
     assert stream.finish_reason == "length" and stream.attempt == 1 and stream.error is None
-    assert stream.text == _expected(c.tiny)
+    assert stream.text == _expected(c.tiny, SHORT)
     await _until(lambda: _gone(c.store, "restarted"))
 
 
@@ -185,7 +186,7 @@ async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(c
     the later attempt instead of failing it as 'already in flight', and drops the stale copy."""
     c: Cluster = await cluster(ttl_s=60.0)
     worker, _, _ = await c.worker("w-a")
-    chunks = await c.send("twice")
+    chunks = await c.send("twice", max_tokens=SHORT)
     stream = ReplyStream("twice")
     await _read(stream, chunks, until_tokens=5)
     rec = await c.store.get_inflight("twice")
@@ -200,7 +201,7 @@ async def test_a_later_attempt_sent_back_to_a_stalled_worker_replaces_its_copy(c
     assert await c.store.put_inflight(again, "w-a", expect=("w-a", 0))
     await c.nc.publish(subjects.worker_requests("w-a"), msgspec.json.encode(again))
     await _read(stream, chunks)
-    assert stream.error is None and stream.attempt == 1 and stream.text == _expected(c.tiny)
+    assert stream.error is None and stream.attempt == 1 and stream.text == _expected(c.tiny, SHORT)
     assert worker.streams == {} and not worker.engine.has_unfinished()
 
 
