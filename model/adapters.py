@@ -19,7 +19,10 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
   two for one weight, are refused; so is a selected module without weights under
   ``init_lora_weights: false`` (PEFT leaves it random; otherwise its delta is zero, as PEFT's);
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
-- DoRA, ``lora_bias``, ``bias``, ``modules_to_save``, layer replication, trainable tokens,
+- ``bias`` ``all`` / ``lora_only`` is served where the file holds no bias (a base without biases
+  saves none: plain LoRA, as PEFT loads it), and ``modules_to_save`` where it names no module of
+  the base (PEFT wraps none); a bias tensor, or a module of the base fine-tuned whole, is refused;
+- DoRA, ``lora_bias``, layer replication, trainable tokens,
   parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
   field this module does not know that is set to something other than a default.
 """
@@ -211,11 +214,21 @@ def _modules(
 ) -> dict[tuple[int, str], ModuleSpec]:
     """What the header's tensors adapt under ``conf``, checked against the base and ``limits``
     (their values aside), or AdapterError / AdapterRefused."""
+    if saved := _saved_module(conf.get("modules_to_save") or [], cfg):
+        raise AdapterError(
+            f"adapter {name!r}: modules_to_save {saved!r} names a module of the base, which PEFT trains and loads "
+            "whole over the base's (with its weights saved, or the base's own where they are not): not served"
+        )
     shapes = {key: info.shape for key, info in header.items()}
 
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         m = _KEY.fullmatch(key)
+        if not m and key.endswith(".bias"):
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} is a bias (a base layer's, saved under bias="
+                f"{conf.get('bias', 'none')!r}, which PEFT loads over the base model's), which is not served"
+            )
         if not m and any(f"{other.rsplit('.', 1)[-1]}." in key for other in _OTHER_MODULES):
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is for embed_tokens or lm_head (LoRA on them, or their whole "
@@ -299,6 +312,19 @@ def _parent(target: str) -> str:
     return "self_attn" if target in TARGET_NAMES[:4] else "mlp"
 
 
+def _saved_module(names: list[str], cfg: ModelConfig) -> str | None:
+    """The first of ``modules_to_save`` that names a module of the base, as PEFT's
+    ``_set_trainable`` finds one (a module name ending in it); None: PEFT wraps nothing."""
+    parts = ("", ".input_layernorm", ".post_attention_layernorm", ".self_attn", ".mlp", ".mlp.act_fn")
+    layers = [f"model.layers.{i}{part}" for i in range(cfg.num_layers) for part in parts]
+    modules = ["model", "model.layers", "model.norm", "model.rotary_emb", *_OTHER_MODULES, *layers]
+    modules += [_module(i, t) for i in range(cfg.num_layers) for t in TARGET_NAMES]
+    # every string suffix of every name, looked up once a name: a hostile config's 50,000 names
+    # against an 80-layer base's 1,200 modules one by one took minutes
+    ends = {m[i:] for m in modules for i in range(len(m))}
+    return next((n for n in names if n in ends), None)
+
+
 def _unweighted(chosen: Targets, cfg: ModelConfig, pairs: dict[tuple[int, str], dict[str, str]]) -> str | None:
     """A module the config selects that the file has no weights for (None: there is none)."""
     for layer in range(cfg.num_layers):
@@ -368,12 +394,12 @@ _HONOURED = {
     "layers_to_transform",
     "layers_pattern",
     "fan_in_fan_out",
+    "modules_to_save",  # (a module of the base named there refused in _modules)
 }
 # Fields that change the math in ways not served here, by what they are.
 _REFUSED = {
     "use_dora": "DoRA adapters are not served",
     "lora_bias": "lora_bias (a bias on lora_B) is not served",
-    "modules_to_save": "modules_to_save (full fine-tuned modules) are not served",
     "layer_replication": "layer_replication is not served",
     "trainable_token_indices": "trainable tokens are not served",
     "target_parameters": "LoRA on parameters (target_parameters) is not served",
@@ -381,6 +407,10 @@ _REFUSED = {
     "use_qalora": "QALoRA is not served",
     "megatron_config": "Megatron-parallel LoRA is not served",
 }
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, str) for m in value)
 
 
 def _check_config(name: str, conf: dict[str, Any]) -> None:
@@ -394,8 +424,17 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
         refuse(f"adapter_config.json needs a positive integer 'r', not {conf.get('r')!r}")
     if not _positive(conf.get("lora_alpha")):
         refuse(f"adapter_config.json needs a positive finite 'lora_alpha', not {conf.get('lora_alpha')!r}")
-    if conf.get("bias", "none") != "none":
-        refuse(f"bias={conf['bias']!r} is not served")
+    # modules_to_save naming a module the model lacks (a classification template's "score") saves
+    # nothing and PEFT wraps nothing: plain LoRA (vLLM refused the field alone: its PR #14978); one
+    # the model has is refused in _modules
+    if not (conf.get("modules_to_save") is None or _names(conf["modules_to_save"])):
+        refuse("modules_to_save must be a list of strings")
+    # "all" and "lora_only" train the base layers' biases and save them beside the LoRA weights
+    # (refused by their tensors in _modules); a base without biases (Llama) saves none, and PEFT
+    # serves such an adapter as plain LoRA (vLLM refusing it by this field alone failed every
+    # adapter: its PR #5733's review)
+    if conf.get("bias", "none") not in ("none", "all", "lora_only"):
+        refuse(f"bias={conf['bias']!r} is not one of PEFT's 'none', 'all' or 'lora_only'")
     for key, reason in _REFUSED.items():
         if conf.get(key):
             refuse(reason)
@@ -416,15 +455,8 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
             "output (a LoRA variant); refused rather than served differently from PEFT"
         )
 
-    def names(value: Any) -> bool:
-        return (
-            value is None
-            or isinstance(value, str)
-            or (isinstance(value, list) and all(isinstance(m, str) for m in value))
-        )
-
     for key in ("target_modules", "exclude_modules", "layers_pattern"):
-        if not names(conf.get(key)):
+        if not (conf.get(key) is None or isinstance(conf[key], str) or _names(conf[key])):
             refuse(f"{key} must be a string or a list of strings")
     layers = conf.get("layers_to_transform")
     if not (layers is None or _whole(layers) or (isinstance(layers, list) and all(_whole(i) for i in layers))):
