@@ -214,7 +214,7 @@ def _modules(
 ) -> dict[tuple[int, str], ModuleSpec]:
     """What the header's tensors adapt under ``conf``, checked against the base and ``limits``
     (their values aside), or AdapterError / AdapterRefused."""
-    if saved := _saved_module(conf.get("modules_to_save") or [], cfg):
+    if (saved := _saved_module(conf.get("modules_to_save") or [], cfg)) is not None:
         raise AdapterError(
             f"adapter {name!r}: modules_to_save {saved!r} names a module of the base, which PEFT trains and loads "
             "whole over the base's (with its weights saved, or the base's own where they are not): not served"
@@ -318,10 +318,12 @@ def _saved_module(names: list[str], cfg: ModelConfig) -> str | None:
     parts = ("", ".input_layernorm", ".post_attention_layernorm", ".self_attn", ".mlp", ".mlp.act_fn")
     layers = [f"model.layers.{i}{part}" for i in range(cfg.num_layers) for part in parts]
     modules = ["model", "model.layers", "model.norm", "model.rotary_emb", *_OTHER_MODULES, *layers]
-    modules += [_module(i, t) for i in range(cfg.num_layers) for t in TARGET_NAMES]
-    # every string suffix of every name, looked up once a name: a hostile config's 50,000 names
-    # against an 80-layer base's 1,200 modules one by one took minutes
-    ends = {m[i:] for m in modules for i in range(len(m))}
+    # each projection with the LoRA layer's own parts (PEFT wraps the model once LoRA is in)
+    lora = ("", ".base_layer", ".lora_A", ".lora_B", ".lora_A.default", ".lora_B.default", ".lora_dropout")
+    modules += [_module(i, t) + part for i in range(cfg.num_layers) for t in TARGET_NAMES for part in lora]
+    # every string suffix of every name ("" too: it ends them all), looked up once a name: a
+    # hostile config's 50,000 names against an 80-layer base's 1,200 modules one by one took minutes
+    ends = {m[i:] for m in modules for i in range(len(m) + 1)}
     return next((n for n in names if n in ends), None)
 
 

@@ -124,6 +124,7 @@ def test_fields_that_save_no_tensor_here_are_plain_lora(tiny_llama: TinyOutput, 
         ({"bias": "lora_only"}, "is a bias"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"modules_to_save": ["input_layernorm"]}, "modules_to_save"),
+        ({"modules_to_save": ["score", "norm"]}, "modules_to_save 'norm'"),  # PEFT: a name ending in it
         ({"use_dora": True}, "DoRA"),
         ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens or lm_head"),
     ],
@@ -158,3 +159,19 @@ def test_one_adapters_files_under_two_names_and_without_peft_type(tiny_llama: Ti
     got = batch_logits(e, {"1": "first", "2": "second", "u": "untyped"})
     want = peft_logits(tiny_llama, path)
     assert all(close(logits, want) for logits in got.values())
+
+
+def test_modules_to_save_names_are_matched_as_peft_matches_them(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """PEFT wraps every module whose name ends in one of modules_to_save (``_set_trainable``): ""
+    ends them all and "lora_A" the LoRA layers' own parts, so both are refused; a config of
+    50,000 names the base lacks (hostile: a megabyte) is plain LoRA, each name looked up once."""
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "a")
+    config = json.loads((path / "adapter_config.json").read_text())
+    for names, refused in (([""], True), (["lora_A"], True), ([f"head{i}" for i in range(50_000)], False)):
+        (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": names}))
+        if refused:
+            with pytest.raises(AdapterError, match="modules_to_save"):
+                inspect_adapter("a", path, cfg)
+        else:
+            assert inspect_adapter("a", path, cfg).modules
