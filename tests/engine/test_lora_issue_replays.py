@@ -24,22 +24,21 @@ from tests.engine.test_peft_configs import ALL, PROMPT, peft_logits, write_peft_
 OTHER_PROMPT = [7, 8, 9, 250, 31]
 
 
-def engine(tiny: TinyOutput, policy: str = "unmerged-only") -> LLMEngine:
-    config = EngineConfig(policy=PolicyConfig(name=policy), kv_cache_bytes=kv_bytes_enough(tiny), dtype="float32")
+def engine(tiny: TinyOutput) -> LLMEngine:
+    """Unmerged steps: every request of a step in one batch, whatever its adapter."""
+    config = EngineConfig(
+        policy=PolicyConfig(name="unmerged-only"), kv_cache_bytes=kv_bytes_enough(tiny), dtype="float32"
+    )
     return LLMEngine(str(tiny.model), config)
 
 
 def batch_logits(e: LLMEngine, adapters: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The prefill logits of ``PROMPT`` for each request id -> adapter, all submitted at once (one
-    batch unmerged; merged, one adapter a step)."""
+    """The prefill logits of ``PROMPT`` for each request id -> adapter, all in one step."""
     for rid, adapter in adapters.items():
         e.add_request(rid, prompt_token_ids=PROMPT, params=SamplingParams(max_tokens=1), adapter=adapter)
-    got: dict[str, torch.Tensor] = {}
-    for _ in range(len(adapters)):
-        e.step()
-        got |= e.last_logits
-    assert set(got) == set(adapters)
-    return got
+    e.step()
+    assert set(e.last_logits) == set(adapters)
+    return dict(e.last_logits)
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -64,9 +63,10 @@ def test_half_precision_adapter_files_match_peft(tiny_llama: TinyOutput, tmp_pat
 
 
 def test_rslora_scale_follows_rank_pattern_and_alpha_pattern(tiny_llama: TinyOutput, tmp_path: Path) -> None:
-    """sgl-project/sglang #40835 and vllm-project/vllm #10798 (PR #6909): ``use_rslora`` ignored,
-    each module's delta sqrt(r) times too weak. The scale is lora_alpha / sqrt(r) with each module's
-    own r and alpha from rank_pattern and alpha_pattern, as peft's update_layer computes it."""
+    """sgl-project/sglang #40835, vllm-project/vllm #10798 (PR #6909) and predibase/lorax PR #299:
+    ``use_rslora`` ignored, each module's delta sqrt(r) times too weak. The scale is
+    lora_alpha / sqrt(r) with each module's own r and alpha from rank_pattern and alpha_pattern, as
+    peft's update_layer computes it."""
     patterns = {"rank_pattern": {"v_proj": 4, r"layers\.1\.mlp\.up_proj": 2}, "alpha_pattern": {"down_proj": 32}}
     path = write_peft_adapter(
         tiny_llama, tmp_path / "rs", r=16, lora_alpha=8, target_modules=ALL, use_rslora=True, **patterns
