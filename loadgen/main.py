@@ -343,10 +343,12 @@ def run_loadgen(args: argparse.Namespace) -> int:
         chat = args.backend == "openai-chat"
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")
-        if chat and args.tokenizer is None and not Path(args.base_model).is_dir():  # else asked of the Hub, ~50 s
+        # Not merely a folder: run in the repository's root, the default "model" is its `model/`
+        # package, which holds no tokenizer (else asked of the Hub, ~50 s, where it is none)
+        if chat and args.tokenizer is None and not holds_tokenizer(args.base_model):
             raise ValueError(
                 "--backend openai-chat needs --tokenizer FOLDER to turn the prompts' ids into text: "
-                f"--base-model {args.base_model} is no model folder"
+                f"--base-model {args.base_model} is no model folder holding a tokenizer"
             )
         summary = asyncio.run(
             run(

@@ -107,6 +107,18 @@ def test_loadgen_chat_options_refused_where_they_do_nothing(
     assert refusal in capsys.readouterr().err
 
 
+def test_loadgen_chat_refuses_a_folder_without_a_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the default --base-model "model", run in the repository's root, is its `model/` package: a
+    # folder, no tokenizer; it was taken as a model folder and refused as one holding no tokenizer
+    package = tmp_path / "model"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    argv = ["loadgen", "--requests", "1", "--out", str(tmp_path / "out"), "--backend", "openai-chat"]
+    args = build_parser().parse_args([*argv, "--base-model", str(package)])
+    assert args.func(args) == 2
+    assert "openai-chat needs --tokenizer FOLDER" in capsys.readouterr().err
+
+
 def test_cli_knows_the_loadgen_options() -> None:
     args = build_parser().parse_args(
         [
