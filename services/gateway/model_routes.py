@@ -28,7 +28,7 @@ class ModelRoutes:
         name = request.match_info["model"]
         card = next((c for c in await self._cards(request) if c["id"] == name), None)
         if card is None:
-            raise model_not_found(name)
+            raise model_not_found(name, self.gw.base_name)
         return web.json_response(card)
 
     async def _cards(self, request: web.Request) -> list[dict[str, Any]]:

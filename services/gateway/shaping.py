@@ -238,7 +238,7 @@ def shape_request(
     if model_name == base_name:
         adapter = None
     elif adapter is None:
-        raise model_not_found(model_name)
+        raise model_not_found(model_name, base_name)
     chat = isinstance(body, ChatBody)
     auto = auto_tools(body, model.tool_call_parser)
     prompts: list[tuple[list[int], str | None]]  # ids, and the text where the client wrote one

@@ -85,7 +85,7 @@ class TokenizeRoutes:
         with self.gw.auth.admitted(who):
             body = openai.decode_body(await self.gw.read_body(request), kind)
             if body.model not in (None, "", self.gw.base_name) and await self.gw.entry(body.model, who) is None:
-                raise model_not_found(body.model)
+                raise model_not_found(body.model, self.gw.base_name)
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.gw.shaping, lambda: msgspec.json.encode(work(body))
             )

@@ -244,6 +244,14 @@ def test_the_model_names_the_base_or_a_registered_adapter(served: ServedModel) -
     e = refused(served, {"model": "nope", "prompt": [], "temperature": 9})
     assert (e.status, e.param, e.code) == (404, "model", "model_not_found")
     assert e.message == "The model 'nope' does not exist or you do not have access to it."
+    # the base model named by its path or Hub id, as vLLM's clients name it: told the name it has
+    for path in (f"/srv/models/{BASE}", f"org/{BASE}/"):
+        e = refused(served, {"model": path, "prompt": "kalo"})
+        assert (e.status, e.code) == (404, "model_not_found")
+        assert e.message.endswith(
+            f"The base model is served as '{BASE}' (served_model_name; default its folder's name, not its path)."
+        )
+    assert "served as" not in refused(served, {"model": f"org/{BASE}-2", "prompt": "kalo"}).message
     # the base model's name means no adapter, whatever was passed
     assert shape(served, {"prompt": "kalo"}, adapter=ADAPTER).choices[0].request.adapter is None
 
