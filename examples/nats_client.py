@@ -56,6 +56,7 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
         # every distinct reason, the server's word first (a reset can follow its refusal)
         why = "; ".join(dict.fromkeys(str(e) for e in errors)) or "no server"
         raise RuntimeError(f"cannot connect to {nats_url.rpartition('@')[2]}: {why}") from None
+    sub = None
     try:
         request_id = uuid.uuid4().hex
         reply_to = subjects.reply_inbox(request_id, user)
@@ -99,6 +100,11 @@ async def generate(nats_url: str, adapter: str | None, prompt: str, max_tokens: 
             if chunk.finish_reason:
                 return "".join(text)
     finally:
+        # Unread chunks held drain() for its whole timeout (30 s: nats-py waits for every
+        # subscription's queue to be read): an at-once refusal comes on reply_to too, and an aborted
+        # request's last chunk after we stopped reading.
+        if sub is not None:
+            await sub.unsubscribe()
         await nc.drain()
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import msgspec
 import nats
@@ -75,7 +76,22 @@ async def test_the_nats_example_says_a_refusal_and_gives_up_on_silence(
 
     async def dispatcher(msg: Msg) -> None:  # refuses the first request, takes the next and says nothing
         asked.append(msg)
+        if len(asked) == 1:  # as a dispatcher refuses a request that does not decode: on its reply_to too
+            await nc.publish(msgspec.json.decode(msg.data)["reply_to"], msgspec.json.encode(refusal))
         await msg.respond(msgspec.json.encode(refusal) if len(asked) == 1 else b"")
+
+    # the example's connection with a short drain bound, its errors seen: the refusal's chunk left
+    # unread on reply_to held its drain() for nats-py's 30 s, then a DrainTimeoutError
+    connect, errors = nats.connect, []
+
+    async def connect_watched(*args: Any, **kwargs: Any) -> nats.NATS:
+        async def seen(e: Exception) -> None:
+            errors.append(e)
+            await kwargs["error_cb"](e)
+
+        return await connect(*args, **kwargs | {"drain_timeout": 2, "error_cb": seen})
+
+    monkeypatch.setattr(example.nats, "connect", connect_watched)
 
     try:
         await nc.subscribe(subjects.requests_of("app"), queue=subjects.DISPATCHERS, cb=dispatcher)
@@ -90,5 +106,6 @@ async def test_the_nats_example_says_a_refusal_and_gives_up_on_silence(
         assert abort.request_id == sent["request_id"]
         # a dispatcher answers only inboxes its sender may read (with users, only its own)
         assert all(m.reply.startswith("_INBOX.app.") for m in asked)
+        assert not [e for e in errors if isinstance(e, nats.errors.DrainTimeoutError)]
     finally:
         await nc.close()
