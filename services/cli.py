@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dlora.services.bench_options import check_bench_numbers, policies, sizes
 
@@ -62,11 +63,22 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose subcommands' ``--help`` opens with the line its parent lists them by (argparse
+    shows ``help`` only there: ``dlora up --help`` said nothing of what it does, as ``vllm serve``'s does)."""
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)
+        add = action.add_parser
+        action.add_parser = lambda name, **kw: add(name, **{"description": kw.get("help"), **kw})
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dlora.loadgen.bundled import data_dir
     from dlora.loadgen.options import count, positive, ranks
 
-    p = argparse.ArgumentParser(prog="dlora", description="Serve many LoRA adapters on one base model.")
+    p = _Parser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)

@@ -196,6 +196,25 @@ def test_the_command_line_parser_does_not_load_torch() -> None:
 
 
 @pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["up"], "start the whole stack on this machine"),
+        (["serve"], "run one service"),
+        (["bench", "engine"], "decode throughput"),
+        (["model", "make-tiny"], "write a random Llama-family model"),
+    ],
+)
+def test_each_command_help_says_what_it_does(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dlora up --help` gave its options alone: what it does was in `dlora --help`'s list only."""
+    from dlora.services.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    _, _, rest = capsys.readouterr().out.partition("\n\n")
+    assert rest.startswith(says), rest[:200]
+
+
+@pytest.mark.parametrize(
     "argv,says",
     [
         (["--ranks", "1024"], "above max_lora_rank=512"),  # written, then refused by every engine
