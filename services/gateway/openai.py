@@ -48,15 +48,12 @@ class APIError(Exception):
 
 
 def model_not_found(name: str, base_name: str) -> APIError:
-    """404 for a model the caller may not use, in OpenAI's words and code (one wording for
-    completions, chat, tokenize and ``GET /v1/models/{model}``). A name that is a path or a Hub id
-    ending in ``base_name`` (the base model's served name) is told that name: vLLM serves the base
-    under its ``--model`` as given, so its clients send the folder's path or the repository's id."""
-    message = f"The model '{name}' does not exist or you do not have access to it."
-    if "/" in name and name.rstrip("/").rsplit("/", 1)[-1] == base_name:
-        message += (
-            f" The base model is served as '{base_name}' (served_model_name; default its folder's name, not its path)."
-        )
+    """404 for a model the caller may not use, in OpenAI's words and code (completions, chat, tokenize
+    and ``GET /v1/models/{model}`` alike); a path or Hub id ending in ``base_name`` is told that name,
+    as vLLM's clients name the base by vLLM's ``--model``, the folder's path or the repository's id."""
+    named = "/" in name and name.rstrip("/").rsplit("/", 1)[-1] == base_name
+    hint = f" The base model is served as '{base_name}' (served_model_name; default its folder's name, not its path)."
+    message = f"The model '{name}' does not exist or you do not have access to it.{hint if named else ''}"
     return APIError(404, message, param="model", code="model_not_found")
 
 
