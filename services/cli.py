@@ -65,7 +65,7 @@ def _model_make_tiny(args: argparse.Namespace) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """A parser whose subcommands' ``--help`` opens with the line its parent lists them by (argparse
-    shows ``help`` only there: ``dlora up --help`` said nothing of what it does, as ``vllm serve``'s does)."""
+    shows ``help`` only there: ``dlora up --help`` said nothing of what it does, where ``vllm serve``'s does)."""
 
     def add_subparsers(self, **kwargs: Any) -> Any:
         action = super().add_subparsers(**kwargs)
