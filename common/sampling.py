@@ -3,6 +3,9 @@ it: part of the wire contract, re-exported by ``common.messages``."""
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import msgspec
 
 # The list fields vLLM's SamplingParams defaults to None, read as unset (``SamplingParams.__post_init__``,
@@ -126,26 +129,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
 
     def invalid(self) -> tuple[str, str] | None:
         """(field, reason) for the first invalid parameter, or None if they are fine."""
-        if self.max_tokens < 1:
-            return "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
+        for name, bounds in RANGES.items():
+            if (value := getattr(self, name)) is not None and (why := bounds.problem(name, value)) is not None:
+                return name, why
         if not 0 <= self.min_tokens <= self.max_tokens:
             return "min_tokens", f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
-        if not 0.0 <= self.temperature <= 100.0:
-            return "temperature", f"temperature must be in [0, 100], got {self.temperature}"
-        if not 0.0 <= self.top_p <= 1.0:
-            return "top_p", f"top_p must be in [0, 1], got {self.top_p}"
-        if not 0.0 <= self.min_p <= 1.0:
-            return "min_p", f"min_p must be in [0, 1], got {self.min_p}"
-        if self.top_k < -1:
-            return "top_k", f"top_k must be -1, 0 or positive, got {self.top_k}"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                return name, f"{name} must be in [-2, 2], got {getattr(self, name)}"
-        if not 0.01 <= self.repetition_penalty <= 100.0:  # below, a positive logit overflows float32
-            return "repetition_penalty", f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"
-        for name in ("logprobs", "prompt_logprobs"):
-            if (n := getattr(self, name)) is not None and not 0 <= n <= 20:
-                return name, f"{name} must be in [0, 20], got {n}"
         if any(not s for s in self.stop):
             return "stop", "stop strings must not be empty"
         # The text that could begin one is held back and goes into the in-flight record each step.
@@ -191,3 +179,43 @@ MAX_LOGIT_BIAS = 1024
 MAX_ALLOWED_TOKENS = 1 << 18
 MAX_AFTER_TOKENS = 64  # structured_after_token_ids: a closing tag's ids (one, where it is a special token)
 MAX_STOP_CHARS = 1024  # one stop string's length (OpenAI and vLLM set none; 1 KB is far past any use)
+
+
+class Range(NamedTuple):
+    """A sampling field's bounds and how a refusal states them: vLLM's sentence
+    (``SamplingParams._verify_args``, vllm/sampling_params.py: "top_p must be in (0, 1], got 1.5.").
+    NaN is outside every range (each comparison with it is false)."""
+
+    # The least value taken (``math.inf``-free: every field has one).
+    low: float
+    # The most value taken; ``math.inf``: none.
+    high: float = math.inf
+    # How the range is said where vLLM says it otherwise than "in [low, high]" / "at least low".
+    says: str = ""
+
+    def problem(self, name: str, value: float) -> str | None:
+        """The reason ``value`` of field ``name`` is refused, or None where it is inside."""
+        if self.low <= value <= self.high:
+            return None
+        span = self.says or (f"at least {self.low:g}" if self.high == math.inf else f"in [{self.low:g}, {self.high:g}]")
+        return f"{name} must be {span}, got {value}."
+
+
+# The one table of the numeric sampling fields' ranges: the engine's check (``invalid``), the
+# gateway's 400s and ``dlora loadgen``'s options read it, so each surface refuses a value in the
+# same words. vLLM's ranges, but where dlora's meaning is wider (top_p 0: greedy, as OpenAI's spec
+# takes it; top_k -1: all, which vLLM takes quietly) or a bound guards the engine (noted).
+RANGES: dict[str, Range] = {
+    "max_tokens": Range(1),
+    "temperature": Range(0.0, 2.0),  # vLLM's and OpenAI's bound
+    "top_p": Range(0.0, 1.0),
+    "top_k": Range(-1, says="0 (disable), or at least 1"),  # vLLM's words; -1 taken as 0
+    "min_p": Range(0.0, 1.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    # vLLM's is only "greater than zero": below 0.01 a positive logit overflows float32
+    "repetition_penalty": Range(0.01, 100.0),
+    # vLLM's -1 (the whole vocabulary) would overflow the message bus; OpenAI's top_logprobs is 20 at most
+    "logprobs": Range(0, 20),
+    "prompt_logprobs": Range(0, 20),
+}

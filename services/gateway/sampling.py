@@ -6,13 +6,14 @@ Pure: no I/O."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
+from dlora.common.sampling import RANGES as SAMPLING_RANGES
+from dlora.common.sampling import Range
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.gateway.tool_parsers import PARSERS
@@ -24,34 +25,24 @@ from dlora.services.worker.engine.structured import (
     check,
 )
 
-# The spec's ranges (OpenAI OpenAPI document, createCompletion / createChatCompletion requests).
-RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0),
-    "top_p": (0.0, 1.0),
-    "n": (1, 128),
-    "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-    "best_of": (0, 20),
-    "top_logprobs": (0, 20),
-    "prompt_logprobs": (0, 20),  # vLLM's -1 (the whole vocabulary) would overflow the message bus
-    "max_tokens": (0, math.inf),  # 0: a completion's echo alone
-    "max_completion_tokens": (1, math.inf),
+# The body's ranges: the engine's (``common.sampling.RANGES``, one table, one wording) for the
+# fields that mean the same here, and the request's own (the OpenAI OpenAPI document's
+# createCompletion / createChatCompletion). The chat's logprobs is a flag, not the engine's count.
+RANGES: dict[str, Range] = {name: bounds for name, bounds in SAMPLING_RANGES.items() if name != "logprobs"} | {
+    "n": Range(1, 128),
+    "best_of": Range(0, 20),
+    "top_logprobs": Range(0, 20),
+    "max_completion_tokens": Range(1),
 }
-# The completions endpoint's logprobs is a count in [0, 5]; the chat endpoint's is a flag.
-_COMPLETION_LOGPROBS = (0, 5)
+# The completions endpoint's logprobs is a count in [0, 5], and its max_tokens may be 0 (its echo alone).
+_COMPLETION_RANGES = {"logprobs": Range(0, 5), "max_tokens": Range(0)}
 
 
 def _check_ranges(body: Body) -> None:
-    ranges = dict(RANGES)
-    if isinstance(body, CompletionBody):
-        ranges["logprobs"] = _COMPLETION_LOGPROBS
-    else:  # a chat completion generates a token at least (only a completion's echo asks for none)
-        ranges |= {"max_tokens": (1, math.inf), "max_completion_tokens": (1, math.inf)}
-    for name, (low, high) in ranges.items():
-        value = getattr(body, name, None)
-        if value is not None and not low <= value <= high:
-            span = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-            raise APIError(400, f"{name} must be {span}, got {value}", param=name)
+    ranges = RANGES | _COMPLETION_RANGES if isinstance(body, CompletionBody) else RANGES
+    for name, bounds in ranges.items():
+        if (value := getattr(body, name, None)) is not None and (why := bounds.problem(name, value)) is not None:
+            raise APIError(400, why, param=name)
 
 
 def _unsupported(body: Body, spaced: bool = True) -> list[tuple[str, bool]]:

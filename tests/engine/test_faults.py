@@ -73,7 +73,7 @@ def test_extreme_parameters_the_api_accepts_act_greedy(engine: LLMEngine, params
 @pytest.mark.parametrize(
     "params",
     [
-        dict(temperature=100.0),
+        dict(temperature=2.0, repetition_penalty=100.0),
         dict(temperature=2.0, top_k=100000, top_p=1.0),
         dict(temperature=0.5, top_k=-1, top_p=1e-3),
     ],

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlora.common.messages import SamplingParams
+from dlora.common.sampling import RANGES
 from dlora.services.worker.engine import sampler
 from dlora.services.worker.engine.sampler import (
     SamplingError,
@@ -95,7 +96,7 @@ def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(
-    temperature=st.floats(0.0, 100.0),
+    temperature=st.floats(RANGES["temperature"].low, RANGES["temperature"].high),
     top_p=st.floats(0.0, 1.0),
     top_k=st.integers(-1, 80),
     scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]),
