@@ -195,10 +195,11 @@ class Range(NamedTuple):
 
     def problem(self, name: str, value: float) -> str | None:
         """The reason ``value`` of field ``name`` is refused, or None where it is inside."""
-        if self.low <= value <= self.high:
-            return None
-        span = self.says or (f"at least {self.low:g}" if self.high == math.inf else f"in [{self.low:g}, {self.high:g}]")
-        return f"{name} must be {span}, got {value}."
+        return None if self.low <= value <= self.high else f"{name} must be {self.span()}, got {value}."
+
+    def span(self) -> str:
+        """The range in words: "in [0, 2]", "at least 1", or ``says``."""
+        return self.says or (f"at least {self.low:g}" if self.high == math.inf else f"in [{self.low:g}, {self.high:g}]")
 
 
 # The one table of the numeric sampling fields' ranges: the engine's check (``invalid``), the

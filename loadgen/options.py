@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, get_args
 
+from dlora.common.sampling import RANGES
 from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, RampUp, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
@@ -43,15 +44,17 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
-def within(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a number in [low, high] (a sampling field's range, as the gateway checks it:
-    out of it, every request of the run would be answered 400)."""
+def sampling_value(name: str) -> Callable[[str], float]:
+    """An argparse type: a value of the sampling field ``name`` (top_k: an integer) inside its range
+    in ``common.sampling.RANGES``, refused in the words the gateway's 400 and the engine say it (out
+    of it, every request of the run would be refused)."""
+    finite = _at_least(int if name == "top_k" else float, -math.inf)
 
     def parse(text: str) -> float:
-        value = float(_at_least(float, low)(text))
-        if value > high:
-            raise argparse.ArgumentTypeError(f"{value:g} is above {high:g}")
-        return value
+        value = finite(text)
+        if (why := RANGES[name].problem(name, value)) is not None:
+            raise argparse.ArgumentTypeError(why)
+        return value  # type: ignore[no-any-return]
 
     return parse
 
@@ -192,30 +195,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--temperature",
-        type=_at_least(float, 0),
-        help="each request's temperature (vLLM's --temperature; default 0, greedy: vLLM's sends none, the "
-        "server's default)",
+        type=sampling_value("temperature"),
+        help=f"each request's temperature, {RANGES['temperature'].span()} (vLLM's --temperature; default 0, greedy: "
+        "vLLM's sends none, the server's default)",
     )
-    p.add_argument("--top-p", type=above_zero, help="each request's top_p (vLLM's --top-p; default: none sent)")
     p.add_argument(
-        "--top-k", type=_at_least(int, -1), help="each request's top_k, -1 or 0 all (vLLM's --top-k; default: none)"
+        "--top-p",
+        type=sampling_value("top_p"),
+        help=f"each request's top_p, {RANGES['top_p'].span()} (vLLM's --top-p; default: none)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=sampling_value("top_k"),
+        help="each request's top_k, -1 or 0 all (vLLM's --top-k; default: none)",
     )
     p.add_argument(
         "--min-p",
-        type=within(0, 1),
-        help="each request's min_p, in [0, 1] (vLLM's --min-p; default: none sent)",
+        type=sampling_value("min_p"),
+        help=f"each request's min_p, {RANGES['min_p'].span()} (vLLM's --min-p; default: none)",
     )
     for name in ("frequency", "presence"):
         p.add_argument(
             f"--{name}-penalty",
-            type=within(-2, 2),
-            help=f"each request's {name}_penalty, in [-2, 2] (OpenAI's range; vLLM's --{name}-penalty; default: none)",
+            type=sampling_value(f"{name}_penalty"),
+            help=f"each request's {name}_penalty, {RANGES[f'{name}_penalty'].span()} (vLLM's --{name}-penalty; "
+            "default: none)",
         )
     p.add_argument(
         "--repetition-penalty",
-        type=within(0.01, 100),
-        help="each request's repetition_penalty, in [0.01, 100] (the servers' range; vLLM's --repetition-penalty; "
-        "default: none)",
+        type=sampling_value("repetition_penalty"),
+        help=f"each request's repetition_penalty, {RANGES['repetition_penalty'].span()} (vLLM's "
+        "--repetition-penalty; default: none)",
     )
     p.add_argument(
         "--extra-body",
@@ -223,7 +233,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="vLLM's --extra-body: fields added to each request's body, e.g. "
         '\'{"chat_template_kwargs": {"enable_thinking": false}}\'; loadgen\'s own (model, prompt, messages, '
-        "max_tokens, max_completion_tokens, stream, stream_options) refused; HTTP targets only",
+        "max_tokens, max_completion_tokens, stream, stream_options) refused, sampling values out of their ranges "
+        "too (as the options'); HTTP targets only",
     )
     p.add_argument(
         "--tokenizer",

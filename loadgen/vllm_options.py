@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from dlora.common.sampling import RANGES
 from dlora.loadgen.options import _at_least
 
 # vLLM's --goodput keys and the --slo-* option each sets
@@ -108,7 +109,21 @@ def extra_body(text: str) -> dict:
         # max_tokens the run never asked for, a model it never sent to, measured as if it had
         where = "; ".join(OWNED_FIELDS[field] for field in owned)
         raise argparse.ArgumentTypeError(f"{', '.join(owned)}: the workload's own, not an extra body's ({where})")
+    for name in EXTRA_CHECKED:
+        if (given := value.get(name)) is None:
+            continue
+        if isinstance(given, bool) or not isinstance(given, int | float):
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {given!r}")
+        # every request of the run would be refused (a 400 each), found only after it was sent
+        if (why := RANGES[name].problem(name, given)) is not None:
+            raise argparse.ArgumentTypeError(why)
     return value
+
+
+# --extra-body's fields checked against the engine's ranges before the run: those that mean the
+# same in a body (a completion's logprobs is a count of at most 5, a chat's a flag; max_tokens is
+# the workload's own)
+EXTRA_CHECKED = tuple(name for name in RANGES if name not in ("logprobs", "max_tokens"))
 
 
 # The body's fields loadgen writes from the workload, and the option that sets each

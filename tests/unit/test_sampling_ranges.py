@@ -1,0 +1,83 @@
+"""One table of sampling ranges (``common.sampling.RANGES``): the engine's check, the gateway's
+400 and ``dlora loadgen``'s options and ``--extra-body`` refuse a value outside it in one sentence,
+vLLM's (``SamplingParams._verify_args``). They were three tables: the engine took temperature up to
+100 where the gateway stopped at 2, and loadgen's --top-p had no upper bound at all."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import msgspec
+import pytest
+
+from dlora.common.messages import SamplingParams
+from dlora.common.sampling import RANGES
+from dlora.services.cli import build_parser
+from dlora.services.gateway import sampling
+from dlora.services.gateway.openai import APIError, CompletionBody
+
+# A value just outside each of the table's fields' ranges (low - 1, or high + 0.5)
+OUTSIDE = {
+    name: (int(r.low) - 1 if name == "top_k" else r.high + 0.5 if r.high != math.inf else r.low - 1.0)
+    for name, r in RANGES.items()
+}
+# The fields loadgen has an option for, and its spelling
+OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["loadgen", *argv])
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_each_surface_refuses_a_value_outside_the_table_in_vllms_words(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    value = OUTSIDE[name]
+    why = SamplingParams(**{name: value}).problem()  # the engine's: an application's request over NATS
+    assert why == f"{name} must be {RANGES[name].span()}, got {value}."
+    body = msgspec.convert({"model": "m", "prompt": "x", name: value}, CompletionBody)
+    with pytest.raises(APIError) as gateway:
+        sampling.sampling_params(body, 7)
+    assert (gateway.value.status, gateway.value.message, gateway.value.param) == (400, why, name)
+    option = f"--{name.replace('_', '-')}"
+    assert _cli_error([option, str(value)], capsys).endswith(f"argument {option}: {why}")
+    assert _cli_error(["--extra-body", json.dumps({name: value})], capsys).endswith(f"argument --extra-body: {why}")
+
+
+def test_the_edges_of_each_range_are_taken_everywhere() -> None:
+    for name in OPTIONS:
+        r = RANGES[name]
+        for value in {r.low, r.high} - {math.inf}:
+            assert SamplingParams(**{name: value}).problem() is None, (name, value)
+            option = f"--{name.replace('_', '-')}"
+            assert build_parser().parse_args(["loadgen", option, str(value)]).__dict__[name] == value
+            assert build_parser().parse_args(["loadgen", "--extra-body", json.dumps({name: value})]).extra_body
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ({"top_p": True}, "top_p must be a number, got True"),
+        ({"min_p": float("nan")}, "min_p must be in [0, 1], got nan."),
+    ],
+)
+def test_an_extra_bodys_sampling_value_that_is_no_number_is_refused_before_the_run(
+    extra: dict[str, object], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--extra-body '{"temperature": 5}'`` was taken, and every request of the run answered 400."""
+    assert _cli_error(["--extra-body", json.dumps(extra)], capsys).endswith(said)
+
+
+def test_a_chats_and_a_completions_own_ranges_stay_theirs() -> None:
+    """A completion's max_tokens may be 0 (its echo alone) and its logprobs is a count of at most 5;
+    the engine's max_tokens is at least 1, its logprobs up to 20 (a chat's top_logprobs)."""
+    body = msgspec.convert({"model": "m", "prompt": "x", "logprobs": 6}, CompletionBody)
+    with pytest.raises(APIError, match=r"logprobs must be in \[0, 5\], got 6\.$"):
+        sampling.sampling_params(body, 7)
+    assert SamplingParams(logprobs=6).problem() is None
+    assert SamplingParams(max_tokens=0).problem() == "max_tokens must be at least 1, got 0."
