@@ -29,6 +29,9 @@ class RequestResult:
     retry_reasons: list[str] = field(default_factory=list)  # why each earlier try was retried (--max-retries)
     prompt_len: int = 0  # prompt tokens sent (exact: the prompt goes as token ids)
     queued_s: float = 0.0  # waited for a slot under --max-concurrency before it was sent (vLLM's queue time)
+    # Its arrival came before sending ended, sent or not: one still waiting for a --max-concurrency
+    # slot then was due all the same (vLLM's get_request had yielded it, its rate's event made)
+    due: bool = False
     # The answer's content as streamed, piece by piece: joined once, for the record (joined at each
     # event, an output of n pieces copied some n²/2 of them, in the event loop that times the stream)
     pieces: list[str] = field(default_factory=list)

@@ -84,7 +84,7 @@ async def replay(
                     await stop.wait()
         if stop.is_set() or spec.arrival_s > max_duration_s or clock() > max_duration_s:
             break
-        results[i].sent = slots is None  # capped: once a slot is free
+        results[i].due, results[i].sent = True, slots is None  # capped: sent once a slot is free
         task = asyncio.create_task(one(i))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

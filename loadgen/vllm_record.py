@@ -75,14 +75,15 @@ def rps_change_events(config: dict, results: list[RequestResult]) -> list[dict[s
     each whole rate the ramp reaches (``arrivals.ramp_up_rates`` of request i of ``results``, the
     run's requests in order) at the time the first request at it was due, as local ISO times
     (vLLM's: ``datetime.now()`` as its ``get_request`` yields it, before a --max-concurrency
-    slot: here its send less the wait for one). Requests not sent (past ``--duration``) reach none."""
+    slot: here its send less the wait for one). A request due before ``--duration`` ended reaches its
+    rate though no slot freed for it (vLLM's bench had yielded it); one arriving later reaches none."""
     start, end = config["ramp_up_start_rps"], config["ramp_up_end_rps"]
     rates = ramp_up_rates(config["ramp_up_strategy"], start, end, len(results))
     started = datetime.datetime.fromisoformat(config.get("started_at") or datetime.datetime.now().isoformat())
     last = int(start)
     events: list[dict[str, object]] = [{"rps": last, "timestamp": started.isoformat()}]
     for r, rate in zip(results, rates):
-        if r.sent and int(rate) > last:
+        if (r.sent or r.due) and int(rate) > last:
             at = (started + datetime.timedelta(seconds=r.arrival_s - r.queued_s)).isoformat()
             events += [{"rps": v, "timestamp": at} for v in range(last + 1, int(rate) + 1)]
             last = int(rate)

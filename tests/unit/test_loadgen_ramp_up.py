@@ -3,6 +3,8 @@ the run's requests, drawn and recorded as vLLM's bench does (vllm/benchmarks/ser
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 
 import numpy as np
@@ -10,9 +12,10 @@ import pytest
 
 from dlora.loadgen import arrivals
 from dlora.loadgen.metrics import RequestResult, summarize
+from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
-from dlora.loadgen.vllm_record import record
-from dlora.loadgen.workload import build_specs
+from dlora.loadgen.vllm_record import record, rps_change_events
+from dlora.loadgen.workload import RequestSpec, build_specs
 from dlora.services.cli import build_parser
 
 RAMP = ["--ramp-up-strategy", "linear", "--ramp-up-start-rps", "1", "--ramp-up-end-rps", "9"]
@@ -68,6 +71,30 @@ def test_a_rates_event_is_when_its_request_was_due_not_when_a_slot_freed() -> No
     results = [RequestResult(float(i) + 3, None, 1, sent=True, queued_s=3.0) for i in range(5)]  # rates 1 .. 9
     events = record(config, summarize(results, 9.0), results)["rps_change_events"]
     assert [e["timestamp"] for e in events if e["rps"] in (2, 9)] == ["2026-01-02T03:04:06", "2026-01-02T03:04:09"]
+
+
+def test_a_request_due_before_the_duration_ended_reaches_its_rate_though_no_slot_freed() -> None:
+    """Under --max-concurrency 1 the first request holds the slot past --duration; the second came
+    due meanwhile and was never sent. vLLM's bench yields it (and makes its rate's event) before it
+    waits for a slot: the ramp reached 9 req/s, where the record said it stopped at 1."""
+    spec = WorkloadSpec.from_args(build_parser().parse_args(["loadgen", *RAMP, "--requests", "2"]))
+    specs = [RequestSpec(arrival_s=t, adapter=None, prompt_len=1, output_len=1) for t in (0.0, 0.01)]
+
+    class Held:  # the first request never ends; the second never gets the slot
+        async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
+            r.arrival_s = 0.0
+            await asyncio.Event().wait()
+
+    async def run() -> list[RequestResult]:
+        results, _ = await replay(specs, Held(), Clock(), 0.05, asyncio.Event(), grace_s=0.0, max_concurrency=1)
+        return results
+
+    results = asyncio.run(run())
+    assert ([r.sent for r in results], [r.due for r in results]) == ([True, False], [True, True])
+    config = spec.options() | {"started_at": "2026-01-02T03:04:05"}
+    assert [e["rps"] for e in rps_change_events(config, results)] == list(range(1, 10))
+    late = [results[0], dataclasses.replace(results[1], due=False)]  # arrived after sending ended: none
+    assert [e["rps"] for e in rps_change_events(config, late)] == [1]
 
 
 @pytest.mark.parametrize(
