@@ -110,6 +110,16 @@ class _VllmModel(argparse.Action):
         namespace.model_is_vllms = True
 
 
+class Spelled(argparse.Action):
+    """Stores the value, and the option's spelling as given in ``namespace.spelled`` (dest ->
+    option), so that a refusal names the option the user wrote: ``--random-input-len`` without
+    ``--dataset-name random`` was refused as "--prompt-len applies to ...", an option never typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *rest: Any) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.spelled = {**(getattr(namespace, "spelled", None) or {}), self.dest: rest[0] if rest else None}
+
+
 def _target(text: str) -> str:
     if not text.startswith(("http://", "https://", *NATS_SCHEMES)):
         raise argparse.ArgumentTypeError(f"{text!r}: a gateway URL (http://, https://) or a NATS URL (nats://, tls://)")
@@ -419,12 +429,14 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         "--random-input-len",
         "--input-len",
         type=positive,
+        action=Spelled,
         help=f"fixed, random: the prompt's tokens; uniform: the most (vLLM's --input-len; default {_SPEC.prompt_len})",
     )
     p.add_argument(
         "--output-len",
         "--random-output-len",
         type=positive,
+        action=Spelled,
         help=f"the same for outputs (default {_SPEC.output_len})",
     )
     p.add_argument(

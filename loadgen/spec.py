@@ -174,9 +174,12 @@ class WorkloadSpec:
         for name, (selector, where) in SCOPED_OPTIONS.items():
             value = _chosen(args, selector)
             if getattr(args, name) is not None and value not in where:
-                option, chosen = "--" + name.replace("_", "-"), "--" + selector.replace("_", "-")
+                # as typed (options.Spelled): the user's vLLM spelling, not loadgen's
+                option = (getattr(args, "spelled", None) or {}).get(name) or "--" + name.replace("_", "-")
+                chosen = "--" + selector.replace("_", "-")
                 listed = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]
-                return f"{option} applies to {chosen} {listed} only, not {value}"
+                hint = " (vLLM's random dataset: give --dataset-name random)" if option.startswith("--random-") else ""
+                return f"{option} applies to {chosen} {listed} only, not {value}{hint}"
         if getattr(args, "burstiness", None) is not None and (args.cv is not None or args.arrivals == "trace"):
             return "--burstiness is the gamma shape of arrivals it draws: give it or --cv, not with --arrivals trace"
         if getattr(args, "lora_assignment", None) is not None and args.popularity is not None:

@@ -246,7 +246,9 @@ def test_vllms_random_dataset_lengths_are_drawn_as_vllm_draws_them() -> None:
     with pytest.raises(ValueError, match="random_range_ratio"):
         WorkloadSpec(lengths="random", random_range_ratio=1.0)
     given = build_parser().parse_args(["loadgen", "--lengths", "fixed", "--random-range-ratio", "0.2"])
-    assert WorkloadSpec.unused_option(given) == "--random-range-ratio applies to --lengths random only, not fixed"
+    said = "--random-range-ratio applies to --lengths random only, not fixed (vLLM's random dataset: give "
+    said += "--dataset-name random)"
+    assert WorkloadSpec.unused_option(given) == said
 
 
 def test_vllms_general_input_length_is_the_prompts() -> None:
@@ -309,3 +311,22 @@ def test_http_request_options_are_refused_with_a_nats_target(
     be the one asked for."""
     args = build_parser().parse_args(["loadgen", "--target", "nats://127.0.0.1:1", "--out", str(tmp_path), *argv])
     assert args.func(args) == 2 and "is for HTTP targets, not a NATS one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, named",
+    [
+        ("--random-input-len", "--random-input-len applies to --lengths"),
+        ("--random-output-len", "--random-output-len applies to --lengths"),
+        ("--input-len", "--input-len applies to --lengths"),
+        ("--prompt-len", "--prompt-len applies to --lengths"),
+    ],
+)
+def test_a_length_option_that_does_nothing_is_refused_by_the_name_typed(option: str, named: str) -> None:
+    """``--random-input-len 1024`` without ``--dataset-name random`` (the lengths are the trace's)
+    was refused as "--prompt-len applies to ...": an option the vLLM user never wrote."""
+    problem = WorkloadSpec.unused_option(build_parser().parse_args(["loadgen", option, "8"]))
+    assert problem is not None and problem.startswith(named)
+    assert ("give --dataset-name random" in problem) == option.startswith("--random-")
+    taken = build_parser().parse_args(["loadgen", "--dataset-name", "random", option, "8"])
+    assert WorkloadSpec.unused_option(taken) is None
