@@ -119,45 +119,69 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_AFTER = {"SIGINT": 130, "SIGTERM": 143}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How ``run`` sends a workload and what it records besides the run's figures: all of a run but
+    the workload (``WorkloadSpec``), the target and the output folder, so that the CLI
+    (``from_args``), the benchmarks and the tests build one object. Defaults: the CLI's."""
+
+    # The base model's name at the gateway; where it is a folder, its tokenizer's too (vLLM's --model)
+    base_model: str = "model"
+    # What a request must meet to count toward goodput (--slo-*, vLLM's --goodput)
+    slo: SLO = SLO()
+    # Retries of a refused try (429, 503, a refused connection), as the openai package makes them
+    max_retries: int = 0
+    # The gateway's bearer token (None: OPENAI_API_KEY, as the openai package reads it)
+    api_key: str | None = None
+    # At most this many requests in flight (None: no cap, open loop; vLLM's --max-concurrency)
+    max_concurrency: int | None = None
+    # openai: token ids to /v1/completions; openai-chat: their text to /v1/chat/completions
+    backend: str = "openai"
+    # The folder whose tokenizer draws the prompts (None: base_model's, where it holds one)
+    tokenizer: str | None = None
+    # Send ignore_eos (False: outputs may end at EOS, short of the workload's lengths)
+    ignore_eos: bool = True
+    # What vllm-result.json writes besides the run's figures, and its name
+    record: RecordOptions = RecordOptions()
+    # Fields each request carries over loadgen's temperature 0 (vLLM's sampling options, --extra-body)
+    sampling: dict[str, Any] | None = None
+    # Requests sent first, not counted (vLLM's --num-warmups: ``runner.warm_up``)
+    num_warmups: int = 0
+    # Sent with every HTTP request, over the key's (vLLM's --header)
+    headers: Mapping[str, str] | None = None
+    # The name the base model's requests send, where base_model is its folder (None: base_model)
+    served_model_name: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        """The options of a ``dlora loadgen`` command line (checked by ``run_loadgen`` before)."""
+        return cls(
+            base_model=args.base_model,
+            slo=SLO(*slo_seconds(args).values()),
+            max_retries=args.max_retries,
+            api_key=args.api_key,
+            max_concurrency=args.max_concurrency,
+            backend=args.backend,
+            tokenizer=args.tokenizer,
+            ignore_eos=ignore_eos_of(args),
+            record=RecordOptions.from_args(args),
+            sampling=sampling_of(args),
+            num_warmups=args.num_warmups,
+            headers=dict(args.header) if args.header else None,
+            served_model_name=args.served_model_name,
+        )
+
+
 async def run(
-    spec: WorkloadSpec,
-    target: str,
-    out: str | Path,
-    console: Console,
-    *,
-    base_model: str = "model",
-    slo: SLO = SLO(),
-    max_retries: int = 0,
-    api_key: str | None = None,
-    max_concurrency: int | None = None,
-    backend: str = "openai",
-    tokenizer: str | None = None,
-    ignore_eos: bool = True,
-    record: RecordOptions = RecordOptions(),
-    sampling: dict[str, Any] | None = None,
-    num_warmups: int = 0,
-    headers: Mapping[str, str] | None = None,
-    served_model_name: str | None = None,
+    spec: WorkloadSpec, target: str, out: str | Path, console: Console, options: RunOptions = RunOptions()
 ) -> dict:
-    """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed, whose base
-    model is called ``base_model``, retrying a refused try up to ``max_retries`` times as the
-    openai package does, with ``api_key`` (None: ``OPENAI_API_KEY``, as the openai package reads it;
-    a gateway with ``auth = "keys"`` wants one); or a ``nats://`` URL), at most ``max_concurrency``
-    requests in flight (None: no cap), judge it by ``slo`` and write result.json, vllm-result.json,
-    report.png and report.html under ``out``. ``backend`` ``openai-chat`` sends each prompt as text
-    (its ids decoded by the tokenizer in the folder ``tokenizer``, else ``base_model``) to the chat
-    API; that tokenizer (``openai`` and NATS: ``tokenizer``, else ``base_model`` where that folder
-    holds one, as vLLM's bench defaults to --model) is the vocabulary the prompts are drawn from
-    (``prompt_text.ordinary_ids``) and counts an output the server's usage does not.
-    ``ignore_eos`` False sends no ``ignore_eos`` (outputs may end at EOS, short of the workload's
-    lengths). ``record``: what vllm-result.json writes besides the run's figures, and its name
-    (vLLM's --percentile-metrics, --metric-percentiles, --label, --metadata, --result-filename).
-    ``sampling``: fields each request carries over loadgen's temperature 0 (vLLM's
-    --temperature, --top-p, --top-k; over HTTP its --extra-body's too). ``num_warmups`` requests go
-    first, uncounted (vLLM's --num-warmups: ``runner.warm_up``). ``headers``: sent with every HTTP
-    request, over the key's (vLLM's --header). ``served_model_name``: the name requests to the base
-    model send, where ``base_model`` is its folder (vLLM's --served-model-name beside its --model;
-    None: ``base_model``). Ctrl-C or SIGTERM stops sending; the report is still written.
+    """Replay ``spec`` open loop against ``target`` (a gateway ``http://`` URL, streamed; or a
+    ``nats://`` URL) as ``options`` say, and write result.json, vllm-result.json, report.png and
+    report.html under ``out``. The tokenizer (``options.tokenizer``, else ``base_model`` where that
+    folder holds one, as vLLM's bench defaults to --model; ``openai-chat``'s wherever it is a
+    folder) is the vocabulary the prompts are drawn from (``prompt_text.ordinary_ids``), turns them
+    into the chat's text, and counts an output the server's usage does not. Ctrl-C or SIGTERM stops
+    sending; the report is still written.
 
     Returns:
         The overall summary (``metrics.summarize``), with the requests ``planned``, whether Ctrl-C
@@ -166,12 +190,13 @@ async def run(
         TraceError, ValueError, OSError: a trace cannot be read or the workload cannot be built,
             the target cannot be reached (NATS), the report cannot be written.
     """
-    shown = dataclasses.asdict(record)  # result.json's config keys, in the CLI's option order
+    tokenizer = options.tokenizer  # (the folder found for it, where none is named)
+    shown = dataclasses.asdict(options.record)  # result.json's config keys, in the CLI's option order
     # (else one of the two lost after the run)
-    own = vllm_record.taken(shown | {"max_concurrency": max_concurrency, "rate": spec.options()["rate"]})
-    if clash := sorted({key for key, _ in record.metadata or ()} & own):
+    own = vllm_record.taken(shown | {"max_concurrency": options.max_concurrency, "rate": spec.options()["rate"]})
+    if clash := sorted({key for key, _ in options.record.metadata or ()} & own):
         raise ValueError(f"--metadata {', '.join(clash)}: vllm-result.json has that key of its own")
-    if unwritten := [m for m in record.percentile_metrics or () if f"mean_{m}_ms" not in own]:
+    if unwritten := [m for m in options.record.percentile_metrics or () if f"mean_{m}_ms" not in own]:
         # vLLM writes none of them then and says nothing: a record without the figures asked for
         console.print(
             f"--percentile-metrics {','.join(unwritten)}: not written (the client queue's are under --max-concurrency "
@@ -184,20 +209,20 @@ async def run(
     chat_text: Callable[[int, list[int]], str] | None = None
     count_tokens: Callable[[str], int] | None = None
     prompt_vocab: list[int] | None = None  # no tokenizer: the ids 3..255 themselves
-    if backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
-        tokenizer = tokenizer or base_model
-    elif tokenizer is None and holds_tokenizer(base_model):
+    if options.backend == "openai-chat":  # the prompts' text: the base model's tokenizer where none is named
+        tokenizer = tokenizer or options.base_model
+    elif tokenizer is None and holds_tokenizer(options.base_model):
         # vLLM's bench loads --model's tokenizer where --tokenizer names none: the prompts are drawn
         # from its vocabulary (over NATS too: one model folder, one set of prompts whichever the
         # target), and over HTTP it counts an output without usage (else one token an event, a
         # server streaming several an event read short)
-        tokenizer = base_model
+        tokenizer = options.base_model
     if tokenizer is not None:  # before the run: a folder without a tokenizer is a usage error
         tok = load_tokenizer(tokenizer)
         # completions' too: vLLM's bench counts with its tokenizer an output whose usage is missing
         count_tokens = functools.partial(_tokens_in, tok)
         prompt_vocab = ordinary_ids(tok)
-        if backend == "openai-chat":
+        if options.backend == "openai-chat":
             prompts = (prompt_ids(i, s, ids=prompt_vocab) for i, s in enumerate(requests))
             chat_text = made_chat_texts(tok, prompts, len(requests), console)
     out = Path(out)
@@ -205,28 +230,28 @@ async def run(
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)  # OSError now, not after the run
     names = [name for name in report.FILES if name != report.VLLM_RECORD]
-    names.append(record.result_filename or report.VLLM_RECORD)
+    names.append(options.record.result_filename or report.VLLM_RECORD)
     if taken := [name for name in names if (out / name).is_dir()]:
         raise IsADirectoryError(f"--out {out}: {', '.join(taken)} is a folder; the report writes a file there")
     tempfile.TemporaryFile(dir=out).close()  # a folder this run cannot write to: OSError now, likewise
     if not target.startswith(NATS_SCHEMES):  # a connection a request in flight (NATS: one for all)
-        allow_open_files(min(max_concurrency or len(requests), len(requests)), console)
+        allow_open_files(min(options.max_concurrency or len(requests), len(requests)), console)
     clock = Clock()
     client = (
-        await NatsClient.connect(target, clock, ignore_eos, sampling, prompt_vocab)
+        await NatsClient.connect(target, clock, options.ignore_eos, options.sampling, prompt_vocab)
         if target.startswith(NATS_SCHEMES)
         else HttpClient(
             target,
-            served_model_name or base_model,
+            options.served_model_name or options.base_model,
             clock,
-            max_retries=max_retries,
-            api_key=api_key,
+            max_retries=options.max_retries,
+            api_key=options.api_key,
             chat_text=chat_text,
-            ignore_eos=ignore_eos,
+            ignore_eos=options.ignore_eos,
             count_tokens=count_tokens,
-            sampling=sampling,
+            sampling=options.sampling,
             prompt_vocab=prompt_vocab,
-            headers=headers,
+            headers=options.headers,
         )
     )
     if isinstance(client, HttpClient):
@@ -235,18 +260,18 @@ async def run(
         except BaseException:  # refused, or Ctrl-C while it asked: closed either way (no warning left)
             await client.close()
             raise
-        wanted = {s.adapter or served_model_name or base_model for s in requests}
+        wanted = {s.adapter or options.served_model_name or options.base_model for s in requests}
         if missing := sorted(wanted - served):
             console.print(f"not served by the target (their requests will fail): {', '.join(missing)}")
-    if num_warmups and requests:
+    if options.num_warmups and requests:
         try:  # before the clock and the signal handlers: Ctrl-C here is "interrupted before sending"
-            warm = await warm_up(requests, client, num_warmups, max_concurrency, spec.duration)
+            warm = await warm_up(requests, client, options.num_warmups, options.max_concurrency, spec.duration)
         except BaseException:
             await client.close()
             raise
         if failed := [r for r in warm if not r.completed]:
             reason = failed[0].error or "not finished within --duration"
-            console.print(f"warm-up: {len(failed)} of {num_warmups} did not complete ({reason})", markup=False)
+            console.print(f"warm-up: {len(failed)} of {options.num_warmups} did not complete ({reason})", markup=False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     stopped_by: list[str] = []
@@ -277,38 +302,48 @@ async def run(
         try:
             with progress:
                 results, end = await replay(
-                    requests, client, clock, spec.duration, stop, on_update=on_update, max_concurrency=max_concurrency
+                    requests,
+                    client,
+                    clock,
+                    spec.duration,
+                    stop,
+                    on_update=on_update,
+                    max_concurrency=options.max_concurrency,
                 )
         finally:
             await client.close()
         interrupted = stop.is_set()  # (a Ctrl-C after the run, while the report is written, did not cut it)
-        summary = summarize(results, end, slo) | {"planned": len(requests)}
+        summary = summarize(results, end, options.slo) | {"planned": len(requests)}
         if (unsent := len(requests) - summary["sent"]) and not interrupted:
             ended = f"--duration {spec.duration:g} s ended sending"
             console.print(f"{ended}: {unsent} of {len(requests)} requests not sent")
         # in result.json only, a server ignoring ignore_eos measured other lengths silently
-        if summary["short"] and ignore_eos:
+        if summary["short"] and options.ignore_eos:
             console.print(
                 f"{summary['short']} of {summary['completed']} completed requests ended before the tokens they "
                 "asked for (max_tokens with ignore_eos): the target did not honour ignore_eos, so this run's "
                 "outputs are shorter than the workload's"
             )
-        by_adapter = summarize_by_adapter([r for r in results if r.sent], end, slo)
+        by_adapter = summarize_by_adapter([r for r in results if r.sent], end, options.slo)
         # Keys in the CLI's option order and names, so records from the CLI and from benchmarks compare.
         kinds = ("request_trace", "popularity_source")
         formats = {f"{kind}_format": t.format for kind, t in zip(kinds, traces) if t is not None}
         skipped = {"request_trace_skipped_rows": traces[0].skipped} if traces[0] is not None else {}
         config = (
-            {"target": redacted(target), "base_model": base_model, "served_model_name": served_model_name}
-            | {"backend": backend, "tokenizer": tokenizer}
+            {
+                "target": redacted(target),
+                "base_model": options.base_model,
+                "served_model_name": options.served_model_name,
+            }
+            | {"backend": options.backend, "tokenizer": tokenizer}
             # the headers' names: their values may be credentials (vLLM's bench redacts --header)
-            | {"headers": sorted(headers) if headers else None}
+            | {"headers": sorted(options.headers) if options.headers else None}
             | spec.options()
-            | {"slo_ttft": slo.ttft_s, "slo_tpot": slo.tpot_s, "slo_e2e": slo.e2e_s}
-            | {"max_concurrency": max_concurrency, "ignore_eos": ignore_eos}
+            | {"slo_ttft": options.slo.ttft_s, "slo_tpot": options.slo.tpot_s, "slo_e2e": options.slo.e2e_s}
+            | {"max_concurrency": options.max_concurrency, "ignore_eos": options.ignore_eos}
             | shown
-            | {"sampling": sampling}
-            | {"num_warmups": num_warmups}
+            | {"sampling": options.sampling}
+            | {"num_warmups": options.num_warmups}
             | {"out": str(out), "interrupted": interrupted, "started_at": started_at}
             | formats
             | skipped
@@ -351,25 +386,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
                 f"--base-model {args.base_model} is no model folder holding a tokenizer"
             )
         summary = asyncio.run(
-            run(
-                WorkloadSpec.from_args(args),
-                args.target,
-                args.out,
-                console,
-                base_model=args.base_model,
-                slo=SLO(*slo_seconds(args).values()),
-                max_retries=args.max_retries,
-                api_key=args.api_key,
-                max_concurrency=args.max_concurrency,
-                backend=args.backend,
-                tokenizer=args.tokenizer,
-                ignore_eos=ignore_eos_of(args),
-                record=RecordOptions.from_args(args),
-                sampling=sampling_of(args),
-                num_warmups=args.num_warmups,
-                headers=dict(args.header) if args.header else None,
-                served_model_name=args.served_model_name,
-            )
+            run(WorkloadSpec.from_args(args), args.target, args.out, console, RunOptions.from_args(args))
         )
     except (TraceError, ValueError, OSError) as e:
         print(f"dlora loadgen: {e}", file=sys.stderr)

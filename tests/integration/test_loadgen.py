@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dlora.common import subjects
 from dlora.common.messages import GenerateRequest
-from dlora.loadgen.main import run
+from dlora.loadgen.main import RunOptions, run
 from dlora.loadgen.metrics import SLO
 from dlora.loadgen.options import add_arguments
 from dlora.loadgen.prompt_text import ordinary_ids
@@ -43,7 +43,7 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
         adapters=3,
     )
     with open(tmp_path / "console.txt", "w") as log:
-        summary = await run(spec, target, tmp_path, Console(file=log, width=160), slo=SLO(ttft_s=5))
+        summary = await run(spec, target, tmp_path, Console(file=log, width=160), RunOptions(slo=SLO(ttft_s=5)))
     assert summary["sent"] == 24 and summary["completed"] == 24 and summary["lost"] == 0 and summary["failed"] == 0
     assert summary["throughput_tok_s"] > 0 and summary["ttft_s"]["p50"] is not None
     result = json.loads((tmp_path / "result.json").read_text())
@@ -64,7 +64,9 @@ async def _run_chat(spec: WorkloadSpec, url: str, out: Path, model: Path) -> dic
     """``spec`` run with vLLM's --backend openai-chat against ``url``, its prompts decoded by
     ``model``'s tokenizer; the console's lines in ``out``/console.txt."""
     with open(out / "console.txt", "w") as log:
-        return await run(spec, url, out, Console(file=log, width=160), backend="openai-chat", tokenizer=str(model))
+        return await run(
+            spec, url, out, Console(file=log, width=160), RunOptions(backend="openai-chat", tokenizer=str(model))
+        )
 
 
 async def test_loadgen_chat_backend_goes_through_the_chat_template(stack: Stack, tmp_path: Path) -> None:
@@ -191,7 +193,7 @@ async def test_a_nats_run_draws_its_prompts_from_the_model_folders_vocabulary(st
     target = stack.nc._current_server.uri.geturl()
     try:
         with open(tmp_path / "console.txt", "w") as log:
-            summary = await run(spec, target, tmp_path, Console(file=log), base_model=str(stack.tiny.model))
+            summary = await run(spec, target, tmp_path, Console(file=log), RunOptions(base_model=str(stack.tiny.model)))
         await stack.nc.flush()
     finally:
         await sub.unsubscribe()

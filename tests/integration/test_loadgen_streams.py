@@ -15,7 +15,7 @@ from aiohttp import web
 from rich.console import Console
 
 from dlora.loadgen.clients import HttpClient
-from dlora.loadgen.main import run
+from dlora.loadgen.main import RunOptions, run
 from dlora.loadgen.metrics import RequestResult
 from dlora.loadgen.runner import Clock, replay
 from dlora.loadgen.spec import WorkloadSpec
@@ -212,7 +212,7 @@ async def test_the_run_is_also_recorded_under_vllms_names_and_units(tmp_path: Pa
 
     spec = WorkloadSpec(requests=8, rate=float("inf"), lengths="fixed", prompt_len=5, output_len=3, adapters=2)
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, Console(file=io.StringIO()), base_model="model", max_concurrency=2)
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(base_model="model", max_concurrency=2))
     result = json.loads((tmp_path / "result.json").read_text())
     ours, refused = result["summary"], result["by_adapter"]["lora-1"]["sent"]
 
@@ -415,6 +415,12 @@ async def test_prompts_leave_out_the_special_tokens_of_the_models_tokenizer(
 
     spec = WorkloadSpec(requests=6, rate=float("inf"), lengths="fixed", prompt_len=64, output_len=2)
     async with serving(completions, chat=chat) as url:
-        await run(spec, url, tmp_path, Console(file=io.StringIO()), base_model=str(special_tokenizer), backend=backend)
+        await run(
+            spec,
+            url,
+            tmp_path,
+            Console(file=io.StringIO()),
+            RunOptions(base_model=str(special_tokenizer), backend=backend),
+        )
     assert len(sent) == 6 and all(len(p) >= 60 for p in sent)
     assert not {t for p in sent for t in p} & set(tok.all_special_ids)

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from dlora.loadgen.main import run
+from dlora.loadgen.main import RunOptions, run
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_options import sampling_of
 from dlora.loadgen.vllm_record import RecordOptions
@@ -44,7 +44,7 @@ async def test_no_ignore_eos_sends_none_and_short_outputs_are_no_warning(tmp_pat
     spec = WorkloadSpec(requests=3, rate=50.0, lengths="fixed", prompt_len=4, output_len=8, adapter_names=(None,))
     console = Console(file=io.StringIO(), width=300)
     async with serving(completions) as url:
-        summary = await run(spec, url, tmp_path, console, ignore_eos=False)
+        summary = await run(spec, url, tmp_path, console, RunOptions(ignore_eos=False))
     assert summary["completed"] == 3 and summary["failed"] == 0 and all("ignore_eos" not in b for b in bodies)
     assert summary["short"] == 3 and "did not honour ignore_eos" not in console.file.getvalue()
     assert json.loads((tmp_path / "result.json").read_text())["config"]["ignore_eos"] is False
@@ -80,7 +80,9 @@ async def test_chat_outputs_without_usage_are_counted_by_the_tokenizer_and_recor
     )
     console = Console(file=io.StringIO(), width=300)
     async with serving(completions, chat=chat) as url:
-        summary = await run(spec, url, tmp_path, console, backend="openai-chat", tokenizer=str(tiny_llama.model))
+        summary = await run(
+            spec, url, tmp_path, console, RunOptions(backend="openai-chat", tokenizer=str(tiny_llama.model))
+        )
     assert expected > len(words) and summary["completed"] == 2 and summary["short"] == 0
     assert summary["total_output_tokens"] == 2 * expected and "did not honour" not in console.file.getvalue()
     v = json.loads((tmp_path / "vllm-result.json").read_text())
@@ -152,7 +154,7 @@ async def test_completions_count_outputs_without_usage_by_the_model_folders_toke
     folder = str(tiny_llama.model)
     async with serving(completions) as url:
         for model, tokens, tokenizer in [(folder, expected, folder), (str(bare), 4, None)]:
-            await run(spec, url, tmp_path / "out", Console(file=io.StringIO()), base_model=model)
+            await run(spec, url, tmp_path / "out", Console(file=io.StringIO()), RunOptions(base_model=model))
             v = json.loads((tmp_path / "out" / "vllm-result.json").read_text())
             assert (v["output_lens"], v["tokenizer_id"]) == ([tokens] * 2, tokenizer)
     assert expected != 4  # (the words' tokens are not the events')
@@ -171,7 +173,7 @@ async def test_vllms_record_has_queue_times_and_peaks_under_max_concurrency(tmp_
 
     spec = WorkloadSpec(requests=3, rate=math.inf, lengths="fixed", prompt_len=4, output_len=3, adapter_names=(None,))
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, Console(file=io.StringIO()), max_concurrency=1)
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(max_concurrency=1))
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert (v["endpoint_type"], v["backend"], v["max_concurrent_requests"], v["rtfx"]) == ("openai", "openai", 1, 0.0)
     assert 1 <= v["max_output_tokens_per_s"] <= 9 and len(v["queue_times"]) == 3
@@ -191,7 +193,7 @@ async def test_label_and_metadata_are_vllm_result_keys(tmp_path: Path) -> None:
     args = build_parser().parse_args(["loadgen", "--label", "dlora-a", "--metadata", "version=0.3.3", "cmd=a=b"])
     spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, Console(file=io.StringIO()), record=RecordOptions.from_args(args))
+        await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(record=RecordOptions.from_args(args)))
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert (v["label"], v["version"], v["cmd"], v["completed"]) == ("dlora-a", "0.3.3", "a=b", 2)
 
@@ -212,7 +214,7 @@ async def test_a_vllm_bench_command_line_saves_its_record_where_it_says(
     args = build_parser().parse_args([*argv, "--result-dir", str(tmp_path), "--result-filename", "run1.json"])
     spec = WorkloadSpec.from_args(args)
     async with serving(completions) as url:
-        await run(spec, url, args.out, Console(file=io.StringIO()), record=RecordOptions.from_args(args))
+        await run(spec, url, args.out, Console(file=io.StringIO()), RunOptions(record=RecordOptions.from_args(args)))
     v = json.loads((tmp_path / "run1.json").read_text())
     assert v["completed"] == 3 and len(v["ttfts"]) == 3 and (tmp_path / "result.json").exists()
     assert not (tmp_path / "vllm-result.json").exists()
@@ -239,7 +241,7 @@ async def test_sampling_options_and_extra_body_go_into_each_request(tmp_path: Pa
     args = build_parser().parse_args([*argv, "--extra-body", extra])
     spec = WorkloadSpec(requests=2, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     async with serving(completions) as url:
-        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(sampling=sampling_of(args)))
     assert summary["completed"] == 2 and len(bodies) == 2
     body = bodies[0]
     assert (body["temperature"], body["top_p"], body["seed"], "top_k" in body) == (0.7, 0.9, 7, False)
@@ -278,7 +280,7 @@ async def test_sampling_options_reach_the_workers_over_nats(stack: Stack, tmp_pa
     argv = ["loadgen", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.5", "--min-p", "0.1"]
     argv += ["--frequency-penalty", "0.2", "--presence-penalty", "0.3", "--repetition-penalty", "1.2"]
     args = build_parser().parse_args(argv)
-    summary = await run(spec, target, tmp_path, Console(file=io.StringIO()), sampling=sampling_of(args))
+    summary = await run(spec, target, tmp_path, Console(file=io.StringIO()), RunOptions(sampling=sampling_of(args)))
     await watch.unsubscribe()
     assert summary["completed"] == 4 and summary["failed"] == 0
     assert len(sent) == 4 and {(r.params.temperature, r.params.top_p, r.params.top_k) for r in sent} == {(0.8, 0.5, 5)}
@@ -337,7 +339,7 @@ async def test_warmups_go_first_to_each_adapter_and_are_not_counted(tmp_path: Pa
     spec = WorkloadSpec(requests=4, rate=50.0, lengths="fixed", prompt_len=6, output_len=2, adapters=3, seed=1)
     args = build_parser().parse_args(["loadgen", "--num-warmups", "3"])
     async with serving(completions) as url:
-        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), num_warmups=args.num_warmups)
+        summary = await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(num_warmups=args.num_warmups))
     warm, measured = bodies[:3], bodies[3:]
     assert summary["sent"] == summary["completed"] == 4 and len(measured) == 4
     assert {b["model"] for b in warm} == {b["model"] for b in measured} and len({b["model"] for b in warm}) > 1
@@ -390,7 +392,13 @@ async def test_percentile_metrics_the_run_cannot_write_are_named(
     console = Console(file=io.StringIO(), width=300)
     named = ("ttft", "client_queue_time", "e2el_including_client_queue")
     async with serving(completions) as url:
-        await run(spec, url, tmp_path, console, max_concurrency=cap, record=RecordOptions(percentile_metrics=named))
+        await run(
+            spec,
+            url,
+            tmp_path,
+            console,
+            RunOptions(max_concurrency=cap, record=RecordOptions(percentile_metrics=named)),
+        )
     assert f"--percentile-metrics {unwritten}: not written" in console.file.getvalue()
     v = json.loads((tmp_path / "vllm-result.json").read_text())
     assert "mean_ttft_ms" in v and all(f"mean_{m}_ms" not in v for m in unwritten.split(","))
@@ -451,5 +459,11 @@ async def test_a_model_folder_whose_tokenizer_has_no_vocabulary_is_refused_not_c
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     spec = WorkloadSpec(requests=1, rate=50.0, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,))
     with pytest.raises(ValueError, match="partial holds no tokenizer"):
-        await run(spec, "http://127.0.0.1:9", tmp_path / "out", Console(file=io.StringIO()), base_model=str(folder))
+        await run(
+            spec,
+            "http://127.0.0.1:9",
+            tmp_path / "out",
+            Console(file=io.StringIO()),
+            RunOptions(base_model=str(folder)),
+        )
     assert not (tmp_path / "out").exists()  # refused before the run wrote anything

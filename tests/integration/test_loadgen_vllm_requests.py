@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import web
 from rich.console import Console
 
-from dlora.loadgen.main import run
+from dlora.loadgen.main import RunOptions, run
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.vllm_record import RecordOptions
 from dlora.services.cli import build_parser
@@ -35,7 +35,11 @@ async def test_headers_go_with_every_request_over_the_keys(tmp_path: Path) -> No
     args = build_parser().parse_args(argv)
     async with serving(completions) as url:
         summary = await run(
-            SPEC, url, tmp_path, Console(file=io.StringIO()), api_key=args.api_key, headers=dict(args.header)
+            SPEC,
+            url,
+            tmp_path,
+            Console(file=io.StringIO()),
+            RunOptions(api_key=args.api_key, headers=dict(args.header)),
         )
     assert summary["completed"] == 2 and len(seen) == 2
     assert all(h["X-Tenant"] == "blue=1" and h["Authorization"] == "Bearer from-header" for h in seen)
@@ -52,7 +56,13 @@ async def test_an_authorization_header_in_any_case_replaces_the_keys(tmp_path: P
         return await _stream(request, [CHUNK, LAST])
 
     async with serving(completions) as url:
-        await run(SPEC, url, tmp_path, Console(file=io.StringIO()), api_key="k", headers={"authorization": "Bearer h"})
+        await run(
+            SPEC,
+            url,
+            tmp_path,
+            Console(file=io.StringIO()),
+            RunOptions(api_key="k", headers={"authorization": "Bearer h"}),
+        )
     assert seen == [["Bearer h"]] * 2
 
 
@@ -71,7 +81,11 @@ async def test_the_served_model_name_is_what_requests_name_and_the_folder_their_
     spec = WorkloadSpec.from_args(args)
     assert spec.adapter_names == (None,)
     summary = await run(
-        spec, stack.url, tmp_path, Console(file=shown), base_model=folder, served_model_name=args.served_model_name
+        spec,
+        stack.url,
+        tmp_path,
+        Console(file=shown),
+        RunOptions(base_model=folder, served_model_name=args.served_model_name),
     )
     assert summary["sent"] == summary["completed"] > 0 and summary["failed"] == 0
     assert "not served" not in shown.getvalue()
@@ -94,7 +108,7 @@ async def test_append_result_adds_each_runs_record_as_a_line(tmp_path: Path) -> 
             spec = WorkloadSpec(
                 requests=2, rate=rate, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,)
             )
-            await run(spec, url, tmp_path, Console(file=io.StringIO()), record=record)
+            await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(record=record))
     lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
     assert [json.loads(line)["request_rate"] for line in lines] == [10.0, 20.0]
     assert [json.loads(line)["completed"] for line in lines] == [2, 2]
@@ -118,7 +132,7 @@ async def test_append_result_after_a_record_written_whole_keeps_the_file_json_li
             spec = WorkloadSpec(
                 requests=2, rate=rate, lengths="fixed", prompt_len=4, output_len=2, adapter_names=(None,)
             )
-            await run(spec, url, tmp_path, Console(file=io.StringIO()), record=record)
+            await run(spec, url, tmp_path, Console(file=io.StringIO()), RunOptions(record=record))
     for name, rates in (("vllm-result.json", [10.0, 20.0]), ("vllm.jsonl", [1.0, 30.0])):
         lines = (tmp_path / name).read_text().splitlines()
         assert [json.loads(line)["request_rate"] for line in lines] == rates, name

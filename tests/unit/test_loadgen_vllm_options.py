@@ -330,3 +330,15 @@ def test_a_length_option_that_does_nothing_is_refused_by_the_name_typed(option: 
     assert ("give --dataset-name random" in problem) == option.startswith("--random-")
     taken = build_parser().parse_args(["loadgen", "--dataset-name", "random", option, "8"])
     assert WorkloadSpec.unused_option(taken) is None
+
+
+def test_the_cli_builds_one_run_options_object_whose_defaults_are_the_dataclasss() -> None:
+    """``run`` took 13 keyword arguments, each copied from the command line by hand: the CLI, the
+    benchmarks and the tests build one ``RunOptions`` now, and the CLI's defaults are its own."""
+    from dlora.loadgen.main import RunOptions
+
+    assert RunOptions.from_args(build_parser().parse_args(["loadgen"])) == RunOptions()
+    argv = ["loadgen", "--max-concurrency", "3", "--temperature", "0.5", "--header", "X-A=1", "--goodput", "ttft:200"]
+    given = RunOptions.from_args(build_parser().parse_args([*argv, "--no-ignore-eos", "--backend", "openai-chat"]))
+    assert (given.max_concurrency, given.sampling, given.headers) == (3, {"temperature": 0.5}, {"X-A": "1"})
+    assert (given.slo, given.ignore_eos, given.backend) == (SLO(ttft_s=0.2), False, "openai-chat")
