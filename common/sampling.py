@@ -186,7 +186,7 @@ class Range(NamedTuple):
     (``SamplingParams._verify_args``, vllm/sampling_params.py: "top_p must be in (0, 1], got 1.5.").
     NaN is outside every range (each comparison with it is false)."""
 
-    # The least value taken (``math.inf``-free: every field has one).
+    # The least value taken (every field has one).
     low: float
     # The most value taken; ``math.inf``: none.
     high: float = math.inf
