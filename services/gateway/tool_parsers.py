@@ -10,7 +10,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
   ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;`` (or ``,``,
   which vLLM's reading passes over too), optionally after
-  ``<|python_tag|>``; an output that does not begin so is text.
+  ``<|python_tag|>``; an output that does not begin so is text. Text after the calls is content
+  as written (the whitespace after the last separator too: "\\n\\nDone." keeps its line breaks).
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
@@ -224,8 +225,8 @@ class ToolParser:
         rest, self._held, self._at = self._held[self._at :], "", 0
         if self.kind == "llama3_json" and (self._inside or not self._decided) and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
-        if self.kind == "llama3_json" and self.calls and self._inside and self._scan.read:
-            rest = ""  # a call cut short (max_tokens) after whole ones: no content, as hermes' and mistral's
+        if self.kind == "llama3_json" and self.calls and self._inside and (self._scan.read or not rest.strip()):
+            rest = ""  # a call cut short (max_tokens) after whole ones, or whitespace: no content, as hermes' and mistral's
         tag = _TAGS.get(self.kind)
         if self._inside and tag:
             rest = tag + rest
@@ -242,9 +243,10 @@ class ToolParser:
                 return False
             self._read += len(text)
             return True
-        if self.kind == "mistral" and self._inside and not self._scan.read and text.isspace():
-            # whitespace after [TOOL_CALLS] all read (nothing else held, or only such pieces):
-            # joined, all of it was copied again at every token (hermes' was so; a review)
+        if self.kind in ("mistral", "llama3_json") and self._inside and not self._scan.read and text.isspace():
+            # whitespace after [TOOL_CALLS], or between llama3_json's calls, all read (nothing else
+            # held, or only such pieces): joined, all of it was copied again at every token
+            # (hermes' was so; a review)
             if self._pieces or self._read == len(self._held):
                 self._read += len(text)
                 return True
@@ -399,25 +401,28 @@ class ToolParser:
         while self._inside:
             if self._scan.read == 0:  # between objects: the separators go, and Llama's call tag
                 # in any order: a tag after "; " was text unstreamed and a call streamed, where
-                # the tag (a special token) came as a piece of its own
-                at = self._at
+                # the tag (a special token) came as a piece of its own. Whitespace after the last
+                # of them stays (_at) for text that may follow ("\n\nDone." lost its line breaks);
+                # _read: how far they are read, each character once across tokens
+                at = self._read
                 while at < len(held) and (held[at] in " \t\r\n;," or held.startswith(_PYTHON_TAG, at)):
                     at += 1 if held[at] in " \t\r\n;," else len(_PYTHON_TAG)
-                self._at = at
+                    self._at = self._at if held[at - 1] in " \t\r\n" else at
+                self._read = at
                 if at == len(held) or held[at] != "{":
                     # (the start of a tag waits for its end, unstreamed alike)
                     if len(held) - at > len(_PYTHON_TAG) or not _PYTHON_TAG.startswith(held[at:]):
                         return self._not_calls(), out
                     break
-            if (end := self._scan.find(held, self._at)) is None:
+            if (end := self._scan.find(held, self._read)) is None:  # (_read: where the object begins)
                 break  # not whole yet
             try:
-                obj = loads(held[self._at : end])
+                obj = loads(held[self._read : end])
             except ValueError:
                 obj = None
             if not self._add(decoded_call(obj, ("parameters", "arguments")), out):
                 return self._not_calls(), out  # not a call (or not JSON)
-            self._at = end
+            self._at = self._read = end
         return "", out
 
     def _not_calls(self) -> str:

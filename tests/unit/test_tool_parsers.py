@@ -409,7 +409,7 @@ def test_text_after_llama3_json_calls_or_instead_of_them_streams_as_it_comes() -
     finish: nothing streamed meanwhile. It goes out once it is known to be text, then as it comes."""
     parser = ToolParser("llama3_json")
     said = [parser.feed(piece) for piece in [LLAMA_ONE, "; ", '{"temperature": 3}', *["word "] * 1000]]
-    assert said[2] == ('{"temperature": 3}', []) and said[3:] == [("word ", [])] * 1000
+    assert said[2] == (' {"temperature": 3}', []) and said[3:] == [("word ", [])] * 1000
     assert parser._held == "" and not parser._pieces and parser.finish() == ("", [])
     _, _, said = read("llama3_json", ['\n{"temperature"', ": 3}", " is", " the answer"])
     assert said == ["", '\n{"temperature": 3}', " is", " the answer", ""]
