@@ -149,12 +149,18 @@ class TagEnd:
 _STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 
 
+# The brackets between a JSON text's strings (what a look at them needs, found in C)
+_BRACKETS = re.compile(r"[{}\[\]]")
+
+
 @dataclass
 class QuotesCheck:
     """Whether a growing JSON text's quotes are unsound: a string closed where JSON lets none close,
-    what follows it not ":", ",", "}" or "]" (``{"q": "5" inches"}``, a quote the model left
-    unescaped), or opened where JSON lets none open, what comes before it not "{", "[", ":" or ","
-    (``{"q": 5"}``, a stray quote after a value). A tag read inside a string of a text whose quotes
+    what follows it not what its place needs (``{"q": "5" inches"}``, a quote the model left
+    unescaped; a value's string followed by ":", ``{"t": "a ":"}}``, as a key's is), or opened
+    where JSON lets none open, what comes before it not "{", "[", ":" or "," (``{"q": 5"}``, a
+    stray quote after a value). A key (a string opened right after an object's "{" or ",") must be
+    followed by ":", a value by ",", "}" or "]". A tag read inside a string of a text whose quotes
     are sound is the string's (an argument quoting it); of one whose quotes are not, it may close
     the call. Each character is read once across looks; strings are skipped by a regex (in C)."""
 
@@ -163,6 +169,9 @@ class QuotesCheck:
     after_string: bool = False  # a string closed: what comes next (whitespace passed) is checked
     last: str = ""  # the last character outside strings and whitespace ("": none yet)
     broken: bool = False
+    key: bool = False  # the string being read (or just closed) is an object's key
+    # the objects and arrays open around what is read, innermost last: "{" or "["
+    open: list[str] = field(default_factory=list)
 
     def look(self, text: str, start: int, end: int) -> bool:
         """Whether ``text[start:end]`` (the text from its start; ``read`` of it already looked at)
@@ -174,16 +183,23 @@ class QuotesCheck:
                 if i == end or text[i] != '"':  # (its end not come; or a backslash the look ends after)
                     break
                 self.in_string, self.after_string, i = False, True, i + 1
-            elif self.after_string:
-                if text[i] not in " \t\r\n":
-                    self.broken, self.after_string, self.last = text[i] not in ":,}]", False, text[i]
+            elif self.after_string and text[i] in " \t\r\n":
                 i += 1
+            elif self.after_string:  # (the character is then read as any outside a string)
+                self.broken, self.after_string = text[i] != ":" if self.key else text[i] not in ",}]", False
             else:
                 quote = text.find('"', i, end)
-                self.last = text[i : end if quote < 0 else quote].rstrip(" \t\r\n")[-1:] or self.last
+                stop = end if quote < 0 else quote
+                for bracket in _BRACKETS.finditer(text, i, stop):
+                    if bracket[0] in "{[":
+                        self.open.append(bracket[0])
+                    elif self.open:
+                        self.open.pop()
+                self.last = text[i:stop].rstrip(" \t\r\n")[-1:] or self.last
                 if quote < 0:
                     i = end
                 else:
                     self.broken, self.in_string, i = self.last not in ("", "{", "[", ":", ","), True, quote + 1
+                    self.key = bool(self.open) and self.open[-1] == "{" and self.last in "{,"
         self.read = i - start
         return self.broken

@@ -33,13 +33,17 @@ def test_a_call_with_an_unescaped_quote_goes_out_as_text_at_its_tag_and_the_next
     [
         '<tool_call>{"name": "find", "arguments": {"q": 5"}}</tool_call>',  # a stray quote after a value
         '<tool_call>{"name": "say", "arguments": {"t": "a", b"}}</tool_call>',  # after a "," no key opens
+        # a value's string followed by ":" (a key's is), its "b" left unescaped: the rest one string
+        '<tool_call>{"name": "say", "arguments": {"t": "a ":"}}</tool_call>',
+        '<tool_call>{"name": "say", "arguments": {"t": ["a ":"}]}</tool_call>',
     ],
 )
-def test_a_quote_opened_where_json_lets_none_goes_out_as_text_at_its_tag(bad: str) -> None:
+def test_a_quote_where_json_lets_none_goes_out_as_text_at_its_tag(bad: str) -> None:
     """A review of the quotes check: it caught a string closed where JSON lets none ("5" inches)
-    but not one opened so (``5"``, ``b"``): that call's quotes read as sound, so its quoted tag was
-    the argument's and the stream said nothing more until the output's end or a later call's quote
-    flipped them back (as before the check, braces balanced cut it at its tag)."""
+    but not one opened so (``5"``, ``b"``), nor a value's closed before a ":" (``"a ":"``, which
+    fits a key): that call's quotes read as sound, so its quoted tag was the argument's and the
+    stream said nothing more until the output's end or a later call's quote flipped them back (as
+    before the check, braces balanced cut it at its tag)."""
     text = "Looking.\n" + bad + "\n" + PING_CALL
     bad_end = text.index("</tool_call>") + len("</tool_call>")
     content, calls, said = read("hermes", [text[:bad_end], text[bad_end:-3], text[-3:]])
@@ -124,6 +128,7 @@ def test_a_tag_an_argument_quotes_after_closing_braces_stays_the_arguments(argum
 
 def test_quotes_check_finds_a_string_closed_where_json_lets_none_reading_each_character_once() -> None:
     cases = [('{"q": "5" inches"}', True), ('{"q": 5"}', True), ('{"a": "x\\"y", "b": ["z" , {"c": "}}"}]}', False)]
+    cases += [('{"t": "a ":"b"}', True), ('{"k" "v"}', True), ('{"a": [{"b": "c"}, "d"], "e" :\n"f"}', False)]
     for text, unsound in cases:
         check = QuotesCheck()
         assert [check.look(text, 0, end) for end in range(len(text) + 1)][-1] == unsound
