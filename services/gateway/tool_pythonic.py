@@ -6,7 +6,7 @@ Read with Python's own parser (``ast``), literals only, never evaluated: strings
 triple too), numbers (signed), ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``,
 which models write there), lists, tuples (as lists) and dicts with string keys; what Python
 refuses but a model means one way is read as meant (a reserved word as a keyword's name,
-``from=``; a line break inside a one-line string: ``_repaired``). A list begins at
+``from=``; a line break inside a one-line string: ``tool_pythonic_call.py``). A list begins at
 ``[name(`` that opens a line (text before it and a line break: vLLM's own plan for Llama 3.2; after
 text, its first call names one of the request's tools), or
 after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text before the
@@ -22,18 +22,14 @@ text as written.
 
 from __future__ import annotations
 
-import ast
-import math
 import re
 from dataclasses import dataclass, field, replace
 from keyword import iskeyword
-from typing import Any
 
-from dlora.services.gateway.tool_json import Number, arguments_json
 from dlora.services.gateway.tool_parsers import Call, joined
+from dlora.services.gateway.tool_pythonic_call import LINE_BREAK, SPACE, pythonic_call
 
 _TAGS = ("<|python_start|>", "<|python_tag|>")  # Llama 4's and Llama 3's, before a list of calls
-_SPACE = " \t\r\n\f"  # Python's whitespace between tokens
 _NAME_ROOM = 64  # OpenAI's longest function name: a longer word after "[" is text
 _SPACE_ROOM = 16  # whitespace a list's opening may hold (after the tag, "[", the name)
 # A whole output is read in pieces of at most this many characters, as a stream's tokens are: the
@@ -41,24 +37,15 @@ _SPACE_ROOM = 16  # whitespace a list's opening may hold (after the tag, "[", th
 # lists) took 12 s of the gateway's loop, every look a copy of the rest (a review)
 _PIECE = 512
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-_JSON_NAMES = {"true": True, "false": False, "null": None}
 _YES, _MAYBE, _NO = 0, 1, 2
 _STRING_PREFIXES = {"r", "u", "b", "f", "br", "rb", "fr", "rf"}  # Python's (any case), before a quote
 _OPERAND_WORDS = {"True", "False", "None"}  # the keywords that are values (the others are operators)
-_WORD = re.compile(r"\w+")
-_KEYWORD = "dlora_keyword_"  # a reserved word's stand-in as a keyword's name (``_repaired``)
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # Python's (ast's line numbers), not str.splitlines' (\f, \v, ...)
-
-
-class _NotLiteral(ValueError):
-    pass
 
 
 def _skip_space(text: str, j: int) -> int | None:
     """Past the whitespace at ``text[j]``; None where there is more than a list's opening holds."""
     start = j
-    while j < len(text) and text[j] in _SPACE:
+    while j < len(text) and text[j] in SPACE:
         j += 1
     return j if j - start <= _SPACE_ROOM else None
 
@@ -87,118 +74,6 @@ def _opening(text: str, i: int) -> tuple[int, int]:
     if j == len(text):
         return _MAYBE, 0
     return (_YES, bracket) if text[j] == "(" else (_NO, 0)
-
-
-def _value(node: ast.expr, source: list[bytes]) -> Any:
-    """The JSON value a literal argument is; ``source``: the item's lines, UTF-8 (ast's columns
-    count bytes)."""
-    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, bool, int))):
-        return node.value
-    if isinstance(node, ast.Constant) and isinstance(node.value, float):
-        if math.isfinite(node.value):
-            return node.value
-        # 1e400: kept as written, as JSON's. (ast.get_source_segment split the whole item into lines
-        # for each: 4,000 of them in a 28 kB item took 26 s of the gateway's loop, a review found)
-        line = source[node.lineno - 1] if node.lineno == node.end_lineno else b""
-        written = line[node.col_offset : node.end_col_offset].decode(errors="replace")
-        if _JSON_NUMBER.fullmatch(written):
-            return Number(written)
-        raise _NotLiteral(written)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = node.operand
-        if isinstance(operand, ast.Constant) and type(operand.value) in (int, float):
-            value = _value(operand, source)
-            if not isinstance(node.op, ast.USub):
-                return value
-            return Number("-" + value.text) if isinstance(value, Number) else -value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_value(item, source) for item in node.elts]
-    if isinstance(node, ast.Dict):
-        out: dict[str, Any] = {}
-        for key, item in zip(node.keys, node.values):
-            if not isinstance(key, ast.Constant) or not isinstance(key.value, str):  # (None: **mapping)
-                raise _NotLiteral("a key that is not a string")
-            out[key.value] = _value(item, source)
-        return out
-    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
-        return _JSON_NAMES[node.id]
-    raise _NotLiteral(type(node).__name__)
-
-
-def pythonic_call(item: str) -> tuple[str, str] | None:
-    """(name, arguments as JSON) of one item of a list, ``name(key=literal, ...)``, or None where it
-    is not one (positional arguments, a repeated keyword, a value that is not a literal). What
-    Python refuses but a model means one way is read as meant (``_repaired``)."""
-    source, names = item.strip(_SPACE), dict[str, str]()
-    while source.startswith("#"):  # a comment before the call, after the "," (Python's eval takes none there)
-        source = (_LINE_BREAK.split(source, maxsplit=1) + [""])[1].strip(_SPACE)
-    try:
-        node = ast.parse(source, mode="eval").body
-    except SyntaxError:
-        source, names = _repaired(source)
-        node = None
-    except (ValueError, RecursionError, MemoryError):  # (too deep: the parser's own bound)
-        return None
-    if node is None:
-        try:
-            node = ast.parse(source, mode="eval").body
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            return None
-    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
-        return None
-    arguments: dict[str, Any] = {}
-    lines = [line.encode() for line in _LINE_BREAK.split(source)]
-    for keyword in node.keywords:
-        name = names.get(keyword.arg, keyword.arg) if keyword.arg is not None else None
-        if name is None or name in arguments:  # **mapping; a keyword given twice
-            return None
-        try:
-            arguments[name] = _value(keyword.value, lines)
-        except (_NotLiteral, RecursionError):
-            return None
-    return node.func.id, arguments_json(arguments)
-
-
-def _repaired(source: str) -> tuple[str, dict[str, str]]:
-    """A call Python refuses, written as Python reads what the model meant (vLLM's lfm2 parser
-    reads both, PR #48171; its pythonic one gives the call back as text): a reserved word as a
-    keyword's name (``memory_get(from=1)``, a tool's parameter "from"), renamed (returned: each
-    stand-in and the name it stands for); a line break in a one-line quoted string (a shell
-    command's lines), escaped. Strings are read past as written (any quote, triple, prefixed)."""
-    out: list[str] = []
-    names: dict[str, str] = {}
-    i, n, last = 0, len(source), ""  # last: the last word or character outside strings and whitespace
-    while i < n:
-        char = source[i]
-        if char in "'\"":
-            quote = char * 3 if source.startswith(char * 3, i) else char
-            end = i + len(quote)
-            while end < n and not source.startswith(quote, end):
-                end += 2 if source[end] == "\\" else 1
-            body = source[i + len(quote) : end]
-            raw = i > 0 and (source[i - 1].isalnum() or source[i - 1] == "_") and "r" in last.lower()
-            if len(quote) == 1 and not raw:  # (in a raw string an escape stays two characters)
-                body = body.replace("\r", "\\r").replace("\n", "\\n")
-            out.append(quote + body + source[end : end + len(quote)])
-            i, last = end + len(quote), char
-        elif char == "#":  # a comment, to its line's end, as written
-            end = match.start() if (match := _LINE_BREAK.search(source, i)) else n
-            out.append(source[i:end])
-            i = end
-        elif char.isalnum() or char == "_":
-            word = match[0] if (match := _WORD.match(source, i)) else char  # (\w: isalnum's characters and "_")
-            after = i + len(word)
-            while after < n and source[after] in _SPACE:
-                after += 1
-            named = last in ("(", ",") and source.startswith("=", after) and not source.startswith("==", after)
-            if named and iskeyword(word):
-                names[_KEYWORD + word] = word
-            out.append(_KEYWORD + word if named and iskeyword(word) else word)
-            i, last = i + len(word), word
-        else:
-            out.append(char)
-            i, last = i + 1, last if char in _SPACE else char
-    return "".join(out), names
 
 
 @dataclass
@@ -235,7 +110,7 @@ class _Prose:
             if self.juxtaposed and not operator:
                 return True
             self.operand = not operator
-        if char not in _SPACE:
+        if char not in SPACE:
             self.operand = char in ")]}'\""
         return False
 
@@ -299,10 +174,10 @@ class PythonicReader:
             # (a list closed by ")" or "}" is no list: that item is read with it, and fails)
             item = self._held[self._item : end + (self._held[end] not in ",]")]
             self._item = end + 1
-            call = pythonic_call(item) if item.strip(_SPACE) else None
+            call = pythonic_call(item) if item.strip(SPACE) else None
             if call and not self._found and self._said and not self._tagged and self.names is not None:
                 call = call if call[0] in self.names else None
-            if item.strip(_SPACE) and not self._add(call, out) and not self._found:
+            if item.strip(SPACE) and not self._add(call, out) and not self._found:
                 # its first item is no call: the list is text, read on after that item
                 content += self._given(self._held[: end + 1])
                 self._held, self._inside = self._held[end + 1 :], False
@@ -355,12 +230,12 @@ class PythonicReader:
     def _line_start(self, before: str) -> bool:
         """Whether what came before, ending in ``before``, leaves a line blank so far."""
         line = before.rsplit("\n", 1)
-        return not line[-1].strip(_SPACE) and (len(line) > 1 or self._blank)
+        return not line[-1].strip(SPACE) and (len(line) > 1 or self._blank)
 
     def _given(self, text: str) -> str:
         """``text`` read past: content before the first call."""
         self._blank = self._line_start(text)
-        self._said = self._said or bool(text.strip(_SPACE))
+        self._said = self._said or bool(text.strip(SPACE))
         return text if not self.calls else ""
 
     def _fits(self, char: str) -> bool:
@@ -369,7 +244,7 @@ class PythonicReader:
         went on as prose ("[see(Python's docs) for more") was held to the end of the stream, as
         vLLM's holds it (silent while its text does not parse): decided here at the first character
         no call can hold, it goes out as the text it is. Its end, a call or not, is ast's word."""
-        shape, depth, space = self._shape, self._depth, char in _SPACE
+        shape, depth, space = self._shape, self._depth, char in SPACE
         word = char.isalnum() or char == "_"
         if char in "#\\":  # (a comment, a line joined: valid Python, which ast reads at the end)
             self._shape = ""
@@ -454,7 +329,7 @@ class PythonicReader:
                 self._shape, self._broken, self._read = "", True, i
                 return i
             elif self._comment or char == "#":  # to the line's end: a comment's quote ("don't") opens no string
-                if (found := _LINE_BREAK.search(text, i)) is None:
+                if (found := LINE_BREAK.search(text, i)) is None:
                     self._comment, i = True, len(text)
                     break
                 self._comment, i = False, found.start()

@@ -10,11 +10,11 @@ import random
 
 import pytest
 
-from dlora.services.gateway import tool_pythonic
+from dlora.services.gateway import tool_pythonic, tool_pythonic_call
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
-from dlora.services.gateway.tool_pythonic import pythonic_call
+from dlora.services.gateway.tool_pythonic_call import pythonic_call
 from tests.unit.test_tool_parsers import read
 
 TWO = "[get_weather(city='SF'), get_date()]"
@@ -365,14 +365,14 @@ def test_numbers_past_a_float_cost_each_its_own_length(monkeypatch: pytest.Monke
     text: 4,000 of them in a 28 kB call took 26 s of the gateway's event loop. Its place is read
     from the item's lines, split once (in bytes, as ast counts columns: non-ASCII before it)."""
     splits: list[str] = []
-    breaks = tool_pythonic._LINE_BREAK
+    breaks = tool_pythonic_call.LINE_BREAK
 
     class Counted:
         def split(self, text: str) -> list[str]:
             splits.append(text)
             return breaks.split(text)
 
-    monkeypatch.setattr(tool_pythonic, "_LINE_BREAK", Counted())
+    monkeypatch.setattr(tool_pythonic_call, "LINE_BREAK", Counted())
     monkeypatch.setattr(ast, "get_source_segment", None)  # (it splits the whole source at each call)
     numbers = ", ".join(["1e400", "-2E+999"] * 1_000)
     text = "[f(city='Zürich', x=[" + numbers + "], y='''\né''', z=1e400)]"
