@@ -13,8 +13,8 @@ after Llama 4's ``<|python_start|>`` or ``<|python_tag|>`` (taken off); the text
 first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
-after a call it is passed over, and where it turns to prose (a quote after a word, "see(Python's
-docs)"; words side by side, "see the docs": ``_Prose``) the list ends there and a later list is
+after a call it is passed over (``else'x'`` too), and where it turns to prose (a quote after a
+word no keyword, "see(Python's docs)"; words side by side, "see the docs": ``_Prose``) the list ends there and a later list is
 read. Comments are Python's: a quote in one opens no string. A list cut short keeps the calls it
 finished (its last item too where that parses: a model that left out the ``]``); none, and it is
 text as written.
@@ -91,8 +91,13 @@ class _Prose:
     juxtaposed: bool = False  # the word being read began right after a value
 
     def quote(self) -> bool:
-        """Whether a quote now (outside strings) makes prose: one right after a word, not a prefix."""
-        return bool(self.word) and self.word.lower() not in _STRING_PREFIXES
+        """Whether a quote now (outside strings) makes prose: one right after a word that is
+        neither a string's prefix nor an operator Python reads a string after (``else'x'``,
+        ``not'x'``: an expression, passed over as ``else 'x'`` is, not the list's end)."""
+        word = self.word
+        return (
+            bool(word) and word.lower() not in _STRING_PREFIXES and not (iskeyword(word) and word not in _OPERAND_WORDS)
+        )
 
     def step(self, char: str) -> bool:
         """Read ``char`` (outside strings and comments): whether the item turned to prose at it."""
@@ -270,8 +275,8 @@ class PythonicReader:
         if shape == "value":  # (after "=", a sign, whitespace)
             if word or char == ".":
                 self._shape, self._prefix = "word", char in "rRuU"
-            elif char in "'\"([{":
-                self._shape = "next"  # (the string or the nested value read past, by _scan)
+            elif char in "'\"([{":  # (the string or the nested value read past, by _scan)
+                self._shape = "string" if char in "'\"" else "next"
             self._last = char
             return space or word or char in ".+-'\"([{"
         if shape == "word":  # a number, True, None, ...; or a string's prefix
@@ -279,11 +284,16 @@ class PythonicReader:
                 self._prefix, self._last = self._prefix and char in "rRuUbB", char
                 return True
             if char in "'\"" and self._prefix:
-                self._shape = "next"
+                self._shape = "string"
                 return True
+        if shape == "string" and char in "rRuU":  # a prefixed string beside it: 'a' r'b' is one string
+            self._shape, self._prefix = "word", True
+            return True
         # after a value (or a word's end): more of it (strings side by side), the next key, the end
-        if space:
-            self._shape = "next"
+        if char in "'\"":
+            self._shape = "string"
+        elif space:
+            self._shape = "string" if shape == "string" else "next"
         elif char == ",":
             self._shape = "key"
         elif char == ")":

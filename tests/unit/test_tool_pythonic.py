@@ -83,6 +83,13 @@ CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
         ("[print('a'), get_date()]", "[print('a'), get_date()]", []),
         ("<|python_start|>[print('a')]", "<|python_start|>[print('a')]", []),  # the tag given back with it
         ("[get_date(), print('a'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
+        # a keyword's string (else'x', not'y') is Python's, an expression passed over: it ended the list as prose
+        ("[get_date(), f(s=1 if t else'x', u=not'y'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
+        # strings side by side, the second prefixed, are one string (ast's and so vLLM's): the first
+        # item read a prefix after a string as a word after a value, text; an f-string is no literal
+        # (vLLM's ast reads a JoinedStr, and gives the output back as text)
+        ("[f(s='a' r'\\d', t='b'U\"c\")]", "", [("f", json.dumps({"s": "a\\d", "t": "bc"}))]),
+        ("[f(s='a' f'b')]", "[f(s='a' f'b')]", []),
     ],
 )
 def test_a_whole_pythonic_output_and_its_stream_read_alike(
