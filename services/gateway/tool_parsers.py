@@ -226,7 +226,7 @@ class ToolParser:
         if self.kind == "llama3_json" and (self._inside or not self._decided) and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
         if self.kind == "llama3_json" and self.calls and self._inside and (self._scan.read or not rest.strip()):
-            rest = ""  # a call cut short (max_tokens) after whole ones, or whitespace: no content, as hermes' and mistral's
+            rest = ""  # a call cut short (max_tokens) after whole ones, or whitespace: none, as hermes' and mistral's
         tag = _TAGS.get(self.kind)
         if self._inside and tag:
             rest = tag + rest

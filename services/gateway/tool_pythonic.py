@@ -14,10 +14,10 @@ first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
 after a call it is passed over (``else'x'`` too), and where it turns to prose (a quote after a
-word no keyword, "see(Python's docs)"; words side by side, "see the docs": ``_Prose``) the list ends there and a later list is
-read. Comments are Python's: a quote in one opens no string. A list cut short keeps the calls it
-finished (its last item too where that parses: a model that left out the ``]``); none, and it is
-text as written.
+word no keyword, "see(Python's docs)"; words side by side, "see the docs": ``_Prose``) the list
+ends there and a later list is read. Comments are Python's: a quote in one opens no string. A
+list cut short keeps the calls it finished (its last item too where that parses: a model that left
+out the ``]``); none, and it is text as written.
 """
 
 from __future__ import annotations
