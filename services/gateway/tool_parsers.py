@@ -9,8 +9,9 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   ``</tool_call>`` inside an argument's string is the argument's (vLLM PRs #48353/#55848).
 - ``llama3_json`` (Llama 3.1/3.2 JSON tool calling): the whole output is one or more objects
   ``{"name": ..., "parameters": {...}}`` (or ``"arguments"``), separated by ``;`` (or ``,``,
-  which vLLM's reading passes over too), optionally after
-  ``<|python_tag|>``; an output that does not begin so is text. Text after the calls is content
+  which vLLM's reading passes over too), optionally after ``<|python_tag|>`` (Llama 4's
+  ``<|python_start|>``... ``<|python_end|>`` too); an output that does not begin so is text, and
+  an object without ``"parameters"`` or ``"arguments"`` is none (vLLM's). Text after the calls is content
   as written (the whitespace after the last separator too: "\\n\\nDone." keeps its line breaks).
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
@@ -387,10 +388,10 @@ class ToolParser:
     def _llama3_json(self) -> tuple[str, list[Call]]:
         if not self._decided:  # (leading whitespace leaves _held, not stripped again per token; _written keeps it)
             self._held = start = self._held.lstrip()
-            if not start or _PYTHON_TAG.startswith(start) and start != _PYTHON_TAG:
+            if not start or any(tag.startswith(start) and tag != start for tag in _LLAMA_OPENERS):
                 return "", []  # not decided yet
             self._decided = True
-            self._inside = start.startswith("{") or start.startswith(_PYTHON_TAG)
+            self._inside = start.startswith(("{", *_LLAMA_OPENERS))
             if not self._inside:
                 self._held, self._written = "".join(self._written), []
         if not self._inside:
@@ -405,13 +406,13 @@ class ToolParser:
                 # of them stays (_at) for text that may follow ("\n\nDone." lost its line breaks);
                 # _read: how far they are read, each character once across tokens
                 at = self._read
-                while at < len(held) and (held[at] in " \t\r\n;," or held.startswith(_PYTHON_TAG, at)):
-                    at += 1 if held[at] in " \t\r\n;," else len(_PYTHON_TAG)
+                while at < len(held) and (step := 1 if held[at] in " \t\r\n;," else _llama_tag(held, at)):
+                    at += step
                     self._at = self._at if held[at - 1] in " \t\r\n" else at
                 self._read = at
                 if at == len(held) or held[at] != "{":
                     # (the start of a tag waits for its end, unstreamed alike)
-                    if len(held) - at > len(_PYTHON_TAG) or not _PYTHON_TAG.startswith(held[at:]):
+                    if not any(tag.startswith(held[at:]) for tag in _LLAMA_TAGS):
                         return self._not_calls(), out
                     break
             if (end := self._scan.find(held, self._read)) is None:  # (_read: where the object begins)
@@ -420,7 +421,14 @@ class ToolParser:
                 obj = loads(held[self._read : end])
             except ValueError:
                 obj = None
-            if not self._add(decoded_call(obj, ("parameters", "arguments")), out):
+            # An object with no arguments is no call (vLLM's reading needs one, as Llama's template
+            # writes one): a JSON answer, {"name": "Alice", "age": 30}, was a call of Alice
+            keys = ("parameters", "arguments")
+            if (
+                not isinstance(obj, dict)
+                or not any(k in obj for k in keys)
+                or not self._add(decoded_call(obj, keys), out)
+            ):
                 return self._not_calls(), out  # not a call (or not JSON)
             self._at = self._read = end
         return "", out
@@ -439,7 +447,10 @@ def joined(*parts: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
     return "".join(text for text, _ in parts), [call for _, calls in parts for call in calls]
 
 
-_PYTHON_TAG = "<|python_tag|>"
+# Llama's call tags: 3.1's before its calls, 4's around them (vLLM #16214: Llama 4's JSON calls
+# in <|python_start|>...<|python_end|> came back as text)
+_LLAMA_OPENERS = ("<|python_tag|>", "<|python_start|>")
+_LLAMA_TAGS = (*_LLAMA_OPENERS, "<|python_end|>")
 _TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 # Where a mistral call's "{" must come by: a name of at most 64 characters, then v11's [CALL_ID]
 # and its id (9 characters from mistral-common; room for 64), [ARGS]
@@ -479,3 +490,8 @@ def partial_tag(text: str, tag: str, start: int = 0) -> int:
         if tag.startswith(text[-n:]):
             return n
     return 0
+
+
+def _llama_tag(text: str, at: int) -> int:
+    """The length of the Llama call tag at ``text[at]``; 0 where none is."""
+    return next((len(tag) for tag in _LLAMA_TAGS if text.startswith(tag, at)), 0)

@@ -21,6 +21,7 @@ def _hermes(*calls: dict[str, object]) -> str:
 TWO = _hermes({"name": "get_weather", "arguments": {"city": "SF"}}, {"name": "get_time", "arguments": {"tz": "PST"}})
 TWO_CALLS = [("get_weather", {"city": "SF"}), ("get_time", {"tz": "PST"})]
 PREDICT = {"wd": 23, "sd": 0.8, "injection": "ZSJB39", "module_id": "M62121G9142"}
+VOICE = {"AudioPath": "https://example.com/real_audio.mp3", "language": "zh", "function_one_name_called": True}
 
 REPORTS = [
     # vLLM #28806, #11392, #21301 (SGLang #35564's step3 alike): a parameterless call streamed no "{}"
@@ -124,6 +125,61 @@ REPORTS = [
         '{"name": "Bash", "parameters": {"command": "echo"}}',
         [],
     ),
+    # vLLM PR #19024 (and #26047, ollama #17323): prose after a call (and a key beside the call's);
+    # the text after it is the model's as written, its line breaks too
+    (
+        "llama3_json",
+        '{"type": "function", "name": "getOpenIncidentsTool", "parameters": {}} \n\nWould you like more?',
+        " \n\nWould you like more?",
+        [("getOpenIncidentsTool", {})],
+    ),
+    (
+        "llama3_json",
+        '{"name": "get_temperature", "arguments": {"city": "Tokyo"}} I called the tool for you.',
+        " I called the tool for you.",
+        [("get_temperature", {"city": "Tokyo"})],
+    ),
+    # Rapid-MLX #700 (PR #703): an object with a name and no arguments is an answer, not a call
+    # (vLLM's reading needs them, as Llama's template writes them): it was a call of Alice
+    ("llama3_json", '{"name": "Alice", "age": 30}', '{"name": "Alice", "age": 30}', []),
+    # vLLM #16214: Llama 4's JSON calls inside <|python_start|> ... <|python_end|> came back as text
+    (
+        "llama3_json",
+        '<|python_start|>{"name": "brave_web_search", "parameters": {"query": "latest news"}}<|python_end|>',
+        "",
+        [("brave_web_search", {"query": "latest news"})],
+    ),
+    (
+        "llama3_json",
+        '{"name": "add", "parameters": {"a": "3", "b": "5"}}',
+        "",
+        [("add", {"a": "3", "b": "5"})],
+    ),  # SGLang #4656
+    # mlx-lm PR #1448: v11 calls side by side, and prose after one, lost the calls (after a call
+    # the text is not content, as vLLM's)
+    (
+        "mistral",
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Tokyo"}',
+        "",
+        [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Tokyo"})],
+    ),
+    (
+        "mistral",
+        '[TOOL_CALLS]grep[ARGS]{"pattern": "TODO"}\n\nLet me search for that.',
+        "",
+        [("grep", {"pattern": "TODO"})],
+    ),
+    # mlx-lm #1374 (PR #1643): the JSON-array form, an id beside each call
+    (
+        "mistral",
+        '[TOOL_CALLS][{"name": "read_file", "arguments": {"path": "/tmp/t.txt"}, "id": "abcdefghi"}]',
+        "",
+        [("read_file", {"path": "/tmp/t.txt"})],
+    ),
+    # vLLM #10589: Qwen2.5's streamed arguments came out cut (a URL, a boolean)
+    ("hermes", _hermes({"name": "voice_to_text", "arguments": VOICE}), "", [("voice_to_text", VOICE)]),
+    # club-3090 #72 (vLLM #22975): prose quoting the tag silenced the stream; it is text at once
+    ("hermes", "Calls are <tool_call> then JSON.", "Calls are <tool_call> then JSON.", []),
     ("granite", '<|tool_call|>[{"name": "now", "arguments": {}}]', "", [("now", {})]),
     (
         "granite-20b-fc",
