@@ -283,12 +283,15 @@ class PythonicReader:
             if word or char == "." or char in "+-" and self._last in "eE":
                 self._prefix, self._last = self._prefix and char in "rRuUbB", char
                 return True
-            if char in "'\"" and self._prefix:
+            if char in "'\"":  # a string's prefix (r'a'); else a word no Python writes a quote after (O'Brien')
                 self._shape = "string"
-                return True
+                return self._prefix
         if shape == "string" and char in "rRuU":  # a prefixed string beside it: 'a' r'b' is one string
-            self._shape, self._prefix = "word", True
+            self._shape = "prefix"
             return True
+        if shape == "prefix":  # (a word after a string is no Python: 'O'Reilly')
+            self._shape = "string"
+            return char in "'\""
         # after a value (or a word's end): more of it (strings side by side), the next key, the end
         if char in "'\"":
             self._shape = "string"

@@ -120,6 +120,9 @@ def test_text_goes_out_as_it_comes_and_a_call_as_its_item_ends() -> None:
         (["[f(x=1", " or 2, y=3", " and so"], ["", "[f(x=1 or 2, y=3", " and so", ""]),
         (["[f(x=g(", "a=1), y=2", " more"], None),  # a call is no literal
         (["[f(x=1 2, y='it", "s']"], None),
+        # a quote after a word that is no string's prefix (vLLM PR #32539's unescaped O'Brien)
+        (["[get_weather(city=O'Brien", "') is it.", " Bye."], None),
+        (["[get_weather(city='O'Reilly", "') is it.", " Bye."], None),
     ],
 )
 def test_a_list_that_becomes_no_call_goes_out_as_text_when_it_does(pieces: list[str], said: list[str] | None) -> None:
