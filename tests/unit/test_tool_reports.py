@@ -104,6 +104,17 @@ REPORTS = [
         "",
         [("memory_get", {"from": 1}), ("write", {"c": "a\nb"})],
     ),
+    # mlx-lm #1785 (PR #1796): a single-quoted argument cut at its first comma
+    (
+        "pythonic",
+        """[write(filePath='/tmp/hello.py', content='# Hello\\nprint("Hello, World!")')]""",
+        "",
+        [("write", {"filePath": "/tmp/hello.py", "content": '# Hello\nprint("Hello, World!")'})],
+    ),
+    # vLLM PR #46708: a string ending in an escaped backslash ("a\\") read as left open
+    ("pythonic", '[f(p="a\\\\", q=1)]', "", [("f", {"p": "a\\", "q": 1})]),
+    # vLLM PR #32539: a quote left unescaped (city='O'Brien') is no Python: text, as vLLM's
+    ("pythonic", "[get_weather(city='O'Brien')]", "[get_weather(city='O'Brien')]", []),
     # dynamo #9536: Llama's calls separated by ";" after <|python_tag|>
     (
         "llama3_json",
