@@ -416,9 +416,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # way; a prompt still text counts none). Uncounted, a worker that had just taken a plan's moves
     # looked as roomy as before, and the next plan filled it again. 0: an older worker.
     unlisted_kv_blocks: int = 0
-    # Of those, the blocks of the requests waiting on arrival alone (a moved one's cache on its way,
-    # a grammar compiling): none taken from ``free_blocks`` yet (running ones past the list hold
-    # theirs already). 0: an older worker (or none waiting on arrival).
+    # The blocks of the requests here that hold none yet, so not taken from ``free_blocks``: those
+    # waiting on arrival (a moved one's cache on its way, a grammar compiling) and those queued in
+    # the engine (a move by recompute among them), each its context so far (prefix cache hits not
+    # subtracted: an upper bound). Running ones hold theirs already. 0: an older worker (or none).
     arriving_kv_blocks: int = 0
 
     @property

@@ -170,8 +170,8 @@ def placement_of(
     total = sum(traffic.values())
     if not live or total <= 0:
         return None
-    # KV on its way counts as taken: a worker that had just taken a plan's moves looked as roomy as
-    # before, until they arrived (``WorkerStats.arriving_kv_blocks``)
+    # KV on its way or queued counts as taken: a worker that had just taken a plan's moves (or held
+    # a long queue) looked as roomy as before, until they ran (``WorkerStats.arriving_kv_blocks``)
     capacity = [WorkerCapacity(w.worker, max(0, w.free_blocks - w.arriving_kv_blocks), w.max_loras) for w in live]
     shares = {a: c / total for a, c in traffic.items() if a in ranks}
     return place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})

@@ -114,6 +114,10 @@ def worker_stats(
     size = e.blocks.block_size
     contexts = [r.context_tokens for r in unlisted]
     coming = sum(-(-(len(r.prompt_token_ids or ()) + len(r.resume_token_ids)) // size) for r in preparing)
+    # Room ``free_blocks`` still counts: the queued requests holding none yet fill it once admitted (a
+    # move by recompute among them: it queues here with no cache on its way). Left out, a worker with
+    # hundreds queued looked as roomy to the dispatcher's placement as an idle one.
+    queued = sum(-(-s.total_len // size) for rid, s in e.seqs.items() if rid not in in_batch)
     return WorkerStats(
         worker=worker,
         running=running,
@@ -157,7 +161,7 @@ def worker_stats(
         sent=(now := time.time()),
         taken=now,
         unlisted_kv_blocks=sum(-(-n // size) for n in contexts) + coming,
-        arriving_kv_blocks=coming,
+        arriving_kv_blocks=coming + queued,
     )
 
 

@@ -79,7 +79,7 @@ def test_a_long_queue_is_counted_past_what_one_message_lists(tiny_llama: TinyOut
     assert st.requests[-1].request_id == f"r{MAX_LISTED - 1:05d}"  # the first to arrive are listed
     assert st.unlisted_remaining_tokens == 40 * 9 and len(msgspec.json.encode(st)) < 512 * 1024
     assert st.unlisted_kv_blocks == 40 * -(-3 // engine.blocks.block_size)  # (their KV too)
-    assert st.arriving_kv_blocks == 0  # (none on its way: theirs are taken already where they run)
+    assert st.arriving_kv_blocks == (MAX_LISTED + 40) * -(-3 // engine.blocks.block_size)  # (queued: none taken yet)
     assert WorkerLoad.of(st).queued_tokens == sum(r.remaining_tokens for r in st.requests) + 40 * 9
 
 
@@ -156,13 +156,35 @@ def test_requests_waiting_on_arrival_count_their_remaining_work(tiny_llama: Tiny
     # and their KV blocks (prompt and tokens made; the grammar's request has no tokens yet): uncounted,
     # the next plan read this worker as roomy as before its moves came, and filled it again
     size = engine.blocks.block_size
-    assert st.unlisted_kv_blocks == st.arriving_kv_blocks == -(-(3 + 10) // size) + -(-3 // size)
+    assert st.unlisted_kv_blocks == -(-(3 + 10) // size) + -(-3 // size)
+    assert st.arriving_kv_blocks == st.unlisted_kv_blocks + -(-3 // size)  # ("here", queued, holds none yet)
     assert WorkerLoad.of(st).queued_tokens == 9 + 90
     lengths = OutputLengths()
     for _ in range(lengths.min_samples):
         lengths.observe(2, cut_off=False)  # requests here end after two tokens: min_tokens still holds
     st = worker_stats("w0", engine, lengths, preparing=[_moved("m2", 5, 20, min_tokens=15)])
     assert st.unlisted_remaining_tokens == 10
+
+
+def test_kv_room_counts_the_blocks_queued_requests_will_take(tiny_llama: TinyOutput) -> None:
+    """``free_blocks`` less ``arriving_kv_blocks`` is the room the dispatcher's placement reads. A
+    request moved here by recompute queues in the engine (no cache on its way, so not waiting on
+    arrival), as a new one does: counted only for those waiting on arrival, a worker with its
+    queue full of them looked as roomy as an idle one. A running request holds its blocks already."""
+    engine = make_engine(tiny_llama)
+    size = engine.blocks.block_size
+    engine.add_request("run", prompt_token_ids=[5] * (size + 1), params=SamplingParams(max_tokens=9))
+    engine.step()  # (admitted: its blocks taken from free_blocks)
+    held = engine.blocks.num_free
+    engine.add_request("new", prompt_token_ids=[5] * (2 * size), params=SamplingParams(max_tokens=9))
+    params = SamplingParams(max_tokens=40)
+    engine.add_request("moved", prompt_token_ids=[5, 6, 7], params=params, resume_token_ids=[9] * (size + 2))
+    st = worker_stats("w0", engine, OutputLengths(), preparing=[_moved("m1", 10, 50)])
+    assert st.free_blocks == held and (st.running, st.waiting) == (1, 3)
+    assert st.arriving_kv_blocks == 2 + -(-(3 + size + 2) // size) + -(-(3 + 10) // size)
+    engine.step()  # (the queued ones admitted: their blocks taken, no longer counted twice)
+    st = worker_stats("w0", engine, OutputLengths())
+    assert st.running == 3 and st.arriving_kv_blocks == 0
 
 
 def _busy(tiny_llama: TinyOutput, worker: str, kept: int, arriving: int) -> WorkerStats:
