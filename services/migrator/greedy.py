@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from dlora.common.messages import MoveRequest
 from dlora.common.versions import name_of
@@ -50,7 +50,14 @@ class _Pass:
         self.waiting = dict.fromkeys(self.workers, 0.0)
         self.load = dict(standing.load)
         self.prices: dict[tuple[str, str], float] = {}  # (worker, adapter key) -> its read there (``read``)
-        self.waits_at: dict[str, str] = {}  # request id -> the worker it was moved to and waits for a read at
+        # request id -> (the worker it was moved to and waits for a read at, the key read there for it)
+        self.waits_at: dict[str, tuple[str, str]] = {}
+        # worker -> adapter key read there -> (its seconds, counted in ``reading`` while the requests
+        # moved there waiting for it stay: the read is made where they stay; those requests)
+        self.readers: dict[str, dict[str, tuple[float, set[str]]]] = defaultdict(dict)
+        # worker -> the keys of the requests moved there (and there now), a count each: its slots'
+        # keys are its own requests' and these (``held``)
+        self.arrived: dict[str, Counter[str]] = defaultdict(Counter)
         self.on: dict[str, list[RequestState]] = defaultdict(list)
         # the same by adapter name ("" the base model): worker -> name -> its requests, cheapest first
         self.named: dict[str, dict[str, list[RequestState]]] = defaultdict(lambda: defaultdict(list))
@@ -170,6 +177,16 @@ class _Pass:
             self.prices[w, key] = read_price(self.snapshot, self.workers[w], key)
         return self.prices[w, key]
 
+    def leave_read(self, w: str, key: str, request_id: str) -> None:
+        """``request_id`` no longer waits at ``w`` for its read of ``key``: the last to leave takes the
+        read with it. Counted at each worker a request passed through, a read it made there and
+        moved on from still held that worker's completion back, and the pass sent nothing more there."""
+        read, waiting = self.readers[w][key]
+        waiting.discard(request_id)
+        if not waiting:
+            del self.readers[w][key]
+            self.reading[w] = self.reading[w] - read if self.readers[w] else 0.0  # (none left: no rounding)
+
     def done(self, w: str, work: float, read: float, waits: bool) -> float:
         """``w``'s completion once a request of ``work`` seconds arrives (``read``: the seconds of the
         read it makes there; ``waits``: whether it waits for a read there)."""
@@ -182,17 +199,31 @@ class _Pass:
         read, _, dst, waits = pick
         home, there = self.workers[src], self.workers[dst]
         left = r.remaining_tokens * home.cost(r.adapter)
-        if self.waits_at.pop(r.request_id, None) == src:
+        if at := self.waits_at.pop(r.request_id, None):  # (moved here for a read, and on again)
             self.waiting[src] -= left
+            self.leave_read(src, at[1], r.request_id)
         else:
             self.own[src] -= left
+        if r.adapter and src != r.worker:
+            self.arrived[src][r.key] -= 1
+            if not self.arrived[src][r.key]:  # its slot is free again (the read above not made)
+                del self.arrived[src][r.key]
+                self.held[src] = Running([*self.standing.running[src], *self.arrived[src]], self.held[src].by_version)
         work = r.remaining_tokens * there.cost(r.adapter) + move_cost(self.snapshot, r)
         if waits:
             self.waiting[dst] += work
-            self.reading[dst] += read
-            self.waits_at[r.request_id] = dst
+            reads = self.readers[dst]
+            # the read it waits for: its own, or one of its adapter made for a request before it
+            key = r.key if read or r.key in reads else next((k for k in reads if name_of(k) == name_of(r.key)), r.key)
+            if key not in reads:
+                self.reading[dst] += read
+                reads[key] = (read, set())
+            reads[key][1].add(r.request_id)
+            self.waits_at[r.request_id] = (dst, key)
         else:
             self.own[dst] += work
+        if r.adapter and dst != r.worker:
+            self.arrived[dst][r.key] += 1
         for w in (src, dst):
             self.load[w] = max(self.own[w], self.reading[w]) + self.waiting[w]
         self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
