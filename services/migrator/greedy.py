@@ -58,6 +58,10 @@ class _Pass:
         # worker -> the keys of the requests moved there (and there now), a count each: its slots'
         # keys are its own requests' and these (``held``)
         self.arrived: dict[str, Counter[str]] = defaultdict(Counter)
+        self.priced: dict[str, float] = {}  # request id -> ``price``
+        self.costs: dict[str | None, float] = {}  # adapter -> ``cheapest``
+        self.read_bound: set[str] = set()  # the workers whose reads outlast their own work (``destination``)
+        self.taking: dict[str, dict[str, bool]] = defaultdict(dict)  # worker -> key -> ``takes`` (its slots as now)
         self.on: dict[str, list[RequestState]] = defaultdict(list)
         # the same by adapter name ("" the base model): worker -> name -> its requests, cheapest first
         self.named: dict[str, dict[str, list[RequestState]]] = defaultdict(lambda: defaultdict(list))
@@ -74,7 +78,24 @@ class _Pass:
                 self.holders[name].add(w)
 
     def price(self, r: RequestState) -> float:
-        return price_of(self.snapshot, self.workers[r.worker], r)
+        """``price_of`` at ``r``'s home, once a request: the pass keeps lists sorted by it."""
+        if (price := self.priced.get(r.request_id)) is None:
+            price = self.priced[r.request_id] = price_of(self.snapshot, self.workers[r.worker], r)
+        return price
+
+    def takes(self, w: str, key: str) -> bool:
+        """``takes`` for ``w``'s slots as the pass has filled them, once a key until they change
+        (most destinations looked at are full: 46,000 looks a pass at 128 x 1,024 x 10,000)."""
+        known = self.taking[w]
+        if (ok := known.get(key)) is None:
+            ok = known[key] = takes(self.held[w], key, self.workers[w].slots)
+        return ok
+
+    def cheapest(self, adapter: str | None) -> float:
+        """The fewest seconds per token any worker takes for ``adapter`` (``WorkerState.cost``)."""
+        if (cost := self.costs.get(adapter)) is None:
+            cost = self.costs[adapter] = min(w.cost(adapter) for w in self.workers.values())
+        return cost
 
     def run(self, deadline: float | None) -> list[MoveRequest]:
         to: dict[str, str] = {}
@@ -82,8 +103,8 @@ class _Pass:
         for _ in range(len(self.snapshot.requests)):
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            src = max(load, key=lambda w: load[w])
-            order = sorted(load, key=lambda w: load[w])
+            src = max(load, key=load.__getitem__)
+            order = sorted(load, key=load.__getitem__)
             pick = None
             for i, r in enumerate(self.on[src]):  # noqa: B007 (the one picked: read after the loop)
                 if self.price(r) >= 1:  # (and every one after it) adds more than it relieves
@@ -118,12 +139,23 @@ class _Pass:
         numbers). ``until``: only where it needs no read and its destination ends by then."""
         workers, load, a = self.workers, self.load, r.key
         moving = move_cost(self.snapshot, r)
+        least = r.remaining_tokens * self.cheapest(r.adapter) + moving  # (the least work it brings anywhere)
         pick: Pick | None = None
         limit = load[src] if until is None else until
-        for dst in order:
+        k, skipped = 0, False
+        while k < len(order):
+            dst, k = order[k], k + 1
             bound = pick[1] if pick and not pick[0] else limit
             if load[dst] > bound:  # (in load order: none after it ends as soon; an arrival only adds)
                 break
+            if not skipped and load[dst] + least > bound:
+                # A worker not held back by its reads (no more reading than own work) has load own +
+                # waiting, so from here on each such one fails the work check below, the bound only
+                # shrinking: only the others are looked at. Walked to the end, the workers about as
+                # busy as ``src`` were two thirds of the workers looked at (at 128 x 1,024 x 10,000).
+                reads = self.read_bound
+                order, k, skipped = [w for w in order[k - 1 :] if w in reads] if reads else [], 0, True
+                continue
             if dst == src:
                 continue
             there = workers[dst]
@@ -134,7 +166,7 @@ class _Pass:
                 continue
             if self.demand[dst] + blocks_of(r.context_tokens, there.block_size) > there.kv_blocks:
                 continue
-            if not (there.holds(r) and takes(self.held[dst], a, there.slots)):
+            if not (there.holds(r) and self.takes(dst, a)):
                 continue
             # a read it makes is waited for (unpriced, a fallback plan moved 2 s of work where a read
             # took 3 s); priced until one passes (about once a move), then none is taken
@@ -147,6 +179,12 @@ class _Pass:
             if end > bound:
                 continue
             if end < load[src] and end <= limit and (pick is None or (read, end) < pick[:2]):
+                if read and not pick:
+                    # Only one needing no read goes before it now: one running or holding its adapter
+                    # (``holders``, a few workers). All of them looked at, a read picked walked the
+                    # 128 workers to the busiest, half of the pass at 128 x 1,024 x 10,000.
+                    holders = self.holders[name_of(a)]
+                    order, k = [w for w in order[k:] if w in holders], 0
                 pick = (read, end, dst, waits)
         return pick
 
@@ -209,6 +247,7 @@ class _Pass:
             if not self.arrived[src][r.key]:  # its slot is free again (the read above not made)
                 del self.arrived[src][r.key]
                 self.held[src] = Running([*self.standing.running[src], *self.arrived[src]], self.held[src].by_version)
+                self.taking[src].clear()
         work = r.remaining_tokens * there.cost(r.adapter) + move_cost(self.snapshot, r)
         if waits:
             self.waiting[dst] += work
@@ -226,6 +265,10 @@ class _Pass:
             self.arrived[dst][r.key] += 1
         for w in (src, dst):
             self.load[w] = max(self.own[w], self.reading[w]) + self.waiting[w]
+            if self.reading[w] > self.own[w]:
+                self.read_bound.add(w)
+            else:
+                self.read_bound.discard(w)
         self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
         self.demand[dst] += blocks_of(r.context_tokens, there.block_size)
         del self.on[src][i]
@@ -236,3 +279,4 @@ class _Pass:
         self.holders[name].add(dst)
         if r.adapter:  # (the source keeps counting it, as the ILP does: its plan is the ILP's start)
             self.held[dst].add(r.key)
+            self.taking[dst].clear()
