@@ -39,6 +39,7 @@ finish) stays, unless its worker is past its KV pressure.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 
@@ -268,10 +269,14 @@ def solve(
             warmStart=True,
             options=["cuts off"],
         )
+    began = time.perf_counter()
     try:
         prob.solve(solver)
     except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
         return IlpFallback.FAILED
+    if clock.trips is not None and solver.timeLimit is not None:  # (what the next plans keep back)
+        stopped = prob.sol_status != pulp.LpSolutionOptimal
+        clock.trips.observe(time.perf_counter() - began, solver.timeLimit, stopped, clock.pace())
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []

@@ -19,6 +19,7 @@ from dlora.common.reads import read_sizes
 from dlora.common.state import StateStore
 from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
 from dlora.services.migrator.metrics import MigratorMetrics
+from dlora.services.migrator.pace import RoundTrips
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.notify import notifier
@@ -37,6 +38,7 @@ class Migrator:
         self.epoch = 0  # the lease's, while leader
         self.plans = 0
         self.looks = Looks(settings.trigger)  # the trigger's patience and cool-down
+        self.trips = RoundTrips()  # CBC's round trips at past plans: what the next keep back for it
         self.metrics = MigratorMetrics()
         # The lease's holder: the id and this process's own token. By id alone, two migrators on the
         # shipped config (migrator_id "migrator-0" everywhere) each renewed the one lease as theirs,
@@ -87,7 +89,7 @@ class Migrator:
             return
         settings = planner_settings(self.s)
         try:
-            p = await asyncio.to_thread(plan, self.looks.settled(snap, now), settings)
+            p = await asyncio.to_thread(plan, self.looks.settled(snap, now), settings, self.trips)
         except Exception:  # one snapshot the planner cannot take must not end the migrator
             logger.exception("planning failed; the cluster is looked at again after the cool-down")
             self.looks.solved(now)

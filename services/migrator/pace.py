@@ -1,5 +1,6 @@
 """How fast this machine runs the planner now, measured while it plans: the time bound's reserves
-(CBC's start and read-back, the model's build) are priced at that pace. Pure but for the clocks."""
+(CBC's round trip, as past plans measured it, and the model's build) are priced at that pace. Pure
+but for the clocks."""
 
 from __future__ import annotations
 
@@ -17,18 +18,53 @@ MAX_PACE = 20.0
 # stats; a review). Taken as a prior of 20 ms at pace 1 instead, it hid the share too: 32 x 128 x
 # 2,000 built its model at 4.5x oversubscription and its plan came in 1.06 s.
 STALL_S = 0.01
+# Kept back at the least for CBC's round trip once measured, in seconds at pace 1, and the margin
+# over the measured figure: runs vary (0.26-0.65 s at one size and load here) and the plan may not
+# come late.
+RESERVE_FLOOR_S = 0.05
+RESERVE_MARGIN = 1.5
+# Weight of the latest run in the kept figure (``RoundTrips``): a few runs, load changing slowly.
+ROUND_TRIP_WEIGHT = 0.3
 # CPU seconds a model variable takes to build (PuLP, here: 0.03-0.04 ms of thread time each at
 # 2,000-5,000 variables), priced at the pace before a model is built.
 BUILD_S_PER_VARIABLE = 4e-5
 
 
+def reserve_s(pace: float, round_trip: float | None) -> float:
+    """Seconds kept back from CBC's time limit for its round trip (writing the model, starting CBC,
+    reading its solution back) at ``pace`` (``Clock.pace``): ``round_trip``, the seconds it took
+    past the limit at this planner's past runs, at pace 1 (``RoundTrips``), with a margin and a
+    floor; before any (None), ``CBC_OVERHEAD_S`` at that pace. The fixed 0.3 s, measured at 32 x
+    128 x 2,000 idle, is 2.7 s at pace 9: past the 1 s bound, so no model was built where a small
+    one's round trip takes a tenth of that (8 x 64 x 500 fell back using 0.17 s of its 1 s)."""
+    if round_trip is None:
+        return CBC_OVERHEAD_S * pace
+    return max(RESERVE_FLOOR_S, RESERVE_MARGIN * round_trip) * pace
+
+
+@dataclass
+class RoundTrips:
+    """CBC's round trip at a planner's past runs, in seconds at pace 1 (a decayed mean), kept by its
+    caller across plans (the migrator's service): what ``reserve_s`` reserves. None: none yet."""
+
+    seconds: float | None = None
+
+    def observe(self, elapsed: float, limit: float, stopped: bool, pace: float) -> None:
+        """One solve: ``elapsed`` wall seconds for CBC given ``limit`` seconds, ``stopped``: it ran to
+        that limit (else it ended sooner, and ``elapsed`` bounds the round trip from above), at
+        ``pace``."""
+        trip = max(0.0, elapsed - limit if stopped else elapsed) / max(1.0, pace)
+        self.seconds = trip if self.seconds is None else self.seconds + ROUND_TRIP_WEIGHT * (trip - self.seconds)
+
+
 @dataclass(frozen=True)
 class Clock:
     """When planning began, by the wall (``time.perf_counter``) and by this thread's CPU
-    (``time.thread_time``)."""
+    (``time.thread_time``); ``trips``: CBC's round trips at past plans (None: none kept)."""
 
     wall: float = field(default_factory=lambda: time.perf_counter())
     cpu: float = field(default_factory=lambda: time.thread_time())
+    trips: RoundTrips | None = None
 
     def pace(self) -> float:
         """Wall seconds (less one stall, ``STALL_S``) per CPU second this thread had since it
@@ -47,6 +83,5 @@ class Clock:
         return settings.time_limit_s - (time.perf_counter() - self.wall)
 
     def reserve(self) -> float:
-        """Seconds kept back from CBC's time limit for its start and read-back (``CBC_OVERHEAD_S``),
-        at this pace."""
-        return CBC_OVERHEAD_S * self.pace()
+        """Seconds kept back from CBC's time limit for its round trip, at this pace (``reserve_s``)."""
+        return reserve_s(self.pace(), self.trips.seconds if self.trips else None)

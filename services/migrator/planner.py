@@ -34,7 +34,7 @@ from dlora.services.migrator.costs import apply as apply  # (a plan's tests read
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.ilp import solve
 from dlora.services.migrator.named import fitting
-from dlora.services.migrator.pace import Clock
+from dlora.services.migrator.pace import Clock, RoundTrips
 from dlora.services.migrator.settings import GREEDY_WRAP_UP_S
 from dlora.services.migrator.settings import PlannerSettings as PlannerSettings  # (its callers read it here)
 from dlora.services.migrator.snapshot import ClusterSnapshot
@@ -59,9 +59,11 @@ def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
 _DEFAULT = PlannerSettings()
 
 
-def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT) -> MovePlan:
-    """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing."""
-    clock = Clock()
+def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips: RoundTrips | None = None) -> MovePlan:
+    """The moves that best balance the cluster, by ILP, or greedily when the solver finds nothing.
+    ``trips``: CBC's round trips at the caller's past plans, which the time bound keeps back for
+    (``pace.reserve_s``), updated by this one's; None: the fixed reserve."""
+    clock = Clock(trips=trips)
     # A request listed by two workers (stats taken either side of a move, or one id sent to two)
     # is left out: the model counts each on one worker (it raised, and the migrator died).
     listed = Counter(r.request_id for r in snapshot.requests)

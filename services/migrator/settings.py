@@ -9,8 +9,8 @@ from dlora.services.migrator.trigger import TriggerBounds
 
 # CBC runs as a subprocess: writing the model, starting it and reading its solution back (0.2-0.25 s
 # at 32 x 128 x 2,000 here), kept out of its time limit so the plan lands inside the bound (times
-# the pace the planner runs at, ``pace.Clock.reserve``). A solve bound at or below it never runs
-# the ILP (the greedy pass plans alone), so it is refused.
+# the pace the planner runs at) until past plans measured that round trip (``pace.reserve_s``). A
+# solve bound at or below it never runs the ILP at first (the greedy pass plans alone): refused.
 CBC_OVERHEAD_S = 0.3
 # Kept back from the greedy pass's deadline for its plan's checks once it returns (named, worth, the
 # gain check: 15-40 ms at 500 moves under 7x oversubscription), where it takes the whole bound.

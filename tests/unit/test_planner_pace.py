@@ -86,3 +86,34 @@ def test_a_stall_of_a_few_ms_before_the_model_leaves_the_ilp_its_bound(monkeypat
     snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert len(at) == 2 and p.ilp_fallback is None and p.moves
+
+
+def test_the_reserve_is_the_round_trip_past_plans_measured_at_this_pace() -> None:
+    """A fixed 0.3 s at pace 9 is 2.7 s, past a 1 s bound: no model at all, where a small one's
+    round trip takes a tenth of that. Measured (at pace 1), it is kept back with a margin, above a
+    floor; before any plan has measured it, the fixed figure."""
+    assert pace.reserve_s(9.0, None) == pytest.approx(2.7)
+    assert pace.reserve_s(9.0, 0.02) == pytest.approx(9 * pace.RESERVE_FLOOR_S)  # (the floor)
+    assert pace.reserve_s(2.0, 0.1) == pytest.approx(2 * 0.1 * pace.RESERVE_MARGIN)
+    trips = pace.RoundTrips()
+    trips.observe(elapsed=0.9, limit=0.6, stopped=True, pace=3.0)  # ran to its limit: 0.3 s past it
+    assert trips.seconds == pytest.approx(0.1)
+    trips.observe(elapsed=0.6, limit=0.8, stopped=False, pace=2.0)  # ended sooner: 0.6 s at most
+    assert trips.seconds == pytest.approx(0.1 + pace.ROUND_TRIP_WEIGHT * (0.3 - 0.1))
+    trips.observe(elapsed=0.5, limit=0.6, stopped=True, pace=1.0)  # (never less than nothing)
+    assert 0 < trips.seconds < 0.16
+
+
+def test_a_planner_at_pace_four_solves_where_its_round_trips_were_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At pace 4 the fixed reserve (1.2 s) leaves a 1 s bound no time for CBC; past plans that
+    measured its round trip at 0.02 s keep back 0.2 s, and the ILP plans, its round trip kept."""
+    wall = time.perf_counter()
+    monkeypatch.setattr(time, "thread_time", lambda: (time.perf_counter() - wall) / 4)
+    greedy = planner.greedy_moves
+    monkeypatch.setattr(planner, "greedy_moves", lambda *a: time.sleep(0.05) or greedy(*a))
+    snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
+    p = plan(snap, PlannerSettings(time_limit_s=1.0))
+    assert (p.method, p.ilp_fallback) == ("greedy", "ilp-build-timeout")
+    trips = pace.RoundTrips(seconds=0.02)
+    p = plan(snap, PlannerSettings(time_limit_s=1.0), trips)
+    assert p.ilp_fallback is None and p.moves and trips.seconds != 0.02
