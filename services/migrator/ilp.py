@@ -274,9 +274,8 @@ def solve(
         prob.solve(solver)
     except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
         return IlpFallback.FAILED
-    if clock.trips is not None and solver.timeLimit is not None:  # (what the next plans keep back)
-        stopped = prob.sol_status != pulp.LpSolutionOptimal
-        clock.trips.observe(time.perf_counter() - began, solver.timeLimit, stopped, clock.pace())
+    if clock.trips is not None and solver.timeLimit is not None:  # (observed once the plan returns)
+        clock.trips.solving = (began, solver.timeLimit, prob.sol_status != pulp.LpSolutionOptimal)
     if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []

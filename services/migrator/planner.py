@@ -110,6 +110,8 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     # greedy plan's read, sent nothing the greedy plan alone would have sent: a review.)
     if (no_gain or not moves) and other and other[0] and not (alt := _gained(standing, other[0], settings))[1]:
         (moves, method), (after, no_gain) = other, alt
+    if clock.trips is not None:  # (what the next plans keep back for CBC)
+        clock.trips.done(time.perf_counter(), clock.pace())
     return MovePlan(
         plan_id=uuid.uuid4().hex,
         moves=[] if no_gain else moves,

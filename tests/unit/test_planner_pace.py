@@ -102,6 +102,11 @@ def test_the_reserve_is_the_round_trip_past_plans_measured_at_this_pace() -> Non
     assert trips.seconds == pytest.approx(0.1 + pace.ROUND_TRIP_WEIGHT * (0.3 - 0.1))
     trips.observe(elapsed=0.5, limit=0.6, stopped=True, pace=1.0)  # (never less than nothing)
     assert 0 < trips.seconds < 0.16
+    # counted from CBC's start to the plan's return (its checks after CBC too), once
+    trips = pace.RoundTrips(solving=(10.0, 0.5, True))
+    trips.done(10.8, pace=1.0)
+    trips.done(11.8, pace=1.0)
+    assert trips.seconds == pytest.approx(0.3) and trips.solving is None
 
 
 def test_a_planner_at_pace_four_solves_where_its_round_trips_were_short(monkeypatch: pytest.MonkeyPatch) -> None:
