@@ -218,7 +218,8 @@ class _Pass:
     def leave_read(self, w: str, key: str, request_id: str) -> None:
         """``request_id`` no longer waits at ``w`` for its read of ``key``: the last to leave takes the
         read with it. Counted at each worker a request passed through, a read it made there and
-        moved on from still held that worker's completion back, and the pass sent nothing more there."""
+        moved on from still held that worker's completion back, and the pass sent the next request
+        of another adapter elsewhere, to read it there (``test_planner_reads``)."""
         read, waiting = self.readers[w][key]
         waiting.discard(request_id)
         if not waiting:

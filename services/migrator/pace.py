@@ -19,8 +19,8 @@ MAX_PACE = 20.0
 # 2,000 built its model at 4.5x oversubscription and its plan came in 1.06 s.
 STALL_S = 0.01
 # Kept back at the least for CBC's round trip once measured, in seconds at pace 1, and the margin
-# over the measured figure: runs vary (0.26-0.65 s at one size and load here) and the plan may not
-# come late.
+# over the measured figure: runs vary (0.26-0.65 s of wall at one size under load 14 here) and the
+# plan may not come late.
 RESERVE_FLOOR_S = 0.05
 RESERVE_MARGIN = 1.5
 # Weight of the latest run in the kept figure (``RoundTrips``): a few runs, load changing slowly.

@@ -64,6 +64,8 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     ``trips``: CBC's round trips at the caller's past plans, which the time bound keeps back for
     (``pace.reserve_s``), updated by this one's; None: the fixed reserve."""
     clock = Clock(trips=trips)
+    if trips is not None:  # (a solve a plan that raised left behind is not this one's)
+        trips.solving = None
     # A request listed by two workers (stats taken either side of a move, or one id sent to two)
     # is left out: the model counts each on one worker (it raised, and the migrator died).
     listed = Counter(r.request_id for r in snapshot.requests)
