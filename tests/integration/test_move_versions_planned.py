@@ -41,9 +41,9 @@ async def test_the_migrator_moves_new_version_requests_onto_the_old_versions_hol
     planned: list[ClusterSnapshot] = []
     real_plan = migrator_main.plan
 
-    def plan(snap: ClusterSnapshot, settings):  # type: ignore[no-untyped-def]
+    def plan(snap: ClusterSnapshot, settings, *more):  # type: ignore[no-untyped-def]
         planned.append(snap)
-        return real_plan(snap, settings)
+        return real_plan(snap, settings, *more)  # (the round trips the migrator keeps, ``pace.RoundTrips``)
 
     monkeypatch.setattr(migrator_main, "plan", plan)  # what the migrator planned from, kept
     store = StateStore(redis)
