@@ -318,13 +318,17 @@ class Background:
     async def cancel(self, response_id: str, tenant: str, stored: bytes) -> dict[str, Any] | None:
         """``tenant``'s response as cancelled, if ``stored`` (its record as just read) is one still
         queued or running and still there: every gateway told, the one running it cancels its
-        task. None: it is not (anymore)."""
+        task. A streamed one's stream ends, in the same step, with the cancelled object's
+        ``response.failed`` (OpenAI's stream events have no cancelled one; its ``status`` says
+        ``cancelled``) and its run's token cleared: its run, until it hears the cancel, appends
+        nothing after it. None: it is not (anymore)."""
         response = msgspec.json.decode(stored)
         if response.get("status") not in ("queued", "in_progress"):
             return None
         cancelled = response | {"status": "cancelled"}
-        async with self.bound():
-            if not await self.state.swap_response(response_id, tenant, stored, msgspec.json.encode(cancelled)):
+        encoded = msgspec.json.encode(cancelled)
+        async with self.bound():  # (a streamed one's stream closed with it: ``closing``)
+            if not await self.state.swap_response(response_id, tenant, stored, encoded, closing(encoded)):
                 return None
         await self.stop(response_id, tenant)
         return cast(dict[str, Any], cancelled)

@@ -47,7 +47,8 @@ def running(stored: bytes) -> bool:
 
 
 def closing(failed: bytes) -> tuple[bytes, bytes]:
-    """The ``response.failed`` event of ``failed`` (a response object, JSON) framed as
+    """The ``response.failed`` event of ``failed`` (a response object, JSON: failed, or cancelled,
+    which OpenAI's stream events have none of) framed as
     ``ResponsesShape`` frames its stream's events, in two parts around its sequence_number, which
     Redis counts as it appends it (``StateStore.end_unleased``, ``StateStore.swap_response``)."""
     head = b'event: response.failed\ndata: {"type":"response.failed","response":'

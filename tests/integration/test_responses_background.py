@@ -187,11 +187,13 @@ async def test_a_stopping_gateway_finishes_its_background_responses_within_its_d
     assert await _nothing_left(stack, within_s=10.0)
 
 
-async def test_the_stream_of_a_cancelled_background_response_ends(
+async def test_the_stream_of_a_cancelled_background_response_ends_with_its_closing_event_last(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reader of a streamed background response cancelled meanwhile: its stream ends (no closing
-    event is made for it: its record says cancelled), not read for ever."""
+    """A reader of a streamed background response cancelled meanwhile: its stream ends with the
+    cancelled object's ``response.failed``, and nothing after it once its run has stopped. It ended
+    with no closing event (a client waiting for one had none), and the run, whose token the cancel
+    left, still appended a few events after the record said cancelled."""
     _slow_steps(stack, monkeypatch, 0.02)
     client = _client(stack.url)
     try:
@@ -205,10 +207,15 @@ async def test_the_stream_of_a_cancelled_background_response_ends(
             return [e async for e in await client.responses.retrieve(response_id, stream=True)]
 
         reader = asyncio.create_task(read())
-        assert (await client.responses.cancel(response_id)).status == "cancelled"
+        cancelled = await client.responses.cancel(response_id)
+        assert cancelled.status == "cancelled"
         events = await asyncio.wait_for(reader, timeout=60)  # (a bound on a hang, not a timing)
         assert events[0].type == "response.created"
-        assert events[-1].type not in ("response.completed", "response.incomplete", "response.failed")
+        assert events[-1].type == "response.failed" and events[-1].response.model_dump() == cancelled.model_dump()
+        while stack.gateway.background.running:  # (its run stopped: any late append of its made)
+            await asyncio.sleep(0.01)
+        kept = await stack.store.response_events(response_id, "", 0)  # (all of them: a reader stops at the last)
+        assert len(kept) == events[-1].sequence_number + 1 and kept[-1].startswith(b"event: response.failed\n")
         assert (await client.responses.retrieve(response_id)).status == "cancelled"
     finally:
         await client.close()
