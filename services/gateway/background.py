@@ -65,6 +65,10 @@ POLL_S = 0.05
 # How often a run whose start Redis failed, or a stream's reader, tries it again (``StateBound``
 # answers at once for 1 s)
 RETRY_S = 0.5
+# A stream's reader judges its run's lease (``_follow``) at least once in this many reads that
+# found new events, or this many seconds, whichever comes first: each judgement is two Redis reads
+# more, so not at every read (every POLL_S at most) of a run that writes steadily
+JUDGE_READS, JUDGE_S = 64, 1.0
 
 
 class EventLog:
@@ -210,15 +214,23 @@ class Background:
 
     async def _follow(self, stream: web.StreamResponse, response_id: str, tenant: str, after: int) -> None:
         """``replay``'s events written to ``stream``, Redis failing waited out: raised, its 503 was
-        written into the stream already open. Raises ConnectionResetError: its reader left."""
+        written into the stream already open. Its record is read (its lease judged: ``settled``)
+        where no event is new, and at least every ``JUDGE_READS`` reads or ``JUDGE_S`` seconds
+        that found some: judged only when idle, a run living on past its lease (its gateway cut
+        from Redis, its renewals starved) kept its readers on for as long as it appended. Raises
+        ConnectionResetError: its reader left."""
+        loop = asyncio.get_running_loop()
+        reads, judged = 0, loop.time()
         while True:
             try:
                 async with self.bound():
                     events = await self.state.response_events(response_id, tenant, after + 1)
-                    if not events:
+                    reads += 1
+                    if not events or reads >= JUDGE_READS or loop.time() - judged >= JUDGE_S:
+                        reads, judged = 0, loop.time()
                         got = await self.state.response_fields(response_id, tenant, "response")
                         stored = await settled(self.state, response_id, tenant, got[1]) if got and got[1] else None
-                        if stored is None or not running(stored):  # (over: its events written before it)
+                        if not events and (stored is None or not running(stored)):  # (over: its events before it)
                             events = await self.state.response_events(response_id, tenant, after + 1)
                             if not events:
                                 return

@@ -12,15 +12,19 @@ import contextlib
 import json
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 from redis.asyncio import Redis
 
+from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.background import JUDGE_READS, Background
 from dlora.services.gateway.responses_lease import LAPSED, RunLease
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, sigstop, spawn_gateway, start_gateway
@@ -301,3 +305,42 @@ async def test_a_streamed_run_past_its_lease_ends_its_stream_failed_and_is_stopp
         await asyncio.sleep(0.01)
     assert _counted(stack) == {"aborted": 1}
     assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+
+
+@contextlib.asynccontextmanager
+async def _bound() -> AsyncIterator[None]:
+    yield
+
+
+class _Written:
+    """A stream's writer that keeps what it is given (``Background._follow`` writes to it)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self.frames += [f + b"\n\n" for f in data.split(b"\n\n") if f]
+
+
+async def test_a_reader_of_a_run_that_appends_on_past_its_lease_ends_its_stream_failed(redis: Redis) -> None:
+    """A run living on past its lapsed lease (its renewals starved) that appends an event before
+    each of its reader's reads: the lease was judged only by a read that found no new event, so
+    its reader read on for as long as it appended. It is judged within ``JUDGE_READS`` reads
+    (a bound on reads, not on time), and the stream ends with the failed object's event."""
+    state = StateStore(redis)
+    running = msgspec.json.encode({"id": "resp_1", "status": "in_progress", "background": True})
+    await state.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a")  # (its lease long lapsed)
+    reads, real = 0, state.response_events
+
+    async def appended(response_id: str, tenant: str, start: int) -> list[bytes]:
+        nonlocal reads
+        reads += 1
+        assert reads < 10 * JUDGE_READS, "read on for ever"
+        await state.append_events(response_id, tenant, "run-a", [b"event: response.output_text.delta\n\n"], 60.0)
+        return await real(response_id, tenant, start)
+
+    state.response_events = appended  # type: ignore[method-assign]
+    background, written = Background(cast(Any, None), state, _bound), _Written()
+    await background._follow(cast(Any, written), "resp_1", "t", -1)
+    assert reads <= JUDGE_READS + 2 and written.frames[-1].startswith(b"event: response.failed\n")
+    assert LAPSED.encode() in written.frames[-1]
