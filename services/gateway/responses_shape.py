@@ -20,6 +20,10 @@ from dlora.services.gateway.responses_api import ResponsesBody, chat_format, ren
 Keep = Callable[[dict[str, Any]], bool]
 # Why a background response is failed (its record is all its client reads): over the store's bound
 TOO_LARGE = "the response is over responses_max_bytes, so it cannot be stored"
+# A background response's failed object too large to keep with its conversation: the request's
+# echoes, each unbounded in size, emptied (each still of the type OpenAI's Response gives it)
+SHRUNK: dict[str, Any] = {"instructions": None, "metadata": {}, "text": {"format": {"type": "text"}}, "tools": []}
+SHRUNK |= {"user": None, "prompt_cache_key": None, "safety_identifier": None}
 
 
 def _part(kind: str, text: str = "", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -127,13 +131,18 @@ class ResponsesShape(Shape):
     def final(self, response: dict[str, Any]) -> dict[str, Any]:
         """``response``, the last this request makes, kept if it is to be (told so in its ``store``).
         A background one not kept (over ``responses_max_bytes``) is made ``failed``, as its record
-        is: its stream ended ``response.completed`` where a retrieve read ``failed``."""
+        is: its stream ended ``response.completed`` where a retrieve read ``failed``. One whose
+        failed object is over the bound still is shrunk (``SHRUNK``'s echoes emptied; its id,
+        status and error kept) and kept: not kept, its stream's end, which goes with its record,
+        was dropped, and the run's fallback ended it saying Redis had failed."""
         if self.keep is not None:
             response["store"] = self.keep(response)
             if not response["store"] and response["background"]:
                 failed = self.response("failed", []) | {"error": {"code": "server_error", "message": TOO_LARGE}}
+                if not (stored := self.keep(failed)):
+                    stored = self.keep(failed := failed | SHRUNK)
                 response.clear()
-                response.update(failed, store=self.keep(failed))
+                response.update(failed, store=stored)
         return response
 
     def _item(self, kind: str, k: int, **extra: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from dlora.services.gateway.openai import APIError
@@ -225,6 +226,36 @@ def test_a_background_streams_object_too_large_to_keep_ends_it_failed_as_its_rec
     assert last.startswith(b"event: response.failed\n"), last
     assert kept[-1]["output"] == [] and kept[-1]["error"] == {"code": "server_error", "message": TOO_LARGE}
     assert b'"store":true' in last  # (the failed object is stored)
+
+
+def test_a_background_streams_failed_object_too_large_to_keep_is_shrunk_and_kept() -> None:
+    """Its failed object over the bound too (long instructions, its conversation near the bound):
+    it was not kept, so its stream's last event, stored with its record, was dropped, and its
+    run's fallback ended the stream saying Redis had failed. Shrunk (the request's echoes
+    emptied, its id, status and error kept), it is kept and ends the stream."""
+    from openai.types.responses import Response
+
+    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.responses_api import ResponsesBody
+    from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
+
+    kept: list[dict[str, Any]] = []
+
+    def keep(response: dict[str, Any]) -> bool:
+        kept.append(dict(response))
+        return len(msgspec.json.encode(response)) < 2000  # (the long instructions alone are 3,000)
+
+    asked = ResponsesBody(input="kalo", background=True, instructions="Be brief. " * 300, metadata={"k": "v"})
+    shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), asked, keep=keep)
+    shape.events(shape.chunk("", None, first=True))
+    shape.events(shape.chunk("kalo", "stop"))
+    *_, last = shape.events(shape.usage_chunk(5, 1, 0))
+    assert [k["status"] for k in kept] == ["completed", "failed", "failed"]
+    assert last.startswith(b"event: response.failed\n") and b'"store":true' in last, last
+    event = msgspec.json.decode(last.split(b"data: ", 1)[1])
+    ended = Response.model_validate(event["response"])  # (still OpenAI's Response, every field typed)
+    assert (ended.id, ended.status, ended.instructions, ended.metadata) == ("resp_abc", "failed", None, {})
+    assert ended.error is not None and ended.error.message == TOO_LARGE and ended.output == []
 
 
 async def test_redis_failing_to_store_loses_the_store_not_the_answer() -> None:
