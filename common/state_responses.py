@@ -2,7 +2,8 @@
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
 JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
 written before it), ``stream`` (a streamed background response's: the token of the run whose
-events its stream holds, ``append_events``); and ``{p}:response-item:{tenant}:{item id}``, a
+events its stream holds, ``append_events``), ``leased`` (a background response's whose run holds
+a lease, ``lease_response``: none in one an older gateway wrote, which took none); and ``{p}:response-item:{tenant}:{item id}``, a
 string: the id of the newest response that holds that item in its conversation or output (an
 ``item_reference`` names any stored item by its id alone, as OpenAI's). ``state.py`` lists every
 key. A part of ``StateStore``.
@@ -110,10 +111,13 @@ return 1
 # A background response's record (KEYS[1]) made ARGV[2] (its failed object) if it is still ARGV[1]
 # (read queued or in_progress) and its lease (KEYS[3]) has lapsed: one step, so that of the readers
 # that find it so one writes, and a run that renews its lease in between keeps it; a streamed one's
-# stream closed (``_CLOSE_STREAM_LUA``). Answers the record as it is then (nil: gone).
+# stream closed (``_CLOSE_STREAM_LUA``). A record without ``leased`` is an older gateway's, which
+# took no lease: ended only once ARGV[5] is "1" (the caller found it older than its bound).
+# Answers the record as it is then (nil: gone).
 _LAPSE_LUA = f"""
 local now = redis.call('HGET', KEYS[1], 'response')
 if now ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 1 then return now end
+if redis.call('HEXISTS', KEYS[1], 'leased') == 0 and ARGV[5] ~= '1' then return now end
 redis.call('HSET', KEYS[1], 'response', ARGV[2])
 {_CLOSE_STREAM_LUA}
 return ARGV[2]
@@ -138,6 +142,7 @@ class ResponseKeys:
         expect: bytes | None = None,
         stream: str | None = None,
         events: Sequence[bytes] = (),
+        leased: bool = False,
     ) -> bool:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
@@ -151,7 +156,8 @@ class ResponseKeys:
         ``stream``: the token of the run whose events its stream holds (a streamed background
         response's, written with its first record; ``append_events`` checks it); written whole
         otherwise (not ``expect``), the record has none: it is not streamed, or by another run.
-        ``events``: with ``expect``, its stream's last ones, appended in the same step."""
+        ``events``: with ``expect``, its stream's last ones, appended in the same step.
+        ``leased``: written whole, its run holds a lease (``end_unleased`` judges it by that)."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         sourced = json.dumps(list(sources))
         if expect is not None:
@@ -165,6 +171,8 @@ class ResponseKeys:
         pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
         if stream is not None:
             pipe.hset(key, "stream", stream)
+        if leased:
+            pipe.hset(key, "leased", 1)
         pipe.pexpire(key, ms)
         # A stored stream's events are the replaced response's (its id sent again): not the new one's
         pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
@@ -257,14 +265,21 @@ class ResponseKeys:
         return bool(await self.r.register_script(_RENEW_LUA)(keys=keys, args=[expect, holder, ms]))
 
     async def end_unleased(
-        self, response_id: str, tenant: str, stored: bytes, ended: bytes, closing: tuple[bytes, bytes]
+        self,
+        response_id: str,
+        tenant: str,
+        stored: bytes,
+        ended: bytes,
+        closing: tuple[bytes, bytes],
+        aged: bool = False,
     ) -> bytes | None:
         """``tenant``'s response made ``ended`` if it is ``stored`` still and no gateway holds its
         lease (``lease_response``: the one running it died, or lost Redis for longer than its
         lease); a streamed one's stream ended with the event ``closing`` frames around its
-        sequence_number, and closed to its run (``append_events`` refuses it). Returns its record
-        as it is then; None: it is gone."""
+        sequence_number, and closed to its run (``append_events`` refuses it). One an older
+        gateway wrote (not ``leased``: it never had a lease) only where ``aged`` (the caller found
+        it older than its bound). Returns its record as it is then; None: it is gone."""
         keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
         keys.append(f"{self.p}:response-lease:{tenant}:{response_id}")
-        args = [stored, ended, *closing]
+        args = [stored, ended, *closing, "1" if aged else "0"]
         return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=args))

@@ -166,6 +166,7 @@ class Background:
         )
         with slot:
             keeping.stream = secrets.token_hex(8) if job.stream else None  # (its events' writer: ``EventLog``)
+            keeping.leased = True  # (a record without it is an older gateway's: ``settled``)
             unstored = APIError(503, "background: the response could not be stored; try again")
             try:  # (first: a reader finding its record queued finds its lease too)
                 await lease.take()
@@ -229,7 +230,7 @@ class Background:
                     if not events or reads >= JUDGE_READS or loop.time() - judged >= JUDGE_S:
                         reads, judged = 0, loop.time()
                         got = await self.state.response_fields(response_id, tenant, "response")
-                        stored = await settled(self.state, response_id, tenant, got[1]) if got and got[1] else None
+                        stored = await settled(self.state, response_id, tenant, got[1], self.lease_s) if got and got[1] else None
                         if not events and (stored is None or not running(stored)):  # (over: its events before it)
                             events = await self.state.response_events(response_id, tenant, after + 1)
                             if not events:

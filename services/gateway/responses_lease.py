@@ -8,11 +8,14 @@ GET, a cancel, a ``previous_response_id``, a stream's reader, on any gateway) en
 (``settled``), by compare-and-swap, so of several such readers one writes. And a run whose record
 changed under it (cancelled or deleted where NATS could not tell it, replaced by a retry or by a
 foreground response of its id, failed by a reader) finds so at its next renewal and is stopped (its
-request aborted on its worker), as a cancel heard on NATS stops it."""
+request aborted on its worker), as a cancel heard on NATS stops it. A record an older gateway
+wrote in a rolling upgrade (no ``leased`` mark: it took no lease) is not judged by a lease it never
+had until it is a lease's span old (``settled``)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -55,20 +58,27 @@ def closing(failed: bytes) -> tuple[bytes, bytes]:
     return head + failed + b',"sequence_number":', b"}\n\n"
 
 
-async def settled(state: StateStore, response_id: str, tenant: str, stored: bytes) -> bytes | None:
+async def settled(
+    state: StateStore, response_id: str, tenant: str, stored: bytes, legacy_s: float = 0.0
+) -> bytes | None:
     """``stored`` (``tenant``'s response as just read) as it stands: one queued or in progress
     whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile, a streamed
-    one's stream ended with its ``response.failed`` event. The caller bounds the Redis work.
-    Returns its record (None: gone since it was read).
+    one's stream ended with its ``response.failed`` event. One an older gateway wrote (a rolling
+    upgrade: it took no lease) is its gateway's until its ``created_at`` is ``legacy_s`` seconds
+    old (a lease's span: as long as a run of ours is trusted unrenewed), then judged as lapsed:
+    failed at once, its run went on for nobody, writing its end over the failed record's in vain.
+    The caller bounds the Redis work. Returns its record (None: gone since it was read).
 
     Raises:
         ``bus.STATE_OUTAGE``: Redis failed.
     """
     if not running(stored):
         return stored
-    failed = msgspec.json.decode(stored) | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
-    ended = msgspec.json.encode(failed)
-    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended))) == ended:
+    response = msgspec.json.decode(stored)
+    created = response.get("created_at")
+    aged = not isinstance(created, int | float) or time.time() - created >= legacy_s
+    ended = msgspec.json.encode(response | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}})
+    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended), aged)) == ended:
         logger.warning("a background response whose run was lost is failed", id=response_id)
     return now
 

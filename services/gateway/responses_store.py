@@ -126,6 +126,9 @@ class Keeping:
     # A streamed background response's run token, written with its first record: only its run's
     # events are appended to its stream (``StateStore.append_events``)
     stream: str | None = None
+    # A background response's whose run holds a lease (``responses_lease``), written with its first
+    # record: a reader tells an older gateway's record, which has none, by its absence
+    leased: bool = False
     written: bytes | None = field(default=None, init=False)  # what ``finishing`` wrote (None: nothing)
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
@@ -171,6 +174,7 @@ class Keeping:
                     expect=self.expect,
                     stream=self.stream,
                     events=events,
+                    leased=self.leased,
                 )
             self.written = encoded if put else None
         except bus.STATE_OUTAGE as e:
@@ -193,6 +197,9 @@ class ResponsesStore:
     ttl_s: float
     max_bytes: int
     counts: StoreCounts | None = None  # (the gateway's metrics; None: uncounted)
+    # How old (its created_at, s) an older gateway's background response, which holds no lease,
+    # is before a reader judges it lost (``settled``): a lease's span (``Background.lease_s``)
+    legacy_s: float = 0.0
 
     @property
     def on(self) -> bool:
@@ -213,7 +220,7 @@ class ResponsesStore:
             async with self.bound():
                 got = await self.state.response_fields(response_id, tenant, *names)
                 if got is not None and "response" in names and (stored := got[k := names.index("response") + 1]):
-                    got[k] = await settled(self.state, response_id, tenant, stored)
+                    got[k] = await settled(self.state, response_id, tenant, stored, self.legacy_s)
         except bus.STATE_OUTAGE:
             self.count("read", "failed")
             raise

@@ -39,7 +39,12 @@ def make_app(gw: Gateway) -> web.Application:
     post("/v1/completions", functools.partial(gw.generate, Completions))
     post("/v1/chat/completions", functools.partial(gw.generate, Chat))
     stored = ResponsesStore(
-        gw.store, gw.state_bound, gw.s.responses_ttl_s, gw.s.responses_max_bytes, gw.metrics.responses_store
+        gw.store,
+        gw.state_bound,
+        gw.s.responses_ttl_s,
+        gw.s.responses_max_bytes,
+        gw.metrics.responses_store,
+        legacy_s=gw.background.lease_s,
     )
     post("/v1/responses", functools.partial(gw.generate, functools.partial(Responses, stored)))  # served as a chat
     responses = ResponsesRoutes(gw.auth, stored, gw.background)

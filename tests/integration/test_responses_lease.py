@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +26,7 @@ from redis.asyncio import Redis
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.background import JUDGE_READS, Background
-from dlora.services.gateway.responses_lease import LAPSED, RunLease
+from dlora.services.gateway.responses_lease import LAPSED, RunLease, settled
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, sigstop, spawn_gateway, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
@@ -329,7 +330,7 @@ async def test_a_reader_of_a_run_that_appends_on_past_its_lease_ends_its_stream_
     (a bound on reads, not on time), and the stream ends with the failed object's event."""
     state = StateStore(redis)
     running = msgspec.json.encode({"id": "resp_1", "status": "in_progress", "background": True})
-    await state.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a")  # (its lease long lapsed)
+    await state.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a", leased=True)  # (lapsed)
     reads, real = 0, state.response_events
 
     async def appended(response_id: str, tenant: str, start: int) -> list[bytes]:
@@ -344,3 +345,22 @@ async def test_a_reader_of_a_run_that_appends_on_past_its_lease_ends_its_stream_
     await background._follow(cast(Any, written), "resp_1", "t", -1)
     assert reads <= JUDGE_READS + 2 and written.frames[-1].startswith(b"event: response.failed\n")
     assert LAPSED.encode() in written.frames[-1]
+
+
+async def test_an_older_gateways_record_is_judged_lost_only_once_older_than_a_leases_span(redis: Redis) -> None:
+    """A background response an older gateway runs (a rolling upgrade: no lease taken, none
+    marked ``leased``) was failed by a newer gateway's first reader, though it ran on. It is read
+    as it stands until its created_at is a lease's span old; a record of ours without its lease
+    is failed at once, as before."""
+    state = StateStore(redis)
+    now = int(time.time())
+    young, old = (
+        {"id": r, "status": "in_progress", "created_at": c} for r, c in (("resp_y", now), ("resp_o", now - 20))
+    )
+    for record in (young, old):
+        await state.put_response(record["id"], "t", msgspec.json.encode(record), b"[]", 60.0)
+    ours = msgspec.json.encode(young | {"id": "resp_ours"})
+    await state.put_response("resp_ours", "t", ours, b"[]", 60.0, leased=True)
+    for record, status in ((young, "in_progress"), (old, "failed"), (young | {"id": "resp_ours"}, "failed")):
+        now_stored = await settled(state, record["id"], "t", msgspec.json.encode(record), legacy_s=15.0)
+        assert now_stored is not None and msgspec.json.decode(now_stored)["status"] == status, record["id"]

@@ -283,7 +283,7 @@ async def test_a_background_responses_lease_is_renewed_while_its_record_is_its_r
     s = StateStore(redis)
     queued, running, failed = b'{"status":"queued"}', b'{"status":"in_progress"}', b'{"status":"failed"}'
     await s.lease_response("resp_1", "t", "gw-a", 60.0)
-    await s.put_response("resp_1", "t", queued, b"[]", 60.0)
+    await s.put_response("resp_1", "t", queued, b"[]", 60.0, leased=True)
     assert await s.end_unleased("resp_1", "t", queued, failed, closing(failed)) == queued  # (held)
     assert await s.swap_response("resp_1", "t", queued, running)
     assert not await s.lease_response("resp_1", "t", "gw-a", 60.0, expect=queued)  # (not its last write)
@@ -302,7 +302,7 @@ async def test_a_streamed_background_responses_lapse_ends_its_stream_and_closes_
     appends (a run that lived on past its lease); the response is still one made streamed."""
     s = StateStore(redis)
     running, failed = b'{"status":"in_progress"}', b'{"status":"failed"}'
-    await s.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a")
+    await s.put_response("resp_1", "t", running, b"[]", 60.0, stream="run-a", leased=True)
     assert await s.append_events("resp_1", "t", "run-a", [b"e0", b"e1"], 60.0)
     assert await s.end_unleased("resp_1", "t", running, failed, closing(failed)) == failed
     event = {"type": "response.failed", "response": {"status": "failed"}, "sequence_number": 2}
@@ -311,6 +311,6 @@ async def test_a_streamed_background_responses_lapse_ends_its_stream_and_closes_
     assert 0 < await redis.pttl(f"{s.p}:response-events:t:resp_1") <= 60_000
     assert not await s.append_events("resp_1", "t", "run-a", [b"e3"], 60.0)
     assert await s.streamed("resp_1", "t")
-    await s.put_response("resp_2", "t", running, b"[]", 60.0)  # (not streamed: no stream made)
+    await s.put_response("resp_2", "t", running, b"[]", 60.0, leased=True)  # (not streamed: no stream made)
     assert await s.end_unleased("resp_2", "t", running, failed, closing(failed)) == failed
     assert await s.response_events("resp_2", "t", 0) == []
