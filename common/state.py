@@ -53,7 +53,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:response-lease:{tenant}:{id}`` str the gateway running a background response (its id),
                                      expires unless that run renews it: a reader that finds the
                                      response queued or in_progress with none ends it ``failed``
-                                     (and its stream, with ``response.failed``)
+                                     (and its stream, with ``response.failed``); one whose hash
+                                     lacks ``leased`` (an older gateway's) only once a span old
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
 written before it), ``stream`` (a streamed background response's: the token of the run whose
 events its stream holds, ``append_events``), ``leased`` (a background response's whose run holds
-a lease, ``lease_response``: none in one an older gateway wrote, which took none); and ``{p}:response-item:{tenant}:{item id}``, a
-string: the id of the newest response that holds that item in its conversation or output (an
-``item_reference`` names any stored item by its id alone, as OpenAI's). ``state.py`` lists every
-key. A part of ``StateStore``.
+a lease, ``lease_response``: none in one an older gateway wrote, which took none); and
+``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest response that holds that
+item in its conversation or output (an ``item_reference`` names any stored item by its id alone,
+as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored

@@ -229,8 +229,7 @@ class Background:
                     reads += 1
                     if not events or reads >= JUDGE_READS or loop.time() - judged >= JUDGE_S:
                         reads, judged = 0, loop.time()
-                        got = await self.state.response_fields(response_id, tenant, "response")
-                        stored = await settled(self.state, response_id, tenant, got[1], self.lease_s) if got and got[1] else None
+                        stored = await self._judged(response_id, tenant)
                         if not events and (stored is None or not running(stored)):  # (over: its events before it)
                             events = await self.state.response_events(response_id, tenant, after + 1)
                             if not events:
@@ -245,6 +244,12 @@ class Background:
                     return
             else:
                 await asyncio.sleep(POLL_S)
+
+    async def _judged(self, response_id: str, tenant: str) -> bytes | None:
+        """Its record as it stands (``settled``: failed first where its run's lease lapsed); None:
+        gone. The caller bounds the Redis work."""
+        got = await self.state.response_fields(response_id, tenant, "response")
+        return await settled(self.state, response_id, tenant, got[1], self.lease_s) if got and got[1] else None
 
     async def streamed(self, response_id: str, tenant: str) -> bool:
         """Whether ``tenant``'s response was made streamed in the background: its events kept."""
