@@ -204,8 +204,16 @@ class ResponseKeys:
         return bool(await self.r.register_script(_APPEND_IF_LUA)(keys=keys, args=args))
 
     async def streamed(self, response_id: str, tenant: str) -> bool:
-        """Whether ``tenant``'s response was made streamed in the background (its events kept)."""
-        return bool(await self.r.hexists(f"{self.p}:response:{tenant}:{response_id}", "stream"))
+        """Whether ``tenant``'s response was made streamed in the background (its events kept): its
+        record names its run's token, or, one an older gateway wrote (no ``leased`` mark, no
+        token: it appended unguarded), events of it are kept."""
+        key = f"{self.p}:response:{tenant}:{response_id}"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hexists(key, "stream")
+        pipe.hexists(key, "leased")
+        pipe.exists(f"{self.p}:response-events:{tenant}:{response_id}")
+        token, leased, events = await pipe.execute()
+        return bool(token) or not leased and bool(events)
 
     async def response_events(self, response_id: str, tenant: str, start: int) -> list[bytes]:
         """Its events from the ``start``-th on (none: none yet, or it was not streamed)."""

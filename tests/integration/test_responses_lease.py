@@ -351,7 +351,7 @@ async def test_an_older_gateways_record_is_judged_lost_only_once_older_than_a_le
     """A background response an older gateway runs (a rolling upgrade: no lease taken, none
     marked ``leased``) was failed by a newer gateway's first reader, though it ran on. It is read
     as it stands until its created_at is a lease's span old; a record of ours without its lease
-    is failed at once, as before."""
+    is failed at once, as before. Its stream, which names no run token, is one to read."""
     state = StateStore(redis)
     now = int(time.time())
     young, old = (
@@ -364,3 +364,5 @@ async def test_an_older_gateways_record_is_judged_lost_only_once_older_than_a_le
     for record, status in ((young, "in_progress"), (old, "failed"), (young | {"id": "resp_ours"}, "failed")):
         now_stored = await settled(state, record["id"], "t", msgspec.json.encode(record), legacy_s=15.0)
         assert now_stored is not None and msgspec.json.decode(now_stored)["status"] == status, record["id"]
+    await redis.rpush(f"{state.p}:response-events:t:resp_o", b"event: response.created\n\n")  # (as it appended)
+    assert await state.streamed("resp_o", "t") and not await state.streamed("resp_y", "t")  # (its stream read)
