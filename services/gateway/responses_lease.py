@@ -65,8 +65,8 @@ async def settled(
     whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile, a streamed
     one's stream ended with its ``response.failed`` event. One an older gateway wrote (a rolling
     upgrade: it took no lease) is its gateway's until its ``created_at`` is ``legacy_s`` seconds
-    old (a lease's span: as long as a run of ours is trusted unrenewed), then judged as lapsed:
-    failed at once, its run went on for nobody, writing its end over the failed record's in vain.
+    old (a lease's span: as long as a run of ours is trusted unrenewed), then judged as lapsed
+    (failed at the first read, it ran on for nobody, its end's write refused by its changed record).
     The caller bounds the Redis work. Returns its record (None: gone since it was read).
 
     Raises:

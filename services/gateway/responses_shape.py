@@ -109,7 +109,7 @@ class ResponsesShape(Shape):
             "parallel_tool_calls": a.parallel_tool_calls is not False,
             "previous_response_id": a.previous_response_id,
             # echoed as OpenAI's Response carries them (openai-python's types.responses.Response);
-            # prompt_cache_key also routes the request (``affinity``), safety_identifier only noted
+            # prompt_cache_key also routes the request (dispatcher ``affinity``), safety_identifier only echoed
             "prompt_cache_key": a.prompt_cache_key,
             "safety_identifier": a.safety_identifier,
             # the effort asked, as OpenAI's and vLLM's echo it (it went to the template: responses_api)
