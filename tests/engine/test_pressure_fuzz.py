@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,15 +112,23 @@ def draw(seed: int, tiny: TinyOutput) -> tuple[list[Request], dict[str, Any], in
     return requests, settings, rng.randint(min_blocks, min_blocks + 2)
 
 
+def counted(_engine: LLMEngine) -> Callable[[], float]:
+    """A millisecond a look at the clock: the dlora policy prices steps by the seconds measured, and
+    the machine's load chose its merges (``test_policy_clock_adversary.py`` chooses them on purpose)."""
+    return functools.partial(next, itertools.count(0.0, 1e-3))
+
+
 def run(
-    tiny: TinyOutput, requests: list[Request], num_blocks: int, **settings: Any
+    tiny: TinyOutput,
+    requests: list[Request],
+    num_blocks: int,
+    clock: Callable[[LLMEngine], Callable[[], float]] = counted,
+    **settings: Any,
 ) -> tuple[dict[str, list[int]], int]:
-    """Tokens per request once all finish; the preemptions. Fails on a stall or a block left held."""
+    """Tokens per request once all finish; the preemptions. Fails on a stall or a block left held.
+    ``clock``: the engine's clock, made for it."""
     engine = make_engine(tiny, num_blocks=num_blocks, **settings)
-    # A millisecond a look at the clock: the dlora policy prices steps by the seconds measured, and
-    # the machine's load chose its merges; under some (a step's times jittered 1 ms / 0.5 s) seed
-    # 1055 never ended: a merged and an unmerged step took turns preempting each other's prefill.
-    engine.clock = functools.partial(next, itertools.count(0.0, 1e-3))
+    engine.clock = clock(engine)
     got: dict[str, list[int]] = {r.rid: [] for r in requests}
     last = max(r.at for r in requests)
     for t in range(MAX_STEPS):
