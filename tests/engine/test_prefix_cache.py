@@ -286,3 +286,28 @@ def test_a_prompt_preempted_in_the_step_that_admitted_it_reports_what_it_later_f
         reported += [o.num_cached_tokens for o in engine.step() if o.request_id == "prompt"]
     assert reported and set(reported) == {0}
     assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == (9 + 12 + 28, 0)
+
+
+def test_a_prompt_preempted_after_its_lookup_under_async_scheduling_counts_it_once(tiny_llama: TinyOutput) -> None:
+    """Async scheduling takes a step's lookups into the stats in the call that launched it (its
+    blocks named then), before the next step is scheduled: a prompt the decodes preempt once its
+    step is in flight carries no lookup into a later schedule (whose take-back,
+    ``scheduler._take_back``, would subtract it), and its queries and hits stay those of its first
+    lookup (a preempted request's second look is not counted, as vLLM's)."""
+    engine = make_engine(tiny_llama, block_size=2, num_blocks=11, async_scheduling=True, max_num_batched_tokens=3)
+    run_all(engine, {"warm": (None, SYSTEM[:4])}, 1)  # 2 blocks cached
+    urgent = SamplingParams(max_tokens=8, ignore_eos=True)
+    for rid, start in (("d1", 100), ("d2", 110)):
+        engine.add_request(rid, prompt_token_ids=list(range(start, start + 3)), params=urgent, priority=-1)
+    for _ in range(3):
+        engine.step(StepDecision(None, ["d1", "d2"]))
+    prompt = SYSTEM[:4] + list(range(300, 304))  # its first 4 tokens cached
+    engine.add_request("p", prompt_token_ids=prompt, params=SamplingParams(max_tokens=2, ignore_eos=True))
+    reported, preempted = [], 0
+    while engine.has_unfinished():
+        out = engine.step(StepDecision(None, [r for r in ("d1", "p", "d2") if r in engine.seqs]))
+        reported += [o.num_cached_tokens for o in out if o.request_id == "p"]
+        preempted = max(preempted, engine.seqs["p"].num_preemptions if "p" in engine.seqs else 0)
+    assert preempted >= 1  # the decodes' blocks took its own after it looked up
+    assert reported and set(reported) == {4}
+    assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == (4 + 3 + 3 + 8, 4)
