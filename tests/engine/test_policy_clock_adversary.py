@@ -45,7 +45,7 @@ SLOW, FAST = 0.5, 1e-3  # seconds a look at the clock advances
 MOST_PREEMPTED_FOUND = 8
 MOST_PREEMPTED = 3 * MOST_PREEMPTED_FOUND
 
-# Whether a look is slow: (steps taken in so far, a switch is being timed, an adapter is merged).
+# Whether a look is slow: (the ``step`` call under way, from 0; a switch is being timed; an adapter is merged).
 Pick = Callable[[int, bool, bool], bool]
 
 
