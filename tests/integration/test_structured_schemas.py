@@ -1,5 +1,6 @@
 """JSON Schemas as clients write them, through the real stack: a boolean schema, OpenAPI's
-``nullable``, date and time formats a pydantic model reads back, numbers a client parses."""
+``nullable``, date and time formats a pydantic model reads back, numbers a client parses; and
+how a refusal names the field its client sent."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nats.aio.msg import Msg
 
 from dlora.common import subjects
 from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams, TokenChunk
+from dlora.common.sampling import RANGES
 from tests.integration.conftest import Stack
 from tests.integration.test_gateway import post
 
@@ -70,10 +72,19 @@ async def test_a_regex_digit_is_an_ascii_digit(stack: Stack) -> None:
             assert re.fullmatch("[0-9]{3}-[0-9a-zA-Z_]", resp["choices"][0]["text"]), resp
 
 
-async def test_a_schemas_refusal_names_the_field_its_client_sent(stack: Stack) -> None:
+async def test_a_refusal_names_the_field_its_client_sent(stack: Stack) -> None:
     """A NATS application sends ``json_schema`` and was told "response_format schema cannot be
     used", a field it never sent; a REST client's ``guided_json`` that failed as the output grew
-    (past llguidance's lexer limit, on the worker) read "response_format schema" too."""
+    (past llguidance's lexer limit, on the worker) read "response_format schema" too. A value out
+    of its range is refused by the gateway and over NATS in one sentence, the table's
+    (``common.sampling.RANGES``; ``tests/unit/test_sampling_ranges.py``: loadgen says it too): the
+    engine took temperature up to 100 where the gateway stopped at 2."""
+    for name, value in (("temperature", 2.5), ("top_k", -2)):
+        said = RANGES[name].problem(name, value)
+        status, resp = await post(stack, "/v1/completions", {"model": "lora-0", "prompt": "kalo", name: value})
+        assert (status, resp["error"]["message"], resp["error"]["param"]) == (400, said, name)
+        last = (await app_generate(stack, SamplingParams(max_tokens=2, **{name: value})))[-1]
+        assert (last.error_code, last.error, last.param) == (ErrorCode.BAD_REQUEST, said, name)
     schema = json.dumps({"type": "string", "pattern": "^a{1000000}$"})  # fails as the first token is taken
     chunks = await app_generate(stack, SamplingParams(max_tokens=4, json_schema=schema))
     assert chunks[-1].error_code is ErrorCode.BAD_REQUEST and chunks[-1].param == "json_schema", chunks[-1]

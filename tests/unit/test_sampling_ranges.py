@@ -1,7 +1,8 @@
 """One table of sampling ranges (``common.sampling.RANGES``): the engine's check, the gateway's
 400 and ``dlora loadgen``'s options and ``--extra-body`` refuse a value outside it in one sentence,
 vLLM's (``SamplingParams._verify_args``). They were three tables: the engine took temperature up to
-100 where the gateway stopped at 2, and loadgen's --top-p had no upper bound at all."""
+100 where the gateway stopped at 2, and loadgen's --top-p had no upper bound at all. Through the
+real stack: ``tests/integration/test_structured_schemas.py``."""
 
 from __future__ import annotations
 
