@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, get_args
 
-from dlora.common.sampling import RANGES
+import msgspec
+
+from dlora.common.sampling import RANGES, SamplingParams
 from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, RampUp, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
@@ -44,11 +46,17 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
+# The table's integer fields (``SamplingParams``' types): top_k 2.5 is a 400 here and at vLLM's too
+WHOLE = frozenset(
+    f.name for f in msgspec.structs.fields(SamplingParams) if f.name in RANGES and f.type in (int, int | None)
+)
+
+
 def sampling_value(name: str) -> Callable[[str], float]:
-    """An argparse type: a value of the sampling field ``name`` (top_k: an integer) inside its range
-    in ``common.sampling.RANGES``, refused in the words the gateway's 400 and the engine say it (out
-    of it, every request of the run would be refused)."""
-    finite = _at_least(int if name == "top_k" else float, -math.inf)
+    """An argparse type: a value of the sampling field ``name`` (an integer where it is one, top_k)
+    inside its range in ``common.sampling.RANGES``, refused in the words the gateway's 400 and the
+    engine say it (out of it, every request of the run would be refused)."""
+    finite = _at_least(int if name in WHOLE else float, -math.inf)
 
     def parse(text: str) -> float:
         value = finite(text)

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from dlora.common.sampling import RANGES
-from dlora.loadgen.options import _at_least
+from dlora.loadgen.options import WHOLE, _at_least
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
@@ -112,8 +112,9 @@ def extra_body(text: str) -> dict:
     for name in EXTRA_CHECKED:
         if (given := value.get(name)) is None:
             continue
-        if isinstance(given, bool) or not isinstance(given, int | float):
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {given!r}")
+        if isinstance(given, bool) or not isinstance(given, int if name in WHOLE else int | float):
+            kind = "an integer" if name in WHOLE else "a number"  # top_k 2.5: a 400 each, as out of range
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {given!r}")
         # every request of the run would be refused (a 400 each), found only after it was sent
         if (why := RANGES[name].problem(name, given)) is not None:
             raise argparse.ArgumentTypeError(why)

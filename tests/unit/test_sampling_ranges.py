@@ -65,6 +65,9 @@ def test_the_edges_of_each_range_are_taken_everywhere() -> None:
         ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
         ({"top_p": True}, "top_p must be a number, got True"),
         ({"min_p": float("nan")}, "min_p must be in [0, 1], got nan."),
+        # an integer field's float: a 400 at the gateway (msgspec), 2.5 at vLLM's server too (pydantic)
+        ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        ({"prompt_logprobs": 1.0}, "prompt_logprobs must be an integer, got 1.0"),
     ],
 )
 def test_an_extra_bodys_sampling_value_that_is_no_number_is_refused_before_the_run(
