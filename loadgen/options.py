@@ -46,7 +46,7 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
-# The table's integer fields (``SamplingParams``' types): top_k 2.5 is a 400 here and at vLLM's too
+# The table's integer fields (``SamplingParams``' types): top_k 2.5 is a 400 at dlora's gateway and vLLM's
 WHOLE = frozenset(
     f.name for f in msgspec.structs.fields(SamplingParams) if f.name in RANGES and f.type in (int, int | None)
 )

@@ -85,7 +85,7 @@ def test_a_request_due_before_the_duration_ended_reaches_its_rate_though_no_slot
             r.arrival_s = 0.0
             await asyncio.Event().wait()
 
-    class Stopped(Clock):  # the wall clock's: a loaded machine's pause past --duration made the second late
+    class Stopped(Clock):  # not the wall clock: on it a loaded machine's 40 ms pause put the second past the end
         def __call__(self) -> float:
             return 0.0
 
