@@ -208,7 +208,8 @@ class Range(NamedTuple):
 # takes it; top_k -1: all, which vLLM takes quietly) or a bound guards the engine (noted).
 RANGES: dict[str, Range] = {
     "max_tokens": Range(1),
-    "temperature": Range(0.0, 2.0),  # vLLM's and OpenAI's bound
+    # OpenAI's bound, and vLLM's engine's too since vllm-project/vllm #44965 (before it: at least 0 only)
+    "temperature": Range(0.0, 2.0),
     "top_p": Range(0.0, 1.0),
     "top_k": Range(-1, says="0 (disable), or at least 1"),  # vLLM's words; -1 taken as 0
     "min_p": Range(0.0, 1.0),
