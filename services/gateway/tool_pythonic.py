@@ -14,7 +14,7 @@ first call is content, what follows it is not (as hermes'). Each call
 goes out as its item of the list ends: streamed, before the list has closed. An item that is not
 such a call (positional arguments, an expression) makes the list text where it is its first;
 after a call it is passed over (``else'x'`` too), and where it turns to prose (a quote after a
-word no keyword, "see(Python's docs)"; words side by side, "see the docs": ``_Prose``) the list
+word no operator, "see(Python's docs)", "nobody else's"; words side by side, "see the docs": ``_Prose``) the list
 ends there and a later list is read. Comments are Python's: a quote in one opens no string. A
 list cut short keeps the calls it finished (its last item too where that parses: a model that left
 out the ``]``); none, and it is text as written.
@@ -89,15 +89,16 @@ class _Prose:
     word: str = ""  # the word being read, its first 10 characters (no keyword is longer); "": none
     operand: bool = False  # what came last (whitespace passed) ends a value: a name, a number, a string, ")]}"
     juxtaposed: bool = False  # the word being read began right after a value
+    conditional: bool = False  # an "if" came: only then is "else" Python's (1 if t else'x')
 
     def quote(self) -> bool:
         """Whether a quote now (outside strings) makes prose: one right after a word that is
         neither a string's prefix nor an operator Python reads a string after (``else'x'``,
-        ``not'x'``: an expression, passed over as ``else 'x'`` is, not the list's end)."""
+        ``not'x'``: an expression, passed over as ``else 'x'`` is, not the list's end). "else"
+        is one only after an "if": "nobody else's" opened a string that took in the rest."""
         word = self.word
-        return (
-            bool(word) and word.lower() not in _STRING_PREFIXES and not (iskeyword(word) and word not in _OPERAND_WORDS)
-        )
+        operator = iskeyword(word) and word not in _OPERAND_WORDS and (word != "else" or self.conditional)
+        return bool(word) and word.lower() not in _STRING_PREFIXES and not operator
 
     def step(self, char: str) -> bool:
         """Read ``char`` (outside strings and comments): whether the item turned to prose at it."""
@@ -108,6 +109,7 @@ class _Prose:
             return False
         if self.word:
             word, self.word = self.word, ""
+            self.conditional = self.conditional or word == "if"
             if char in "'\"":  # a string's prefix (``quote`` passed it), as strings side by side are joined
                 self.operand = True
                 return False

@@ -158,12 +158,14 @@ def test_an_item_after_a_call_that_turns_to_prose_ends_the_list_and_a_later_list
         "[ping(), see the docs (chapter 2\n[weather(city='x')]",  # words side by side, a bracket left open
         "[ping(), ping() now\n[weather(city='x')]",
         "[ping(), not_a_call(x=1 if y else 2), bad(3) word\n[weather(city='x')]",
+        # "else" is an operator only after an "if": "someone else's" opened a string to the end
+        "[ping(), nobody else's\n[weather(city='x')]",
     ],
 )
 def test_an_item_after_a_call_that_writes_words_no_python_writes_ends_the_list(text: str) -> None:
     """A later item whose words stand side by side ("see the docs", a value then a word) is prose
-    where Python takes only an operator (keywords: if, else, not, ... are operators); an item
-    that is an expression (not a call) is passed over as before."""
+    where Python takes only an operator (keywords: if, else, not, ... are operators; "else" only
+    after an "if"); an item that is an expression (not a call) is passed over as before."""
     expected = ("", [("ping", "{}"), ("weather", '{"city": "x"}')])
     assert read("pythonic", [text])[:2] == expected
     assert read("pythonic", list(text))[:2] == expected
