@@ -36,10 +36,12 @@ def reserve_s(pace: float, round_trip: float | None) -> float:
     past the limit at this planner's past runs, at pace 1 (``RoundTrips``), with a margin and a
     floor; before any (None), ``CBC_OVERHEAD_S`` at that pace. The fixed 0.3 s, measured at 32 x
     128 x 2,000 idle, is 2.7 s at pace 9: past the 1 s bound, so no model was built where a small
-    one's round trip takes a tenth of that (8 x 64 x 500 fell back using 0.17 s of its 1 s)."""
+    one's round trip takes a tenth of that (8 x 64 x 500 fell back using 0.17 s of its 1 s). Never
+    more than that fixed figure: a reserve past the bound builds no model, so no CBC run measures
+    the round trip again, and one slow run (or a solve's whole time) kept every later plan greedy."""
     if round_trip is None:
         return CBC_OVERHEAD_S * pace
-    return max(RESERVE_FLOOR_S, RESERVE_MARGIN * round_trip) * pace
+    return min(CBC_OVERHEAD_S, max(RESERVE_FLOOR_S, RESERVE_MARGIN * round_trip)) * pace
 
 
 @dataclass

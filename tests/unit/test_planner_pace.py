@@ -122,3 +122,15 @@ def test_a_planner_at_pace_four_solves_where_its_round_trips_were_short(monkeypa
     trips = pace.RoundTrips(seconds=0.02)
     p = plan(snap, PlannerSettings(time_limit_s=1.0), trips)
     assert p.ilp_fallback is None and p.moves and trips.seconds != 0.02
+
+
+def test_a_round_trip_measured_long_keeps_back_no_more_than_the_fixed_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A figure past the bound built no model, so no CBC run measured the round trip again: one
+    solve counted whole (0.7 s, ended at optimum) kept a 1 s bound greedy at every later plan."""
+    assert pace.reserve_s(1.0, 0.7) == pytest.approx(pace.reserve_s(1.0, None))
+    wall = time.perf_counter()
+    monkeypatch.setattr(time, "thread_time", lambda: time.perf_counter() - wall)  # (pace 1: a whole core)
+    snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
+    trips = pace.RoundTrips(seconds=0.7)
+    p = plan(snap, PlannerSettings(time_limit_s=1.0), trips)
+    assert p.ilp_fallback is None and p.moves and trips.seconds != 0.7
