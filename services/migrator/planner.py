@@ -1,7 +1,8 @@
 """Request-adapter co-migration planned by an integer linear program over the whole cluster.
 
-``plan(snapshot, settings) -> MovePlan`` is pure: the ILP (``ilp``) and the greedy pass (``greedy``)
-plan, and this module chooses between their plans.
+``plan(snapshot, settings) -> MovePlan`` is pure (but for the clocks, and the ``RoundTrips`` a
+caller passes to be kept): the ILP (``ilp``) and the greedy pass (``greedy``) plan, and this module
+chooses between their plans.
 
 A greedy pass (single requests from the most loaded worker, to one needing no adapter read first,
 and a request needing no read before one that reads where its destination ends as soon, while
