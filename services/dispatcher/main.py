@@ -483,8 +483,8 @@ class Dispatcher(Recovery):
         await bus.flush(self.nc)
         logger.info("dispatcher ready")
         notifier.ready("taking requests")
-        # after: requests need not wait
-        self.registry = await AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
+        opened = AdapterRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)  # after: requests need not wait
+        self.registry = await unless_stopped(opened, stop) or self.registry  # a hung Redis held a stop 20 s
         try:
             await self.watch_workers(stop)
         finally:

@@ -24,9 +24,13 @@ import nats
 import pytest
 
 from dlora.common import subjects
+from dlora.common.bus import connections
 from dlora.common.messages import GenerateRequest, LostRequests, TokenChunk
+from dlora.common.registry import AdapterRegistry
 from dlora.common.sampling import SamplingParams
 from dlora.model.make_tiny import TinyOutput
+from dlora.services.dispatcher.main import Dispatcher
+from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server, free_port
 from dlora.services.stack_stop import STOP_WAIT_S
 from tests.integration.conftest import sigstop, spawn_gateway, spawn_worker
@@ -225,6 +229,36 @@ def test_a_service_told_to_stop_while_redis_hangs_stops_before_dlora_up_kills_it
             proc.kill()
             proc.wait()
     assert code == 0, log.read_text()[-3000:]
+
+
+async def test_a_dispatcher_told_to_stop_while_its_registry_opens_on_a_hung_redis_stops(
+    nats_server: Server, start_redis_here, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter registry opens just after "dispatcher ready", its Redis read outside the
+    periodic look's bound: with Redis hung then, a stop waited out that read's tries (4 x 5 s,
+    past the 10 s ``dlora up`` gives) and opened the registry all the same. Here Redis hangs just
+    as the open starts; the stop breaks the open off, so the registry is never opened."""
+    redis = start_redis_here()
+    real_open = AdapterRegistry.open
+
+    async def open_on_a_hung_redis(*args, **kwargs) -> AdapterRegistry:  # type: ignore[no-untyped-def]
+        sigstop(redis.proc)
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(AdapterRegistry, "open", open_on_a_hung_redis)
+    settings = DispatcherSettings(nats_url=nats_server.url, redis_url=redis.url)
+    stop = asyncio.Event()
+    async with connections(settings) as (nc, store):
+        dispatcher = Dispatcher(settings, nc, store)
+        unopened = dispatcher.registry
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await asyncio.to_thread(unanswered, urlsplit(redis.url).port or 6379, redis.proc)
+            stop.set()
+            await asyncio.wait_for(task, 60)  # (a guard: unbounded, the open ends after its 20 s)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+    assert dispatcher.registry is unopened
 
 
 async def test_ctrl_c_twice_hands_a_draining_workers_requests_over_at_once(
