@@ -52,18 +52,58 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], limit_s: 
     assert text in log.read_text(), log.read_text()[-3000:]
 
 
-def unanswered(port: int, proc: subprocess.Popen[bytes], limit_s: float = 60.0) -> None:
+TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")  # (the second absent where the kernel has no IPv6)
+TCP_LISTEN = "0A"  # a socket's state in them (include/net/tcp_states.h)
+
+
+def unread_at(port: int, table: str) -> bool:
+    """Whether a connection to the server on ``port``, in ``table`` (a ``/proc/net/tcp`` or
+    ``tcp6`` text), holds bytes the server has not read. Not a listening socket's receive queue:
+    there it counts connections not yet accepted, nothing sent yet."""
+    for row in table.splitlines()[1:]:
+        _, local, _, state, queues = row.split()[:5]  # ("0100007F:1F90", "01", "tx:rx" in hex)
+        if state != TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port and int(queues.split(":")[1], 16) > 0:
+            return True
+    return False
+
+
+def unanswered(
+    port: int, proc: subprocess.Popen[bytes], limit_s: float = 60.0, tables: tuple[str, ...] = TCP_TABLES
+) -> None:
     """Until a command sent to the server on ``port`` (stopped: it reads nothing) waits unread in
-    its socket (a receive queue not empty in Linux's ``/proc/net/tcp``): a call to it is under way."""
+    its socket (``unread_at``): a call to it is under way. Given up once ``proc`` exits."""
     deadline = time.monotonic() + limit_s
     while proc.poll() is None and time.monotonic() < deadline:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for row in Path(table).read_text().splitlines()[1:]:
-                local, queues = row.split()[1], row.split()[4]  # ("0100007F:1F90", "tx:rx" in hex)
-                if int(local.rsplit(":", 1)[1], 16) == port and int(queues.split(":")[1], 16) > 0:
-                    return
+        if any(unread_at(port, Path(t).read_text()) for t in tables if Path(t).exists()):
+            return
         time.sleep(0.05)
     raise AssertionError(f"no call to the server on port {port} is under way (exit {proc.poll()})")
+
+
+HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+
+def test_a_connection_not_yet_accepted_is_no_call_under_way() -> None:
+    """A stopped server's listening socket counts a connection made to it in its receive queue
+    (nothing sent yet); a call is under way once bytes wait in the connection's own."""
+    listening = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000001 00:00000000 00000000 0 0 7 1\n"
+    sent = "   1: 0100007F:1F90 0100007F:D431 01 00000000:0000000E 00:00000000 00000000 0 0 0 1\n"
+    elsewhere = "   2: 0100007F:1F91 0100007F:D432 01 00000000:0000000E 00:00000000 00000000 0 0 0 1\n"
+    v6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:D433 01 00000000:0000000E"
+    assert not unread_at(0x1F90, HEADER + listening + elsewhere)
+    assert unread_at(0x1F90, HEADER + listening + sent)
+    assert unread_at(0x1F90, HEADER + v6 + " 00:00000000 00000000 0 0 0 1\n")
+
+
+def test_unanswered_reads_only_the_tables_the_kernel_has(tmp_path: Path) -> None:
+    """A kernel without IPv6 has no ``/proc/net/tcp6``: the wait reads ``tcp`` alone."""
+    tcp = tmp_path / "tcp"
+    tcp.write_text(HEADER + "   1: 0100007F:1F90 0100007F:D431 01 00000000:0000000E 00:00000000 00000000 0 0 0 1\n")
+    with subprocess.Popen(["sleep", "60"]) as proc:
+        try:
+            unanswered(0x1F90, proc, tables=(str(tmp_path / "tcp6"), str(tcp)))  # (the missing one first)
+        finally:
+            proc.kill()
 
 
 def stopped_within(proc: subprocess.Popen[bytes], limit_s: float, sig: int = signal.SIGTERM) -> int | None:
