@@ -51,7 +51,7 @@ def model_not_found(name: str, base_name: str) -> APIError:
     """404 for a model the caller may not use, in OpenAI's words and code (completions, chat, tokenize
     and ``GET /v1/models/{model}`` alike); a path or Hub id ending in ``base_name`` is told that name,
     as vLLM's clients name the base by vLLM's ``--model``, the folder's path or the repository's id."""
-    named = "/" in name and name.rstrip("/").rsplit("/", 1)[-1] == base_name
+    named = name != base_name and f"/{name.strip('/')}".endswith(f"/{base_name}")  # by whole parts: org/name too
     hint = f" The base model is served as '{base_name}' (served_model_name; default its folder's name, not its path)."
     message = f"The model '{name}' does not exist or you do not have access to it.{hint if named else ''}"
     return APIError(404, message, param="model", code="model_not_found")

@@ -99,6 +99,24 @@ def test_error_chunks_as_http_errors() -> None:
     assert (refusal(None, "boom").status, refusal(ErrorCode.UNAVAILABLE, "").status) == (500, 503)
 
 
+@pytest.mark.parametrize(
+    "name, base, hinted",
+    [
+        # (a folder's name: test_gateway_shaping) a served name that is a Hub id, as vLLM's default is
+        ("/hf/meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B", True),
+        ("meta-llama/Llama-3.1-8B/", "meta-llama/Llama-3.1-8B", True),
+        ("Llama-3.1-8B/", "meta-llama/Llama-3.1-8B", False),
+        ("not-meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B", False),  # whole parts only
+    ],
+)
+def test_a_404_names_the_base_to_a_path_ending_in_its_name(name: str, base: str, hinted: bool) -> None:
+    """A served name with a slash (``served_model_name = "meta-llama/Llama-3.1-8B"``) was never
+    hinted: only the path's last part was compared with it."""
+    message = openai.model_not_found(name, base).message
+    assert message.startswith(f"The model '{name}' does not exist")
+    assert (f"The base model is served as '{base}'" in message) is hinted
+
+
 def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
     """A SentencePiece vocabulary spells a word's leading space into its token ("▁re"): counted
     from 0, every offset after the first word was one too far from the echoed "kalo remi"."""
