@@ -21,7 +21,8 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
 - ``bias`` ``all`` / ``lora_only`` is served where the file holds no bias (a base without biases
   saves none: plain LoRA, as PEFT loads it), and ``modules_to_save`` where it names no module of
-  the base (PEFT wraps none); a bias tensor, or a module of the base fine-tuned whole, is refused;
+  the base (PEFT wraps none; as PEFT, no LoRA goes on a module one of its names matches as a
+  regex); a bias tensor, or a module of the base fine-tuned whole, is refused;
 - DoRA, ``lora_bias``, layer replication, trainable tokens,
   parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
   field this module does not know that is set to something other than a default.
@@ -50,7 +51,7 @@ from dlora.model.adapter_files import (
     value_problem,
 )
 from dlora.model.config import TARGET_NAMES, ModelConfig, targets
-from dlora.model.peft_targets import Targets, key_regex, layers_regex, regex_problem
+from dlora.model.peft_targets import Targets, key_regex, layers_regex, regex_problem, saved_problem
 
 __all__ = [
     "AdapterError",
@@ -434,6 +435,9 @@ def _check_config(name: str, conf: dict[str, Any]) -> None:
     # the model has is refused in _modules
     if not (conf.get("modules_to_save") is None or _names(conf["modules_to_save"])):
         refuse("modules_to_save must be a list of strings")
+    for saved in conf.get("modules_to_save") or []:
+        if (problem := saved_problem(saved)) is not None:
+            refuse(f"modules_to_save name {saved[:200]!r} is not a valid regex ({problem}; PEFT matches each as one)")
     # "all" and "lora_only" train the base layers' biases and save them beside the LoRA weights
     # (refused by their tensors in _modules); a base without biases (Llama) saves none, and PEFT
     # serves such an adapter as plain LoRA (vLLM refusing it by this field alone failed every

@@ -47,6 +47,19 @@ def key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+def saved_regex(name: str) -> str:
+    """A ``modules_to_save`` name as PEFT keeps LoRA off the modules it matches
+    (``check_target_module_exists``: the name is a regex there, though ``_set_trainable`` wraps the
+    modules whose name ends in it literally)."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
+def saved_problem(name: str) -> str | None:
+    """Why PEFT's ``re`` cannot compile a ``modules_to_save`` name as it matches it (its load fails
+    there), or None; a plain name (letters, digits, '_', '-', '.') always compiles."""
+    return None if _PLAIN.fullmatch(name) else regex_problem(name, saved_regex(name))
+
+
 def layers_regex(pattern: str) -> str:
     """A ``layers_pattern`` as PEFT matches it (``check_target_module_exists``)."""
     return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
@@ -162,6 +175,11 @@ class Targets:
         # (the dict kept, so the id is not reused)
         self._split: dict[int, tuple[dict[str, Any], _Plain, list[str], list[tuple[int, str]]]] = {}
         self._work = 0
+        # modules_to_save names, plain ones indexed as rank_pattern keys are (a 1 MB config's 50,000
+        # names matched one by one against each module would cost seconds)
+        saved = conf.get("modules_to_save") or []
+        self._saved_plain = _Plain([(i, k) for i, k in enumerate(saved) if _PLAIN.fullmatch(k)])
+        self._saved_others = [k for k in saved if not _PLAIN.fullmatch(k)]
 
     def _refuse_slow(self) -> AdapterError:
         return AdapterError(
@@ -223,6 +241,15 @@ class Targets:
         parts, names = module.split("."), self._names[key]
         return any(".".join(parts[i:]) in names for i in range(len(parts)))
 
+    def _saved(self, module: str) -> bool:
+        """Whether a ``modules_to_save`` name matches ``module`` as PEFT's ``saved_regex``: a plain
+        name ends a part of it that starts at its start or a dot and ends at its end or a dot."""
+        ends = [len(module), *_dots(module)] if "\n" not in module else []  # (re's '.' is no newline)
+        if any(self._saved_plain.first(module[:end], self._spend) is not None for end in ends):
+            return True
+        others = self._saved_others if ends else self.conf["modules_to_save"]
+        return any(self._match("match", saved_regex(name), module) for name in others)
+
     def _layer_index(self, module: str) -> int | None:
         patterns = self.conf.get("layers_pattern") or None
         if patterns is None:  # the first numbered segment after a named one
@@ -238,6 +265,8 @@ class Targets:
         ``model.layers.0.self_attn.q_proj``) under this config."""
         conf = self.conf
         if conf.get("exclude_modules") and self._in_modules("exclude_modules", module):
+            return False
+        if conf.get("modules_to_save") and self._saved(module):
             return False
         spec = conf.get("target_modules")
         if spec is None:

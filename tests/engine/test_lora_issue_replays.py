@@ -175,3 +175,27 @@ def test_modules_to_save_names_are_matched_as_peft_matches_them(tiny_llama: Tiny
                 inspect_adapter("a", path, cfg)
         else:
             assert inspect_adapter("a", path, cfg).modules
+
+
+def test_modules_to_save_names_keep_lora_off_the_modules_their_regex_matches(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    r"""PEFT's ``check_target_module_exists`` puts no LoRA on a module that a modules_to_save name
+    matches as the regex ``(^|.*\.)NAME($|\..*)``, so the file's weights there go unread, though
+    ``_set_trainable`` (a name's literal end) wraps nothing: a '.' standing for the '_' of q_proj,
+    and an alternation, are served as peft serves them; a name its ``re`` cannot compile fails
+    PEFT's load, and is refused naming it."""
+    source = write_peft_adapter(tiny_llama, tmp_path / "source", r=8, lora_alpha=16, target_modules=ALL)
+    config = json.loads((source / "adapter_config.json").read_text())
+    plain, e, paths = peft_logits(tiny_llama, source), engine(tiny_llama), {}
+    for name, saved in {"dot": ["layers.1.self_attn.q.proj"], "alternation": ["v_proj|score"]}.items():
+        paths[name] = path = shutil.copytree(source, tmp_path / name)
+        (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": saved}))
+        e.register_adapter(name, path)
+    got = batch_logits(e, {name: name for name in paths})
+    for name, path in paths.items():
+        want = peft_logits(tiny_llama, path)
+        assert close(got[name], want) and not close(want, plain), name
+    (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": ["score("]}))
+    with pytest.raises(AdapterError, match=r"modules_to_save name 'score\(' is not a valid regex"):
+        inspect_adapter("bad", path, ModelConfig.from_dir(tiny_llama.model))

@@ -12,7 +12,7 @@ import pytest
 
 from dlora.model.adapter_files import AdapterError
 from dlora.model.adapters import _check_config
-from dlora.model.peft_targets import Targets, key_regex, regex_problem
+from dlora.model.peft_targets import Targets, key_regex, regex_problem, saved_problem
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -192,3 +192,24 @@ def test_plain_keys_select_as_peft_s_first_match_mixed_with_regexes(monkeypatch:
             found = check_target_module_exists(peft_conf, module)
             want = bool(found) and not isinstance(found, _ExcludedModule)
             assert chosen.targeted(module) == want, (key, module)
+
+
+def test_modules_to_save_names_keep_lora_off_as_peft_s_regex_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT's check_target_module_exists excludes a module a modules_to_save name matches as a
+    regex; Targets agrees on every module, plain names with no regex engine run."""
+    from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
+
+    modules = [*_modules(12), "model.layers.3"]
+    r = random.Random(2)
+    for round_ in range(80):
+        pool = PLAIN if round_ < 40 else PLAIN + [k for k in REGEXES if saved_problem(k) is None]
+        conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "modules_to_save": r.sample(pool, 3)}
+        with monkeypatch.context() as m:
+            if round_ < 40:
+                _no_regex_engine(m)
+            chosen = Targets("a", conf)
+            peft_conf = types.SimpleNamespace(**conf, target_parameters=None, exclude_modules=None)
+            for module in modules:
+                found = check_target_module_exists(peft_conf, module)
+                want = bool(found) and not isinstance(found, _ExcludedModule)
+                assert chosen.targeted(module) == want, (conf["modules_to_save"], module)
