@@ -321,8 +321,10 @@ def _saved_module(names: list[str], cfg: ModelConfig) -> str | None:
     parts = ("", ".input_layernorm", ".post_attention_layernorm", ".self_attn", ".mlp", ".mlp.act_fn")
     layers = [f"model.layers.{i}{part}" for i in range(cfg.num_layers) for part in parts]
     modules = ["model", "model.layers", "model.norm", "model.rotary_emb", *_OTHER_MODULES, *layers]
-    # each projection with the LoRA layer's own parts (PEFT wraps the model once LoRA is in)
-    lora = ("", ".base_layer", ".lora_A", ".lora_B", ".lora_A.default", ".lora_B.default", ".lora_dropout")
+    # each projection with the LoRA layer's own parts (PEFT wraps the model once LoRA is in, and
+    # fails to load on one of these)
+    lora = ["", ".base_layer", ".lora_A", ".lora_B", ".lora_A.default", ".lora_B.default", ".lora_dropout"]
+    lora += [".lora_dropout.default", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"]
     modules += [_module(i, t) + part for i in range(cfg.num_layers) for t in TARGET_NAMES for part in lora]
     # every string suffix of every name ("" too: it ends them all), looked up once a name: a
     # hostile config's 50,000 names against an 80-layer base's 4,400 names one by one would be 220

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from dlora.common.messages import SamplingParams
 from dlora.model.adapters import AdapterError, inspect_adapter
@@ -199,3 +201,19 @@ def test_modules_to_save_names_keep_lora_off_the_modules_their_regex_matches(
     (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": ["score("]}))
     with pytest.raises(AdapterError, match=r"modules_to_save name 'score\(' is not a valid regex"):
         inspect_adapter("bad", path, ModelConfig.from_dir(tiny_llama.model))
+
+
+def test_every_module_of_the_peft_model_named_in_modules_to_save_is_refused(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """Each module of the model PEFT builds (LoRA on every projection), named in modules_to_save:
+    PEFT wraps it whole over the base's, or fails to load (a LoRA layer's lora_dropout.default,
+    lora_embedding_A / _B and lora_magnitude_vector, which dlora served); refused naming it."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL)).base_model.model
+    cfg, path = ModelConfig.from_dir(tiny_llama.model), shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "a")
+    config = json.loads((path / "adapter_config.json").read_text())
+    for module, _ in model.named_modules(remove_duplicate=False):
+        (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": [module]}))
+        with pytest.raises(AdapterError, match="modules_to_save"):
+            inspect_adapter("a", path, cfg)
