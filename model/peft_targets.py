@@ -3,7 +3,8 @@ an ``adapter_config.json`` (peft/tuners/tuners_utils.py ``check_target_module_ex
 peft/utils/other.py ``get_pattern_key``): ``target_modules`` and ``exclude_modules`` (a string: a
 regex the whole name must match; a list: names or dotted suffixes), ``layers_to_transform`` with
 ``layers_pattern``, and ``rank_pattern`` / ``alpha_pattern`` keys matched as ``(.*\.)?(KEY)$``,
-first match in order.
+first match in order; ``modules_to_save`` names keep LoRA off the modules they match as
+``(^|.*\.)NAME($|\..*)``.
 
 The config is hostile input (anyone who may write into an adapter root wrote it): Python's ``re``
 backtracks for hours on a pattern such as ``(.|.)*X`` against one module name, and a 1 MB config
