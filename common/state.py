@@ -54,7 +54,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      expires unless that run renews it: a reader that finds the
                                      response queued or in_progress with none ends it ``failed``
                                      (and its stream, with ``response.failed``); one whose hash
-                                     lacks ``leased`` (an older gateway's) only once a span old
+                                     lacks ``leased`` (an older gateway's) only a span after its
+                                     ``seen`` (ms on Redis's clock: when a reader first found it)
 """
 
 from __future__ import annotations

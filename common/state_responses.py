@@ -3,7 +3,8 @@
 JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
 written before it), ``stream`` (a streamed background response's: the token of the run whose
 events its stream holds, ``append_events``), ``leased`` (a background response's whose run holds
-a lease, ``lease_response``: none in one an older gateway wrote, which took none); and
+a lease, ``lease_response``: none in one an older gateway wrote, which took none), ``seen`` (in
+one without ``leased``: when a reader first found it running, ms on Redis's clock); and
 ``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest response that holds that
 item in its conversation or output (an ``item_reference`` names any stored item by its id alone,
 as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
@@ -112,12 +113,23 @@ return 1
 # (read queued or in_progress) and its lease (KEYS[3]) has lapsed: one step, so that of the readers
 # that find it so one writes, and a run that renews its lease in between keeps it; a streamed one's
 # stream closed (``_CLOSE_STREAM_LUA``). A record without ``leased`` is an older gateway's, which
-# took no lease: ended only once ARGV[5] is "1" (the caller found it older than its bound).
+# took no lease: ended only once ARGV[5] ms have passed since a reader first found it so (its
+# ``seen``, stamped then), both read on Redis's clock: its created_at is its gateway's wall clock,
+# and a reader's clock ahead of it by the span failed a live run at once.
 # Answers the record as it is then (nil: gone).
 _LAPSE_LUA = f"""
 local now = redis.call('HGET', KEYS[1], 'response')
 if now ~= ARGV[1] or redis.call('EXISTS', KEYS[3]) == 1 then return now end
-if redis.call('HEXISTS', KEYS[1], 'leased') == 0 and ARGV[5] ~= '1' then return now end
+if redis.call('HEXISTS', KEYS[1], 'leased') == 0 then
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local seen = tonumber(redis.call('HGET', KEYS[1], 'seen'))
+  if not seen then
+    seen = ms
+    redis.call('HSET', KEYS[1], 'seen', string.format('%d', ms))
+  end
+  if ms - seen < tonumber(ARGV[5]) then return now end
+end
 redis.call('HSET', KEYS[1], 'response', ARGV[2])
 {_CLOSE_STREAM_LUA}
 return ARGV[2]
@@ -279,15 +291,16 @@ class ResponseKeys:
         stored: bytes,
         ended: bytes,
         closing: tuple[bytes, bytes],
-        aged: bool = False,
+        legacy_s: float = 0.0,
     ) -> bytes | None:
         """``tenant``'s response made ``ended`` if it is ``stored`` still and no gateway holds its
         lease (``lease_response``: the one running it died, or lost Redis for longer than its
         lease); a streamed one's stream ended with the event ``closing`` frames around its
         sequence_number, and closed to its run (``append_events`` refuses it). One an older
-        gateway wrote (not ``leased``: it never had a lease) only where ``aged`` (the caller found
-        it older than its bound). Returns its record as it is then; None: it is gone."""
+        gateway wrote (not ``leased``: it never had a lease) only ``legacy_s`` seconds after a
+        reader first found it so (its ``seen`` mark, ms on Redis's clock: no gateway's clock is
+        trusted). Returns its record as it is then; None: it is gone."""
         keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
         keys.append(f"{self.p}:response-lease:{tenant}:{response_id}")
-        args = [stored, ended, *closing, "1" if aged else "0"]
+        args: list[bytes | int] = [stored, ended, *closing, max(0, int(legacy_s * 1000))]
         return cast(bytes | None, await self.r.register_script(_LAPSE_LUA)(keys=keys, args=args))

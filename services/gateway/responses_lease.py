@@ -15,7 +15,6 @@ had until it is a lease's span old (``settled``)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -64,9 +63,10 @@ async def settled(
     """``stored`` (``tenant``'s response as just read) as it stands: one queued or in progress
     whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile, a streamed
     one's stream ended with its ``response.failed`` event. One an older gateway wrote (a rolling
-    upgrade: it took no lease) is its gateway's until its ``created_at`` is ``legacy_s`` seconds
-    old (a lease's span: as long as a run of ours is trusted unrenewed), then judged as lapsed
-    (failed at the first read, it ran on for nobody, its end's write refused by its changed record).
+    upgrade: it took no lease) is its gateway's until ``legacy_s`` seconds after a reader first
+    found it so (a lease's span: as long as a run of ours is trusted unrenewed; timed on Redis's
+    clock, not by its ``created_at``, which is its gateway's wall clock), then judged as lapsed
+    (failed, it ran on for nobody, its end's write refused by its changed record).
     The caller bounds the Redis work. Returns its record (None: gone since it was read).
 
     Raises:
@@ -74,11 +74,9 @@ async def settled(
     """
     if not running(stored):
         return stored
-    response = msgspec.json.decode(stored)
-    created = response.get("created_at")
-    aged = not isinstance(created, int | float) or time.time() - created >= legacy_s
-    ended = msgspec.json.encode(response | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}})
-    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended), aged)) == ended:
+    failed = msgspec.json.decode(stored) | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
+    ended = msgspec.json.encode(failed)
+    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended), legacy_s)) == ended:
         logger.warning("a background response whose run was lost is failed", id=response_id)
     return now
 

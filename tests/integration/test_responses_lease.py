@@ -347,22 +347,27 @@ async def test_a_reader_of_a_run_that_appends_on_past_its_lease_ends_its_stream_
     assert LAPSED.encode() in written.frames[-1]
 
 
-async def test_an_older_gateways_record_is_judged_lost_only_once_older_than_a_leases_span(redis: Redis) -> None:
+async def test_an_older_gateways_record_is_judged_lost_only_a_leases_span_after_first_found(redis: Redis) -> None:
     """A background response an older gateway runs (a rolling upgrade: no lease taken, none
     marked ``leased``) was failed by a newer gateway's first reader, though it ran on. It is read
-    as it stands until its created_at is a lease's span old; a record of ours without its lease
-    is failed at once, as before. Its stream, which names no run token, is one to read."""
+    as it stands until a lease's span after a reader first found it so, on Redis's clock: its
+    created_at, the older gateway's wall clock, may lag the reader's by more than the span (here
+    20 s), which failed it at once. A record of ours without its lease is failed at once, as before.
+    Its stream, which names no run token, is one to read."""
     state = StateStore(redis)
-    now = int(time.time())
-    young, old = (
-        {"id": r, "status": "in_progress", "created_at": c} for r, c in (("resp_y", now), ("resp_o", now - 20))
-    )
-    for record in (young, old):
-        await state.put_response(record["id"], "t", msgspec.json.encode(record), b"[]", 60.0)
-    ours = msgspec.json.encode(young | {"id": "resp_ours"})
-    await state.put_response("resp_ours", "t", ours, b"[]", 60.0, leased=True)
-    for record, status in ((young, "in_progress"), (old, "failed"), (young | {"id": "resp_ours"}, "failed")):
+    old = {"id": "resp_o", "status": "in_progress", "created_at": int(time.time()) - 20}
+    ours = old | {"id": "resp_ours"}
+    await state.put_response("resp_o", "t", msgspec.json.encode(old), b"[]", 60.0)
+    await state.put_response("resp_ours", "t", msgspec.json.encode(ours), b"[]", 60.0, leased=True)
+
+    async def status(record: dict[str, Any]) -> str:
         now_stored = await settled(state, record["id"], "t", msgspec.json.encode(record), legacy_s=15.0)
-        assert now_stored is not None and msgspec.json.decode(now_stored)["status"] == status, record["id"]
+        assert now_stored is not None
+        return cast(str, msgspec.json.decode(now_stored)["status"])
+
+    assert [await status(old), await status(old), await status(ours)] == ["in_progress", "in_progress", "failed"]
+    seen = int(await redis.hget(f"{state.p}:response:t:resp_o", "seen") or 0)
+    await redis.hset(f"{state.p}:response:t:resp_o", "seen", seen - 15_000)  # (first found a span ago)
+    assert await status(old) == "failed"
     await redis.rpush(f"{state.p}:response-events:t:resp_o", b"event: response.created\n\n")  # (as it appended)
-    assert await state.streamed("resp_o", "t") and not await state.streamed("resp_y", "t")  # (its stream read)
+    assert await state.streamed("resp_o", "t") and not await state.streamed("resp_ours", "t")  # (its stream read)
