@@ -130,6 +130,9 @@ class Keeping:
     # record: a reader tells an older gateway's record, which has none, by its absence
     leased: bool = False
     written: bytes | None = field(default=None, init=False)  # what ``finishing`` wrote (None: nothing)
+    # Counted too large once: a background one's failed object, and that shrunk, are tries of the
+    # same response (``ResponsesShape.final``), each of which counted it again
+    _refused: bool = field(default=False, init=False)
     _record: tuple[str, bytes, dict[str, Any], list[str]] | None = field(default=None, init=False)
 
     def keep(self, response: dict[str, Any]) -> bool:
@@ -142,8 +145,10 @@ class Keeping:
         items = msgspec.json.encode(self.items)
         size = len(items) + len(msgspec.json.encode(response))
         if size > self.store.max_bytes:
-            logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
-            self.store.count("write", "too_large")
+            if not self._refused:
+                logger.warning("a response over responses_max_bytes is not stored", id=response["id"], bytes=size)
+                self.store.count("write", "too_large")
+            self._refused = True
             self._record = None  # (a background response's queued object, kept before, is not written again)
             return False
         # Every item of the conversation, not only its own: indexed by the response that first stored

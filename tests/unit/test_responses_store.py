@@ -119,6 +119,20 @@ def test_a_response_over_the_bound_is_answered_not_kept_and_new_items_get_ids() 
     assert Keeping(store, "acme", list(given)).keep(huge) is False
 
 
+def test_a_background_response_over_the_bound_counts_too_large_once() -> None:
+    """Its final object over the bound, then its failed object, then that shrunk (``final``'s
+    tries, each over it here): each try counted another ``too_large`` write for one response."""
+    from prometheus_client import CollectorRegistry
+
+    from dlora.services.gateway.responses_metrics import StoreCounts
+
+    counts = StoreCounts(registry := CollectorRegistry())
+    keeping = Keeping(ResponsesStore(None, _unbound, 60.0, 100, counts), "", [])  # type: ignore[arg-type]
+    for status in ("completed", "failed", "failed"):
+        assert keeping.keep({"id": "resp_e", "status": status, "output": [], "instructions": "x" * 100}) is False
+    assert registry.get_sample_value("dlora_responses_store_total", {"op": "write", "outcome": "too_large"}) == 1
+
+
 async def test_a_background_response_whose_end_is_over_the_bound_leaves_its_queued_object_unwritten() -> None:
     """Its queued object kept (and written), its final one over the bound: ``finishing`` wrote the
     queued object again over the running one, so the response read ``queued`` for ever instead of
