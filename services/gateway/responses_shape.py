@@ -112,6 +112,7 @@ class ResponsesShape(Shape):
             # prompt_cache_key also routes the request (dispatcher ``affinity``), safety_identifier only echoed
             "prompt_cache_key": a.prompt_cache_key,
             "safety_identifier": a.safety_identifier,
+            "prompt_cache_retention": a.prompt_cache_retention,  # (taken, as vLLM's, with no cache tiers)
             # the effort asked, as OpenAI's and vLLM's echo it (it went to the template: responses_api)
             "reasoning": {"effort": a.reasoning.effort if a.reasoning else None, "summary": None},
             "service_tier": a.service_tier or "default",

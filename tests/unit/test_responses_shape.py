@@ -252,13 +252,17 @@ def test_the_top_logprobs_asked_are_echoed_whole_and_streamed() -> None:
 
 
 def test_prompt_cache_key_and_safety_identifier_are_echoed_whole_and_streamed() -> None:
-    """OpenAI's Response carries both as asked (None where not): they were taken and dropped."""
+    """OpenAI's Response carries them as asked (None where not): they were taken and dropped
+    (prompt_cache_retention still was, after the other two were echoed)."""
     from openai.types.responses import Response
 
-    asked = ResponsesBody(input="kalo", prompt_cache_key="chat-7", safety_identifier="user-9f")
+    asked = ResponsesBody(
+        input="kalo", prompt_cache_key="chat-7", safety_identifier="user-9f", prompt_cache_retention="24h"
+    )
     shape = ResponsesShape.of(Shape(True, "chatcmpl-abc", "m", 7), asked)
     whole = Response.model_validate(shape.full([Choice(0, text="kalo", finish_reason="stop")], 5, 1))
     assert (whole.prompt_cache_key, whole.safety_identifier) == ("chat-7", "user-9f")
+    assert whole.prompt_cache_retention == "24h"
     [created, *_] = shape.events(shape.chunk("", None, first=True))
     event = json.loads(created.decode().split("\n")[1].removeprefix("data: "))
     assert (event["response"]["prompt_cache_key"], event["response"]["safety_identifier"]) == ("chat-7", "user-9f")
