@@ -279,7 +279,6 @@ async def test_a_streamed_run_past_its_lease_ends_its_stream_failed_and_is_stopp
         pass
 
     monkeypatch.setattr(RunLease, "hold", unrenewed)
-    stack.gateway.background.lease_s = 0.5
     body = {**ASKED, "max_output_tokens": 400, "ignore_eos": True, "input": "kalo", "background": True, "stream": True}
     client = _client(stack.url)
     try:
@@ -287,6 +286,9 @@ async def test_a_streamed_run_past_its_lease_ends_its_stream_failed_and_is_stopp
             r = await http.post(stack.url + "/v1/responses", json=body, headers={"X-Request-Id": "resp_lapsed"})
             assert (await r.content.readuntil(b"\n\n")).startswith(b"event: response.created")
             r.close()
+            # Lapsed now, not by a short lease: one of 0.5 s lapsed under load before the run's
+            # first event, and its stream began with the failed one
+            await stack.store.r.delete(f"{stack.store.p}:response-lease::resp_lapsed")
             await _running(stack)
             steps = _steps(stack)
             ended = await _over(client, "resp_lapsed")
