@@ -10,7 +10,7 @@ changed under it (cancelled or deleted where NATS could not tell it, replaced by
 foreground response of its id, failed by a reader) finds so at its next renewal and is stopped (its
 request aborted on its worker), as a cancel heard on NATS stops it. A record an older gateway
 wrote in a rolling upgrade (no ``leased`` mark: it took no lease) is not judged by a lease it never
-had until it is a lease's span old (``settled``)."""
+had until a lease's span after a reader first found it so, on Redis's clock (``settled``)."""
 
 from __future__ import annotations
 
