@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 from safetensors.torch import load_file, save_file
 
@@ -43,8 +45,22 @@ def copies(tiny: TinyOutput, **sources: str) -> Iterator[dict[str, Path]]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _held_while_good_runs(stack: Stack, monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> None:
+    """Each worker's steps wait for ``release`` while it holds a request of ``good``: the unload
+    meets that request running, however fast it would have ended (the steps run in a thread; the
+    loop goes on)."""
+    for w in stack.workers:
+
+        def gated(w=w, step=w.engine.step):  # type: ignore[no-untyped-def]
+            if any(s.adapter and s.adapter.startswith("good@") for s in list(w.engine.seqs.values())):
+                release.wait(60)
+            return step()
+
+        monkeypatch.setattr(w.engine, "step", gated)
+
+
 async def test_runtime_loads_and_unloads_as_the_reports_expect(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vllm-project/vllm #18372 (a path that does not exist answered "Success"), #11702 / PR #11727
     (an adapter that does not fit the base accepted, then the engine crashing at its first
@@ -99,20 +115,31 @@ async def test_runtime_loads_and_unloads_as_the_reports_expect(
             assert (await post(stack, "/v1/completions", {**short, "model": "good"}))[1]["choices"] == served["choices"]
 
             using = {"model": "good", "prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-            in_use = asyncio.create_task(post(stack, "/v1/completions", using))
-            for _ in range(200):
-                if any(
-                    s.adapter.startswith("good@") for w in stack.workers for s in w.engine.seqs.values() if s.adapter
-                ):
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the request of 'good' never ran")
-            unload = {"lora_name": "good"}
-            assert await call(stack, "/v1/unload_lora_adapter", unload) == (
-                200,
-                "Success: LoRA adapter 'good' removed successfully.",
-            )
+            release = threading.Event()
+            _held_while_good_runs(stack, monkeypatch, release)
+            try:
+                in_use = asyncio.create_task(post(stack, "/v1/completions", using))
+                for _ in range(1200):  # (held from its first step: it cannot end unseen under load)
+                    if any(
+                        s.adapter.startswith("good@")
+                        for w in stack.workers
+                        for s in w.engine.seqs.values()
+                        if s.adapter
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the request of 'good' never reached a worker")
+                unload = {"lora_name": "good"}
+                assert await call(stack, "/v1/unload_lora_adapter", unload) == (
+                    200,
+                    "Success: LoRA adapter 'good' removed successfully.",
+                )
+                assert any(
+                    s.adapter and s.adapter.startswith("good@") for w in stack.workers for s in w.engine.seqs.values()
+                )
+            finally:
+                release.set()
             for _ in range(200):  # each worker retires it once it hears (its requests have ended)
                 if not any(key.startswith("good@") for w in stack.workers for key in w.engine.adapters):
                     break
