@@ -298,23 +298,42 @@ async def every(every_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
         yield
 
 
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None once ``stop`` is set first (``work`` then cancelled): for a
+    service's periodic look, of no use to one that stops. With Redis hung each of a look's calls
+    waits out redis-py's tries (4 x 5 s), and a dispatcher or migrator told to stop meanwhile
+    waited for all of them (18 s, 38 s), past the 10 s ``dlora up`` gives it before SIGKILL."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    return None if task.cancelled() else task.result()
+
+
 async def when_reachable(
     read: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event, every_s: float = 0.5
 ) -> T | None:
     """``read()``'s result once Redis answers it, tried every ``every_s`` seconds meanwhile (the
-    outage logged as ``Outage`` logs it); None if ``stop`` is set first. For what a service reads
-    before it serves: raised, a dispatcher or worker started while Redis was down exited with a
-    traceback, and under systemd's start limit stayed down for good."""
+    outage logged as ``Outage`` logs it); None if ``stop`` is set first, a read under way then broken
+    off. For what a service reads before it serves: raised, a dispatcher or worker started while
+    Redis was down exited with a traceback, and under systemd's start limit stayed down for good."""
     outage = Outage(what)
     while not stop.is_set():
-        try:
-            result = await read()
+        try:  # (broken off at a stop: a hung Redis held each try 20 s, redis-py's 4 x 5 s, past dlora up's 10 s)
+            result = await unless_stopped(read(), stop)
         except STATE_OUTAGE as e:
             outage.failed(e)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):
                     await stop.wait()
             continue
+        if stop.is_set():
+            return None
         outage.succeeded()
         return result
     return None

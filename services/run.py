@@ -7,12 +7,11 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from dlora.services.notify import notifier
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -63,23 +62,6 @@ def killed_by_signals(stop: asyncio.Event) -> Iterator[None]:
         yield
     finally:
         _asked_to_stop(stop)
-
-
-async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """``work``'s result, or None once ``stop`` is set first (``work`` then cancelled): for a
-    service's periodic look, of no use to one that stops. With Redis hung each of a look's calls
-    waits out redis-py's tries (4 x 5 s), and a dispatcher or migrator told to stop meanwhile
-    waited for all of them (18 s, 38 s), past the 10 s ``dlora up`` gives it before SIGKILL."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait([task])
-    return None if task.cancelled() else task.result()
 
 
 def run_until_signalled(serve: Callable[[Any, asyncio.Event], Awaitable[None]], settings: Any) -> None:

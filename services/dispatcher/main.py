@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from dlora.common import bus, log, subjects
-from dlora.common.bus import connections
+from dlora.common.bus import connections, unless_stopped
 from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.inflight import sent_again
@@ -54,7 +54,6 @@ from dlora.services.dispatcher.state import DispatchState, new_salt
 from dlora.services.dispatcher.take_back import take_back
 from dlora.services.dispatcher.tenancy import as_taken, unseen
 from dlora.services.notify import notifier
-from dlora.services.run import unless_stopped
 
 logger = log.get("dispatcher")
 _decode_request = msgspec.json.Decoder(GenerateRequest)

@@ -12,7 +12,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from dlora.common import bus, log, subjects
-from dlora.common.bus import connections
+from dlora.common.bus import connections, unless_stopped
 from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import read_sizes
@@ -23,7 +23,6 @@ from dlora.services.migrator.pace import RoundTrips
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.notify import notifier
-from dlora.services.run import unless_stopped
 
 logger = log.get("migrator")
 

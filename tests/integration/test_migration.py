@@ -464,7 +464,7 @@ async def test_workers_prefetch_the_adapters_placed_on_them(
 
 
 async def test_a_migrator_stopped_while_it_takes_the_lease_releases_it(nats_server: Server, redis: Redis) -> None:
-    """A stop breaks off the look under way (``run.unless_stopped``): broken off after Redis gave
+    """A stop breaks off the look under way (``bus.unless_stopped``): broken off after Redis gave
     it the lease but before its answer came (a slow Redis), the migrator did not know itself
     leader and left the lease held; a standby could not lead until it expired."""
     store = StateStore(redis)
