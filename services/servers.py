@@ -57,6 +57,12 @@ def ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    """The address family a server listening on ``host`` binds ("::", "::1": IPv6). Raises
+    ``OSError`` (``socket.gaierror``) for a host that does not resolve."""
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that nothing is bound to now, drawn at random outside the ephemeral range
     and never the same twice in this process.
@@ -66,18 +72,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     binding 13 s after the draw found its port taken by a neighbouring test's connection).
     portpicker 1.6 tries ``bind(0)`` first too. Falls back to ``bind(0)`` when no draw binds."""
     ephemeral, draw = ephemeral_ports(), random.SystemRandom()  # not the module's seeded generator
+    family = _family(host)  # (an IPv4 socket cannot bind "::1": every draw, then the fallback, failed)
     for _ in range(256):
         port = draw.randrange(_LOWEST_DRAWN_PORT, 65536)
         if port in ephemeral or port in _handed_out:
             continue
-        with socket.socket() as s:
+        with socket.socket(family) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket() as s:
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -86,7 +93,7 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on ``port`` of ``host`` now (as servers bind: SO_REUSEADDR, so
     a port a closed connection left in TIME_WAIT counts as free, one another server listens on not)."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # "::" is IPv6
+        family = _family(host)
     except OSError:
         return False
     with socket.socket(family) as s:

@@ -23,3 +23,11 @@ def test_a_drawn_port_is_one_a_server_can_listen_on() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_a_port_drawn_on_the_ipv6_loopback_is_one_a_server_can_listen_on() -> None:
+    """An IPv4 socket cannot bind "::1": each draw failed, then the fallback raised."""
+    port = free_port("::1")
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", port))
+        s.listen()
