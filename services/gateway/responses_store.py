@@ -202,8 +202,9 @@ class ResponsesStore:
     ttl_s: float
     max_bytes: int
     counts: StoreCounts | None = None  # (the gateway's metrics; None: uncounted)
-    # How old (its created_at, s) an older gateway's background response, which holds no lease,
-    # is before a reader judges it lost (``settled``): a lease's span (``Background.lease_s``)
+    # Seconds after a reader first found an older gateway's background response (which holds no
+    # lease) running before one judges it lost (``settled``, on Redis's clock): a lease's span
+    # (``Background.lease_s``)
     legacy_s: float = 0.0
 
     @property
