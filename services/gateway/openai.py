@@ -12,8 +12,9 @@ import msgspec
 
 from dlora.common.undecodable import field_of
 from dlora.services.gateway.reasoning import REASONING_END, ReasoningParser, split
+from dlora.services.gateway.tool_base import Call, joined, short_call_id
 from dlora.services.gateway.tool_calls import CallStream
-from dlora.services.gateway.tool_parsers import Call, ToolParser, joined, short_call_id
+from dlora.services.gateway.tool_parsers import ToolParser
 
 
 class APIError(Exception):
@@ -313,7 +314,7 @@ class Shape:
     # What the calls' ids are made of: random per response (dlora's own request id), never the
     # client's request_id (a session id reused per turn gave every turn the same call ids).
     call_ids: str = ""
-    call_id_length: int = 0  # calls' ids of this many alphanumeric characters (tool_parsers.CALL_ID_LENGTHS); 0: ours
+    call_id_length: int = 0  # calls' ids of this many alphanumeric characters (tool_base.CALL_ID_LENGTHS); 0: ours
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
     # A chat reply's role: the assistant's, or with add_generation_prompt false the last message's
     # (vLLM's get_chat_request_role: an echoed user message came back as the assistant's)

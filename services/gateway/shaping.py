@@ -45,7 +45,7 @@ from dlora.services.gateway.sampling import (
     structured_field,
     tools_required,
 )
-from dlora.services.gateway.tool_parsers import CALL_ID_LENGTHS
+from dlora.services.gateway.tool_base import CALL_ID_LENGTHS
 from dlora.services.worker.engine.detokenizer import spaces_added_tokens
 from dlora.services.worker.engine.structured import Grammars
 
@@ -112,7 +112,7 @@ class ServedModel:
 
     @property
     def call_id_length(self) -> int:
-        """The call ids its tool-call format takes (``tool_parsers.CALL_ID_LENGTHS``; 0: ours)."""
+        """The call ids its tool-call format takes (``tool_base.CALL_ID_LENGTHS``; 0: ours)."""
         return CALL_ID_LENGTHS.get(self.tool_call_parser, 0)
 
     @classmethod

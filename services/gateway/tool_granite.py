@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dlora.services.gateway.tool_base import Call, decoded_call, partial_tag
 from dlora.services.gateway.tool_json import loads
-from dlora.services.gateway.tool_parsers import Call, decoded_call, partial_tag
 from dlora.services.gateway.tool_scan import ObjectEnd
 
 _TAGS = ("<|tool_call|>", "<tool_call>")  # in this order, each at most once

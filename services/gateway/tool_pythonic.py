@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field, replace
 from keyword import iskeyword
 
-from dlora.services.gateway.tool_parsers import Call, joined
+from dlora.services.gateway.tool_base import Call, joined
 from dlora.services.gateway.tool_pythonic_call import LINE_BREAK, SPACE, pythonic_call
 
 _TAGS = ("<|python_start|>", "<|python_tag|>")  # Llama 4's and Llama 3's, before a list of calls

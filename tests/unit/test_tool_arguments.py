@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dlora.services.gateway.openai import Choice, Shape
-from tests.unit.test_tool_parsers import read
+from tests.unit.tool_cases import read
 
 OUTPUTS = [
     ("hermes", '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>', [1, 2]),

@@ -12,7 +12,7 @@ import pytest
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, arguments_schema, calls_schema
-from dlora.services.gateway.tool_parsers import arguments_json
+from dlora.services.gateway.tool_json import arguments_json
 from dlora.services.worker.engine.structured import check
 
 CITY = {"$defs": {"city": {"enum": ["kalo", "remi"]}}, "type": "object", "properties": {"at": {"$ref": "#/$defs/city"}}}

@@ -10,7 +10,7 @@ import pytest
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
-from tests.unit.test_tool_parsers import read
+from tests.unit.tool_cases import read
 
 ARRAY = '[{"name": "get_weather", "arguments": {"city": "SF"}}, {"name": "get_date", "arguments": {}}]'
 CALLS = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]

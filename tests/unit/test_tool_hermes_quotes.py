@@ -10,7 +10,7 @@ import pytest
 
 from dlora.services.gateway import tool_parsers
 from dlora.services.gateway.tool_scan import QuotesCheck
-from tests.unit.test_tool_parsers import PING, PING_CALL, UNESCAPED, read
+from tests.unit.tool_cases import PING, PING_CALL, UNESCAPED, read
 
 BAD_THEN_GOOD = "Looking.\n" + UNESCAPED + "\n" + PING_CALL
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dlora.services.gateway.tool_parsers import ToolParser, joined
-from tests.unit.test_tool_reports import _read, _splits
+from dlora.services.gateway.tool_base import joined
+from dlora.services.gateway.tool_parsers import ToolParser
+from tests.unit.tool_cases import read_decoded, splits
 
 CALL = '{"name": "a", "parameters": {"x": 1}}'
 A = ("a", {"x": 1})
@@ -29,8 +30,8 @@ A = ("a", {"x": 1})
 def test_text_after_llama3_json_calls_keeps_its_whitespace(
     text: str, content: str, calls: list[tuple[str, object]]
 ) -> None:
-    for pieces in _splits(text, len(text)):
-        assert _read("llama3_json", pieces) == (content, calls), pieces
+    for pieces in splits(text, len(text)):
+        assert read_decoded("llama3_json", pieces) == (content, calls), pieces
 
 
 def test_whitespace_after_a_llama3_json_call_is_kept_not_joined_at_each_token() -> None:

@@ -10,23 +10,13 @@ import pytest
 
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.tool_parsers import ToolParser, arguments_json, joined
+from dlora.services.gateway.tool_base import joined
+from dlora.services.gateway.tool_json import arguments_json
+from dlora.services.gateway.tool_parsers import ToolParser
 from dlora.services.gateway.tool_scan import TagEnd
+from tests.unit.tool_cases import PING, PING_CALL, UNESCAPED, read
 
 WEATHER = ("weather", '{"city": "kalo"}')
-PING = ("ping", "{}")
-
-
-def read(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]], list[str]]:
-    """Content, calls, and the content given out at each piece (then at the finish)."""
-    parser = ToolParser(kind)
-    content, calls, said = "", [], []
-    for piece in pieces:
-        text, new = parser.feed(piece)
-        content, calls, said = content + text, calls + new, [*said, text]
-    text, new = parser.finish()
-    assert [k for k, _, _ in calls + new] == list(range(len(calls + new)))
-    return content + text, [(n, a) for _, n, a in calls + new], [*said, text]
 
 
 HERMES_TWO = (
@@ -49,8 +39,6 @@ STRING_ARRAY = '<tool_call>{"name": "f", "arguments": "[1, 2]"}</tool_call>'
 # an argument that quotes the closing tag, an escaped quote before it
 QUOTES_TAG = r'<tool_call>{"name": "write", "arguments": {"text": "say \"</tool_call>\" and </tool_call>"}}</tool_call>'
 QUOTED = ("write", r'{"text": "say \"</tool_call>\" and </tool_call>"}')
-UNESCAPED = '<tool_call>{"name": "find", "arguments": {"q": "5" inches"}}</tool_call>'
-PING_CALL = '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
 QUOTES_CALL = '<tool_call>{"name": "write", "arguments": {"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"')
 QUOTES_CALL_ARGS = '{"text": "e.g. </tool_call>' + PING_CALL.replace('"', '\\"') + '"}'
 NO_CALL_QUOTES = '<tool_call>{"temperature": 3, "note": "</tool_call>"}</tool_call>'

@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from dlora.services.gateway.tool_parsers import ToolParser, arguments_json, joined
+from dlora.services.gateway.tool_base import joined
+from dlora.services.gateway.tool_json import arguments_json
+from dlora.services.gateway.tool_parsers import ToolParser
 from dlora.services.gateway.tool_pythonic import PythonicReader
 
 

@@ -15,7 +15,7 @@ from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
 from dlora.services.gateway.tool_pythonic_call import pythonic_call
-from tests.unit.test_tool_parsers import read
+from tests.unit.tool_cases import read
 
 TWO = "[get_weather(city='SF'), get_date()]"
 CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]

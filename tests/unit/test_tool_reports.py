@@ -6,12 +6,11 @@ answering the same content and calls. The reports' numbers name where the input 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from dlora.services.gateway.tool_calls import CallStream
-from dlora.services.gateway.tool_parsers import ToolParser
+from tests.unit.tool_cases import read_decoded, splits
 
 
 def _hermes(*calls: dict[str, object]) -> str:
@@ -201,37 +200,18 @@ REPORTS = [
 ]
 
 
-def _read(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, object]]]:
-    parser = ToolParser(kind)
-    content, calls = "", []
-    for piece in [*pieces, None]:
-        text, new = parser.feed(piece) if piece is not None else parser.finish()
-        content, calls = content + text, calls + new
-    assert [k for k, _, _ in calls] == list(range(len(calls)))
-    return content, [(name, json.loads(arguments)) for _, name, arguments in calls]
-
-
-def _splits(text: str, seed: int) -> list[list[str]]:
-    rng = random.Random(seed)
-    out = [[text], list(text)]
-    for _ in range(60):
-        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 12), len(text) - 1)))
-        out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
-    return out
-
-
 @pytest.mark.parametrize(("kind", "text", "content", "calls"), REPORTS)
 def test_a_reported_output_reads_as_its_calls_whole_and_however_streamed(
     kind: str, text: str, content: str, calls: list[tuple[str, object]]
 ) -> None:
-    for pieces in _splits(text, len(text)):
-        assert _read(kind, pieces) == (content, calls), pieces
+    for pieces in splits(text, len(text)):
+        assert read_decoded(kind, pieces) == (content, calls), pieces
 
 
 def test_a_required_list_of_calls_reads_alike_however_streamed() -> None:
     """vLLM #24509: tool_choice "required" streamed failed where the unstreamed answer worked."""
     text = '[{"name": "get_weather", "parameters": {"city": "SF"}}, {"name": "get_time", "parameters": {}}]'
-    for pieces in _splits(text, 24509):
+    for pieces in splits(text, 24509):
         stream, calls = CallStream(), []
         for piece in pieces:
             calls += stream.feed(piece)

@@ -1,0 +1,42 @@
+"""What the tool-call parser tests share: an output read by a parser from given pieces, and the
+ways to cut an output into pieces (whole, a character at a time, random pieces as a batched
+detokenizer or speculative decoding gives them)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from dlora.services.gateway.tool_parsers import ToolParser
+
+PING = ("ping", "{}")
+PING_CALL = '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+UNESCAPED = '<tool_call>{"name": "find", "arguments": {"q": "5" inches"}}</tool_call>'  # a quote left unescaped
+
+
+def read(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """Content, calls (name, arguments JSON), and the content given out at each piece (then at the finish)."""
+    parser = ToolParser(kind)
+    content, calls, said = "", [], []
+    for piece in pieces:
+        text, new = parser.feed(piece)
+        content, calls, said = content + text, calls + new, [*said, text]
+    text, new = parser.finish()
+    assert [k for k, _, _ in calls + new] == list(range(len(calls + new)))
+    return content + text, [(n, a) for _, n, a in calls + new], [*said, text]
+
+
+def read_decoded(kind: str, pieces: list[str]) -> tuple[str, list[tuple[str, object]]]:
+    """Content and calls, their arguments decoded (a test states them as Python values)."""
+    content, calls, _ = read(kind, pieces)
+    return content, [(name, json.loads(arguments)) for name, arguments in calls]
+
+
+def splits(text: str, seed: int) -> list[list[str]]:
+    """``text`` whole, a character at a time, and cut at random in 60 ways (seeded)."""
+    rng = random.Random(seed)
+    out = [[text], list(text)]
+    for _ in range(60):
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 12), len(text) - 1)))
+        out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
+    return out
