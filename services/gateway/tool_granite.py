@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dlora.services.gateway.tool_base import Call, decoded_call, partial_tag
 from dlora.services.gateway.tool_json import loads
-from dlora.services.gateway.tool_scan import ObjectEnd
+from dlora.services.gateway.tool_scan import NextTag, ObjectEnd
 
 _TAGS = ("<|tool_call|>", "<tool_call>")  # in this order, each at most once
 
@@ -140,11 +140,12 @@ class FunctionCallReader:
     _inside: bool = False  # _held begins with a tag
     _pieces: list[str] = field(default_factory=list)  # what follows _held while a call's object stays open
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the call's object
+    _next: NextTag = field(default_factory=lambda: NextTag(_FUNCTION_CALL))  # a tag its unsound quotes made a string's
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if not text:
             return "", []
-        if self._inside and self._scan.read and self._scan.open_through(text):
+        if self._inside and self._scan.read and self._next.open_through(text, self._scan):
             self._pieces.append(text)  # (an open call is not joined again at every token)
             return "", []
         self._held = "".join([self._held, *self._pieces, text])
@@ -182,7 +183,12 @@ class FunctionCallReader:
                 content += _FUNCTION_CALL if not self.calls else ""
                 at, self._inside = start, False
                 continue
-            if (close := self._scan.find(held, first)) is None:
+            if not self._scan.read:  # the object begins: a tag inside it is looked at from there
+                self._next = NextTag(_FUNCTION_CALL)
+            close = self._scan.find(held, first)
+            if (cut := self._next.find(held, first, close)) is not None:
+                close, self._scan = cut, ObjectEnd()  # its quotes unsound: it ends at the next call's tag
+            elif close is None:
                 self._held = held[at:]  # (the scan's place counts from the object's start, which keeps its offset)
                 return content, out
             try:

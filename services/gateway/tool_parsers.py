@@ -33,7 +33,7 @@ from dlora.services.gateway.tool_base import Call, decoded_call, joined, partial
 from dlora.services.gateway.tool_granite import FunctionCallReader, GraniteReader
 from dlora.services.gateway.tool_json import arguments_json, loads
 from dlora.services.gateway.tool_pythonic import PythonicReader
-from dlora.services.gateway.tool_scan import ObjectEnd, QuotesCheck, TagEnd
+from dlora.services.gateway.tool_scan import NextTag, ObjectEnd, QuotedTag, TagEnd
 
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "granite", "granite-20b-fc")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: a field's default reads it)
@@ -68,12 +68,8 @@ class ToolParser:
         default_factory=lambda: TagEnd(_CLOSE, literal=True)
     )  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
-    # hermes, within a call: its "{" less its "}" counted so far (strings not minded), and how far
-    # from _at (``_closes_call``: counted again from _at at each tag an argument quotes, n tags cost
-    # n times the call's length; a review)
-    _braces: int = 0
-    _counted: int = 0
-    _quotes: QuotesCheck = field(default_factory=QuotesCheck)  # hermes, within a call: whether its quotes are sound
+    _quoted: QuotedTag = field(default_factory=QuotedTag)  # hermes, within a call: whether a quoted tag closes it
+    _next: NextTag = field(default_factory=lambda: NextTag(_TOOL_CALLS))  # mistral, within a call: the same
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
     _reader: PythonicReader | GraniteReader | FunctionCallReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
@@ -204,7 +200,9 @@ class ToolParser:
             if self._pieces or self._read == len(self._held):
                 self._read += len(text)
                 return True
-        return self._inside and self._scan.read > 0 and self._scan.open_through(text)
+        if not self._inside or not self._scan.read:
+            return False
+        return self._next.open_through(text, self._scan) if self.kind == "mistral" else self._scan.open_through(text)
 
     def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
         if call is None:
@@ -249,27 +247,10 @@ class ToolParser:
             if end is None:
                 self._read = len(self._held)
                 return content, out
-            if self._close.quoted and not self._closes_call(end):
+            if self._close.quoted and not self._quoted.closes(self._held, self._at, end):
                 self._read = end + len(_CLOSE)  # a tag an argument quotes
                 continue
             content += self._closed(end, out)
-
-    def _closes_call(self, end: int) -> bool:
-        """Whether a tag read inside a string, at ``end``, closes the call all the same: the call's
-        object closed before it, its braces (strings not minded) balanced, and its quotes unsound
-        (a string closed or opened where JSON lets none: ``QuotesCheck``). A quote the model left
-        unescaped ("5" inches") made the rest of the output one string, so the stream held it all,
-        silent, to its end (where it was read again with literal tags). An argument that quotes the tag
-        right after closing braces ('{"s": "}}</tool_call>"}') balanced them there too, and was cut,
-        given out as text (vLLM's hermes before #55848 cut every quoted tag): its quotes are sound.
-        Each character is counted once per call."""
-        held, at = self._held, self._at
-        self._braces += _brace_balance(held, at + self._counted, end)
-        self._counted = end - at
-        last = end
-        while last > at and held[last - 1] in " \t\r\n":  # (back over the space since the last tag at most)
-            last -= 1
-        return self._braces == 0 and last > at and held[last - 1] == "}" and self._quotes.look(held, at, end)
 
     def _closed(self, end: int, out: list[Call]) -> str:
         """The hermes call held, closed at ``end``: read (into ``out``), or the text as written
@@ -287,7 +268,7 @@ class ToolParser:
             self._literal = True
             return self._closed(self._at + first, out)
         self._at = self._read = end + len(_CLOSE)
-        self._braces, self._counted, self._quotes = 0, 0, QuotesCheck()
+        self._quoted = QuotedTag()
         self._inside, self._body, self._close = False, False, TagEnd(_CLOSE, quotes=not self._literal, literal=True)
         if not self._add(call, out) and not self.calls:
             return _OPEN + body + _CLOSE  # not a call: the text as written
@@ -317,7 +298,14 @@ class ToolParser:
                 content += _TOOL_CALLS + self._held[self._at : first + _NAME_ROOM] if not self.calls else ""
                 self._at, self._inside = first + _NAME_ROOM, False
                 continue
-            if start < 0 or (end := self._scan.find(self._held, start)) is None:
+            if start < 0:
+                return content, out  # not whole yet
+            if not self._scan.read:  # a call's object begins: a tag inside it is looked at from there
+                self._next = NextTag(_TOOL_CALLS)
+            end = self._scan.find(self._held, start)
+            if (cut := self._next.find(self._held, start, end)) is not None:
+                end, self._scan = cut, ObjectEnd()  # its quotes unsound: it ends at the next call's tag
+            elif end is None:
                 return content, out  # not whole yet
             begin, self._at, self._inside = self._at, end, False
             try:
@@ -425,11 +413,6 @@ def _whole_items(text: str) -> list[Any]:
         except ValueError:
             return items
         pos = end
-
-
-def _brace_balance(text: str, start: int, end: int) -> int:
-    """The "{" less the "}" in ``text[start:end]`` (no copy of it)."""
-    return text.count("{", start, end) - text.count("}", start, end)
 
 
 def _llama_tag(text: str, at: int) -> int:

@@ -203,3 +203,76 @@ class QuotesCheck:
                     self.key = bool(self.open) and self.open[-1] == "{" and self.last in "{,"
         self.read = i - start
         return self.broken
+
+
+def brace_balance(text: str, start: int, end: int) -> int:
+    """The "{" less the "}" in ``text[start:end]`` (no copy of it)."""
+    return text.count("{", start, end) - text.count("}", start, end)
+
+
+@dataclass
+class QuotedTag:
+    """Whether a call's tag read inside one of its JSON strings closes the call all the same: the
+    call's object closed before it (its braces, strings not minded, balanced; a "}" last before
+    the tag, whitespace passed) and its quotes unsound (``QuotesCheck``). A quote the model left
+    unescaped ("5" inches") made the rest of the output one string, so a stream held it all,
+    silent, to its end. An argument that quotes the tag right after closing braces
+    ('{"s": "}}</tool_call>"}') balances them there too: its quotes are sound, the tag stays the
+    argument's (vLLM's hermes before #55848 cut every quoted tag). One per call; each character is
+    counted once across looks. The check hermes, mistral and granite-20b-fc share."""
+
+    _braces: int = 0  # the "{" less the "}" counted so far (strings not minded)
+    _counted: int = 0  # how far from the call's start they are counted
+    _quotes: QuotesCheck = field(default_factory=QuotesCheck)
+
+    def closes(self, text: str, start: int, end: int) -> bool:
+        """Whether the tag at ``text[end]`` closes the call whose object begins at ``text[start]``
+        (``start`` the same at every look, or moved with the text's start)."""
+        self._braces += brace_balance(text, start + self._counted, end)
+        self._counted = end - start
+        last = end
+        while last > start and text[last - 1] in " \t\r\n":  # (back over the space since the last tag at most)
+            last -= 1
+        return self._braces == 0 and last > start and text[last - 1] == "}" and self._quotes.look(text, start, end)
+
+
+@dataclass
+class NextTag:
+    """Where a call whose object has not closed ends all the same: at the next call's tag, read
+    inside what its quotes made a string (``QuotedTag``): mistral's ``[TOOL_CALLS]``,
+    granite-20b-fc's ``<function_call>``, as hermes' ``</tool_call>``. The call is then no call
+    (its text is not JSON) and the next one is read from its tag, whole and streamed alike: else
+    the rest of the output, its calls too, was the broken call's, the stream silent to its end.
+    One per call; each character is read once across looks."""
+
+    tag: str
+    read: int = 0  # characters from the object's start looked at for the tag
+    _find: TagEnd = field(init=False)
+    _check: QuotedTag = field(default_factory=QuotedTag)
+
+    def __post_init__(self) -> None:
+        self._find = TagEnd(self.tag, quotes=False)  # (the tag wherever it comes: strings are the check's)
+
+    def find(self, text: str, start: int, close: int | None) -> int | None:
+        """Where the call whose object begins at ``text[start]`` ends at a tag before ``close``
+        (where its object closes; None: not yet), or None."""
+        limit = len(text) if close is None else close
+        while (at := self._find.find(text, start + self.read)) is not None and at < limit:
+            self.read = at + len(self.tag) - start
+            if self._check.closes(text, start, at):
+                return at
+        self.read = len(text) - start
+        return None
+
+    def open_through(self, piece: str, scan: ObjectEnd) -> bool:
+        """Whether the call stays open through ``piece`` (what follows the text read): no tag ends
+        in it and its object (``scan``) does not close; then both have read it (the caller keeps it
+        as a piece), else neither has."""
+        matched = self._find.matched  # (a literal look's one state)
+        if not self._find.open_through(piece):
+            return False
+        if not scan.open_through(piece):
+            self._find.matched = matched
+            return False
+        self.read += len(piece)
+        return True
