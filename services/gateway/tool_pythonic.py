@@ -89,15 +89,20 @@ class _Prose:
     word: str = ""  # the word being read, its first 10 characters (no keyword is longer); "": none
     operand: bool = False  # what came last (whitespace passed) ends a value: a name, a number, a string, ")]}"
     juxtaposed: bool = False  # the word being read began right after a value
-    conditional: bool = False  # an "if" came: only then is "else" Python's (1 if t else'x')
+    # the "if"s not yet matched by an "else" at each bracket depth of the item (innermost last):
+    # "else" is Python's only there (1 if t else'x'), an "if" only after a value, a "," or the
+    # bracket's end closes them, as a conditional expression is one operand (ast reads it so)
+    ifs: tuple[int, ...] = (0,)
 
     def quote(self) -> bool:
         """Whether a quote now (outside strings) makes prose: one right after a word that is
         neither a string's prefix nor an operator Python reads a string after (``else'x'``,
         ``not'x'``: an expression, passed over as ``else 'x'`` is, not the list's end). "else"
-        is one only after an "if": "nobody else's" opened a string that took in the rest."""
+        is one only after a value and an open "if" ("x if t else'y'"): "nobody else's" opened a
+        string that took in the rest, and so did it after "what if, " or "1 if t else 2, "."""
         word = self.word
-        operator = iskeyword(word) and word not in _OPERAND_WORDS and (word != "else" or self.conditional)
+        conditional = self.juxtaposed and self.ifs[-1] > 0
+        operator = iskeyword(word) and word not in _OPERAND_WORDS and (word != "else" or conditional)
         return bool(word) and word.lower() not in _STRING_PREFIXES and not operator
 
     def step(self, char: str) -> bool:
@@ -109,7 +114,8 @@ class _Prose:
             return False
         if self.word:
             word, self.word = self.word, ""
-            self.conditional = self.conditional or word == "if"
+            if word in ("if", "else") and self.juxtaposed:  # (an "else" with no "if" open is prose's: no match)
+                self.ifs = (*self.ifs[:-1], max(self.ifs[-1] + (1 if word == "if" else -1), 0))
             if char in "'\"":  # a string's prefix (``quote`` passed it), as strings side by side are joined
                 self.operand = True
                 return False
@@ -119,6 +125,10 @@ class _Prose:
             self.operand = not operator
         if char not in SPACE:
             self.operand = char in ")]}'\""
+        if char in "([{":
+            self.ifs = (*self.ifs, 0)
+        elif char in ")]}" or char == ",":
+            self.ifs = (*self.ifs[:-1], 0) if char == "," or len(self.ifs) == 1 else self.ifs[:-1]
         return False
 
 

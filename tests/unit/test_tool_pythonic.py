@@ -85,6 +85,11 @@ CALLS_TWO = [("get_weather", '{"city": "SF"}'), ("get_date", "{}")]
         ("[get_date(), print('a'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
         # a keyword's string (else'x', not'y') is Python's, an expression passed over: it ended the list as prose
         ("[get_date(), f(s=1 if t else'x', u=not'y'), get_weather(city='SF')]", "", [CALLS_TWO[1], CALLS_TWO[0]]),
+        (
+            "[get_date(), f(s=[1 if t else'x'], u=(a if b else c if d else'e')), get_weather(city='SF')]",
+            "",
+            [CALLS_TWO[1], CALLS_TWO[0]],
+        ),
         # strings side by side, the second prefixed, are one string (ast's and so vLLM's): the first
         # item read a prefix after a string as a word after a value, text; an f-string is no literal
         # (vLLM's ast reads a JoinedStr, and gives the output back as text)
@@ -160,6 +165,10 @@ def test_an_item_after_a_call_that_turns_to_prose_ends_the_list_and_a_later_list
         "[ping(), not_a_call(x=1 if y else 2), bad(3) word\n[weather(city='x')]",
         # "else" is an operator only after an "if": "someone else's" opened a string to the end
         "[ping(), nobody else's\n[weather(city='x')]",
+        # nor after an "if" no value came before, one a "," closed, or one an "else" matched
+        "[ping(), see(if, nobody else's)\n[weather(city='x')]",
+        "[ping(), note(what if, nobody else's) x\n[weather(city='x')]",
+        "[ping(), f(x=1 if y else 2, z=nobody else's)\n[weather(city='x')]",
     ],
 )
 def test_an_item_after_a_call_that_writes_words_no_python_writes_ends_the_list(text: str) -> None:
