@@ -191,6 +191,15 @@ REPORTS = [
     # club-3090 #72 (vLLM #22975): prose quoting the tag silenced the stream; it is text at once
     ("hermes", "Calls are <tool_call> then JSON.", "Calls are <tool_call> then JSON.", []),
     ("granite", '<|tool_call|>[{"name": "now", "arguments": {}}]', "", [("now", {})]),
+    # TensorRT-LLM PR #17575's review: a call with no "arguments" key, text after it, never completed
+    ("hermes", '<tool_call>\n{"name": "get_time"}\n</tool_call> All done.', "", [("get_time", {})]),
+    # vLLM #47901 (xlam's JSON array): the arguments of a call after an empty-argument call were lost streamed
+    (
+        "granite",
+        '<|tool_call|>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": 42}}]',
+        "",
+        [("a", {}), ("b", {"x": 42})],
+    ),
     (
         "granite-20b-fc",
         '<function_call> {"name": "a", "arguments": {"x": "}"}} <function_call> {"name": "b", "arguments": {}}',

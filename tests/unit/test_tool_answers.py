@@ -1,0 +1,149 @@
+"""Other servers' public bug reports about tool-call answers (ids, indices, finish_reason, content
+null, parallel_tool_calls, named and "required" tool_choice), replayed against dlora's answer shape:
+each output answered whole and streamed in pieces, the stream assembled as an OpenAI client does
+(by each call's ``index``), both answering the same content, calls and finish_reason. The reports'
+numbers name where the input came from."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dlora.services.gateway.openai import Choice, Shape
+from tests.unit.tool_cases import splits
+
+
+def _shape(**kwargs: Any) -> Shape:
+    return Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, call_ids="r1", **kwargs)
+
+
+def _whole(text: str, finish_reason: str = "stop", **kwargs: Any) -> dict[str, Any]:
+    [choice] = _shape(**kwargs).full([Choice(0, text=text, finish_reason=finish_reason)], 3, 9)["choices"]
+    message = choice["message"]
+    calls = [
+        {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+        for c in message.get("tool_calls", [])
+    ]
+    return {"content": message["content"] or None, "calls": calls, "finish_reason": choice["finish_reason"]}
+
+
+def _streamed(pieces: list[str], finish_reason: str = "stop", **kwargs: Any) -> dict[str, Any]:
+    """The stream's events assembled as the openai package's helpers do: content appended, each
+    call's id and name taken where they come, its arguments appended, by its index."""
+    shape = _shape(**kwargs)
+    events = [shape.chunk(pieces[0], None, first=True)] + [shape.chunk(p, None) for p in pieces[1:]]
+    events.append(shape.chunk("", finish_reason))
+    content, calls, finish = "", dict[int, dict[str, Any]](), None
+    for event in events:
+        [choice] = event["choices"]
+        delta, finish = choice["delta"], choice["finish_reason"] or finish
+        content += delta.get("content") or ""
+        for call in delta.get("tool_calls", []):
+            got = calls.setdefault(call["index"], {"id": None, "name": None, "arguments": ""})
+            if call.get("id"):
+                assert got["id"] in (None, call["id"]), "a call's id changed mid-stream"
+                got["id"] = call["id"]
+            got["name"] = call.get("function", {}).get("name") or got["name"]
+            got["arguments"] += call.get("function", {}).get("arguments") or ""
+    assert sorted(calls) == list(range(len(calls)))  # (indices 0, 1, ... by call, not by tool)
+    return {"content": content or None, "calls": [calls[k] for k in sorted(calls)], "finish_reason": finish}
+
+
+def _answers_alike(text: str, **kwargs: Any) -> dict[str, Any]:
+    whole = _whole(text, **kwargs)
+    for pieces in splits(text, len(text)):
+        assert _streamed(pieces, **kwargs) == whole, pieces
+    return whole
+
+
+def _hermes(*calls: dict[str, object]) -> str:
+    return "\n".join("<tool_call>\n" + json.dumps(c) + "\n</tool_call>" for c in calls)
+
+
+TWO = _hermes({"name": "multiply", "arguments": {"a": 3, "b": 12}}, {"name": "add", "arguments": {"a": 11, "b": 49}})
+
+
+def test_streamed_calls_carry_the_ids_names_and_arguments_of_the_whole_answer() -> None:
+    """vLLM #18412: tool_calls.id missing in streamed responses but present unstreamed; vLLM #9693:
+    streamed arguments None where unstreamed had them; llama.cpp #27966: two streamed parallel
+    calls shared one id. Each streamed call has its id (distinct), name and whole arguments."""
+    whole = _answers_alike(TWO, tool_parser="hermes")
+    assert [c["name"] for c in whole["calls"]] == ["multiply", "add"]
+    assert [json.loads(c["arguments"]) for c in whole["calls"]] == [{"a": 3, "b": 12}, {"a": 11, "b": 49}]
+    assert all(c["id"] for c in whole["calls"]) and len({c["id"] for c in whole["calls"]}) == 2
+
+
+def test_parallel_calls_are_indexed_by_their_place_not_by_their_tool() -> None:
+    """SGLang #6310 (and dynamo PR #4723): streamed tool_calls' index was the tool's place in the
+    request's tools for the first call, or 0 for every call: a client merged them into one."""
+    text = _hermes(
+        {"name": "get_weather", "arguments": {"city": "SF"}}, {"name": "get_weather", "arguments": {"city": "NY"}}
+    )
+    whole = _answers_alike(text, tool_parser="hermes", tool_names=frozenset({"add", "get_weather"}))
+    assert [json.loads(c["arguments"])["city"] for c in whole["calls"]] == ["SF", "NY"]
+
+
+@pytest.mark.parametrize("kind", ["hermes", "mistral", "llama3_json", "pythonic", "granite"])
+def test_an_answer_with_calls_finishes_tool_calls(kind: str) -> None:
+    """SGLang #2877: finish_reason "stop" when Qwen called a tool (an agent loop read the turn as
+    done); OpenAI's is "tool_calls", whole and streamed; "length" stays where max_tokens ended it."""
+    text = {
+        "hermes": _hermes({"name": "f", "arguments": {}}),
+        "mistral": '[TOOL_CALLS][{"name": "f", "arguments": {}}]',
+        "llama3_json": '{"name": "f", "parameters": {}}',
+        "pythonic": "[f()]",
+        "granite": '<|tool_call|>[{"name": "f", "arguments": {}}]',
+    }[kind]
+    assert _answers_alike(text, tool_parser=kind)["finish_reason"] == "tool_calls"
+    assert _answers_alike(text, tool_parser=kind, finish_reason="length")["finish_reason"] == "length"
+
+
+def test_whitespace_after_a_call_is_no_content() -> None:
+    """vLLM PR #28331: the whitespace a model leaves after its call went to the user as content."""
+    whole = _answers_alike(_hermes({"name": "f", "arguments": {}}) + "\n\n", tool_parser="hermes")
+    assert whole["content"] is None and len(whole["calls"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"tools_required": True}, '[{"name": "add", "parameters": {"a": 1}}, {"name": "ping", "parameters": {}}]'),
+        ({"tool": "add"}, '{"a": 1}'),
+    ],
+)
+def test_required_and_named_tool_choice_stream_calls_not_content(kwargs: dict[str, Any], text: str) -> None:
+    """sglang-jax #1275: streamed with tool_choice "required" or a named function, the constrained
+    JSON came back as content deltas (unstreamed, as tool_calls)."""
+    whole = _answers_alike(text, **kwargs)
+    assert whole["content"] is None and whole["calls"] and whole["calls"][0]["name"] == "add"
+
+
+def test_mistral_ids_under_required_are_nine_alphanumeric_characters() -> None:
+    """vLLM #47734: Mistral with tool_choice "required" streamed made ids its templates refuse
+    (9 alphanumeric characters), so the next turn, which sends them back, failed."""
+    text = '[{"name": "add", "parameters": {"a": 1}}, {"name": "add", "parameters": {"a": 2}}]'
+    ids = [c["id"] for c in _answers_alike(text, tools_required=True, call_id_length=9)["calls"]]
+    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids) and len(set(ids)) == 2
+
+
+@pytest.mark.parametrize("kind", ["hermes", "llama3_json", "mistral"])
+def test_without_parallel_calls_one_call_is_answered_whole_and_streamed(kind: str) -> None:
+    """SGLang #9696: parallel_tool_calls false was not enforced: two calls came back. OpenAI
+    answers one at most: the first, alike whole and streamed."""
+    text = {
+        "hermes": TWO,
+        "llama3_json": '{"name": "multiply", "parameters": {"a": 3}}; {"name": "add", "parameters": {"a": 11}}',
+        "mistral": '[TOOL_CALLS]multiply[ARGS]{"a": 3}[TOOL_CALLS]add[ARGS]{"a": 11}',
+    }[kind]
+    whole = _answers_alike(text, tool_parser=kind, parallel_calls=False)
+    assert [c["name"] for c in whole["calls"]] == ["multiply"] and whole["finish_reason"] == "tool_calls"
+
+
+def test_a_named_call_whose_output_is_all_reasoning_answers_no_call() -> None:
+    """vLLM PR #40148 (#40147): with a named tool_choice, a reasoning parser that took the whole
+    output (no end of thinking) left content None, and the server failed (500). Here: no call and
+    no content, whole and streamed alike (the arguments never began)."""
+    whole = _answers_alike("<think>Which tool? Let me think", tool="add", reasoning_parser="qwen3")
+    assert whole == {"content": None, "calls": [], "finish_reason": "stop"}
