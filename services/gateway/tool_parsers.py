@@ -36,7 +36,8 @@ from dlora.services.gateway.tool_pythonic import PythonicReader
 from dlora.services.gateway.tool_scan import NextTag, ObjectEnd, QuotedTag, TagEnd
 
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic", "granite", "granite-20b-fc")
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: a field's default reads it)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"  # hermes' (here: fields' defaults read them)
+_TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"  # mistral's
 
 
 @dataclass
@@ -387,7 +388,6 @@ class ToolParser:
 # in <|python_start|>...<|python_end|> came back as text)
 _LLAMA_OPENERS = ("<|python_tag|>", "<|python_start|>")
 _LLAMA_TAGS = (*_LLAMA_OPENERS, "<|python_end|>")
-_TOOL_CALLS, _ARGS, _CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 # Where a mistral call's "{" must come by: a name of at most 64 characters, then v11's [CALL_ID]
 # and its id (9 characters from mistral-common; room for 64), [ARGS]
 _NAME_ROOM = 64 + len(_CALL_ID) + 64 + len(_ARGS) + 1
