@@ -8,9 +8,8 @@ import random
 
 import pytest
 
-from dlora.services.gateway import tool_scan
 from dlora.services.gateway.tool_scan import QuotesCheck
-from tests.unit.tool_cases import PING, PING_CALL, UNESCAPED, read
+from tests.unit.tool_cases import PING, PING_CALL, UNESCAPED, counting_braces, read
 
 BAD_THEN_GOOD = "Looking.\n" + UNESCAPED + "\n" + PING_CALL
 
@@ -87,14 +86,7 @@ def test_an_argument_quoting_many_tags_is_brace_counted_once_through(monkeypatch
     counted again, so an argument quoting the tag n times (a file-editing tool writing a document
     about hermes calls) cost n times its length: 4,000 tags in 48 kB counted 96 M characters. The
     braces are counted once through, each character at most once per call."""
-    counted = [0]
-    balance = tool_scan.brace_balance
-
-    def counting(text: str, start: int, end: int) -> int:
-        counted[0] += end - start
-        return balance(text, start, end)
-
-    monkeypatch.setattr(tool_scan, "brace_balance", counting)
+    counted = counting_braces(monkeypatch)
     arguments = {"s": "{}</tool_call>" * 4000}  # (each tag after a "}": the braces counted at each)
     text = '<tool_call>{"name": "write", "arguments": ' + json.dumps(arguments) + "}</tool_call>"
     expected = ("", [("write", json.dumps(arguments))])

@@ -9,8 +9,7 @@ import random
 
 import pytest
 
-from dlora.services.gateway import tool_scan
-from tests.unit.tool_cases import PING, read
+from tests.unit.tool_cases import PING, counting_braces, read
 
 MISTRAL_TAG, FC_TAG = "[TOOL_CALLS]", "<function_call>"
 
@@ -80,14 +79,7 @@ def test_fuzzed_outputs_read_alike_however_split(kind: str) -> None:
 def test_an_argument_quoting_many_tags_is_counted_once_through(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each tag an argument quotes is looked at from where the last look ended: 4,000 of them
     cost the call's length once, not once per tag."""
-    counted = [0]
-    balance = tool_scan.brace_balance
-
-    def counting(text: str, start: int, end: int) -> int:
-        counted[0] += end - start
-        return balance(text, start, end)
-
-    monkeypatch.setattr(tool_scan, "brace_balance", counting)
+    counted = counting_braces(monkeypatch)
     arguments = json.dumps({"s": ("{}" + (MISTRAL_TAG if kind == "mistral" else FC_TAG)) * 4000})
     text = CALLS[kind](arguments, "write")
     for pieces in ([text], [text[i : i + 4] for i in range(0, len(text), 4)]):

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
+from dlora.services.gateway import tool_scan
 from dlora.services.gateway.tool_parsers import ToolParser
 
 PING = ("ping", "{}")
@@ -40,3 +43,17 @@ def splits(text: str, seed: int) -> list[list[str]]:
         cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(1, 12), len(text) - 1)))
         out.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
     return out
+
+
+def counting_braces(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter (its one item) of the characters the parsers' quoted-tag check counts braces in
+    from now on (``tool_scan.brace_balance``): each at most once per call is the bound to test."""
+    counted = [0]
+    balance = tool_scan.brace_balance
+
+    def counting(text: str, start: int, end: int) -> int:
+        counted[0] += end - start
+        return balance(text, start, end)
+
+    monkeypatch.setattr(tool_scan, "brace_balance", counting)
+    return counted
