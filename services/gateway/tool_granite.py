@@ -132,7 +132,8 @@ class FunctionCallReader:
     """The ``granite-20b-fc`` format (vLLM's ``--tool-call-parser granite-20b-fc``: Granite 20B
     FunctionCalling): ``<function_call> {"name": ..., "arguments": {...}}``, once per call. The
     text before the first tag is content, what follows a call is not (vLLM's whole reading); a
-    tag not followed by a call is text where no call came before. A call cut short is none.
+    tag not followed by a call is text where no call came before. A call cut short is none. A tag
+    read inside a call's string ends the call where its quotes are unsound (``tool_scan.NextTag``).
     ``calls`` is the parser's, shared."""
 
     calls: list[tuple[str, str]] = field(default_factory=list)

@@ -17,6 +17,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
   vLLM's. An empty array, ``[TOOL_CALLS] []``, is no call and no content (vLLM's ``tools_called``).
+  A ``[TOOL_CALLS]`` read inside a call's string ends the call where its quotes are unsound, as
+  hermes' ``</tool_call>`` does (``tool_scan.QuotedTag``: a quote the model left unescaped).
   Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).

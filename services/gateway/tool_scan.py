@@ -1,6 +1,8 @@
 """Where a JSON call ends in a growing text, each character read once across looks (a call decoded
 or searched again at every token took a minute of the gateway's loop for a 140 kB call): the
-object's closing brace (``ObjectEnd``), or a closing tag outside its strings (``TagEnd``). Pure."""
+object's closing brace (``ObjectEnd``), or a closing tag outside its strings (``TagEnd``); and the
+check the parsers share for a tag inside a call's strings where its quotes are unsound
+(``QuotesCheck``, ``QuotedTag``, ``NextTag``). Pure."""
 
 from __future__ import annotations
 
