@@ -59,6 +59,7 @@ class _Pass:
         # keys are its own requests' and these (``held``)
         self.arrived: dict[str, Counter[str]] = defaultdict(Counter)
         self.priced: dict[str, float] = {}  # request id -> ``price``
+        self.moves: dict[str, float] = {}  # request id -> ``moving``
         self.costs: dict[str | None, float] = {}  # adapter -> ``cheapest``
         self.read_bound: set[str] = set()  # the workers whose reads outlast their own work (``destination``)
         self.taking: dict[str, dict[str, bool]] = defaultdict(dict)  # worker -> key -> ``takes`` (its slots as now)
@@ -82,6 +83,19 @@ class _Pass:
         if (price := self.priced.get(r.request_id)) is None:
             price = self.priced[r.request_id] = price_of(self.snapshot, self.workers[r.worker], r)
         return price
+
+    def moving(self, r: RequestState) -> float:
+        """``move_cost`` of ``r``, once a request (the pass prices it at each worker looked at)."""
+        if (cost := self.moves.get(r.request_id)) is None:
+            cost = self.moves[r.request_id] = move_cost(self.snapshot, r)
+        return cost
+
+    def work(self, r: RequestState, w: str) -> float:
+        """Seconds of ``w``'s time ``r`` takes there: its remaining work, and its move's cost where it
+        is moved to (not at its home: back there, it moved nowhere). Charged at each worker it passed
+        through, a request moved twice left its move's cost at the first, which then looked busier
+        than it was: left by the last session."""
+        return r.remaining_tokens * self.workers[w].cost(r.adapter) + (self.moving(r) if w != r.worker else 0.0)
 
     def takes(self, w: str, key: str) -> bool:
         """``takes`` for ``w``'s slots as the pass has filled them, once a key until they change
@@ -138,8 +152,8 @@ class _Pass:
         the least loaded read an adapter where one holding it ended as soon (a review; the commit's
         numbers). ``until``: only where it needs no read and its destination ends by then."""
         workers, load, a = self.workers, self.load, r.key
-        moving = move_cost(self.snapshot, r)
-        least = r.remaining_tokens * self.cheapest(r.adapter) + moving  # (the least work it brings anywhere)
+        # (the least work it brings anywhere: its move's cost but where it goes back home, uncharged)
+        least = r.remaining_tokens * self.cheapest(r.adapter) + (self.moving(r) if src == r.worker else 0.0)
         pick: Pick | None = None
         limit = load[src] if until is None else until
         k, skipped = 0, False
@@ -161,7 +175,7 @@ class _Pass:
             there = workers[dst]
             # The cheapest checks first, each only where the last passed: priced for every one
             # looked at, they took 0.7 s of the 1 s bound at 128 x 1,024 x 10,000 (the ILP none).
-            work = r.remaining_tokens * there.cost(r.adapter) + moving
+            work = self.work(r, dst)
             if self.own[dst] + self.waiting[dst] + work > bound:  # (the least it ends at: a read only adds)
                 continue
             if self.demand[dst] + blocks_of(r.context_tokens, there.block_size) > there.kv_blocks:
@@ -237,7 +251,7 @@ class _Pass:
         """Move ``r``, ``self.on[src][i]``, where ``pick`` (``destination``) says."""
         read, _, dst, waits = pick
         home, there = self.workers[src], self.workers[dst]
-        left = r.remaining_tokens * home.cost(r.adapter)
+        left = self.work(r, src)
         if at := self.waits_at.pop(r.request_id, None):  # (moved here for a read, and on again)
             self.waiting[src] -= left
             self.leave_read(src, at[1], r.request_id)
@@ -249,7 +263,7 @@ class _Pass:
                 del self.arrived[src][r.key]
                 self.held[src] = Running([*self.standing.running[src], *self.arrived[src]], self.held[src].by_version)
                 self.taking[src].clear()
-        work = r.remaining_tokens * there.cost(r.adapter) + move_cost(self.snapshot, r)
+        work = self.work(r, dst)
         if waits:
             self.waiting[dst] += work
             reads = self.readers[dst]
