@@ -274,9 +274,10 @@ def solve(
         prob.solve(solver)
     except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
         return IlpFallback.FAILED
+    solved = prob.sol_status in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal)
     if clock.trips is not None and solver.timeLimit is not None:  # (observed once the plan returns)
-        clock.trips.solving = (began, solver.timeLimit, prob.sol_status != pulp.LpSolutionOptimal)
-    if prob.sol_status not in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal):
+        clock.trips.solving = (began, solver.timeLimit, prob.sol_status != pulp.LpSolutionOptimal, solved)
+    if not solved:
         return IlpFallback.FAILED
     moves: list[MoveRequest] = []
     room = {w: workers[w].kv_blocks - d for w, d in standing.demand.items()}  # (arrivals take it)

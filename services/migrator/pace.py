@@ -53,22 +53,28 @@ class RoundTrips:
 
     seconds: float | None = None
     # This plan's solve: (when CBC was started, perf_counter seconds; the seconds it was given;
-    # whether it ran to them); None: none started since the last ``done``.
-    solving: tuple[float, float, bool] | None = None
+    # whether it ran to them; whether it gave a solution); None: none started since the last ``done``.
+    solving: tuple[float, float, bool, bool] | None = None
 
     def done(self, now: float, pace: float) -> None:
         """The plan returns at ``now`` (perf_counter seconds): its solve, if one ran, is observed."""
         if self.solving is not None:
-            began, limit, stopped = self.solving
+            began, limit, stopped, solved = self.solving
             self.solving = None
-            self.observe(now - began, limit, stopped, pace)
+            self.observe(now - began, limit, stopped, pace, solved)
 
-    def observe(self, elapsed: float, limit: float, stopped: bool, pace: float) -> None:
+    def observe(self, elapsed: float, limit: float, stopped: bool, pace: float, solved: bool = True) -> None:
         """One solve: ``elapsed`` wall seconds for CBC given ``limit`` seconds, ``stopped``: it ran to
         that limit (else it ended sooner, and ``elapsed`` bounds the round trip from above: it can
         lower the figure, never raise it; taken as the trip, a small model solved to optimum in
-        0.2 s kept back 0.3 s of its bound at every later plan), at ``pace``."""
+        0.2 s kept back 0.3 s of its bound at every later plan), at ``pace``. ``solved``: it gave a
+        solution (optimal, or its incumbent at the limit); a run that gave none (an infeasible
+        model, ended at once, or killed) may raise the figure, never lower it nor set the first:
+        read as having run to its limit, an infeasible end counted a round trip of 0 (left by the
+        last session), and the next plans kept back only the floor."""
         trip = max(0.0, elapsed - limit if stopped else elapsed) / max(1.0, pace)
+        if not solved and (self.seconds is None or trip <= self.seconds):
+            return
         if not stopped:
             trip = min(trip, CBC_OVERHEAD_S if self.seconds is None else self.seconds)
         self.seconds = trip if self.seconds is None else self.seconds + ROUND_TRIP_WEIGHT * (trip - self.seconds)

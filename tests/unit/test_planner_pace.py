@@ -105,7 +105,7 @@ def test_the_reserve_is_the_round_trip_past_plans_measured_at_this_pace() -> Non
     trips.observe(elapsed=0.5, limit=0.6, stopped=True, pace=1.0)  # (never less than nothing)
     assert 0 < trips.seconds < 0.1
     # counted from CBC's start to the plan's return (its checks after CBC too), once
-    trips = pace.RoundTrips(solving=(10.0, 0.5, True))
+    trips = pace.RoundTrips(solving=(10.0, 0.5, True, True))
     trips.done(10.8, pace=1.0)
     trips.done(11.8, pace=1.0)
     assert trips.seconds == pytest.approx(0.3) and trips.solving is None
@@ -137,3 +137,29 @@ def test_a_round_trip_measured_long_keeps_back_no_more_than_the_fixed_reserve(mo
     trips = pace.RoundTrips(seconds=0.7)
     p = plan(snap, PlannerSettings(time_limit_s=1.0), trips)
     assert p.ilp_fallback is None and p.moves and trips.seconds != 0.7
+
+
+def test_a_solve_that_gave_no_solution_does_not_lower_the_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CBC ends at once on an infeasible model, long before its limit. Read as a run to its limit
+    (its status not optimal), it counted a round trip of 0 and lowered the figure the next plans keep
+    back (left by the last session). Here a row no solution meets is added to the model before real
+    CBC solves it: the plan falls back, and the figure stays. A run with no solution may raise it."""
+    wall = time.perf_counter()
+    monkeypatch.setattr(time, "thread_time", lambda: time.perf_counter() - wall)  # (pace 1: a whole core)
+    solve = pulp.LpProblem.solve
+
+    def infeasible(prob: pulp.LpProblem, *args: Any, **kwargs: Any) -> Any:
+        never = prob.add_variable("never", lowBound=0, upBound=1)
+        prob += pulp.LpAffineExpression([(never, 1)]) >= 2
+        return solve(prob, *args, **kwargs)
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", infeasible)
+    snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
+    trips = pace.RoundTrips(seconds=0.1)
+    p = plan(snap, PlannerSettings(time_limit_s=1.0), trips)
+    assert (p.method, p.ilp_fallback) == ("greedy", "ilp-failed") and trips.seconds == 0.1
+    trips.observe(elapsed=0.9, limit=0.6, stopped=True, pace=1.0, solved=False)  # 0.3 s past its limit
+    assert trips.seconds == pytest.approx(0.1 + pace.ROUND_TRIP_WEIGHT * (0.3 - 0.1))
+    fresh = pace.RoundTrips()
+    fresh.observe(elapsed=0.9, limit=0.6, stopped=True, pace=1.0, solved=False)
+    assert fresh.seconds is None  # (nor set the first: the fixed reserve stands until a solve)
