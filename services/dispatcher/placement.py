@@ -26,6 +26,9 @@ class WorkerCapacity:
     worker: str
     free_kv_blocks: int
     slots: int  # adapters it can hold on the device at once, of any rank (WorkerStats.max_loras)
+    # KV blocks its queue and arrivals need past its free ones (``free_kv_blocks`` is then 0): among
+    # workers alike by free blocks, the least past its room is the roomiest (``_Placing.roomier``).
+    over_kv_blocks: int = 0
 
 
 # Sums of tolerance parts are kept exactly, as integers in units of 2**-1075 (every finite float is
@@ -60,6 +63,13 @@ class _Placing:
     def rank(self, adapter: str) -> int:
         return self.ranks.get(adapter, 16)
 
+    def roomier(self, w: str) -> tuple[int, str]:
+        """How ``w`` ranks among workers alike by their parts (higher first): the least past its room,
+        then the last by name. With every queue past its room every part is 0, and by name alone each
+        replica went to the last worker, however much more queued there than elsewhere (left by the
+        last session)."""
+        return -self.capacity[w].over_kv_blocks, w
+
     def free_slots(self, w: str) -> int:
         return self.capacity[w].slots - len(self.placed[w])
 
@@ -88,16 +98,16 @@ class _Placing:
         return (self.sums.get(adapter, 0) + _exact(plus)) / _UNIT / max(share, 1e-9)
 
     def best_replica(self, adapter: str, share: float, options: list[str]) -> str:
-        """The worker of ``options`` where a replica raises the adapter's tolerance most (ties: the
-        last by name). That tolerance rises with the new replica's part, so only the options with
-        the largest parts are summed: those that round to the best."""
+        """The worker of ``options`` where a replica raises the adapter's tolerance most (ties: by
+        ``roomier``). That tolerance rises with the new replica's part, so only the options with the
+        largest parts are summed: those that round to the best."""
         parts = sorted(((self.part(w, adapter, adding=True), w) for w in options), reverse=True)
         top, chosen = parts[0]
         best = self.tolerance(adapter, share, top)
         for part, w in parts[1:]:
             if part != top and self.tolerance(adapter, share, part) != best:
                 break  # and so is every one after it
-            chosen = max(chosen, w)
+            chosen = max(chosen, w, key=self.roomier)
         return chosen
 
 
@@ -115,7 +125,7 @@ def place(
     for a in sorted(shares, key=lambda a: -shares[a]):  # one replica each, hottest first, roomiest worker
         if a not in p.holders:
             if fits := [w for w in p.placed if p.free_slots(w) > 0]:
-                p.add(max(fits, key=lambda w: (p.capacity[w].free_kv_blocks / (1 + len(p.placed[w])), w)), a)
+                p.add(max(fits, key=lambda w: (p.capacity[w].free_kv_blocks / (1 + len(p.placed[w])), p.roomier(w))), a)
     # The least tolerant first: a heap of (tolerance, order, adapter), an entry stale once the
     # adapter's tolerance changed (a replica added beside it). One that can take no replica now
     # never can again (free slots only shrink, holders only grow), so it is dropped for good
@@ -172,7 +182,10 @@ def placement_of(
         return None
     # KV on its way or queued counts as taken: a worker that had just taken a plan's moves (or held
     # a long queue) looked as roomy as before, until they ran (``WorkerStats.arriving_kv_blocks``)
-    capacity = [WorkerCapacity(w.worker, max(0, w.free_blocks - w.arriving_kv_blocks), w.max_loras) for w in live]
+    capacity = [
+        WorkerCapacity(w.worker, max(0, room := w.free_blocks - w.arriving_kv_blocks), w.max_loras, max(0, -room))
+        for w in live
+    ]
     shares = {a: c / total for a, c in traffic.items() if a in ranks}
     return place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
 

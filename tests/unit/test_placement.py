@@ -75,6 +75,9 @@ def _reference_place(
         mixed = any(ranks.get(o, 16) != ranks.get(a, 16) for o in placed[w] if o != a)
         return capacity[w].free_kv_blocks / max(1, len(placed[w])) * (1 - penalty if mixed else 1.0)
 
+    def over(w: str) -> int:
+        return capacity[w].over_kv_blocks
+
     def tolerance(a: str) -> float:
         return math.fsum(part(w, a) for w in holders(a)) / max(shares[a], 1e-9)
 
@@ -82,7 +85,8 @@ def _reference_place(
         if not holders(a):
             fits = [w for w in placed if capacity[w].slots - len(placed[w]) > 0]
             if fits:
-                placed[max(fits, key=lambda w: (capacity[w].free_kv_blocks / (1 + len(placed[w])), w))].append(a)
+                roomiest = max(fits, key=lambda w: (capacity[w].free_kv_blocks / (1 + len(placed[w])), -over(w), w))
+                placed[roomiest].append(a)
     while True:
         for a in sorted(shares, key=tolerance):
             options = [w for w in placed if a not in placed[w] and capacity[w].slots - len(placed[w]) > 0]
@@ -94,14 +98,14 @@ def _reference_place(
                     placed[w].remove(a)
                     return value
 
-                placed[max(options, key=lambda w: (gain(w), w))].append(a)
+                placed[max(options, key=lambda w: (gain(w), -over(w), w))].append(a)
                 break
         else:
             return placed
 
 
 def test_the_indexed_placement_chooses_as_the_first_one_did() -> None:
-    """Random fleets: ties of tolerance (equal shares, no free memory), mixed ranks, adapters held
+    """Random fleets: ties of tolerance (equal shares, no free memory, some past it), mixed ranks, adapters held
     twice or unknown, workers full from the start: the same placement to the last replica."""
     import random
 
@@ -112,8 +116,9 @@ def test_the_indexed_placement_chooses_as_the_first_one_did() -> None:
         ranks = {a: rng.choice([8, 16, 32]) for a in adapters if rng.random() < 0.9}
         slots = rng.randint(1, 5)  # each worker's, or (a review) some of none and some of others
         workers = [
-            WorkerCapacity(f"w{i}", rng.choice([0, 100, rng.randint(0, 1000)]), rng.choice([slots, slots, 0, 3]))
+            WorkerCapacity(f"w{i}", free, rng.choice([slots, slots, 0, 3]), 0 if free else rng.choice([0, 10, 20]))
             for i in range(rng.randint(1, 8))
+            for free in [rng.choice([0, 100, rng.randint(0, 1000)])]
         ]
         current = {
             w.worker: [rng.choice([*adapters, "unknown"]) for _ in range(rng.randint(0, slots + 2))]
@@ -141,3 +146,24 @@ def test_the_placement_counts_kv_on_its_way_to_a_worker_as_taken() -> None:
     ranks = {"hot": 16, "cold": 16}
     assert placement_of({"hot": 1.0, "cold": 0.2}, [stats("w0", 100), stats("w1", 60)], ranks)["w0"] == ["hot"]
     assert placement_of({"hot": 1.0, "cold": 0.2}, [stats("w0", 100, 80), stats("w1", 60)], ranks)["w1"] == ["hot"]
+
+
+def test_with_every_queue_past_its_room_the_least_past_it_takes_the_hot_adapter() -> None:
+    """Every worker's queue needs more blocks than it has free: each one's room clamps to 0, and by
+    name alone the hot adapter went to w2, past its room by 500 blocks, where w1 is past it by 10
+    (left by the last session). Ranked by how far past its room each is, w1 takes it, then w0."""
+    from dlora.common.messages import WorkerStats
+    from dlora.services.dispatcher.placement import placement_of
+
+    def stats(name: str, free: int, coming: int) -> WorkerStats:
+        return WorkerStats(
+            worker=name, running=0, waiting=0, free_blocks=free, total_blocks=100, block_size=16, max_loras=1,
+            arriving_kv_blocks=coming,
+        )  # fmt: skip
+
+    live = [stats("w0", 10, 50), stats("w1", 10, 20), stats("w2", 0, 500)]
+    assert placement_of({"hot": 1.0, "cold": 0.2}, live, {"hot": 16, "cold": 16}) == {
+        "w0": ["cold"],
+        "w1": ["hot"],
+        "w2": ["hot"],
+    }
