@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from dlora.common.messages import GenerateRequest
@@ -50,3 +51,27 @@ class ResetPrefixCache:
 
 
 Command = Add | Abort | AdapterChanged | Prefetch | Move | ResetPrefixCache | AdapterRead  # a read's end
+
+
+class Commands(asyncio.Queue[Command]):
+    """The commands for the task that owns the engine, with the requests of the ``Add``s among them
+    (``queued``): taken in and prepared, not yet in the engine, so in no count the engine has. The
+    stats count them waiting, with their work and KV (``snapshot.worker_stats``'s ``preparing``):
+    those that came while a step ran were in no figure when the stats were read right after it
+    (left by the last session)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: dict[str, GenerateRequest] = {}  # request id -> the request its latest Add brings
+
+    def _put(self, item: Command) -> None:
+        super()._put(item)
+        if isinstance(item, Add):
+            self.queued[item.req.request_id] = item.req
+
+    def _get(self) -> Command:
+        item = super()._get()
+        # (a copy delivered twice is queued twice: the first taken leaves the later one counted)
+        if isinstance(item, Add) and self.queued.get(item.req.request_id) is item.req:
+            del self.queued[item.req.request_id]
+        return item

@@ -48,7 +48,7 @@ from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_un
 from dlora.services.worker.arrival import Preparing, arrive, stop_preparing
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
 from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, past_deadline
-from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Prefetch, ResetPrefixCache
+from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Commands, Prefetch, ResetPrefixCache
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine
@@ -88,7 +88,7 @@ class WorkerService:
 
     def __init__(self, settings: WorkerSettings, nc: NATS, store: StateStore, engine: LLMEngine) -> None:
         self.s, self.nc, self.store, self.engine = settings, nc, store, engine
-        self.commands: asyncio.Queue[Command] = asyncio.Queue()
+        self.commands = Commands()
         self.streams: dict[str, Stream] = {}
         self.kv_inbox = KVInbox(_KV_WAIT_S, 4 * _KV_WAIT_S)  # caches of requests moving here, as they arrive
         self.kv_seconds = 0.0  # what the moved caches taken here cost, in all (see WorkerStats)
@@ -410,9 +410,10 @@ class WorkerService:
 
     # ---- stats, heartbeat, checkpoint -----------------------------------------------------
     def _snapshot(self) -> WorkerStats:
-        # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) wait too,
-        # as vLLM counts a request waiting for its grammar: they were in no figure (a helper's finding)
-        preparing, retired = [p.req for p in self.preparing.values()], self.adapters.retired()
+        # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) or queued for
+        # this loop (``Commands.queued``) wait too, as vLLM counts a request waiting for its grammar
+        preparing = [*(p.req for p in self.preparing.values()), *self.commands.queued.values()]
+        retired = self.adapters.retired()
         stats = worker_stats(
             self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, retired, preparing
         )

@@ -55,9 +55,10 @@ def worker_stats(
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
-    replaced or removed (their requests are pinned here); ``preparing``: the requests waiting on
-    arrival (a moved one's cache, a grammar's compile), not yet in the engine: waiting too, as vLLM
-    counts one waiting for its grammar. (Its adapter reads' figures: the worker's own.)"""
+    replaced or removed (their requests are pinned here); ``preparing``: the requests taken in and
+    not yet in the engine, waiting on arrival (a moved one's cache, a grammar's compile) or queued for
+    the task that owns it (``Commands.queued``): waiting too, as vLLM counts one waiting for its
+    grammar. (Its adapter reads' figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)

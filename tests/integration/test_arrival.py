@@ -22,7 +22,7 @@ from dlora.common.messages import AbortRequest, GenerateRequest, SamplingParams,
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.servers import Server
-from dlora.services.worker.arrival import LONG_PROMPT
+from dlora.services.worker.arrival import LONG_PROMPT, arrive
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
 from dlora.services.worker.moves import handoff
@@ -314,3 +314,22 @@ async def test_a_request_waiting_on_arrival_counts_as_waiting_in_the_metrics(
         await _until(ended, "g")
         await asyncio.sleep(0.5)
         assert sample("vllm:num_requests_waiting") == 0 and sample("dlora_longest_wait_seconds") == 0
+
+
+async def test_a_request_queued_for_the_loop_counts_in_the_stats(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A request taken in and prepared waits in the commands for the task that owns the engine: one
+    that came while a step ran was in no count when the stats were read right after that step, and
+    the worker looked idle to the migrator and the dispatcher (left by the last session). It counts
+    waiting, with its work and KV, from the bus handler on; once in the engine, there alone."""
+    ws = worker_settings(nats_server.url, tiny_llama, "w0")
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (w, _):
+        await arrive(w, _request("q", "o"))  # (the loop not running: it stays queued)
+        st = w._snapshot()
+        assert (st.waiting, st.requests, st.unlisted_by_adapter) == (1, [], {"": (0, 1)})
+        assert (st.unlisted_kv_blocks, st.arriving_kv_blocks, st.unlisted_remaining_tokens) == (1, 1, 8)
+        await w._take(w.commands.get_nowait())
+        st = w._snapshot()
+        assert (st.waiting, [r.request_id for r in st.requests], st.unlisted_by_adapter) == (1, ["q"], {})
+        assert (st.unlisted_kv_blocks, st.arriving_kv_blocks, st.unlisted_remaining_tokens) == (0, 1, 0)
