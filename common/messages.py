@@ -421,6 +421,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     # the engine (a move by recompute among them), each its context so far (prefix cache hits not
     # subtracted: an upper bound). Running ones hold theirs already. 0: an older worker (or none).
     arriving_kv_blocks: int = 0
+    # Plan id -> the requests of its moves this worker refused lately (``worker/moves.py``'s
+    # ``Refusals``): they stay here, free for the migrator's next plan (not pinned as moved, for
+    # ``settle_s``). Empty from an older worker: its refused moves stay pinned, as before.
+    refused_moves: dict[str, list[str]] = {}
 
     @property
     def kv_cache_usage(self) -> float:

@@ -198,7 +198,7 @@ class Cluster:
         if not p.moves:
             return False
         self.plans.append(p)
-        self.looks.moved((m.request_id for m in p.moves), now)
+        self.looks.moved(p.plan_id, (m.request_id for m in p.moves), now)
         self.heard.clear()  # as the migrator does: its view is stale until the moved requests report
         moves: list[list[tuple[str, str, bool]]] = [[] for _ in self._joins]
         for m in p.moves:

@@ -30,7 +30,7 @@ class Looks:
         self.bounds = bounds
         self._imbalanced = 0
         self._last_solve = float("-inf")
-        self._moved: dict[str, float] = {}  # request id -> when a plan moved it (``settled``)
+        self._moved: dict[str, tuple[float, str]] = {}  # request id -> when a plan moved it, its id (``settled``)
 
     def look(self, snap: ClusterSnapshot, now: float) -> PlanTrigger | None:
         """The bound the cluster passed if it is time to plan for it now; else None."""
@@ -43,13 +43,24 @@ class Looks:
             return None
         return reason
 
-    def moved(self, request_ids: Iterable[str], now: float) -> None:
-        """A plan moving ``request_ids`` went out at ``now``."""
-        self._moved.update(dict.fromkeys(request_ids, now))
+    def moved(self, plan_id: str, request_ids: Iterable[str], now: float) -> None:
+        """Plan ``plan_id``, moving ``request_ids``, went out at ``now``."""
+        self._moved.update(dict.fromkeys(request_ids, (now, plan_id)))
+
+    def refused(self, refusals: Mapping[str, Iterable[str]]) -> list[str]:
+        """The moves a worker says it refused (plan id -> request ids, ``WorkerStats.refused_moves``):
+        those requests never left it, so they are free for the next plan now, not pinned for
+        ``settle_s`` (a move refused while its source's Redis writes lagged left its request where it
+        was for 10 s: left by the last session). Only a refusal of the plan that moved a request last
+        frees it: one said of an earlier plan leaves a later plan's move pinned. The ids freed."""
+        freed = [r for plan, ids in refusals.items() for r in ids if (at := self._moved.get(r)) and at[1] == plan]
+        for r in freed:
+            del self._moved[r]
+        return freed
 
     def settled(self, snap: ClusterSnapshot, now: float) -> ClusterSnapshot:
         """``snap`` with the requests moved within ``settle_s`` pinned where they are."""
-        self._moved = {r: at for r, at in self._moved.items() if now - at < self.bounds.settle_s}
+        self._moved = {r: (at, p) for r, (at, p) in self._moved.items() if now - at < self.bounds.settle_s}
         if not self._moved:
             return snap
         reqs = [replace(r, pinned=True) if r.request_id in self._moved else r for r in snap.requests]

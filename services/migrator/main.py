@@ -50,6 +50,12 @@ class Migrator:
         if (before := self.stats.get(st.worker)) is not None:
             self.gaps[st.worker] = now - before[1]
         self.stats[st.worker] = (st, now)
+        if st.refused_moves and (freed := self.looks.refused(st.refused_moves)):
+            logger.info(
+                "moves refused by their source; its requests free for the next plan",
+                worker=st.worker,
+                requests=len(freed),
+            )
 
     def quiet(self, now: float) -> set[str]:
         """Workers silent past half the TTL and three of their last gaps between stats: likely
@@ -102,7 +108,7 @@ class Migrator:
             sent = {st.worker: st.sent for st in live}  # (each worker judges the plan's age by its own clock)
             p = msgspec.structs.replace(p, epoch=self.epoch, created=time.time(), stats_sent=sent, moves=moves)
             await bus.publish(self.nc, subjects.MOVES, p)
-            self.looks.moved((m.request_id for m in p.moves), now)
+            self.looks.moved(p.plan_id, (m.request_id for m in p.moves), now)
             self.plans += 1
             # The moved requests are counted where they go from the next stats on; until then
             # this view is stale, so forget it rather than plan the same moves twice.

@@ -112,6 +112,7 @@ class TriggerBounds(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     # A request a plan moved is not moved again for this many seconds: its stats, and its new
     # worker's speed, read wrong for a while after (a trial: one moved 4 times in 2 s, w0 -> w2 ->
     # w1 -> w2 -> w1, and a 40-request burst took 5.3 s with the migrator against 2.0 s without).
+    # A move its source refused (``WorkerStats.refused_moves``) frees its request at once.
     settle_s: float = 10.0
 
     def check(self) -> list[tuple[str, object, str]]:

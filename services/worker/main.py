@@ -58,7 +58,7 @@ from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
 from dlora.services.worker.move_out import move_out
-from dlora.services.worker.moves import Move, moves_to_take
+from dlora.services.worker.moves import Move, Refusals, moves_to_take
 from dlora.services.worker.one_id import given_up, refuse_if_taken
 from dlora.services.worker.records import ProgressRecords
 from dlora.services.worker.rerecord import record_again_if_lost
@@ -96,6 +96,7 @@ class WorkerService:
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.cycles = StepCycles()  # the loop's time per decode step, shell included (metrics)
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
+        self.refusals = Refusals()  # the planned moves refused lately (its stats say them)
         # the adapter versions loaded, kept to the registry; their reads end as commands, between steps
         self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.

@@ -54,6 +54,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
         return
     if w.records.outage:  # its record lacks what Redis refused: a resume from it would lose tokens
         logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
+        w.refusals.add(move, time.monotonic())  # (free for the migrator's next plan: its stats say so)
         return
     start = time.monotonic()
     kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
@@ -78,6 +79,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
             await w.store.put_inflight(resumed, move.to_worker, marks_taken=move.to_marks_taken)
     except bus.STATE_OUTAGE:  # (it was stopped here first, and lost: nothing recorded it elsewhere)
         logger.info("Redis unreachable; the request stays here", request=move.request_id)
+        w.refusals.add(move, time.monotonic())
         return
     w.engine.abort(move.request_id)
     del w.streams[move.request_id]

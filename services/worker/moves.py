@@ -18,6 +18,9 @@ from dlora.common.messages import GenerateRequest, KVChunk, MovePlan
 PLAN_MAX_AGE_S = 5.0
 # KV bytes per chunk: under NATS's default 1 MiB payload limit.
 KV_CHUNK_BYTES = 512 << 10
+# The most refused moves a worker's stats say (the latest; ~50 bytes each): a plan moves a few
+# hundred at most (BENCHMARKS.md's migration section), and its stats list up to 4,096 requests.
+MAX_REFUSED = 1024
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Move:
     ship_kv: bool  # its KV cache goes along; else the destination recomputes it
     trigger: str = "none"  # the bound that set its plan off (PlanTrigger's value; "none": the plan says not)
     to_marks_taken: bool = False  # the destination marks what it takes up (WorkerStats.marks_taken)
+    plan_id: str = ""  # the plan it is of (MovePlan.plan_id): its refusal names it (``Refusals``)
 
 
 def moves_to_take(
@@ -45,10 +49,37 @@ def moves_to_take(
         return None
     trigger = plan.trigger.value if plan.trigger else "none"
     return [
-        Move(m.request_id, m.to_worker, m.ship_kv, trigger, m.to_marks_taken)
+        Move(m.request_id, m.to_worker, m.ship_kv, trigger, m.to_marks_taken, plan.plan_id)
         for m in plan.moves
         if m.to_worker != worker_id and (held is None or m.request_id in held)
     ]
+
+
+class Refusals:
+    """The planned moves this worker refused lately, the request staying here (its progress record
+    lagging Redis, or Redis unreachable): what its stats say (``WorkerStats.refused_moves``) for
+    ``PLAN_MAX_AGE_S``, as long as a plan made from its stats holds, so that a stats message lost on
+    the way leaves later ones to say it. The migrator then frees those requests for its next plan:
+    it could not tell a refused move from one in transit, and pinned the request where it was for
+    ``settle_s`` (10 s; left by the last session)."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, str], float] = {}  # (plan id, request id) -> when refused (monotonic)
+
+    def add(self, move: Move, now: float) -> None:
+        """``move`` refused at ``now`` (monotonic seconds)."""
+        self._at.pop((move.plan_id, move.request_id), None)
+        self._at[move.plan_id, move.request_id] = now  # (last: the latest kept past ``MAX_REFUSED``)
+        while len(self._at) > MAX_REFUSED:
+            del self._at[next(iter(self._at))]
+
+    def lately(self, now: float) -> dict[str, list[str]]:
+        """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``."""
+        self._at = {k: at for k, at in self._at.items() if now - at < PLAN_MAX_AGE_S}
+        out: dict[str, list[str]] = {}
+        for plan_id, request_id in self._at:
+            out.setdefault(plan_id, []).append(request_id)
+        return out
 
 
 def handoff(

@@ -13,13 +13,17 @@ import nats
 import pytest
 import torch
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import bus, subjects
 from dlora.common.inflight import Inflight
-from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk
+from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.migrator.looks import cluster_snapshot
+from dlora.services.migrator.main import Migrator
+from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.servers import Server
 from dlora.services.worker.admit import abort
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
@@ -303,6 +307,59 @@ async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
                 await asyncio.sleep(0.01)
         assert first["r"].worker == "w1" and first["r"].queue_seconds is not None
         assert first["r"].queue_seconds >= wait_s, first["r"]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_the_next_plan(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """w0's progress writes fail (Redis refusing them): it rightly refuses a plan's move of its
+    request, whose record lacks the tokens sent (a resume from it would lose them). The migrator took
+    that move as made and left the request out of its plans for ``settle_s`` (10 s; left by the last
+    session): w0's stats now say the moves it refused, by plan, and the migrator frees them."""
+    store = StateStore(redis)
+    stop = asyncio.Event()
+    conns, tasks = [], []
+    try:
+        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
+        client = await nats.connect(nats_server.url)
+        conns.append(client)
+        seen: list[TokenChunk] = []
+
+        async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+            seen.append(msgspec.json.decode(msg.data, type=TokenChunk))
+
+        owner = uuid.uuid4().hex[:8]
+        await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        stats = await client.subscribe(subjects.stats("w0"))
+        await bus.flush(client)
+        settings = MigratorSettings(nats_url=nats_server.url, redis_url="unused")
+        migrator = Migrator(settings, client, store)  # (its loop not running: no plan of its own)
+        await bus.subscribe(client, subjects.STATS_ALL, WorkerStats, migrator._on_stats)
+
+        async def refused(*args: object) -> set[str]:
+            raise RedisConnectionError("Connection reset by peer")
+
+        monkeypatch.setattr(store, "record_progress", refused)
+        await _send(client, owner, "r", [5, 6, 7], 400)
+        async with asyncio.timeout(30):
+            while not workers["w0"].records.outage:
+                await asyncio.sleep(0.01)
+        migrator.looks.moved("p1", ["r"], time.monotonic())
+        await _plan(client, 1, "r")
+        async with asyncio.timeout(30):
+            while (st := msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)).refused_moves == {}:
+                pass
+        await stats.unsubscribe()  # (unread, its queue held the connection's drain 30 s)
+        assert st.refused_moves == {"p1": ["r"]} and [r.request_id for r in st.requests] == ["r"]
+        async with asyncio.timeout(30):  # (the migrator's handler has the same stats): free for the next plan
+            while migrator.looks.settled(cluster_snapshot([st], {}, settings), time.monotonic()).requests[0].pinned:
+                await asyncio.sleep(0.01)
+        assert "r" in workers["w0"].streams and not any(c.worker == "w1" for c in seen)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)

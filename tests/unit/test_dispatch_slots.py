@@ -91,10 +91,13 @@ def test_an_older_workers_stats_still_decode_and_an_older_reader_ignores_the_new
         unlisted_by_adapter: dict[str, tuple[int, int]] = {}
 
     assert msgspec.json.decode(raw, type=OlderStats).worker == "x"
-    assert raw.endswith(b',"unlisted_by_version":{"rl@v1":[0,1]},"unlisted_kv_blocks":0,"arriving_kv_blocks":0}')
-    # the ones after it alike: an older worker's blocks not listed, or on their way, count none (as before)
-    older = msgspec.json.decode(raw.replace(b',"unlisted_kv_blocks":0,"arriving_kv_blocks":0', b""), type=WorkerStats)
+    after = b',"unlisted_kv_blocks":0,"arriving_kv_blocks":0,"refused_moves":{}'
+    assert raw.endswith(b',"unlisted_by_version":{"rl@v1":[0,1]}' + after + b"}")
+    # the ones after it alike: an older worker's blocks not listed, or on their way, count none (as
+    # before), and it says no move refused (its refused moves stay pinned for settle_s, as before)
+    older = msgspec.json.decode(raw.replace(after, b""), type=WorkerStats)
     assert older.unlisted_kv_blocks == older.arriving_kv_blocks == 0 and older.unlisted_by_version == {"rl@v1": (0, 1)}
+    assert older.refused_moves == {}
 
 
 def test_slots_and_shared_weights_by_key() -> None:

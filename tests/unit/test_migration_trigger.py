@@ -111,7 +111,7 @@ def test_a_request_a_plan_moved_is_not_moved_again_until_it_settles() -> None:
     busy = snap((10, 100, 160), (0, 0, 0))
     moved = plan(busy).moves
     assert moved
-    looks.moved((m.request_id for m in moved), now=0.0)
+    looks.moved("p1", (m.request_id for m in moved), now=0.0)
     # the next stats: the moved requests on w1 now, and w1 the busier for them
     back = {m.request_id for m in moved}
     later = ClusterSnapshot(
@@ -126,3 +126,25 @@ def test_a_request_a_plan_moved_is_not_moved_again_until_it_settles() -> None:
     assert plan(later).moves  # unsettled, they would go back
     assert not {m.request_id for m in plan(looks.settled(later, now=5.0)).moves} & back
     assert {m.request_id for m in plan(looks.settled(later, now=10.0)).moves} & back  # settled: free again
+
+
+def test_a_move_its_source_refused_frees_its_request_for_the_next_plan_at_once() -> None:
+    """A source refuses a planned move while its Redis progress writes lag (a resume from its record
+    would lose tokens): the request never left, but pinned as moved it stayed out of every plan
+    for ``settle_s`` (10 s; left by the last session). The source's stats say which moves it
+    refused (``WorkerStats.refused_moves``), by plan: those requests are free again at once, and a
+    refusal of an earlier plan leaves a later plan's move of the same request pinned."""
+    from dlora.services.migrator.looks import Looks
+    from dlora.services.migrator.planner import plan
+
+    looks = Looks(TriggerBounds(settle_s=10.0))
+    busy = snap((10, 100, 160), (0, 0, 0))
+    moved = [m.request_id for m in plan(busy).moves]
+    assert len(moved) >= 3
+    looks.moved("p1", moved, now=0.0)
+    looks.moved("p2", moved[2:3], now=0.5)  # (moved again by a later plan: its refusal of p1 is old news)
+    assert all(r.pinned == (r.request_id in moved) for r in looks.settled(busy, now=1.0).requests)
+    # the source kept them all (its stats a moment later, the plan's moves still there)
+    assert looks.refused({"p1": moved, "p0": ["w0-0"]}) == [r for r in moved if r != moved[2]]
+    assert looks.refused({"p1": moved}) == []  # (said again in the next stats: nothing more to free)
+    assert [r.request_id for r in looks.settled(busy, now=1.0).requests if r.pinned] == [moved[2]]

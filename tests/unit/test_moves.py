@@ -35,13 +35,15 @@ def plan(
 
 
 def test_a_worker_takes_the_moves_away_from_it() -> None:
-    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True)]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, plan_id="p")]
 
 
 def test_a_move_carries_its_plan_s_trigger() -> None:
     taken = moves.moves_to_take(plan(trigger=PlanTrigger.KV_PRESSURE), "w0", epoch_seen=3, now=101.0)
-    assert taken == [moves.Move("a", "w1", True, "kv-pressure")]
-    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, "none")]
+    assert taken == [moves.Move("a", "w1", True, "kv-pressure", plan_id="p")]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [
+        moves.Move("a", "w1", True, "none", plan_id="p")
+    ]
 
 
 def test_a_move_carries_whether_its_destination_marks_what_it_takes_up() -> None:
@@ -53,8 +55,12 @@ def test_a_move_carries_whether_its_destination_marks_what_it_takes_up() -> None
         created=100.0,
         moves=[MoveRequest(request_id="a", adapter=None, to_worker="w1", to_marks_taken=True)],
     )
-    assert moves.moves_to_take(marking, "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", False, "none", True)]
-    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [moves.Move("a", "w1", True, "none", False)]
+    assert moves.moves_to_take(marking, "w0", epoch_seen=3, now=101.0) == [
+        moves.Move("a", "w1", False, "none", True, plan_id="p")
+    ]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0) == [
+        moves.Move("a", "w1", True, "none", False, plan_id="p")
+    ]
 
 
 def test_stale_plans_are_refused() -> None:
@@ -66,7 +72,7 @@ def test_a_plans_age_is_read_on_the_workers_own_clock() -> None:
     """A helper's multi-host trial: a GPU host whose clock ran 10 s fast ignored every plan (the
     migrator's ``created`` against its own clock). Its stats' ``sent`` is on its own clock."""
     made_from = plan(stats_sent={"w0": 110.0})  # the migrator's clock said 100; w0's, 110
-    assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=111.0) == [moves.Move("a", "w1", True)]
+    assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=111.0) == [moves.Move("a", "w1", True, plan_id="p")]
     assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=110.0 + moves.PLAN_MAX_AGE_S + 1) is None
 
 
@@ -101,5 +107,25 @@ def test_a_worker_takes_only_the_moves_of_requests_it_holds() -> None:
     """Every worker hears every plan: one that queued each move of another's request paid a thread
     hop and its step in flight taken in early for each (a trial: 4,000 moves elsewhere stalled an
     uninvolved worker's stream 0.47 s)."""
-    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0, held={"a"}) == [moves.Move("a", "w1", True)]
+    assert moves.moves_to_take(plan(), "w0", epoch_seen=3, now=101.0, held={"a"}) == [
+        moves.Move("a", "w1", True, plan_id="p")
+    ]
     assert moves.moves_to_take(plan(), "w2", epoch_seen=3, now=101.0, held={"c"}) == []
+
+
+def test_a_worker_says_the_moves_it_refused_for_as_long_as_a_plan_holds() -> None:
+    """A source that refuses a planned move (its progress record lagging Redis) keeps the request:
+    its stats say so (``WorkerStats.refused_moves``), by plan, until ``PLAN_MAX_AGE_S`` has passed
+    (a stats message lost leaves the next ones to say it), the latest ``MAX_REFUSED`` at most."""
+    refusals = moves.Refusals()
+    refusals.add(moves.Move("a", "w1", True, plan_id="p1"), now=10.0)
+    refusals.add(moves.Move("b", "w1", True, plan_id="p1"), now=11.0)
+    refusals.add(moves.Move("a", "w2", True, plan_id="p2"), now=12.0)  # moved again by a later plan
+    assert refusals.lately(now=12.0) == {"p1": ["a", "b"], "p2": ["a"]}
+    assert refusals.lately(now=10.0 + moves.PLAN_MAX_AGE_S) == {"p1": ["b"], "p2": ["a"]}
+    for i in range(moves.MAX_REFUSED + 5):
+        refusals.add(moves.Move(f"r{i}", "w1", True, plan_id="p3"), now=13.0)
+    said = refusals.lately(now=13.0)
+    assert (
+        list(said) == ["p3"] and len(said["p3"]) == moves.MAX_REFUSED and said["p3"][-1] == f"r{moves.MAX_REFUSED + 4}"
+    )
