@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import msgspec
 import nats
@@ -27,6 +29,7 @@ from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.servers import Server
 from dlora.services.worker.admit import abort
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.main import WorkerService
 from dlora.services.worker.moves import handoff
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.conftest import small_engine, worker_by_hand
@@ -52,16 +55,31 @@ async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = Fa
     await bus.flush(client)
 
 
-async def test_workers_drop_plans_from_a_deposed_migrator(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
-) -> None:
-    store = StateStore(redis)
+@asynccontextmanager
+async def _two_workers(
+    nats_server: Server, store: StateStore, tiny_llama: TinyOutput
+) -> AsyncIterator[tuple[dict[str, WorkerService], nats.NATS]]:
+    """w0 and w1 running (``start_workers``) and a client, stopped and closed after."""
     stop = asyncio.Event()
-    conns, tasks = [], []
+    conns: list[nats.NATS] = []
+    tasks: list[asyncio.Task[None]] = []
     try:
         workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
         client = await nats.connect(nats_server.url)
         conns.append(client)
+        yield workers, client
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.drain()
+
+
+async def test_workers_drop_plans_from_a_deposed_migrator(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    store = StateStore(redis)
+    async with _two_workers(nats_server, store, tiny_llama) as (workers, client):
         owner = uuid.uuid4().hex[:8]
         seen: list[TokenChunk] = []
         moved: list[Inflight | None] = []  # the record as w1's first chunk came
@@ -95,11 +113,6 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
             while not seen[-1].finish_reason:
                 await asyncio.sleep(0.02)
         assert seen[-1].worker == "w1" and [c.seq for c in seen] == list(range(len(seen)))
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
@@ -322,12 +335,7 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
     that move as made and left the request out of its plans for ``settle_s`` (10 s; left by the last
     session): w0's stats now say the moves it refused, by plan, and the migrator frees them."""
     store = StateStore(redis)
-    stop = asyncio.Event()
-    conns, tasks = [], []
-    try:
-        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
-        client = await nats.connect(nats_server.url)
-        conns.append(client)
+    async with _two_workers(nats_server, store, tiny_llama) as (workers, client):
         seen: list[TokenChunk] = []
 
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
@@ -360,8 +368,3 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
             while migrator.looks.settled(cluster_snapshot([st], {}, settings), time.monotonic()).requests[0].pinned:
                 await asyncio.sleep(0.01)
         assert "r" in workers["w0"].streams and not any(c.worker == "w1" for c in seen)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
