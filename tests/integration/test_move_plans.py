@@ -122,12 +122,7 @@ async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
     first run's 32). A 40-token prompt, its two full blocks cached on w0 by an earlier request, runs
     there and is moved to w1 (which has nothing cached) by a plan: the reader reports 32."""
     store = StateStore(redis)
-    stop = asyncio.Event()
-    conns, tasks = [], []
-    try:
-        await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
-        client = await nats.connect(nats_server.url)
-        conns.append(client)
+    async with _two_workers(nats_server, store, tiny_llama) as (_, client):
         owner = uuid.uuid4().hex[:8]
         streams = {rid: ReplyStream(rid) for rid in ("warm", "r")}
 
@@ -154,11 +149,6 @@ async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
         r = streams["r"]
         assert r.error is None and r.tokens == 400 and r.worker == "w1"  # it moved, and finished there
         assert streams["warm"].cached_tokens == 0 and r.cached_tokens == 32
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_cache_shipped_for_a_request_refused_on_arrival_is_not_kept(
