@@ -192,10 +192,16 @@ class Range(NamedTuple):
     high: float = math.inf
     # How the range is said where vLLM says it otherwise than "in [low, high]" / "at least low".
     says: str = ""
+    # ``low`` itself is refused: the range is (low, high] ("greater than zero").
+    above: bool = False
 
     def problem(self, name: str, value: float) -> str | None:
-        """The reason ``value`` of field ``name`` is refused, or None where it is inside."""
-        return None if self.low <= value <= self.high else f"{name} must be {self.span()}, got {value}."
+        """The reason ``value`` of field ``name`` is refused, or None where it is inside. Infinity
+        is refused where no ``high`` bounds it, in vLLM's words ("must be a finite number")."""
+        if value == math.inf == self.high:
+            return f"{name} must be a finite number, got {value}."
+        inside = (self.low < value if self.above else self.low <= value) and value <= self.high
+        return None if inside else f"{name} must be {self.span()}, got {value}."
 
     def span(self) -> str:
         """The range in words: "in [0, 2]", "at least 1", or ``says``."""
@@ -215,8 +221,9 @@ RANGES: dict[str, Range] = {
     "min_p": Range(0.0, 1.0),
     "presence_penalty": Range(-2.0, 2.0),
     "frequency_penalty": Range(-2.0, 2.0),
-    # vLLM's is only "greater than zero": below 0.01 a positive logit overflows float32
-    "repetition_penalty": Range(0.01, 100.0),
+    # vLLM's bound and words; a penalty far from 1 saturates the logits it scales at float32's
+    # largest (``sampler.repetition``), where it would overflow them
+    "repetition_penalty": Range(0.0, says="greater than zero", above=True),
     # vLLM's -1 (the whole vocabulary) would overflow the message bus; OpenAI's top_logprobs is 20 at most
     "logprobs": Range(0, 20),
     "prompt_logprobs": Range(0, 20),

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from dlora.common.sampling import RANGES
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 # The context transformers' config classes take where config.json does not say (LlamaConfig,
@@ -234,7 +237,7 @@ _SAMPLING: dict[str, tuple[float | None, float, float, bool]] = {
     "top_p": (1.0, 1e-9, 1.0, False),
     "top_k": (50, -1, 1 << 31, True),
     "min_p": (None, 0.0, 1.0, False),
-    "repetition_penalty": (1.0, 0.01, 100.0, False),  # SamplingParams.invalid's: below, float32 overflows
+    "repetition_penalty": (1.0, 0.0, math.inf, False),  # and RANGES' (above 0, finite), as a request's
     "max_new_tokens": (None, 1, 1 << 31, True),
 }
 
@@ -258,6 +261,8 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
             what = "an integer" if integer else "a number"
             raise ModelConfigError(f"{path}: {key} must be {what} in [{low:g}, {high:g}], got {value!r}")
+        if key in RANGES and (why := RANGES[key].problem(key, value)) is not None:
+            raise ModelConfigError(f"{path}: {why}")
         out["max_tokens" if key == "max_new_tokens" else key] = value
     return out
 

@@ -120,7 +120,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     min_tokens: int | None = None  # [0, max_tokens], default 0
-    repetition_penalty: float | None = None  # (0, 100], default 1
+    repetition_penalty: float | None = None  # above 0 (vLLM's), default 1
     allowed_token_ids: list[int] | None = None  # only these may be sampled; not empty
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None  # >= 1: the prompt's last this many tokens are kept

@@ -100,7 +100,7 @@ def test_with_seed_draws_one_only_for_unseeded_sampling() -> None:
     top_p=st.floats(0.0, 1.0),
     top_k=st.integers(-1, 80),
     scale=st.sampled_from([1e-3, 1.0, 1e3, 1e30]),
-    repetition=st.floats(0.01, 100.0),
+    repetition=st.floats(0.0, 1e300, exclude_min=True),
     presence=st.floats(-2.0, 2.0),
     frequency=st.floats(-2.0, 2.0),
 )
@@ -153,6 +153,23 @@ def test_repetition_penalty_is_transformers_processor() -> None:
         expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output]), logits.clone())[0]
         got = apply_penalties(logits[0], SamplingParams(repetition_penalty=penalty), prompt, output)
         assert torch.allclose(got, expected)
+
+
+def test_a_repetition_penalty_far_from_one_saturates_where_it_overflowed() -> None:
+    """vLLM takes any penalty above 0: 1e-40 pushed a seen positive logit to infinity and 1e300
+    (infinity in float32) a seen 0 to NaN, and the request failed ("pushed the logits out of the
+    float range", a 500). Saturated at float32's largest, each gives a token, the seen one
+    favoured (1e-40) or shunned (1e300); a masked token stays masked."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    history = ([1, 2, 4], [3])  # seen: 1 (positive), 2 (zero), 3 (negative), 4 (masked)
+    for penalty, seen_wins in ((1e-40, True), (1e300, False)):
+        p = SamplingParams(repetition_penalty=penalty)
+        assert p.problem() is None
+        got = apply_penalties(logits[0], p, *history)
+        rows = apply_penalties_rows(logits, [p], [history])[0]
+        assert torch.equal(got, rows) and not got.isnan().any() and got[4] == float("-inf")
+        assert got[:4].isfinite().all(), (penalty, got)
+        assert sample(logits, [p], [None], [history]) == [1 if seen_wins else 0]
 
 
 def test_frequency_and_presence_penalties_follow_openai() -> None:

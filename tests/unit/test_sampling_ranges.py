@@ -52,7 +52,7 @@ def test_each_surface_refuses_a_value_outside_the_table_in_vllms_words(
 def test_the_edges_of_each_range_are_taken_everywhere() -> None:
     for name in OPTIONS:
         r = RANGES[name]
-        for value in {r.low, r.high} - {math.inf}:
+        for value in {r.low, r.high} - {math.inf} - ({r.low} if r.above else set()):
             assert SamplingParams(**{name: value}).problem() is None, (name, value)
             option = f"--{name.replace('_', '-')}"
             assert build_parser().parse_args(["loadgen", option, str(value)]).__dict__[name] == value
@@ -85,3 +85,28 @@ def test_a_chats_and_a_completions_own_ranges_stay_theirs() -> None:
         sampling.sampling_params(body, 7)
     assert SamplingParams(logprobs=6).problem() is None
     assert SamplingParams(max_tokens=0).problem() == "max_tokens must be at least 1, got 0."
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (1e-40, None),  # was refused below 0.01
+        (250.0, None),  # was refused above 100
+        (1e300, None),
+        (0.0, "repetition_penalty must be greater than zero, got 0.0."),  # vLLM's words
+        (-1.0, "repetition_penalty must be greater than zero, got -1.0."),
+        (math.inf, "repetition_penalty must be a finite number, got inf."),
+        (math.nan, "repetition_penalty must be greater than zero, got nan."),
+    ],
+)
+def test_repetition_penalty_takes_what_vllm_takes(value: float, why: str | None) -> None:
+    """vLLM's ``_verify_args`` takes any finite repetition_penalty above 0; the table capped it at
+    100 and refused it below 0.01 (the engine now saturates what would overflow float32)."""
+    assert SamplingParams(repetition_penalty=value).problem() == why
+    body = msgspec.convert({"model": "m", "prompt": "x", "repetition_penalty": value}, CompletionBody)
+    if why is None:
+        assert sampling.sampling_params(body, 7).repetition_penalty == value
+    else:
+        with pytest.raises(APIError) as refused:
+            sampling.sampling_params(body, 7)
+        assert (refused.value.message, refused.value.param) == (why, "repetition_penalty")

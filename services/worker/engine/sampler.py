@@ -53,6 +53,24 @@ def has_penalties(p: SamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
 
+_FINITE = torch.finfo(torch.float32)
+
+
+def repetition(picked: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
+    """transformers' repetition penalty on the logits of seen tokens ``picked`` (any shape, fp32;
+    ``penalty`` a float or a tensor broadcast to it): a positive logit divided by it, any other
+    multiplied. Any penalty above 0 is taken (vLLM's bound), and one far from 1 (1e-40, 1e300) would
+    push a finite logit past float32 (to infinity, or NaN as 0 x inf), failing a valid request:
+    such a logit saturates at float32's largest instead, as favoured or shunned as float32 says.
+    A masked (-inf) logit stays masked."""
+    if isinstance(penalty, torch.Tensor):
+        penalty = penalty.clamp(_FINITE.tiny, _FINITE.max)
+    else:
+        penalty = min(max(penalty, _FINITE.tiny), _FINITE.max)
+    out = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return torch.where(picked.isfinite(), out.clamp(-_FINITE.max, _FINITE.max), out)
+
+
 def apply_penalties(
     logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
 ) -> torch.Tensor:
@@ -64,7 +82,7 @@ def apply_penalties(
     if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = to_device(sorted(set(prompt_ids) | set(output_ids)), torch.int64, logits.device)
         picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        logits[seen] = repetition(picked, p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
         # index_add_, not bincount: bincount reads its input's range back to the host (on a GPU, a
         # wait for the device per row).
@@ -91,7 +109,7 @@ def apply_penalties_rows(
         seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
         seen[flat(rep, [sorted(set(histories[j][0]) | set(histories[j][1])) for j in rep])] = True
         penalty = to_device([p.repetition_penalty for p in params], torch.float32, dev)[:, None]
-        out = torch.where(seen.view(n, vocab), torch.where(out > 0, out / penalty, out * penalty), out)
+        out = torch.where(seen.view(n, vocab), repetition(out, penalty), out)
     counted = [j for j, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and histories[j][1]]
     if counted:
         ids = flat(counted, [histories[j][1] for j in counted])
