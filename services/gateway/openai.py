@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from dlora.common import integers
 from dlora.common.undecodable import field_of
 from dlora.services.gateway.reasoning import REASONING_END, ReasoningParser, split
 from dlora.services.gateway.tool_base import Call, joined, short_call_id
@@ -267,10 +268,10 @@ def decode_body(raw: bytes, kind: type[msgspec.Struct]) -> Any:
 
     Raises:
         APIError(400): malformed JSON, JSON nested deeper than the decoder follows, or a field
-            missing, unknown or of the wrong type (msgspec's reason).
+            missing, unknown or of the wrong type (msgspec's reason; ``integers.decode``'s: 16.0 is 16).
     """
     try:
-        return msgspec.json.decode(raw, type=kind)
+        return integers.decode(raw, kind)
     except msgspec.ValidationError as e:
         raise APIError(400, f"invalid request: {e}", param=field_of(str(e))) from None
     except msgspec.DecodeError as e:

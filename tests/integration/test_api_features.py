@@ -270,6 +270,11 @@ async def test_more_members_of_the_fault_kinds(stack: Stack, tmp_path) -> None:
     assert status == 200, resp
     status, resp = await post(stack, "/v1/completions", {**base, "repetition_penalty": 0})
     assert (status, resp["error"]["param"]) == (400, "repetition_penalty"), resp
+    # integral floats in integer fields, as vLLM's server takes them; a fraction is a 400 naming its field
+    status, resp = await post(stack, "/v1/completions", {**base, "max_tokens": 2.0, "top_k": 40.0, "seed": 3.0})
+    assert status == 200 and resp["usage"]["completion_tokens"] <= 2, resp
+    status, resp = await post(stack, "/v1/completions", {**base, "top_k": 40.5})
+    assert (status, resp["error"]["param"]) == (400, "top_k"), resp
     status, _ = await post(stack, "/v1/completions", {**base, "repetition_penalty": 0.01, "temperature": 2e-5})
     assert status == 200
     # max_tokens 0 is in the spec's range: nothing generated
