@@ -222,7 +222,7 @@ class ChatBody(_Sampling, kw_only=True, forbid_unknown_fields=True):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # routes a conversation's requests together (affinity.py)
-    prompt_cache_retention: str | None = None
+    prompt_cache_retention: str | None = None  # in_memory or 24h (sampling.CACHE_RETENTIONS): echoed only
     parallel_tool_calls: bool | None = None
     # Tools: rendered by the chat template; a named tool_choice constrains the output to that
     # function's arguments and answers it as a tool call (sampling.forced_tool), "required" to a

@@ -65,7 +65,7 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
+    prompt_cache_retention: str | None = None  # checked by the chat (sampling.CACHE_RETENTIONS), echoed
     reasoning: Reasoning | None = None
     truncation: str | None = None  # "disabled" (the default) only
     include: list[str] | None = None  # OUTPUT_LOGPROBS only

@@ -38,6 +38,12 @@ RANGES: dict[str, Range] = {name: bounds for name, bounds in SAMPLING_RANGES.ite
 _COMPLETION_RANGES = {"logprobs": Range(0, 5), "max_tokens": Range(0)}
 
 
+# OpenAI's prompt_cache_retention values (its API's and its OpenAPI document's), and "in-memory",
+# which openai-python's types spelled it (openai/openai-python#2883) and the API refuses: no client
+# written to those types is refused here, where no policy changes what is cached (echoed only).
+CACHE_RETENTIONS = ("in_memory", "24h", "in-memory")
+
+
 def _check_ranges(body: Body) -> None:
     ranges = RANGES | _COMPLETION_RANGES if isinstance(body, CompletionBody) else RANGES
     for name, bounds in ranges.items():
@@ -353,6 +359,9 @@ def sampling_params(
         raise APIError(400, why, param="cache_salt")
     if (key := getattr(body, "prompt_cache_key", None)) is not None and len(key) > MAX_CACHE_SALT:
         raise APIError(400, f"prompt_cache_key must be at most {MAX_CACHE_SALT} characters", param="prompt_cache_key")
+    if (retention := getattr(body, "prompt_cache_retention", None)) not in (None, *CACHE_RETENTIONS):
+        why = f"Invalid value: {retention!r}. Supported values are: 'in_memory' and '24h'."  # OpenAI's words
+        raise APIError(400, why, param="prompt_cache_retention")
     if body.request_id is not None and not valid_request_id(body.request_id):
         raise APIError(400, "request_id must be 1 to 256 printable characters", param="request_id")
     for what, unsupported in _unsupported(body, spaces_added_tokens):

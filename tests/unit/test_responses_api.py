@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
-from dlora.services.gateway.openai import APIError
+from dlora.services.gateway import sampling
+from dlora.services.gateway.openai import APIError, ChatBody
 from dlora.services.gateway.responses_api import decode, renamed
 
 
@@ -95,3 +97,28 @@ def test_an_answers_lone_reasoning_stays_before_the_next_users_message() -> None
     answer = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]}
     _, chat = decode(json.dumps({"input": [given[0], thought, answer]}).encode())
     assert [(m.role, m.reasoning) for m in chat.messages] == [("user", None), ("assistant", "hm")]
+
+
+@pytest.mark.parametrize("value", ["in_memory", "24h", "in-memory", None])
+def test_a_prompt_cache_retention_openai_takes_is_taken_by_the_chat_and_responses(value: str | None) -> None:
+    """OpenAI's values (its API's in_memory and 24h), and "in-memory", which openai-python's types
+    spelled: taken and echoed, as no policy changes what is cached here."""
+    chat = msgspec.convert({"messages": [{"role": "user", "content": "x"}], "prompt_cache_retention": value}, ChatBody)
+    assert sampling.sampling_params(chat, 7).max_tokens == 7
+    _, served = decode(json.dumps({"model": "m", "input": "x", "prompt_cache_retention": value}).encode())
+    assert served.prompt_cache_retention == value
+    assert sampling.sampling_params(served, 7).max_tokens == 7
+
+
+@pytest.mark.parametrize("value", ["forever", "1h", "", "IN_MEMORY"])
+def test_a_prompt_cache_retention_openai_refuses_is_a_400_naming_it(value: str) -> None:
+    """It was echoed whatever it said; OpenAI answers 400 in these words."""
+    why = f"Invalid value: {value!r}. Supported values are: 'in_memory' and '24h'."
+    chat = msgspec.convert({"messages": [{"role": "user", "content": "x"}], "prompt_cache_retention": value}, ChatBody)
+    with pytest.raises(APIError) as e:
+        sampling.sampling_params(chat, 7)
+    assert (e.value.status, e.value.message, e.value.param) == (400, why, "prompt_cache_retention")
+    _, served = decode(json.dumps({"model": "m", "input": "x", "prompt_cache_retention": value}).encode())
+    with pytest.raises(APIError) as e:
+        sampling.sampling_params(served, 7)
+    assert (renamed(e.value).message, renamed(e.value).param) == (why, "prompt_cache_retention")
