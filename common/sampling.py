@@ -228,3 +228,16 @@ RANGES: dict[str, Range] = {
     "logprobs": Range(0, 20),
     "prompt_logprobs": Range(0, 20),
 }
+
+# The request bodies' own counts (the OpenAI OpenAPI document's createCompletion and
+# createChatCompletion ranges), in the same words: the gateway's 400s and ``dlora loadgen``'s
+# --extra-body read them beside RANGES. Each is an integer.
+BODY_RANGES: dict[str, Range] = {
+    "n": Range(1, 128),
+    "best_of": Range(0, 20),
+    "top_logprobs": Range(0, 20),
+    "max_completion_tokens": Range(1),
+}
+# The completions endpoint's own: its logprobs is a count in [0, 5] (a chat's is a flag), and its
+# max_tokens may be 0 (its echo alone).
+COMPLETION_RANGES: dict[str, Range] = {"logprobs": Range(0, 5), "max_tokens": Range(0)}

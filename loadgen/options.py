@@ -10,9 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, get_args
 
-import msgspec
-
-from dlora.common.sampling import RANGES, SamplingParams
+from dlora.common.integers import integer_fields
+from dlora.common.sampling import BODY_RANGES, RANGES, SamplingParams
 from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, RampUp, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
@@ -46,10 +45,9 @@ above_zero = _at_least(float, 0, strict=True)
 _finite = _at_least(float, -math.inf)
 
 
-# The table's integer fields (``SamplingParams``' types): top_k 2.5 is a 400 at dlora's gateway and vLLM's
-WHOLE = frozenset(
-    f.name for f in msgspec.structs.fields(SamplingParams) if f.name in RANGES and f.type in (int, int | None)
-)
+# The tables' integer fields (``SamplingParams``' types, and the bodies' counts): top_k 2.5 is a 400
+# at dlora's gateway and vLLM's
+WHOLE = integer_fields(SamplingParams) & RANGES.keys() | BODY_RANGES.keys()
 
 
 def sampling_value(name: str) -> Callable[[str], float]:

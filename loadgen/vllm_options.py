@@ -9,8 +9,12 @@ import json
 import re
 from typing import Any
 
-from dlora.common.sampling import RANGES
+from dlora.common.integers import NotWhole, whole
+from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range
 from dlora.loadgen.options import WHOLE, _at_least
+
+# The tables' fields --extra-body is not checked against alone (``EXTRA_CHECKED``)
+OWNED_RANGES = ("logprobs", "max_tokens", "max_completion_tokens")
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
@@ -109,22 +113,39 @@ def extra_body(text: str) -> dict:
         # max_tokens the run never asked for, a model it never sent to, measured as if it had
         where = "; ".join(OWNED_FIELDS[field] for field in owned)
         raise argparse.ArgumentTypeError(f"{', '.join(owned)}: the workload's own, not an extra body's ({where})")
-    for name in EXTRA_CHECKED:
-        if (given := value.get(name)) is None:
-            continue
-        if isinstance(given, bool) or not isinstance(given, int if name in WHOLE else int | float):
-            kind = "an integer" if name in WHOLE else "a number"  # top_k 2.5: a 400 each, as out of range
-            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {given!r}")
-        # every request of the run would be refused (a 400 each), found only after it was sent
-        if (why := RANGES[name].problem(name, given)) is not None:
+    for name, bounds in EXTRA_CHECKED.items():
+        if (given := value.get(name)) is not None and (why := _problem(name, given, bounds)) is not None:
+            # every request of the run would be refused (a 400 each), found only after it was sent
             raise argparse.ArgumentTypeError(why)
     return value
 
 
-# --extra-body's fields checked against the engine's ranges before the run: those that mean the
-# same in a body (a completion's logprobs is a count of at most 5, a chat's a flag; max_tokens is
-# the workload's own)
-EXTRA_CHECKED = tuple(name for name in RANGES if name not in ("logprobs", "max_tokens"))
+def _problem(name: str, given: object, bounds: Range) -> str | None:
+    """Why ``given`` is no value of the body's field ``name`` (top_k 2.5, "hot", out of ``bounds``),
+    as the gateway refuses it (an integer field's 16.0 is 16 there: ``common.integers``), or None."""
+    try:
+        number = whole(name, given) if name in WHOLE else given
+    except NotWhole as e:
+        return str(e)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        return f"{name} must be a number, got {given!r}"
+    return bounds.problem(name, number)
+
+
+def logprobs_problem(extra: dict[str, Any], chat: bool) -> str | None:
+    """Why --extra-body's ``logprobs`` is none the --backend's API takes (a chat's is true or false,
+    a completion's a count in ``COMPLETION_RANGES``), or None; known only once the backend is."""
+    if (given := extra.get("logprobs")) is None or chat and isinstance(given, bool):
+        return None
+    if chat:
+        return f"logprobs must be true or false (--backend openai-chat), got {given!r}"
+    return _problem("logprobs", given, COMPLETION_RANGES["logprobs"])
+
+
+# --extra-body's fields checked before the run, against the tables the gateway reads: the engine's
+# that mean the same in a body (max_tokens is the workload's own; logprobs a flag or a count by the
+# backend: ``logprobs_problem``) and the bodies' own counts (max_completion_tokens: the workload's)
+EXTRA_CHECKED = {name: r for name, r in (RANGES | BODY_RANGES).items() if name not in OWNED_RANGES}
 
 
 # The body's fields loadgen writes from the workload, and the option that sets each

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
+from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, Range
 from dlora.common.sampling import RANGES as SAMPLING_RANGES
-from dlora.common.sampling import Range
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.gateway.tool_parsers import PARSERS
@@ -26,16 +26,10 @@ from dlora.services.worker.engine.structured import (
 )
 
 # The body's ranges: the engine's (``common.sampling.RANGES``, one table, one wording) for the
-# fields that mean the same here, and the request's own (the OpenAI OpenAPI document's
-# createCompletion / createChatCompletion). The chat's logprobs is a flag, not the engine's count.
-RANGES: dict[str, Range] = {name: bounds for name, bounds in SAMPLING_RANGES.items() if name != "logprobs"} | {
-    "n": Range(1, 128),
-    "best_of": Range(0, 20),
-    "top_logprobs": Range(0, 20),
-    "max_completion_tokens": Range(1),
-}
-# The completions endpoint's logprobs is a count in [0, 5], and its max_tokens may be 0 (its echo alone).
-_COMPLETION_RANGES = {"logprobs": Range(0, 5), "max_tokens": Range(0)}
+# fields that mean the same here, and the request's own (``BODY_RANGES``, and a completion's
+# ``COMPLETION_RANGES``). The chat's logprobs is a flag, not the engine's count.
+RANGES: dict[str, Range] = {name: bounds for name, bounds in SAMPLING_RANGES.items() if name != "logprobs"}
+RANGES |= BODY_RANGES
 
 
 # OpenAI's prompt_cache_retention values (its API's and its OpenAPI document's), and "in-memory",
@@ -45,7 +39,7 @@ CACHE_RETENTIONS = ("in_memory", "24h", "in-memory")
 
 
 def _check_ranges(body: Body) -> None:
-    ranges = RANGES | _COMPLETION_RANGES if isinstance(body, CompletionBody) else RANGES
+    ranges = RANGES | COMPLETION_RANGES if isinstance(body, CompletionBody) else RANGES
     for name, bounds in ranges.items():
         if (value := getattr(body, name, None)) is not None and (why := bounds.problem(name, value)) is not None:
             raise APIError(400, why, param=name)

@@ -161,6 +161,8 @@ def test_vllms_model_with_no_adapters_named_is_where_every_request_goes() -> Non
         # a key of the record's own: one of the two lost after the run
         (["--metadata", "tp=1", "date=today"], "--metadata date: vllm-result.json has that key"),
         (["--metric-percentiles", "99.9", "--metadata", "p99.9_ttft_ms=1"], "p99.9_ttft_ms: vllm-result.json"),
+        # a logprobs the --backend's API refuses: every request of the run was a 400
+        (["--extra-body", '{"logprobs": 6}'], "--extra-body: logprobs must be in [0, 5], got 6."),
     ],
 )
 def test_vllms_options_given_with_loadgens_own_for_the_same_thing_are_refused(

@@ -14,6 +14,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.common.sampling import RANGES
+from dlora.loadgen.vllm_options import logprobs_problem
 from dlora.services.cli import build_parser
 from dlora.services.gateway import sampling
 from dlora.services.gateway.openai import APIError, CompletionBody
@@ -65,9 +66,15 @@ def test_the_edges_of_each_range_are_taken_everywhere() -> None:
         ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
         ({"top_p": True}, "top_p must be a number, got True"),
         ({"min_p": float("nan")}, "min_p must be in [0, 1], got nan."),
-        # an integer field's float: a 400 at the gateway (msgspec), 2.5 at vLLM's server too (pydantic)
+        # an integer field's fraction: a 400 at the gateway, at vLLM's server too (pydantic)
         ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
-        ({"prompt_logprobs": 1.0}, "prompt_logprobs must be an integer, got 1.0"),
+        ({"prompt_logprobs": 1.5}, "prompt_logprobs must be an integer, got 1.5"),
+        # the bodies' own counts, unchecked before (every request of the run was a 400)
+        ({"n": 0}, "n must be in [1, 128], got 0."),
+        ({"n": 2.5}, "n must be an integer, got 2.5"),
+        ({"best_of": 21}, "best_of must be in [0, 20], got 21."),
+        ({"top_logprobs": 21.0}, "top_logprobs must be in [0, 20], got 21."),
+        ({"top_logprobs": "5"}, "top_logprobs must be an integer, got '5'"),
     ],
 )
 def test_an_extra_bodys_sampling_value_that_is_no_number_is_refused_before_the_run(
@@ -110,3 +117,29 @@ def test_repetition_penalty_takes_what_vllm_takes(value: float, why: str | None)
         with pytest.raises(APIError) as refused:
             sampling.sampling_params(body, 7)
         assert (refused.value.message, refused.value.param) == (why, "repetition_penalty")
+
+
+def test_an_extra_bodys_integral_float_is_taken_as_the_gateway_takes_it() -> None:
+    """``{"top_k": 40.0}`` was refused before the run, where vLLM's server and now the gateway
+    (``common.integers``) take it."""
+    extra = {"top_k": 40.0, "prompt_logprobs": 1.0, "n": 2.0, "seed": 3.0}
+    assert build_parser().parse_args(["loadgen", "--extra-body", json.dumps(extra)]).extra_body == extra
+
+
+@pytest.mark.parametrize(
+    "given, chat, said",
+    [
+        (6, False, "logprobs must be in [0, 5], got 6."),  # a completion's count
+        (2.5, False, "logprobs must be an integer, got 2.5"),
+        (True, False, "logprobs must be an integer, got True"),
+        (3, True, "logprobs must be true or false (--backend openai-chat), got 3"),  # a chat's flag
+        (5.0, False, None),
+        (0, False, None),
+        (True, True, None),
+    ],
+)
+def test_an_extra_bodys_logprobs_is_checked_as_its_backends_api_takes_it(
+    given: object, chat: bool, said: str | None
+) -> None:
+    assert logprobs_problem({"logprobs": given}, chat) == said
+    assert logprobs_problem({}, chat) is None
