@@ -122,3 +122,13 @@ def test_a_prompt_cache_retention_openai_refuses_is_a_400_naming_it(value: str) 
     with pytest.raises(APIError) as e:
         sampling.sampling_params(served, 7)
     assert (renamed(e.value).message, renamed(e.value).param) == (why, "prompt_cache_retention")
+
+
+def test_a_null_max_output_tokens_leaves_the_chat_both_max_tokens_null() -> None:
+    """As vLLM's Responses: null is the context's rest, which the chat's shaping gives a chat whose
+    max_tokens and max_completion_tokens are null (``test_gateway_shaping``); 16 is a completion's."""
+    for body in ({"input": "x", "max_output_tokens": None}, {"input": "x"}):
+        _, served = decode(json.dumps({"model": "m"} | body).encode())
+        assert (served.max_tokens, served.max_completion_tokens) == (None, None)
+    _, served = decode(json.dumps({"model": "m", "input": "x", "max_output_tokens": 16.0}).encode())
+    assert served.max_completion_tokens == 16 and type(served.max_completion_tokens) is int
