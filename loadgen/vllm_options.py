@@ -13,9 +13,6 @@ from dlora.common.integers import NotWhole, whole
 from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range
 from dlora.loadgen.options import WHOLE, _at_least
 
-# The tables' fields --extra-body is not checked against alone (``EXTRA_CHECKED``)
-OWNED_RANGES = ("logprobs", "max_tokens", "max_completion_tokens")
-
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
 
@@ -145,7 +142,11 @@ def logprobs_problem(extra: dict[str, Any], chat: bool) -> str | None:
 # --extra-body's fields checked before the run, against the tables the gateway reads: the engine's
 # that mean the same in a body (max_tokens is the workload's own; logprobs a flag or a count by the
 # backend: ``logprobs_problem``) and the bodies' own counts (max_completion_tokens: the workload's)
-EXTRA_CHECKED = {name: r for name, r in (RANGES | BODY_RANGES).items() if name not in OWNED_RANGES}
+EXTRA_CHECKED = {
+    name: r
+    for name, r in (RANGES | BODY_RANGES).items()
+    if name not in ("logprobs", "max_tokens", "max_completion_tokens")
+}
 
 
 # The body's fields loadgen writes from the workload, and the option that sets each

@@ -28,9 +28,7 @@ from dlora.services.worker.engine.structured import (
 # The body's ranges: the engine's (``common.sampling.RANGES``, one table, one wording) for the
 # fields that mean the same here, and the request's own (``BODY_RANGES``, and a completion's
 # ``COMPLETION_RANGES``). The chat's logprobs is a flag, not the engine's count.
-RANGES: dict[str, Range] = {name: bounds for name, bounds in SAMPLING_RANGES.items() if name != "logprobs"}
-RANGES |= BODY_RANGES
-
+RANGES: dict[str, Range] = {name: r for name, r in SAMPLING_RANGES.items() if name != "logprobs"} | BODY_RANGES
 
 # OpenAI's prompt_cache_retention values (its API's and its OpenAPI document's), and "in-memory",
 # which openai-python's types spelled it (openai/openai-python#2883) and the API refuses: no client
