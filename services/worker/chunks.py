@@ -32,7 +32,8 @@ def chunk_for(out: RequestOutput, stream: Stream, worker: str, now: float) -> To
     if out.error is not None:
         own = out.error_code is ErrorCode.BAD_REQUEST
         reason = out.error if own else f"the request failed on worker {worker}: {out.error}"
-        return error_chunk(stream.request, out.error_code, reason, worker, seq=stream.seq, param=out.error_param)
+        code = out.error_code or ErrorCode.INTERNAL
+        return error_chunk(stream.request, code, reason, worker, seq=stream.seq, param=out.error_param)
     queue_seconds = prompt_cached = prefill_seconds = None
     if not stream.first_sent:
         stream.first_sent = True

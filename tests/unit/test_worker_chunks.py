@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dlora.common.messages import ErrorCode, GenerateRequest, SamplingParams
+from dlora.common.messages import ErrorCode, FinishReason, GenerateRequest, SamplingParams
 from dlora.services.worker.chunks import adapter_failure_chunk
 
 
@@ -39,3 +39,17 @@ def test_the_first_chunk_of_a_first_run_says_its_prefix_cache_hit() -> None:
     assert chunk_for(out, fresh, "w", 0.0).prompt_cached_tokens is None  # the first chunk only
     moved = open_stream(msgspec.structs.replace(req, continued=True), 0.0)
     assert chunk_for(out, moved, "w", 0.0).prompt_cached_tokens is None  # its prompt was prefilled before
+
+
+def test_an_output_that_did_not_fail_claims_no_error_code_and_an_uncoded_failure_is_the_servers() -> None:
+    """RequestOutput.error_code defaulted to INTERNAL: every output that had not failed said it was
+    the server's fault to whoever read the field."""
+    from dlora.services.worker.chunks import chunk_for, open_stream
+    from dlora.services.worker.engine import RequestOutput
+
+    req = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1], params=SamplingParams())
+    fine = RequestOutput("r", [5], "x", True, FinishReason.STOP, num_prompt_tokens=1, num_output_tokens=1)
+    assert fine.error_code is None and chunk_for(fine, open_stream(req, 0.0), "w", 0.0).error_code is None
+    failed = RequestOutput("r", [], "", True, FinishReason.ERROR, 1, 0, error="out of blocks")
+    chunk = chunk_for(failed, open_stream(req, 0.0), "w", 0.0)
+    assert chunk.error_code is ErrorCode.INTERNAL and chunk.error == "the request failed on worker w: out of blocks"

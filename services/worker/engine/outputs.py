@@ -36,7 +36,10 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None  # why the request failed (finish_reason ERROR)
-    error_code: ErrorCode = ErrorCode.INTERNAL  # whose fault: BAD_REQUEST where the request's own
+    # Whose fault, with an error: BAD_REQUEST where the request's own, else the server's. None
+    # without one (it claimed INTERNAL on every output that had not failed); an error without a
+    # code is the server's (``chunks.chunk_for``), as TokenChunk's None reads with its error.
+    error_code: ErrorCode | None = None
     error_param: str | None = None  # with BAD_REQUEST: the SamplingParams field at fault, if one
     logprobs: list[TokenLogprob] | None = None  # per new token, when the request asked for them
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
