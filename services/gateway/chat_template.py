@@ -42,7 +42,7 @@ class ChatTemplate:
     tools: list[dict[str, Any]] | None = None  # the request's tools, for the template to render (as vLLM)
     documents: list[dict[str, str]] | None = None  # the request's documents, likewise
     # The history's call ids made this many characters long (0: as sent; ``_fitted``): Mistral's
-    # templates refuse any but 9 (``tool_base.CALL_ID_LENGTHS``), so a client's own did (vLLM
+    # templates refuse any but 9 (``call_ids.CALL_ID_LENGTHS``), so a client's own did (vLLM
     # cuts them in its mistral tokenizer mode).
     call_id_length: int = 0
     # The request's own chat_template_kwargs, apart from what its reasoning_effort added to

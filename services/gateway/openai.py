@@ -12,8 +12,9 @@ import msgspec
 
 from dlora.common import integers
 from dlora.common.undecodable import field_of
+from dlora.services.gateway.call_ids import CALL_ID_PREFIX, tool_call_id
 from dlora.services.gateway.reasoning import REASONING_END, ReasoningParser, split
-from dlora.services.gateway.tool_base import Call, joined, short_call_id
+from dlora.services.gateway.tool_base import Call, joined
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import ToolParser
 
@@ -315,7 +316,7 @@ class Shape:
     # What the calls' ids are made of: random per response (dlora's own request id), never the
     # client's request_id (a session id reused per turn gave every turn the same call ids).
     call_ids: str = ""
-    call_id_length: int = 0  # calls' ids of this many alphanumeric characters (tool_base.CALL_ID_LENGTHS); 0: ours
+    call_id_length: int = 0  # calls' ids of this many alphanumeric characters (call_ids.CALL_ID_LENGTHS); 0: ours
     _parsers: dict[int, ToolParser] = field(default_factory=dict)
     # A chat reply's role: the assistant's, or with add_generation_prompt false the last message's
     # (vLLM's get_chat_request_role: an echoed user message came back as the assistant's)
@@ -475,9 +476,8 @@ class Shape:
     def _call(self, index: int, arguments: str, name: str | None = None, k: int = 0) -> dict[str, Any]:
         """Choice ``index``'s ``k``-th call of ``name`` (default: the forced one); a delta adds its ``index``."""
         base = self.call_ids or self.request_id.rsplit("-", 1)[-1]
-        call_id = f"chatcmpl-tool-{base}{index}" + (f"-{k}" if k else "")
-        if self.call_id_length:
-            call_id = short_call_id(call_id, self.call_id_length)
+        # seeded by what the ids were before (chatcmpl-tool-<hex><index>): a Mistral id stays as it was
+        call_id = tool_call_id(f"{CALL_ID_PREFIX}{base}{index}" + (f"-{k}" if k else ""), self.call_id_length)
         function = {"name": self.tool if name is None else name, "arguments": arguments}
         return {"id": call_id, "type": "function", "function": function}
 

@@ -21,6 +21,7 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
+from dlora.services.gateway.call_ids import CALL_ID_LENGTHS
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role, template_problem
 from dlora.services.gateway.openai import (
     APIError,
@@ -45,7 +46,6 @@ from dlora.services.gateway.sampling import (
     structured_field,
     tools_required,
 )
-from dlora.services.gateway.tool_base import CALL_ID_LENGTHS
 from dlora.services.worker.engine.detokenizer import spaces_added_tokens
 from dlora.services.worker.engine.structured import Grammars
 
@@ -112,7 +112,7 @@ class ServedModel:
 
     @property
     def call_id_length(self) -> int:
-        """The call ids its tool-call format takes (``tool_base.CALL_ID_LENGTHS``; 0: ours)."""
+        """The call ids its tool-call format takes (``call_ids.CALL_ID_LENGTHS``; 0: ours)."""
         return CALL_ID_LENGTHS.get(self.tool_call_parser, 0)
 
     @classmethod

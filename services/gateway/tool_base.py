@@ -1,30 +1,10 @@
 """What every tool-call parser shares (``tool_parsers``, ``tool_granite``, ``tool_pythonic``): a
 call as read, a decoded object read as one, the readings of an output's pieces joined, a tag's
-start at a text's end, and the call ids a model family takes. Pure."""
+start at a text's end. Pure."""
 
 from __future__ import annotations
 
-import hashlib
-import string
-
 from dlora.services.gateway.tool_json import arguments_json, loads
-
-# The call ids a parser's model family takes: Mistral's templates refuse any but 9 alphanumeric
-# characters (vLLM makes its ids so, and cuts a history's to their last 9, in its mistral
-# tokenizer mode).
-CALL_ID_LENGTHS = {"mistral": 9}
-_ALPHANUMERIC = string.ascii_letters + string.digits
-
-
-def short_call_id(seed: str, length: int) -> str:
-    """``length`` alphanumeric characters drawn from ``seed``: the same seed, the same id (a
-    stream and the whole answer agree)."""
-    n, chars = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=16).digest(), "big"), []
-    for _ in range(length):
-        n, r = divmod(n, len(_ALPHANUMERIC))
-        chars.append(_ALPHANUMERIC[r])
-    return "".join(chars)
-
 
 Call = tuple[int, str, str]  # (its place among the choice's calls, function name, arguments as JSON text)
 

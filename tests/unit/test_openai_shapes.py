@@ -4,6 +4,7 @@ Turning a body into requests is tested in test_gateway_shaping."""
 import pytest
 
 from dlora.services.gateway import logprobs, openai
+from dlora.services.gateway.call_ids import tool_call_id
 from dlora.services.gateway.openai import APIError, CompletionBody, Shape
 
 
@@ -152,7 +153,7 @@ def test_a_forced_tool_call_answers_as_openai_s() -> None:
         "content": None,
         "tool_calls": [
             {
-                "id": "chatcmpl-tool-abc0",
+                "id": tool_call_id("chatcmpl-tool-abc0"),
                 "type": "function",
                 "function": {"name": "lookup", "arguments": '{"q": 1}'},
             }

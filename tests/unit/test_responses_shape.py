@@ -6,6 +6,7 @@ The rest is tested through the real stack in tests/integration/test_responses_ap
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import openai
@@ -117,6 +118,7 @@ def test_a_forced_call_streams_its_arguments_into_one_function_call_item() -> No
     )
     [call] = Response.model_validate(whole).output
     assert call.type == "function_call" and call.call_id == item["call_id"] and call.id == item["id"]
+    assert re.fullmatch("chatcmpl-tool-[0-9a-f]{32}", call.call_id), call.call_id  # vLLM's form, as the chat's
 
 
 def test_an_error_mid_stream_is_an_error_event_then_the_response_failed() -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
 
 from dlora.common.messages import SamplingParams
+from dlora.services.gateway.call_ids import tool_call_id
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.gateway.tool_json import arguments_json
@@ -71,14 +73,31 @@ def test_a_number_no_float_holds_is_a_calls_argument_as_written() -> None:
     assert [c["function"]["arguments"] for c in whole["message"]["tool_calls"]] == [expected]
 
 
+def test_call_ids_are_vllms_form_and_a_stream_gives_the_whole_answers() -> None:
+    """Ids were ``chatcmpl-tool-`` and the response's hex and the call's place, neither vLLM's
+    (``chatcmpl-tool-`` and 32 hex, its random_tool_call_id) nor OpenAI's (``call_`` and 24)."""
+    text = '[{"name": "weather", "parameters": {}}, {"name": "ping", "parameters": {}}]'
+    rid = "chatcmpl-" + "0123456789abcdef" * 2
+
+    def shape() -> Shape:
+        return Shape(chat=True, request_id=rid, model="m", created=0, tools_required=True)
+
+    [whole] = shape().full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    ids = [c["id"] for c in whole["message"]["tool_calls"]]
+    assert len(set(ids)) == 2 and all(re.fullmatch("chatcmpl-tool-[0-9a-f]{32}", i) for i in ids), ids
+    streamed = shape().chunk(text, "stop")["choices"][0]["delta"]["tool_calls"]
+    assert [c["id"] for c in streamed] == ids
+    assert tool_call_id("chatcmpl-tool-x0") != tool_call_id("chatcmpl-tool-x1")
+
+
 def test_required_calls_answer_as_openai_tool_calls_whole_and_streamed() -> None:
     text = '[{"name": "weather", "parameters": {"at": "kalo"}}, {"name": "ping", "parameters": {}}]'
     shape = Shape(chat=True, request_id="chatcmpl-abc", model="m", created=0, tools_required=True)
     [whole] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
     assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] == [
-        ("chatcmpl-tool-abc0", "weather", '{"at": "kalo"}'),
-        ("chatcmpl-tool-abc0-1", "ping", "{}"),
+        (tool_call_id("chatcmpl-tool-abc0"), "weather", '{"at": "kalo"}'),
+        (tool_call_id("chatcmpl-tool-abc0-1"), "ping", "{}"),
     ]
     # cut short (max_tokens, or a stop string that took the list's end): the calls it finished
     cut_at = text.index("}}") + 2
