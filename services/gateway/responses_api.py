@@ -68,7 +68,7 @@ class ResponsesBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt_cache_retention: str | None = None  # checked by the chat (sampling.CACHE_RETENTIONS), echoed
     reasoning: Reasoning | None = None
     truncation: str | None = None  # "disabled" (the default) only
-    include: list[str] | None = None  # OUTPUT_LOGPROBS only
+    include: list[str] | None = None  # OUTPUT_LOGPROBS served, ENCRYPTED_REASONING taken (``refuse_include``)
     top_logprobs: int | None = None  # [0, 20] alternatives of each token's logprob, with OUTPUT_LOGPROBS
     previous_response_id: Any = None  # a string (``responses_store.ResponsesStore.prepared`` checks it)
     # Run for nobody connected (``background``): only stored (``store``); streamed, its events kept.
@@ -304,8 +304,8 @@ def refuse_unserved(body: ResponsesBody) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation "auto" is not supported: a prompt past the context is refused', "truncation")
-    if unserved := [i for i in body.include or [] if i != OUTPUT_LOGPROBS]:
-        raise APIError(400, f"include {unserved[0]!r} is not supported", param="include")
+    for name in body.include or []:
+        refuse_include(name)
     if body.top_logprobs and not output_logprobs(body):  # as the chat refuses them without logprobs
         why = f'top_logprobs needs include ["{OUTPUT_LOGPROBS}"]: it counts the alternatives of those logprobs'
         raise APIError(400, why, param="top_logprobs")
@@ -316,6 +316,34 @@ def refuse_unserved(body: ResponsesBody) -> None:
 # The one ``include`` served: each output token's logprob (and ``top_logprobs`` alternatives) in the
 # output_text part's ``logprobs`` and its stream's deltas (OpenAI's; vLLM #23225).
 OUTPUT_LOGPROBS = "message.output_text.logprobs"
+# Taken, and nothing added: no reasoning is kept to hand back encrypted, the reasoning item (with a
+# reasoning_parser) carries its text instead, as vLLM answers it for a model other than gpt-oss.
+# Clients such as Codex send it with each stateless (store false) request: refused, they failed.
+ENCRYPTED_REASONING = "reasoning.encrypted_content"
+# Every other ``include`` OpenAI documents (its Responses API reference, openai's ResponseIncludable),
+# with why it is refused: what it adds is made by what dlora does not serve.
+_INCLUDES_REFUSED = {
+    "code_interpreter_call.outputs": "hosted tools (code_interpreter) are not served",
+    "computer_call_output.output.image_url": "computer use is not served",
+    "file_search_call.results": "hosted tools (file_search) are not served",
+    "message.input_image.image_url": "image inputs are not served",
+    "web_search_call.action.sources": "hosted tools (web_search) are not served",
+    "web_search_call.results": "hosted tools (web_search) are not served",
+}
+
+
+def refuse_include(name: str) -> None:
+    """Refuse an ``include`` value not taken (OUTPUT_LOGPROBS and ENCRYPTED_REASONING are): one
+    OpenAI documents with why it is not served, another as no value OpenAI documents.
+
+    Raises:
+        APIError(400): naming ``name``, param "include"."""
+    if name in (OUTPUT_LOGPROBS, ENCRYPTED_REASONING):
+        return
+    if why := _INCLUDES_REFUSED.get(name):
+        raise APIError(400, f"include {name!r} is not supported: {why}", param="include")
+    known = ", ".join(sorted([OUTPUT_LOGPROBS, ENCRYPTED_REASONING, *_INCLUDES_REFUSED]))
+    raise APIError(400, f"include {name!r} is not a value OpenAI documents: one of {known}", param="include")
 
 
 def output_logprobs(body: ResponsesBody) -> bool:

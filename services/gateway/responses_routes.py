@@ -14,7 +14,7 @@ from aiohttp import web
 from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.background import Background
 from dlora.services.gateway.openai import APIError
-from dlora.services.gateway.responses_api import OUTPUT_LOGPROBS
+from dlora.services.gateway.responses_api import refuse_include
 from dlora.services.gateway.responses_store import ResponsesStore, not_found
 
 # input_items' page size: OpenAI's default and bound
@@ -22,13 +22,14 @@ DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
 
 def _refuse_include(query: Any) -> None:
-    """``include`` asks for what a stored response keeps not at all (encrypted reasoning, hosted
-    tools' results): a 400 naming the first, as a create's unserved ``include`` is refused.
-    OUTPUT_LOGPROBS is taken: the response is given as kept, its output's logprobs there where
-    its create asked for them (vLLM's retrieve gives it as kept whatever the include)."""
+    """``include`` asks for what a stored response keeps not at all (hosted tools' results): a 400
+    naming the first, as a create's unserved ``include`` is refused (``refuse_include``). Those a
+    create takes are taken: the response is given as kept, its output's logprobs there where its
+    create asked for them (vLLM's retrieve gives it as kept whatever the include)."""
     for name in ("include", "include[]"):
-        if asked := [v for v in query.getall(name, []) if v and v != OUTPUT_LOGPROBS]:
-            raise APIError(400, f"include {asked[0]!r} is not supported", param="include")
+        for value in query.getall(name, []):
+            if value:
+                refuse_include(value)
 
 
 def listed(item: dict[str, Any]) -> dict[str, Any]:

@@ -271,7 +271,7 @@ _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "text": {"format": {"type": "json_schema", "name": "x"}}}, 400, "text.format"),
     ({"input": "kalo", "tool_choice": "required"}, 400, "tool_choice"),
     ({"input": "kalo", "temperature": 3}, 400, "temperature"),
-    ({"input": "kalo", "include": ["reasoning.encrypted_content"]}, 400, "include"),
+    ({"input": "kalo", "include": ["file_search_call.results"]}, 400, "include"),
     ({"input": 3}, 400, "input"),
     ({"input": []}, 400, "input"),  # the chat's check of its messages, in the Responses words
     ({"input": [{"type": "message", "role": "user", "content": "x", "foo": 1}]}, 400, "input[0].foo"),

@@ -132,3 +132,24 @@ def test_a_null_max_output_tokens_leaves_the_chat_both_max_tokens_null() -> None
         assert (served.max_tokens, served.max_completion_tokens) == (None, None)
     _, served = decode(json.dumps({"model": "m", "input": "x", "max_output_tokens": 16.0}).encode())
     assert served.max_completion_tokens == 16 and type(served.max_completion_tokens) is int
+
+
+def test_every_include_openai_documents_is_served_taken_or_refused_by_name() -> None:
+    """``reasoning.encrypted_content`` was a 400: Codex sends it with each stateless request. vLLM
+    takes it and answers no encrypted content; so does dlora, which keeps no reasoning state. The
+    rest are served (logprobs) or refused naming the value and why; an unknown one lists them."""
+    from typing import get_args
+
+    from openai.types.responses import ResponseIncludable
+
+    documented = get_args(ResponseIncludable)
+    assert "reasoning.encrypted_content" in documented and "message.output_text.logprobs" in documented
+    for name in documented:
+        body = {"model": "m", "input": "x", "include": [name]}
+        if name in ("reasoning.encrypted_content", "message.output_text.logprobs"):
+            assert decode(json.dumps(body).encode())[0].include == [name]
+            continue
+        e = _refused(body)
+        assert e.param == "include" and e.message.startswith(f"include {name!r} is not supported: "), e.message
+    e = _refused({"input": "x", "include": ["reasoning.plain"]})
+    assert "not a value OpenAI documents" in e.message and "file_search_call.results" in e.message
