@@ -65,11 +65,24 @@ class AdapterAdmin:
         return web.json_response({"id": name, "object": "model", "deleted": True})
 
     async def vllm_load(self, request: web.Request) -> web.Response:
+        """200 and vLLM's line of text. Raises (answered): APIError 401/403, 400 (the name taken
+        without ``load_inplace``: vLLM's status and words, where ``add`` answers 409; a bad name,
+        path or adapter, named by vLLM's field)."""
         await self.gw.auth.admin(request)
         body = openai.decode_body(await self.gw.read_body(request), LoadLoraAdapterBody)
         adapter = AdapterBody(name=body.lora_name, path=body.lora_path)
-        with _vllm_params():
-            entry = await self._register(adapter, replace=body.load_inplace)
+        try:
+            with _vllm_params():
+                entry = await self._register(adapter, replace=body.load_inplace)
+        except APIError as e:
+            if e.status != 409:
+                raise
+            # vLLM's sentence (serving_models' _check_load_lora_adapter_request), then what it does here
+            why = (
+                f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load the adapter in "
+                "place, set 'load_inplace' to True (its running requests finish on the weights they started with)."
+            )
+            raise APIError(400, why, param="lora_name") from None
         return web.Response(text=f"Success: LoRA adapter '{entry.name}' added successfully.")
 
     async def vllm_unload(self, request: web.Request) -> web.Response:

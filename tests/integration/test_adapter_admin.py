@@ -122,7 +122,9 @@ async def test_vllms_runtime_lora_endpoints_work_as_vllm_answers_them(stack: Sta
     assert await call("/v1/load_lora_adapter", load) == (200, "Success: LoRA adapter 'sql' added successfully.")
     _, as_2 = await post(stack, "/v1/completions", {**body, "model": "lora-2"})
     assert (await post(stack, "/v1/completions", body))[1]["choices"] == as_2["choices"]
-    assert (await call("/v1/load_lora_adapter", load))[0] == 409  # the name is taken (vLLM: 400)
+    status, text = await call("/v1/load_lora_adapter", load)  # the name is taken: vLLM's 400 (it was 409)
+    assert status == 400 and json.loads(text)["error"]["param"] == "lora_name", text
+    assert "set 'load_inplace' to True" in json.loads(text)["error"]["message"], text
     shutil.rmtree(new)
     shutil.copytree(stack.tiny.adapters["lora-0"], new)
     assert (await call("/v1/load_lora_adapter", {**load, "load_inplace": True}))[0] == 200
