@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dlora.services.gateway import access, dashboard, openapi
+from dlora.services.gateway import access, cors, dashboard, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
@@ -81,4 +81,5 @@ def make_app(gw: Gateway) -> web.Application:
     app.router.add_get("/flush_cache", reset, allow_head=False)
     dashboard.add_static(app)
     app.router.add_get("/openapi.json", openapi.handler)
+    cors.enable(app, gw.s)  # last: every route above answers its preflight
     return app

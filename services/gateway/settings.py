@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+
+import msgspec
 
 from dlora.common.apikeys import MIN_RATE
 from dlora.common.settings import Common, Problems, nested_problems
@@ -20,6 +23,10 @@ GENERATION_CONFIGS = ("auto", "vllm")
 MAX_RESPONSES_TTL_S = 10 * 365 * 86400.0
 
 
+# An origin as a browser's Origin header spells it (RFC 6454): scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")
+# A method or header name: an HTTP token (RFC 9110 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # The characters no HTTP header value holds: the controls but a tab, and DEL
 _NO_HEADER_CHARS = frozenset(map(chr, [*range(0x09), *range(0x0A, 0x20), 0x7F]))
 
@@ -75,6 +82,18 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # host with auth "none", loopback names only (403 otherwise: a web page whose name rebinds to
     # 127.0.0.1 would use the gateway as its user); else any.
     allowed_hosts: list[str] = []
+    # CORS, for a web page of another origin calling the gateway from a browser (vLLM's
+    # --allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials; gateway/cors.py):
+    # the origins it may be called from, as a browser's Origin header spells them
+    # ("https://app.example.com", scheme://host[:port]), "*" any. Empty: off, no CORS header sent
+    # and OPTIONS answered 405 (vLLM's default is "*": opt in here).
+    allowed_origins: list[str] = []
+    # With allowed_origins: the methods and the request headers such a page may use ("*": any, as
+    # vLLM's defaults), and whether it may send credentials (cookies, TLS client certificates) and
+    # read the answers to requests that carry them (vLLM's default: no).
+    allowed_methods: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
     # Limits of each API key that sets none of its own, counted per gateway process: requests per
     # second on average (0: no limit), the bursts allowed above it (0: one second's worth, at least
     # 1), and requests in progress at once (0: no limit). Over them: 429 with Retry-After.
@@ -184,6 +203,7 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             elif "*" in name and name != "*":  # Starlette's "*.example.com" matched no Host here
                 why = "takes '*' alone; a domain and every name under it is '.example.com'"
                 bad.append(("allowed_hosts", name, why))
+        bad += self._cors_problems()
         if self.auth not in AUTH_MODES:
             bad.append(("auth", self.auth, f"must be one of {', '.join(AUTH_MODES)}"))
         if not (self.key_rate_per_s == 0 or (math.isfinite(self.key_rate_per_s) and self.key_rate_per_s >= MIN_RATE)):
@@ -195,4 +215,20 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
             bad.append(("shutdown_timeout_s", self.shutdown_timeout_s, "must be >= 0 (0: end requests at once)"))
         if self.max_connections_per_client < 0:
             bad.append(("max_connections_per_client", self.max_connections_per_client, "must be >= 0 (0: no limit)"))
+        return bad
+
+    def _cors_problems(self) -> Problems:
+        """An origin no Origin header could equal, a method or header that is no HTTP token,
+        credentials without origins: each named."""
+        bad: Problems = []
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                why = "must be '*' or scheme://host[:port] as a browser's Origin spells it (no path, no '/' after)"
+                bad.append(("allowed_origins", origin, why))
+        for field in ("allowed_methods", "allowed_headers"):
+            for name in getattr(self, field):
+                if name != "*" and not _TOKEN.fullmatch(name):
+                    bad.append((field, name, "must be '*' or HTTP token names (GET, Authorization, ...)"))
+        if self.allow_credentials and not self.allowed_origins:
+            bad.append(("allow_credentials", True, "does nothing without allowed_origins: set those too"))
         return bad

@@ -425,3 +425,28 @@ def test_a_dlora_toml_in_the_working_directory_that_no_option_names_is_said_to_b
     assert f"dlora serve dispatcher: warning: {said[0]}" in capsys.readouterr().err
     assert main(["keys", "list"]) == 2  # likewise
     assert f"dlora keys: warning: {said[0]}" in capsys.readouterr().err
+
+
+def test_cors_settings_are_read_from_the_environment_and_bad_ones_named() -> None:
+    """vLLM's --allowed-origins and companions: an origin no browser's Origin header could equal
+    (a path, a trailing slash) would never match, and credentials without origins do nothing."""
+    env = {"DLORA_MODEL": "/m", "DLORA_GATEWAY_ALLOWED_ORIGINS": '["https://app.example.com", "http://localhost:3000"]'}
+    s = load(GatewaySettings, "gateway", env=env)
+    assert s.allowed_origins == ["https://app.example.com", "http://localhost:3000"]
+    assert (s.allowed_methods, s.allowed_headers, s.allow_credentials) == (["*"], ["*"], False)  # vLLM's
+    assert GatewaySettings(model="m").allowed_origins == []  # off unless set
+    bad = GatewaySettings(
+        model="m",
+        allowed_origins=["https://app.example.com/", "app.example.com", "*"],
+        allowed_methods=["GET", "PO ST"],
+        allowed_headers=["X-Ok", "a:b"],
+    ).check()
+    named = [(field, value) for field, value, _ in bad]
+    assert named == [
+        ("allowed_origins", "https://app.example.com/"),
+        ("allowed_origins", "app.example.com"),
+        ("allowed_methods", "PO ST"),
+        ("allowed_headers", "a:b"),
+    ]
+    credentials_alone = GatewaySettings(model="m", allow_credentials=True).check()
+    assert [field for field, _, _ in credentials_alone] == ["allow_credentials"]

@@ -1,0 +1,85 @@
+"""CORS, vLLM's --allowed-origins and its three companions: a page of an allowed origin has its
+preflight answered and reads every answer, an error's too; another origin gets no CORS header; a
+gateway with none set sends no CORS header at all (opt-in, where vLLM allows any origin)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import aiohttp
+import nats
+from aiohttp import web
+from redis.asyncio import Redis
+
+from dlora.common.state import StateStore
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.gateway.main import Gateway
+from dlora.services.gateway.settings import GatewaySettings
+from dlora.services.servers import Server, free_port
+
+PAGE = "https://app.example.com"
+PREFLIGHT = {
+    "Origin": PAGE,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type",
+}
+
+
+def _gateway(nats_server: Server, redis: Redis, tiny: TinyOutput) -> Callable[..., AbstractAsyncContextManager[str]]:
+    @asynccontextmanager
+    async def started(**fields: Any) -> AsyncIterator[str]:
+        """A gateway alone (no dispatcher: a completion is a 503 at once) with these settings: its URL."""
+        s = GatewaySettings(nats_url=nats_server.url, model=str(tiny.model), port=free_port(), **fields)
+        nc = await nats.connect(nats_server.url)
+        gateway = Gateway(s, nc, StateStore(redis))
+        await gateway.start()
+        runner = web.AppRunner(gateway.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", s.port).start()
+        try:
+            yield f"http://127.0.0.1:{s.port}"
+        finally:
+            await runner.cleanup()
+            await nc.drain()
+
+    return started
+
+
+async def test_an_allowed_origin_has_its_preflight_answered_and_reads_every_answer(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    started = _gateway(nats_server, redis, tiny_llama)
+    async with started(allowed_origins=[PAGE], allow_credentials=True) as url, aiohttp.ClientSession() as http:
+        async with http.options(url + "/v1/chat/completions", headers=PREFLIGHT) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Access-Control-Allow-Origin"] == PAGE
+            assert r.headers["Access-Control-Allow-Methods"] == "POST"
+            allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+            assert allowed == {"authorization", "content-type"}
+            assert r.headers["Access-Control-Allow-Credentials"] == "true"
+            assert r.headers["Access-Control-Max-Age"] == "600"
+        async with http.get(url + "/v1/models", headers={"Origin": PAGE}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == PAGE
+        body = {"model": "model", "prompt": "kalo", "max_tokens": 2}
+        async with http.post(url + "/v1/completions", json=body, headers={"Origin": PAGE}) as r:
+            assert r.status == 503 and r.headers["Access-Control-Allow-Origin"] == PAGE  # a page reads why
+        async with http.get(url + "/v1/models", headers={"Origin": "https://evil.example"}) as r:
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+        other = PREFLIGHT | {"Origin": "https://evil.example"}
+        async with http.options(url + "/v1/chat/completions", headers=other) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+    async with started(allowed_origins=[PAGE], allowed_methods=["GET"], allowed_headers=["content-type"]) as url:
+        async with aiohttp.ClientSession() as http, http.options(url + "/v1/completions", headers=PREFLIGHT) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers  # neither POST nor authorization
+
+
+async def test_without_allowed_origins_no_cors_header_is_sent(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    async with _gateway(nats_server, redis, tiny_llama)() as url, aiohttp.ClientSession() as http:
+        async with http.options(url + "/v1/chat/completions", headers=PREFLIGHT) as r:
+            assert r.status == 405 and not any(h.startswith("Access-Control-") for h in r.headers)
+        async with http.get(url + "/v1/models", headers={"Origin": PAGE}) as r:
+            assert r.status == 200 and not any(h.startswith("Access-Control-") for h in r.headers)
