@@ -245,11 +245,11 @@ async def run_stack(
 
 
 async def start_gateway(
-    nats_url: str, store: StateStore, model: str, conns: list[nats.NATS]
+    nats_url: str, store: StateStore, model: str, conns: list[nats.NATS], **fields: Any
 ) -> tuple[str, web.AppRunner]:
-    """A gateway on a free loopback port with a NATS connection of its own (added to ``conns``):
-    its URL and its runner (``cleanup()`` stops it)."""
-    settings = GatewaySettings(nats_url=nats_url, redis_url="unused", model=model, port=free_port())
+    """A gateway on a free loopback port with a NATS connection of its own (added to ``conns``)
+    and these settings ``fields``: its URL and its runner (``cleanup()`` stops it)."""
+    settings = GatewaySettings(nats_url=nats_url, redis_url="unused", model=model, port=free_port(), **fields)
     nc = await nats.connect(nats_url)
     conns.append(nc)
     gateway = Gateway(settings, nc, store)

@@ -10,14 +10,12 @@ from typing import Any
 
 import aiohttp
 import nats
-from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.gateway.main import Gateway
-from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.servers import Server, free_port
+from dlora.services.servers import Server
+from tests.integration.conftest import start_gateway
 
 PAGE = "https://app.example.com"
 PREFLIGHT = {
@@ -31,18 +29,13 @@ def _gateway(nats_server: Server, redis: Redis, tiny: TinyOutput) -> Callable[..
     @asynccontextmanager
     async def started(**fields: Any) -> AsyncIterator[str]:
         """A gateway alone (no dispatcher: a completion is a 503 at once) with these settings: its URL."""
-        s = GatewaySettings(nats_url=nats_server.url, model=str(tiny.model), port=free_port(), **fields)
-        nc = await nats.connect(nats_server.url)
-        gateway = Gateway(s, nc, StateStore(redis))
-        await gateway.start()
-        runner = web.AppRunner(gateway.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", s.port).start()
+        conns: list[nats.NATS] = []
+        url, runner = await start_gateway(nats_server.url, StateStore(redis), str(tiny.model), conns, **fields)
         try:
-            yield f"http://127.0.0.1:{s.port}"
+            yield url
         finally:
             await runner.cleanup()
-            await nc.drain()
+            await conns[0].drain()
 
     return started
 
