@@ -250,7 +250,7 @@ def document() -> dict[str, Any]:
                 "description": "vLLM's: registers lora_name from lora_path (load_inplace: replaces it)",
                 "security": admin,
                 "requestBody": _json_body(load),
-                "responses": _text_responses("Success: LoRA adapter '...' added successfully.", 400, 401, 403, 409),
+                "responses": _text_responses("Success: LoRA adapter '...' added successfully.", 400, 401, 403),
             }
         },
         "/v1/unload_lora_adapter": {
