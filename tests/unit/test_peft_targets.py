@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from dlora.model.adapter_config import check_config
 from dlora.model.adapter_files import AdapterError
-from dlora.model.adapters import _check_config
 from dlora.model.peft_targets import Targets, key_regex, regex_problem, saved_problem
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,7 +102,7 @@ def test_the_selection_is_peft_s_on_random_configs() -> None:
     for _ in range(400):
         conf = _config(r)
         try:
-            _check_config("a", conf)
+            check_config("a", conf)
         except AdapterError:
             continue
         taken += 1

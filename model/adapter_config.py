@@ -1,0 +1,190 @@
+"""``adapter_config.json`` read as PEFT reads it, without torch: JSON bounded by Python's own
+limits, PEFT's defaults filled in, and every field checked before any tensor is looked at. A field
+that changes the output is either honoured (``adapters`` and ``peft_targets`` read it as PEFT
+does) or refused naming it; fields with no effect on inference are let through. Which modules the
+config selects, and with what rank and alpha, is ``peft_targets``'; the tensors, ``adapters``'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dlora.model.adapter_files import AdapterError
+from dlora.model.peft_targets import key_regex, layers_regex, regex_problem, saved_problem
+
+__all__ = ["DEFAULT_TARGETS", "check_config", "read_config"]
+
+# What PEFT adapts when target_modules is left out: its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+# (peft/utils/constants.py) says q_proj and v_proj for llama, mistral and qwen2 alike.
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+def read_config(name: str, path: Path, conf_bytes: bytes) -> dict[str, Any]:
+    """adapter_config.json as PEFT reads it (its defaults filled in), or AdapterError."""
+    try:
+        conf = json.loads(conf_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # valid, but past Python's bounds: 4,300 digits, deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} cannot be read as JSON ({why})") from None
+    if not isinstance(conf, dict):
+        raise AdapterError(f"adapter {name!r}: {path / 'adapter_config.json'} is not a JSON object")
+    check_config(name, conf)
+    if conf.get("target_modules") is None:  # PEFT fills in the model type's defaults
+        conf = {**conf, "target_modules": DEFAULT_TARGETS}
+    return dict(conf)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive(value: Any) -> bool:
+    """A JSON number that is finite, as a float too, and above zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0  # float(10**400) overflows
+    except OverflowError:
+        return False
+
+
+# adapter_config.json fields with no effect on inference (metadata, initialisation, training).
+_NO_EFFECT = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "init_lora_weights",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_core",
+    "runtime_config",
+    "ensure_weight_tying",
+    "qalora_group_size",
+}
+# init_lora_weights values whose initialisation rewrites the base layer's weight (PEFT's
+# LoraLayer.update_layer: pissa_init, corda_init, olora_init, mica_init, loftq_init; LoRA-GA in
+# older versions). Saved unconverted, such an adapter is trained against that residual base.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
+# Fields read as PEFT reads them (by adapters and peft_targets).
+_HONOURED = {
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "fan_in_fan_out",
+    "modules_to_save",  # (a module of the base named there refused in adapters._modules)
+}
+# Fields that change the math in ways not served here, by what they are.
+_REFUSED = {
+    "use_dora": "DoRA adapters are not served",
+    "lora_bias": "lora_bias (a bias on lora_B) is not served",
+    "layer_replication": "layer_replication is not served",
+    "trainable_token_indices": "trainable tokens are not served",
+    "target_parameters": "LoRA on parameters (target_parameters) is not served",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not served",
+    "use_qalora": "QALoRA is not served",
+    "megatron_config": "Megatron-parallel LoRA is not served",
+}
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, str) for m in value)
+
+
+def check_config(name: str, conf: dict[str, Any]) -> None:
+    """Raises AdapterError naming the field where ``conf`` (a parsed adapter_config.json) sets one
+    that is malformed, one PEFT refuses, a LoRA variant not served, or one not known here to
+    something other than its default; returns None where every field is served as PEFT reads it."""
+
+    def refuse(reason: str) -> None:
+        raise AdapterError(f"adapter {name!r}: {reason}")
+
+    if conf.get("peft_type", "LORA") != "LORA":
+        refuse(f"peft_type {conf.get('peft_type')!r} is not LORA")
+    # Python's json reads NaN and Infinity, which compare false to everything: test finiteness.
+    if not _whole(conf.get("r")) or conf["r"] == 0:
+        refuse(f"adapter_config.json needs a positive integer 'r', not {conf.get('r')!r}")
+    if not _positive(conf.get("lora_alpha")):
+        refuse(f"adapter_config.json needs a positive finite 'lora_alpha', not {conf.get('lora_alpha')!r}")
+    # modules_to_save naming a module the model lacks (a classification template's "score") saves
+    # nothing and PEFT wraps nothing: plain LoRA (vLLM refused the field alone: its PR #14978); one
+    # the model has is refused in adapters._modules
+    if not (conf.get("modules_to_save") is None or _names(conf["modules_to_save"])):
+        refuse("modules_to_save must be a list of strings")
+    for saved in conf.get("modules_to_save") or []:
+        if (problem := saved_problem(saved)) is not None:
+            refuse(f"modules_to_save name {saved[:200]!r} is not a valid regex ({problem}; PEFT matches each as one)")
+    # "all" and "lora_only" train the base layers' biases and save them beside the LoRA weights
+    # (refused by their tensors in _modules); a base without biases (Llama) saves none, and PEFT
+    # serves such an adapter as plain LoRA (vLLM refusing it by this field alone failed every
+    # adapter: its PR #5733's review)
+    if conf.get("bias", "none") not in ("none", "all", "lora_only"):
+        refuse(f"bias={conf['bias']!r} is not one of PEFT's 'none', 'all' or 'lora_only'")
+    for key, reason in _REFUSED.items():
+        if conf.get(key):
+            refuse(reason)
+    if isinstance(init := conf.get("init_lora_weights"), str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        refuse(
+            f"init_lora_weights {init!r}: this initialisation changes the base model's weights (PEFT changes them "
+            "again as it loads the adapter), so the adapter needs a base of its own; convert it to a plain LoRA "
+            "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    unknown = sorted(
+        k
+        for k, v in conf.items()
+        if k not in _NO_EFFECT | _HONOURED | set(_REFUSED) | {"bias"} and v not in (None, False, [], {}, "")
+    )
+    if unknown:
+        refuse(
+            f"adapter_config.json sets {', '.join(unknown)}, which dlora does not know and which may change the "
+            "output (a LoRA variant); refused rather than served differently from PEFT"
+        )
+
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):
+        if not (conf.get(key) is None or isinstance(conf[key], str) or _names(conf[key])):
+            refuse(f"{key} must be a string or a list of strings")
+    layers = conf.get("layers_to_transform")
+    if not (layers is None or _whole(layers) or (isinstance(layers, list) and all(_whole(i) for i in layers))):
+        refuse("layers_to_transform must be a layer index or a list of them")
+    # peft's LoraConfig refuses these combinations itself
+    if layers is not None and isinstance(conf.get("target_modules"), str):
+        refuse("layers_to_transform cannot be used when target_modules is a string (peft refuses it too)")
+    if conf.get("layers_pattern") and layers is None:
+        refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
+    for key in ("target_modules", "exclude_modules"):
+        for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
+            if (problem := regex_problem(pattern)) is not None:
+                refuse(f"{key} {pattern[:200]!r} is not a valid regex ({problem})")
+    lp = conf.get("layers_pattern") or []
+    for pattern in [lp] if isinstance(lp, str) else lp:  # a list's too: PEFT matches each
+        if (problem := regex_problem(pattern, layers_regex(pattern))) is not None:
+            refuse(f"layers_pattern {pattern[:200]!r} is not a valid regex ({problem})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(conf.get(key) or {}, dict):
+            refuse(f"{key} must be an object")
+        for pattern, value in (conf.get(key) or {}).items():
+            if not _positive(value) or (key == "rank_pattern" and not _whole(value)):
+                refuse(
+                    f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'} "
+                    f"(finite), not {value!r}"
+                )
+        for pattern in conf.get(key) or {}:
+            if (problem := regex_problem(pattern, key_regex(pattern))) is not None:
+                refuse(f"{key} key {pattern[:200]!r} is not a valid regex ({problem})")
