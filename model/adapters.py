@@ -14,16 +14,19 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
   full kept whatever ``layers_to_transform`` says; a string: a regex the whole name must match;
   ``all-linear`` in any case; left out: PEFT's default for these models, q_proj and v_proj),
   ``exclude_modules`` (the same two forms), ``layers_to_transform`` with ``layers_pattern``.
-  Weights in the file for modules PEFT would not adapt are ignored, as PEFT ignores them; tensors
-  of another part of a model (a vision tower's layers), under a name PEFT does not load (another
-  adapter's name, a projection under the wrong block), on the embeddings or the output head, or
-  two for one weight, are refused; so is a selected module without weights under
+  Weights in the file for projections PEFT would not adapt are ignored, as PEFT ignores them
+  (under any adapter name, in any number of copies), and so are whole weights of a top-level
+  module the base lacks (a classification head's ``score.weight``); LoRA tensors of another part
+  of a model (a vision tower's layers), on the embeddings or the output head, and for a selected
+  projection under a name PEFT does not load (another adapter's name, the wrong block) or two for
+  one weight, are refused; so is a selected module without weights under
   ``init_lora_weights: false`` (PEFT leaves it random; otherwise its delta is zero, as PEFT's);
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
 - ``bias`` ``all`` / ``lora_only`` is served where the file holds no bias (a base without biases
   saves none: plain LoRA, as PEFT loads it), and ``modules_to_save`` where it names no module of
-  the base (PEFT wraps none; as PEFT, no LoRA goes on a module one of its names matches as a
-  regex); a bias tensor, or a module of the base fine-tuned whole, is refused;
+  the base that holds weights (PEFT wraps none, or one with nothing to load: ``rotary_emb``; as
+  PEFT, no LoRA goes on a module one of its names matches as a regex); a bias tensor, a module of
+  the base fine-tuned whole, or a LoRA layer's own part (PEFT's load fails), is refused;
 - DoRA, ``lora_bias``, layer replication, trainable tokens,
   parameter targets, aLoRA, QALoRA, Megatron and the other LoRA variants are refused, and so is any
   field this module does not know that is set to something other than a default.
@@ -79,6 +82,9 @@ _KEY = re.compile(
 _KEY_NAMES = (None, "default")
 # The model's modules outside its layers' projections that a config may select (no LoRA served on them).
 _OTHER_MODULES = ("model.embed_tokens", "lm_head")
+# The first part of a key naming a module of the causal LM (PEFT's keys under base_model.model.,
+# transformers' load_adapter's bare: layers.N..., embed_tokens, norm)
+_BASE_TOP = ("model", "lm_head", "layers", "embed_tokens", "norm", "rotary_emb")
 
 
 @dataclass(frozen=True)
@@ -178,8 +184,14 @@ def _validate(
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise AdapterError(f"adapter {name!r}: cannot read {weights_file} ({e})") from None
     modules = _modules(name, weights_file, conf, header, cfg, limits)
-    # Every tensor, used or not: a file carrying NaN anywhere is not one to trust.
+    # Every tensor, used or not: a file carrying NaN anywhere (or weights of no float dtype, as
+    # ``safetensors_header`` refuses them at registration) is not one to trust.
     for key, info in header.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise AdapterError(
+                f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {info.dtype}; "
+                f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
+            )
         if (problem := value_problem(weight_bytes, info, limits)) is not None:
             raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
     digest = content_digest(conf_bytes, weight_bytes)
@@ -203,8 +215,13 @@ def _modules(
         )
     shapes = {key: info.shape for key, info in header.items()}
 
+    fits, chosen = targets(cfg), Targets(name, conf)
+    targeted: dict[tuple[int, str], bool] = {}  # (each module matched once: an EVA config's patterns are slow)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
+    lora_seen = False
     for key in shapes:
+        if _absent_head(key):
+            continue  # PEFT leaves it unloaded: plain LoRA's output
         m = _KEY.fullmatch(key)
         if not m and key.endswith(".bias"):
             raise AdapterError(
@@ -221,6 +238,13 @@ def _modules(
                 f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)} "
                 "in the language model's layers (base_model.model.model.layers.N...)"
             )
+        lora_seen, at = True, (int(m.group(1)), m.group(3))
+        if at not in targeted:
+            targeted[at] = chosen.targeted(_module(*at))
+        if not targeted[at]:
+            # PEFT makes no LoRA layer there and never reads the tensor, whatever its adapter name
+            # or block (nor a second copy): plain LoRA's output, as PEFT serves it
+            continue
         if m.group(2) != _parent(m.group(3)):  # PEFT finds no such module, and loads nothing from it
             raise AdapterError(f"adapter {name!r}: tensor {key!r}: {m.group(3)} is under {_parent(m.group(3))}")
         if m.group(5) not in _KEY_NAMES:
@@ -228,25 +252,17 @@ def _modules(
                 f"adapter {name!r}: tensor {key!r} carries the adapter name {m.group(5)!r}, which PEFT does not "
                 "load (it loads lora_A.weight, or lora_A.default.weight)"
             )
-        if header[key].dtype not in FLOAT_DTYPES:
-            raise AdapterError(
-                f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {header[key].dtype}; "
-                f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
-            )
-        pair = pairs.setdefault((int(m.group(1)), m.group(3)), {})
+        pair = pairs.setdefault(at, {})
         if (other := pair.get(m.group(4))) is not None:  # one module's weight twice: which is meant?
             raise AdapterError(f"adapter {name!r}: tensors {other!r} and {key!r} are the same LoRA weight")
         pair[m.group(4)] = key
-    if not pairs:
+    if not lora_seen:
         raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA weights")
 
-    fits, chosen = targets(cfg), Targets(name, conf)
     modules: dict[tuple[int, str], ModuleSpec] = {}
     for (layer, target), ab in sorted(pairs.items()):
         where = f"adapter {name!r}: layer {layer} {target}"
         module = _module(layer, target)
-        if not chosen.targeted(module):
-            continue  # PEFT makes no LoRA layer here, so it never reads these weights
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: has lora_{''.join(ab)} but not both lora_A and lora_B")
         if layer >= cfg.num_layers:
@@ -285,6 +301,16 @@ def _modules(
     return modules
 
 
+def _absent_head(key: str) -> bool:
+    """Whether ``key`` is a whole weight (no LoRA part) of a top-level module this causal LM lacks:
+    a sequence-classification adapter's ``score.weight`` (``modules_to_save: ["score"]``), TRL's
+    ``v_head``. PEFT's ``set_peft_model_state_dict`` loads with ``strict=False`` and leaves such a
+    key unexpected, so the base serves plain LoRA. A LoRA weight PEFT would leave unloaded stays
+    refused: under another prefix it is a mismatched adapter served as the base (vLLM #34186)."""
+    top = key.removeprefix("base_model.model.").split(".", 1)[0]
+    return ".lora_" not in key and top not in _BASE_TOP
+
+
 def _module(layer: int, target: str) -> str:
     """The base model's name of a projection (a Llama-family layer's ``self_attn`` or ``mlp``)."""
     return f"model.layers.{layer}.{_parent(target)}.{target}"
@@ -295,13 +321,16 @@ def _parent(target: str) -> str:
 
 
 def _saved_module(names: list[str], cfg: ModelConfig) -> str | None:
-    """The first of ``modules_to_save`` that names a module of the base, as PEFT's
-    ``_set_trainable`` finds one (a module name ending in it); None: PEFT wraps nothing."""
+    """The first of ``modules_to_save`` that names a module of the base holding weights, as PEFT's
+    ``_set_trainable`` finds one (a module name ending in it); None: PEFT wraps nothing that
+    changes the output. A module without weights (``rotary_emb``, ``act_fn``: its buffers are
+    computed from the base's config) PEFT wraps and saves nothing of, and serves as plain LoRA, as
+    peft 0.21 does on the tiny Llama, logits equal (tests/engine/test_peft_lenient.py); so is it here."""
     if not names:
         return None
-    parts = ("", ".input_layernorm", ".post_attention_layernorm", ".self_attn", ".mlp", ".mlp.act_fn")
+    parts = ("", ".input_layernorm", ".post_attention_layernorm", ".self_attn", ".mlp")
     layers = [f"model.layers.{i}{part}" for i in range(cfg.num_layers) for part in parts]
-    modules = ["model", "model.layers", "model.norm", "model.rotary_emb", *_OTHER_MODULES, *layers]
+    modules = ["model", "model.layers", "model.norm", *_OTHER_MODULES, *layers]
     # each projection with the LoRA layer's own parts (PEFT wraps the model once LoRA is in, and
     # fails to load on one of these)
     lora = ["", ".base_layer", ".lora_A", ".lora_B", ".lora_A.default", ".lora_B.default", ".lora_dropout"]

@@ -208,12 +208,20 @@ def test_every_module_of_the_peft_model_named_in_modules_to_save_is_refused(
 ) -> None:
     """Each module of the model PEFT builds (LoRA on every projection), named in modules_to_save:
     PEFT wraps it whole over the base's, or fails to load (a LoRA layer's lora_dropout.default,
-    lora_embedding_A / _B and lora_magnitude_vector, which dlora served); refused naming it."""
+    lora_embedding_A / _B and lora_magnitude_vector, which dlora served); refused naming it. A
+    module without weights outside the LoRA layers (rotary_emb, act_fn) PEFT wraps and loads
+    nothing into: plain LoRA, served (``test_peft_lenient``)."""
     base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL)).base_model.model
     cfg, path = ModelConfig.from_dir(tiny_llama.model), shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "a")
     config = json.loads((path / "adapter_config.json").read_text())
-    for module, _ in model.named_modules(remove_duplicate=False):
+    served = set()
+    for module, part in model.named_modules(remove_duplicate=False):
         (path / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": [module]}))
+        if "lora_" not in module and not any(True for _ in part.parameters()):
+            served.add(module.rsplit(".", 1)[-1])
+            assert inspect_adapter("a", path, cfg).modules, module
+            continue
         with pytest.raises(AdapterError, match="modules_to_save"):
             inspect_adapter("a", path, cfg)
+    assert served == {"rotary_emb", "act_fn"}
