@@ -55,11 +55,18 @@ class AdapterRefused(AdapterError):
     file size, max_lora_rank, max_scale): a fault of the settings, not of the files."""
 
 
+class AdapterOverLimit(AdapterRefused):
+    """The adapter itself is past a serving limit it is measured against (a module's rank above
+    ``max_lora_rank``, its scaling above ``max_scale``): a request of it is refused as vLLM refuses
+    a LoRA above ``--max-lora-rank`` (a 400 naming the limit), not answered as a server fault."""
+
+
 class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """What an adapter may be, beyond fitting the base model. The gateway checks these when an
     adapter is registered (``[gateway.adapter_limits]``) and each worker when it loads one
     (``[worker.engine.adapter_limits]``); give both the same values, or adapters the gateway
-    accepts fail their requests on the workers."""
+    accepts fail their requests on the workers (400 naming the limit where the adapter's rank or
+    scaling passes a worker's: ``AdapterOverLimit``)."""
 
     # Highest LoRA rank of any module (vLLM's max_lora_rank; 512 is the largest it supports).
     max_lora_rank: int = 512

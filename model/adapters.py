@@ -48,6 +48,7 @@ from dlora.model.adapter_files import (
     WEIGHTS_FILE,
     AdapterError,
     AdapterLimits,
+    AdapterOverLimit,
     AdapterRefused,
     TensorInfo,
     read_adapter_files,
@@ -60,6 +61,7 @@ from dlora.model.peft_targets import Targets
 __all__ = [
     "AdapterError",
     "AdapterLimits",
+    "AdapterOverLimit",
     "AdapterRefused",
     "AdapterSpec",
     "ModuleSpec",
@@ -277,13 +279,13 @@ def _modules(
         if r != rank:
             raise AdapterError(f"{where}: tensors have rank {rank}, adapter_config.json says r={r}")
         if rank > limits.max_lora_rank:
-            raise AdapterRefused(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
+            raise AdapterOverLimit(f"{where}: rank {rank} is above max_lora_rank={limits.max_lora_rank}")
         alpha = float(chosen.pattern_value(conf.get("alpha_pattern") or {}, module, conf["lora_alpha"]))
         scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
         # alpha is checked finite and positive, but a tiny or huge one still makes a scale of 0 or
         # one that swamps the base's output
         if not (math.isfinite(scale) and 0 < scale <= limits.max_scale):
-            raise AdapterRefused(
+            raise AdapterOverLimit(
                 f"{where}: scaling lora_alpha {'/ sqrt(r)' if conf.get('use_rslora') else '/ r'} = "
                 f"{alpha:g} / {r} = {scale:g} is not in (0, max_scale={limits.max_scale:g}]"
             )

@@ -340,7 +340,7 @@ class WorkerAdapters:
             # as files changed (a review: the client was told an admin must load it again) —
             # unless the files changed too, which an admin must see to first
             if not entry.version or e.digest in (None, entry.version):
-                raise AdapterRefused(str(e).replace(repr(key), repr(name))) from None
+                raise type(e)(str(e).replace(repr(key), repr(name))) from None  # (AdapterOverLimit kept)
             digest = e.digest
         except AdapterError as e:
             # the registered version's files, read whole, that do not load: said as they are

@@ -17,6 +17,7 @@ from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, Toke
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import RequestHead, request_head
 from dlora.common.versions import engine_key
+from dlora.model.adapter_files import AdapterOverLimit
 from dlora.model.config import same_model
 from dlora.services.worker.adapters import AdapterChanged, AdapterNotFound, AdapterRead, AdapterRefused
 from dlora.services.worker.chunks import (
@@ -176,7 +177,7 @@ async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterErro
     if allowed:
         logger.warning(what, request=req.request_id, adapter=req.adapter, error=str(e), like_this_not_logged=held_back)
     if not handed:
-        await _answer(w, req, adapter_failure_chunk(req, str(e), w.s.worker_id))
+        await _answer(w, req, adapter_failure_chunk(req, str(e), w.s.worker_id, isinstance(e, AdapterOverLimit)))
 
 
 async def _answer(w: WorkerService, to: GenerateRequest | RequestHead, last: TokenChunk) -> None:

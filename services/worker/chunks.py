@@ -93,13 +93,16 @@ def error_chunk(
 _PATH = re.compile(r"(?<![\w.~])/[^\s'\"(),]+")
 
 
-def adapter_failure_chunk(req: GenerateRequest, error: str, worker: str) -> TokenChunk:
+def adapter_failure_chunk(req: GenerateRequest, error: str, worker: str, over_limit: bool = False) -> TokenChunk:
     """The answer to a request whose adapter could not be loaded here (its files unreadable, not
     what was registered, or invalid): the server's fault, not the request's (500, as OpenAI's
     ``server_error``), and the files' paths left out (the worker logs them): a tenant may not see
-    where adapters live, as ``/v1/models`` shows paths to admin callers only."""
+    where adapters live, as ``/v1/models`` shows paths to admin callers only. ``over_limit``: the
+    adapter's own rank or scaling is past this worker's limit (and no other took it), which is the
+    request's adapter against the serving limit: a 400 naming it, as vLLM answers a LoRA above
+    ``--max-lora-rank``."""
     reason = f"adapter {req.adapter!r} could not be loaded on worker {worker}: {_PATH.sub('<path>', error)}"
-    return error_chunk(req, ErrorCode.INTERNAL, reason, worker)
+    return error_chunk(req, ErrorCode.BAD_REQUEST if over_limit else ErrorCode.INTERNAL, reason, worker)
 
 
 def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from dlora.common.messages import AdapterEntry
-from dlora.model.adapters import AdapterError, AdapterLimits
+from dlora.model.adapters import AdapterError, AdapterLimits, AdapterOverLimit
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
@@ -101,6 +101,7 @@ async def test_files_only_this_workers_limits_refuse_are_no_change_of_version(
     with pytest.raises(AdapterError, match=f"above max_lora_rank={rank - 1}") as e:
         await worker.load("x", entry.version)
     assert not isinstance(e.value, AdapterChanged)
+    assert isinstance(e.value, AdapterOverLimit)  # (kept: its request is answered 400, not 500)
     # Files rewritten since as well: that is said first (an admin must load them again), and the
     # request goes on only to a worker holding the version.
     conf = json.loads((path / "adapter_config.json").read_text())

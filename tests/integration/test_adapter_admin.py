@@ -273,7 +273,8 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
     landed on the worker whose limits refuse the adapter failed, and were told its files changed
     and an admin must load it again. They go on to another worker now. With no live worker that
     can load it, its registration is refused (400 naming the limit; a trial: registered, then 500
-    for every request)."""
+    for every request), and a request of one registered before is a 400 naming the limit (h8's
+    brief: it was a 500, the worker's max_lora_rank below the gateway's)."""
     # Round-robin: requests land on the limited worker whatever dispatch would price (a CI run under
     # load sent all of one prompt to the other: prefix affinity).
     async with run_stack(nats_server, redis, tiny_llama, dispatcher={"dispatch": "round-robin"}) as stack:
@@ -284,12 +285,18 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
         limited, other = stack.workers
         strict = AdapterLimits(max_lora_rank=rank - 1)
         limited.engine.config = msgspec.structs.replace(limited.engine.config, adapter_limits=strict)
-        assert (await post(stack, "/v1/adapters", {"name": "ranked", "path": str(path)}, auth))[0] == 201
+        for name in ("ranked", "unread"):  # (unread: no worker reads it before both are strict)
+            assert (await post(stack, "/v1/adapters", {"name": name, "path": str(path)}, auth))[0] == 201
         body = {"model": "ranked", "prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}
         replies = await asyncio.gather(*(post(stack, "/v1/completions", body) for _ in range(8)))  # both workers
         assert [s for s, _ in replies] == [200] * 8, replies
         assert "ranked" in {name for name, _ in limited.adapters.failed}  # some landed there first
         other.engine.config = msgspec.structs.replace(other.engine.config, adapter_limits=strict)
+        # Now no worker can load it: the adapter's rank against the serving limit, a 400 naming it
+        # (it was a 500, as if the server were at fault).
+        status, resp = await post(stack, "/v1/completions", {**body, "model": "unread"})
+        assert status == 400 and resp["error"]["type"] == "invalid_request_error", resp
+        assert f"rank {rank} is above max_lora_rank={rank - 1}" in resp["error"]["message"], resp
         # the gateway has both workers' stats since (each of them: a CI run registered it while the
         # gateway had heard the first alone, 0.25 s into the test, and the second's came meanwhile)
         want = {(w.s.worker_id, rank - 1) for w in stack.workers}

@@ -23,6 +23,12 @@ def test_an_adapter_that_cannot_be_loaded_is_the_servers_fault_and_its_paths_sta
         assert "/srv" not in chunk.error and "<path>" in chunk.error, chunk.error
         assert chunk.error.startswith("adapter 'sec2' could not be loaded on worker worker-0: ")
     assert "1/2 past the end" in adapter_failure_chunk(req, errors[0], "w").error  # not a path
+    # The adapter's own rank past this worker's max_lora_rank (no other took it): the request's
+    # adapter against the serving limit, a 400 naming it (it was a 500)
+    over = "adapter 'sec2': layer 0 q_proj: rank 64 is above max_lora_rank=16"
+    chunk = adapter_failure_chunk(req, over, "worker-0", over_limit=True)
+    assert chunk.error_code is ErrorCode.BAD_REQUEST
+    assert chunk.error is not None and "rank 64 is above max_lora_rank=16" in chunk.error
 
 
 def test_the_first_chunk_of_a_first_run_says_its_prefix_cache_hit() -> None:
