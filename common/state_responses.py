@@ -81,9 +81,12 @@ return 1
 # A streamed response's stream (KEYS[2]) ended, with its record (KEYS[1]) made failed in the same
 # step, by its closing event (ARGV[3], its sequence_number (the stream's length), ARGV[4]), for its
 # readers; its token cleared, so that its run, if it lives on, appends nothing after it. (None
-# without ARGV[3], or for a record made unstreamed.)
+# without ARGV[3], or for a record made unstreamed.) A record an older gateway wrote (no ``leased``
+# mark, no token: it appended unguarded) is streamed where events of it are kept, as ``streamed``
+# reads it: without its closing event, its readers' stream ended with no terminal event.
 _CLOSE_STREAM_LUA = """
-if #ARGV > 2 and redis.call('HEXISTS', KEYS[1], 'stream') == 1 then
+if #ARGV > 2 and (redis.call('HEXISTS', KEYS[1], 'stream') == 1
+    or redis.call('HEXISTS', KEYS[1], 'leased') == 0 and redis.call('EXISTS', KEYS[2]) == 1) then
   redis.call('HSET', KEYS[1], 'stream', '')
   redis.call('RPUSH', KEYS[2], ARGV[3] .. redis.call('LLEN', KEYS[2]) .. ARGV[4])
   local ms = redis.call('PTTL', KEYS[1])

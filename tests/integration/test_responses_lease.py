@@ -373,3 +373,19 @@ async def test_an_older_gateways_record_is_judged_lost_only_a_leases_span_after_
     assert await status(old) == "failed"
     await redis.rpush(f"{state.p}:response-events:t:resp_o", b"event: response.created\n\n")  # (as it appended)
     assert await state.streamed("resp_o", "t") and not await state.streamed("resp_ours", "t")  # (its stream read)
+
+
+async def test_an_older_gateways_streamed_record_failed_by_age_ends_its_stream_failed(redis: Redis) -> None:
+    """An older gateway's streamed record (no ``leased`` mark, no run token: its events appended
+    unguarded) failed by a reader a lease's span after first found running got no closing event:
+    the closing step looked for a run token only, so its readers' stream ended with no terminal
+    event. It ends with the failed object's ``response.failed``, as every other failure's."""
+    state, key = StateStore(redis), "resp_old"
+    old = msgspec.json.encode({"id": key, "status": "in_progress", "background": True})
+    await state.put_response(key, "t", old, b"[]", 60.0)  # (an older gateway's: not leased, no token)
+    await redis.rpush(f"{state.p}:response-events:t:{key}", b"event: response.created\n\n")
+    assert msgspec.json.decode((await settled(state, key, "t", old, legacy_s=0.0)) or b"{}")["status"] == "failed"
+    background, written = Background(cast(Any, None), state, _bound), _Written()
+    await background._follow(cast(Any, written), key, "t", -1)
+    assert written.frames[-1].startswith(b"event: response.failed\n") and LAPSED.encode() in written.frames[-1]
+    assert b'"sequence_number":1}' in written.frames[-1]  # (after the one event it appended)
