@@ -223,7 +223,10 @@ class ResponseKeys:
         record names its run's token, or, one an older gateway wrote (no ``leased`` mark, no
         token: it appended unguarded), events of it are kept."""
         key = f"{self.p}:response:{tenant}:{response_id}"
-        pipe = self.r.pipeline(transaction=False)
+        # In one transaction: read apart, a retry replacing the record between the reads mixed
+        # two records' fields (the replaced one's token with the new one's mark), and a response
+        # never streamed read as one whose stream is there to follow
+        pipe = self.r.pipeline(transaction=True)
         pipe.hexists(key, "stream")
         pipe.hexists(key, "leased")
         pipe.exists(f"{self.p}:response-events:{tenant}:{response_id}")

@@ -314,3 +314,14 @@ async def test_a_streamed_background_responses_lapse_ends_its_stream_and_closes_
     await s.put_response("resp_2", "t", running, b"[]", 60.0, leased=True)  # (not streamed: no stream made)
     assert await s.end_unleased("resp_2", "t", running, failed, closing(failed)) == failed
     assert await s.response_events("resp_2", "t", 0) == []
+
+
+async def test_whether_a_response_is_streamed_is_read_in_one_transaction(redis: Redis) -> None:
+    """``streamed`` reads three things of a record (its run token, its ``leased`` mark, its events'
+    key): read apart, a retry replacing the record between them mixed two records' fields. They
+    are read in one MULTI/EXEC (counted by Redis's own command statistics, not by timing a race)."""
+    s = StateStore(redis)
+    await s.put_response("resp_1", "t", b'{"status":"in_progress"}', b"[]", 60.0, stream="run-a", leased=True)
+    before = (await redis.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+    assert await s.streamed("resp_1", "t")
+    assert (await redis.info("commandstats"))["cmdstat_exec"]["calls"] == before + 1
