@@ -38,15 +38,14 @@ placement in ``state_workers.py``). Nothing else spells a key.
 - ``{p}:api-key-ids``          hash  key id -> its digest (revocation and lookup by id)
 - ``{p}:response:{tenant}:{id}`` hash a stored Responses API response, under its API key's
                                      tenant ("" without keys): tenant, response (JSON), input (its
-                                     conversation's items, JSON), sources (the responses its
-                                     item_references read, JSON), stream (a streamed background
+                                     conversation's items, JSON), stream (a streamed background
                                      response's run token: who may append its events); expires
                                      (``state_responses.py``, ``gateway/responses_store.py``)
-- ``{p}:response-item:{tenant}:{item}`` str the id of the stored response that holds an item
-                                     (``item_reference``'s index), written with it, its TTL
-- ``{p}:response-gone:{tenant}:{id}`` str a deleted response's previous response and the ones
-                                     its item_references read (JSON), its remaining TTL: a later
-                                     turn's DELETE re-points the index through it
+- ``{p}:response-holders:{tenant}:{item}`` zset the stored responses that hold an item
+                                     (``item_reference``'s index), each scored by its expiry (ms,
+                                     Redis's clock), written with them; gone with the last
+- ``{p}:response-item:{tenant}:{item}`` str an older gateway's index entry (one holder): read
+                                     where an item has no holders' set, left to its TTL
 - ``{p}:response-events:{tenant}:{id}`` list a streamed background response's SSE frames, in
                                      order (index = sequence_number), its TTL, appended only
                                      by the run its record names (``gateway/background.py``)

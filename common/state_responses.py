@@ -1,13 +1,17 @@
 """The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
-JSON), ``sources`` (the ids of the responses its item_references read, JSON; none in a record
-written before it), ``stream`` (a streamed background response's: the token of the run whose
+JSON), ``stream`` (a streamed background response's: the token of the run whose
 events its stream holds, ``append_events``), ``leased`` (a background response's whose run holds
 a lease, ``lease_response``: none in one an older gateway wrote, which took none), ``seen`` (in
 one without ``leased``: when a reader first found it running, ms on Redis's clock); and
-``{p}:response-item:{tenant}:{item id}``, a string: the id of the newest response that holds that
-item in its conversation or output (an ``item_reference`` names any stored item by its id alone,
-as OpenAI's). ``state.py`` lists every key. A part of ``StateStore``.
+``{p}:response-holders:{tenant}:{item id}``, a sorted set: every response that holds that item in
+its conversation or output, each scored by when it expires (ms, Redis's clock), so that an
+``item_reference`` (which names any stored item by its id alone, as OpenAI's) finds it while any
+holder lives, and the set goes with the last. (A chain's turns and a conversation's forks each
+hold their whole conversation: one index entry naming a single holder was a 404 once that one was
+deleted, though a fork still held the item.) ``{p}:response-item:{tenant}:{item id}``, a string
+naming one holder, is what gateways before the set wrote: read where an item has no set.
+``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored
@@ -15,54 +19,84 @@ over that one; each tenant's ids are its own."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import cast
 
 from redis.asyncio import Redis
 
-# Item index entries still naming a deleted response (KEYS[2..]) named a response it drew them from
-# (ARGV[2], whose hash is KEYS[1]: the one before it in its chain, or one its item_references read)
-# instead, for that one's remaining TTL: only where the entry names the deleted one still (ARGV[1]:
-# a newer turn written since keeps its own).
-_REPOINT_LUA = """
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl <= 0 then return -1 end  -- (gone: its caller looks at what it drew from)
-local n = 0
-for i = 2, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('SET', KEYS[i], ARGV[2], 'PX', ttl)
-    n = n + 1
+# The responses holding an item (KEYS[first..], one sorted set per item) made to include ARGV id,
+# scored by when it expires (now + ms, on Redis's clock), each set kept while its last holder is
+_HOLD_LUA = """
+local function hold(first, id, ms)
+  local t = redis.call('TIME')
+  local expires = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ms))
+  for i = first, #KEYS do
+    redis.call('ZADD', KEYS[i], expires, id)
+    if redis.call('PTTL', KEYS[i]) < tonumber(ms) then redis.call('PEXPIRE', KEYS[i], ms) end
   end
 end
-return n
 """
 
-# A response deleted (KEYS[1]) leaves, for its remaining TTL, what it drew its items from (ARGV[1])
-# under KEYS[2]: a later turn deleted after it finds the response before this one through it. In one
-# step, so that the later turn's delete, reading the gone one, finds one or the other. Its stream's
-# events (KEYS[3], a streamed background response's) go with it.
-_DELETE_LUA = """
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[3])
-if ttl > 0 then redis.call('SET', KEYS[2], ARGV[1], 'PX', ttl) end
+# ``put_response``'s item index (KEYS: the items' holder sets; ARGV[1], the response; ARGV[2], ms)
+_PUT_HOLDERS_LUA = f"""
+{_HOLD_LUA}
+hold(1, ARGV[1], ARGV[2])
 return 1
+"""
+
+# A response deleted (KEYS[1], and its stream's events, KEYS[2]) taken out of the holder sets of its
+# items (KEYS[3..]; ARGV[1], its id): the items it shared with others (a fork's, a later turn's)
+# stay found through them, each set expiring with the last of them, and removed with no holder left.
+_DELETE_LUA = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+for i = 3, #KEYS do
+  redis.call('ZREM', KEYS[i], ARGV[1])
+  local last = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if #last == 0 then redis.call('DEL', KEYS[i]) else redis.call('PEXPIREAT', KEYS[i], last[2]) end
+end
+return 1
+"""
+
+# For each item (KEYS[2k-1], its holder set; KEYS[2k], an older gateway's single entry), the holder
+# that expires last whose record is there (ARGV[1] .. id), holders expired or gone (a delete raced
+# by a retry's rewrite left them) dropped; false: none. (Records are named by id, not in KEYS:
+# which holders an item has is known only once its set is read.)
+_HOLDERS_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for k = 1, #KEYS, 2 do
+  local found = false
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%d', now))
+    for _, id in ipairs(redis.call('ZREVRANGE', KEYS[k], 0, -1)) do
+      if redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id break end
+      redis.call('ZREM', KEYS[k], id)
+    end
+  else
+    local id = redis.call('GET', KEYS[k + 1])
+    if id and redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id end
+  end
+  out[#out + 1] = found
+end
+return out
 """
 
 # A background response's record (KEYS[1]) written only while its ``response`` field is still what
 # its writer last wrote there (ARGV[1]): a cancel, or a delete, in between wins. The same fields,
-# expiry and item index (KEYS[3..], naming ARGV[6]) as ``put_response``'s transaction, in one step,
-# with its stream's last events (ARGV[7..], put after its others in KEYS[2]): a reader that found
-# the record over before they came ended its stream without them.
-_PUT_IF_LUA = """
+# expiry and item index (KEYS[3..], holder sets of ARGV[5]) as ``put_response``'s transaction, in
+# one step, with its stream's last events (ARGV[6..], put after its others in KEYS[2]): a reader
+# that found the record over before they came ended its stream without them.
+_PUT_IF_LUA = f"""
+{_HOLD_LUA}
 if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'response', ARGV[2], 'input', ARGV[3], 'sources', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[6], 'PX', ARGV[5]) end
-if #ARGV > 6 then
-  for i = 7, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[1], 'response', ARGV[2], 'input', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+hold(3, ARGV[5], ARGV[4])
+if #ARGV > 5 then
+  for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return 1
 """
@@ -153,7 +187,6 @@ class ResponseKeys:
         items: bytes,
         ttl_s: float,
         item_ids: Sequence[str] = (),
-        sources: Sequence[str] = (),
         expect: bytes | None = None,
         stream: str | None = None,
         events: Sequence[bytes] = (),
@@ -165,8 +198,7 @@ class ResponseKeys:
         written. One of the tenant's own under the same id (its client sent the same X-Request-Id
         again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (a later
         turn's conversation holds it, or its client sent it back) names the newest response that
-        holds it. ``sources``: the responses its item_references read items from, which the index
-        names again once it is deleted (``repoint_items``). ``expect``: written only over that
+        holds it, beside every other (``responses_of_items``). ``expect``: written only over that
         object (a background response's last state; False where it is another now, or gone).
         ``stream``: the token of the run whose events its stream holds (a streamed background
         response's, written with its first record; ``append_events`` checks it); written whole
@@ -174,16 +206,15 @@ class ResponseKeys:
         ``events``: with ``expect``, its stream's last ones, appended in the same step.
         ``leased``: written whole, its run holds a lease (``end_unleased`` judges it by that)."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
-        sourced = json.dumps(list(sources))
+        holders = [self._holders(tenant, i) for i in item_ids]
         if expect is not None:
-            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}"]
-            keys += [f"{self.p}:response-item:{tenant}:{i}" for i in item_ids]
-            args: list[bytes | str | int] = [expect, response, items, sourced, ms, response_id, *events]
+            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]
+            args: list[bytes | str | int] = [expect, response, items, ms, response_id, *events]
             return bool(await self.r.register_script(_PUT_IF_LUA)(keys=keys, args=args))
         pipe = self.r.pipeline(transaction=True)
         # Replaced whole: a field of the replaced one's kept (its run's token) was taken as this one's
         pipe.delete(key)
-        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items, "sources": sourced})
+        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
         if stream is not None:
             pipe.hset(key, "stream", stream)
         if leased:
@@ -191,10 +222,13 @@ class ResponseKeys:
         pipe.pexpire(key, ms)
         # A stored stream's events are the replaced response's (its id sent again): not the new one's
         pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
-        for item_id in item_ids:
-            pipe.set(f"{self.p}:response-item:{tenant}:{item_id}", response_id, px=ms)
+        if holders:
+            await self.r.register_script(_PUT_HOLDERS_LUA)(keys=holders, args=[response_id, ms], client=pipe)
         await pipe.execute()
         return True
+
+    def _holders(self, tenant: str, item_id: str) -> str:
+        return f"{self.p}:response-holders:{tenant}:{item_id}"
 
     async def swap_response(
         self, response_id: str, tenant: str, old: bytes, new: bytes, closing: tuple[bytes, bytes] = (b"", b"")
@@ -239,10 +273,13 @@ class ResponseKeys:
         return cast(list[bytes], await self.r.lrange(key, start, -1))
 
     async def responses_of_items(self, item_ids: Sequence[str], tenant: str) -> list[str | None]:
-        """The response that stored each of ``tenant``'s items ``item_ids`` (None: none, or expired)."""
+        """A stored response that holds each of ``tenant``'s items ``item_ids``, the one that
+        expires last (None: none left: never stored, expired, or each holder deleted)."""
         if not item_ids:
             return []
-        got = cast(list[bytes | None], await self.r.mget([f"{self.p}:response-item:{tenant}:{i}" for i in item_ids]))
+        keys = [k for i in item_ids for k in (self._holders(tenant, i), f"{self.p}:response-item:{tenant}:{i}")]
+        script = self.r.register_script(_HOLDERS_LUA)
+        got = cast(list[bytes | None], await script(keys=keys, args=[f"{self.p}:response:{tenant}:"]))
         return [None if v is None else v.decode() for v in got]
 
     async def response_fields(self, response_id: str, tenant: str, *fields: str) -> list[bytes | None] | None:
@@ -252,30 +289,12 @@ class ResponseKeys:
         got = cast(list[bytes | None], await self.r.hmget(key, ["tenant", *fields]))
         return None if got[0] is None else got
 
-    async def delete_response(self, response_id: str, tenant: str, drawn: Sequence[str] = ()) -> bool:
-        """Whether it was there to delete; ``drawn`` (the responses it drew items from: its previous
-        response, those its item_references read) left under ``{p}:response-gone:{tenant}:{id}``
-        for its remaining TTL (``drawn_by_deleted``)."""
-        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-gone:{tenant}:{response_id}"]
-        keys.append(f"{self.p}:response-events:{tenant}:{response_id}")  # (its stream's events: its text too)
-        return bool(await self.r.register_script(_DELETE_LUA)(keys=keys, args=[json.dumps(list(drawn))]))
-
-    async def drawn_by_deleted(self, response_id: str, tenant: str) -> list[str]:
-        """What ``delete_response`` left of a response it deleted: the responses it drew from."""
-        got = await self.r.get(f"{self.p}:response-gone:{tenant}:{response_id}")
-        return [i for i in json.loads(got) if isinstance(i, str)] if got else []
-
-    async def repoint_items(self, item_ids: Sequence[str], tenant: str, deleted: str, previous: str) -> int:
-        """``tenant``'s index entries of ``item_ids`` that name ``deleted`` (a response just
-        deleted) made to name ``previous`` (a response it drew those items from: the one before it
-        in its chain, or one its item_references read), for its TTL; none where ``previous`` is
-        gone (-1: then its own ``drawn_by_deleted`` may name one). Returns how many: every turn
-        indexes its whole conversation under itself, so deleting the newest turn made an item the
-        earlier turn still held a 404 to item_reference."""
-        if not item_ids:
-            return 0
-        keys = [f"{self.p}:response:{tenant}:{previous}", *(f"{self.p}:response-item:{tenant}:{i}" for i in item_ids)]
-        return int(await self.r.register_script(_REPOINT_LUA)(keys=keys, args=[deleted, previous]))
+    async def delete_response(self, response_id: str, tenant: str, item_ids: Sequence[str] = ()) -> bool:
+        """Whether it was there to delete; it no longer holds ``item_ids`` (its conversation's and
+        output's), each item found through its other holders, its index gone with the last."""
+        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
+        keys += [self._holders(tenant, i) for i in item_ids]
+        return bool(await self.r.register_script(_DELETE_LUA)(keys=keys, args=[response_id]))
 
     async def lease_response(
         self, response_id: str, tenant: str, holder: str, ttl_s: float, expect: bytes | None = None

@@ -4,8 +4,9 @@ and its conversation's input items, for ``ttl_s`` seconds (``GatewaySettings.res
 each at most ``max_bytes``. A later request's ``previous_response_id`` puts that conversation (its
 input items, then its output) before its own input, ``instructions`` not carried over (OpenAI's
 rule); an ``item_reference`` names any item a response of its tenant stored (its input or output,
-OpenAI's): each response's whole conversation indexed by id with it, read from the newest response
-that holds the item, so a chain's earlier items stay referable while any later turn lives. Each is
+OpenAI's): each response's whole conversation indexed by id with it, read from a response that
+holds the item, so a chain's earlier items (and a fork's shared ones) stay referable while any
+response holding them lives. Each is
 its API key's tenant's alone: another tenant's id is a 404, as one never stored. As vLLM with
 VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole with each response (``msg_store``):
 a response stays readable when the one before it expired or was deleted. The HTTP routes that
@@ -35,9 +36,6 @@ _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco
 # The most stored responses one request's item_references read (each read whole, up to
 # responses_max_bytes): references to items of more are refused, not read at any cost
 MAX_REFERENCED = 16
-# The most responses a DELETE looks at to re-point its items' index (those it drew from, and
-# through those deleted, what they drew from): a bound on its Redis reads whatever was deleted
-MAX_WALKED = 64
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
@@ -119,7 +117,6 @@ class Keeping:
     store: ResponsesStore
     tenant: str
     items: list[Any]  # the conversation served: ``conversation``'s
-    sources: list[str] = field(default_factory=list)  # the responses its item_references read
     # A background response's: its record as last written (``background``), which its next write
     # replaces only if it is still there (a cancel or a delete in between wins); None: written whole
     expect: bytes | None = None
@@ -175,7 +172,6 @@ class Keeping:
                     items,
                     self.store.ttl_s,
                     ids,
-                    sources=self.sources,
                     expect=self.expect,
                     stream=self.stream,
                     events=events,
@@ -238,42 +234,21 @@ class ResponsesStore:
 
     async def delete(self, response_id: str, tenant: str) -> bool:
         """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not).
-        The items it drew from others (its previous response's, and those its item_references
-        read), indexed under it (the newest holder), are indexed under the one it drew them from
-        again (``StateStore.repoint_items``): still there, they stay referable. One deleted before
-        it is passed through to what that one drew from (``StateStore.drawn_by_deleted``)."""
+        Its items stay referable while another response holds them (a later turn, a fork of the
+        same previous response, one whose item_reference read them: each stored the whole
+        conversation), their index gone with the last holder (``StateStore.delete_response``)."""
         try:
             async with self.bound():
-                got = await self.state.response_fields(response_id, tenant, "response", "sources")
-                drawn: list[str] = []
-                if got is not None and got[1] is not None:
-                    previous = msgspec.json.decode(got[1]).get("previous_response_id")
-                    # (a record written before ``sources`` has none: its previous response alone)
-                    sources = msgspec.json.decode(got[2]) if got[2] else []
-                    drawn = list(dict.fromkeys([*([previous] if isinstance(previous, str) else []), *sources]))
-                deleted = await self.state.delete_response(response_id, tenant, drawn)
-                if deleted:
-                    await self._repoint(response_id, tenant, drawn)
+                got = await self.state.response_fields(response_id, tenant, "input", "response")
+                held: list[str] = []
+                if got is not None and got[1] is not None and got[2] is not None:
+                    held = _ids([*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]])
+                deleted = await self.state.delete_response(response_id, tenant, held)
         except bus.STATE_OUTAGE:
             self.count("delete", "failed")
             raise
         self.count("delete", "hit" if deleted else "miss")
         return deleted
-
-    async def _repoint(self, deleted: str, tenant: str, drawn: list[str]) -> None:
-        """``delete``'s index entries naming ``deleted`` re-pointed at the responses in ``drawn``
-        that are there, those gone passed through (at most ``MAX_WALKED`` looked at)."""
-        seen: set[str] = set()
-        while drawn and len(seen) < MAX_WALKED:
-            if (holder := drawn.pop(0)) in seen:
-                continue
-            seen.add(holder)
-            held = await self.state.response_fields(holder, tenant, "input", "response")
-            if held is not None and held[1] is not None and held[2] is not None:
-                items = [*msgspec.json.decode(held[1]), *msgspec.json.decode(held[2])["output"]]
-                if await self.state.repoint_items(_ids(items), tenant, deleted, holder) >= 0:
-                    continue
-            drawn += await self.state.drawn_by_deleted(holder, tenant)  # (gone: expired ones left none)
 
     async def prepared(self, body: ResponsesBody, tenant: str) -> tuple[ResponsesBody, Keeping | None]:
         """``body`` with the conversation its previous_response_id names put before its input, and
@@ -302,7 +277,7 @@ class ResponsesStore:
                 raise APIError(400, why, param="previous_response_id")
             output = decoded["output"]
             prior = [*msgspec.json.decode(items), *output]
-        stored, sources = await self.referenced(body.input, prior, tenant)
+        stored = await self.referenced(body.input, prior, tenant)
         given = conversation(prior, body.input, stored)
         answered(output, _items(given)[len(prior) :])
         body = msgspec.structs.replace(body, input=given)
@@ -313,15 +288,12 @@ class ResponsesStore:
             logger.warning("a conversation over responses_max_bytes is not stored", bytes=size)
             self.count("write", "too_large")
             return body, None
-        return body, Keeping(self, tenant, kept, sources)
+        return body, Keeping(self, tenant, kept)
 
-    async def referenced(
-        self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str
-    ) -> tuple[dict[str, Any], list[str]]:
+    async def referenced(self, given: str | list[Any], prior: list[dict[str, Any]], tenant: str) -> dict[str, Any]:
         """The stored items ``given``'s item_references name (by id; those of ``prior`` aside),
-        each read from the conversation of the response that stored it (``StateStore.put_response``
-        indexes them); one not found (never stored, expired, another tenant's) left out. And the
-        responses they were read from (``Keeping.sources``).
+        each read from the conversation of a response that holds it (``StateStore.put_response``
+        indexes them); one not found (never stored, expired, another tenant's) left out.
 
         Raises:
             APIError(400): items of more than ``MAX_REFERENCED`` responses named at once.
@@ -329,9 +301,9 @@ class ResponsesStore:
         known = {i.get("id") for i in prior}
         wanted = [r for r in _referenced_ids(given) if r not in known]
         if not wanted:
-            return {}, []
+            return {}
         try:
-            stored, sources = await self._items_of(wanted, tenant)
+            stored = await self._items_of(wanted, tenant)
         except bus.STATE_OUTAGE:
             self.count("reference", "failed", len(wanted))
             raise
@@ -340,16 +312,15 @@ class ResponsesStore:
             raise
         self.count("reference", "hit", len(stored))
         self.count("reference", "miss", len(wanted) - len(stored))  # (each a 404: the first ends the request)
-        return stored, sources
+        return stored
 
-    async def _items_of(self, wanted: list[str], tenant: str) -> tuple[dict[str, Any], list[str]]:
+    async def _items_of(self, wanted: list[str], tenant: str) -> dict[str, Any]:
         async with self.bound():
             holders = await self.state.responses_of_items(wanted, tenant)
             if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:
                 why = f"item_references name items of {len(responses)} responses, at most {MAX_REFERENCED} at once"
                 raise APIError(400, why, param="input")
             stored: dict[str, Any] = {}
-            sources: list[str] = []
             for response_id in responses:
                 got = await self.state.response_fields(response_id, tenant, "input", "response")
                 if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
@@ -357,8 +328,7 @@ class ResponsesStore:
                 for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
                     if isinstance(item, dict) and item.get("id") in wanted and item["id"] not in stored:
                         stored[item["id"]] = item
-                        sources.append(response_id)
-        return stored, list(dict.fromkeys(sources))
+        return stored
 
 
 def _referenced_ids(given: str | list[Any]) -> list[str]:

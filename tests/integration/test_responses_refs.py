@@ -59,9 +59,11 @@ async def test_an_item_reference_names_any_stored_item_of_its_tenant(keyed_stack
             with pytest.raises(openai.NotFoundError) as gone:
                 await client.responses.create(**ASKED, input=[{"role": "user", "content": "x"}, _ref(ref)])
             assert gone.value.body["param"] == "input[1].id" and ref in gone.value.body["message"], gone.value.body
-        # indexed under its tenant, naming the newest response that holds it (one referencing it), for its TTL
-        key = f"{stack.store.p}:response-item:acme:{answer.id}"
-        assert await stack.store.r.get(key) == after.id.encode() and 0 < await stack.store.r.pttl(key) <= 86400_000
+        # indexed under its tenant, naming every response that holds it (those referencing it too), for its TTL
+        key = f"{stack.store.p}:response-holders:acme:{answer.id}"
+        holders = await stack.store.r.zrange(key, 0, -1)
+        assert after.id.encode() in holders and referenced.id.encode() in holders
+        assert 0 < await stack.store.r.pttl(key) <= 86400_000
     finally:
         await acme.close()
         await other.close()
@@ -101,9 +103,9 @@ async def test_a_referenced_item_stays_referable_after_the_response_that_referen
         again = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "y"}])
         listed = [i.id for i in (await client.responses.input_items.list(again.id, order="asc")).data]
         assert listed[0] == answer.id
-        await client.responses.delete(again.id)  # (named by the first again, for the first's TTL)
-        key, held = f"{stack.store.p}:response-item::{answer.id}", f"{stack.store.p}:response::{first.id}"
-        assert await stack.store.r.get(key) == first.id.encode()
+        await client.responses.delete(again.id)  # (held by the first alone again, for the first's TTL)
+        key, held = f"{stack.store.p}:response-holders::{answer.id}", f"{stack.store.p}:response::{first.id}"
+        assert await stack.store.r.zrange(key, 0, -1) == [first.id.encode()]
         expires = await stack.store.r.pttl(held)  # (read first: the entry's, read after, is no later)
         assert 0 < await stack.store.r.pttl(key) <= expires
     finally:
@@ -126,6 +128,34 @@ async def test_a_chains_first_item_stays_referable_when_its_later_turns_are_dele
         [answer] = first.output
         again = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "y"}])
         assert [i.id for i in (await client.responses.input_items.list(again.id, order="asc")).data][0] == answer.id
+    finally:
+        await client.close()
+
+
+async def test_a_forks_items_stay_referable_while_any_fork_holds_them_and_go_with_the_last(stack: Stack) -> None:
+    """Two forks of one response (A, then B and B' each with previous_response_id A): A deleted,
+    then B', its items (A's question and answer) were 404s though B still held them (the index
+    named one holder, B', re-pointed only at what B' drew from: A, gone). They stay referable,
+    B's conversation whole, while B lives; deleted too, their index is gone with it."""
+    import openai
+
+    client, r = _client(stack.url), stack.store.r
+    try:
+        first = await client.responses.create(**ASKED, input="kalo")
+        fork = await client.responses.create(**ASKED, input="remi", previous_response_id=first.id)
+        other = await client.responses.create(**ASKED, input="lumo", previous_response_id=first.id)
+        [answer] = first.output
+        for deleted in (first, other):
+            await client.responses.delete(deleted.id)
+        listed = [i.id for i in (await client.responses.input_items.list(fork.id, order="asc")).data]
+        assert listed[1] == answer.id and len(listed) == 3  # (the fork's conversation, whole)
+        again = await client.responses.create(**ASKED, input=[_ref(answer.id), {"role": "user", "content": "y"}])
+        assert [i.id for i in (await client.responses.input_items.list(again.id, order="asc")).data][0] == answer.id
+        for deleted in (fork, again):
+            await client.responses.delete(deleted.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.create(**ASKED, input=[_ref(answer.id)])
+        assert not await r.exists(f"{stack.store.p}:response-holders::{answer.id}")  # (no holder left)
     finally:
         await client.close()
 
