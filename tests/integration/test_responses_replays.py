@@ -1,0 +1,88 @@
+"""Public vLLM and SGLang bug reports about the Responses API replayed through the gateway against
+the real stack (the openai package's client, Redis's store): each test names the report and checks
+the answer OpenAI's reference gives. Those of the answer's shape alone are unit tests
+(tests/unit/test_responses_replays.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Stack
+from tests.integration.test_gateway import post
+from tests.integration.test_responses_store import ASKED, _client
+
+
+async def test_a_codex_history_of_responses_items_is_served(stack: Stack) -> None:
+    """vllm-project/vllm#45273 (PR #45276; #33089): Codex sends its history back as Responses
+    items: an assistant message of output_text parts without ``id`` or ``status`` was a 400
+    (``Field required: status``), one with empty content a 500 (IndexError), a function call whose
+    arguments are not one JSON object a 500 (JSONDecodeError), beside ``tools: []``. Each is
+    served, as OpenAI serves it."""
+    history: list[dict[str, Any]] = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "kalo"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "remi"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "lumo"}]},
+        {"role": "assistant", "content": []},
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": '{"a": 1}{"b": 2}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "user", "content": [{"type": "input_text", "text": "kalo?"}]},
+    ]
+    client = _client(stack.url)
+    try:
+        answer = await client.responses.create(**ASKED, input=history, tools=[], store=False)
+        assert answer.status in ("completed", "incomplete") and answer.usage is not None
+    finally:
+        await client.close()
+
+
+async def test_a_previous_response_id_carries_the_answer_and_only_the_new_instructions(stack: Stack) -> None:
+    """sgl-project/sglang PR #25302: a turn with ``previous_response_id`` was served with the
+    previous turn's instructions as a system message in place of its answer (and usage 0); and
+    vllm-project/vllm#37697 (PR #37727): the previous instructions leaked into the next turn
+    beside its own. The turn is served as the chat of the previous input, its answer and the new
+    input under the new instructions alone (OpenAI's rule), its usage that chat's."""
+    client = _client(stack.url)
+    try:
+        first = await client.responses.create(**ASKED, instructions="You are helpful.", input="kalo")
+        second = await client.responses.create(
+            **ASKED, instructions="One word only.", input="remi", previous_response_id=first.id
+        )
+        messages = [
+            {"role": "system", "content": "One word only."},
+            {"role": "user", "content": "kalo"},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "remi"},
+        ]
+        chat = {"model": ASKED["model"], "messages": messages, "temperature": 0, "max_tokens": 6}
+        status, expected = await post(stack, "/v1/chat/completions", chat)
+        assert status == 200, expected
+        assert second.usage is not None and second.usage.input_tokens == expected["usage"]["prompt_tokens"] > 0
+        assert second.output_text == expected["choices"][0]["message"]["content"]
+    finally:
+        await client.close()
+
+
+async def test_a_response_not_stored_is_no_previous_response(stack: Stack) -> None:
+    """smg-project/smg#916 (SGLang's model gateway): a ``store: false`` response was stored all
+    the same when not streamed, and served as a ``previous_response_id``. Neither streamed nor not
+    is it kept: a retrieve is a 404, and naming it as the previous response is OpenAI's 404
+    ``previous_response_not_found`` (param ``previous_response_id``)."""
+    import openai
+
+    client = _client(stack.url)
+    try:
+        whole = await client.responses.create(**ASKED, input="kalo", store=False)
+        async with client.responses.stream(**ASKED, input="kalo", store=False) as s:
+            streamed = [e async for e in s][-1].response  # (incomplete: cut at max_output_tokens)
+        for made in (whole, streamed):
+            assert made.store is False
+            with pytest.raises(openai.NotFoundError):
+                await client.responses.retrieve(made.id)
+            with pytest.raises(openai.NotFoundError) as refused:
+                await client.responses.create(**ASKED, input="remi", previous_response_id=made.id)
+            assert refused.value.body["code"] == "previous_response_not_found", refused.value.body
+            assert refused.value.body["param"] == "previous_response_id", refused.value.body
+    finally:
+        await client.close()
