@@ -15,7 +15,7 @@ from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.background import Background
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import refuse_include
-from dlora.services.gateway.responses_store import ResponsesStore, not_found
+from dlora.services.gateway.responses_store import ResponsesStore, not_found, stored_id
 
 # input_items' page size: OpenAI's default and bound
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -94,7 +94,7 @@ class ResponsesRoutes:
         events of a background response created streamed (``starting_after``: from the one after
         that sequence_number; ``Background.replay``); any other's (a foreground response's, a
         background one made unstreamed) are not kept: a 400."""
-        tenant, query, response_id = await self._tenant(request), request.query, request.match_info["id"]
+        tenant, query, response_id = await self._tenant(request), request.query, stored_id(request.match_info["id"])
         _refuse_include(query)
         streamed = query.get("stream", "false").lower() not in ("false", "0")
         if "starting_after" in query and not streamed:
@@ -119,7 +119,7 @@ class ResponsesRoutes:
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404. A
         background response still running is stopped too (its end has nowhere to go)."""
-        tenant, response_id = await self._tenant(request), request.match_info["id"]
+        tenant, response_id = await self._tenant(request), stored_id(request.match_info["id"])
         if not await self.store.delete(response_id, tenant):  # (another tenant's: none such)
             raise not_found(response_id)  # (deleted meanwhile, or expired)
         await self.background.stop(response_id, tenant)
@@ -131,7 +131,7 @@ class ResponsesRoutes:
         (cancelled, or ended by itself) answered as it is, unchanged (OpenAI's: cancelling is
         idempotent; vllm#57999 refused a finished one as "synchronous"). A foreground response is
         vLLM's 400; one not there the 404."""
-        tenant, response_id = await self._tenant(request), request.match_info["id"]
+        tenant, response_id = await self._tenant(request), stored_id(request.match_info["id"])
         for _ in range(2):  # (it ended between the read and the swap: read again)
             [stored] = await self.store.fields(response_id, tenant, "response")
             if (cancelled := await self.background.cancel(response_id, tenant, stored)) is not None:
@@ -151,6 +151,6 @@ class ResponsesRoutes:
         if (order := query.get("order", "desc")) not in ("asc", "desc"):
             raise APIError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
         limit = _limit(query)
-        [items] = await self.store.fields(request.match_info["id"], tenant, "input")
+        [items] = await self.store.fields(stored_id(request.match_info["id"]), tenant, "input")
         listing = page(msgspec.json.decode(items), order, limit, query.get("after"), query.get("before"))
         return web.json_response(listing)

@@ -38,6 +38,15 @@ _PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco
 MAX_REFERENCED = 16
 
 
+def stored_id(given: str) -> str:
+    """The stored response a client's id names: every id stored here is "resp_" and the base its
+    response was made of (``ResponsesShape.base``: a client's own request_id or X-Request-Id,
+    less a "resp_" of its own), so the id its client chose ("hello") names "resp_hello", as
+    vLLM's routes take a client's request_id as its response's id (vllm PR #25428); no other
+    stored id is meant by it."""
+    return given if given.startswith("resp_") else f"resp_{given}"
+
+
 def not_found(response_id: str, param: str | None = None) -> APIError:
     """OpenAI's 404 for a response that is not there (never stored, expired, deleted or another
     tenant's: told apart by nobody)."""
@@ -270,7 +279,9 @@ class ResponsesStore:
         prior: list[dict[str, Any]] = []
         output: list[Any] = []  # the previous response's
         if previous is not None:
-            items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
+            items, response = await self.fields(
+                stored_id(previous), tenant, "input", "response", param="previous_response_id"
+            )
             decoded = msgspec.json.decode(response)
             if decoded.get("status") in ("queued", "in_progress"):  # a background one not over: no answer yet
                 why = f"Previous response with id {previous!r} is still {decoded['status']}: wait until it is over."

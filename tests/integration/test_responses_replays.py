@@ -37,6 +37,30 @@ async def test_a_codex_history_of_responses_items_is_served(stack: Stack) -> Non
         await client.close()
 
 
+async def test_a_response_is_read_back_by_the_request_id_its_client_chose(stack: Stack) -> None:
+    """vllm-project/vllm PR #25428: a response created with the client's own ``request_id``
+    ("hello") could not be retrieved or cancelled by it (a runtime error: the routes expected a
+    "resp_" id). Its id here is "resp_" and the client's; every route takes the client's id as it
+    chose it too: retrieved, listed, its cancel vLLM's 400 for a foreground one, deleted."""
+    import openai
+
+    client = _client(stack.url)
+    try:
+        made = await client.responses.create(**ASKED, input="kalo", extra_body={"request_id": "hello"})
+        assert made.id == "resp_hello"
+        assert (await client.responses.retrieve("hello")).model_dump() == made.model_dump()
+        assert len((await client.responses.input_items.list("hello")).data) == 1
+        later = await client.responses.create(**ASKED, input="remi", previous_response_id="hello")
+        assert later.previous_response_id == "hello"
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.cancel("hello")
+        await client.responses.delete("hello")
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(made.id)
+    finally:
+        await client.close()
+
+
 async def test_a_previous_response_id_carries_the_answer_and_only_the_new_instructions(stack: Stack) -> None:
     """sgl-project/sglang PR #25302: a turn with ``previous_response_id`` was served with the
     previous turn's instructions as a system message in place of its answer (and usage 0); and
