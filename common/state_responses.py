@@ -1,9 +1,9 @@
 """The Redis keys of the Responses API's stored responses: ``{p}:response:{tenant}:{id}``, a hash:
 ``tenant``, ``response`` (the response object, JSON), ``input`` (the conversation's input items,
-JSON), ``stream`` (a streamed background response's: the token of the run whose
-events its stream holds, ``append_events``), ``leased`` (a background response's whose run holds
-a lease, ``lease_response``: none in one an older gateway wrote, which took none), ``seen`` (in
-one without ``leased``: when a reader first found it running, ms on Redis's clock); and
+JSON), ``stream`` (a streamed background response's: the token of the run whose events its stream
+holds, ``append_events``), ``leased`` (a background response's whose run holds a lease,
+``lease_response``: none in one an older gateway wrote, which took none), ``seen`` (in one without
+``leased``: when a reader first found it running, ms on Redis's clock); and
 ``{p}:response-holders:{tenant}:{item id}``, a sorted set: every response that holds that item in
 its conversation or output, each scored by when it expires (ms, Redis's clock), so that an
 ``item_reference`` (which names any stored item by its id alone, as OpenAI's) finds it while any
@@ -24,8 +24,8 @@ from typing import cast
 
 from redis.asyncio import Redis
 
-# The responses holding an item (KEYS[first..], one sorted set per item) made to include ARGV id,
-# scored by when it expires (now + ms, on Redis's clock), each set kept while its last holder is
+# The responses holding an item (KEYS[first..], one sorted set per item) made to include ``id``,
+# scored by when it expires (now + ``ms``, on Redis's clock), each set kept as long as its last holder
 _HOLD_LUA = """
 local function hold(first, id, ms)
   local t = redis.call('TIME')
@@ -197,8 +197,8 @@ class ResponseKeys:
         outlives its TTL (a gateway dying between them) nor an index entry names a response never
         written. One of the tenant's own under the same id (its client sent the same X-Request-Id
         again, a retry) is replaced, as vLLM's store replaces it; an item id stored again (a later
-        turn's conversation holds it, or its client sent it back) names the newest response that
-        holds it, beside every other (``responses_of_items``). ``expect``: written only over that
+        turn's conversation holds it, a fork's, or its client sent it back) is held by this one
+        too, beside every other (``responses_of_items``). ``expect``: written only over that
         object (a background response's last state; False where it is another now, or gone).
         ``stream``: the token of the run whose events its stream holds (a streamed background
         response's, written with its first record; ``append_events`` checks it); written whole

@@ -6,11 +6,10 @@ input items, then its output) before its own input, ``instructions`` not carried
 rule); an ``item_reference`` names any item a response of its tenant stored (its input or output,
 OpenAI's): each response's whole conversation indexed by id with it, read from a response that
 holds the item, so a chain's earlier items (and a fork's shared ones) stay referable while any
-response holding them lives. Each is
-its API key's tenant's alone: another tenant's id is a 404, as one never stored. As vLLM with
-VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole with each response (``msg_store``):
-a response stays readable when the one before it expired or was deleted. The HTTP routes that
-read them back are ``responses_routes``'s."""
+response holding them lives. Each is its API key's tenant's alone: another tenant's id is a 404,
+as one never stored. As vLLM with VLLM_ENABLE_RESPONSES_API_STORE, its conversation stored whole
+with each response (``msg_store``): a response stays readable when the one before it expired or
+was deleted. The HTTP routes that read them back are ``responses_routes``'s."""
 
 from __future__ import annotations
 
