@@ -156,8 +156,8 @@ async def test_a_background_response_whose_end_is_over_the_bound_leaves_its_queu
 
 
 async def test_a_chains_earlier_items_are_indexed_with_each_later_turn() -> None:
-    """A turn after previous_response_id indexes the earlier turns' items too (the newest holder
-    wins): indexed only by the turn that first stored them, they were 404s to an item_reference
+    """A turn after previous_response_id indexes the earlier turns' items too (as one more holder
+    of each): indexed only by the turn that first stored them, they were 404s to an item_reference
     once that turn expired or was deleted, though this turn still held them."""
 
     import msgspec
