@@ -48,10 +48,14 @@ def stored_id(given: str) -> str:
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
     """OpenAI's 404 for a response that is not there (never stored, expired, deleted or another
-    tenant's: told apart by nobody)."""
-    said = "Previous response" if param == "previous_response_id" else "Response"
-    code = "previous_response_not_found" if param == "previous_response_id" else None
-    return APIError(404, f"{said} with id {response_id!r} not found.", param=param, code=code)
+    tenant's: told apart by nobody); named by a request's ``previous_response_id``, OpenAI's 400
+    ``previous_response_not_found`` (a field of the request is what is wrong; vLLM answers a 404,
+    which the openai package raised as NotFoundError where a client of OpenAI's catches
+    BadRequestError: smg#916 lists OpenAI's 400)."""
+    if param == "previous_response_id":
+        why = f"Previous response with id {response_id!r} not found."
+        return APIError(400, why, param=param, code="previous_response_not_found")
+    return APIError(404, f"Response with id {response_id!r} not found.", param=param)
 
 
 def _items(given: str | list[Any]) -> list[Any]:

@@ -260,7 +260,7 @@ async def test_text_parts_render_as_the_chats_joined_by_newlines(stack: Stack) -
 # (body, status, param): the Responses field each refusal names, never the chat's that serves it
 _REFUSED: list[tuple[dict[str, Any], int, str | None]] = [
     ({"input": "kalo", "frequency": 1}, 400, "frequency"),  # not a Responses field
-    ({"input": "kalo", "previous_response_id": "resp_1"}, 404, "previous_response_id"),  # none stored so
+    ({"input": "kalo", "previous_response_id": "resp_1"}, 400, "previous_response_id"),  # none stored so (OpenAI's 400)
     ({"input": "kalo", "previous_response_id": 0}, 400, "previous_response_id"),  # (0 == False: it was taken)
     ({"input": "kalo", "background": 0}, 400, "background"),
     ({"input": "kalo", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),

@@ -91,8 +91,9 @@ async def test_a_previous_response_id_carries_the_answer_and_only_the_new_instru
 async def test_a_response_not_stored_is_no_previous_response(stack: Stack) -> None:
     """smg-project/smg#916 (SGLang's model gateway): a ``store: false`` response was stored all
     the same when not streamed, and served as a ``previous_response_id``. Neither streamed nor not
-    is it kept: a retrieve is a 404, and naming it as the previous response is OpenAI's 404
-    ``previous_response_not_found`` (param ``previous_response_id``)."""
+    is it kept: a retrieve is a 404, and naming it as the previous response is OpenAI's 400
+    ``previous_response_not_found`` (param ``previous_response_id``; the report's table gives
+    OpenAI's status, 400, where dlora answered vLLM's 404)."""
     import openai
 
     client = _client(stack.url)
@@ -104,7 +105,7 @@ async def test_a_response_not_stored_is_no_previous_response(stack: Stack) -> No
             assert made.store is False
             with pytest.raises(openai.NotFoundError):
                 await client.responses.retrieve(made.id)
-            with pytest.raises(openai.NotFoundError) as refused:
+            with pytest.raises(openai.BadRequestError) as refused:
                 await client.responses.create(**ASKED, input="remi", previous_response_id=made.id)
             assert refused.value.body["code"] == "previous_response_not_found", refused.value.body
             assert refused.value.body["param"] == "previous_response_id", refused.value.body
