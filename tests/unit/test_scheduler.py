@@ -249,32 +249,6 @@ def test_a_prompt_longer_than_the_budget_is_chunked_even_when_it_runs_first() ->
     assert s.num_scheduled == 16 and len(bm.table("p")) == 8
 
 
-def test_a_fresh_prefill_starts_after_its_cached_prefix_and_the_lookup_is_counted() -> None:
-    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
-    first = seq("a", 0, 10)
-    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
-    bm.computed("a", first.all_ids(), 0, 10, b"k")
-    again = seq("b", 1, 12)  # the same first ten tokens
-    plan = schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED, cache_key=lambda _: b"k")
-    assert again.num_cached == 8 and again.num_scheduled == 4
-    assert (plan.prefix_queries, plan.prefix_hits) == (12, 8)
-
-
-def test_only_lookups_a_cache_could_answer_are_counted() -> None:
-    """vLLM's prefix-cache queries: none with the cache off (the hit ratio read 0 % instead of no
-    data), none by a preempted request looking up its own blocks again (they inflated the hits)."""
-    off = BlockManager(num_blocks=64, block_size=4)
-    plan = schedule(StepDecision(None, ["a"]), {"a": seq("a", 0, 10)}, off, CHUNKED)
-    assert (plan.prefix_queries, plan.prefix_hits) == (0, 0)
-    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
-    again = seq("b", 0, 10)
-    schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED)
-    bm.computed("b", again.all_ids(), 0, 10, b"")
-    preempt(again, bm)
-    plan = schedule(StepDecision(None, ["b"]), {"b": again}, bm, CHUNKED)
-    assert again.num_cached == 8 and (plan.prefix_queries, plan.prefix_hits) == (0, 0)
-
-
 def test_a_prefill_that_cannot_run_gives_its_cached_blocks_back() -> None:
     bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
     a = seq("a", 0, 9)
@@ -315,12 +289,12 @@ def test_a_prompt_whose_next_block_a_prefill_computes_this_step_waits_and_then_f
     roomy = replace(CHUNKED, max_num_batched_tokens=64)
     plan = schedule(StepDecision(None, list(seqs)), seqs, bm, roomy)
     assert [s.request_id for s in plan.seqs] == ["a", "c", "d"]
-    assert b.num_cached == 0 and not bm.holds("b") and plan.prefix_queries == 30
+    assert b.num_cached == 0 and not bm.holds("b") and [s.lookup for s in plan.seqs] == [(10, 0)] * 3
     for s in plan.seqs:
         bm.computed(s.request_id, s.all_ids(), 0, 10, s.salted(b""))
         s.status, s.num_cached = Status.RUNNING, 10
     plan = schedule(StepDecision(None, ["b"]), seqs, bm, roomy)
-    assert b.num_cached == 8 and b.num_scheduled == 2 and (plan.prefix_queries, plan.prefix_hits) == (10, 8)
+    assert b.num_cached == 8 and b.num_scheduled == 2 and b.lookup == (10, 8)
 
 
 def test_a_prompt_sharing_only_a_short_header_with_one_prefilling_does_not_wait() -> None:

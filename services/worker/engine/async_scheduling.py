@@ -127,8 +127,10 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     blocks, rid = engine.blocks, seq.request_id
     if seq.status is not Status.WAITING or blocks.stepped(rid) or tainted.isdisjoint(blocks.table(rid)):
         return False
+    # Its forward ran and the KV it wrote is thrown away: a preemption for the request as for the
+    # engine (vLLM preempts a request an earlier step scheduled), though its next lookup counts.
     preempt(seq, blocks)
-    forget_lookup(seq)  # dropped before it ran: no preemption of its; its next lookup is counted
+    forget_lookup(seq)
     engine.stats.preemptions += 1
     return True
 

@@ -41,8 +41,6 @@ class Limits:
 class Schedule:
     seqs: list[Sequence] = field(default_factory=list)  # run this step, in decision order
     preempted: list[Sequence] = field(default_factory=list)  # lost their KV this step
-    prefix_queries: int = 0  # tokens of the prefills admitted fresh, looked up in the prefix cache
-    prefix_hits: int = 0  # of those, found cached: their prefill skips them
 
 
 def queued(
@@ -324,11 +322,11 @@ def schedule(
             providers.append((seq, seq.num_cached, seq.num_cached + n, own_key))
         # Counted as vLLM counts them: a lookup with the cache on, of a request not preempted
         # (its own blocks found again are no hit), and none by one that may not reuse.
-        if fresh and blocks.enable_prefix_caching and not seq.num_preemptions and not seq.collects_prompt_logprobs:
-            out.prefix_queries += seq.total_len
-            out.prefix_hits += seq.num_cached
-            seq.num_cached_prompt = min(seq.num_cached, len(seq.prompt_ids))
-            seq.lookup = (seq.total_len, seq.num_cached)
+        if fresh and blocks.enable_prefix_caching and not seq.looked_up:
+            seq.looked_up = True
+            if not seq.collects_prompt_logprobs:
+                seq.num_cached_prompt = min(seq.num_cached, len(seq.prompt_ids))
+                seq.lookup = (seq.total_len, seq.num_cached)
         if seq.adapter not in (None, merged):
             adapters.add(seq.adapter)
     return out
@@ -416,26 +414,19 @@ def _take_back(seq: Sequence, out: Schedule) -> None:
     """Take back the admission of ``seq``, a prompt admitted holding no blocks and then preempted
     in the same step before it ran: it lost no KV of its own, so it is no preemption (vLLM preempts
     only requests admitted in an earlier step: its waiting loop runs after the running loop that
-    preempts), and its lookup is not kept either, nor the step's count of it (``forget_lookup``).
-    Kept, the blocks it found were its usage's ``cached_tokens`` and the stats' hits though it
-    computed its prompt later whatever the cache then held, and it counted in
-    ``vllm:num_preemptions``."""
-    total, found = seq.lookup or (0, 0)
-    out.prefix_queries -= total
-    out.prefix_hits -= found
+    preempts), and its lookup is not kept either (``forget_lookup``). Kept, the blocks it found
+    were its usage's ``cached_tokens`` and the stats' hits though it computed its prompt later
+    whatever the cache then held, and it counted in ``vllm:num_preemptions``."""
     out.preempted.remove(seq)
-    if seq.lookup is None:
-        seq.num_preemptions -= 1
+    seq.num_preemptions -= 1
     forget_lookup(seq)
 
 
 def forget_lookup(seq: Sequence) -> None:
-    """``seq``, preempted before the step that looked it up this step ran: its lookup (and the
-    preemption that step's row would have been) not kept, so its next admission looks up as its
-    first and its usage counts what that finds (here, and ``async_scheduling.recompute``)."""
-    if seq.lookup is not None:
-        seq.num_preemptions -= 1
-    seq.num_cached_prompt, seq.lookup = 0, None
+    """``seq``, preempted before the step that looked it up ran: its lookup not kept, so its next
+    admission looks up as its first and its usage counts what that finds (here, and
+    ``async_scheduling.recompute``, whose preemption, unlike this module's take-back, stays one)."""
+    seq.num_cached_prompt, seq.lookup, seq.looked_up = 0, None, False
 
 
 def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:

@@ -47,6 +47,11 @@ class Sequence:
     # its KV, then counted in the stats: a prefill whose row async scheduling drops before that
     # (``async_scheduling.recompute``) looks up again, and that lookup is the one counted.
     lookup: tuple[int, int] | None = None
+    # Its first admission here with the prefix cache on was kept (counted, or one collecting prompt
+    # logprobs that may not reuse): a later one, after a preemption, is not counted (vLLM's queries
+    # leave preempted requests out). Apart from ``num_preemptions``: a prefill preempted before its
+    # row was looked at (``forget_lookup``) is a preemption whose next lookup still counts.
+    looked_up: bool = False
     # Its prompt's tokens, until its first token is made here (then counted in prompt_tokens_total,
     # as vLLM counts at prefill: not one aborted or moved before it); 0 for a request resumed here.
     uncounted_prompt: int = 0
