@@ -98,20 +98,24 @@ def test_min_tokens_holds_back_every_stop_token_and_eos_as_transformers_min_new_
     assert got["reason"] is (FinishReason.STOP if want[-1] in ends else FinishReason.LENGTH)
 
 
-def test_min_tokens_holds_back_a_stop_string_the_first_token_completes(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+def test_min_tokens_holds_back_a_stop_string_the_first_tokens_complete(tiny_llama: TinyOutput, oracle: Oracle) -> None:
     """vllm-project/vllm #21987: with ``min_tokens=200`` and ``stop=["\\n"]`` generation stopped
-    at the first newline, 2 tokens in. Here the stop string is the first token's own text: held
-    back until ``min_tokens`` tokens are out, the request goes on with the greedy tokens and ends
-    at the first stop string after them (or at max_tokens)."""
+    at the first newline, 2 tokens in. Here the stop string is the output's first character: it
+    stops a request at once (the token completing that character), and with ``min_tokens`` two
+    past that the request goes on with the greedy tokens, ending at a stop string after them (or
+    at max_tokens)."""
     adapter, ids = PROMPTS["b"]
+    want = oracle.generate(adapter, ids, 10)
     engine = make_engine(tiny_llama)
-    want = oracle.generate(adapter, ids, 8)
-    stop = engine.tokenizer.decode(want[:1])
-    assert stop  # (the tiny vocabulary's tokens each decode to some text)
-    got = _drive(engine, {"r": (adapter, ids, SamplingParams(max_tokens=8, min_tokens=4, stop=[stop]))})["r"]
-    assert len(got["tokens"]) >= 4 and got["tokens"] == want[: len(got["tokens"])]
-    unstopped = _drive(make_engine(tiny_llama), {"r": (adapter, ids, SamplingParams(max_tokens=8, stop=[stop]))})
-    assert unstopped["r"]["tokens"] == want[:1] and unstopped["r"]["reason"] is FinishReason.STOP
+    engine.add_request("plain", prompt_token_ids=ids, params=SamplingParams(max_tokens=10), adapter=adapter)
+    text = "".join(o.new_text for _ in range(12) for o in engine.step())
+    stop = text[:1]
+    assert stop  # (the tiny model's greedy tokens give some text)
+    stopped = _drive(engine, {"r": (adapter, ids, SamplingParams(max_tokens=10, stop=[stop]))})["r"]
+    assert stopped["reason"] is FinishReason.STOP and stopped["tokens"] == want[: len(stopped["tokens"])]
+    held = SamplingParams(max_tokens=10, min_tokens=len(stopped["tokens"]) + 2, stop=[stop])
+    got = _drive(engine, {"r": (adapter, ids, held)})["r"]
+    assert len(got["tokens"]) >= held.min_tokens and got["tokens"] == want[: len(got["tokens"])]
 
 
 def test_ignore_eos_runs_to_max_tokens_through_eos(tiny_llama: TinyOutput) -> None:
@@ -134,24 +138,25 @@ def test_ignore_eos_runs_to_max_tokens_through_eos(tiny_llama: TinyOutput) -> No
     assert got["kept"] == {"tokens": [eos], "reason": FinishReason.STOP}
 
 
-@pytest.mark.parametrize("other_seed", [None, 7])
 def test_a_seeded_request_draws_the_same_tokens_whether_its_batch_mate_is_seeded_or_not(
-    tiny_llama: TinyOutput, other_seed: int | None
+    tiny_llama: TinyOutput,
 ) -> None:
     """vllm-project/vllm #51226 (on CPU, ``seed=42`` was not respected when another request of the
     batch had no seed; giving the other one a seed made the first reproducible). A seeded request
-    at temperature 0.8 draws the same tokens alone and beside another, seeded or not, and the
-    other one's draws change nothing of it."""
+    at temperature 0.8 draws the same tokens alone and beside another, unseeded (on an engine of
+    another seed) or seeded."""
     seeded = SamplingParams(seed=42, temperature=0.8, max_tokens=8, ignore_eos=True)
-    mate = SamplingParams(seed=other_seed, temperature=0.8, max_tokens=8, ignore_eos=True)
     alone = _drive(make_engine(tiny_llama), {"s": ("lora-0", [7, 8, 9, 10], seeded)})["s"]["tokens"]
-    for _ in range(2):  # twice: an unseeded mate draws differently each time
-        engine = make_engine(tiny_llama, seed=int(1e6) + _)
+    for engine_seed, other_seed in ((12345, None), (0, 7)):
+        mate = SamplingParams(seed=other_seed, temperature=0.8, max_tokens=8, ignore_eos=True)
+        engine = make_engine(tiny_llama, seed=engine_seed)
         both = _drive(engine, {"s": ("lora-0", [7, 8, 9, 10], seeded), "m": ("lora-1", [11, 12, 13], mate)})
         assert both["s"]["tokens"] == alone
 
 
-def test_a_prompt_over_max_model_len_is_refused_and_the_engine_serves_on(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+def test_a_prompt_over_max_model_len_is_refused_and_the_engine_serves_on(
+    tiny_llama: TinyOutput, oracle: Oracle
+) -> None:
     """vllm-project/vllm #40302 and PR #12600 (a prompt longer than ``max_model_len`` passed
     admission and an AssertionError in the model runner killed the engine, every request in flight
     with it) and #16445 (a prompt of exactly ``max_model_len``). Refused at ``add_request`` with a
@@ -159,7 +164,8 @@ def test_a_prompt_over_max_model_len_is_refused_and_the_engine_serves_on(tiny_ll
     prompt of exactly ``max_model_len`` is refused too: it leaves no room for a token."""
     engine = make_engine(tiny_llama, max_model_len=32)
     adapter, ids = PROMPTS["d"]
-    engine.add_request("ok", prompt_token_ids=ids, params=SamplingParams(max_tokens=6, ignore_eos=True), adapter=adapter)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine.add_request("ok", prompt_token_ids=ids, params=params, adapter=adapter)
     got = [t for o in engine.step() for t in o.new_token_ids]
     for n in (33, 32):
         with pytest.raises(RequestError, match="32"):
@@ -188,3 +194,48 @@ def test_a_prompt_over_the_token_budget_runs_with_chunked_prefill_off(tiny_llama
     )
     assert got["long"]["tokens"] == oracle.generate("lora-1", long, 4)
     assert got["short"]["tokens"] == oracle.generate(None, short, 4)
+
+
+def test_a_stop_string_across_two_tokens_stops_and_no_part_of_it_is_streamed(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm #2577 (a longer stop sequence did not stop a stream) and #3574 (while
+    streaming, text that could start a stop sequence was sent, and stayed sent when the sequence
+    completed). The stop string is the last character of one step's text and the first of the
+    next's: the request stops at that next token, and the chunks streamed add up to the text
+    before the stop string, nothing of it sent."""
+    adapter, ids = PROMPTS["a"]
+    plain = make_engine(tiny_llama)
+    plain.add_request("p", prompt_token_ids=ids, params=SamplingParams(max_tokens=12, ignore_eos=True), adapter=adapter)
+    texts = [o.new_text for _ in range(14) for o in plain.step()]
+    full = "".join(texts)
+    ends = [len("".join(texts[: i + 1])) for i in range(len(texts))]
+    # (the first boundary whose two characters appear nowhere before it)
+    cut = next(e for e in ends if 0 < e < len(full) and full.find(full[e - 1 : e + 1]) == e - 1)
+    stop = full[cut - 1 : cut + 1]
+    engine = make_engine(tiny_llama)
+    engine.add_request("r", prompt_token_ids=ids, params=SamplingParams(max_tokens=12, stop=[stop]), adapter=adapter)
+    outs = [o for _ in range(14) for o in engine.step()]
+    assert "".join(o.new_text for o in outs) == full[: cut - 1]
+    assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].stop_reason == stop
+
+
+def test_chunked_prefills_that_reuse_a_cached_prefix_give_the_oracle_s_tokens(
+    tiny_llama: TinyOutput, oracle: Oracle
+) -> None:
+    """vllm-project/vllm PR #7753 (chunked prefill and prefix caching enabled together: a chunk
+    starting inside a cached prefix) and #15730 (bad generations under many parallel queries that
+    went away with prefix caching off). Prompts sharing a 9-token prefix (two full blocks of 4 and
+    one token more) on two adapters and the base model, two on one adapter, fed 5 tokens a step under async scheduling
+    (blocks named a call after their step): each chunk starts at a block's edge or inside one,
+    after the cached blocks; every request ends as the oracle."""
+    shared = [7, 8, 9, 10, 11, 12, 13, 14, 15]
+    prompts = {"a": ("lora-0", [*shared, 40, 41, 42]), "b": ("lora-0", [*shared, 40, 41, 43, 44, 45, 46])}
+    prompts |= {"c": ("lora-1", [*shared, 50]), "d": (None, [*shared, 60, 61])}  # (found nothing: other keys)
+    engine = make_engine(
+        tiny_llama, block_size=4, max_num_batched_tokens=5, enable_prefix_caching=True, async_scheduling=True
+    )
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    first = _drive(engine, {"a": (*prompts["a"], params)})  # caches the prefix under lora-0
+    got = first | _drive(engine, {rid: (*p, params) for rid, p in prompts.items() if rid != "a"})
+    assert engine.stats.prefix_cache_hits > 0
+    for rid, (adapter, ids) in prompts.items():
+        assert got[rid]["tokens"] == oracle.generate(adapter, ids, 5), rid
