@@ -168,11 +168,12 @@ class Recovery:
         else:
             logger.warning("worker lost", worker=worker)
             self.metrics.losses.inc()
-        await self._recover_on(worker)
+        await self._recover_on(worker, stopped=stopped)
 
-    async def _recover_on(self, worker: str) -> None:
-        """Re-dispatch every request recorded as in flight on ``worker`` (lost), and drop its index
-        entries that name no record of it any more."""
+    async def _recover_on(self, worker: str, stopped: bool = False) -> None:
+        """Re-dispatch every request recorded as in flight on ``worker`` (lost, or ``stopped``:
+        drained, its records what its hand-over left), and drop its index entries that name no
+        record of it any more."""
         request_ids = await self.store.inflight_on(worker)
         stale = []
         for rid in request_ids:
@@ -190,7 +191,13 @@ class Recovery:
             except Exception as e:  # logged, not raised: see above; a sweep tries it again
                 logger.exception("request not recovered", request=rid, error=type(e).__name__)
         await self.store.unindex(worker, stale)
-        logger.warning("requests of a lost worker re-dispatched", worker=worker, requests=len(request_ids) - len(stale))
+        # Said only where there were some: every drained worker (a rolling restart, a host taken
+        # out) wrote a warning about "a lost worker" with requests=0 after its "worker stopped".
+        if recovered := len(request_ids) - len(stale):
+            what = (
+                "requests of a stopped worker re-dispatched" if stopped else "requests of a lost worker re-dispatched"
+            )
+            logger.warning(what, worker=worker, requests=recovered)
 
     async def _recover_orphans(self) -> None:
         """Requests recorded on a worker that is neither heard from nor beating, which no loss
