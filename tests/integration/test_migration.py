@@ -144,22 +144,6 @@ async def test_overloaded_worker_moves_requests_and_outputs_stay_exact(
             await c.drain()
 
 
-async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, redis: Redis) -> None:
-    """The shipped config names every migrator "migrator-0": two started on it both held the
-    lease as theirs (renewed under one name), both led and published plans from the same stats."""
-    store = StateStore(redis)
-    nc = await nats.connect(nats_server.url)
-    try:
-        same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
-        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
-        for _ in range(3):
-            await a.tick()
-            await b.tick()
-            assert a.leader and not b.leader
-    finally:
-        await nc.drain()
-
-
 async def test_the_leader_bounds_policy_checkpoints_an_older_version_left(nats_server: Server, redis: Redis) -> None:
     """A helper's upgrade trial: an older version wrote dlora:policy:<worker> without expiry, and
     the key of a worker id never run again stayed for good after the upgrade."""

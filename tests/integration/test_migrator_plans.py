@@ -10,6 +10,7 @@ import time
 import msgspec
 import nats
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from dlora.common import bus, subjects
@@ -108,3 +109,31 @@ async def test_requests_a_worker_counts_but_does_not_list_keep_a_third_adapter_o
         assert plans == []
     else:
         assert len(plans) == 1 and {m.to_worker for m in plans[0].moves if m.adapter == "c"} == {"w1"}
+
+
+async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, redis: Redis) -> None:
+    """The shipped config names every migrator "migrator-0": two started on it both held the
+    lease as theirs (renewed under one name), both led and published plans from the same stats.
+    The log says who leads, and when that moves (a standby took over from a killed one unsaid)."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
+        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                await a.tick()
+                await b.tick()
+                assert a.leader and not b.leader
+            await store.release_lease("migrator", a.holder)  # a's lease lapsed (its process killed)
+            await b.tick()
+            await a.tick()
+        said = [(e["migrator"], e["event"].split(":")[0][9:]) for e in logs if e["event"].startswith("migrator ")]
+        assert said == [
+            (a.holder, "leads"),
+            (b.holder, "standing by"),
+            (b.holder, "leads"),
+            (a.holder, "lost the lease"),
+        ]
+    finally:
+        await nc.drain()
