@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+import structlog
 from redis.asyncio import Redis
 
 from dlora.common import subjects
@@ -229,6 +230,10 @@ async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_st
         lost = await asyncio.wait_for(handed.get(), 60)
         assert lost.requests == {"moved": 0} and lost.draining
         assert not service.preparing and "moved" not in service.pending
+        service.draining = True
+        with structlog.testing.capture_logs() as logs:  # the stop's last line says how it ended
+            await drain.leave(service)
+        assert [(e["drained"], e["handed_over"]) for e in logs if e["event"] == "worker stopped"] == [(True, 1)]
 
 
 async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_run(
