@@ -187,7 +187,7 @@ def convert_command(pickled: Path, weights: Path) -> str:
         f"save_file({{k: v.contiguous() for k, v in torch.load({str(pickled)!r}, weights_only=True).items()}}, "
         f"{str(weights)!r})"
     )
-    return f"python -c {shlex.quote(code)}"
+    return f"python3 -c {shlex.quote(code)}"  # python3: Debian and Ubuntu have no `python` unless asked
 
 
 # Judges the config's bytes and the weights' header (AdapterError) before the weights' data is read

@@ -133,7 +133,7 @@ def test_a_pickled_adapter_is_refused_with_how_to_convert_it_and_the_way_given_w
     said = str(refused.value)
     assert "only safetensors are loaded" in said and "save_pretrained(dir, safe_serialization=True)" in said
     python, flag, code = shlex.split(said.split("where torch is installed: ", 1)[1])  # as a shell reads it
-    assert (python, flag) == ("python", "-c")
+    assert (python, flag) == ("python3", "-c")
     exec(code, {})  # what `python -c` runs, here (a process of its own spent seconds importing torch)
     converted = load_adapter("pickled", path, engine_cfg)
     original = load_adapter("lora-0", tiny_llama.adapters["lora-0"], engine_cfg)
