@@ -230,12 +230,21 @@ class QuotedTag:
     def closes(self, text: str, start: int, end: int) -> bool:
         """Whether the tag at ``text[end]`` closes the call whose object begins at ``text[start]``
         (``start`` the same at every look, or moved with the text's start)."""
+        return self.balanced(text, start, end) and self.unsound(text, start, end)
+
+    def unsound(self, text: str, start: int, end: int) -> bool:
+        """Whether the call's quotes before ``text[end]`` are unsound (``QuotesCheck``)."""
+        return self._quotes.look(text, start, end)
+
+    def balanced(self, text: str, start: int, end: int) -> bool:
+        """Whether the call's object may have closed before the tag at ``text[end]``: its braces
+        balanced, a "}" last (its quotes not asked)."""
         self._braces += brace_balance(text, start + self._counted, end)
         self._counted = end - start
         last = end
         while last > start and text[last - 1] in " \t\r\n":  # (back over the space since the last tag at most)
             last -= 1
-        return self._braces == 0 and last > start and text[last - 1] == "}" and self._quotes.look(text, start, end)
+        return self._braces == 0 and last > start and text[last - 1] == "}"
 
 
 @dataclass
@@ -245,10 +254,14 @@ class NextTag:
     granite-20b-fc's ``<function_call>``, as hermes' ``</tool_call>``. The call is then no call
     (its text is not JSON) and the next one is read from its tag, whole and streamed alike: else
     the rest of the output, its calls too, was the broken call's, the stream silent to its end.
-    One per call; each character is read once across looks."""
+    It ends at the first tag its object may have closed before (``QuotedTag.balanced``), not at
+    the one where its quotes showed unsound: an escaped closing quote ("C:\\") shows only at a
+    later tag, the calls between were taken into it. One per call; each character is read once
+    across looks."""
 
     tag: str
     read: int = 0  # characters from the object's start looked at for the tag
+    first: int | None = None  # where the first tag its object may have closed before is, from its start
     _find: TagEnd = field(init=False)
     _check: QuotedTag = field(default_factory=QuotedTag)
 
@@ -261,8 +274,10 @@ class NextTag:
         limit = len(text) if close is None else close
         while (at := self._find.find(text, start + self.read)) is not None and at < limit:
             self.read = at + len(self.tag) - start
-            if self._check.closes(text, start, at):
-                return at
+            if self._check.balanced(text, start, at):
+                self.first = at - start if self.first is None else self.first
+                if self._check.unsound(text, start, at):
+                    return start + self.first
         self.read = len(text) - start
         return None
 

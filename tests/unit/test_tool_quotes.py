@@ -44,6 +44,18 @@ def test_a_call_with_unsound_quotes_is_text_at_the_next_calls_tag(kind: str, arg
 
 
 @pytest.mark.parametrize("kind", CALLS)
+def test_a_call_whose_escaped_quote_took_in_the_next_calls_ends_at_its_first_tag(kind: str) -> None:
+    """A backslash left unescaped ("C:\\") keeps the string open over the next call's tag, so
+    its quotes show unsound only at a later tag: cut there, the call between was the broken
+    one's text, lost. It ends at the first tag its braces allow, the calls after it read."""
+    call = CALLS[kind]
+    bad = call('{"path": "C:\\"}')
+    text = "Looking. " + bad + " " + call('{"city": "SF"}', "get") + " " + call("{}", "ping")
+    expected = ("Looking. " + bad + " ", [("get", '{"city": "SF"}'), PING])
+    assert read(kind, [text])[:2] == read(kind, list(text))[:2] == expected
+
+
+@pytest.mark.parametrize("kind", CALLS)
 @pytest.mark.parametrize(
     "arguments",
     ['{"s": "}}TAG"}', '{"s": "a}}TAG and }} TAG", "t": "x"}', '{"a": {"b": "}}}TAG"}}', '{"s": "say \\"TAG\\""}'],
