@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dlora.services.gateway.tool_base import Call, decoded_call, partial_tag
+from dlora.services.gateway.tool_base import Call, decoded_call, joined, partial_tag
 from dlora.services.gateway.tool_json import loads
 from dlora.services.gateway.tool_scan import NextTag, ObjectEnd
 
@@ -133,7 +133,8 @@ class FunctionCallReader:
     FunctionCalling): ``<function_call> {"name": ..., "arguments": {...}}``, once per call. The
     text before the first tag is content, what follows a call is not (vLLM's whole reading); a
     tag not followed by a call is text where no call came before. A call cut short is none. A tag
-    read inside a call's string ends the call where its quotes are unsound (``tool_scan.NextTag``).
+    read inside a call's string ends the call where its quotes are unsound (``tool_scan.NextTag``),
+    or where the output ends inside the call.
     ``calls`` is the parser's, shared."""
 
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -155,6 +156,9 @@ class FunctionCallReader:
 
     def finish(self) -> tuple[str, list[Call]]:
         content, out = self._read_joined() if self._pieces else ("", list[Call]())
+        while self._inside and self._scan.read and not self._next.literal:  # (as mistral's end)
+            self._next = NextTag(_FUNCTION_CALL, literal=True)
+            content, out = joined((content, out), self._read())
         rest, self._held, self._inside = self._held, "", False
         return content + ("" if self.calls else rest), out
 

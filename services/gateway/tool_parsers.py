@@ -18,7 +18,8 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
   vLLM's. An empty array, ``[TOOL_CALLS] []``, is no call and no content (vLLM's ``tools_called``).
   A ``[TOOL_CALLS]`` read inside a call's string ends the call where its quotes are unsound, as
-  hermes' ``</tool_call>`` does (``tool_scan.QuotedTag``: a quote the model left unescaped).
+  hermes' ``</tool_call>`` does (``tool_scan.NextTag``: a quote the model left unescaped), and
+  where the output ends inside a call (``_finish``).
   Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).
@@ -169,6 +170,12 @@ class ToolParser:
                 content, calls = joined((content, calls), self._hermes())
                 continue
             break
+        while self.kind == "mistral" and self._inside and self._scan.read and not self._next.literal:
+            # The output ended inside a call's object: a quote or backslash left unescaped ("C:\")
+            # made the rest a string, or a brace was left open, the calls after it none. Its next
+            # [TOOL_CALLS] ends it and the rest is read, as hermes' end reads its first tag
+            self._next = NextTag(_TOOL_CALLS, literal=True)
+            content, calls = joined((content, calls), self._mistral())
         if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
             found = [
                 self._add(decoded_call(item, ("arguments",)), calls) for item in _whole_items(self._held[self._at :])

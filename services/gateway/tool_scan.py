@@ -257,9 +257,12 @@ class NextTag:
     It ends at the first tag its object may have closed before (``QuotedTag.balanced``), not at
     the one where its quotes showed unsound: an escaped closing quote ("C:\\") shows only at a
     later tag, the calls between were taken into it. One per call; each character is read once
-    across looks."""
+    across looks. ``literal``: the first tag ends the call, the check not asked (the output ended
+    inside its object, which a later tag cannot belong to whole: as hermes' end reads it,
+    ``ToolParser._finish``)."""
 
     tag: str
+    literal: bool = False
     read: int = 0  # characters from the object's start looked at for the tag
     first: int | None = None  # where the first tag its object may have closed before is, from its start
     _find: TagEnd = field(init=False)
@@ -274,6 +277,8 @@ class NextTag:
         limit = len(text) if close is None else close
         while (at := self._find.find(text, start + self.read)) is not None and at < limit:
             self.read = at + len(self.tag) - start
+            if self.literal:
+                return at
             if self._check.balanced(text, start, at):
                 self.first = at - start if self.first is None else self.first
                 if self._check.unsound(text, start, at):
