@@ -303,10 +303,14 @@ class ToolParser:
             if len(head) < len(_ARGS) and _ARGS.startswith(head):  # nothing yet, or "[AR": which is it?
                 return content, out
             array = head[0] == "[" and head != _ARGS
-            start = first if array else self._held.find("{", first, first + _NAME_ROOM)
-            if start < 0 and len(self._held) >= first + _NAME_ROOM:  # no name and object: text
-                content += _TOOL_CALLS + self._held[self._at : first + _NAME_ROOM] if not self.calls else ""
-                self._at, self._inside = first + _NAME_ROOM, False
+            # (a name ends before the next call's tag: "x y[TOOL_CALLS]ping[ARGS]{}" took ping's
+            # object as x y's, a name with spaces, so ping was lost)
+            room = self._held.find(_TOOL_CALLS, first, first + _NAME_ROOM)
+            room = first + _NAME_ROOM if room < 0 else room
+            start = first if array else self._held.find("{", first, room)
+            if start < 0 and len(self._held) >= room:  # no name and object: text
+                content += _TOOL_CALLS + self._held[self._at : room] if not self.calls else ""
+                self._at, self._inside = room, False
                 continue
             if start < 0:
                 return content, out  # not whole yet

@@ -115,3 +115,12 @@ def test_an_argument_quoting_many_tags_is_counted_once_through(kind: str, monkey
         counted[0] = 0
         assert read(kind, pieces)[:2] == ("", [("write", arguments)])
         assert counted[0] <= len(text)
+
+
+def test_a_mistral_tag_no_call_follows_is_text_to_the_next_tag() -> None:
+    """Its name was looked for up to 146 characters on, past the next [TOOL_CALLS]: "x y" took
+    ping's object as its own (a name with spaces, no call), so ping was lost."""
+    for before in ("", _mistral("{}", "ping")):
+        text = "Looking. " + before + MISTRAL_TAG + "x y " + _mistral("{}", "ping")
+        expected = ("Looking. " + ("" if before else MISTRAL_TAG + "x y "), [PING] * (1 + bool(before)))
+        assert read("mistral", [text])[:2] == read("mistral", list(text))[:2] == expected
