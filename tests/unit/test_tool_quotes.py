@@ -57,7 +57,7 @@ def test_a_call_whose_escaped_quote_took_in_the_next_calls_ends_at_its_first_tag
 
 @pytest.mark.parametrize("kind", CALLS)
 @pytest.mark.parametrize("arguments", ['{"path": "C:\\"}', '{"q": "5" inches"'])
-def test_a_call_the_output_ends_in_a_string_of_is_text_at_the_next_calls_tag(kind: str, arguments: str) -> None:
+def test_a_call_the_output_ends_inside_is_text_at_the_next_calls_tag(kind: str, arguments: str) -> None:
     """A backslash left unescaped ("C:\\") or a brace left open made the rest the call's, the
     next call's tag with it (no unsound quote, or no "}", before it for the check): the output
     ended inside it, all of it text, the good call after it lost. hermes' end reads its first
