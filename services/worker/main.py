@@ -414,9 +414,9 @@ class WorkerService:
         # Those waiting on arrival (a grammar, a moved cache, a long text prompt's tokens) or queued for
         # this loop (``Commands.queued``) wait too, as vLLM counts a request waiting for its grammar
         preparing = [*(p.req for p in self.preparing.values()), *self.commands.queued.values()]
-        retired = self.adapters.retired()
+        retired, stays = self.adapters.retired(), self.records.outage  # (stays: its moves refused, move_out)
         stats = worker_stats(
-            self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, retired, preparing
+            self.s.worker_id, self.engine, self.lengths, self.kv_seconds, self.kv_tokens, retired, preparing, stays
         )
         reads = self.adapters.reads_stats()
         return msgspec.structs.replace(

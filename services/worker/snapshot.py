@@ -52,13 +52,17 @@ def worker_stats(
     kv_tokens: int = 0,
     retired: Collection[str] = (),
     preparing: Collection[GenerateRequest] = (),
+    stays: bool = False,
 ) -> WorkerStats:
     """``engine``'s load and residency as ``worker`` publishes them; ``kv_seconds`` / ``kv_tokens``:
     what the moved caches it took cost, in all; ``retired``: the engine keys of adapter versions
     replaced or removed (their requests are pinned here); ``preparing``: the requests taken in and
     not yet in the engine, waiting on arrival (a moved one's cache, a grammar's compile) or queued for
     the task that owns it (``Commands.queued``): waiting too, as vLLM counts one waiting for its
-    grammar. (Its adapter reads' figures: the worker's own.)"""
+    grammar; ``stays``: every request is pinned here, the worker's progress writes failing
+    (``ProgressRecords.outage``): it refuses a move of any (``move_out``), and freed by its refusal a
+    request was planned and refused again at each look while they failed. (Its adapter reads'
+    figures: the worker's own.)"""
     e, st = engine, engine.stats
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
@@ -86,7 +90,7 @@ def worker_stats(
             rank=e.adapters[seq.adapter].rank if seq.adapter in e.adapters else 0,
             # waiting for its adapter's read here (its rank not known yet: it went to a worker whose
             # max_lora_rank was below it), or on a version retiring here
-            pinned=seq.adapter in retired or seq.adapter is not None and seq.adapter not in e.adapters,
+            pinned=stays or seq.adapter in retired or seq.adapter is not None and seq.adapter not in e.adapters,
             version=version_of(seq.adapter) if seq.adapter else "",
         )
         for seq in queue

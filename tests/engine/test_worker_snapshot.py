@@ -30,6 +30,8 @@ def test_stats_speak_of_adapter_names_and_add_up(tiny_llama: TinyOutput) -> None
     assert {r.request_id: (r.rank, r.pinned) for r in st.requests} == {"a": (rank, False), "b": (0, False)}
     st = worker_stats("w0", engine, OutputLengths(), retired={"lora-0@abc123"})  # its version replaced since
     assert {r.request_id: r.pinned for r in st.requests} == {"a": True, "b": False}
+    # its progress writes failing, it refuses every move (``move_out``): each stays, said so
+    assert all(r.pinned for r in worker_stats("w0", engine, OutputLengths(), stays=True).requests)
     engine.loading.add("lora-1@def456")  # a request waiting for its adapter's read: its rank not known yet
     engine.add_request("c", prompt_token_ids=[5, 6], params=SamplingParams(max_tokens=4), adapter="lora-1@def456")
     assert {r.request_id: r.pinned for r in worker_stats("w0", engine, OutputLengths()).requests}["c"]

@@ -323,7 +323,8 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
     """w0's progress writes fail (Redis refusing them): it rightly refuses a plan's move of its
     request, whose record lacks the tokens sent (a resume from it would lose them). The migrator took
     that move as made and left the request out of its plans for ``settle_s`` (10 s; left by the last
-    session): w0's stats now say the moves it refused, by plan, and the migrator frees them."""
+    session): w0's stats now say the moves it refused, by plan, and the migrator frees them; and
+    while its writes fail they pin its requests, or each was planned and refused again at each look."""
     store = StateStore(redis)
     async with _two_workers(nats_server, store, tiny_llama) as (workers, client):
         seen: list[TokenChunk] = []
@@ -347,14 +348,19 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
         async with asyncio.timeout(30):
             while not workers["w0"].records.outage:
                 await asyncio.sleep(0.01)
+        failing = time.time()  # (stats read before it may say the refusal, their requests not pinned)
         migrator.looks.moved("p1", ["r"], time.monotonic())
         await _plan(client, 1, "r")
         async with asyncio.timeout(30):
-            while (st := msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)).refused_moves == {}:
+            while not (st := msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)).refused_moves:
                 pass
+            while st.taken < failing:
+                st = msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)
         await stats.unsubscribe()  # (unread, its queue held the connection's drain 30 s)
-        assert st.refused_moves == {"p1": ["r"]} and [r.request_id for r in st.requests] == ["r"]
+        # and while its writes fail, its requests stay pinned: planned again, each was refused again
+        assert st.refused_moves == {"p1": ["r"]} and [(r.request_id, r.pinned) for r in st.requests] == [("r", True)]
+        free = msgspec.structs.replace(st, requests=[msgspec.structs.replace(r, pinned=False) for r in st.requests])
         async with asyncio.timeout(30):  # (the migrator's handler has the same stats): free for the next plan
-            while migrator.looks.settled(cluster_snapshot([st], {}, settings), time.monotonic()).requests[0].pinned:
+            while migrator.looks.settled(cluster_snapshot([free], {}, settings), time.monotonic()).requests[0].pinned:
                 await asyncio.sleep(0.01)
         assert "r" in workers["w0"].streams and not any(c.worker == "w1" for c in seen)
