@@ -56,15 +56,20 @@ async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = Fa
 
 
 @asynccontextmanager
-async def _two_workers(
-    nats_server: Server, store: StateStore, tiny_llama: TinyOutput
+async def _workers(
+    nats_server: Server,
+    store: StateStore,
+    tiny_llama: TinyOutput,
+    names: tuple[str, ...] = ("w0", "w1"),
+    **settings: object,
 ) -> AsyncIterator[tuple[dict[str, WorkerService], nats.NATS]]:
-    """w0 and w1 running (``start_workers``) and a client, stopped and closed after."""
+    """Workers ``names`` running (``start_workers``, with ``settings``) and a client, stopped and
+    closed after."""
     stop = asyncio.Event()
     conns: list[nats.NATS] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks)
+        workers = await start_workers(names, nats_server, store, tiny_llama, stop, conns, tasks, **settings)
         client = await nats.connect(nats_server.url)
         conns.append(client)
         yield workers, client
@@ -79,7 +84,7 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput
 ) -> None:
     store = StateStore(redis)
-    async with _two_workers(nats_server, store, tiny_llama) as (workers, client):
+    async with _workers(nats_server, store, tiny_llama) as (workers, client):
         owner = uuid.uuid4().hex[:8]
         seen: list[TokenChunk] = []
         moved: list[Inflight | None] = []  # the record as w1's first chunk came
@@ -122,7 +127,7 @@ async def test_a_moved_request_reports_its_first_runs_prefix_cache_hit(
     first run's 32). A 40-token prompt, its two full blocks cached on w0 by an earlier request, runs
     there and is moved to w1 (which has nothing cached) by a plan: the reader reports 32."""
     store = StateStore(redis)
-    async with _two_workers(nats_server, store, tiny_llama) as (_, client):
+    async with _workers(nats_server, store, tiny_llama) as (_, client):
         owner = uuid.uuid4().hex[:8]
         streams = {rid: ReplyStream(rid) for rid in ("warm", "r")}
 
@@ -220,19 +225,12 @@ async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
     """A trial: a plan of 4,000 moves between other workers made w0 (async scheduling, streaming
     one request) take each up as a command, taking its step in flight in early for each: 4,000
     early takes and a 0.47 s stall of its stream."""
-    stop = asyncio.Event()
-    conns, tasks = [], []
-    try:
-        engine = small_engine(async_scheduling=True)
-        workers = await start_workers(
-            ("w0",), nats_server, StateStore(redis), tiny_llama, stop, conns, tasks, engine=engine
-        )
+    engine = small_engine(async_scheduling=True)
+    async with _workers(nats_server, StateStore(redis), tiny_llama, ("w0",), engine=engine) as (workers, client):
         w0 = workers["w0"].engine
         early: list[int] = []
         drain = w0.drain
         w0.drain = lambda: early.append(1) or drain()  # type: ignore[method-assign]
-        client = await nats.connect(nats_server.url)
-        conns.append(client)
         owner = uuid.uuid4().hex[:8]
         got: list[TokenChunk] = []
 
@@ -255,11 +253,6 @@ async def test_a_plan_moving_others_requests_leaves_a_worker_s_steps_alone(
                 await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
         assert not early and workers["w0"].commands.empty()
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
@@ -270,12 +263,9 @@ async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
     vllm:request_queue_time_seconds lost the wait of exactly the requests the migrator moves for
     waiting. It says both (WAIT_S here at least: the source held it that long unscheduled)."""
     store = StateStore(redis)
-    stop = asyncio.Event()
-    conns, tasks = [], []
     wait_s = 1.0
-    try:
-        engine = small_engine(max_num_seqs=1, device="cpu", dtype="float32")
-        workers = await start_workers(("w0", "w1"), nats_server, store, tiny_llama, stop, conns, tasks, engine=engine)
+    engine = small_engine(max_num_seqs=1, device="cpu", dtype="float32")
+    async with _workers(nats_server, store, tiny_llama, engine=engine) as (workers, client):
         step = workers["w0"].engine.step
 
         def slow():  # type: ignore[no-untyped-def]
@@ -283,8 +273,6 @@ async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
             return step()
 
         workers["w0"].engine.step = slow  # type: ignore[method-assign]
-        client = await nats.connect(nats_server.url)
-        conns.append(client)
         owner = uuid.uuid4().hex[:8]
         first: dict[str, TokenChunk] = {}
 
@@ -310,11 +298,6 @@ async def test_a_request_moved_while_it_waited_reports_its_whole_queue_time(
                 await asyncio.sleep(0.01)
         assert first["r"].worker == "w1" and first["r"].queue_seconds is not None
         assert first["r"].queue_seconds >= wait_s, first["r"]
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in conns:
-            await c.drain()
 
 
 async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_the_next_plan(
@@ -326,7 +309,7 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
     session): w0's stats now say the moves it refused, by plan, and the migrator frees them; and
     while its writes fail they pin its requests, or each was planned and refused again at each look."""
     store = StateStore(redis)
-    async with _two_workers(nats_server, store, tiny_llama) as (workers, client):
+    async with _workers(nats_server, store, tiny_llama) as (workers, client):
         seen: list[TokenChunk] = []
 
         async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
