@@ -69,7 +69,8 @@ class RoundTrips:
         lower the figure, never raise it; taken as the trip, a small model solved to optimum in
         0.2 s kept back 0.3 s of its bound at every later plan), at ``pace``. ``solved``: it gave a
         solution (optimal, or its incumbent at the limit); a run that gave none (an infeasible
-        model, ended at once, or killed) may raise the figure, never lower it nor set the first:
+        model ended at once, or none found by the limit) may raise the figure, never lower it nor
+        set the first (a CBC killed is not observed: ``ilp.solve`` returns before):
         read as having run to its limit, an infeasible end counted a round trip of 0 (left by the
         last session), and the next plans kept back only the floor."""
         trip = max(0.0, elapsed - limit if stopped else elapsed) / max(1.0, pace)
