@@ -75,9 +75,10 @@ __all__ = [
 # A LoRA weight of the language model's layers, named as PEFT saves it for a causal LM
 # (base_model.model.model.layers...) or as the base names the module (transformers' load_adapter
 # reads those); any other prefix is another part's (a vision tower's), which PEFT does not load
-# into this model. Groups: layer, parent, target, A or B, the adapter name a key may carry.
+# into this model. Groups: layer, parent, target, A or B, the adapter name a key may carry. The
+# layer's digits are bounded: int() of 5,000 of them raised ValueError past every handler (a 500).
 _KEY = re.compile(
-    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.([\w-]+))?\.weight"
+    r"(?:base_model\.model\.)?(?:model\.)?layers\.(\d{1,9})\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.([\w-]+))?\.weight"
 )
 # The adapter name a key may carry: PEFT's default, which PeftModel.from_pretrained loads under; a
 # key of another name, PEFT leaves unloaded (its lora_B stays zero: the base model's output).

@@ -9,7 +9,9 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from dlora.model.adapters import AdapterError
 from dlora.services.gateway.admin import check_adapter
@@ -171,3 +173,20 @@ def test_a_pattern_the_matcher_reads_otherwise_than_peft_is_refused(
     if key == "layers_pattern":
         _set_raw(adapter, "layers_to_transform", "[0, 1]")
     _refused_everywhere(adapter, root, engine_cfg, fragment)
+
+
+@pytest.mark.parametrize("target", ["q_proj", "down_proj"])
+def test_a_layer_index_python_cannot_read_is_a_400_not_a_500(
+    adapter: Path, root: Path, engine_cfg, target: str
+) -> None:
+    """A weights key's layer index of 5,000 digits: ``int()`` raised ValueError (Python's 4300
+    digit limit) past the handlers, a 500 at registration and a worker's load failing unsaid,
+    whether the config selects the projection or not; refused naming the tensor."""
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    parent = "self_attn" if target == "q_proj" else "mlp"
+    tensors[f"base_model.model.model.layers.{'9' * 5_000}.{parent}.{target}.lora_A.weight"] = np.zeros(
+        (8, 64), np.float32
+    )
+    save_file(tensors, weights)
+    _refused_everywhere(adapter, root, engine_cfg, "tensor 'base_model.model.model.layers.999")
