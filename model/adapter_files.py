@@ -66,7 +66,7 @@ class AdapterLimits(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     adapter is registered (``[gateway.adapter_limits]``) and each worker when it loads one
     (``[worker.engine.adapter_limits]``); give both the same values, or adapters the gateway
     accepts fail their requests on the workers (400 naming the limit where the adapter's rank or
-    scaling passes a worker's: ``AdapterOverLimit``)."""
+    scaling is above a worker's: ``AdapterOverLimit``)."""
 
     # Highest LoRA rank of any module (vLLM's max_lora_rank; 512 is the largest it supports).
     max_lora_rank: int = 512
