@@ -1,6 +1,6 @@
-"""adapter_config.json as hostile input: a file inside the roots may be anyone's, so whatever it
-holds is refused with a 400 naming it (and by a worker's loader alike), never a 500 from a parser's
-own limits, nor a registration that never ends."""
+"""adapter_config.json (and the weights file's key names) as hostile input: a file inside the
+roots may be anyone's, so whatever it holds is refused with a 400 naming it (and by a worker's
+loader alike), never a 500 from a parser's own limits, nor a registration that never ends."""
 
 from __future__ import annotations
 
