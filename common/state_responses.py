@@ -25,12 +25,16 @@ from typing import cast
 from redis.asyncio import Redis
 
 # The responses holding an item (KEYS[first..], one sorted set per item) made to include ``id``,
-# scored by when it expires (now + ``ms``, on Redis's clock), each set kept as long as its last holder
+# scored by when it expires (now + ``ms``, on Redis's clock), each set kept as long as its last holder.
+# Those expired dropped as it is written: a set written again before its last holder expires (an
+# item a client sends back with every request) never expires, and lookups alone pruned it.
 _HOLD_LUA = """
 local function hold(first, id, ms)
   local t = redis.call('TIME')
-  local expires = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ms))
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local expires = string.format('%d', now + tonumber(ms))
   for i = first, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', string.format('%d', now))
     redis.call('ZADD', KEYS[i], expires, id)
     if redis.call('PTTL', KEYS[i]) < tonumber(ms) then redis.call('PEXPIRE', KEYS[i], ms) end
   end

@@ -325,3 +325,19 @@ async def test_whether_a_response_is_streamed_is_read_in_one_transaction(redis: 
     before = (await redis.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
     assert await s.streamed("resp_1", "t")
     assert (await redis.info("commandstats"))["cmdstat_exec"]["calls"] == before + 1
+
+
+async def test_an_items_holders_set_drops_expired_holders_as_it_is_written(redis: Redis) -> None:
+    """An item sent back with every request (a client's own item id) is held anew before its last
+    holder expires, so its set never expired: its expired holders, dropped by lookups alone, piled
+    up while no item_reference read it. Each write drops them."""
+    s, key = StateStore(redis), f"{StateStore(redis).p}:response-holders:t:msg_x"
+    await s.put_response("resp_0", "t", b"{}", b"[]", 60.0, ["msg_x"])  # (the set outlives resp_1)
+    await s.put_response("resp_1", "t", b"{}", b"[]", 0.001, ["msg_x"])
+    for _ in range(10_000):  # (until Redis has expired it: a bound by count, not time)
+        if not await redis.exists(f"{s.p}:response:t:resp_1"):
+            break
+        await asyncio.sleep(0.001)
+    await s.put_response("resp_2", "t", b"{}", b"[]", 60.0, ["msg_x"])
+    assert await redis.zrange(key, 0, -1) == [b"resp_0", b"resp_2"]
+
