@@ -45,7 +45,7 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      (``item_reference``'s index), each scored by its expiry (ms,
                                      Redis's clock), written with them; gone with the last
 - ``{p}:response-item:{tenant}:{item}`` str an older gateway's index entry (one holder): read
-                                     where an item has no holders' set, left to its TTL
+                                     where an item's holders' set has none left, left to its TTL
 - ``{p}:response-events:{tenant}:{id}`` list a streamed background response's SSE frames, in
                                      order (index = sequence_number), its TTL, appended only
                                      by the run its record names (``gateway/background.py``)

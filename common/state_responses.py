@@ -10,8 +10,8 @@ its conversation or output, each scored by when it expires (ms, Redis's clock), 
 holder lives, and the set goes with the last. (A chain's turns and a conversation's forks each
 hold their whole conversation: one index entry naming a single holder was a 404 once that one was
 deleted, though a fork still held the item.) ``{p}:response-item:{tenant}:{item id}``, a string
-naming one holder, is what gateways before the set wrote: read where an item has no set.
-``state.py`` lists every key. A part of ``StateStore``.
+naming one holder, is what gateways before the set wrote: read where an item's set has no holder
+left. ``state.py`` lists every key. A part of ``StateStore``.
 
 Under its tenant (its API key's; "" without keys): a response's id is its client's X-Request-Id
 where one is sent (vLLM's), so one tenant naming its request as another's response was stored
@@ -64,21 +64,22 @@ return 1
 
 # For each item (KEYS[2k-1], its holder set; KEYS[2k], an older gateway's single entry), the holder
 # that expires last whose record is there (ARGV[1] .. id), holders expired or gone (a delete raced
-# by a retry's rewrite left them) dropped; false: none. (Records are named by id, not in KEYS:
-# which holders an item has is known only once its set is read.)
+# by a retry's rewrite left them, or an older gateway's delete, which knows no set) dropped; then,
+# none left, the one the older entry names, if there: during a rolling upgrade a set can outlive
+# its holders while an older gateway's turn still holds the item; false: none. (Records are named
+# by id, not in KEYS: which holders an item has is known only once its set is read.)
 _HOLDERS_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for k = 1, #KEYS, 2 do
   local found = false
-  if redis.call('EXISTS', KEYS[k]) == 1 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%d', now))
-    for _, id in ipairs(redis.call('ZREVRANGE', KEYS[k], 0, -1)) do
-      if redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id break end
-      redis.call('ZREM', KEYS[k], id)
-    end
-  else
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%d', now))
+  for _, id in ipairs(redis.call('ZREVRANGE', KEYS[k], 0, -1)) do
+    if redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id break end
+    redis.call('ZREM', KEYS[k], id)
+  end
+  if not found then
     local id = redis.call('GET', KEYS[k + 1])
     if id and redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id end
   end

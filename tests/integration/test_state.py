@@ -341,3 +341,17 @@ async def test_an_items_holders_set_drops_expired_holders_as_it_is_written(redis
     await s.put_response("resp_2", "t", b"{}", b"[]", 60.0, ["msg_x"])
     assert await redis.zrange(key, 0, -1) == [b"resp_0", b"resp_2"]
 
+
+async def test_an_older_gateways_index_entry_is_read_when_the_items_set_has_no_holder_left(redis: Redis) -> None:
+    """Rolling upgrade: an older gateway indexed an item as one string naming its turn; a newer
+    gateway's turn holding it too made a set, and an older gateway's DELETE of that turn (which
+    knows no set) left the set naming only a holder gone. The lookup read the set alone: a 404
+    though the older turn still held the item. None left in the set, the older entry is read."""
+    s = StateStore(redis)
+    await s.put_response("resp_old", "t", b"{}", b"[]", 60.0)  # (an older gateway's: no set)
+    await redis.set(f"{s.p}:response-item:t:msg_x", "resp_old", px=60_000)
+    assert await s.responses_of_items(["msg_x"], "t") == ["resp_old"]
+    await s.put_response("resp_new", "t", b"{}", b"[]", 60.0, ["msg_x"])
+    assert await s.responses_of_items(["msg_x"], "t") == ["resp_new"]
+    await redis.delete(f"{s.p}:response:t:resp_new")  # (an older gateway's DELETE: the record alone)
+    assert await s.responses_of_items(["msg_x"], "t") == ["resp_old"]
