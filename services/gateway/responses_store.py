@@ -162,7 +162,7 @@ class Keeping:
             return False
         # Every item of the conversation, not only its own: indexed by the response that first stored
         # it alone, an earlier turn's item was a 404 once that turn expired or was deleted, though
-        # each later turn of its chain still held it (``StateStore.put_response``: the newest wins)
+        # each later turn of its chain still held it (``StateStore.put_response``: one more holder of each)
         self._record = (response["id"], items, response, _ids([*self.items, *response["output"]]))
         return True
 
@@ -228,7 +228,8 @@ class ResponsesStore:
         ``response`` as it stands: a background one whose run was lost ended first (``settled``).
 
         Raises:
-            APIError(404): none such for ``tenant`` (``param``: the field that named it).
+            APIError(404): none such for ``tenant``; named by ``param`` "previous_response_id",
+                a 400 (``not_found``).
         """
         try:
             async with self.bound():
@@ -268,10 +269,11 @@ class ResponsesStore:
         conversation already over ``max_bytes``).
 
         Raises:
-            APIError(400): previous_response_id not a string, or the store off, or naming a
-                background response not over (its answer would be left out of the conversation);
-                a function call of the previous response's left without its output (``answered``).
-            APIError(404): ``conversation``'s, and a previous response not there.
+            APIError(400): previous_response_id not a string, or not there (OpenAI's code
+                ``previous_response_not_found``), or the store off, or naming a background
+                response not over (its answer would be left out of the conversation); a function
+                call of the previous response's left without its output (``answered``).
+            APIError(404): ``conversation``'s.
         """
         previous = body.previous_response_id
         if previous is not None and not isinstance(previous, str) or previous == "":
