@@ -331,19 +331,27 @@ class ResponsesStore:
         return stored
 
     async def _items_of(self, wanted: list[str], tenant: str) -> dict[str, Any]:
+        stored: dict[str, Any] = {}
         async with self.bound():
-            holders = await self.state.responses_of_items(wanted, tenant)
-            if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:
-                why = f"item_references name items of {len(responses)} responses, at most {MAX_REFERENCED} at once"
-                raise APIError(400, why, param="input")
-            stored: dict[str, Any] = {}
-            for response_id in responses:
-                got = await self.state.response_fields(response_id, tenant, "input", "response")
-                if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
-                    continue  # (deleted since, or replaced: its items' references are 404s)
-                for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
-                    if isinstance(item, dict) and item.get("id") in wanted and item["id"] not in stored:
-                        stored[item["id"]] = item
+            # Looked up once more for those whose holder was gone when read: a DELETE between the
+            # lookup and the read (of a fork, a later turn) left the item held by another, a 404
+            for _ in range(2):
+                missing = [w for w in wanted if w not in stored]
+                holders = await self.state.responses_of_items(missing, tenant)
+                if len(responses := {h for h in holders if h is not None}) > MAX_REFERENCED:
+                    why = f"item_references name items of {len(responses)} responses, at most {MAX_REFERENCED} at once"
+                    raise APIError(400, why, param="input")
+                gone = False
+                for response_id in responses:
+                    got = await self.state.response_fields(response_id, tenant, "input", "response")
+                    if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
+                        gone = True  # (deleted since, or replaced)
+                        continue
+                    for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
+                        if isinstance(item, dict) and item.get("id") in missing and item["id"] not in stored:
+                            stored[item["id"]] = item
+                if not gone:
+                    break
         return stored
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -235,3 +236,31 @@ async def test_cancelling_a_stored_response_is_vllms_400_and_an_unknown_one_a_40
         assert (await client.responses.retrieve(made.id)).model_dump() == made.model_dump()  # (untouched)
     finally:
         await client.close()
+
+
+async def test_a_holder_deleted_between_the_lookup_and_its_read_leaves_the_item_to_another(redis: Redis) -> None:
+    """A fork's DELETE landing between an item_reference's lookup (which picked that fork, the
+    holder that expires last) and the read of its conversation made the item a 404, though the
+    other fork still held it. Its holder gone, the item is looked up once more."""
+    import contextlib
+    from collections.abc import AsyncIterator, Sequence
+
+    from dlora.common.state import StateStore
+    from dlora.services.gateway.responses_store import ResponsesStore
+
+    class DeletedAfterLookup(StateStore):  # (the race made to happen: the real store, a DELETE after its first lookup)
+        async def responses_of_items(self, item_ids: Sequence[str], tenant: str) -> list[str | None]:
+            found = await super().responses_of_items(item_ids, tenant)
+            if await self.delete_response("resp_c", tenant, ["msg_a"]):
+                assert found == ["resp_c"]
+            return found
+
+    @contextlib.asynccontextmanager
+    async def unbound() -> AsyncIterator[None]:
+        yield
+
+    state, item = DeletedAfterLookup(redis), {"type": "message", "id": "msg_a", "role": "user", "content": "kalo"}
+    for fork, ttl_s in (("resp_b", 60.0), ("resp_c", 120.0)):  # (resp_c expires last: the one looked up)
+        await state.put_response(fork, "t", b'{"output": []}', msgspec.json.encode([item]), ttl_s, ["msg_a"])
+    store = ResponsesStore(state, unbound, 60.0, 1 << 20)
+    assert await store.referenced([_ref("msg_a")], [], "t") == {"msg_a": item}
