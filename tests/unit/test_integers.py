@@ -12,8 +12,10 @@ import pytest
 
 from dlora.common import integers
 from dlora.common.integers import NotWhole, integer_fields, whole
+from dlora.services.gateway.keys import KeyBody
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody, decode_body
 from dlora.services.gateway.responses_api import ResponsesBody
+from dlora.services.gateway.tokenize_routes import DetokenizeBody
 
 COMPLETION = {"model": "m", "prompt": "x"}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -73,6 +75,28 @@ def test_the_briefs_examples_and_what_stays_refused() -> None:
     with pytest.raises(APIError) as refused:  # an unknown field stays a 400 (OpenAI's)
         decode_body(json.dumps(COMPLETION | {"top_k": 40.0, "topk": 1}).encode(), CompletionBody)
     assert refused.value.param == "topk"
+
+
+def test_an_int_inside_a_list_or_a_constrained_int_takes_an_integral_float_too() -> None:
+    """Where the type asks for an int, not only a top-level ``int | None``: a token id list's items
+    (pydantic's lax list[int] takes [1.0, 2.0]) and an ``Annotated[int, ...]`` (a key's limits)."""
+    body = decode_body(
+        json.dumps(COMPLETION | {"stop_token_ids": [1.0, 2], "allowed_token_ids": [3.0]}).encode(), CompletionBody
+    )
+    assert (body.stop_token_ids, body.allowed_token_ids) == ([1, 2], [3])
+    assert all(type(t) is int for t in body.stop_token_ids)
+    assert decode_body(b'{"tokens": [1.0, 2.0]}', DetokenizeBody).tokens == [1, 2]
+    key = decode_body(b'{"tenant": "acme", "burst": 5.0, "concurrency": 4.0}', KeyBody)
+    assert (key.burst, key.concurrency) == (5, 4)
+    assert {"burst", "concurrency"} <= integer_fields(KeyBody)
+    with pytest.raises(APIError) as refused:  # a fraction in a list: its field, and where in it
+        decode_body(json.dumps(COMPLETION | {"stop_token_ids": [1, 2.5]}).encode(), CompletionBody)
+    assert refused.value.param == "stop_token_ids" and "at `$.stop_token_ids[1]`" in refused.value.message
+    # where a float is taken (temperature, logit_bias's values, a prompt's list of anything) it stays one
+    body = decode_body(
+        json.dumps(COMPLETION | {"temperature": 1.0, "logit_bias": {"5": 2.0}, "n": 2.0}).encode(), CompletionBody
+    )
+    assert (type(body.temperature), body.logit_bias, body.n) == (float, {"5": 2.0}, 2)
 
 
 def test_a_body_that_decodes_strictly_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
