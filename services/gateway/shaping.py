@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from dlora.common import subjects
+from dlora.common import integers, subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.model.config import ModelConfig
 from dlora.services.gateway.call_ids import CALL_ID_LENGTHS
@@ -445,7 +445,7 @@ def prompt_ids(
     """Each prompt's token ids, and its text where it came as a string (tokenized with the special
     tokens the tokenizer puts around a text, a Llama tokenizer's BOS, unless
     ``add_special_tokens`` is false). A completions ``prompt`` is a string, a list of token ids,
-    or a list of either (several prompts).
+    or a list of either (several prompts); a token id may be written as an integral float (``5.0``).
 
     Raises:
         APIError(400): another form, or a token id outside [0, ``vocab_size``).
@@ -456,8 +456,12 @@ def prompt_ids(
         if isinstance(p, str):
             out.append((list(tokenizer.encode(p, add_special_tokens=add_special_tokens)), p))
             continue
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise APIError(400, "prompt must be a string, a list of token ids, or a list of either", param="prompt")
+        try:  # 5.0 is 5, as vLLM's lax list[int] reads it (common/integers.py)
+            p = [integers.whole("prompt", t) for t in p]
+        except integers.NotWhole:
+            raise APIError(
+                400, "prompt must be a string, a list of token ids, or a list of either", param="prompt"
+            ) from None
         if any(not 0 <= t < vocab_size for t in p):
             raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
         out.append((list(p), None))

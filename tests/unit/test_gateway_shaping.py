@@ -229,6 +229,9 @@ def test_malformed_prompts_and_too_many_choices(served: ServedModel) -> None:
         "prompt",
         "prompt must be a string, a list of token ids, or a list of either",
     )
+    for bad in ([1.5], [[1, 2], [True]]):  # a fraction or a bool is no token id (an integral float is: vLLM's)
+        assert refused(served, {"prompt": bad}).param == "prompt"
+    assert [c.request.prompt_token_ids for c in shape(served, {"prompt": [[5.0, 6], [7e0]]}).choices] == [[5, 6], [7]]
     e = refused(served, {"prompt": [served.vocab_size]})
     assert e.message == f"prompt token ids must be in [0, {served.vocab_size})"
     e = refused(served, {"prompt": ["a", "b", "c"], "n": 100})
