@@ -172,6 +172,19 @@ def test_a_repetition_penalty_far_from_one_saturates_where_it_overflowed() -> No
         assert sample(logits, [p], [None], [history]) == [1 if seen_wins else 0]
 
 
+def test_a_saturated_logit_stays_finite_under_any_temperature_sampled_with() -> None:
+    """Saturated at float32's largest, a favoured logit divided by a temperature below 1 (0.7, a
+    common default) became infinity again and the softmax NaN: the request failed as before."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    history = ([1, 2, 4], [3])
+    for temperature in (0.7, 0.5, sampler.GREEDY_BELOW):
+        p = SamplingParams(repetition_penalty=1e-40, temperature=temperature)
+        rows = sampler.filtered_probs_rows(apply_penalties_rows(logits, [p], [history]), [p])
+        one = sampler.filtered_probs(apply_penalties(logits[0], p, *history), p)
+        assert rows.isfinite().all() and one.isfinite().all(), (temperature, rows, one)
+        assert sample(logits, [p], [0], [history]) == [1]
+
+
 def test_frequency_and_presence_penalties_follow_openai() -> None:
     logits = torch.zeros(6)
     output = [2, 2, 2, 4]

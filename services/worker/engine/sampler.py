@@ -54,6 +54,9 @@ def has_penalties(p: SamplingParams) -> bool:
 
 
 _FINITE = torch.finfo(torch.float32)
+# Where a seen logit saturates: divided by the smallest temperature sampled with (GREEDY_BELOW) it
+# stays finite (at float32's largest, temperature 0.7 made it infinity again and the softmax NaN).
+_SATURATED = _FINITE.max * GREEDY_BELOW / 2
 
 
 def repetition(picked: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -61,14 +64,14 @@ def repetition(picked: torch.Tensor, penalty: torch.Tensor | float) -> torch.Ten
     ``penalty`` a float or a tensor broadcast to it): a positive logit divided by it, any other
     multiplied. Any penalty above 0 is taken (vLLM's bound), and one far from 1 (1e-40, 1e300) would
     push a finite logit past float32 (to infinity, or NaN as 0 x inf), failing a valid request:
-    such a logit saturates at float32's largest instead, as favoured or shunned as float32 says.
-    A masked (-inf) logit stays masked."""
+    such a logit saturates instead (at ``_SATURATED``, which any temperature keeps finite), as
+    favoured or shunned as float32 says. A masked (-inf) logit stays masked."""
     if isinstance(penalty, torch.Tensor):
         penalty = penalty.clamp(_FINITE.tiny, _FINITE.max)
     else:
         penalty = min(max(penalty, _FINITE.tiny), _FINITE.max)
     out = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return torch.where(picked.isfinite(), out.clamp(-_FINITE.max, _FINITE.max), out)
+    return torch.where(picked.isfinite(), out.clamp(-_SATURATED, _SATURATED), out)
 
 
 def apply_penalties(
