@@ -30,16 +30,20 @@ class NotWhole(ValueError):
         self.path = f"$.{field}" if path is None else path
 
 
+def integral(value: object) -> object:
+    """``value``, an integral float as its int, anything else as it is (for a check after it to
+    refuse in its own words)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # (not inf, NaN)
+
+
 def whole(name: str, value: object) -> int:
     """``value`` of the integer field ``name`` as an int (an integral float as its integer).
 
     Raises:
         NotWhole: anything else, in the words "top_k must be an integer, got 40.5".
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():  # (False for infinities and NaN)
-        return int(value)
+    if isinstance(number := integral(value), int) and not isinstance(number, bool):
+        return number
     raise NotWhole(name, value)
 
 

@@ -39,7 +39,7 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
         '{"id": "k", "prompt": "hi \\ud800"}',  # JSON's lone surrogate: valid JSON, not text
         '{"id": "m", "prompt": "hi", "stop": ["\\udc00"]}',  # in any string of the line
         {"id": None, "prompt_token_ids": [True, False]},  # no id: its line's; bools are not token ids
-        {"id": "n", "prompt_token_ids": [5, 6], "max_tokens": 0.0, "prompt_logprobs": 0},  # as 1.0 is refused
+        {"id": "n", "prompt_token_ids": [5, 6], "max_tokens": 0.0, "prompt_logprobs": 0},  # 0.0 is 0, as 1.0 is 1
         {"id": "o", "prompt_token_ids": [5, 6], "max_tokens": 0, "prompt_logprobs": 0, "min_tokens": 1},
         # logprobs are written out (they were computed and dropped)
         {"id": "l", "prompt_token_ids": [5, 6], "max_tokens": 2, "logprobs": 1},
@@ -74,7 +74,8 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert "duplicate id 'e'" in errors["e@line-11"] and "duplicate id 'line-2'" in errors["line-2@line-12"]
     assert "adapter must be a string" in errors["j"] and "lone UTF-16 surrogate" in errors["k"]
     assert "lone UTF-16 surrogate" in errors["m"] and "list of integers" in errors["line-16"]
-    assert all("max_tokens 0 asks for the prompt's logprobs alone" in errors[i] for i in "no")
+    assert "max_tokens 0 asks for the prompt's logprobs alone" in errors["o"]
+    assert (by_id["n"]["token_ids"], [e[0] for e in by_id["n"]["prompt_logprobs"]]) == ([], [6])
     logprobs = by_id["l"]["logprobs"]
     assert [entry[0] for entry in logprobs] == by_id["l"]["token_ids"] and all(len(e[2]) == 1 for e in logprobs)
 
@@ -294,6 +295,10 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
         {"id": "nofit", "prompt_token_ids": [5] * 512, "max_tokens": None},
         {"id": "odd", "prompt_token_ids": 5, "max_tokens": None},  # named, not a TypeError
         {"id": "stops", "prompt": "kalo remi", "max_tokens": 2, "stop": 3},  # still refused, named
+        # integral floats are ints (vLLM's run_batch reads them so), a fraction is named
+        {"id": "floats", "prompt": "kalo remi", "max_tokens": 8.0, "n": 1.0, "min_tokens": 0.0},
+        {"id": "float_ids", "prompt_token_ids": [5.0] * 500, "max_tokens": None, "ignore_eos": True},
+        {"id": "frac", "prompt": "kalo remi", "max_tokens": 8.5},
     ]
     by_id = run(lines)
     cut = greedy["text"].index(stop)
@@ -302,6 +307,8 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
     assert (len(by_id["fill"]["token_ids"]), by_id["fill"]["finish_reason"]) == (12, "length")
     assert "context" in by_id["nofit"]["error"] and "list of integers" in by_id["odd"]["error"]
     assert "stop" in by_id["stops"]["error"]
+    assert by_id["floats"]["token_ids"] == greedy["token_ids"] and len(by_id["float_ids"]["token_ids"]) == 12
+    assert "max_tokens must be an integer, got 8.5" in by_id["frac"]["error"]
 
 
 def test_generate_takes_detokenize_false_as_vllm(tiny_llama: TinyOutput, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import msgspec
 
+from dlora.common import integers
 from dlora.common.messages import SamplingParams
 from dlora.common.sampling import NULLABLE
 from dlora.common.undecodable import holds_lone_surrogate
@@ -131,7 +132,9 @@ def _submit(
     samples = 1
     try:
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
-        asked = 1 if obj.get("n") is None else obj["n"]  # vLLM's SamplingParams.n: null is 1
+        # 16.0 is 16 wherever an int is wanted, as vLLM's run_batch (pydantic, lax) and the gateway read it
+        fields = integers.with_whole_numbers(fields, SamplingParams) or fields
+        asked = 1 if obj.get("n") is None else integers.integral(obj["n"])  # vLLM's SamplingParams.n: null is 1
         if type(asked) is not int or not 1 <= asked <= MAX_N:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {asked!r}")
         samples = asked
@@ -158,6 +161,8 @@ def _submit(
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError("prompt must be a string")
+        if isinstance(ids, list):
+            ids = [integers.integral(t) for t in ids]
         if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # no bools
             raise RequestError("prompt_token_ids must be a list of integers")
         if adapter is not None and not isinstance(adapter, str):
@@ -174,7 +179,7 @@ def _submit(
             ids = engine.seqs[key].prompt_ids
             sample = msgspec.structs.replace(params, seed=seed)
             engine.add_request(f"{key}/{i}", prompt_token_ids=ids, params=sample, adapter=adapter)
-    except (msgspec.ValidationError, RequestError, GrammarUnavailable) as e:
+    except (msgspec.ValidationError, RequestError, GrammarUnavailable, integers.NotWhole) as e:
         for k in (key, *(f"{key}/{i}" for i in range(1, samples))):  # none of a refused line's samples runs
             if k in engine.seqs:
                 engine.abort(k)
