@@ -34,5 +34,7 @@ def enable(app: web.Application, s: GatewaySettings) -> None:
         max_age=MAX_AGE_S,
     )
     cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(s.allowed_origins, options))
-    for route in list(app.router.routes()):
-        cors.add(route)
+    # By resource, not by route: aiohttp-cors takes a method with a route of its own as allowed,
+    # whatever allow_methods says, so allowed_methods = ["GET"] still let a page POST.
+    for resource in list(app.router.resources()):
+        cors.add(resource)

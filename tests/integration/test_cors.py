@@ -63,9 +63,18 @@ async def test_an_allowed_origin_has_its_preflight_answered_and_reads_every_answ
         other = PREFLIGHT | {"Origin": "https://evil.example"}
         async with http.options(url + "/v1/chat/completions", headers=other) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
-    async with started(allowed_origins=[PAGE], allowed_methods=["GET"], allowed_headers=["content-type"]) as url:
-        async with aiohttp.ClientSession() as http, http.options(url + "/v1/completions", headers=PREFLIGHT) as r:
+    async with (
+        started(allowed_origins=[PAGE], allowed_methods=["GET"], allowed_headers=["content-type"]) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.options(url + "/v1/completions", headers=PREFLIGHT) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers  # neither POST nor authorization
+        # the method alone refused: a route's own method was taken as allowed, whatever allowed_methods said
+        post_only = PREFLIGHT | {"Access-Control-Request-Headers": "content-type"}
+        async with http.options(url + "/v1/completions", headers=post_only) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers, r.headers
+        async with http.options(url + "/v1/models", headers=post_only | {"Access-Control-Request-Method": "GET"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Methods"] == "GET"
 
 
 async def test_without_allowed_origins_no_cors_header_is_sent(
