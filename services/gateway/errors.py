@@ -48,7 +48,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         # Its headers kept: a 405's Allow (RFC 9110 15.5.6 requires it), a 413's and the like.
         headers = {k: v for k, v in e.headers.items() if k.lower() not in ("content-type", "content-length")}
-        return web.json_response(APIError(e.status, e.reason).body(), status=e.status, headers=headers)
+        # Its own words where it has any (aiohttp-cors's 403 names the origin, method or header it
+        # refuses), not aiohttp's default "403: Forbidden": else its reason phrase.
+        message = e.reason if e.text in (None, f"{e.status}: {e.reason}") else e.text
+        return web.json_response(APIError(e.status, message).body(), status=e.status, headers=headers)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except RedisError as e:  # a restart or outage: the client may try again, it is not a fault of ours

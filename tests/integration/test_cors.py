@@ -63,6 +63,7 @@ async def test_an_allowed_origin_has_its_preflight_answered_and_reads_every_answ
         other = PREFLIGHT | {"Origin": "https://evil.example"}
         async with http.options(url + "/v1/chat/completions", headers=other) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+            assert "'https://evil.example'" in (await r.json())["error"]["message"]  # named, not "Forbidden"
     async with (
         started(allowed_origins=[PAGE], allowed_methods=["GET"], allowed_headers=["content-type"]) as url,
         aiohttp.ClientSession() as http,
@@ -73,6 +74,7 @@ async def test_an_allowed_origin_has_its_preflight_answered_and_reads_every_answ
         post_only = PREFLIGHT | {"Access-Control-Request-Headers": "content-type"}
         async with http.options(url + "/v1/completions", headers=post_only) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers, r.headers
+            assert "method 'POST' is not allowed" in (await r.json())["error"]["message"]
         async with http.options(url + "/v1/models", headers=post_only | {"Access-Control-Request-Method": "GET"}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Methods"] == "GET"
 
