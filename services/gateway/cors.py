@@ -5,14 +5,14 @@
 header is sent and an ``OPTIONS`` is answered 405, as before. With them, every route answers its
 preflight ``OPTIONS`` (the origin, the method and the headers asked for, when allowed; a 403 naming
 what is not) and each answer to an allowed origin, an error's too (a page reads why it failed),
-carries ``Access-Control-Allow-Origin``."""
+carries ``Access-Control-Allow-Origin``; every answer says ``Vary: Origin``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import aiohttp_cors
-from aiohttp import web
+from aiohttp import hdrs, web
 
 if TYPE_CHECKING:
     from dlora.services.gateway.settings import GatewaySettings
@@ -38,3 +38,14 @@ def enable(app: web.Application, s: GatewaySettings) -> None:
     # whatever allow_methods says, so allowed_methods = ["GET"] still let a page POST.
     for resource in list(app.router.resources()):
         cors.add(resource)
+    app.on_response_prepare.append(_vary_by_origin)
+
+
+async def _vary_by_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """``Vary: Origin`` on every answer: aiohttp-cors echoes each allowed Origin (even for "*"),
+    so an answer kept by a cache for one page, or for a request with no Origin, would be read by
+    another with the wrong or no ``Access-Control-Allow-Origin`` (the Fetch standard, "CORS
+    protocol and HTTP caches"; Starlette's CORSMiddleware sends it likewise)."""
+    vary = response.headers.get(hdrs.VARY, "")
+    if vary.strip() != "*" and "origin" not in {v.strip().lower() for v in vary.split(",")}:
+        response.headers[hdrs.VARY] = f"{vary}, Origin" if vary else "Origin"

@@ -58,8 +58,10 @@ async def test_an_allowed_origin_has_its_preflight_answered_and_reads_every_answ
         body = {"model": "model", "prompt": "kalo", "max_tokens": 2}
         async with http.post(url + "/v1/completions", json=body, headers={"Origin": PAGE}) as r:
             assert r.status == 503 and r.headers["Access-Control-Allow-Origin"] == PAGE  # a page reads why
+            assert r.headers["Vary"] == "Origin"
         async with http.get(url + "/v1/models", headers={"Origin": "https://evil.example"}) as r:
             assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+            assert r.headers["Vary"] == "Origin"  # else a cache could hand this answer to the page, or its to others
         other = PREFLIGHT | {"Origin": "https://evil.example"}
         async with http.options(url + "/v1/chat/completions", headers=other) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
