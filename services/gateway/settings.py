@@ -24,7 +24,10 @@ MAX_RESPONSES_TTL_S = 10 * 365 * 86400.0
 
 
 # An origin as a browser's Origin header spells it (RFC 6454): scheme://host[:port], nothing after.
-_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")
+# Lower case, and with no default port (the URL standard's origin serialization): an origin written
+# otherwise, compared as text with the browser's, would match nothing.
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(?:[a-z0-9_.~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+_DEFAULT_PORTS = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}
 # A method or header name: an HTTP token (RFC 9110 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # The characters no HTTP header value holds: the controls but a tab, and DEL
@@ -222,9 +225,13 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
         credentials without origins: each named."""
         bad: Problems = []
         for origin in self.allowed_origins:
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
-                why = "must be '*' or scheme://host[:port] as a browser's Origin spells it (no path, no '/' after)"
+            if origin == "*":
+                continue
+            if (m := _ORIGIN.fullmatch(origin)) is None:
+                why = "must be '*' or scheme://host[:port] as a browser's Origin spells it (lower case, nothing after)"
                 bad.append(("allowed_origins", origin, why))
+            elif m[2] is not None and m[2] == _DEFAULT_PORTS.get(m[1]):
+                bad.append(("allowed_origins", origin, f"a browser's Origin leaves out {m[1]}'s default port {m[2]}"))
         for field in ("allowed_methods", "allowed_headers"):
             for name in getattr(self, field):
                 if name != "*" and not _TOKEN.fullmatch(name):

@@ -437,7 +437,8 @@ def test_cors_settings_are_read_from_the_environment_and_bad_ones_named() -> Non
     assert GatewaySettings(model="m").allowed_origins == []  # off unless set
     bad = GatewaySettings(
         model="m",
-        allowed_origins=["https://app.example.com/", "app.example.com", "*"],
+        allowed_origins=["https://app.example.com/", "app.example.com", "*", "https://App.example.com"]
+        + ["https://app.example.com:443", "http://[::1]:8080", "https://app.example.com:8443"],
         allowed_methods=["GET", "PO ST"],
         allowed_headers=["X-Ok", "a:b"],
     ).check()
@@ -445,6 +446,8 @@ def test_cors_settings_are_read_from_the_environment_and_bad_ones_named() -> Non
     assert named == [
         ("allowed_origins", "https://app.example.com/"),
         ("allowed_origins", "app.example.com"),
+        ("allowed_origins", "https://App.example.com"),  # a browser's Origin is lower case
+        ("allowed_origins", "https://app.example.com:443"),  # and leaves the default port out
         ("allowed_methods", "PO ST"),
         ("allowed_headers", "a:b"),
     ]
