@@ -127,11 +127,13 @@ def decode(raw: bytes, kind: type[T]) -> T:
     """
     try:
         return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as refused:
         try:
             lifted = with_whole_numbers(msgspec.json.decode(raw), kind)
         except NotWhole as e:
             raise msgspec.ValidationError(f"{e} - at `{e.path}`") from None
+        except RecursionError:  # nested past what the plain read follows (the typed one skipped it): its reason stands
+            raise refused from None
         if lifted is None:
             raise
     return msgspec.convert(lifted, kind)

@@ -103,3 +103,13 @@ def test_a_body_that_decodes_strictly_is_read_once(monkeypatch: pytest.MonkeyPat
     """The second reading is only for a refused body: the usual one costs what it did."""
     monkeypatch.setattr(integers, "with_whole_numbers", lambda *_: pytest.fail("read twice"))
     assert integers.decode(json.dumps(COMPLETION | {"top_k": 40}).encode(), CompletionBody).top_k == 40
+
+
+def test_a_refusal_deep_in_an_unknown_field_keeps_its_reason() -> None:
+    """The typed read refuses the unknown field without following its nesting; the second, plain
+    read (looking for integral floats) met msgspec's depth bound there and answered "nested too
+    deeply", which hid the reason (test_gateway's bad-input case)."""
+    deep = b'{"model": "m", "prompt": "x", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(APIError) as e:
+        decode_body(deep, CompletionBody)
+    assert "unknown field" in e.value.message, e.value.message
