@@ -55,3 +55,28 @@ def test_a_prefill_preempted_before_its_row_was_looked_at_keeps_the_preemption_a
     assert mate.num_preemptions == 1 and mate.lookup is None and mate.num_cached_prompt == 0
     schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
     assert mate.lookup == (10, 8) and mate.num_cached_prompt == 8 and mate.num_preemptions == 1
+
+
+def test_a_recomputed_prefill_of_a_request_preempted_before_forgets_no_lookup_already_counted() -> None:
+    """A request whose first lookup the stats took in, preempted, then admitted again with its
+    prefill dropped (``async_scheduling.recompute``: ``preempt`` and ``forget_lookup``) had its
+    first lookup forgotten as if it were still pending: its next admission was counted again (the
+    queries and hits twice for one request) and its usage's ``cached_tokens`` said what that third
+    look found. Only a lookup not yet counted is forgotten."""
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    first = seq("a", 0, 10)
+    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
+    bm.computed("a", first.all_ids(), 0, 10, b"")
+    mate = seq("m", 1, 10)
+    schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
+    assert mate.take_lookup() == (10, 8)  # the engine counted it once its step was kept
+    bm.computed("m", mate.all_ids(), 0, 10, b"")
+    preempt(mate, bm)
+    schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)  # its own blocks again: no lookup
+    assert mate.lookup is None
+    preempt(mate, bm)
+    forget_lookup(mate)
+    bm.free("a")
+    bm.reset_prefix_cache()  # the third look finds nothing
+    schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
+    assert mate.lookup is None and mate.num_cached_prompt == 8 and mate.num_preemptions == 2

@@ -425,8 +425,11 @@ def _take_back(seq: Sequence, out: Schedule) -> None:
 def forget_lookup(seq: Sequence) -> None:
     """``seq``, preempted before the step that looked it up ran: its lookup not kept, so its next
     admission looks up as its first and its usage counts what that finds (here, and
-    ``async_scheduling.recompute``, whose preemption, unlike this module's take-back, stays one)."""
-    seq.num_cached_prompt, seq.lookup, seq.looked_up = 0, None, False
+    ``async_scheduling.recompute``, whose preemption, unlike this module's take-back, stays one).
+    A no-op for one whose lookup the stats already took (an admission after a preemption made
+    none): forgotten, it was counted a second time at its next admission."""
+    if seq.lookup is not None:
+        seq.num_cached_prompt, seq.lookup, seq.looked_up = 0, None, False
 
 
 def _release(seq: Sequence, blocks: BlockManager, fresh: bool) -> None:

@@ -49,8 +49,8 @@ class Sequence:
     lookup: tuple[int, int] | None = None
     # Its first admission here with the prefix cache on was kept (counted, or one collecting prompt
     # logprobs that may not reuse): a later one, after a preemption, is not counted (vLLM's queries
-    # leave preempted requests out). Apart from ``num_preemptions``: a prefill preempted before its
-    # row was looked at (``forget_lookup``) is a preemption whose next lookup still counts.
+    # leave preempted requests out). Apart from ``num_preemptions``: a first prefill preempted before
+    # its row was looked at (``forget_lookup``) is a preemption whose next lookup still counts.
     looked_up: bool = False
     # Its prompt's tokens, until its first token is made here (then counted in prompt_tokens_total,
     # as vLLM counts at prefill: not one aborted or moved before it); 0 for a request resumed here.
