@@ -4,6 +4,8 @@ tokens against transformers + peft (``Oracle``), or its counts where the report 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 
 from dlora.common.messages import FinishReason, SamplingParams
@@ -21,9 +23,44 @@ PROMPTS = {  # a shared four-token header, as a system prompt, then each one's o
 }
 
 
+GREEDY_TOKENS = 10  # the most greedy tokens a test here compares
+Greedy = Callable[[str | None, list[int], int], list[int]]  # (adapter, prompt, n) -> the first n
+
+
 @pytest.fixture(scope="module")
 def oracle(tiny_llama: TinyOutput) -> Oracle:
     return Oracle(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def greedy(oracle: Oracle) -> Greedy:
+    """The oracle's first ``n`` greedy tokens of a prompt under an adapter: each prompt generated
+    once, ``GREEDY_TOKENS`` of them (fewer are their first ``n``), for every test here; an HF
+    ``generate`` on the CPU costs about what an engine's whole run of these few tokens does."""
+    made: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
+
+    def tokens(adapter: str | None, ids: list[int], n: int) -> list[int]:
+        assert n <= GREEDY_TOKENS
+        key = (adapter, tuple(ids))
+        if key not in made:
+            made[key] = oracle.generate(adapter, ids, GREEDY_TOKENS)
+        return made[key][:n]
+
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_llama: TinyOutput) -> LLMEngine:
+    return make_engine(tiny_llama)
+
+
+@pytest.fixture
+def plain(shared: LLMEngine) -> Iterator[LLMEngine]:
+    """An engine of the default config, shared by the tests that need no other (an engine costs
+    about what a test's run does); what a failing test leaves in it is aborted after it."""
+    yield shared
+    for rid in list(shared.seqs):
+        shared.abort(rid)
 
 
 def _drive(engine: LLMEngine, requests: dict[str, tuple[str | None, list[int], SamplingParams]]) -> dict:
@@ -43,26 +80,26 @@ def _drive(engine: LLMEngine, requests: dict[str, tuple[str | None, list[int], S
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_recompute_preemption_of_lora_requests_completes_each_with_its_own_adapter(
-    tiny_llama: TinyOutput, oracle: Oracle, async_scheduling: bool
+    tiny_llama: TinyOutput, greedy: Greedy, async_scheduling: bool
 ) -> None:
     """vllm-project/vllm #16832 (after a PreemptionMode.RECOMPUTE warning the preempted output
     was incomplete) and #38606 (KV blocks corrupted under rapid LoRA adapter alternation): four
-    requests on three adapters and the base model, sharing a prefix the cache holds, on a cache
-    of 7 blocks of 4 where all need 12: each is preempted and recomputed at least once between
-    them, and still gives max_tokens tokens, those of transformers + peft with its own adapter."""
+    requests on two adapters and the base model, sharing a prefix the cache holds, on a cache
+    of 7 blocks of 4 where they need 16: some are preempted and recomputed, and each still gives
+    max_tokens tokens, those of transformers + peft with its own adapter."""
     engine = make_engine(
         tiny_llama, block_size=4, num_blocks=7, enable_prefix_caching=True, async_scheduling=async_scheduling
     )
-    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
     got = _drive(engine, {rid: (a, ids, params) for rid, (a, ids) in PROMPTS.items()})
     assert engine.stats.preemptions > 0  # the pressure the reports are about
     for rid, (adapter, ids) in PROMPTS.items():
-        assert got[rid]["tokens"] == oracle.generate(adapter, ids, 10), rid
+        assert got[rid]["tokens"] == greedy(adapter, ids, 8), rid
         assert got[rid]["reason"] is FinishReason.LENGTH
 
 
 def test_n_choices_of_one_prompt_preempted_each_give_the_oracle_s_tokens(
-    tiny_llama: TinyOutput, oracle: Oracle
+    tiny_llama: TinyOutput, greedy: Greedy
 ) -> None:
     """vllm-project/vllm #1082 and #14759 (``n > 1``: a preempted sequence group recomputed
     wrong, "Waiting sequence group should have only one prompt sequence", an assertion on
@@ -73,13 +110,13 @@ def test_n_choices_of_one_prompt_preempted_each_give_the_oracle_s_tokens(
     engine = make_engine(tiny_llama, block_size=2, num_blocks=14, enable_prefix_caching=True)
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     got = _drive(engine, {f"cmpl-0-{i}": ("lora-2", prompt, params) for i in range(3)})
-    want = oracle.generate("lora-2", prompt, 9)
+    want = greedy("lora-2", prompt, 9)
     assert engine.stats.preemptions > 0
     assert [g["tokens"] for g in got.values()] == [want] * 3
 
 
 def test_min_tokens_holds_back_every_stop_token_and_eos_as_transformers_min_new_tokens(
-    tiny_llama: TinyOutput, oracle: Oracle
+    plain: LLMEngine, oracle: Oracle, greedy: Greedy
 ) -> None:
     """vllm-project/vllm PR #5849 (``min_tokens`` held back the tokenizer's EOS but not the other
     end-of-sequence ids, which then stopped a request early) and #21987 (``min_tokens`` not kept
@@ -87,26 +124,25 @@ def test_min_tokens_holds_back_every_stop_token_and_eos_as_transformers_min_new_
     three tokens, the request goes on as transformers' ``min_new_tokens`` (which masks each of
     ``eos_token_id``) goes on, and stops where transformers stops, on that token again or EOS."""
     adapter, ids = PROMPTS["a"]
-    first = oracle.generate(adapter, ids, 1)[0]
+    first = greedy(adapter, ids, 1)[0]
     eos = oracle.model.generation_config.eos_token_id
     ends = [first, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])]
     want = oracle.generate(adapter, ids, 12, min_new_tokens=3, eos_token_id=ends)
-    engine = make_engine(tiny_llama)
     params = SamplingParams(max_tokens=12, min_tokens=3, stop_token_ids=[first])
-    got = _drive(engine, {"r": (adapter, ids, params)})["r"]
+    got = _drive(plain, {"r": (adapter, ids, params)})["r"]
     assert len(got["tokens"]) >= 3 and got["tokens"] == want
     assert got["reason"] is (FinishReason.STOP if want[-1] in ends else FinishReason.LENGTH)
 
 
-def test_min_tokens_holds_back_a_stop_string_the_first_tokens_complete(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+def test_min_tokens_holds_back_a_stop_string_the_first_tokens_complete(plain: LLMEngine, greedy: Greedy) -> None:
     """vllm-project/vllm #21987: with ``min_tokens=200`` and ``stop=["\\n"]`` generation stopped
     at the first newline, 2 tokens in. Here the stop string is the output's first character: it
     stops a request at once (the token completing that character), and with ``min_tokens`` two
     past that the request goes on with the greedy tokens, ending at a stop string after them (or
     at max_tokens)."""
     adapter, ids = PROMPTS["b"]
-    want = oracle.generate(adapter, ids, 10)
-    engine = make_engine(tiny_llama)
+    want = greedy(adapter, ids, 10)
+    engine = plain
     engine.add_request("plain", prompt_token_ids=ids, params=SamplingParams(max_tokens=10), adapter=adapter)
     text = "".join(o.new_text for _ in range(12) for o in engine.step())
     stop = text[:1]
@@ -118,12 +154,12 @@ def test_min_tokens_holds_back_a_stop_string_the_first_tokens_complete(tiny_llam
     assert len(got["tokens"]) >= held.min_tokens and got["tokens"] == want[: len(got["tokens"])]
 
 
-def test_ignore_eos_runs_to_max_tokens_through_eos(tiny_llama: TinyOutput) -> None:
+def test_ignore_eos_runs_to_max_tokens_through_eos(plain: LLMEngine) -> None:
     """huggingface/text-generation-inference #1544 (``ignore_eos_token`` ignored: one EOS token and
     finish_reason eos_token) and vectorch-ai/ScaleLLM #304 (``ignore_eos`` with ``max_tokens`` 1024
     stopped at 560). EOS made certain by ``logit_bias``: with ``ignore_eos`` every one of the
     ``max_tokens`` is generated, EOS each, and it ends on length; without it, on the first."""
-    engine = make_engine(tiny_llama)
+    engine = plain
     eos = engine.primary_eos
     assert eos is not None
     biased = {"logit_bias": {eos: 100.0}, "max_tokens": 6}
@@ -139,23 +175,22 @@ def test_ignore_eos_runs_to_max_tokens_through_eos(tiny_llama: TinyOutput) -> No
 
 
 def test_a_seeded_request_draws_the_same_tokens_whether_its_batch_mate_is_seeded_or_not(
-    tiny_llama: TinyOutput,
+    tiny_llama: TinyOutput, plain: LLMEngine
 ) -> None:
     """vllm-project/vllm #51226 (on CPU, ``seed=42`` was not respected when another request of the
     batch had no seed; giving the other one a seed made the first reproducible). A seeded request
     at temperature 0.8 draws the same tokens alone and beside another, unseeded (on an engine of
     another seed) or seeded."""
     seeded = SamplingParams(seed=42, temperature=0.8, max_tokens=8, ignore_eos=True)
-    alone = _drive(make_engine(tiny_llama), {"s": ("lora-0", [7, 8, 9, 10], seeded)})["s"]["tokens"]
-    for engine_seed, other_seed in ((12345, None), (0, 7)):
+    alone = _drive(plain, {"s": ("lora-0", [7, 8, 9, 10], seeded)})["s"]["tokens"]
+    for engine, other_seed in ((make_engine(tiny_llama, seed=12345), None), (plain, 7)):
         mate = SamplingParams(seed=other_seed, temperature=0.8, max_tokens=8, ignore_eos=True)
-        engine = make_engine(tiny_llama, seed=engine_seed)
         both = _drive(engine, {"s": ("lora-0", [7, 8, 9, 10], seeded), "m": ("lora-1", [11, 12, 13], mate)})
         assert both["s"]["tokens"] == alone
 
 
 def test_a_prompt_over_max_model_len_is_refused_and_the_engine_serves_on(
-    tiny_llama: TinyOutput, oracle: Oracle
+    tiny_llama: TinyOutput, greedy: Greedy
 ) -> None:
     """vllm-project/vllm #40302 and PR #12600 (a prompt longer than ``max_model_len`` passed
     admission and an AssertionError in the model runner killed the engine, every request in flight
@@ -172,10 +207,10 @@ def test_a_prompt_over_max_model_len_is_refused_and_the_engine_serves_on(
             engine.add_request(f"long-{n}", prompt_token_ids=[5] * n, params=SamplingParams(max_tokens=1))
     while engine.has_unfinished():
         got += [t for o in engine.step() for t in o.new_token_ids]
-    assert got == oracle.generate(adapter, ids, 6) and not engine.seqs
+    assert got == greedy(adapter, ids, 6) and not engine.seqs
 
 
-def test_a_prompt_over_the_token_budget_runs_with_chunked_prefill_off(tiny_llama: TinyOutput, oracle: Oracle) -> None:
+def test_a_prompt_over_the_token_budget_runs_with_chunked_prefill_off(tiny_llama: TinyOutput, greedy: Greedy) -> None:
     """vllm-project/vllm-metal #199 (PR #200), vllm-project/vllm #765 and PR #1534: with chunked
     prefill off, a prompt longer than ``max_num_batched_tokens`` (or than every block of the cache)
     waited in the queue for ever, and every request behind it. The budget is raised to the model's
@@ -192,18 +227,17 @@ def test_a_prompt_over_the_token_budget_runs_with_chunked_prefill_off(tiny_llama
             "short": (None, short, SamplingParams(max_tokens=4, ignore_eos=True)),
         },
     )
-    assert got["long"]["tokens"] == oracle.generate("lora-1", long, 4)
-    assert got["short"]["tokens"] == oracle.generate(None, short, 4)
+    assert got["long"]["tokens"] == greedy("lora-1", long, 4)
+    assert got["short"]["tokens"] == greedy(None, short, 4)
 
 
-def test_a_stop_string_across_two_tokens_stops_and_no_part_of_it_is_streamed(tiny_llama: TinyOutput) -> None:
+def test_a_stop_string_across_two_tokens_stops_and_no_part_of_it_is_streamed(plain: LLMEngine) -> None:
     """vllm-project/vllm #2577 (a longer stop sequence did not stop a stream) and #3574 (while
     streaming, text that could start a stop sequence was sent, and stayed sent when the sequence
     completed). The stop string is the last character of one step's text and the first of the
     next's: the request stops at that next token, and the chunks streamed add up to the text
     before the stop string, nothing of it sent."""
     adapter, ids = PROMPTS["a"]
-    plain = make_engine(tiny_llama)
     plain.add_request("p", prompt_token_ids=ids, params=SamplingParams(max_tokens=12, ignore_eos=True), adapter=adapter)
     texts = [o.new_text for _ in range(14) for o in plain.step()]
     full = "".join(texts)
@@ -211,15 +245,14 @@ def test_a_stop_string_across_two_tokens_stops_and_no_part_of_it_is_streamed(tin
     # (the first boundary whose two characters appear nowhere before it)
     cut = next(e for e in ends if 0 < e < len(full) and full.find(full[e - 1 : e + 1]) == e - 1)
     stop = full[cut - 1 : cut + 1]
-    engine = make_engine(tiny_llama)
-    engine.add_request("r", prompt_token_ids=ids, params=SamplingParams(max_tokens=12, stop=[stop]), adapter=adapter)
-    outs = [o for _ in range(14) for o in engine.step()]
+    plain.add_request("r", prompt_token_ids=ids, params=SamplingParams(max_tokens=12, stop=[stop]), adapter=adapter)
+    outs = [o for _ in range(14) for o in plain.step()]
     assert "".join(o.new_text for o in outs) == full[: cut - 1]
     assert outs[-1].finish_reason is FinishReason.STOP and outs[-1].stop_reason == stop
 
 
 def test_chunked_prefills_that_reuse_a_cached_prefix_give_the_oracle_s_tokens(
-    tiny_llama: TinyOutput, oracle: Oracle
+    tiny_llama: TinyOutput, greedy: Greedy
 ) -> None:
     """vllm-project/vllm PR #7753 (chunked prefill and prefix caching enabled together: a chunk
     starting inside a cached prefix) and #15730 (bad generations under many parallel queries that
@@ -238,4 +271,4 @@ def test_chunked_prefills_that_reuse_a_cached_prefix_give_the_oracle_s_tokens(
     got = first | _drive(engine, {rid: (*p, params) for rid, p in prompts.items() if rid != "a"})
     assert engine.stats.prefix_cache_hits > 0
     for rid, (adapter, ids) in prompts.items():
-        assert got[rid]["tokens"] == oracle.generate(adapter, ids, 5), rid
+        assert got[rid]["tokens"] == greedy(adapter, ids, 5), rid
