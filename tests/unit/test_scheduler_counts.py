@@ -4,6 +4,7 @@ the engine's ``vllm:num_preemptions`` counts the same ones)."""
 
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import forget_lookup, preempt, schedule
+from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import StepDecision
 from tests.unit.test_scheduler import CHUNKED, seq
 
@@ -37,18 +38,25 @@ def test_only_lookups_a_cache_could_answer_are_counted() -> None:
     assert again.num_cached == 8 and again.lookup is None and again.num_cached_prompt == 0
 
 
-def test_a_prefill_preempted_before_its_row_was_looked_at_keeps_the_preemption_and_looks_up_anew() -> None:
-    """``async_scheduling.recompute``: a prefill whose forward ran on blocks later found not finite
-    is preempted (``preempt``) and its lookup forgotten (``forget_lookup``). The engine counted it
-    in vllm:num_preemptions, but ``forget_lookup`` took it off the request's own count (which it
-    had lowered so that the next lookup counted): the two disagreed. Now both count it, and the
-    next lookup still counts, as the one the request ran on."""
+def _admitted_after_a_cached_prompt() -> tuple[BlockManager, Sequence]:
+    """A cache holding prompt "a" (10 tokens: two full blocks of 4), and "m", of the same tokens,
+    admitted after it, its lookup pending."""
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
     first = seq("a", 0, 10)
     schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
     bm.computed("a", first.all_ids(), 0, 10, b"")
     mate = seq("m", 1, 10)
     schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
+    return bm, mate
+
+
+def test_a_prefill_preempted_before_its_row_was_looked_at_keeps_the_preemption_and_looks_up_anew() -> None:
+    """``async_scheduling.recompute``: a prefill whose forward ran on blocks later found not finite
+    is preempted (``preempt``) and its lookup forgotten (``forget_lookup``). The engine counted it
+    in vllm:num_preemptions, but ``forget_lookup`` took it off the request's own count (which it
+    had lowered so that the next lookup counted): the two disagreed. Now both count it, and the
+    next lookup still counts, as the one the request ran on."""
+    bm, mate = _admitted_after_a_cached_prompt()
     assert mate.lookup == (10, 8)
     preempt(mate, bm)
     forget_lookup(mate)
@@ -63,12 +71,7 @@ def test_a_recomputed_prefill_of_a_request_preempted_before_forgets_no_lookup_al
     first lookup forgotten as if it were still pending: its next admission was counted again (the
     queries and hits twice for one request) and its usage's ``cached_tokens`` said what that third
     look found. Only a lookup not yet counted is forgotten."""
-    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
-    first = seq("a", 0, 10)
-    schedule(StepDecision(None, ["a"]), {"a": first}, bm, CHUNKED)
-    bm.computed("a", first.all_ids(), 0, 10, b"")
-    mate = seq("m", 1, 10)
-    schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
+    bm, mate = _admitted_after_a_cached_prompt()
     assert mate.take_lookup() == (10, 8)  # the engine counted it once its step was kept
     bm.computed("m", mate.all_ids(), 0, 10, b"")
     preempt(mate, bm)
