@@ -4,9 +4,9 @@ the engine's ``vllm:num_preemptions`` counts the same ones)."""
 
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import forget_lookup, preempt, schedule
-from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.engine.sequence import PRIORITY_SPAN, Sequence
 from dlora.services.worker.policy import StepDecision
-from tests.unit.test_scheduler import CHUNKED, seq
+from tests.unit.test_scheduler import CHUNKED, LIMITS, running, seq
 
 
 def test_a_fresh_prefill_starts_after_its_cached_prefix_and_the_lookup_is_counted() -> None:
@@ -83,3 +83,16 @@ def test_a_recomputed_prefill_of_a_request_preempted_before_forgets_no_lookup_al
     bm.reset_prefix_cache()  # the third look finds nothing
     schedule(StepDecision(None, ["m"]), {"m": mate}, bm, CHUNKED)
     assert mate.lookup is None and mate.num_cached_prompt == 8 and mate.num_preemptions == 2
+
+
+def test_a_readmission_taken_back_in_its_step_forgets_no_lookup_already_counted() -> None:
+    """``_take_back`` (a prompt admitted and preempted in one step) forgets its lookup too: one
+    admitted again after a preemption, its first lookup long counted, had it forgotten, and its
+    next admission was counted again."""
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    urgent = running(seq("urgent", 0, 12, outputs=1), bm)  # 3 blocks: its next token needs the 4th
+    prompt = seq("prompt", 1 + 5 * PRIORITY_SPAN, 3)  # a lower priority, decided first
+    prompt.looked_up, prompt.num_cached_prompt, prompt.num_preemptions = True, 2, 1  # counted, then preempted
+    plan = schedule(StepDecision(None, ["prompt", "urgent"]), {"prompt": prompt, "urgent": urgent}, bm, LIMITS)
+    assert plan.seqs == [urgent] and prompt.num_preemptions == 1  # taken back
+    assert prompt.looked_up and prompt.lookup is None and prompt.num_cached_prompt == 2
