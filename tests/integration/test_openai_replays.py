@@ -65,7 +65,8 @@ async def test_logprobs_answer_in_openais_shape(stack: Stack) -> None:
     assert len(content) == whole["usage"]["completion_tokens"] == 3
     assert all(e["top_logprobs"] == [] and e["logprob"] <= 0 and e["bytes"] for e in content), content
     events = await stream(stack, "/v1/chat/completions", CHAT | {"logprobs": True})
-    streamed = [x for e in events[:-1] if e["choices"] and e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["content"]]
+    parts = [e["choices"][0]["logprobs"] for e in events[:-1] if e["choices"]]
+    streamed = [x for p in parts if p for x in p["content"]]
     # the same tokens; logprobs to float rounding (the stream's prompt comes from the prefix cache)
     assert [{**e, "logprob": pytest.approx(e["logprob"], abs=1e-5)} for e in content] == streamed
     status, refused = await post(stack, "/v1/chat/completions", CHAT | {"top_logprobs": 2})
