@@ -260,6 +260,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     if not isinstance(tree, dict):  # (llguidance said "Expecting object schema to apply options")
         why = "accepts no document" if tree is False else f"is a JSON {_KINDS.get(type(tree), 'number')}"
         raise NotASchema(f"{why}: a JSON Schema is an object, or true (any JSON value)")
+    if (why := _unenforced(tree)) is not None:
+        raise NotASchema(why)
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
     branches = {id(b) for node in nodes for k in _BRANCHES if isinstance(node.get(k), list) for b in node[k]}
@@ -296,6 +298,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
             _name_required(node)
+        if (why := _repeatable_keys(node)) is not None:  # (as closed, counts made integers)
+            raise NotASchema(why)
     if misread is not None and bound is None:  # (a bound past 2**63 is said as such)
         key, value, read = misread
         raise NotASchema(
@@ -418,4 +422,34 @@ def _open(node: dict[str, Any]) -> bool:
         and "patternProperties" not in node
         and "additionalProperties" not in node
         and "unevaluatedProperties" not in node
+    )
+
+
+def _unenforced(tree: dict[str, Any]) -> str | None:
+    """Why the grammar engine would leave part of schema ``tree`` unenforced, or None. llguidance's
+    "x-guidance" option ``lenient`` drops every keyword it does not implement (its #136), where
+    they are otherwise refused: {"not": {"type": "string"}} beside it answered a string, a 200."""
+    options = tree.get("x-guidance")
+    if isinstance(options, dict) and options.get("lenient") not in (None, False):
+        return (
+            'asks for "x-guidance" "lenient", which drops the keywords the grammar engine does not '
+            "enforce: a keyword it cannot enforce is refused instead, naming it"
+        )
+    return None
+
+
+def _repeatable_keys(node: dict[str, Any]) -> str | None:
+    """Why ``node``'s minProperties cannot be enforced, or None. The grammar engine counts the
+    keys it writes, and a key of patternProperties or additionalProperties may be written twice
+    ({"b": 3, "b": 4}: llguidance #168's counting), which every JSON reader takes as one: two
+    keys asked for, one read. A minimum of 0 or 1, or keys only its named properties, holds."""
+    least = node.get("minProperties")
+    if type(least) is not int or least < 2:
+        return None
+    others = node.get("additionalProperties", True) is not False or isinstance(node.get("patternProperties"), dict)
+    if not others:
+        return None
+    return (
+        f"asks for minProperties {least} of an object whose patternProperties or additionalProperties "
+        "keys the grammar engine may write twice (read as one key): name the properties, or ask for at most 1"
     )

@@ -1,0 +1,157 @@
+"""Public structured-output bug reports (vLLM, xgrammar, llguidance and servers built on them)
+replayed against dlora's engine: each output is checked against its schema, regex or choice
+(the grammar binds a random model's tokens), and a schema feature the grammar engine would not
+enforce is refused naming it, never served loose."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from dlora.common.messages import FinishReason, SamplingParams
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine import RequestError
+from dlora.services.worker.engine.structured import GrammarError, check
+from tests.engine.helpers import make_engine
+from tests.engine.test_structured import PROMPT, run
+
+SEEDS = range(6)
+
+
+def sampled(tiny_llama: TinyOutput, params: SamplingParams, max_tokens: int = 48) -> list[str]:
+    """The texts of one request per seed (temperature 1), each ended by its constraint (STOP)."""
+    engine = make_engine(tiny_llama)
+    asked = {f"s{seed}": SamplingParams(**{**_fields(params), "temperature": 1.0, "seed": seed, "max_tokens": max_tokens}) for seed in SEEDS}
+    out = run(engine, asked)
+    texts = []
+    for rid, (_, text, reason) in out.items():
+        assert reason is FinishReason.STOP, (rid, text)
+        texts.append(text)
+    return texts
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {f: getattr(params, f) for f in ("json_schema", "regex", "choice", "grammar")}
+
+
+def schema(value: dict) -> SamplingParams:
+    return SamplingParams(json_schema=json.dumps(value))
+
+
+def test_a_pattern_beside_length_bounds_keeps_both(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm #45592, mlc-ai/xgrammar #895 (and #131): with a ``pattern`` the string's
+    ``minLength``/``maxLength`` were dropped, a 200 whose string broke a column bound."""
+    texts = sampled(
+        tiny_llama,
+        schema(
+            {
+                "type": "object",
+                "properties": {"k": {"type": "string", "pattern": "^[a-z]+$", "minLength": 2, "maxLength": 3}},
+                "required": ["k"],
+            }
+        ),
+    )
+    for text in texts:
+        assert re.fullmatch("[a-z]{2,3}", json.loads(text)["k"]), text
+
+
+def test_a_choice_that_begins_another_is_answered_whole(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm #12225 and #13260: guided_choice answered a sentence around the choice, or
+    never ended. Each output is one choice exactly, "yes" able to end where "yes please" goes on."""
+    choices = ["yes", "yes please", "no"]
+    for text in sampled(tiny_llama, SamplingParams(choice=choices)):
+        assert text in choices, text
+
+
+def test_draft_04_boolean_exclusive_bounds_are_exclusive(tiny_llama: TinyOutput) -> None:
+    """cloudflare/doca #61, Qiskit/ibm-quantum-schemas #17: draft-04's ``exclusiveMinimum: true``
+    (a flag on ``minimum``, a number from draft-06 on) read as another draft's allowed the bound."""
+    bounds = {"type": "integer", "minimum": 5, "exclusiveMinimum": True, "maximum": 8, "exclusiveMaximum": True}
+    for text in sampled(tiny_llama, schema({"$schema": "http://json-schema.org/draft-04/schema#", **bounds})):
+        assert json.loads(text) in (6, 7), text
+
+
+def test_refs_anyof_enum_and_bounds_are_all_followed(tiny_llama: TinyOutput) -> None:
+    """raullenchai/Rapid-MLX #419 (upstream waybarrios/vllm-mlx #546): a schema of $defs, $ref,
+    anyOf, enum and numeric bounds, shallowly converted, answered an array of strings where an
+    object was asked for. Every part binds here: the object, its enum, its bounds, its null branch."""
+    texts = sampled(
+        tiny_llama,
+        schema(
+            {
+                "$defs": {"label": {"enum": ["New", "Mostly New", "Known"]}},
+                "type": "object",
+                "properties": {
+                    "score": {"type": "integer", "minimum": 0, "maximum": 10},
+                    "label": {"$ref": "#/$defs/label"},
+                    "note": {"anyOf": [{"type": "null"}, {"type": "boolean"}]},
+                },
+                "required": ["score", "label", "note"],
+                "additionalProperties": False,
+            }
+        ),
+    )
+    for text in texts:
+        doc = json.loads(text)
+        assert set(doc) == {"score", "label", "note"}, text
+        assert 0 <= doc["score"] <= 10 and doc["label"] in ("New", "Mostly New", "Known"), text
+        assert doc["note"] is None or isinstance(doc["note"], bool), text
+
+
+def test_an_anchor_reference_is_resolved(tiny_llama: TinyOutput) -> None:
+    """ai-dynamo/dynamo #12795 (guided-decoding schema validation): ``$anchor`` references and
+    their cycles took a backend down or were left unresolved; here one is followed."""
+    anchored = {"$defs": {"d": {"$anchor": "digit", "type": "integer", "minimum": 0, "maximum": 3}}, "$ref": "#digit"}
+    for text in sampled(tiny_llama, schema(anchored)):
+        assert json.loads(text) in (0, 1, 2, 3), text
+
+
+@pytest.mark.parametrize(
+    "value,keyword",
+    [
+        ({"if": {"type": "integer"}, "then": {"minimum": 3}, "else": {"type": "string"}}, "if"),
+        ({"type": "array", "contains": {"const": 5}}, "contains"),
+        ({"type": "array", "contains": {"type": "integer"}, "minContains": 2}, "minContains"),
+        ({"type": "object", "propertyNames": {"pattern": "^[a-c]$"}}, "propertyNames"),
+        ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+    ],
+)
+def test_keywords_the_engine_cannot_enforce_are_refused_naming_them(value: dict, keyword: str) -> None:
+    """kekzl/imp #1567 (and googleapis/go-genai #886): validation keywords accepted and silently
+    discarded, a request that bounds its output answered as if it had not. Refused, named."""
+    with pytest.raises(GrammarError, match=keyword):
+        check(schema(value))
+
+
+def test_llguidance_lenient_mode_is_refused_not_a_loose_document(tiny_llama: TinyOutput) -> None:
+    """guidance-ai/llguidance #136: its "lenient" option ignores every keyword it cannot enforce.
+    Sent in a schema's "x-guidance", {"not": {"type": "string"}} was served as any value (a string
+    too), a 200; now a 400 naming the option, on the gateway's check and on the worker."""
+    loose = {"not": {"type": "string"}, "x-guidance": {"lenient": True}}
+    with pytest.raises(GrammarError, match="lenient"):
+        check(schema(loose))
+    with pytest.raises(RequestError, match="lenient"):
+        make_engine(tiny_llama).add_request("x", prompt_token_ids=PROMPT, params=schema(loose))
+    check(schema({"type": "integer", "x-guidance": {"lenient": False}}))  # asks for nothing loose
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"type": "object", "patternProperties": {"^[a-c]$": {"type": "integer"}}, "additionalProperties": False},
+        {"type": "object", "additionalProperties": {"type": "integer"}},
+    ],
+    ids=["pattern", "additional"],
+)
+def test_min_properties_over_keys_that_may_repeat_is_refused(value: dict) -> None:
+    """guidance-ai/llguidance #168 (min/maxProperties, counted as written): a key of
+    patternProperties or additionalProperties may be written twice, {"b": 3, "b": 4}, which every
+    JSON reader takes as one key: minProperties 2 answered one. Refused, naming it; a count its
+    named properties hold, and a minimum of 1, are served."""
+    with pytest.raises(GrammarError, match="minProperties 2"):
+        check(schema({**value, "minProperties": 2.0}))
+    check(schema({**value, "minProperties": 1, "maxProperties": 2}))
+    named = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "minProperties": 2}
+    check(schema({**named, "required": ["a", "b"]}))  # closed over its names: no key repeats
