@@ -23,7 +23,10 @@ SEEDS = range(6)
 def sampled(tiny_llama: TinyOutput, params: SamplingParams, max_tokens: int = 48) -> list[str]:
     """The texts of one request per seed (temperature 1), each ended by its constraint (STOP)."""
     engine = make_engine(tiny_llama)
-    asked = {f"s{seed}": SamplingParams(**{**_fields(params), "temperature": 1.0, "seed": seed, "max_tokens": max_tokens}) for seed in SEEDS}
+    asked = {
+        f"s{seed}": SamplingParams(**{**_fields(params), "temperature": 1.0, "seed": seed, "max_tokens": max_tokens})
+        for seed in SEEDS
+    }
     out = run(engine, asked)
     texts = []
     for rid, (_, text, reason) in out.items():
@@ -155,3 +158,26 @@ def test_min_properties_over_keys_that_may_repeat_is_refused(value: dict) -> Non
     check(schema({**value, "minProperties": 1, "maxProperties": 2}))
     named = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "minProperties": 2}
     check(schema({**named, "required": ["a", "b"]}))  # closed over its names: no key repeats
+
+
+def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> None:
+    """json-schema-org/json-schema-spec #1469: a pattern's "." is ECMA-262's, any character but a
+    line terminator (\\n, \\r, U+2028, U+2029). The grammar engine's (Rust's) left out \\n alone:
+    "^.{2}$" took "a\\r", which a JavaScript client's validator refuses. An escaped dot and a dot in
+    a class are the character itself; patternProperties names are read alike."""
+    engine = make_engine(tiny_llama)
+
+    def takes(value: dict, text: str) -> bool:
+        matcher = engine.grammars.matcher(schema(value), [])
+        assert matcher is not None
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        return matcher.consume_tokens(ids) and not matcher.is_error() and matcher.is_accepting()
+
+    dots = {"type": "string", "pattern": "^a.$"}
+    assert takes(dots, '"ab"') and takes(dots, '"a."')
+    for terminator in ("\\r", "\\n", "\u2028", "\\u2028", "\u2029"):
+        assert not takes(dots, f'"a{terminator}"'), terminator
+    assert takes({"type": "string", "pattern": "^[.]\\.$"}, '".."')
+    assert not takes({"type": "string", "pattern": "^[.]\\.$"}, '"\\r."')
+    keys = {"type": "object", "patternProperties": {"^k.$": {"type": "integer"}}, "additionalProperties": False}
+    assert takes(keys, '{"ka": 1}') and not takes(keys, '{"k\\r": 1}')

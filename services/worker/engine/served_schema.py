@@ -295,6 +295,7 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             changed = True
         if id(node) not in branches and (implied := _implied_type(node)) is not None:
             node["type"], changed = implied, True
+        changed = _ecma_patterns(node) or changed
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
             _name_required(node)
@@ -453,3 +454,38 @@ def _repeatable_keys(node: dict[str, Any]) -> str | None:
         f"asks for minProperties {least} of an object whose patternProperties or additionalProperties "
         "keys the grammar engine may write twice (read as one key): name the properties, or ask for at most 1"
     )
+
+
+# ECMA-262's "." (JSON Schema's pattern dialect) matches any character but a line terminator:
+# \n, \r, U+2028 and U+2029 (json-schema-org/json-schema-spec #1469). llguidance's patterns
+# (Rust's regex) leave out \n alone, and "^.{3}$" answered "a\rb", a string a JavaScript
+# client's validator (ajv) refuses. Written as the class ECMA-262 means.
+_ECMA_DOT = "[^\\n\\r\u2028\u2029]"
+
+
+def _ecma_dots(pattern: str) -> str:
+    """``pattern`` with each "." outside an escape and a character class written as ``_ECMA_DOT``
+    ("a.b" is "a", the class, "b"; "\\." and "[.]" stay)."""
+    out, in_class, escaped = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in "[]":
+            in_class = char == "["
+        elif char == "." and not in_class:
+            char = _ECMA_DOT
+        out.append(char)
+    return "".join(out)
+
+
+def _ecma_patterns(node: dict[str, Any]) -> bool:
+    """``node``'s pattern and patternProperties names read as ECMA-262 reads their "."
+    (``_ecma_dots``); whether one changed."""
+    before = node.get("pattern"), node.get("patternProperties")
+    if isinstance(before[0], str):
+        node["pattern"] = _ecma_dots(before[0])
+    if isinstance(before[1], dict):
+        node["patternProperties"] = {_ecma_dots(name): value for name, value in before[1].items()}
+    return (node.get("pattern"), node.get("patternProperties")) != before
