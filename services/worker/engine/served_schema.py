@@ -2,7 +2,9 @@
 
 llguidance holds numeric bounds in 64-bit integers (past them it clamps, or crashed its process),
 refuses string formats it does not know and counts written as integral floats (pydantic's and
-JavaScript generators' schemas), and reads an object that names its properties as open to others.
+JavaScript generators' schemas), reads an object that names its properties as open to others and
+a pattern's "." as Rust's, and leaves some keywords unenforced (its "lenient" option; a
+minProperties its keys may repeat past), which are refused.
 ``served_schema`` screens and rewrites a schema for those; ``bound_in_grammar`` screens a
 grammar's JSON blocks for the bounds.
 """
@@ -248,9 +250,11 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     and outlines read it, and vLLM makes its guidance backend do: PR #15949): pydantic writes no
     additionalProperties, and llguidance's reading (JSON Schema's, any others allowed) let a model
     add keys without end. Keywords llguidance lacks are left
-    out at values that constrain nothing (``_NO_OPS``). Rewritten only where one of those was
-    found. The boolean schema ``true`` is served as ``{}``; raises NotASchema for ``false`` and
-    documents that are no schema (llguidance's reason for them named its own options)."""
+    out at values that constrain nothing (``_NO_OPS``). A pattern's "." is ECMA-262's
+    (``_ecma_dots``). Rewritten only where one of those was found. The boolean schema ``true``
+    is served as ``{}``; raises NotASchema for ``false`` and documents that are no schema
+    (llguidance's reason for them named its own options), and for what the grammar engine would
+    leave unenforced (``_unenforced``, ``_repeatable_keys``)."""
     try:
         tree = json.loads(text, parse_float=Decimal)
     except (ValueError, RecursionError):
@@ -260,8 +264,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     if not isinstance(tree, dict):  # (llguidance said "Expecting object schema to apply options")
         why = "accepts no document" if tree is False else f"is a JSON {_KINDS.get(type(tree), 'number')}"
         raise NotASchema(f"{why}: a JSON Schema is an object, or true (any JSON value)")
-    if (why := _unenforced(tree)) is not None:
-        raise NotASchema(why)
+    if (loose := _unenforced(tree)) is not None:
+        raise NotASchema(loose)
     bound, changed, nodes = None, False, list(_schema_nodes(tree))
     closed = not any(map(_composed, nodes))
     branches = {id(b) for node in nodes for k in _BRANCHES if isinstance(node.get(k), list) for b in node[k]}
@@ -299,8 +303,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         if closed and _open(node):
             node["additionalProperties"], changed = False, True
             _name_required(node)
-        if (why := _repeatable_keys(node)) is not None:  # (as closed, counts made integers)
-            raise NotASchema(why)
+        if (repeated := _repeatable_keys(node)) is not None:  # (as closed, counts made integers)
+            raise NotASchema(repeated)
     if misread is not None and bound is None:  # (a bound past 2**63 is said as such)
         key, value, read = misread
         raise NotASchema(
