@@ -181,3 +181,17 @@ def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> No
     assert not takes({"type": "string", "pattern": "^[.]\\.$"}, '"\\r."')
     keys = {"type": "object", "patternProperties": {"^k.$": {"type": "integer"}}, "additionalProperties": False}
     assert takes(keys, '{"ka": 1}') and not takes(keys, '{"k\\r": 1}')
+
+
+@pytest.mark.parametrize(
+    "dialect", [{}, {"$schema": "http://json-schema.org/draft-03/schema#"}], ids=["none", "draft-03"]
+)
+def test_draft_03s_required_flag_is_refused_not_passed_over(dialect: dict) -> None:
+    """bcherny/json-schema-to-typescript #396 (and glideapps/quicktype #991): draft-03 marks a
+    property ``"required": true`` on the property itself; read as a later draft, the flag was passed
+    over and the property left optional ({} answered). Refused naming it: its writer meant a
+    constraint the grammar engine would drop. ``"required": false`` asks for nothing: served."""
+    flagged = {"type": "object", "properties": {"a": {"type": "integer", "required": True}}, **dialect}
+    with pytest.raises(GrammarError, match='"required": true'):
+        check(schema(flagged))
+    check(schema({"type": "object", "properties": {"a": {"type": "integer", "required": False}}, **dialect}))

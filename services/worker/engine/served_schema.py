@@ -305,6 +305,8 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             _name_required(node)
         if (repeated := _repeatable_keys(node)) is not None:  # (as closed, counts made integers)
             raise NotASchema(repeated)
+        if node.get("required") is True:  # draft-03's flag, which the grammar engine passed over
+            raise NotASchema('holds "required": true (draft-03\'s): list the name in its object\'s "required" array')
     if misread is not None and bound is None:  # (a bound past 2**63 is said as such)
         key, value, read = misread
         raise NotASchema(
