@@ -168,22 +168,23 @@ class Recovery:
         else:
             logger.warning("worker lost", worker=worker)
             self.metrics.losses.inc()
-        await self._recover_on(worker, stopped=stopped)
+        await self._recover_on(worker)
 
-    async def _recover_on(self, worker: str, stopped: bool = False) -> None:
-        """Re-dispatch every request recorded as in flight on ``worker`` (lost, or ``stopped``:
-        drained, its records what its hand-over left), and drop its index entries that name no
-        record of it any more."""
+    async def _recover_on(self, worker: str) -> None:
+        """Re-dispatch every request recorded as in flight on ``worker``, and drop its index entries
+        that name no record of it any more. Its line says "lost" where one record was of a start
+        that did not stop cleanly, else "stopped" (a drain's hand-back went unheard)."""
         request_ids = await self.store.inflight_on(worker)
-        stale = []
+        stale, died = [], 0
         for rid in request_ids:
             try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
                 rec = await self.store.get_inflight(rid)
                 if rec is not None and rec.worker == worker:
                     # A start of the worker that drained and stopped handed this back; the message
                     # went unheard (no dispatcher up): not a death.
-                    stopped = await self.store.stopped_cleanly(worker, rec.incarnation)
-                    await self._recover(rec, died=not stopped)
+                    clean = await self.store.stopped_cleanly(worker, rec.incarnation)
+                    died += not clean
+                    await self._recover(rec, died=not clean)
                 else:
                     stale.append(rid)
             except bus.STATE_OUTAGE:
@@ -193,10 +194,10 @@ class Recovery:
         await self.store.unindex(worker, stale)
         # Said only where there were some: every drained worker (a rolling restart, a host taken
         # out) wrote a warning about "a lost worker" with requests=0 after its "worker stopped".
+        # By the records, not the caller's verdict: the last record's stop named the whole lot
+        # (a lost start's request beside an earlier clean start's was said to be a stopped one's).
         if recovered := len(request_ids) - len(stale):
-            what = (
-                "requests of a stopped worker re-dispatched" if stopped else "requests of a lost worker re-dispatched"
-            )
+            what = "requests of a lost worker re-dispatched" if died else "requests of a stopped worker re-dispatched"
             logger.warning(what, worker=worker, requests=recovered)
 
     async def _recover_orphans(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+import structlog
 from redis.asyncio import Redis
 
 from dlora.common import subjects
@@ -239,8 +240,6 @@ async def test_a_drained_worker_is_logged_as_stopped_not_as_lost(nats_server: Se
     """An operator's rolling restart: a worker that drained and stopped with nothing left on it
     was logged as "worker stopped", then warned of as "requests of a lost worker re-dispatched"
     (requests=0). It is neither counted nor warned of; one lost with records left still is."""
-    import structlog
-
     async with _dispatcher(nats_server, redis, "w-live", "test.drained.reply") as r:
         dispatcher, store = r.dispatcher, r.store
         dispatcher.workers["w-live"] = (_idle("w-live"), time.monotonic())
@@ -255,3 +254,21 @@ async def test_a_drained_worker_is_logged_as_stopped_not_as_lost(nats_server: Se
         assert (await _next(r.forwarded, GenerateRequest)).request_id == "left"
         warned = [(e["event"], e.get("requests")) for e in logs if e["log_level"] == "warning"]
         assert warned == [("worker lost", None), ("requests of a lost worker re-dispatched", 1)]
+
+
+async def test_a_lost_starts_request_beside_a_clean_starts_is_said_lost(nats_server: Server, redis: Redis) -> None:
+    """The line named a worker's lot by its last record's stop: a request of a start that died,
+    beside one an earlier start handed back at a clean stop (unheard: no dispatcher was up), was
+    warned of as "requests of a stopped worker". A death among them makes them a lost one's."""
+    async with _dispatcher(nats_server, redis, "w-live", "test.mixed.reply") as r:
+        dispatcher, store = r.dispatcher, r.store
+        dispatcher.workers["w-live"] = (_idle("w-live"), time.monotonic())
+        await store.mark_stopped("w-b", "start-1")
+        for rid, start in (("a-died", "start-2"), ("b-handed", "start-1")):  # (recovered in id order)
+            req = GenerateRequest(request_id=rid, reply_to="test.mixed.reply", prompt="k")
+            await store.put_inflight(req, "w-b", incarnation=start)
+        with structlog.testing.capture_logs() as logs:
+            await dispatcher.recover("w-b", "start-2")
+        assert {(await _next(r.forwarded, GenerateRequest)).request_id for _ in range(2)} == {"a-died", "b-handed"}
+        warned = [(e["event"], e.get("requests")) for e in logs if e["log_level"] == "warning"]
+        assert warned == [("worker lost", None), ("requests of a lost worker re-dispatched", 2)]
