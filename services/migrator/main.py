@@ -44,7 +44,7 @@ class Migrator:
         # and both led and published plans from the same stats.
         self.holder = f"{settings.migrator_id}/{uuid.uuid4().hex[:8]}"
         self.tidied = False  # what older versions left unbounded in Redis, bounded once a lead
-        self.lead_said = False  # whether the log has said if it leads (each change is said too)
+        self.said: int | None = None  # the lease's epoch the log last said it leads in (0: standing by)
 
     async def _on_stats(self, st: WorkerStats) -> None:
         now = time.monotonic()
@@ -76,10 +76,10 @@ class Migrator:
         self.gaps = {w: g for w, g in self.gaps.items() if w in self.stats}
         self.asking = True  # (a stop may break the ask off after Redis gave the lease: released too)
         self.epoch = await self.store.hold_lease("migrator", self.holder, self.s.lease_s)
-        was, self.leader, self.asking = self.leader, self.epoch > 0, False
+        self.leader, self.asking = self.epoch > 0, False
         self.metrics.leads(self.leader)
-        if self.leader != was or not self.lead_said:  # the journal says who plans, and when that moved
-            self._say_lead(was)
+        if self.epoch != self.said:  # the journal says who plans, and when that moved
+            self._say_lead()
         if not self.leader:
             self.tidied = False
             return
@@ -128,17 +128,17 @@ class Migrator:
         )
         self.metrics.planned(p, published)
 
-    def _say_lead(self, was: bool) -> None:
-        """One line when this migrator takes the lease, loses it, or first finds another holding it:
-        a standby that took over from a dead leader, or two that each think they plan, were not in
-        the logs (only ``dlora_migrator_leader``)."""
+    def _say_lead(self) -> None:
+        """One line when this migrator takes the lease (again: in a new epoch, another led meanwhile),
+        loses it, or first finds another holding it: a standby that took over from a dead leader,
+        or two that each think they plan, were not in the logs (only ``dlora_migrator_leader``)."""
         if self.leader:
             logger.info("migrator leads: it plans the moves", migrator=self.holder, epoch=self.epoch)
-        elif was:
+        elif self.said:
             logger.warning("migrator lost the lease: standing by", migrator=self.holder)
         else:
             logger.info("migrator standing by: another leads", migrator=self.holder)
-        self.lead_said = True
+        self.said = self.epoch
 
     async def _still_leader(self) -> bool:
         """The solve took a while: is the lease still ours, in the same epoch?"""

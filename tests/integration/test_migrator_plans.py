@@ -137,3 +137,25 @@ async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, red
         ]
     finally:
         await nc.drain()
+
+
+async def test_a_leader_that_takes_the_lease_back_says_so(nats_server: Server, redis: Redis) -> None:
+    """A leader paused past its lease (SIGSTOP, a partition): a standby took over and said so, then
+    died, and the first one took the lease back in a new epoch unsaid, as it had led before: the
+    journal's last word was that the dead one led."""
+    store = StateStore(redis)
+    nc = await nats.connect(nats_server.url)
+    try:
+        same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
+        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
+        with structlog.testing.capture_logs() as logs:
+            await a.tick()
+            await store.release_lease("migrator", a.holder)  # a paused past its lease
+            await b.tick()
+            await store.release_lease("migrator", b.holder)  # b killed
+            await a.tick()
+        said = [(e["migrator"], e["epoch"]) for e in logs if e["event"].startswith("migrator leads")]
+        assert [m for m, _ in said] == [a.holder, b.holder, a.holder]
+        assert said[0][1] < said[1][1] < said[2][1] == a.epoch  # (epochs grow at each takeover)
+    finally:
+        await nc.drain()
