@@ -159,6 +159,7 @@ async def hand_back_late(w: WorkerService) -> None:
             lost = LostRequests(worker=w.s.worker_id, requests=late, draining=not w.device_failed, never_arrived=unrun)
             await bus.publish(w.nc, subjects.LOST, lost)
             await bus.flush(w.nc, round_trip_s=2)
+            w.handed_over.update(late)  # (the stop's last line counts them: they went elsewhere too)
             logger.info("handed back requests that came after the hand-over", requests=len(late))
     except Exception as e:  # noqa: BLE001 - see the docstring
         logger.warning("late hand-back not sent; recovered after the heartbeat TTL", error=f"{type(e).__name__}: {e}")

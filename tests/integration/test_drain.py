@@ -231,9 +231,13 @@ async def test_a_request_waiting_on_arrival_for_its_cache_is_handed_over_at_a_st
         assert lost.requests == {"moved": 0} and lost.draining
         assert not service.preparing and "moved" not in service.pending
         service.draining = True
+        # one a dispatcher sent before it heard of the drain, its message not come: handed back late
+        late = GenerateRequest(request_id="late", reply_to="test.x", prompt_token_ids=PROMPT, recorded=True)
+        assert await service.store.put_inflight(late, "w-a", new=True, incarnation=service.incarnation)
         with structlog.testing.capture_logs() as logs:  # the stop's last line says how it ended
             await drain.leave(service)
-        assert [(e["drained"], e["handed_over"]) for e in logs if e["event"] == "worker stopped"] == [(True, 1)]
+        assert (await asyncio.wait_for(handed.get(), 60)).requests == {"late": 0}
+        assert [(e["drained"], e["handed_over"]) for e in logs if e["event"] == "worker stopped"] == [(True, 2)]
 
 
 async def test_a_failed_devices_hand_over_names_what_waited_in_no_step_as_never_run(
