@@ -113,3 +113,11 @@ def get(name: str) -> structlog.stdlib.BoundLogger:
     """A logger whose records name it: ``"logger": name``."""
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
     return logger
+
+
+def stopped(service: str, **how: object) -> None:
+    """The last line of a service's stop: ``"<service> stopped"`` at info from its logger, with
+    what the stop did (``how``: a worker's hand-over, the requests a gateway ended). The journal
+    says when a process ended, not whether its stop ran to its end or was cut off (SIGKILL at the
+    unit's ``TimeoutStopSec``): a stop with no such line was cut, or ended in an error."""
+    get(service).info(f"{service} stopped", **how)

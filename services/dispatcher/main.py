@@ -497,3 +497,4 @@ async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:
         dispatcher = Dispatcher(s, nc, store)
         async with metrics_endpoint(s, dispatcher.metrics.registry):
             await dispatcher.run(stop)
+    log.stopped("dispatcher")

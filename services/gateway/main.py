@@ -344,13 +344,14 @@ class Gateway:
         except bus.STATE_OUTAGE:
             return False
 
-    async def shutdown(self, stop: asyncio.Event | None = None) -> None:
+    async def shutdown(self, stop: asyncio.Event | None = None) -> int:
         """Before the gateway stops: refuse new requests (503); let those taken finish for up to
         ``shutdown_timeout_s`` (less if ``stop`` is hurried); then abort every request still in
         flight on its worker (published and flushed, so they go out before NATS is drained), and
         end each one's response at once with a 503 (or an error event on a stream already open)
         instead of leaving the work to run on for a client that will be cut off. The
-        announcements go on while it waits: a worker drops a silent gateway's requests."""
+        announcements go on while it waits: a worker drops a silent gateway's requests. Returns how
+        many it ended so (0: every one finished)."""
         self.closing = True
 
         def running() -> int:  # (background runs drain too)
@@ -374,6 +375,7 @@ class Gateway:
         except (NatsError, TimeoutError) as e:  # NATS is down: nothing can reach the workers anyway
             logger.warning("aborts on shutdown not confirmed", requests=len(in_flight), error=type(e).__name__)
         await self.background.settled(5.0)  # failed by the errors above: their records written before Redis closes
+        return len(in_flight)
 
     def close(self) -> None:
         """After the listener closed (no handler left to shape a request): the shaping thread ends."""
@@ -479,9 +481,10 @@ async def serve(s: GatewaySettings, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             ready.cancel()
-            await gw.shutdown(stop)
+            ended = await gw.shutdown(stop)
             await listener.close()
             gw.close()
+    log.stopped("gateway", ended=ended)
 
 
 # Bytes a dispatcher may add to a request before forwarding it (a seed, the adapter's version, its

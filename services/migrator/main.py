@@ -175,3 +175,4 @@ async def serve(s: MigratorSettings, stop: asyncio.Event) -> None:
         migrator = Migrator(s, nc, store)
         async with metrics_endpoint(s, migrator.metrics.registry):
             await migrator.run(stop)
+    log.stopped("migrator", led=migrator.leader)  # (it released the lease at the stop, Redis willing)

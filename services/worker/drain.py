@@ -175,6 +175,6 @@ async def leave(w: WorkerService) -> None:
                 await _bounded(w, lambda: w.store.mark_stopped(w.s.worker_id, w.incarnation))
     with contextlib.suppress(*bus.STATE_OUTAGE):  # its heartbeat expires by itself anyway
         await _bounded(w, lambda: w.store.forget_worker(w.s.worker_id, w.incarnation))  # (not a successor's: one_id.py)
-    # The last line of a stop: "draining" was, and the journal did not say the drain ended, nor
-    # how many requests finished here rather than went to another worker.
-    logger.info("worker stopped", drained=w.draining and not w.device_failed, handed_over=len(w.handed_over))
+    # "draining" was, and the journal did not say the drain ended, nor how many requests finished
+    # here rather than went to another worker.
+    log.stopped("worker", drained=w.draining and not w.device_failed, handed_over=len(w.handed_over))

@@ -83,6 +83,12 @@ def unanswered(
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
 
+def _last_event(log: Path) -> str:
+    """The event of a service's last JSON log line."""
+    event: str = json.loads(log.read_text().splitlines()[-1])["event"]
+    return event
+
+
 def test_a_connection_not_yet_accepted_is_no_call_under_way() -> None:
     """A stopped server's listening socket counts a connection made to it in its receive queue
     (nothing sent yet); a call is under way once bytes wait in the connection's own."""
@@ -234,6 +240,7 @@ def test_a_gateway_told_to_stop_while_a_grammar_compiles_stops(
             proc.kill()
             proc.wait()
     assert code == 0, log.read_text()[-3000:]
+    assert _last_event(log) == "gateway stopped"  # (a stop cut off by systemd has none)
 
 
 @pytest.mark.parametrize("service", ["dispatcher", "migrator"])
@@ -269,6 +276,7 @@ def test_a_service_told_to_stop_while_redis_hangs_stops_before_dlora_up_kills_it
             proc.kill()
             proc.wait()
     assert code == 0, log.read_text()[-3000:]
+    assert _last_event(log) == f"{service} stopped"
 
 
 async def test_a_dispatcher_told_to_stop_while_its_registry_opens_on_a_hung_redis_stops(
