@@ -5,7 +5,9 @@ planner's own cases are unit-tested in ``tests/unit/test_planner_bounds.py``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 import nats
@@ -111,15 +113,23 @@ async def test_requests_a_worker_counts_but_does_not_list_keep_a_third_adapter_o
         assert len(plans) == 1 and {m.to_worker for m in plans[0].moves if m.adapter == "c"} == {"w1"}
 
 
-async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, redis: Redis) -> None:
-    """The shipped config names every migrator "migrator-0": two started on it both held the
-    lease as theirs (renewed under one name), both led and published plans from the same stats.
-    The log says who leads, and when that moves (a standby took over from a killed one unsaid)."""
+@contextlib.asynccontextmanager
+async def _two_migrators(nats_server: Server, redis: Redis) -> AsyncIterator[tuple[StateStore, Migrator, Migrator]]:
+    """Two migrators on one config (the shipped one names each "migrator-0"), not yet looking."""
     store = StateStore(redis)
     nc = await nats.connect(nats_server.url)
     try:
         same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
-        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
+        yield store, Migrator(same, nc, store), Migrator(same, nc, store)
+    finally:
+        await nc.drain()
+
+
+async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, redis: Redis) -> None:
+    """The shipped config names every migrator "migrator-0": two started on it both held the
+    lease as theirs (renewed under one name), both led and published plans from the same stats.
+    The log says who leads, and when that moves (a standby took over from a killed one unsaid)."""
+    async with _two_migrators(nats_server, redis) as (store, a, b):
         with structlog.testing.capture_logs() as logs:
             for _ in range(3):
                 await a.tick()
@@ -135,19 +145,13 @@ async def test_two_migrators_of_one_id_elect_one_leader(nats_server: Server, red
             (b.holder, "leads"),
             (a.holder, "lost the lease"),
         ]
-    finally:
-        await nc.drain()
 
 
 async def test_a_leader_that_takes_the_lease_back_says_so(nats_server: Server, redis: Redis) -> None:
     """A leader paused past its lease (SIGSTOP, a partition): a standby took over and said so, then
     died, and the first one took the lease back in a new epoch unsaid, as it had led before: the
     journal's last word was that the dead one led."""
-    store = StateStore(redis)
-    nc = await nats.connect(nats_server.url)
-    try:
-        same = MigratorSettings(nats_url=nats_server.url, lease_s=5.0)
-        a, b = Migrator(same, nc, store), Migrator(same, nc, store)
+    async with _two_migrators(nats_server, redis) as (store, a, b):
         with structlog.testing.capture_logs() as logs:
             await a.tick()
             await store.release_lease("migrator", a.holder)  # a paused past its lease
@@ -157,5 +161,3 @@ async def test_a_leader_that_takes_the_lease_back_says_so(nats_server: Server, r
         said = [(e["migrator"], e["epoch"]) for e in logs if e["event"].startswith("migrator leads")]
         assert [m for m, _ in said] == [a.holder, b.holder, a.holder]
         assert said[0][1] < said[1][1] < said[2][1] == a.epoch  # (epochs grow at each takeover)
-    finally:
-        await nc.drain()
