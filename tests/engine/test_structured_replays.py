@@ -164,7 +164,8 @@ def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> No
     """json-schema-org/json-schema-spec #1469: a pattern's "." is ECMA-262's, any character but a
     line terminator (\\n, \\r, U+2028, U+2029). The grammar engine's (Rust's) left out \\n alone:
     "^.{2}$" took "a\\r", which a JavaScript client's validator refuses. An escaped dot and a dot in
-    a class are the character itself; patternProperties names are read alike."""
+    a class are the character itself, a dotAll group's any character; patternProperties names are
+    read alike."""
     engine = make_engine(tiny_llama)
 
     def takes(value: dict, text: str) -> bool:
@@ -181,6 +182,11 @@ def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> No
     assert not takes({"type": "string", "pattern": "^[.]\\.$"}, '"\\r."')
     keys = {"type": "object", "patternProperties": {"^k.$": {"type": "integer"}}, "additionalProperties": False}
     assert takes(keys, '{"ka": 1}') and not takes(keys, '{"k\\r": 1}')
+    # A dotAll group (ECMA-262's modifier, ES2025; Rust's too) keeps its "." any character, and
+    # only its own: rewritten, "(?s:.)" refused the "\r" its writer allowed.
+    flagged = {"type": "string", "pattern": "^(?s:.)(?-s:.)?.$"}
+    assert takes(flagged, '"\\rb"') and takes(flagged, '"\u2028ab"')
+    assert not takes(flagged, '"a\\r"') and not takes(flagged, '"a\\rb"')
 
 
 @pytest.mark.parametrize(

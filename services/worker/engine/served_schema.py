@@ -469,20 +469,34 @@ def _repeatable_keys(node: dict[str, Any]) -> str | None:
 _ECMA_DOT = "[^\\n\\r\u2028\u2029]"
 
 
+# A group's flags, ECMA-262's modifiers (ES2025: "(?s:.)" is any character) and Rust's, which
+# llguidance reads: "(?s)" sets its group's rest, "(?s:...)" its own, "(?-s:...)" unsets.
+_FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])")
+
+
 def _ecma_dots(pattern: str) -> str:
-    """``pattern`` with each "." outside an escape and a character class written as ``_ECMA_DOT``
-    ("a.b" is "a", the class, "b"; "\\." and "[.]" stay)."""
-    out, in_class, escaped = [], False, False
-    for char in pattern:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char in "[]":
-            in_class = char == "["
-        elif char == "." and not in_class:
-            char = _ECMA_DOT
-        out.append(char)
+    """``pattern`` with each "." outside an escape, a character class and a dotAll ("s") group
+    written as ``_ECMA_DOT`` ("a.b" is "a", the class, "b"; "\\.", "[.]" and "(?s:.)" stay)."""
+    out, saved, dotall, in_class, at = [], [], False, False, 0
+    while at < len(pattern):
+        char = piece = pattern[at]
+        if char == "\\":
+            piece = pattern[at : at + 2]
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            saved.append(dotall)
+            if (flags := _FLAGS.match(pattern, at)) is not None:
+                dotall = (dotall or "s" in flags[1]) and "s" not in (flags[2] or "")
+                if flags[3] == ")":  # no group of its own: the enclosing one's restores it
+                    saved.pop()
+                piece = flags[0]
+        elif char == ")" and saved:
+            dotall = saved.pop()
+        at += len(piece)
+        out.append(_ECMA_DOT if char == "." and not dotall and not in_class else piece)
     return "".join(out)
 
 
