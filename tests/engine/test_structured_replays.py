@@ -131,13 +131,16 @@ def test_keywords_the_engine_cannot_enforce_are_refused_naming_them(value: dict,
 def test_llguidance_lenient_mode_is_refused_not_a_loose_document(tiny_llama: TinyOutput) -> None:
     """guidance-ai/llguidance #136: its "lenient" option ignores every keyword it cannot enforce.
     Sent in a schema's "x-guidance", {"not": {"type": "string"}} was served as any value (a string
-    too), a 200; now a 400 naming the option, on the gateway's check and on the worker."""
+    too), a 200; now a 400 naming the option, on the gateway's check and on the worker, in a Lark
+    grammar's %json block too."""
     loose = {"not": {"type": "string"}, "x-guidance": {"lenient": True}}
     with pytest.raises(GrammarError, match="lenient"):
         check(schema(loose))
     with pytest.raises(RequestError, match="lenient"):
         make_engine(tiny_llama).add_request("x", prompt_token_ids=PROMPT, params=schema(loose))
     check(schema({"type": "integer", "x-guidance": {"lenient": False}}))  # asks for nothing loose
+    with pytest.raises(GrammarError, match="%json block asks for .x-guidance. .lenient"):  # a grammar's schema too
+        check(SamplingParams(grammar=f"start: %json {json.dumps(loose)}"))
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,8 @@ _LAYOUT_OPTION = '"x-guidance": ' + json.dumps(LAYOUT)
 
 def laid_out(grammar: str) -> str:
     """``grammar`` with each ``%json`` block that names no "x-guidance" options given ``LAYOUT``'s
-    (spliced in as text: its numbers stay as written)."""
+    (spliced in as text: its numbers stay as written); raises NotASchema for a block whose options
+    leave it unenforced (``_unenforced``)."""
     decoder, out, at, scanned = json.JSONDecoder(), [], 0, 0
     while (match := _LARK_TOKEN.search(grammar, scanned)) is not None:
         scanned = match.end()
@@ -91,6 +92,8 @@ def laid_out(grammar: str) -> str:
             block, scanned = decoder.raw_decode(grammar, match.end())
         except (ValueError, RecursionError):  # (llguidance says why; one scan to its error, then none:
             break  # scanning on from each unclosed block would take time quadratic in them)
+        if isinstance(block, dict) and (loose := _unenforced(block)) is not None:
+            raise NotASchema(loose)
         if not isinstance(block, dict) or "x-guidance" in block:
             continue
         out += [grammar[at : match.end() + 1], _LAYOUT_OPTION, ", " if block else ""]

@@ -154,8 +154,12 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
             json_schema, bound = served_schema(json_schema)
         except NotASchema as e:
             raise GrammarError(f"{label(params)} cannot be used: it {e}") from None
-    elif grammar is not None:  # (a Lark %json block's bounds)
+    elif grammar is not None:  # (a Lark %json block's bounds and options)
         bound = bound_in_grammar(grammar)
+        try:
+            grammar = laid_out(grammar) if _is_lark(grammar) else grammar
+        except NotASchema as e:
+            raise GrammarError(f"{label(params)} cannot be used: a %json block {e}") from None
     if bound is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
@@ -175,7 +179,7 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
         if choice:  # one lexeme of the strings: as a rule's alternatives, at most 1,999 (its parser's bound)
             return LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(map(json.dumps, choice)))
         if grammar is not None:  # Lark (its %json blocks laid out), or GBNF converted to it
-            return _deep(len(grammar), _from_grammar, laid_out(grammar) if _is_lark(grammar) else grammar)
+            return _deep(len(grammar), _from_grammar, grammar)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
     except ValueError as e:
