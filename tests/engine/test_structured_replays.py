@@ -155,12 +155,13 @@ def test_min_properties_over_keys_that_may_repeat_is_refused(value: dict) -> Non
     """guidance-ai/llguidance #168 (min/maxProperties, counted as written): a key of
     patternProperties or additionalProperties may be written twice, {"b": 3, "b": 4}, which every
     JSON reader takes as one key: minProperties 2 answered one. Refused, naming it; a count its
-    named properties hold, and a minimum of 1, are served."""
+    named properties hold, a minimum of 1, and a schema whose type is no object's are served."""
     with pytest.raises(GrammarError, match="minProperties 2"):
         check(schema({**value, "minProperties": 2.0}))
     check(schema({**value, "minProperties": 1, "maxProperties": 2}))
     named = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "minProperties": 2}
     check(schema({**named, "required": ["a", "b"]}))  # closed over its names: no key repeats
+    check(schema({"type": ["string", "null"], "minProperties": 2}))  # no object: constrains nothing
 
 
 def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> None:

@@ -452,9 +452,10 @@ def _repeatable_keys(node: dict[str, Any]) -> str | None:
     """Why ``node``'s minProperties cannot be enforced, or None. The grammar engine counts the
     keys it writes, and a key of patternProperties or additionalProperties may be written twice
     ({"b": 3, "b": 4}: llguidance #168's counting), which every JSON reader takes as one: two
-    keys asked for, one read. A minimum of 0 or 1, or keys only its named properties, holds."""
-    least = node.get("minProperties")
-    if type(least) is not int or least < 2:
+    keys asked for, one read. A minimum of 0 or 1, keys only its named properties, or a type
+    that is no object's (minProperties constrains only objects: JSON Schema's), holds."""
+    least, kind = node.get("minProperties"), node.get("type", "object")
+    if type(least) is not int or least < 2 or "object" not in (kind if isinstance(kind, list) else [kind]):
         return None
     others = node.get("additionalProperties", True) is not False or isinstance(node.get("patternProperties"), dict)
     if not others:
