@@ -12,7 +12,7 @@ import pytest
 
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.worker.engine import RequestError
+from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.structured import GrammarError, check
 from tests.engine.helpers import make_engine
 from tests.engine.test_structured import PROMPT, run
@@ -20,9 +20,14 @@ from tests.engine.test_structured import PROMPT, run
 SEEDS = range(6)
 
 
-def sampled(tiny_llama: TinyOutput, params: SamplingParams, max_tokens: int = 48) -> list[str]:
+@pytest.fixture(scope="module")
+def engine(tiny_llama: TinyOutput) -> LLMEngine:
+    """One engine for the file: each request's seed alone decides its tokens."""
+    return make_engine(tiny_llama)
+
+
+def sampled(engine: LLMEngine, params: SamplingParams, max_tokens: int = 48) -> list[str]:
     """The texts of one request per seed (temperature 1), each ended by its constraint (STOP)."""
-    engine = make_engine(tiny_llama)
     asked = {
         f"s{seed}": SamplingParams(**{**_fields(params), "temperature": 1.0, "seed": seed, "max_tokens": max_tokens})
         for seed in SEEDS
@@ -43,11 +48,11 @@ def schema(value: dict) -> SamplingParams:
     return SamplingParams(json_schema=json.dumps(value))
 
 
-def test_a_pattern_beside_length_bounds_keeps_both(tiny_llama: TinyOutput) -> None:
+def test_a_pattern_beside_length_bounds_keeps_both(engine: LLMEngine) -> None:
     """vllm-project/vllm #45592, mlc-ai/xgrammar #895 (and #131): with a ``pattern`` the string's
     ``minLength``/``maxLength`` were dropped, a 200 whose string broke a column bound."""
     texts = sampled(
-        tiny_llama,
+        engine,
         schema(
             {
                 "type": "object",
@@ -60,28 +65,28 @@ def test_a_pattern_beside_length_bounds_keeps_both(tiny_llama: TinyOutput) -> No
         assert re.fullmatch("[a-z]{2,3}", json.loads(text)["k"]), text
 
 
-def test_a_choice_that_begins_another_is_answered_whole(tiny_llama: TinyOutput) -> None:
+def test_a_choice_that_begins_another_is_answered_whole(engine: LLMEngine) -> None:
     """vllm-project/vllm #12225 and #13260: guided_choice answered a sentence around the choice, or
     never ended. Each output is one choice exactly, "yes" able to end where "yes please" goes on."""
     choices = ["yes", "yes please", "no"]
-    for text in sampled(tiny_llama, SamplingParams(choice=choices)):
+    for text in sampled(engine, SamplingParams(choice=choices)):
         assert text in choices, text
 
 
-def test_draft_04_boolean_exclusive_bounds_are_exclusive(tiny_llama: TinyOutput) -> None:
+def test_draft_04_boolean_exclusive_bounds_are_exclusive(engine: LLMEngine) -> None:
     """cloudflare/doca #61, Qiskit/ibm-quantum-schemas #17: draft-04's ``exclusiveMinimum: true``
     (a flag on ``minimum``, a number from draft-06 on) read as another draft's allowed the bound."""
     bounds = {"type": "integer", "minimum": 5, "exclusiveMinimum": True, "maximum": 8, "exclusiveMaximum": True}
-    for text in sampled(tiny_llama, schema({"$schema": "http://json-schema.org/draft-04/schema#", **bounds})):
+    for text in sampled(engine, schema({"$schema": "http://json-schema.org/draft-04/schema#", **bounds})):
         assert json.loads(text) in (6, 7), text
 
 
-def test_refs_anyof_enum_and_bounds_are_all_followed(tiny_llama: TinyOutput) -> None:
+def test_refs_anyof_enum_and_bounds_are_all_followed(engine: LLMEngine) -> None:
     """raullenchai/Rapid-MLX #419 (upstream waybarrios/vllm-mlx #546): a schema of $defs, $ref,
     anyOf, enum and numeric bounds, shallowly converted, answered an array of strings where an
     object was asked for. Every part binds here: the object, its enum, its bounds, its null branch."""
     texts = sampled(
-        tiny_llama,
+        engine,
         schema(
             {
                 "$defs": {"label": {"enum": ["New", "Mostly New", "Known"]}},
@@ -103,11 +108,11 @@ def test_refs_anyof_enum_and_bounds_are_all_followed(tiny_llama: TinyOutput) -> 
         assert doc["note"] is None or isinstance(doc["note"], bool), text
 
 
-def test_an_anchor_reference_is_resolved(tiny_llama: TinyOutput) -> None:
+def test_an_anchor_reference_is_resolved(engine: LLMEngine) -> None:
     """ai-dynamo/dynamo #12795 (guided-decoding schema validation): ``$anchor`` references and
     their cycles took a backend down or were left unresolved; here one is followed."""
     anchored = {"$defs": {"d": {"$anchor": "digit", "type": "integer", "minimum": 0, "maximum": 3}}, "$ref": "#digit"}
-    for text in sampled(tiny_llama, schema(anchored)):
+    for text in sampled(engine, schema(anchored)):
         assert json.loads(text) in (0, 1, 2, 3), text
 
 
@@ -128,7 +133,7 @@ def test_keywords_the_engine_cannot_enforce_are_refused_naming_them(value: dict,
         check(schema(value))
 
 
-def test_llguidance_lenient_mode_is_refused_not_a_loose_document(tiny_llama: TinyOutput) -> None:
+def test_llguidance_lenient_mode_is_refused_not_a_loose_document(engine: LLMEngine) -> None:
     """guidance-ai/llguidance #136: its "lenient" option ignores every keyword it cannot enforce.
     Sent in a schema's "x-guidance", {"not": {"type": "string"}} was served as any value (a string
     too), a 200; now a 400 naming the option, on the gateway's check and on the worker, in a Lark
@@ -137,7 +142,7 @@ def test_llguidance_lenient_mode_is_refused_not_a_loose_document(tiny_llama: Tin
     with pytest.raises(GrammarError, match="lenient"):
         check(schema(loose))
     with pytest.raises(RequestError, match="lenient"):
-        make_engine(tiny_llama).add_request("x", prompt_token_ids=PROMPT, params=schema(loose))
+        engine.add_request("x", prompt_token_ids=PROMPT, params=schema(loose))
     check(schema({"type": "integer", "x-guidance": {"lenient": False}}))  # asks for nothing loose
     with pytest.raises(GrammarError, match="%json block asks for .x-guidance. .lenient"):  # a grammar's schema too
         check(SamplingParams(grammar=f"start: %json {json.dumps(loose)}"))
@@ -164,13 +169,12 @@ def test_min_properties_over_keys_that_may_repeat_is_refused(value: dict) -> Non
     check(schema({"type": ["string", "null"], "minProperties": 2}))  # no object: constrains nothing
 
 
-def test_a_patterns_dot_matches_no_line_terminator(tiny_llama: TinyOutput) -> None:
+def test_a_patterns_dot_matches_no_line_terminator(engine: LLMEngine) -> None:
     """json-schema-org/json-schema-spec #1469: a pattern's "." is ECMA-262's, any character but a
     line terminator (\\n, \\r, U+2028, U+2029). The grammar engine's (Rust's) left out \\n alone:
     "^.{2}$" took "a\\r", which a JavaScript client's validator refuses. An escaped dot and a dot in
     a class are the character itself, a dotAll group's any character; patternProperties names are
     read alike."""
-    engine = make_engine(tiny_llama)
 
     def takes(value: dict, text: str) -> bool:
         matcher = engine.grammars.matcher(schema(value), [])
