@@ -144,7 +144,7 @@ def test_llguidance_lenient_mode_is_refused_not_a_loose_document(engine: LLMEngi
     with pytest.raises(RequestError, match="lenient"):
         engine.add_request("x", prompt_token_ids=PROMPT, params=schema(loose))
     check(schema({"type": "integer", "x-guidance": {"lenient": False}}))  # asks for nothing loose
-    with pytest.raises(GrammarError, match="%json block asks for .x-guidance. .lenient"):  # a grammar's schema too
+    with pytest.raises(GrammarError, match="%json block that asks for .x-guidance. .lenient"):  # a grammar's schema too
         check(SamplingParams(grammar=f"start: %json {json.dumps(loose)}"))
 
 

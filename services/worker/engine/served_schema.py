@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from llguidance import LLMatcher
 
+from dlora.services.worker.engine.ecma_pattern import ecma_dots
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -93,7 +95,7 @@ def laid_out(grammar: str) -> str:
         except (ValueError, RecursionError):  # (llguidance says why; one scan to its error, then none:
             break  # scanning on from each unclosed block would take time quadratic in them)
         if isinstance(block, dict) and (loose := _unenforced(block)) is not None:
-            raise NotASchema(loose)
+            raise NotASchema(f"holds a %json block that {loose}")
         if not isinstance(block, dict) or "x-guidance" in block:
             continue
         out += [grammar[at : match.end() + 1], _LAYOUT_OPTION, ", " if block else ""]
@@ -254,7 +256,7 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     additionalProperties, and llguidance's reading (JSON Schema's, any others allowed) let a model
     add keys without end. Keywords llguidance lacks are left
     out at values that constrain nothing (``_NO_OPS``). A pattern's "." is ECMA-262's
-    (``_ecma_dots``). Rewritten only where one of those was found. The boolean schema ``true``
+    (``ecma_dots``). Rewritten only where one of those was found. The boolean schema ``true``
     is served as ``{}``; raises NotASchema for ``false`` and documents that are no schema
     (llguidance's reason for them named its own options), and for what the grammar engine would
     leave unenforced (``_unenforced``, ``_repeatable_keys``)."""
@@ -466,50 +468,12 @@ def _repeatable_keys(node: dict[str, Any]) -> str | None:
     )
 
 
-# ECMA-262's "." (JSON Schema's pattern dialect) matches any character but a line terminator:
-# \n, \r, U+2028 and U+2029 (json-schema-org/json-schema-spec #1469). llguidance's patterns
-# (Rust's regex) leave out \n alone, and "^.{3}$" answered "a\rb", a string a JavaScript
-# client's validator (ajv) refuses. Written as the class ECMA-262 means.
-_ECMA_DOT = "[^\\n\\r\u2028\u2029]"
-
-
-# A group's flags, ECMA-262's modifiers (ES2025: "(?s:.)" is any character) and Rust's, which
-# llguidance reads: "(?s)" sets its group's rest, "(?s:...)" its own, "(?-s:...)" unsets.
-_FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])")
-
-
-def _ecma_dots(pattern: str) -> str:
-    """``pattern`` with each "." outside an escape, a character class and a dotAll ("s") group
-    written as ``_ECMA_DOT`` ("a.b" is "a", the class, "b"; "\\.", "[.]" and "(?s:.)" stay)."""
-    out, saved, dotall, in_class, at = [], [], False, False, 0
-    while at < len(pattern):
-        char = piece = pattern[at]
-        if char == "\\":
-            piece = pattern[at : at + 2]
-        elif in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-        elif char == "(":
-            saved.append(dotall)
-            if (flags := _FLAGS.match(pattern, at)) is not None:
-                dotall = (dotall or "s" in flags[1]) and "s" not in (flags[2] or "")
-                if flags[3] == ")":  # no group of its own: the enclosing one's restores it
-                    saved.pop()
-                piece = flags[0]
-        elif char == ")" and saved:
-            dotall = saved.pop()
-        at += len(piece)
-        out.append(_ECMA_DOT if char == "." and not dotall and not in_class else piece)
-    return "".join(out)
-
-
 def _ecma_patterns(node: dict[str, Any]) -> bool:
     """``node``'s pattern and patternProperties names read as ECMA-262 reads their "."
-    (``_ecma_dots``); whether one changed."""
+    (``ecma_dots``); whether one changed."""
     before = node.get("pattern"), node.get("patternProperties")
     if isinstance(before[0], str):
-        node["pattern"] = _ecma_dots(before[0])
+        node["pattern"] = ecma_dots(before[0])
     if isinstance(before[1], dict):
-        node["patternProperties"] = {_ecma_dots(name): value for name, value in before[1].items()}
+        node["patternProperties"] = {ecma_dots(name): value for name, value in before[1].items()}
     return (node.get("pattern"), node.get("patternProperties")) != before

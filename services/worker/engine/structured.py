@@ -149,17 +149,13 @@ def _constraint(json_schema: str | None, regex: str | None, choice: tuple[str, .
     if size > MAX_CONSTRAINT_CHARS:
         raise GrammarError(f"{label(params)} cannot be used: {size} characters, over the {MAX_CONSTRAINT_CHARS} served")
     bound = None
-    if json_schema is not None:
-        try:
+    try:
+        if json_schema is not None:
             json_schema, bound = served_schema(json_schema)
-        except NotASchema as e:
-            raise GrammarError(f"{label(params)} cannot be used: it {e}") from None
-    elif grammar is not None:  # (a Lark %json block's bounds and options)
-        bound = bound_in_grammar(grammar)
-        try:
-            grammar = laid_out(grammar) if _is_lark(grammar) else grammar
-        except NotASchema as e:
-            raise GrammarError(f"{label(params)} cannot be used: a %json block {e}") from None
+        elif grammar is not None:  # (a Lark %json block's bounds and options, laid out)
+            grammar, bound = laid_out(grammar) if _is_lark(grammar) else grammar, bound_in_grammar(grammar)
+    except NotASchema as e:
+        raise GrammarError(f"{label(params)} cannot be used: it {e}") from None
     if bound is not None:
         raise GrammarError(
             f"{label(params)} cannot be used: {bound[0]} {bound[1]} is outside the range the grammar "
