@@ -99,6 +99,8 @@ async def _run(args: argparse.Namespace, s: GatewaySettings) -> int:
             else:
                 for k in listed:
                     print(_row(k))
+                if not listed:  # (said on stderr: a script counting stdout's lines still reads 0)
+                    print("dlora keys: no API keys yet (dlora keys create --tenant NAME makes one)", file=sys.stderr)
             return 0
         revoked = await keys.revoke(args.id)
         if revoked is None:

@@ -259,6 +259,8 @@ async def test_the_cli_creates_lists_and_revokes_keys(
         out, err = capsys.readouterr()
         return code, out, err
 
+    code, out, err = await dlora("list")  # none yet: said, where it printed nothing at all
+    assert code == 0 and out == "" and "no API keys yet" in err, (out, err)
     code, out, _ = await dlora("create", "--tenant", "acme", "--rate", "5", "--concurrency", "2")
     key, summary = out.splitlines()
     assert code == 0 and key.startswith("sk-dlora-") and "tenant acme" in summary
