@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dlora.model.adapter_files import AdapterError
+from dlora.model.adapter_files import AdapterError, nonnegative_int
 from dlora.model.peft_targets import key_regex, layers_regex, regex_problem, saved_problem
 
 __all__ = ["DEFAULT_TARGETS", "check_config", "read_config"]
@@ -37,10 +37,6 @@ def read_config(name: str, path: Path, conf_bytes: bytes) -> dict[str, Any]:
     if conf.get("target_modules") is None:  # PEFT fills in the model type's defaults
         conf = {**conf, "target_modules": DEFAULT_TARGETS}
     return dict(conf)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _positive(value: Any) -> bool:
@@ -119,7 +115,7 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
     if conf.get("peft_type", "LORA") != "LORA":
         refuse(f"peft_type {conf.get('peft_type')!r} is not LORA")
     # Python's json reads NaN and Infinity, which compare false to everything: test finiteness.
-    if not _whole(conf.get("r")) or conf["r"] == 0:
+    if not nonnegative_int(conf.get("r")) or conf["r"] == 0:
         refuse(f"adapter_config.json needs a positive integer 'r', not {conf.get('r')!r}")
     if not _positive(conf.get("lora_alpha")):
         refuse(f"adapter_config.json needs a positive finite 'lora_alpha', not {conf.get('lora_alpha')!r}")
@@ -161,7 +157,8 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
         if not (conf.get(key) is None or isinstance(conf[key], str) or _names(conf[key])):
             refuse(f"{key} must be a string or a list of strings")
     layers = conf.get("layers_to_transform")
-    if not (layers is None or _whole(layers) or (isinstance(layers, list) and all(_whole(i) for i in layers))):
+    indices = layers if isinstance(layers, list) else [layers]
+    if not (layers is None or all(nonnegative_int(i) for i in indices)):
         refuse("layers_to_transform must be a layer index or a list of them")
     # peft's LoraConfig refuses these combinations itself
     if layers is not None and isinstance(conf.get("target_modules"), str):
@@ -180,7 +177,7 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
         for pattern, value in (conf.get(key) or {}).items():
-            if not _positive(value) or (key == "rank_pattern" and not _whole(value)):
+            if not _positive(value) or (key == "rank_pattern" and not nonnegative_int(value)):
                 refuse(
                     f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'} "
                     f"(finite), not {value!r}"

@@ -271,7 +271,8 @@ def _weights_head(
         )
 
 
-def _whole(value: Any) -> bool:
+def nonnegative_int(value: Any) -> bool:
+    """A JSON integer (not a bool) at least 0."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -296,9 +297,9 @@ def read_header(text: bytes, data_bytes: int) -> dict[str, Any]:
         if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
             raise ValueError(f"tensor {key!r} is not described by a dtype, shape and data_offsets")
         dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
-        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_whole(n) for n in shape):
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(nonnegative_int(n) for n in shape):
             raise ValueError(f"invalid shape, data type, or offset for tensor {key!r}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(nonnegative_int(n) for n in offsets):
             raise ValueError(f"invalid shape, data type, or offset for tensor {key!r}")
         if offsets[1] > data_bytes:
             raise ValueError(f"tensor {key!r}: offsets past the end of the data ({offsets[1]} > {data_bytes} bytes)")
@@ -356,7 +357,9 @@ def tensor_values(data: bytes, info: TensorInfo) -> npt.NDArray[np.floating]:
 
 
 def value_problem(data: bytes, info: TensorInfo, limits: AdapterLimits) -> str | None:
-    """Why a tensor's values cannot be served (NaN, Inf, above max_abs_weight), or None."""
+    """Why a tensor's values cannot be served (no float dtype, NaN, Inf, above max_abs_weight), or None."""
+    if info.dtype not in FLOAT_DTYPES:  # (``read_adapter_files`` refuses it before any data is read)
+        return f"has dtype {info.dtype}; LoRA weights must be {', '.join(FLOAT_DTYPES)}"
     if info.count == 0:
         return None
     values = tensor_values(data, info)

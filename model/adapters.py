@@ -44,7 +44,6 @@ from typing import Any
 
 from dlora.model.adapter_config import read_config
 from dlora.model.adapter_files import (
-    FLOAT_DTYPES,
     WEIGHTS_FILE,
     AdapterError,
     AdapterLimits,
@@ -190,11 +189,6 @@ def _validate(
     # Every tensor, used or not: a file carrying NaN anywhere (or weights of no float dtype, as
     # ``safetensors_header`` refuses them at registration) is not one to trust.
     for key, info in header.items():
-        if info.dtype not in FLOAT_DTYPES:
-            raise AdapterError(
-                f"adapter {name!r}: {weights_file}: tensor {key!r} has dtype {info.dtype}; "
-                f"LoRA weights must be {', '.join(FLOAT_DTYPES)}"
-            )
         if (problem := value_problem(weight_bytes, info, limits)) is not None:
             raise AdapterError(f"adapter {name!r}: {weights_file}: tensor {key!r} {problem}")
     digest = content_digest(conf_bytes, weight_bytes)
