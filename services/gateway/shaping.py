@@ -464,7 +464,7 @@ def prompt_ids(
             ) from None
         if any(not 0 <= t < vocab_size for t in p):
             raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
-        out.append((list(p), None))
+        out.append((p, None))  # (a list of its own already)
     return out
 
 
