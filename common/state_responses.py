@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 # The responses holding an item (KEYS[first..], one sorted set per item) made to include ``id``,
 # scored by when it expires (now + ``ms``, on Redis's clock), each set kept as long as its last holder.
 # Those expired dropped as it is written: a set written again before its last holder expires (an
-# item a client sends back with every request) never expires, and lookups alone pruned it.
+# item a client sends back with every request) never expires, and lookups prune nothing (read-only).
 _HOLD_LUA = """
 local function hold(first, id, ms)
   local t = redis.call('TIME')
@@ -63,21 +63,23 @@ return 1
 """
 
 # For each item (KEYS[2k-1], its holder set; KEYS[2k], an older gateway's single entry), the holder
-# that expires last whose record is there (ARGV[1] .. id), holders expired or gone (a delete raced
-# by a retry's rewrite left them, or an older gateway's delete, which knows no set) dropped; then,
-# none left, the one the older entry names, if there: during a rolling upgrade a set can outlive
-# its holders while an older gateway's turn still holds the item; false: none. (Records are named
-# by id, not in KEYS: which holders an item has is known only once its set is read.)
+# that expires last whose record is there (ARGV[1] .. id); then, none, the one the older entry
+# names, if there: during a rolling upgrade a set can outlive its holders while an older gateway's
+# turn still holds the item; false: none. Read-only: holders expired are skipped by their score
+# (each write drops them: ``_HOLD_LUA``), a holder whose record is gone (an older gateway's
+# DELETE, which knows no set) is passed over and goes once it expires, so a lookup writes nothing
+# (it pruned every set it read, on every item_reference: writes and their replication for a read).
+# Records are named by id, not in KEYS: which holders an item has is known only once its set is
+# read (declared, they would cost a second round trip). Not Redis Cluster safe, as the store is
+# not as a whole: one request's holder sets are keys of as many slots (README: Stored responses).
 _HOLDERS_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for k = 1, #KEYS, 2 do
   local found = false
-  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', string.format('%d', now))
-  for _, id in ipairs(redis.call('ZREVRANGE', KEYS[k], 0, -1)) do
+  for _, id in ipairs(redis.call('ZREVRANGEBYSCORE', KEYS[k], '+inf', string.format('(%d', now))) do
     if redis.call('EXISTS', ARGV[1] .. id) == 1 then found = id break end
-    redis.call('ZREM', KEYS[k], id)
   end
   if not found then
     local id = redis.call('GET', KEYS[k + 1])
