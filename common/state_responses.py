@@ -19,10 +19,11 @@ over that one; each tenant's ids are its own."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 # The responses holding an item (KEYS[first..], one sorted set per item) made to include ``id``,
 # scored by when it expires (now + ``ms``, on Redis's clock), each set kept as long as its last holder.
@@ -296,12 +297,27 @@ class ResponseKeys:
         got = cast(list[bytes | None], await self.r.hmget(key, ["tenant", *fields]))
         return None if got[0] is None else got
 
-    async def delete_response(self, response_id: str, tenant: str, item_ids: Sequence[str] = ()) -> bool:
-        """Whether it was there to delete; it no longer holds ``item_ids`` (its conversation's and
-        output's), each item found through its other holders, its index gone with the last."""
-        keys = [f"{self.p}:response:{tenant}:{response_id}", f"{self.p}:response-events:{tenant}:{response_id}"]
-        keys += [self._holders(tenant, i) for i in item_ids]
-        return bool(await self.r.register_script(_DELETE_LUA)(keys=keys, args=[response_id]))
+    async def delete_response(
+        self, response_id: str, tenant: str, held: Callable[[bytes | None, bytes | None], Sequence[str]] | None = None
+    ) -> bool:
+        """Whether it was there to delete; it no longer holds the items ``held`` names of its record's
+        ``input`` and ``response`` (its conversation's and output's ids; None: none), each item found
+        through its other holders, its index gone with the last. The record is read and deleted in
+        one optimistic transaction (WATCH, read again where it changed in between): read apart, a
+        background run's last write between them (its output's items held by it) left its id in
+        those items' sets, a holder named after its record was gone, until it expired."""
+        key = f"{self.p}:response:{tenant}:{response_id}"
+        script = self.r.register_script(_DELETE_LUA)
+
+        async def delete(pipe: Pipeline) -> None:
+            items, response = cast(list[bytes | None], await pipe.hmget(key, ["input", "response"]))
+            holders = [self._holders(tenant, i) for i in (held(items, response) if held else ())]
+            pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py's stub leaves it untyped)
+            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]
+            await script(keys=keys, args=[response_id], client=pipe)
+
+        got = await self.r.transaction(delete, key)
+        return bool(got[-1])
 
     async def lease_response(
         self, response_id: str, tenant: str, holder: str, ttl_s: float, expect: bytes | None = None

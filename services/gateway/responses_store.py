@@ -252,11 +252,7 @@ class ResponsesStore:
         conversation), their index gone with the last holder (``StateStore.delete_response``)."""
         try:
             async with self.bound():
-                got = await self.state.response_fields(response_id, tenant, "input", "response")
-                held: list[str] = []
-                if got is not None and got[1] is not None and got[2] is not None:
-                    held = _ids([*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]])
-                deleted = await self.state.delete_response(response_id, tenant, held)
+                deleted = await self.state.delete_response(response_id, tenant, _held)
         except bus.STATE_OUTAGE:
             self.count("delete", "failed")
             raise
@@ -358,6 +354,13 @@ class ResponsesStore:
 def _referenced_ids(given: str | list[Any]) -> list[str]:
     refs = (i.get("id") for i in _items(given) if isinstance(i, dict) and i.get("type") == "item_reference")
     return list(dict.fromkeys(r for r in refs if isinstance(r, str)))
+
+
+def _held(items: bytes | None, response: bytes | None) -> list[str]:
+    """The ids of the items a stored record holds (its ``input`` and its ``response``'s output)."""
+    if items is None or response is None:
+        return []
+    return _ids([*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]])
 
 
 def _ids(items: list[Any]) -> list[str]:

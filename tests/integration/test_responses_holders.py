@@ -1,13 +1,16 @@
 """The Redis scripts of the Responses API's item index (common/state_responses.py) against a real
-redis-server: an item_reference's lookup writes nothing."""
+redis-server: an item_reference's lookup writes nothing, and a DELETE takes its response out of
+every holder set its record names when it goes, a run's last write in between included."""
 
 from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
+from dlora.services.gateway.responses_store import _held
 
 
 async def test_an_items_lookup_writes_nothing_and_passes_over_holders_gone(redis: Redis) -> None:
@@ -30,3 +33,35 @@ async def test_an_items_lookup_writes_nothing_and_passes_over_holders_gone(redis
     assert await s.responses_of_items(["msg_x", "msg_none"], "t") == ["resp_a", None]
     assert await redis.zrange(key, 0, -1, withscores=True) == before
     assert (await redis.info("persistence"))["rdb_changes_since_last_save"] == changes  # (no write at all)
+
+
+async def test_a_delete_drops_the_items_a_runs_last_write_gave_its_response_in_between(redis: Redis) -> None:
+    """DELETE read the record's item ids, then ran its script: a background run's last write between
+    the two (its output's items, each held by the response) left the deleted id in those items'
+    sets until it expired. Read and delete are one transaction now: the write makes it read again.
+    The write is the run's own script, sent by another client while the delete has read."""
+    import redis as sync_redis
+
+    from dlora.common.state_responses import _PUT_IF_LUA
+
+    s = StateStore(redis)
+    queued, done = b'{"output": []}', msgspec.json.encode({"output": [{"type": "message", "id": "msg_out"}]})
+    item = msgspec.json.encode([{"type": "message", "id": "msg_in"}])
+    await s.put_response("resp_1", "t", queued, item, 60.0, ["msg_in"], leased=True)
+    where = redis.connection_pool.connection_kwargs
+    other = sync_redis.Redis(host=where["host"], port=where["port"])
+    keys = [f"{s.p}:response:t:resp_1", f"{s.p}:response-events:t:resp_1", f"{s.p}:response-holders:t:msg_out"]
+    reads: list[tuple[bytes | None, bytes | None]] = []
+
+    def held(items: bytes | None, response: bytes | None) -> list[str]:
+        reads.append((items, response))
+        if len(reads) == 1:  # (the run's last write lands now, from another gateway)
+            assert other.register_script(_PUT_IF_LUA)(keys=keys, args=[queued, done, item, 60_000, "resp_1"]) == 1
+        return _held(items, response)
+
+    try:
+        assert await s.delete_response("resp_1", "t", held)
+    finally:
+        other.close()
+    assert await redis.keys(f"{s.p}:response*") == []  # (no set names it: each had it alone)
+    assert [r for _, r in reads] == [queued, done]  # (read again once the write had changed it)
