@@ -94,18 +94,18 @@ class ResponsesRoutes:
         events of a background response created streamed (``starting_after``: from the one after
         that sequence_number; ``Background.replay``); any other's (a foreground response's, a
         background one made unstreamed) are not kept: a 400."""
-        tenant, query, response_id = await self._tenant(request), request.query, stored_id(request.match_info["id"])
+        tenant, query, given = await self._tenant(request), request.query, request.match_info["id"]
         _refuse_include(query)
         streamed = query.get("stream", "false").lower() not in ("false", "0")
         if "starting_after" in query and not streamed:
             raise APIError(400, "starting_after is only for stream", param="starting_after")
-        [response] = await self.store.fields(response_id, tenant, "response")
+        [response] = await self.store.fields(given, tenant, "response")
         if not streamed:
             return web.Response(body=response, content_type="application/json")
         if not msgspec.json.decode(response).get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
-        if not await self.background.streamed(response_id, tenant):  # (OpenAI's 400: not an empty stream)
+        if not await self.background.streamed(stored_id(given), tenant):  # (OpenAI's 400: not an empty stream)
             why = "stream is only for a background response created with stream true: this one's events are not kept"
             raise APIError(400, why, param="stream")
         try:
@@ -114,14 +114,14 @@ class ResponsesRoutes:
             after = -2
         if after < -1:
             raise APIError(400, "starting_after must be a sequence_number (an integer >= 0)", param="starting_after")
-        return await self.background.replay(request, response_id, tenant, after)
+        return await self.background.replay(request, stored_id(given), tenant, after)
 
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /v1/responses/{id}``: OpenAI's deleted object; a later retrieve is a 404. A
         background response still running is stopped too (its end has nowhere to go)."""
-        tenant, response_id = await self._tenant(request), stored_id(request.match_info["id"])
-        if not await self.store.delete(response_id, tenant):  # (another tenant's: none such)
-            raise not_found(response_id)  # (deleted meanwhile, or expired)
+        tenant, given = await self._tenant(request), request.match_info["id"]
+        if not await self.store.delete(response_id := stored_id(given), tenant):  # (another tenant's: none such)
+            raise not_found(given)  # (deleted meanwhile, or expired)
         await self.background.stop(response_id, tenant)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -131,9 +131,10 @@ class ResponsesRoutes:
         (cancelled, or ended by itself) answered as it is, unchanged (OpenAI's: cancelling is
         idempotent; vllm#57999 refused a finished one as "synchronous"). A foreground response is
         vLLM's 400; one not there the 404."""
-        tenant, response_id = await self._tenant(request), stored_id(request.match_info["id"])
+        tenant, given = await self._tenant(request), request.match_info["id"]
+        response_id = stored_id(given)
         for _ in range(2):  # (it ended between the read and the swap: read again)
-            [stored] = await self.store.fields(response_id, tenant, "response")
+            [stored] = await self.store.fields(given, tenant, "response")
             if (cancelled := await self.background.cancel(response_id, tenant, stored)) is not None:
                 return web.json_response(cancelled)
             response = msgspec.json.decode(stored)
@@ -151,6 +152,6 @@ class ResponsesRoutes:
         if (order := query.get("order", "desc")) not in ("asc", "desc"):
             raise APIError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
         limit = _limit(query)
-        [items] = await self.store.fields(stored_id(request.match_info["id"]), tenant, "input")
+        [items] = await self.store.fields(request.match_info["id"], tenant, "input")
         listing = page(msgspec.json.decode(items), order, limit, query.get("after"), query.get("before"))
         return web.json_response(listing)

@@ -223,14 +223,17 @@ class ResponsesStore:
         if self.counts is not None:
             self.counts.count(op, outcome, n)
 
-    async def fields(self, response_id: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
-        """``names`` of ``tenant``'s response ``response_id``, decoded later by the caller; its
-        ``response`` as it stands: a background one whose run was lost ended first (``settled``).
+    async def fields(self, given: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
+        """``names`` of ``tenant``'s response its client names ``given`` (``stored_id``), decoded
+        later by the caller; its ``response`` as it stands: a background one whose run was lost
+        ended first (``settled``).
 
         Raises:
-            APIError(404): none such for ``tenant``; named by ``param`` "previous_response_id",
-                a 400 (``not_found``).
+            APIError(404): none such for ``tenant``, named as its client named it ("hello", not
+                "resp_hello": the id it sent is the one it looks for); named by ``param``
+                "previous_response_id", a 400 (``not_found``).
         """
+        response_id = stored_id(given)
         try:
             async with self.bound():
                 got = await self.state.response_fields(response_id, tenant, *names)
@@ -241,7 +244,7 @@ class ResponsesStore:
             raise
         if got is None or got[0] != tenant.encode() or any(v is None for v in got):
             self.count("read", "miss")
-            raise not_found(response_id, param)
+            raise not_found(given, param)
         self.count("read", "hit")
         return [v for v in got[1:] if v is not None]
 
@@ -280,9 +283,7 @@ class ResponsesStore:
         prior: list[dict[str, Any]] = []
         output: list[Any] = []  # the previous response's
         if previous is not None:
-            items, response = await self.fields(
-                stored_id(previous), tenant, "input", "response", param="previous_response_id"
-            )
+            items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
             decoded = msgspec.json.decode(response)
             if decoded.get("status") in ("queued", "in_progress"):  # a background one not over: no answer yet
                 why = f"Previous response with id {previous!r} is still {decoded['status']}: wait until it is over."

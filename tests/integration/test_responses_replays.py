@@ -41,7 +41,8 @@ async def test_a_response_is_read_back_by_the_request_id_its_client_chose(stack:
     """vllm-project/vllm PR #25428: a response created with the client's own ``request_id``
     ("hello") could not be retrieved or cancelled by it (a runtime error: the routes expected a
     "resp_" id). Its id here is "resp_" and the client's; every route takes the client's id as it
-    chose it too: retrieved, listed, its cancel vLLM's 400 for a foreground one, deleted."""
+    chose it too: retrieved, listed, its cancel vLLM's 400 for a foreground one, deleted; gone,
+    each route's 404 names it as its client sent it ("hello": the 404 named "resp_hello")."""
     import openai
 
     client = _client(stack.url)
@@ -57,6 +58,14 @@ async def test_a_response_is_read_back_by_the_request_id_its_client_chose(stack:
         await client.responses.delete("hello")
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve(made.id)
+        # each 404 (and previous_response_id's 400) names the id as its client sent it, not "resp_hello"
+        for call in (client.responses.retrieve, client.responses.delete, client.responses.input_items.list):
+            with pytest.raises(openai.NotFoundError) as gone:
+                await call("hello")
+            assert gone.value.body["message"] == "Response with id 'hello' not found.", gone.value.body
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(**ASKED, input="remi", previous_response_id="hello")
+        assert refused.value.body["message"] == "Previous response with id 'hello' not found.", refused.value.body
     finally:
         await client.close()
 
