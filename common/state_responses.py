@@ -181,6 +181,11 @@ return ARGV[2]
 """
 
 
+# A name ``response_fields`` answers, beside a record's fields, with whether the response was made
+# streamed in the background (b"1", else b""): a retrieve with stream=true reads it with the record
+STREAMED = "streamed"
+
+
 class ResponseKeys:
     """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
 
@@ -264,16 +269,8 @@ class ResponseKeys:
         """Whether ``tenant``'s response was made streamed in the background (its events kept): its
         record names its run's token, or, one an older gateway wrote (no ``leased`` mark, no
         token: it appended unguarded), events of it are kept."""
-        key = f"{self.p}:response:{tenant}:{response_id}"
-        # In one transaction: read apart, a retry replacing the record between the reads mixed
-        # two records' fields (the replaced one's token with the new one's mark), and a response
-        # never streamed read as one whose stream is there to follow
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hexists(key, "stream")
-        pipe.hexists(key, "leased")
-        pipe.exists(f"{self.p}:response-events:{tenant}:{response_id}")
-        token, leased, events = await pipe.execute()
-        return bool(token) or not leased and bool(events)
+        got = await self.response_fields(response_id, tenant, STREAMED)
+        return got is not None and got[1] == b"1"
 
     async def response_events(self, response_id: str, tenant: str, start: int) -> list[bytes]:
         """Its events from the ``start``-th on (none: none yet, or it was not streamed)."""
@@ -292,10 +289,25 @@ class ResponseKeys:
 
     async def response_fields(self, response_id: str, tenant: str, *fields: str) -> list[bytes | None] | None:
         """``fields`` of ``tenant``'s stored response (``tenant`` first), or None: it has none
-        under ``response_id`` (never stored, expired or deleted)."""
+        under ``response_id`` (never stored, expired or deleted). ``STREAMED`` among them: whether
+        it was made streamed (``streamed``: b"1", else b""), read with the others in one round trip."""
         key = f"{self.p}:response:{tenant}:{response_id}"
-        got = cast(list[bytes | None], await self.r.hmget(key, ["tenant", *fields]))
-        return None if got[0] is None else got
+        if STREAMED not in fields:
+            got = cast(list[bytes | None], await self.r.hmget(key, ["tenant", *fields]))
+            return None if got[0] is None else got
+        # In one transaction: read apart, a retry replacing the record between the reads mixed
+        # two records' fields (the replaced one's token with the new one's mark), and a response
+        # never streamed read as one whose stream is there to follow
+        named = [f for f in fields if f != STREAMED]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(key, ["tenant", *named, "stream", "leased"])
+        pipe.exists(f"{self.p}:response-events:{tenant}:{response_id}")
+        [*got, token, leased], events = await pipe.execute()
+        if got[0] is None:
+            return None
+        streamed = b"1" if token is not None or leased is None and events else b""
+        read = iter(got[1:])
+        return [got[0], *(streamed if f == STREAMED else next(read) for f in fields)]
 
     async def delete_response(
         self, response_id: str, tenant: str, held: Callable[[bytes | None, bytes | None], Sequence[str]] | None = None

@@ -251,11 +251,6 @@ class Background:
         got = await self.state.response_fields(response_id, tenant, "response")
         return await settled(self.state, response_id, tenant, got[1], self.lease_s) if got and got[1] else None
 
-    async def streamed(self, response_id: str, tenant: str) -> bool:
-        """Whether ``tenant``'s response was made streamed in the background: its events kept."""
-        async with self.bound():
-            return await self.state.streamed(response_id, tenant)
-
     def _ended(
         self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack, holding: asyncio.Task[None]
     ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from dlora.common.state_responses import STREAMED
 from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.background import Background
 from dlora.services.gateway.openai import APIError
@@ -99,13 +100,14 @@ class ResponsesRoutes:
         streamed = query.get("stream", "false").lower() not in ("false", "0")
         if "starting_after" in query and not streamed:
             raise APIError(400, "starting_after is only for stream", param="starting_after")
-        [response] = await self.store.fields(given, tenant, "response")
+        # whether it was made streamed read with it, in one round trip
+        response, *made = await self.store.fields(given, tenant, "response", *([STREAMED] if streamed else []))
         if not streamed:
             return web.Response(body=response, content_type="application/json")
         if not msgspec.json.decode(response).get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
-        if not await self.background.streamed(stored_id(given), tenant):  # (OpenAI's 400: not an empty stream)
+        if made != [b"1"]:  # (OpenAI's 400: not an empty stream)
             why = "stream is only for a background response created with stream true: this one's events are not kept"
             raise APIError(400, why, param="stream")
         try:

@@ -58,9 +58,25 @@ async def test_a_run_whose_record_is_replaced_or_deleted_before_its_cancel_lands
         await client.close()
 
 
-async def test_a_background_response_made_unstreamed_has_no_stream_to_read(stack: Stack) -> None:
+async def test_a_background_response_made_unstreamed_has_no_stream_to_read(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``GET ?stream=true`` of one created without ``stream``: OpenAI's 400, not an empty stream
-    (no events were kept), while one created streamed is read from the start."""
+    (no events were kept), while one created streamed is read from the start, its record and
+    whether it was made streamed read in one round trip before its events (read in two, each
+    such GET waited for Redis twice)."""
+    store = stack.gateway.store
+    calls: list[str] = []
+
+    def spy(name: str, real: Any) -> Any:
+        def spied(*args: Any, **named: Any) -> Any:
+            calls.append(name)
+            return real(*args, **named)
+
+        return spied
+
+    for name in ("response_fields", "streamed", "response_events"):
+        monkeypatch.setattr(store, name, spy(name, getattr(store, name)))
     client = _client(stack.url)
     try:
         made = await client.responses.create(**ASKED, input="kalo", background=True)
@@ -70,8 +86,12 @@ async def test_a_background_response_made_unstreamed_has_no_stream_to_read(stack
         assert "stream" in err["error"]["message"], err
         streamed = await client.responses.create(**ASKED, input="kalo", background=True, stream=True)
         first = [e async for e in streamed][0].response.id
+        while stack.gateway.background.running:  # (its run's own reads over)
+            await asyncio.sleep(0.01)
+        calls.clear()
         events = [e async for e in await client.responses.retrieve(first, stream=True)]
         assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+        assert calls[:2] == ["response_fields", "response_events"], calls
     finally:
         await client.close()
 
