@@ -72,7 +72,7 @@ return 1
 # (it pruned every set it read, on every item_reference: writes and their replication for a read).
 # Records are named by id, not in KEYS: which holders an item has is known only once its set is
 # read (declared, they would cost a second round trip). Not Redis Cluster safe, as the store is
-# not as a whole: one request's holder sets are keys of as many slots (README: Stored responses).
+# not as a whole: one request's holder sets are keys of as many slots (README says so).
 _HOLDERS_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
