@@ -221,11 +221,17 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
     input one user message; a function_call item an assistant message's tool call (calls in a row,
     and text just before them, one message, as a chat sends them); its output a tool message; an
     earlier answer's reasoning item the next assistant message's reasoning (followed by no answer
-    of its own, a turn of reasoning alone, in its place)."""
+    of its own, a turn of reasoning alone, in its place).
+
+    Raises:
+        APIError(400): an item of no type served, or not of its type's shape; a function_call_output
+            whose call_id no function_call before it made (OpenAI's "No tool call found for
+            function call output with call_id ...": rendered, it answered a call never made).
+    """
     out: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     if isinstance(body.input, str):
         return [*out, {"role": "user", "content": body.input}]
-    reasoning = ""
+    reasoning, called = "", set[str]()
     for i, raw in enumerate(body.input):
         where = f"input[{i}]"
         kind = raw.get("type", "message") if isinstance(raw, dict) else None
@@ -248,12 +254,16 @@ def _messages(body: ResponsesBody) -> list[dict[str, Any]]:
         if isinstance(item, _Message):
             out.append({"role": item.role, "content": _content(item.content)})
         elif isinstance(item, _FunctionCall):
+            called.add(item.call_id)
             function = {"name": item.name, "arguments": item.arguments}
             call = {"id": item.call_id, "type": "function", "function": function}
             if last.get("role") == "assistant" and not reasoning:
                 last["tool_calls"] = [*last.get("tool_calls", []), call]
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif item.call_id not in called:
+            why = f"No tool call found for function call output with call_id {item.call_id}."
+            raise APIError(400, why, param="input")
         else:
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": _content(item.output)})
         if reasoning and out[-1]["role"] == "assistant":

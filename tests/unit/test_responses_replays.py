@@ -29,6 +29,10 @@ def _call(k: int) -> dict[str, Any]:
     return {"type": "function_call", "call_id": f"call_{k}", "name": "f", "arguments": "{}"}
 
 
+def _output(k: int) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": f"call_{k}", "output": "ok"}
+
+
 def _reasoning(text: str) -> dict[str, Any]:
     return {
         "type": "reasoning",
@@ -166,3 +170,15 @@ def test_outputs_after_calls_split_by_reasoning_answer_each_call_by_its_id() -> 
     calls = [c["id"] for m in chat if m.role == "assistant" for c in m.tool_calls or []]
     assert calls == ["call_1", "call_2"] and [m.tool_call_id for m in chat if m.role == "tool"] == calls
     assert [m.reasoning for m in chat if m.role == "assistant"] == ["a", "b"]
+
+
+def test_a_function_call_output_answering_no_call_is_openais_400() -> None:
+    """agentscope-ai/AgentTeams#299 and binaricat/Netcatty#684 show OpenAI's 400 "No tool call found
+    for function call output with call_id ...": an output whose call no function_call before it
+    made (its client dropped the call from its history, or sent the output to the wrong chain).
+    dlora rendered it as a tool message answering nothing, the model reading a result of a call
+    it never made. OpenAI's 400 (param ``input``); with its call before it, served."""
+    e = _refused({"input": [{"role": "user", "content": "go"}, _output(9)]})
+    assert (e.param, e.message) == ("input", "No tool call found for function call output with call_id call_9.")
+    assert _refused({"input": [_output(1), _call(1)]}).param == "input"  # (its call after it: none before)
+    assert [m.role for m in _chat([_call(1), _output(1)])] == ["assistant", "tool"]
