@@ -172,6 +172,18 @@ def test_outputs_after_calls_split_by_reasoning_answer_each_call_by_its_id() -> 
     assert [m.reasoning for m in chat if m.role == "assistant"] == ["a", "b"]
 
 
+def test_a_streams_completed_event_holds_every_item_it_streamed() -> None:
+    """vllm-project/vllm PR #30223: a stream's ``response.completed`` held ``output: []`` (only the
+    last delta was kept), so a client reading the final object, as the openai package's
+    ``get_final_response`` does, lost the answer its deltas had shown. Its output is every item
+    as its ``output_item.done`` gave it, the text whole."""
+    events = _events(["<think>", "so ", "kalo", "</think>", "remi", " ok"], "stop", tool_parser="hermes")
+    done = [d["item"] for n, d in events if n == "response.output_item.done"]
+    final = events[-1][1]["response"]
+    assert events[-1][0] == "response.completed" and final["output"] == done and len(done) == 2
+    assert Response.model_validate(final).output_text == "remi ok"
+
+
 def test_a_function_call_output_answering_no_call_is_openais_400() -> None:
     """agentscope-ai/AgentTeams#299 and binaricat/Netcatty#684 show OpenAI's 400 "No tool call found
     for function call output with call_id ...": an output whose call no function_call before it
