@@ -165,8 +165,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         # 400): their text is bounded (structured.MAX_CONSTRAINT_CHARS), and so is their compile.
         if not all(self.choice):
             return "choice", "choice must hold non-empty strings"
-        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 63:  # as vLLM: a 64-bit integer
-            return "seed", f"seed must be a 64-bit signed integer, got {self.seed}"
+        if self.seed is not None and (why := INT64.problem("seed", self.seed)) is not None:  # as vLLM
+            return "seed", why
         return None
 
 
@@ -194,6 +194,9 @@ class Range(NamedTuple):
     says: str = ""
     # ``low`` itself is refused: the range is (low, high] ("greater than zero").
     above: bool = False
+    # One value taken outside the range, with a meaning of its own (truncate_prompt_tokens' -1:
+    # as many as the context holds); None: none.
+    also: float | None = None
 
     def problem(self, name: str, value: float) -> str | None:
         """The reason ``value`` of field ``name`` is refused, or None where it is inside. Infinity
@@ -201,7 +204,7 @@ class Range(NamedTuple):
         if value == math.inf == self.high:
             return f"{name} must be a finite number, got {value}."
         inside = (self.low < value if self.above else self.low <= value) and value <= self.high
-        return None if inside else f"{name} must be {self.span()}, got {value}."
+        return None if inside or value == self.also else f"{name} must be {self.span()}, got {value}."
 
     def span(self) -> str:
         """The range in words: "in [0, 2]", "at least 1", or ``says``."""
@@ -229,14 +232,23 @@ RANGES: dict[str, Range] = {
     "prompt_logprobs": Range(0, 20),
 }
 
-# The request bodies' own counts (the OpenAI OpenAPI document's createCompletion and
-# createChatCompletion ranges), in the same words: the gateway's 400s and ``dlora loadgen``'s
-# --extra-body read them beside RANGES. Each is an integer.
+# A 64-bit signed integer's range: vLLM's bound on seed and priority (its protocol's ge/le), and
+# what the wire's integers hold.
+INT64 = Range(-(1 << 63), (1 << 63) - 1, says="a 64-bit signed integer")
+
+# The request bodies' own integers (the OpenAI OpenAPI document's createCompletion and
+# createChatCompletion ranges, and vLLM's for its fields), in the same words: the gateway's 400s
+# and ``dlora loadgen``'s --extra-body read them beside RANGES. Each is an integer.
 BODY_RANGES: dict[str, Range] = {
     "n": Range(1, 128),
     "best_of": Range(0, 20),
     "top_logprobs": Range(0, 20),
     "max_completion_tokens": Range(1),
+    "seed": INT64,
+    "priority": INT64,
+    "min_tokens": Range(0),  # and at most max_tokens (``SamplingParams.invalid``)
+    # vLLM's: at least 1, or -1; at most the context (``shaping``, which knows it)
+    "truncate_prompt_tokens": Range(1, also=-1, says="-1 or at least 1"),
 }
 # The completions endpoint's own: its logprobs is a count in [0, 5] (a chat's is a flag), and its
 # max_tokens may be 0 (its echo alone).
