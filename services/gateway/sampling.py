@@ -60,7 +60,7 @@ def _unsupported(body: Body, spaced: bool = True) -> list[tuple[str, bool]]:
     ]
     if isinstance(body, CompletionBody):
         out += [
-            ("best_of other than n", (body.best_of or body.n or 1) != (body.n or 1)),
+            ("best_of other than n", body.best_of not in (None, body.n or 1)),
             ("suffix", body.suffix is not None),
         ]
     else:
@@ -346,6 +346,10 @@ def sampling_params(
         APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
     """
     _check_ranges(body)
+    n = body.n or 1
+    if isinstance(body, CompletionBody) and body.best_of is not None and body.best_of < n:  # 0 too: OpenAI's range
+        why = f"best_of must be greater than or equal to n, got n={n} and best_of={body.best_of}."  # vLLM's words
+        raise APIError(400, why, param="best_of")
     if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
         why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
         raise APIError(400, why, param="cache_salt")

@@ -95,11 +95,16 @@ async def test_the_spec_ranges_are_the_accepted_ranges(stack: Stack, path: str) 
         step = 1 if integral else 0.01
         inside = [low] + ([high] if high != math.inf else [])
         outside = [low - step] + ([high + step] if high != math.inf else [])
-        for value in inside:  # served, or refused as a feature (best_of other than n), never as out of range
+        for value in inside:  # served, or refused as a feature, never as out of range
             status, resp = await post(stack, path, {**base, field: value})
-            assert status == 200 or (
-                status == 400 and "not supported" in resp["error"]["message"] and not _range_error(resp, field)
-            ), (field, value, resp)
+            message = resp.get("error", {}).get("message", "")
+            # best_of other than n; best_of 0, below n, as vLLM refuses it
+            feature = "not supported" in message or "greater than or equal to n" in message
+            assert status == 200 or (status == 400 and feature and f"{field} must be in" not in message), (
+                field,
+                value,
+                resp,
+            )
         for value in outside:
             status, resp = await post(stack, path, {**base, field: value})
             assert status == 400 and _range_error(resp, field), (field, value, resp)

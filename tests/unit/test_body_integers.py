@@ -1,6 +1,7 @@
 """A body's integer fields outside the table (``common.sampling.BODY_RANGES``): ``dlora loadgen
 --extra-body`` refuses before the run what the gateway would refuse in every request of it (seed,
-priority, min_tokens and truncate_prompt_tokens were let through with a fraction or out of range)."""
+priority, min_tokens and truncate_prompt_tokens were let through with a fraction or out of range),
+and best_of below n is refused as vLLM refuses it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ INT64 = 1 << 63
 def _gateway_refusal(body: dict[str, object]) -> APIError | None:
     """The gateway's 400 for a completion body with these fields (None: taken)."""
     try:
-        decoded = decode_body(json.dumps({"model": "m", "prompt": "x", "max_tokens": 7} | body).encode(), CompletionBody)
-        sampling.sampling_params(decoded, 7)
+        raw = json.dumps({"model": "m", "prompt": "x", "max_tokens": 7} | body).encode()
+        sampling.sampling_params(decode_body(raw, CompletionBody), 7)
     except APIError as e:
         return e
     return None
@@ -63,3 +64,13 @@ def test_an_extra_body_integer_the_gateway_refuses_is_refused_before_the_run(
 def test_the_edges_the_gateway_takes_are_taken(extra: dict[str, object]) -> None:
     assert build_parser().parse_args(["loadgen", "--extra-body", json.dumps(extra)]).extra_body == extra
     assert _gateway_refusal(extra) is None
+
+
+@pytest.mark.parametrize("n, best_of", [(1, 0), (3, 2)])
+def test_best_of_below_n_is_refused_in_vllms_words(n: int, best_of: int) -> None:
+    """best_of 0 is inside OpenAI's range [0, 20] and was taken as n; vLLM's ``_verify_args``
+    refuses any best_of below n."""
+    refused = _gateway_refusal({"n": n, "best_of": best_of})
+    assert refused is not None and (refused.status, refused.param) == (400, "best_of")
+    assert refused.message == f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}."
+    assert _gateway_refusal({"n": n, "best_of": n}) is None  # best_of equal to n: taken
