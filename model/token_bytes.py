@@ -6,13 +6,17 @@ which decodes to U+FFFD, and a SentencePiece piece loses its leading space (the 
 the start of a text). Then OpenAI's ``bytes`` cannot rebuild a character split over tokens
 (vLLM #27300, ollama #13497), and alternatives that decode alike collide as ``top_logprobs`` keys
 (vLLM #44319, SGLang #32290). llguidance, which structured output already uses, reads every
-token's bytes from the tokenizer's own definition (``tokenizer.json``).
+token's bytes from the tokenizer's own definition (``tokenizer.json``). A token's text is vLLM's
+(``token_string``): one that ends inside a character is "" until a token completes it, so such
+alternatives share the key "" in a completion's ``top_logprobs`` (the likelier kept), as at vLLM;
+``return_tokens_as_token_ids`` names each apart.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -43,6 +47,38 @@ def llg_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Iterable[int], sl
         ValueError: a tokenizer llguidance cannot read (e.g. a WordPiece decoder)."""
     text, n_vocab, eos = llg_tokenizer_args(hf_tokenizer, vocab_size, eos_ids)
     return LLTokenizer(text, n_vocab=n_vocab, eos_token=eos or None, slices=None if slices else [])
+
+
+# The sampled tokens a token's text is read after: a UTF-8 character is at most 4 bytes (RFC 3629),
+# so at most 4 tokens hold it (vLLM's ``LogprobsProcessor._get_sampled_context_ids``).
+CONTEXT_TOKENS = 4
+
+
+def token_string(data: bytes, before: Sequence[bytes] = ()) -> str:
+    """A token's text in a logprobs entry as vLLM writes it (``LogprobsProcessor._verify_tokens``
+    and ``_correct_decoded_token``, vllm/v1/engine/logprobs.py; vLLM #28874, #34875): ``data``, its
+    bytes, as UTF-8 text, unless that ends with U+FFFD (the token ends inside a character). Then,
+    after the bytes of the sampled tokens ``before`` it (oldest first), the characters it completes,
+    from where the first token of the unfinished ones began (``<0xF0> <0x9F> <0x98> <0x80>``:
+    "", "", "", "😀"), or "" where it completes none. OpenAI writes such a token as
+    ``bytes:\\xf0``; a client rebuilds the text from each entry's ``bytes`` (the chat's), which
+    stay the token's own. Top alternatives read after the same sampled tokens."""
+    own = data.decode("utf-8", "replace")
+    if not own.endswith("\ufffd"):
+        return own
+    for k in range(1, min(len(before), CONTEXT_TOKENS) + 1):
+        context = before[-k:]
+        whole = b"".join([*context, data]).decode("utf-8", "replace")
+        if whole.endswith("\ufffd"):
+            continue
+        # The context's last tokens that end inside a character had "" for their text: the
+        # characters they began are this token's; the text before them is theirs.
+        clean = k
+        while clean and context[clean - 1].decode("utf-8", "replace").endswith("\ufffd"):
+            clean -= 1
+        prefix = b"".join(context[:clean]).decode("utf-8", "replace")
+        return whole[len(os.path.commonprefix([prefix, whole])) :]
+    return ""
 
 
 class TokenText:
@@ -118,10 +154,10 @@ class TokenText:
                 return out
         return None
 
-    def text_of(self, token_id: int) -> str:
-        """The token's bytes as text, a byte that is not (part of) a whole character written as
-        ``\\xNN`` (as DeepSeek's API shows one; vLLM's U+FFFD would make every such token alike)."""
-        return self.bytes_of(token_id).decode("utf-8", "backslashreplace")
+    def text_of(self, token_id: int, before: Sequence[int] = ()) -> str:
+        """The token's text in a logprobs entry after the sampled tokens ``before`` (a choice's
+        output, or a prompt, so far; its last ``CONTEXT_TOKENS`` are read): ``token_string``."""
+        return token_string(self.bytes_of(token_id), [self.bytes_of(t) for t in before[-CONTEXT_TOKENS:]])
 
 
 class TokenIdText:
@@ -145,5 +181,5 @@ class TokenIdText:
     def offsets_in(self, text: str, ids: list[int]) -> list[int] | None:
         return self._tokens.offsets_in(text, ids)
 
-    def text_of(self, token_id: int) -> str:
+    def text_of(self, token_id: int, before: Sequence[int] = ()) -> str:
         return f"token_id:{token_id}"

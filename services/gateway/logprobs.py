@@ -7,7 +7,7 @@ import codecs
 from typing import Any
 
 from dlora.common.messages import TokenLogprob
-from dlora.model.token_bytes import TokenIdText, TokenText
+from dlora.model.token_bytes import CONTEXT_TOKENS, TokenIdText, TokenText
 
 
 class TextOffset:
@@ -66,14 +66,36 @@ def _continues(pending: bytes, byte: bytes) -> bool:
     return True
 
 
+def sampled_before(entries: list[TokenLogprob], sampled: list[int]) -> list[list[int]]:
+    """Each entry's sampled tokens before it (what its text is read after, ``TokenText.text_of``):
+    ``sampled``, the choice's so far, then the entries' own; ``sampled`` is left holding the last
+    ``CONTEXT_TOKENS`` of them, for the choice's next chunk."""
+    out = []
+    for e in entries:
+        out.append(sampled[-CONTEXT_TOKENS:])
+        sampled.append(e.token_id)
+        del sampled[:-CONTEXT_TOKENS]
+    return out
+
+
+def _tail(ids: list[int], end: int) -> list[int]:
+    """The tokens a prompt's token ``end`` is read after (its last ``CONTEXT_TOKENS`` before it)."""
+    return ids[max(0, end - CONTEXT_TOKENS) : end]
+
+
 def completion_logprobs(
-    entries: list[TokenLogprob], tokens: TokenText | TokenIdText, offset: TextOffset, skip_special_tokens: bool
+    entries: list[TokenLogprob],
+    tokens: TokenText | TokenIdText,
+    offset: TextOffset,
+    skip_special_tokens: bool,
+    sampled: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The completions endpoint's logprobs object for these tokens, ``offset`` at the first. The
-    chosen token is always in its position's ``top_logprobs``, so there may be one more than asked
-    (as in vLLM)."""
-    texts = [tokens.text_of(e.token_id) for e in entries]
-    tops = [_top_logprobs(tokens, e.top, text, e.logprob) for e, text in zip(entries, texts)]
+    """The completions endpoint's logprobs object for these tokens, ``offset`` at the first,
+    ``sampled`` the choice's sampled tokens before them (``sampled_before``). The chosen token is
+    always in its position's ``top_logprobs``, so there may be one more than asked (as in vLLM)."""
+    before = sampled_before(entries, [] if sampled is None else sampled)
+    texts = [tokens.text_of(e.token_id, b) for e, b in zip(entries, before)]
+    tops = [_top_logprobs(tokens, e.top, text, e.logprob, b) for e, text, b in zip(entries, texts, before)]
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob for e in entries],
@@ -93,8 +115,10 @@ def prompt_logprobs(
     (null), as vLLM answers. Offsets from the tokenizer's own offset mapping where ``echo``
     encodes to ``prompt_ids`` (a client's text, as a rule: exact through normalisers and added
     tokens that strip the spaces beside them), else as ``echo_offsets`` finds them."""
-    texts = [tokens.text_of(t) for t in prompt_ids]
-    tops = [_top_logprobs(tokens, e.top, texts[i + 1], e.logprob) for i, e in enumerate(entries)]
+    texts = [tokens.text_of(t, _tail(prompt_ids, i)) for i, t in enumerate(prompt_ids)]
+    tops = [
+        _top_logprobs(tokens, e.top, texts[i + 1], e.logprob, _tail(prompt_ids, i + 1)) for i, e in enumerate(entries)
+    ]
     return {
         "tokens": texts,
         "token_logprobs": [None] + [e.logprob for e in entries],
@@ -104,15 +128,16 @@ def prompt_logprobs(
 
 
 def _top_logprobs(
-    tokens: TokenText | TokenIdText, top: list[tuple[int, float]], text: str, logprob: float
+    tokens: TokenText | TokenIdText, top: list[tuple[int, float]], text: str, logprob: float, before: list[int]
 ) -> dict[str, float]:
-    """A position's ``top_logprobs`` (keyed by text, as the API has it) with its chosen token's
-    ``text`` and ``logprob``. Tokens that spell alike (a byte-fallback ``<0x61>`` and ``a``, the
-    model's padding ids past the tokenizer's) share a key, which holds the likelier of them: a
+    """A position's ``top_logprobs`` (keyed by text, as the API has it, each read after the sampled
+    tokens ``before``) with its chosen token's ``text`` and ``logprob``. Tokens that spell alike (a
+    byte-fallback ``<0x61>`` and ``a``, the model's padding ids past the tokenizer's, tokens that
+    end inside a character: "") share a key, which holds the likelier of them: a
     dict built in order kept the last, so a less likely alternative, or the chosen token itself,
     overwrote a likelier one (vLLM #44319's, SGLang #32290's kind)."""
     out: dict[str, float] = {}
-    for key, lp in [*((tokens.text_of(t), lp) for t, lp in top), (text, logprob)]:
+    for key, lp in [*((tokens.text_of(t, before), lp) for t, lp in top), (text, logprob)]:
         if key not in out or lp > out[key]:
             out[key] = lp
     return out
@@ -189,30 +214,38 @@ def vllm_prompt_logprobs(
     its ``top`` most likely alternatives (ranks 1..top). A worker that counted no rank (an older
     one) leaves the token's place among the alternatives, null where it is not one of them."""
 
-    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
-        return {"logprob": logprob, "rank": rank, "decoded_token": tokens.text_of(token_id)}
+    def entry(token_id: int, logprob: float, rank: int | None, before: list[int]) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": tokens.text_of(token_id, before)}
 
     out: list[dict[str, Any] | None] = [None]
-    for token, e in zip(prompt_ids[1:], entries):
-        alternatives = e.top[:top]
+    for i, (token, e) in enumerate(zip(prompt_ids[1:], entries), 1):
+        alternatives, before = e.top[:top], _tail(prompt_ids, i)
         rank = e.rank or next((r for r, (t, _) in enumerate(alternatives, 1) if t == token), None)
         out.append(
-            {str(token): entry(token, e.logprob, rank)}
-            | {str(t): entry(t, lp, r) for r, (t, lp) in enumerate(alternatives, 1)}
+            {str(token): entry(token, e.logprob, rank, before)}
+            | {str(t): entry(t, lp, r, before) for r, (t, lp) in enumerate(alternatives, 1)}
         )
     return out
 
 
-def chat_logprobs(entries: list[TokenLogprob], tokens: TokenText | TokenIdText) -> dict[str, Any]:
-    """The chat endpoint's logprobs object: per token its text, log-probability, bytes (UTF-8 as
-    the vocabulary holds them: a character split over tokens is rebuilt by joining them) and the
-    ``top_logprobs`` alternatives."""
+def chat_logprobs(
+    entries: list[TokenLogprob], tokens: TokenText | TokenIdText, sampled: list[int] | None = None
+) -> dict[str, Any]:
+    """The chat endpoint's logprobs object: per token its text (after the choice's ``sampled``
+    tokens before them: ``sampled_before``), log-probability, bytes (UTF-8 as the vocabulary holds
+    them: a character split over tokens is rebuilt by joining them) and the ``top_logprobs``
+    alternatives."""
 
-    def item(token_id: int, logprob: float) -> dict[str, Any]:
-        return {"token": tokens.text_of(token_id), "logprob": logprob, "bytes": list(tokens.bytes_of(token_id))}
+    def item(token_id: int, logprob: float, before: list[int]) -> dict[str, Any]:
+        text = tokens.text_of(token_id, before)
+        return {"token": text, "logprob": logprob, "bytes": list(tokens.bytes_of(token_id))}
 
+    before = sampled_before(entries, [] if sampled is None else sampled)
     return {
-        "content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries],
+        "content": [
+            item(e.token_id, e.logprob, b) | {"top_logprobs": [item(t, lp, b) for t, lp in e.top]}
+            for e, b in zip(entries, before)
+        ],
         "refusal": None,
     }
 

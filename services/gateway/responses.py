@@ -46,6 +46,7 @@ class RunningChoice:
     request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
     replies: ReplyStream | None  # its chunks, with the request
     offset: logprobs.TextOffset  # where its next token begins in its text (completions' text_offset)
+    sampled: list[int] = field(default_factory=list)  # its last sampled tokens (``logprobs.sampled_before``)
     parts: list[dict[str, Any]] = field(default_factory=list)  # logprobs objects, non-streamed
     prompt_only: bool = False  # its request runs for the prompt's logprobs: its token is not shown
     prompt_ids: list[int] = field(default_factory=list)  # its own prompt's
@@ -326,9 +327,9 @@ class ResponseWriter:
         if not chunk.logprobs:
             return None
         if self.job.shape.chat:
-            return logprobs.chat_logprobs(chunk.logprobs, self.tokens)
+            return logprobs.chat_logprobs(chunk.logprobs, self.tokens, choice.sampled)
         skip = choice.request is None or choice.request.params.skip_special_tokens
-        return logprobs.completion_logprobs(chunk.logprobs, self.tokens, choice.offset, skip)
+        return logprobs.completion_logprobs(chunk.logprobs, self.tokens, choice.offset, skip, choice.sampled)
 
 
 async def opensse(request: web.Request) -> web.StreamResponse:

@@ -127,7 +127,7 @@ def test_an_echoed_prompts_offsets_end_where_its_text_does() -> None:
         spelled = {1: b"<s>", 2: b" kalo", 3: b" re", 4: b"mi"}
         special_ids = frozenset({1})
 
-        def text_of(self, t: int) -> str:
+        def text_of(self, t: int, before: list[int]) -> str:
             return ["", "<s>", "\u2581kalo", "\u2581re", "mi"][t]
 
         def bytes_of(self, t: int) -> bytes:
