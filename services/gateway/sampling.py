@@ -377,7 +377,8 @@ def sampling_params(
         top_p=given(body.top_p, "top_p", 1.0),
         top_k=int(given(body.top_k, "top_k", 0)),
         min_p=given(body.min_p, "min_p", 0.0),
-        seed=body.seed,
+        # vLLM's (#4531): -1 asks for no seed, as llama.cpp and clients that always send one write it
+        seed=None if body.seed == -1 else body.seed,
         stop=stop,
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=bool(body.ignore_eos),

@@ -74,3 +74,12 @@ def test_best_of_below_n_is_refused_in_vllms_words(n: int, best_of: int) -> None
     assert refused is not None and (refused.status, refused.param) == (400, "best_of")
     assert refused.message == f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}."
     assert _gateway_refusal({"n": n, "best_of": n}) is None  # best_of equal to n: taken
+
+
+def test_seed_minus_one_asks_for_none() -> None:
+    """vLLM #4531: clients that always send a seed (llama.cpp's convention) write -1 for a random
+    one; it was taken as the seed -1, so every retry of such a request drew the same text."""
+    decoded = decode_body(b'{"model": "m", "prompt": "x", "seed": -1}', CompletionBody)
+    assert sampling.sampling_params(decoded, 7).seed is None
+    decoded = decode_body(b'{"model": "m", "prompt": "x", "seed": -2}', CompletionBody)
+    assert sampling.sampling_params(decoded, 7).seed == -2
