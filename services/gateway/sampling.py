@@ -296,14 +296,16 @@ _TOKEN_ID = re.compile(r"-?[0-9]{1,19}")  # int() refuses a string of over 4,300
 
 
 def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
-    """OpenAI's logit_bias, its keys (token ids written as JSON strings) as integers.
+    """OpenAI's logit_bias, its keys (token ids written as JSON strings) as integers, each bias
+    clamped to OpenAI's [-100, 100] as vLLM clamps it (its #3027, ``SamplingParams.from_optional``):
+    clients ban a token with -1000 or -1e9, which vLLM serves.
 
     Raises:
         APIError(400): a key that is not an integer.
     """
     if bad := [k for k in raw or {} if not _TOKEN_ID.fullmatch(k)]:
         raise APIError(400, f"logit_bias keys must be token ids (integers), got {bad[0]!r}", param="logit_bias")
-    return {int(k): v for k, v in (raw or {}).items()}
+    return {int(k): min(100.0, max(-100.0, v)) for k, v in (raw or {}).items()}
 
 
 def valid_request_id(request_id: str) -> bool:

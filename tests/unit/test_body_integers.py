@@ -83,3 +83,11 @@ def test_seed_minus_one_asks_for_none() -> None:
     assert sampling.sampling_params(decoded, 7).seed is None
     decoded = decode_body(b'{"model": "m", "prompt": "x", "seed": -2}', CompletionBody)
     assert sampling.sampling_params(decoded, 7).seed == -2
+
+
+def test_a_logit_bias_past_100_is_clamped_as_vllm_clamps_it() -> None:
+    """vLLM #3027 clamps each bias to [-100, 100] (a client bans a token with -1000); it was a 400."""
+    decoded = decode_body(
+        b'{"model": "m", "prompt": "x", "logit_bias": {"5": -1000, "7": 1e9, "9": 2.5}}', CompletionBody
+    )
+    assert sampling.sampling_params(decoded, 7).logit_bias == {5: -100.0, 7: 100.0, 9: 2.5}

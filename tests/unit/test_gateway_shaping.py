@@ -322,7 +322,6 @@ def test_sampling_params_map_and_refuse_unsupported() -> None:
         ("best_of", 2),
         ("suffix", "x"),
         ("logit_bias", {"x5": 1.0}),
-        ("logit_bias", {"5": 101}),
         ("logit_bias", {"9" * 5000: 1.0}),  # past int()'s digit limit: was a 500
     ):
         body = msgspec.convert({"model": "m", "prompt": "x", field: value}, CompletionBody)
