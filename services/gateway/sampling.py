@@ -345,7 +345,8 @@ def sampling_params(
     workers' decode spaces added tokens apart (``detokenizer.spaces_added_tokens``).
 
     Raises:
-        APIError(400): a value outside the spec's range, or a field dlora cannot honour, named.
+        APIError(400): a value outside the spec's range, a completion's best_of below n (vLLM's
+            rule), or a field dlora cannot honour, named.
     """
     _check_ranges(body)
     n = body.n or 1
