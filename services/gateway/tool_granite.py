@@ -141,13 +141,13 @@ class FunctionCallReader:
     _held: str = ""  # text not yet given out: a tag's possible start, or a call from its tag
     _inside: bool = False  # _held begins with a tag
     _pieces: list[str] = field(default_factory=list)  # what follows _held while a call's object stays open
-    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the call's object
-    _next: NextTag = field(default_factory=lambda: NextTag(_FUNCTION_CALL))  # a tag its unsound quotes made a string's
+    # where the call's object ends: its braces, or a tag its unsound quotes made a string's
+    _next: NextTag = field(default_factory=lambda: NextTag(_FUNCTION_CALL))
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if not text:
             return "", []
-        if self._inside and self._scan.read and self._next.open_through(text, self._scan):
+        if self._inside and self._next.open and self._next.open_through(text):
             self._pieces.append(text)  # (an open call is not joined again at every token)
             return "", []
         self._held = "".join([self._held, *self._pieces, text])
@@ -156,8 +156,7 @@ class FunctionCallReader:
 
     def finish(self) -> tuple[str, list[Call]]:
         content, out = self._read_joined() if self._pieces else ("", list[Call]())
-        while self._inside and self._scan.read and not self._next.literal:  # (as mistral's end)
-            self._next = NextTag(_FUNCTION_CALL, literal=True)
+        while self._inside and self._next.output_ended():  # (as mistral's end)
             content, out = joined((content, out), self._read())
         rest, self._held, self._inside = self._held, "", False
         return content + ("" if self.calls else rest), out
@@ -188,12 +187,7 @@ class FunctionCallReader:
                 content += _FUNCTION_CALL if not self.calls else ""
                 at, self._inside = start, False
                 continue
-            if not self._scan.read:  # the object begins: a tag inside it is looked at from there
-                self._next = NextTag(_FUNCTION_CALL)
-            close = self._scan.find(held, first)
-            if (cut := self._next.find(held, first, close)) is not None:
-                close, self._scan = cut, ObjectEnd()  # its quotes unsound: it ends at the next call's tag
-            elif close is None:
+            if (close := self._next.end(held, first)) is None:
                 self._held = held[at:]  # (the scan's place counts from the object's start, which keeps its offset)
                 return content, out
             try:

@@ -67,13 +67,14 @@ class ToolParser:
     # moves with _at when the text read is dropped (_drop), as ObjectEnd's start does
     _read: int = 0
     _body: bool = False  # hermes: within a call whose body began as a JSON object
-    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json, mistral: the call's braces
+    _scan: ObjectEnd = field(default_factory=ObjectEnd)  # llama3_json: the call's braces
     _close: TagEnd = field(
         default_factory=lambda: TagEnd(_CLOSE, literal=True)
     )  # hermes, within a call: where it closes
     _literal: bool = False  # hermes, at the end: calls close at their first tag, strings or not (_finish)
     _quoted: QuotedTag = field(default_factory=QuotedTag)  # hermes, within a call: whether a quoted tag closes it
-    _next: NextTag = field(default_factory=lambda: NextTag(_TOOL_CALLS))  # mistral, within a call: the same
+    # mistral, within a call: where its object ends (its braces; a tag its unsound quotes took in, as hermes')
+    _next: NextTag = field(default_factory=lambda: NextTag(_TOOL_CALLS))
     # pythonic, granite: its reader (tool_pythonic.PythonicReader, tool_granite.GraniteReader), sharing ``calls``
     _reader: PythonicReader | GraniteReader | FunctionCallReader | None = None
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
@@ -170,12 +171,8 @@ class ToolParser:
                 content, calls = joined((content, calls), self._hermes())
                 continue
             break
-        while self.kind == "mistral" and self._inside and self._scan.read and not self._next.literal:
-            # The output ended inside a call's object: a quote or backslash left unescaped ("C:\")
-            # made the rest a string, or a brace was left open, the calls after it none. Its next
-            # [TOOL_CALLS] ends it and the rest is read, as hermes' end reads its first tag
-            self._next = NextTag(_TOOL_CALLS, literal=True)
-            content, calls = joined((content, calls), self._mistral())
+        while self.kind == "mistral" and self._inside and self._next.output_ended():
+            content, calls = joined((content, calls), self._mistral())  # (its next [TOOL_CALLS] ends the call)
         if self.kind == "mistral" and self._inside:  # an array of calls cut short: the calls it finished
             found = [
                 self._add(decoded_call(item, ("arguments",)), calls) for item in _whole_items(self._held[self._at :])
@@ -203,16 +200,17 @@ class ToolParser:
                 return False
             self._read += len(text)
             return True
-        if self.kind in ("mistral", "llama3_json") and self._inside and not self._scan.read and text.isspace():
+        scan = self._next.scan if self.kind == "mistral" else self._scan
+        if self.kind in ("mistral", "llama3_json") and self._inside and not scan.read and text.isspace():
             # whitespace after [TOOL_CALLS], or between llama3_json's calls, all read (nothing else
             # held, or only such pieces): joined, all of it was copied again at every token
             # (hermes' was so; a review)
             if self._pieces or self._read == len(self._held):
                 self._read += len(text)
                 return True
-        if not self._inside or not self._scan.read:
+        if not self._inside or not scan.read:
             return False
-        return self._next.open_through(text, self._scan) if self.kind == "mistral" else self._scan.open_through(text)
+        return self._next.open_through(text) if self.kind == "mistral" else scan.open_through(text)
 
     def _add(self, call: tuple[str, str] | None, out: list[Call]) -> bool:
         if call is None:
@@ -314,12 +312,7 @@ class ToolParser:
                 continue
             if start < 0:
                 return content, out  # not whole yet
-            if not self._scan.read:  # a call's object begins: a tag inside it is looked at from there
-                self._next = NextTag(_TOOL_CALLS)
-            end = self._scan.find(self._held, start)
-            if (cut := self._next.find(self._held, start, end)) is not None:
-                end, self._scan = cut, ObjectEnd()  # its quotes unsound: it ends at the next call's tag
-            elif end is None:
+            if (end := self._next.end(self._held, start)) is None:
                 return content, out  # not whole yet
             begin, self._at, self._inside = self._at, end, False
             try:

@@ -249,27 +249,61 @@ class QuotedTag:
 
 @dataclass
 class NextTag:
-    """Where a call whose object has not closed ends all the same: at the next call's tag, read
-    inside what its quotes made a string (``QuotedTag``): mistral's ``[TOOL_CALLS]``,
-    granite-20b-fc's ``<function_call>``, as hermes' ``</tool_call>``. The call is then no call
-    (its text is not JSON) and the next one is read from its tag, whole and streamed alike: else
-    the rest of the output, its calls too, was the broken call's, the stream silent to its end.
-    It ends at the first tag its object may have closed before (``QuotedTag.balanced``), not at
-    the one where its quotes showed unsound: an escaped closing quote ("C:\\") shows only at a
-    later tag, the calls between were taken into it. One per call; each character is read once
-    across looks. ``literal``: the first tag ends the call, the check not asked (the output ended
-    inside its object, which a later tag cannot belong to whole: as hermes' end reads it,
+    """Where a call's JSON object ends in a growing text: where it closes (``scan``), or, where it
+    has not, at the next call's tag read inside what its quotes made a string (``QuotedTag``):
+    mistral's ``[TOOL_CALLS]``, granite-20b-fc's ``<function_call>``, as hermes' ``</tool_call>``.
+    The call is then no call (its text is not JSON) and the next one is read from its tag, whole
+    and streamed alike: else the rest of the output, its calls too, was the broken call's, the
+    stream silent to its end. It ends at the first tag its object may have closed before
+    (``QuotedTag.balanced``), not at the one where its quotes showed unsound: an escaped closing
+    quote ("C:\\") shows only at a later tag, the calls between were taken into it. One per
+    reader: each call's object restarts it (``end``); each character is read once across looks.
+    ``literal``: the first tag ends the call, the check not asked (the output ended inside its
+    object, which a later tag cannot belong to whole: ``output_ended``, as hermes' end reads it,
     ``ToolParser._finish``)."""
 
     tag: str
     literal: bool = False
     read: int = 0  # characters from the object's start looked at for the tag
     first: int | None = None  # where the first tag its object may have closed before is, from its start
+    scan: ObjectEnd = field(default_factory=ObjectEnd)  # the call's object: where it closes
     _find: TagEnd = field(init=False)
     _check: QuotedTag = field(default_factory=QuotedTag)
 
     def __post_init__(self) -> None:
+        self._restart(self.literal)
+
+    def _restart(self, literal: bool) -> None:
+        """A new look for the tag from the object's start (its scan kept)."""
+        self.literal, self.read, self.first, self._check = literal, 0, None, QuotedTag()
         self._find = TagEnd(self.tag, quotes=False)  # (the tag wherever it comes: strings are the check's)
+
+    @property
+    def open(self) -> bool:
+        """Whether a call's object is being read: begun, neither closed nor cut."""
+        return self.scan.read > 0
+
+    def end(self, text: str, start: int) -> int | None:
+        """Where the call whose object begins at ``text[start]`` ends: its object's close, or the
+        next call's tag its unsound quotes took in (``find``); None: not yet (``start`` the same
+        at every look, or moved with the text's start). Found, the next look begins a new call."""
+        if not self.scan.read:  # (a call's object begins: a tag inside it is looked at from there)
+            self._restart(False)
+        close = self.scan.find(text, start)
+        if (cut := self.find(text, start, close)) is None:
+            return close
+        self.scan = ObjectEnd()  # its quotes unsound: it ends at the next call's tag
+        return cut
+
+    def output_ended(self) -> bool:
+        """The output ended inside a call's object: a quote or backslash left unescaped ("C:\\")
+        made the rest a string, or a brace was left open, the calls after it none. From now on its
+        first tag ends it (True: the caller reads the text again, as hermes' end reads its first
+        tag); False where no object is open, or its first tag already ends it."""
+        if not self.open or self.literal:
+            return False
+        self._restart(True)
+        return True
 
     def find(self, text: str, start: int, close: int | None) -> int | None:
         """Where the call whose object begins at ``text[start]`` ends at a tag before ``close``
@@ -286,14 +320,14 @@ class NextTag:
         self.read = len(text) - start
         return None
 
-    def open_through(self, piece: str, scan: ObjectEnd) -> bool:
+    def open_through(self, piece: str) -> bool:
         """Whether the call stays open through ``piece`` (what follows the text read): no tag ends
-        in it and its object (``scan``) does not close; then both have read it (the caller keeps it
-        as a piece), else neither has."""
+        in it and its object does not close; then both looks have read it (the caller keeps it as
+        a piece), else neither has."""
         matched = self._find.matched  # (a literal look's one state)
         if not self._find.open_through(piece):
             return False
-        if not scan.open_through(piece):
+        if not self.scan.open_through(piece):
             self._find.matched = matched
             return False
         self.read += len(piece)
