@@ -9,7 +9,8 @@ so), and what follows the array is not content. Each call goes out as its item o
 before the array closes; an array whose first item is no call is text as written (vLLM's is text
 where any item is none: here an item after a call is passed over, as the other parsers do). An
 array cut short keeps the calls it finished; none, and it is the text as written. An empty array
-after a tag (``<|tool_call|>[]``) is no call and no content (vLLM's null); what follows it is text.
+(``<|tool_call|>[]``) makes no call: text as written, as vLLM PR #53297 answers it (it was null
+content, an empty turn).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class GraniteReader:
     _text: str = ""  # within the array: from the item being read (or the space before it)
     _pieces: list[str] = field(default_factory=list)  # what follows _text while an item stays open
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the item being read
-    empty: bool = False  # the array after a tag was empty (``ToolParser.tools_called``)
 
     def feed(self, text: str) -> tuple[str, list[Call]]:
         if self._plain:
@@ -92,11 +92,6 @@ class GraniteReader:
             if at == len(text):
                 self._text = ""
                 return "", out
-            if text[at] == "]" and not self.calls and self._tags:
-                # "<|tool_call|>[]": the model called none. vLLM's answer has no calls and null
-                # content (it was text here); what follows is text. Without a tag, "[]" is a reply
-                self.empty, self._plain, self._inside, self._written = True, True, False, []
-                return text[at + 1 :], out
             if text[at] != "{":  # the array's end, or an item that is no object
                 if not self.calls:
                     return self._text_as_written(), out

@@ -16,7 +16,7 @@ and a call that does not parse (cut short, or not JSON) goes back as text.
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
-  vLLM's. An empty array, ``[TOOL_CALLS] []``, is no call and no content (vLLM's ``tools_called``).
+  vLLM's. An empty array, ``[TOOL_CALLS] []``, makes no call: the text as written (``tools_called``).
   A ``[TOOL_CALLS]`` read inside a call's string ends the call where its quotes are unsound, as
   hermes' ``</tool_call>`` does (``tool_scan.NextTag``: a quote the model left unescaped), and
   where the output ends inside a call (``_finish``).
@@ -80,7 +80,6 @@ class ToolParser:
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
     _blank: list[str] | None = field(default_factory=list)
-    _empty: bool = False  # mistral: "[TOOL_CALLS] []", an empty array of calls (``tools_called``)
 
     def __post_init__(self) -> None:
         if self.kind == "pythonic":
@@ -92,15 +91,17 @@ class ToolParser:
 
     @property
     def tools_called(self) -> bool:
-        """Whether the output was read as calls: some, or an empty array of them after its tag
-        (Granite's ``<|tool_call|>[]``, Mistral's ``[TOOL_CALLS] []``), which vLLM answers with no
-        calls and null content, as it does any output read as calls (vLLM's ``tools_called``)."""
-        return bool(self.calls) or self._empty or getattr(self._reader, "empty", False)
+        """Whether the output was read as calls: some were. One that parses to none (Granite's
+        ``<|tool_call|>[]``, Mistral's ``[TOOL_CALLS] []``) is a text answer, the output as
+        written: vLLM's ``tools_called == bool(tool_calls)``, which its parsers' test harness
+        asserts and PR #53297 restores where a parser broke it (granite's empty array answered
+        null content, an empty turn)."""
+        return bool(self.calls)
 
     def finish(self) -> tuple[str, list[Call]]:
         """The end of the output (``_finish``); whitespace held that no call followed goes out."""
         content, calls = self._shown(self._finish())
-        blank = "".join(self._blank or []) if not self.tools_called else ""  # (beside an empty array: none)
+        blank = "".join(self._blank or []) if not self.tools_called else ""
         return blank + content, calls
 
     def _shown(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
@@ -322,7 +323,6 @@ class ToolParser:
             calls: list[tuple[str, str] | None]
             if array:
                 calls = [decoded_call(c, ("arguments",)) for c in parsed] if isinstance(parsed, list) else [None]
-                self._empty = self._empty or parsed == []
             else:
                 # mistral-common's v11 writes the call's id between: name[CALL_ID]id[ARGS]{...}
                 name = self._held[begin:start].removesuffix(_ARGS).split(_CALL_ID, 1)[0].strip()
@@ -330,8 +330,8 @@ class ToolParser:
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
                 self._add(call, out)
-            if not self.calls and not (array and parsed == []):
-                content += _TOOL_CALLS + self._held[begin:end]  # not calls: the text as written
+            if not self.calls:
+                content += _TOOL_CALLS + self._held[begin:end]  # not calls (an empty array too): the text as written
 
     def _llama3_json(self) -> tuple[str, list[Call]]:
         if not self._decided:  # (leading whitespace leaves _held, not stripped again per token; _written keeps it)

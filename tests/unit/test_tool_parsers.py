@@ -73,14 +73,14 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
         ("mistral", "a [TOOL_CALL] is not [TOOL_CALLS", "a [TOOL_CALL] is not [TOOL_CALLS", []),
         ("mistral", '[TOOL_CALLS]weather{"city": "ka', '[TOOL_CALLS]weather{"city": "ka', []),  # cut short
         ("mistral", "[TOOL_CALLS] not json at all", "[TOOL_CALLS] not json at all", []),
-        # an empty array of calls: none, and no content (vLLM's tools_called, content null; was text)
-        ("mistral", "[TOOL_CALLS] []", "", []),
-        ("mistral", "Nothing to call.[TOOL_CALLS] []", "Nothing to call.", []),
-        # a later block that is no call is text, as one alone is (after an empty array it was dropped)
+        # an empty array of calls makes none: the text as written (vLLM PR #53297; it was null
+        # content), and a later block that is no call is text too
+        ("mistral", "[TOOL_CALLS] []", "[TOOL_CALLS] []", []),
+        ("mistral", "Nothing to call.[TOOL_CALLS] []", "Nothing to call.[TOOL_CALLS] []", []),
         (
             "mistral",
             'a[TOOL_CALLS] [] b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
-            'a b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
+            'a[TOOL_CALLS] [] b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
             [],
         ),
         ("mistral", "[TOOL_CALLS]" + "x" * 150 + "{}", "[TOOL_CALLS]" + "x" * 150 + "{}", []),  # no name that long
