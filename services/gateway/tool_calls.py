@@ -124,7 +124,7 @@ class CallStream:
     text: str = ""  # the output from where the last look began (the item being read, or what came before)
     pos: int = 0  # where the next item (or the list's opening) may begin
     opened: bool = False
-    closed: bool = False  # the list's end was read: a whole list of calls
+    ended: bool = False  # the list's end was read: what follows is not read
     calls: list[tuple[str, str]] = field(default_factory=list)  # read so far: (name, arguments)
     _scan: ObjectEnd = field(default_factory=ObjectEnd)  # the item being read
     # what follows text while an item stays open, kept apart: joined to it at every token, a 200 kB
@@ -134,7 +134,7 @@ class CallStream:
     def feed(self, text: str) -> list[tuple[int, str, str]]:
         """The calls ``text`` completes, added to what came before: (its place in the list, name,
         arguments)."""
-        if self.closed or not text:  # (an empty piece, a token that completes no character: nothing new;
+        if self.ended or not text:  # (an empty piece, a token that completes no character: nothing new;
             return []  # read, it joined an open item's pieces, copied again at every such token: a review)
         if text and self._scan.read and self._scan.open_through(text):
             self._pieces.append(text)
@@ -155,7 +155,7 @@ class CallStream:
                 self.opened, self.pos = True, start + 1
                 continue
             if self.text[start] == "]":
-                self.closed = True
+                self.ended = True
                 return out
             if (end := self._scan.find(self.text, start)) is None:
                 return out  # not whole yet
@@ -167,3 +167,10 @@ class CallStream:
             if (call := _call(item)) is not None:
                 out.append((len(self.calls), *call))
                 self.calls.append(call)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the output is a whole list of calls (finish_reason "tool_calls"): its end read and
+        one call in it at least. A list of none (``[]``, items that are no calls) is no tool-call
+        answer: "tool_calls" beside no call sent a client's agent loop to run nothing (vLLM #53255)."""
+        return self.ended and bool(self.calls)

@@ -147,3 +147,10 @@ def test_a_named_call_whose_output_is_all_reasoning_answers_no_call() -> None:
     no content, whole and streamed alike (the arguments never began)."""
     whole = _answers_alike("<think>Which tool? Let me think", tool="add", reasoning_parser="qwen3")
     assert whole == {"content": None, "calls": [], "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize("text", ["[]", '[{"x": 1}]'])
+def test_a_required_list_of_no_calls_does_not_finish_tool_calls(text: str) -> None:
+    """vLLM #53255 (PR #53256): tool_choice "required" whose output made no call answered
+    finish_reason "tool_calls" beside an empty tool_calls, sending an agent loop to run nothing."""
+    assert _answers_alike(text, tools_required=True) == {"content": None, "calls": [], "finish_reason": "stop"}
