@@ -1,8 +1,8 @@
 """Other servers' public bug reports about tool-call answers (ids, indices, finish_reason, content
-null, parallel_tool_calls, named and "required" tool_choice), replayed against dlora's answer shape:
-each output answered whole and streamed in pieces, the stream assembled as an OpenAI client does
-(by each call's ``index``), both answering the same content, calls and finish_reason. The reports'
-numbers name where the input came from."""
+null, parallel_tool_calls, named, "required" and "none" tool_choice, reasoning beside calls),
+replayed against dlora's answer shape: each output answered whole and streamed in pieces, the
+stream assembled as an OpenAI client does (by each call's ``index``), both answering the same
+content, calls and finish_reason. The reports' numbers name where the input came from."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.openai import ChatBody, Choice, Shape, Tool, ToolFunction
+from dlora.services.gateway.sampling import auto_tools
 from tests.unit.tool_cases import splits
 
 
@@ -149,8 +150,87 @@ def test_a_named_call_whose_output_is_all_reasoning_answers_no_call() -> None:
     assert whole == {"content": None, "calls": [], "finish_reason": "stop"}
 
 
+def _reasoning(text: str, **kwargs: Any) -> tuple[str | None, str]:
+    """The reasoning of ``text`` answered whole, and streamed a character at a time."""
+    shape = _shape(**kwargs)
+    [choice] = shape.full([Choice(0, text=text, finish_reason="stop")], 3, 9)["choices"]
+    shape = _shape(**kwargs)
+    events = [shape.chunk(text[0], None, first=True)] + [shape.chunk(t, None) for t in text[1:]]
+    events.append(shape.chunk("", "stop"))
+    return choice["message"]["reasoning"], "".join(e["choices"][0]["delta"].get("reasoning") or "" for e in events)
+
+
 @pytest.mark.parametrize("text", ["[]", '[{"x": 1}]'])
 def test_a_required_list_of_no_calls_does_not_finish_tool_calls(text: str) -> None:
     """vLLM #53255 (PR #53256): tool_choice "required" whose output made no call answered
     finish_reason "tool_calls" beside an empty tool_calls, sending an agent loop to run nothing."""
     assert _answers_alike(text, tools_required=True) == {"content": None, "calls": [], "finish_reason": "stop"}
+
+
+def test_tool_choice_none_answers_a_call_shaped_output_as_its_text() -> None:
+    """vLLM #55080: with tool_choice "none" the parser still ran and deleted the call-shaped text
+    (content null). "none" reads no calls (``auto_tools``): the output is the answer as written."""
+    body = ChatBody(
+        model="m", messages=[], tools=[Tool(type="function", function=ToolFunction(name="f"))], tool_choice="none"
+    )
+    assert not auto_tools(body, "hermes")
+    text = _hermes({"name": "f", "arguments": {}})
+    assert _answers_alike(text) == {"content": text, "calls": [], "finish_reason": "stop"}
+
+
+def test_a_call_drafted_while_thinking_stays_reasoning_and_the_real_one_is_answered_once() -> None:
+    """vLLM #39056 (PR #55759 open) and renderers #80: a <tool_call> written inside <think> was
+    lost, or answered beside the real call as a phantom duplicate. As vLLM's main reads it (calls
+    from the content alone): the draft is reasoning, the call after </think> the one answer."""
+    draft = "<think>I could write " + _hermes({"name": "f", "arguments": {"a": 0}}) + "</think>"
+    text = draft + _hermes({"name": "f", "arguments": {"a": 1}})
+    whole = _answers_alike(text, tool_parser="hermes", reasoning_parser="qwen3")
+    assert [json.loads(c["arguments"]) for c in whole["calls"]] == [{"a": 1}] and whole["content"] is None
+    assert _reasoning(text, tool_parser="hermes", reasoning_parser="qwen3") == (draft[7:-8], draft[7:-8])
+
+
+def test_calls_are_read_where_thinking_is_off() -> None:
+    """vLLM #19017: with thinking disabled (enable_thinking false) the reasoning parser took the
+    whole output, the call in it never read. Thinking off, all of it is content, read for calls."""
+    whole = _answers_alike(TWO, tool_parser="hermes", reasoning_parser="qwen3", thinking=False)
+    assert [c["name"] for c in whole["calls"]] == ["multiply", "add"] and whole["finish_reason"] == "tool_calls"
+
+
+def test_a_named_call_streams_where_thinking_is_off() -> None:
+    """vLLM #21565 (PR #21573): a named tool_choice streamed with thinking disabled failed (the
+    call waited for an end of thinking that never came). Here it opens at once, as answered whole."""
+    whole = _answers_alike('{"a": 1}', tool="add", reasoning_parser="qwen3", thinking=False)
+    assert whole["calls"][0]["name"] == "add" and json.loads(whole["calls"][0]["arguments"]) == {"a": 1}
+
+
+@pytest.mark.parametrize("kwargs", [{"tool": "add"}, {"tool_parser": "hermes"}, {"tools_required": True}])
+def test_a_streamed_calls_id_name_and_type_come_once_in_its_first_delta(kwargs: dict[str, Any]) -> None:
+    """vLLM #14951: a streamed call's name came in every delta, so an OpenAI adaptor, which appends
+    what each delta holds, built one long name. OpenAI sends id, type and name once, in a call's
+    first delta; its later deltas hold arguments alone."""
+    text = {"tool": '{"a": 1}', "tool_parser": TWO, "tools_required": '[{"name": "add", "parameters": {"a": 1}}]'}
+    shape = _shape(**kwargs)
+    pieces = list(text[next(iter(kwargs))])
+    events = [shape.chunk(pieces[0], None, first=True)] + [shape.chunk(p, None) for p in pieces[1:]]
+    deltas = [c for e in [*events, shape.chunk("", "stop")] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    for index in {d["index"] for d in deltas}:
+        [first, *later] = [d for d in deltas if d["index"] == index]
+        assert first["id"] and first["type"] == "function" and first["function"]["name"]
+        assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in later)
+
+
+def test_reasoning_then_a_call_answers_no_content_whole_and_streamed() -> None:
+    """Qwen3 #1755 (vLLM's qwen3 parser): a thinking model's stream gave the blank line between
+    </think> and <tool_call> as content beside the call. Here: reasoning, the call, content null."""
+    text = "<think>Need the weather.</think>\n\n" + _hermes({"name": "weather", "arguments": {"city": "SF"}})
+    whole = _answers_alike(text, tool_parser="hermes", reasoning_parser="qwen3")
+    assert whole["content"] is None and [c["name"] for c in whole["calls"]] == ["weather"]
+    assert _reasoning(text, tool_parser="hermes", reasoning_parser="qwen3") == ("Need the weather.",) * 2
+
+
+def test_calls_streamed_in_chunks_of_many_tokens_keep_their_last_brace() -> None:
+    """vLLM #32152: with MTP (several tokens per step) hermes' stream dropped a call's final "}",
+    its arguments no JSON. Pieces of any size give the whole answer's arguments (``splits``)."""
+    text = _hermes({"name": "f", "arguments": {"a": {"b": [1, {"c": "}"}]}}}) + "\n"
+    whole = _answers_alike(text, tool_parser="hermes")
+    assert json.loads(whole["calls"][0]["arguments"]) == {"a": {"b": [1, {"c": "}"}]}}
