@@ -10,7 +10,9 @@ before the array closes; an array whose first item is no call is text as written
 where any item is none: here an item after a call is passed over, as the other parsers do). An
 array cut short keeps the calls it finished; none, and it is the text as written. An empty array
 (``<|tool_call|>[]``) makes no call: text as written, as vLLM PR #53297 answers it (it was null
-content, an empty turn).
+content, an empty turn). No quotes check (``tool_scan.NextTag``): no tag comes between items for a
+string to take in, and an item whose quotes are unsound (``"5" inches"``) makes the rest a string
+with no tag to end it at: text, as vLLM's ``json.loads`` reads it, the calls before it kept.
 """
 
 from __future__ import annotations

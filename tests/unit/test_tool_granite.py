@@ -155,3 +155,24 @@ def test_fuzzed_granite_20b_fc_outputs_read_alike_however_split() -> None:
         whole = read("granite-20b-fc", [text])[:2]
         assert read("granite-20b-fc", pieces)[:2] == whole, pieces
         assert whole[1] or whole[0] == text, text
+
+
+def test_an_item_whose_quotes_are_unsound_is_read_as_vllms_json_reads_it() -> None:
+    """The bug hermes', mistral's and granite-20b-fc's quotes check fixes, a string that took in
+    the next call's tag, cannot happen here: Granite 3.x writes no tag between items, and one an
+    argument quotes is the argument's. An unescaped quote ("5" inches") makes the rest of the array
+    a string with no tag to end it at: the output is text, as vLLM's json.loads gives it (whole
+    and streamed alike, the stream silent until the end shows it); calls before it are kept."""
+    ping, bad = '{"name": "ping", "arguments": {}}', '{"name": "find", "arguments": {"q": "5" inches"}}'
+    quoting = '{"name": "write", "arguments": {"s": "}]<|tool_call|>[<tool_call>"}}'
+    for text, expected in [
+        (f"<|tool_call|>[{bad}, {ping}]", (f"<|tool_call|>[{bad}, {ping}]", [])),
+        (f"<|tool_call|>[{ping}, {bad}, {ping}]", ("", [("ping", "{}")])),
+        (
+            f"<|tool_call|>[{quoting}, {ping}]",
+            ("", [("write", '{"s": "}]<|tool_call|>[<tool_call>"}'), ("ping", "{}")]),
+        ),
+    ]:
+        content, calls, said = read("granite", list(text))
+        assert read("granite", [text])[:2] == (content, calls) == expected
+        assert not any(said[:-1])
