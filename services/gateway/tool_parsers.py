@@ -2,7 +2,11 @@
 template taught it, as vLLM's ``--tool-call-parser`` does (the gateway's ``tool_call_parser``).
 Pure. One reading serves both a whole output and a stream (``feed`` its pieces, then ``finish``),
 so the two answer alike: text outside the calls is content, each call goes out whole as it ends,
-and a call that does not parse (cut short, or not JSON) goes back as text.
+and a call that does not parse (cut short, or not JSON) goes back as text. A stream says nothing
+for a call while it is open: one the output ends inside (hermes, mistral, granite-20b-fc: a quote
+left unescaped, a brace left open) may close at any later token, so it goes out as text only at
+the end. vLLM's stream sends such a call's name and argument text as they come (its hermes diffs
+the arguments read so far), a tool call its whole answer then gives as text; here the two agree.
 
 - ``hermes`` (Hermes 2 Pro, Qwen2.5): ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
   any number; the text before the first is content, what comes after it is not (vLLM's). A

@@ -124,3 +124,15 @@ def test_a_mistral_tag_no_call_follows_is_text_to_the_next_tag() -> None:
         text = "Looking. " + before + MISTRAL_TAG + "x y " + _mistral("{}", "ping")
         expected = ("Looking. " + ("" if before else MISTRAL_TAG + "x y "), [PING] * (1 + bool(before)))
         assert read("mistral", [text])[:2] == read("mistral", list(text))[:2] == expected
+
+
+@pytest.mark.parametrize("kind", [*CALLS, "hermes"])
+def test_a_call_the_output_ends_inside_goes_out_as_text_only_at_the_end(kind: str) -> None:
+    """Until the output ends, the call may still close (a later quote, a later brace): nothing of
+    it is said, then all of it is text, as the whole answer gives it (vLLM's stream sends it as a
+    tool call its whole answer gives as text)."""
+    text = {"hermes": '<tool_call>{"name": "find", "arguments": {"q": "5" inches"}}'}.get(kind)
+    text = text or CALLS[kind]('{"q": "5" inches"}')
+    content, calls, said = read(kind, ["Looking. ", *text])
+    assert (content, calls) == ("Looking. " + text, []) and said[0] == "Looking. "
+    assert not any(said[1:-1]) and said[-1] == text
