@@ -357,7 +357,7 @@ class Shape:
             elif self.tool_parser:
                 parser = ToolParser(self.tool_parser, names=self.tool_names)
                 content, calls = self._allowed(joined(parser.feed(text or ""), parser.finish()))
-                said = (content or None) if parser.tools_called else content  # (an empty array of calls too: vLLM's)
+                said = (content or None) if parser.tools_called else content  # (beside calls "" is null: vLLM's)
                 choice["message"] = {"role": self.role, "content": said}
                 if calls:
                     choice["message"]["tool_calls"] = [self._call(c.index, args, name, k) for k, name, args in calls]

@@ -263,7 +263,7 @@ class NextTag:
     ``ToolParser._finish``)."""
 
     tag: str
-    literal: bool = False
+    literal: bool = field(default=False, init=False)  # the look is literal (``output_ended``)
     read: int = 0  # characters from the object's start looked at for the tag
     first: int | None = None  # where the first tag its object may have closed before is, from its start
     scan: ObjectEnd = field(default_factory=ObjectEnd)  # the call's object: where it closes
@@ -271,7 +271,7 @@ class NextTag:
     _check: QuotedTag = field(default_factory=QuotedTag)
 
     def __post_init__(self) -> None:
-        self._restart(self.literal)
+        self._restart(False)
 
     def _restart(self, literal: bool) -> None:
         """A new look for the tag from the object's start (its scan kept)."""
