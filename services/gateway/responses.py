@@ -22,6 +22,9 @@ from dlora.services.gateway.shaping import ChoicePlan, Job
 
 # The SamplingParams fields of a structured output (``TokenChunk.param`` names one at fault).
 STRUCTURED_PARAMS = frozenset({"json_schema", "regex", "choice", "grammar"})
+# The fields of every body a chunk's ``param`` names as the body does: ``model``, the adapter a
+# worker refuses (its rank above the serving limit).
+BODY_PARAMS = frozenset({"model"})
 # Events a response holds at most before writing them while its request's chunks keep coming
 # faster than the gateway relays them (``ResponseWriter.flush``): ~30 KB, a few steps of a stream.
 MAX_HELD_EVENTS = 64
@@ -180,6 +183,7 @@ class ResponseWriter:
         # A structured output that fails as the output grows (past what the grammar engine
         # handles) is named by the body's field that asked for it, as the gateway's own check does.
         param = self.job.structured_field if replies.error_param in STRUCTURED_PARAMS else None
+        param = replies.error_param if replies.error_param in BODY_PARAMS else param
         message = replies.error or ""
         error = refusal(replies.error_code, message if param is None else said_as(message, param), param)
         if self.stream is None:

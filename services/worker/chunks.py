@@ -100,9 +100,12 @@ def adapter_failure_chunk(req: GenerateRequest, error: str, worker: str, over_li
     where adapters live, as ``/v1/models`` shows paths to admin callers only. ``over_limit``: the
     adapter's own rank or scaling is past this worker's limit (and no other took it), which is the
     request's adapter against the serving limit: a 400 naming it, as vLLM answers a LoRA above
-    ``--max-lora-rank``."""
+    ``--max-lora-rank``, its ``param`` the request's field that named the adapter (``model``, as
+    OpenAI's errors name the field at fault)."""
     reason = f"adapter {req.adapter!r} could not be loaded on worker {worker}: {_PATH.sub('<path>', error)}"
-    return error_chunk(req, ErrorCode.BAD_REQUEST if over_limit else ErrorCode.INTERNAL, reason, worker)
+    if over_limit:
+        return error_chunk(req, ErrorCode.BAD_REQUEST, reason, worker, param="model")
+    return error_chunk(req, ErrorCode.INTERNAL, reason, worker)
 
 
 def unreadable_chunk(head: RequestHead, error: str, worker: str) -> TokenChunk:

@@ -296,6 +296,7 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
         # (it was a 500, as if the server were at fault).
         status, resp = await post(stack, "/v1/completions", {**body, "model": "unread"})
         assert status == 400 and resp["error"]["type"] == "invalid_request_error", resp
+        assert resp["error"]["param"] == "model", resp  # the field that named the adapter, as OpenAI's errors
         assert f"rank {rank} is above max_lora_rank={rank - 1}" in resp["error"]["message"], resp
         # the gateway has both workers' stats since (each of them: a CI run registered it while the
         # gateway had heard the first alone, 0.25 s into the test, and the second's came meanwhile)

@@ -27,8 +27,9 @@ def test_an_adapter_that_cannot_be_loaded_is_the_servers_fault_and_its_paths_sta
     # adapter against the serving limit, a 400 naming it (it was a 500)
     over = "adapter 'sec2': layer 0 q_proj: rank 64 is above max_lora_rank=16"
     chunk = adapter_failure_chunk(req, over, "worker-0", over_limit=True)
-    assert chunk.error_code is ErrorCode.BAD_REQUEST
+    assert chunk.error_code is ErrorCode.BAD_REQUEST and chunk.param == "model"  # (OpenAI's: the field at fault)
     assert chunk.error is not None and "rank 64 is above max_lora_rank=16" in chunk.error
+    assert adapter_failure_chunk(req, errors[0], "w").param is None  # the server's fault: no field of the body
 
 
 def test_the_first_chunk_of_a_first_run_says_its_prefix_cache_hit() -> None:
