@@ -172,6 +172,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=T
 # times, then failed: a poison request must not take down one worker after another. A request
 # whose message never reached its worker is re-dispatched without counting.
 MAX_RECOVERIES = 1
+# Seconds a request handed back (``LostRequests``, not run there) is remembered: by the worker that
+# handed it back, which answers it if it comes back within them (no other worker could take it),
+# and by the dispatcher, which sends it to none of the workers that handed it back while another can.
+HANDED_BACK_MEMORY_S = 60.0
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):

@@ -365,12 +365,14 @@ def tie_order(salt: bytes, worker: str) -> str:
 
 
 def holding_version(
-    workers: list[WorkerStats], adapter: str | None, version: str, avoid: str | None
+    workers: list[WorkerStats], adapter: str | None, version: str, avoid: Collection[str]
 ) -> list[WorkerStats]:
-    """The ``workers`` other than ``avoid`` whose stats list ``version`` of ``adapter``: the only
+    """The ``workers`` outside ``avoid`` whose stats list ``version`` of ``adapter``: the only
     ones that can serve a request of it once its files were rewritten since registration."""
     return [
-        w for w in workers if w.worker != avoid and any(a.name == adapter and a.version == version for a in w.adapters)
+        w
+        for w in workers
+        if w.worker not in avoid and any(a.name == adapter and a.version == version for a in w.adapters)
     ]
 
 

@@ -263,16 +263,16 @@ class Dispatcher(Recovery):
         raw: bytes | None = None,
         expect: tuple[str, int] | None = None,
         died: bool = False,
-        avoid: str | None = None,
+        avoid: frozenset[str] = frozenset(),
         again: bool = False,
         holding: bool = False,
         allowed: AdapterEntry | None = None,
     ) -> None:
         """Send ``req`` to the worker chosen for it and record it in flight there. ``expect``: a re-dispatch, sent only
         if the record still names that worker and attempt (recorded first); ``died``: one after the worker running it
-        died, counted in the record; ``avoid``: a worker not to choose while another can take it (one its message never
-        reached); ``again``: the second look (``_look_again``) at a request whose id and reply subject were in flight
-        (see below), or at one ``holding`` found no holder for; ``holding``: only to a worker other than ``avoid`` whose
+        died, counted in the record; ``avoid``: workers not to choose while another can take it (those it was handed
+        back by); ``again``: the second look (``_look_again``) at a request whose id and reply subject were in flight
+        (see below), or at one ``holding`` found no holder for; ``holding``: only to a worker outside ``avoid`` whose
         stats list the request's adapter version (its files were rewritten since registration, so no other can load it),
         else, once every live worker's stats were read again (a holder's may not list it yet: a trial's rewrite right
         after the first request got 500 for half the next 20), run on a version registered since (``replaced.py``) or
@@ -330,7 +330,7 @@ class Dispatcher(Recovery):
             return
         # Not a worker gone quiet while another can take it: it is likely dead (its loss not declared yet).
         quiet = self.state.quiet(time.monotonic())
-        others = [w for w in live if w.worker != avoid]
+        others = [w for w in live if w.worker not in avoid]
         others = [w for w in others if w.worker not in quiet] or others
         proactive = self.s.dispatch is DispatchMode.PROACTIVE  # round-robin reads no prefixes
         prefixes = request_keys(req) if proactive else None
@@ -410,8 +410,8 @@ class Dispatcher(Recovery):
         self._rechecks.add(task)
         task.add_done_callback(self._rechecks.discard)
 
-    async def _heard_from_all(self, since: float, avoid: str | None) -> None:
-        """Until every live worker other than ``avoid`` sent stats read after ``since`` (monotonic
+    async def _heard_from_all(self, since: float, avoid: frozenset[str]) -> None:
+        """Until every live worker outside ``avoid`` sent stats read after ``since`` (monotonic
         seconds here), for one heartbeat TTL at most. A busy worker publishes its last reading,
         taken between steps, and one from before a load made while a step ran would not list it (a
         review): a reading's time here is when it was heard less its age when sent (``sent -
@@ -424,7 +424,7 @@ class Dispatcher(Recovery):
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.s.heartbeat_ttl_s):
-                while not all(fresh(w) for w in self.live() if w.worker != avoid):
+                while not all(fresh(w) for w in self.live() if w.worker not in avoid):
                     await self._heard.wait()
 
     async def _fail(

@@ -28,6 +28,7 @@ from dlora.common.messages import (
     WorkerStats,
 )
 from dlora.common.state import StateStore
+from dlora.services.dispatcher.hand_backs import HandBacks
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -62,7 +63,7 @@ class Recovery:
         raw: bytes | None = None,
         expect: tuple[str, int] | None = None,
         died: bool = False,
-        avoid: str | None = None,
+        avoid: frozenset[str] = frozenset(),
         again: bool = False,
         holding: bool = False,
     ) -> None:
@@ -85,6 +86,12 @@ class Recovery:
         systemd, say) reached no worker that would remember it, and the request was re-dispatched
         and ran to its end (a helper's finding); a recovery looks here first (``_recover``)."""
         return Aborts()
+
+    @functools.cached_property
+    def handed_back(self) -> HandBacks:
+        """The workers each request was handed back by lately: none of them is chosen for it again
+        while another live worker can take it (``hand_backs.py``)."""
+        return HandBacks()
 
     async def _on_abort(self, abort: AbortRequest) -> None:
         self.aborted.add(abort.request_id, None, time.monotonic())
@@ -140,13 +147,16 @@ class Recovery:
             return
         for rid, attempt in lost.requests.items():
             died = not lost.draining and rid not in lost.never_arrived
+            if rid in lost.never_arrived and not lost.draining:  # refused there, not lost with it
+                self.handed_back.add(rid, lost.worker, time.monotonic())
             try:  # one record Redis failed on must not hold up the rest: the worker hands it back again
                 rec = await self.store.get_inflight(rid)
                 if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
                     holding = rid in lost.elsewhere  # only a worker holding its adapter's version
                     if (waited := lost.queued_s.get(rid)) is not None:
                         rec = _waited(rec, waited)
-                    await self._recover(rec, died=died, avoid=None if died else lost.worker, holding=holding)
+                    avoid = frozenset() if died else frozenset({lost.worker})
+                    await self._recover(rec, died=died, avoid=avoid, holding=holding)
             except bus.STATE_OUTAGE as e:
                 logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
             except Exception as e:  # nor one that cannot be read (an older release's, under looser
@@ -212,13 +222,16 @@ class Recovery:
             if await self.store.claim_recovery(f"{worker}:orphans", ttl_s=self.s.heartbeat_ttl_s):
                 await self._recover_on(worker)
 
-    async def _recover(self, rec: Inflight, died: bool = True, avoid: str | None = None, holding: bool = False) -> None:
+    async def _recover(
+        self, rec: Inflight, died: bool = True, avoid: frozenset[str] = frozenset(), holding: bool = False
+    ) -> None:
         """Re-dispatch a request given up on ``rec.worker`` as its next attempt, resuming after the
         tokens its client has; or fail it (``died``, and too many workers died with it before; or
         its client is judged gone: said, not dropped in silence, for a client that was only cut
         off for a while would otherwise wait out its chunk timeout). Each record is re-dispatched
         once, however many dispatchers try. Not ``died``: its message never reached the worker,
-        or the worker is stopping; ``avoid``: a worker to send it elsewhere than, if any other;
+        or the worker is stopping; ``avoid``: workers to send it elsewhere than, if any other, beside
+        those that handed it back lately (``handed_back``);
         ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
@@ -264,6 +277,7 @@ class Recovery:
             recoveries=rec.recoveries + 1,
             continued=True,
         )
+        avoid |= self.handed_back.of(first.request_id, now)
         await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid, holding=holding)
 
 

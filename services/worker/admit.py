@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.lograte import RateLimiter
-from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
+from dlora.common.messages import HANDED_BACK_MEMORY_S, ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import RequestHead, request_head
 from dlora.common.versions import engine_key
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 logger = log.get("worker")
 _adapter_failures = RateLimiter(burst=10, interval_s=10.0)  # (kind: message and adapter)
-# Seconds a request handed back is remembered: back within it, it is answered.
-HANDED_BACK_MEMORY_S = 60.0
 
 
 async def admit(w: WorkerService, add: Add) -> None:

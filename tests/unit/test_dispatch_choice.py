@@ -234,8 +234,8 @@ def test_a_rewritten_adapter_goes_only_to_a_worker_holding_its_version() -> None
     old = msgspec.structs.replace(w("w0"), adapters=[AdapterResidency(name="rl", slot=0, merged=False, version="v1")])
     new = msgspec.structs.replace(w("w1"), adapters=[AdapterResidency(name="rl", slot=0, merged=False, version="v2")])
     lacks = w("w2")
-    assert [x.worker for x in holding_version([old, new, lacks], "rl", "v1", avoid=None)] == ["w0"]
-    assert holding_version([old, new, lacks], "rl", "v1", avoid="w0") == []  # the worker that handed it back
+    assert [x.worker for x in holding_version([old, new, lacks], "rl", "v1", avoid=())] == ["w0"]
+    assert holding_version([old, new, lacks], "rl", "v1", avoid={"w0"}) == []  # the worker that handed it back
     assert "load_inplace" in version_gone("rl", "v1")
 
 
