@@ -15,12 +15,14 @@ PEFT reads it (peft/tuners/tuners_utils.py ``check_target_module_exists``, peft/
   ``all-linear`` in any case; left out: PEFT's default for these models, q_proj and v_proj),
   ``exclude_modules`` (the same two forms), ``layers_to_transform`` with ``layers_pattern``.
   Weights in the file for projections PEFT would not adapt are ignored, as PEFT ignores them
-  (under any adapter name, in any number of copies), and so are whole weights of a top-level
-  module the base lacks (a classification head's ``score.weight``); LoRA tensors of another part
-  of a model (a vision tower's layers), on the embeddings or the output head, and for a selected
-  projection under a name PEFT does not load (another adapter's name, the wrong block) or two for
-  one weight, are refused; so is a selected module without weights under
-  ``init_lora_weights: false`` (PEFT leaves it random; otherwise its delta is zero, as PEFT's);
+  (under any adapter name, in any number of copies), and so are the weights of a top-level
+  module the base lacks (a classification head's ``score.weight``, or its own ``score.lora_A``);
+  LoRA tensors of another part of a model (a vision tower's layers), on the embeddings or the
+  output head, and for a selected projection under a name PEFT does not load (another adapter's
+  name, the wrong block) or two for one weight, are refused; so are a whole weight of a module the
+  base has (``model.norm.weight``: PEFT loads it over the base's) and a selected module without
+  weights under ``init_lora_weights: false`` (PEFT leaves it random; otherwise its delta is zero,
+  as PEFT's);
 - ``fan_in_fan_out`` is dropped for Linear layers, as PEFT drops it (with a warning) for them;
 - ``bias`` ``all`` / ``lora_only`` is served where the file holds no bias (a base without biases
   saves none: plain LoRA, as PEFT loads it), and ``modules_to_save`` where it names no module of
@@ -87,6 +89,9 @@ _OTHER_MODULES = ("model.embed_tokens", "lm_head")
 # The first part of a key naming a module of the causal LM (PEFT's keys under base_model.model.,
 # transformers' load_adapter's bare: layers.N..., embed_tokens, norm)
 _BASE_TOP = ("model", "lm_head", "layers", "embed_tokens", "norm", "rotary_emb")
+# A LoRA weight on a top-level module itself (a classification head: score.lora_A.weight), under
+# any adapter name; a deeper one (vision_tower.layers.0...) is another part's
+_HEAD_LORA = re.compile(r"(?:base_model\.model\.)?\w+\.lora_[AB](?:\.[\w-]+)?\.weight")
 
 
 @dataclass(frozen=True)
@@ -230,6 +235,15 @@ def _modules(
                 f"adapter {name!r}: tensor {key!r} is for embed_tokens or lm_head (LoRA on them, or their whole "
                 "weights saved beside a resized vocabulary), which is not served"
             )
+        if ".lora_" not in key and key.endswith(".weight"):
+            # (peft 0.21 loads base_model.model.model.norm.weight over the final norm, saying
+            # nothing: the logits differ from the plain adapter's; the base's weights are every
+            # adapter's here, not one's)
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} is a whole weight of a module of the base model, which PEFT "
+                "loads over the base's (a module fine-tuned whole, as modules_to_save saves one): not served, "
+                "only LoRA weights are"
+            )
         if not m or m.group(3) not in TARGET_NAMES:
             raise AdapterError(
                 f"adapter {name!r}: tensor {key!r} is not a LoRA weight of {', '.join(TARGET_NAMES)} "
@@ -299,13 +313,18 @@ def _modules(
 
 
 def _absent_head(key: str) -> bool:
-    """Whether ``key`` is a whole weight (no LoRA part) of a top-level module this causal LM lacks:
-    a sequence-classification adapter's ``score.weight`` (``modules_to_save: ["score"]``), TRL's
-    ``v_head``. PEFT's ``set_peft_model_state_dict`` loads with ``strict=False`` and leaves such a
-    key unexpected, so the base serves plain LoRA. A LoRA weight PEFT would leave unloaded stays
-    refused: under another prefix it is a mismatched adapter served as the base (vLLM #34186)."""
+    """Whether ``key`` is a weight of a top-level module this causal LM lacks: whole (a
+    sequence-classification adapter's ``score.weight``, ``modules_to_save: ["score"]``; TRL's
+    ``v_head``) or the module's own LoRA pair (``score.lora_A.weight``: a classification adapter
+    whose ``target_modules`` names its head). PEFT makes no LoRA layer on a module the model lacks,
+    and its ``set_peft_model_state_dict`` loads with ``strict=False``, leaving such a key unexpected
+    without a word: the base serves the adapter's other LoRA weights, plain LoRA (peft 0.21 on the
+    tiny Llama, logits equal: ``tests/engine/test_lora_head_replays.py``), where vLLM refuses it
+    ("expected target modules in [...] but received ['score']"). A LoRA weight of another part's
+    layers stays refused: under another prefix it is a mismatched adapter served as the base
+    (vLLM #34186)."""
     top = key.removeprefix("base_model.model.").split(".", 1)[0]
-    return ".lora_" not in key and top not in _BASE_TOP
+    return top not in _BASE_TOP and (".lora_" not in key or _HEAD_LORA.fullmatch(key) is not None)
 
 
 def _module(layer: int, target: str) -> str:
