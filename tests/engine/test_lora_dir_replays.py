@@ -118,3 +118,29 @@ def test_a_prefix_cached_under_one_adapter_is_hit_by_no_other_adapter_nor_the_ba
         assert e.stats.prefix_cache_hits == hits, adapter
     assert run_all(e, {"again": (first, prompt)}, 4)["again"] == oracle.generate(first, prompt, 4)
     assert e.stats.prefix_cache_hits > hits
+
+
+def test_an_adapter_of_another_base_is_judged_by_its_shapes_not_its_base_models_name(
+    tiny_llama: TinyOutput, tmp_path: Path
+) -> None:
+    """vllm-project/vllm #12106 (an adapter trained on Qwen2-VL-7B served on the 72B "gives valid
+    response without error"): peft compares no names, and loads an adapter whose config names
+    another base (``base_model_name_or_path``) where its shapes fit, as served here, equal to
+    peft's; one whose shapes are another model's peft fails to load ("size mismatch"), and dlora
+    refuses naming the module and both shapes, never serving it."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "named", r=8, lora_alpha=16, target_modules=ALL)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "Qwen/Qwen2-VL-7B"}))
+    e = engine(tiny_llama)
+    e.register_adapter("named", path)
+    assert close(batch_logits(e, {"r": "named"})["r"], peft_logits(tiny_llama, path))
+    wider = shutil.copytree(path, tmp_path / "wider")
+    weights = wider / "adapter_model.safetensors"
+    save_file({k: torch.cat([v, v], 1) if ".lora_A." in k else v for k, v in load_file(weights).items()}, weights)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(base, wider)
+    with pytest.raises(
+        AdapterError, match=r"layer 0 down_proj: lora_A \(8, 352\) / lora_B \(64, 8\) do not fit the base \(176 -> 64\)"
+    ):
+        inspect_adapter("wider", wider, ModelConfig.from_dir(tiny_llama.model))
