@@ -28,9 +28,10 @@ from safetensors import SafetensorError, deserialize
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# PEFT's weights file before safetensors (save_pretrained(safe_serialization=False)): vLLM reads
-# it with torch.load(weights_only=True); refused here with how to convert it (read_adapter_files).
-PICKLE_FILE = "adapter_model.bin"
+# PEFT's weights file before safetensors (save_pretrained(safe_serialization=False)), and the
+# adapter_model.pt vLLM reads too (its lora_model.py): pickles it reads with
+# torch.load(weights_only=True); refused here with how to convert them (read_adapter_files).
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt")
 # adapter_config.json is a few kB; a bound keeps a planted huge file from being parsed as JSON.
 MAX_CONFIG_BYTES = 1 << 20
 # The float dtypes a LoRA weight may have, by their safetensors names: the numpy dtype that reads
@@ -179,7 +180,7 @@ def files_bytes(path: str | Path) -> int | None:
 
 def convert_command(pickled: Path, weights: Path) -> str:
     """A shell command that writes the tensors of PEFT's pickled weights file ``pickled``
-    (``adapter_model.bin``) into the safetensors file ``weights`` (the names kept: safetensors'
+    (``adapter_model.bin`` or ``.pt``) into the safetensors file ``weights`` (the names kept: safetensors'
     ``save_file``, each tensor made contiguous as it requires), loading the pickle with
     ``torch.load(weights_only=True)`` (tensors only, as vLLM reads it)."""
     code = (
@@ -210,7 +211,8 @@ def read_adapter_files(
     path = Path(path)
     resolved = None if roots is None else [Path(r).expanduser().resolve() for r in roots]  # ~: as the gateway
     weights = path / WEIGHTS_FILE
-    if not os.path.lexists(weights) and (pickled := path / PICKLE_FILE).exists():
+    pickled = None if os.path.lexists(weights) else next((p for f in PICKLE_FILES if (p := path / f).exists()), None)
+    if pickled is not None:
         raise AdapterError(
             f"adapter {name!r}: {weights} not found, only {pickled} (a pickle): only safetensors are "
             "loaded, as a pickle runs code when it is read and cannot be checked before; save the adapter "

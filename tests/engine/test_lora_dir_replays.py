@@ -8,6 +8,7 @@ the reason names what peft would have done instead."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -144,3 +145,23 @@ def test_an_adapter_of_another_base_is_judged_by_its_shapes_not_its_base_models_
         AdapterError, match=r"layer 0 down_proj: lora_A \(8, 352\) / lora_B \(64, 8\) do not fit the base \(176 -> 64\)"
     ):
         inspect_adapter("wider", wider, ModelConfig.from_dir(tiny_llama.model))
+
+
+def test_a_pickled_pt_adapter_is_refused_with_how_to_convert_it(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """vLLM reads ``adapter_model.pt`` as it reads PEFT's ``adapter_model.bin`` (torch.load of the
+    state dict); one holding only the .pt was told that adapter_model.safetensors is not found, not
+    that its weights are a pickle and how to convert them, as a .bin is told: now it is, and the
+    command given makes it load, the same adapter."""
+    path = shutil.copytree(tiny_llama.adapters["lora-0"], tmp_path / "pt")
+    weights = path / "adapter_model.safetensors"
+    torch.save(load_file(weights), path / "adapter_model.pt")
+    weights.unlink()
+    cfg = ModelConfig.from_dir(tiny_llama.model)
+    with pytest.raises(AdapterError, match=r"only .*adapter_model\.pt \(a pickle\)") as refused:
+        inspect_adapter("pt", path, cfg)
+    _, _, code = shlex.split(str(refused.value).split("where torch is installed: ", 1)[1])
+    exec(code, {})  # what `python3 -c` runs
+    assert (
+        inspect_adapter("pt", path, cfg).modules
+        == inspect_adapter("lora-0", tiny_llama.adapters["lora-0"], cfg).modules
+    )
