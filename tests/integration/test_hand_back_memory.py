@@ -12,24 +12,15 @@ import nats
 from redis.asyncio import Redis
 
 from dlora.common import subjects
-from dlora.common.messages import GenerateRequest, LostRequests, WorkerStats
+from dlora.common.messages import GenerateRequest, LostRequests
 from dlora.common.state import StateStore
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
+from tests.integration.test_recovery_dispatch import _idle
 
-
-def _stats(worker: str, queued_tokens: int = 0) -> WorkerStats:
-    return WorkerStats(
-        worker=worker,
-        running=0,
-        waiting=0,
-        free_blocks=100,
-        total_blocks=100,
-        block_size=16,
-        max_loras=4,
-        unlisted_remaining_tokens=queued_tokens,
-    )
+# Each worker's queued tokens: w-c is priced last, so only avoiding the other two sends a request there
+LOADS = {"w-a": 0, "w-b": 0, "w-c": 10_000}
 
 
 async def test_a_request_two_workers_handed_back_goes_to_the_third_not_back_to_the_first(
@@ -51,7 +42,7 @@ async def test_a_request_two_workers_handed_back_goes_to_the_third_not_back_to_t
         await nc.subscribe(subjects.worker_requests(worker), cb=forward)
     now = time.monotonic()
     dispatcher.workers.update(
-        {w: (_stats(w, q), now) for w, q in (("w-a", 0), ("w-b", 0), ("w-c", 10_000))}  # w-c: priced last
+        {w: (msgspec.structs.replace(_idle(w), unlisted_remaining_tokens=q), now) for w, q in LOADS.items()}
     )
     try:
         req = GenerateRequest(request_id="ranked-1", reply_to="test.hand-back.reply", prompt="kalo", adapter="ranked")
