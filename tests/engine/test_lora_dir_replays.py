@@ -23,7 +23,6 @@ from dlora.model.adapters import AdapterError, inspect_adapter
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from tests.engine.helpers import make_engine, run_all
-from tests.engine.oracle import Oracle
 from tests.engine.test_lora_issue_replays import batch_logits, close, engine
 from tests.engine.test_peft_configs import ALL, PROMPT, peft_logits, write_peft_adapter
 
@@ -49,20 +48,15 @@ def test_adapter_directories_holding_other_files_are_served_as_peft_serves_them(
     """predibase/lorax #51 and #155, sgl-project/sglang PR #17905, vllm-project/vllm #2816 and
     #8315: adapter directories as trainers and the Hub leave them, other files beside the adapter's
     (a tokenizer with added_tokens.json, vLLM's new_embeddings.safetensors, a pickled Trainer
-    state). peft reads adapter_config.json and the weights alone; so does dlora (no pickle beside
-    them is opened), and each is served as peft serves it, in one batch."""
-    source = write_peft_adapter(tiny_llama, tmp_path / "source", r=8, lora_alpha=16, target_modules=ALL)
-    want, e = peft_logits(tiny_llama, source), engine(tiny_llama)
-    for report, files in EXTRA_FILES.items():
-        path = shutil.copytree(source, tmp_path / report)
-        for name in files:
-            (path / name).write_bytes(
-                b"\x80\x04not a pickle to open" if name.endswith((".bin", ".pt", ".pth")) else b"{}"
-            )
-        e.register_adapter(report, path)
-    assert close(peft_logits(tiny_llama, tmp_path / "lorax-155"), want)  # (peft itself, beside them)
-    got = batch_logits(e, {report: report for report in EXTRA_FILES})
-    assert all(close(logits, want) for logits in got.values()), [r for r, g in got.items() if not close(g, want)]
+    state; every report's in one directory). peft reads adapter_config.json and the weights alone;
+    so does dlora (no pickle beside them is opened), and it is served as peft serves it."""
+    path = write_peft_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL)
+    for name in {name for files in EXTRA_FILES.values() for name in files}:
+        pickled = name.endswith((".bin", ".pt", ".pth"))
+        (path / name).write_bytes(b"\x80\x04not a pickle to open" if pickled else b"{}")
+    e = engine(tiny_llama)
+    e.register_adapter("a", path)
+    assert close(batch_logits(e, {"r": "a"})["r"], peft_logits(tiny_llama, path))
 
 
 @pytest.mark.parametrize("key", ["base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"])
@@ -109,15 +103,25 @@ def test_a_prefix_cached_under_one_adapter_is_hit_by_no_other_adapter_nor_the_ba
     """vllm-project/vllm #3264 (automatic prefix caching hashed blocks by their tokens alone, so a
     prompt cached under one LoRA was hit by another, or the base, which read the first adapter's
     KV): one prompt under an adapter, then under another and the base, neither hitting the first's
-    blocks and each equal to peft's greedy tokens; the first adapter again hits its own."""
-    e, oracle = make_engine(tiny_llama, block_size=4), Oracle(tiny_llama)
-    prompt, first, second = [(7 * i + 3) % 200 + 10 for i in range(21)], *sorted(tiny_llama.adapters)[:2]
-    assert run_all(e, {"a": (first, prompt)}, 4)["a"] == oracle.generate(first, prompt, 4)
+    blocks and each equal to peft's logits; the first adapter again hits its own."""
+    e = make_engine(tiny_llama, block_size=4)
+    prompt, first, second = PROMPT, *sorted(tiny_llama.adapters)[:2]  # (its first 4 tokens: a whole block)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
+    with torch.inference_mode():
+        want = {None: base(input_ids=torch.tensor([prompt])).logits[0, -1]}
+    for name in (first, second):
+        want[name] = peft_logits(tiny_llama, tiny_llama.adapters[name])
+
+    def logits(rid: str, adapter: str | None) -> torch.Tensor:
+        run_all(e, {rid: (adapter, prompt)}, 1)  # (its prefill the only step: its logits are the last)
+        return e.last_logits[rid]
+
+    assert close(logits("a", first), want[first])
     hits = e.stats.prefix_cache_hits
     for rid, adapter in (("b", second), ("base", None)):
-        assert run_all(e, {rid: (adapter, prompt)}, 4)[rid] == oracle.generate(adapter, prompt, 4), adapter
+        assert close(logits(rid, adapter), want[adapter]), adapter
         assert e.stats.prefix_cache_hits == hits, adapter
-    assert run_all(e, {"again": (first, prompt)}, 4)["again"] == oracle.generate(first, prompt, 4)
+    assert close(logits("again", first), want[first])
     assert e.stats.prefix_cache_hits > hits
 
 
