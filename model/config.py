@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -231,14 +230,14 @@ MISTRAL_SLIDING_WINDOW = 4096
 # defaults of requests that leave them out (vLLM's ModelConfig.get_diff_sampling_param): each
 # where it differs from transformers' GenerationConfig default (vLLM reads the file's diff from
 # those: a top_k of 50 there is no top-k), max_new_tokens as max_tokens. Per name: transformers'
-# default, and the range a request may give it (low, high, integer).
-_SAMPLING: dict[str, tuple[float | None, float, float, bool]] = {
-    "temperature": (1.0, 0.0, 2.0, False),
-    "top_p": (1.0, 1e-9, 1.0, False),
-    "top_k": (50, -1, 1 << 31, True),
-    "min_p": (None, 0.0, 1.0, False),
-    "repetition_penalty": (1.0, 0.0, math.inf, False),  # and RANGES' (above 0, finite), as a request's
-    "max_new_tokens": (None, 1, 1 << 31, True),
+# default, and whether it is an integer; its range is a request's (``common.sampling.RANGES``).
+_SAMPLING: dict[str, tuple[float | None, bool]] = {
+    "temperature": (1.0, False),
+    "top_p": (1.0, False),
+    "top_k": (50, True),
+    "min_p": (None, False),
+    "repetition_penalty": (1.0, False),
+    "max_new_tokens": (None, True),
 }
 
 
@@ -248,22 +247,24 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
 
     Raises:
         ModelConfigError: the file is not a JSON object, or one of those is not a number in the
-            range a request may give it.
+            range a request may give it (``RANGES``, in the words a request's 400 has).
     """
     path = Path(model_dir) / "generation_config.json"
     generation = _generation_config(Path(model_dir))
     out: dict[str, float] = {}
-    for key, (hf_default, low, high, integer) in _SAMPLING.items():
+    for key, (hf_default, integer) in _SAMPLING.items():
         value = generation.get(key)
         if value is None or value == hf_default:
             continue
+        name = "max_tokens" if key == "max_new_tokens" else key
         kind = int if integer else int | float
-        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-            what = "an integer" if integer else "a number"
-            raise ModelConfigError(f"{path}: {key} must be {what} in [{low:g}, {high:g}], got {value!r}")
-        if key in RANGES and (why := RANGES[key].problem(key, value)) is not None:
+        # (an integer past 64 bits would fail the bus's encoding at each request, not here)
+        if isinstance(value, bool) or not isinstance(value, kind) or (integer and value.bit_length() > 63):
+            what = "a 64-bit integer" if integer else "a number"
+            raise ModelConfigError(f"{path}: {key} must be {what}, got {value!r}")
+        if (why := RANGES[name].problem(key, value)) is not None:
             raise ModelConfigError(f"{path}: {why}")
-        out["max_tokens" if key == "max_new_tokens" else key] = value
+        out[name] = value
     return out
 
 

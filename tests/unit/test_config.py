@@ -148,11 +148,14 @@ def test_generation_config_gives_the_sampling_defaults_vllm_takes_from_it(tmp_pa
     # transformers' defaults are not read as the model's (vLLM reads the file's diff from them)
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": 50, "temperature": 1.0, "min_p": 0.05}))
     assert sampling_defaults(tmp_path) == {"min_p": 0.05}
-    bads = ({"temperature": "hot"}, {"top_p": 0}, {"top_k": 2.5}, {"max_new_tokens": 0}, {"min_p": True})
-    for bad in (*bads, {"repetition_penalty": 0}):  # what every request would then be refused for
+    bads = ({"temperature": "hot"}, {"top_p": 1.5}, {"top_k": 2.5}, {"max_new_tokens": 0}, {"min_p": True})
+    for bad in (*bads, {"repetition_penalty": 0}, {"top_k": 1 << 64}):  # what every request would then be refused for
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ModelConfigError, match=f"generation_config.json: {next(iter(bad))} must be"):
             sampling_defaults(tmp_path)
+    # a request's range, RANGES', not one of its own: top_p 0 (greedy, as a request's) was refused
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    assert sampling_defaults(tmp_path) == {"top_p": 0}
     # any finite penalty above 0, as a request's (vLLM's bound): 250 was refused at start
     (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 250.0}))
     assert sampling_defaults(tmp_path) == {"repetition_penalty": 250.0}
