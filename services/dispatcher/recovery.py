@@ -185,7 +185,8 @@ class Recovery:
         that name no record of it any more. Its line says "lost" where one record was of a start
         that did not stop cleanly, else "stopped" (a drain's hand-back went unheard)."""
         request_ids = await self.store.inflight_on(worker)
-        stale, died = [], 0
+        stale: list[str] = []
+        died = False  # one record was of a start that did not stop cleanly
         for rid in request_ids:
             try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
                 rec = await self.store.get_inflight(rid)
@@ -193,7 +194,7 @@ class Recovery:
                     # A start of the worker that drained and stopped handed this back; the message
                     # went unheard (no dispatcher up): not a death.
                     clean = await self.store.stopped_cleanly(worker, rec.incarnation)
-                    died += not clean
+                    died = died or not clean
                     await self._recover(rec, died=not clean)
                 else:
                     stale.append(rid)
