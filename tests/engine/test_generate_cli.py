@@ -73,7 +73,7 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert [entry[0] for entry in alone["prompt_logprobs"]] == [6, 7]
     assert "duplicate id 'e'" in errors["e@line-11"] and "duplicate id 'line-2'" in errors["line-2@line-12"]
     assert "adapter must be a string" in errors["j"] and "lone UTF-16 surrogate" in errors["k"]
-    assert "lone UTF-16 surrogate" in errors["m"] and "list of integers" in errors["line-16"]
+    assert "lone UTF-16 surrogate" in errors["m"] and "prompt_token_ids must be an integer, got True" in errors["line-16"]
     assert "max_tokens 0 asks for the prompt's logprobs alone" in errors["o"]
     assert (by_id["n"]["token_ids"], [e[0] for e in by_id["n"]["prompt_logprobs"]]) == ([], [6])
     logprobs = by_id["l"]["logprobs"]
@@ -299,6 +299,8 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
         {"id": "floats", "prompt": "kalo remi", "max_tokens": 8.0, "n": 1.0, "min_tokens": 0.0},
         {"id": "float_ids", "prompt_token_ids": [5.0] * 500, "max_tokens": None, "ignore_eos": True},
         {"id": "frac", "prompt": "kalo remi", "max_tokens": 8.5},
+        {"id": "frac_n", "prompt": "kalo remi", "n": 2.5},
+        {"id": "frac_ids", "prompt_token_ids": [5, 5.5]},
     ]
     by_id = run(lines)
     cut = greedy["text"].index(stop)
@@ -309,6 +311,9 @@ def test_generate_takes_the_shapes_vllm_sampling_params_take(tiny_llama: TinyOut
     assert "stop" in by_id["stops"]["error"]
     assert by_id["floats"]["token_ids"] == greedy["token_ids"] and len(by_id["float_ids"]["token_ids"]) == 12
     assert "max_tokens must be an integer, got 8.5" in by_id["frac"]["error"]
+    # in the gateway's words (``integers.whole``) as every integer field
+    assert "n must be an integer, got 2.5" in by_id["frac_n"]["error"]
+    assert "prompt_token_ids must be an integer, got 5.5" in by_id["frac_ids"]["error"]
 
 
 def test_generate_takes_detokenize_false_as_vllm(tiny_llama: TinyOutput, tmp_path: Path) -> None:
@@ -359,7 +364,7 @@ def test_generate_serves_n_samples_of_a_line(tiny_llama: TinyOutput, tmp_path: P
     greedy = by_id["greedy"]
     assert [o["token_ids"] for o in greedy["outputs"]] == [by_id["one"]["token_ids"]] * 2
     assert len(greedy["prompt_logprobs"]) == 2 and all("prompt_logprobs" not in o for o in greedy["outputs"])
-    assert "n must be an integer in [1, 128]" in by_id["bad"]["error"]
+    assert "n must be in [1, 128], got 0." in by_id["bad"]["error"]  # the gateway's words (BODY_RANGES)
     assert "duplicate id 'n'" in by_id["n@line-7"]["error"]
 
 

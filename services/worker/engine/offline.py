@@ -26,7 +26,7 @@ import msgspec
 
 from dlora.common import integers
 from dlora.common.messages import SamplingParams
-from dlora.common.sampling import NULLABLE
+from dlora.common.sampling import BODY_RANGES, NULLABLE
 from dlora.common.undecodable import holds_lone_surrogate
 from dlora.model.adapters import AdapterError, parse_lora_args
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids
@@ -45,7 +45,6 @@ _CHAT_KEYS = {
     "continue_final_message",
 }
 _REQUEST_KEYS = {"id", "adapter", "prompt", "prompt_token_ids", "n", "detokenize", *_CHAT_KEYS}
-MAX_N = 128  # the gateway's bound on n (OpenAI's)
 # --mode names the batching policy: one fixed mode, or dLoRA's dynamic choice.
 MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-only", "dlora": "dlora"}
 
@@ -134,9 +133,9 @@ def _submit(
         fields = {k: v for k, v in obj.items() if k not in _REQUEST_KEYS}
         # 16.0 is 16 wherever an int is wanted, as vLLM's run_batch (pydantic, lax) and the gateway read it
         fields = integers.with_whole_numbers(fields, SamplingParams) or fields
-        asked = 1 if obj.get("n") is None else integers.integral(obj["n"])  # vLLM's SamplingParams.n: null is 1
-        if type(asked) is not int or not 1 <= asked <= MAX_N:
-            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {asked!r}")
+        asked = 1 if obj.get("n") is None else integers.whole("n", obj["n"])  # vLLM's SamplingParams.n: null is 1
+        if (why := BODY_RANGES["n"].problem("n", asked)) is not None:
+            raise RequestError(why)
         samples = asked
         if type(detokenize := obj.get("detokenize", True)) is not bool:
             raise RequestError(f"detokenize must be true or false, got {json.dumps(detokenize)}")
@@ -161,10 +160,10 @@ def _submit(
         params = msgspec.json.decode(msgspec.json.encode(fields), type=SamplingParams)
         if prompt is not None and not isinstance(prompt, str):
             raise RequestError("prompt must be a string")
-        if isinstance(ids, list):
-            ids = [integers.integral(t) for t in ids]
-        if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):  # no bools
+        if ids is not None and not isinstance(ids, list):
             raise RequestError("prompt_token_ids must be a list of integers")
+        if ids is not None:
+            ids = [integers.whole("prompt_token_ids", t) for t in ids]  # no bools; 5.0 is 5
         if adapter is not None and not isinstance(adapter, str):
             raise RequestError("adapter must be a string or null")
         engine.add_request(key, prompt=prompt, prompt_token_ids=ids, params=params, adapter=adapter)
