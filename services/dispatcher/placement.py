@@ -24,11 +24,16 @@ DECAY = 0.9
 @dataclass(frozen=True)
 class WorkerCapacity:
     worker: str
-    free_kv_blocks: int
+    # Its free KV blocks less those its queue and arrivals need; below 0, how far past its room it
+    # is: a part of nothing (``free_kv_blocks``), and among workers alike by their parts, the least
+    # past its room is the roomiest (``_Placing.roomier``).
+    kv_room: int
     slots: int  # adapters it can hold on the device at once, of any rank (WorkerStats.max_loras)
-    # KV blocks its queue and arrivals need past its free ones (``free_kv_blocks`` is then 0): among
-    # workers alike by free blocks, the least past its room is the roomiest (``_Placing.roomier``).
-    over_kv_blocks: int = 0
+
+    @property
+    def free_kv_blocks(self) -> int:
+        """The KV blocks it has for the adapters it holds to share: its room, none past it."""
+        return max(0, self.kv_room)
 
 
 # Sums of tolerance parts are kept exactly, as integers in units of 2**-1075 (every finite float is
@@ -68,7 +73,7 @@ class _Placing:
         then the last by name. With every queue past its room every part is 0, and by name alone each
         replica went to the last worker, however much more queued there than elsewhere (left by the
         last session)."""
-        return -self.capacity[w].over_kv_blocks, w
+        return min(0, self.capacity[w].kv_room), w
 
     def free_slots(self, w: str) -> int:
         return self.capacity[w].slots - len(self.placed[w])
@@ -182,10 +187,7 @@ def placement_of(
         return None
     # KV on its way or queued counts as taken: a worker that had just taken a plan's moves (or held
     # a long queue) looked as roomy as before, until they ran (``WorkerStats.arriving_kv_blocks``)
-    capacity = [
-        WorkerCapacity(w.worker, max(0, room := w.free_blocks - w.arriving_kv_blocks), w.max_loras, max(0, -room))
-        for w in live
-    ]
+    capacity = [WorkerCapacity(w.worker, w.free_blocks - w.arriving_kv_blocks, w.max_loras) for w in live]
     shares = {a: c / total for a, c in traffic.items() if a in ranks}
     return place(shares, capacity, ranks, {w.worker: [a.name for a in w.adapters] for w in live})
 

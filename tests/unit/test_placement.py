@@ -2,7 +2,7 @@ import math
 
 from dlora.services.dispatcher.placement import WorkerCapacity, min_tolerance, place, round_robin
 
-WORKERS = [WorkerCapacity(f"w{i}", free_kv_blocks=1000, slots=4) for i in range(4)]
+WORKERS = [WorkerCapacity(f"w{i}", kv_room=1000, slots=4) for i in range(4)]
 
 
 def test_skewed_shares_get_more_replicas_and_beat_round_robin() -> None:
@@ -76,7 +76,7 @@ def _reference_place(
         return capacity[w].free_kv_blocks / max(1, len(placed[w])) * (1 - penalty if mixed else 1.0)
 
     def over(w: str) -> int:
-        return capacity[w].over_kv_blocks
+        return max(0, -capacity[w].kv_room)
 
     def tolerance(a: str) -> float:
         return math.fsum(part(w, a) for w in holders(a)) / max(shares[a], 1e-9)
@@ -116,7 +116,7 @@ def test_the_indexed_placement_chooses_as_the_first_one_did() -> None:
         ranks = {a: rng.choice([8, 16, 32]) for a in adapters if rng.random() < 0.9}
         slots = rng.randint(1, 5)  # each worker's, or (a review) some of none and some of others
         workers = [
-            WorkerCapacity(f"w{i}", free, rng.choice([slots, slots, 0, 3]), 0 if free else rng.choice([0, 10, 20]))
+            WorkerCapacity(f"w{i}", free or -rng.choice([0, 10, 20]), rng.choice([slots, slots, 0, 3]))
             for i in range(rng.randint(1, 8))
             for free in [rng.choice([0, 100, rng.randint(0, 1000)])]
         ]
