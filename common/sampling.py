@@ -225,7 +225,7 @@ RANGES: dict[str, Range] = {
     "presence_penalty": Range(-2.0, 2.0),
     "frequency_penalty": Range(-2.0, 2.0),
     # vLLM's bound and words; a penalty far from 1 saturates the logits it scales where they would
-    # overflow float32 (``sampler.repetition``)
+    # overflow float32 (``penalties.repetition``)
     "repetition_penalty": Range(0.0, says="greater than zero", above=True),
     # vLLM's -1 (the whole vocabulary) would overflow the message bus; OpenAI's top_logprobs is 20 at most
     "logprobs": Range(0, 20),

@@ -6,10 +6,9 @@ from hypothesis import strategies as st
 from dlora.common.messages import SamplingParams
 from dlora.common.sampling import RANGES
 from dlora.services.worker.engine import sampler
+from dlora.services.worker.engine.penalties import apply_penalties, apply_penalties_rows
 from dlora.services.worker.engine.sampler import (
     SamplingError,
-    apply_penalties,
-    apply_penalties_rows,
     filtered_probs,
     filtered_probs_rows,
     sample,

@@ -18,6 +18,7 @@ from dlora.common.messages import SamplingParams
 from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.bad_words import banned_now
 from dlora.services.worker.engine.faults import raise_if_lost
+from dlora.services.worker.engine.penalties import GREEDY_BELOW, apply_penalties, apply_penalties_rows, has_penalties
 
 if TYPE_CHECKING:
     from dlora.services.worker.engine.sequence import Sequence
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 # What a sampled row draws from: a 64-bit key (``position_key``), a generator, or None (the
 # engine's default generator on the row's device).
 RowRandom = int | torch.Generator | None
-
-# Temperatures below this sample greedily (vLLM: vllm/sampling_params.py, _SAMPLING_EPS = 1e-5).
-GREEDY_BELOW = 1e-5
-
 
 class SamplingError(ValueError):
     """One row could not be sampled; the message says why (the other rows are unaffected)."""
@@ -47,83 +44,6 @@ class NotFinite(SamplingError):
 
 def is_greedy(p: SamplingParams) -> bool:
     return p.temperature < GREEDY_BELOW or p.top_k == 1 or p.top_p == 0.0
-
-
-def has_penalties(p: SamplingParams) -> bool:
-    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-
-
-_FINITE = torch.finfo(torch.float32)
-# Where a seen logit saturates: divided by the smallest temperature sampled with (GREEDY_BELOW) it
-# stays finite (at float32's largest, temperature 0.7 made it infinity again and the softmax NaN).
-_SATURATED = _FINITE.max * GREEDY_BELOW / 2
-
-
-def repetition(picked: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
-    """transformers' repetition penalty on the logits of seen tokens ``picked`` (any shape, fp32;
-    ``penalty`` a float or a tensor broadcast to it): a positive logit divided by it, any other
-    multiplied. Any penalty above 0 is taken (vLLM's bound), and one far from 1 (1e-40, 1e300) would
-    push a finite logit past float32 (to infinity, or NaN as 0 x inf), failing a valid request:
-    such a logit saturates instead (at ``_SATURATED``, which any temperature keeps finite), as
-    favoured or shunned as float32 says. A masked (-inf) logit stays masked."""
-    if isinstance(penalty, torch.Tensor):
-        penalty = penalty.clamp(_FINITE.tiny, _FINITE.max)
-    else:
-        penalty = min(max(penalty, _FINITE.tiny), _FINITE.max)
-    out = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return torch.where(picked.isfinite(), out.clamp(-_SATURATED, _SATURATED), out)
-
-
-def apply_penalties(
-    logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int]
-) -> torch.Tensor:
-    """One row of logits (vocab,) after the penalties, as vLLM applies them: the repetition penalty
-    over prompt and output tokens (transformers' RepetitionPenaltyLogitsProcessor), then OpenAI's
-    frequency and presence penalties over the output tokens
-    (platform.openai.com/docs/advanced-usage: mu[j] - c[j] * frequency - (c[j] > 0) * presence)."""
-    logits = logits.float().clone()
-    if p.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = to_device(sorted(set(prompt_ids) | set(output_ids)), torch.int64, logits.device)
-        picked = logits[seen]
-        logits[seen] = repetition(picked, p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and output_ids:
-        # index_add_, not bincount: bincount reads its input's range back to the host (on a GPU, a
-        # wait for the device per row).
-        ids = to_device(output_ids, torch.int64, logits.device)
-        counts = torch.zeros_like(logits).index_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
-        logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
-    return logits
-
-
-def apply_penalties_rows(
-    logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
-) -> torch.Tensor:
-    """``apply_penalties`` of every row of ``logits`` (n, vocab) under its own parameters and (prompt
-    ids, output ids), in a fixed number of launches whatever n (a few per row before)."""
-    out = logits.float().clone()
-    n, vocab = out.shape
-    dev = out.device
-
-    def flat(rows: list[int], ids: list[list[int]]) -> torch.Tensor:  # (row, token) -> row * vocab + token
-        return to_device([j * vocab + t for j, row_ids in zip(rows, ids) for t in row_ids], torch.int64, dev)
-
-    rep = [j for j, (p, (pr, ou)) in enumerate(zip(params, histories)) if p.repetition_penalty != 1.0 and (pr or ou)]
-    if rep:
-        seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
-        seen[flat(rep, [sorted(set(histories[j][0]) | set(histories[j][1])) for j in rep])] = True
-        penalty = to_device([p.repetition_penalty for p in params], torch.float32, dev)[:, None]
-        out = torch.where(seen.view(n, vocab), repetition(out, penalty), out)
-    counted = [j for j, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and histories[j][1]]
-    if counted:
-        ids = flat(counted, [histories[j][1] for j in counted])
-        counts = torch.zeros(n * vocab, dtype=out.dtype, device=dev).index_add_(
-            0, ids, torch.ones_like(ids, dtype=out.dtype)
-        )
-        counts = counts.view(n, vocab)
-        frequency = to_device([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
-        presence = to_device([p.presence_penalty for p in params], torch.float32, dev)[:, None]
-        out = out - (counts * frequency + (counts > 0).to(out.dtype) * presence)
-    return out
 
 
 def sample(
