@@ -73,7 +73,8 @@ def test_generate_serves_good_lines_and_names_bad_ones(tiny_llama: TinyOutput, t
     assert [entry[0] for entry in alone["prompt_logprobs"]] == [6, 7]
     assert "duplicate id 'e'" in errors["e@line-11"] and "duplicate id 'line-2'" in errors["line-2@line-12"]
     assert "adapter must be a string" in errors["j"] and "lone UTF-16 surrogate" in errors["k"]
-    assert "lone UTF-16 surrogate" in errors["m"] and "prompt_token_ids must be an integer, got True" in errors["line-16"]
+    assert "lone UTF-16 surrogate" in errors["m"]
+    assert "prompt_token_ids must be an integer, got True" in errors["line-16"]
     assert "max_tokens 0 asks for the prompt's logprobs alone" in errors["o"]
     assert (by_id["n"]["token_ids"], [e[0] for e in by_id["n"]["prompt_logprobs"]]) == ([], [6])
     logprobs = by_id["l"]["logprobs"]
