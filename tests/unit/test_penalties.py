@@ -1,0 +1,87 @@
+"""The repetition penalty's saturation, decided on the host from the requests' penalties
+(``penalties.saturates``): a batch of mild penalties leaves its passes over (batch, vocab) out, and
+its numbers are those of the saturating passes bit for bit; a batch with one far penalty runs them."""
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine import penalties
+from dlora.services.worker.engine.penalties import LOGIT_BOUND, apply_penalties, apply_penalties_rows, saturates
+
+MILD = (1.05, 1.3, 2.0, 0.5, 0.01, 1e-13, 4e13, 1 / penalties._MILD, penalties._MILD)
+FAR = (1e-40, 1e-14, 1e14, 1e300)
+
+
+def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Rows of every scale up to ``LOGIT_BOUND`` (a model's tens, fp16's largest, far past both),
+    with a masked token, a zero, an infinity and a NaN among them."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([1.0, 30.0, 65504.0, 1e10, LOGIT_BOUND])[torch.arange(rows) % 5]
+    x = (torch.randn(rows, vocab, generator=g) * scale[:, None]).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+    x[:, 0], x[:, 1], x[0, 2], x[1, 3] = float("-inf"), 0.0, float("inf"), float("nan")
+    return x
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # NaN compared too, as bits
+
+
+def _histories(rows: int) -> list[tuple[list[int], list[int]]]:
+    return [([0, 1, 2, 3, 5 + i], [7, 9 + i, 9 + i]) for i in range(rows)]
+
+
+def test_only_a_penalty_far_from_one_can_saturate() -> None:
+    assert not any(saturates(p) for p in MILD) and all(saturates(p) for p in FAR)
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["mild", "one-far"])
+def test_penalised_rows_are_bit_for_bit_those_of_the_saturating_passes(
+    monkeypatch: pytest.MonkeyPatch, far: bool
+) -> None:
+    """Both branches, against the passes every batch ran before (``saturates`` always true): a
+    batch of mild penalties (none saturated), and one with a far penalty beside them (all run)."""
+    x, histories = _logits(10, 64, 0), _histories(10)
+    chosen = [*MILD, 1e-40 if far else 1.2]
+    params = [SamplingParams(repetition_penalty=p, presence_penalty=0.5 * (i % 2)) for i, p in enumerate(chosen)]
+    rows = apply_penalties_rows(x, params, histories)
+    ones = torch.stack([apply_penalties(x[i], p, *histories[i]) for i, p in enumerate(params)])
+    with monkeypatch.context() as m:
+        m.setattr(penalties, "saturates", lambda _penalty: True)
+        want_rows = apply_penalties_rows(x, params, histories)
+        want_ones = torch.stack([apply_penalties(x[i], p, *histories[i]) for i, p in enumerate(params)])
+    assert torch.equal(_bits(rows), _bits(want_rows)) and torch.equal(_bits(ones), _bits(want_ones))
+
+
+class _Calls(TorchFunctionMode):
+    """The torch functions and tensor methods called inside it, by name (the profiler's own start
+    costs seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names[getattr(func, "__name__", str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(run: Callable[[], object]) -> Counter[str]:
+    with _Calls() as calls:
+        run()
+    return calls.names
+
+
+def test_a_batch_of_mild_penalties_runs_no_saturation_pass() -> None:
+    """The saturation cost three (batch, vocab) passes (isfinite, clamp, where) at every step of a
+    penalised batch, though only a penalty far from 1 can need it."""
+    x, histories = _logits(4, 64, 1), _histories(4)
+    mild = [SamplingParams(repetition_penalty=1.2)] * 4
+    one_far = [*mild[:3], SamplingParams(repetition_penalty=1e-40)]
+    assert _ops(lambda: apply_penalties_rows(x, mild, histories))["isfinite"] == 0
+    assert _ops(lambda: apply_penalties_rows(x, one_far, histories))["isfinite"] == 1
+    assert _ops(lambda: apply_penalties(x[0], mild[0], *histories[0]))["isfinite"] == 0
