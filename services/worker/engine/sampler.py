@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # engine's default generator on the row's device).
 RowRandom = int | torch.Generator | None
 
+
 class SamplingError(ValueError):
     """One row could not be sampled; the message says why (the other rows are unaffected)."""
 
