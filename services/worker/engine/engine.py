@@ -17,7 +17,7 @@ from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, model_digest, served_name, targets
 from dlora.model.tokenizer import load_tokenizer
-from dlora.services.worker.engine import async_scheduling, forward, observing, switching, taking
+from dlora.services.worker.engine import async_scheduling, forward, observing, preparing, switching, taking
 from dlora.services.worker.engine.admission import check_request, check_tokens, up_to_context
 from dlora.services.worker.engine.bad_words import bad_words_token_ids
 from dlora.services.worker.engine.block_manager import BlockManager
@@ -38,10 +38,10 @@ from dlora.services.worker.engine.outputs import (
     advance,
     failed_output,
 )
-from dlora.services.worker.engine.placement import PreparedStep, StepSlots, place_adapters
+from dlora.services.worker.engine.placement import PreparedStep, StepSlots
 from dlora.services.worker.engine.sampler import SamplingError, allowed_mask, sample_sequences
-from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
-from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival, requeue
+from dlora.services.worker.engine.scheduler import Limits, kv_room, queued
+from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
 from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
@@ -51,7 +51,6 @@ from dlora.services.worker.policy import (
     Policy,
     QueuedRequest,
     StepDecision,
-    free_slots,
     make_policy,
 )
 
@@ -358,38 +357,9 @@ class LLMEngine:
         return outputs
 
     def _prepare(self, decision: StepDecision) -> PreparedStep | None:
-        """Switch to the decision's merged adapter, schedule, and place the batch's unmerged
-        adapters; None when nothing can run (every candidate waits for memory)."""
-        if decision.merged is not None and decision.merged not in self.adapters:
-            raise ValueError(f"decision merges unknown adapter {decision.merged!r}")
-        merge_s, unmerge_s = self.switch(decision.merged)
-        plan = schedule(decision, self.seqs, self.blocks, self.limits, self._cache_key)
-        if not plan.seqs and decision.request_ids:
-            # Its requests all wait for blocks held by earlier ones it left out: the policy, seeing
-            # no step, would decide the same for ever (a helper's fuzzing hung on it); the head of
-            # line, which may evict everything after it, runs instead.
-            merged, preempted, line = self.merger.merged, plan.preempted, self.queue()
-            if line and line[0].adapter not in (None, merged) and not free_slots(self.limits.max_adapters, merged):
-                # Beside the merged adapter its correction holds the only slot (max_loras 1): the
-                # head, on another adapter, could never run there, and nothing ran for ever.
-                merge_more, unmerge_more = self.switch(merged := None)
-                merge_s, unmerge_s = merge_s + merge_more, unmerge_s + unmerge_more
-            head = StepDecision(merged, [q.request_id for q in line], mixed=merged is not None)
-            floor = min((s.priority for s in preempted), default=float("inf"))  # (schedule's floor)
-            plan = schedule(head, self.seqs, self.blocks, self.limits, self._cache_key, floor)
-            plan.preempted[:0] = preempted
-        self._arrivals = requeue(plan.preempted, self.seqs.values(), self.blocks.holds, self._arrivals)
-        self.stats.preemptions += len(plan.preempted)
-        if not plan.seqs:
-            return None
-        started = self.clock()  # the step's time counts adapter loads, not the switch
-        for seq in (s for s in plan.seqs if s.scheduled_at is None):
-            seq.scheduled_at = started
-        batch, slots = place_adapters(plan.seqs, self.merger.merged, self.slots, self._load_slot)
-        fed = [(s.adapter, s.num_scheduled) for s in batch]
-        prefill = sum(s.num_scheduled for s in batch if s.status is Status.WAITING)
-        context = sum(s.num_cached + s.num_scheduled for s in batch)
-        return PreparedStep(batch, slots, merge_s, unmerge_s, started, fed, prefill, self.merger.merged, context)
+        """Switch, schedule and place the batch's adapters (``preparing.prepare``; a phase for
+        ``loadgen/step_phases.py``); None when nothing can run."""
+        return preparing.prepare(self, decision)
 
     def _run(
         self, step: PreparedStep
