@@ -294,6 +294,36 @@ def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_
     assert engine.stats.preemptions == preempted == 1  # it did reuse them, and was computed again
 
 
+def test_under_async_scheduling_a_readmission_dropped_for_nan_blocks_counts_its_first_lookup_once(
+    tiny_llama: TinyOutput,
+) -> None:
+    """The engine's path to f3b7442b: a request whose lookup the stats took in, preempted, admitted
+    again onto the blocks a NaN prefill had just named (its prefill dropped, ``recompute``) had
+    that lookup forgotten as if pending, and its next admission counted it again: the prefix
+    cache's queries twice for one request (23 more here). Its tokens are those it would have made."""
+    prompt = list(range(3, 23))  # five blocks of 4
+    want = run_all(make_engine(tiny_llama, block_size=4), {"x": ("lora-0", prompt)}, max_tokens=6)["x"]
+    engine = make_engine(tiny_llama, block_size=4, num_blocks=8, enable_prefix_caching=True, async_scheduling=True)
+    engine.add_request("mate", prompt_token_ids=prompt, params=SamplingParams(max_tokens=6), adapter="lora-0")
+    outs = [o for _ in range(3) for o in engine.step()]  # its lookup counted, 3 tokens made
+    engine.add_request("other", prompt_token_ids=list(range(40, 56)), params=SamplingParams(max_tokens=1))
+    outs += engine.step(StepDecision(None, ["other"]))  # 5 blocks wanted, 2 free: "mate" preempted
+    while "other" in engine.seqs:
+        outs += engine.step(StepDecision(None, []))
+    engine.reset_prefix_cache()  # the prompt's blocks are the NaN step's alone
+    _next_forward_goes_nan(engine)
+    engine.add_request("bad", prompt_token_ids=prompt, params=SamplingParams(max_tokens=4), adapter="lora-0")
+    outs += engine.step(StepDecision(None, ["bad"]))  # its prefill, NaN, in flight
+    counted = (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits)
+    outs += engine.step(StepDecision(None, ["mate"]))  # admitted onto them, then dropped
+    assert engine.seqs["mate"].num_preemptions == engine.stats.preemptions == 2
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert (engine.stats.prefix_cache_queries, engine.stats.prefix_cache_hits) == counted
+    assert [t for o in outs if o.request_id == "mate" for t in o.new_token_ids] == want
+    assert [o.request_id for o in outs if o.finish_reason is FinishReason.ERROR] == ["bad"]
+
+
 def test_under_async_scheduling_a_request_preempted_before_its_nan_step_is_looked_at_leaves_no_cached_blocks(
     tiny_llama: TinyOutput,
 ) -> None:

@@ -34,6 +34,7 @@ from dlora.kernels.host import to_device
 from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
+from dlora.services.worker.engine.preparing import preempted
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
 from dlora.services.worker.engine.scheduler import forget_lookup, kv_room, preempt
 from dlora.services.worker.engine.sequence import Sequence, Status
@@ -131,7 +132,7 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     # engine (vLLM preempts a request an earlier step scheduled), though its next lookup counts.
     preempt(seq, blocks)
     forget_lookup(seq)
-    engine.stats.preemptions += 1
+    preempted(engine, [seq])
     return True
 
 
