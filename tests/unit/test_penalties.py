@@ -85,3 +85,13 @@ def test_a_batch_of_mild_penalties_runs_no_saturation_pass() -> None:
     assert _ops(lambda: apply_penalties_rows(x, mild, histories))["isfinite"] == 0
     assert _ops(lambda: apply_penalties_rows(x, one_far, histories))["isfinite"] == 1
     assert _ops(lambda: apply_penalties(x[0], mild[0], *histories[0]))["isfinite"] == 0
+
+
+def test_penalised_rows_are_not_copied_before_they_are_penalised() -> None:
+    """Every operation on them makes a new tensor: the copy taken first was a (batch, vocab) pass a
+    step for nothing; the caller's logits stay as they were."""
+    x, histories = _logits(4, 64, 2), _histories(4)
+    before = x.clone()
+    params = [SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5)] * 4
+    assert _ops(lambda: apply_penalties_rows(x, params, histories))["clone"] == 0
+    assert torch.equal(_bits(x), _bits(before))

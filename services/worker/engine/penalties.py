@@ -82,8 +82,10 @@ def apply_penalties_rows(
     logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], list[int]]]
 ) -> torch.Tensor:
     """``apply_penalties`` of every row of ``logits`` (n, vocab) under its own parameters and (prompt
-    ids, output ids), in a fixed number of launches whatever n (a few per row before)."""
-    out = logits.float().clone()
+    ids, output ids), in a fixed number of launches whatever n (a few per row before). Never written
+    in place, so not copied first (a (n, vocab) pass a step): ``logits`` itself (fp32) where no row
+    has a penalty to apply."""
+    out = logits.float()
     n, vocab = out.shape
     dev = out.device
 
