@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from dlora.common.messages import SamplingParams
-from dlora.services.worker.engine import penalties
+from dlora.services.worker.engine import penalties, sampler
 from dlora.services.worker.engine.penalties import LOGIT_BOUND, apply_penalties, apply_penalties_rows, saturates
 
 MILD = (1.05, 1.3, 2.0, 0.5, 0.01, 1e-13, 4e13, 1 / penalties._MILD, penalties._MILD)
@@ -64,16 +64,24 @@ class _Calls(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.names: Counter[str] = Counter()
+        self.shapes: Counter[tuple[str, tuple[int, ...]]] = Counter()  # by the shape of what it is called on
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names[getattr(func, "__name__", str(func))] += 1
+        name = getattr(func, "__name__", str(func))
+        self.names[name] += 1
+        if args and isinstance(args[0], torch.Tensor):
+            self.shapes[name, tuple(args[0].shape)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _ops(run: Callable[[], object]) -> Counter[str]:
+def _calls(run: Callable[[], object]) -> _Calls:
     with _Calls() as calls:
         run()
-    return calls.names
+    return calls
+
+
+def _ops(run: Callable[[], object]) -> Counter[str]:
+    return _calls(run).names
 
 
 def test_a_batch_of_mild_penalties_runs_no_saturation_pass() -> None:
@@ -95,3 +103,17 @@ def test_penalised_rows_are_not_copied_before_they_are_penalised() -> None:
     params = [SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5)] * 4
     assert _ops(lambda: apply_penalties_rows(x, params, histories))["clone"] == 0
     assert torch.equal(_bits(x), _bits(before))
+
+
+def test_a_batch_with_penalised_rows_reads_only_those_for_their_own_maximum() -> None:
+    """Whether a row's logits were finite before its penalties took the maximum of the whole batch
+    again, though an unpenalised row's is its peak: one (batch, vocab) reduction, not two."""
+    x = _logits(8, 64, 3)
+    params = [SamplingParams()] * 8
+    params[1] = params[7] = SamplingParams(repetition_penalty=1.2)  # row 1's NaN: the model's, not the penalty's
+    calls = _calls(lambda: sampler.launch_sample(x, params, [None] * 8, _histories(8)).result())
+    assert calls.shapes["max", (8, 64)] + calls.shapes["amax", (8, 64)] == 1
+    histories = _histories(8)
+    alone = [sampler.sample(x[i : i + 1], [p], [None], [histories[i]])[0] for i, p in enumerate(params)]
+    together = sampler.launch_sample(x, params, [None] * 8, histories).result()
+    assert [str(t) for t in together] == [str(t) for t in alone]  # errors too (row 0: infinity)

@@ -136,9 +136,10 @@ def launch_sample(
     if penalised:
         work = logits.float().clone()
         at = to_device(penalised, torch.int64, logits.device)
+        chosen = logits.index_select(0, at)
         try:
             rows = [params[i] for i in penalised], [histories[i] for i in penalised]
-            work.index_copy_(0, at, apply_penalties_rows(logits.index_select(0, at), *rows))
+            work.index_copy_(0, at, apply_penalties_rows(chosen, *rows))
         except (RuntimeError, ValueError):  # then row by row: one row's numbers, never the batch's
             for i in penalised:
                 try:
@@ -147,7 +148,9 @@ def launch_sample(
                     raise_if_lost(e)
                     failed[i] = _why(e, params[i])
     peak, tokens = work.max(dim=-1)
-    raw = logits.max(dim=-1).values if penalised else peak
+    # The logits' own maximum: a row without penalties has it as its peak; only the penalised rows
+    # are read again (the whole batch was, a (batch, vocab) pass of which most was the peak's).
+    raw = peak.index_copy(0, at, chosen.amax(dim=-1).float()) if penalised else peak
     # -inf is a masked token (structured output), not a fault, unless every token is masked; max
     # carries a NaN through.
     unusable = torch.isnan(raw) | torch.isinf(raw)
