@@ -186,7 +186,7 @@ class Recovery:
         that did not stop cleanly, else "stopped" (a drain's hand-back went unheard)."""
         request_ids = await self.store.inflight_on(worker)
         stale: list[str] = []
-        died = False  # one record was of a start that did not stop cleanly
+        died = False  # whether a record was of a start that did not stop cleanly
         for rid in request_ids:
             try:  # one record that cannot be read or re-sent must not stop the watch (and the rest)
                 rec = await self.store.get_inflight(rid)

@@ -24,7 +24,8 @@ _FINITE = torch.finfo(torch.float32)
 # stays finite (at float32's largest, temperature 0.7 made it infinity again and the softmax NaN).
 _SATURATED = _FINITE.max * GREEDY_BELOW / 2
 # The largest logit magnitude a mild penalty (``saturates``) is known to keep within ``_SATURATED``:
-# far past any model's (fp16's largest is 65,504; trained models' logits are some tens).
+# far past a served model's (fp16's largest is 65,504; trained models' are tens to hundreds). A
+# logit beyond it under a mild penalty is scaled as it is, not saturated.
 LOGIT_BOUND = 2.0**64
 # Penalties within [1 / _MILD, _MILD] take no logit up to ``LOGIT_BOUND`` past ``_SATURATED``
 # (1.7e33 / 1.8e19, halved for the rounding of the product): some 4.6e13.
@@ -34,9 +35,8 @@ _MILD = _SATURATED / LOGIT_BOUND / 2
 def saturates(penalty: float) -> bool:
     """Whether repetition penalty ``penalty`` can push a logit of magnitude up to ``LOGIT_BOUND``
     past ``_SATURATED``: one below 1 / ``_MILD`` or above ``_MILD`` (some 4.6e13). Known on the
-    host from the request before a step, so a batch of milder penalties (every one a client sends
-    in earnest: vLLM's examples use 1.05 to 2) leaves the saturation's three passes over its
-    (batch, vocab) logits out."""
+    host from the request before a step, so a batch of milder penalties (the 1.05 to 2 clients
+    send) leaves the saturation's three passes over its (batch, vocab) logits out."""
     return not 1 / _MILD <= penalty <= _MILD
 
 
