@@ -181,6 +181,9 @@ return ARGV[2]
 """
 
 
+# The most times DELETE reads a record that changes under it (``delete_response``): a bound by count
+DELETE_TRIES = 5
+
 # A name ``response_fields`` answers, beside a record's fields, with whether the response was made
 # streamed in the background (b"1", else b""): a retrieve with stream=true reads it with the record
 STREAMED = "streamed"
@@ -317,12 +320,21 @@ class ResponseKeys:
         through its other holders, its index gone with the last. The record is read and deleted in
         one optimistic transaction (WATCH, read again where it changed in between): read apart, a
         background run's last write between them (its output's items held by it) left its id in
-        those items' sets, a holder named after its record was gone, until it expired."""
+        those items' sets, a holder named after its record was gone, until it expired. Read at most
+        ``DELETE_TRIES`` times: the last read is deleted whatever changes after it."""
         key = f"{self.p}:response:{tenant}:{response_id}"
         script = self.r.register_script(_DELETE_LUA)
+        tries = 0
 
         async def delete(pipe: Pipeline) -> None:
+            nonlocal tries
             items, response = cast(list[bytes | None], await pipe.hmget(key, ["input", "response"]))
+            tries += 1
+            if tries == DELETE_TRIES:
+                # Changed on every read (a client sending its id again and again): redis-py's
+                # transaction went round for ever. Deleted as last read, unwatched: a holder a run
+                # adds in between names a record gone, passed over by lookups until it expires
+                await pipe.unwatch()  # type: ignore[no-untyped-call]  # (as multi: untyped in redis-py)
             holders = [self._holders(tenant, i) for i in (held(items, response) if held else ())]
             pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py's stub leaves it untyped)
             keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]

@@ -63,3 +63,32 @@ async def test_a_delete_drops_the_items_a_runs_last_write_gave_its_response_in_b
         other.close()
     assert await redis.keys(f"{s.p}:response*") == []  # (no set names it: each had it alone)
     assert [r for _, r in reads] == [queued, done]  # (read again once the write had changed it)
+
+
+async def test_a_delete_of_a_record_changed_on_every_read_ends_after_a_few_reads(redis: Redis) -> None:
+    """The record is written again after each of DELETE's reads (a client sending its id again and
+    again, from another gateway): redis-py's transaction read it again for ever. It reads it at
+    most ``DELETE_TRIES`` times and deletes what it read last."""
+    import redis as sync_redis
+
+    from dlora.common.state_responses import DELETE_TRIES
+
+    s = StateStore(redis)
+    await s.put_response("resp_1", "t", b'{"output": []}', b"[]", 60.0, ["msg_in"])
+    where = redis.connection_pool.connection_kwargs
+    other = sync_redis.Redis(host=where["host"], port=where["port"])
+    reads = 0
+
+    def held(items: bytes | None, response: bytes | None) -> list[str]:
+        nonlocal reads
+        reads += 1
+        assert reads <= 2 * DELETE_TRIES, "read again and again"  # (ends the test without the bound)
+        other.hset(f"{s.p}:response:t:resp_1", "seen", reads)  # (changed after the read: WATCH fires)
+        return ["msg_in"]
+
+    try:
+        assert await s.delete_response("resp_1", "t", held)
+    finally:
+        other.close()
+    assert reads == DELETE_TRIES
+    assert await redis.keys(f"{s.p}:response*") == []
