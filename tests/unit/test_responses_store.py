@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_api import ResponsesBody, to_chat
 from dlora.services.gateway.responses_routes import page
 from dlora.services.gateway.responses_store import Keeping, ResponsesStore, answered, conversation
 from dlora.services.gateway.settings import GatewaySettings
@@ -64,6 +65,35 @@ def test_each_of_a_previous_responses_function_calls_needs_its_output_after_it()
         answered(calls, [out, {"role": "user", "content": "remi"}])
     assert (refused.value.status, refused.value.param) == (400, "input")
     assert refused.value.message == "No tool output found for function call call_b."
+
+
+def _served(prior: list[dict[str, Any]], given: list[Any], stored: dict[str, Any] | None = None) -> list[str]:
+    """The chat messages' roles a request is served as, its conversation made as ``prepared`` makes it."""
+    body = msgspec.json.decode(b'{"model": "m", "input": "x"}', type=ResponsesBody)
+    body = msgspec.structs.replace(body, input=conversation(prior, given, stored))
+    return [m.role for m in to_chat(body).messages]
+
+
+def test_an_output_answers_a_call_of_its_chain_of_a_reference_or_beside_it() -> None:
+    """The 400 for an output answering no call (``responses_api._messages``: OpenAI's "No tool call
+    found ...") counts every call before it in the conversation served: the previous response's
+    (its output's parallel calls, answered in either order, beside its conversation's, the chain's
+    earlier turns) and an item_reference's item; a reference after the output made no call before it."""
+
+    def call(c: str) -> dict[str, Any]:
+        return {"id": f"fc_{c}", "type": "function_call", "call_id": c, "name": "f", "arguments": "{}"}
+
+    def out(c: str) -> dict[str, Any]:
+        return {"type": "function_call_output", "call_id": c, "output": "x"}
+
+    chain = [*PRIOR, call("call_0"), {**out("call_0"), "id": "fco_0"}, call("call_a"), call("call_b")]
+    assert _served(chain, [out("call_b"), out("call_a")])[-2:] == ["tool", "tool"]
+    ref = {"type": "item_reference", "id": "fc_call_c"}
+    assert _served([], [ref, out("call_c")], {"fc_call_c": call("call_c")}) == ["assistant", "tool"]
+    with pytest.raises(APIError) as refused:
+        _served([], [out("call_c"), ref], {"fc_call_c": call("call_c")})
+    assert (refused.value.status, refused.value.param) == (400, "input")
+    assert refused.value.message == "No tool call found for function call output with call_id call_c."
 
 
 ITEMS = [{"id": f"i{k}", "type": "message", "role": "user", "content": str(k)} for k in range(5)]
