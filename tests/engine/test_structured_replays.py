@@ -1,4 +1,4 @@
-"""Public structured-output bug reports (vLLM, xgrammar, llguidance and servers built on them)
+"""Public structured-output bug reports (vLLM, xgrammar, llguidance, outlines and servers built on them)
 replayed against dlora's engine: each output is checked against its schema, regex or choice
 (the grammar binds a random model's tokens), and a schema feature the grammar engine would not
 enforce is refused naming it, never served loose."""
@@ -209,3 +209,118 @@ def test_draft_03s_required_flag_is_refused_not_passed_over(dialect: dict) -> No
     with pytest.raises(GrammarError, match='"required": true'):
         check(schema(flagged))
     check(schema({"type": "object", "properties": {"a": {"type": "integer", "required": False}}, **dialect}))
+
+
+def test_min_and_max_items_bound_an_arrays_length(engine: LLMEngine) -> None:
+    """vllm-project/vllm #12201 (mlc-ai/xgrammar #160): ``list[str] = Field(min_length=2,
+    max_length=2)`` asked for two names and got four, the array's bounds dropped."""
+    names = {"type": "array", "items": {"type": "string", "maxLength": 2}, "minItems": 2, "maxItems": 2}
+    for text in sampled(engine, schema({"type": "object", "properties": {"names": names}, "required": ["names"]})):
+        assert len(json.loads(text)["names"]) == 2, text
+
+
+def test_an_integer_bound_past_32_bits_is_served(engine: LLMEngine) -> None:
+    """vllm-project/vllm #17894: ``conint(ge=0, le=20_000_000_000)`` took the engine down
+    ("maximum must be an integer"). Served, and held to."""
+    population = {"type": "integer", "minimum": 0, "maximum": 20_000_000_000}
+    for text in sampled(engine, schema({"type": "object", "properties": {"p": population}, "required": ["p"]})):
+        value = json.loads(text)["p"]
+        assert type(value) is int and 0 <= value <= 20_000_000_000, text
+
+
+def test_a_document_is_laid_out_with_no_whitespace_of_the_models(engine: LLMEngine) -> None:
+    """vllm-project/vllm #4093: guided_json let a model write whitespace between tokens without end
+    (llama2-13b's newlines until max_tokens). Each document is laid out as json.dumps lays it out."""
+    value = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}}}
+    for text in sampled(engine, schema({**value, "required": ["a"]})):
+        assert text == json.dumps(json.loads(text)), text
+
+
+def test_a_pydantic_enum_through_a_reference_is_followed(engine: LLMEngine) -> None:
+    """vllm-project/vllm #15236 (fixed in #15594): a pydantic ``str`` Enum, written as a ``$defs``
+    entry and a ``$ref``, was refused as unsupported or its values left unenforced."""
+    car = {
+        "$defs": {"CarType": {"enum": ["sedan", "SUV", "Truck", "Coupe"], "title": "CarType", "type": "string"}},
+        "properties": {"brand": {"type": "string", "maxLength": 3}, "car_type": {"$ref": "#/$defs/CarType"}},
+        "required": ["brand", "car_type"],
+        "title": "CarDescription",
+        "type": "object",
+    }
+    for text in sampled(engine, schema(car)):
+        assert json.loads(text)["car_type"] in ("sedan", "SUV", "Truck", "Coupe"), text
+
+
+def test_an_empty_grammar_is_refused_saying_why(engine: LLMEngine) -> None:
+    """vllm-project/vllm #23215: ``guided_grammar: ""`` crashed the grammar backend's compile. A
+    grammar with no rule is refused before any token, naming why, and the engine serves on."""
+    for empty in ("", "  \n"):
+        with pytest.raises(GrammarError, match="root"):
+            check(SamplingParams(grammar=empty))
+        with pytest.raises(RequestError, match="root"):
+            engine.add_request("empty", prompt_token_ids=PROMPT, params=SamplingParams(grammar=empty))
+    assert sampled(engine, SamplingParams(choice=["ok"])) == ["ok"] * len(SEEDS)
+
+
+def test_a_lark_grammar_with_inlined_rules_and_imports_is_served(engine: LLMEngine) -> None:
+    """dottxt-ai/outlines #1610: vLLM's workers died on an arithmetic Lark grammar (``?start``,
+    ``%import common.NUMBER``). Served: each output that ends is an expression of it (Python reads
+    it as one), and one cut by max_tokens is a prefix of one (a random model may nest on)."""
+    arithmetic = (
+        '?start: expression\n?expression: term (("+" | "-") term)*\n?term: factor (("*" | "/") factor)*\n'
+        '?factor: NUMBER | "-" factor | "(" expression ")"\n%import common.NUMBER\n'
+    )
+    asked = {f"s{s}": SamplingParams(grammar=arithmetic, temperature=1.0, seed=s, max_tokens=32) for s in SEEDS}
+    ended = 0
+    for rid, (_, text, reason) in run(engine, asked).items():
+        assert re.fullmatch(r"[0-9.eE+*/()-]+", text), (rid, text)
+        if reason is FinishReason.STOP:
+            compile(text, "<expression>", "eval")  # (a SyntaxError fails the test)
+            ended += 1
+    assert ended, "no output ended"
+
+
+def test_a_format_beside_length_bounds_keeps_both(engine: LLMEngine) -> None:
+    """vllm-project/vllm PR #45599: xgrammar dropped a string's ``minLength``/``maxLength`` beside a
+    ``format`` (email, uuid). Both bind here: an address of the format, within the lengths."""
+    email = {"type": "string", "format": "email", "minLength": 8, "maxLength": 12}
+    for text in sampled(engine, schema({"type": "object", "properties": {"e": email}, "required": ["e"]})):
+        address = json.loads(text)["e"]
+        assert 8 <= len(address) <= 12 and re.fullmatch(r"[^@]+@[^@]+\.[A-Za-z]{2,}", address), text
+
+
+def test_a_property_left_out_of_required_is_optional_not_nullable(engine: LLMEngine) -> None:
+    """dottxt-ai/outlines #1948 (PR #1949): a property missing from ``required`` was served as
+    nullable, ``"age": null`` for ``{"type": "integer"}``. It may be left out; never null."""
+    person = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    for text in sampled(engine, schema(person)):
+        assert json.loads(text).get("age", 0) in range(10), text
+
+
+def test_streamed_pieces_make_the_document(engine: LLMEngine) -> None:
+    """vllm-project/vllm #10376: with ``stream``, guided decoding's output broke (pieces that did not
+    add up to the schema's document). Each step's new text, joined, is the document, and it is the
+    detokenized whole."""
+    params = SamplingParams(json_schema=json.dumps({"type": "array", "items": {"enum": ["kalo", "remi"]}}))
+    for rid, (tokens, text, reason) in run(engine, {"stream": params}).items():
+        assert reason is FinishReason.STOP and text == engine.tokenizer.decode(tokens), (rid, text)
+        assert set(json.loads(text)) <= {"kalo", "remi"}
+
+
+def test_a_reference_cycle_with_no_base_case_is_refused_and_one_with_a_base_case_served(engine: LLMEngine) -> None:
+    """vllm-project/vllm #57725 (PR #57788): ``{"$ref": "#/$defs/n"}`` with ``n`` a reference to
+    itself passed validation and killed the request at its first token (a 500). Refused up front;
+    a recursive schema that ends (a tree whose children may be empty) is served."""
+    endless = {"$ref": "#/$defs/n", "$defs": {"n": {"$ref": "#/$defs/n"}}}
+    with pytest.raises(RequestError, match="json_schema"):
+        engine.add_request("cycle", prompt_token_ids=PROMPT, params=schema(endless))
+    node = {
+        "type": "object",
+        "properties": {"v": {"type": "boolean"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/N"}}},
+        "required": ["v", "kids"],
+    }
+    for text in sampled(engine, schema({"$defs": {"N": node}, "$ref": "#/$defs/N"}), max_tokens=96):
+        stack = [json.loads(text)]
+        while stack:
+            doc = stack.pop()
+            assert set(doc) == {"v", "kids"} and isinstance(doc["v"], bool), text
+            stack += doc["kids"]
