@@ -79,28 +79,47 @@ class HttpClient:
             headers=({"Authorization": f"Bearer {key}"} if key else {}) | given,
         )
 
-    async def served_models(self) -> set[str]:
+    async def served_models(self, on_retry: Callable[[str, float], None] | None = None) -> set[str]:
         """The model ids the target serves (``GET /v1/models``), asked once before the run, as
         vLLM's benchmark sends a first request: a wrong URL, a server that is not OpenAI-compatible
-        or a refused key ran the whole schedule of failures.
+        or a refused key ran the whole schedule of failures. A refused connection, a 429 or a 503
+        is tried again as a request is (``max_retries``, the same waits): a gateway that was
+        starting or restarting stopped the run before it began. ``on_retry(reason, wait_s)`` is
+        told of each retry before its wait.
 
         Raises:
-            OSError: it cannot be reached, or does not answer as an OpenAI-compatible server.
+            OSError: it cannot be reached (after ``max_retries`` retries, which it names), or does
+                not answer as an OpenAI-compatible server.
         """
         url = f"{self.url}/v1/models"
-        try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                text = await resp.text()
-                if resp.status != 200:
-                    # the openai package's base_url ends in /v1, and users give loadgen that one
-                    hint = ": --target is the server's root, without /v1" if self.url.endswith("/v1") else ""
-                    raise OSError(f"{url} answered HTTP {resp.status}{hint}: {text[:200]}")
-                data = json.loads(text)["data"]
-                return {m["id"] for m in data}
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise OSError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
-        except (ValueError, KeyError, TypeError):
-            raise OSError(f"{url} is not an OpenAI-compatible model list: {text[:200]!r}") from None
+        attempt = -1
+        while True:
+            attempt += 1
+            wait_s = min(0.5 * 2**attempt, 8.0)
+            try:
+                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    text = await resp.text()
+                    if resp.status in (429, 503) and attempt < self.max_retries:
+                        reason = f"{url} answered HTTP {resp.status}: {text[:200]}"
+                        wait_s = retry_after_s(resp.headers) or wait_s
+                    elif resp.status != 200:
+                        # the openai package's base_url ends in /v1, and users give loadgen that one
+                        hint = ": --target is the server's root, without /v1" if self.url.endswith("/v1") else ""
+                        raise OSError(f"{url} answered HTTP {resp.status}{_tries(attempt)}{hint}: {text[:200]}")
+                    else:
+                        data = json.loads(text)["data"]
+                        return {m["id"] for m in data}
+            except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
+                reason = f"cannot reach {url}: {type(e).__name__}: {e}"
+                if attempt == self.max_retries:
+                    raise OSError(f"{reason}{_tries(attempt)}") from None
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise OSError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
+            except (ValueError, KeyError, TypeError):
+                raise OSError(f"{url} is not an OpenAI-compatible model list: {text[:200]!r}") from None
+            if on_retry is not None:
+                on_retry(reason, wait_s)
+            await asyncio.sleep(wait_s)
 
     def body(self, index: int, spec: RequestSpec) -> tuple[str, dict]:
         """The endpoint and the request body of request ``index``: vLLM's benchmark's for its
@@ -238,6 +257,11 @@ async def _events(lines: AsyncIterable[bytes], other: list[str] | None = None) -
             other.append(line[:200])
     if data:
         yield "\n".join(data)
+
+
+def _tries(attempt: int) -> str:
+    """What an error after ``attempt`` retries adds: how many tries it was (none where one)."""
+    return f" (after {attempt + 1} tries, --max-retries {attempt})" if attempt else ""
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:

@@ -256,7 +256,9 @@ async def run(
     )
     if isinstance(client, HttpClient):
         try:
-            served = await client.served_models()
+            served = await client.served_models(
+                lambda why, wait_s: console.print(f"{why}; trying again in {wait_s:g} s", markup=False)
+            )
         except BaseException:  # refused, or Ctrl-C while it asked: closed either way (no warning left)
             await client.close()
             raise

@@ -281,8 +281,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=count,
         default=0,
         help="retry a 429 or 503 answer or a refused connection, after Retry-After (the openai "
-        "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none); "
-        "HTTP targets only",
+        "package retries these, and 408, 409, 5xx and timeouts, twice by default; default here 0: none), "
+        "the first /v1/models too; HTTP targets only",
     )
     p.add_argument(
         "--num-warmups",

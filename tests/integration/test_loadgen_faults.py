@@ -207,6 +207,47 @@ async def test_a_target_given_as_the_openai_base_url_is_told_to_drop_its_v1() ->
         await runner.cleanup()
 
 
+async def test_the_model_list_is_retried_as_a_request_is() -> None:
+    """An operator's drill: `dlora loadgen --max-retries 5` against a gateway restarting exited 2
+    on its first `/v1/models`, refused, before sending anything. It is retried (a refused
+    connection until the gateway listens, then its 503s) and the run goes on; out of retries,
+    the error names how many tries it made."""
+    answers = iter([503, 503, 200])
+    asked: list[int] = []
+
+    async def models(request: web.Request) -> web.Response:
+        asked.append(status := next(answers))
+        if status != 200:  # as the gateway's 503: a Retry-After (here short)
+            return web.json_response({"error": "starting"}, status=status, headers={"retry-after-ms": "10"})
+        return web.json_response({"object": "list", "data": [{"id": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    retries: list[str] = []
+    started: list[asyncio.Task[None]] = []
+
+    def on_retry(why: str, wait_s: float) -> None:  # the gateway comes up at the first retry's wait
+        retries.append(why)
+        if not started:
+            started.append(asyncio.ensure_future(web.TCPSite(runner, "127.0.0.1", port).start()))
+
+    client = HttpClient(f"http://127.0.0.1:{port}", "model", Clock(), max_retries=5)
+    try:
+        assert await client.served_models(on_retry) == {"model"}
+        assert asked == [503, 503, 200]
+        assert ["cannot reach" in why for why in retries] == [True, False, False]
+        await runner.cleanup()
+        client.max_retries = 1  # refused again: out of retries, it says how many tries it made
+        with pytest.raises(OSError, match=r"cannot reach .*/v1/models: .* \(after 2 tries, --max-retries 1\)"):
+            await client.served_models()
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
 async def test_the_client_sets_no_deadline_of_its_own_shorter_than_the_run() -> None:
     """The HTTP client's session had a 600 s total timeout: in a --duration 900 run against a
     server whose queue had grown past ten minutes, requests still being served were counted failed
