@@ -167,14 +167,16 @@ class Recovery:
         """Forget ``worker``'s start ``incarnation`` (not a later one's heartbeat) and re-dispatch
         what it held. ``stopped``: that start drained and stopped (SIGTERM), which is not a loss:
         neither logged nor counted as one (a rolling restart fired every alert on
-        dlora_worker_losses_total)."""
+        dlora_worker_losses_total). Its line is "worker left", not the worker's own last line
+        ("worker stopped", ``log.stopped``): one event name for both made a query of the logs
+        for stops count each drained worker twice, and the dispatcher's line carries no ``drained``."""
         if not await self.store.forget_worker(worker, incarnation):
             # A later start beats under the id: what the records name there is its to run, or, the
             # lost start's, its to hand back (its sweep), not ours to run again (a review).
             logger.info("worker restarted under its id: its new start hands back what was lost", worker=worker)
             return
         if stopped:
-            logger.info("worker stopped", worker=worker)
+            logger.info("worker left", worker=worker)
         else:
             logger.warning("worker lost", worker=worker)
             self.metrics.losses.inc()
@@ -204,7 +206,7 @@ class Recovery:
                 logger.exception("request not recovered", request=rid, error=type(e).__name__)
         await self.store.unindex(worker, stale)
         # Said only where there were some: every drained worker (a rolling restart, a host taken
-        # out) wrote a warning about "a lost worker" with requests=0 after its "worker stopped".
+        # out) wrote a warning about "a lost worker" with requests=0 after its "worker left".
         # By the records, not the caller's verdict: the last record's stop named the whole lot
         # (a lost start's request beside an earlier clean start's was said to be a stopped one's).
         if recovered := len(request_ids) - len(stale):

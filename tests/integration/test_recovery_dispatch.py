@@ -239,13 +239,15 @@ async def test_a_lost_workers_request_whose_client_was_cut_off_with_it_is_re_dis
 async def test_a_drained_worker_is_logged_as_stopped_not_as_lost(nats_server: Server, redis: Redis) -> None:
     """An operator's rolling restart: a worker that drained and stopped with nothing left on it
     was logged as "worker stopped", then warned of as "requests of a lost worker re-dispatched"
-    (requests=0). It is neither counted nor warned of; one lost with records left still is."""
+    (requests=0). It is neither counted nor warned of; one lost with records left still is. The
+    line is "worker left": "worker stopped" is the worker's own last line (``log.stopped``), and
+    an operator's jq for it counted every drained worker twice."""
     async with _dispatcher(nats_server, redis, "w-live", "test.drained.reply") as r:
         dispatcher, store = r.dispatcher, r.store
         dispatcher.workers["w-live"] = (_idle("w-live"), time.monotonic())
         with structlog.testing.capture_logs() as logs:
             await dispatcher.recover("w-drained", "", stopped=True)
-        assert [e["event"] for e in logs] == ["worker stopped"]
+        assert [e["event"] for e in logs] == ["worker left"]
         assert dispatcher.metrics.registry.get_sample_value("dlora_worker_losses_total") == 0
 
         await store.put_inflight(GenerateRequest(request_id="left", reply_to="test.drained.reply", prompt="k"), "w-b")
