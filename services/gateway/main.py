@@ -53,6 +53,7 @@ from dlora.services.gateway.connections import listen
 from dlora.services.gateway.dialects import Dialect
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
+from dlora.services.gateway.hand_over import hand_over
 from dlora.services.gateway.health import readiness
 from dlora.services.gateway.hosts import host_name, is_loopback
 from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics, RequestTimer, keep_tidy
@@ -215,13 +216,13 @@ class Gateway:
 
     async def _submit(self, request: GenerateRequest) -> None:
         """Hand one request to a dispatcher and wait until one has taken it: a NATS request to the
-        dispatchers' queue group, so with none running the server answers "no responders" at once
-        and the client gets a 503 now, not after the chunk timeout.
+        dispatchers' queue group; with none running it is sent again until ``dispatch_timeout_s``
+        is spent, and the client gets a 503 then, not after the chunk timeout.
 
         Raises:
             APIError(413): the request, encoded, is over what the message bus carries (less what
                 the dispatcher adds to it).
-            APIError(503): no dispatcher is subscribed, or none took the request within
+            APIError(503): no dispatcher was subscribed, or none took the request, within
                 ``dispatch_timeout_s``.
         """
         data = _encode_request.encode(request)
@@ -237,10 +238,14 @@ class Gateway:
                     "ask for fewer alternatives or send a shorter prompt",
                     param="logprobs",
                 )
-        try:
-            await self.nc.request(subjects.REQUESTS, data, timeout=self.s.dispatch_timeout_s)
+        try:  # a dispatcher restarting is waited for (``hand_over``)
+            await hand_over(
+                self.nc, subjects.REQUESTS, data, self.s.dispatch_timeout_s, self.metrics.dispatch_waits.inc
+            )
         except NoRespondersError:
-            raise APIError(503, "no dispatcher is running; try again shortly") from None
+            raise APIError(
+                503, f"no dispatcher is running (waited {self.s.dispatch_timeout_s:g} s); try again"
+            ) from None
         except NatsTimeoutError:
             raise APIError(503, f"no dispatcher took the request within {self.s.dispatch_timeout_s} s") from None
 

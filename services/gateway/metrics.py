@@ -98,6 +98,10 @@ class Metrics:
         self.requests = Counter(
             "dlora_requests", "Requests finished, by adapter and status", ["adapter", "status"], registry=r
         )
+        # A dispatcher restarting, or none running: each such request was sent again (``hand_over``)
+        self.dispatch_waits = Counter(
+            "dlora_dispatch_waits", "Requests that found no dispatcher and waited for one", registry=r
+        )
         self.ttft = Histogram(
             "dlora_time_to_first_token_seconds",
             "Time to first token",

@@ -117,8 +117,8 @@ class GatewaySettings(Common, kw_only=True, forbid_unknown_fields=True):
     # does not hang it. It starts again whenever the worker holding the request is seen stepping
     # (checked every 2 x heartbeat_ttl_s, so it must be longer): a request queued behind others waits its turn.
     chunk_timeout_s: float = 60.0
-    # Seconds to wait for a dispatcher to take a request before answering 503 (with no dispatcher
-    # running the answer is immediate).
+    # Seconds to wait for a dispatcher to take a request before answering 503; with none running
+    # (one restarting) the request is sent again meanwhile (``hand_over``).
     dispatch_timeout_s: float = 5.0
     # Seconds a connection may take to send a whole request head, counted from when it opens or
     # from its first byte after a finished request; then it is closed (nginx's client_header_timeout).

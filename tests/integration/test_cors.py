@@ -28,8 +28,10 @@ PREFLIGHT = {
 def _gateway(nats_server: Server, redis: Redis, tiny: TinyOutput) -> Callable[..., AbstractAsyncContextManager[str]]:
     @asynccontextmanager
     async def started(**fields: Any) -> AsyncIterator[str]:
-        """A gateway alone (no dispatcher: a completion is a 503 at once) with these settings: its URL."""
+        """A gateway alone (no dispatcher: a completion is a 503 once it waited 0.1 s for one) with
+        these settings: its URL."""
         conns: list[nats.NATS] = []
+        fields = {"dispatch_timeout_s": 0.1} | fields
         url, runner = await start_gateway(nats_server.url, StateStore(redis), str(tiny.model), conns, **fields)
         try:
             yield url

@@ -5,6 +5,7 @@ after the chunk timeout. Each such 503 carries a Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 
@@ -35,6 +36,7 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
         model=str(tiny_llama.model),
         port=free_port(),
         chunk_timeout_s=60.0,
+        dispatch_timeout_s=0.3,  # waited for one to come up (a restart's), then refused
     )
     nc = await nats.connect(nats_server.url)
     gateway = Gateway(settings, nc, StateStore(redis))
@@ -51,9 +53,10 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
             ) as r,
         ):
             body = await r.json()
-        # At once, by NATS's "no responders": not after the 60 s chunk timeout, nor the dispatch
-        # timeout ("no dispatcher took the request within"), whose answers say so.
-        assert r.status == 503 and "no dispatcher is running" in body["error"]["message"], body
+        # By NATS's "no responders", sent again until dispatch_timeout_s: not after the 60 s chunk
+        # timeout, nor as a dispatcher's silence ("no dispatcher took the request within").
+        assert r.status == 503 and "no dispatcher is running (waited 0.3 s)" in body["error"]["message"], body
+        assert gateway.metrics.registry.get_sample_value("dlora_dispatch_waits_total") == 2  # (n = 2)
         assert r.headers["Retry-After"] == "5"  # one heartbeat TTL: try again when the cluster has changed
     finally:
         await runner.cleanup()
@@ -155,14 +158,22 @@ async def _until_no_dispatcher_subscribes(nc: nats.NATS) -> None:
     raise AssertionError("the closed dispatcher's subscription outlived 2 s")
 
 
-async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
+async def test_a_dispatcher_restart_is_waited_out_and_readiness_says_so(stack: Stack) -> None:
     """Workers live but the dispatcher gone: not ready, and says why (it used to say ok), with a
-    Retry-After on that 503 and on a request's; ready again once a dispatcher is back."""
+    Retry-After; ready again once a dispatcher is back. A request that came meanwhile was a 503
+    at once (an operator's drill: one dispatcher's restart was a window of 503s): no dispatcher had
+    received it, so it is sent again until one takes it (within ``dispatch_timeout_s``)."""
 
     async def health(http: aiohttp.ClientSession) -> tuple[int, dict, str | None]:
         async with http.get(stack.url + "/healthz") as r:
             return r.status, await r.json(), r.headers.get("Retry-After")
 
+    async def complete(http: aiohttp.ClientSession) -> tuple[int, dict]:
+        body = {"model": "lora-0", "prompt": "kalo", "max_tokens": 2}
+        async with http.post(stack.url + "/v1/completions", json=body) as r:
+            return r.status, await r.json()
+
+    waits = functools.partial(stack.gateway.metrics.registry.get_sample_value, "dlora_dispatch_waits_total")
     async with aiohttp.ClientSession() as http:
         status, body, _ = await health(http)
         assert status == 200 and body["dispatcher"] is True and body["workers"] == 2, body
@@ -172,20 +183,19 @@ async def test_readiness_fails_while_no_dispatcher_runs(stack: Stack) -> None:
         # NATS's "no responders", at once (a ping that timed out says "no dispatcher answered within")
         assert status == 503 and body["reason"] == "no dispatcher is running", body
         assert body["dispatcher"] is False and body["workers"] == 2 and retry_after == "5"
-        async with http.post(
-            stack.url + "/v1/completions", json={"model": "lora-0", "prompt": "kalo", "max_tokens": 2}
-        ) as r:
-            assert r.status == 503 and r.headers["Retry-After"] == "5"
-            assert "no dispatcher" in (await r.json())["error"]["message"]
+        request = asyncio.create_task(complete(http))
+        for _ in range(200):  # until the request has found no dispatcher (then its restart)
+            if waits() or request.done():
+                break
+            await asyncio.sleep(0.01)
+        assert waits() == 1 and not request.done()
         nc = await nats.connect(stack.nc.connected_url.geturl())
         try:
             dispatcher = Dispatcher(DispatcherSettings(nats_url="unused", redis_url="unused"), nc, stack.store)
             stop = asyncio.Event()
             task = asyncio.create_task(dispatcher.run(stop))
-            for _ in range(100):
-                if (await health(http))[0] == 200:
-                    break
-                await asyncio.sleep(0.05)
+            status, body = await request
+            assert status == 200 and body["usage"]["completion_tokens"] == 2, body
             status, body, retry_after = await health(http)
             assert status == 200 and body["status"] == "ok" and retry_after is None, body
             stop.set()
