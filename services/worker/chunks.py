@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from dlora.common import subjects
@@ -152,6 +153,19 @@ class Resend:
             (subject, chunk)
             for at, subject, chunk, of in self._sent
             if now - at <= self.window_s and (client is None or of == client or subject.startswith(prefix))
+        ]
+
+    def unclaimed(self, now: float, claimed: Collection[str] | None) -> list[tuple[str, TokenChunk]]:
+        """The chunks kept that the worker's own reconnect sends again: those of readers that name
+        no ``client`` ("": they cannot ask), and, where ``claimed`` is given, those of named readers
+        not in it. A named reader whose connection came back too (a NATS restart drops every one)
+        says so in its next ``ClientAlive`` and is sent its own then (``recent(now, client)``): sent
+        them by every worker again at the reconnect as well, and once more two seconds later, a
+        large cluster's restart was a burst of two or three copies of every recent chunk."""
+        return [
+            (subject, chunk)
+            for at, subject, chunk, of in self._sent
+            if now - at <= self.window_s and (not of or (claimed is not None and of not in claimed))
         ]
 
     def forget(self, request_id: str) -> None:

@@ -1,13 +1,16 @@
 """Getting a worker's token chunks to their readers through NATS outages.
 
 A chunk published while the connection is down waits in nats-py's buffer and goes out on
-reconnect, but a reader that has not re-subscribed by then misses it; and a long outage fills the
-buffer, when publishing raises. So every chunk is kept for ``RESEND_WINDOW_S`` and, when the
-connection comes back, the recent ones are published again, twice: readers re-subscribe when
-they reconnect, which takes nats-py up to its reconnect wait (2 s by default) after the server is
-back. A reader whose own connection dropped (the worker's stayed up) says so in its next
-``ClientAlive``, and the recent chunks to it are published again then. Readers drop what they
-already have by ``seq`` (the gateway's ReplyStream).
+reconnect, but a reader that has not re-subscribed by then misses it; a chunk written just before
+the link was found dead is lost; and a long outage fills the buffer, when publishing raises. So
+every chunk is kept for ``RESEND_WINDOW_S``. A reader whose connection dropped (a NATS restart
+drops every one) says so in its next ``ClientAlive``, once it has re-subscribed, and the recent
+chunks to it are published again then (``resend_to``). When the worker's own connection comes
+back, the recent ones are published again for the readers that cannot say so (no ``client``),
+twice: they re-subscribe when they reconnect, which takes nats-py up to its reconnect wait (2 s by
+default) after the server is back; and once, at the first, those to named readers not re-sent to
+since, for the case where only the worker's link dropped (the readers stayed, and will not say).
+Readers drop what they already have by ``seq`` (the gateway's ReplyStream).
 
 A re-send never carries the chunks of a copy given up on meanwhile (its worker stalled, and
 another attempt serves the request): ``superseded`` is asked first, since a reconnect after a
@@ -50,6 +53,9 @@ class Delivery:
         self._outage = bus.Outage("token chunks (nats)")
         self._reconnects: int | None = None  # as of the first look (the connection may come later)
         self._resending: asyncio.Task[None] | None = None
+        # Named readers re-sent to (``resend_to``) since the worker's own reconnect was last seen,
+        # while its re-sends are under way
+        self._claimed: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # re-sends to one reader, held until done
 
     async def publish(self, subject: str, chunk: TokenChunk, client: str) -> bool:
@@ -94,20 +100,26 @@ class Delivery:
         seen, self._reconnects = self._reconnects, self.nc.stats["reconnects"]
         if seen is None or seen == self._reconnects:
             return False
-        self._resending = asyncio.create_task(self._resend())
+        self._claimed.clear()
+        self._resending = asyncio.create_task(self._resend(RESEND_DELAYS_S))
         return True
 
     def resend_to(self, client: str) -> None:
         """Publish again, now, the recent chunks to ``client`` (``Resend.recent``): it says its own
         connection came back, or it started again, and what went out meanwhile never reached it."""
+        if self._resending is not None and not self._resending.done():  # (else none is pending: kept no more)
+            self._claimed.add(client)
         self._tasks.add(task := asyncio.create_task(self._resend((0.0,), client)))
         task.add_done_callback(self._tasks.discard)
 
     async def _resend(self, delays: tuple[float, ...] = RESEND_DELAYS_S, client: str | None = None) -> None:
-        for delay in delays:
+        for n, delay in enumerate(delays):
             await asyncio.sleep(delay)
-            recent = self.resend.recent(time.monotonic(), client)
-            if client is not None and not recent:  # a reader with nothing here (a trial: 500 made-up
+            if client is None:  # the worker's own reconnect: named readers at the first pass only
+                recent = self.resend.unclaimed(time.monotonic(), self._claimed if n == 0 else None)
+            else:
+                recent = self.resend.recent(time.monotonic(), client)
+            if not recent:  # a reader with nothing here (a trial: 500 made-up
                 continue  # names announced at once stalled every worker 10 s in Redis calls and log lines)
             gone = await self.superseded({c.request_id: c.recoveries for _, c in recent})
             for rid in gone:

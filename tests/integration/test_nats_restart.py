@@ -216,6 +216,54 @@ async def test_a_re_send_does_not_grow_what_a_worker_keeps(nats_server: Server) 
         await nc.close()
 
 
+async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator's drill: after a NATS restart every worker published its last 15 s of chunks
+    (400-870 each) twice, and each gateway, which reconnected too, was sent its own again once
+    more when it said so: three copies. A named reader gets them once, when it says it reconnected;
+    a reader without a name, which cannot say, still gets both passes."""
+    from dlora.services.worker import delivery as module
+
+    monkeypatch.setattr(module, "RESEND_DELAYS_S", (0.0, 0.05))  # (the passes' count is the point)
+    server = start_nats()
+    port = int(server.url.rsplit(":", 1)[1])
+    nc = await nats.connect(server.url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+    reader = await nats.connect(server.url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+    got: list[str] = []
+
+    async def on_chunk(msg: nats.aio.msg.Msg) -> None:
+        got.append(msgspec.json.decode(msg.data, type=TokenChunk).request_id)
+
+    try:
+        await reader.subscribe(subjects.replies_prefix("gw") + ">", cb=on_chunk)
+        await reader.subscribe(subjects.replies_prefix("app") + ">", cb=on_chunk)
+        await reader.flush()
+        delivery = module.Delivery(nc)
+        assert not delivery.reconnected()  # (the first look)
+        await delivery.publish(subjects.reply_inbox("named", "gw"), TokenChunk(request_id="named", seq=0), "gw")
+        await delivery.publish(subjects.reply_inbox("unnamed", "app"), TokenChunk(request_id="unnamed", seq=0), "")
+        await bus.flush(nc)
+        server.stop()
+        server = start_nats(port)
+        for _ in range(500):  # both back, subscriptions and all
+            if nc.stats["reconnects"] and reader.stats["reconnects"] and nc.is_connected and reader.is_connected:
+                break
+            await asyncio.sleep(0.01)
+        await reader.flush()
+        got.clear()  # (whatever the first publish delivered)
+        assert delivery.reconnected()
+        delivery.resend_to("gw")  # the gateway's next ClientAlive, its reconnects grown
+        assert delivery._resending is not None
+        await delivery._resending
+        await asyncio.gather(*delivery._tasks)
+        await bus.flush(nc)
+        await reader.flush()
+        assert sorted(got) == ["named", "unnamed", "unnamed"]
+    finally:
+        await nc.close()
+        await reader.close()
+        server.stop()
+
+
 async def test_a_chunk_that_can_never_go_out_is_dropped_not_taken_for_an_outage(nats_server: Server) -> None:
     """A blank in the subject, or a chunk over max_payload: no reconnect will send it. Taken for an
     outage, its request's end was never recorded, and it was handed back and run again for ever."""

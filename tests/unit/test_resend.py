@@ -30,3 +30,17 @@ def test_a_reader_is_sent_again_its_requests_chunks_wherever_their_reply_subject
     assert [c.request_id for _, c in resend.recent(1.0, "app.rs3")] == ["x"]
     assert [c.request_id for _, c in resend.recent(1.0, "gw-1")] == ["z"]  # by its subjects, as before
     assert [c.request_id for _, c in resend.recent(1.0)] == ["x", "y", "z"]  # the worker's own reconnect: all
+
+
+def test_the_workers_own_reconnect_sends_named_readers_chunks_at_most_once() -> None:
+    """After a NATS restart each named reader says it reconnected and is sent its own then
+    (``recent(now, client)``): the worker's own passes carry a named reader's chunks only at the
+    first, where none were sent to it since (``claimed``), and an unnamed reader's at every one."""
+    resend = Resend(window_s=10.0)
+    resend.add(0.0, subjects.reply_inbox("g", "gw-1"), TokenChunk(request_id="g", seq=0), client="gw-1")
+    resend.add(0.0, subjects.reply_inbox("h", "gw-2"), TokenChunk(request_id="h", seq=0), client="gw-2")
+    resend.add(0.0, subjects.reply_inbox("u", "app"), TokenChunk(request_id="u", seq=0))
+    resend.add(-20.0, subjects.reply_inbox("old", "app"), TokenChunk(request_id="old", seq=0))  # past the window
+    cases = [(set[str](), ["g", "h", "u"]), ({"gw-1"}, ["h", "u"]), ({"gw-1", "gw-2"}, ["u"]), (None, ["u"])]
+    for claimed, sent in cases:
+        assert [c.request_id for _, c in resend.unclaimed(1.0, claimed)] == sent, claimed
