@@ -94,7 +94,7 @@ class Gateway:
         self.s, self.nc, self.store = settings, nc, store
         self.base_name = served_name(settings.model, settings.served_model_name)
         self.cfg = ModelConfig.from_dir(settings.model)
-        self.tokenizer = load_tokenizer(settings.model)  # (transformers imported there: it imports torch)
+        self.tokenizer = load_tokenizer(settings.model)  # (transformers imported there)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size).prepare()  # on serve()'s thread, not the loop
         self.context = self.cfg.context_length()
         given = sampling_defaults(settings.model) if settings.generation_config == "auto" else {}
