@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,15 @@ async def test_a_target_that_is_not_an_openai_server_is_refused_before_the_run()
         await client.close()
 
 
+async def _model_list(models: Callable[[web.Request], Awaitable[web.Response]]) -> tuple[web.AppRunner, int]:
+    """A server of ``GET /v1/models`` set up (not yet listening), and the free port it is for."""
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner, free_port()
+
+
 async def test_a_target_given_as_the_openai_base_url_is_told_to_drop_its_v1() -> None:
     """A user of the openai package gives loadgen the base_url they know, ending in /v1: the run
     stopped on "http://.../v1/v1/models answered HTTP 404", the fix left to be guessed."""
@@ -184,11 +194,7 @@ async def test_a_target_given_as_the_openai_base_url_is_told_to_drop_its_v1() ->
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "model"}]})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
+    runner, port = await _model_list(models)
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         for target in (f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}/v1/"):
@@ -221,11 +227,7 @@ async def test_the_model_list_is_retried_as_a_request_is() -> None:
             return web.json_response({"error": "starting"}, status=status, headers={"retry-after-ms": "10"})
         return web.json_response({"object": "list", "data": [{"id": "model"}]})
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
+    runner, port = await _model_list(models)
     retries: list[str] = []
     started: list[asyncio.Task[None]] = []
 
