@@ -6,8 +6,8 @@ it) costs nothing. With none subscribed the server answers "no responders" at on
 dispatcher's restart (``systemctl restart``: its stop, then 2-3 s of imports and connecting) was a
 window of 503s. Such a request was never received by anyone, so sending it again duplicates
 nothing: it is sent again, waits doubling from ``FIRST_WAIT_S`` to ``MAX_WAIT_S``, until the
-gateway's ``dispatch_timeout_s`` is spent, as vLLM's router and LoRAX's retry a backend that is not
-there yet. A request that timed out (a dispatcher subscribed but not answering) is not sent again:
+gateway's ``dispatch_timeout_s`` is spent, as vLLM's router retries (with backoff) a worker it
+could not reach. A request that timed out (a dispatcher subscribed but not answering) is not sent again:
 that dispatcher may still take it, and it would run twice."""
 
 from __future__ import annotations
