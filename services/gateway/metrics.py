@@ -100,7 +100,7 @@ class Metrics:
         )
         # A dispatcher restarting, or none running: each such request was sent again (``hand_over``)
         self.dispatch_waits = Counter(
-            "dlora_dispatch_waits", "Requests that found no dispatcher and waited for one", registry=r
+            "dlora_dispatch_waits", "Requests (each choice) that found no dispatcher and waited for one", registry=r
         )
         self.ttft = Histogram(
             "dlora_time_to_first_token_seconds",
