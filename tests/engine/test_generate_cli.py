@@ -369,6 +369,18 @@ def test_generate_serves_n_samples_of_a_line(tiny_llama: TinyOutput, tmp_path: P
     assert "duplicate id 'n'" in by_id["n@line-7"]["error"]
 
 
+def test_generate_reads_seed_minus_one_as_no_seed(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """vLLM's SamplingParams reads ``seed: -1`` as none (#4531), as the gateway does: two such lines
+    drew the same text from seed -1, where two unseeded lines draw apart; seed 5 still repeats."""
+    base = {"prompt": "kalo remi", "max_tokens": 12, "temperature": 1.0}
+    lines = [{"id": f"{k}{i}", **base, "seed": s} for k, s in (("r", -1), ("s", 5)) for i in (0, 1)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["generate", "--model", str(tiny_llama.model), "--input", str(inp), "--output", str(out)]) == 0
+    by_id = {r["id"]: r["token_ids"] for r in map(json.loads, out.read_text().splitlines())}
+    assert by_id["r0"] != by_id["r1"] and by_id["s0"] == by_id["s1"]
+
+
 def test_generate_serves_a_conversation_as_vllm_llm_chat(tiny_llama: TinyOutput, tmp_path: Path) -> None:
     """vLLM's ``LLM.chat`` has no ``dlora generate`` line: ``messages`` was an unknown field. A
     line's conversation is now rendered by the model's chat template as the gateway renders it

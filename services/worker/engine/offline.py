@@ -51,9 +51,10 @@ MODES = {"merged": "merged-only", "unmerged": "unmerged-only", "mixed": "mixed-o
 
 def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> None:
     """Take the shapes vLLM's SamplingParams takes, which a vLLM user's line carries over and the
-    gateway takes too: a lone ``stop`` string, null for a list left unset, and ``max_tokens`` null:
+    gateway takes too: a lone ``stop`` string, null for a list left unset, ``max_tokens`` null:
     the context the prompt leaves, as vLLM's ``LLM`` fills it (a prompt that leaves none keeps 1,
-    and is refused as too long)."""
+    and is refused as too long), and ``seed`` -1: no seed (vLLM's ``SamplingParams.__post_init__``,
+    #4531), as the gateway reads it."""
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
     for name in NULLABLE:
@@ -61,6 +62,8 @@ def _as_vllm_reads(fields: dict[str, Any], prompt_tokens: int, context: int) -> 
             del fields[name]
     if "max_tokens" in fields and fields["max_tokens"] is None:
         fields["max_tokens"] = max(context - prompt_tokens, 1)
+    if type(fields.get("seed")) is int and fields["seed"] == -1:
+        del fields["seed"]
 
 
 class _Chat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
