@@ -30,7 +30,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     top_k: int = 0
     # Drop the tokens less likely than min_p times the most likely one (vLLM's; 0 = off).
     min_p: float = 0.0
-    # Seed for this request's own random generator; None draws from the engine's.
+    # Seed for this request's own random generator; None draws from the engine's. -1 is a seed
+    # here, where vLLM's SamplingParams and the gateway read it as none (#4531): the gateway sends
+    # sample i of n as seed + i, which may come out -1.
     seed: int | None = None
     # Generation stops when one of these strings appears; it is cut from the output text (unless
     # include_stop_str_in_output).
