@@ -20,7 +20,8 @@ the arguments read so far), a tool call its whole answer then gives as text; her
 - ``mistral`` (Mistral 7B Instruct v0.3, Nemo, Small 3.x): ``[TOOL_CALLS]`` then a JSON array of
   ``{"name": ..., "arguments": {...}}`` (tokenizers before v11), or ``name{...}`` / ``name[ARGS]{...}``
   per call, each after its own ``[TOOL_CALLS]`` (v11 on); the text before the first is content, as
-  vLLM's. An empty array, ``[TOOL_CALLS] []``, makes no call: the text as written (``tools_called``).
+  vLLM's. An empty array, ``[TOOL_CALLS] []``, makes no call: the text as written (``tools_called``),
+  but none of the content before a call (held: vLLM's content ends at the first tag).
   A ``[TOOL_CALLS]`` read inside a call's string ends the call where its quotes are unsound, as
   hermes' ``</tool_call>`` does (``tool_scan.NextTag``: a quote the model left unescaped), and
   where the output ends inside a call (``_finish``).
@@ -84,6 +85,9 @@ class ToolParser:
     names: frozenset[str] | None = None  # the request's tools (pythonic: PythonicReader.names)
     # content so far, whitespace alone, before any call (_shown); None: other text went out
     _blank: list[str] | None = field(default_factory=list)
+    # mistral: an empty array's block ("[TOOL_CALLS] []") and the whitespace after it, before any
+    # call: none beside a later call (vLLM's content ends at the first tag), else text as written
+    _void: str = ""
 
     def __post_init__(self) -> None:
         if self.kind == "pythonic":
@@ -184,6 +188,7 @@ class ToolParser:
             ]
             if any(found):
                 self._held, self._at, self._inside = "", 0, False
+        content, self._void = content + ("" if self.calls else self._void), ""  # (no call followed it)
         rest, self._held, self._at = self._held[self._at :], "", 0
         if self.kind == "llama3_json" and (self._inside or not self._decided) and not self.calls:
             return "".join(self._written), calls  # no call: the text as written, its leading space and tag too
@@ -292,7 +297,7 @@ class ToolParser:
         while True:
             if not self._inside:
                 text, self._inside = self._text_to(_TOOL_CALLS)
-                content += text
+                content += self._unvoid(text)
                 if not self._inside:
                     return content, out
             # The calls: a JSON array (before v11), or a name and its arguments' object. Each
@@ -312,7 +317,7 @@ class ToolParser:
             room = first + _NAME_ROOM if room < 0 else room
             start = first if array else self._held.find("{", first, room)
             if start < 0 and len(self._held) >= room:  # no name and object: text
-                content += _TOOL_CALLS + self._held[self._at : room] if not self.calls else ""
+                content += self._unvoid(_TOOL_CALLS + self._held[self._at : room]) if not self.calls else ""
                 self._at, self._inside = room, False
                 continue
             if start < 0:
@@ -334,8 +339,23 @@ class ToolParser:
                 calls = [(name, arguments_json(parsed))] if named and isinstance(parsed, dict) else [None]
             for call in calls:
                 self._add(call, out)
-            if not self.calls:
-                content += _TOOL_CALLS + self._held[begin:end]  # not calls (an empty array too): the text as written
+            if self.calls:
+                self._void = ""
+            elif array and parsed == []:
+                self._void += _TOOL_CALLS + self._held[begin:end]
+            else:
+                content += self._unvoid(_TOOL_CALLS + self._held[begin:end])  # not calls: the text as written
+
+    def _unvoid(self, text: str) -> str:
+        """``text``, content before any call, after the held empty arrays (``_void``) where it is
+        more than whitespace (which is held with them)."""
+        if not self._void or not text:
+            return text
+        if text.isspace():
+            self._void += text
+            return ""
+        text, self._void = self._void + text, ""
+        return text
 
     def _llama3_json(self) -> tuple[str, list[Call]]:
         if not self._decided:  # (leading whitespace leaves _held, not stripped again per token; _written keeps it)

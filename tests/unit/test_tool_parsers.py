@@ -83,6 +83,11 @@ MISTRAL_V11 = 'Let me look.[TOOL_CALLS]weather{"city": "kalo"}[TOOL_CALLS]ping[A
             'a[TOOL_CALLS] [] b[TOOL_CALLS] [5] c[TOOL_CALLS]{"x": 1}',
             [],
         ),
+        # an empty array before a call is none of the content (vLLM's ends at the first tag; it
+        # was "[TOOL_CALLS] [] " beside the call): text only where text, not a call, follows it
+        ("mistral", '[TOOL_CALLS] [] [TOOL_CALLS] [{"name": "ping", "arguments": {}}]', "", [PING]),
+        ("mistral", "Sure. [TOOL_CALLS] []\n[TOOL_CALLS]ping[ARGS]{}", "Sure. ", [PING]),
+        ("mistral", "[TOOL_CALLS] [] hi [TOOL_CALLS]ping[ARGS]{}", "[TOOL_CALLS] [] hi ", [PING]),
         ("mistral", "[TOOL_CALLS]" + "x" * 150 + "{}", "[TOOL_CALLS]" + "x" * 150 + "{}", []),  # no name that long
         ("mistral", "[TOOL_CALLS]I think {so}", "[TOOL_CALLS]I think {so}", []),  # prose is no name
         ("mistral", '[TOOL_CALLS] [{"temperature": 3}]', '[TOOL_CALLS] [{"temperature": 3}]', []),
