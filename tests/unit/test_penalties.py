@@ -117,3 +117,18 @@ def test_a_batch_with_penalised_rows_reads_only_those_for_their_own_maximum() ->
     alone = [sampler.sample(x[i : i + 1], [p], [None], [histories[i]])[0] for i, p in enumerate(params)]
     together = sampler.launch_sample(x, params, [None] * 8, histories).result()
     assert [str(t) for t in together] == [str(t) for t in alone]  # errors too (row 0: infinity)
+
+
+def test_a_mild_row_has_the_same_numbers_beside_a_far_one_as_alone() -> None:
+    """Saturation is each row's own (as ``apply_penalties`` decides it alone): a bf16 model's logit
+    past ``LOGIT_BOUND`` (bf16 reaches float32's 3.4e38) in a mild row is scaled as it is, whether or
+    not a far penalty shares its batch; before, the far row saturated its neighbour's too."""
+    x = torch.full((2, 8), 1.0)
+    x[0, 3] = float(torch.tensor(3e38, dtype=torch.bfloat16))  # seen, under 0.5: past float32 alone
+    mild, far = SamplingParams(repetition_penalty=0.5), SamplingParams(repetition_penalty=1e-40)
+    histories = [([3], []), ([3], [])]
+    alone = apply_penalties_rows(x[:1], [mild], histories[:1])
+    beside = apply_penalties_rows(x, [mild, far], histories)
+    assert torch.equal(_bits(beside[0]), _bits(alone[0]))
+    assert torch.equal(_bits(alone[0]), _bits(apply_penalties(x[0], mild, *histories[0])))
+    assert beside[1, 3] == penalties._SATURATED  # the far row still saturates

@@ -24,8 +24,9 @@ _FINITE = torch.finfo(torch.float32)
 # stays finite (at float32's largest, temperature 0.7 made it infinity again and the softmax NaN).
 _SATURATED = _FINITE.max * GREEDY_BELOW / 2
 # The largest logit magnitude a mild penalty (``saturates``) is known to keep within ``_SATURATED``:
-# far past a served model's (fp16's largest is 65,504; trained models' are tens to hundreds). A
-# logit beyond it under a mild penalty is scaled as it is, not saturated.
+# far past a trained model's (tens to hundreds), but an assumption, not a dtype's bound: fp16 logits
+# stop at 65,504, while bf16 (the GPU default) and fp32 reach float32's 3.4e38. A logit beyond it
+# under a mild penalty is scaled as it is, not saturated (past float32, the row fails as pushed).
 LOGIT_BOUND = 2.0**64
 # Penalties within [1 / _MILD, _MILD] take no logit up to ``LOGIT_BOUND`` past ``_SATURATED``
 # (1.7e33 / 1.8e19, halved for the rounding of the product): some 4.6e13.
@@ -40,7 +41,9 @@ def saturates(penalty: float) -> bool:
     return not 1 / _MILD <= penalty <= _MILD
 
 
-def repetition(picked: torch.Tensor, penalty: torch.Tensor | float, saturate: bool = True) -> torch.Tensor:
+def repetition(
+    picked: torch.Tensor, penalty: torch.Tensor | float, saturate: bool | torch.Tensor = True
+) -> torch.Tensor:
     """transformers' repetition penalty on the logits of seen tokens ``picked`` (any shape, fp32;
     ``penalty`` a float or a tensor broadcast to it): a positive logit divided by it, any other
     multiplied. Any penalty above 0 is taken (vLLM's bound), and one far from 1 (1e-40, 1e300) would
@@ -48,13 +51,17 @@ def repetition(picked: torch.Tensor, penalty: torch.Tensor | float, saturate: bo
     such a logit saturates instead (at ``_SATURATED``, which any temperature keeps finite), as
     favoured or shunned as float32 says. A masked (-inf) logit stays masked. ``saturate`` False
     (no penalty here ``saturates``): the same numbers for logits up to ``LOGIT_BOUND``, in three
-    elementwise passes fewer."""
+    elementwise passes fewer; a bool tensor broadcast to ``picked``: only where it is true (the rows
+    whose own penalty ``saturates``, so a row's numbers never depend on the rows beside it)."""
     if isinstance(penalty, torch.Tensor):
         penalty = penalty.clamp(_FINITE.tiny, _FINITE.max)
     else:
         penalty = min(max(penalty, _FINITE.tiny), _FINITE.max)
     out = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return torch.where(picked.isfinite(), out.clamp(-_SATURATED, _SATURATED), out) if saturate else out
+    if saturate is False:
+        return out
+    keep = picked.isfinite() if saturate is True else picked.isfinite() & saturate
+    return torch.where(keep, out.clamp(-_SATURATED, _SATURATED), out)
 
 
 def apply_penalties(
@@ -97,7 +104,10 @@ def apply_penalties_rows(
         seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
         seen[flat(rep, [sorted(set(histories[j][0]) | set(histories[j][1])) for j in rep])] = True
         penalty = to_device([p.repetition_penalty for p in params], torch.float32, dev)[:, None]
-        saturate = any(saturates(params[j].repetition_penalty) for j in rep)
+        # Per row, as ``apply_penalties`` decides alone: a mild row beside a far one is not saturated
+        # (its logit past ``LOGIT_BOUND`` would otherwise be, or not, by what shares its batch).
+        far = [saturates(p.repetition_penalty) for p in params]
+        saturate = any(far) and to_device(far, torch.bool, dev)[:, None]
         out = torch.where(seen.view(n, vocab), repetition(out, penalty, saturate), out)
     counted = [j for j, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and histories[j][1]]
     if counted:
