@@ -107,7 +107,7 @@ def apply_penalties_rows(
         # Per row, as ``apply_penalties`` decides alone: a mild row beside a far one is not saturated
         # (its logit past ``LOGIT_BOUND`` would otherwise be, or not, by what shares its batch).
         far = [saturates(p.repetition_penalty) for p in params]
-        saturate = any(far) and to_device(far, torch.bool, dev)[:, None]
+        saturate = all(far) or (any(far) and to_device(far, torch.bool, dev)[:, None])  # (a mask: one more pass)
         out = torch.where(seen.view(n, vocab), repetition(out, penalty, saturate), out)
     counted = [j for j, p in enumerate(params) if (p.frequency_penalty or p.presence_penalty) and histories[j][1]]
     if counted:
