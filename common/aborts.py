@@ -4,7 +4,7 @@ an abort can overtake its request, outlive a record, or come while its request's
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from dlora.common.recent import Recent
 
 # An abort is remembered this long: it can overtake its request, or its record.
 ABORT_MEMORY_S = 60.0
@@ -18,22 +18,14 @@ class Aborts:
     which stops only its own requests), each with when (monotonic seconds)."""
 
     def __init__(self) -> None:
-        self._by: dict[str | None, OrderedDict[str, float]] = {}
+        self._by: dict[str | None, Recent[str, bool]] = {}
 
     def add(self, request_id: str, sender: str | None, now: float) -> None:
-        """``request_id`` aborted by ``sender`` ``now``; the sender's older than ``ABORT_MEMORY_S``,
-        and its oldest past ``MAX_ABORTS``, forgotten: O(1) an abort (the map made again at each,
-        30,000 aborts of no request stalled every worker until each was declared lost: a
-        helper's finding; as ``common/clients.py`` keeps its announcements)."""
-        heard = self._by.setdefault(sender, OrderedDict())
-        heard[request_id] = now
-        heard.move_to_end(request_id)
-        while heard and (len(heard) > MAX_ABORTS or now - next(iter(heard.values())) >= ABORT_MEMORY_S):
-            heard.popitem(last=False)
+        """``request_id`` aborted by ``sender`` ``now``, kept in the sender's own memory
+        (``ABORT_MEMORY_S``, ``MAX_ABORTS``: O(1) an abort, ``recent.py``)."""
+        self._by.setdefault(sender, Recent(ABORT_MEMORY_S, MAX_ABORTS)).put(request_id, True, now)
 
     def lately(self, request_id: str, sender: str | None, now: float) -> bool:
-        """Whether ``sender`` aborted ``request_id`` within ``ABORT_MEMORY_S`` of ``now`` (on a
-        quiet worker nothing else forgets an old one: an id reused an hour later was refused)."""
+        """Whether ``sender`` aborted ``request_id`` within ``ABORT_MEMORY_S`` of ``now``."""
         heard = self._by.get(sender)
-        when = heard.get(request_id) if heard is not None else None
-        return when is not None and now - when < ABORT_MEMORY_S
+        return heard is not None and heard.get(request_id, now) is not None

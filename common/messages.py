@@ -176,6 +176,9 @@ MAX_RECOVERIES = 1
 # handed it back, which answers it if it comes back within them (no other worker could take it),
 # and by the dispatcher, which sends it to none of the workers that handed it back while another can.
 HANDED_BACK_MEMORY_S = 60.0
+# Requests so remembered at once, by each: a worker refusing every request of a busy adapter hands
+# back thousands a minute, and the memory must stay bounded.
+MAX_HANDED_BACK = 100_000
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):

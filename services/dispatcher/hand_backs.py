@@ -12,35 +12,23 @@ another live one can take the request, so it comes back to one of them only when
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from dlora.common.messages import HANDED_BACK_MEMORY_S
-
-# Requests remembered at once (each with the few workers that handed it back): a worker refusing
-# every request of a busy adapter hands back thousands a minute, and the map must stay bounded.
-MAX_REQUESTS = 100_000
+from dlora.common.messages import HANDED_BACK_MEMORY_S, MAX_HANDED_BACK
+from dlora.common.recent import Recent
 
 
 class HandBacks:
     """Request id -> the workers that handed it back, each with when (monotonic seconds)."""
 
-    def __init__(self) -> None:
-        self._by: OrderedDict[str, dict[str, float]] = OrderedDict()
+    def __init__(self, most: int = MAX_HANDED_BACK) -> None:
+        self._by: Recent[str, dict[str, float]] = Recent(HANDED_BACK_MEMORY_S, most)
 
     def add(self, request_id: str, worker: str, now: float) -> None:
-        """``worker`` handed ``request_id`` back ``now``; requests last handed back over
-        ``HANDED_BACK_MEMORY_S`` ago, and the oldest past ``MAX_REQUESTS``, forgotten (O(1) a
-        hand-back: ``common/aborts.py`` keeps its aborts so)."""
-        workers = self._by.setdefault(request_id, {})
-        workers[worker] = now
-        self._by.move_to_end(request_id)
-        while self._by and (
-            len(self._by) > MAX_REQUESTS or now - max(next(iter(self._by.values())).values()) >= HANDED_BACK_MEMORY_S
-        ):
-            self._by.popitem(last=False)
+        """``worker`` handed ``request_id`` back ``now`` (the request kept ``HANDED_BACK_MEMORY_S``
+        from its last hand-back, at most ``most`` of them: ``recent.py``)."""
+        self._by.put(request_id, {**(self._by.get(request_id, now) or {}), worker: now}, now)
 
     def of(self, request_id: str, now: float) -> frozenset[str]:
         """The workers that handed ``request_id`` back within ``HANDED_BACK_MEMORY_S`` of ``now``
         (the span in which each answers it if it comes back)."""
-        workers = self._by.get(request_id, {})
+        workers = self._by.get(request_id, now) or {}
         return frozenset(w for w, at in workers.items() if now - at < HANDED_BACK_MEMORY_S)

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from dlora.common import bus, log, subjects
 from dlora.common.lograte import RateLimiter
-from dlora.common.messages import HANDED_BACK_MEMORY_S, ErrorCode, GenerateRequest, LostRequests, TokenChunk
+from dlora.common.messages import ErrorCode, GenerateRequest, LostRequests, TokenChunk
 from dlora.common.seeds import with_seed
 from dlora.common.undecodable import RequestHead, request_head
 from dlora.common.versions import engine_key
@@ -224,10 +224,9 @@ async def _hand_back_once(w: WorkerService, request_id: str, recoveries: int, el
     holding its adapter's version, ``elsewhere``); False, doing nothing, when it was handed back
     within ``HANDED_BACK_MEMORY_S`` and came back anyway (it is to be answered)."""
     now = time.monotonic()
-    w.handed_back = {rid: v for rid, v in w.handed_back.items() if now - v[0] < HANDED_BACK_MEMORY_S}
-    if request_id in w.handed_back:
+    if w.handed_back.get(request_id, now) is not None:
         return False
-    w.handed_back[request_id] = (now, elsewhere)
+    w.handed_back.put(request_id, elsewhere, now)
     lost = LostRequests(
         worker=w.s.worker_id,
         requests={request_id: recoveries},
@@ -260,9 +259,7 @@ async def hand_back_unheld(w: WorkerService, grace_s: float) -> None:
         # One handed back lately for a worker holding its version, and not taken yet (the
         # dispatcher waits for the workers' next stats before it says none holds it), still needs one.
         now = time.monotonic()
-        elsewhere = [
-            rid for rid in lost if (v := w.handed_back.get(rid)) and v[1] and now - v[0] < HANDED_BACK_MEMORY_S
-        ]
+        elsewhere = [rid for rid in lost if w.handed_back.get(rid, now)]
         handed = LostRequests(
             worker=w.s.worker_id, requests=lost, never_arrived=sorted(never_arrived & set(lost)), elsewhere=elsewhere
         )

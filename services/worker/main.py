@@ -19,7 +19,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
-from dlora.common import bus, log, subjects
+from dlora.common import bus, log, messages, recent, subjects
 from dlora.common.aborts import Aborts
 from dlora.common.bus import connections
 from dlora.common.clients import Clients, link_of
@@ -102,10 +102,9 @@ class WorkerService:
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted = Aborts()
         self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
-        # Requests handed back once for another worker to take: when (monotonic), and whether only
-        # one holding their adapter's version can (admit.py): they did not decode here, or that
-        # version cannot be loaded here.
-        self.handed_back: dict[str, tuple[float, bool]] = {}
+        # Requests handed back once for another worker to take, with whether only one holding their
+        # adapter's version can (admit.py): they did not decode here, or that version cannot load here.
+        self.handed_back = recent.Recent[str, bool](messages.HANDED_BACK_MEMORY_S, messages.MAX_HANDED_BACK)
         self.incarnation = secrets.token_hex(6)  # this start: in the stats, a restart is told apart
         self.started = 0.0  # when the one-id guard let this start through (Redis's clock: one_id.py)
         self.taken_over_by: WorkerStats | None = None  # a later start under the id, once one beats
