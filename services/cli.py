@@ -73,6 +73,16 @@ class _Parser(argparse.ArgumentParser):
         action.add_parser = lambda name, **kw: add(name, **{"description": kw.get("help"), **kw})
         return action
 
+    # Adds this parser's arguments when it first parses (its --help too): see "simulate"
+    later: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # (argparse parses a chosen subcommand with that parser's own parse_known_args)
+        if self.later is not None:
+            add, self.later = self.later, None
+            add(self)
+        return super().parse_known_args(args, namespace)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from dlora.loadgen.bundled import data_dir
@@ -130,9 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=_lazy("dlora.loadgen.main:run_loadgen"))
 
     sim = sub.add_parser("simulate", help="a workload through a simulated cluster: the real cores, a cost model")
-    from dlora.sim.options import add_arguments as add_simulate_arguments
-
-    add_simulate_arguments(sim)
+    # its options import the cost model (numpy): ~1 s of every `dlora serve` (a gateway's restart), unused
+    sim.later = lambda p: importlib.import_module("dlora.sim.options").add_arguments(p)
     sim.set_defaults(func=_lazy("dlora.sim.main:run_simulate"))
 
     serve = sub.add_parser(

@@ -61,3 +61,17 @@ def test_the_generic_class_is_loaded_only_where_autotokenizer_would_load_it(
             assert ours.all_special_ids == theirs.all_special_ids and ours.chat_template == theirs.chat_template
     (tmp_path / "as-made" / "tokenizer.json").unlink()
     assert not _generic(tmp_path / "as-made")  # AutoTokenizer's own refusal, said as before
+
+
+def test_a_serve_command_line_is_parsed_without_the_simulator() -> None:
+    # `dlora simulate`'s options import its cost model (numpy): ~1 s of every `dlora serve` before
+    code = (
+        "import sys\n"
+        "from dlora.services.cli import build_parser\n"
+        "args = build_parser().parse_args(['serve', 'gateway', '--model', 'm'])\n"
+        "print(args.service, sorted(m for m in ('dlora.sim.options', 'dlora.sim.cost', 'numpy') if m in sys.modules))\n"
+        "print(build_parser().parse_args(['simulate']).profile)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.split("\n")[:2] == ["gateway []", "dlora-artifact"], done.stderr[-2000:]
+
