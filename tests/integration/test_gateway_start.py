@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -47,6 +48,8 @@ def test_the_generic_class_is_loaded_only_where_autotokenizer_would_load_it(
     cases = {
         "as-made": ({}, {}, True),
         "fast": ({}, {"tokenizer_class": "PreTrainedTokenizerFast"}, True),
+        # what a folder's tokenizer_config may set beyond its class, each read the same way
+        "settings": ({}, {"padding_side": "left", "add_bos_token": False, "model_max_length": 77}, True),
         "remote": ({}, {"auto_map": {"AutoTokenizer": ["x.Y", None]}}, False),
         "llama-class": ({}, {"tokenizer_class": "LlamaTokenizer"}, False),  # (its ByteLevel check)
         "qwen2": ({"model_type": "qwen2"}, {}, False),  # AutoTokenizer overrides the class declared
@@ -59,6 +62,7 @@ def test_the_generic_class_is_loaded_only_where_autotokenizer_would_load_it(
             assert type(ours) is type(theirs), name
             assert [ours(t).input_ids for t in TEXTS] == [theirs(t).input_ids for t in TEXTS], name
             assert ours.all_special_ids == theirs.all_special_ids and ours.chat_template == theirs.chat_template
+            assert _settings(ours) == _settings(theirs), name
     (tmp_path / "as-made" / "tokenizer.json").unlink()
     assert not _generic(tmp_path / "as-made")  # AutoTokenizer's own refusal, said as before
 
@@ -75,3 +79,14 @@ def test_a_serve_command_line_is_parsed_without_the_simulator() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert done.stdout.split("\n")[:2] == ["gateway []", "dlora-artifact"], done.stderr[-2000:]
 
+
+def _settings(tokenizer: Any) -> tuple:
+    return (
+        tokenizer.padding_side,
+        tokenizer.truncation_side,
+        tokenizer.model_max_length,
+        str(tokenizer.added_tokens_decoder),
+        [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token],
+        [tokenizer(t, add_special_tokens=True).input_ids for t in TEXTS],
+        tokenizer.decode(tokenizer("kalo </s>").input_ids, skip_special_tokens=True),
+    )
