@@ -105,14 +105,16 @@ class HttpClient:
                     elif resp.status != 200:
                         # the openai package's base_url ends in /v1, and users give loadgen that one
                         hint = ": --target is the server's root, without /v1" if self.url.endswith("/v1") else ""
-                        raise OSError(f"{url} answered HTTP {resp.status}{_tries(attempt)}{hint}: {text[:200]}")
+                        raise OSError(
+                            f"{url} answered HTTP {resp.status}{_tries(attempt, self.max_retries)}{hint}: {text[:200]}"
+                        )
                     else:
                         data = json.loads(text)["data"]
                         return {m["id"] for m in data}
             except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
                 reason = f"cannot reach {url}: {type(e).__name__}: {e}"
                 if attempt == self.max_retries:
-                    raise OSError(f"{reason}{_tries(attempt)}") from None
+                    raise OSError(f"{reason}{_tries(attempt, self.max_retries)}") from None
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise OSError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
             except (ValueError, KeyError, TypeError):
@@ -259,9 +261,10 @@ async def _events(lines: AsyncIterable[bytes], other: list[str] | None = None) -
         yield "\n".join(data)
 
 
-def _tries(attempt: int) -> str:
-    """What an error after ``attempt`` retries adds: how many tries it was (none where one)."""
-    return f" (after {attempt + 1} tries, --max-retries {attempt})" if attempt else ""
+def _tries(attempt: int, max_retries: int) -> str:
+    """What an error after ``attempt`` retries adds: how many tries it was (none where one), of
+    the ``max_retries`` given (an answer not retried, a 404 after a 503, may end them sooner)."""
+    return f" (after {attempt + 1} tries, --max-retries {max_retries})" if attempt else ""
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:

@@ -245,6 +245,14 @@ async def test_the_model_list_is_retried_as_a_request_is() -> None:
         client.max_retries = 1  # refused again: out of retries, it says how many tries it made
         with pytest.raises(OSError, match=r"cannot reach .*/v1/models: .* \(after 2 tries, --max-retries 1\)"):
             await client.served_models()
+        # an answer not retried ends the tries sooner: the error names the --max-retries given
+        # (it said "--max-retries 1" for the one retry made of 5)
+        runner, port = await _model_list(models)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        answers, client.max_retries = iter([503, 500]), 5
+        client.url = f"http://127.0.0.1:{port}"
+        with pytest.raises(OSError, match=r"HTTP 500 \(after 2 tries, --max-retries 5\)"):
+            await client.served_models()
     finally:
         await client.close()
         await runner.cleanup()
