@@ -89,17 +89,26 @@ class Standing:
         self.longest = max(self.load.values(), default=0.0)
 
     def after(self, moves: list[MoveRequest]) -> tuple[dict[str, float], dict[str, int]]:
-        """Each worker's completion time and KV demand once ``moves`` are made (in one order
-        whatever theirs: the same moves, the same sums to the last digit)."""
+        """Each worker's completion time (seconds) and KV demand (blocks) once ``moves`` are made,
+        each move's recompute or KV shipped charged where its request ends (``arrival``), as the
+        greedy pass and the ILP's T charge it (in one order whatever theirs: the same moves, the
+        same sums to the last digit). Without it a plan read better than it was: the greedy pass
+        steered by the costs and the plan judged without them (the bench's makespan, ``worth``)."""
         load, demand = dict(self.load), dict(self.demand)
         for m in sorted(moves, key=lambda m: m.request_id):
             r = self.by_id[m.request_id]
             home, there = self.workers[r.worker], self.workers[m.to_worker]
             load[home.worker] -= r.remaining_tokens * home.cost(r.adapter)
-            load[there.worker] += r.remaining_tokens * there.cost(r.adapter)
+            load[there.worker] += self.arrival(r, there)
             demand[home.worker] -= blocks_of(r.context_tokens, home.block_size)
             demand[there.worker] += blocks_of(r.context_tokens, there.block_size)
         return load, demand
+
+    def arrival(self, r: RequestState, there: WorkerState) -> float:
+        """Seconds of ``there``'s time ``r`` takes once moved there: its remaining work and its move's
+        cost (the destination prefills its context, or takes its shipped KV, before it steps on)."""
+        work = r.remaining_tokens * there.cost(r.adapter)
+        return work + move_cost(self.snapshot, r) if there.worker != r.worker else work
 
     def cost(self, moves: list[MoveRequest]) -> float:
         """The recomputes or KV shipped of ``moves``, in all."""
@@ -110,12 +119,14 @@ class Standing:
         return _overflow(self.snapshot, self.demand, kv_pressure) - _overflow(self.snapshot, demand, kv_pressure)
 
     def worth(self, moves: list[MoveRequest], kv_pressure: float) -> float:
-        """Seconds ``moves`` save: the longest completion time's drop (the adapter reads they make
-        waited for, ``waited``) and the recompute of KV demand over ``kv_pressure`` they spare, less
-        their recomputes or KV shipped: the ILP's objective, and what the gain check asks to be
-        positive. A read costs only the wait of the requests moved for it (DESIGN.md: "every other
-        stream steps on"): summed as a cost here while the gain check waited for it, each plan judged
-        a read two ways, and where both plans were empty by the sum nothing went though one gained."""
+        """Seconds ``moves`` save: the longest completion time's drop (their costs charged where
+        they end, ``after``; the adapter reads they make waited for, ``waited``) and the recompute
+        of KV demand over ``kv_pressure`` they spare, less their recomputes or KV shipped in all
+        (DESIGN.md: the maximum load plus the cost of the moves): the ILP's objective, and what the
+        gain check asks to be positive. A read costs only the wait of the requests moved for it
+        (DESIGN.md: "every other stream steps on"): summed as a cost here while the gain check
+        waited for it, each plan judged a read two ways, and where both plans were empty by the sum
+        nothing went though one gained."""
         load, demand = self.after(moves)
         saved = self.longest - max(self.waited(moves, load).values(), default=0.0)
         return saved + self.relief(demand, kv_pressure) - self.cost(moves)
@@ -134,7 +145,7 @@ class Standing:
                 read.add((m.to_worker, key))
                 there = self.workers[m.to_worker]
                 if not there.has(key):
-                    waiting[there.worker] = waiting.get(there.worker, 0.0) + r.remaining_tokens * there.cost(r.adapter)
+                    waiting[there.worker] = waiting.get(there.worker, 0.0) + self.arrival(r, there)
         reads: dict[str, float] = {}
         for w, key in sorted(read):  # (one order: the same sums whatever the set's)
             reads[w] = reads.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)
