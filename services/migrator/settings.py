@@ -49,7 +49,8 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     # when it expires.
     lease_s: float = 3.0
     # Solver time bound, seconds: more than the 0.3 s kept back for starting the solver and reading
-    # its plan (at or below it the ILP never runs, only the greedy pass).
+    # its plan until a solve has measured that round trip (at or below it none ever runs to measure
+    # it: the ILP never runs, only the greedy pass).
     solve_time_s: float = 1.0
     # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
     # KV transfer: unset, what the workers measured (prefill speed; a shipped cache's export plus the
@@ -66,6 +67,12 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
             if getattr(self, field) <= 0:
                 bad.append((field, getattr(self, field), "must be > 0"))
         if 0 < self.solve_time_s <= CBC_OVERHEAD_S:
-            why = "kept back for starting the solver and reading its plan: the ILP would never run"
+            # Still so with the round trip measured (``pace.RoundTrips``): only a CBC run measures it,
+            # and none runs before one has, the reserve being CBC_OVERHEAD_S (times the pace) till then.
+            why = (
+                f"until a solve has measured the solver's round trip, {CBC_OVERHEAD_S:g} s of the bound is kept "
+                "back for starting it and reading its plan, so no solve runs to measure it: the ILP would "
+                "never run, only the greedy pass"
+            )
             bad.append(("solve_time_s", self.solve_time_s, f"must be > {CBC_OVERHEAD_S:g} ({why})"))
         return bad

@@ -15,6 +15,7 @@ from dlora.services.migrator import greedy as greedy_pass
 from dlora.services.migrator import pace, planner
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, plan
+from dlora.services.migrator.settings import CBC_OVERHEAD_S
 from dlora.services.migrator.snapshot import ClusterSnapshot
 from tests.unit.planner_cases import reqs, worker
 
@@ -163,3 +164,17 @@ def test_a_solve_that_gave_no_solution_does_not_lower_the_round_trip(monkeypatch
     fresh = pace.RoundTrips()
     fresh.observe(elapsed=0.9, limit=0.6, stopped=True, pace=1.0, solved=False)
     assert fresh.seconds is None  # (nor set the first: the fixed reserve stands until a solve)
+
+
+def test_a_bound_at_the_fixed_reserve_never_measures_the_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why ``solve_time_s`` <= ``CBC_OVERHEAD_S`` is still refused now that past plans measure CBC's
+    round trip: only a CBC run measures it, and until one has the fixed reserve is kept back, which
+    such a bound cannot hold. Plan after plan, even on a core of its own, no model is built and the
+    figure stays unmeasured, so the ILP would never run."""
+    wall = time.perf_counter()
+    monkeypatch.setattr(time, "thread_time", lambda: time.perf_counter() - wall)  # (pace 1: a whole core)
+    snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 12))
+    trips = pace.RoundTrips()
+    for _ in range(3):
+        p = plan(snap, PlannerSettings(time_limit_s=CBC_OVERHEAD_S), trips)
+        assert (p.method, p.ilp_fallback, trips.seconds) == ("greedy", "ilp-build-timeout", None) and p.moves
