@@ -64,6 +64,10 @@ def worker_stats(
     request was planned and refused again at each look while they failed. (Its adapter reads'
     figures: the worker's own.)"""
     e, st = engine, engine.stats
+    # A request is one however many copies came: a copy delivered twice, queued while the first is
+    # in the engine (or waits on arrival), is dropped once taken up, or replaces that one (``admit``).
+    # Counted for each until then, it held twice its load and KV in the stats (left by the last session).
+    preparing = [r for r in {r.request_id: r for r in preparing}.values() if r.request_id not in e.seqs]
     # what the policy sees, then the requests waiting for their adapter's read: load all the same
     # (a dispatcher that missed them sent more of that adapter's requests elsewhere, to read it again)
     queue = [seq for q in e.queue() if (seq := e.seqs.get(q.request_id)) is not None]

@@ -168,6 +168,18 @@ def test_requests_waiting_on_arrival_count_their_remaining_work(tiny_llama: Tiny
     assert st.unlisted_remaining_tokens == 10
 
 
+def test_a_request_delivered_twice_counts_once(tiny_llama: TinyOutput) -> None:
+    """A copy of a request the engine holds, queued for the loop (``Commands.queued``) until it is
+    taken up and dropped (or replaces the first: ``admit``), is that request: counted as waiting
+    beside it, its work and KV counted twice until then (left by the last session). Two copies
+    waiting (on arrival and queued) count once too."""
+    engine = make_engine(tiny_llama)
+    engine.add_request("m1", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50))
+    st = worker_stats("w0", engine, OutputLengths(), preparing=[_moved("m1", 0, 50), _moved("m2", 10, 50)] * 2)
+    assert (st.running + st.waiting, st.unlisted_remaining_tokens) == (2, 40)
+    assert st.unlisted_kv_blocks == -(-(3 + 10) // engine.blocks.block_size)
+
+
 def test_kv_room_counts_the_blocks_queued_requests_will_take(tiny_llama: TinyOutput) -> None:
     """``free_blocks`` less ``arriving_kv_blocks`` is the room the dispatcher's placement reads. A
     request moved here by recompute queues in the engine (no cache on its way, so not waiting on
