@@ -59,23 +59,31 @@ class Refusals:
     """The planned moves this worker refused lately, the request staying here (its progress record
     lagging Redis, or Redis unreachable): what its stats say (``WorkerStats.refused_moves``) for
     ``PLAN_MAX_AGE_S``, as long as a plan made from its stats holds, so that a stats message lost on
-    the way leaves later ones to say it. The migrator then frees those requests for its next plan:
-    it could not tell a refused move from one in transit, and pinned the request where it was for
-    ``settle_s`` (10 s; left by the last session)."""
+    the way leaves later ones to say it, and past that until one stats message has said it (a worker
+    whose ``stats_interval_s`` is ``PLAN_MAX_AGE_S`` or more let one expire unsaid, and its request
+    stayed pinned ``settle_s``: left by the last session). The migrator then frees those requests
+    for its next plan: it could not tell a refused move from one in transit, and pinned the request
+    where it was for ``settle_s`` (10 s)."""
 
     def __init__(self) -> None:
         self._at: dict[tuple[str, str], float] = {}  # (plan id, request id) -> when refused (monotonic)
+        self._said: set[tuple[str, str]] = set()  # those of ``_at`` a stats message has carried
 
     def add(self, move: Move, now: float) -> None:
         """``move`` refused at ``now`` (monotonic seconds)."""
-        self._at.pop((move.plan_id, move.request_id), None)
-        self._at[move.plan_id, move.request_id] = now  # (last: the latest kept past ``MAX_REFUSED``)
+        key = (move.plan_id, move.request_id)
+        self._at.pop(key, None)
+        self._said.discard(key)
+        self._at[key] = now  # (last: the latest kept past ``MAX_REFUSED``)
         while len(self._at) > MAX_REFUSED:
-            del self._at[next(iter(self._at))]
+            self._said.discard(first := next(iter(self._at)))
+            del self._at[first]
 
     def lately(self, now: float) -> dict[str, list[str]]:
-        """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``."""
-        self._at = {k: at for k, at in self._at.items() if now - at < PLAN_MAX_AGE_S}
+        """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``, or
+        earlier and not said yet; each is said from here on (the caller sends it)."""
+        self._at = {k: at for k, at in self._at.items() if now - at < PLAN_MAX_AGE_S or k not in self._said}
+        self._said = set(self._at)
         out: dict[str, list[str]] = {}
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)

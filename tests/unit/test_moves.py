@@ -129,3 +129,18 @@ def test_a_worker_says_the_moves_it_refused_for_as_long_as_a_plan_holds() -> Non
     assert (
         list(said) == ["p3"] and len(said["p3"]) == moves.MAX_REFUSED and said["p3"][-1] == f"r{moves.MAX_REFUSED + 4}"
     )
+
+
+def test_a_refusal_is_said_at_least_once_however_long_between_stats() -> None:
+    """With ``stats_interval_s`` at ``PLAN_MAX_AGE_S`` or more, a refusal expired before any stats
+    carried it, and its request stayed pinned ``settle_s`` (left by the last session): kept until
+    one message has said it, then for ``PLAN_MAX_AGE_S`` as before."""
+    refusals = moves.Refusals()
+    refusals.add(moves.Move("a", "w1", True, plan_id="p1"), now=10.0)
+    later = 10.0 + 2 * moves.PLAN_MAX_AGE_S  # the next stats, at a 10 s interval
+    assert refusals.lately(now=later) == {"p1": ["a"]}
+    assert refusals.lately(now=later + 1) == {}  # said, and past the age
+    refusals.add(moves.Move("b", "w1", True, plan_id="p2"), now=20.0)
+    assert refusals.lately(now=20.5) == refusals.lately(now=21.0) == {"p2": ["b"]}  # said, and within it
+    refusals.add(moves.Move("b", "w2", True, plan_id="p2"), now=22.0)  # refused again: said again
+    assert refusals.lately(now=22.0 + 2 * moves.PLAN_MAX_AGE_S) == {"p2": ["b"]}
