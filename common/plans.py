@@ -111,7 +111,8 @@ class RequestLoad(msgspec.Struct, kw_only=True, frozen=True, array_like=True):
     rank: int = 0
     # It stays here: its adapter's version was replaced or removed (this worker may be the last to
     # hold it: moved, it failed mid-stream where no other worker could load it), or is being read;
-    # or its worker's progress writes fail (Redis): a move would be refused (worker/move_out.py).
+    # or its worker's progress writes fail (Redis): a move would be refused (worker/move_out.py);
+    # or a move of it was refused for its size, past what NATS carries (worker/moves.py's Refusals).
     pinned: bool = False
     # The version of its adapter it runs on ("": the base model, or an older worker that does not
     # say): a worker holding only another version must read this one to take it (the migrator).

@@ -35,7 +35,7 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     while not stop.is_set() and w.taken_over_by is None:
         w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
         w.clients.watch_link(time.monotonic())  # and the clients' silence was ours (as of now)
-        stats = msgspec.structs.replace(w.stats, sent=time.time(), refused_moves=w.refusals.lately(time.monotonic()))
+        stats = msgspec.structs.replace(w.refusals.stated(w.stats, time.monotonic(), w.streams), sent=time.time())
         try:
             await bus.publish(w.nc, subjects.stats(w.s.worker_id), stats)
             w.records.beat()

@@ -56,6 +56,9 @@ async def move_out(w: WorkerService, move: Move) -> None:
         logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
         w.refusals.add(move, time.monotonic())  # (free for the migrator's next plan: its stats say so)
         return
+    if move.request_id in w.refusals.oversized:  # (a plan made before its stats pinned it: no export)
+        w.refusals.add(move, time.monotonic(), oversized=True)
+        return
     start = time.monotonic()
     kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
     data = kv.to_bytes() if kv is not None else None
@@ -71,6 +74,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
     )
     if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
         logger.warning("request too large to move; it stays here", request=move.request_id)
+        w.refusals.add(move, time.monotonic(), oversized=True)  # (its stats pin it here from now on)
         return
     copy = Copy.of(stream.request, w.records.stalled())
     try:

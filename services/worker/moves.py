@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from dlora.common.messages import GenerateRequest, KVChunk, MovePlan
+from dlora.common.messages import GenerateRequest, KVChunk, MovePlan, WorkerStats
 
 # A plan made from this worker's stats of longer ago than this (seconds, on its own clock:
 # ``MovePlan.stats_sent``) is ignored: they no longer hold (a few stats intervals).
@@ -57,20 +57,26 @@ def moves_to_take(
 
 class Refusals:
     """The planned moves this worker refused lately, the request staying here (its progress record
-    lagging Redis, or Redis unreachable): what its stats say (``WorkerStats.refused_moves``) for
-    ``PLAN_MAX_AGE_S``, as long as a plan made from its stats holds, so that a stats message lost on
-    the way leaves later ones to say it, and past that until one stats message has said it (a worker
-    whose ``stats_interval_s`` is ``PLAN_MAX_AGE_S`` or more let one expire unsaid, and its request
-    stayed pinned ``settle_s``: left by the last session). The migrator then frees those requests
-    for its next plan: it could not tell a refused move from one in transit, and pinned the request
-    where it was for ``settle_s`` (10 s)."""
+    lagging Redis, Redis unreachable, or the request too large to send): what its stats say
+    (``WorkerStats.refused_moves``) for ``PLAN_MAX_AGE_S``, as long as a plan made from its stats
+    holds, so that a stats message lost on the way leaves later ones to say it, and past that until
+    one stats message has said it (a worker whose ``stats_interval_s`` is ``PLAN_MAX_AGE_S`` or
+    more let one expire unsaid, and its request stayed pinned ``settle_s``: left by the last
+    session). The migrator then frees those requests for its next plan: it could not tell a refused
+    move from one in transit, and pinned the request where it was for ``settle_s`` (10 s).
+
+    A request refused for its size (``oversized``) stays too large while it is here (its tokens
+    only grow): its stats pin it here (``RequestLoad.pinned``), in the message that says the
+    refusal, so the migrator does not plan it again (it was planned and refused every ``settle_s``,
+    its cache exported each time: left by the last session)."""
 
     def __init__(self) -> None:
         self._at: dict[tuple[str, str], float] = {}  # (plan id, request id) -> when refused (monotonic)
         self._said: set[tuple[str, str]] = set()  # those of ``_at`` a stats message has carried
+        self.oversized: set[str] = set()  # requests refused a move for their size (pinned here)
 
-    def add(self, move: Move, now: float) -> None:
-        """``move`` refused at ``now`` (monotonic seconds)."""
+    def add(self, move: Move, now: float, oversized: bool = False) -> None:
+        """``move`` refused at ``now`` (monotonic seconds); ``oversized``: for its request's size."""
         key = (move.plan_id, move.request_id)
         self._at.pop(key, None)
         self._said.discard(key)
@@ -78,6 +84,8 @@ class Refusals:
         while len(self._at) > MAX_REFUSED:
             self._said.discard(first := next(iter(self._at)))
             del self._at[first]
+        if oversized:
+            self.oversized.add(move.request_id)
 
     def lately(self, now: float) -> dict[str, list[str]]:
         """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``, or
@@ -88,6 +96,20 @@ class Refusals:
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)
         return out
+
+    def stated(self, stats: WorkerStats, now: float, held: Container[str]) -> WorkerStats:
+        """``stats`` as they go out at ``now``: with the moves refused lately (``lately``) and the
+        requests too large to move pinned; ``held``: the requests still here (the others are
+        forgotten)."""
+        refused = self.lately(now)
+        self.oversized = {r for r in self.oversized if r in held}
+        if not self.oversized:
+            return msgspec.structs.replace(stats, refused_moves=refused)
+        loads = [
+            msgspec.structs.replace(r, pinned=True) if r.request_id in self.oversized and not r.pinned else r
+            for r in stats.requests
+        ]
+        return msgspec.structs.replace(stats, refused_moves=refused, requests=loads)
 
 
 def handoff(

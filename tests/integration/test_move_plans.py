@@ -19,7 +19,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import bus, subjects
 from dlora.common.inflight import Inflight
-from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, SamplingParams, TokenChunk, WorkerStats
+from dlora.common.messages import (
+    GenerateRequest,
+    KVChunk,
+    MovePlan,
+    MoveRequest,
+    SamplingParams,
+    TokenChunk,
+    WorkerStats,
+)
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
@@ -27,6 +35,7 @@ from dlora.services.migrator.looks import cluster_snapshot
 from dlora.services.migrator.main import Migrator
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.servers import Server
+from dlora.services.worker import move_out
 from dlora.services.worker.admit import abort
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
@@ -347,3 +356,33 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
             while migrator.looks.settled(cluster_snapshot([free], {}, settings), time.monotonic()).requests[0].pinned:
                 await asyncio.sleep(0.01)
         assert "r" in workers["w0"].streams and not any(c.worker == "w1" for c in seen)
+
+
+async def test_a_request_too_large_to_move_is_said_refused_and_stays_pinned(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request grown past what NATS carries is refused a move: w0 said nothing, the migrator held
+    it moved for ``settle_s`` and then planned it again, to be refused again (left by the last
+    session). Its stats now say the refusal and pin it, in one message. Grown here by text held back
+    (``resume_text_held``) past the connection's limit, the size check itself as it runs."""
+    store = StateStore(redis)
+    grown = move_out.handoff
+
+    def too_large(*args: object, **kwargs: object) -> tuple[GenerateRequest, list[KVChunk]]:
+        resumed, chunks = grown(*args, **kwargs)  # type: ignore[arg-type]
+        return msgspec.structs.replace(resumed, resume_text_held="x" * (2 << 20)), chunks
+
+    monkeypatch.setattr(move_out, "handoff", too_large)
+    async with _workers(nats_server, store, tiny_llama) as (workers, client):
+        stats = await client.subscribe(subjects.stats("w0"))
+        await _send(client, "o", "r", [5, 6, 7], 400)
+        async with asyncio.timeout(30):
+            while "r" not in workers["w0"].streams:
+                await asyncio.sleep(0.01)
+        await _plan(client, 1, "r")
+        async with asyncio.timeout(30):
+            while not (st := msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)).refused_moves:
+                pass
+        await stats.unsubscribe()
+        assert st.refused_moves == {"p1": ["r"]} and [(r.request_id, r.pinned) for r in st.requests] == [("r", True)]
+        assert "r" in workers["w0"].streams

@@ -7,10 +7,19 @@ import asyncio
 
 import torch
 
-from dlora.common.messages import GenerateRequest, MovePlan, MoveRequest, PlanTrigger, SamplingParams
+from dlora.common.messages import (
+    GenerateRequest,
+    MovePlan,
+    MoveRequest,
+    PlanTrigger,
+    RequestLoad,
+    SamplingParams,
+    WorkerStats,
+)
 from dlora.services.worker import moves
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.kv_inbox import KVInbox
+from tests.unit.planner_cases import worker_stats
 
 REQ = GenerateRequest(request_id="r", reply_to="_INBOX.r", prompt_token_ids=[1, 2, 3], params=SamplingParams())
 
@@ -144,3 +153,25 @@ def test_a_refusal_is_said_at_least_once_however_long_between_stats() -> None:
     assert refusals.lately(now=20.5) == refusals.lately(now=21.0) == {"p2": ["b"]}  # said, and within it
     refusals.add(moves.Move("b", "w2", True, plan_id="p2"), now=22.0)  # refused again: said again
     assert refusals.lately(now=22.0 + 2 * moves.PLAN_MAX_AGE_S) == {"p2": ["b"]}
+
+
+def _stats(*ids: str) -> WorkerStats:
+    loads = [RequestLoad(request_id=r, adapter=None, context_tokens=10, remaining_tokens=5) for r in ids]
+    return worker_stats("w0", loads, spt=0.01)
+
+
+def test_a_request_too_large_to_move_is_said_refused_and_pinned_while_it_is_here() -> None:
+    """A request grown past what NATS carries was refused without a word: the migrator held it moved
+    for ``settle_s`` and then planned it again, refused again, its cache exported each time (left by
+    the last session). Its refusal is said as the others', and its stats pin it here, in the same
+    message, for as long as it is here (its tokens only grow)."""
+    refusals = moves.Refusals()
+    refusals.add(moves.Move("big", "w1", True, plan_id="p1"), now=10.0, oversized=True)
+    refusals.add(moves.Move("lag", "w1", True, plan_id="p1"), now=10.0)  # its record lagging: free next
+    st = refusals.stated(_stats("big", "lag", "other"), now=11.0, held={"big", "lag", "other"})
+    assert st.refused_moves == {"p1": ["big", "lag"]}
+    assert {r.request_id: r.pinned for r in st.requests} == {"big": True, "lag": False, "other": False}
+    st = refusals.stated(_stats("big"), now=10.0 + 2 * moves.PLAN_MAX_AGE_S, held={"big"})
+    assert st.refused_moves == {} and [r.pinned for r in st.requests] == [True]  # pinned after the refusal
+    st = refusals.stated(_stats("big"), now=40.0, held={"other"})  # ended here (an id used again: free)
+    assert [r.pinned for r in st.requests] == [False] and refusals.oversized == set()
