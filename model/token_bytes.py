@@ -156,8 +156,13 @@ class TokenText:
 
     def text_of(self, token_id: int, before: Sequence[int] = ()) -> str:
         """The token's text in a logprobs entry after the sampled tokens ``before`` (a choice's
-        output, or a prompt, so far; its last ``CONTEXT_TOKENS`` are read): ``token_string``."""
-        return token_string(self.bytes_of(token_id), [self.bytes_of(t) for t in before[-CONTEXT_TOKENS:]])
+        output, or a prompt, so far; its last ``CONTEXT_TOKENS`` read only where the token ends
+        inside a character, almost none does: each is a decode, for every top alternative too):
+        ``token_string``."""
+        data = self.bytes_of(token_id)
+        if not data.decode("utf-8", "replace").endswith("\ufffd"):
+            return token_string(data)
+        return token_string(data, [self.bytes_of(t) for t in before[-CONTEXT_TOKENS:]])
 
 
 class TokenIdText:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 
 from dlora.common.messages import TokenLogprob
-from dlora.model.token_bytes import token_string
+from dlora.model.token_bytes import TokenText, token_string
 from dlora.services.gateway import logprobs
+from tests.unit.test_token_bytes import byte_level
 
 EMOJI = "😀".encode()  # F0 9F 98 80
 
@@ -83,3 +84,17 @@ def test_a_character_split_over_chunks_reads_whole_where_it_ends() -> None:
     assert prompt["tokens"] == ["a", "", "😀"]
     named = logprobs.vllm_prompt_logprobs([0, 1, 2], [TokenLogprob(1, -1.0, []), TokenLogprob(2, -1.0, [])], 0, tokens)  # type: ignore[arg-type]
     assert [next(iter(p.values()))["decoded_token"] for p in named[1:] if p] == ["", "😀"]
+
+
+def test_the_tokens_before_are_read_only_for_a_token_ending_inside_a_character() -> None:
+    """Every logprobs entry, each top alternative too, read its four tokens before (a decode each)
+    though almost no token ends inside a character (the first reread's finding)."""
+    hf = byte_level()
+    tokens = TokenText(hf, len(hf))
+    read: list[int] = []
+    bytes_of = tokens.bytes_of
+    tokens.bytes_of = lambda t: read.append(t) or bytes_of(t)  # type: ignore[method-assign]
+    a, lead = hf.convert_tokens_to_ids(["a", "ð"])  # "ð": byte-level BPE's piece for the byte F0
+    assert tokens.text_of(a, [a] * 4) == "a" and read == [a]
+    read.clear()
+    assert tokens.text_of(lead, [a] * 4) == "" and len(read) == 5
