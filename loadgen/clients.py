@@ -92,28 +92,23 @@ class HttpClient:
                 not answer as an OpenAI-compatible server.
         """
         url = f"{self.url}/v1/models"
-        attempt = -1
+        attempt = 0
         while True:
-            attempt += 1
-            wait_s = min(0.5 * 2**attempt, 8.0)
             try:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                     text = await resp.text()
-                    if resp.status in (429, 503) and attempt < self.max_retries:
-                        reason = f"{url} answered HTTP {resp.status}: {text[:200]}"
-                        wait_s = retry_after_s(resp.headers) or wait_s
-                    elif resp.status != 200:
+                    if resp.status == 200:
+                        return {m["id"] for m in json.loads(text)["data"]}
+                    reason = f"{url} answered HTTP {resp.status}: {text[:200]}"
+                    if (wait_s := self._retry_wait(attempt, resp)) is None:
                         # the openai package's base_url ends in /v1, and users give loadgen that one
                         hint = ": --target is the server's root, without /v1" if self.url.endswith("/v1") else ""
                         raise OSError(
                             f"{url} answered HTTP {resp.status}{_tries(attempt, self.max_retries)}{hint}: {text[:200]}"
                         )
-                    else:
-                        data = json.loads(text)["data"]
-                        return {m["id"] for m in data}
             except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
                 reason = f"cannot reach {url}: {type(e).__name__}: {e}"
-                if attempt == self.max_retries:
+                if (wait_s := self._retry_wait(attempt)) is None:
                     raise OSError(f"{reason}{_tries(attempt, self.max_retries)}") from None
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise OSError(f"cannot reach {url}: {type(e).__name__}: {e}") from None
@@ -122,6 +117,16 @@ class HttpClient:
             if on_retry is not None:
                 on_retry(reason, wait_s)
             await asyncio.sleep(wait_s)
+            attempt += 1
+
+    def _retry_wait(self, attempt: int, resp: aiohttp.ClientResponse | None = None) -> float | None:
+        """Seconds to wait after try ``attempt`` (from 0) before the next: the answer's Retry-After,
+        else 0.5 s doubling to 8 s; None where there is no next: the ``max_retries`` are spent, or
+        ``resp`` is an answer other than 429 or 503 (``resp`` None: a refused connection, retried)."""
+        if attempt >= self.max_retries or (resp is not None and resp.status not in (429, 503)):
+            return None
+        after = retry_after_s(resp.headers) if resp is not None else None
+        return after or min(0.5 * 2**attempt, 8.0)
 
     def body(self, index: int, spec: RequestSpec) -> tuple[str, dict]:
         """The endpoint and the request body of request ``index``: vLLM's benchmark's for its
@@ -141,14 +146,12 @@ class HttpClient:
     async def send(self, index: int, spec: RequestSpec, r: RequestResult) -> None:
         endpoint, body = self.body(index, spec)
         for attempt in range(self.max_retries + 1):
-            wait_s = min(0.5 * 2**attempt, 8.0)
             try:
                 async with self.session.post(f"{self.url}{endpoint}", json=body) as resp:
                     if resp.status != 200:
                         r.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                        if resp.status not in (429, 503) or attempt == self.max_retries:
+                        if (wait_s := self._retry_wait(attempt, resp)) is None:
                             return
-                        wait_s = retry_after_s(resp.headers) or wait_s
                     else:
                         r.error, other = None, list[str]()
                         await self._read(resp, r, other)
@@ -162,7 +165,7 @@ class HttpClient:
                         return
             except aiohttp.ClientConnectorError as e:  # refused: nothing was sent
                 r.error = f"{type(e).__name__}: {e}"
-                if attempt == self.max_retries:
+                if (wait_s := self._retry_wait(attempt)) is None:
                     return
             except (TimeoutError, aiohttp.ClientError) as e:
                 r.error = f"{type(e).__name__}: {e}"
