@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -56,26 +57,28 @@ async def move_out(w: WorkerService, move: Move) -> None:
         logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
         w.refusals.add(move, time.monotonic())  # (free for the migrator's next plan: its stats say so)
         return
-    if move.request_id in w.refusals.oversized:  # (a plan made before its stats pinned it: no export)
-        w.refusals.add(move, time.monotonic(), oversized=True)
-        return
-    start = time.monotonic()
-    kv = w.engine.export_kv(move.request_id) if move.ship_kv else None
-    data = kv.to_bytes() if kv is not None else None
-    resumed, chunks = handoff(
+    resume = functools.partial(
+        handoff,
         stream.request,
         seq.output_ids,
         seq.detok.pending,
         stream.seq,
-        data,
-        time.monotonic() - start,
         text_held=seq.text[seq.emitted :],  # held back while it could begin a stop string
         queued_s=queued(w, stream, seq.scheduled_at),
     )
-    if len(msgspec.json.encode(resumed)) > w.nc.max_payload:  # grown by its tokens past what NATS carries
-        logger.warning("request too large to move; it stays here", request=move.request_id)
+    resumed, chunks = resume(None, 0.0)
+    # Checked before the cache is exported (a copy off the device, thrown away when refused): with
+    # the cache, the message has only a chunk count, a transfer id and its export time more.
+    if len(msgspec.json.encode(resumed)) + 64 > w.nc.max_payload:  # grown by its tokens past NATS's
+        if move.request_id not in w.refusals.oversized:
+            logger.warning("request too large to move; it stays here", request=move.request_id)
         w.refusals.add(move, time.monotonic(), oversized=True)  # (its stats pin it here from now on)
         return
+    data: bytes | None = None
+    start = time.monotonic()
+    if move.ship_kv and (kv := w.engine.export_kv(move.request_id)) is not None:
+        data = kv.to_bytes()
+        resumed, chunks = resume(data, time.monotonic() - start)
     copy = Copy.of(stream.request, w.records.stalled())
     try:
         fenced = await w.store.fenced(w.s.worker_id, {move.request_id: copy})

@@ -56,9 +56,9 @@ async def _send(client: nats.NATS, owner: str, rid: str, prompt: list[int], max_
     await client.publish(subjects.worker_requests("w0"), msgspec.json.encode(req))
 
 
-async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = False) -> None:
+async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = False, ship_kv: bool = False) -> None:
     """A plan of ``epoch`` moving ``request_id`` to w1 (``marks``: the migrator read that w1 marks)."""
-    moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1", to_marks_taken=marks)]
+    moves = [MoveRequest(request_id=request_id, adapter=None, to_worker="w1", to_marks_taken=marks, ship_kv=ship_kv)]
     plan = MovePlan(plan_id=f"p{epoch}", epoch=epoch, created=time.time(), moves=moves)
     await client.publish(subjects.MOVES, msgspec.json.encode(plan))
     await bus.flush(client)
@@ -379,10 +379,13 @@ async def test_a_request_too_large_to_move_is_said_refused_and_stays_pinned(
         async with asyncio.timeout(30):
             while "r" not in workers["w0"].streams:
                 await asyncio.sleep(0.01)
-        await _plan(client, 1, "r")
+        exported: list[str] = []
+        export_kv = workers["w0"].engine.export_kv
+        monkeypatch.setattr(workers["w0"].engine, "export_kv", lambda rid: exported.append(rid) or export_kv(rid))
+        await _plan(client, 1, "r", ship_kv=True)
         async with asyncio.timeout(30):
             while not (st := msgspec.json.decode((await stats.next_msg()).data, type=WorkerStats)).refused_moves:
                 pass
         await stats.unsubscribe()
         assert st.refused_moves == {"p1": ["r"]} and [(r.request_id, r.pinned) for r in st.requests] == [("r", True)]
-        assert "r" in workers["w0"].streams
+        assert "r" in workers["w0"].streams and exported == []  # its cache not copied off to be thrown away
