@@ -71,27 +71,24 @@ class Refusals:
     its cache exported each time: left by the last session)."""
 
     def __init__(self) -> None:
-        self._at: dict[tuple[str, str], float] = {}  # (plan id, request id) -> when refused (monotonic)
-        self._said: set[tuple[str, str]] = set()  # those of ``_at`` a stats message has carried
+        # (plan id, request id) -> when refused (monotonic), and whether a stats message has said it
+        self._at: dict[tuple[str, str], tuple[float, bool]] = {}
         self.oversized: set[str] = set()  # requests refused a move for their size (pinned here)
 
     def add(self, move: Move, now: float, oversized: bool = False) -> None:
         """``move`` refused at ``now`` (monotonic seconds); ``oversized``: for its request's size."""
         key = (move.plan_id, move.request_id)
         self._at.pop(key, None)
-        self._said.discard(key)
-        self._at[key] = now  # (last: the latest kept past ``MAX_REFUSED``)
+        self._at[key] = (now, False)  # (last: the latest kept past ``MAX_REFUSED``)
         while len(self._at) > MAX_REFUSED:
-            self._said.discard(first := next(iter(self._at)))
-            del self._at[first]
+            del self._at[next(iter(self._at))]
         if oversized:
             self.oversized.add(move.request_id)
 
     def lately(self, now: float) -> dict[str, list[str]]:
         """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``, or
         earlier and not said yet; each is said from here on (the caller sends it)."""
-        self._at = {k: at for k, at in self._at.items() if now - at < PLAN_MAX_AGE_S or k not in self._said}
-        self._said = set(self._at)
+        self._at = {k: (at, True) for k, (at, said) in self._at.items() if now - at < PLAN_MAX_AGE_S or not said}
         out: dict[str, list[str]] = {}
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)
