@@ -15,7 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dlora.common.sampling import RANGES
+from dlora.common.sampling import INT64, RANGES
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2"}
 # The context transformers' config classes take where config.json does not say (LlamaConfig,
@@ -258,11 +258,10 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
             continue
         name = "max_tokens" if key == "max_new_tokens" else key
         kind = int if integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ModelConfigError(f"{path}: {key} must be {'an integer' if integer else 'a number'}, got {value!r}")
         # (an integer past 64 bits would fail the bus's encoding at each request, not here)
-        if isinstance(value, bool) or not isinstance(value, kind) or (integer and value.bit_length() > 63):
-            what = "a 64-bit integer" if integer else "a number"
-            raise ModelConfigError(f"{path}: {key} must be {what}, got {value!r}")
-        if (why := RANGES[name].problem(key, value)) is not None:
+        if (why := (INT64.problem(key, value) if integer else None) or RANGES[name].problem(key, value)) is not None:
             raise ModelConfigError(f"{path}: {why}")
         out[name] = value
     return out
