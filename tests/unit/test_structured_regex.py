@@ -5,17 +5,25 @@ Schema ``pattern`` is ECMA-262's instead (no line terminator: ``ecma_pattern``).
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.structured import Grammars
 from tests.unit.test_token_bytes import byte_level
 
 
+@functools.cache
+def _grammars() -> tuple[Grammars, Any]:
+    hf = byte_level()
+    return Grammars(hf, len(hf), {hf.eos_token_id}), hf
+
+
 def takes(params: SamplingParams, text: str) -> bool:
     """Whether the constraint of ``params`` accepts ``text`` whole, fed as a byte-level model's tokens."""
-    hf = byte_level()
-    matcher = Grammars(hf, len(hf), {hf.eos_token_id}).matcher(params, [])
+    grammars, hf = _grammars()
+    matcher = grammars.matcher(params, [])
     assert matcher is not None
     ids = hf.encode(text, add_special_tokens=False)
     return matcher.consume_tokens(ids) and not matcher.is_error() and matcher.is_accepting()

@@ -213,6 +213,7 @@ def test_a_streamed_calls_id_name_and_type_come_once_in_its_first_delta(kwargs: 
     pieces = list(text[next(iter(kwargs))])
     events = [shape.chunk(pieces[0], None, first=True)] + [shape.chunk(p, None) for p in pieces[1:]]
     deltas = [c for e in [*events, shape.chunk("", "stop")] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert len({d["index"] for d in deltas}) == (2 if "tool_parser" in kwargs else 1)  # each call streamed
     for index in {d["index"] for d in deltas}:
         [first, *later] = [d for d in deltas if d["index"] == index]
         assert first["id"] and first["type"] == "function" and first["function"]["name"]
