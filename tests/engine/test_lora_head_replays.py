@@ -5,13 +5,10 @@ causal LM lacks) is served as peft serves it, plain LoRA; a whole weight of a mo
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dlora.model.adapters import AdapterError, inspect_adapter
@@ -19,15 +16,7 @@ from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from tests.engine.test_lora_issue_replays import batch_logits, close, engine
 from tests.engine.test_peft_configs import peft_logits, write_peft_adapter
-
-Tensors = dict[str, torch.Tensor]
-
-
-def _with(source: Path, out: Path, edit: Callable[[Tensors], Tensors]) -> Path:
-    path = shutil.copytree(source, out)
-    weights = path / "adapter_model.safetensors"
-    save_file(edit(load_file(weights)), weights)
-    return path
+from tests.engine.test_peft_lenient import Tensors, _variant
 
 
 def _head_lora(name: str) -> Tensors:
@@ -50,7 +39,7 @@ def test_a_classification_heads_lora_is_left_unloaded_as_peft_leaves_it(tiny_lla
         "bare": "score.lora_{x}.weight",  # (transformers' naming, without the prefix)
     }
     for name, key in heads.items():
-        paths[name] = _with(source, tmp_path / name, lambda t, key=key: {**t, **_head_lora(key)})
+        paths[name] = _variant(source, tmp_path / name, {}, lambda t, key=key: {**t, **_head_lora(key)})
         e.register_adapter(name, paths[name])
     got = batch_logits(e, {name: name for name in paths})
     for name in ("score", "named"):
@@ -59,7 +48,7 @@ def test_a_classification_heads_lora_is_left_unloaded_as_peft_leaves_it(tiny_lla
         assert close(got[name], plain), name
     # The head's LoRA alone: peft loads nothing, the base model under the adapter's name (vLLM
     # #55193's kind): refused, as before
-    alone = _with(source, tmp_path / "alone", lambda t: _head_lora(heads["score"]))
+    alone = _variant(source, tmp_path / "alone", {}, lambda t: _head_lora(heads["score"]))
     with pytest.raises(AdapterError, match="holds no LoRA weights"):
         inspect_adapter("alone", alone, ModelConfig.from_dir(tiny_llama.model))
 
@@ -76,7 +65,7 @@ def test_a_whole_final_norm_peft_loads_over_the_base_is_refused_naming_it(
     base = AutoModelForCausalLM.from_pretrained(tiny_llama.model, dtype=torch.float32)
     norm = base.model.norm.weight.detach().clone()
     key = "base_model.model.model.norm.weight"
-    path = _with(source, tmp_path / "norm", lambda t: {**t, key: norm * 2})
+    path = _variant(source, tmp_path / "norm", {}, lambda t: {**t, key: norm * 2})
     assert not close(peft_logits(tiny_llama, path), peft_logits(tiny_llama, source))  # peft loads it
     with pytest.raises(AdapterError, match=rf"tensor '{key}' is a whole weight of a module of the base model"):
         inspect_adapter("norm", path, ModelConfig.from_dir(tiny_llama.model))
