@@ -88,27 +88,40 @@ class Standing:
         self.running = running_adapters(snapshot)
         self.longest = max(self.load.values(), default=0.0)
 
-    def after(self, moves: list[MoveRequest]) -> tuple[dict[str, float], dict[str, int]]:
-        """Each worker's completion time (seconds) and KV demand (blocks) once ``moves`` are made,
-        each move's recompute or KV shipped charged where its request ends (``arrival``), as the
-        greedy pass and the ILP's T charge it (in one order whatever theirs: the same moves, the
-        same sums to the last digit). Without it a plan read better than it was: the greedy pass
-        steered by the costs and the plan judged without them (the bench's makespan, ``worth``)."""
+    def after(self, moves: list[MoveRequest], charged: bool = False) -> tuple[dict[str, float], dict[str, int]]:
+        """Each worker's completion time (seconds) and KV demand (blocks) once ``moves`` are made (in
+        one order whatever theirs: the same moves, the same sums to the last digit). ``charged``: each
+        move's recompute or KV shipped added where its request ends (as ``arrival``), the makespan a plan
+        reports (``makespan``); left out where a plan is judged (``worth``, the gain check, the ILP's
+        T), which count each move's cost once, in the total (DESIGN.md: the maximum load plus the
+        cost of the moves). Charged there too, a move landing on the slowest worker paid twice."""
         load, demand = dict(self.load), dict(self.demand)
         for m in sorted(moves, key=lambda m: m.request_id):
             r = self.by_id[m.request_id]
-            home, there = self.workers[r.worker], self.workers[m.to_worker]
-            load[home.worker] -= r.remaining_tokens * home.cost(r.adapter)
-            load[there.worker] += self.arrival(r, there)
-            demand[home.worker] -= blocks_of(r.context_tokens, home.block_size)
-            demand[there.worker] += blocks_of(r.context_tokens, there.block_size)
+            # (each field read once: after CBC returns the planner walks a plan's moves several times)
+            home, there, adapter = r.worker, m.to_worker, r.adapter
+            tokens, context = r.remaining_tokens, r.context_tokens
+            load[home] -= tokens * self.workers[home].cost(adapter)
+            load[there] += tokens * self.workers[there].cost(adapter)
+            if charged and there != home:
+                load[there] += move_cost(self.snapshot, r)
+            demand[home] -= blocks_of(context, self.workers[home].block_size)
+            demand[there] += blocks_of(context, self.workers[there].block_size)
         return load, demand
 
-    def arrival(self, r: RequestState, there: WorkerState) -> float:
-        """Seconds of ``there``'s time ``r`` takes once moved there: its remaining work and its move's
-        cost (the destination prefills its context, or takes its shipped KV, before it steps on)."""
+    def arrival(self, r: RequestState, there: WorkerState, charged: bool = False) -> float:
+        """Seconds of ``there``'s time ``r`` takes once moved there: its remaining work, and where
+        ``charged`` its move's cost (the destination prefills its context, or takes its shipped KV,
+        before it steps on)."""
         work = r.remaining_tokens * there.cost(r.adapter)
-        return work + move_cost(self.snapshot, r) if there.worker != r.worker else work
+        return work + move_cost(self.snapshot, r) if charged and there.worker != r.worker else work
+
+    def makespan(self, moves: list[MoveRequest]) -> float:
+        """The longest completion time (seconds) once ``moves`` are made, each move's recompute or KV
+        shipped charged where its request ends and the reads they make waited for: what a plan
+        reports (``MovePlan.makespan_after_s``, the bench's "after"), not what judges it."""
+        load, _ = self.after(moves, charged=True)
+        return max(self.waited(moves, load, charged=True).values(), default=0.0)
 
     def cost(self, moves: list[MoveRequest]) -> float:
         """The recomputes or KV shipped of ``moves``, in all."""
@@ -119,9 +132,9 @@ class Standing:
         return _overflow(self.snapshot, self.demand, kv_pressure) - _overflow(self.snapshot, demand, kv_pressure)
 
     def worth(self, moves: list[MoveRequest], kv_pressure: float) -> float:
-        """Seconds ``moves`` save: the longest completion time's drop (their costs charged where
-        they end, ``after``; the adapter reads they make waited for, ``waited``) and the recompute
-        of KV demand over ``kv_pressure`` they spare, less their recomputes or KV shipped in all
+        """Seconds ``moves`` save: the longest completion time's drop (``after``, uncharged; the
+        adapter reads they make waited for, ``waited``) and the recompute of KV demand over
+        ``kv_pressure`` they spare, less their recomputes or KV shipped in all, each counted once
         (DESIGN.md: the maximum load plus the cost of the moves): the ILP's objective, and what the
         gain check asks to be positive. A read costs only the wait of the requests moved for it
         (DESIGN.md: "every other stream steps on"): summed as a cost here while the gain check
@@ -131,21 +144,21 @@ class Standing:
         saved = self.longest - max(self.waited(moves, load).values(), default=0.0)
         return saved + self.relief(demand, kv_pressure) - self.cost(moves)
 
-    def waited(self, moves: list[MoveRequest], load: dict[str, float]) -> dict[str, float]:
-        """Each worker's completion time, ``load`` once ``moves`` are made (``after``), with the reads
-        they make waited for: a destination reads the adapter versions they run on that it neither
-        holds nor runs (once each, one after another), and the requests moved there for them start
-        after those reads, while its other streams step on beside them (added to all of its work, a
-        read to a busy worker dropped a plan for a gain it brought)."""
+    def waited(self, moves: list[MoveRequest], load: dict[str, float], charged: bool = False) -> dict[str, float]:
+        """Each worker's completion time, ``load`` once ``moves`` are made (``after``, as ``charged``),
+        with the reads they make waited for: a destination reads the adapter versions they run on that
+        it neither holds nor runs (once each, one after another), and the requests moved there for
+        them start after those reads, while its other streams step on beside them (added to all of
+        its work, a read to a busy worker dropped a plan for a gain it brought)."""
         read: set[tuple[str, str]] = set()
         waiting: dict[str, float] = {}
-        for m in moves:  # (one walk: ``worth`` and the gain check each make one after CBC returns)
+        for m in moves:  # (one walk: ``worth``, the gain check and ``makespan`` each make one after CBC returns)
             r = self.by_id[m.request_id]
             if (key := r.key) and not runs_among(self.running[m.to_worker], key):
                 read.add((m.to_worker, key))
                 there = self.workers[m.to_worker]
                 if not there.has(key):
-                    waiting[there.worker] = waiting.get(there.worker, 0.0) + self.arrival(r, there)
+                    waiting[there.worker] = waiting.get(there.worker, 0.0) + self.arrival(r, there, charged)
         reads: dict[str, float] = {}
         for w, key in sorted(read):  # (one order: the same sums whatever the set's)
             reads[w] = reads.get(w, 0.0) + read_price(self.snapshot, self.workers[w], key)

@@ -94,7 +94,16 @@ class _Pass:
         """Seconds of ``w``'s time ``r`` takes there: its remaining work, and its move's cost where it
         is moved to (not at its home: back there, it moved nowhere). Charged at each worker it passed
         through, a request moved twice left its move's cost at the first, which then looked busier
-        than it was: left by the last session."""
+        than it was: left by the last session.
+
+        Kept, though ``worth`` counts each move's cost once, in the total and not at the
+        destination (``Standing.after``), because it steers the pass by ``worth``'s own test: a
+        move's cost is the same wherever it goes, so it changes no choice between destinations,
+        only the bound a move must pass, its destination ending (cost and all) before its source
+        does now; that is, where the destination becomes the longest, the longest completion drops
+        by more than the move costs. Uncharged, the pass would take moves that drop it by less (their
+        worth below nothing). Left in the destination's load, it holds later arrivals there to the
+        same margin: fewer moves, never a cost counted twice in the plan's judge."""
         return r.remaining_tokens * self.workers[w].cost(r.adapter) + (self.moving(r) if w != r.worker else 0.0)
 
     def takes(self, w: str, key: str) -> bool:

@@ -23,18 +23,18 @@ s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w * block_size * recomput
 objective. A worker already over its blocks (waiting requests count) may stay there, not grow.
 
 work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its mean
-where the adapter has not run there), plus its move's cost where w is not its home: the destination
-prefills it (or takes its KV) before it steps on, so T is ``Standing.after``'s measure. running_w
-counts the adapters w has requests of: one step runs at most slots_w adapters, so a new adapter may
-go only where fewer than that run (its read from host memory or disk is waited for where w does not
-hold it). A group's destinations are only the workers where it could run (its adapter runs there or
-a slot is free). Where those make too big a model, only groups on workers busier than the mean (or
-over their KV pressure) may leave home, each to its few least loaded (or roomiest) destinations:
-what shortens the longest completion is work moved from busy workers to idle ones, and the pruning
-keeps 128 workers x 10,000 requests a model of a few thousand variables. A move costs the cheaper
-of recomputing the context and shipping its KV (nothing for a request holding no KV). A group's
-moved requests are its cheapest per second of work taken away; one that costs more than that work
-(about to finish) stays, unless its worker is past its KV pressure.
+where the adapter has not run there): T is ``Standing.after``'s measure uncharged, each move's cost
+counted once, in the objective's sum (as ``worth``; in T too, a move to the slowest worker paid
+twice). running_w counts the adapters w has requests of: one step runs at most slots_w adapters, so
+a new adapter may go only where fewer than that run (its read from host memory or disk is waited for
+where w does not hold it). A group's destinations are only the workers where it could run (its
+adapter runs there or a slot is free). Where those make too big a model, only groups on workers
+busier than the mean (or over their KV pressure) may leave home, each to its few least loaded (or
+roomiest) destinations: what shortens the longest completion is work moved from busy workers to idle
+ones, and the pruning keeps 128 workers x 10,000 requests a model of a few thousand variables. A
+move costs the cheaper of recomputing the context and shipping its KV (nothing for a request holding
+no KV). A group's moved requests are its cheapest per second of work taken away; one that costs more
+than that work (about to finish) stays, unless its worker is past its KV pressure.
 """
 
 from __future__ import annotations
@@ -201,11 +201,9 @@ def solve(
     work_of: dict[str, list[tuple[pulp.LpVariable, float]]] = {}
     kv_of: dict[str, list[tuple[pulp.LpVariable, int]]] = {}
     per_worker: dict[str, list[int]] = defaultdict(list)
-    units: list[float] = []  # a group's move cost per request, at its mean
     for i, g in enumerate(groups):
         prob += pulp.LpAffineExpression((n[i, w], 1) for w in dests[i]) == g.size
         unit = sum(move_cost(snapshot, r) for r in g.requests) / g.size  # (k alike cost about k times it)
-        units.append(unit)
         for w in dests[i]:
             per_worker[w].append(i)
             if w != g.worker:
@@ -231,16 +229,7 @@ def solve(
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks - ws.unlisted_blocks
         objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
-        # (a move's cost where it ends, as ``Standing.after``: left out, the ILP's T read a plan
-        # better than ``worth`` then judged it, and steered towards moves of dear contexts)
-        work = [
-            (
-                n[i, w],
-                groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))
-                + (units[i] if groups[i].worker != w else 0.0),
-            )
-            for i in here
-        ]
+        work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
         prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
         if reads:

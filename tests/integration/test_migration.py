@@ -368,12 +368,12 @@ async def test_kv_pressure_sets_off_a_plan_that_says_so(nats_server: Server, red
     await nc.subscribe(subjects.MOVES, cb=on_plan)
     try:
         # Even completion times (no queue-delay spread), but w0's long contexts need 95 of its 100
-        # blocks, and shipping a cache (counted at w1 and in all) costs less than the recompute its
-        # preemptions would (``test_kv_pressure_is_relieved_even_when_completion_times_are_even``).
+        # blocks, and shipping a cache costs less than the recompute its preemptions would
+        # (``test_kv_pressure_is_relieved_even_when_completion_times_are_even``).
         settings = MigratorSettings(
             nats_url=nats_server.url,
             trigger=TriggerBounds(patience=1, kv_pressure=0.8, min_gain_s=0.0),
-            recompute_seconds_per_token=0.002,
+            recompute_seconds_per_token=0.001,
             kv_transfer_seconds_per_token=0.0005,
         )
         m = Migrator(settings, nc, store)

@@ -9,7 +9,7 @@ import pytest
 
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import planner
-from dlora.services.migrator.costs import completion_times
+from dlora.services.migrator.costs import completion_times, worth
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
@@ -233,14 +233,14 @@ def test_a_model_too_large_for_the_bound_is_planned_greedily() -> None:
 
 def test_kv_pressure_is_relieved_even_when_completion_times_are_even() -> None:
     # Same completion times, but w0's long contexts need 95 of its 100 blocks: above a 0.8 bound
-    # the excess is priced as the recompute its preemptions would cost (15 blocks: 0.48 s), more
-    # than shipping one request's cache (0.15 s) twice (it takes w1's time, and counts in all), so
-    # one moves to w1 (a short one may come back to keep completion times even).
+    # the excess is priced as the recompute its preemptions would cost (15 blocks: 0.24 s), more
+    # than shipping one request's cache (0.15 s, counted once: in the moves' cost, not in w1's
+    # completion too), so one moves to w1 (a short one may come back to keep completion times even).
     snap = ClusterSnapshot(
         workers=[worker("w0", ["a"], kv_blocks=100), worker("w1", ["a"], kv_blocks=100)],
         requests=reqs("w0", "a", 5, remaining=10, context=19 * 16) + reqs("w1", "a", 5, remaining=10, context=16),
         file_bytes={"a": 16},
-        recompute_seconds_per_token=0.002,
+        recompute_seconds_per_token=0.001,
         kv_transfer_seconds_per_token=0.0005,
     )
     p = plan(snap, PlannerSettings(kv_pressure=0.8))
@@ -291,15 +291,18 @@ def test_staying_put_always_fits_and_worker_names_need_not_be_lp_safe() -> None:
     assert plan(snap).method.startswith("ilp")
 
 
-def test_the_ilp_s_longest_completion_is_the_plan_s_makespan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """x runs four alike 1 s requests of a; y, idle, holds a. The ILP moves two, and y takes their
-    recomputes (50 tokens at 0.0005 s each) before it steps on: its T is 2.05 s, the makespan
-    ``Standing`` reports and ``worth`` judges it by. Without them T read 2 s, a plan better than the
-    one judged (left by the last session: the greedy pass counted them, the ILP and the judge did not)."""
+def test_the_ilp_s_objective_is_worth_and_the_plan_reports_its_moves_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x runs four alike 1 s requests of a; y, idle, holds a. The ILP moves two, each recomputed at
+    y (50 tokens at 0.0005 s each) before it steps on. Its objective is T (2 s, the moves' costs left out
+    of y's completion) plus their cost (0.05 s), counted once: the 4 s before less ``worth`` (1.95 s).
+    With the costs in T as well, a move landing on the slowest worker paid twice (2.1 s; left by
+    an earlier session). The plan reports the makespan with them, where they are paid: 2.05 s."""
     solved: list[pulp.LpProblem] = []
     solve = pulp.LpProblem.solve
     monkeypatch.setattr(pulp.LpProblem, "solve", lambda prob, *a, **k: solved.append(prob) or solve(prob, *a, **k))
     snap = ClusterSnapshot(workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 4))
-    p = plan(snap, PlannerSettings(max_nodes=20))
+    settings = PlannerSettings(max_nodes=20)
+    p = plan(snap, settings)
     assert p.method == "ilp" and len(p.moves) == 2 and p.makespan_after_s == pytest.approx(2.05)
-    assert solved[0].variablesDict()["T"].varValue == pytest.approx(p.makespan_after_s)
+    assert solved[0].variablesDict()["T"].varValue == pytest.approx(2.0)
+    assert pulp.value(solved[0].objective) == pytest.approx(4.0 - worth(snap, p.moves, settings.kv_pressure))

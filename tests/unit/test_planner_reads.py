@@ -23,10 +23,10 @@ pytestmark = pytest.mark.usefixtures("whole_core")
 def test_a_read_to_a_busy_worker_is_judged_as_the_gain_check_judges_it(solver: str) -> None:
     """x runs five 1 s requests of a; y runs 3.5 s of its own and lacks a (a read of 3 s). Moved
     there, one waits for the read beside y's steps and ends at 4.525 s (its recompute, 0.025 s,
-    after the read too), before x's 5 s: the plan gains 0.475 s. Priced as work taken from y
-    (3.5 + 3 + 1 s), the read made the move look worse than none to the greedy pass and to the ILP
-    alike, and nothing went, though the gain check (the read waited for) passed it (left by the
-    last session): now all three judge it alike."""
+    after the read too), before x's 5 s: the plan gains 0.5 s less its recompute, counted once
+    (``worth``). Priced as work taken from y (3.5 + 3 + 1 s), the read made the move look worse
+    than none to the greedy pass and to the ILP alike, and nothing went, though the gain check (the
+    read waited for) passed it (left by the last session): now all three judge it alike."""
     own = [replace(r, pinned=True) for r in reqs("y", None, 7, remaining=50)]
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", [])],
@@ -39,7 +39,7 @@ def test_a_read_to_a_busy_worker_is_judged_as_the_gain_check_judges_it(solver: s
     assert [m.to_worker for m in p.moves] == ["y"] and not p.no_gain
     assert p.makespan_after_s == pytest.approx(4.525)
     assert p.method == ("greedy" if solver == "greedy" else "ilp")
-    assert worth(snap, p.moves, 1.0) == pytest.approx(5 - 4.525 - 50 * 0.0005)
+    assert worth(snap, p.moves, 1.0) == pytest.approx(5 - 4.5 - 50 * 0.0005)
 
 
 def test_the_greedy_pass_moves_a_request_needing_no_read_before_one_that_reads() -> None:
