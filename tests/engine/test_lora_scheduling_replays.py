@@ -121,7 +121,9 @@ def _starts_in_time(engine: LLMEngine, records: list[StepRecord], due: int, star
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_a_rare_adapter_runs_within_its_bound_while_the_busy_one_keeps_coming(tiny_llama: TinyOutput, policy: str) -> None:
+def test_a_rare_adapter_runs_within_its_bound_while_the_busy_one_keeps_coming(
+    tiny_llama: TinyOutput, policy: str
+) -> None:
     """sgl-project/sglang #15129 (``max_loras_per_batch=1``, queue A, B, A, A, ...: while A held
     the batch, B was never scheduled) and vllm-project/vllm #16876 (a later request of the loaded
     LoRA ran before an earlier one of another): one slot, a request of lora-1 behind one of
@@ -221,3 +223,25 @@ def test_a_higher_priority_request_of_another_adapter_takes_the_only_slot_withou
     _starts_in_time(engine, records, 1, seen["high"][0] + 1)
     assert engine.stats.preemptions == 0
     assert got["low"] + rest.get("low", []) == _roomy(tiny_llama, {"low": ("lora-0", _prompt(0))})["low"]
+
+
+def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_llama: TinyOutput) -> None:
+    """lightseekorg/tokenspeed #268 (review: a request the step could not schedule still took one
+    of ``max_loras`` and held later adapters' requests back) and vllm-project/vllm #15422: one
+    slot, chunked prefill off; a base prompt of 50 of the 64 tokens, then lora-1's of 20 (which
+    the 14 left cannot hold: it waits) and lora-2's of 5. lora-2's runs in the first step, in the
+    slot lora-1's could not use, then pauses for lora-1's (older), and all give the roomy tokens."""
+    requests: Requests = {
+        "big": (None, list(range(10, 60))),
+        "x": ("lora-1", list(range(100, 120))),
+        "y": ("lora-2", [5, 6, 7, 8, 9]),
+    }
+    kw = {"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 64}
+    engine = make_engine(tiny_llama, max_loras=1, **kw)
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=3), adapter=adapter)
+    first = engine.step()
+    assert {o.request_id for o in first} == {"big", "y"}
+    seen, got = _steps(engine)
+    tokens = {o.request_id: o.new_token_ids + got.get(o.request_id, []) for o in first} | {"x": got["x"]}
+    assert tokens == run_all(make_engine(tiny_llama, max_loras=8), requests, 3)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dlora.services.worker.policy.base import KvRoom, Policy, QueuedRequest, StepDecision, fcfs_batch
+from dlora.services.worker.policy.base import KvRoom, Policy, QueuedRequest, StepDecision, fcfs_batch, fcfs_refilled
 
 
 class UnmergedOnly(Policy):
-    """FCFS across adapters, at most the device's adapter slots per step."""
+    """FCFS across adapters, at most the device's adapter slots per step (``fcfs_refilled``: a
+    slot the step cannot use goes to the next adapter in line)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
-        return StepDecision(merged=None, request_ids=[r.request_id for r in fcfs_batch(queue, self.limits)])
+        batch = fcfs_refilled(queue, self.limits, None, merged_now, kv)
+        return StepDecision(merged=None, request_ids=[r.request_id for r in batch])
 
 
 class MergedOnly(Policy):

@@ -1,0 +1,31 @@
+"""``fcfs_refilled``: a device slot held in the FCFS batch only by a request the step cannot feed
+goes to the next adapter in line, as the scheduler would give it (tokenspeed #268's review)."""
+
+from dlora.services.worker.policy import BatchLimits, QueuedRequest
+from dlora.services.worker.policy.base import fcfs_refilled
+from dlora.services.worker.policy.fcfs import UnmergedOnly
+
+# One slot, prompts run whole (chunked prefill off), 64 tokens a step.
+WHOLE = BatchLimits(max_num_seqs=8, max_adapters=1, max_num_batched_tokens=64, chunked_prefill=False)
+
+
+def q(rid: str, adapter: str | None, arrival: int, num_new: int) -> QueuedRequest:
+    return QueuedRequest(rid, adapter, arrival, running=False, num_new=num_new)
+
+
+def ids(batch: list[QueuedRequest]) -> list[str]:
+    return [r.request_id for r in batch]
+
+
+def test_a_slot_held_only_by_a_prompt_the_budget_passes_over_goes_to_the_next_adapter_after_it() -> None:
+    # base 50 tokens first; lora-1's 20 do not fit the 14 left; lora-2's 5 do, and its slot is free
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 5), q("z", "lora-3", 3, 5)]
+    assert ids(fcfs_refilled(queue, WHOLE)) == ["big", "x", "y"]  # x kept first: the scheduler decides
+    assert UnmergedOnly(WHOLE).decide(queue, None).request_ids == ["big", "x", "y"]
+
+
+def test_nothing_is_added_where_every_slot_holder_is_fed() -> None:
+    queue = [q("x", "lora-1", 0, 20), q("y", "lora-2", 1, 5), q("b", None, 2, 5)]
+    assert ids(fcfs_refilled(queue, WHOLE)) == ["x", "b"]
+    roomy = BatchLimits(max_num_seqs=8, max_adapters=1)  # no budget: the scheduler feeds all of F
+    assert ids(fcfs_refilled(queue, roomy)) == ["x", "b"]
