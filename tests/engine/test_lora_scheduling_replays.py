@@ -63,9 +63,16 @@ def _steps(
     return seen, got
 
 
+_ROOMY: dict[tuple, dict[str, list[int]]] = {}
+
+
 def _roomy(tiny: TinyOutput, requests: Requests) -> dict[str, list[int]]:
-    """The tokens of ``requests`` on an engine with a slot for every adapter."""
-    return run_all(make_engine(tiny, max_loras=8), requests, MAX_TOKENS)
+    """The tokens of ``requests`` on an engine with a slot for every adapter (each set run once:
+    the tests of both policies share it)."""
+    key = (tiny.model, *((rid, a, tuple(ids)) for rid, (a, ids) in sorted(requests.items())))
+    if key not in _ROOMY:
+        _ROOMY[key] = run_all(make_engine(tiny, max_loras=8), requests, MAX_TOKENS)
+    return _ROOMY[key]
 
 
 @pytest.mark.parametrize("policy", POLICIES)
