@@ -43,11 +43,14 @@ def _observed(engine: LLMEngine) -> list[StepRecord]:
 
 
 def _steps(
-    engine: LLMEngine, arrive: Callable[[int], None] | None = None, limit: int = 200
+    engine: LLMEngine,
+    arrive: Callable[[int], None] | None = None,
+    decide: Callable[[], StepDecision] | None = None,
+    limit: int = 200,
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """Step until every request ends (``arrive(step)`` first, each step, to add requests): per
-    request the step numbers its tokens came in, and its tokens; reaching ``limit`` steps is a
-    stall."""
+    """Step until every request ends (``arrive(step)`` first, each step, to add requests; each
+    step ``decide()``'s decision, or the policy's): per request the step numbers its tokens came
+    in, and its tokens; reaching ``limit`` steps is a stall, a request that fails a failure."""
     seen: dict[str, list[int]] = {}
     got: dict[str, list[int]] = {}
     for i in range(limit):
@@ -55,7 +58,7 @@ def _steps(
             arrive(i)
         if not engine.has_unfinished():
             break
-        for o in engine.step():
+        for o in engine.step(decide() if decide is not None else None):
             assert o.finish_reason is not FinishReason.ERROR, (o.request_id, o)
             seen.setdefault(o.request_id, []).extend([i] * len(o.new_token_ids))
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
@@ -64,6 +67,11 @@ def _steps(
 
 
 _ROOMY: dict[tuple, dict[str, list[int]]] = {}
+
+
+def _add(engine: LLMEngine, requests: Requests, max_tokens: int = MAX_TOKENS) -> None:
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
 
 
 def _roomy(tiny: TinyOutput, requests: Requests) -> dict[str, list[int]]:
@@ -87,16 +95,8 @@ def test_more_adapters_in_flight_than_slots_each_step_within_them_under_chunked_
     requests = {f"r{i}": (f"lora-{i % 4}", _prompt(i, 12)) for i in range(8)}
     engine = make_engine(tiny_llama, policy=policy, max_loras=2, max_num_batched_tokens=16)
     records = _observed(engine)
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
-    got: dict[str, list[int]] = {rid: [] for rid in requests}
-    for _ in range(200):
-        if not engine.has_unfinished():
-            break
-        for o in engine.step():
-            assert o.finish_reason is not FinishReason.ERROR, o
-            got[o.request_id] += o.new_token_ids
-    assert not engine.has_unfinished()
+    _add(engine, requests)
+    _, got = _steps(engine)
     assert got == _roomy(tiny_llama, requests)
     assert len(records) >= 8  # (a step each, at least)
     for r in records:
@@ -196,16 +196,11 @@ def test_the_adapter_merged_is_not_evicted_from_its_slot_by_a_mixed_step_s_other
     requests: Requests = {"a": ("lora-0", _prompt(0)), "b": ("lora-1", _prompt(1)), "c": ("lora-2", _prompt(2))}
     engine = make_engine(tiny_llama, max_loras=2)
     records = _observed(engine)
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=MAX_TOKENS), adapter=adapter)
-    got: dict[str, list[int]] = {rid: [] for rid in requests}
-    for _ in range(100):
-        if not engine.has_unfinished():
-            break
-        ids = sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival)
-        for o in engine.step(StepDecision("lora-0", ids, mixed=True)):
-            got[o.request_id] += o.new_token_ids
-    assert not engine.has_unfinished()
+    _add(engine, requests)
+    _, got = _steps(
+        engine,
+        decide=lambda: StepDecision("lora-0", sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=True),
+    )
     assert got == _roomy(tiny_llama, requests)
     assert all(len(set(r.adapters) - {"lora-0"}) <= 1 for r in records), [r.adapters for r in records]
 
@@ -245,8 +240,7 @@ def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_l
     }
     kw = {"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 64}
     engine = make_engine(tiny_llama, max_loras=1, **kw)
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=3), adapter=adapter)
+    _add(engine, requests, max_tokens=3)
     first = engine.step()
     assert {o.request_id for o in first} == {"big", "y"}
     seen, got = _steps(engine)
