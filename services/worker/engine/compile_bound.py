@@ -36,6 +36,8 @@ from queue import SimpleQueue
 from typing import IO, Any
 
 _HEADER = struct.Struct("<Q")
+# The signals a stop sends every process of a unit or a terminal's group: the child ignores them.
+_STOPS = {signal.SIGINT, signal.SIGTERM}
 # A child is found starved, not slow, past this many times the bound in wall time (a host so loaded
 # that the child has a fifth of a core): refused all the same, saying so.
 _WALL_PER_CPU = 5.0
@@ -104,6 +106,12 @@ class _Child:
         self.tokenizers: set[str] = set()  # keys of the TokenizerSpecs it has built
         # Its stderr, read once it died (how: an allocation refused); a file, never a pipe it could fill
         self.stderr = tempfile.TemporaryFile()
+        # A stop's signal (systemd's SIGTERM to the unit, a terminal's Ctrl-C to its group) that came
+        # while the child started, before ``_serve`` ignores it, killed it, or (SIGINT during
+        # Python's site import) ended it with code 1, read as llguidance crashing on the grammar:
+        # held back from its start (a blocked signal stays so across fork and exec, and this
+        # thread's mask is its own) until it is ignored there, then dropped.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-P", __file__],
@@ -115,6 +123,8 @@ class _Child:
         except BaseException:
             self.stderr.close()
             raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def _send(self, op: bytes, what: dict[str, Any], within_s: float | None = None) -> bool:
         """``what`` sent; False if it was not taken within ``within_s`` seconds (None: no bound)."""
@@ -184,8 +194,7 @@ class _Child:
     def death(self) -> str:
         """Why the child, found gone (its pipe ended), died: ``MEMORY`` (an allocation refused at its
         cap), ``KILLED`` (SIGKILL from outside: not ours, it was not yet killed; or a stop's SIGTERM
-        or SIGINT that came before the child began to ignore them, while Python started) or
-        ``CRASHED``."""
+        or SIGINT, were it not held back while the child starts) or ``CRASHED``."""
         try:
             code = self.proc.wait(5)  # (its pipe closes as it exits: at most a moment before)
         except subprocess.TimeoutExpired:
@@ -316,8 +325,9 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
     # a terminal's Ctrl-C every one of its group, and the child's death at it read as llguidance
     # crashing on the grammar it checked (refused for good, in a drain's requests). It ends with
     # its parent's pipe; SIGKILL (TimeoutStopSec's too) still ends it.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _STOPS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # (held back since its start: see _Child)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tokenizers: dict[str, LLTokenizer] = {}
     data_soft, data_hard = resource.getrlimit(resource.RLIMIT_DATA)  # (the host's own, as inherited)
