@@ -98,15 +98,11 @@ class Standing:
         load, demand = dict(self.load), dict(self.demand)
         for m in sorted(moves, key=lambda m: m.request_id):
             r = self.by_id[m.request_id]
-            # (each field read once: after CBC returns the planner walks a plan's moves several times)
-            home, there, adapter = r.worker, m.to_worker, r.adapter
-            tokens, context = r.remaining_tokens, r.context_tokens
-            load[home] -= tokens * self.workers[home].cost(adapter)
-            load[there] += tokens * self.workers[there].cost(adapter)
-            if charged and there != home:
-                load[there] += move_cost(self.snapshot, r)
-            demand[home] -= blocks_of(context, self.workers[home].block_size)
-            demand[there] += blocks_of(context, self.workers[there].block_size)
+            home, there = self.workers[r.worker], self.workers[m.to_worker]
+            load[r.worker] -= self.arrival(r, home)
+            load[m.to_worker] += self.arrival(r, there, charged)
+            demand[r.worker] -= blocks_of(r.context_tokens, home.block_size)
+            demand[m.to_worker] += blocks_of(r.context_tokens, there.block_size)
         return load, demand
 
     def arrival(self, r: RequestState, there: WorkerState, charged: bool = False) -> float:

@@ -95,24 +95,24 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     value = standing.worth(kept, settings.kv_pressure)
     solved = solve(snapshot, settings, greedy, clock, standing)
     fallback: IlpFallback | None = None
-    moves, method = kept, PlanMethod.GREEDY
-    other: tuple[list[MoveRequest], PlanMethod] | None = None
+    moves, method, worth = kept, PlanMethod.GREEDY, value
+    other: tuple[list[MoveRequest], PlanMethod, float] | None = None
     if isinstance(solved, IlpFallback):
         fallback = solved
     else:
         # Named from counts of each group at its mean, the ILP's moves can do worse than its start.
         named = fitting(snapshot, solved[0], standing)
-        if standing.worth(named, settings.kv_pressure) >= value:
-            (moves, method), other = (named, solved[1]), (kept, PlanMethod.GREEDY)
+        if (named_worth := standing.worth(named, settings.kv_pressure)) >= value:
+            (moves, method, worth), other = (named, solved[1], named_worth), (kept, PlanMethod.GREEDY, value)
         else:
-            other = (named, solved[1])
-    no_gain = _too_little(standing, moves, settings)
+            other = (named, solved[1], named_worth)
+    no_gain = _too_little(standing, moves, worth, settings)
     # Chosen by worth (the gain less the moves' cost), a plan can still bring less than min_gain_s
     # where the other, costing more, brings enough: then the other goes. (Where worth summed the
     # reads as costs and the gain check waited for them, an empty ILP plan, worth 0 against a
     # greedy plan's read, sent nothing the greedy plan alone would have sent: a review.)
-    if (no_gain or not moves) and other and other[0] and not _too_little(standing, other[0], settings):
-        (moves, method), no_gain = other, False
+    if (no_gain or not moves) and other and other[0] and not _too_little(standing, other[0], other[2], settings):
+        (moves, method, _), no_gain = other, False
     after = standing.makespan(moves)  # (each move's cost charged where its request ends: reported, not judged)
     if clock.trips is not None:  # (what the next plans keep back for CBC)
         clock.trips.done(time.perf_counter(), clock.pace())
@@ -128,18 +128,14 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     )
 
 
-def _too_little(standing: Standing, moves: list[MoveRequest], settings: PlannerSettings) -> bool:
-    """Whether ``moves`` bring too little for what they cost."""
-    load, demand = standing.after(moves)
-    # A read is waited for where it is made: the requests moved there for it start after it (their
-    # longest completion, left out, passed a plan on 0.7 s saved that its read made 0.3 s).
-    after, relief = max(standing.waited(moves, load).values()), standing.relief(demand, settings.kv_pressure)
-    # The longest completion (and the preemptions KV pressure will cause) must shrink by more than
-    # the moves cost in total: each move's recompute is real work taken from the destination
-    # (counted here once: ``after`` leaves it out of the destination's completion, as ``worth``);
-    # a read is not, it runs beside the destination's steps, its cost the wait counted above (the
-    # gain less the cost is ``worth``, which chose the plan). Summed as work, a greedy plan that
-    # brought the longest completion from 25.9 s to 21.25 s, its four reads of 3 s waited for,
-    # was worth -4 s and would have been dropped (7 of 300 seeded clusters).
-    gain = standing.longest - after + relief
-    return bool(moves) and gain < max(settings.min_gain_s, standing.cost(moves))
+def _too_little(standing: Standing, moves: list[MoveRequest], worth: float, settings: PlannerSettings) -> bool:
+    """Whether ``moves``, worth ``worth`` (``Standing.worth``, already measured: the walks are the
+    time-bounded part after CBC returns), bring too little for what they cost: their gain (the
+    longest completion's drop, the adapter reads they make waited for where they are made, and
+    the KV pressure's recompute spared: ``worth`` plus their cost) must pass both ``min_gain_s``
+    and their recomputes or KV shipped in all, each counted once. A read is no such cost: it runs
+    beside the destination's steps, its cost the wait counted in the gain (summed as work, a
+    greedy plan that brought the longest completion from 25.9 s to 21.25 s, its four reads of 3 s
+    waited for, was worth -4 s and would have been dropped: 7 of 300 seeded clusters)."""
+    cost = standing.cost(moves)
+    return bool(moves) and worth + cost < max(settings.min_gain_s, cost)
