@@ -44,12 +44,17 @@ def kv_bytes_enough(tiny: TinyOutput, overrides: dict[str, Any] | None = None) -
     return min(EngineConfig().kv_cache_bytes, 2 * seqs * context * per_token)
 
 
+def add_all(engine: LLMEngine, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int) -> None:
+    """Submit every request (id -> (adapter, prompt ids)), in order, each of ``max_tokens``."""
+    for rid, (adapter, ids) in requests.items():
+        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+
+
 def run_all(
     engine: LLMEngine, requests: dict[str, tuple[str | None, list[int]]], max_tokens: int
 ) -> dict[str, list[int]]:
     """Submit every request at once and step until all finish; tokens per request id."""
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    add_all(engine, requests, max_tokens)
     out: dict[str, list[int]] = {rid: [] for rid in requests}
     while engine.has_unfinished():
         for o in engine.step():
@@ -66,8 +71,7 @@ def run_plan(
     """Submit every request, then step with the decisions of ``plan`` in turn, (merged adapter,
     mixed) each over every request by arrival, until all finish: tokens per request id, and the
     modes the steps ran in."""
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
+    add_all(engine, requests, max_tokens)
     got: dict[str, list[int]] = {rid: [] for rid in requests}
     modes = set()
     for i in range(200):

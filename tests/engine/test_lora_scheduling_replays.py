@@ -7,6 +7,8 @@ are in steps and counts."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -16,7 +18,7 @@ from dlora.common.messages import FinishReason, SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.policy import StepDecision, StepRecord
-from tests.engine.helpers import make_engine, run_all
+from tests.engine.helpers import add_all, make_engine, run_all
 
 POLICIES = ["unmerged-only", "dlora"]
 MAX_TOKENS = 6
@@ -69,17 +71,12 @@ def _steps(
 _ROOMY: dict[tuple, dict[str, list[int]]] = {}
 
 
-def _add(engine: LLMEngine, requests: Requests, max_tokens: int = MAX_TOKENS) -> None:
-    for rid, (adapter, ids) in requests.items():
-        engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens), adapter=adapter)
-
-
-def _roomy(tiny: TinyOutput, requests: Requests) -> dict[str, list[int]]:
+def _roomy(tiny: TinyOutput, requests: Requests, max_tokens: int = MAX_TOKENS) -> dict[str, list[int]]:
     """The tokens of ``requests`` on an engine with a slot for every adapter (each set run once:
     the tests of both policies share it)."""
-    key = (tiny.model, *((rid, a, tuple(ids)) for rid, (a, ids) in sorted(requests.items())))
+    key = (tiny.model, max_tokens, *((rid, a, tuple(ids)) for rid, (a, ids) in sorted(requests.items())))
     if key not in _ROOMY:
-        _ROOMY[key] = run_all(make_engine(tiny, max_loras=8), requests, MAX_TOKENS)
+        _ROOMY[key] = run_all(make_engine(tiny, max_loras=8), requests, max_tokens)
     return _ROOMY[key]
 
 
@@ -95,24 +92,12 @@ def test_more_adapters_in_flight_than_slots_each_step_within_them_under_chunked_
     requests = {f"r{i}": (f"lora-{i % 4}", _prompt(i, 12)) for i in range(8)}
     engine = make_engine(tiny_llama, policy=policy, max_loras=2, max_num_batched_tokens=16)
     records = _observed(engine)
-    _add(engine, requests)
+    add_all(engine, requests, MAX_TOKENS)
     _, got = _steps(engine)
     assert got == _roomy(tiny_llama, requests)
     assert len(records) >= 8  # (a step each, at least)
     for r in records:
         assert len({a for a in r.adapters if a not in (None, r.merged)}) + (r.mode == "mixed") <= 2, r
-
-
-class CountedClock:
-    """The engine's clock (``LLMEngine.clock``): each look advances ``tick`` seconds, so the
-    dlora policy's credits, which are seconds of steps, are counts of looks here."""
-
-    def __init__(self, tick: float) -> None:
-        self.tick, self.now = tick, 0.0
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
 
 
 def _starts_in_time(engine: LLMEngine, records: list[StepRecord], due: int, started: int) -> None:
@@ -140,7 +125,7 @@ def test_a_rare_adapter_runs_within_its_bound_while_the_busy_one_keeps_coming(
     (its correction then holds the only slot), but from that step lora-1's request waits at most
     ``wait_bound_s(t_max)`` seconds of steps (credits; the clock counted, ``TICK`` a look)."""
     engine = make_engine(tiny_llama, policy=policy, max_loras=1)
-    engine.clock = CountedClock(TICK)
+    engine.clock = functools.partial(next, itertools.count(TICK, TICK))  # a look, TICK seconds on
     records = _observed(engine)
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     engine.add_request("a0", prompt_token_ids=_prompt(0), params=params, adapter="lora-0")
@@ -196,7 +181,7 @@ def test_the_adapter_merged_is_not_evicted_from_its_slot_by_a_mixed_step_s_other
     requests: Requests = {"a": ("lora-0", _prompt(0)), "b": ("lora-1", _prompt(1)), "c": ("lora-2", _prompt(2))}
     engine = make_engine(tiny_llama, max_loras=2)
     records = _observed(engine)
-    _add(engine, requests)
+    add_all(engine, requests, MAX_TOKENS)
     _, got = _steps(
         engine,
         decide=lambda: StepDecision("lora-0", sorted(engine.seqs, key=lambda r: engine.seqs[r].arrival), mixed=True),
@@ -215,7 +200,7 @@ def test_a_higher_priority_request_of_another_adapter_takes_the_only_slot_withou
     it in the next step; dlora may keep lora-0 merged a while, within its wait bound (priority is
     its FCFS key). lora-0's pauses with its KV kept (no preemption) and ends with the roomy tokens."""
     engine = make_engine(tiny_llama, policy=policy, max_loras=1)
-    engine.clock = CountedClock(TICK)
+    engine.clock = functools.partial(next, itertools.count(TICK, TICK))  # a look, TICK seconds on
     records = _observed(engine)
     params = SamplingParams(max_tokens=MAX_TOKENS)
     engine.add_request("low", prompt_token_ids=_prompt(0), params=params, adapter="lora-0")
@@ -240,9 +225,9 @@ def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_l
     }
     kw = {"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 64}
     engine = make_engine(tiny_llama, max_loras=1, **kw)
-    _add(engine, requests, max_tokens=3)
+    add_all(engine, requests, 3)
     first = engine.step()
     assert {o.request_id for o in first} == {"big", "y"}
-    seen, got = _steps(engine)
+    _, got = _steps(engine)
     tokens = {o.request_id: o.new_token_ids + got.get(o.request_id, []) for o in first} | {"x": got["x"]}
-    assert tokens == run_all(make_engine(tiny_llama, max_loras=8), requests, 3)
+    assert tokens == _roomy(tiny_llama, requests, 3)

@@ -309,11 +309,7 @@ def within_budget(
 
 
 def fcfs_refilled(
-    queue: list[QueuedRequest],
-    limits: BatchLimits,
-    merged: str | None = None,
-    merged_now: str | None = None,
-    kv: KvRoom | None = None,
+    queue: list[QueuedRequest], limits: BatchLimits, merged_now: str | None = None, kv: KvRoom | None = None
 ) -> list[QueuedRequest]:
     """``fcfs_batch``, then the requests it left out for a device slot that an adapter held only
     by requests the step cannot feed (``within_budget``: the scheduler passes them over) would
@@ -323,13 +319,13 @@ def fcfs_refilled(
     behind it waited a step with the slot empty (tokenspeed #268's review: count only scheduled
     adapters against max_loras). Those after are in the decision only: the scheduler's slot count
     decides, so where it admits the one passed over after all, they wait as before."""
-    batch = fcfs_batch(queue, limits, merged)
-    fed = {r.request_id for r in within_budget(batch, limits, merged, merged_now, kv)}
+    batch = fcfs_batch(queue, limits)
+    fed = {r.request_id for r in within_budget(batch, limits, None, merged_now, kv)}
     passed = {r.request_id for r in batch if r.request_id not in fed}
     if not passed:
         return batch
     chosen = {r.request_id for r in batch}
-    rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
+    rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits)
     return batch + [r for r in rest if r.request_id not in chosen]
 
 

@@ -13,7 +13,7 @@ class UnmergedOnly(Policy):
     slot the step cannot use goes to the next adapter in line)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
-        batch = fcfs_refilled(queue, self.limits, None, merged_now, kv)
+        batch = fcfs_refilled(queue, self.limits, merged_now, kv)
         return StepDecision(merged=None, request_ids=[r.request_id for r in batch])
 
 
