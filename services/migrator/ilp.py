@@ -40,6 +40,7 @@ than that work (about to finish) stays, unless its worker is past its KV pressur
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -271,10 +272,14 @@ def solve(
             options=["cuts off"],
         )
     began = time.perf_counter()
-    try:
-        prob.solve(solver)
-    except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
-        return IlpFallback.FAILED
+    # PuLP deletes its model and start files only when CBC answers: where it raises, they stayed
+    # in /tmp, two a failed solve, for a migrator's whole life. A directory of our own goes either way.
+    with tempfile.TemporaryDirectory(prefix="dlora-cbc-") as files:
+        solver.tmpDir = files
+        try:
+            prob.solve(solver)
+        except pulp.PulpSolverError:  # CBC killed (out of memory), or its files unwritable: as no solution
+            return IlpFallback.FAILED
     solved = prob.sol_status in (pulp.LpSolutionIntegerFeasible, pulp.LpSolutionOptimal)
     if clock.trips is not None and solver.timeLimit is not None:  # (observed once the plan returns)
         clock.trips.solving = (began, solver.timeLimit, prob.sol_status != pulp.LpSolutionOptimal, solved)

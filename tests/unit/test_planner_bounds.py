@@ -4,7 +4,9 @@ interchangeable requests by their mean, so the requests it then names must add u
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,16 +165,21 @@ def test_the_ilp_plan_is_taken_only_where_it_does_better_than_the_greedy_one() -
     assert [m.request_id for m in p.moves] == ["long"] and p.method == "ilp"
 
 
-def test_a_solver_that_fails_leaves_the_greedy_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_solver_that_fails_leaves_the_greedy_plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """CBC runs as a subprocess: killed (out of memory) or unable to write its files, PuLP raised,
     and the migrator's look planned nothing where the greedy plan was ready (the module's docstring:
-    where the solver ends without a solution, the greedy plan is taken)."""
+    where the solver ends without a solution, the greedy plan is taken). Nor are the model's files
+    left behind: PuLP deletes them only after a solution is read, and a failing CBC left two in
+    the temporary directory a plan."""
     monkeypatch.setattr(ilp, "cbc_path", lambda: "/bin/false")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     snap = ClusterSnapshot(
         workers=[worker("x", ["a"]), worker("y", ["a"])], requests=reqs("x", "a", 10), file_bytes={"a": 16}
     )
     p = plan(snap)
     assert (p.method, p.ilp_fallback) == ("greedy", "ilp-failed") and p.moves
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("settings", [PlannerSettings(), PlannerSettings(max_ilp_variables=1)], ids=["ilp", "greedy"])
