@@ -14,6 +14,7 @@ from dlora.common import integers
 from dlora.common.undecodable import field_of
 from dlora.services.gateway.call_ids import CALL_ID_PREFIX, tool_call_id
 from dlora.services.gateway.reasoning import REASONING_END, ReasoningParser, split
+from dlora.services.gateway.structured_outputs import StructuredOutputs
 from dlora.services.gateway.tool_base import Call, joined
 from dlora.services.gateway.tool_calls import CallStream
 from dlora.services.gateway.tool_parsers import ToolParser
@@ -78,26 +79,6 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 # refused by name ("unknown field"), as the OpenAI API refuses it. Ranges are checked in
 # ``sampling.sampling_params`` (the spec's minimum and maximum). Fields of the spec that dlora
 # cannot honour are declared ``Any`` so a value other than null or the default gets a 400 naming them.
-
-
-class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """vLLM's ``structured_outputs`` (its StructuredOutputsParams): one of a JSON Schema, a regular
-    expression, a choice of strings, a grammar (Lark or GBNF), or any JSON object."""
-
-    json: str | dict[str, Any] | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    # Options of vLLM's backends: the layout is always compact, nothing falls back, and an object
-    # whose properties are named takes no others unless its schema says (as vLLM's default
-    # backend, xgrammar, reads it whatever disable_additional_properties says), so these change
-    # nothing here; the others change the output and are refused when set.
-    disable_fallback: bool | None = None
-    disable_any_whitespace: bool | None = None
-    disable_additional_properties: bool | None = None
-    whitespace_pattern: Any = None
-    structural_tag: Any = None
 
 
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

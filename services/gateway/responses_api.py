@@ -23,10 +23,10 @@ from dlora.services.gateway.openai import (
     ChatBody,
     ChatMessage,
     StreamOptions,
-    StructuredOutputs,
     Tool,
     decode_body,
 )
+from dlora.services.gateway.structured_outputs import StructuredOutputs
 
 
 class ResponsesStreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
