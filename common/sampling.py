@@ -252,6 +252,21 @@ BODY_RANGES: dict[str, Range] = {
     # vLLM's: at least 1, or -1; at most the context (``shaping``, which knows it)
     "truncate_prompt_tokens": Range(1, also=-1, says="-1 or at least 1"),
 }
+
+
+def best_of_problem(n: int | None, best_of: int | None) -> str | None:
+    """Why a completion's ``best_of`` does not go with its ``n`` (None, either: the default, 1 for
+    n), or None: the one rule across the two fields, read by the gateway's 400 and by ``dlora
+    loadgen``'s --extra-body (each field inside ``BODY_RANGES`` already). Below ``n`` (0 too,
+    inside OpenAI's range) in vLLM's words (``SamplingParams._verify_args`` before V1); above it,
+    refused: dlora samples no candidates to rank (vLLM's V1 engine serves no best_of either)."""
+    if best_of is None or best_of == (wanted := n or 1):
+        return None
+    if best_of < wanted:
+        return f"best_of must be greater than or equal to n, got n={wanted} and best_of={best_of}."
+    return f"best_of other than n is not supported (only its default), got n={wanted} and best_of={best_of}."
+
+
 # The completions endpoint's own: its logprobs is a count in [0, 5] (a chat's is a flag), and its
 # max_tokens may be 0 (its echo alone).
 COMPLETION_RANGES: dict[str, Range] = {"logprobs": Range(0, 5), "max_tokens": Range(0)}

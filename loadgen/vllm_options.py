@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from dlora.common.integers import NotWhole, whole
-from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range
+from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range, best_of_problem
 from dlora.loadgen.options import WHOLE, _at_least
 
 # vLLM's --goodput keys and the --slo-* option each sets
@@ -114,6 +114,9 @@ def extra_body(text: str) -> dict:
         if (given := value.get(name)) is not None and (why := _problem(name, given, bounds)) is not None:
             # every request of the run would be refused (a 400 each), found only after it was sent
             raise argparse.ArgumentTypeError(why)
+    counts = {name: whole(name, value[name]) for name in ("n", "best_of") if value.get(name) is not None}
+    if (why := best_of_problem(counts.get("n"), counts.get("best_of"))) is not None:  # (each inside its range now)
+        raise argparse.ArgumentTypeError(why)
     return value
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dlora.common.messages import MAX_CACHE_SALT, SamplingParams
-from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, Range
+from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, Range, best_of_problem
 from dlora.common.sampling import RANGES as SAMPLING_RANGES
 from dlora.services.gateway.openai import APIError, Body, ChatBody, CompletionBody, ToolFunction
 from dlora.services.gateway.tool_calls import ConflictingDefs, arguments_schema, calls_schema
@@ -60,7 +60,6 @@ def _unsupported(body: Body, spaced: bool = True) -> list[tuple[str, bool]]:
     ]
     if isinstance(body, CompletionBody):
         out += [
-            ("best_of other than n", body.best_of not in (None, body.n or 1)),
             ("suffix", body.suffix is not None),
         ]
     else:
@@ -345,13 +344,11 @@ def sampling_params(
     workers' decode spaces added tokens apart (``detokenizer.spaces_added_tokens``).
 
     Raises:
-        APIError(400): a value outside the spec's range, a completion's best_of below n (vLLM's
-            rule), or a field dlora cannot honour, named.
+        APIError(400): a value outside the spec's range, a completion's best_of other than n
+            (``best_of_problem``), or a field dlora cannot honour, named.
     """
     _check_ranges(body)
-    n = body.n or 1
-    if isinstance(body, CompletionBody) and body.best_of is not None and body.best_of < n:  # 0 too: OpenAI's range
-        why = f"best_of must be greater than or equal to n, got n={n} and best_of={body.best_of}."  # vLLM's words
+    if isinstance(body, CompletionBody) and (why := best_of_problem(body.n, body.best_of)) is not None:
         raise APIError(400, why, param="best_of")
     if body.cache_salt is not None and not 0 < len(body.cache_salt) <= MAX_CACHE_SALT:  # vLLM refuses ""
         why = f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"

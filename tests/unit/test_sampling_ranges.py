@@ -17,7 +17,7 @@ from dlora.common.sampling import RANGES
 from dlora.loadgen.vllm_options import logprobs_problem
 from dlora.services.cli import build_parser
 from dlora.services.gateway import sampling
-from dlora.services.gateway.openai import APIError, CompletionBody
+from dlora.services.gateway.openai import APIError, CompletionBody, decode_body
 
 # A value just outside each of the table's fields' ranges (low - 1, or high + 0.5)
 OUTSIDE = {
@@ -82,6 +82,21 @@ def test_an_extra_bodys_sampling_value_that_is_no_number_is_refused_before_the_r
 ) -> None:
     """``--extra-body '{"temperature": 5}'`` was taken, and every request of the run answered 400."""
     assert _cli_error(["--extra-body", json.dumps(extra)], capsys).endswith(said)
+
+
+@pytest.mark.parametrize("extra", [{"best_of": 2}, {"n": 3, "best_of": 2}, {"n": 2, "best_of": 0}, {"n": 2.0, "best_of": 4}])
+def test_an_extra_bodys_best_of_other_than_n_is_refused_as_the_gateway_refuses_it(
+    extra: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each field inside its range, the two apart (a rule across both) passed ``--extra-body``, and
+    every request of the run was a 400: refused before the run, in the gateway's sentence."""
+    body = decode_body(json.dumps({"model": "m", "prompt": "x", **extra}).encode(), CompletionBody)
+    with pytest.raises(APIError) as gateway:
+        sampling.sampling_params(body, 7)
+    assert gateway.value.param == "best_of"
+    assert _cli_error(["--extra-body", json.dumps(extra)], capsys).endswith(f"--extra-body: {gateway.value.message}")
+    taken = {"n": extra.get("n", 1), "best_of": extra.get("n", 1)}  # (best_of equal to n: both take it)
+    assert build_parser().parse_args(["loadgen", "--extra-body", json.dumps(taken)]).extra_body == taken
 
 
 def test_a_chats_and_a_completions_own_ranges_stay_theirs() -> None:
