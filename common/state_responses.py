@@ -49,17 +49,36 @@ hold(1, ARGV[1], ARGV[2])
 return 1
 """
 
+# A response (``id``) taken out of the holder sets of items it held (KEYS[first..]): the items it
+# shared with others (a fork's, a later turn's) stay found through them, each set expiring with the
+# last of them, and removed with no holder left.
+_UNHOLD_LUA = """
+local function unhold(first, id)
+  for i = first, #KEYS do
+    redis.call('ZREM', KEYS[i], id)
+    local last = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if #last == 0 then redis.call('DEL', KEYS[i]) else redis.call('PEXPIREAT', KEYS[i], last[2]) end
+  end
+end
+"""
+
 # A response deleted (KEYS[1], and its stream's events, KEYS[2]) taken out of the holder sets of its
-# items (KEYS[3..]; ARGV[1], its id): the items it shared with others (a fork's, a later turn's)
-# stay found through them, each set expiring with the last of them, and removed with no holder left.
-_DELETE_LUA = """
+# items (KEYS[3..]; ARGV[1], its id).
+_DELETE_LUA = f"""
+{_UNHOLD_LUA}
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[2])
-for i = 3, #KEYS do
-  redis.call('ZREM', KEYS[i], ARGV[1])
-  local last = redis.call('ZREVRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if #last == 0 then redis.call('DEL', KEYS[i]) else redis.call('PEXPIREAT', KEYS[i], last[2]) end
-end
+unhold(3, ARGV[1])
+return 1
+"""
+
+# ``put_response``'s replaced record's items that the new one does not hold (KEYS: their holder
+# sets; ARGV[1], the id both go by): the id left there named the new record, which an item's
+# lookup found first (it expires last) and read the item in vain, a 404 while an older response
+# held it.
+_PUT_UNHELD_LUA = f"""
+{_UNHOLD_LUA}
+unhold(1, ARGV[1])
 return 1
 """
 
@@ -181,7 +200,8 @@ return ARGV[2]
 """
 
 
-# The most times DELETE reads a record that changes under it (``delete_response``): a bound by count
+# The most times DELETE, or a record written over another, reads a record that changes under it
+# (``delete_response``, ``put_response``): a bound by count
 DELETE_TRIES = 5
 
 # A name ``response_fields`` answers, beside a record's fields, with whether the response was made
@@ -207,6 +227,7 @@ class ResponseKeys:
         stream: str | None = None,
         events: Sequence[bytes] = (),
         leased: bool = False,
+        held: Callable[[bytes | None, bytes | None], Sequence[str]] | None = None,
     ) -> bool:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
@@ -220,27 +241,45 @@ class ResponseKeys:
         response's, written with its first record; ``append_events`` checks it); written whole
         otherwise (not ``expect``), the record has none: it is not streamed, or by another run.
         ``events``: with ``expect``, its stream's last ones, appended in the same step.
-        ``leased``: written whole, its run holds a lease (``end_unleased`` judges it by that)."""
+        ``leased``: written whole, its run holds a lease (``end_unleased`` judges it by that).
+        ``held``: the item ids a record's ``input`` and ``response`` hold (``delete_response``'s):
+        written whole over one, the replaced record's items the new one leaves out no longer name
+        its id, read and written in one optimistic transaction, as ``delete_response`` is."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         holders = [self._holders(tenant, i) for i in item_ids]
         if expect is not None:
             keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]
             args: list[bytes | str | int] = [expect, response, items, ms, response_id, *events]
             return bool(await self.r.register_script(_PUT_IF_LUA)(keys=keys, args=args))
-        pipe = self.r.pipeline(transaction=True)
-        # Replaced whole: a field of the replaced one's kept (its run's token) was taken as this one's
-        pipe.delete(key)
-        pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
-        if stream is not None:
-            pipe.hset(key, "stream", stream)
-        if leased:
-            pipe.hset(key, "leased", 1)
-        pipe.pexpire(key, ms)
-        # A stored stream's events are the replaced response's (its id sent again): not the new one's
-        pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
-        if holders:
-            await self.r.register_script(_PUT_HOLDERS_LUA)(keys=holders, args=[response_id, ms], client=pipe)
-        await pipe.execute()
+        tries = 0
+
+        async def put(pipe: Pipeline) -> None:
+            nonlocal tries
+            unheld: list[str] = []
+            if held is not None:
+                replaced = cast(list[bytes | None], await pipe.hmget(key, ["input", "response"]))
+                tries += 1
+                if tries == DELETE_TRIES:  # (written again on every read: written over the last, as DELETE)
+                    await pipe.unwatch()  # type: ignore[no-untyped-call]  # (as multi: untyped in redis-py)
+                kept = set(item_ids)
+                unheld = [self._holders(tenant, i) for i in held(*replaced) if i not in kept]
+            pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py's stub leaves it untyped)
+            # Replaced whole: a field of the replaced one's kept (its run's token) was taken as this one's
+            pipe.delete(key)
+            pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
+            if stream is not None:
+                pipe.hset(key, "stream", stream)
+            if leased:
+                pipe.hset(key, "leased", 1)
+            pipe.pexpire(key, ms)
+            # A stored stream's events are the replaced response's (its id sent again): not the new one's
+            pipe.delete(f"{self.p}:response-events:{tenant}:{response_id}")
+            if unheld:
+                await self.r.register_script(_PUT_UNHELD_LUA)(keys=unheld, args=[response_id], client=pipe)
+            if holders:
+                await self.r.register_script(_PUT_HOLDERS_LUA)(keys=holders, args=[response_id, ms], client=pipe)
+
+        await self.r.transaction(put, *([key] if held is not None else []))
         return True
 
     def _holders(self, tenant: str, item_id: str) -> str:

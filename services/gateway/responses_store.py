@@ -188,6 +188,7 @@ class Keeping:
                     stream=self.stream,
                     events=events,
                     leased=self.leased,
+                    held=_held,
                 )
             self.written = encoded if put else None
         except bus.STATE_OUTAGE as e:
@@ -358,10 +359,21 @@ def _referenced_ids(given: str | list[Any]) -> list[str]:
 
 
 def _held(items: bytes | None, response: bytes | None) -> list[str]:
-    """The ids of the items a stored record holds (its ``input`` and its ``response``'s output)."""
-    if items is None or response is None:
-        return []
-    return _ids([*msgspec.json.decode(items), *msgspec.json.decode(response)["output"]])
+    """The ids of the items a stored record holds (its ``input`` and its ``response``'s output).
+    A field that is no such JSON (a record cut short, or written by hand) holds none: its DELETE
+    (or a retry written over it) goes on, where it was a 500 that left the record there for good;
+    the sets it was in pass over it once it is gone (``StateStore.responses_of_items``)."""
+    conversation, record = _decoded(items), _decoded(response)
+    output = record.get("output") if isinstance(record, dict) else None
+    return _ids([*(conversation if isinstance(conversation, list) else []), *(output if isinstance(output, list) else [])])
+
+
+def _decoded(raw: bytes | None) -> Any:
+    """``raw`` JSON decoded; None where it is none, or no JSON."""
+    try:
+        return None if raw is None else msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):  # (msgspec's bound on nesting)
+        return None
 
 
 def _ids(items: list[Any]) -> list[str]:

@@ -92,3 +92,33 @@ async def test_a_delete_of_a_record_changed_on_every_read_ends_after_a_few_reads
         other.close()
     assert reads == DELETE_TRIES
     assert await redis.keys(f"{s.p}:response*") == []
+
+
+def _record(*ids: str) -> tuple[bytes, bytes]:
+    """A record's ``response`` and ``input``, its conversation holding ``ids``."""
+    return b'{"output": []}', msgspec.json.encode([{"type": "message", "id": i} for i in ids])
+
+
+async def test_a_retry_under_the_same_id_leaves_the_sets_of_the_items_it_no_longer_holds(redis: Redis) -> None:
+    """A retry (its client's X-Request-Id again) wrote a new conversation over resp_b, and its id
+    stayed in msg_x's set: the lookup found resp_b first (it expires last) and read msg_x there in
+    vain (a 404 while resp_a held it). The replaced record's items leave it now; those both hold stay."""
+    s = StateStore(redis)
+    await s.put_response("resp_a", "t", *_record("msg_x"), 60.0, ["msg_x"], held=_held)
+    await s.put_response("resp_b", "t", *_record("msg_x", "msg_y"), 120.0, ["msg_x", "msg_y"], held=_held)
+    assert await s.responses_of_items(["msg_x", "msg_y"], "t") == ["resp_b", "resp_b"]
+    await s.put_response("resp_b", "t", *_record("msg_y", "msg_z"), 120.0, ["msg_y", "msg_z"], held=_held)
+    assert await s.responses_of_items(["msg_x", "msg_y", "msg_z"], "t") == ["resp_a", "resp_b", "resp_b"]
+    assert await redis.zrange(f"{s.p}:response-holders:t:msg_x", 0, -1) == [b"resp_a"]
+
+
+async def test_a_corrupt_record_is_deleted_and_a_retry_writes_over_it(redis: Redis) -> None:
+    """A record whose fields are no JSON (cut short, written by hand) made DELETE a 500, for good:
+    ``_held`` raised reading it. It is deleted now, and a retry written over it is stored."""
+    s = StateStore(redis)
+    await s.put_response("resp_1", "t", b"{cut", b"[{", 60.0, ["msg_in"])
+    await s.put_response("resp_2", "t", b'{"output": "x"}', b'{"id": "msg_in"}', 60.0, ["msg_in"])
+    assert await s.put_response("resp_2", "t", *_record("msg_y"), 60.0, ["msg_y"], held=_held)
+    for response_id in ("resp_1", "resp_2"):
+        assert await s.delete_response(response_id, "t", _held)
+        assert await s.response_fields(response_id, "t", "response") is None
