@@ -102,6 +102,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         for name in NULLABLE:
             if getattr(self, name) is None:
                 msgspec.structs.force_setattr(self, name, {} if name == "logit_bias" else [])
+        # Each once, in order, as vLLM's __post_init__ keeps them: an id or a word given twice
+        # stops or bans nothing more, and counted twice against MAX_STOPS it refused a request
+        # vLLM serves (a client's list joined from the model's and its own)
+        for name in ("stop_token_ids", "bad_words"):
+            if len(once := list(dict.fromkeys(getattr(self, name)))) < len(getattr(self, name)):
+                msgspec.structs.force_setattr(self, name, once)
 
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
         """(field, reason) where ``logit_bias``, ``allowed_token_ids`` or ``stop_token_ids`` names a

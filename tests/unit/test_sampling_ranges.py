@@ -84,7 +84,9 @@ def test_an_extra_bodys_sampling_value_that_is_no_number_is_refused_before_the_r
     assert _cli_error(["--extra-body", json.dumps(extra)], capsys).endswith(said)
 
 
-@pytest.mark.parametrize("extra", [{"best_of": 2}, {"n": 3, "best_of": 2}, {"n": 2, "best_of": 0}, {"n": 2.0, "best_of": 4}])
+@pytest.mark.parametrize(
+    "extra", [{"best_of": 2}, {"n": 3, "best_of": 2}, {"n": 2, "best_of": 0}, {"n": 2.0, "best_of": 4}]
+)
 def test_an_extra_bodys_best_of_other_than_n_is_refused_as_the_gateway_refuses_it(
     extra: dict[str, object], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -158,3 +160,24 @@ def test_an_extra_bodys_logprobs_is_checked_as_its_backends_api_takes_it(
 ) -> None:
     assert logprobs_problem({"logprobs": given}, chat) == said
     assert logprobs_problem({}, chat) is None
+
+
+def test_stop_token_ids_and_bad_words_count_each_once_as_vllms() -> None:
+    """vLLM's ``SamplingParams.__post_init__`` keeps each stop id and bad word once, in order: a
+    list joined from a model's and a client's own (the same EOS twice, 300 entries) was refused
+    here as over MAX_STOPS, where vLLM serves it. Over NATS (the Struct) and through the gateway alike."""
+    params = SamplingParams(stop_token_ids=[7, 2, 7] * 100, bad_words=["kalo", "remi", "kalo"])
+    assert (params.problem(), params.stop_token_ids, params.bad_words) == (None, [7, 2], ["kalo", "remi"])
+    assert msgspec.json.decode(msgspec.json.encode(params), type=SamplingParams) == params
+    body = msgspec.convert(
+        {"model": "m", "prompt": "x", "stop_token_ids": [5] * 300, "bad_words": ["a", "a"]}, CompletionBody
+    )
+    assert (sent := sampling.sampling_params(body, 7)).stop_token_ids == [5] and sent.bad_words == ["a"]
+
+
+def test_n_above_1_at_temperature_0_is_served_as_openais_api_serves_it() -> None:
+    """vLLM refuses it ("n must be 1 when using greedy sampling"); OpenAI's API answers n choices
+    (each the greedy answer), and clients written for it send n with temperature 0 (evaluation
+    harnesses): served, as OpenAI does."""
+    body = msgspec.convert({"model": "m", "prompt": "x", "n": 3, "temperature": 0}, CompletionBody)
+    assert sampling.sampling_params(body, 7).temperature == 0.0
