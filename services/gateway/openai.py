@@ -351,6 +351,7 @@ class Shape:
             if self.chat:  # refusal: the spec requires it, null (OpenAI and vLLM send it); reasoning: vLLM's, null too
                 shown = {"reasoning": reasoning if self.include_reasoning else None} if self.reasoning_parser else {}
                 content = (choice["message"]["content"] or None) if shown else choice["message"]["content"]
+                content = "" if self._no_call(choice["message"]) else content
                 choice["message"] |= {"content": content, "refusal": None} | shown
             if c.prompt_logprobs is not None and not self.chat:
                 choice["prompt_logprobs"] = c.prompt_logprobs
@@ -399,12 +400,16 @@ class Shape:
             )
             if finish_reason == "stop" and calls.closed:
                 choice["finish_reason"] = "tool_calls"
+            if finish_reason is not None and not calls.calls:  # (as a whole answer's: ``_no_call``)
+                choice["delta"]["content"] = ""
         elif self.tool is not None:  # opens with its id and name past the reasoning (vLLM's), then the arguments
             opens = (reasoner.ended if self.reasoning_parser else first) and index not in self._opened
             self._opened |= {index} if opens else set()
             call = self._call(index, text) | {"index": 0} if opens else {"index": 0, "function": {"arguments": text}}
             said = {"tool_calls": [call]} if opens or text else {}  # (content comes only once it has opened)
             choice["delta"] = ({"role": self.role, "content": None} if first else {}) | said
+            if finish_reason is not None and index not in self._opened:  # (as a whole answer's: ``_no_call``)
+                choice["delta"]["content"] = ""
         elif self.tool_parser:  # text as it comes, held back only where a call may begin; each call whole
             parser = self._parsers.setdefault(index, ToolParser(self.tool_parser, names=self.tool_names))
             content, calls = parser.feed(text)
@@ -434,6 +439,13 @@ class Shape:
         if self.chat and prompt_token_ids is not None:
             head["prompt_token_ids"] = prompt_token_ids
         return {**head, "choices": [choice]}
+
+    def _no_call(self, message: dict[str, Any]) -> bool:
+        """Whether a forced call's or a required list's choice made no call (cut short, or all
+        reasoning): its content is "" then, not null, as vLLM's (``content or ""``). An assistant
+        message with null content and no tool_calls is one OpenAI's API refuses (content is
+        required unless tool_calls is given), so a client that sends the turn back was refused."""
+        return (self.tools_required or self.tool is not None) and "tool_calls" not in message
 
     def _allowed(self, read: tuple[str, list[Call]]) -> tuple[str, list[Call]]:
         content, calls = read

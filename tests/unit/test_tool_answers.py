@@ -248,3 +248,35 @@ def test_a_named_call_whose_output_is_empty_answers_empty_arguments(finish_reaso
     assert _streamed([""], tool="add", finish_reason=finish_reason) == whole
     assert whole["calls"] == [{"id": whole["calls"][0]["id"], "name": "add", "arguments": ""}]
     assert whole["content"] is None and whole["finish_reason"] == finish_reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, text, finish_reason",
+    [
+        ({"tools_required": True}, '[{"name": "f", "parameters": {"a": ', "length"),  # cut inside its first call
+        ({"tools_required": True}, "[]", "stop"),
+        ({"tool": "add", "reasoning_parser": "qwen3"}, "<think>Which tool? Let me", "length"),  # all reasoning
+    ],
+)
+def test_a_forced_choice_that_made_no_call_answers_empty_content_not_null(
+    kwargs: dict[str, Any], text: str, finish_reason: str
+) -> None:
+    """tool_choice "required" (or a named one) whose output made no call answered content null and
+    no tool_calls: a turn OpenAI's API refuses when the client sends it back (an assistant's content
+    is required without tool_calls). Its content is "" now, as vLLM's; whole and streamed alike."""
+    [choice] = _shape(**kwargs).full([Choice(0, text=text, finish_reason=finish_reason)], 3, 9)["choices"]
+    assert (choice["message"]["content"], "tool_calls" in choice["message"]) == ("", False)
+    shape = _shape(**kwargs)
+    events = [shape.chunk(text[:5], None, first=True), shape.chunk(text[5:], None), shape.chunk("", finish_reason)]
+    content = None  # (appended as the openai package's stream helpers append it: None, then "" is "")
+    for event in events:
+        if (said := event["choices"][0]["delta"].get("content")) is not None:
+            content = (content or "") + said
+    assert content == ""
+    called = '[{"name": "f", "parameters": {}}]'  # (one that made its call keeps content null)
+    assert (
+        _shape(tools_required=True).full([Choice(0, text=called, finish_reason="stop")], 3, 9)["choices"][0]["message"][
+            "content"
+        ]
+        is None
+    )
