@@ -365,7 +365,9 @@ def _held(items: bytes | None, response: bytes | None) -> list[str]:
     the sets it was in pass over it once it is gone (``StateStore.responses_of_items``)."""
     conversation, record = _decoded(items), _decoded(response)
     output = record.get("output") if isinstance(record, dict) else None
-    return _ids([*(conversation if isinstance(conversation, list) else []), *(output if isinstance(output, list) else [])])
+    return _ids(
+        [*(conversation if isinstance(conversation, list) else []), *(output if isinstance(output, list) else [])]
+    )
 
 
 def _decoded(raw: bytes | None) -> Any:
