@@ -4,7 +4,8 @@ to it (``Sent``), and which copy of the request a worker holds when fencing asks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgspec
@@ -31,6 +32,10 @@ class Inflight:
     # ``worker`` marks what it takes up (``WorkerStats.marks_taken``, recorded by the put naming it):
     # an older worker never does, and its loss counts as a death as before (a rolling upgrade).
     marks_taken: bool = False
+    # Worker -> when it handed this request back (Unix seconds, the dispatcher's clock), refusing
+    # it (``LostRequests.never_arrived``): any dispatcher re-dispatching it avoids them while
+    # another can take it (``services/dispatcher/hand_backs.py``); at most ``MAX_HANDED_BACK_BY``.
+    handed_back: Mapping[str, float] = field(default_factory=dict)
 
 
 class Sent(NamedTuple):

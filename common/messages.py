@@ -179,6 +179,11 @@ HANDED_BACK_MEMORY_S = 60.0
 # Requests so remembered at once, by each: a worker refusing every request of a busy adapter hands
 # back thousands a minute, and the memory must stay bounded.
 MAX_HANDED_BACK = 100_000
+# Workers a request's in-flight record remembers as having handed it back (the latest kept): the
+# dispatcher that re-dispatches it may not be the one a hand-back reached (``LostRequests`` go to
+# any of them), so the record carries them (``Inflight.handed_back``); a record stays small however
+# many workers refuse it, and past this many, the earliest is chosen again and answers it itself.
+MAX_HANDED_BACK_BY = 32
 
 
 class Usage(msgspec.Struct, kw_only=True, frozen=True):

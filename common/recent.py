@@ -1,9 +1,8 @@
 """What was heard lately, by key: a map whose entries are forgotten ``span_s`` after they were
 last put, and oldest first past ``most``, O(1) a put. The aborts a worker or a dispatcher heard
-(``aborts.py``), the requests a worker handed back and the workers that handed each back
-(``services/dispatcher/hand_backs.py``) are kept so: a map made again at each put stalled every
-worker at 30,000 aborts of no request (a helper's finding), and one with no bound grew with every
-id a client sent. Pure: the caller passes the clock (monotonic seconds)."""
+(``aborts.py``) and the requests a worker handed back are kept so: a map made again at each put
+stalled every worker at 30,000 aborts of no request (a helper's finding), and one with no bound
+grew with every id a client sent. Pure: the caller passes the clock (monotonic seconds)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ placement in ``state_workers.py``). Nothing else spells a key.
                                      (the attempt running: the fencing token), deaths (workers that
                                      died with it), taken (the attempt its worker took up: only then
                                      is that worker's loss the request's death), marks (the worker,
-                                     when it marks what it takes up), at (ms, Redis
+                                     when it marks what it takes up), handed (workers that
+                                     handed it back, JSON: worker -> Unix seconds), at (ms, Redis
                                      clock); expires unless its worker refreshes it
 - ``{p}:inflight-of:{worker}`` set   request ids in flight on a worker (for recovery)
 - ``{p}:recovering:{loss}``    str   lock: one dispatcher re-dispatches a lost worker's requests
@@ -61,7 +62,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -76,6 +77,7 @@ from dlora.common.state_scripts import (
     _FENCED_LUA,
     _FORGET_BEAT_LUA,
     _FORGET_VERSION_LUA,
+    _HANDED_BACK_LUA,
     _LEASE_LUA,
     _PROGRESS_LUA,
     _PUT_BOTH_LUA,
@@ -105,6 +107,7 @@ class StateStore(WorkerKeys, ResponseKeys):
         self._lease = redis.register_script(_LEASE_LUA)
         self._put_inflight = redis.register_script(_PUT_INFLIGHT_LUA)
         self._taken = redis.register_script(_TAKEN_LUA)
+        self._handed_back = redis.register_script(_HANDED_BACK_LUA)
         self._fenced = redis.register_script(_FENCED_LUA)
         self._sweep = redis.register_script(_SWEEP_LUA)
         self._delete_inflight = redis.register_script(_DELETE_INFLIGHT_LUA)
@@ -375,6 +378,13 @@ class StateStore(WorkerKeys, ResponseKeys):
             keys = [f"{self.p}:inflight:{rid}" for rid in attempts]
             await self._taken(keys=keys, args=[worker, *attempts.values()])
 
+    async def note_handed_back(self, request_id: str, expect: tuple[str, int], handed: Mapping[str, float]) -> bool:
+        """Record ``handed`` (worker -> Unix seconds) as the workers that handed ``request_id`` back,
+        while its record names ``expect`` (the worker and attempt handed back). False, and nothing
+        written, when the record is gone or names another (another dispatcher re-dispatched it)."""
+        args: list[str | int] = [*expect, msgspec.json.encode(handed).decode()]
+        return bool(await self._handed_back(keys=[f"{self.p}:inflight:{request_id}"], args=args))
+
     async def fenced(self, worker: str, copies: dict[str, Copy]) -> set[str]:
         """The ids (of ``copies``) whose copy here is fenced: the record names another worker or
         attempt, or is gone though the copy was recorded before it was sent (the request ended
@@ -422,6 +432,7 @@ class StateStore(WorkerKeys, ResponseKeys):
             incarnation=_text(raw.get(b"incarnation", b"")),
             taken=raw.get(b"taken") == raw.get(b"recoveries", b"0"),
             marks_taken=raw.get(b"marks") == raw[b"worker"],
+            handed_back=msgspec.json.decode(raw.get(b"handed", b"{}"), type=dict[str, float]),
         )
 
     async def inflight_on(self, worker: str) -> list[str]:

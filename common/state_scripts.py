@@ -232,6 +232,20 @@ return 0
 """
 )
 
+# KEYS: an in-flight hash. ARGV: worker, attempt, the workers that handed the request back (JSON).
+# Writes them only while the record names that worker and attempt (the hand-back is of that copy;
+# a record re-dispatched meanwhile is another dispatcher's). Returns 1 if written.
+_HANDED_BACK_LUA = (
+    _MINE_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 and mine(KEYS[1], ARGV[1], ARGV[2], '0') then
+  redis.call('HSET', KEYS[1], 'handed', ARGV[3])
+  return 1
+end
+return 0
+"""
+)
+
 # KEYS: in-flight hashes. ARGV: worker, then per key its attempt and "1" if it was recorded before
 # it was sent. Returns the indexes of the keys whose copies are fenced.
 _FENCED_LUA = (

@@ -28,7 +28,7 @@ from dlora.common.messages import (
     WorkerStats,
 )
 from dlora.common.state import StateStore
-from dlora.services.dispatcher.hand_backs import HandBacks
+from dlora.services.dispatcher import hand_backs
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.settings import DispatcherSettings
@@ -87,12 +87,6 @@ class Recovery:
         and ran to its end (a helper's finding); a recovery looks here first (``_recover``)."""
         return Aborts()
 
-    @functools.cached_property
-    def handed_back(self) -> HandBacks:
-        """The workers each request was handed back by lately: none of them is chosen for it again
-        while another live worker can take it (``hand_backs.py``)."""
-        return HandBacks()
-
     async def _on_abort(self, abort: AbortRequest) -> None:
         self.aborted.add(abort.request_id, None, time.monotonic())
         await self._drop_orphan(abort.request_id, None)
@@ -147,21 +141,32 @@ class Recovery:
             return
         for rid, attempt in lost.requests.items():
             died = not lost.draining and rid not in lost.never_arrived
-            if rid in lost.never_arrived and not lost.draining:  # refused there, not lost with it
-                self.handed_back.add(rid, lost.worker, time.monotonic())
+            refused = rid in lost.never_arrived and not lost.draining  # refused there, not lost with it
             try:  # one record Redis failed on must not hold up the rest: the worker hands it back again
                 rec = await self.store.get_inflight(rid)
-                if rec is not None and rec.worker == lost.worker and rec.recoveries == attempt:
-                    holding = rid in lost.elsewhere  # only a worker holding its adapter's version
-                    if (waited := lost.queued_s.get(rid)) is not None:
-                        rec = _waited(rec, waited)
-                    avoid = frozenset() if died else frozenset({lost.worker})
-                    await self._recover(rec, died=died, avoid=avoid, holding=holding)
+                if rec is None or rec.worker != lost.worker or rec.recoveries != attempt:
+                    continue  # over, or another dispatcher's now
+                if refused and (rec := await self._handed_back_by(rec)) is None:
+                    continue
+                holding = rid in lost.elsewhere  # only a worker holding its adapter's version
+                if (waited := lost.queued_s.get(rid)) is not None:
+                    rec = _waited(rec, waited)
+                avoid = frozenset() if died else frozenset({lost.worker})
+                await self._recover(rec, died=died, avoid=avoid, holding=holding)
             except bus.STATE_OUTAGE as e:
                 logger.warning("handed-back request not re-dispatched yet", request=rid, error=type(e).__name__)
             except Exception as e:  # nor one that cannot be read (an older release's, under looser
                 # bounds: a review) or re-sent: logged, the rest go on
                 logger.exception("handed-back request not recovered", request=rid, error=type(e).__name__)
+
+    async def _handed_back_by(self, rec: Inflight) -> Inflight | None:
+        """``rec`` with its worker added to the workers that handed it back, in Redis too, where
+        any dispatcher that re-dispatches it reads them (``hand_backs.py``); None where the record
+        changed hands meanwhile (another dispatcher's now)."""
+        handed = hand_backs.added(rec.handed_back, rec.worker, time.time())
+        if not await self.store.note_handed_back(rec.request.request_id, (rec.worker, rec.recoveries), handed):
+            return None
+        return dataclasses.replace(rec, handed_back=handed)
 
     async def recover(self, worker: str, incarnation: str, stopped: bool = False) -> None:
         """Forget ``worker``'s start ``incarnation`` (not a later one's heartbeat) and re-dispatch
@@ -234,7 +239,7 @@ class Recovery:
         off for a while would otherwise wait out its chunk timeout). Each record is re-dispatched
         once, however many dispatchers try. Not ``died``: its message never reached the worker,
         or the worker is stopping; ``avoid``: workers to send it elsewhere than, if any other, beside
-        those that handed it back lately (``handed_back``);
+        those that handed it back lately (``rec.handed_back``, ``hand_backs.py``);
         ``holding``: only to a worker that holds its adapter's version (``_dispatch``)."""
         first = rec.request
         next_seq = rec.next_seq
@@ -280,7 +285,7 @@ class Recovery:
             recoveries=rec.recoveries + 1,
             continued=True,
         )
-        avoid |= self.handed_back.of(first.request_id, now)
+        avoid |= hand_backs.avoided(rec.handed_back, time.time())
         await self._dispatch(resumed, expect=(rec.worker, rec.recoveries), died=died, avoid=avoid, holding=holding)
 
 
