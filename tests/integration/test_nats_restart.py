@@ -220,7 +220,8 @@ async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatc
     """An operator's drill: after a NATS restart every worker published its last 15 s of chunks
     (400-870 each) twice, and each gateway, which reconnected too, was sent its own again once
     more when it said so: three copies. A named reader gets them once, when it says it reconnected;
-    a reader without a name, which cannot say, still gets both passes."""
+    a reader without a name, which cannot say, still gets both passes. A second restart soon
+    after the first ends the first's passes: left on, its second pass sent both again."""
     from dlora.services.worker import delivery as module
 
     monkeypatch.setattr(module, "RESEND_DELAYS_S", (0.0, 0.05))  # (the passes' count is the point)
@@ -233,6 +234,20 @@ async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatc
     async def on_chunk(msg: nats.aio.msg.Msg) -> None:
         got.append(msgspec.json.decode(msg.data, type=TokenChunk).request_id)
 
+    async def restart(times: int) -> Server:
+        server.stop()
+        started = start_nats(port)
+        for _ in range(500):  # both back, subscriptions and all
+            if (
+                min(nc.stats["reconnects"], reader.stats["reconnects"]) >= times
+                and nc.is_connected
+                and reader.is_connected
+            ):
+                break
+            await asyncio.sleep(0.01)
+        await reader.flush()
+        return started
+
     try:
         await reader.subscribe(subjects.replies_prefix("gw") + ">", cb=on_chunk)
         await reader.subscribe(subjects.replies_prefix("app") + ">", cb=on_chunk)
@@ -242,13 +257,7 @@ async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatc
         await delivery.publish(subjects.reply_inbox("named", "gw"), TokenChunk(request_id="named", seq=0), "gw")
         await delivery.publish(subjects.reply_inbox("unnamed", "app"), TokenChunk(request_id="unnamed", seq=0), "")
         await bus.flush(nc)
-        server.stop()
-        server = start_nats(port)
-        for _ in range(500):  # both back, subscriptions and all
-            if nc.stats["reconnects"] and reader.stats["reconnects"] and nc.is_connected and reader.is_connected:
-                break
-            await asyncio.sleep(0.01)
-        await reader.flush()
+        server = await restart(1)
         got.clear()  # (whatever the first publish delivered)
         assert delivery.reconnected()
         delivery.resend_to("gw")  # the gateway's next ClientAlive, its reconnects grown
@@ -258,6 +267,23 @@ async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatc
         await bus.flush(nc)
         await reader.flush()
         assert sorted(got) == ["named", "unnamed", "unnamed"]
+
+        monkeypatch.setattr(module, "RESEND_DELAYS_S", (0.0, 3600.0))  # its second pass due after the next restart
+        server = await restart(2)
+        got.clear()
+        assert delivery.reconnected() and (first := delivery._resending) is not None
+        for _ in range(500):  # its first pass out
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(module, "RESEND_DELAYS_S", (0.0, 0.05))
+        server = await restart(3)
+        got.clear()
+        assert delivery.reconnected() and delivery._resending is not None
+        await delivery._resending
+        await bus.flush(nc)
+        await reader.flush()
+        assert first.cancelled() and sorted(got) == ["named", "unnamed", "unnamed"]
     finally:
         await nc.close()
         await reader.close()
