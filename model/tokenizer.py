@@ -8,17 +8,17 @@ from typing import Any
 
 
 def load_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer in ``folder`` (transformers' ``AutoTokenizer``; where that would give the
-    generic fast class, ``_generic``, that class directly: the same tokenizer, without torch).
+    """The tokenizer in ``folder`` (transformers' ``AutoTokenizer``; where ``_direct`` knows the
+    class that would give, that class directly: the same tokenizer, without torch).
 
     Raises:
         ValueError: none that transformers can read, in one line naming the folder (transformers'
             own message spans lines about backends and sentencepiece and names no folder)."""
     try:
-        if _generic(Path(folder)):
-            from transformers import PreTrainedTokenizerFast  # (transformers 5's TokenizersBackend)
+        if (name := _direct(Path(folder))) is not None:
+            import transformers  # (its classes import lazily: only that one's module)
 
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+            tokenizer = getattr(transformers, name).from_pretrained(folder)
         else:
             from transformers import AutoTokenizer  # here: 0.9 s to import, and the simulator needs none
 
@@ -37,29 +37,41 @@ def load_tokenizer(folder: str | Path) -> Any:
 # What transformers writes as a Llama folder's tokenizer class (5: the first; 4, and Llama 3's own
 # checkpoints: the second); AutoTokenizer loads either as transformers 5's TokenizersBackend.
 _GENERIC_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+_GENERIC = "PreTrainedTokenizerFast"  # (transformers 5's alias of TokenizersBackend)
+# Model type -> the classes a folder of it may declare that are loaded directly, and the class
+# AutoTokenizer (transformers 5's ``tokenization_auto``) loads them as. Llama: no class of its own,
+# so the generic one it declares. Qwen2: its own, ``Qwen2Tokenizer``, whatever the folder declares
+# (qwen2 is among its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS), which rebuilds the tokenizer with
+# its own normalizer and pre-tokenizer: the generic class would not be the same tokenizer. Mistral:
+# ``MistralCommonBackend`` only where mistral-common is installed and the folder holds a
+# ``tekken.json``; else the generic one, over the ``LlamaTokenizerFast`` Mistral's folders declare.
+_DIRECT: dict[str, tuple[set[str], str]] = {
+    "llama": (_GENERIC_CLASSES, _GENERIC),
+    "qwen2": ({"Qwen2Tokenizer", "Qwen2TokenizerFast"} | _GENERIC_CLASSES, "Qwen2Tokenizer"),
+    "mistral": ({"LlamaTokenizerFast"} | _GENERIC_CLASSES, _GENERIC),
+}
 
 
-def _generic(folder: Path) -> bool:
-    """Whether AutoTokenizer would load ``folder``'s tokenizer as transformers' generic fast one: a
-    ``llama`` config (AutoTokenizer maps that type to no class of its own, where it overrides the
-    declared class of some others, qwen2's and mistral's among them), a ``tokenizer_config.json``
-    declaring that class and no remote code (``auto_map``), and a ``tokenizer.json``. Such a folder
-    is loaded as that class directly: AutoTokenizer's module imports torch (through transformers'
+def _direct(folder: Path) -> str | None:
+    """The transformers class AutoTokenizer would load ``folder``'s tokenizer as, where ``_DIRECT``
+    names it: the folder's ``config.json`` of a model type there, a ``tokenizer_config.json``
+    declaring one of that type's classes and no remote code (``auto_map``), a ``tokenizer.json``,
+    and no ``tekken.json`` (mistral-common's, which AutoTokenizer may prefer). Such a folder is
+    loaded as that class directly: AutoTokenizer's module imports torch (through transformers'
     configuration_utils), 11.6 of the 16.5 s a gateway took for its tokenizer on a busy 2-core host,
-    and the gateway runs no model. Anything unreadable here: False (AutoTokenizer says what)."""
+    and the gateway runs no model. None otherwise, and for anything unreadable here (AutoTokenizer
+    says what)."""
     try:
         config = json.loads((folder / "config.json").read_text())
         declared = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return (
-        isinstance(config, dict)
-        and config.get("model_type") == "llama"
-        and isinstance(declared, dict)
-        and declared.get("tokenizer_class") in _GENERIC_CLASSES
-        and "auto_map" not in declared
-        and (folder / "tokenizer.json").is_file()
-    )
+        return None
+    if not isinstance(config, dict) or not isinstance(declared, dict) or "auto_map" in declared:
+        return None
+    entry = _DIRECT.get(str(config.get("model_type")))
+    if entry is None or declared.get("tokenizer_class") not in entry[0] or (folder / "tekken.json").exists():
+        return None
+    return entry[1] if (folder / "tokenizer.json").is_file() else None
 
 
 def _none_in(folder: str | Path) -> str:

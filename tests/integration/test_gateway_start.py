@@ -1,7 +1,7 @@
 """What a gateway's start costs: an operator's restart drill found it refusing connections for
 10-14 s, most of it torch, imported by transformers' AutoTokenizer for a process that runs no
-model. A Llama folder whose tokenizer AutoTokenizer would load as the generic fast class is loaded
-as that class directly: the same tokenizer, and no torch."""
+model. A Llama, Qwen2 or Mistral folder whose tokenizer class AutoTokenizer's choice is known for
+is loaded as that class directly: the same tokenizer, and no torch."""
 
 from __future__ import annotations
 
@@ -15,17 +15,25 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from dlora.model.make_tiny import TinyOutput
-from dlora.model.tokenizer import _generic, load_tokenizer
+from dlora.model.tokenizer import _direct, load_tokenizer
 
 TEXTS = ["kalo remi", "<s> x </s>", "", "ünï cödé 🙂"]
+# Mistral's own folders declare the Llama fast class over a Mistral config (Mistral-7B-v0.1's)
+MISTRAL = ({"model_type": "mistral"}, {"tokenizer_class": "LlamaTokenizerFast"})
 
 
-def test_a_gateway_is_built_without_importing_torch(tiny_llama: TinyOutput) -> None:
+def test_a_gateway_is_built_without_importing_torch(
+    tiny_llama: TinyOutput, tiny_qwen: TinyOutput, tmp_path: Path
+) -> None:
+    mistral = _with(Path(tiny_llama.model), tmp_path, "mistral", *MISTRAL)
     code = (
         "import sys\n"
+        "from dlora.model.tokenizer import load_tokenizer\n"
         "from dlora.services.gateway.main import Gateway\n"
         "from dlora.services.gateway.settings import GatewaySettings\n"
         f"Gateway(GatewaySettings(model={str(tiny_llama.model)!r}), None, None)\n"
+        f"Gateway(GatewaySettings(model={str(tiny_qwen.model)!r}), None, None)\n"
+        f"load_tokenizer({str(mistral)!r})\n"
         "print(sorted(m for m in ('torch', 'transformers.modeling_utils') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -41,30 +49,43 @@ def _with(folder: Path, tmp_path: Path, name: str, config: dict, declared: dict)
     return out
 
 
-def test_the_generic_class_is_loaded_only_where_autotokenizer_would_load_it(
-    tiny_llama: TinyOutput, tmp_path: Path
+def test_a_class_is_loaded_directly_only_where_autotokenizer_would_load_it(
+    tiny_llama: TinyOutput, tiny_qwen: TinyOutput, tmp_path: Path
 ) -> None:
-    model = Path(tiny_llama.model)
-    cases = {
-        "as-made": ({}, {}, True),
-        "fast": ({}, {"tokenizer_class": "PreTrainedTokenizerFast"}, True),
-        # what a folder's tokenizer_config may set beyond its class, each read the same way
-        "settings": ({}, {"padding_side": "left", "add_bos_token": False, "model_max_length": 77}, True),
-        "remote": ({}, {"auto_map": {"AutoTokenizer": ["x.Y", None]}}, False),
-        "llama-class": ({}, {"tokenizer_class": "LlamaTokenizer"}, False),  # (its ByteLevel check)
-        "qwen2": ({"model_type": "qwen2"}, {}, False),  # AutoTokenizer overrides the class declared
+    model, generic = Path(tiny_llama.model), "PreTrainedTokenizerFast"
+    # what a folder's tokenizer_config may set beyond its class, each read the same way
+    settings = {"padding_side": "left", "add_bos_token": False, "model_max_length": 77}
+    cases: dict[str, tuple[dict, dict, str | None]] = {
+        "as-made": ({}, {}, generic),
+        "fast": ({}, {"tokenizer_class": "PreTrainedTokenizerFast"}, generic),
+        "settings": ({}, settings, generic),
+        "remote": ({}, {"auto_map": {"AutoTokenizer": ["x.Y", None]}}, None),
+        "llama-class": ({}, {"tokenizer_class": "LlamaTokenizer"}, None),  # (its ByteLevel check)
+        # AutoTokenizer overrides the class a qwen2 folder declares with its own
+        "qwen2": ({"model_type": "qwen2"}, {}, "Qwen2Tokenizer"),
+        "qwen2-fast": ({"model_type": "qwen2"}, {"tokenizer_class": "Qwen2TokenizerFast"}, "Qwen2Tokenizer"),
+        "qwen2-settings": ({"model_type": "qwen2"}, settings, "Qwen2Tokenizer"),
+        "qwen2-remote": ({"model_type": "qwen2"}, {"auto_map": {"AutoTokenizer": ["x.Y", None]}}, None),
+        "mistral": (*MISTRAL, generic),
+        "mistral-settings": (MISTRAL[0], MISTRAL[1] | settings, generic),
+        "mistral-slow": (MISTRAL[0], {"tokenizer_class": "LlamaTokenizer"}, None),
+        "gemma": ({"model_type": "gemma"}, {}, None),
     }
-    for name, (config, declared, generic) in cases.items():
-        folder = _with(model, tmp_path, name, config, declared)
-        assert _generic(folder) is generic, name
-        if generic:
+    folders = {name: _with(model, tmp_path, name, config, declared) for name, (config, declared, _) in cases.items()}
+    folders["tiny-qwen"], cases["tiny-qwen"] = Path(tiny_qwen.model), ({}, {}, "Qwen2Tokenizer")
+    for name, (_, _, direct) in cases.items():
+        folder = folders[name]
+        assert _direct(folder) == direct, name
+        if direct:
             ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
             assert type(ours) is type(theirs), name
             assert [ours(t).input_ids for t in TEXTS] == [theirs(t).input_ids for t in TEXTS], name
             assert ours.all_special_ids == theirs.all_special_ids and ours.chat_template == theirs.chat_template
             assert _settings(ours) == _settings(theirs), name
-    (tmp_path / "as-made" / "tokenizer.json").unlink()
-    assert not _generic(tmp_path / "as-made")  # AutoTokenizer's own refusal, said as before
+    (folders["mistral"] / "tekken.json").write_text("{}")  # mistral-common's, which AutoTokenizer may prefer
+    (folders["as-made"] / "tokenizer.json").unlink()
+    assert _direct(folders["mistral"]) is None
+    assert _direct(folders["as-made"]) is None  # AutoTokenizer's own refusal, said as before
 
 
 def test_a_serve_command_line_is_parsed_without_the_simulator() -> None:
