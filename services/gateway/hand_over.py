@@ -36,6 +36,12 @@ async def hand_over(
     deadline = loop.time() + timeout_s
     wait_s = FIRST_WAIT_S
     while True:
+        # Only "no responders" is sent again: nobody received the request. A timeout is not: the
+        # dispatcher NATS gave it to may hold it in its subscription's queue and take it later (NATS
+        # gives it to no other), and a copy sent again would run beside it. The dispatchers' check
+        # that joins a request sent again to its stream (``inflight.sent_again``) holds only while
+        # the first is in flight: one taken after the copy ended runs again, for nobody. (And it
+        # spends what is left of ``timeout_s``: there is no time for another try.)
         try:
             await nc.request(subject, data, timeout=deadline - loop.time())
             return
