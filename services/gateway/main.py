@@ -272,7 +272,7 @@ class Gateway:
             handed = [c for c, e in zip(by_id.values(), sent) if e is None]
             timer.began(handed)
             if refused := next((e for e in sent if e is not None), None):
-                await self._abort(handed)  # they would run on for nobody
+                await self._abort(list(by_id.values()))  # they would run for nobody (one timed out: taken later)
                 raise refused
             while (late := next((c for c in choices if c.out.finish_reason is None), None)) is not None:
                 # A choice with a gap in its chunks waits for it only so long (the re-sends)

@@ -5,16 +5,20 @@ after the chunk timeout. Each such 503 carries a Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 import nats
 from aiohttp import web
 from redis.asyncio import Redis
 
 from dlora.common import apikeys, subjects
+from dlora.common.messages import AbortRequest, GenerateRequest
 from dlora.common.redis_client import redis_client
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -27,9 +31,9 @@ from dlora.services.servers import Server, free_port, start_nats, start_redis
 from tests.integration.conftest import Stack, sigstop
 
 
-async def test_a_request_with_no_dispatcher_is_refused_at_once(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
-) -> None:
+@contextlib.asynccontextmanager
+async def _gateway(nats_server: Server, redis: Redis, tiny_llama: TinyOutput) -> AsyncIterator[Gateway]:
+    """A gateway serving on its settings' port, that waits 0.3 s for a dispatcher to take a request."""
     settings = GatewaySettings(
         nats_url=nats_server.url,
         redis_url="unused",
@@ -45,21 +49,60 @@ async def test_a_request_with_no_dispatcher_is_refused_at_once(
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", settings.port).start()
     try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"http://127.0.0.1:{settings.port}/v1/completions",
-                json={"model": "model", "prompt": "kalo", "max_tokens": 4, "n": 2},
-            ) as r,
-        ):
-            body = await r.json()
+        yield gateway
+    finally:
+        await runner.cleanup()
+        await nc.drain()
+
+
+async def _complete(gateway: Gateway, n: int = 1) -> tuple[aiohttp.ClientResponse, dict]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"http://127.0.0.1:{gateway.s.port}/v1/completions",
+            json={"model": "model", "prompt": "kalo", "max_tokens": 4, "n": n},
+        ) as r,
+    ):
+        return r, await r.json()
+
+
+async def test_a_request_with_no_dispatcher_is_refused_at_once(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    async with _gateway(nats_server, redis, tiny_llama) as gateway:
+        r, body = await _complete(gateway, n=2)
         # By NATS's "no responders", sent again until dispatch_timeout_s: not after the 60 s chunk
         # timeout, nor as a dispatcher's silence ("no dispatcher took the request within").
         assert r.status == 503 and "no dispatcher is running (waited 0.3 s)" in body["error"]["message"], body
         assert gateway.metrics.registry.get_sample_value("dlora_dispatch_waits_total") == 2  # (n = 2)
         assert r.headers["Retry-After"] == "5"  # one heartbeat TTL: try again when the cluster has changed
+
+
+async def test_a_request_no_dispatcher_took_in_time_is_aborted(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A dispatcher subscribed but not answering (stopped, or behind a long queue): the gateway
+    answers 503 and does not send the request again (``hand_over``), but that dispatcher may still
+    take it, and it ran for nobody. The gateway aborts it, so the worker it reaches drops it."""
+    nc = await nats.connect(nats_server.url)
+    held: asyncio.Queue[str] = asyncio.Queue()
+    aborted: asyncio.Queue[str] = asyncio.Queue()
+
+    async def holds(msg: nats.aio.msg.Msg) -> None:  # received, not answered
+        await held.put(msgspec.json.decode(msg.data, type=GenerateRequest).request_id)
+
+    async def on_abort(msg: nats.aio.msg.Msg) -> None:
+        await aborted.put(msgspec.json.decode(msg.data, type=AbortRequest).request_id)
+
+    await nc.subscribe(subjects.REQUESTS, queue=subjects.DISPATCHERS, cb=holds)
+    await nc.subscribe(subjects.ABORT, cb=on_abort)
+    await nc.flush()
+    try:
+        async with _gateway(nats_server, redis, tiny_llama) as gateway:
+            r, body = await _complete(gateway)
+            assert r.status == 503 and "no dispatcher took the request" in body["error"]["message"], body
+            assert await asyncio.wait_for(aborted.get(), 30) == held.get_nowait()
     finally:
-        await runner.cleanup()
         await nc.drain()
 
 
