@@ -1,8 +1,11 @@
 """Stop handling alone: stop strings cut and checked only in the new text, stop tokens and EOS,
 a complete structured document, the length limits, and the text held back for a stop string."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dlora.common.messages import FinishReason, SamplingParams
-from dlora.services.worker.engine.stopping import check_stop, find_stop, visible_end
+from dlora.services.worker.engine.stopping import check_stop, find_stop, partial_stop, visible_end
 
 EOS = {2}
 
@@ -102,10 +105,34 @@ def test_length_limits() -> None:
 
 def test_text_that_could_start_a_stop_string_is_held_back() -> None:
     p = SamplingParams(stop=["STOP"])
-    assert visible_end("abcST", 0, p, finished=False) == 2  # "cST" might grow into STOP
+    assert visible_end("abcST", 0, p, finished=False) == 3  # "ST" might grow into STOP; "cST" cannot
     assert visible_end("abcST", 4, p, finished=False) == 4  # never shows less than already shown
     assert visible_end("abcST", 0, p, finished=True) == 5
     assert visible_end("abc", 0, SamplingParams(), finished=False) == 3
+    assert visible_end("abcSTOx", 0, p, finished=False) == 7  # (a full stop string was looked for already)
     kept = SamplingParams(stop=["STOP"], include_stop_str_in_output=True)
     assert visible_end("abcST", 0, kept, finished=False) == 5  # nothing shown is ever cut
     assert find_stop("xxSTOP", ["STOP"], old_len=5) == (2, 6)
+
+
+def _partial_stop_by_brute_force(text: str, stops: list[str]) -> int:
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab ", max_size=12), st.lists(st.text("ab ", min_size=1, max_size=8), min_size=1, max_size=3))
+def test_the_text_held_back_is_the_longest_end_that_begins_a_stop_string(text: str, stops: list[str]) -> None:
+    """Exactly what a stop string could still grow from (``partial_stop``) while a stop string's
+    first character has few places to begin at in its own length of the text."""
+    assert partial_stop(text, stops) == _partial_stop_by_brute_force(text, stops)
+
+
+def test_a_text_with_many_places_a_stop_string_could_begin_is_held_from_the_first_not_tried() -> None:
+    """Past ``_TRIES`` places, what is left is held untried: more than need be, never less (a
+    long stop string beginning with a space, over a text of short words)."""
+    stop = " a" * 12 + " b"
+    for text in ("x" + " a" * 12, "x" + " a" * 11 + " c"):
+        held = partial_stop(text, [stop])
+        assert held >= _partial_stop_by_brute_force(text, [stop]) and held < len(stop)
+    assert partial_stop("x" + " a" * 12, [stop]) == 24
+    assert partial_stop("x a a", [" a a a b"]) == 4  # (few places: exact)
