@@ -131,8 +131,7 @@ def test_a_text_with_many_places_a_stop_string_could_begin_is_held_from_the_firs
     """Past ``_TRIES`` places, what is left is held untried: more than need be, never less (a
     long stop string beginning with a space, over a text of short words)."""
     stop = " a" * 12 + " b"
-    for text in ("x" + " a" * 12, "x" + " a" * 11 + " c"):
-        held = partial_stop(text, [stop])
-        assert held >= _partial_stop_by_brute_force(text, [stop]) and held < len(stop)
-    assert partial_stop("x" + " a" * 12, [stop]) == 24
+    assert partial_stop("x" + " a" * 12, [stop]) == 24  # the first place tried is the answer
+    # twelve spaces, none the answer: the eight first tried, from the ninth " a a a c" held untried
+    assert partial_stop("x" + " a" * 11 + " c", [stop]) == len(" a a a c") > 0
     assert partial_stop("x a a", [" a a a b"]) == 4  # (few places: exact)
