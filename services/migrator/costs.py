@@ -87,6 +87,13 @@ class Standing:
         self.demand = kv_demand(snapshot)
         self.running = running_adapters(snapshot)
         self.longest = max(self.load.values(), default=0.0)
+        self._moving: dict[str, float] = {}  # request id -> ``moving``
+
+    def moving(self, r: RequestState) -> float:
+        """``move_cost`` of ``r``, once a request: the greedy pass prices it at each worker it looks at."""
+        if (cost := self._moving.get(r.request_id)) is None:
+            cost = self._moving[r.request_id] = move_cost(self.snapshot, r)
+        return cost
 
     def after(self, moves: list[MoveRequest], charged: bool = False) -> tuple[dict[str, float], dict[str, int]]:
         """Each worker's completion time (seconds) and KV demand (blocks) once ``moves`` are made (in
@@ -110,7 +117,7 @@ class Standing:
         ``charged`` its move's cost (the destination prefills its context, or takes its shipped KV,
         before it steps on)."""
         work = r.remaining_tokens * there.cost(r.adapter)
-        return work + move_cost(self.snapshot, r) if charged and there.worker != r.worker else work
+        return work + self.moving(r) if charged and there.worker != r.worker else work
 
     def makespan(self, moves: list[MoveRequest]) -> float:
         """The longest completion time (seconds) once ``moves`` are made, each move's recompute or KV
@@ -121,7 +128,7 @@ class Standing:
 
     def cost(self, moves: list[MoveRequest]) -> float:
         """The recomputes or KV shipped of ``moves``, in all."""
-        return sum(move_cost(self.snapshot, self.by_id[m.request_id]) for m in moves)
+        return sum(self.moving(self.by_id[m.request_id]) for m in moves)
 
     def relief(self, demand: dict[str, int], kv_pressure: float) -> float:
         """The recompute of KV demand over ``kv_pressure`` spared where the workers' demand is ``demand``."""

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dlora.common.messages import MoveRequest
 from dlora.common.versions import name_of
 from dlora.services.migrator.bands import price_of
-from dlora.services.migrator.costs import BASE, Standing, blocks_of, move_cost, read_price, ship_kv
+from dlora.services.migrator.costs import BASE, Standing, blocks_of, read_price, ship_kv
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, runs_among, takes
 
 
@@ -59,7 +59,6 @@ class _Pass:
         # keys are its own requests' and these (``held``)
         self.arrived: dict[str, Counter[str]] = defaultdict(Counter)
         self.priced: dict[str, float] = {}  # request id -> ``price``
-        self.moves: dict[str, float] = {}  # request id -> ``moving``
         self.costs: dict[str | None, float] = {}  # adapter -> ``cheapest``
         self.read_bound: set[str] = set()  # the workers whose reads outlast their own work (``destination``)
         self.taking: dict[str, dict[str, bool]] = defaultdict(dict)  # worker -> key -> ``takes`` (its slots as now)
@@ -84,17 +83,11 @@ class _Pass:
             price = self.priced[r.request_id] = price_of(self.snapshot, self.workers[r.worker], r)
         return price
 
-    def moving(self, r: RequestState) -> float:
-        """``move_cost`` of ``r``, once a request (the pass prices it at each worker looked at)."""
-        if (cost := self.moves.get(r.request_id)) is None:
-            cost = self.moves[r.request_id] = move_cost(self.snapshot, r)
-        return cost
-
     def work(self, r: RequestState, w: str) -> float:
-        """Seconds of ``w``'s time ``r`` takes there: its remaining work, and its move's cost where it
-        is moved to (not at its home: back there, it moved nowhere). Charged at each worker it passed
-        through, a request moved twice left its move's cost at the first, which then looked busier
-        than it was: left by the last session.
+        """Seconds of ``w``'s time ``r`` takes there (``Standing.arrival``, charged): its remaining work,
+        and its move's cost where it is moved to (not at its home: back there, it moved nowhere).
+        Charged at each worker it passed through, a request moved twice left its move's cost at the
+        first, which then looked busier than it was: left by the last session.
 
         Kept, though ``worth`` counts each move's cost once, in the total and not at the
         destination (``Standing.after``), because it steers the pass by ``worth``'s own test: a
@@ -104,7 +97,7 @@ class _Pass:
         by more than the move costs. Uncharged, the pass would take moves that drop it by less (their
         worth below nothing). Left in the destination's load, it holds later arrivals there to the
         same margin: fewer moves, never a cost counted twice in the plan's judge."""
-        return r.remaining_tokens * self.workers[w].cost(r.adapter) + (self.moving(r) if w != r.worker else 0.0)
+        return self.standing.arrival(r, self.workers[w], charged=True)
 
     def takes(self, w: str, key: str) -> bool:
         """``takes`` for ``w``'s slots as the pass has filled them, once a key until they change
@@ -162,7 +155,7 @@ class _Pass:
         numbers). ``until``: only where it needs no read and its destination ends by then."""
         workers, load, a = self.workers, self.load, r.key
         # (the least work it brings anywhere: its move's cost but where it goes back home, uncharged)
-        least = r.remaining_tokens * self.cheapest(r.adapter) + (self.moving(r) if src == r.worker else 0.0)
+        least = r.remaining_tokens * self.cheapest(r.adapter) + (self.standing.moving(r) if src == r.worker else 0.0)
         pick: Pick | None = None
         limit = load[src] if until is None else until
         k, skipped = 0, False

@@ -102,3 +102,22 @@ def test_a_plan_s_reported_makespan_counts_each_move_s_cost_where_its_request_en
     assert standing.after(moves, charged=True)[0] == pytest.approx(expected)
     assert standing.after(moves)[0] == pytest.approx(moved)
     assert standing.makespan(moves) > max(moved.values())  # (the costs count)
+
+
+def test_the_greedy_pass_counts_a_request_s_time_at_a_worker_by_standing_arrival(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One formula for a request's time at a worker, its move's cost charged where it lands
+    (``Standing.arrival``): the pass kept a copy of it to cache each move's cost (left by the last
+    session), which could drift from the one ``makespan`` reports by. Now the cost is cached in
+    ``Standing`` and the pass asks it: charged twice there, the pass moves less."""
+    snap = snapshot(8, 64, 500, 0)
+    arrival = Standing.arrival
+
+    def dearer(self: Standing, r: RequestState, there: WorkerState, charged: bool = False) -> float:
+        return arrival(self, r, there, charged) + (
+            move_cost(self.snapshot, r) if charged and there.worker != r.worker else 0.0
+        )
+
+    monkeypatch.setattr(Standing, "arrival", dearer)
+    assert len(greedy_moves(snap)) < 87  # (87 as priced: ``test_the_greedy_pass_makes_the_same_moves_...``)
