@@ -96,7 +96,7 @@ class WorkerService:
         self.lengths = OutputLengths()  # finished requests' lengths: what running ones may still take
         self.cycles = StepCycles()  # the loop's time per decode step, shell included (metrics)
         self.plan_epoch = 0  # the highest migrator epoch among the plans taken
-        self.refusals = Refusals()  # the planned moves refused lately (its stats say them)
+        self.refusals = Refusals(settings.stats_interval_s)  # the planned moves refused lately (its stats say them)
         # the adapter versions loaded, kept to the registry; their reads end as commands, between steps
         self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
@@ -158,7 +158,7 @@ class WorkerService:
         await self.commands.put(ResetPrefixCache(reply))
 
     async def _on_moves(self, plan: MovePlan) -> None:
-        moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time(), self.streams)
+        moves = moves_to_take(plan, self.s.worker_id, self.plan_epoch, time.time(), self.streams, self.refusals.age_s)
         if moves is None:
             logger.info("stale plan ignored", plan=plan.plan_id, epoch=plan.epoch, seen=self.plan_epoch)
             return

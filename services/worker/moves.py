@@ -13,8 +13,8 @@ import msgspec
 
 from dlora.common.messages import GenerateRequest, KVChunk, MovePlan, WorkerStats
 
-# A plan made from this worker's stats of longer ago than this (seconds, on its own clock:
-# ``MovePlan.stats_sent``) is ignored: they no longer hold (a few stats intervals).
+# A plan made from this worker's stats of longer ago than this past its stats interval (seconds, on
+# its own clock: ``MovePlan.stats_sent``) is ignored: they no longer hold (``plan_max_age``).
 PLAN_MAX_AGE_S = 5.0
 # KV bytes per chunk: under NATS's default 1 MiB payload limit.
 KV_CHUNK_BYTES = 512 << 10
@@ -35,17 +35,30 @@ class Move:
     plan_id: str = ""  # the plan it is of (MovePlan.plan_id): its refusal names it (``Refusals``)
 
 
+def plan_max_age(stats_interval_s: float) -> float:
+    """Seconds after a worker sends its stats that a plan made from them still holds, where it sends
+    them every ``stats_interval_s``: ``PLAN_MAX_AGE_S`` past one interval. The migrator plans from
+    the latest stats it has heard, up to an interval old when it looks; a fixed 5 s dropped every
+    plan made from a worker's stats sent every 5 s or more (left by the last session)."""
+    return PLAN_MAX_AGE_S + stats_interval_s
+
+
 def moves_to_take(
-    plan: MovePlan, worker_id: str, epoch_seen: int, now: float, held: Container[str] | None = None
+    plan: MovePlan,
+    worker_id: str,
+    epoch_seen: int,
+    now: float,
+    held: Container[str] | None = None,
+    max_age_s: float = PLAN_MAX_AGE_S,
 ) -> list[Move] | None:
     """The plan's moves of requests away from ``worker_id`` that it ``held`` (None: every one;
     one gone by the time it is applied is skipped then); None when the plan is stale: made from
-    this worker's stats sent more than ``PLAN_MAX_AGE_S`` before ``now`` (Unix seconds, this
-    worker's clock; an older migrator's plan by its ``created``) or from a migrator epoch below
-    ``epoch_seen``, a leader since deposed. Every worker hears every plan: a move of another's
-    request cost a thread hop and the step in flight taken in early (a trial: a plan of 4,000
-    moves elsewhere stalled an uninvolved worker's stream 0.47 s)."""
-    if now - plan.stats_sent.get(worker_id, plan.created) > PLAN_MAX_AGE_S or plan.epoch < epoch_seen:
+    this worker's stats sent more than ``max_age_s`` (``plan_max_age``) before ``now`` (Unix
+    seconds, this worker's clock; an older migrator's plan by its ``created``) or from a migrator
+    epoch below ``epoch_seen``, a leader since deposed. Every worker hears every plan: a move of
+    another's request cost a thread hop and the step in flight taken in early (a trial: a plan of
+    4,000 moves elsewhere stalled an uninvolved worker's stream 0.47 s)."""
+    if now - plan.stats_sent.get(worker_id, plan.created) > max_age_s or plan.epoch < epoch_seen:
         return None
     trigger = plan.trigger.value if plan.trigger else "none"
     return [
@@ -58,8 +71,8 @@ def moves_to_take(
 class Refusals:
     """The planned moves this worker refused lately, the request staying here (its progress record
     lagging Redis, Redis unreachable, or the request too large to send): what its stats say
-    (``WorkerStats.refused_moves``) for ``PLAN_MAX_AGE_S``, as long as a plan made from its stats
-    holds, so that a stats message lost on the way leaves later ones to say it, and past that until
+    (``WorkerStats.refused_moves``) for ``age_s``, as long as a plan made from its stats
+    holds (``plan_max_age``), so that a stats message lost on the way leaves later ones to say it, and past that until
     one stats message has said it (a worker whose ``stats_interval_s`` is ``PLAN_MAX_AGE_S`` or
     more let one expire unsaid, and its request stayed pinned ``settle_s``: left by the last
     session). The migrator then frees those requests for its next plan: it could not tell a refused
@@ -70,7 +83,9 @@ class Refusals:
     refusal, so the migrator does not plan it again (it was planned and refused every ``settle_s``,
     its cache exported each time: left by the last session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats_interval_s: float = 0.0) -> None:
+        # how long a plan made from this worker's stats, sent every ``stats_interval_s``, holds
+        self.age_s = plan_max_age(stats_interval_s)
         # (plan id, request id) -> when refused (monotonic), and whether a stats message has said it
         self._at: dict[tuple[str, str], tuple[float, bool]] = {}
         self.oversized: set[str] = set()  # requests refused a move for their size (pinned here)
@@ -86,9 +101,9 @@ class Refusals:
             self.oversized.add(move.request_id)
 
     def lately(self, now: float) -> dict[str, list[str]]:
-        """Plan id -> the request ids of its moves refused within ``PLAN_MAX_AGE_S`` of ``now``, or
+        """Plan id -> the request ids of its moves refused within ``age_s`` of ``now``, or
         earlier and not said yet; each is said from here on (the caller sends it)."""
-        self._at = {k: (at, True) for k, (at, said) in self._at.items() if now - at < PLAN_MAX_AGE_S or not said}
+        self._at = {k: (at, True) for k, (at, said) in self._at.items() if now - at < self.age_s or not said}
         out: dict[str, list[str]] = {}
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)

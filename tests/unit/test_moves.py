@@ -85,6 +85,21 @@ def test_a_plans_age_is_read_on_the_workers_own_clock() -> None:
     assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=110.0 + moves.PLAN_MAX_AGE_S + 1) is None
 
 
+def test_a_plan_holds_past_the_worker_s_stats_interval() -> None:
+    """A worker sending its stats every 8 s: the migrator plans from the latest it heard, up to 8 s
+    old, and a plan made from them holds ``PLAN_MAX_AGE_S`` past that, as its refusals are said for
+    that long. A fixed 5 s dropped each plan made from stats sent more than 5 s before (left by the
+    last session: every plan, with stats sent every 5 s or more)."""
+    refusals = moves.Refusals(stats_interval_s=8.0)
+    made_from = plan(stats_sent={"w0": 100.0})
+    taken = moves.moves_to_take(made_from, "w0", epoch_seen=3, now=107.0, max_age_s=refusals.age_s)
+    assert taken == [moves.Move("a", "w1", True, plan_id="p")]
+    assert moves.moves_to_take(made_from, "w0", epoch_seen=3, now=113.5, max_age_s=refusals.age_s) is None
+    refusals.add(moves.Move("a", "w1", True, plan_id="p"), now=10.0)
+    assert refusals.lately(now=10.5) == refusals.lately(now=22.5) == {"p": ["a"]}
+    assert refusals.lately(now=23.5) == {}
+
+
 def test_a_recomputed_move_sends_no_cache() -> None:
     resumed, chunks = moves.handoff(REQ, [7, 8], 1, next_seq=2, kv=None, kv_export_s=0.3)
     assert chunks == [] and (resumed.resume_token_ids, resumed.next_seq, resumed.kv_chunks, resumed.kv_export_s) == (
