@@ -8,12 +8,10 @@ import functools
 import time
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from dlora.common import bus, log, subjects
 from dlora.common.inflight import Copy
 from dlora.services.worker.chunks import Stream
-from dlora.services.worker.moves import Move, handoff
+from dlora.services.worker.moves import Move, TooLarge, handoff, too_large
 
 if TYPE_CHECKING:
     from dlora.common.messages import GenerateRequest
@@ -69,10 +67,10 @@ async def move_out(w: WorkerService, move: Move) -> None:
     resumed, chunks = resume(None, 0.0)
     # Checked before the cache is exported (a copy off the device, thrown away when refused): with
     # the cache, the message has only a chunk count, a transfer id and its export time more.
-    if len(msgspec.json.encode(resumed)) + 64 > w.nc.max_payload:  # grown by its tokens past NATS's
+    if over := too_large(resumed, w.nc.max_payload):  # grown past NATS's payload limit
         if move.request_id not in w.refusals.oversized:
-            logger.warning("request too large to move; it stays here", request=move.request_id)
-        w.refusals.add(move, time.monotonic(), oversized=True)  # (its stats pin it here from now on)
+            logger.warning("request too large to move; it stays here", request=move.request_id, by=over.value)
+        w.refusals.add(move, time.monotonic(), oversized=over is TooLarge.WHILE_HERE)  # (then pinned here)
         return
     data: bytes | None = None
     start = time.monotonic()

@@ -5,6 +5,7 @@ in chunks when the plan ships it). The worker shell does the I/O; ``kv_inbox`` i
 
 from __future__ import annotations
 
+import enum
 import uuid
 from collections.abc import Container
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from dlora.common.messages import GenerateRequest, KVChunk, MovePlan, WorkerStat
 PLAN_MAX_AGE_S = 5.0
 # KV bytes per chunk: under NATS's default 1 MiB payload limit.
 KV_CHUNK_BYTES = 512 << 10
+# Bytes a move's message grows by when it ships the cache (a chunk count, a transfer id, its export
+# time), kept free when its size is checked before the cache is exported.
+KV_FIELDS_BYTES = 64
 # The most refused moves a worker's stats say (the latest; ~50 bytes each): a plan moves a few
 # hundred at most (BENCHMARKS.md's migration section), and its stats list up to 4,096 requests.
 MAX_REFUSED = 1024
@@ -78,8 +82,8 @@ class Refusals:
     session). The migrator then frees those requests for its next plan: it could not tell a refused
     move from one in transit, and pinned the request where it was for ``settle_s`` (10 s).
 
-    A request refused for its size (``oversized``) stays too large while it is here (its tokens
-    only grow): its stats pin it here (``RequestLoad.pinned``), in the message that says the
+    A request refused for its size (``oversized``: ``TooLarge.WHILE_HERE``) stays too large while it
+    is here (its tokens only grow): its stats pin it here (``RequestLoad.pinned``), in the message that says the
     refusal, so the migrator does not plan it again (it was planned and refused every ``settle_s``,
     its cache exported each time: left by the last session)."""
 
@@ -122,6 +126,32 @@ class Refusals:
             for r in stats.requests
         ]
         return msgspec.structs.replace(stats, refused_moves=refused, requests=loads)
+
+
+class TooLarge(enum.Enum):
+    """Why a move's message is over the bus's payload limit (``too_large``)."""
+
+    FOR_NOW = "held text"  # by the width of the text held back for a stop string, which may narrow
+    WHILE_HERE = "tokens"  # even with that text at its narrowest: it only grows, and stays pinned here
+
+
+def too_large(resumed: GenerateRequest, max_payload: int) -> TooLarge | None:
+    """Whether ``resumed`` (``handoff``'s, without its cache) is over ``max_payload`` bytes with a
+    shipped cache's fields, and why; None: it fits. Its held text (``resume_text_held``) is the last
+    characters that could begin a stop string, as many as the longest less one once the text is
+    that long (``stopping.visible_end``): sent, they give way to as many newer ones, so the message
+    shrinks only where those take fewer bytes (3-byte CJK followed by ASCII). Over with them at one
+    byte each, it never fits while here (its tokens only grow); over only by their width, it is
+    refused this time and planned again (pinned for good, it stayed where it could have gone once
+    its text ran on in ASCII: left by the last session)."""
+
+    def size(r: GenerateRequest) -> int:
+        return len(msgspec.json.encode(r)) + KV_FIELDS_BYTES
+
+    if size(resumed) <= max_payload:
+        return None
+    narrowest = msgspec.structs.replace(resumed, resume_text_held="x" * len(resumed.resume_text_held))
+    return TooLarge.FOR_NOW if size(narrowest) <= max_payload else TooLarge.WHILE_HERE
 
 
 def handoff(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import torch
 
 from dlora.common.messages import (
@@ -190,3 +191,20 @@ def test_a_request_too_large_to_move_is_said_refused_and_pinned_while_it_is_here
     assert st.refused_moves == {} and [r.pinned for r in st.requests] == [True]  # pinned after the refusal
     st = refusals.stated(_stats("big"), now=40.0, held={"other"})  # ended here (an id used again: free)
     assert [r.pinned for r in st.requests] == [False] and refusals.oversized == set()
+
+
+def test_a_request_over_the_payload_only_by_its_held_text_s_width_is_not_pinned() -> None:
+    """The text held back for a stop string is its last characters (the longest stop string's length
+    less one): sent, they give way to as many newer ones, so the message shrinks only where those
+    are narrower. Over the limit by three-byte characters held, a request would fit once its text
+    runs on in ASCII: refused for now, not pinned (it was pinned for good: left by the last
+    session). Over with them at one byte each, it never fits while here: pinned."""
+    held = "\u4e2d" * 10  # 30 bytes in UTF-8; 10 at its narrowest
+    resumed, _ = moves.handoff(REQ, [7] * 50, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held=held)
+    size = len(msgspec.json.encode(resumed)) + moves.KV_FIELDS_BYTES
+    assert moves.too_large(resumed, size) is None
+    assert moves.too_large(resumed, size - 1) is moves.TooLarge.FOR_NOW
+    assert moves.too_large(resumed, size - 20) is moves.TooLarge.FOR_NOW
+    assert moves.too_large(resumed, size - 21) is moves.TooLarge.WHILE_HERE
+    ascii_held, _ = moves.handoff(REQ, [7] * 50, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held="x" * 10)
+    assert moves.too_large(ascii_held, size - 21) is moves.TooLarge.WHILE_HERE  # (as narrow as it gets)
