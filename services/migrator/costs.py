@@ -45,9 +45,12 @@ def kv_demand(snapshot: ClusterSnapshot) -> dict[str, int]:
     return out
 
 
-def _overflow(snapshot: ClusterSnapshot, demand: dict[str, int], fraction: float) -> float:
-    over = sum(max(0.0, demand[w.worker] - fraction * w.kv_blocks) * w.block_size for w in snapshot.workers)
-    return over * snapshot.recompute_seconds_per_token
+def overflow_seconds(snapshot: ClusterSnapshot, w: WorkerState, demand: float, kv_pressure: float) -> float:
+    """Seconds of ``w``'s time its preemptions take where its requests need ``demand`` KV blocks: the
+    recompute of the tokens over ``kv_pressure`` of its blocks (what a preempted request recomputes
+    when it runs again, on ``w``: the ILP's and ``worth``'s measure of KV pressure)."""
+    over = max(0.0, demand - kv_pressure * w.kv_blocks)
+    return over * w.block_size * snapshot.recompute_seconds_per_token if over else 0.0
 
 
 def move_cost(snapshot: ClusterSnapshot, r: RequestState) -> float:
@@ -130,22 +133,30 @@ class Standing:
         """The recomputes or KV shipped of ``moves``, in all."""
         return sum(self.moving(self.by_id[m.request_id]) for m in moves)
 
-    def relief(self, demand: dict[str, int], kv_pressure: float) -> float:
-        """The recompute of KV demand over ``kv_pressure`` spared where the workers' demand is ``demand``."""
-        return _overflow(self.snapshot, self.demand, kv_pressure) - _overflow(self.snapshot, demand, kv_pressure)
+    def pressed(self, load: dict[str, float], demand: dict[str, int], kv_pressure: float) -> dict[str, float]:
+        """``load`` (seconds) with each worker's preemptions' recompute where its KV demand is
+        ``demand`` (``overflow_seconds``): its work, and the recompute it will do once over."""
+        out = dict(load)
+        for w, ws in self.workers.items():
+            out[w] += overflow_seconds(self.snapshot, ws, demand[w], kv_pressure)
+        return out
 
     def worth(self, moves: list[MoveRequest], kv_pressure: float) -> float:
         """Seconds ``moves`` save: the longest completion time's drop (``after``, uncharged; the
-        adapter reads they make waited for, ``waited``) and the recompute of KV demand over
-        ``kv_pressure`` they spare, less their recomputes or KV shipped in all, each counted once
-        (DESIGN.md: the maximum load plus the cost of the moves): the ILP's objective, and what the
-        gain check asks to be positive. A read costs only the wait of the requests moved for it
-        (DESIGN.md: "every other stream steps on"): summed as a cost here while the gain check
-        waited for it, each plan judged a read two ways, and where both plans were empty by the sum
-        nothing went though one gained."""
+        adapter reads they make waited for, ``waited``), each worker's counting the recompute of its
+        KV demand over ``kv_pressure`` (``pressed``), less their recomputes or KV shipped in all,
+        each counted once (DESIGN.md: the maximum load plus the cost of the moves): the ILP's
+        objective, and what the gain check asks to be positive. A read costs only the wait of the
+        requests moved for it (DESIGN.md: "every other stream steps on"): summed as a cost here
+        while the gain check waited for it, each plan judged a read two ways, and where both plans
+        were empty by the sum nothing went though one gained. The recompute is the pressed worker's
+        time, and counts where it ends: summed over the cluster as work saved, a move off a pressed
+        worker that finished early anyway was worth its relief though no completion came sooner,
+        and a pressed worker's own completion was judged without it (left by the last session)."""
         load, demand = self.after(moves)
-        saved = self.longest - max(self.waited(moves, load).values(), default=0.0)
-        return saved + self.relief(demand, kv_pressure) - self.cost(moves)
+        before = max(self.pressed(self.load, self.demand, kv_pressure).values(), default=0.0)
+        after = max(self.waited(moves, self.pressed(load, demand, kv_pressure)).values(), default=0.0)
+        return before - after - self.cost(moves)
 
     def waited(self, moves: list[MoveRequest], load: dict[str, float], charged: bool = False) -> dict[str, float]:
         """Each worker's completion time, ``load`` once ``moves`` are made (``after``, as ``charged``),

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dlora.common.messages import MoveRequest
 from dlora.common.versions import name_of
 from dlora.services.migrator.bands import price_of
-from dlora.services.migrator.costs import BASE, Standing, blocks_of, read_price, ship_kv
+from dlora.services.migrator.costs import BASE, Standing, blocks_of, overflow_seconds, read_price, ship_kv
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, runs_among, takes
 
 
@@ -20,10 +20,13 @@ def greedy_moves(
     snapshot: ClusterSnapshot,
     deadline: float | None = None,
     standing: Standing | None = None,
+    kv_pressure: float = 1.0,
 ) -> list[MoveRequest]:
     """One request at a time from the most loaded worker to one with its adapter or a free slot, and KV room,
-    while the longest completion shrinks by more than it costs; at ``deadline``, the moves so far."""
-    return _Pass(snapshot, standing or Standing(snapshot)).run(deadline)
+    while the longest completion shrinks by more than it costs; at ``deadline``, the moves so far. A
+    worker's completion counts the recompute of its KV demand over ``kv_pressure`` of its blocks
+    (``costs.overflow_seconds``), as ``worth`` and the ILP count it."""
+    return _Pass(snapshot, standing or Standing(snapshot), kv_pressure).run(deadline)
 
 
 # Where a request is best moved: (seconds of the adapter read it makes there, the destination's
@@ -38,17 +41,21 @@ class _Pass:
     a read to a busy worker was a move the pass never made, though the plan gained (left by the last
     session: both plans empty where one would have gone)."""
 
-    def __init__(self, snapshot: ClusterSnapshot, standing: Standing) -> None:
+    def __init__(self, snapshot: ClusterSnapshot, standing: Standing, kv_pressure: float) -> None:
         self.snapshot, self.standing, self.workers = snapshot, standing, standing.workers
         self.demand = dict(standing.demand)
+        self.kv_pressure = kv_pressure
+        # each worker's preemptions' recompute at its demand (``overflow``): part of its own time
+        self.over = {w: self.overflow(w, self.demand[w]) for w in self.workers}
         self.held = {w: Running(keys, keys.by_version) for w, keys in standing.running.items()}  # (moves add to it)
-        # A worker's completion is max(own, reading) + waiting (``Standing.waited``): its own work
-        # (the requests moved there that wait for no read among it), the reads made there (one at a
-        # time, beside its steps) and the work of the requests moved there that wait for them.
+        # A worker's completion is max(own + over, reading) + waiting (``Standing.waited``): its own
+        # work (the requests moved there that wait for no read among it) and recompute, the reads
+        # made there (one at a time, beside its steps) and the work of the requests moved there
+        # that wait for them.
         self.own = dict(standing.load)
         self.reading = dict.fromkeys(self.workers, 0.0)
         self.waiting = dict.fromkeys(self.workers, 0.0)
-        self.load = dict(standing.load)
+        self.load = {w: load + self.over[w] for w, load in standing.load.items()}
         self.prices: dict[tuple[str, str], float] = {}  # (worker, adapter key) -> its read there (``read``)
         # request id -> (the worker it was moved to and waits for a read at, the key read there for it)
         self.waits_at: dict[str, tuple[str, str]] = {}
@@ -82,6 +89,19 @@ class _Pass:
         if (price := self.priced.get(r.request_id)) is None:
             price = self.priced[r.request_id] = price_of(self.snapshot, self.workers[r.worker], r)
         return price
+
+    def overflow(self, w: str, demand: int) -> float:
+        """``w``'s preemptions' recompute (seconds) where its requests need ``demand`` KV blocks."""
+        return overflow_seconds(self.snapshot, self.workers[w], demand, self.kv_pressure)
+
+    def relieves(self, r: RequestState, src: str) -> bool:
+        """Whether moving ``r`` off ``src`` takes more of its time (its work there, and the recompute
+        its KV's share of the demand over pressure would cost) than the move costs: ``price_of`` under
+        1, or less the recompute spared (``planner._settled`` leaves a pressed worker's requests free:
+        the ILP moved them, the pass never did)."""
+        blocks = blocks_of(r.context_tokens, self.workers[src].block_size)
+        spared = self.over[src] - self.overflow(src, self.demand[src] - blocks)
+        return self.standing.moving(r) < self.standing.arrival(r, self.workers[src]) + spared
 
     def work(self, r: RequestState, w: str) -> float:
         """Seconds of ``w``'s time ``r`` takes there (``Standing.arrival``, charged): its remaining work,
@@ -123,8 +143,10 @@ class _Pass:
             order = sorted(load, key=load.__getitem__)
             pick = None
             for i, r in enumerate(self.on[src]):  # noqa: B007 (the one picked: read after the loop)
-                if self.price(r) >= 1:  # (and every one after it) adds more than it relieves
+                if self.price(r) >= 1 and not self.over[src]:  # (and every one after it) adds more than it relieves
                     break
+                if self.price(r) >= 1 and not self.relieves(r, src):  # (pressed: its KV's recompute may)
+                    continue
                 # at each request looked at: one move may look at thousands none of which goes (the
                 # pass ran 20-50 ms past its deadline under 6x oversubscription)
                 if deadline is not None and time.perf_counter() > deadline:
@@ -178,9 +200,10 @@ class _Pass:
             # The cheapest checks first, each only where the last passed: priced for every one
             # looked at, they took 0.7 s of the 1 s bound at 128 x 1,024 x 10,000 (the ILP none).
             work = self.work(r, dst)
-            if self.own[dst] + self.waiting[dst] + work > bound:  # (the least it ends at: a read only adds)
+            if self.own[dst] + self.over[dst] + self.waiting[dst] + work > bound:  # (the least it ends at)
                 continue
-            if self.demand[dst] + blocks_of(r.context_tokens, there.block_size) > there.kv_blocks:
+            blocks = self.demand[dst] + blocks_of(r.context_tokens, there.block_size)
+            if blocks > there.kv_blocks:
                 continue
             if not (there.holds(r) and self.takes(dst, a)):
                 continue
@@ -191,7 +214,7 @@ class _Pass:
                 continue
             read = self.read(dst, a) if needs else 0.0
             waits = needs or bool(a) and not (runs_among(self.standing.running[dst], a) or there.has(a))
-            end = self.done(dst, work, read, waits)
+            end = self.done(dst, work, read, waits, self.overflow(dst, blocks))
             if end > bound:
                 continue
             if end < load[src] and end <= limit and (pick is None or (read, end) < pick[:2]):
@@ -242,12 +265,13 @@ class _Pass:
             del self.readers[w][key]
             self.reading[w] = self.reading[w] - read if self.readers[w] else 0.0  # (none left: no rounding)
 
-    def done(self, w: str, work: float, read: float, waits: bool) -> float:
+    def done(self, w: str, work: float, read: float, waits: bool, over: float) -> float:
         """``w``'s completion once a request of ``work`` seconds arrives (``read``: the seconds of the
-        read it makes there; ``waits``: whether it waits for a read there)."""
+        read it makes there; ``waits``: whether it waits for a read there; ``over``: its preemptions'
+        recompute then, ``overflow``)."""
         if waits:
-            return max(self.own[w], self.reading[w] + read) + self.waiting[w] + work
-        return max(self.own[w] + work, self.reading[w]) + self.waiting[w]
+            return max(self.own[w] + over, self.reading[w] + read) + self.waiting[w] + work
+        return max(self.own[w] + work + over, self.reading[w]) + self.waiting[w]
 
     def move(self, r: RequestState, i: int, src: str, pick: Pick) -> None:
         """Move ``r``, ``self.on[src][i]``, where ``pick`` (``destination``) says."""
@@ -280,14 +304,15 @@ class _Pass:
             self.own[dst] += work
         if r.adapter and dst != r.worker:
             self.arrived[dst][r.key] += 1
+        self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
+        self.demand[dst] += blocks_of(r.context_tokens, there.block_size)
         for w in (src, dst):
-            self.load[w] = max(self.own[w], self.reading[w]) + self.waiting[w]
-            if self.reading[w] > self.own[w]:
+            self.over[w] = self.overflow(w, self.demand[w])
+            self.load[w] = max(self.own[w] + self.over[w], self.reading[w]) + self.waiting[w]
+            if self.reading[w] > self.own[w] + self.over[w]:
                 self.read_bound.add(w)
             else:
                 self.read_bound.discard(w)
-        self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
-        self.demand[dst] += blocks_of(r.context_tokens, there.block_size)
         del self.on[src][i]
         bisect.insort(self.on[dst], r, key=self.price)
         name = name_of(r.key)

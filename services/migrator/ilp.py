@@ -13,14 +13,15 @@ worker w (fixed to 1 where it already does).
               a request goes only where its adapter is           n[g, w] <= |g| * y[a_g, w]
               adapter slots (one per adapter, any rank)          sum_a y[a, w] <= slots_w - running_w
               KV memory                                          sum_g n[g, w] kv_g <= blocks_w
-              T bounds every worker's completion time            sum_g n[g, w] work_g,w <= T
+              T bounds every worker's completion time            sum_g n[g, w] work_g,w + s_w c_w <= T
               and its reads, waited for by what they bring       sum_a y[a, w] read_a,w
                                                                    + sum_{g moved for a read} n[g, w] work_g,w <= T
 
 KV demand above a pressure fraction of a worker's blocks (all of them by default) is priced as
-the recompute of its tokens, since that is what the worker's preemptions will cost: a slack
-s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w * block_size * recompute cost to the
-objective. A worker already over its blocks (waiting requests count) may stay there, not grow.
+the recompute of its tokens, since that is what the worker's preemptions will cost it: a slack
+s_w >= sum_g n[g, w] kv_g - fraction * blocks_w adds s_w c_w (c_w = block_size * recompute cost) to w's
+completion time in T's bound (where it acts, as ``Standing.worth`` counts it). A worker already
+over its blocks (waiting requests count) may stay there, not grow.
 
 work_g,w is a request's remaining tokens times what w measured per token of g's adapter (its mean
 where the adapter has not run there): T is ``Standing.after``'s measure uncharged, each move's cost
@@ -229,10 +230,11 @@ def solve(
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks - ws.unlisted_blocks, home)
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
         prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks - ws.unlisted_blocks
-        objective.append((over, ws.block_size * snapshot.recompute_seconds_per_token))
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
-        prob += pulp.LpAffineExpression([*work, (T, -1)]) <= -ws.unlisted_seconds()
+        # its preemptions' recompute is its own time (``overflow_seconds``): in its row, not the sum's
+        recompute = (over, ws.block_size * snapshot.recompute_seconds_per_token)
+        prob += pulp.LpAffineExpression([*work, recompute, (T, -1)]) <= -ws.unlisted_seconds()
         if reads:
             # A read is waited for (``Standing.waited``): the requests moved here for one start once
             # the reads made here end (one after another), beside this worker's own steps, so T
@@ -244,7 +246,7 @@ def solve(
             reads_of[w] = [*reads, *waiting]
             prob += pulp.LpAffineExpression([*reads_of[w], (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
-    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, workers, reads_of)
+    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, snapshot, reads_of)
     if settings.max_nodes is not None:
         # No cuts: a node bound does not bound CBC's cut rounds at the root, which took up to 28 s
         # a solve in the simulator's 32-replica runs; without them, the same plans at 20 nodes in

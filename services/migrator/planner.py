@@ -15,6 +15,8 @@ ILP's own objective (``costs.worth``), the greedy plan is taken. The plan taken 
 where it shortens the longest completion by more than its moves cost (and by ``min_gain_s``);
 where it does not (or is empty) and the other one does, the other goes.
 
+One model of KV pressure holds throughout: a worker's demand over ``kv_pressure`` of its blocks
+costs it the recompute of its preempted requests, in its completion time (``costs.overflow_seconds``).
 One model of an adapter read holds throughout (DESIGN.md): it runs beside the destination's steps,
 one read after another, and only the requests moved there for it wait for it. The greedy pass,
 the ILP's T, ``worth`` and the gain check all count a destination's completion as
@@ -44,7 +46,8 @@ from dlora.services.migrator.snapshot import ClusterSnapshot
 def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
     """``snapshot`` with the requests whose move costs more than the work it takes away pinned
     where they are (about to finish, mostly): moved, they add more than they relieve. Not on a
-    worker past ``kv_pressure`` of its blocks: a move relieves that too (the ILP prices it)."""
+    worker past ``kv_pressure`` of its blocks: a move spares its preemptions' recompute too, its
+    time (``costs.overflow_seconds``)."""
     workers = {w.worker: w for w in snapshot.workers}
     demand = kv_demand(snapshot)
     calm = {w.worker for w in snapshot.workers if demand[w.worker] <= kv_pressure * w.kv_blocks}
@@ -87,7 +90,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     )
     snapshot = _settled(snapshot, settings.kv_pressure)
     standing = Standing(snapshot)
-    greedy = greedy_moves(snapshot, deadline, standing)
+    greedy = greedy_moves(snapshot, deadline, standing, settings.kv_pressure)
     # The greedy plan measured before CBC starts, within the time it is given: what runs after it
     # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the
     # time kept back for reading its solution (``Clock.reserve``) covers.
@@ -132,7 +135,7 @@ def _too_little(standing: Standing, moves: list[MoveRequest], worth: float, sett
     """Whether ``moves``, worth ``worth`` (``Standing.worth``, already measured: the walks are the
     time-bounded part after CBC returns), bring too little for what they cost: their gain (the
     longest completion's drop, the adapter reads they make waited for where they are made, and
-    the KV pressure's recompute spared: ``worth`` plus their cost) must pass both ``min_gain_s``
+    each worker's preemptions' recompute in its own: ``worth`` plus their cost) must pass both ``min_gain_s``
     and their recomputes or KV shipped in all, each counted once. A read is no such cost: it runs
     beside the destination's steps, its cost the wait counted in the gain (summed as work, a
     greedy plan that brought the longest completion from 25.9 s to 21.25 s, its four reads of 3 s

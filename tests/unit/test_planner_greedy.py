@@ -19,11 +19,11 @@ from tests.unit.planner_cases import worker
     ("size", "count", "digest"),
     [
         ((8, 64, 500, 0), 87, "450d187035bd8044"),
-        ((32, 128, 2000, 1), 202, "8f31bbf9179e0956"),
-        ((64, 512, 5000, 3), 359, "0a859af4471e2e9f"),
+        ((32, 128, 2000, 1), 209, "1702e8dcdcbf28b0"),
+        ((64, 512, 5000, 3), 350, "8e60f4b23a439f6b"),
         # no request moved twice: the same moves as before a move's cost was charged where it ends
         ((3, 4, 500, 15), 106, "84166cfecbc7dd81"),
-        ((4, 8, 500, 48), 109, "d338e2aa915c8e33"),
+        ((4, 8, 500, 48), 117, "7e6916bdaca76f04"),
     ],
 )
 def test_the_greedy_pass_makes_the_same_moves_on_seeded_snapshots(
@@ -34,7 +34,10 @@ def test_the_greedy_pass_makes_the_same_moves_on_seeded_snapshots(
     made them before it skipped the workers that cannot take a request (those as busy as its
     source, and those needing a read once one is picked). The first three move some request twice,
     so charging its move's cost only where it ends changed them (94, 204 and 338 moves before); on
-    300 seeded snapshots every plan in which no request moved twice stayed as it was."""
+    300 seeded snapshots every plan in which no request moved twice stayed as it was. Each has its
+    hot worker over its KV blocks: counting that worker's preemptions' recompute in its completion
+    (``costs.overflow_seconds``) changed the second, third and fifth (202, 359 and 109 moves before;
+    worth at pressure 1, 132.4, 143.3 and 181.6 s before, 131.3, 149.7 and 196.1 s now)."""
     moves = greedy_moves(snapshot(*size))
     pairs = repr([(m.request_id, m.to_worker) for m in moves]).encode()
     assert (len(moves), hashlib.sha256(pairs).hexdigest()[:16]) == (count, digest)
@@ -45,7 +48,8 @@ def test_the_greedy_pass_looks_only_at_workers_that_can_take_a_request(monkeypat
     better, and past a worker as busy as the source less its request's work, only one whose reads
     outlast its own work can end sooner: the pass looked at every worker up to the source's load
     for each request: 3,519 looks at whether a worker holds a request here, now 963 (at 128 x 1,024 x
-    10,000, 205,000 workers looked at, now 30,000: the pass's CPU seconds 0.13-0.15, now 0.08)."""
+    10,000, 205,000 workers looked at, now 30,000: the pass's CPU seconds 0.13-0.15, now 0.08).
+    1,025 since it counts its hot worker's preemptions' recompute (209 moves where 202 were)."""
     looks = 0
     holds = WorkerState.holds
 
@@ -55,8 +59,8 @@ def test_the_greedy_pass_looks_only_at_workers_that_can_take_a_request(monkeypat
         return holds(self, r)
 
     monkeypatch.setattr(WorkerState, "holds", counted)
-    assert len(greedy_moves(snapshot(32, 128, 2000, 1))) == 202
-    assert looks <= 1_000
+    assert len(greedy_moves(snapshot(32, 128, 2000, 1))) == 209
+    assert looks <= 1_100
 
 
 def test_a_move_s_cost_is_charged_only_where_the_request_ends() -> None:

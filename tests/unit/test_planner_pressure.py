@@ -1,0 +1,62 @@
+"""KV pressure where it acts: a worker's demand over ``kv_pressure`` of its blocks costs it the
+recompute of its preempted requests, counted in that worker's completion time by ``worth``, the
+greedy pass and the ILP alike (``costs.overflow_seconds``), not as work saved across the cluster."""
+
+from __future__ import annotations
+
+import pulp
+import pytest
+
+from dlora.common.messages import MoveRequest
+from dlora.services.migrator.costs import Standing, worth
+from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.planner import PlannerSettings, plan
+from dlora.services.migrator.snapshot import ClusterSnapshot
+from tests.unit.planner_cases import reqs, worker
+
+
+def _early_pressed() -> ClusterSnapshot:
+    """w0's five requests need 95 of its 100 blocks (15 over a 0.8 bound: 0.24 s of recompute) but
+    end at 0.74 s; w1's ten take 10 s; w2 is idle. A w0 request's cache ships in 0.152 s."""
+    return ClusterSnapshot(
+        workers=[worker("w0", kv_blocks=100), worker("w1"), worker("w2")],
+        requests=reqs("w0", None, 5, remaining=10, context=19 * 16) + reqs("w1", None, 10, remaining=100, context=16),
+        recompute_seconds_per_token=0.001,
+        kv_transfer_seconds_per_token=0.0005,
+    )
+
+
+def test_relieving_a_pressed_worker_that_ends_early_saves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Summed as work saved across the cluster, relieving w0 was worth 0.24 s less its 0.152 s
+    shipping, though no completion came sooner, and the ILP shipped w0's requests to w2 beside
+    w1's (left by the last session). The recompute is w0's time, and w0 ends first anyway: the
+    move is worth its cost, negative, and the plan balances w1 alone. The ILP's objective is T
+    plus the moves' cost, the longest completion before less ``worth``."""
+    snap = _early_pressed()
+    off_w0 = [MoveRequest(request_id="w0-None-0", adapter=None, to_worker="w2", ship_kv=True)]
+    assert worth(snap, off_w0, 0.8) == pytest.approx(-0.152)
+    solved: list[pulp.LpProblem] = []
+    solve = pulp.LpProblem.solve
+    monkeypatch.setattr(pulp.LpProblem, "solve", lambda prob, *a, **k: solved.append(prob) or solve(prob, *a, **k))
+    settings = PlannerSettings(kv_pressure=0.8, max_nodes=50)
+    p = plan(snap, settings)
+    assert p.method == "ilp" and p.moves and all(m.request_id.startswith("w1") for m in p.moves)
+    assert pulp.value(solved[0].objective) == pytest.approx(10.0 - worth(snap, p.moves, 0.8))
+
+
+def test_a_pressed_worker_s_recompute_makes_it_the_one_the_greedy_pass_relieves() -> None:
+    """w0's four requests take 4 s and need 96 of its 100 blocks: 16 over a 0.8 bound, 2.56 s of
+    recompute, so it ends at 6.56 s, after w1's 5 s. Judged by its work alone, the pass took w1 for
+    the busiest, could send nothing to w0 that ended before 5 s, and moved nothing (left by the
+    last session). Counted, one of w0's requests goes to w1 (ending at 6.38 s, its shipping
+    charged), taking w0 under its bound."""
+    snap = ClusterSnapshot(
+        workers=[worker("w0", kv_blocks=100), worker("w1")],
+        requests=reqs("w0", None, 4, context=24 * 16) + reqs("w1", None, 5, context=16),
+        recompute_seconds_per_token=0.01,
+        kv_transfer_seconds_per_token=0.001,
+    )
+    moves = greedy_moves(snap, kv_pressure=0.8)
+    assert any(m.request_id.startswith("w0") and m.to_worker == "w1" for m in moves)
+    assert Standing(snap).worth(moves, 0.8) > 0
+    assert greedy_moves(snap, kv_pressure=1.0) == []  # (under its blocks: no recompute, w1 the busiest)
