@@ -89,7 +89,6 @@ class Standing:
         self.load = completion_times(snapshot)
         self.demand = kv_demand(snapshot)
         self.running = running_adapters(snapshot)
-        self.longest = max(self.load.values(), default=0.0)
         self._moving: dict[str, float] = {}  # request id -> ``moving``
 
     def moving(self, r: RequestState) -> float:
@@ -122,12 +121,18 @@ class Standing:
         work = r.remaining_tokens * there.cost(r.adapter)
         return work + self.moving(r) if charged and there.worker != r.worker else work
 
-    def makespan(self, moves: list[MoveRequest]) -> float:
+    def longest(self, kv_pressure: float = 1.0) -> float:
+        """The longest completion time (seconds) as the snapshot stands, each worker's counting the
+        recompute of its KV demand over ``kv_pressure`` (``pressed``): ``MovePlan.makespan_before_s``."""
+        return max(self.pressed(self.load, self.demand, kv_pressure).values(), default=0.0)
+
+    def makespan(self, moves: list[MoveRequest], kv_pressure: float = 1.0) -> float:
         """The longest completion time (seconds) once ``moves`` are made, each move's recompute or KV
-        shipped charged where its request ends and the reads they make waited for: what a plan
-        reports (``MovePlan.makespan_after_s``, the bench's "after"), not what judges it."""
-        load, _ = self.after(moves, charged=True)
-        return max(self.waited(moves, load, charged=True).values(), default=0.0)
+        shipped charged where its request ends, the reads they make waited for and each worker's KV
+        recompute over ``kv_pressure`` counted (``pressed``): what a plan reports
+        (``MovePlan.makespan_after_s``, the bench's "after"), not what judges it."""
+        load, demand = self.after(moves, charged=True)
+        return max(self.waited(moves, self.pressed(load, demand, kv_pressure), charged=True).values(), default=0.0)
 
     def cost(self, moves: list[MoveRequest]) -> float:
         """The recomputes or KV shipped of ``moves``, in all."""
@@ -154,9 +159,8 @@ class Standing:
         worker that finished early anyway was worth its relief though no completion came sooner,
         and a pressed worker's own completion was judged without it (left by the last session)."""
         load, demand = self.after(moves)
-        before = max(self.pressed(self.load, self.demand, kv_pressure).values(), default=0.0)
         after = max(self.waited(moves, self.pressed(load, demand, kv_pressure)).values(), default=0.0)
-        return before - after - self.cost(moves)
+        return self.longest(kv_pressure) - after - self.cost(moves)
 
     def waited(self, moves: list[MoveRequest], load: dict[str, float], charged: bool = False) -> dict[str, float]:
         """Each worker's completion time, ``load`` once ``moves`` are made (``after``, as ``charged``),

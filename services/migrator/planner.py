@@ -116,7 +116,9 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     # greedy plan's read, sent nothing the greedy plan alone would have sent: a review.)
     if (no_gain or not moves) and other and other[0] and not _too_little(standing, other[0], other[2], settings):
         (moves, method, _), no_gain = other, False
-    after = standing.makespan(moves)  # (each move's cost charged where its request ends: reported, not judged)
+    after = standing.makespan(
+        moves, settings.kv_pressure
+    )  # (each move's cost charged where its request ends: reported, not judged)
     if clock.trips is not None:  # (what the next plans keep back for CBC)
         clock.trips.done(time.perf_counter(), clock.pace())
     return MovePlan(
@@ -126,7 +128,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
         ilp_fallback=fallback,
         no_gain=no_gain,
         solve_seconds=time.perf_counter() - clock.wall,
-        makespan_before_s=standing.longest,
+        makespan_before_s=standing.longest(settings.kv_pressure),
         makespan_after_s=after,
     )
 

@@ -60,3 +60,7 @@ def test_a_pressed_worker_s_recompute_makes_it_the_one_the_greedy_pass_relieves(
     assert any(m.request_id.startswith("w0") and m.to_worker == "w1" for m in moves)
     assert Standing(snap).worth(moves, 0.8) > 0
     assert greedy_moves(snap, kv_pressure=1.0) == []  # (under its blocks: no recompute, w1 the busiest)
+    # The makespans a plan reports count it too: without, the "before" was w1's 5 s, and the plan
+    # that took w0 from 6.56 s read as lengthening the longest completion.
+    p = plan(snap, PlannerSettings(kv_pressure=0.8, max_nodes=20))
+    assert p.moves and p.makespan_before_s == pytest.approx(6.56) and p.makespan_after_s < 6.56
