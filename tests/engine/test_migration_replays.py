@@ -1,0 +1,287 @@
+"""Public reports about moving a running request (vLLM's KV-transfer connectors and P/D
+disaggregation, SGLang's PD disaggregation, Llumnix's migration) replayed against two engines:
+each test names its reports, moves a request between a source and a destination engine as a
+worker does (``moves.handoff`` builds what goes on the wire, the destination takes it in as
+``admit`` does) and checks the moved request against one that never moved, token for token, or
+the blocks and counts the report is about. The stop-string seam is ``test_move_seam.py``'s, a
+seeded request under async scheduling ``test_async_scheduling.py``'s, a grammar's state
+``test_structured_after.py``'s, the adapter's version ``tests/integration/test_move_versions.py``'s."""
+
+from __future__ import annotations
+
+import pytest
+
+from dlora.common.messages import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.worker.engine import LLMEngine, RequestError
+from dlora.services.worker.engine.kv_transfer import KVSnapshot
+from dlora.services.worker.engine.sequence import Status
+from dlora.services.worker.moves import handoff
+from tests.engine.helpers import make_engine
+
+PROMPT = [9, 10, 11, 12, 13, 14, 15, 16]
+STEPS = 60  # far over what a test's few tokens take: reaching it is a stall
+
+
+class Client:
+    """What a request's client has received: its tokens, logprobs and finish, over any moves."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list[int]] = {}
+        self.logprobs: dict[str, list[TokenLogprob]] = {}
+        self.reason: dict[str, FinishReason | None] = {}
+        self.counted: dict[str, int] = {}  # the output tokens its last output said it had (the usage)
+
+    def run(self, engine: LLMEngine, steps: int = STEPS) -> Client:
+        """Step ``engine`` ``steps`` times, or until it holds nothing; its outputs taken in."""
+        for _ in range(steps):
+            if not engine.has_unfinished():
+                break
+            for o in engine.step():
+                self.ids.setdefault(o.request_id, []).extend(o.new_token_ids)
+                self.logprobs.setdefault(o.request_id, []).extend(o.logprobs or [])
+                self.reason[o.request_id] = o.finish_reason
+                self.counted[o.request_id] = o.num_output_tokens
+        return self
+
+
+def request(rid: str, params: SamplingParams, adapter: str | None = "lora-0", prompt: list[int] = PROMPT):
+    return GenerateRequest(request_id=rid, reply_to="", prompt_token_ids=prompt, params=params, adapter=adapter)
+
+
+def add(engine: LLMEngine, req: GenerateRequest, kv: KVSnapshot | None = None) -> None:
+    """``req`` into ``engine`` as the worker's admission adds it."""
+    engine.add_request(
+        req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        params=req.params,
+        adapter=req.adapter,
+        resume_token_ids=req.resume_token_ids,
+        resume_text_pending=req.resume_text_pending,
+        resume_text_held=req.resume_text_held,
+        kv=kv,
+        whole=True,
+    )
+
+
+def move(source: LLMEngine, req: GenerateRequest, ship_kv: bool) -> tuple[GenerateRequest, KVSnapshot | None]:
+    """``req`` handed off from ``source`` as ``move_out`` does it: drained, its cache exported when
+    the plan ships it and it has one, the wire's request and chunks made (``handoff``), and the
+    chunks put back together as the destination's inbox does. The source no longer holds it."""
+    source.drain()
+    seq = source.seqs[req.request_id]
+    kv = source.export_kv(req.request_id) if ship_kv else None
+    held = seq.text[seq.emitted :]
+    resumed, chunks = handoff(req, seq.output_ids, seq.detok.pending, 0, kv and kv.to_bytes(), 0.0, held)
+    source.abort(req.request_id)
+    assert len(chunks) == resumed.kv_chunks
+    return resumed, KVSnapshot.from_bytes(b"".join(c.data for c in chunks)) if chunks else None
+
+
+def unmoved(tiny: TinyOutput, req: GenerateRequest) -> Client:
+    engine = make_engine(tiny)
+    add(engine, req)
+    return Client().run(engine)
+
+
+def moved_at(tiny: TinyOutput, req: GenerateRequest, k: int, ship_kv: bool) -> Client:
+    """``req`` run ``k`` steps on one engine, moved, and run to its end on another."""
+    source, destination, client = make_engine(tiny), make_engine(tiny), Client()
+    add(source, req)
+    client.run(source, k)
+    add(destination, *move(source, req, ship_kv))
+    return client.run(destination)
+
+
+@pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
+def test_a_moved_request_ends_at_its_max_tokens_with_no_token_lost_or_made_twice(
+    tiny_llama: TinyOutput, ship_kv: bool
+) -> None:
+    """sgl-project/sglang #7147 (under PD disaggregation a request of max_new_tokens=1 got two
+    tokens: the prefill's and the decode's) and vllm-project/vllm #25373 (the decode side makes
+    the prefill side's first token again). Moved after each of its tokens, a request of four
+    gives its client the four an unmoved one gives, says "length" and counts four in its usage."""
+    req = request("r", SamplingParams(max_tokens=4, ignore_eos=True))
+    want = unmoved(tiny_llama, req)
+    assert len(want.ids["r"]) == 4 and want.reason["r"] is FinishReason.LENGTH
+    for k in (1, 2, 3):
+        got = moved_at(tiny_llama, req, k, ship_kv)
+        assert (got.ids, got.reason, got.counted) == (want.ids, want.reason, {"r": 4}), k
+
+
+SAMPLING = {
+    # vllm-project/vllm #19940: a seeded request's generator was made anew after a preemption,
+    # so its draws restarted; a move is a preemption on another engine
+    "seed": SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+    # vllm-project/vllm-metal #69: presence and frequency penalties counted over the prompt, the
+    # repetition penalty not over it: after a move the tokens made elsewhere are output, not prompt
+    "penalties": SamplingParams(
+        max_tokens=8, presence_penalty=0.8, frequency_penalty=0.9, repetition_penalty=1.5, ignore_eos=True
+    ),
+    # NVIDIA/TensorRT-LLM #11727, sgl-project/sglang #40298: logprobs not carried from the
+    # prefill side to the decode side
+    "logprobs": SamplingParams(max_tokens=6, logprobs=2, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING))
+@pytest.mark.parametrize("ship_kv", [False, True], ids=["recompute", "kv"])
+def test_sampling_state_goes_with_a_moved_request(tiny_llama: TinyOutput, name: str, ship_kv: bool) -> None:
+    """What a request's sampling depends on beside its weights (its seed's position, the tokens
+    its penalties count, its logprobs) is its output so far: moved after one token or three, the
+    client's tokens and logprobs are an unmoved run's."""
+    req = request("r", SAMPLING[name])
+    want = unmoved(tiny_llama, req)
+    for k in (1, 3):
+        got = moved_at(tiny_llama, req, k, ship_kv)
+        assert (got.ids, got.reason) == (want.ids, want.reason), k
+        assert flat(got.logprobs["r"]) == pytest.approx(flat(want.logprobs["r"]), abs=1e-4), k
+
+
+def flat(logprobs: list[TokenLogprob]) -> list[float]:
+    """Each position's token, logprob and ranked alternatives, as numbers: a recomputed cache's
+    logits differ from the source's in their last bits (another batch shape), the tokens not."""
+    return [x for lp in logprobs for x in (lp.token_id, lp.logprob, *(v for pair in lp.top for v in pair))]
+
+
+def test_min_tokens_counts_the_tokens_made_before_the_move(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm PR #21987 (``min_tokens`` not kept when a stop came early) across a move:
+    the destination counts the tokens made at the source toward ``min_tokens``, neither anew (the
+    stop held back longer) nor not at all. The stop token is the first greedy one, held back for
+    four tokens; moved after one and after two, the request stops where an unmoved one does."""
+    first = unmoved(tiny_llama, request("f", SamplingParams(max_tokens=1))).ids["f"][0]
+    req = request("r", SamplingParams(max_tokens=12, min_tokens=4, stop_token_ids=[first]))
+    want = unmoved(tiny_llama, req)
+    assert want.ids["r"][0] != first and len(want.ids["r"]) >= 4  # the stop was held back
+    for k in (1, 2):
+        got = moved_at(tiny_llama, req, k, ship_kv=True)
+        assert (got.ids, got.reason) == (want.ids, want.reason), k
+
+
+def test_a_preempted_request_moves_by_recompute_and_leaves_no_block_behind(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm PR #53250 (MoRIIO: a request preempted on the decode side asked again for
+    the remote KV it had consumed, and waited for ever or crashed the engine core) and PR #48141
+    (a prefill preempted in its last step handed its connector an empty block list). A request
+    preempted for KV holds no cache: a plan that ships its KV moves it by recompute (nothing is
+    exported), it continues exactly, and the source holds none of its blocks."""
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    reqs = [request("x", params), request("y", params, adapter="lora-1")]
+    want = Client()
+    for req in reqs:
+        want.ids.update(unmoved(tiny_llama, req).ids)
+    source, destination, got = make_engine(tiny_llama, block_size=4, num_blocks=8), make_engine(tiny_llama), Client()
+    for req in reqs:
+        add(source, req)
+    for _ in range(STEPS):  # until one is preempted after making tokens
+        got.run(source, 1)
+        if preempted := [r for r, s in source.seqs.items() if s.status is Status.WAITING and s.output_ids]:
+            break
+    assert preempted and not source.blocks.holds(preempted[0])
+    resumed, kv = move(source, next(r for r in reqs if r.request_id == preempted[0]), ship_kv=True)
+    assert kv is None and resumed.kv_chunks == 0  # nothing to ship: the destination recomputes it
+    add(destination, resumed)
+    got.run(destination)
+    got.run(source)
+    assert got.ids == want.ids
+    assert source.blocks.num_free == source.blocks.num_blocks == 8
+
+
+def test_a_cache_moved_onto_a_full_destination_changes_nothing_there_and_is_recomputed(
+    tiny_llama: TinyOutput,
+) -> None:
+    """llumnix-project/llumnix-ray PR #179 and PR #35 (a migration aborted at its destination left
+    the request's state, there and at its source, as the migration had set it) and vllm-project/vllm
+    PR #41269 (a decode node that refused a request before admitting it left its KV stranded). The
+    destination's blocks are held by another request: the import refuses the cache before taking any
+    block, the destination holds what it held, and the request, taken in again without the cache
+    (what ``admit`` does), runs as it would have once the other's blocks are free."""
+    req = request("r", SamplingParams(max_tokens=8, ignore_eos=True), adapter="lora-1")
+    want = unmoved(tiny_llama, req)
+    destination = make_engine(tiny_llama, block_size=4, num_blocks=5)
+    add(destination, request("hog", SamplingParams(max_tokens=3, ignore_eos=True), None, list(range(20, 36))))
+    got = Client().run(destination, 1)
+    source = make_engine(tiny_llama, block_size=4)
+    add(source, req)
+    got.run(source, 3)
+    resumed, kv = move(source, req, ship_kv=True)
+    free, held = destination.blocks.num_free, set(destination.seqs)
+    with pytest.raises(RequestError, match="no free KV blocks"):
+        add(destination, resumed, kv)
+    assert (destination.blocks.num_free, set(destination.seqs)) == (free, held)
+    add(destination, resumed)  # recomputed, once the other request leaves it room
+    got.run(destination)
+    assert got.ids["r"] == want.ids["r"] and got.reason["hog"] is FinishReason.LENGTH
+    assert destination.blocks.num_free == destination.blocks.num_blocks
+
+
+def test_a_moved_choice_leaves_its_siblings_their_shared_prefix_blocks(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm PR #38900 (P/D with ``n > 1``: the children's KV shares the prompt's
+    blocks, and only one child's was transferred) and ai-dynamo/dynamo PR #14262 (``n > 1`` disagg
+    requests hung). Here ``n`` choices are ``n`` requests sharing the prompt's blocks through the
+    prefix cache. One moved with its cache takes a copy of the shared blocks; the two left keep
+    them; every choice gives an unmoved run's tokens; each engine ends holding no block, and the
+    destination's prefix cache never names the imported blocks (another prompt's request there
+    computes its own)."""
+    prompt = [*PROMPT, 17]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = unmoved(tiny_llama, request("c-0", params, "lora-2", prompt)).ids["c-0"]
+    source = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True)
+    destination = make_engine(tiny_llama, block_size=4, enable_prefix_caching=True)
+    choices = [request(f"c-{i}", params, "lora-2", prompt) for i in range(3)]
+    for req in choices:
+        add(source, req)
+    got = Client().run(source, 3)
+    tables = [source.blocks.table(req.request_id) for req in choices]
+    assert tables[0][:2] == tables[1][:2] == tables[2][:2]  # the prompt's two full blocks, shared
+    add(destination, *move(source, choices[1], ship_kv=True))
+    assert destination.blocks.num_cached == 0
+    add(destination, request("after", params, "lora-2", prompt))  # finds nothing cached of the moved one
+    got.run(source)
+    got.run(destination)
+    assert [got.ids[rid] for rid in ("c-0", "c-1", "c-2", "after")] == [want] * 4
+    for engine in (source, destination):
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_an_abort_of_a_moved_request_gives_back_every_block_it_took(tiny_llama: TinyOutput) -> None:
+    """vllm-project/vllm #46283 (a decode-side request aborted while its remote KV loaded kept its
+    blocks for ever), vllm-project/vllm-ascend #16662 and ai-dynamo/dynamo PR #7489 (a client gone
+    during the KV transfer leaked the blocks until the worker stopped serving). A moved request's
+    blocks are taken as its cache is imported, and given back at its abort, whether it has stepped
+    there yet or not. (Its cache still on the way when the abort comes: ``tests/unit/
+    test_kv_inbox_replays.py``.)"""
+    req = request("r", SamplingParams(max_tokens=8, ignore_eos=True))
+    for steps in (0, 2):
+        source, destination = make_engine(tiny_llama), make_engine(tiny_llama)
+        add(source, req)
+        Client().run(source, 3)
+        add(destination, *move(source, req, ship_kv=True))
+        assert destination.blocks.holds("r")
+        Client().run(destination, steps)
+        assert destination.abort("r") and not destination.has_unfinished()
+        assert destination.blocks.num_free == destination.blocks.num_blocks, steps
+        assert source.blocks.num_free == source.blocks.num_blocks
+
+
+def test_a_move_racing_its_requests_end_moves_nothing(tiny_llama: TinyOutput) -> None:
+    """sgl-project/sglang #12151 (the prefill side's first token ended the request, and the decode
+    side went on generating) and vllm-project/vllm PR #48141 (a request finished in the step its
+    preemption came). Under async scheduling the move's drain takes in the step that ends the
+    request: the engine holds it no more and has no cache of it, so ``move_out`` moves nothing; and
+    a destination given its whole output anyway refuses it, saying why, rather than go on."""
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    want = unmoved(tiny_llama, request("r", params))
+    source = make_engine(tiny_llama, async_scheduling=True)
+    add(source, request("r", params))
+    got = Client().run(source, 3)  # the last token is in flight
+    assert "r" in source.seqs and source.seqs["r"].in_flight
+    for o in source.drain():  # what a move does first
+        got.ids["r"] += o.new_token_ids
+        got.reason["r"] = o.finish_reason
+    assert "r" not in source.seqs and source.export_kv("r") is None
+    assert (got.ids, got.reason) == (want.ids, want.reason)
+    ended = GenerateRequest(
+        request_id="r", reply_to="", prompt_token_ids=PROMPT, params=params, resume_token_ids=got.ids["r"]
+    )
+    with pytest.raises(RequestError, match="max_tokens"):
+        add(make_engine(tiny_llama), ended)
