@@ -198,6 +198,26 @@ def test_a_preempted_request_moves_by_recompute_and_leaves_no_block_behind(
     assert source.blocks.num_free == source.blocks.num_blocks == 8
 
 
+def test_a_request_moved_part_way_through_its_prefill_is_recomputed_whole(
+    tiny_llama: TinyOutput, engines: Engines
+) -> None:
+    """The same reports' other half: a prompt moved between two chunks of its prefill holds blocks
+    but no cache a decode could use, so nothing is shipped, the source gives its blocks back, and
+    the destination prefills the whole prompt (counted there, where its first token is made)."""
+    req = request("r", SamplingParams(max_tokens=4, ignore_eos=True), prompt=list(range(30, 50)))
+    want = unmoved(engines, req)
+    source = make_engine(tiny_llama, max_num_batched_tokens=8, block_size=4)
+    add(source, req)
+    got = Client().run(source, 1)
+    assert source.seqs["r"].status is Status.WAITING and source.seqs["r"].num_cached == 8 and not got.ids
+    resumed, kv = move(source, req, ship_kv=True)
+    assert kv is None and not resumed.resume_token_ids and source.blocks.num_free == source.blocks.num_blocks
+    prompts = engines[1].stats.prompt_tokens
+    add(engines[1], resumed)
+    got.run(engines[1])
+    assert got.ids == want.ids and engines[1].stats.prompt_tokens - prompts == 20 and source.stats.prompt_tokens == 0
+
+
 def test_a_cache_moved_onto_a_full_destination_changes_nothing_there_and_is_recomputed(
     tiny_llama: TinyOutput, engines: Engines
 ) -> None:
