@@ -9,6 +9,8 @@ seeded request under async scheduling ``test_async_scheduling.py``'s, a grammar'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from dlora.common.messages import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
@@ -78,14 +80,24 @@ def move(source: LLMEngine, req: GenerateRequest, ship_kv: bool) -> tuple[Genera
     return resumed, KVSnapshot.from_bytes(b"".join(c.data for c in chunks)) if chunks else None
 
 
+Engines = tuple[LLMEngine, LLMEngine]
+
+
 @pytest.fixture(scope="module")
-def engines(tiny_llama: TinyOutput) -> tuple[LLMEngine, LLMEngine]:
-    """A source and a destination of the default config, shared by the tests that need no other
-    (an engine costs about what a test's run does); every request they run ends there."""
+def shared(tiny_llama: TinyOutput) -> Engines:
     return make_engine(tiny_llama), make_engine(tiny_llama)
 
 
-Engines = tuple[LLMEngine, LLMEngine]
+@pytest.fixture
+def engines(shared: Engines) -> Iterator[Engines]:
+    """A source and a destination of the default config, shared by the tests that need no other
+    (an engine costs about what a test's run does); what a failing test leaves in them is aborted
+    after it."""
+    yield shared
+    for engine in shared:
+        engine.drain()
+        for rid in list(engine.seqs):
+            engine.abort(rid)
 
 
 def unmoved(engines: Engines, req: GenerateRequest) -> Client:
