@@ -9,21 +9,10 @@ import contextlib
 import types
 
 import pytest
-import torch
 
-from dlora.common.messages import KVChunk
 from dlora.services.worker import kv_inbox
-from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.kv_inbox import KVInbox
-
-
-def shipment(request_id: str, transfer: str, n: int = 3) -> list[KVChunk]:
-    data = KVSnapshot(tokens=4, k=torch.randn(2, 4, 1, 8), v=torch.randn(2, 4, 1, 8)).to_bytes()
-    size = -(-len(data) // n)
-    return [
-        KVChunk(request_id=request_id, index=i, total=n, data=data[i * size : (i + 1) * size], transfer=transfer)
-        for i in range(n)
-    ]
+from tests.unit.test_kv_inbox import shipment
 
 
 async def test_a_cache_whose_request_is_aborted_on_the_way_is_dropped_and_its_late_chunks_swept(
@@ -39,7 +28,7 @@ async def test_a_cache_whose_request_is_aborted_on_the_way_is_dropped_and_its_la
     now = [0.0]
     monkeypatch.setattr(kv_inbox, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     inbox = KVInbox(wait_s=60.0, stale_s=20.0)
-    parts = shipment("r", "move-1")
+    _, parts = shipment("r", "move-1", tokens=4)
     inbox.put(parts[0])
     waiting = asyncio.create_task(inbox.take("r", "move-1"))
     await asyncio.sleep(0)  # it waits for the rest
