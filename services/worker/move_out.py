@@ -15,6 +15,7 @@ from dlora.services.worker.moves import Move, TooLarge, handoff, too_large
 
 if TYPE_CHECKING:
     from dlora.common.messages import GenerateRequest
+    from dlora.services.worker.engine import LLMEngine
     from dlora.services.worker.main import WorkerService
 
 logger = log.get("worker")
@@ -34,6 +35,14 @@ def waited(req: GenerateRequest, arrived: float, scheduled_s: float = 0.0) -> fl
     """Seconds ``req`` has waited unscheduled: where it came from (``queued_s``) and here since
     ``arrived`` (monotonic seconds), less the ``scheduled_s`` it has run since its first step."""
     return req.queued_s + max(0.0, time.monotonic() - arrived - scheduled_s)
+
+
+def exported(engine: LLMEngine, request_id: str) -> bytes | None:
+    """The cache of ``request_id`` as it travels (``KVSnapshot.to_bytes``), None when it has none
+    to ship (waiting, preempted, mid-prefill: recomputed where it goes). Blocking: a copy of the
+    whole cache off the device, then one into bytes (an 8B model's 8k-token cache is ~1 GiB)."""
+    kv = engine.export_kv(request_id)
+    return None if kv is None else kv.to_bytes()
 
 
 async def move_out(w: WorkerService, move: Move) -> None:
@@ -74,8 +83,11 @@ async def move_out(w: WorkerService, move: Move) -> None:
         return
     data: bytes | None = None
     start = time.monotonic()
-    if move.ship_kv and (kv := w.engine.export_kv(move.request_id)) is not None:
-        data = kv.to_bytes()
+    # On a thread, as ``drain`` above (the loop owns the engine and waits here: no step runs
+    # meanwhile): the copy off the device and the bytes made of it are the size of the cache, and
+    # on the event loop they held the worker's beats, stats, arrivals, aborts and the chunks of
+    # caches coming in as long (the receiving side reads and checks a cache off the loop alike).
+    if move.ship_kv and (data := await asyncio.to_thread(exported, w.engine, move.request_id)) is not None:
         resumed, chunks = resume(data, time.monotonic() - start)
     copy = Copy.of(stream.request, w.records.stalled())
     try:
