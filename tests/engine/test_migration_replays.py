@@ -266,8 +266,8 @@ def test_a_moved_choice_leaves_its_siblings_their_shared_prefix_blocks(
     requests hung). Here ``n`` choices are ``n`` requests sharing the prompt's blocks through the
     prefix cache. One moved with its cache takes a copy of the shared blocks; the two left keep
     them; every choice gives an unmoved run's tokens; each engine ends holding no block, and the
-    destination's prefix cache never names the imported blocks (another prompt's request there
-    computes its own)."""
+    destination's prefix cache never names the imported blocks (a later request of the same prompt
+    there computes its own, and gives the same tokens)."""
     prompt = [*PROMPT, 17]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     want = unmoved(engines, request("c-0", params, "lora-2", prompt)).ids["c-0"]
