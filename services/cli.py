@@ -481,7 +481,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from dlora.common import log
-    from dlora.services.launcher import up
+    from dlora.services.up import up
 
     log.configure(json=False)
     return up(args.workers, args.model, args.lora, args.port, args.config)

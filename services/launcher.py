@@ -1,9 +1,10 @@
-"""``dlora up``: the whole stack on one machine, with nothing to set up.
+"""``dlora up``'s stack: the whole of it on one machine, with nothing to set up.
 
 Starts nats-server and redis-server as children unless URLs are configured, makes the tiny demo
 model and adapters if no model is given, registers the adapters, starts the dispatcher, N
-workers and the gateway as subprocesses (each also runnable alone with ``dlora serve``), prints
-the URL and a curl line, and stops everything on Ctrl-C.
+workers and the gateway as subprocesses (each also runnable alone with ``dlora serve``), starts
+a service that fails again as systemd would, and stops everything. The command itself (what it
+prints, its signals, its watch over the services) is ``up.py``.
 """
 
 from __future__ import annotations
@@ -18,28 +19,21 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
-import nats
 
 from dlora.common.permissions import APP_USER, ROLES
-from dlora.common.redis_client import redis_client
-from dlora.common.registry import AdapterRegistry
-from dlora.common.settings import SettingsError, load, unknown_env, unread_config
-from dlora.common.state import StateStore
-from dlora.common.urls import http_url, nats_servers, redacted
+from dlora.common.settings import SettingsError, load, unknown_env
+from dlora.common.urls import http_url, redacted
 from dlora.model.adapters import parse_lora_args
-from dlora.model.config import ModelConfig, served_name
+from dlora.model.config import served_name
 from dlora.services.config_file import SERVICES, check_config
-from dlora.services.gateway.admin import check_adapter, lora_roots
-from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.admin import lora_roots
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gpus import gpu_of_worker, visible_gpus
 from dlora.services.servers import (
-    NATS_DEFAULT_PORT,
     REDIS_USER,
     Server,
     die_with_parent,
@@ -48,6 +42,7 @@ from dlora.services.servers import (
     start_nats_preferring,
     start_redis,
 )
+from dlora.services.stack_start import ids_in_use, register_adapters, wait_ready, worker_ids
 from dlora.services.stack_stop import StackStop, workers_drain_s
 from dlora.services.worker.settings import WorkerSettings
 
@@ -62,18 +57,6 @@ def _demo() -> tuple[Path, dict[str, str]]:
     # The demo's own (lora-<n>): a folder of other adapters put beside them is not the demo's.
     adapters = sorted(p for p in (DEMO / "adapters").glob("lora-*") if (p / "adapter_config.json").exists())
     return DEMO / "model", {p.name: str(p) for p in adapters}
-
-
-def given_key(environ: Mapping[str, str], config: str | None = None) -> str:
-    """Where the admin key ``dlora up`` was given comes from, as a user would paste it: the
-    variable that sets it (the gateway's own first, as the settings read them), else the entry of
-    the settings file (``config``, else ``$DLORA_CONFIG``, else dlora.toml). Never the key
-    (printed, it went into logs). It named dlora.toml for a key from ``DLORA_ADMIN_KEY`` (the
-    settings had read it into the same field): a user looked for a file."""
-    for name in ("DLORA_GATEWAY_ADMIN_KEY", "DLORA_ADMIN_KEY"):
-        if environ.get(name):
-            return f"${name}"
-    return f"<admin_key of {config or environ.get('DLORA_CONFIG') or 'dlora.toml'}>"
 
 
 def configured_model(config: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -91,57 +74,6 @@ def configured_model(config: str | None, env: Mapping[str, str] | None = None) -
             "name it once, or give --model"
         )
     return next(iter(named), None)
-
-
-async def _register(s: GatewaySettings, model: Path, loras: dict[str, str], roots: list[str], base_name: str) -> None:
-    """Register the command line's adapters, as the gateway (its NATS and Redis credentials)."""
-    cfg = ModelConfig.from_dir(model)
-    redis = redis_client(s.redis_url, username=s.redis_username, password=s.redis_password)
-    nc = await nats.connect(nats_servers(s.nats_url), user=s.nats_user or None, password=s.nats_password or None)
-    try:
-        registry = await AdapterRegistry.open(nc, StateStore(redis, s.redis_prefix), s.nats_kv_replicas)
-        for name, path in loras.items():
-            # the command line is the authority over an entry a Redis of its own may still hold
-            await registry.register(check_adapter(name, path, roots, base_name, cfg), replace=True)
-    finally:
-        await nc.close()
-        await redis.aclose()
-
-
-async def _ids_in_use(s: GatewaySettings) -> set[str]:
-    """The worker ids live workers beat under in ``s``'s Redis (as the gateway)."""
-    redis = redis_client(s.redis_url, username=s.redis_username, password=s.redis_password)
-    try:
-        return {st.worker for st in await StateStore(redis, s.redis_prefix).live_workers()}
-    finally:
-        await redis.aclose()
-
-
-def worker_ids(n: int, taken: Collection[str]) -> list[str]:
-    """``n`` worker ids, worker-0 on, passing over those ``taken``: under ``dlora up`` twice against
-    one NATS and Redis each started worker-0..N-1, and the second's refused to start (one_id.py)."""
-    free = (f"worker-{i}" for i in range(n + len(taken)))
-    return [w for w in free if w not in taken][:n]
-
-
-def _wait_ready(
-    url: str, workers: int, procs: list[subprocess.Popen], timeout: float = 180.0, own: Callable[[], bool] | None = None
-) -> None:
-    """Until the gateway at ``url`` counts ``workers`` live workers, or ``own()`` says this stack's
-    are beating (a Redis shared with another stack: the gateway counts theirs, and a crashed one's
-    key until it expires, which left a stack waiting for a worker that never came: a review)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("a service exited during start-up (see its log above)")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:
-                if own() if own is not None else json.load(r)["workers"] >= workers:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the stack was not ready within {timeout:.0f} s")
 
 
 # A worker that ran less than this before it exited, or was started again this often lately, is
@@ -324,9 +256,9 @@ class LocalStack:
             redis_password=as_gateway.get("DLORA_REDIS_PASSWORD", base.redis_password),
         )
         served = served_name(self.model_dir, base.served_model_name)
-        asyncio.run(_register(creds, self.model_dir, self.loras, roots, served))
+        asyncio.run(register_adapters(creds, self.model_dir, self.loras, roots, served))
         # A Redis given may be another dlora up's, its workers beating: this one's go past them.
-        taken = asyncio.run(_ids_in_use(creds)) if base.redis_url else set()
+        taken = asyncio.run(ids_in_use(creds)) if base.redis_url else set()
 
         # Each service warned again of a variable no service reads (said once above); one of a
         # service's own form it is left, for that service to refuse.
@@ -371,8 +303,8 @@ class LocalStack:
         self._spawn("gateway", [*cmd, "gateway"], {**env, **roles["gateway"], **admin})
         self.metrics_urls["gateway"] = f"{self.url}/metrics"
         try:
-            own = (lambda: set(ids) <= asyncio.run(_ids_in_use(creds))) if taken else None
-            _wait_ready(self.url, self.workers, self.procs, own=own)
+            own = (lambda: set(ids) <= asyncio.run(ids_in_use(creds))) if taken else None
+            wait_ready(self.url, self.workers, self.procs, own=own)
         except BaseException:
             self.stop()  # the services that did start live in their own sessions: stop them here
             raise
@@ -418,83 +350,3 @@ class LocalStack:
         self.hurried = True
         if self.stopping is not None:
             self.stopping.hurry()
-
-
-def up(workers: int, model: str | None, lora: list[str], port: int | None, config: str | None) -> int:
-    stop = 0  # the signal that asked to stop
-    stack: LocalStack | None = None
-
-    def on_signal(signum: int, _: object) -> None:
-        nonlocal stop
-        first, stop = not stop, stop or signum
-        if not first and stack is not None:  # again: the services stop now (a worker hands over at once)
-            stack.hurry()  # (vLLM's and uvicorn's users press Ctrl-C twice to force a stop)
-        elif first and (stack is None or not stack.up):  # still starting: break off the wait, once
-            raise KeyboardInterrupt  # (start() stops what started; a second signal must not cut that)
-
-    # SIGHUP too (a closed terminal, a dropped ssh session): by default it killed dlora up outright.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    for said in [*unknown_env(os.environ, SERVICES).values(), *unread_config(config)]:  # what its services read
-        print(f"dlora up: warning: {said}", file=sys.stderr)
-    try:
-        # NATS's usual port when it is free, so `dlora loadgen --target nats://127.0.0.1:4222` finds it
-        nats_port = NATS_DEFAULT_PORT if port_is_free(NATS_DEFAULT_PORT) else None
-        stack = LocalStack(workers, model, lora, port, config, nats_port=nats_port)
-        stack.start()
-        served = served_name(stack.model_dir, stack.base.served_model_name)  # what requests name as their model
-        first = next(iter(stack.loras), served)
-        print(
-            f"\ndlora is up: {stack.url}  ({workers} worker{'s' * (workers != 1)}, model {served}, "
-            f"adapters: {', '.join(stack.loras) or 'none'})"
-        )
-        shown = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
-        nats_shown, redis_shown = stack.shown_logins()
-        print(f"NATS (applications): {nats_shown}  Redis: {redis_shown}  admin key: {shown}")
-        # Not with #key=: the page takes it from the link out of the tab's history, not the browser's
-        # saved one, which syncs with the user's profile (a helper, in Chromium): the page asks for it.
-        print(f"status page: {stack.url}/dashboard")
-        print("metrics: " + "  ".join(f"{name} {url}" for name, url in stack.metrics_urls.items()))
-        # With auth = "keys" inference wants a key: the admin key serves until one is made.
-        # (a key given is not printed: the environment's is named, dlora.toml's is to be pasted)
-        bearer = given_key(os.environ, stack.config) if stack.admin_key_given else stack.admin_key
-        key = f' -H "Authorization: Bearer {bearer}"' if stack.base.auth == "keys" else ""
-        print(
-            f"try:\n  curl -s {stack.url}/v1/completions -H 'Content-Type: application/json'{key} "
-            f'-d \'{{"model": "{first}", "prompt": "kalo remi", "max_tokens": 16, "temperature": 0}}\'\n',
-            flush=True,
-        )
-        left: set[int] = set()  # workers that stopped cleanly or failed for good, left out
-        while not stop:
-            for i, name, code in stack.exited():
-                if i in left:
-                    continue
-                done, said = stack.after_exit(i, name, code)
-                print(f"dlora up: {said}", file=sys.stderr, flush=True)
-                if done == "stop":
-                    return 1
-                if done == "left":
-                    left.add(i)
-            time.sleep(0.2)
-        with contextlib.suppress(OSError):  # its terminal gone (SIGHUP): EIO, and the stop must go on
-            drain, finish = workers_drain_s(config, {}), stack.base.shutdown_timeout_s
-            gateway = f"the gateway's up to {finish:g} s, " if finish else ""
-            print(
-                f"dlora up: stopping; workers finish their requests (up to {drain:g} s), {gateway}"
-                "Ctrl-C again hands them over",
-                file=sys.stderr,
-                flush=True,
-            )
-        return 0
-    except SettingsError as e:  # as dlora serve says it
-        print(f"dlora up: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, APIError, ValueError, OSError) as e:
-        print(f"dlora up: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dlora up: interrupted while starting; stopped what had started", file=sys.stderr)
-        return 128 + (stop or signal.SIGINT)
-    finally:
-        if stack is not None:
-            stack.stop()

@@ -332,7 +332,8 @@ async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_worke
 
     from dlora.common.messages import WorkerStats
     from dlora.common.state import StateStore
-    from dlora.services.launcher import LocalStack, worker_ids
+    from dlora.services.launcher import LocalStack
+    from dlora.services.stack_start import worker_ids
 
     assert worker_ids(2, {"worker-0", "worker-2"}) == ["worker-1", "worker-3"]
     assert worker_ids(2, set()) == ["worker-0", "worker-1"]

@@ -41,7 +41,7 @@ while True:
 UP = """
 import sys
 from pathlib import Path
-from dlora.services import launcher
+from dlora.services import launcher, up
 
 def start(self):
     for name in ("dispatcher", "migrator", "worker-0", "worker-1", "gateway"):
@@ -51,7 +51,7 @@ def start(self):
     self.up = True
 
 launcher.LocalStack.start = start
-sys.exit(launcher.up(2, "model", [], int(sys.argv[3]), None))
+sys.exit(up.up(2, "model", [], int(sys.argv[3]), None))
 """
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dlora.services.gpus import gpu_of_worker, visible_gpus
-from dlora.services.launcher import given_key
+from dlora.services.up import given_key
 from dlora.services.worker.engine.device import resolve_device
 
 

@@ -20,9 +20,9 @@ def _spawned(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, str]]:
     async def nothing(*_: object) -> set[str]:
         return set()
 
-    monkeypatch.setattr(launcher, "_register", nothing)
-    monkeypatch.setattr(launcher, "_ids_in_use", nothing)
-    monkeypatch.setattr(launcher, "_wait_ready", lambda *_, **__: None)
+    monkeypatch.setattr(launcher, "register_adapters", nothing)
+    monkeypatch.setattr(launcher, "ids_in_use", nothing)
+    monkeypatch.setattr(launcher, "wait_ready", lambda *_, **__: None)
     monkeypatch.setattr(LocalStack, "_spawn", lambda self, name, args, env: spawned.__setitem__(name, env))
     return spawned
 

@@ -18,6 +18,7 @@ SERVICES = [
     "dlora.services.dispatcher.main",
     "dlora.services.migrator.main",
     "dlora.services.launcher",
+    "dlora.services.up",
     "dlora.services.cli",
 ]
 
