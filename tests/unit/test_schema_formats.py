@@ -1,4 +1,4 @@
-"""String formats served as what their readers read back (``served_schema._READ_BACK_FORMATS``)."""
+"""String formats served as what their readers read back (``read_back_formats.READ_BACK_FORMATS``)."""
 
 from __future__ import annotations
 

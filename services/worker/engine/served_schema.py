@@ -5,18 +5,16 @@ refuses string formats it does not know and counts written as integral floats (p
 JavaScript generators' schemas), reads an object that names its properties as open to others and
 a pattern's "." as Rust's, and leaves some keywords unenforced (its "lenient" option; a
 minProperties its keys may repeat past), which are refused.
-``served_schema`` screens and rewrites a schema for those; ``bound_in_grammar`` screens a
-grammar's JSON blocks for the bounds.
+``served_schema`` screens and rewrites a schema for those (its numbers as ``schema_numbers``
+reads them, its formats as ``read_back_formats`` serves them); ``laid_out`` lays out a Lark
+grammar's JSON blocks as a schema is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import math
 import re
-import string
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,8 @@ import msgspec
 from llguidance import LLMatcher
 
 from dlora.services.worker.engine.ecma_pattern import ecma_dots
+from dlora.services.worker.engine.read_back_formats import read_back
+from dlora.services.worker.engine.schema_numbers import BOUNDS, misread_number, too_large
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -43,33 +43,10 @@ LAYOUT: JsonCompileOptions = {
 }
 
 
-# A schema's numeric bounds (JSON Schema's keywords). llguidance holds them in 64-bit integers:
-# beyond, it clamps them (a 200 whose number broke its schema) or, below -2**63 with a maximum,
-# crashed its process (SIGSEGV: the gateway's, and every worker's a request reached).
-_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
-_BOUND = re.compile(r'"(minimum|maximum|exclusiveMinimum|exclusiveMaximum|multipleOf)"\s*:\s*(-?[0-9][0-9.eE+-]*)')
 # Keywords whose values are data, not schemas (a "maximum" key inside an enum's object is no bound),
 # and those whose values map names to schemas (a property named "default" is a schema all the same).
 DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
-
-
-def _too_large(value: int | Decimal) -> bool:
-    """Whether ``value``'s magnitude reaches 2**63 (a Decimal's exponent first: abs() of 1e1000000
-    raised decimal.Overflow, a 500)."""
-    if isinstance(value, Decimal):
-        return not value.is_finite() or value.adjusted() >= 19 or abs(value) >= 2**63
-    return abs(value) >= 2**63
-
-
-def bound_in_grammar(text: str) -> tuple[str, str] | None:
-    """The first numeric bound in a grammar's %json blocks whose magnitude reaches 2**63, as
-    (keyword, its number)."""
-    for match in _BOUND.finditer(text):
-        with contextlib.suppress(ArithmeticError):
-            if _too_large(Decimal(match[2])):
-                return match[1], match[2]
-    return None
 
 
 # A Lark grammar's %json block is compiled with llguidance's defaults, whitespace anywhere between
@@ -154,70 +131,6 @@ def _same(value: Any, no_ops: tuple[Any, ...]) -> bool:
     return any(type(value) is type(no_op) and value == no_op for no_op in no_ops)
 
 
-# RFC 3339's dates and times as the readers of a document read them back: llguidance allows second
-# 60, lowercase "t" and "z", year 0000 and 29 February of any year (RFC 3339's grammar, the JSON
-# Schema test suite's), and pydantic (its datetime, date, time fields) and Python's
-# datetime.fromisoformat refuse one or another ("second must be in 0..59"): a 200 whose document
-# its client could not load. Served as the part every one of them reads: "T" and "Z" in capitals,
-# as vLLM's default backend (xgrammar) writes them, seconds 00-59, years 0001-9999, 29 February in
-# leap years. Anchored: llguidance matches a pattern anywhere in the string, as JSON Schema does.
-_YEAR = r"(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
-_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
-_MONTH_DAY = (
-    r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"  # months of 31 days
-    r"|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"  # of 30, February's first 28
-)
-_DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
-
-
-def _none_of(words: tuple[str, ...], low: int, high: int, depth: int = 0, prefix: str = "") -> str:
-    """A regex of the ASCII words of ``low`` to ``high`` letters, either case, but ``words``
-    (lowercase): their trie's complement (llguidance's regexes have no lookahead)."""
-    below = sorted({w[depth] for w in words if w.startswith(prefix) and len(w) > depth})
-    alts = [] if depth < low or prefix in words else [""]
-    other = "".join(c + c.upper() for c in string.ascii_lowercase if c not in below)
-    if depth < high:
-        alts.append(f"[{other}][A-Za-z]{{{max(0, low - depth - 1)},{high - depth - 1}}}")
-        alts += [f"[{c}{c.upper()}]" + _none_of(words, low, high, depth + 1, prefix + c) for c in below]
-    return "(?:" + "|".join(alts) + ")"
-
-
-# An email address as email-validator reads it back (pydantic's EmailStr): llguidance's "email"
-# (as xgrammar's) took "a@b", "a@localhost", "a@b.test", "a@[1.2.3.4]", "a@b.123", "a@ab--c.com"
-# and 64-letter labels, each refused ("It should have a period", "a special-use or reserved name",
-# ...): a 200 whose document its client's model could not load. Served as a dot-atom at a domain of
-# one or more DNS labels (letters, digits, inner hyphens, at most 63, no "--" as their third and
-# fourth characters: IDNA's) and a top-level domain of 2-63 letters that is no special-use name.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_A, _H = "[A-Za-z0-9]", "[A-Za-z0-9-]"
-# An internationalized domain's labels are IDNA's A-labels, "xn--" and Punycode (bücher.example is
-# xn--bcher-kva.example, .рф xn--p1ai), which email-validator reads: refused, a model could not
-# copy such an address from its prompt, and wrote another. (Punycode itself is no regex's to check.)
-_ASCII_LABEL = rf"{_A}(?:{_A}|{_H}{_A}|{_H}{_H}{_A}|{_H}(?:{_A}{_H}|{_H}{_A}){_H}{{0,58}}{_A})?"
-_LABEL = rf"(?:{_ASCII_LABEL}|[Xx][Nn]--{_A}(?:{_H}{{0,57}}{_A})?)"
-_SPECIAL_USE = ("arpa", "invalid", "local", "localhost", "onion", "test")  # email-validator's
-# A top-level domain ends in a letter, as email-validator reads it (an A-label's too).
-_TLD = rf"(?:{_none_of(_SPECIAL_USE, 2, 63)}|[Xx][Nn]--(?:{_A}{_H}{{0,57}})?[A-Za-z])"
-_EMAIL = rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_TLD}$"
-_EMAIL_LENGTH = 254  # RFC 5321's path, less its brackets: email-validator's bound
-_READ_BACK_FORMATS = {"date-time": f"^{_DATE}T{_TIME}$", "date": f"^{_DATE}$", "time": f"^{_TIME}$", "email": _EMAIL}
-
-
-def _read_back(node: dict[str, Any], name: str) -> bool:
-    """``node``'s format ``name`` as its pattern (``_READ_BACK_FORMATS``), beside a pattern of its
-    own through allOf (llguidance matches both); whether it was one."""
-    if (pattern := _READ_BACK_FORMATS.get(name)) is None or not isinstance(node.get("allOf", []), list):
-        return False
-    if "pattern" not in node:
-        node["pattern"] = pattern
-    else:
-        node["allOf"] = [*node.get("allOf", []), {"pattern": pattern}]
-    if name == "email" and not (type(node.get("maxLength")) is int and node["maxLength"] <= _EMAIL_LENGTH):
-        node["maxLength"] = _EMAIL_LENGTH
-    return True
-
-
 @functools.lru_cache(maxsize=256)
 def _known_format(name: str) -> bool:
     """Whether llguidance enforces string format ``name`` (a compile of ~50 us, once a name)."""
@@ -248,7 +161,7 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     its validator does not know (an annotation): pydantic writes SecretStr as "password", bytes
     as "binary", Path as "path", and llguidance refused them (a 400 for a pydantic model's
     schema); date-time, date and time are served as patterns their readers all take
-    (``_READ_BACK_FORMATS``); a ``$schema`` naming a dialect llguidance does not know (GenSON's
+    (``read_back_formats``); a ``$schema`` naming a dialect llguidance does not know (GenSON's
     default "http://json-schema.org/schema#", OpenAPI 3.1's) is left out, as vLLM's default
     backend reads any: llguidance refused the schema, failing to fetch it. An object whose
     properties are named takes no others unless it says so (as vLLM's default backend, xgrammar,
@@ -276,10 +189,10 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
     branches = {id(b) for node in nodes for k in _BRANCHES if isinstance(node.get(k), list) for b in node[k]}
     misread = None
     for node in nodes:
-        misread = misread or _misread(node)
-        for key in _BOUNDS & node.keys():
+        misread = misread or misread_number(node)
+        for key in BOUNDS & node.keys():
             value = node[key]
-            if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and _too_large(value):
+            if bound is None and isinstance(value, int | Decimal) and not isinstance(value, bool) and too_large(value):
                 bound = key, str(value)
         for key in _COUNTS & node.keys():
             value = node[key]  # (its exponent first: int() of 1e1000000 is a million digits)
@@ -289,7 +202,7 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
         for key in _LENGTHS & node.keys():
             if type(node[key]) is int and node[key] > _MAX_LENGTH:
                 node[key], changed = _MAX_LENGTH, True
-        if isinstance(name := node.get("format"), str) and (_read_back(node, name) or not _known_format(name)):
+        if isinstance(name := node.get("format"), str) and (read_back(node, name) or not _known_format(name)):
             node.pop("format", None)
             changed = True
         if isinstance(uri := node.get("$schema"), str) and not _known_dialect(uri):
@@ -319,60 +232,6 @@ def served_schema(text: str) -> tuple[str, tuple[str, str] | None]:
             "enum's numbers, and a bound's, as 64-bit floats): write it within a float's precision"
         )
     return (_DECIMALS.encode(tree).decode() if changed else text), bound
-
-
-# A const's and an enum's numbers, as llguidance reads and writes them: 64-bit floats, an integer
-# below 2**63 cast back (saturating). "const": 9007199254740993 (2**53 + 1: an int64 id) was
-# written 9007199254740992 and 1.5e-400 as 0, documents a Python client reads as other numbers
-# than its schema's; a minimum of 1e-400 allowed 0. Refused, as a bound past 2**63 is.
-_I64 = (-(2**63), 2**63 - 1)
-
-
-def _as_read(value: int | Decimal) -> int | Decimal | None:
-    """``value`` as llguidance writes it back (None: past a float's range, which it refuses)."""
-    try:
-        f = float(value)
-    except OverflowError:
-        return None
-    if math.isinf(f):
-        return None
-    if isinstance(value, int) and _I64[0] <= value <= _I64[1]:
-        return max(_I64[0], min(int(f), _I64[1]))
-    return Decimal(repr(f))
-
-
-def _numbers(data: Any) -> Iterator[int | Decimal]:
-    """The numbers in JSON ``data`` (a loop: data thousands deep is served)."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, int | Decimal) and not isinstance(item, bool):
-            yield item
-        elif isinstance(item, list | dict):
-            stack.extend(item.values() if isinstance(item, dict) else item)
-
-
-def _misread(node: dict[str, Any]) -> tuple[str, str, str] | None:
-    """The first number of ``node``'s const or enum the grammar engine writes as another, or bound
-    it reads as another integer (a "maximum" of 9007199254740999 allowed 9007199254741000; a
-    "minimum" of 2**53 + 1, 2**53) or as zero, as (keyword, the number, as read)."""
-    for key in ("const", "enum"):
-        for value in _numbers(node.get(key)):
-            # An integer written as another (an id), or a decimal as 0. A decimal with more digits
-            # than a float holds (pi to 20) is written as the float every float reader makes of
-            # the schema's own number: served (refused, it was a 400 xgrammar does not give).
-            # llguidance's own writing also moves some floats' last digit (a review: 8 in ~150
-            # random ones), which no check short of its reader and writer copied would catch.
-            read = _as_read(value)
-            if read is not None and read != value and (isinstance(value, int) or read == 0):
-                return key, str(value), str(read)
-    for key in sorted(_BOUNDS & node.keys()):
-        value = node[key]
-        if type(value) is int and not _too_large(value) and (read := _as_read(value)) is not None and read != value:
-            return key, str(value), str(read)
-        if isinstance(value, Decimal) and value.is_finite() and value != 0 and float(value) == 0:
-            return key, str(value), "0"
-    return None
 
 
 # Keywords by which vLLM's default backend (xgrammar) reads a schema that names no "type" as an

@@ -41,7 +41,8 @@ from dlora.services.worker.engine.compile_bound import (
     Validator,
 )
 from dlora.services.worker.engine.gbnf import gbnf_to_lark
-from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, bound_in_grammar, laid_out, served_schema
+from dlora.services.worker.engine.schema_numbers import bound_in_grammar
+from dlora.services.worker.engine.served_schema import LAYOUT, NotASchema, laid_out, served_schema
 
 # OpenAI's json_object mode: any JSON object.
 JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
