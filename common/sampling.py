@@ -170,7 +170,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         if len(asked := self.structured_outputs()) > 1:
             return asked[1], f"at most one structured output may be asked for, got {' and '.join(asked)}"
         # No count of choices is capped, as vLLM caps none (300 intents to classify into were a
-        # 400): their text is bounded (structured.MAX_CONSTRAINT_CHARS), and so is their compile.
+        # 400): their text is bounded (guidance_grammar.MAX_CONSTRAINT_CHARS), and so is their compile.
         if not all(self.choice):
             return "choice", "choice must hold non-empty strings"
         if self.seed is not None and (why := INT64.problem("seed", self.seed)) is not None:  # as vLLM

@@ -319,16 +319,16 @@ def test_a_grammar_is_converted_once_not_on_the_event_loop_for_each_request(
 ) -> None:
     """A worker's matcher() converted the request's GBNF grammar to Lark again on its event loop,
     each choice of each request, though admission had compiled it in a thread (1,500 rules: 2 s)."""
-    from dlora.services.worker.engine import structured
+    from dlora.services.worker.engine import guidance_grammar
 
     converted: list[str] = []
-    from_grammar = structured._from_grammar
+    from_grammar = guidance_grammar._from_grammar
 
     def counted(text: str) -> str:
         converted.append(text)
         return from_grammar(text)
 
-    monkeypatch.setattr(structured, "_from_grammar", counted)
+    monkeypatch.setattr(guidance_grammar, "_from_grammar", counted)
     engine = make_engine(tiny_llama)
     params = SamplingParams(max_tokens=12, grammar='root ::= "kalo" | "remi" rest\nrest ::= " " [a-z]{1,4}\n')
     engine.grammars.prepare(params)  # as admission does, in a thread

@@ -144,7 +144,7 @@ def test_a_gbnf_grammar_past_a_seconds_conversion_is_refused_saying_why() -> Non
 def test_a_constraint_past_what_a_compile_stack_is_sized_for_is_refused() -> None:
     """A compile's stack grows with the grammar's text (a megabyte of chained rules needs 256-512 MB),
     so the text is bounded too: a NATS client's larger grammar was a compile without a stack to match."""
-    from dlora.services.worker.engine.structured import MAX_CONSTRAINT_CHARS
+    from dlora.services.worker.engine.guidance_grammar import MAX_CONSTRAINT_CHARS
 
     big = 'start: "a"\n' + "// padding\n" * (MAX_CONSTRAINT_CHARS // 11 + 1)
     with pytest.raises(GrammarError, match=f"characters, over the {MAX_CONSTRAINT_CHARS} served"):
@@ -170,14 +170,14 @@ def test_a_grammar_of_blank_lines_is_read_in_linear_time() -> None:
     check(SamplingParams(grammar="\n" * 300_000 + ' start: "a"'))  # Lark after them, read as Lark
     assert time.monotonic() - began < 60
 
-    from dlora.services.worker.engine.structured import _is_lark
+    from dlora.services.worker.engine.guidance_grammar import _is_lark
 
     for text in ('root ::= "a"\n', '\n \n\t start : "a"', ' %llguidance {}\nstart: "a"', "x\n start:", "startx:"):
         assert _is_lark(text) == is_lark_syntax(text), text
 
 
 # Under an address-space limit (``ulimit -v``) the thread a large constraint's compile runs on,
-# its stack sized to the text (``_deep``), may not start: "RuntimeError: can't start new thread",
+# its stack sized to the text (``on_deep_stack``), may not start: "RuntimeError: can't start new thread",
 # a 500 at the gateway. Replayed in a process of its own, its limit a few hundred MB above its use.
 LIMITED = """
 import resource, threading

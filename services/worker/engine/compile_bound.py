@@ -371,7 +371,7 @@ def _serve() -> None:  # the child: one request at a time from stdin, its answer
             except Exception:  # noqa: BLE001 - as the engine, which read it, reads it then
                 reply(UNCHECKED)
             continue
-        # as structured._deep: llguidance compiles recursively, its stack growing with the text
+        # as guidance_grammar.on_deep_stack: llguidance compiles recursively, its stack growing with the text
         threading.stack_size(-(-(16 * (1 << 20) + 1024 * len(what["grammar"])) // (1 << 20)) * (1 << 20))
         if compiling is not None:  # (it replied, and ends: its stack goes as the next is made)
             compiling.join()
