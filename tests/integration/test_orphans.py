@@ -33,7 +33,7 @@ from dlora.services.servers import Server
 from dlora.services.worker import drain
 from dlora.services.worker.commands import Add
 from tests.integration.conftest import Stack, run_stack
-from tests.integration.test_fencing import PROMPT, Cluster, _read, _until, cluster  # noqa: F401 - a fixture
+from tests.integration.fencing_cluster import PROMPT, Cluster, _read, _until, cluster  # noqa: F401 - a fixture
 
 
 async def _recorded(c: Cluster, request_id: str, worker: str, incarnation: str = "") -> asyncio.Queue[TokenChunk]:
