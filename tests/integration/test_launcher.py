@@ -16,7 +16,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from dlora.model.make_tiny import TinyOutput
 from dlora.services.launcher import CRASH_LOOP_S
 from dlora.services.servers import free_port, start_nats_preferring
 from tests.integration.conftest import STACK_KV_ENV
@@ -240,39 +239,6 @@ def test_a_model_directory_a_service_cannot_use_is_one_line_not_a_traceback(tiny
     )
 
 
-def test_a_worker_is_not_started_again_when_it_would_only_fail_again() -> None:
-    """dlora up starts a dead worker again, but not one that died within CRASH_LOOP_S of its start
-    (its settings or model), nor one started again MAX_RESTARTS times lately (a crash loop)."""
-    from dlora.services import launcher
-
-    stack = launcher.LocalStack(1, None, [], free_port(), None)
-    stack._spawn("worker-0", [sys.executable, "-c", "pass"], dict(os.environ))
-    stack.procs[0].wait(timeout=30)
-    assert stack.exited() == [(0, "worker-0", 0)]
-    assert not stack.restart(0)  # it ran well under CRASH_LOOP_S
-    args, env, _ = stack._specs[0]
-    for n in range(launcher.MAX_RESTARTS + 1):
-        stack._specs[0] = (args, env, time.monotonic() - launcher.CRASH_LOOP_S - 1)  # it ran long enough
-        assert stack.restart(0) == (n < launcher.MAX_RESTARTS), n
-        stack.procs[0].wait(timeout=30)
-
-
-def test_what_dlora_up_does_when_a_service_exits() -> None:
-    """As systemd's Restart=on-failure: any service that fails is started again (killing the
-    dispatcher or the migrator stopped the whole stack); a worker drained on purpose is left out
-    (it was started again); a service that ends cleanly unasked ends the stack."""
-    from dlora.services.launcher import on_exit
-
-    assert [on_exit(s, -9) for s in ("worker-1", "dispatcher", "migrator", "gateway")] == ["restart"] * 4
-    assert on_exit("worker-0", 1) == "restart"
-    assert on_exit("worker-0", 0) == "leave"
-    assert on_exit("dispatcher", 0) == "stop" and on_exit("gateway", 0) == "stop"
-    # Ended by SIGTERM or Ctrl-C (a worker told to stop while its model loads ends so): a clean
-    # stop, as systemd counts it (SIGHUP, SIGINT, SIGTERM, SIGPIPE), not a failure to restart.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        assert on_exit("worker-0", -sig) == "leave" and on_exit("gateway", -sig) == "stop"
-
-
 def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> None:
     """A ``model`` in the file was overridden by the demo model (dlora up passes one model to
     every service), and the banner said only "model model"."""
@@ -295,31 +261,6 @@ def test_dlora_up_serves_the_model_its_settings_file_names(tmp_path: Path) -> No
     config.write_text('[gateway]\nmodel = "/models/a"\n[worker]\nmodel = "/models/b"\n')
     with pytest.raises(SettingsError, match="different models"):  # one model for every service
         LocalStack(1, None, [], free_port(), str(config))
-
-
-def test_a_worker_that_would_only_fail_again_is_left_out_and_the_others_serve_on() -> None:
-    """systemd fails a unit at its start limit alone: dlora up stopped the whole stack (healthy
-    workers and their streams too) when one worker died within CRASH_LOOP_S of its start. It now
-    leaves that worker out; a dispatcher that cannot be started again still stops everything."""
-    from dlora.services import launcher
-
-    stack = launcher.LocalStack(2, None, [], free_port(), None)
-    stack._spawn("worker-0", [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ))
-    stack._spawn("worker-1", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
-    stack._spawn("dispatcher", [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ))
-    try:
-        for p in stack.procs[1:]:
-            p.wait(timeout=30)
-        done, said = stack.after_exit(1, "worker-1", 3)
-        assert done == "left" and "worker-1 exited (code 3)" in said and "1 worker still serving" in said, said
-        assert stack.procs[0].poll() is None  # the healthy worker runs on
-        assert stack.after_exit(2, "dispatcher", 3) == ("stop", "dispatcher exited (code 3); stopping everything")
-        assert stack.after_exit(1, "worker-1", 0)[0] == "left"  # drained on purpose
-        stack.procs[0].terminate()
-        stack.procs[0].wait(timeout=30)
-        assert stack.after_exit(1, "worker-1", 3)[0] == "stop"  # the last: nothing would serve
-    finally:
-        stack.stop()
 
 
 async def test_dlora_up_against_another_dlora_ups_nats_and_redis_names_its_workers_past_theirs(
@@ -376,75 +317,6 @@ def test_dlora_up_prints_the_logins_it_made_and_a_given_url_without_its_password
         f"nats://{launcher.APP_USER}:made@127.0.0.1:4222",
         "redis://dlora:made2@127.0.0.1:6379/0",
     )
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie nobody reaped yet has stopped)."""
-    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-    return bool(state) and not state.startswith("Z")
-
-
-def _up(tiny_llama: TinyOutput, cwd: Path, temp: Path) -> tuple[subprocess.Popen[str], int, str]:
-    """``dlora up`` with one worker, in ``cwd`` with TMPDIR ``temp``, once it says it is up: the
-    process, its gateway's port and what it printed (killed if it does not come up)."""
-    port = free_port()
-    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
-    env = {**os.environ, "TMPDIR": str(temp), **STACK_KV_ENV}
-    proc = subprocess.Popen(
-        [*cli, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    seen = ""
-    while "dlora is up" not in seen and proc.poll() is None:
-        seen += proc.stdout.readline()
-    if "dlora is up" not in seen:
-        proc.kill()
-        raise AssertionError(seen + proc.communicate()[0])
-    return proc, port, seen
-
-
-def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_llama, tmp_path: Path) -> None:
-    """A fresh user's trial: ``dlora up`` killed by SIGKILL (the OOM killer, ``kill -9``, a closed
-    terminal's hard kill) left NATS, Redis and every service running in their own sessions, the
-    gateway serving on its port, and the next ``make run`` refused that port as "another dlora up?"
-    with none running. Its children now go with it."""
-    proc, port, _ = _up(tiny_llama, tmp_path, tmp_path)  # (TMPDIR: the servers' folders, which nobody left removes)
-    try:
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
-        pids = [int(p) for p in children.stdout.split()]
-        assert len(pids) >= 6, pids  # nats-server, redis-server, dispatcher, migrator, worker, gateway
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    deadline = time.monotonic() + 120  # (children left running never go: the wait's length only ends it)
-    while any(map(_running, pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [p for p in pids if _running(p)]
-    for p in left:  # this test's own leftovers, so that a failure leaves nothing behind
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"still running after dlora up was killed: {left}"
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def test_dlora_up_stops_in_order_when_its_terminal_closes(tiny_llama, tmp_path: Path) -> None:
-    """A closed terminal or a dropped ssh session sends SIGHUP, whose default action killed dlora up
-    outright: its children went with it (PR_SET_PDEATHSIG), all at once, NATS and Redis under the
-    services' stop, and the servers' folders stayed. It stops as at Ctrl-C."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    proc, _, seen = _up(tiny_llama, tmp_path, temp)
-    try:
-        assert sorted(p.name.split("-")[1] for p in temp.iterdir()) == ["nats", "redis"]
-        proc.send_signal(signal.SIGHUP)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, seen + out  # (as at Ctrl-C once up)
-    assert not list(temp.iterdir())
 
 
 def test_nats_usual_port_taken_since_it_was_found_free_is_left_for_a_free_one() -> None:

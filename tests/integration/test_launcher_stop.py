@@ -1,6 +1,7 @@
 """How `dlora up` stops its services: in the order a request's path needs them, sooner at a second
 Ctrl-C. Its services are stand-ins here that note each signal they get (a real worker's drain is
-tested in test_drain.py and test_stop_bounds.py)."""
+tested in test_drain.py and test_stop_bounds.py), but where ``dlora up`` itself is killed outright
+or hung up on: a real stack on the tiny model, whose children and servers go with it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dlora.model.make_tiny import TinyOutput
+from dlora.services.servers import free_port
+from tests.integration.conftest import STACK_KV_ENV
 
 # A service that notes "<name> term|exit <time>" per SIGTERM in its log: the gateway, the dispatcher
 # and the migrator exit at the first; a worker drains (runs on) until a second, as a real one does
@@ -204,3 +210,72 @@ def test_dlora_up_whose_terminal_goes_away_stops_in_order_and_exits_cleanly(tmp_
         "worker-1",
         "gateway",
     }
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody reaped yet has stopped)."""
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def _up(tiny_llama: TinyOutput, cwd: Path, temp: Path) -> tuple[subprocess.Popen[str], int, str]:
+    """``dlora up`` with one worker, in ``cwd`` with TMPDIR ``temp``, once it says it is up: the
+    process, its gateway's port and what it printed (killed if it does not come up)."""
+    port = free_port()
+    cli = [sys.executable, "-m", "dlora.services.cli", "up", "--model", str(tiny_llama.model), "--workers", "1"]
+    env = {**os.environ, "TMPDIR": str(temp), **STACK_KV_ENV}
+    proc = subprocess.Popen(
+        [*cli, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    seen = ""
+    while "dlora is up" not in seen and proc.poll() is None:
+        seen += proc.stdout.readline()
+    if "dlora is up" not in seen:
+        proc.kill()
+        raise AssertionError(seen + proc.communicate()[0])
+    return proc, port, seen
+
+
+def test_dlora_up_killed_outright_takes_its_services_and_servers_with_it(tiny_llama, tmp_path: Path) -> None:
+    """A fresh user's trial: ``dlora up`` killed by SIGKILL (the OOM killer, ``kill -9``, a closed
+    terminal's hard kill) left NATS, Redis and every service running in their own sessions, the
+    gateway serving on its port, and the next ``make run`` refused that port as "another dlora up?"
+    with none running. Its children now go with it."""
+    proc, port, _ = _up(tiny_llama, tmp_path, tmp_path)  # (TMPDIR: the servers' folders, which nobody left removes)
+    try:
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in children.stdout.split()]
+        assert len(pids) >= 6, pids  # nats-server, redis-server, dispatcher, migrator, worker, gateway
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    deadline = time.monotonic() + 120  # (children left running never go: the wait's length only ends it)
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _running(p)]
+    for p in left:  # this test's own leftovers, so that a failure leaves nothing behind
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after dlora up was killed: {left}"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_dlora_up_stops_in_order_when_its_terminal_closes(tiny_llama, tmp_path: Path) -> None:
+    """A closed terminal or a dropped ssh session sends SIGHUP, whose default action killed dlora up
+    outright: its children went with it (PR_SET_PDEATHSIG), all at once, NATS and Redis under the
+    services' stop, and the servers' folders stayed. It stops as at Ctrl-C."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc, _, seen = _up(tiny_llama, tmp_path, temp)
+    try:
+        assert sorted(p.name.split("-")[1] for p in temp.iterdir()) == ["nats", "redis"]
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, seen + out  # (as at Ctrl-C once up)
+    assert not list(temp.iterdir())
