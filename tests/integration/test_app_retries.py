@@ -17,7 +17,7 @@ from dlora.common.state import StateStore
 from dlora.model.config import ModelConfig
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.admin import check_adapter
-from tests.integration.test_app_isolation import _chunks, _send, _slowed, _still_running, bus  # noqa: F401 - a fixture
+from tests.integration.app_bus import _chunks, _send, _slowed, _still_running, bus  # noqa: F401 - a fixture
 
 
 async def test_a_second_request_under_an_id_in_flight_is_answered_when_redis_fails_at_its_second_look(  # type: ignore[no-untyped-def]
