@@ -238,6 +238,12 @@ class ResponsesStore:
         try:
             async with self.bound():
                 got = await self.state.response_fields(response_id, tenant, *names)
+                if got is not None and not _readable(names, got[1:]):
+                    # (every reader decoded it and raised: a 500 on each read, for good, till DELETE)
+                    logger.warning(
+                        "a stored response that is no record's JSON is answered as not there", id=response_id
+                    )
+                    got = None
                 if got is not None and "response" in names and (stored := got[k := names.index("response") + 1]):
                     got[k] = await settled(self.state, response_id, tenant, stored, self.legacy_s)
         except bus.STATE_OUTAGE:
@@ -345,7 +351,7 @@ class ResponsesStore:
                     if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
                         gone = True  # (deleted since, or replaced)
                         continue
-                    for item in [*msgspec.json.decode(got[1]), *msgspec.json.decode(got[2])["output"]]:
+                    for item in _record_items(got[1], got[2]):  # (a corrupt record's: none)
                         if isinstance(item, dict) and item.get("id") in missing and item["id"] not in stored:
                             stored[item["id"]] = item
                 if not gone:
@@ -363,18 +369,42 @@ def _held(items: bytes | None, response: bytes | None) -> list[str]:
     A field that is no such JSON (a record cut short, or written by hand) holds none: its DELETE
     (or a retry written over it) goes on, where it was a 500 that left the record there for good;
     the sets it was in pass over it once it is gone (``StateStore.responses_of_items``)."""
-    conversation, record = _decoded(items), _decoded(response)
-    output = record.get("output") if isinstance(record, dict) else None
-    return _ids(
-        [*(conversation if isinstance(conversation, list) else []), *(output if isinstance(output, list) else [])]
+    return _ids(_record_items(items, response))
+
+
+class _Response(msgspec.Struct):
+    """A stored ``response`` as its readers take it (its other fields read by each as it needs)."""
+
+    output: list[Any]
+
+
+# The JSON type each field of a stored record is read as (``_readable``, ``_record_items``)
+_SHAPES: dict[str, Any] = {"input": list[Any], "response": _Response}
+
+
+def _readable(names: Sequence[str], values: Sequence[bytes | None]) -> bool:
+    """Whether each of a record's fields read (``names``: ``values``; None: not there) that has a
+    shape in ``_SHAPES`` is JSON of it."""
+    return all(
+        _decoded(name, raw) is not None for name, raw in zip(names, values) if raw is not None and name in _SHAPES
     )
 
 
-def _decoded(raw: bytes | None) -> Any:
-    """``raw`` JSON decoded; None where it is none, or no JSON."""
+def _record_items(items: bytes | None, response: bytes | None) -> list[Any]:
+    """A stored record's conversation (``input``) and its ``response``'s output; a field that is
+    none, or no JSON of its shape, holds none."""
+    conversation, record = _decoded("input", items), _decoded("response", response)
+    return [*(conversation or []), *(record.output if record is not None else [])]
+
+
+def _decoded(name: str, raw: bytes | None) -> Any:
+    """``raw`` decoded as a record's field ``name`` (``_SHAPES``); None where it is none, or no JSON of that shape."""
     try:
-        return None if raw is None else msgspec.json.decode(raw)
-    except (msgspec.DecodeError, RecursionError):  # (msgspec's bound on nesting)
+        return None if raw is None else msgspec.json.decode(raw, type=_SHAPES[name])
+    except (
+        msgspec.DecodeError,
+        RecursionError,
+    ):  # (ValidationError is one; RecursionError: msgspec's bound on nesting)
         return None
 
 

@@ -5,12 +5,16 @@ every holder set its record names when it goes, a run's last write in between in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import msgspec
+import pytest
 from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
-from dlora.services.gateway.responses_store import _held
+from dlora.services.gateway.openai import APIError
+from dlora.services.gateway.responses_store import ResponsesStore, _held
 
 
 async def test_an_items_lookup_writes_nothing_and_passes_over_holders_gone(redis: Redis) -> None:
@@ -122,3 +126,29 @@ async def test_a_corrupt_record_is_deleted_and_a_retry_writes_over_it(redis: Red
     for response_id in ("resp_1", "resp_2"):
         assert await s.delete_response(response_id, "t", _held)
         assert await s.response_fields(response_id, "t", "response") is None
+
+
+@contextlib.asynccontextmanager
+async def _unbound() -> AsyncIterator[None]:
+    yield
+
+
+async def test_a_corrupt_record_is_read_as_not_there_not_a_500(redis: Redis) -> None:
+    """A record whose fields are no JSON, or not a response's shape, was a 500 for good on GET, on
+    ``input_items``, as a ``previous_response_id`` and as an ``item_reference``'s holder (each
+    reader decoded it and raised). Each answers as for a response not there now: OpenAI's 404
+    (400 ``previous_response_not_found``); the item is not found through it."""
+    state = StateStore(redis)
+    store = ResponsesStore(state, _unbound, 60.0, 1 << 20)
+    await state.put_response("resp_1", "t", b"{cut", b"[{", 60.0, ["msg_in"])
+    await state.put_response("resp_2", "t", b'{"output": "x"}', b'{"id": "msg_in"}', 120.0, ["msg_in"])
+    for response_id in ("resp_1", "resp_2"):
+        for names, param, status in (
+            (("response",), None, 404),
+            (("input",), None, 404),
+            (("input", "response"), "previous_response_id", 400),
+        ):
+            with pytest.raises(APIError) as e:
+                await store.fields(response_id, "t", *names, param=param)
+            assert (e.value.status, e.value.param) == (status, param)
+    assert await store.referenced([{"type": "item_reference", "id": "msg_in"}], [], "t") == {}
