@@ -102,9 +102,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         for name in NULLABLE:
             if getattr(self, name) is None:
                 msgspec.structs.force_setattr(self, name, {} if name == "logit_bias" else [])
-        # Each once, in order, as vLLM's __post_init__ keeps them: an id or a word given twice
-        # stops or bans nothing more, and counted twice against MAX_STOPS it refused a request
-        # vLLM serves (a client's list joined from the model's and its own)
+        # Each once, in order: an id or a word given twice stops or bans nothing more, and counted
+        # twice against MAX_STOPS it refused a request vLLM serves (a client's list joined from the
+        # model's and its own; vLLM bounds neither list, and stops on the set of the ids,
+        # SamplingParams._all_stop_token_ids)
         for name in ("stop_token_ids", "bad_words"):
             if len(once := list(dict.fromkeys(getattr(self, name)))) < len(getattr(self, name)):
                 msgspec.structs.force_setattr(self, name, once)

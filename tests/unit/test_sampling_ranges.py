@@ -163,9 +163,10 @@ def test_an_extra_bodys_logprobs_is_checked_as_its_backends_api_takes_it(
 
 
 def test_stop_token_ids_and_bad_words_count_each_once_as_vllms() -> None:
-    """vLLM's ``SamplingParams.__post_init__`` keeps each stop id and bad word once, in order: a
-    list joined from a model's and a client's own (the same EOS twice, 300 entries) was refused
-    here as over MAX_STOPS, where vLLM serves it. Over NATS (the Struct) and through the gateway alike."""
+    """Each stop id and bad word is kept once, in order: a list joined from a model's and a
+    client's own (the same EOS twice, 300 entries) was refused here as over MAX_STOPS, where vLLM
+    (no bound; it stops on the set of the ids) serves it. Over NATS (the Struct) and through the
+    gateway alike."""
     params = SamplingParams(stop_token_ids=[7, 2, 7] * 100, bad_words=["kalo", "remi", "kalo"])
     assert (params.problem(), params.stop_token_ids, params.bad_words) == (None, [7, 2], ["kalo", "remi"])
     wire = msgspec.json.encode({"stop_token_ids": [7, 2, 7] * 100, "bad_words": ["kalo", "remi", "kalo"]})
