@@ -152,3 +152,42 @@ async def test_a_corrupt_record_is_read_as_not_there_not_a_500(redis: Redis) -> 
                 await store.fields(response_id, "t", *names, param=param)
             assert (e.value.status, e.value.param) == (status, param)
     assert await store.referenced([{"type": "item_reference", "id": "msg_in"}], [], "t") == {}
+
+
+@pytest.mark.parametrize("between", ["written", "deleted"])
+async def test_a_retry_over_a_record_changed_after_its_read_reads_it_again_a_few_times_at_most(
+    redis: Redis, between: str
+) -> None:
+    """A retry written over a stored response reads the replaced record's items in a WATCH
+    transaction: a DELETE (or another write) after the read makes it read again, and a record
+    changed after every read (its id sent again and again, from another gateway) is read at most
+    ``DELETE_TRIES`` times, as DELETE's, where redis-py's transaction went round for ever."""
+    import redis as sync_redis
+
+    from dlora.common.state_responses import _DELETE_LUA, _PUT_HOLDERS_LUA, DELETE_TRIES
+
+    s = StateStore(redis)
+    key = f"{s.p}:response:t:resp_1"
+    await s.put_response("resp_1", "t", *_record("msg_a"), 60.0, ["msg_a"], held=_held)
+    where = redis.connection_pool.connection_kwargs
+    other = sync_redis.Redis(host=where["host"], port=where["port"])
+    reads: list[bytes | None] = []
+
+    def held(items: bytes | None, response: bytes | None) -> list[str]:
+        reads.append(items)
+        assert len(reads) <= 2 * DELETE_TRIES, "read again and again"  # (ends the test without the bound)
+        if between == "written":  # (another retry's record, holding msg_c, after each read: WATCH fires)
+            other.hset(key, "input", msgspec.json.encode([{"type": "message", "id": "msg_c"}]))
+            other.register_script(_PUT_HOLDERS_LUA)(keys=[f"{s.p}:response-holders:t:msg_c"], args=["resp_1", 60_000])
+        elif len(reads) == 1:  # (another gateway's DELETE, its script as delete_response runs it)
+            keys = [key, f"{s.p}:response-events:t:resp_1", f"{s.p}:response-holders:t:msg_a"]
+            assert other.register_script(_DELETE_LUA)(keys=keys, args=["resp_1"]) == 1
+        return _held(items, response)
+
+    try:
+        assert await s.put_response("resp_1", "t", *_record("msg_b"), 60.0, ["msg_b"], held=held)
+    finally:
+        other.close()
+    assert len(reads) == (DELETE_TRIES if between == "written" else 2)
+    # (msg_c: the record last read held it, the one written does not)
+    assert await s.responses_of_items(["msg_b", "msg_c"], "t") == ["resp_1", None]
