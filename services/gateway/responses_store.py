@@ -295,7 +295,7 @@ class ResponsesStore:
             if decoded.get("status") in ("queued", "in_progress"):  # a background one not over: no answer yet
                 why = f"Previous response with id {previous!r} is still {decoded['status']}: wait until it is over."
                 raise APIError(400, why, param="previous_response_id")
-            output = decoded["output"]
+            output = decoded.get("output", [])  # (``_Response``'s)
             prior = [*msgspec.json.decode(items), *output]
         stored = await self.referenced(body.input, prior, tenant)
         given = conversation(prior, body.input, stored)
@@ -373,9 +373,10 @@ def _held(items: bytes | None, response: bytes | None) -> list[str]:
 
 
 class _Response(msgspec.Struct):
-    """A stored ``response`` as its readers take it (its other fields read by each as it needs)."""
+    """A stored ``response`` as its readers take it (its other fields read by each as it needs):
+    an object, whose ``output``, where it has one, is a list."""
 
-    output: list[Any]
+    output: list[Any] = []
 
 
 # The JSON type each field of a stored record is read as (``_readable``, ``_record_items``)
