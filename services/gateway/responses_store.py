@@ -240,9 +240,7 @@ class ResponsesStore:
                 got = await self.state.response_fields(response_id, tenant, *names)
                 if got is not None and not _readable(names, got[1:]):
                     # (every reader decoded it and raised: a 500 on each read, for good, till DELETE)
-                    logger.warning(
-                        "a stored response that is no record's JSON is answered as not there", id=response_id
-                    )
+                    logger.warning("a stored response that is no response's JSON is read as not there", id=response_id)
                     got = None
                 if got is not None and "response" in names and (stored := got[k := names.index("response") + 1]):
                     got[k] = await settled(self.state, response_id, tenant, stored, self.legacy_s)
@@ -402,10 +400,7 @@ def _decoded(name: str, raw: bytes | None) -> Any:
     """``raw`` decoded as a record's field ``name`` (``_SHAPES``); None where it is none, or no JSON of that shape."""
     try:
         return None if raw is None else msgspec.json.decode(raw, type=_SHAPES[name])
-    except (
-        msgspec.DecodeError,
-        RecursionError,
-    ):  # (ValidationError is one; RecursionError: msgspec's bound on nesting)
+    except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
         return None
 
 
