@@ -34,7 +34,8 @@ class Oracle:
 
     @torch.inference_mode()
     def generate(self, adapter: str | None, prompt_ids: list[int], max_new_tokens: int, **kwargs) -> list[int]:
-        """Greedy tokens; ``kwargs`` go to ``generate`` (``repetition_penalty``, ...)."""
+        """Greedy tokens; ``kwargs`` go to ``generate`` (``repetition_penalty``, ...;
+        ``eos_token_id=None`` for a request with ``ignore_eos``: past the model's EOS, as it)."""
         ids = torch.tensor([prompt_ids])
         out = self._run(
             adapter,

@@ -135,8 +135,8 @@ async def test_the_migrator_moves_new_version_requests_onto_the_old_versions_hol
         for rid in moved:
             s = streams[rid]
             assert s.error is None and s.tokens == N
-            assert s.token_ids == oracle.generate("lora-2", prompts[rid], N), rid
-        assert streams[moved[0]].token_ids != oracle.generate("lora-1", prompts[moved[0]], N)
+            assert s.token_ids == oracle.generate("lora-2", prompts[rid], N, eos_token_id=None), rid
+        assert streams[moved[0]].token_ids != oracle.generate("lora-1", prompts[moved[0]], N, eos_token_id=None)
         assert not streams["old"].done  # w0 ran the old version's request all the while
     finally:
         stop.set()
