@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,23 @@ _GENERIC = "PreTrainedTokenizerFast"  # (transformers 5's alias of TokenizersBac
 # its own normalizer and pre-tokenizer: the generic class would not be the same tokenizer. Mistral:
 # ``MistralCommonBackend`` only where mistral-common is installed and the folder holds a
 # ``tekken.json``; else the generic one, over the ``LlamaTokenizerFast`` Mistral's folders declare.
+# Qwen2's and Mistral's under transformers 5 only (pyproject allows 4): 4's AutoTokenizer loads them
+# as Qwen2TokenizerFast and LlamaTokenizerFast (a BOS added), where its ``Qwen2Tokenizer`` is the
+# slow class (no ``tokenizer.json`` read, no ``backend_tokenizer``) and the generic one adds none.
 _DIRECT: dict[str, tuple[set[str], str]] = {
     "llama": (_GENERIC_CLASSES, _GENERIC),
     "qwen2": ({"Qwen2Tokenizer", "Qwen2TokenizerFast"} | _GENERIC_CLASSES, "Qwen2Tokenizer"),
     "mistral": ({"LlamaTokenizerFast"} | _GENERIC_CLASSES, _GENERIC),
 }
+_SINCE_5 = {"qwen2", "mistral"}
 
 
-def _direct(folder: Path) -> str | None:
+def _transformers_major() -> int:
+    """The installed transformers' major version, read from its metadata (importing it costs)."""
+    return int(metadata.version("transformers").split(".", 1)[0])
+
+
+def _direct(folder: Path, major: int | None = None) -> str | None:
     """The transformers class AutoTokenizer would load ``folder``'s tokenizer as, where ``_DIRECT``
     names it: the folder's ``config.json`` of a model type there, a ``tokenizer_config.json``
     declaring one of that type's classes and no remote code (``auto_map``), a ``tokenizer.json``,
@@ -60,7 +70,7 @@ def _direct(folder: Path) -> str | None:
     loaded as that class directly: AutoTokenizer's module imports torch (through transformers'
     configuration_utils), 11.6 of the 16.5 s a gateway took for its tokenizer on a busy 2-core host,
     and the gateway runs no model. None otherwise, and for anything unreadable here (AutoTokenizer
-    says what)."""
+    says what). ``major``: transformers' major version (None: the installed one's)."""
     try:
         config = json.loads((folder / "config.json").read_text())
         declared = json.loads((folder / "tokenizer_config.json").read_text())
@@ -68,7 +78,10 @@ def _direct(folder: Path) -> str | None:
         return None
     if not isinstance(config, dict) or not isinstance(declared, dict) or "auto_map" in declared:
         return None
-    entry = _DIRECT.get(str(config.get("model_type")))
+    model_type = str(config.get("model_type"))
+    if model_type in _SINCE_5 and (major or _transformers_major()) < 5:
+        return None
+    entry = _DIRECT.get(model_type)
     if entry is None or declared.get("tokenizer_class") not in entry[0] or (folder / "tekken.json").exists():
         return None
     return entry[1] if (folder / "tokenizer.json").is_file() else None

@@ -88,6 +88,19 @@ def test_a_class_is_loaded_directly_only_where_autotokenizer_would_load_it(
     assert _direct(folders["as-made"]) is None  # AutoTokenizer's own refusal, said as before
 
 
+def test_qwen2_and_mistral_go_to_autotokenizer_under_transformers_4(tiny_llama: TinyOutput, tmp_path: Path) -> None:
+    """pyproject allows transformers 4, whose AutoTokenizer loads a Qwen2 folder as
+    Qwen2TokenizerFast and a Mistral one as LlamaTokenizerFast (a BOS added): its Qwen2Tokenizer is
+    the slow class, which failed on a folder with only a tokenizer.json, and the generic class
+    added no BOS (both seen under 4.57.1). A Llama folder's generic class is 4's choice too."""
+    model = Path(tiny_llama.model)
+    qwen2 = _with(model, tmp_path, "qwen2", {"model_type": "qwen2"}, {"tokenizer_class": "Qwen2Tokenizer"})
+    mistral = _with(model, tmp_path, "mistral", *MISTRAL)
+    llama = _with(model, tmp_path, "llama", {}, {"tokenizer_class": "PreTrainedTokenizerFast"})
+    assert [_direct(f, major=4) for f in (qwen2, mistral, llama)] == [None, None, "PreTrainedTokenizerFast"]
+    assert [_direct(f, major=5) for f in (qwen2, mistral)] == ["Qwen2Tokenizer", "PreTrainedTokenizerFast"]
+
+
 def test_a_serve_command_line_is_parsed_without_the_simulator() -> None:
     # `dlora simulate`'s options import its cost model (numpy): ~1 s of every `dlora serve` before
     code = (
