@@ -100,8 +100,8 @@ class Delivery:
         seen, self._reconnects = self._reconnects, self.nc.stats["reconnects"]
         if seen is None or seen == self._reconnects:
             return False
-        if self._resending is not None:  # an earlier reconnect's passes are this one's to make: left
-            self._resending.cancel()  # on, a second restart soon after sent named readers theirs again
+        if self._resending is not None:  # an earlier reconnect's passes are this one's to make: left on,
+            self._resending.cancel()  # those still due sent the same chunks again beside this one's
         self._claimed.clear()
         self._resending = asyncio.create_task(self._resend(RESEND_DELAYS_S))
         return True

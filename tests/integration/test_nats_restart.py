@@ -221,7 +221,8 @@ async def test_a_nats_restart_sends_a_named_readers_chunks_again_once(monkeypatc
     (400-870 each) twice, and each gateway, which reconnected too, was sent its own again once
     more when it said so: three copies. A named reader gets them once, when it says it reconnected;
     a reader without a name, which cannot say, still gets both passes. A second restart soon
-    after the first ends the first's passes: left on, its second pass sent both again."""
+    after the first ends the first's passes: left on, its second pass (unnamed readers' chunks only,
+    as every second pass) sent those a third time."""
     from dlora.services.worker import delivery as module
 
     monkeypatch.setattr(module, "RESEND_DELAYS_S", (0.0, 0.05))  # (the passes' count is the point)
