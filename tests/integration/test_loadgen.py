@@ -34,7 +34,9 @@ async def test_loadgen_run_loses_nothing_and_reports(stack: Stack, tmp_path: Pat
     spec = WorkloadSpec(
         requests=24,
         rate=20.0,
-        duration=10.0,
+        # Far past the arrivals' ~1.2 s: the run ends once its requests do, and a stall of the
+        # test's process (9 s at load 13) left the last arrival past a 10 s duration, not sent.
+        duration=60.0,
         lengths="uniform",
         prompt_len=12,
         output_len=8,
