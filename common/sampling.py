@@ -107,7 +107,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
         # model's and its own; vLLM bounds neither list, and stops on the set of the ids,
         # SamplingParams._all_stop_token_ids)
         for name in ("stop_token_ids", "bad_words"):
-            if len(once := list(dict.fromkeys(getattr(self, name)))) < len(getattr(self, name)):
+            if not isinstance(given := getattr(self, name), list):
+                continue  # (a Python caller's int or str: left for ``invalid`` to name)
+            try:
+                once = list(dict.fromkeys(given))
+            except TypeError:  # (a list of lists: likewise)
+                continue
+            if len(once) < len(given):
                 msgspec.structs.force_setattr(self, name, once)
 
     def outside_vocab(self, vocab: int) -> tuple[str, str] | None:
