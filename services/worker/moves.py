@@ -131,27 +131,28 @@ class Refusals:
 class TooLarge(enum.Enum):
     """Why a move's message is over the bus's payload limit (``too_large``)."""
 
-    FOR_NOW = "held text"  # by the width of the text held back for a stop string, which may narrow
-    WHILE_HERE = "tokens"  # even with that text at its narrowest: it only grows, and stays pinned here
+    FOR_NOW = "held text"  # by the text held back for a stop string, which the next token may release
+    WHILE_HERE = "tokens"  # even without that text: it only grows, and stays pinned here
 
 
 def too_large(resumed: GenerateRequest, max_payload: int) -> TooLarge | None:
     """Whether ``resumed`` (``handoff``'s, without its cache) is over ``max_payload`` bytes with a
-    shipped cache's fields, and why; None: it fits. Its held text (``resume_text_held``) is the last
-    characters that could begin a stop string, as many as the longest less one once the text is
-    that long (``stopping.visible_end``): sent, they give way to as many newer ones, so the message
-    shrinks only where those take fewer bytes (3-byte CJK followed by ASCII). Over with them at one
-    byte each, it never fits while here (its tokens only grow); over only by their width, it is
-    refused this time and planned again (pinned for good, it stayed where it could have gone once
-    its text ran on in ASCII: left by the last session)."""
+    shipped cache's fields, and why; None: it fits. Its held text (``resume_text_held``) is only the
+    end of its text that could still grow into a stop string (``stopping.partial_stop``): the next
+    token that breaks the match releases all of it, so the message can shrink by all of its bytes
+    (a token id more). Over without it, it never fits while here (its tokens only grow); over only
+    by it, it is refused this time and planned again. Judged as a fixed window of the longest stop
+    string less one (counted at a byte a character), a request over by a held ``"Observ"`` was
+    pinned for good though its next token (``"e the"``) would have let it go (the stop-string
+    hold-back now holds only a partial match)."""
 
     def size(r: GenerateRequest) -> int:
         return len(msgspec.json.encode(r)) + KV_FIELDS_BYTES
 
     if size(resumed) <= max_payload:
         return None
-    narrowest = msgspec.structs.replace(resumed, resume_text_held="x" * len(resumed.resume_text_held))
-    return TooLarge.FOR_NOW if size(narrowest) <= max_payload else TooLarge.WHILE_HERE
+    released = msgspec.structs.replace(resumed, resume_text_held="")
+    return TooLarge.FOR_NOW if size(released) <= max_payload else TooLarge.WHILE_HERE
 
 
 def handoff(

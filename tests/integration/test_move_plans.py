@@ -363,14 +363,15 @@ async def test_a_request_too_large_to_move_is_said_refused_and_stays_pinned(
 ) -> None:
     """A request grown past what NATS carries is refused a move: w0 said nothing, the migrator held
     it moved for ``settle_s`` and then planned it again, to be refused again (left by the last
-    session). Its stats now say the refusal and pin it, in one message. Grown here by text held back
-    (``resume_text_held``) past the connection's limit, the size check itself as it runs."""
+    session). Its stats now say the refusal and pin it, in one message. Grown here by its tokens
+    (``resume_token_ids``) past the connection's limit, the size check itself as it runs (text held
+    back for a stop string would not pin it: the next token may release it, ``moves.too_large``)."""
     store = StateStore(redis)
     grown = move_out.handoff
 
     def too_large(*args: object, **kwargs: object) -> tuple[GenerateRequest, list[KVChunk]]:
         resumed, chunks = grown(*args, **kwargs)  # type: ignore[arg-type]
-        return msgspec.structs.replace(resumed, resume_text_held="x" * (2 << 20)), chunks
+        return msgspec.structs.replace(resumed, resume_token_ids=[7] * (1 << 20)), chunks
 
     monkeypatch.setattr(move_out, "handoff", too_large)
     async with _workers(nats_server, store, tiny_llama) as (workers, client):

@@ -18,6 +18,7 @@ from dlora.common.messages import (
     WorkerStats,
 )
 from dlora.services.worker import moves
+from dlora.services.worker.engine import stopping
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.kv_inbox import KVInbox
 from tests.unit.planner_cases import worker_stats
@@ -193,18 +194,27 @@ def test_a_request_too_large_to_move_is_said_refused_and_pinned_while_it_is_here
     assert [r.pinned for r in st.requests] == [False] and refusals.oversized == set()
 
 
-def test_a_request_over_the_payload_only_by_its_held_text_s_width_is_not_pinned() -> None:
-    """The text held back for a stop string is its last characters (the longest stop string's length
-    less one): sent, they give way to as many newer ones, so the message shrinks only where those
-    are narrower. Over the limit by three-byte characters held, a request would fit once its text
-    runs on in ASCII: refused for now, not pinned (it was pinned for good: left by the last
-    session). Over with them at one byte each, it never fits while here: pinned."""
-    held = "\u4e2d" * 10  # 30 bytes in UTF-8; 10 at its narrowest
-    resumed, _ = moves.handoff(REQ, [7] * 50, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held=held)
+def test_a_request_over_the_payload_only_by_its_held_stop_text_is_not_pinned() -> None:
+    """The text held back for a stop string is only an end that could still grow into one
+    (``stopping.visible_end``): the next token that breaks the match releases all of it, so a
+    request over the limit by no more than that text fits once it comes (a token id more):
+    refused for now, not pinned. Judged as a fixed window of the longest stop string less one,
+    its characters at a byte each, one over by a held ``"Observ"`` was pinned for good. Over
+    even without it, it never fits while here: pinned."""
+    params = SamplingParams(stop=["Observation:"])
+    ids, text = [7] * 50, "Thought: I should look. Observ"
+    shown = stopping.visible_end(text, 0, params, finished=False)
+    held = text[shown:]
+    assert held == "Observ"
+    req = msgspec.structs.replace(REQ, params=params)
+    resumed, _ = moves.handoff(req, ids, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held=held)
     size = len(msgspec.json.encode(resumed)) + moves.KV_FIELDS_BYTES
     assert moves.too_large(resumed, size) is None
     assert moves.too_large(resumed, size - 1) is moves.TooLarge.FOR_NOW
-    assert moves.too_large(resumed, size - 20) is moves.TooLarge.FOR_NOW
-    assert moves.too_large(resumed, size - 21) is moves.TooLarge.WHILE_HERE
-    ascii_held, _ = moves.handoff(REQ, [7] * 50, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held="x" * 10)
-    assert moves.too_large(ascii_held, size - 21) is moves.TooLarge.WHILE_HERE  # (as narrow as it gets)
+    text += "e the result"  # the next token: no stop string after all, the held text sent
+    assert stopping.visible_end(text, shown, params, finished=False) == len(text)
+    after, _ = moves.handoff(req, [*ids, 7], 0, next_seq=2, kv=None, kv_export_s=0.0)
+    assert moves.too_large(after, size - 1) is None  # (it fits then)
+    released = len(msgspec.json.encode(msgspec.structs.replace(resumed, resume_text_held=""))) + moves.KV_FIELDS_BYTES
+    assert moves.too_large(resumed, released) is moves.TooLarge.FOR_NOW
+    assert moves.too_large(resumed, released - 1) is moves.TooLarge.WHILE_HERE
