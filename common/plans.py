@@ -8,6 +8,11 @@ import enum
 
 import msgspec
 
+# A worker ignores a plan made from its stats sent longer ago than this past its stats interval
+# (seconds, on its own clock: ``MovePlan.stats_sent``; ``worker.moves.plan_max_age``): they no
+# longer hold. Here, below both, as the migrator's solve bound must stay under it (its settings).
+PLAN_MAX_AGE_S = 5.0
+
 
 class MoveRequest(msgspec.Struct, kw_only=True, frozen=True):
     """One running request to move, with its adapter (migration issue)."""
@@ -60,8 +65,9 @@ class PlanTrigger(enum.StrEnum):
 
 class MovePlan(msgspec.Struct, kw_only=True, frozen=True):
     """The migrator's decision, published on ``subjects.MOVES``. A worker moves only requests it
-    still holds, and ignores plans made from its stats of more than a few stats intervals ago
-    (``stats_sent``): a stale or partly failed plan leaves the other requests where they are."""
+    still holds, and ignores plans made from its stats sent more than its stats interval plus
+    ``PLAN_MAX_AGE_S`` before (``stats_sent``): a stale or partly failed plan leaves the other
+    requests where they are."""
 
     plan_id: str
     # The migrator lease's epoch when the plan was made: workers drop plans of an epoch below the

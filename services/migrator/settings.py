@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dlora.common.plans import PLAN_MAX_AGE_S
 from dlora.common.settings import Common, Problems, nested_problems
 from dlora.services.migrator.trigger import TriggerBounds
 
@@ -50,7 +51,8 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
     lease_s: float = 3.0
     # Solver time bound, seconds: more than the 0.3 s kept back for starting the solver and reading
     # its plan until a solve has measured that round trip (at or below it none ever runs to measure
-    # it: the ILP never runs, only the greedy pass).
+    # it: the ILP never runs, only the greedy pass), and under ``PLAN_MAX_AGE_S`` (a plan taking it
+    # reached the workers stale).
     solve_time_s: float = 1.0
     # Move costs the planner weighs (seconds per token moved; per load for adapters). Recompute and
     # KV transfer: unset, what the workers measured (prefill speed; a shipped cache's export plus the
@@ -75,4 +77,9 @@ class MigratorSettings(Common, kw_only=True, forbid_unknown_fields=True):
                 "never run, only the greedy pass"
             )
             bad.append(("solve_time_s", self.solve_time_s, f"must be > {CBC_OVERHEAD_S:g} ({why})"))
+        if self.solve_time_s >= PLAN_MAX_AGE_S:
+            # A plan is as old as its stats when it reaches a worker, its solve included: one taking
+            # this bound was ignored by every worker as stale (``common.plans.PLAN_MAX_AGE_S``).
+            why = f"a worker ignores a plan made from stats it sent over stats_interval_s + {PLAN_MAX_AGE_S:g} s ago"
+            bad.append(("solve_time_s", self.solve_time_s, f"must be < {PLAN_MAX_AGE_S:g} ({why})"))
         return bad

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import msgspec
 
 from dlora.common.messages import GenerateRequest, KVChunk, MovePlan, WorkerStats
+from dlora.common.plans import PLAN_MAX_AGE_S
 
-# A plan made from this worker's stats of longer ago than this past its stats interval (seconds, on
-# its own clock: ``MovePlan.stats_sent``) is ignored: they no longer hold (``plan_max_age``).
-PLAN_MAX_AGE_S = 5.0
 # KV bytes per chunk: under NATS's default 1 MiB payload limit.
 KV_CHUNK_BYTES = 512 << 10
 # Bytes a move's message grows by when it ships the cache (a chunk count, a transfer id, its export

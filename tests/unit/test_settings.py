@@ -151,6 +151,11 @@ def test_unknown_keys_in_toml_are_refused(tmp_path: Path) -> None:
         # at or below the 0.3 s the planner keeps back for CBC, the ILP never ran, and nothing said so
         # (still so with the round trip measured: none runs to measure it, ``test_planner_pace``)
         ({"DLORA_SOLVE_TIME_S": "0.3"}, r"solve_time_s=0.3 must be > 0.3 \(until a solve has measured .* never run"),
+        # past a worker's plan age, every plan that took its bound reached the workers stale, ignored
+        (
+            {"DLORA_SOLVE_TIME_S": "5"},
+            r"solve_time_s=5.0 must be < 5 \(a worker ignores a plan .* stats_interval_s \+ 5 s",
+        ),
     ],
 )
 def test_bad_migrator_bounds_name_the_setting(env: dict, fragment: str) -> None:
