@@ -4,12 +4,15 @@ greedy pass and the ILP alike (``costs.overflow_seconds``), not as work saved ac
 
 from __future__ import annotations
 
+import dataclasses
+
 import pulp
 import pytest
 
 from dlora.common.messages import MoveRequest
 from dlora.services.migrator.costs import Standing, worth
 from dlora.services.migrator.greedy import greedy_moves
+from dlora.services.migrator.ilp import READ_TIE
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot
 from tests.unit.planner_cases import reqs, worker
@@ -31,7 +34,8 @@ def test_relieving_a_pressed_worker_that_ends_early_saves_nothing(monkeypatch: p
     shipping, though no completion came sooner, and the ILP shipped w0's requests to w2 beside
     w1's (left by the last session). The recompute is w0's time, and w0 ends first anyway: the
     move is worth its cost, negative, and the plan balances w1 alone. The ILP's objective is T
-    plus the moves' cost, the longest completion before less ``worth``."""
+    plus the moves' cost, the longest completion before less ``worth``, and its recompute
+    tie-break (``ilp.READ_TIE`` of the recompute the plan leaves)."""
     snap = _early_pressed()
     off_w0 = [MoveRequest(request_id="w0-None-0", adapter=None, to_worker="w2", ship_kv=True)]
     assert worth(snap, off_w0, 0.8) == pytest.approx(-0.152)
@@ -41,7 +45,10 @@ def test_relieving_a_pressed_worker_that_ends_early_saves_nothing(monkeypatch: p
     settings = PlannerSettings(kv_pressure=0.8, max_nodes=50)
     p = plan(snap, settings)
     assert p.method == "ilp" and p.moves and all(m.request_id.startswith("w1") for m in p.moves)
-    assert pulp.value(solved[0].objective) == pytest.approx(10.0 - worth(snap, p.moves, 0.8))
+    standing = Standing(snap)
+    left = standing.pressed(*standing.after(p.moves), 0.8)
+    tie = READ_TIE * sum(left[w] - load for w, load in standing.after(p.moves)[0].items())
+    assert pulp.value(solved[0].objective) == pytest.approx(10.0 - worth(snap, p.moves, 0.8) + tie)
 
 
 def test_a_pressed_worker_s_recompute_makes_it_the_one_the_greedy_pass_relieves() -> None:
@@ -64,3 +71,19 @@ def test_a_pressed_worker_s_recompute_makes_it_the_one_the_greedy_pass_relieves(
     # that took w0 from 6.56 s read as lengthening the longest completion.
     p = plan(snap, PlannerSettings(kv_pressure=0.8, max_nodes=20))
     assert p.moves and p.makespan_before_s == pytest.approx(6.56) and p.makespan_after_s < 6.56
+
+
+def test_of_plans_as_short_the_ilp_takes_the_one_preempting_least() -> None:
+    """As in ``_early_pressed``, w0's demand is over its bound, but one of its requests waits (no
+    KV: moved for nothing) and w1's load goes partly onto w0. Counted in w0's row alone, its
+    recompute made no difference to the objective where w0 ends before T: the ILP left the waiting
+    request there and w0 preempting (and at 32 x 128 x 2,000 its 20-node plan was 1.9 s worse by
+    ``worth`` than with the recompute summed). With the tie-break it goes to w2, w0 back under its
+    bound, the longest completion the same."""
+    snap = _early_pressed()
+    waiting = dataclasses.replace(snap.requests[4], running=False)
+    snap = dataclasses.replace(snap, requests=[*snap.requests[:4], waiting, *snap.requests[5:]])
+    p = plan(snap, PlannerSettings(kv_pressure=0.8, max_nodes=50))
+    assert p.method == "ilp" and (waiting.request_id, "w2") in {(m.request_id, m.to_worker) for m in p.moves}
+    standing = Standing(snap)
+    assert standing.pressed(*standing.after(p.moves), 0.8)["w0"] == standing.after(p.moves)[0]["w0"]
