@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
 from dlora.common.messages import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
@@ -331,3 +332,33 @@ def test_a_move_racing_its_requests_end_moves_nothing(tiny_llama: TinyOutput, en
     )
     with pytest.raises(RequestError, match="max_tokens"):
         add(engines[1], ended)
+
+
+@pytest.mark.parametrize(
+    ("eos", "min_tokens", "ignore_eos", "ends"),
+    [(False, 0, True, True), (True, 0, False, True), (False, 4, True, False), (True, 0, True, False)],
+    ids=["stop-token", "eos", "under-min-tokens", "eos-ignored"],
+)
+def test_a_request_resumed_with_its_stop_token_last_ends_as_it_is_added(
+    engines: Engines, eos: bool, min_tokens: int, ignore_eos: bool, ends: bool
+) -> None:
+    """sgl-project/sglang #12151 (the decode side went on generating after the prefill side's EOS)
+    as a resume: a request whose resumed output already ends in a stop token or EOS (a record
+    written with its final token, its end not) ends "stop" at the next step with no token more,
+    that token its stop_reason (none for the tokenizer's EOS), and holds nothing; one that
+    ``min_tokens`` (3 made) or ``ignore_eos`` holds back goes on."""
+    source, destination = engines
+    made = unmoved(engines, request("f", SamplingParams(max_tokens=2, ignore_eos=True))).ids["f"]
+    last = source.primary_eos if eos else made[-1]
+    stop = [] if eos else [last]
+    params = SamplingParams(max_tokens=8, stop_token_ids=stop, min_tokens=min_tokens, ignore_eos=ignore_eos)
+    add(destination, msgspec.structs.replace(request("r", params), resume_token_ids=[*made, last]))
+    out = destination.step()
+    assert len(out) == 1 and out[0].num_output_tokens == 3 + (not ends)
+    if ends:
+        assert (out[0].new_token_ids, out[0].finish_reason, out[0].stop_reason) == (
+            [],
+            FinishReason.STOP,
+            stop[0] if stop else None,
+        )
+        assert not destination.has_unfinished() and destination.blocks.num_free == destination.blocks.num_blocks

@@ -36,6 +36,7 @@ from dlora.services.worker.engine.outputs import (
     RequestError,
     RequestOutput,
     advance,
+    ended_on_resume,
     failed_output,
 )
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots
@@ -146,7 +147,8 @@ class LLMEngine:
         self.loading: set[str] = set()  # adapters read beside the steps: their requests wait unseen by the policy
         self.seqs: dict[str, Sequence] = {}
         self._in_flight: InFlight | None = None  # async scheduling's step whose tokens are on their way
-        self._taken: list[RequestOutput] = []  # its outputs once taken in, until ``step`` returns them
+        # its outputs once taken in, and requests ended as they were added, until ``step`` returns them
+        self._taken: list[RequestOutput] = []
         self._chunks: taking.Chunks | None = None  # the last step's prompt chunks, checked when taken in
         # The adapters a switch under way merges in or out; left set when it raised (a device lost
         # there is their requests' death, though none was scheduled yet: the worker's hand-over)
@@ -179,7 +181,11 @@ class LLMEngine:
 
     def runnable(self) -> bool:
         """Whether a step could run something: a request not waiting for its adapter, or one in flight."""
-        return self._in_flight is not None or any(s.adapter not in self.loading for s in self.seqs.values())
+        return (
+            self._in_flight is not None
+            or bool(self._taken)
+            or any(s.adapter not in self.loading for s in self.seqs.values())
+        )
 
     def in_use(self, name: str) -> bool:
         """Whether a request in flight runs on the adapter."""
@@ -228,7 +234,8 @@ class LLMEngine:
     ) -> None:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
         generation continues after them and they are not reported again (``resume_text_held``, their text not sent
-        yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them). ``kv``:
+        yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them); ending in
+        a stop token or EOS, it ends "stop" at the next step (``ended_on_resume``). ``kv``:
         the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
         (``fcfs_arrival``). Its prompt tokens count once its first token is made here, unless it made some before
         (vLLM's prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of
@@ -276,6 +283,9 @@ class LLMEngine:
                 raise  # (the worker's state, not the request's fault: answered unavailable)
             except GrammarError as e:
                 raise RequestError(str(e), param=params.structured_outputs()[0]) from None
+        if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
+            self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
+            return
         if kv is not None:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
@@ -320,7 +330,7 @@ class LLMEngine:
         return self.seqs.get(seq.request_id) is seq
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs) or self._in_flight is not None
+        return bool(self.seqs or self._taken) or self._in_flight is not None
 
     def queue(self) -> list[QueuedRequest]:
         """What the policy may run, in scheduling order: priority, then arrival (``scheduler.queued``)."""
@@ -341,11 +351,11 @@ class LLMEngine:
         if self.config.async_scheduling:
             return async_scheduling.step(self, decision)
         if not self.seqs:
-            return []
+            return async_scheduling.hand_out(self)
         decision = decision or self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
         step = self._prepare(decision)
         if step is None:
-            return []
+            return async_scheduling.hand_out(self)
         graphs = self.graphs  # this step's, also if a replay that fails turns them off
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
@@ -354,7 +364,7 @@ class LLMEngine:
         recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         self.stats.record_graphs(recorded, recording_s)
         self._observe(decision, step, generated, [self.clock() - step.started - recording_s])
-        return outputs
+        return async_scheduling.hand_out(self) + outputs  # (with those ended as they were added)
 
     def _prepare(self, decision: StepDecision) -> PreparedStep | None:
         """Switch, schedule and place the batch's adapters (``preparing.prepare``; a phase for

@@ -67,6 +67,44 @@ def failed_output(seq: Sequence, reason: str, code: ErrorCode, param: str | None
     )
 
 
+def ended_on_resume(
+    seq: Sequence, eos_ids: set[int], max_model_len: int, primary_eos: int | None
+) -> RequestOutput | None:
+    """The last output of a request resumed with output that already ends it (its last token a stop
+    token or EOS, ``check_stop``'s rules, ``min_tokens`` and ``ignore_eos`` included): no token more,
+    the text it held, "stop", and that token as ``stop_reason`` (none for the tokenizer's EOS);
+    None where it goes on. A record written with a request's final token but not its end is
+    resumed so (sgl-project/sglang #12151: a decode side went on after the prefill's EOS); its
+    length was checked before (``check_tokens``)."""
+    if not seq.output_ids:
+        return None
+    n, text = len(seq.output_ids), seq.text
+    stop = check_stop(
+        text,
+        len(text),
+        seq.output_ids[-1],
+        seq.params,
+        eos_ids,
+        n,
+        seq.total_len,
+        max_model_len,
+        primary_eos=primary_eos,
+    )
+    if stop.reason is not FinishReason.STOP:  # (no new text: no stop string can end in it)
+        return None
+    seq.status, seq.finish_reason = Status.FINISHED, stop.reason
+    return RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=[],
+        new_text=stop.text[seq.emitted :],
+        finished=True,
+        finish_reason=stop.reason,
+        num_prompt_tokens=len(seq.prompt_ids),
+        num_output_tokens=n,
+        stop_reason=stop.matched,
+    )
+
+
 def token_logprobs(
     logits: torch.Tensor, wanted: dict[int, tuple[int, int]], launched: LaunchedLogprobs | None = None
 ) -> dict[int, TokenLogprob | Exception]:
