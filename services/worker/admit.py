@@ -199,6 +199,7 @@ def _add_to_engine(w: WorkerService, req: GenerateRequest, add: Add, kv: KVSnaps
         resume_text_held=req.resume_text_held,
         kv=kv,
         priority=req.priority,
+        arrival_time=req.created or None,  # (a moved one is queued by it: ``fcfs_arrival``)
         cache_salt=req.cache_salt,
         bad_words_ids=add.bad_words_ids,
         whole=True,  # as the dispatcher checks token ids: a text prompt's length is first known here

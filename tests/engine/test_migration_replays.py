@@ -48,8 +48,12 @@ class Client:
         return self
 
 
-def request(rid: str, params: SamplingParams, adapter: str | None = "lora-0", prompt: list[int] = PROMPT):
-    return GenerateRequest(request_id=rid, reply_to="", prompt_token_ids=prompt, params=params, adapter=adapter)
+def request(
+    rid: str, params: SamplingParams, adapter: str | None = "lora-0", prompt: list[int] = PROMPT, created: float = 0.0
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid, reply_to="", prompt_token_ids=prompt, params=params, adapter=adapter, created=created
+    )
 
 
 def add(engine: LLMEngine, req: GenerateRequest, kv: KVSnapshot | None = None) -> None:
@@ -63,6 +67,7 @@ def add(engine: LLMEngine, req: GenerateRequest, kv: KVSnapshot | None = None) -
         resume_text_pending=req.resume_text_pending,
         resume_text_held=req.resume_text_held,
         kv=kv,
+        arrival_time=req.created or None,
         whole=True,
     )
 
@@ -362,3 +367,19 @@ def test_a_request_resumed_with_its_stop_token_last_ends_as_it_is_added(
             stop[0] if stop else None,
         )
         assert not destination.has_unfinished() and destination.blocks.num_free == destination.blocks.num_blocks
+
+
+def test_a_request_moved_before_its_first_token_waits_behind_only_those_that_came_before_it(
+    engines: Engines,
+) -> None:
+    """llumnix-project/llumnix-ray PR #36 (Llumnix migrates a waiting request only to the head of
+    the destination's waiting queue, which it keeps sorted by arrival_time). A request that waited
+    at the source since 20 s is moved before its first token to a destination where one that came
+    at 10 s and one that came at 30 s wait: it is queued between them, not behind the later one."""
+    source, destination = engines
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    for rid, created in (("a", 10.0), ("b", 30.0)):
+        add(destination, request(rid, params, created=created))
+    add(source, request("m", params, created=20.0))
+    add(destination, *move(source, request("m", params, created=20.0), ship_kv=True))
+    assert [q.request_id for q in destination.queue()] == ["a", "m", "b"]

@@ -226,6 +226,7 @@ class LLMEngine:
         resume_text_pending: int = 0,
         resume_text_held: str = "",
         priority: int = 0,
+        arrival_time: float | None = None,
         cache_salt: str = "",
         bad_words_ids: list[list[int]] | None = None,
         whole: bool = False,
@@ -237,8 +238,9 @@ class LLMEngine:
         yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them); ending in
         a stop token or EOS, it ends "stop" at the next step (``ended_on_resume``). ``kv``:
         the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
-        (``fcfs_arrival``). Its prompt tokens count once its first token is made here, unless it made some before
-        (vLLM's prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of
+        (``fcfs_arrival``; one without output by ``arrival_time`` too: Unix seconds it entered the system, None:
+        now). Its prompt tokens count once its first token is made here, unless it made some before (vLLM's
+        prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of
         the same salt (``Sequence.salted``). ``bad_words_ids``: the token sequences of ``params.bad_words``
         (``bad_words_token_ids``), tokenized already (the worker does it on arrival, off its loop); None: tokenized
         here. ``whole``: refuse a request whose prompt and max_tokens overrun the context (``check_tokens``) rather
@@ -263,7 +265,8 @@ class LLMEngine:
             adapter=adapter,
             prompt_ids=ids,
             params=params,
-            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values(), priority),
+            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values(), priority, arrival_time),
+            arrival_time=time.time() if arrival_time is None else arrival_time,
             detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens, pending),
             output_ids=resumed,
             text=tail + held,

@@ -58,6 +58,8 @@ class Sequence:
     # Engine clock seconds of the first step that scheduled it: its time waiting ends there (vLLM's
     # scheduled_ts), however many steps its prefill then takes.
     scheduled_at: float | None = None
+    # Unix seconds it entered the system (vLLM's arrival_time; a moved or recovered request's first)
+    arrival_time: float = 0.0
     matcher: Any = None  # llguidance matcher of its JSON Schema (structured output), or None
     # Where in output_ids its matcher starts (``grammar_start``: past its structured_after_token_ids);
     # None: not yet, the output unmasked and the matcher given no token until then
@@ -130,7 +132,9 @@ class Sequence:
 PRIORITY_SPAN = 1 << 42
 
 
-def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence], priority: int = 0) -> int:
+def fcfs_arrival(
+    count: int, resumed: bool, seqs: Iterable[Sequence], priority: int = 0, arrival_time: float | None = None
+) -> int:
     """The scheduling key of the engine's ``count``-th request, added now beside ``seqs``: lower
     runs first. ``priority`` first (vLLM's priority scheduling: lower is served earlier, 0 is
     normal), then arrival: after every other of its priority (even keys, 2 * count above the
@@ -142,17 +146,21 @@ def fcfs_arrival(count: int, resumed: bool, seqs: Iterable[Sequence], priority: 
     waiting queue, not behind newcomers; ahead of the running ones its recompute would take their
     decodes' token budget and, as a step's first request where KV is short, evict them. (In the
     simulator this order did not stop migration hurting at 8 x 64 x 0.5 load, issue 21; ahead of
-    everything, it did.) The policy batches, and the scheduler admits and preempts (the highest
-    key first), by this key."""
+    everything, it did.) One with no output yet that entered the system (``arrival_time``) before
+    some of those waiting here that hold nothing (moved or handed back before its first token,
+    delayed on arrival) goes just ahead of the first of them, not behind: Llumnix keeps a migrated
+    request's arrival_time and sorts the waiting queue by it (llumnix-ray #36). The policy batches,
+    and the scheduler admits and preempts (the highest key first), by this key."""
     base = priority * PRIORITY_SPAN
     arrival = base + 2 * count
+    mine = [s for s in seqs if s.status is Status.WAITING and base <= s.arrival < base + PRIORITY_SPAN]
     if resumed:
-        waiting = [
-            s.arrival
-            for s in seqs
-            if s.status is Status.WAITING and s.arrival % 2 == 0 and base <= s.arrival < base + PRIORITY_SPAN
-        ]
-        arrival = min([arrival, *(a - 1 for a in waiting)])
+        arrival = min([arrival, *(s.arrival - 1 for s in mine if s.arrival % 2 == 0)])
+    elif arrival_time is not None:
+        # (one key below a later one's: an odd key, or an earlier-come one's even key, which it
+        # then follows, equal keys keeping the order they were added in)
+        later = [s.arrival for s in mine if not s.output_ids and not s.num_cached and s.arrival_time > arrival_time]
+        arrival = min([arrival, *(a - 1 for a in later)])
     return arrival
 
 
