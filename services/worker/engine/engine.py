@@ -180,7 +180,8 @@ class LLMEngine:
         return adapter
 
     def runnable(self) -> bool:
-        """Whether a step could run something: a request not waiting for its adapter, or one in flight."""
+        """Whether a step could run something: a request not waiting for its adapter, one in flight, or an
+        output to hand out (a request ended as it was added)."""
         return (
             self._in_flight is not None
             or bool(self._taken)
