@@ -3,7 +3,7 @@ goes to the next adapter in line, as the scheduler would give it (tokenspeed #26
 
 from dlora.services.worker.policy import BatchLimits, QueuedRequest
 from dlora.services.worker.policy.base import fcfs_refilled
-from dlora.services.worker.policy.fcfs import UnmergedOnly
+from dlora.services.worker.policy.fcfs import MixedOnly, UnmergedOnly
 
 # One slot, prompts run whole (chunked prefill off), 64 tokens a step.
 WHOLE = BatchLimits(max_num_seqs=8, max_adapters=1, max_num_batched_tokens=64, chunked_prefill=False)
@@ -29,3 +29,19 @@ def test_nothing_is_added_where_every_slot_holder_is_fed() -> None:
     assert ids(fcfs_refilled(queue, WHOLE)) == ["x", "b"]
     roomy = BatchLimits(max_num_seqs=8, max_adapters=1)  # no budget: the scheduler feeds all of F
     assert ids(fcfs_refilled(queue, roomy)) == ["x", "b"]
+
+
+def test_a_request_the_freed_slot_could_not_feed_either_is_not_added() -> None:
+    # lora-2's 30 tokens do not fit the 14 left either: in F it would be owed for a step that
+    # plain FCFS would not have run it in
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 30)]
+    assert ids(fcfs_refilled(queue, WHOLE)) == ["big", "x"]
+
+
+def test_mixed_only_gives_the_slot_the_step_cannot_use_to_the_next_adapter_in_line() -> None:
+    # two slots, one held by lora-a's correction: lora-1's 50 tokens do not fit the 44 left beside
+    # lora-a's two prompts, lora-2's 5 do, in the slot lora-1 could not use
+    two = BatchLimits(max_num_seqs=8, max_adapters=2, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [q("a0", "lora-a", 0, 10), q("a1", "lora-a", 1, 10), q("x", "lora-1", 2, 50), q("y", "lora-2", 3, 5)]
+    d = MixedOnly(two).decide(queue, None)
+    assert (d.merged, d.mixed, d.request_ids) == ("lora-a", True, ["a0", "a1", "x", "y"])

@@ -309,24 +309,34 @@ def within_budget(
 
 
 def fcfs_refilled(
-    queue: list[QueuedRequest], limits: BatchLimits, merged_now: str | None = None, kv: KvRoom | None = None
+    queue: list[QueuedRequest],
+    limits: BatchLimits,
+    merged: str | None = None,
+    merged_now: str | None = None,
+    kv: KvRoom | None = None,
 ) -> list[QueuedRequest]:
-    """``fcfs_batch``, then the requests it left out for a device slot that an adapter held only
-    by requests the step cannot feed (``within_budget``: the scheduler passes them over) would
-    have had, after it: the scheduler gives an adapter its slot only once it admits a request of
-    it, so one it passes over does not keep the others out. Without this, a prompt of lora-1 the
-    token budget left no room for held the only slot in the batch, and lora-2's short prompt
-    behind it waited a step with the slot empty (tokenspeed #268's review: count only scheduled
-    adapters against max_loras). Those after are in the decision only: the scheduler's slot count
-    decides, so where it admits the one passed over after all, they wait as before."""
-    batch = fcfs_batch(queue, limits)
-    fed = {r.request_id for r in within_budget(batch, limits, None, merged_now, kv)}
+    """``fcfs_batch`` (``merged``: of a mixed step with that adapter merged), then the requests
+    it left out for a device slot held only by requests the step cannot feed (``within_budget``:
+    the scheduler passes them over) that the step can feed, after it: the scheduler gives an
+    adapter its slot only once it admits a request of it, so one it passes over keeps no one out.
+    Without this, a prompt of lora-1 the token budget left no room for held the only slot in the
+    batch, and lora-2's short prompt behind it waited a step with the slot empty (tokenspeed
+    #268's review: count only scheduled adapters against max_loras). Only those the step can feed
+    are added: this is what plain FCFS runs, the dLoRA policy's F, whose requests left waiting gain
+    credit, and one it could not feed either would be owed for a step in which FCFS would not have
+    run it. Those added are in the decision only: the scheduler's slot count decides, so where it
+    admits the one passed over after all, they wait as before."""
+    batch = fcfs_batch(queue, limits, merged)
+    fed = {r.request_id for r in within_budget(batch, limits, merged, merged_now, kv)}
     passed = {r.request_id for r in batch if r.request_id not in fed}
     if not passed:
         return batch
     chosen = {r.request_id for r in batch}
-    rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits)
-    return batch + [r for r in rest if r.request_id not in chosen]
+    rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
+    if not (extra := [r for r in rest if r.request_id not in chosen]):
+        return batch
+    fed = {r.request_id for r in within_budget(batch + extra, limits, merged, merged_now, kv)}
+    return batch + [r for r in extra if r.request_id in fed]
 
 
 class Policy:

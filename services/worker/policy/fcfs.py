@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dlora.services.worker.policy.base import KvRoom, Policy, QueuedRequest, StepDecision, fcfs_batch, fcfs_refilled
+from dlora.services.worker.policy.base import KvRoom, Policy, QueuedRequest, StepDecision, fcfs_refilled
 
 
 class UnmergedOnly(Policy):
@@ -13,7 +13,7 @@ class UnmergedOnly(Policy):
     slot the step cannot use goes to the next adapter in line)."""
 
     def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
-        batch = fcfs_refilled(queue, self.limits, merged_now, kv)
+        batch = fcfs_refilled(queue, self.limits, None, merged_now, kv)
         return StepDecision(merged=None, request_ids=[r.request_id for r in batch])
 
 
@@ -31,10 +31,11 @@ class MergedOnly(Policy):
 
 class MixedOnly(Policy):
     """Mixed steps on the busiest adapter (most queued requests): it runs merged, at base cost, and
-    every other request runs beside it unmerged, FCFS within the remaining slots, so nobody waits
-    for a merge. The merged adapter stays until another has strictly more requests queued (or,
-    with no adapter's request queued, until one comes). With one device slot (``max_adapters``
-    1) the correction holds it and only the busiest adapter's and base requests run: the others
+    every other request runs beside it unmerged, FCFS within the remaining slots (``fcfs_refilled``:
+    a slot the step cannot use goes to the next adapter in line), so nobody waits for a merge.
+    The merged adapter stays until another has strictly more requests queued (or, with no
+    adapter's request queued, until one comes). With one device slot (``max_adapters`` 1) the
+    correction holds it and only the busiest adapter's and base requests run: the others
     wait until theirs is the busiest, without a bound (an ablation, not for serving). An
     ``unmergeable`` adapter counts too: when it is the busiest the step runs unmerged, FCFS
     (left out of the count, its requests never ran under one slot, and the engine stepped on
@@ -45,5 +46,5 @@ class MixedOnly(Policy):
         busiest = max(counts, key=lambda a: (counts[a], a == merged_now), default=merged_now)
         if busiest in self.unmergeable:
             busiest = None
-        batch = fcfs_batch(queue, self.limits, busiest)
+        batch = fcfs_refilled(queue, self.limits, busiest, merged_now, kv)
         return StepDecision(merged=busiest, request_ids=[r.request_id for r in batch], mixed=busiest is not None)
