@@ -3,6 +3,7 @@ goes to the next adapter in line, as the scheduler would give it (tokenspeed #26
 
 from dlora.services.worker.policy import BatchLimits, QueuedRequest
 from dlora.services.worker.policy.base import fcfs_refilled
+from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.fcfs import MixedOnly, UnmergedOnly
 
 # One slot, prompts run whole (chunked prefill off), 64 tokens a step.
@@ -45,3 +46,12 @@ def test_mixed_only_gives_the_slot_the_step_cannot_use_to_the_next_adapter_in_li
     queue = [q("a0", "lora-a", 0, 10), q("a1", "lora-a", 1, 10), q("x", "lora-1", 2, 50), q("y", "lora-2", 3, 5)]
     d = MixedOnly(two).decide(queue, None)
     assert (d.merged, d.mixed, d.request_ids) == ("lora-a", True, ["a0", "a1", "x", "y"])
+
+
+def test_the_dlora_policy_makes_no_switch_for_a_mixed_step_that_feeds_none_of_the_adapters_requests() -> None:
+    # Before LoRA is measured dLoRA's count rule would mix lora-1 in (its one prompt, merged, is R
+    # of what F feeds), but in a mixed step its 20 tokens come after the base prompt's 50 and do
+    # not fit: the merge would buy nothing, and its correction would hold the only slot
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 5)]
+    d = DLoraPolicy(WHOLE).decide(queue, None)
+    assert (d.merged, d.mixed) == (None, False)

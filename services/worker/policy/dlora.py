@@ -29,7 +29,8 @@ feed (``within_budget``: its prompts cut to the token budget as the scheduler cu
    for a candidate cheaper by ``kappa`` standard errors of the difference, so noisy measurements
    hold the policy still rather than walk it into a mode that stalls. Until the overhead fit has
    seen enough steps against measured base steps (``CostModel.fitted``) dLoRA's count rule
-   decides, with mixed rather than merged steps (they stall nobody, and measure both).
+   decides, with mixed rather than merged steps (they stall nobody, and measure both), and no
+   switch to a mixed step that feeds none of the adapter's requests (behind the others in it).
 
 Eligible: not the base model, and credit >= -debt_floor_s. The thresholds are per adapter,
 R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more to run unmerged
@@ -232,9 +233,13 @@ class DLoraPolicy(EpochLearning):
             target = merged_now if stay else best if enter else None
             if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now, target):
                 target = None
-            return next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged).decision(
-                basis
-            )
+            mixed = next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged)
+            if target not in (None, merged_now) and not any(r.adapter == target for r in mixed.run):
+                # Its requests come after others in a mixed batch, not first as in the merged one
+                # the band counted: where the budget feeds none of them, the switch would buy
+                # nothing, and its correction would take a slot from the next adapter in line.
+                mixed = unmerged
+            return mixed.decision(basis)
         chosen = self._choose(priced, self._incumbent(priced, merged_now))
         basis.predicted = chosen.price.seconds if chosen.price else None
         return chosen.decision(basis)
