@@ -212,19 +212,22 @@ def test_a_higher_priority_request_of_another_adapter_takes_the_only_slot_withou
     assert got["low"] + rest.get("low", []) == _roomy(tiny_llama, {"low": ("lora-0", _prompt(0))})["low"]
 
 
-def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_llama: TinyOutput) -> None:
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_llama: TinyOutput, policy: str) -> None:
     """lightseekorg/tokenspeed #268 (review: a request the step could not schedule still took one
     of ``max_loras`` and held later adapters' requests back) and vllm-project/vllm #15422: one
     slot, chunked prefill off; a base prompt of 50 of the 64 tokens, then lora-1's of 20 (which
     the 14 left cannot hold: it waits) and lora-2's of 5. lora-2's runs in the first step, in the
-    slot lora-1's could not use, then pauses for lora-1's (older), and all give the roomy tokens."""
+    slot lora-1's could not use, then pauses for lora-1's (older), and all give the roomy tokens.
+    dlora too: its FCFS batch is the refilled one, and it merges no adapter for a step that would
+    feed none of its requests."""
     requests: Requests = {
         "big": (None, list(range(10, 60))),
         "x": ("lora-1", list(range(100, 120))),
         "y": ("lora-2", [5, 6, 7, 8, 9]),
     }
     kw = {"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 64}
-    engine = make_engine(tiny_llama, max_loras=1, **kw)
+    engine = make_engine(tiny_llama, policy=policy, max_loras=1, **kw)
     add_all(engine, requests, 3)
     first = engine.step()
     assert {o.request_id for o in first} == {"big", "y"}

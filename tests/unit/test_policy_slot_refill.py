@@ -1,7 +1,9 @@
 """``fcfs_refilled``: a device slot held in the FCFS batch only by a request the step cannot feed
 goes to the next adapter in line, as the scheduler would give it (tokenspeed #268's review)."""
 
-from dlora.services.worker.policy import BatchLimits, QueuedRequest
+import pytest
+
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepRecord
 from dlora.services.worker.policy.base import fcfs_refilled
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.fcfs import MixedOnly, UnmergedOnly
@@ -55,3 +57,16 @@ def test_the_dlora_policy_makes_no_switch_for_a_mixed_step_that_feeds_none_of_th
     queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 5)]
     d = DLoraPolicy(WHOLE).decide(queue, None)
     assert (d.merged, d.mixed) == (None, False)
+
+
+def test_the_dlora_policy_gives_the_slot_to_the_next_adapter_in_its_fcfs_batch_which_drives_credits() -> None:
+    # F is what FCFS runs: lora-2's prompt in the slot lora-1's could not use jumps no one, so the
+    # step that runs it moves no credit; a step that leaves it waiting owes lora-2 as it owes base
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 5)]
+    p = DLoraPolicy(WHOLE)
+    d = p.decide(queue, None)
+    assert (d.merged, d.request_ids) == (None, ["big", "x", "y"])
+    p.observe(d, StepRecord(None, ["big", "y"], [None, "lora-2"], num_tokens=55, seconds=0.1))
+    assert not p.credits.balances
+    p.observe(d, StepRecord("lora-1", ["x"], ["lora-1"], num_tokens=20, seconds=0.1))
+    assert dict(p.credits.balances) == pytest.approx({"": 0.1, "lora-2": 0.1, "lora-1": -0.2})

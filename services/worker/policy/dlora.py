@@ -1,9 +1,11 @@
 """The dLoRA policy with a third mode: each step unmerged, merged or mixed, chosen by measured
 costs and their uncertainty, with credits against starvation.
 
-Every step, with F the batch plain FCFS would run (``fcfs_batch``) and n_a the queued requests
-of adapter a (capped at a batch). Counts, prices and waiting are of what one step of a batch can
-feed (``within_budget``: its prompts cut to the token budget as the scheduler cuts them):
+Every step, with F the batch plain FCFS would run (``fcfs_refilled``: within the device slots,
+a slot held only by a prompt the step cannot feed going to the next adapter in line, as the
+scheduler gives it) and n_a the queued requests of adapter a (capped at a batch). Counts, prices
+and waiting are of what one step of a batch can feed (``within_budget``: its prompts cut to the
+token budget as the scheduler cuts them):
 
 1. **Starvation first** (before the watchdog, too). If an adapter with queued requests is owed
    more than ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step
@@ -19,7 +21,7 @@ feed (``within_budget``: its prompts cut to the token budget as the scheduler cu
    - unmerged: F;
    - mixed on m, for m the most-queued eligible adapter and the one merged now (eligible, or its
      mixed batch leaves none of F waiting, so it owes nothing more): the FCFS batch in which m's
-     requests need no slot and its correction holds one;
+     requests need no slot and its correction holds one (refilled as F is);
    - merged on m, only where dLoRA's band lets it: stay while n_m >= L_m * |F|, enter at
      n_m >= R_m * |F| when serving m merged for a typical epoch wins back the switch. A merged
      step makes everyone else wait, which its cost per token does not show: the band and the
@@ -38,7 +40,10 @@ R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more 
 
 **Credits** (``CreditLedger``) flow from the merged adapter (merged or mixed), or from the
 adapters whose requests jumped into the batch, to every adapter with a request in F that did not
-run; an owed adapter is settled once nothing of it is displaced.
+run; an owed adapter is settled once nothing of it is displaced. F is dLoRA's FCFS batch, which
+its credits compare the batch run with (the authors' artifact: ``_adjust_credit(scheduled_by_fcfs,
+scheduled)``): what FCFS itself runs, so a request in a slot FCFS gives it too (the refill)
+jumps no one and pays nothing, and a step that leaves it waiting owes it as any request of F.
 
 **Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and
 no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible
@@ -81,6 +86,7 @@ from dlora.services.worker.policy.base import (
     QueuedRequest,
     StepDecision,
     fcfs_batch,
+    fcfs_refilled,
     within_budget,
 )
 from dlora.services.worker.policy.config import PolicyConfig
@@ -172,7 +178,7 @@ class DLoraPolicy(EpochLearning):
 
     # ---- the decision ---------------------------------------------------------------------
     def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
-        fcfs = fcfs_batch(queue, self.limits)
+        fcfs = fcfs_refilled(queue, self.limits, None, merged_now, kv)
         if not queue:
             return StepDecision(merged=merged_now, request_ids=[])
         self._forget_gone(queue, merged_now)
@@ -216,7 +222,8 @@ class DLoraPolicy(EpochLearning):
         enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
-            mixed = self._candidate(Mode.MIXED, m, fcfs_batch(queue, self.limits, merged=m), f_run, merged_now, kv)
+            batch = fcfs_refilled(queue, self.limits, m, merged_now, kv)
+            mixed = self._candidate(Mode.MIXED, m, batch, f_run, merged_now, kv)
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
