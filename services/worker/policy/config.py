@@ -22,7 +22,8 @@ class PolicyConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     """
 
     name: PolicyName = PolicyName.DLORA
-    # Credit (seconds owed to an adapter's waiting requests) past which it is served first.
+    # Credit (seconds owed to an adapter's waiting requests) past which it is served first. Seconds
+    # on every device, not steps: it bounds a wait a client feels (policy/dlora.py says why).
     starvation_s: float = 1.0
     # ... or this many (the lesser) where a running request of it was left waiting: how long a
     # stream may pause between tokens, about (with starvation_s alone, merged epochs of a busier

@@ -68,6 +68,18 @@ request it leaves waiting as an average request's share of the step, and the bus
 prompt that takes its place as prompt tokens of work, so merged epochs held such a stream to a
 token a second under ``starvation_s`` alone.
 
+**Seconds, not steps**, on every device, on purpose: credit counts the measured seconds of the
+steps that left an adapter waiting, and what the thresholds bound is a wait a client feels in
+seconds (time to first token, a stream's pause), which ``wait_bound_s`` states and the worker
+exports (``dlora_wait_bound_seconds``). Counted in steps (or scaled by the measured step time,
+the same thing) the bound would follow the device instead: 20 steps are 0.2 s of 10 ms GPU steps
+and 4 s of 200 ms CPU ones. What seconds cost a slow device, merged epochs cut short after a few
+steps, the policy already weighs: a merge must win its switch back within the epochs it measured
+(``merged_epoch_steps``, ``_pays_off``), and a starving adapter that fits beside the merged one
+runs there in a mixed step, which ends no epoch. (The authors' artifact counts credit in
+displaced requests per step, 1/max_num_seqs each, against a threshold 10^4 above where credit
+starts: no figure to carry over.)
+
 **Band** and **watchdog**: what ``observe`` learns from the steps that ran (``dlora_learning.py``).
 """
 
