@@ -1,5 +1,7 @@
 """``fcfs_refilled``: a device slot held in the FCFS batch only by a request the step cannot feed
-goes to the next adapter in line, as the scheduler would give it (tokenspeed #268's review)."""
+goes to the next adapter in line, as the scheduler would give it (tokenspeed #268's review), under
+every policy that runs more than one adapter a step: unmerged-only, mixed-only and dlora (whose
+FCFS batch, the one its credits are measured against, is the refilled one)."""
 
 import pytest
 
@@ -70,3 +72,15 @@ def test_the_dlora_policy_gives_the_slot_to_the_next_adapter_in_its_fcfs_batch_w
     assert not p.credits.balances
     p.observe(d, StepRecord("lora-1", ["x"], ["lora-1"], num_tokens=20, seconds=0.1))
     assert dict(p.credits.balances) == pytest.approx({"": 0.1, "lora-2": 0.1, "lora-1": -0.2})
+
+
+def test_a_starving_adapter_served_beside_the_merged_one_leaves_no_slot_unused() -> None:
+    # lora-hot merged, its correction holding one of three slots; lora-rare's prompt, starving,
+    # goes first, then lora-hot's 40 tokens: lora-1's 20 do not fit the 14 left, lora-2's 5 do, in
+    # the slot lora-1's could not use
+    three = BatchLimits(max_num_seqs=8, max_adapters=3, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [q("b", "lora-rare", 0, 10), q("h", "lora-hot", 1, 40), q("x", "lora-1", 2, 20), q("y", "lora-2", 3, 5)]
+    p = DLoraPolicy(three)
+    p.credits.balances.update({"lora-rare": 2.0, "lora-hot": -0.5})
+    d = p.decide(queue, "lora-hot")
+    assert (d.merged, d.mixed, d.request_ids) == ("lora-hot", True, ["b", "h", "x", "y"])

@@ -97,7 +97,6 @@ from dlora.services.worker.policy.base import (
     Mode,
     QueuedRequest,
     StepDecision,
-    fcfs_batch,
     fcfs_refilled,
     within_budget,
 )
@@ -220,7 +219,7 @@ class DLoraPolicy(EpochLearning):
 
         starving = self._starving(queue, fcfs)
         if starving:
-            return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible).decision(basis)
+            return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible, kv).decision(basis)
         if self.fallback_steps > 0:
             return unmerged.decision(basis)
 
@@ -279,15 +278,16 @@ class DLoraPolicy(EpochLearning):
         starving: set[str],
         merged_now: str | None,
         eligible: bool,
+        kv: KvRoom | None,
     ) -> _Candidate:
         """The starving adapters' requests in F first: beside the adapter merged now if they all
-        fit there (no switch; and all of F, if it may not displace anyone: ``eligible``), else F
-        unmerged."""
+        fit there (no switch; and all of F, if it may not displace anyone: ``eligible``; the mixed
+        batch refilled as F is), else F unmerged."""
         first = [r for r in fcfs if key_of(r.adapter) in starving]
         if merged_now is not None:
             ordered = [r for r in queue if key_of(r.adapter) in starving]
             ordered += [r for r in queue if key_of(r.adapter) not in starving]
-            mixed = fcfs_batch(ordered, self.limits, merged=merged_now)
+            mixed = fcfs_refilled(ordered, self.limits, merged_now, merged_now, kv)
             must = first if eligible else fcfs
             if {r.request_id for r in must} <= {r.request_id for r in mixed}:
                 return _Candidate(Mode.MIXED, merged_now, mixed)
