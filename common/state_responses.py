@@ -19,8 +19,8 @@ over that one; each tenant's ids are its own."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -208,6 +208,10 @@ DELETE_TRIES = 5
 # streamed in the background (b"1", else b""): a retrieve with stream=true reads it with the record
 STREAMED = "streamed"
 
+# The item ids a stored record's ``input`` and ``response`` hold (None: the field is not there):
+# the gateway's ``responses_store._held``
+Held = Callable[[bytes | None, bytes | None], Sequence[str]]
+
 
 class ResponseKeys:
     """``StateStore``'s operations on stored responses (``gateway/responses_store.py``)."""
@@ -227,7 +231,7 @@ class ResponseKeys:
         stream: str | None = None,
         events: Sequence[bytes] = (),
         leased: bool = False,
-        held: Callable[[bytes | None, bytes | None], Sequence[str]] | None = None,
+        held: Held | None = None,
     ) -> bool:
         """Keep a finished response for ``ttl_s`` seconds, and ``item_ids`` (items it stored) as
         its: its fields, its items' index and their expiry in one transaction, so no record
@@ -251,19 +255,10 @@ class ResponseKeys:
             keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]
             args: list[bytes | str | int] = [expect, response, items, ms, response_id, *events]
             return bool(await self.r.register_script(_PUT_IF_LUA)(keys=keys, args=args))
-        tries = 0
 
-        async def put(pipe: Pipeline) -> None:
-            nonlocal tries
-            unheld: list[str] = []
-            if held is not None:
-                replaced = cast(list[bytes | None], await pipe.hmget(key, ["input", "response"]))
-                tries += 1
-                if tries == DELETE_TRIES:  # (written again on every read: written over the last, as DELETE)
-                    await pipe.unwatch()  # type: ignore[no-untyped-call]  # (as multi: untyped in redis-py)
-                kept = set(item_ids)
-                unheld = [self._holders(tenant, i) for i in held(*replaced) if i not in kept]
-            pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py's stub leaves it untyped)
+        async def put(pipe: Pipeline, replaced: Sequence[str]) -> None:
+            kept = set(item_ids)
+            unheld = [self._holders(tenant, i) for i in replaced if i not in kept]
             # Replaced whole: a field of the replaced one's kept (its run's token) was taken as this one's
             pipe.delete(key)
             pipe.hset(key, mapping={"tenant": tenant, "response": response, "input": items})
@@ -279,7 +274,10 @@ class ResponseKeys:
             if holders:
                 await self.r.register_script(_PUT_HOLDERS_LUA)(keys=holders, args=[response_id, ms], client=pipe)
 
-        await self.r.transaction(put, *([key] if held is not None else []))
+        if held is None:
+            await self.r.transaction(lambda pipe: put(pipe, ()))
+        else:
+            await self._rewritten(key, held, put)
         return True
 
     def _holders(self, tenant: str, item_id: str) -> str:
@@ -351,9 +349,7 @@ class ResponseKeys:
         read = iter(got[1:])
         return [got[0], *(streamed if f == STREAMED else next(read) for f in fields)]
 
-    async def delete_response(
-        self, response_id: str, tenant: str, held: Callable[[bytes | None, bytes | None], Sequence[str]] | None = None
-    ) -> bool:
+    async def delete_response(self, response_id: str, tenant: str, held: Held | None = None) -> bool:
         """Whether it was there to delete; it no longer holds the items ``held`` names of its record's
         ``input`` and ``response`` (its conversation's and output's ids; None: none), each item found
         through its other holders, its index gone with the last. The record is read and deleted in
@@ -363,24 +359,38 @@ class ResponseKeys:
         ``DELETE_TRIES`` times: the last read is deleted whatever changes after it."""
         key = f"{self.p}:response:{tenant}:{response_id}"
         script = self.r.register_script(_DELETE_LUA)
+
+        async def delete(pipe: Pipeline, ids: Sequence[str]) -> None:
+            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *(self._holders(tenant, i) for i in ids)]
+            await script(keys=keys, args=[response_id], client=pipe)
+
+        got = await self._rewritten(key, held or (lambda _items, _response: ()), delete)
+        return bool(got[-1])
+
+    async def _rewritten(
+        self, key: str, held: Held, write: Callable[[Pipeline, Sequence[str]], Awaitable[None]]
+    ) -> list[Any]:
+        """``write`` queued in one optimistic transaction (WATCH ``key``, then MULTI/EXEC) with the
+        item ids ``held`` names of the record ``key`` as read first (its ``input`` and ``response``:
+        none where it is not there), read again where it changes in between, at most
+        ``DELETE_TRIES`` times (``put_response``'s and ``delete_response``'s). Returns EXEC's replies."""
         tries = 0
 
-        async def delete(pipe: Pipeline) -> None:
+        async def step(pipe: Pipeline) -> None:
             nonlocal tries
             items, response = cast(list[bytes | None], await pipe.hmget(key, ["input", "response"]))
             tries += 1
             if tries == DELETE_TRIES:
                 # Changed on every read (a client sending its id again and again): redis-py's
-                # transaction went round for ever. Deleted as last read, unwatched: a holder a run
-                # adds in between names a record gone, passed over by lookups until it expires
+                # transaction went round for ever. Written as last read, unwatched: a holder added
+                # after it can name a record that no longer holds its item (DELETE's: one gone)
+                # until it expires
                 await pipe.unwatch()  # type: ignore[no-untyped-call]  # (as multi: untyped in redis-py)
-            holders = [self._holders(tenant, i) for i in (held(items, response) if held else ())]
+            ids = held(items, response)
             pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py's stub leaves it untyped)
-            keys = [key, f"{self.p}:response-events:{tenant}:{response_id}", *holders]
-            await script(keys=keys, args=[response_id], client=pipe)
+            await write(pipe, ids)
 
-        got = await self.r.transaction(delete, key)
-        return bool(got[-1])
+        return cast(list[Any], await self.r.transaction(step, key))
 
     async def lease_response(
         self, response_id: str, tenant: str, holder: str, ttl_s: float, expect: bytes | None = None
