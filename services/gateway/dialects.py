@@ -58,6 +58,7 @@ class Responses(Dialect):
         self.store = store
         self.asked: responses_api.ResponsesBody | None = None
         self.keeping: Keeping | None = None  # None: its response is not stored
+        self.drawn: str | None = None  # the response id made of the gateway's own id (``response_id``)
 
     async def decode(self, raw: bytes, who: Principal) -> Body:
         """As the chat's, after the stored conversation its previous_response_id names is put
@@ -76,11 +77,16 @@ class Responses(Dialect):
             raise counted_as_sent(e, self.asked.input, body.input) from None
 
     def response_id(self, chat: bool, base: str) -> str:
-        return f"resp_{base}"  # the response's id (ResponsesShape.base): a chat's logged what the client never saw
+        # the response's id (ResponsesShape.base): a chat's logged what the client never saw
+        self.drawn = f"resp_{base}"
+        return self.drawn
 
     def answer(self, job: Job) -> Job:
         assert self.asked is not None
-        keeping = self.keeping
+        if (keeping := self.keeping) is not None:
+            # Named by its client's request_id or X-Request-Id (shaping names the shape by it, not by
+            # the id drawn here): only then can a stored response be under its id
+            keeping.named = job.shape.request_id != self.drawn
         shape = ResponsesShape.of(job.shape, self.asked, keep=keeping.keep if keeping else None)
 
         async def finishing() -> bytes | None:

@@ -191,3 +191,32 @@ async def test_a_retry_over_a_record_changed_after_its_read_reads_it_again_a_few
     assert len(reads) == (DELETE_TRIES if between == "written" else 2)
     # (msg_c: the record last read held it, the one written does not)
     assert await s.responses_of_items(["msg_b", "msg_c"], "t") == ["resp_1", None]
+
+
+async def test_a_response_under_an_id_drawn_here_is_stored_without_a_read_first(redis: Redis) -> None:
+    """Every stored response was written in an optimistic transaction (WATCH, HMGET of the record
+    it would replace, then MULTI/EXEC): two round trips more before its client's last bytes, though
+    only an id its client named (request_id, X-Request-Id) can name a stored one. An id drawn here
+    is written in one MULTI/EXEC, no read; a client's is read first, as a retry needs. Counted by
+    redis-server's own command counts."""
+    from dlora.services.gateway.auth import Principal
+    from dlora.services.gateway.dialects import Responses
+    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.shaping import Job
+
+    store = ResponsesStore(StateStore(redis), _unbound, 60.0, 1 << 20)
+    nobody = Principal(key_id=None, tenant=None, inference=True, admin=False)
+    for named in (False, True):
+        dialect = Responses(store)
+        await dialect.decode(b'{"input": "kalo"}', nobody)
+        drawn = dialect.response_id(True, "ours")  # (as the gateway names each request)
+        shown = "chatcmpl-mine" if named else drawn  # (shaping names a job by its client's id, where sent)
+        job = dialect.answer(Job(Shape(True, shown, "m", 7), None, 1, False, False, []))
+        response_id = "resp_mine" if named else drawn
+        assert dialect.keeping is not None and dialect.keeping.keep({"id": response_id, "output": []})
+        await redis.config_resetstat()
+        assert job.finishing is not None and await job.finishing() is None  # (stored: its answer stands)
+        stats = await redis.info("commandstats")
+        calls = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("watch", "hmget", "exec")}
+        assert calls == ({"watch": 1, "hmget": 1, "exec": 1} if named else {"watch": 0, "hmget": 0, "exec": 1})
+        assert await store.fields(response_id, "", "response")
