@@ -382,15 +382,27 @@ class _Response(msgspec.Struct):
     output: list[Any] = []
 
 
-# The JSON type each field of a stored record is read as (``_readable``, ``_record_items``)
+class _Checked(msgspec.Struct):
+    """``_Response``'s shape, its items left undecoded (``msgspec.Raw``: a view of their bytes)."""
+
+    output: list[msgspec.Raw] = []
+
+
+# The JSON type each field of a stored record is read as (``_record_items``), and checked as
+# (``_readable``): the same shapes, the items not built (a GET answers the bytes as stored, and
+# previous_response_id decodes them once more), yet JSON (msgspec checks what it skips)
 _SHAPES: dict[str, Any] = {"input": list[Any], "response": _Response}
+_CHECKS: dict[str, Any] = {"input": list[msgspec.Raw], "response": _Checked}
 
 
 def _readable(names: Sequence[str], values: Sequence[bytes | None]) -> bool:
     """Whether each of a record's fields read (``names``: ``values``; None: not there) that has a
-    shape in ``_SHAPES`` is JSON of it."""
+    shape in ``_CHECKS`` is JSON of it. (Not checked: its strings' UTF-8, its floats' range, which
+    msgspec's encoder, a gateway's, never writes wrong; a record cut short is found cut.)"""
     return all(
-        _decoded(name, raw) is not None for name, raw in zip(names, values) if raw is not None and name in _SHAPES
+        _decoded(name, raw, _CHECKS) is not None
+        for name, raw in zip(names, values)
+        if raw is not None and name in _CHECKS
     )
 
 
@@ -401,10 +413,10 @@ def _record_items(items: bytes | None, response: bytes | None) -> list[Any]:
     return [*(conversation or []), *(record.output if record is not None else [])]
 
 
-def _decoded(name: str, raw: bytes | None) -> Any:
-    """``raw`` decoded as a record's field ``name`` (``_SHAPES``); None where it is none, or no JSON of that shape."""
+def _decoded(name: str, raw: bytes | None, shapes: dict[str, Any] = _SHAPES) -> Any:
+    """``raw`` decoded as a record's field ``name`` (of ``shapes``); None where it is none, or no JSON of that shape."""
     try:
-        return None if raw is None else msgspec.json.decode(raw, type=_SHAPES[name])
+        return None if raw is None else msgspec.json.decode(raw, type=shapes[name])
     except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
         return None
 
