@@ -248,7 +248,9 @@ class ResponseKeys:
         ``leased``: written whole, its run holds a lease (``end_unleased`` judges it by that).
         ``held``: the item ids a record's ``input`` and ``response`` hold (``delete_response``'s):
         written whole over one, the replaced record's items the new one leaves out no longer name
-        its id, read and written in one optimistic transaction, as ``delete_response`` is."""
+        its id, read and written in one optimistic transaction, as ``delete_response`` is. None
+        where no record can be there to replace (an id the gateway drew, not its client): written
+        in one MULTI/EXEC, nothing read first."""
         key, ms = f"{self.p}:response:{tenant}:{response_id}", max(1, int(ttl_s * 1000))
         holders = [self._holders(tenant, i) for i in item_ids]
         if expect is not None:
