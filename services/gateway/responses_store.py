@@ -138,10 +138,10 @@ class Keeping:
     # A background response's whose run holds a lease (``responses_lease``), written with its first
     # record: a reader tells an older gateway's record, which has none, by its absence
     leased: bool = False
-    # Its id its client's (request_id, X-Request-Id: ``Responses.answer`` tells): a stored response
-    # may be under it, which its write replaces, reading first the items that one held
-    # (``StateStore.put_response``'s ``held``). One the gateway drew names none: written in one
-    # pipelined call, no read. Not told, taken as named (a read, never a set left naming it)
+    # Its id named by its client (request_id, X-Request-Id; ``Responses.answer`` tells): a stored
+    # response may be under it, which its write replaces after reading the items that one held
+    # (``StateStore.put_response``'s ``held``). An id the gateway drew names none: written in one
+    # MULTI/EXEC, nothing read. True where nobody tells: a read too many, never a set left naming it
     named: bool = True
     written: bytes | None = field(default=None, init=False)  # what ``finishing`` wrote (None: nothing)
     # Counted too large once: a background one's failed object, and that shrunk, are tries of the
