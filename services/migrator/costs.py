@@ -72,24 +72,32 @@ def apply(snapshot: ClusterSnapshot, moves: list[MoveRequest]) -> ClusterSnapsho
 
 
 def worth(snapshot: ClusterSnapshot, moves: list[MoveRequest], kv_pressure: float) -> float:
-    """Seconds ``moves`` save (``Standing.worth``)."""
-    return Standing(snapshot).worth(moves, kv_pressure)
+    """Seconds ``moves`` save (``Standing.worth``) where KV demand over ``kv_pressure`` of a worker's
+    blocks is recomputed."""
+    return Standing(snapshot, kv_pressure).worth(moves)
 
 
 class Standing:
     """What a snapshot's plans are measured against, counted once: a plan's completion times, KV
     demand and worth then cost its moves and the workers, not the cluster's requests again. Counted
     anew for each, the planner's checks after CBC returned walked 10,000 requests a dozen times,
-    outside the time it keeps back for them, and a plan took up to 1.08 s of its 1 s bound."""
+    outside the time it keeps back for them, and a plan took up to 1.08 s of its 1 s bound.
+    ``kv_pressure``: the fraction of a worker's KV blocks past which its demand costs it the
+    recompute of its preempted requests (``overflow_seconds``; ``PlannerSettings.kv_pressure``),
+    one for every plan measured against this snapshot."""
 
-    def __init__(self, snapshot: ClusterSnapshot) -> None:
+    def __init__(self, snapshot: ClusterSnapshot, kv_pressure: float) -> None:
         self.snapshot = snapshot
+        self.kv_pressure = kv_pressure
         self.workers = {w.worker: w for w in snapshot.workers}
         self.by_id = {r.request_id: r for r in snapshot.requests}
         self.load = completion_times(snapshot)
         self.demand = kv_demand(snapshot)
         self.running = running_adapters(snapshot)
         self._moving: dict[str, float] = {}  # request id -> ``moving``
+        # The longest completion time (seconds) as the snapshot stands, each worker's counting its KV
+        # recompute (``pressed``): ``MovePlan.makespan_before_s``, and what every ``worth`` drops from.
+        self.longest = max(self.pressed(self.load, self.demand).values(), default=0.0)
 
     def moving(self, r: RequestState) -> float:
         """``move_cost`` of ``r``, once a request: the greedy pass prices it at each worker it looks at."""
@@ -121,32 +129,29 @@ class Standing:
         work = r.remaining_tokens * there.cost(r.adapter)
         return work + self.moving(r) if charged and there.worker != r.worker else work
 
-    def longest(self, kv_pressure: float = 1.0) -> float:
-        """The longest completion time (seconds) as the snapshot stands, each worker's counting the
-        recompute of its KV demand over ``kv_pressure`` (``pressed``): ``MovePlan.makespan_before_s``."""
-        return max(self.pressed(self.load, self.demand, kv_pressure).values(), default=0.0)
-
-    def makespan(self, moves: list[MoveRequest], kv_pressure: float = 1.0) -> float:
+    def makespan(self, moves: list[MoveRequest]) -> float:
         """The longest completion time (seconds) once ``moves`` are made, each move's recompute or KV
         shipped charged where its request ends, the reads they make waited for and each worker's KV
-        recompute over ``kv_pressure`` counted (``pressed``): what a plan reports
-        (``MovePlan.makespan_after_s``, the bench's "after"), not what judges it."""
+        recompute counted (``pressed``): what a plan reports (``MovePlan.makespan_after_s``, the
+        bench's "after"), not what judges it."""
         load, demand = self.after(moves, charged=True)
-        return max(self.waited(moves, self.pressed(load, demand, kv_pressure), charged=True).values(), default=0.0)
+        return max(self.waited(moves, self.pressed(load, demand), charged=True).values(), default=0.0)
 
     def cost(self, moves: list[MoveRequest]) -> float:
         """The recomputes or KV shipped of ``moves``, in all."""
         return sum(self.moving(self.by_id[m.request_id]) for m in moves)
 
-    def pressed(self, load: dict[str, float], demand: dict[str, int], kv_pressure: float) -> dict[str, float]:
-        """``load`` (seconds) with each worker's preemptions' recompute where its KV demand is
-        ``demand`` (``overflow_seconds``): its work, and the recompute it will do once over."""
-        out = dict(load)
-        for w, ws in self.workers.items():
-            out[w] += overflow_seconds(self.snapshot, ws, demand[w], kv_pressure)
-        return out
+    def overflow(self, worker: str, demand: int) -> float:
+        """``worker``'s preemptions' recompute (seconds) where its requests need ``demand`` KV blocks
+        (``overflow_seconds`` at ``kv_pressure``)."""
+        return overflow_seconds(self.snapshot, self.workers[worker], demand, self.kv_pressure)
 
-    def worth(self, moves: list[MoveRequest], kv_pressure: float) -> float:
+    def pressed(self, load: dict[str, float], demand: dict[str, int]) -> dict[str, float]:
+        """``load`` (seconds) with each worker's preemptions' recompute where its KV demand is
+        ``demand`` (``overflow``): its work, and the recompute it will do once over."""
+        return {w: seconds + self.overflow(w, demand[w]) for w, seconds in load.items()}
+
+    def worth(self, moves: list[MoveRequest]) -> float:
         """Seconds ``moves`` save: the longest completion time's drop (``after``, uncharged; the
         adapter reads they make waited for, ``waited``), each worker's counting the recompute of its
         KV demand over ``kv_pressure`` (``pressed``), less their recomputes or KV shipped in all,
@@ -159,8 +164,8 @@ class Standing:
         worker that finished early anyway was worth its relief though no completion came sooner,
         and a pressed worker's own completion was judged without it (left by the last session)."""
         load, demand = self.after(moves)
-        after = max(self.waited(moves, self.pressed(load, demand, kv_pressure)).values(), default=0.0)
-        return self.longest(kv_pressure) - after - self.cost(moves)
+        after = max(self.waited(moves, self.pressed(load, demand)).values(), default=0.0)
+        return self.longest - after - self.cost(moves)
 
     def waited(self, moves: list[MoveRequest], load: dict[str, float], charged: bool = False) -> dict[str, float]:
         """Each worker's completion time, ``load`` once ``moves`` are made (``after``, as ``charged``),

@@ -12,21 +12,17 @@ from collections import Counter, defaultdict
 from dlora.common.messages import MoveRequest
 from dlora.common.versions import name_of
 from dlora.services.migrator.bands import price_of
-from dlora.services.migrator.costs import BASE, Standing, blocks_of, overflow_seconds, read_price, ship_kv
-from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, Running, runs_among, takes
+from dlora.services.migrator.costs import BASE, Standing, blocks_of, read_price, ship_kv
+from dlora.services.migrator.snapshot import RequestState, Running, runs_among, takes
 
 
-def greedy_moves(
-    snapshot: ClusterSnapshot,
-    deadline: float | None = None,
-    standing: Standing | None = None,
-    kv_pressure: float = 1.0,
-) -> list[MoveRequest]:
-    """One request at a time from the most loaded worker to one with its adapter or a free slot, and KV room,
-    while the longest completion shrinks by more than it costs; at ``deadline``, the moves so far. A
-    worker's completion counts the recompute of its KV demand over ``kv_pressure`` of its blocks
-    (``costs.overflow_seconds``), as ``worth`` and the ILP count it."""
-    return _Pass(snapshot, standing or Standing(snapshot), kv_pressure).run(deadline)
+def greedy_moves(standing: Standing, deadline: float | None = None) -> list[MoveRequest]:
+    """One request at a time from the most loaded worker of ``standing.snapshot`` to one with its adapter
+    or a free slot, and KV room, while the longest completion shrinks by more than it costs; at
+    ``deadline`` (``time.perf_counter``), the moves so far. A worker's completion counts the recompute
+    of its KV demand over ``standing.kv_pressure`` of its blocks (``Standing.overflow``), as ``worth``
+    and the ILP count it."""
+    return _Pass(standing).run(deadline)
 
 
 # Where a request is best moved: (seconds of the adapter read it makes there, the destination's
@@ -41,12 +37,11 @@ class _Pass:
     a read to a busy worker was a move the pass never made, though the plan gained (left by the last
     session: both plans empty where one would have gone)."""
 
-    def __init__(self, snapshot: ClusterSnapshot, standing: Standing, kv_pressure: float) -> None:
-        self.snapshot, self.standing, self.workers = snapshot, standing, standing.workers
+    def __init__(self, standing: Standing) -> None:
+        self.snapshot, self.standing, self.workers = standing.snapshot, standing, standing.workers
         self.demand = dict(standing.demand)
-        self.kv_pressure = kv_pressure
-        # each worker's preemptions' recompute at its demand (``overflow``): part of its own time
-        self.over = {w: self.overflow(w, self.demand[w]) for w in self.workers}
+        # each worker's preemptions' recompute at its demand (``Standing.overflow``): part of its own time
+        self.over = {w: self.standing.overflow(w, self.demand[w]) for w in self.workers}
         self.held = {w: Running(keys, keys.by_version) for w, keys in standing.running.items()}  # (moves add to it)
         # A worker's completion is max(own + over, reading) + waiting (``Standing.waited``): its own
         # work (the requests moved there that wait for no read among it) and recompute, the reads
@@ -55,7 +50,7 @@ class _Pass:
         self.own = dict(standing.load)
         self.reading = dict.fromkeys(self.workers, 0.0)
         self.waiting = dict.fromkeys(self.workers, 0.0)
-        self.load = {w: load + self.over[w] for w, load in standing.load.items()}
+        self.load = standing.pressed(standing.load, standing.demand)
         self.prices: dict[tuple[str, str], float] = {}  # (worker, adapter key) -> its read there (``read``)
         # request id -> (the worker it was moved to and waits for a read at, the key read there for it)
         self.waits_at: dict[str, tuple[str, str]] = {}
@@ -72,7 +67,7 @@ class _Pass:
         self.on: dict[str, list[RequestState]] = defaultdict(list)
         # the same by adapter name ("" the base model): worker -> name -> its requests, cheapest first
         self.named: dict[str, dict[str, list[RequestState]]] = defaultdict(lambda: defaultdict(list))
-        for r in sorted(snapshot.requests, key=self.price):
+        for r in sorted(self.snapshot.requests, key=self.price):
             self.on[r.worker].append(r)  # each worker's cheapest first, kept so (sorted for each move: 6 s)
             self.named[r.worker][name_of(r.key)].append(r)
         # adapter name -> the workers that run or hold some version of it (all of them: the base model)
@@ -90,17 +85,13 @@ class _Pass:
             price = self.priced[r.request_id] = price_of(self.snapshot, self.workers[r.worker], r)
         return price
 
-    def overflow(self, w: str, demand: int) -> float:
-        """``w``'s preemptions' recompute (seconds) where its requests need ``demand`` KV blocks."""
-        return overflow_seconds(self.snapshot, self.workers[w], demand, self.kv_pressure)
-
     def relieves(self, r: RequestState, src: str) -> bool:
         """Whether moving ``r`` off ``src`` takes more of its time (its work there, and the recompute
         its KV's share of the demand over pressure would cost) than the move costs: ``price_of`` under
         1, or less the recompute spared (``planner._settled`` leaves a pressed worker's requests free:
         the ILP moved them, the pass never did)."""
         blocks = blocks_of(r.context_tokens, self.workers[src].block_size)
-        spared = self.over[src] - self.overflow(src, self.demand[src] - blocks)
+        spared = self.over[src] - self.standing.overflow(src, self.demand[src] - blocks)
         return self.standing.moving(r) < self.standing.arrival(r, self.workers[src]) + spared
 
     def work(self, r: RequestState, w: str) -> float:
@@ -214,7 +205,7 @@ class _Pass:
                 continue
             read = self.read(dst, a) if needs else 0.0
             waits = needs or bool(a) and not (runs_among(self.standing.running[dst], a) or there.has(a))
-            end = self.done(dst, work, read, waits, self.overflow(dst, blocks))
+            end = self.done(dst, work, read, waits, self.standing.overflow(dst, blocks))
             if end > bound:
                 continue
             if end < load[src] and end <= limit and (pick is None or (read, end) < pick[:2]):
@@ -268,7 +259,7 @@ class _Pass:
     def done(self, w: str, work: float, read: float, waits: bool, over: float) -> float:
         """``w``'s completion once a request of ``work`` seconds arrives (``read``: the seconds of the
         read it makes there; ``waits``: whether it waits for a read there; ``over``: its preemptions'
-        recompute then, ``overflow``)."""
+        recompute then, ``Standing.overflow``)."""
         if waits:
             return max(self.own[w] + over, self.reading[w] + read) + self.waiting[w] + work
         return max(self.own[w] + work + over, self.reading[w]) + self.waiting[w]
@@ -307,7 +298,7 @@ class _Pass:
         self.demand[src] -= blocks_of(r.context_tokens, home.block_size)
         self.demand[dst] += blocks_of(r.context_tokens, there.block_size)
         for w in (src, dst):
-            self.over[w] = self.overflow(w, self.demand[w])
+            self.over[w] = self.standing.overflow(w, self.demand[w])
             self.load[w] = max(self.own[w] + self.over[w], self.reading[w]) + self.waiting[w]
             if self.reading[w] > self.own[w] + self.over[w]:
                 self.read_bound.add(w)

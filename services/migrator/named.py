@@ -34,14 +34,13 @@ def within(
     return named, rest
 
 
-def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest], standing: Standing | None = None) -> list[MoveRequest]:
+def fitting(snapshot: ClusterSnapshot, moves: list[MoveRequest], standing: Standing) -> list[MoveRequest]:
     """``moves`` less those that would leave a destination's requests over its KV blocks and over
     what they were (a worker over its blocks may stay there, not grow), the largest dropped first.
     The ILP counts those leaving a group at its mean too, and the ones named are its cheapest to
     move (short contexts, mostly): a worker whose few long contexts filled it freed less than
     counted, and what arrived overfilled it (a seeded fuzz of small clusters). ``standing``: the
-    snapshot's figures where the caller has them (then only the moves are looked at)."""
-    standing = standing or Standing(snapshot)
+    snapshot's figures (``Standing``), so only the moves are looked at."""
     size = {w.worker: w.block_size for w in snapshot.workers}
     bound = {w.worker: w.kv_blocks for w in snapshot.workers}
     by_id = standing.by_id

@@ -89,13 +89,13 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
         requests=sorted(snapshot.requests, key=lambda r: r.request_id),
     )
     snapshot = _settled(snapshot, settings.kv_pressure)
-    standing = Standing(snapshot)
-    greedy = greedy_moves(snapshot, deadline, standing, settings.kv_pressure)
+    standing = Standing(snapshot, settings.kv_pressure)
+    greedy = greedy_moves(standing, deadline)
     # The greedy plan measured before CBC starts, within the time it is given: what runs after it
     # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the
     # time kept back for reading its solution (``Clock.reserve``) covers.
     kept = fitting(snapshot, greedy, standing)
-    value = standing.worth(kept, settings.kv_pressure)
+    value = standing.worth(kept)
     solved = solve(snapshot, settings, greedy, clock, standing)
     fallback: IlpFallback | None = None
     moves, method, worth = kept, PlanMethod.GREEDY, value
@@ -105,7 +105,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     else:
         # Named from counts of each group at its mean, the ILP's moves can do worse than its start.
         named = fitting(snapshot, solved[0], standing)
-        if (named_worth := standing.worth(named, settings.kv_pressure)) >= value:
+        if (named_worth := standing.worth(named)) >= value:
             (moves, method, worth), other = (named, solved[1], named_worth), (kept, PlanMethod.GREEDY, value)
         else:
             other = (named, solved[1], named_worth)
@@ -116,9 +116,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
     # greedy plan's read, sent nothing the greedy plan alone would have sent: a review.)
     if (no_gain or not moves) and other and other[0] and not _too_little(standing, other[0], other[2], settings):
         (moves, method, _), no_gain = other, False
-    after = standing.makespan(
-        moves, settings.kv_pressure
-    )  # (each move's cost charged where its request ends: reported, not judged)
+    after = standing.makespan(moves)  # (each move's cost charged where its request ends: reported, not judged)
     if clock.trips is not None:  # (what the next plans keep back for CBC)
         clock.trips.done(time.perf_counter(), clock.pace())
     return MovePlan(
@@ -128,7 +126,7 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
         ilp_fallback=fallback,
         no_gain=no_gain,
         solve_seconds=time.perf_counter() - clock.wall,
-        makespan_before_s=standing.longest(settings.kv_pressure),
+        makespan_before_s=standing.longest,
         makespan_after_s=after,
     )
 

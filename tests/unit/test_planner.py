@@ -9,7 +9,7 @@ import pytest
 
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import planner
-from dlora.services.migrator.costs import completion_times, worth
+from dlora.services.migrator.costs import Standing, completion_times, worth
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, apply, kv_demand, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
@@ -49,7 +49,7 @@ def test_a_request_moves_only_to_a_worker_whose_context_holds_it(solver: str) ->
         requests=[RequestState(f"long-{i}", "w0", None, 50, 100, total_tokens=2000) for i in range(8)]
         + [RequestState(f"short-{i}", "w0", None, 50, 100, total_tokens=300) for i in range(8)],
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert {m.to_worker for m in moves if m.request_id.startswith("long")} == {"w2"}
     if solver == "ilp":  # greedy stops once the busiest worker (w2, with the long ones) cannot shed
         assert {m.to_worker for m in moves if m.request_id.startswith("short")} == {"w1"}
@@ -64,7 +64,7 @@ def test_requests_about_to_finish_are_not_the_ones_moved(solver: str) -> None:
     near = [RequestState(f"near-{i}", "w0", None, 100, 3) for i in range(6)]  # 0.05 s to move, 0.03 s left
     long = [RequestState(f"long-{i}", "w0", None, 60, 150) for i in range(6)]
     snap = ClusterSnapshot([worker("w0"), worker("w1"), worker("w2")], near + long)
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and all(m.request_id.startswith("long") for m in moves)
     assert max(completion_times(apply(snap, moves)).values()) < 0.5 * max(completion_times(snap).values())
 
@@ -131,7 +131,7 @@ def test_greedy_fallback_balances_too() -> None:
         requests=reqs("w0", "a", 9),
         file_bytes={"a": 16},
     )
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     after = completion_times(apply(snap, moves))
     assert max(after.values()) < max(completion_times(snap).values()) / 2
 
@@ -151,7 +151,7 @@ def test_large_random_cluster_is_planned_within_its_time_bound(seed: int) -> Non
     p = plan(snap, PlannerSettings(time_limit_s=1.0))
     assert p.makespan_after_s <= p.makespan_before_s
     # The greedy pass (the ILP's start) moves each request once, never to where it is.
-    greedy = greedy_moves(snap)
+    greedy = greedy_moves(Standing(snap, 1.0))
     home = {r.request_id: r.worker for r in rs}
     assert len({m.request_id for m in greedy}) == len(greedy)
     assert all(home[m.request_id] != m.to_worker for m in greedy)
@@ -173,13 +173,13 @@ def test_two_crowded_workers_beside_idle_ones_are_planned_within_the_lease(monke
     monkeypatch.setattr(
         planner, "sorted", lambda *a, **k: lengths.append(len(o := sorted(*a, **k))) or o, raising=False
     )
-    moves = greedy_moves(ClusterSnapshot(ws, rs))
+    moves = greedy_moves(Standing(ClusterSnapshot(ws, rs), 1.0))
     monkeypatch.undo()
     assert moves and sum(lengths) <= len(rs) + 2 * len(moves) * len(ws)  # (the busiest one's each move: 27 M)
     p = plan(ClusterSnapshot(ws, rs, file_bytes={f"a{j}": 16 for j in range(8)}), PlannerSettings(max_nodes=20))
     assert p.moves and p.makespan_after_s < 0.1 * p.makespan_before_s
     # past its deadline the greedy pass stops with what it has (each move shrank the longest)
-    assert greedy_moves(ClusterSnapshot(ws, rs), deadline=0.0) == []
+    assert greedy_moves(Standing(ClusterSnapshot(ws, rs), 1.0), deadline=0.0) == []
 
 
 def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> None:
@@ -190,7 +190,7 @@ def test_a_large_cluster_is_planned_by_the_ilp_begun_from_the_greedy_plan() -> N
     against 198.2). A node bound, not a time bound."""
     snap = bench_snapshot(128, 1024, 10_000)
     p = plan(snap, PlannerSettings(max_nodes=20))
-    assert p.ilp_fallback is None and p.moves and not p.no_gain and planner.Standing(snap).worth(p.moves, 1.0) > 200
+    assert p.ilp_fallback is None and p.moves and not p.no_gain and planner.Standing(snap, 1.0).worth(p.moves) > 200
     assert p.makespan_after_s < 0.5 * p.makespan_before_s
     workers = {w.worker: w for w in snap.workers}
     by_id = {r.request_id: r for r in snap.requests}
@@ -257,7 +257,7 @@ def test_no_plan_adds_to_a_worker_already_over_its_blocks() -> None:
     )
     moves = plan(snap).moves
     assert moves and kv_demand(apply(snap, moves))["w1"] <= 16
-    greedy = greedy_moves(snap)  # greedy keeps to the blocks a worker has
+    greedy = greedy_moves(Standing(snap, 1.0))  # greedy keeps to the blocks a worker has
     assert greedy and all(m.to_worker == "w2" for m in greedy)
 
 

@@ -35,7 +35,7 @@ def test_the_ilps_plan_is_taken_over_the_greedy_one_it_began_from() -> None:
     for size, seed in [((4, 16, 100), s) for s in range(4)] + [((8, 64, 500), s) for s in range(2)]:
         snap = bench_snapshot(*size, seed=seed)
         p = plan(snap, settings)
-        greedy = greedy_moves(_settled(snap, settings.kv_pressure))
+        greedy = greedy_moves(Standing(_settled(snap, settings.kv_pressure), settings.kv_pressure))
         assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0)
         taken.append(p.method)
     assert taken == ["ilp-incumbent"] * 6
@@ -64,10 +64,10 @@ def test_the_bands_offered_first_make_a_model_within_the_bound_with_the_greedy_s
         file_bytes={"a": 16},
     )
     snap = _settled(snap, 1.0)
-    standing = Standing(snap)
+    standing = Standing(snap, 1.0)
     for bound in range(4, 20):
         settings = PlannerSettings(max_ilp_variables=bound, max_destinations=1)
-        greedy = greedy_moves(snap)
+        greedy = greedy_moves(Standing(snap, 1.0))
         groups = banded(snap, settings, standing, greedy)[0]
         group_of = {r.request_id: i for i, g in enumerate(groups) for r in g.requests}
         towards: dict[int, set[str]] = defaultdict(set)
@@ -102,7 +102,7 @@ def test_the_greedy_pass_prices_a_read_only_where_a_move_could_shorten_the_longe
     read_price = greedy_pass.read_price
     monkeypatch.setattr(greedy_pass, "read_price", lambda *a: priced.append(a) or read_price(*a))
     snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert moves and len(priced) <= len(moves)
 
 
@@ -137,7 +137,7 @@ def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and
     monkeypatch.setattr(ilp, "takes", lambda *a: looks.append(a) or takes(*a))
     snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
     groups = grouped(snap, 2)
-    dests = destinations(snap, groups, PlannerSettings(), {}, Standing(snap))
+    dests = destinations(snap, groups, PlannerSettings(), {}, Standing(snap, 1.0))
     adapters = {g.adapter for g in groups}
     assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
 
@@ -155,4 +155,4 @@ def test_pinned_requests_stay_one_group_and_leave_the_budget_to_bands_that_can_m
     assert len([g for g in groups if g.worker == "y"]) == 2
     # one variable for x's, three for each of y's two bands (home, x and z)
     settings = PlannerSettings(max_ilp_variables=1 + 2 * 3)
-    assert len(banded(snap, settings, Standing(snap), [])[0]) == 3
+    assert len(banded(snap, settings, Standing(snap, 1.0), [])[0]) == 3

@@ -13,7 +13,7 @@ import pytest
 
 from dlora.common.messages import MoveRequest, RequestLoad, WorkerStats
 from dlora.services.migrator import ilp, planner
-from dlora.services.migrator.costs import running_adapters, worth
+from dlora.services.migrator.costs import Standing, running_adapters, worth
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.pace import Clock
 from dlora.services.migrator.planner import PlannerSettings, _settled, apply, kv_demand, plan
@@ -40,7 +40,7 @@ def test_the_requests_a_plan_names_fit_the_blocks_it_counted(solver: str) -> Non
         ],
         file_bytes={"a": 16},
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and kv_demand(apply(snap, moves))["z"] <= 5  # (short ones, in its place)
 
 
@@ -94,7 +94,7 @@ def test_two_plans_in_a_row_leave_room_for_the_moves_still_on_their_way(solver: 
         )
 
     def moves(snap: ClusterSnapshot) -> list[MoveRequest]:
-        return plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+        return plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
 
     costs = {"recompute_seconds_per_token": 0.0001, "kv_transfer_seconds_per_token": 0.0001}
     held = [f"r{i:02d}" for i in range(20)]
@@ -111,15 +111,13 @@ def test_the_ilp_itself_leaves_room_for_the_blocks_on_their_way() -> None:
     blocks, which passed it with the model's KV bounds blind to the blocks on their way): y's 60
     blocks are all taken by the six requests arriving, so the model moves none of x's there."""
 
-    from dlora.services.migrator.costs import Standing
-
     y = replace(worker("y", kv_blocks=60), unlisted_blocks=60, unlisted_tokens=600)
     snap = ClusterSnapshot([worker("x"), y], [RequestState(f"r{i:02d}", "x", None, 160, 100) for i in range(20)])
-    solved = ilp.solve(snap, PlannerSettings(max_nodes=20), [], Clock(), Standing(snap))
+    solved = ilp.solve(snap, PlannerSettings(max_nodes=20), [], Clock(), Standing(snap, 1.0))
     assert isinstance(solved, tuple) and solved[0] == []
     # (with room for them, it moves some: the bound, not the balance, keeps them home)
     roomy = replace(snap, workers=[worker("x"), replace(y, kv_blocks=200)])
-    solved = ilp.solve(roomy, PlannerSettings(max_nodes=20), [], Clock(), Standing(roomy))
+    solved = ilp.solve(roomy, PlannerSettings(max_nodes=20), [], Clock(), Standing(roomy, 1.0))
     assert isinstance(solved, tuple) and solved[0]
 
 
@@ -299,7 +297,7 @@ def test_plans_of_small_random_clusters_keep_every_bound(seed: int) -> None:
         assert after[w] <= max(workers[w].kv_blocks, before[w])
         arriving = moved[w] - running[w]
         assert not arriving or moved[w].slots <= max(workers[w].slots, running[w].slots)
-    greedy = greedy_moves(_settled(snap, 1.0))
+    greedy = greedy_moves(Standing(_settled(snap, 1.0), 1.0))
     assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0) - 1e-9 or p.no_gain
 
 
@@ -319,7 +317,7 @@ def test_the_moves_a_full_destination_sends_back_are_each_sorted_once(monkeypatc
     )
     moves = [MoveRequest(request_id=f"A{i}", adapter=None, to_worker="B") for i in range(n)]
     moves += [MoveRequest(request_id=f"C{i}", adapter=None, to_worker="A") for i in range(n)]
-    kept = named.fitting(snap, moves)
+    kept = named.fitting(snap, moves, Standing(snap, 1.0))
     assert kv_demand(apply(snap, kept))["B"] == 10 and len(kept) == n + 10
     assert sum(sorted_) <= len(moves)
 
@@ -425,7 +423,7 @@ def test_the_greedy_pass_moves_to_a_worker_holding_the_adapter_where_it_ends_as_
         file_bytes={"a": 16},
         adapter_load_seconds=1.0,
     )
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert [(m.request_id, m.to_worker) for m in moves] == [("moving", "z")]
     p = plan(snap, PlannerSettings(max_ilp_variables=1))  # (the greedy plan, where the ILP does not solve)
     assert [m.to_worker for m in p.moves] == ["z"] and p.makespan_after_s == pytest.approx(4.0)

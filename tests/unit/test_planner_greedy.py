@@ -38,7 +38,7 @@ def test_the_greedy_pass_makes_the_same_moves_on_seeded_snapshots(
     hot worker over its KV blocks: counting that worker's preemptions' recompute in its completion
     (``costs.overflow_seconds``) changed the second, third and fifth (202, 359 and 109 moves before;
     worth at pressure 1, 132.4, 143.3 and 181.6 s before, 131.3, 149.7 and 196.1 s now)."""
-    moves = greedy_moves(snapshot(*size))
+    moves = greedy_moves(Standing(snapshot(*size), 1.0))
     pairs = repr([(m.request_id, m.to_worker) for m in moves]).encode()
     assert (len(moves), hashlib.sha256(pairs).hexdigest()[:16]) == (count, digest)
 
@@ -59,7 +59,7 @@ def test_the_greedy_pass_looks_only_at_workers_that_can_take_a_request(monkeypat
         return holds(self, r)
 
     monkeypatch.setattr(WorkerState, "holds", counted)
-    assert len(greedy_moves(snapshot(32, 128, 2000, 1))) == 209
+    assert len(greedy_moves(Standing(snapshot(32, 128, 2000, 1), 1.0))) == 209
     assert looks <= 1_100
 
 
@@ -79,7 +79,7 @@ def test_a_move_s_cost_is_charged_only_where_the_request_ends() -> None:
     snap = ClusterSnapshot(
         [worker("w0"), worker("w1"), worker("w2")], [RequestState(i, w, None, c, t) for i, w, c, t in rows]
     )
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert [(m.request_id, m.to_worker) for m in moves] == [("r1", "w1"), ("r2", "w2"), ("r3", "w1"), ("r4", "w2")]
     before = [MoveRequest(request_id=r, adapter=None, to_worker=w) for r, w in _CHARGED_TWICE]
     assert (worth(snap, moves, 1.0), worth(snap, before, 1.0)) == pytest.approx((4.7345, 4.1175))
@@ -96,13 +96,13 @@ def test_a_plan_s_reported_makespan_counts_each_move_s_cost_where_its_request_en
     once, in the moves' total (DESIGN.md). Checked against the cluster recounted once the moves are
     made, on a seeded bench snapshot."""
     snap = snapshot(8, 64, 500, 0)
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     by_id = {r.request_id: r for r in snap.requests}
     moved = completion_times(apply(snap, moves))
     expected = dict(moved)
     for m in moves:
         expected[m.to_worker] += move_cost(snap, by_id[m.request_id])
-    standing = Standing(snap)
+    standing = Standing(snap, 1.0)
     assert standing.after(moves, charged=True)[0] == pytest.approx(expected)
     assert standing.after(moves)[0] == pytest.approx(moved)
     assert standing.makespan(moves) > max(moved.values())  # (the costs count)
@@ -124,4 +124,6 @@ def test_the_greedy_pass_counts_a_request_s_time_at_a_worker_by_standing_arrival
         )
 
     monkeypatch.setattr(Standing, "arrival", dearer)
-    assert len(greedy_moves(snap)) < 87  # (87 as priced: ``test_the_greedy_pass_makes_the_same_moves_...``)
+    assert (
+        len(greedy_moves(Standing(snap, 1.0))) < 87
+    )  # (87 as priced: ``test_the_greedy_pass_makes_the_same_moves_...``)

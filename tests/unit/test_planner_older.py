@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from dlora.services.migrator.costs import running_adapters
+from dlora.services.migrator.costs import Standing, running_adapters
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import apply, plan
 from dlora.services.migrator.snapshot import Running, runs_among, takes
@@ -32,7 +32,7 @@ def test_an_older_workers_requests_join_the_slot_of_a_version_of_their_adapter(s
         {"rl": 16},
         adapter_load_seconds=0.0,
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and {m.to_worker for m in moves} == {"y"}
     # another adapter's requests still find no slot there
     other = [msgspec.structs.replace(r, adapter="other") for r in OLDER]
@@ -41,7 +41,7 @@ def test_an_older_workers_requests_join_the_slot_of_a_version_of_their_adapter(s
         {"rl": 16, "other": 16},
         adapter_load_seconds=0.0,
     )
-    assert (plan(snap).moves if solver == "ilp" else greedy_moves(snap)) == []
+    assert (plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))) == []
 
 
 def test_a_name_alone_shares_a_versions_slot() -> None:
@@ -70,7 +70,7 @@ def test_a_name_alone_sharing_a_versions_slot_leaves_no_slot_for_another_version
         {"rl": 16},
         adapter_load_seconds=0.0,
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert "x" not in {m.to_worker for m in moves}
     assert not takes(Running(["rl", "rl@v1"]), "rl@v2", 1) and takes(Running(["rl"]), "rl@v2", 1)
 
@@ -88,7 +88,7 @@ def test_a_name_alone_on_a_worker_that_counts_by_version_takes_a_slot_of_its_own
     x = msgspec.structs.replace(_stats("x", (("rl", ""), ("rl", "v1"), ("other", "")), [*old, *SHORT]), **newer)
     y = msgspec.structs.replace(_stats("y", (("other", ""),), other), **newer)
     snap = snapshot_from_stats([x, y], {"rl": 16, "other": 16}, adapter_load_seconds=0.0)
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert "x" not in {m.to_worker for m in moves}
     assert Running(["rl", "rl@v1"], by_version=True).slots == 2
     assert not runs_among(Running(["rl"], by_version=True), "rl@v2")
@@ -109,7 +109,7 @@ def test_a_name_alone_and_a_version_of_it_moving_to_one_worker_take_one_slot(sol
     y = msgspec.structs.replace(_stats("y", (("rl", "v1"),), v1), max_lora_rank=16, unlisted_by_version={})
     z = _stats("z", (("rl", "v1"),), [], slots=1)
     snap = snapshot_from_stats([x, y, z], {"rl": 16}, adapter_load_seconds=0.0)
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert {m.to_worker for m in moves} == {"z"}
     assert {m.request_id[:2] for m in moves} == {"o-", "v1"}
 
@@ -129,6 +129,6 @@ def test_two_versions_arriving_beside_a_name_alone_take_a_second_slot(solver: st
         {"rl": 16},
         adapter_load_seconds=0.0,
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     arrived = running_adapters(apply(snap, moves))["x"]
     assert moves and arrived.slots <= 1

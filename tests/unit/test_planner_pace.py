@@ -13,6 +13,7 @@ import pytest
 from dlora.loadgen.bench_migration import snapshot as bench_snapshot
 from dlora.services.migrator import greedy as greedy_pass
 from dlora.services.migrator import pace, planner
+from dlora.services.migrator.costs import Standing
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.settings import CBC_OVERHEAD_S
@@ -60,7 +61,7 @@ def test_the_greedy_pass_stops_at_its_deadline_within_one_request_looked_at(monk
 
     monkeypatch.setattr(greedy_pass, "time", SimpleNamespace(perf_counter=clock))
     monkeypatch.setattr(greedy_pass, "price_of", lambda *a: (looked and looked.append("price")) or price_of(*a))
-    assert greedy_moves(snap, deadline=5.0) == []
+    assert greedy_moves(Standing(snap, 1.0), deadline=5.0) == []
     assert looked.count("price") <= 2
 
 

@@ -10,6 +10,7 @@ import pulp
 import pytest
 
 from dlora.common.messages import MoveRequest
+from dlora.services.migrator import costs
 from dlora.services.migrator.costs import Standing, worth
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.ilp import READ_TIE
@@ -45,8 +46,8 @@ def test_relieving_a_pressed_worker_that_ends_early_saves_nothing(monkeypatch: p
     settings = PlannerSettings(kv_pressure=0.8, max_nodes=50)
     p = plan(snap, settings)
     assert p.method == "ilp" and p.moves and all(m.request_id.startswith("w1") for m in p.moves)
-    standing = Standing(snap)
-    left = standing.pressed(*standing.after(p.moves), 0.8)
+    standing = Standing(snap, 0.8)
+    left = standing.pressed(*standing.after(p.moves))
     tie = READ_TIE * sum(left[w] - load for w, load in standing.after(p.moves)[0].items())
     assert pulp.value(solved[0].objective) == pytest.approx(10.0 - worth(snap, p.moves, 0.8) + tie)
 
@@ -63,10 +64,10 @@ def test_a_pressed_worker_s_recompute_makes_it_the_one_the_greedy_pass_relieves(
         recompute_seconds_per_token=0.01,
         kv_transfer_seconds_per_token=0.001,
     )
-    moves = greedy_moves(snap, kv_pressure=0.8)
+    moves = greedy_moves(Standing(snap, 0.8))
     assert any(m.request_id.startswith("w0") and m.to_worker == "w1" for m in moves)
-    assert Standing(snap).worth(moves, 0.8) > 0
-    assert greedy_moves(snap, kv_pressure=1.0) == []  # (under its blocks: no recompute, w1 the busiest)
+    assert Standing(snap, 0.8).worth(moves) > 0
+    assert greedy_moves(Standing(snap, 1.0)) == []  # (under its blocks: no recompute, w1 the busiest)
     # The makespans a plan reports count it too: without, the "before" was w1's 5 s, and the plan
     # that took w0 from 6.56 s read as lengthening the longest completion.
     p = plan(snap, PlannerSettings(kv_pressure=0.8, max_nodes=20))
@@ -85,5 +86,21 @@ def test_of_plans_as_short_the_ilp_takes_the_one_preempting_least() -> None:
     snap = dataclasses.replace(snap, requests=[*snap.requests[:4], waiting, *snap.requests[5:]])
     p = plan(snap, PlannerSettings(kv_pressure=0.8, max_nodes=50))
     assert p.method == "ilp" and (waiting.request_id, "w2") in {(m.request_id, m.to_worker) for m in p.moves}
-    standing = Standing(snap)
-    assert standing.pressed(*standing.after(p.moves), 0.8)["w0"] == standing.after(p.moves)[0]["w0"]
+    standing = Standing(snap, 0.8)
+    assert standing.pressed(*standing.after(p.moves))["w0"] == standing.after(p.moves)[0]["w0"]
+
+
+def test_a_standing_counts_the_longest_completion_before_any_plan_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The longest completion as the snapshot stands (each worker's KV recompute at the standing's
+    ``kv_pressure`` counted) is what every plan's ``worth`` drops from, so ``Standing`` counts it
+    once: each ``worth`` then prices the workers' recompute for its plan alone. Counted anew at each
+    ``worth``, it cost the planner a walk of every worker twice a plan (a review)."""
+    snap = _early_pressed()
+    priced: list[object] = []
+    overflow = costs.overflow_seconds
+    monkeypatch.setattr(costs, "overflow_seconds", lambda *a: priced.append(a) or overflow(*a))
+    standing = Standing(snap, 0.8)
+    assert len(priced) == len(snap.workers) and standing.longest == pytest.approx(10.0)  # (w1's)
+    off_w1 = [MoveRequest(request_id="w1-None-0", adapter=None, to_worker="w2", ship_kv=True)]
+    assert len({standing.worth(off_w1) for _ in range(4)}) == 1
+    assert len(priced) == 5 * len(snap.workers)  # (once building it, once for each of the four plans)

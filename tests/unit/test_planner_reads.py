@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from dlora.common.messages import MoveRequest
-from dlora.services.migrator.costs import worth
+from dlora.services.migrator.costs import Standing, worth
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import PlannerSettings, plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState
@@ -53,7 +53,7 @@ def test_the_greedy_pass_moves_a_request_needing_no_read_before_one_that_reads()
         file_bytes={"a": 16, "b": 16},
         adapter_load_seconds=1.0,
     )
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert sorted((m.request_id, m.to_worker) for m in moves) == [("x-b-0", "y"), ("x-b-1", "y")]
     p = plan(snap, PlannerSettings(max_ilp_variables=1))  # (the greedy plan, where the ILP does not solve)
     assert {m.adapter for m in p.moves} == {"b"} and p.makespan_after_s == pytest.approx(2.05)  # (and 2 recomputes)
@@ -84,7 +84,7 @@ def test_a_read_counts_only_where_the_request_moved_for_it_stays() -> None:
     sooner: the plan saved 1.43 s where it now saves 1.73 s (a seeded fuzz; left by the last
     session). The read is counted where the requests waiting for it are, and goes with the last."""
     snap = _passing_through()
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert [(m.request_id, m.to_worker) for m in moves] == [("r01", "w1"), ("r08", "w2"), ("r09", "w2")]
     before = [MoveRequest(request_id=r, adapter=a, to_worker=w) for r, a, w in _BEFORE]
     assert worth(snap, moves, 1.0) > worth(snap, before, 1.0)
@@ -113,7 +113,7 @@ def test_a_slot_a_request_took_in_passing_is_free_again_once_it_moves_on() -> No
         worker("w3", ["a0", "a1"], slots=1, kv_blocks=50),
     ]
     snap = ClusterSnapshot(workers, requests, file_bytes={f"a{i}": 16 for i in range(4)}, adapter_load_seconds=0.2)
-    moves = greedy_moves(snap)
+    moves = greedy_moves(Standing(snap, 1.0))
     assert [(m.request_id, m.to_worker) for m in moves] == [("r00", "w2"), ("r02", "w0")]
     before = [
         MoveRequest(request_id="r00", adapter="a2", to_worker="w2"),

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.migrator.costs import completion_times
+from dlora.services.migrator.costs import Standing, completion_times
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
@@ -39,7 +39,7 @@ def test_no_request_moves_to_a_worker_whose_read_of_its_adapter_failed(solver: s
         ],
         {"a": 16, "b": 16},
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and not {m.to_worker for m in moves if m.adapter == "a"} & {"w1"}
 
 
@@ -96,7 +96,7 @@ def test_slots_count_the_adapters_a_worker_runs_not_those_it_keeps_in_memory() -
         requests=reqs("w0", "a", 12) + reqs("w2", "b", 1) + reqs("w2", "c", 1),
         file_bytes={"a": 16, "b": 16, "c": 16},
     )
-    for moves in (plan(snap).moves, greedy_moves(snap)):
+    for moves in (plan(snap).moves, greedy_moves(Standing(snap, 1.0))):
         assert moves and {m.to_worker for m in moves} == {"w1"}
 
 
@@ -115,10 +115,10 @@ def test_a_request_moves_only_where_its_adapters_rank_loads_and_never_when_pinne
         + [RequestState(f"big-{i}", "w0", "a", 50, 100, rank=32) for i in range(8)],
         file_bytes={"a": 16, "b": 16},
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and {(m.request_id.split("-")[0], m.to_worker) for m in moves} == {("big", "w2")}
     pinned = dataclasses.replace(snap, requests=snap.requests[:8])
-    assert not (plan(pinned).moves if solver == "ilp" else greedy_moves(pinned))
+    assert not (plan(pinned).moves if solver == "ilp" else greedy_moves(Standing(pinned, 1.0)))
 
 
 @pytest.mark.parametrize("solver", ["ilp", "greedy"])
@@ -136,7 +136,7 @@ def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None
         requests=[RequestState(f"r-{i}", "w0", "a", 50, 100, model_digest="m1") for i in range(12)],
         file_bytes={"a": 16},
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and {m.to_worker for m in moves} == {"w2"}
     mixed = ClusterSnapshot(
         workers=[
@@ -148,7 +148,7 @@ def test_a_request_moves_only_to_a_worker_of_its_base_model(solver: str) -> None
         + [RequestState(f"b-{i}", "b-m2", "b", 50, 100, model_digest="m2") for i in range(12)],
         file_bytes={"a": 16, "b": 16},
     )
-    moves = plan(mixed).moves if solver == "ilp" else greedy_moves(mixed)
+    moves = plan(mixed).moves if solver == "ilp" else greedy_moves(Standing(mixed, 1.0))
     assert not [m for m in moves if m.request_id.startswith("b-")], moves
 
 
@@ -184,7 +184,7 @@ def test_a_workers_requests_past_those_its_stats_list_count_as_its_load(solver: 
     ]
     snap = snapshot_from_stats(stats, {})
     assert completion_times(snap)["w0"] == pytest.approx(510.0)
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and all(m.request_id.startswith("w0") and m.to_worker != "w0" for m in moves)
 
 
@@ -206,4 +206,4 @@ def test_a_waiting_request_moves_without_a_recompute_charged() -> None:
     )
     p = plan(snap)
     assert len(p.moves) == 6 and p.makespan_after_s == pytest.approx(6.0)
-    assert len(greedy_moves(snap)) == 6
+    assert len(greedy_moves(Standing(snap, 1.0))) == 6

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from dlora.common.messages import AdapterResidency, RequestLoad, WorkerStats
-from dlora.services.migrator.costs import running_adapters
+from dlora.services.migrator.costs import Standing, running_adapters
 from dlora.services.migrator.greedy import greedy_moves
 from dlora.services.migrator.planner import plan
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState, runs_among, takes
@@ -70,7 +70,7 @@ def test_each_version_takes_a_slot_of_its_own(solver: str) -> None:
         adapter_load_seconds=0.0,
     )
     assert running_adapters(snap) == {"x": {"rl@v1"}, "y": {"rl@v2"}}
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves == []
     # the same requests on v1 (another worker's, before its reload) may join x's
     same = [msgspec.structs.replace(r, version="v1") for r in BUSY]
@@ -79,7 +79,7 @@ def test_each_version_takes_a_slot_of_its_own(solver: str) -> None:
         {"rl": 16},
         adapter_load_seconds=0.0,
     )
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and {m.to_worker for m in moves} == {"x"}
 
 
@@ -141,9 +141,9 @@ def test_requests_a_worker_counts_but_does_not_list_hold_their_slots(solver: str
     third = [msgspec.structs.replace(r, adapter="third", version="") for r in BUSY]
     snap = snapshot_from_stats([x, _stats("y", (("third", ""),), third)], {"rl": 16}, adapter_load_seconds=0.0)
     assert running_adapters(snap)["x"] == {"rl@v1", "other@v3" if newer else "other"}
-    assert (plan(snap).moves if solver == "ilp" else greedy_moves(snap)) == []
+    assert (plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))) == []
     # listed, the same requests of rl@v1 may join x's
     same = [msgspec.structs.replace(r, version="v1") for r in BUSY]
     snap = snapshot_from_stats([x, _stats("y", (("rl", "v1"),), same)], {"rl": 16}, adapter_load_seconds=0.0)
-    moves = plan(snap).moves if solver == "ilp" else greedy_moves(snap)
+    moves = plan(snap).moves if solver == "ilp" else greedy_moves(Standing(snap, 1.0))
     assert moves and {m.to_worker for m in moves} == {"x"}
