@@ -97,7 +97,7 @@ def destinations(
     most = settings.max_destinations
     if most is not None and len(groups) + sum(map(len, every)) > settings.max_ilp_variables:
         mean = sum(load.values()) / len(load)
-        pressed = {w.worker for w in snapshot.workers if demand[w.worker] > settings.kv_pressure * w.kv_blocks}
+        pressed = {w.worker for w in snapshot.workers if demand[w.worker] > standing.kv_pressure * w.kv_blocks}
         for i, g in enumerate(groups):
             here = load[g.worker]
             if here > mean:  # busy: to the least loaded
@@ -161,7 +161,7 @@ def solve(
 ) -> tuple[list[MoveRequest], PlanMethod] | IlpFallback:
     """The ILP's moves, begun from ``start``'s (a feasible plan, the greedy one), or why it gave
     none; ``clock``: when planning began, which the time bound counts from (and the pace it runs at);
-    ``standing``: the snapshot's figures (KV demand)."""
+    ``standing``: the snapshot's figures (KV demand, and the ``kv_pressure`` its plans are measured at)."""
     # Where the greedy pass (or, below, the banding) took the bound, no model: built all the same, it
     # was thrown away once built, and the plan came past its bound by the building (a greedy plan
     # in 1.4-2 s of a 1 s bound at 128 x 1,024 x 10,000 on a loaded machine).
@@ -234,7 +234,7 @@ def solve(
         home = sum(groups[i].size * c for (_, c), i in zip(kv, here) if groups[i].worker == w)
         prob += pulp.LpAffineExpression(kv) <= max(ws.kv_blocks - ws.unlisted_blocks, home)
         over = overs[w] = prob.add_variable(f"over_{index[w]}", lowBound=0)
-        prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= settings.kv_pressure * ws.kv_blocks - ws.unlisted_blocks
+        prob += pulp.LpAffineExpression([*kv, (over, -1)]) <= standing.kv_pressure * ws.kv_blocks - ws.unlisted_blocks
         work = [(n[i, w], groups[i].mean_remaining * ws.cost(name_of(groups[i].adapter))) for i in here]
         work_of[w], kv_of[w] = work, kv
         # its preemptions' recompute is its own time (``overflow_seconds``): in its row, not the sum's;
@@ -253,7 +253,7 @@ def solve(
             reads_of[w] = [*reads, *waiting]
             prob += pulp.LpAffineExpression([*reads_of[w], (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
-    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, settings.kv_pressure, snapshot, reads_of)
+    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, standing.kv_pressure, snapshot, reads_of)
     if settings.max_nodes is not None:
         # No cuts: a node bound does not bound CBC's cut rounds at the root, which took up to 28 s
         # a solve in the simulator's 32-replica runs; without them, the same plans at 20 nodes in
