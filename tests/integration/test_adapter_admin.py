@@ -283,6 +283,12 @@ async def test_an_adapter_one_workers_limits_refuse_is_served_by_another(
         shutil.copytree(stack.tiny.adapters["lora-1"], path)
         rank = json.loads((path / "adapter_config.json").read_text())["r"]
         limited, other = stack.workers
+        # Both workers heard by the gateway first: its check takes the live workers' limits, and
+        # under load the other's first stats came after the limited one's strict ones (a 400 here).
+        gw = stack.gateway
+        async with asyncio.timeout(30):
+            while len(gw.cluster.live(time.monotonic(), gw.s.heartbeat_ttl_s)) < 2:
+                await asyncio.sleep(0.02)
         strict = AdapterLimits(max_lora_rank=rank - 1)
         limited.engine.config = msgspec.structs.replace(limited.engine.config, adapter_limits=strict)
         for name in ("ranked", "unread"):  # (unread: no worker reads it before both are strict)
