@@ -320,7 +320,8 @@ def test_a_move_racing_its_requests_end_moves_nothing(tiny_llama: TinyOutput, en
     side went on generating) and vllm-project/vllm PR #48141 (a request finished in the step its
     preemption came). Under async scheduling the move's drain takes in the step that ends the
     request: the engine holds it no more and has no cache of it, so ``move_out`` moves nothing; and
-    a destination given its whole output anyway refuses it, saying why, rather than go on."""
+    a destination given its whole output anyway ends it "length" with no token more, rather than go
+    on (or refuse it with a 400, as it did, where one ending in its stop token ended "stop")."""
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     want = unmoved(engines, request("r", params))
     source = make_engine(tiny_llama, async_scheduling=True)
@@ -335,8 +336,10 @@ def test_a_move_racing_its_requests_end_moves_nothing(tiny_llama: TinyOutput, en
     ended = GenerateRequest(
         request_id="r", reply_to="", prompt_token_ids=PROMPT, params=params, resume_token_ids=got.ids["r"]
     )
-    with pytest.raises(RequestError, match="max_tokens"):
-        add(engines[1], ended)
+    add(engines[1], ended)
+    (out,) = engines[1].step()
+    assert (out.new_token_ids, out.finish_reason, out.num_output_tokens) == ([], FinishReason.LENGTH, 3)
+    assert not engines[1].has_unfinished()
 
 
 @pytest.mark.parametrize(
@@ -383,3 +386,37 @@ def test_a_request_moved_before_its_first_token_waits_behind_only_those_that_cam
     add(source, request("m", params, created=20.0))
     add(destination, *move(source, request("m", params, created=20.0), ship_kv=True))
     assert [q.request_id for q in destination.queue()] == ["a", "m", "b"]
+
+
+@pytest.mark.parametrize("bound", ["max_tokens", "context"])
+def test_a_request_resumed_at_its_length_ends_as_it_is_added(engines: Engines, bound: str) -> None:
+    """The race above where the final token ended the request "length" (at ``max_tokens``, or at
+    the context's end for a caller that lets a request run to it): resumed with that output, it
+    ends "length" at the next step with no token more, and sends what it had not yet (the text
+    held back for a stop string, and what its last token spells, held as it may be a character's
+    first bytes: a request's end sends it, ``advance``); a token past the bound is refused."""
+    _, destination = engines
+    room = destination.max_model_len - len(PROMPT)
+    n = 3 if bound == "max_tokens" else room
+    params = SamplingParams(max_tokens=3 if bound == "max_tokens" else room + 8, stop=["xyz"])
+    ids = destination.tokenizer.encode("abc")[-1:] * n  # no "z" in the text: no stop string completes
+
+    def resume(tokens: list[int]) -> None:
+        destination.add_request(
+            "r",
+            prompt_token_ids=PROMPT,
+            params=params,
+            resume_token_ids=tokens,
+            resume_text_pending=1,
+            resume_text_held="xy",
+        )
+
+    with pytest.raises(RequestError, match="max_tokens" if bound == "max_tokens" else "context"):
+        resume([*ids, ids[-1]])
+    resume(ids)
+    (out,) = destination.step()
+    last = destination.tokenizer.decode(ids)[len(destination.tokenizer.decode(ids[:-1])) :]
+    assert (out.new_token_ids, out.finish_reason, out.num_output_tokens) == ([], FinishReason.LENGTH, n)
+    assert out.new_text == "xy" + last and last
+    assert not destination.has_unfinished() and destination.blocks.num_free == destination.blocks.num_blocks
+

@@ -315,7 +315,7 @@ def test_a_bad_sampling_parameter_is_named_as_the_gateway_names_it(engine: LLMEn
         (dict(prompt_token_ids=[1], adapter="nope"), "not registered"),
         (dict(prompt="a", prompt_token_ids=[1]), "exactly one"),
         (dict(prompt_token_ids=[1], params=SamplingParams(top_p=2.0)), "top_p"),
-        (dict(prompt_token_ids=[1], params=SamplingParams(max_tokens=2), resume_token_ids=[3, 4]), "max_tokens"),
+        (dict(prompt_token_ids=[1], params=SamplingParams(max_tokens=2), resume_token_ids=[3, 4, 5]), "max_tokens"),
         # found by a probe over NATS: the prompt's own text came out as output
         (dict(prompt_token_ids=[1], resume_text_pending=3), "resume_text_pending"),
         (dict(prompt_token_ids=[1], resume_token_ids=[3], resume_text_pending=2), "resume_text_pending"),

@@ -333,3 +333,18 @@ async def test_a_request_queued_for_the_loop_counts_in_the_stats(
         st = w._snapshot()
         assert (st.waiting, [r.request_id for r in st.requests], st.unlisted_by_adapter) == (1, ["q"], {})
         assert (st.unlisted_kv_blocks, st.arriving_kv_blocks, st.unlisted_remaining_tokens) == (0, 1, 0)
+
+
+async def test_a_request_resumed_with_its_whole_output_is_answered_length(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Resumed with all its max_tokens made (a record written with its final token, its end not),
+    a request is answered as it ended, "length" with no token more, where it was refused with a
+    400 (while one ending in its stop token ended "stop")."""
+    async with _worker(nats_server, redis, tiny_llama) as (_, client, owner, ended):
+        replies = await client.subscribe(subjects.reply_inbox("l", owner))
+        await bus.flush(client)
+        await _send(client, msgspec.structs.replace(_request("l", owner), resume_token_ids=[9] * 8))
+        await _until(ended, "l")
+        chunk = msgspec.json.decode((await replies.next_msg(timeout=20)).data, type=TokenChunk)
+        assert (chunk.finish_reason, chunk.error, chunk.token_ids) == ("length", None, [])

@@ -18,7 +18,8 @@ from dlora.services.worker.engine.outputs import RequestError
         ([5, 1_000_000_000], [], SamplingParams(), "prompt_token_ids", "prompt_token_ids", "must be in [0, 512)"),
         ([-1], [], SamplingParams(), "prompt_token_ids", "prompt_token_ids", "must be in [0, 512)"),
         ([5] * 64, [], SamplingParams(), "prompt", "prompt", "context holds 64"),
-        ([5], [6, 7], SamplingParams(max_tokens=2), "prompt", "max_tokens", "already reach max_tokens=2"),
+        ([5] * 60, [6] * 5, SamplingParams(), "prompt", "prompt", "context holds 64"),
+        ([5], [6, 7, 8], SamplingParams(max_tokens=2), "prompt", "max_tokens", "more than max_tokens=2"),
         ([5], [], SamplingParams(stop_token_ids=[600]), "prompt", "stop_token_ids", "outside the vocabulary"),
         ([5], [], SamplingParams(logit_bias={900: 1.0}), "prompt", "logit_bias", "outside the vocabulary"),
     ],
@@ -33,6 +34,14 @@ def test_a_refused_prompt_names_its_field(
 
 def test_a_prompt_that_fits_passes() -> None:
     check_tokens([5, 511], [7], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=4))
+
+
+def test_a_resume_exactly_at_its_bounds_passes() -> None:
+    """Output that reached max_tokens or the context exactly is a request's whole output, its end
+    not recorded: it is let in to end "length" (``outputs.ended_on_resume``), as one ending in a
+    stop token ends "stop"; a prompt alone that fills the context is refused (no room for a token)."""
+    check_tokens([5], [6, 7], vocab=512, max_model_len=64, params=SamplingParams(max_tokens=2))
+    check_tokens([5] * 60, [6] * 4, vocab=512, max_model_len=64, params=SamplingParams(max_tokens=100))
 
 
 def test_a_service_request_whose_prompt_and_max_tokens_overrun_the_context_names_max_tokens() -> None:

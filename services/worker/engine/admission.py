@@ -27,7 +27,9 @@ def check_tokens(
 ) -> None:
     """RequestError (a 4xx for the caller) unless the prompt ``ids`` and the outputs ``resumed``
     from an earlier run fit: a prompt at all, every id in [0, vocab), a context the model holds,
-    tokens left to generate under ``params.max_tokens``, the text not yet sent (``text_pending``
+    ``resumed`` within ``params.max_tokens`` (an output that reached it or the context exactly
+    ended there, its end not recorded: ``ended_on_resume`` ends it "length"; a prompt alone that
+    fills the context has no room for a token), the text not yet sent (``text_pending``
     tokens) that of resumed tokens (more would send the prompt's text as output), and every
     ``logit_bias``, ``allowed_token_ids`` and ``stop_token_ids`` id in the vocabulary
     (``SamplingParams.outside_vocab``; vLLM refuses the others alike). ``field``: the request's
@@ -41,13 +43,13 @@ def check_tokens(
         raise RequestError("the prompt is empty", param=field)
     if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:  # min/max, not a Python loop per token
         raise RequestError(f"token ids must be in [0, {vocab})", param=field)
-    if len(ids) + len(resumed) >= max_model_len:
+    if len(ids) + len(resumed) > max_model_len or (len(ids) >= max_model_len and not resumed):
         raise RequestError(
             f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}", param=field
         )
-    if len(resumed) >= params.max_tokens:
+    if len(resumed) > params.max_tokens:
         raise RequestError(
-            f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}", param="max_tokens"
+            f"{len(resumed)} resumed tokens are more than max_tokens={params.max_tokens}", param="max_tokens"
         )
     if whole and len(ids) + params.max_tokens > max_model_len:
         raise OverContext(

@@ -237,8 +237,8 @@ class LLMEngine:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
         generation continues after them and they are not reported again (``resume_text_held``, their text not sent
         yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them); ending in
-        a stop token or EOS, it ends "stop" at the next step (``ended_on_resume``). ``kv``:
-        the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
+        a stop token or EOS, or at max_tokens or the context, it ends so at the next step (``ended_on_resume``).
+        ``kv``: the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
         (``fcfs_arrival``; one without output by ``arrival_time`` too: Unix seconds it entered the system, None:
         now). Its prompt tokens count once its first token is made here, unless it made some before (vLLM's
         prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of

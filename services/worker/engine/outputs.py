@@ -70,12 +70,14 @@ def failed_output(seq: Sequence, reason: str, code: ErrorCode, param: str | None
 def ended_on_resume(
     seq: Sequence, eos_ids: set[int], max_model_len: int, primary_eos: int | None
 ) -> RequestOutput | None:
-    """The last output of a request resumed with output that already ends it (its last token a stop
-    token or EOS, ``check_stop``'s rules, ``min_tokens`` and ``ignore_eos`` included): no token more,
-    the text it held, "stop", and that token as ``stop_reason`` (none for the tokenizer's EOS);
-    None where it goes on. A record written with a request's final token but not its end is
-    resumed so (sgl-project/sglang #12151: a decode side went on after the prefill's EOS); its
-    length was checked before (``check_tokens``)."""
+    """The last output of a request resumed with output that already ends it (``check_stop``'s
+    rules, ``min_tokens`` and ``ignore_eos`` included): its last token a stop token or EOS ends it
+    "stop", that token its ``stop_reason`` (none for the tokenizer's EOS); as many tokens as
+    ``max_tokens`` or a full context end it "length". No token more, and the text it held (with,
+    where not cut by a stop token, what its last tokens left unfinished: ``advance``'s end); None
+    where it goes on. A record written with a request's final token but not its end is resumed so
+    (sgl-project/sglang #12151: a decode side went on after the prefill's EOS); one past its bounds
+    was refused before (``check_tokens``)."""
     if not seq.output_ids:
         return None
     n, text = len(seq.output_ids), seq.text
@@ -90,8 +92,11 @@ def ended_on_resume(
         max_model_len,
         primary_eos=primary_eos,
     )
-    if stop.reason is not FinishReason.STOP:  # (no new text: no stop string can end in it)
+    if stop.reason is None:  # (no new text: no stop string can end in it)
         return None
+    if not stop.dropped:  # as ``advance`` ends: the unfinished text comes out, and may finish a stop string
+        flushed = stop.text + seq.detok.flush()
+        stop = stop_string_in(flushed, len(stop.text), seq.params, n) or stop._replace(text=flushed)
     seq.status, seq.finish_reason = Status.FINISHED, stop.reason
     return RequestOutput(
         request_id=seq.request_id,
