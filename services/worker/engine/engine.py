@@ -274,6 +274,10 @@ class LLMEngine:
             emitted=len(tail),
             cache_salt=cache_salt,
         )
+        # Before the work only a request that goes on needs (a grammar that cannot compile now: a 503)
+        if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
+            self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
+            return
         if params.bad_words:
             seq.bad_words_ids = (
                 bad_words_token_ids(self.tokenizer, params.bad_words) if bad_words_ids is None else bad_words_ids
@@ -287,9 +291,6 @@ class LLMEngine:
                 raise  # (the worker's state, not the request's fault: answered unavailable)
             except GrammarError as e:
                 raise RequestError(str(e), param=params.structured_outputs()[0]) from None
-        if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
-            self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
-            return
         if kv is not None:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1
