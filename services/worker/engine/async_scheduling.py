@@ -95,7 +95,7 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     e._taken += fail_chunks(e)  # the last step's prompt chunks (one step later than the sync step)
     tainted = e.blocks.checked()
     if prepared is None or decision is None:
-        return hand_out(e)
+        return e._hand_out()
     begun = e.clock() if last is not None else prepared.started + recording_s
     # Not ended by the last step, nor reading blocks it left NaN (``recompute``)
     live = [i for i, s in enumerate(ran) if e.holds(s) and not (tainted and recompute(e, s, tainted))]
@@ -106,13 +106,13 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     if logits is None or not ran:  # prefill chunks, or requests the last step ended: no token
         prepared.made = [False] * len(prepared.batch)
         e._observe(decision, prepared, 0, [e.clock() - begun])
-        return hand_out(e)
+        return e._hand_out()
     sampled = sample_sequences(logits, ran, e._rng, e.eos_ids, e.grammars)
     for s in ran:
         reserve(s)
     logprobs = _logprobs(logits, ran, sampled)
     e._in_flight = InFlight(decision, prepared, ran, logits, sampled, logprobs, e.clock() - begun)
-    return hand_out(e)
+    return e._hand_out()
 
 
 def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
@@ -134,14 +134,6 @@ def recompute(engine: LLMEngine, seq: Sequence, tainted: set[int]) -> bool:
     forget_lookup(seq)
     preempted(engine, [seq])
     return True
-
-
-def hand_out(engine: LLMEngine) -> list[RequestOutput]:
-    """What this call took in, and the requests ended as they were added (``ended_on_resume``),
-    returned now (until then ``fail_all`` returns it, should the call raise after taking in a step
-    that ended some requests); the synchronous step's too."""
-    outputs, engine._taken = engine._taken, []
-    return outputs
 
 
 def _logprobs(logits: torch.Tensor, ran: list[Sequence], sampled: Sampled) -> LaunchedLogprobs | None:

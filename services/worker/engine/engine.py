@@ -316,7 +316,7 @@ class LLMEngine:
     def fail_all(self, reason: str) -> list[RequestOutput]:
         """End with ``reason`` every request a step could run (after one failed outside any of them)."""
         self._in_flight = None  # its tokens are theirs: they fail instead
-        taken, self._taken = self._taken, []  # ended ones among them too (async scheduling)
+        taken = self._hand_out()  # ended ones among them too (async scheduling)
         return taken + [self._fail(s, reason) for s in list(self.seqs.values()) if s.adapter not in self.loading]
 
     def drain(self) -> list[RequestOutput]:
@@ -356,11 +356,11 @@ class LLMEngine:
         if self.config.async_scheduling:
             return async_scheduling.step(self, decision)
         if not self.seqs:
-            return async_scheduling.hand_out(self)
+            return self._hand_out()
         decision = decision or self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
         step = self._prepare(decision)
         if step is None:
-            return async_scheduling.hand_out(self)
+            return self._hand_out()
         graphs = self.graphs  # this step's, also if a replay that fails turns them off
         ran, logits, tokens, failed = self._run(step)
         outputs = failed + self._postprocess(ran, logits, tokens)
@@ -369,7 +369,13 @@ class LLMEngine:
         recorded, recording_s = graphs.take_recorded() if graphs is not None else (0, 0.0)
         self.stats.record_graphs(recorded, recording_s)
         self._observe(decision, step, generated, [self.clock() - step.started - recording_s])
-        return async_scheduling.hand_out(self) + outputs  # (with those ended as they were added)
+        return self._hand_out() + outputs  # (with those ended as they were added)
+
+    def _hand_out(self) -> list[RequestOutput]:
+        """The outputs kept for the caller (a step's taken in, requests ended as they were added), once:
+        until then ``fail_all`` returns them, should a step raise after taking some in (async scheduling)."""
+        out, self._taken = self._taken, []
+        return out
 
     def _prepare(self, decision: StepDecision) -> PreparedStep | None:
         """Switch, schedule and place the batch's adapters (``preparing.prepare``; a phase for
