@@ -144,13 +144,16 @@ def too_large(resumed: GenerateRequest, max_payload: int) -> TooLarge | None:
     pinned for good though its next token (``"e the"``) would have let it go (the stop-string
     hold-back now holds only a partial match)."""
 
-    def size(r: GenerateRequest) -> int:
-        return len(msgspec.json.encode(r)) + KV_FIELDS_BYTES
-
-    if size(resumed) <= max_payload:
+    full = len(msgspec.json.encode(resumed)) + KV_FIELDS_BYTES
+    if full <= max_payload:
         return None
-    released = msgspec.structs.replace(resumed, resume_text_held="")
-    return TooLarge.FOR_NOW if size(released) <= max_payload else TooLarge.WHILE_HERE
+    if not resumed.resume_text_held:
+        return TooLarge.WHILE_HERE
+    # Its bytes without the held text, not the whole request encoded again (over the limit: over 1 MiB
+    # on the event loop): its field goes, the comma before it too (``omit_defaults``; request_id,
+    # required, comes first), '{"resume_text_held":"..."}' less a brace
+    held = len(msgspec.json.encode({"resume_text_held": resumed.resume_text_held})) - 1
+    return TooLarge.FOR_NOW if full - held <= max_payload else TooLarge.WHILE_HERE
 
 
 def handoff(

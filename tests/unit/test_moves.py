@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 import torch
 
 from dlora.common.messages import (
@@ -218,3 +219,28 @@ def test_a_request_over_the_payload_only_by_its_held_stop_text_is_not_pinned() -
     released = len(msgspec.json.encode(msgspec.structs.replace(resumed, resume_text_held=""))) + moves.KV_FIELDS_BYTES
     assert moves.too_large(resumed, released) is moves.TooLarge.FOR_NOW
     assert moves.too_large(resumed, released - 1) is moves.TooLarge.WHILE_HERE
+
+
+def test_a_request_over_the_payload_is_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the limit, a request was encoded a second time without its held text to see whether
+    that text alone put it over: more than the bus's payload limit (1 MiB by default) encoded again
+    on the event loop at every refused plan, where only the held text's size was new. Judged the
+    same as by that second encoding (its size at the boundary, above), from one."""
+    params = SamplingParams(stop=["Observation:"])
+    req = msgspec.structs.replace(REQ, params=params)
+    resumed, _ = moves.handoff(req, [7] * 50, 0, next_seq=1, kv=None, kv_export_s=0.0, text_held='Obs"erv')
+    full = len(msgspec.json.encode(resumed)) + moves.KV_FIELDS_BYTES
+    released = len(msgspec.json.encode(msgspec.structs.replace(resumed, resume_text_held=""))) + moves.KV_FIELDS_BYTES
+    encode, encoded = msgspec.json.encode, []
+
+    def counted(obj: object, *args: object, **kwargs: object) -> bytes:
+        encoded.append(obj)
+        return encode(obj, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(msgspec.json, "encode", counted)
+    for limit, over in [(full, None), (released, moves.TooLarge.FOR_NOW), (released - 1, moves.TooLarge.WHILE_HERE)]:
+        encoded.clear()
+        assert moves.too_large(resumed, limit) is over
+        assert sum(isinstance(o, GenerateRequest) for o in encoded) == 1, limit
+    unheld = msgspec.structs.replace(resumed, resume_text_held="")
+    assert moves.too_large(unheld, released - 1) is moves.TooLarge.WHILE_HERE
