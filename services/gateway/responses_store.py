@@ -383,9 +383,11 @@ class _Response(msgspec.Struct):
 
 
 class _Checked(msgspec.Struct):
-    """``_Response``'s shape, its items left undecoded (``msgspec.Raw``: a view of their bytes)."""
+    """``_Response``'s shape, its items left undecoded (``msgspec.Raw``: a view of their bytes),
+    and its ``status`` a string where it has one (``responses_lease.running`` reads it as one)."""
 
     output: list[msgspec.Raw] = []
+    status: str | None = None
 
 
 # The JSON type each field of a stored record is read as (``_record_items``), and checked as

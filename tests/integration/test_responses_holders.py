@@ -152,6 +152,12 @@ async def test_a_corrupt_record_is_read_as_not_there_not_a_500(redis: Redis) -> 
                 await store.fields(response_id, "t", *names, param=param)
             assert (e.value.status, e.value.param) == (status, param)
     assert await store.referenced([{"type": "item_reference", "id": "msg_in"}], [], "t") == {}
+    # a status of another type (a background response's readers take it as a string)
+    await state.put_response("resp_3", "t", b'{"status": 1}', b"[]", 120.0, [])
+    for names, param, status in ((("response",), None, 404), (("input", "response"), "previous_response_id", 400)):
+        with pytest.raises(APIError) as e:
+            await store.fields("resp_3", "t", *names, param=param)
+        assert (e.value.status, e.value.param) == (status, param)
 
 
 @pytest.mark.parametrize("between", ["written", "deleted"])
