@@ -43,7 +43,7 @@ def check_tokens(
         raise RequestError("the prompt is empty", param=field)
     if min(ids + resumed) < 0 or max(ids + resumed) >= vocab:  # min/max, not a Python loop per token
         raise RequestError(f"token ids must be in [0, {vocab})", param=field)
-    if len(ids) + len(resumed) > max_model_len or (len(ids) >= max_model_len and not resumed):
+    if len(ids) + max(len(resumed), 1) > max_model_len:  # (a prompt alone leaves room for a token)
         raise RequestError(
             f"the prompt has {len(ids) + len(resumed)} tokens; this model's context holds {max_model_len}", param=field
         )

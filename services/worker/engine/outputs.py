@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dlora.common.messages import ErrorCode, FinishReason, TokenLogprob
+from dlora.common.messages import ErrorCode, FinishReason, SamplingParams, TokenLogprob
 from dlora.kernels.host import HostCopy, to_device
 from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.grammar_start import completes
 from dlora.services.worker.engine.sequence import RESERVED, Sequence, Status
-from dlora.services.worker.engine.stopping import check_stop, stop_string_in, visible_end
+from dlora.services.worker.engine.stopping import Stop, check_stop, stop_string_in, visible_end
 
 
 class RequestError(ValueError):
@@ -94,9 +94,8 @@ def ended_on_resume(
     )
     if stop.reason is None:  # (no new text: no stop string can end in it)
         return None
-    if not stop.dropped:  # as ``advance`` ends: the unfinished text comes out, and may finish a stop string
-        flushed = stop.text + seq.detok.flush()
-        stop = stop_string_in(flushed, len(stop.text), seq.params, n) or stop._replace(text=flushed)
+    if not stop.dropped:  # as ``advance`` ends: the unfinished text comes out
+        stop = _ended(stop, seq.detok.flush(), seq.params, n)
     seq.status, seq.finish_reason = Status.FINISHED, stop.reason
     return RequestOutput(
         request_id=seq.request_id,
@@ -108,6 +107,13 @@ def ended_on_resume(
         num_output_tokens=n,
         stop_reason=stop.matched,
     )
+
+
+def _ended(stop: Stop, tail: str, params: SamplingParams, num_output: int) -> Stop:
+    """A request's end with ``tail``, what its last tokens left unfinished (a character split
+    across them), after its text: that may complete a stop string, which then ends it there."""
+    text = stop.text + tail
+    return stop_string_in(text, len(stop.text), params, num_output) or stop._replace(text=text)
 
 
 def token_logprobs(
@@ -229,9 +235,7 @@ def advance(
         primary_eos=primary_eos,
     )
     if stop.reason is not None and not isinstance(stop.matched, str):  # text after a stop string is cut anyway
-        ended = len(stop.text)  # then a character its last tokens left unfinished, which may complete one
-        text = stop.text + (held if stop.dropped else seq.detok.flush())
-        stop = stop_string_in(text, ended, seq.params, len(seq.output_ids)) or stop._replace(text=text)
+        stop = _ended(stop, held if stop.dropped else seq.detok.flush(), seq.params, len(seq.output_ids))
     seq.text, reason = stop.text, stop.reason
     entries = None
     if first and seq.params.prompt_logprobs is not None:  # sent now; not read again
