@@ -141,7 +141,7 @@ class Standing:
         """The recomputes or KV shipped of ``moves``, in all."""
         return sum(self.moving(self.by_id[m.request_id]) for m in moves)
 
-    def overflow(self, worker: str, demand: int) -> float:
+    def overflow(self, worker: str, demand: float) -> float:
         """``worker``'s preemptions' recompute (seconds) where its requests need ``demand`` KV blocks
         (``overflow_seconds`` at ``kv_pressure``)."""
         return overflow_seconds(self.snapshot, self.workers[worker], demand, self.kv_pressure)

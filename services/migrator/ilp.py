@@ -253,7 +253,7 @@ def solve(
             reads_of[w] = [*reads, *waiting]
             prob += pulp.LpAffineExpression([*reads_of[w], (T, -1)]) <= 0
     prob += pulp.LpAffineExpression(objective)
-    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, standing.kv_pressure, snapshot, reads_of)
+    start_from(moved, groups, dests, n, y, T, overs, work_of, kv_of, standing, reads_of)
     if settings.max_nodes is not None:
         # No cuts: a node bound does not bound CBC's cut rounds at the root, which took up to 28 s
         # a solve in the simulator's 32-replica runs; without them, the same plans at 20 nodes in

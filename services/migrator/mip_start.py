@@ -8,8 +8,7 @@ from collections import Counter
 import pulp
 
 from dlora.services.migrator.bands import Group
-from dlora.services.migrator.costs import overflow_seconds
-from dlora.services.migrator.snapshot import ClusterSnapshot
+from dlora.services.migrator.costs import Standing
 
 
 def start_from(
@@ -22,13 +21,12 @@ def start_from(
     overs: dict[str, pulp.LpVariable],
     work_of: dict[str, list[tuple[pulp.LpVariable, float]]],
     kv_of: dict[str, list[tuple[pulp.LpVariable, int]]],
-    kv_pressure: float,
-    snapshot: ClusterSnapshot,
+    standing: Standing,
     reads_of: dict[str, list[tuple[pulp.LpVariable, float]]],
 ) -> None:
     """Every variable's value in the plan ``moved`` ((group, destination) -> requests), as the
     solver's start: the KV overflow and T (each worker's work and its overflow's recompute,
-    ``overflow_seconds``) by the model's own coefficients. The greedy plan keeps
+    ``Standing.overflow``) by the model's own coefficients. The greedy plan keeps
     the model's slot rule, but it checks KV room request by request where the model counts a
     group's mean blocks, so near a full destination the start can break a KV bound: CBC then
     drops it and searches alone (and the greedy plan stands if it finds nothing)."""
@@ -41,11 +39,11 @@ def start_from(
         if not isinstance(v, int):
             v.setInitialValue(int((a, w) in arriving))
     work: list[float] = []
-    for ws in snapshot.workers:
+    for ws in standing.snapshot.workers:
         w = ws.worker
         used = sum(c * (v.varValue or 0) for v, c in kv_of[w]) + ws.unlisted_blocks
-        overs[w].setInitialValue(max(0.0, used - kv_pressure * ws.kv_blocks))
+        overs[w].setInitialValue(max(0.0, used - standing.kv_pressure * ws.kv_blocks))
         own = sum(c * (v.varValue or 0) for v, c in work_of[w]) + ws.unlisted_seconds()
-        work.append(own + overflow_seconds(snapshot, ws, used, kv_pressure))
+        work.append(own + standing.overflow(w, used))
     work += [sum(c * (v.varValue or 0) for v, c in row) for row in reads_of.values()]
     T.setInitialValue(max(work, default=0.0))
