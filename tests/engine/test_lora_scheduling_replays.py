@@ -217,14 +217,16 @@ def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_l
     """lightseekorg/tokenspeed #268 (review: a request the step could not schedule still took one
     of ``max_loras`` and held later adapters' requests back) and vllm-project/vllm #15422: one
     slot, chunked prefill off; a base prompt of 50 of the 64 tokens, then lora-1's of 20 (which
-    the 14 left cannot hold: it waits) and lora-2's of 5. lora-2's runs in the first step, in the
-    slot lora-1's could not use, then pauses for lora-1's (older), and all give the roomy tokens.
-    dlora too: its FCFS batch is the refilled one, and it merges no adapter for a step that would
-    feed none of its requests."""
+    the 14 left cannot hold: it waits), lora-2's of 5 and a base one of 10. lora-2's runs in the
+    first step, in the slot lora-1's could not use, ahead of the later base prompt (which the 9
+    left cannot hold), then pauses for lora-1's (older), and all give the roomy tokens. dlora too:
+    its FCFS batch is the refilled one, and it merges no adapter for a step that would feed none
+    of its requests."""
     requests: Requests = {
         "big": (None, list(range(10, 60))),
         "x": ("lora-1", list(range(100, 120))),
         "y": ("lora-2", [5, 6, 7, 8, 9]),
+        "z": (None, list(range(60, 70))),
     }
     kw = {"enable_chunked_prefill": False, "max_model_len": 64, "max_num_batched_tokens": 64}
     engine = make_engine(tiny_llama, policy=policy, max_loras=1, **kw)
@@ -232,5 +234,5 @@ def test_a_slot_the_budget_leaves_unused_goes_to_the_next_adapter_in_line(tiny_l
     first = engine.step()
     assert {o.request_id for o in first} == {"big", "y"}
     _, got = _steps(engine)
-    tokens = {o.request_id: o.new_token_ids + got.get(o.request_id, []) for o in first} | {"x": got["x"]}
+    tokens = {o.request_id: o.new_token_ids + got.get(o.request_id, []) for o in first} | {r: got[r] for r in "xz"}
     assert tokens == _roomy(tiny_llama, requests, 3)

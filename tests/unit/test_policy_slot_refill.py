@@ -84,3 +84,17 @@ def test_a_starving_adapter_served_beside_the_merged_one_leaves_no_slot_unused()
     p.credits.balances.update({"lora-rare": 2.0, "lora-hot": -0.5})
     d = p.decide(queue, "lora-hot")
     assert (d.merged, d.mixed, d.request_ids) == ("lora-hot", True, ["b", "h", "x", "y"])
+
+
+def test_the_request_in_the_freed_slot_keeps_its_place_in_line() -> None:
+    # lora-2's 5 tokens came before the base prompt's 10: FCFS (vLLM's, counting only the adapters
+    # it schedules) feeds lora-2's in the 14 left, and the later base prompt waits, not the other
+    # way round
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 5), q("z", None, 3, 10)]
+    assert ids(fcfs_refilled(queue, WHOLE)) == ["big", "x", "y", "z"]
+    assert UnmergedOnly(WHOLE).decide(queue, None).request_ids == ["big", "x", "y", "z"]
+    # mixed-only alike, in the slot its correction leaves: lora-2's before the base prompt's 40
+    two = BatchLimits(max_num_seqs=8, max_adapters=2, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [q("a0", "lora-a", 0, 10), q("a1", "lora-a", 1, 10), q("x", "lora-1", 2, 50), q("y", "lora-2", 3, 5)]
+    d = MixedOnly(two).decide([*queue, q("z", None, 4, 40)], None)
+    assert d.request_ids == ["a0", "a1", "x", "y", "z"]

@@ -317,7 +317,7 @@ def fcfs_refilled(
 ) -> list[QueuedRequest]:
     """``fcfs_batch`` (``merged``: of a mixed step with that adapter merged), then the requests
     it left out for a device slot held only by requests the step cannot feed (``within_budget``:
-    the scheduler passes them over) that the step can feed, after it: the scheduler gives an
+    the scheduler passes them over) that the step can feed, in queue order: the scheduler gives an
     adapter its slot only once it admits a request of it, so one it passes over keeps no one out.
     Without this, a prompt of lora-1 the token budget left no room for held the only slot in the
     batch, and lora-2's short prompt behind it waited a step with the slot empty (tokenspeed
@@ -335,8 +335,12 @@ def fcfs_refilled(
     rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
     if not (extra := [r for r in rest if r.request_id not in chosen]):
         return batch
-    fed = {r.request_id for r in within_budget(batch + extra, limits, merged, merged_now, kv)}
-    return batch + [r for r in extra if r.request_id in fed]
+    # In queue order, as the scheduler takes them: appended, a later prompt in F took the budget
+    # ahead of an earlier one in the freed slot, which FCFS runs first
+    place = {r.request_id: i for i, r in enumerate(queue)}
+    both = sorted(batch + extra, key=lambda r: place[r.request_id])
+    fed = {r.request_id for r in within_budget(both, limits, merged, merged_now, kv)}
+    return [r for r in both if r.request_id in chosen or r.request_id in fed]
 
 
 class Policy:
