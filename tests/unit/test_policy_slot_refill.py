@@ -98,3 +98,10 @@ def test_the_request_in_the_freed_slot_keeps_its_place_in_line() -> None:
     queue = [q("a0", "lora-a", 0, 10), q("a1", "lora-a", 1, 10), q("x", "lora-1", 2, 50), q("y", "lora-2", 3, 5)]
     d = MixedOnly(two).decide([*queue, q("z", None, 4, 40)], None)
     assert d.request_ids == ["a0", "a1", "x", "y", "z"]
+
+
+def test_a_slot_the_next_adapter_cannot_use_either_goes_to_the_one_after_it() -> None:
+    # lora-2's 30 tokens do not fit the 14 left either; lora-3's 5 do: FCFS runs them in the slot
+    queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 30), q("z", "lora-3", 3, 5)]
+    assert ids(fcfs_refilled(queue, WHOLE)) == ["big", "x", "z"]
+    assert UnmergedOnly(WHOLE).decide(queue, None).request_ids == ["big", "x", "z"]

@@ -317,8 +317,9 @@ def fcfs_refilled(
 ) -> list[QueuedRequest]:
     """``fcfs_batch`` (``merged``: of a mixed step with that adapter merged), then the requests
     it left out for a device slot held only by requests the step cannot feed (``within_budget``:
-    the scheduler passes them over) that the step can feed, in queue order: the scheduler gives an
-    adapter its slot only once it admits a request of it, so one it passes over keeps no one out.
+    the scheduler passes them over) that the step can feed, in queue order (a slot the next in
+    line cannot use either going on to the one after): the scheduler gives an adapter its slot
+    only once it admits a request of it, so one it passes over keeps no one out.
     Without this, a prompt of lora-1 the token budget left no room for held the only slot in the
     batch, and lora-2's short prompt behind it waited a step with the slot empty (tokenspeed
     #268's review: count only scheduled adapters against max_loras). Only those the step can feed
@@ -327,20 +328,24 @@ def fcfs_refilled(
     run it. Those added are in the decision only: the scheduler's slot count decides, so where it
     admits the one passed over after all, they wait as before."""
     batch = fcfs_batch(queue, limits, merged)
-    fed = {r.request_id for r in within_budget(batch, limits, merged, merged_now, kv)}
-    passed = {r.request_id for r in batch if r.request_id not in fed}
-    if not passed:
-        return batch
     chosen = {r.request_id for r in batch}
-    rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
-    if not (extra := [r for r in rest if r.request_id not in chosen]):
-        return batch
-    # In queue order, as the scheduler takes them: appended, a later prompt in F took the budget
-    # ahead of an earlier one in the freed slot, which FCFS runs first
     place = {r.request_id: i for i, r in enumerate(queue)}
-    both = sorted(batch + extra, key=lambda r: place[r.request_id])
-    fed = {r.request_id for r in within_budget(both, limits, merged, merged_now, kv)}
-    return [r for r in both if r.request_id in chosen or r.request_id in fed]
+    out, passed = batch, set[str]()
+    # Until no slot is freed: the request given one may not fit either, and then the next
+    # adapter in line gets it, as the scheduler gives it (each round passes one more over, at least)
+    while True:
+        fed = {r.request_id for r in within_budget(out, limits, merged, merged_now, kv)}
+        if not (newly := {r.request_id for r in out if r.request_id not in fed} - passed):
+            break
+        passed |= newly
+        have = {r.request_id for r in out}
+        rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
+        if not (extra := [r for r in rest if r.request_id not in have]):
+            break
+        # In queue order, as the scheduler takes them: appended, a later prompt in F took the
+        # budget ahead of an earlier one in the freed slot, which FCFS runs first
+        out = sorted(out + extra, key=lambda r: place[r.request_id])
+    return [r for r in out if r.request_id in chosen or r.request_id in fed]
 
 
 class Policy:
