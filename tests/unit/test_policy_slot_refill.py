@@ -6,7 +6,7 @@ FCFS batch, the one its credits are measured against, is the refilled one)."""
 import pytest
 
 from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepRecord
-from dlora.services.worker.policy.base import fcfs_refilled
+from dlora.services.worker.policy.base import fcfs_refilled, within_budget
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.fcfs import MixedOnly, UnmergedOnly
 
@@ -105,3 +105,20 @@ def test_a_slot_the_next_adapter_cannot_use_either_goes_to_the_one_after_it() ->
     queue = [q("big", None, 0, 50), q("x", "lora-1", 1, 20), q("y", "lora-2", 2, 30), q("z", "lora-3", 3, 5)]
     assert ids(fcfs_refilled(queue, WHOLE)) == ["big", "x", "z"]
     assert UnmergedOnly(WHOLE).decide(queue, None).request_ids == ["big", "x", "z"]
+
+
+def test_a_request_of_f_whose_adapter_loses_its_slot_to_an_earlier_one_is_counted_out() -> None:
+    # two slots: lora-a's 60 tokens do not fit beside lora-d's and the base prompt; lora-b's 10,
+    # before lora-a's next prompt, take the slot, and that prompt waits as FCFS leaves it waiting
+    # (counted as run, a third adapter ran in two slots: the scheduler passes it over; it stays
+    # in the decision, for the scheduler may admit lora-a's first after all, knowing its cache)
+    two = BatchLimits(max_num_seqs=8, max_adapters=2, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [q("d0", "lora-d", 0, 20), q("b0", None, 1, 10), q("a0", "lora-a", 2, 60), q("b1", "lora-b", 3, 10)]
+    queue.append(q("a1", "lora-a", 4, 5))
+    batch = fcfs_refilled(queue, two)
+    assert (ids(batch), ids(within_budget(batch, two))) == (["d0", "b0", "a0", "b1", "a1"], ["d0", "b0", "b1"])
+    # nor one passed over that fits once the refill moved others: lora-d's 10 tokens fit, but
+    # lora-b and lora-c, before it, hold both slots
+    queue = [q("b0", "lora-b", 0, 30), q("big", None, 1, 60), q("d0", "lora-d", 2, 60), q("c0", "lora-c", 3, 10)]
+    queue += [q("b1", "lora-b", 4, 30), q("d1", "lora-d", 5, 10), q("c1", "lora-c", 6, 5)]
+    assert ids(within_budget(fcfs_refilled(queue, two), two)) == ["b0", "c0", "c1"]

@@ -266,7 +266,8 @@ def within_budget(
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
     their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
-    first; nor a prompt keyed after a recompute that did not fit (the scheduler's line). With
+    first; nor a prompt keyed after a recompute that did not fit (the scheduler's line); at most
+    ``max_num_seqs``, and ``max_adapters`` slots held by the adapters it feeds (``free_slots``). With
     ``kv`` (the cache as the step begins) the blocks too, each admitted request's feed taking its
     ``QueuedRequest.kv`` from the free ones: a prompt not first whose feed, or whole prompt for
     one holding none, does not fit what the requests before it left is skipped as the scheduler
@@ -278,15 +279,17 @@ def within_budget(
     tokens, line = 0, math.inf
     free = kv.free_blocks if kv is not None else 0
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
+    slots, adapters = free_slots(limits.max_adapters, merged), set[str]()
     for r in batch:
-        if budget is not None and tokens >= budget:
+        if (budget is not None and tokens >= budget) or len(out) == limits.max_num_seqs:
             break
         need = r.kv if kv is not None else None
-        if r.running:
-            decodes -= r.num_new
-        elif r.arrival > line and r.fresh:
+        decodes -= r.num_new if r.running else 0
+        if r.adapter not in (None, merged) and r.adapter not in adapters and len(adapters) >= slots:
+            continue  # (the slots the adapters it admitted hold: one it passed over holds none)
+        if r.arrival > line and r.fresh:
             continue
-        elif out and (not r.fits or (need is not None and need.whole + need.reused > free)):
+        if not r.running and out and (not r.fits or (need is not None and need.whole + need.reused > free)):
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
@@ -303,6 +306,8 @@ def within_budget(
                 line = min(line, r.arrival) if r.recompute else line
                 continue
             free = max(0, free - taken)
+        if r.adapter not in (None, merged):
+            adapters.add(r.adapter)
         out.append(r)
         tokens += n
     return out
@@ -329,7 +334,6 @@ def fcfs_refilled(
     admits the one passed over after all, they wait as before."""
     batch = fcfs_batch(queue, limits, merged)
     chosen = {r.request_id for r in batch}
-    place = {r.request_id: i for i, r in enumerate(queue)}
     out, passed = batch, set[str]()
     # Until no slot is freed: the request given one may not fit either, and then the next
     # adapter in line gets it, as the scheduler gives it (each round passes one more over, at least)
@@ -338,14 +342,13 @@ def fcfs_refilled(
         if not (newly := {r.request_id for r in out if r.request_id not in fed} - passed):
             break
         passed |= newly
-        have = {r.request_id for r in out}
         rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
-        if not (extra := [r for r in rest if r.request_id not in have]):
-            break
-        # In queue order, as the scheduler takes them: appended, a later prompt in F took the
-        # budget ahead of an earlier one in the freed slot, which FCFS runs first
-        out = sorted(out + extra, key=lambda r: place[r.request_id])
-    return [r for r in out if r.request_id in chosen or r.request_id in fed]
+        keep = passed | {r.request_id for r in rest}
+        out = [r for r in queue if r.request_id in keep]
+    # In queue order, as the scheduler takes them: appended, a later prompt in F took the budget
+    # ahead of an earlier one in the freed slot. All of F stays, as the scheduler decides (one
+    # whose adapter's slot an earlier one took is not fed: ``within_budget`` counts slots too)
+    return [r for r in queue if r.request_id in chosen or r.request_id in fed]
 
 
 class Policy:
