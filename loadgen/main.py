@@ -31,7 +31,7 @@ from dlora.loadgen.prompt_text import chat_texts, ordinary_ids
 from dlora.loadgen.runner import Clock, replay, warm_up
 from dlora.loadgen.spec import WorkloadSpec
 from dlora.loadgen.traces import TraceError
-from dlora.loadgen.vllm_options import ignore_eos_of, logprobs_problem, sampling_of, slo_seconds
+from dlora.loadgen.vllm_options import backend_problem, ignore_eos_of, sampling_of, slo_seconds
 from dlora.loadgen.vllm_record import RecordOptions
 from dlora.loadgen.workload import build_specs, load_traces, prompt_ids
 from dlora.model.tokenizer import load_tokenizer
@@ -378,7 +378,7 @@ def run_loadgen(args: argparse.Namespace) -> int:
         if args.extra_body is not None and args.target.startswith(NATS_SCHEMES):  # SamplingParams, no body
             raise ValueError("--extra-body is the gateway's request body; a NATS target takes SamplingParams")
         chat = args.backend == "openai-chat"
-        if args.extra_body is not None and (why := logprobs_problem(args.extra_body, chat)) is not None:
+        if args.extra_body is not None and (why := backend_problem(args.extra_body, chat)) is not None:
             raise ValueError(f"--extra-body: {why}")  # a 400 for every request of the run
         if chat and args.target.startswith(NATS_SCHEMES):  # NATS takes token ids, no messages
             raise ValueError("--backend openai-chat is the gateway's chat API; a NATS target takes token ids")

@@ -9,9 +9,12 @@ import json
 import re
 from typing import Any
 
+import msgspec
+
 from dlora.common.integers import NotWhole, whole
 from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range, best_of_problem
-from dlora.loadgen.options import WHOLE, _at_least
+from dlora.loadgen.options import ENDPOINTS, WHOLE, _at_least
+from dlora.services.gateway.openai import ChatBody, CompletionBody
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
@@ -130,6 +133,17 @@ def _problem(name: str, given: object, bounds: Range) -> str | None:
     if isinstance(number, bool) or not isinstance(number, int | float):
         return f"{name} must be a number, got {given!r}"
     return bounds.problem(name, number)
+
+
+def backend_problem(extra: dict[str, Any], chat: bool) -> str | None:
+    """Why --extra-body is no body the --backend's API takes (known only once the backend is): a
+    field its body has none of (the gateway refuses it, a 400 for every request of the run:
+    ``best_of`` or ``suffix`` in a chat, ``tools`` in a completion), or its ``logprobs``
+    (``logprobs_problem``); None where it is one."""
+    body, path = (ChatBody, ENDPOINTS["openai-chat"]) if chat else (CompletionBody, ENDPOINTS["openai"])
+    if unknown := sorted(set(extra) - {f.encode_name for f in msgspec.structs.fields(body)}):
+        return f"{', '.join(unknown)}: no field of the --backend's {path} body"
+    return logprobs_problem(extra, chat)
 
 
 def logprobs_problem(extra: dict[str, Any], chat: bool) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.common.sampling import RANGES
-from dlora.loadgen.vllm_options import logprobs_problem
+from dlora.loadgen.vllm_options import backend_problem, logprobs_problem
 from dlora.services.cli import build_parser
 from dlora.services.gateway import sampling
 from dlora.services.gateway.openai import APIError, CompletionBody, decode_body
@@ -160,6 +160,26 @@ def test_an_extra_bodys_logprobs_is_checked_as_its_backends_api_takes_it(
 ) -> None:
     assert logprobs_problem({"logprobs": given}, chat) == said
     assert logprobs_problem({}, chat) is None
+    assert backend_problem({"logprobs": given}, chat) == said
+
+
+@pytest.mark.parametrize(
+    ("extra", "chat", "said"),
+    [
+        ({"best_of": 2, "top_k": 5}, True, "best_of: no field of the --backend's /v1/chat/completions body"),
+        ({"suffix": "x", "echo": True}, True, "suffix: no field of the --backend's /v1/chat/completions body"),
+        ({"tools": [], "top_k": 5}, False, "tools: no field of the --backend's /v1/completions body"),
+        ({"best_of": 2, "echo": True, "min_p": 0.1}, False, None),
+        ({"chat_template_kwargs": {}, "tool_choice": "none"}, True, None),
+    ],
+)
+def test_an_extra_body_field_its_backends_body_has_not_is_refused_before_the_run(
+    extra: dict, chat: bool, said: str | None
+) -> None:
+    """``--extra-body '{"best_of": 2}'`` with ``--backend openai-chat`` passed loadgen's checks
+    (each field inside its range) and every request of the run was a 400: the gateway refuses a
+    field its endpoint's body has not (the chat API has no best_of)."""
+    assert backend_problem(extra, chat) == said
 
 
 def test_stop_token_ids_and_bad_words_count_each_once_as_vllms() -> None:
