@@ -14,7 +14,6 @@ import msgspec
 from dlora.common.integers import NotWhole, whole
 from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range, best_of_problem
 from dlora.loadgen.options import ENDPOINTS, WHOLE, _at_least
-from dlora.services.gateway.openai import ChatBody, CompletionBody
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}
@@ -140,6 +139,10 @@ def backend_problem(extra: dict[str, Any], chat: bool) -> str | None:
     field its body has none of (the gateway refuses it, a 400 for every request of the run:
     ``best_of`` or ``suffix`` in a chat, ``tools`` in a completion), or its ``logprobs``
     (``logprobs_problem``); None where it is one."""
+    # (here, not at the top: every `dlora` command line builds loadgen's options, and the bodies'
+    # module brings numpy, ~1 s of each `dlora serve`)
+    from dlora.services.gateway.openai import ChatBody, CompletionBody
+
     body, path = (ChatBody, ENDPOINTS["openai-chat"]) if chat else (CompletionBody, ENDPOINTS["openai"])
     if unknown := sorted(set(extra) - {f.encode_name for f in msgspec.structs.fields(body)}):
         return f"{', '.join(unknown)}: no field of the --backend's {path} body"
