@@ -345,6 +345,8 @@ def fcfs_refilled(
         rest = fcfs_batch([r for r in queue if r.request_id not in passed], limits, merged)
         keep = passed | {r.request_id for r in rest}
         out = [r for r in queue if r.request_id in keep]
+    if not passed:  # (every step the budget feeds all of F: F itself, no pass over the whole queue)
+        return batch
     # In queue order, as the scheduler takes them: appended, a later prompt in F took the budget
     # ahead of an earlier one in the freed slot. All of F stays, as the scheduler decides (one
     # whose adapter's slot an earlier one took is not fed: ``within_budget`` counts slots too)
