@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dlora.services.gateway.tool_base import partial_tag
+
 PARSERS = ("deepseek_r1", "qwen3", "deepseek_v3", "granite")
 # Parsers whose reasoning is marked by plain text, not tags a grammar or a token count can wait for
 MARKED = frozenset({"granite"})
@@ -118,7 +120,7 @@ class ReasoningParser:
             reasoning, content = self._held[:end].replace(_OPEN, ""), self._held[end + len(_CLOSE) :]
             self._held, self._state = "", "content"
             return reasoning, content
-        keep = max(_partial_tag(self._held, _CLOSE), _partial_tag(self._held, _OPEN))
+        keep = max(partial_tag(self._held, _CLOSE), partial_tag(self._held, _OPEN))
         reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
         return reasoning.replace(_OPEN, ""), ""
 
@@ -145,7 +147,7 @@ class ReasoningParser:
             reasoning, content = self._held[:at], self._held[at + len(marker) :]
             self._held, self._state = "", "content"
             return reasoning, content
-        keep = max(_partial_tag(self._held, m) for m in _RESPONSE)
+        keep = max(partial_tag(self._held, m) for m in _RESPONSE)
         reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
         return reasoning, ""
 
@@ -271,11 +273,3 @@ def split(kind: str, text: str, thinking: bool = True) -> tuple[str | None, str 
     rest, more = parser.finish()
     read = thinking and (parser.reasoned or kind not in MARKED)
     return (reasoning + rest if read else None), (content + more) or None
-
-
-def _partial_tag(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` could begin ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
