@@ -20,6 +20,7 @@ from dlora.common.lograte import RateLimiter
 from dlora.common.messages import (
     MAX_RECOVERIES,
     AbortRequest,
+    AdapterEntry,
     ErrorCode,
     FinishReason,
     GenerateRequest,
@@ -66,6 +67,7 @@ class Recovery:
         avoid: frozenset[str] = frozenset(),
         again: bool = False,
         holding: bool = False,
+        allowed: AdapterEntry | None = None,
     ) -> None:
         raise NotImplementedError
 
