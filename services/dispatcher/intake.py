@@ -5,6 +5,8 @@ mixin of ``Dispatcher``, on ``Recovery``, whose declarations of the state and th
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 from nats.aio.msg import Msg
 
@@ -87,7 +89,15 @@ class Intake(Recovery):
         await self._fail(req, req.next_seq, reason, "state-unreachable", ErrorCode.UNAVAILABLE)
 
     async def _take(self, req: GenerateRequest, raw: bytes | None, owner: str) -> None:
-        """``req`` dispatched: refused if it names an adapter it may not use (an application's)."""
+        """``req`` dispatched: refused if it names an adapter it may not use (an application's);
+        ended, as a worker ends it, if its abort was heard already (a gateway whose hand-over timed
+        out answered its client and aborted). Sent on, it was recorded on a worker that may have
+        died meanwhile; with none live it then waited as an orphan (``orphan_wait_s``), past the
+        abort's memory, and ran for nobody once a worker came. With none live now it was failed
+        ("no worker is available"), where its sender is owed the abort's last chunk."""
+        if self._aborted_lately(req, time.monotonic()):
+            await self._answer_aborted(req, req.next_seq, req.recoveries)
+            return
         allowed: AdapterEntry | None = None  # (the version it may use, not a later one read again)
         if owner and req.adapter is not None:  # another tenant's adapter is, to it, not there (tenancy.py)
             if isinstance(seen := await unseen(self.store, owner, req.adapter, req.adapter_version), str):

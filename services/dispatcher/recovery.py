@@ -113,17 +113,22 @@ class Recovery:
             await self._end_aborted(rec)
             self.orphans.over(request_id)
 
+    def _aborted_lately(self, req: GenerateRequest, now: float) -> bool:
+        """Whether a gateway's abort of ``req`` was heard lately, or its own sender's (an
+        application's abort stops only its own requests)."""
+        return self.aborted.lately(req.request_id, None, now) or self.aborted.lately(req.request_id, req.owner, now)
+
     async def _end_aborted(self, rec: Inflight) -> None:
         """End the aborted request ``rec`` is of, unless another dispatcher took it meanwhile: its
         record goes, and its reader gets the abort's last chunk, as a worker answers one."""
         if await self.store.delete_inflight(rec.request.request_id, (rec.worker, rec.recoveries)):
-            last = TokenChunk(
-                request_id=rec.request.request_id,
-                seq=rec.next_seq,
-                finish_reason=FinishReason.ABORT,
-                recoveries=rec.recoveries,
-            )
-            await bus.publish(self.nc, rec.request.reply_to, last)
+            await self._answer_aborted(rec.request, rec.next_seq, rec.recoveries)
+
+    async def _answer_aborted(self, req: GenerateRequest, seq: int, recoveries: int) -> None:
+        """Send ``req``'s reader the abort's last chunk of attempt ``recoveries``, numbered ``seq``,
+        as a worker answers one (``aborted_chunk``): its stream ends, and its sender learns the abort took."""
+        last = TokenChunk(request_id=req.request_id, seq=seq, finish_reason=FinishReason.ABORT, recoveries=recoveries)
+        await bus.publish(self.nc, req.reply_to, last)
 
     async def _on_lost(self, lost: LostRequests) -> None:
         """A worker's in-flight records of requests it does not hold (it restarted, or their
@@ -250,8 +255,8 @@ class Recovery:
         died = died and (rec.taken or not rec.marks_taken)
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         now = time.monotonic()
-        if self.aborted.lately(first.request_id, None, now) or self.aborted.lately(first.request_id, first.owner, now):
-            await self._end_aborted(rec)  # (a gateway's abort, or its own sender's)
+        if self._aborted_lately(first, now):
+            await self._end_aborted(rec)
             return
         # Silent twice the TTL: a client cut off by the fault that lost the worker (its NATS node on
         # the worker's host) was silent about as long as the worker when it is found lost, and

@@ -42,17 +42,18 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     first = await asyncio.wait_for(mine.get(), 30)
     assert first.error is None
 
-    # bob's abort of alice's request id does nothing to it
-    await bob.publish(subjects.aborts_of("bob"), msgspec.json.encode(AbortRequest(request_id="r-1")))
-    await flush(bob)
-    await asyncio.sleep(0.3)
-    assert await _still_running(mine)
-
-    # bob's request under the same id is refused, to bob, and alice's runs on
+    # bob's request under the same id is refused, to bob, and alice's runs on (before bob's abort
+    # of r-1, which would end his own r-1 as a worker ends a request its abort overtook)
     bobs = await _chunks(bob, subjects.reply_inbox("r-1", "bob"))
     await _send(bob, "bob", "r-1", subjects.reply_inbox("r-1", "bob"))
     refused = await asyncio.wait_for(bobs.get(), 60)
     assert refused.error_code == "bad_request" and "already in flight" in (refused.error or "")
+    assert await _still_running(mine)
+
+    # bob's abort of alice's request id does nothing to it
+    await bob.publish(subjects.aborts_of("bob"), msgspec.json.encode(AbortRequest(request_id="r-1")))
+    await flush(bob)
+    await asyncio.sleep(0.3)
     assert await _still_running(mine)
 
     # alice sending r-1 again to its own stream (a retry): no error chunk there, which would end

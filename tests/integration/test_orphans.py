@@ -90,6 +90,39 @@ async def test_an_abort_heard_while_its_request_s_worker_was_dead_ends_the_reque
     assert chunks.empty() and await c.store.get_inflight("aborted-meanwhile") is None
 
 
+async def test_a_request_taken_after_its_abort_is_ended_not_dispatched(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A gateway whose hand-over timed out answered its client and aborted; the dispatcher that
+    took the request later sent it on: with no live worker it was failed ("no worker is
+    available"), and to a worker taken for live that had died it was recorded, to wait (no other
+    worker live) as an orphan past the abort's memory and run for nobody. Now it ends at once with
+    the abort's last chunk, as a worker ends it, and nothing is recorded or sent (the TTL of 30 s:
+    no loss or sweep meanwhile)."""
+    c: Cluster = await cluster(ttl_s=30.0)
+    assert c.dispatcher is not None
+    for rid in ("none-live", "dead"):
+        while not c.dispatcher.aborted.lately(rid, None, time.monotonic()):  # (once it listens)
+            await c.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id=rid)))
+            await asyncio.sleep(0.05)
+    answered = {"none-live": await c.send("none-live")}
+    dead = WorkerStats(
+        worker="w-dead", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
+    )
+    await c.nc.publish(subjects.stats("w-dead"), msgspec.json.encode(dead))  # its last stats before it died
+    await _until(lambda: _taken_for_live(c, "w-dead"))
+    answered["dead"] = await c.send("dead")
+    for rid, chunks in answered.items():
+        chunk = await asyncio.wait_for(chunks.get(), 60)
+        assert (chunk.request_id, chunk.finish_reason, chunk.error, chunk.seq) == (rid, "abort", None, 0)
+        assert await c.store.get_inflight(rid) is None
+    assert (
+        c.dispatcher.metrics.registry.get_sample_value("dlora_dispatch_decisions_total", {"worker": "w-dead"}) is None
+    )
+
+
+async def _taken_for_live(c: Cluster, worker: str) -> bool:
+    return c.dispatcher is not None and worker in {w.worker for w in c.dispatcher.live()}
+
+
 async def test_records_of_a_worker_that_stopped_cleanly_are_not_counted_as_deaths(cluster) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """A worker that drained and stopped handed back what it held; when no dispatcher heard that
     (none was up), the records wait for the sweep, which must not count a death. Two requests that
