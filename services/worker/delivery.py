@@ -114,6 +114,15 @@ class Delivery:
         self._tasks.add(task := asyncio.create_task(self._resend((0.0,), client)))
         task.add_done_callback(self._tasks.discard)
 
+    async def close(self) -> None:
+        """Cancel the re-sends under way and wait for their end: at a worker's stop one left
+        running outlived the worker, publishing on the connection closed under it (or destroyed
+        still pending when the loop closed: "Task was destroyed but it is pending")."""
+        tasks = [*self._tasks, *([self._resending] if self._resending is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _resend(self, delays: tuple[float, ...] = RESEND_DELAYS_S, client: str | None = None) -> None:
         for n, delay in enumerate(delays):
             await asyncio.sleep(delay)

@@ -468,6 +468,7 @@ class WorkerService:
             stop_preparing(self)  # (after a hand-over, only those that came late: their records go back)
             self.adapters.close()
             await bus.unsubscribe(subs)
+            await self.delivery.close()  # (after: a reader's ClientAlive no longer starts one)
             if self.taken_over_by is None:  # (else its key, records and placement are the other's)
                 await drain.leave(self)
         if self.taken_over_by is not None:

@@ -406,3 +406,35 @@ async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stoppe
         assert lost.requests == {"r": 1}
         await asyncio.sleep(0.6)  # past the inbox's wait: nothing of either copy comes to the queue
         assert service.commands.empty() and not service.preparing
+
+
+async def test_a_stop_leaves_no_re_send_of_chunks_running(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """Re-sends of recent chunks (a reader's reconnect, ``Delivery.resend_to``; the worker's own,
+    ``reconnected``) under way at a stop were left running: they outlived the worker, to publish
+    on the connection closed under them or be destroyed pending. The stop cancels and awaits them."""
+    from dlora.common.messages import TokenChunk
+
+    ws = worker_settings(nats_server.url, tiny_llama, "w-a", stats_interval_s=0.1)
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        stop = asyncio.Event()
+        running = asyncio.create_task(service.run(stop))
+        delivery = service.delivery
+
+        async def held(_: dict[str, int]) -> set[str]:  # each re-send holds in its Redis read
+            await asyncio.Event().wait()
+            return set()
+
+        delivery.superseded = held
+        await delivery.publish("test.resent", TokenChunk(request_id="r", seq=0), "gw")
+        delivery.resend_to("gw")
+        async with asyncio.timeout(60):
+            while delivery._reconnects is None:  # (the stats loop's first look)
+                await asyncio.sleep(0.01)
+            delivery._reconnects -= 1  # as if NATS reconnected: its passes are due in 1 s and 3 s
+            while delivery._resending is None:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(running, 60)
+        assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Delivery._resend"]  # type: ignore[union-attr]
