@@ -36,7 +36,7 @@ from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_lease import RunLease, closing, running, settled
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
-from dlora.services.gateway.responses_store import Keeping
+from dlora.services.gateway.responses_store import Keeping, Stored
 from dlora.services.gateway.shaping import Job
 
 logger = log.get("gateway")
@@ -230,7 +230,8 @@ class Background:
                     if not events or reads >= JUDGE_READS or loop.time() - judged >= JUDGE_S:
                         reads, judged = 0, loop.time()
                         stored = await self._judged(response_id, tenant)
-                        if not events and (stored is None or not running(stored)):  # (over: its events before it)
+                        # (over: its events written before it)
+                        if not events and (stored is None or not running(stored.object)):
                             events = await self.state.response_events(response_id, tenant, after + 1)
                             if not events:
                                 return
@@ -245,11 +246,14 @@ class Background:
             else:
                 await asyncio.sleep(POLL_S)
 
-    async def _judged(self, response_id: str, tenant: str) -> bytes | None:
+    async def _judged(self, response_id: str, tenant: str) -> Stored | None:
         """Its record as it stands (``settled``: failed first where its run's lease lapsed); None:
         gone. The caller bounds the Redis work."""
         got = await self.state.response_fields(response_id, tenant, "response")
-        return await settled(self.state, response_id, tenant, got[1], self.lease_s) if got and got[1] else None
+        if not got or not got[1]:
+            return None
+        now = await settled(self.state, response_id, tenant, Stored(got[1], msgspec.json.decode(got[1])), self.lease_s)
+        return Stored(now, msgspec.json.decode(now)) if now else None
 
     def _ended(
         self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack, holding: asyncio.Task[None]
@@ -328,23 +332,22 @@ class Background:
                 keeping.expect = encoded
         return swapped
 
-    async def cancel(self, response_id: str, tenant: str, stored: bytes) -> dict[str, Any] | None:
+    async def cancel(self, response_id: str, tenant: str, stored: Stored) -> dict[str, Any] | None:
         """``tenant``'s response as cancelled, if ``stored`` (its record as just read) is one still
         queued or running and still there: every gateway told, the one running it cancels its
         task. A streamed one's stream ends, in the same step, with the cancelled object's
         ``response.failed`` (OpenAI's stream events have no cancelled one; its ``status`` says
         ``cancelled``) and its run's token cleared: its run, until it hears the cancel, appends
         nothing after it. None: it is not (anymore)."""
-        response = msgspec.json.decode(stored)
-        if response.get("status") not in ("queued", "in_progress"):
+        if not running(stored.object):
             return None
-        cancelled = response | {"status": "cancelled"}
+        cancelled = stored.object | {"status": "cancelled"}
         encoded = msgspec.json.encode(cancelled)
         async with self.bound():  # (a streamed one's stream closed with it: ``closing``)
-            if not await self.state.swap_response(response_id, tenant, stored, encoded, closing(encoded)):
+            if not await self.state.swap_response(response_id, tenant, stored.raw, encoded, closing(encoded)):
                 return None
         await self.stop(response_id, tenant)
-        return cast(dict[str, Any], cancelled)
+        return cancelled
 
     async def stop(self, response_id: str, tenant: str) -> None:
         """Every gateway told to end its run of ``tenant``'s response (cancelled, or deleted: its

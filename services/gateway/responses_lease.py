@@ -18,11 +18,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from dlora.common import bus, log
 from dlora.common.state import StateStore
+
+if TYPE_CHECKING:  # (its reader, ``read``, ends a lapsed run's record here: ``settled``)
+    from dlora.services.gateway.responses_store import Stored
 
 logger = log.get("gateway")
 Bound = Callable[[], AbstractAsyncContextManager[None]]
@@ -39,13 +43,9 @@ RENEWALS = 9
 _RUNNING = ("queued", "in_progress")
 
 
-class _Status(msgspec.Struct):
-    status: str | None = None
-
-
-def running(stored: bytes) -> bool:
-    """Whether a stored response's object (JSON) says it is queued or in progress."""
-    return msgspec.json.decode(stored, type=_Status).status in _RUNNING
+def running(response: dict[str, Any]) -> bool:
+    """Whether a stored response's object (decoded: ``responses_store.read``) is queued or in progress."""
+    return response.get("status") in _RUNNING
 
 
 def closing(failed: bytes) -> tuple[bytes, bytes]:
@@ -58,25 +58,26 @@ def closing(failed: bytes) -> tuple[bytes, bytes]:
 
 
 async def settled(
-    state: StateStore, response_id: str, tenant: str, stored: bytes, legacy_s: float = 0.0
+    state: StateStore, response_id: str, tenant: str, stored: Stored, legacy_s: float = 0.0
 ) -> bytes | None:
-    """``stored`` (``tenant``'s response as just read) as it stands: one queued or in progress
-    whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed meanwhile, a streamed
-    one's stream ended with its ``response.failed`` event. One an older gateway wrote (a rolling
-    upgrade: it took no lease) is its gateway's until ``legacy_s`` seconds after a reader first
-    found it so (a lease's span: as long as a run of ours is trusted unrenewed; timed on Redis's
-    clock, not by its ``created_at``, which is its gateway's wall clock), then judged as lapsed
-    (failed, it ran on for nobody, its end's write refused by its changed record).
+    """``stored`` (``tenant``'s response as just read: ``responses_store.read``) as it stands: one
+    queued or in progress whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed
+    meanwhile, a streamed one's stream ended with its ``response.failed`` event. One an older
+    gateway wrote (a rolling upgrade: it took no lease) is its gateway's until ``legacy_s``
+    seconds after a reader first found it so (a lease's span: as long as a run of ours is trusted
+    unrenewed; timed on Redis's clock, not by its ``created_at``, which is its gateway's wall
+    clock), then judged as lapsed (failed, it ran on for nobody, its end's write refused by its
+    changed record).
     The caller bounds the Redis work. Returns its record (None: gone since it was read).
 
     Raises:
         ``bus.STATE_OUTAGE``: Redis failed.
     """
-    if not running(stored):
-        return stored
-    failed = msgspec.json.decode(stored) | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
+    if not running(stored.object):
+        return stored.raw
+    failed = stored.object | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
     ended = msgspec.json.encode(failed)
-    if (now := await state.end_unleased(response_id, tenant, stored, ended, closing(ended), legacy_s)) == ended:
+    if (now := await state.end_unleased(response_id, tenant, stored.raw, ended, closing(ended), legacy_s)) == ended:
         logger.warning("a background response whose run was lost is failed", id=response_id)
     return now
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from dlora.common.state_responses import STREAMED
@@ -16,6 +15,7 @@ from dlora.services.gateway.auth import Auth
 from dlora.services.gateway.background import Background
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import refuse_include
+from dlora.services.gateway.responses_lease import running
 from dlora.services.gateway.responses_store import ResponsesStore, not_found, stored_id
 
 # input_items' page size: OpenAI's default and bound
@@ -101,10 +101,10 @@ class ResponsesRoutes:
         if "starting_after" in query and not streamed:
             raise APIError(400, "starting_after is only for stream", param="starting_after")
         # whether it was made streamed read with it, in one round trip
-        response, *made = await self.store.fields(given, tenant, "response", *([STREAMED] if streamed else []))
+        stored, *made = await self.store.fields(given, tenant, "response", *([STREAMED] if streamed else []))
         if not streamed:
-            return web.Response(body=response, content_type="application/json")
-        if not msgspec.json.decode(response).get("background"):
+            return web.Response(body=stored.raw, content_type="application/json")
+        if not stored.object.get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
         if made != [b"1"]:  # (OpenAI's 400: not an empty stream)
@@ -139,12 +139,11 @@ class ResponsesRoutes:
             [stored] = await self.store.fields(given, tenant, "response")
             if (cancelled := await self.background.cancel(response_id, tenant, stored)) is not None:
                 return web.json_response(cancelled)
-            response = msgspec.json.decode(stored)
-            if response.get("status") not in ("queued", "in_progress"):
+            if not running(stored.object):
                 break
-        if not response.get("background"):
+        if not stored.object.get("background"):
             raise APIError(400, "Cannot cancel a synchronous response.")  # (vLLM's: no param)
-        return web.Response(body=stored, content_type="application/json")
+        return web.Response(body=stored.raw, content_type="application/json")
 
     async def input_items(self, request: web.Request) -> web.Response:
         """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous
@@ -155,5 +154,5 @@ class ResponsesRoutes:
             raise APIError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
         limit = _limit(query)
         [items] = await self.store.fields(request.match_info["id"], tenant, "input")
-        listing = page(msgspec.json.decode(items), order, limit, query.get("after"), query.get("before"))
+        listing = page(items, order, limit, query.get("after"), query.get("before"))
         return web.json_response(listing)

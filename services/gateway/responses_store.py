@@ -25,7 +25,7 @@ from dlora.common import bus, log
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import ResponsesBody
-from dlora.services.gateway.responses_lease import settled
+from dlora.services.gateway.responses_lease import running, settled
 from dlora.services.gateway.responses_metrics import StoreCounts
 
 logger = log.get("gateway")
@@ -229,34 +229,26 @@ class ResponsesStore:
         if self.counts is not None:
             self.counts.count(op, outcome, n)
 
-    async def fields(self, given: str, tenant: str, *names: str, param: str | None = None) -> list[bytes]:
-        """``names`` of ``tenant``'s response its client names ``given`` (``stored_id``), decoded
-        later by the caller; its ``response`` as it stands: a background one whose run was lost
-        ended first (``settled``).
+    async def fields(self, given: str, tenant: str, *names: str, param: str | None = None) -> list[Any]:
+        """``names`` of ``tenant``'s response its client names ``given`` (``stored_id``), each as
+        its readers take it (``read``).
 
         Raises:
             APIError(404): none such for ``tenant``, named as its client named it ("hello", not
                 "resp_hello": the id it sent is the one it looks for); named by ``param``
                 "previous_response_id", a 400 (``not_found``).
         """
-        response_id = stored_id(given)
         try:
             async with self.bound():
-                got = await self.state.response_fields(response_id, tenant, *names)
-                if got is not None and not _readable(names, got[1:]):
-                    # (every reader decoded it and raised: a 500 on each read, for good, till DELETE)
-                    logger.warning("a stored response that is no response's JSON is read as not there", id=response_id)
-                    got = None
-                if got is not None and "response" in names and (stored := got[k := names.index("response") + 1]):
-                    got[k] = await settled(self.state, response_id, tenant, stored, self.legacy_s)
+                got = await read(self.state, stored_id(given), tenant, names, self.legacy_s)
         except bus.STATE_OUTAGE:
             self.count("read", "failed")
             raise
-        if got is None or got[0] != tenant.encode() or any(v is None for v in got):
+        if got is None:
             self.count("read", "miss")
             raise not_found(given, param)
         self.count("read", "hit")
-        return [v for v in got[1:] if v is not None]
+        return got
 
     async def delete(self, response_id: str, tenant: str) -> bool:
         """Whether ``tenant``'s response ``response_id`` was there to delete (another tenant's: not).
@@ -293,13 +285,12 @@ class ResponsesStore:
         prior: list[dict[str, Any]] = []
         output: list[Any] = []  # the previous response's
         if previous is not None:
-            items, response = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
-            decoded = msgspec.json.decode(response)
-            if decoded.get("status") in ("queued", "in_progress"):  # a background one not over: no answer yet
-                why = f"Previous response with id {previous!r} is still {decoded['status']}: wait until it is over."
+            items, record = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
+            if running(response := record.object):  # a background one not over: no answer yet
+                why = f"Previous response with id {previous!r} is still {response['status']}: wait until it is over."
                 raise APIError(400, why, param="previous_response_id")
-            output = decoded.get("output", [])  # (``_Response``'s)
-            prior = [*msgspec.json.decode(items), *output]
+            output = response.get("output", [])  # (``_Response``'s: items, each an object)
+            prior = [*items, *output]
         stored = await self.referenced(body.input, prior, tenant)
         given = conversation(prior, body.input, stored)
         answered(output, _items(given)[len(prior) :])
@@ -376,49 +367,78 @@ def _held(items: bytes | None, response: bytes | None) -> list[str]:
 
 
 class _Response(msgspec.Struct):
-    """A stored ``response`` as its readers take it (its other fields read by each as it needs):
-    an object, whose ``output``, where it has one, is a list."""
+    """What every reader of a stored ``response`` (an object) takes as given, its other fields
+    read by each as it needs: its ``output``, where it has one, a list of items, each an object
+    (a previous response's are put before a request's input, their ids read), and its
+    ``status``, where it has one, a string (``responses_lease.running`` reads it as one)."""
 
-    output: list[Any] = []
-
-
-class _Checked(msgspec.Struct):
-    """``_Response``'s shape, its items left undecoded (``msgspec.Raw``: a view of their bytes),
-    and its ``status`` a string where it has one (``responses_lease.running`` reads it as one)."""
-
-    output: list[msgspec.Raw] = []
+    output: list[dict[str, Any]] = []
     status: str | None = None
 
 
-# The JSON type each field of a stored record is read as (``_record_items``), and checked as
-# (``_readable``): the same shapes, the items not built (a GET answers the bytes as stored, and
-# previous_response_id decodes them once more), yet JSON (msgspec checks what it skips)
-_SHAPES: dict[str, Any] = {"input": list[Any], "response": _Response}
-_CHECKS: dict[str, Any] = {"input": list[msgspec.Raw], "response": _Checked}
+@dataclass(frozen=True)
+class Stored:
+    """A stored response's object as its readers take it (``read``)."""
+
+    raw: bytes  # as stored: a GET answers these bytes, a compare-and-swap compares them
+    object: dict[str, Any]  # decoded whole, of ``_Response``'s shape
 
 
-def _readable(names: Sequence[str], values: Sequence[bytes | None]) -> bool:
-    """Whether each of a record's fields read (``names``: ``values``; None: not there) that has a
-    shape in ``_CHECKS`` is JSON of it. (Not checked: its strings' UTF-8, its floats' range, which
-    msgspec's encoder, a gateway's, never writes wrong; a record cut short is found cut.)"""
-    return all(
-        _decoded(name, raw, _CHECKS) is not None
-        for name, raw in zip(names, values)
-        if raw is not None and name in _CHECKS
-    )
+# The type each field of a stored record is decoded as for its readers (``_decoded``): the
+# conversation, items each an object (``input_items`` lists them, ``previous_response_id`` puts
+# them before a request's input); the response, an object of ``_Response``'s shape
+_SHAPES: dict[str, Any] = {"input": list[dict[str, Any]], "response": dict[str, Any]}
+
+
+async def read(
+    state: StateStore, response_id: str, tenant: str, names: Sequence[str], legacy_s: float
+) -> list[Any] | None:
+    """``names`` of ``tenant``'s stored response ``response_id``, each as its readers take it:
+    ``input``, its items (``_SHAPES``); ``response``, a ``Stored``, as it stands (a background one
+    whose run was lost ended first: ``settled``, after ``legacy_s`` for an older gateway's); any
+    other, as ``StateStore.response_fields`` answers it. None: none such for ``tenant`` (never
+    stored, expired, deleted, another tenant's), or one whose fields do not decode whole so (cut
+    short, written by hand: each reader raised on it, a 500 on every read until its DELETE).
+    Decoded here once, into what its readers use, so that none decodes it again and fails (a
+    check of the shape alone, its items skipped, let a string's bad UTF-8 or a number past a
+    double's range through to the readers). The caller bounds the Redis work.
+
+    Raises:
+        ``bus.STATE_OUTAGE``: Redis failed.
+    """
+    got = await state.response_fields(response_id, tenant, *names)
+    if got is None or got[0] != tenant.encode() or any(v is None for v in got):
+        return None
+    values: list[Any] = [_decoded(name, raw) if name in _SHAPES else raw for name, raw in zip(names, got[1:])]
+    if any(v is None for v in values):
+        logger.warning("a stored response that is no response's JSON is read as not there", id=response_id)
+        return None
+    k = names.index("response") if "response" in names else None
+    if k is not None and (now := await settled(state, response_id, tenant, values[k], legacy_s)) != values[k].raw:
+        values[k] = _decoded("response", now)  # (failed here, or changed meanwhile: None, gone)
+        if values[k] is None:
+            return None
+    return values
 
 
 def _record_items(items: bytes | None, response: bytes | None) -> list[Any]:
     """A stored record's conversation (``input``) and its ``response``'s output; a field that is
-    none, or no JSON of its shape, holds none."""
-    conversation, record = _decoded("input", items), _decoded("response", response)
-    return [*(conversation or []), *(record.output if record is not None else [])]
+    none, or does not decode as its readers take it (``_decoded``), holds none."""
+    conversation, stored = _decoded("input", items), _decoded("response", response)
+    return [*(conversation or []), *(stored.object.get("output", []) if stored is not None else [])]
 
 
-def _decoded(name: str, raw: bytes | None, shapes: dict[str, Any] = _SHAPES) -> Any:
-    """``raw`` decoded as a record's field ``name`` (of ``shapes``); None where it is none, or no JSON of that shape."""
+def _decoded(name: str, raw: bytes | None) -> Any:
+    """``raw`` decoded whole as a record's field ``name`` (``_SHAPES``; a ``response``, a ``Stored``
+    of ``_Response``'s shape); None where it is none, or does not decode so."""
+    if raw is None:
+        return None
     try:
-        return None if raw is None else msgspec.json.decode(raw, type=shapes[name])
+        value = msgspec.json.decode(raw, type=_SHAPES[name])
+        if name == "response":
+            msgspec.convert(value, _Response)  # (its shape: a check of what was just decoded, not parsed again)
+            return Stored(raw, value)
+        return value
     except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
         return None
 

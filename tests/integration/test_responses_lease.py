@@ -27,6 +27,7 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.background import JUDGE_READS, Background
 from dlora.services.gateway.responses_lease import LAPSED, RunLease, settled
+from dlora.services.gateway.responses_store import Stored
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, sigstop, spawn_gateway, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
@@ -363,7 +364,7 @@ async def test_an_older_gateways_record_is_judged_lost_only_a_leases_span_after_
     await state.put_response("resp_ours", "t", msgspec.json.encode(ours), b"[]", 60.0, leased=True)
 
     async def status(record: dict[str, Any]) -> str:
-        now_stored = await settled(state, record["id"], "t", msgspec.json.encode(record), legacy_s=15.0)
+        now_stored = await settled(state, record["id"], "t", Stored(msgspec.json.encode(record), record), legacy_s=15.0)
         assert now_stored is not None
         return cast(str, msgspec.json.decode(now_stored)["status"])
 
@@ -381,10 +382,12 @@ async def test_an_older_gateways_streamed_record_failed_by_age_ends_its_stream_f
     the closing step looked for a run token only, so its readers' stream ended with no terminal
     event. It ends with the failed object's ``response.failed``, as every other failure's."""
     state, key = StateStore(redis), "resp_old"
-    old = msgspec.json.encode({"id": key, "status": "in_progress", "background": True})
-    await state.put_response(key, "t", old, b"[]", 60.0)  # (an older gateway's: not leased, no token)
+    old = {"id": key, "status": "in_progress", "background": True}
+    # (an older gateway's: not leased, no token)
+    await state.put_response(key, "t", msgspec.json.encode(old), b"[]", 60.0)
     await redis.rpush(f"{state.p}:response-events:t:{key}", b"event: response.created\n\n")
-    assert msgspec.json.decode((await settled(state, key, "t", old, legacy_s=0.0)) or b"{}")["status"] == "failed"
+    now_stored = await settled(state, key, "t", Stored(msgspec.json.encode(old), old), legacy_s=0.0)
+    assert msgspec.json.decode(now_stored or b"{}")["status"] == "failed"
     background, written = Background(cast(Any, None), state, _bound), _Written()
     await background._follow(cast(Any, written), key, "t", -1)
     assert written.frames[-1].startswith(b"event: response.failed\n") and LAPSED.encode() in written.frames[-1]
