@@ -34,9 +34,9 @@ from dlora.common import bus, log, subjects
 from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
-from dlora.services.gateway.responses_lease import RunLease, closing, running, settled
+from dlora.services.gateway.responses_lease import RunLease, closing, running
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
-from dlora.services.gateway.responses_store import Keeping, Stored
+from dlora.services.gateway.responses_store import Keeping, Stored, read
 from dlora.services.gateway.shaping import Job
 
 logger = log.get("gateway")
@@ -248,12 +248,10 @@ class Background:
 
     async def _judged(self, response_id: str, tenant: str) -> Stored | None:
         """Its record as it stands (``settled``: failed first where its run's lease lapsed); None:
-        gone. The caller bounds the Redis work."""
-        got = await self.state.response_fields(response_id, tenant, "response")
-        if not got or not got[1]:
-            return None
-        now = await settled(self.state, response_id, tenant, Stored(got[1], msgspec.json.decode(got[1])), self.lease_s)
-        return Stored(now, msgspec.json.decode(now)) if now else None
+        gone, or one no reader could decode (``read``: as every other reader takes it). The
+        caller bounds the Redis work."""
+        got = await read(self.state, response_id, tenant, ("response",), self.lease_s)
+        return None if got is None else cast(Stored, got[0])
 
     def _ended(
         self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack, holding: asyncio.Task[None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from redis.asyncio import Redis
@@ -190,3 +191,24 @@ async def test_a_streamed_background_response_whose_end_could_not_be_stored_ends
         assert [e.sequence_number for e in events] == list(range(len(events)))
     finally:
         await client.close()
+
+
+async def test_a_record_no_reader_decodes_made_under_a_streams_reader_ends_its_stream(
+    stack: Stack, redis: Redis
+) -> None:
+    """A streamed background response's reader judges its record while no event is new
+    (``Background._judged``), which decoded it apart from the routes' read: a record made one no
+    reader decodes (here a string of bad UTF-8; written by hand) under a reader raised out of its
+    open stream, which then never ended (aiohttp logged the error and left it open), where every
+    route reads such a record as not there. Read as every route reads it, it ends the stream, as
+    a record deleted does."""
+    store, first = stack.store, b"event: response.created\ndata: {}\n\n"
+    await store.lease_response("resp_hand", "", "gw-elsewhere", 60.0)  # (its run alive on another gateway)
+    running = b'{"status": "in_progress", "background": true}'
+    await store.put_response("resp_hand", "", running, b"[]", 60.0, stream="run-a", leased=True)
+    assert await store.append_events("resp_hand", "", "run-a", [first], 60.0)
+    async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/v1/responses/resp_hand?stream=true") as r:
+        assert r.status == 200 and await r.content.readuntil(b"\n\n") == first
+        await redis.hset(f"{store.p}:response::resp_hand", "response", b'{"status": "in_progress", "x": "\xff"}')
+        async with asyncio.timeout(30):  # (a bound, not a measure: the raised stream never ended)
+            assert await r.content.read() == b""  # (ended whole, nothing after its one event)
