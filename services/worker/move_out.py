@@ -61,8 +61,8 @@ async def move_out(w: WorkerService, move: Move) -> None:
         logger.info("request on a replaced or removed adapter version; it stays here", request=move.request_id)
         return
     if w.records.outage:  # its record lacks what Redis refused: a resume from it would lose tokens
-        logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
-        w.refusals.add(move, time.monotonic())  # (free for the migrator's next plan: its stats say so)
+        if w.refusals.add(move, time.monotonic(), why="outage"):  # (its stats say so: free for the next plan)
+            logger.info("Redis refuses progress writes; the request stays here", request=move.request_id)
         return
     resume = functools.partial(
         handoff,
@@ -77,9 +77,9 @@ async def move_out(w: WorkerService, move: Move) -> None:
     # Checked before the cache is exported (a copy off the device, thrown away when refused): with
     # the cache, the message has only a chunk count, a transfer id and its export time more.
     if over := too_large(resumed, w.nc.max_payload):  # grown past NATS's payload limit
-        if move.request_id not in w.refusals.oversized:
+        # (then pinned here where it only grows: once too large for good, it is planned no more)
+        if w.refusals.add(move, time.monotonic(), why=over.value, oversized=over is TooLarge.WHILE_HERE):
             logger.warning("request too large to move; it stays here", request=move.request_id, by=over.value)
-        w.refusals.add(move, time.monotonic(), oversized=over is TooLarge.WHILE_HERE)  # (then pinned here)
         return
     data: bytes | None = None
     start = time.monotonic()
@@ -95,8 +95,8 @@ async def move_out(w: WorkerService, move: Move) -> None:
         if not fenced:  # recorded at the destination first: what it writes then is its own, not fenced
             await w.store.put_inflight(resumed, move.to_worker, marks_taken=move.to_marks_taken)
     except bus.STATE_OUTAGE:  # (it was stopped here first, and lost: nothing recorded it elsewhere)
-        logger.info("Redis unreachable; the request stays here", request=move.request_id)
-        w.refusals.add(move, time.monotonic())
+        if w.refusals.add(move, time.monotonic(), why="unreachable"):
+            logger.info("Redis unreachable; the request stays here", request=move.request_id)
         return
     w.engine.abort(move.request_id)
     del w.streams[move.request_id]

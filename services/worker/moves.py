@@ -91,9 +91,16 @@ class Refusals:
         # (plan id, request id) -> when refused (monotonic), and whether a stats message has said it
         self._at: dict[tuple[str, str], tuple[float, bool]] = {}
         self.oversized: set[str] = set()  # requests refused a move for their size (pinned here)
+        self._why: dict[str, str] = {}  # request id -> why its last move was refused (``add``)
 
-    def add(self, move: Move, now: float, oversized: bool = False) -> None:
-        """``move`` refused at ``now`` (monotonic seconds); ``oversized``: for its request's size."""
+    def add(self, move: Move, now: float, why: str = "", oversized: bool = False) -> bool:
+        """``move`` refused at ``now`` (monotonic seconds) for ``why``; ``oversized``: for its request's
+        size. Whether that is news to log: its request's first refusal while here, or one for another
+        reason than its last. Refused only for now (Redis lagging, its held stop text), a request is
+        planned and refused again at each plan until that passes, and its "it stays here" line was
+        logged at every plan (left by the last session)."""
+        news = self._why.get(move.request_id) != why
+        self._why[move.request_id] = why
         key = (move.plan_id, move.request_id)
         self._at.pop(key, None)
         self._at[key] = (now, False)  # (last: the latest kept past ``MAX_REFUSED``)
@@ -101,6 +108,7 @@ class Refusals:
             del self._at[next(iter(self._at))]
         if oversized:
             self.oversized.add(move.request_id)
+        return news
 
     def lately(self, now: float) -> dict[str, list[str]]:
         """Plan id -> the request ids of its moves refused within ``age_s`` of ``now``, or
@@ -117,6 +125,7 @@ class Refusals:
         forgotten)."""
         refused = self.lately(now)
         self.oversized = {r for r in self.oversized if r in held}
+        self._why = {r: why for r, why in self._why.items() if r in held}
         if not self.oversized:
             return msgspec.structs.replace(stats, refused_moves=refused)
         loads = [

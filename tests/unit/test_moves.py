@@ -195,6 +195,22 @@ def test_a_request_too_large_to_move_is_said_refused_and_pinned_while_it_is_here
     assert [r.pinned for r in st.requests] == [False] and refusals.oversized == set()
 
 
+def test_a_request_refused_for_now_is_news_once_a_reason() -> None:
+    """Refused only for now (Redis lagging), a request is planned and refused again at each plan, and
+    its "it stays here" line was logged at every one (left by the last session): ``add`` says a
+    refusal is news (to log) at its request's first, or where the reason changes, and again once
+    the request has left and come back (forgotten with the requests no longer here)."""
+    refusals = moves.Refusals()
+    said = [
+        refusals.add(moves.Move(r, "w1", True, plan_id=p), now=10.0, why=why)
+        for r, p, why in (("a", "p1", "outage"), ("a", "p2", "outage"), ("b", "p2", "outage"), ("a", "p3", "held text"))
+    ]
+    assert said == [True, False, True, True]
+    refusals.stated(_stats("b"), now=11.0, held={"b"})  # "a" gone from here
+    assert refusals.add(moves.Move("a", "w1", True, plan_id="p4"), now=12.0, why="held text")
+    assert not refusals.add(moves.Move("b", "w1", True, plan_id="p4"), now=12.0, why="outage")
+
+
 def test_a_request_over_the_payload_only_by_its_held_stop_text_is_not_pinned() -> None:
     """The text held back for a stop string is only an end that could still grow into one
     (``stopping.visible_end``): the next token that breaks the match releases all of it, so a
