@@ -6,7 +6,8 @@ chooses between their plans.
 
 A greedy pass (single requests from the most loaded worker, to one needing no adapter read first,
 and a request needing no read before one that reads where its destination ends as soon, while
-that shortens the longest completion) runs first, and its plan is the solver's starting solution (a MIP start):
+that shortens the longest completion; a swap off a worker over its KV pressure where no single
+move does) runs first, and its plan is the solver's starting solution (a MIP start):
 CBC begins from an incumbent and improves on it within its bound, where alone it found none in
 time at that size. If the solver ends without a solution (or fails), the greedy plan is taken. The
 ILP counts a band by its mean (work, move cost, blocks): the requests its counts name are checked

@@ -104,3 +104,34 @@ def test_a_standing_counts_the_longest_completion_before_any_plan_once(monkeypat
     off_w1 = [MoveRequest(request_id="w1-None-0", adapter=None, to_worker="w2", ship_kv=True)]
     assert len({standing.worth(off_w1) for _ in range(4)}) == 1
     assert len(priced) == 5 * len(snap.workers)  # (once building it, once for each of the four plans)
+
+
+def _even_pressed(kv_transfer: float = 0.0001) -> ClusterSnapshot:
+    """w0's two requests take 4 s and need 94 of its 100 blocks (14 over a 0.8 bound: 0.224 s of
+    recompute); w1's three take 4 s too, in one block each. A w0 request's cache ships in 0.075 s."""
+    return ClusterSnapshot(
+        workers=[worker("w0", kv_blocks=100), worker("w1")],
+        requests=reqs("w0", None, 2, remaining=200, context=47 * 16)
+        + reqs("w1", None, 1, remaining=200, context=16)
+        + reqs("w1", None, 2, remaining=100, context=16, start=1),
+        recompute_seconds_per_token=0.001,
+        kv_transfer_seconds_per_token=kv_transfer,
+    )
+
+
+def test_the_greedy_pass_swaps_a_long_context_off_a_pressed_worker_for_a_short_one() -> None:
+    """Any single move off w0 ends past its 4.224 s (w1 at 6.08 s), so the greedy pass moved nothing
+    and the relief was planned only where CBC had the time (left by the last session). Swapped for
+    w1's 2 s request of one block, w0 is under its bound and both end by 4.08 s. Where the swap's
+    moves cost more than it saves, or the short request's adapter would be read at w0, none goes."""
+    snap = _even_pressed()
+    swap = {("w0-None-0", "w1"), ("w1-None-0", "w0")}
+    standing = Standing(snap, 0.8)
+    moves = greedy_moves(standing)
+    assert {(m.request_id, m.to_worker) for m in moves} == swap and standing.worth(moves) == pytest.approx(0.1472)
+    p = plan(snap, PlannerSettings(kv_pressure=0.8, max_ilp_variables=1))  # (no CBC: the greedy plan)
+    assert p.method == "greedy" and {(m.request_id, m.to_worker) for m in p.moves} == swap
+    assert greedy_moves(Standing(_even_pressed(kv_transfer=0.0003), 0.8)) == []  # (0.23 s to ship, 0.224 s saved)
+    read = dataclasses.replace(snap.requests[2], adapter="a1")  # (w1 holds a1, w0 does not)
+    workers, requests = [snap.workers[0], worker("w1", adapters=["a1"])], [*snap.requests[:2], read, *snap.requests[3:]]
+    assert greedy_moves(Standing(dataclasses.replace(snap, workers=workers, requests=requests), 0.8)) == []
