@@ -1,9 +1,10 @@
 """When the migrator plans, and from what: pure (the caller passes the clock), so the migrator
 service and the cluster simulator (``dlora.sim``) run the same decisions.
 
-``Looks`` keeps the trigger's patience and cool-down; ``cluster_snapshot`` turns the live workers'
-stats into the planner's view with the move costs the settings fix or the workers measured;
-``planner_settings`` is the planner's bound from the trigger's.
+``Looks`` keeps the trigger's patience and cool-down; ``unheard`` says which workers a plan leaves
+out for their silence; ``cluster_snapshot`` turns the live workers' stats into the planner's view
+with the move costs the settings fix or the workers measured; ``planner_settings`` is the planner's
+bound from the trigger's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.common.plans import PLAN_MAX_AGE_S
 from dlora.services.migrator.planner import PlannerSettings
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.migrator.snapshot import ClusterSnapshot
@@ -70,6 +72,26 @@ class Looks:
         """A solve ran (with moves or not): the cool-down starts. An imbalance no plan pays for
         (KV pressure on a loaded cluster is common) would otherwise cost a full solve every look."""
         self._last_solve = now
+
+
+def unheard(
+    heard: Mapping[str, float], gaps: Mapping[str, float], now: float, ttl_s: float, solve_s: float
+) -> set[str]:
+    """The workers a plan made at ``now`` leaves out, of those ``heard`` (worker -> when its last stats
+    came, monotonic seconds; ``gaps``: seconds between its last two, where two came): those silent
+    past half the heartbeat TTL ``ttl_s`` and three of their gaps, likely dead or hung (dispatch's
+    rule, ``DispatchState.quiet``: their last stats said them idle, so plans sent requests there to
+    stall until a dispatcher recovered them elsewhere); and those whose last stats will be older, once
+    a plan that takes ``solve_s`` reaches them, than a plan they accept (``PLAN_MAX_AGE_S`` past
+    their stats interval, ``worker.moves.plan_max_age``; their last gap for that interval, none
+    before a second stats): planned from them, their moves were dropped and then held moved for
+    ``settle_s``, under a TTL over twice that age (left by the last session)."""
+    out = set()
+    for w, at in heard.items():
+        silent, gap = now - at, gaps.get(w, 0.0)
+        if silent > max(ttl_s / 2, 3 * gap) or silent + solve_s > PLAN_MAX_AGE_S + gap:
+            out.add(w)
+    return out
 
 
 def _cost(stats: list[WorkerStats], measure: str, setting: float | None, prior: float) -> float:

@@ -17,7 +17,7 @@ from dlora.common.exporter import metrics_endpoint
 from dlora.common.messages import WorkerStats
 from dlora.common.reads import read_sizes
 from dlora.common.state import StateStore
-from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings
+from dlora.services.migrator.looks import Looks, cluster_snapshot, planner_settings, unheard
 from dlora.services.migrator.metrics import MigratorMetrics
 from dlora.services.migrator.pace import RoundTrips
 from dlora.services.migrator.planner import plan
@@ -59,15 +59,9 @@ class Migrator:
             )
 
     def quiet(self, now: float) -> set[str]:
-        """Workers silent past half the TTL and three of their last gaps between stats: likely
-        dead or hung, not yet forgotten (dispatch's rule, ``DispatchState.quiet``). Their last
-        stats said them idle, so plans sent requests there, which then stalled until the TTL ran
-        out and a dispatcher recovered them elsewhere; and their own moves would never run."""
-        return {
-            w
-            for w, (_, at) in self.stats.items()
-            if now - at > max(self.s.heartbeat_ttl_s / 2, 3 * self.gaps.get(w, 0.0))
-        }
+        """Workers not yet forgotten whose silence leaves them out of a plan made now (``unheard``)."""
+        heard = {w: at for w, (_, at) in self.stats.items()}
+        return unheard(heard, self.gaps, now, self.s.heartbeat_ttl_s, self.s.solve_time_s)
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""

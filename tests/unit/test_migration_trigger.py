@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dlora.common.plans import PLAN_MAX_AGE_S
+from dlora.services.migrator.looks import unheard
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
 from dlora.services.migrator.trigger import TriggerBounds, triggered
 
@@ -148,3 +150,16 @@ def test_a_move_its_source_refused_frees_its_request_for_the_next_plan_at_once()
     assert looks.refused({"p1": moved, "p0": ["w0-0"]}) == [r for r in moved if r != moved[2]]
     assert looks.refused({"p1": moved}) == []  # (said again in the next stats: nothing more to free)
     assert [r.request_id for r in looks.settled(busy, now=1.0).requests if r.pinned] == [moved[2]]
+
+
+def test_a_plan_leaves_out_the_workers_whose_stats_it_would_reach_too_old() -> None:
+    """Under a 30 s TTL, a worker silent 6 s was not yet quiet (15 s), and plans were made from its
+    stats though it ignores a plan made from stats sent over ``PLAN_MAX_AGE_S`` past its interval:
+    its moves were dropped, and held moved ``settle_s`` (left by the last session). Left out where
+    its last stats, once the plan has solved (1 s), are older than that, its last gap taken for its
+    interval (none before a second stats); the quiet (half the TTL, three gaps) as before."""
+    silent = {"live": 0.0, "slow": 5.5, "stale": 5.0, "first": 4.5, "gone": 20.0}
+    heard = {w: 100.0 - s for w, s in silent.items()}
+    gaps = {"live": 0.5, "slow": 2.0, "stale": 0.5, "gone": 0.5}
+    assert PLAN_MAX_AGE_S == 5.0 and unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=1.0) == {"stale", "first", "gone"}
+    assert unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=0.25) == {"gone"}
