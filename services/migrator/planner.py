@@ -44,11 +44,13 @@ from dlora.services.migrator.settings import PlannerSettings as PlannerSettings 
 from dlora.services.migrator.snapshot import ClusterSnapshot
 
 
-def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
-    """``snapshot`` with the requests whose move costs more than the work it takes away pinned
-    where they are (about to finish, mostly): moved, they add more than they relieve. Not on a
-    worker past ``kv_pressure`` of its blocks: a move spares its preemptions' recompute too, its
-    time (``costs.overflow_seconds``)."""
+def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> Standing:
+    """The ``Standing`` of ``snapshot`` with the requests whose move costs more than the work it
+    takes away pinned where they are (about to finish, mostly): moved, they add more than they
+    relieve. Not on a worker past ``kv_pressure`` of its blocks: a move spares its preemptions'
+    recompute too, its time (``costs.overflow_seconds``). Returned as the standing its plans are
+    measured against, so the pressure that frees those requests is the one their plans are priced
+    at: each passed on its own, it was two arguments that could differ."""
     workers = {w.worker: w for w in snapshot.workers}
     demand = kv_demand(snapshot)
     calm = {w.worker for w in snapshot.workers if demand[w.worker] <= kv_pressure * w.kv_blocks}
@@ -58,7 +60,7 @@ def _settled(snapshot: ClusterSnapshot, kv_pressure: float) -> ClusterSnapshot:
         else r
         for r in snapshot.requests
     ]
-    return replace(snapshot, requests=reqs)
+    return Standing(replace(snapshot, requests=reqs), kv_pressure)
 
 
 _DEFAULT = PlannerSettings()
@@ -89,8 +91,8 @@ def plan(snapshot: ClusterSnapshot, settings: PlannerSettings = _DEFAULT, trips:
         workers=sorted(snapshot.workers, key=lambda w: w.worker),
         requests=sorted(snapshot.requests, key=lambda r: r.request_id),
     )
-    snapshot = _settled(snapshot, settings.kv_pressure)
-    standing = Standing(snapshot, settings.kv_pressure)
+    standing = _settled(snapshot, settings.kv_pressure)
+    snapshot = standing.snapshot
     greedy = greedy_moves(standing, deadline)
     # The greedy plan measured before CBC starts, within the time it is given: what runs after it
     # returns is kept to what its plan costs (its moves and the workers, ``Standing``), which the

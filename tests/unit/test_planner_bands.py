@@ -35,7 +35,7 @@ def test_the_ilps_plan_is_taken_over_the_greedy_one_it_began_from() -> None:
     for size, seed in [((4, 16, 100), s) for s in range(4)] + [((8, 64, 500), s) for s in range(2)]:
         snap = bench_snapshot(*size, seed=seed)
         p = plan(snap, settings)
-        greedy = greedy_moves(Standing(_settled(snap, settings.kv_pressure), settings.kv_pressure))
+        greedy = greedy_moves(_settled(snap, settings.kv_pressure))
         assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0)
         taken.append(p.method)
     assert taken == ["ilp-incumbent"] * 6
@@ -45,7 +45,7 @@ def test_a_group_is_split_in_bands_of_alike_requests_as_far_as_the_bound_allows(
     """A band's requests are alike within a factor of 1.4 in remaining work (and in price per second
     of work): counted at their mean, the one named for a destination carries about what was counted.
     Each key splits further (the planner takes the finest that ``max_ilp_variables`` allows)."""
-    snap = _settled(bench_snapshot(4, 16, 100), 1.0)
+    snap = _settled(bench_snapshot(4, 16, 100), 1.0).snapshot
     for g in grouped(snap, 2):
         work = [r.remaining_tokens for r in g.requests]
         assert max(work) < 2**0.5 * min(work)
@@ -63,8 +63,8 @@ def test_the_bands_offered_first_make_a_model_within_the_bound_with_the_greedy_s
         requests=[RequestState(f"r{t}-{i}", "x", "a", 50, t) for t in (100, 200, 400, 800) for i in range(3)],
         file_bytes={"a": 16},
     )
-    snap = _settled(snap, 1.0)
-    standing = Standing(snap, 1.0)
+    standing = _settled(snap, 1.0)
+    snap = standing.snapshot
     for bound in range(4, 20):
         settings = PlannerSettings(max_ilp_variables=bound, max_destinations=1)
         greedy = greedy_moves(Standing(snap, 1.0))
@@ -101,8 +101,7 @@ def test_the_greedy_pass_prices_a_read_only_where_a_move_could_shorten_the_longe
     priced = []
     read_price = greedy_pass.read_price
     monkeypatch.setattr(greedy_pass, "read_price", lambda *a: priced.append(a) or read_price(*a))
-    snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
-    moves = greedy_moves(Standing(snap, 1.0))
+    moves = greedy_moves(_settled(bench_snapshot(32, 128, 2000), 1.0))
     assert moves and len(priced) <= len(moves)
 
 
@@ -135,9 +134,10 @@ def test_whether_a_worker_takes_an_adapter_is_looked_at_once_per_destination_and
     looks = []
     takes = ilp.takes
     monkeypatch.setattr(ilp, "takes", lambda *a: looks.append(a) or takes(*a))
-    snap = _settled(bench_snapshot(32, 128, 2000), 1.0)
+    standing = _settled(bench_snapshot(32, 128, 2000), 1.0)
+    snap = standing.snapshot
     groups = grouped(snap, 2)
-    dests = destinations(snap, groups, PlannerSettings(), {}, Standing(snap, 1.0))
+    dests = destinations(snap, groups, PlannerSettings(), {}, standing)
     adapters = {g.adapter for g in groups}
     assert sum(map(len, dests)) > len(groups) and len(looks) <= len(adapters) * len(snap.workers)
 

@@ -297,7 +297,7 @@ def test_plans_of_small_random_clusters_keep_every_bound(seed: int) -> None:
         assert after[w] <= max(workers[w].kv_blocks, before[w])
         arriving = moved[w] - running[w]
         assert not arriving or moved[w].slots <= max(workers[w].slots, running[w].slots)
-    greedy = greedy_moves(Standing(_settled(snap, 1.0), 1.0))
+    greedy = greedy_moves(_settled(snap, 1.0))
     assert worth(snap, p.moves, 1.0) >= worth(snap, greedy, 1.0) - 1e-9 or p.no_gain
 
 
