@@ -1,9 +1,10 @@
 """The dLoRA policy's starvation threshold is seconds of steps that left an adapter waiting,
-whatever a step takes (``policy/dlora.py``: a wait a client feels), not a count of steps."""
+whatever a step takes (``policy/dlora.py``: a wait a client feels), not a count of steps; and
+the step that serves a starving adapter feeds it."""
 
 import pytest
 
-from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, StepRecord
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, StepRecord, SwitchedFeeds
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
 
@@ -29,3 +30,21 @@ def _steps_until_served_first(step_s: float) -> int:
 def test_a_starving_adapter_is_served_first_after_the_same_seconds_whatever_a_step_takes(step_s: float) -> None:
     n = _steps_until_served_first(step_s)
     assert (n - 1) * step_s <= PolicyConfig().starvation_s < n * step_s
+
+
+def test_a_starving_adapter_runs_beside_the_merged_one_only_where_that_step_feeds_it() -> None:
+    # lora-hot merged; lora-rare starves with two prompts. Under the base weights' key the cache
+    # holds all but 10 of the first one's 60 tokens (it ran unmerged before), so an unmerged step
+    # feeds both in the 64 tokens; beside lora-hot the first feeds all 60 and the second waits
+    # again, though it is in the mixed batch (whole prompts: chunked prefill off)
+    limits = BatchLimits(max_num_seqs=8, max_adapters=3, max_num_batched_tokens=64, chunked_prefill=False)
+    first = QueuedRequest("s1", "rare", 0, False, 60, switched=SwitchedFeeds(unmerged=10, own=60, other=60))
+    queue = [first, QueuedRequest("s2", "rare", 1, False, 20), QueuedRequest("h", "hot", 2, False, 5)]
+    p = DLoraPolicy(limits)
+    p.credits.balances.update({"rare": 2.0, "hot": -0.5})
+    d = p.decide(queue, "hot")
+    assert (d.merged, d.request_ids[:2]) == (None, ["s1", "s2"])
+    # where the mixed step feeds them too, no switch
+    queue[0] = QueuedRequest("s1", "rare", 0, False, 10)
+    d = p.decide(queue, "hot")
+    assert (d.merged, d.mixed, d.request_ids[:2]) == ("hot", True, ["s1", "s2"])

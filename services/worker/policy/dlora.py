@@ -9,8 +9,9 @@ token budget as the scheduler cuts them):
 
 1. **Starvation first** (before the watchdog, too). If an adapter with queued requests is owed
    more than ``starvation_s`` seconds of credit, its requests in F run first: in a mixed step
-   beside the adapter merged now when they all fit there (all of F, if that adapter is not
-   eligible: it may then displace nobody), with no switch; else in F unmerged.
+   beside the adapter merged now where that step feeds each of them that F unmerged, them first,
+   would feed (each request of F, if that adapter is not eligible: it may then displace nobody),
+   with no switch; else in F unmerged.
 2. **Watchdog.** For ``watchdog_steps`` steps after a merged or mixed epoch's predicted steps
    (three at least) took ``watchdog_ratio`` times their predicted time, run F unmerged.
 3. **The cheapest candidate per token** by the cost model (``CostModel``), the switch it needs
@@ -280,18 +281,25 @@ class DLoraPolicy(EpochLearning):
         eligible: bool,
         kv: KvRoom | None,
     ) -> _Candidate:
-        """The starving adapters' requests in F first: beside the adapter merged now if they all
-        fit there (no switch; and all of F, if it may not displace anyone: ``eligible``; the mixed
-        batch refilled as F is), else F unmerged."""
+        """The starving adapters' requests in F first: beside the adapter merged now (no switch;
+        the mixed batch refilled as F is) where that step feeds each of them that F unmerged, them
+        first, would feed (``within_budget``), or each request of F, where that adapter may not
+        displace anyone (not ``eligible``); else F unmerged, them first."""
         first = [r for r in fcfs if key_of(r.adapter) in starving]
+        unmerged = first + [r for r in fcfs if key_of(r.adapter) not in starving]
         if merged_now is not None:
             ordered = [r for r in queue if key_of(r.adapter) in starving]
             ordered += [r for r in queue if key_of(r.adapter) not in starving]
             mixed = fcfs_refilled(ordered, self.limits, merged_now, merged_now, kv)
-            must = first if eligible else fcfs
-            if {r.request_id for r in must} <= {r.request_id for r in mixed}:
+            must = {r.request_id for r in (first if eligible else fcfs)}
+            # Fed, not in the batch: a starving prompt the mixed step's budget leaves out (the merged
+            # state changes what a prompt finds cached, so what it feeds) waits again, and gains
+            # credit its merged adapter pays, where the unmerged step would have fed it and settled
+            # its balance. One neither step feeds waits either way.
+            fed = {r.request_id for r in within_budget(unmerged, self.limits, None, merged_now, kv)}
+            if (must & fed) <= {r.request_id for r in within_budget(mixed, self.limits, merged_now, merged_now, kv)}:
                 return _Candidate(Mode.MIXED, merged_now, mixed)
-        return _Candidate(Mode.UNMERGED, None, first + [r for r in fcfs if key_of(r.adapter) not in starving])
+        return _Candidate(Mode.UNMERGED, None, unmerged)
 
     def _candidate(
         self,
