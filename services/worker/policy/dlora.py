@@ -32,8 +32,9 @@ token budget as the scheduler cuts them):
    for a candidate cheaper by ``kappa`` standard errors of the difference, so noisy measurements
    hold the policy still rather than walk it into a mode that stalls. Until the overhead fit has
    seen enough steps against measured base steps (``CostModel.fitted``) dLoRA's count rule
-   decides, with mixed rather than merged steps (they stall nobody, and measure both), and no
-   switch to a mixed step that feeds none of the adapter's requests (behind the others in it).
+   decides, with mixed rather than merged steps (they stall nobody, and measure both), counting
+   the adapter's requests the mixed step feeds (behind the others in it), not those a merged
+   step would: the adapter merged now stays only while that step feeds L of F of them.
 
 Eligible: not the base model, and credit >= -debt_floor_s. The thresholds are per adapter,
 R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more to run unmerged
@@ -248,17 +249,27 @@ class DLoraPolicy(EpochLearning):
             # Not measured enough to price LoRA (the overhead fit learns only where base steps of
             # the same size were measured, which unmerged replicas rarely run): dLoRA's count
             # rule, with a mixed step where it would merge. Mixed steps of the hot adapter alone
-            # measure base steps; the others beside it, the overhead.
-            target = merged_now if stay else best if enter else None
+            # measure base steps; the others beside it, the overhead. It counts the adapter's
+            # requests the mixed step feeds, as dLoRA counts those its merged step serves: in a
+            # mixed batch they come behind the others, not first as in a merged one, and where the
+            # budget feeds few of them a switch buys little, its correction taking a slot from the
+            # next adapter in line. The adapter merged now stays only while that step feeds L of F
+            # of them too: dLoRA's merged steps always run its requests, and a mixed step feeding
+            # none of them pays the correction on every token it runs, and a slot, to put off one
+            # switch.
+            on = {c.merged: c for c in candidates if c.mode is Mode.MIXED}  # the mixed candidates, by merged adapter
+            fed = {a: sum(r.adapter == a for r in c.run) for a, c in on.items() if a in eligible}
+            target = next(
+                (
+                    a
+                    for a, share in ((merged_now, self.l), (best, self.r))  # stay at L, enter at R
+                    if a in fed and a is not None and fed[a] >= self._threshold(share, a) * len(f_run)
+                ),
+                None,
+            )
             if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now, target):
                 target = None
-            mixed = next((c for c in candidates if c.mode is Mode.MIXED and c.merged == target), unmerged)
-            if target not in (None, merged_now) and not any(r.adapter == target for r in mixed.run):
-                # Its requests come after others in a mixed batch, not first as in the merged one
-                # the band counted: where the budget feeds none of them, the switch would buy
-                # nothing, and its correction would take a slot from the next adapter in line.
-                mixed = unmerged
-            return mixed.decision(basis)
+            return on.get(target, unmerged).decision(basis)
         chosen = self._choose(priced, self._incumbent(priced, merged_now))
         basis.predicted = chosen.price.seconds if chosen.price else None
         return chosen.decision(basis)
