@@ -9,6 +9,7 @@ seeded request under async scheduling ``test_async_scheduling.py``'s, a grammar'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import msgspec
@@ -28,10 +29,11 @@ STEPS = 60  # far over what a test's few tokens take: reaching it is a stall
 
 
 class Client:
-    """What a request's client has received: its tokens, logprobs and finish, over any moves."""
+    """What a request's client has received: its tokens, text, logprobs and finish, over any moves."""
 
     def __init__(self) -> None:
         self.ids: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
         self.logprobs: dict[str, list[TokenLogprob]] = {}
         self.reason: dict[str, FinishReason | None] = {}
         self.counted: dict[str, int] = {}  # the output tokens its last output said it had (the usage)
@@ -43,6 +45,7 @@ class Client:
                 break
             for o in engine.step():
                 self.ids.setdefault(o.request_id, []).extend(o.new_token_ids)
+                self.text[o.request_id] = self.text.get(o.request_id, "") + o.new_text
                 self.logprobs.setdefault(o.request_id, []).extend(o.logprobs or [])
                 self.reason[o.request_id] = o.finish_reason
                 self.counted[o.request_id] = o.num_output_tokens
@@ -387,6 +390,24 @@ def test_a_request_moved_before_its_first_token_waits_behind_only_those_that_cam
     add(source, request("m", params, created=20.0))
     add(destination, *move(source, request("m", params, created=20.0), ship_kv=True))
     assert [q.request_id for q in destination.queue()] == ["a", "m", "b"]
+
+
+def test_a_request_resumed_with_its_document_complete_ends_as_an_unmoved_one(engines: Engines) -> None:
+    """A structured request whose document completes ends "stop", on its last allowed token too
+    (``check_stop``: a complete document before the length, as vLLM v0 and OpenAI say). Resumed
+    with that output (a record written with its final token, its end not) it ended "length" at its
+    max_tokens, its grammar not asked, and with room left it made an EOS more (a token the unmoved
+    one never made, counted in its usage). It ends as the unmoved one did, with no token more."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    params = SamplingParams(max_tokens=200, json_schema=json.dumps(schema))
+    for room in (True, False):  # room left after the document, then none
+        want = unmoved(engines, request("r", params))
+        assert want.reason["r"] is FinishReason.STOP and json.loads(want.text["r"]) in ({"ok": True}, {"ok": False})
+        # (resumed where it ran: its grammar compiled once, as a worker restarted would resume it)
+        add(engines[0], msgspec.structs.replace(request("r", params), resume_token_ids=want.ids["r"]))
+        got = Client().run(engines[0])
+        assert (got.ids, got.reason, got.counted) == ({"r": []}, want.reason, want.counted), room
+        params = msgspec.structs.replace(params, max_tokens=len(want.ids["r"]))
 
 
 @pytest.mark.parametrize("bound", ["max_tokens", "context"])

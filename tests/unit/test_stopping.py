@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dlora.common.messages import FinishReason, SamplingParams
 from dlora.services.worker.engine import stopping
-from dlora.services.worker.engine.stopping import check_stop, find_stop, partial_stop, visible_end
+from dlora.services.worker.engine.stopping import check_stop, ends_by_token, find_stop, partial_stop, visible_end
 
 EOS = {2}
 
@@ -32,6 +32,25 @@ def test_stop_tokens_eos_and_documents() -> None:
     assert stop("a", 0, token=2, ignore_eos=True)[0] is None
     done = check_stop("{}", 1, 7, SamplingParams(), EOS, 1, 5, 100, document_complete=True)
     assert done[:3] == (FinishReason.STOP, "{}", None) and not done.dropped  # the document's last token is part of it
+
+
+@pytest.mark.parametrize(
+    ("output", "params", "ends"),
+    [
+        ([], {}, False),
+        ([5, 9], {"stop_token_ids": [9]}, True),
+        ([5, 9], {"stop_token_ids": [9], "include_stop_str_in_output": True, "stop": ["z"]}, True),
+        ([5, 2], {}, True),
+        ([5, 2], {"ignore_eos": True}, False),
+        ([9], {"stop_token_ids": [9], "min_tokens": 2}, False),  # held back by min_tokens, as sampling masks it
+        ([5, 9], {"stop_token_ids": [9], "min_tokens": 2}, True),
+        ([5, 7], {"max_tokens": 2}, False),  # its length: a grammar's complete document would say "stop"
+    ],
+)
+def test_a_resume_ends_by_its_last_token_as_check_stop_says(output: list[int], params: dict, ends: bool) -> None:
+    """The rule the engine and the worker's arrival share for a resume ended before its grammar is
+    compiled: its last token a stop token or EOS that ends it, nothing else."""
+    assert ends_by_token(output, SamplingParams(**params), EOS) is ends
 
 
 def test_stop_reason_names_the_stop_string_or_token_not_eos() -> None:

@@ -45,6 +45,7 @@ from dlora.services.worker.engine.scheduler import Limits, kv_room, queued
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
+from dlora.services.worker.engine.stopping import ends_by_token
 from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
@@ -237,7 +238,8 @@ class LLMEngine:
         """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
         generation continues after them and they are not reported again (``resume_text_held``, their text not sent
         yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them); ending in
-        a stop token or EOS, or at max_tokens or the context, it ends so at the next step (``ended_on_resume``).
+        a stop token or EOS, a complete structured document, or at max_tokens or the context, it ends so at the next
+        step (``ended_on_resume``).
         ``kv``: the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
         (``fcfs_arrival``; one without output by ``arrival_time`` too: Unix seconds it entered the system, None:
         now). Its prompt tokens count once its first token is made here, unless it made some before (vLLM's
@@ -274,7 +276,16 @@ class LLMEngine:
             emitted=len(tail),
             cache_salt=cache_salt,
         )
-        # Before the work only a request that goes on needs (a grammar that cannot compile now: a 503)
+        # A resume its last token ends (``ends_by_token``: the worker compiles nothing for it either) is ended
+        # before the work only one that goes on needs (a grammar that cannot compile now: a 503); another first
+        # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one
+        if params.structured_outputs() and not ends_by_token(resumed, params, self.eos_ids):
+            try:
+                seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
+            except GrammarUnavailable:
+                raise  # (the worker's state, not the request's fault: answered unavailable)
+            except GrammarError as e:
+                raise RequestError(str(e), param=params.structured_outputs()[0]) from None
         if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
             self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
             return
@@ -284,13 +295,6 @@ class LLMEngine:
             )
         if params.allowed_token_ids:
             seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
-        if params.structured_outputs():
-            try:
-                seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
-            except GrammarUnavailable:
-                raise  # (the worker's state, not the request's fault: answered unavailable)
-            except GrammarError as e:
-                raise RequestError(str(e), param=params.structured_outputs()[0]) from None
         if kv is not None:
             import_kv(seq, kv, self.blocks, self.model.kv)
         self._arrivals += 1

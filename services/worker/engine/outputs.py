@@ -72,10 +72,11 @@ def ended_on_resume(
 ) -> RequestOutput | None:
     """The last output of a request resumed with output that already ends it (``check_stop``'s
     rules, ``min_tokens`` and ``ignore_eos`` included): its last token a stop token or EOS ends it
-    "stop", that token its ``stop_reason`` (none for the tokenizer's EOS); as many tokens as
-    ``max_tokens`` or a full context end it "length". No token more, and the text it held (with,
-    where not cut by a stop token, what its last tokens left unfinished: ``advance``'s end); None
-    where it goes on. A record written with a request's final token but not its end is resumed so
+    "stop", that token its ``stop_reason`` (none for the tokenizer's EOS); so does its structured
+    document complete (its matcher, taken the output, stopped); as many tokens as ``max_tokens`` or
+    a full context end it "length". No token more, and the text it held (with, where not cut by a
+    stop token, what its last tokens left unfinished: ``advance``'s end); None where it goes on. A
+    record written with a request's final token but not its end is resumed so
     (sgl-project/sglang #12151: a decode side went on after the prefill's EOS); one past its bounds
     was refused before (``check_tokens``)."""
     if not seq.output_ids:
@@ -90,6 +91,7 @@ def ended_on_resume(
         n,
         seq.total_len,
         max_model_len,
+        document_complete=seq.grammar is not None and seq.grammar.is_stopped(),
         primary_eos=primary_eos,
     )
     if stop.reason is None:  # (no new text: no stop string can end in it)

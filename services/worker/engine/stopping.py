@@ -69,6 +69,20 @@ def check_stop(
     return Stop(None, text)
 
 
+def ends_by_token(output_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> bool:
+    """Whether the last of ``output_ids`` (a resumed request's whole output so far) ends it by
+    itself, whatever its text or grammar: a stop token or EOS that ``min_tokens`` and
+    ``ignore_eos`` let stop it (``check_stop``'s first rule, asked of ``check_stop`` itself). The
+    engine ends such a resume as it is added, before its grammar is compiled, and the worker
+    compiles none for it on arrival; at its length, whether its document is complete picks its
+    reason ("stop" or "length"), so its grammar is needed."""
+    # No text (no stop string ends in it), no complete document, a context never full: what
+    # ends it "stop" here is its last token alone.
+    return bool(output_ids) and (
+        check_stop("", 0, output_ids[-1], params, eos_ids, len(output_ids), 0, 1).reason is FinishReason.STOP
+    )
+
+
 def stop_string_in(text: str, old_len: int, params: SamplingParams, num_output: int) -> Stop | None:
     """The stop a stop string ending in ``text``'s new part (after ``old_len`` characters) makes,
     the text cut before it (after it with ``include_stop_str_in_output``); None: none does, or
