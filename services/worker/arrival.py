@@ -21,6 +21,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import GenerateRequest
 from dlora.services.worker.commands import Add
+from dlora.services.worker.engine.stopping import ends_by_token
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -64,7 +65,7 @@ async def arrive(w: WorkerService, req: GenerateRequest) -> None:
     if w.aborted_lately(req):  # its abort came first: answered now (admit), with nothing awaited for it
         if req.kv_chunks:
             w.kv_inbox.drop((req.request_id, req.kv_transfer))  # what came of its cache
-    elif long or req.kv_chunks or req.params.structured_outputs():
+    elif long or req.kv_chunks or _compiles(w, req):
         task = asyncio.create_task(_prepared(w, req, text, long, arrived))
         w.preparing[req.request_id] = Preparing(task, req, arrived)  # (its wait timed in the metrics)
         return
@@ -112,7 +113,7 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
                     logger.warning(
                         "moved KV not taken (late, unreadable or not finite here); recomputing", request=req.request_id
                     )
-            if req.params.structured_outputs():
+            if _compiles(w, req):
                 await w.engine.grammars.off_loop(w.engine.grammars.prepare, req.params)
     except TimeoutError:
         logger.info("request's deadline passed while it was prepared", request=req.request_id)
@@ -122,6 +123,15 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
         if (mine := w.preparing.get(req.request_id)) is not None and mine.task is asyncio.current_task():
             del w.preparing[req.request_id]
     await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text, arrived=arrived))
+
+
+def _compiles(w: WorkerService, req: GenerateRequest) -> bool:
+    """Whether ``req``'s grammar is compiled on arrival: it asks for one, and is not a resume its
+    output's last token ends (a stop token, EOS), which the engine ends as it is added, by the same
+    rule (``ends_by_token``), asking for no grammar: a compile of seconds for no token."""
+    return bool(req.params.structured_outputs()) and not ends_by_token(
+        req.resume_token_ids, req.params, w.engine.eos_ids
+    )
 
 
 def stop_preparing(w: WorkerService) -> list[Preparing]:

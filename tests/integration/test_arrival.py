@@ -348,3 +348,30 @@ async def test_a_request_resumed_with_its_whole_output_is_answered_length(
         await _until(ended, "l")
         chunk = msgspec.json.decode((await replies.next_msg(timeout=20)).data, type=TokenChunk)
         assert (chunk.finish_reason, chunk.error, chunk.token_ids) == ("length", None, [])
+
+
+async def test_a_resume_its_last_token_ends_compiles_no_grammar_on_arrival(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A structured request resumed with its stop token last (a record written with its final
+    token, its end not) is ended by the engine as it is added, asking for no grammar; the worker
+    compiled its grammar on arrival all the same (seconds for a large schema, for no token). It is
+    answered "stop" with none compiled; a structured request that goes on has its compiled."""
+    async with _worker(nats_server, redis, tiny_llama) as (w0, client, owner, ended):
+        asked, prepare = [], w0.engine.grammars.prepare
+
+        def noted(params: SamplingParams) -> None:
+            asked.append(params.regex)
+            prepare(params)
+
+        w0.engine.grammars.prepare = noted  # type: ignore[method-assign]
+        replies = await client.subscribe(subjects.reply_inbox("e", owner))
+        await bus.flush(client)
+        resumed = _request("e", owner, regex="[ab]{3}", stop_token_ids=[9])
+        await _send(client, msgspec.structs.replace(resumed, resume_token_ids=[8, 9]))
+        await _until(ended, "e")
+        chunk = msgspec.json.decode((await replies.next_msg(timeout=20)).data, type=TokenChunk)
+        assert (chunk.finish_reason, chunk.error, asked) == ("stop", None, [])
+        await _send(client, _request("g", owner, regex="[cd]{2}"))
+        await _until(ended, "g")
+        assert asked == ["[cd]{2}"]
