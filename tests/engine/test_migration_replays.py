@@ -410,6 +410,28 @@ def test_a_request_resumed_with_its_document_complete_ends_as_an_unmoved_one(eng
         params = msgspec.structs.replace(params, max_tokens=len(want.ids["r"]))
 
 
+def test_a_moved_request_sends_the_text_its_tokens_held_before_its_stop_token(engines: Engines) -> None:
+    """Tokens that end inside a character are held, their text not sent, until it completes; a
+    stop token after them ends the request with their text (U+FFFD for the unfinished bytes:
+    ``advance``'s end). Resumed with that stop token last and their text not sent
+    (``resume_text_pending`` over 1: a record written with its final token, its end not), it sent
+    none of it. Moved at each step or resumed whole, a stream sends what an unmoved one sends."""
+    lead, cont, _ = engines[0].tokenizer.encode("€", add_special_tokens=False)  # its UTF-8 bytes' tokens
+    # two lead bytes (min_tokens holds the stop token back), then the stop token: nothing is sent before it
+    params = SamplingParams(
+        max_tokens=8, allowed_token_ids=[lead, cont], min_tokens=2, stop_token_ids=[cont], logit_bias={cont: 100}
+    )
+    req = request("r", params)
+    want = unmoved(engines, req)
+    assert (want.ids["r"], want.reason["r"]) == ([lead, lead, cont], FinishReason.STOP) and want.text["r"]
+    for k in (1, 2):
+        got = moved_at(engines, req, k, ship_kv=False)
+        assert (got.text, got.ids, got.reason) == (want.text, want.ids, want.reason), k
+    add(engines[1], msgspec.structs.replace(req, resume_token_ids=want.ids["r"], resume_text_pending=3))
+    got = Client().run(engines[1])
+    assert (got.text, got.reason) == (want.text, want.reason)
+
+
 @pytest.mark.parametrize("bound", ["max_tokens", "context"])
 def test_a_request_resumed_at_its_length_ends_as_it_is_added(engines: Engines, bound: str) -> None:
     """The race above where the final token ended the request "length" (at ``max_tokens``, or at

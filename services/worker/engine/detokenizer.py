@@ -88,10 +88,12 @@ class IncrementalDetokenizer:
         five tokens spell nothing, and a SentencePiece word after them lost its space)."""
         return self.given - (self.at[self.read - 1] + 1 if self.read else 0)
 
-    def held(self) -> str:
+    def held(self, leave: int = 0) -> str:
         """What the tokens held back spell now, an unfinished character's bytes as U+FFFD (as
-        decode writes them)."""
-        return self._unread() if self.read < len(self.ids) else ""
+        decode writes them); the last ``leave`` of them left out (a resumed request's stop token,
+        whose text is not the output's: ``ended_on_resume``)."""
+        end = len(self.ids) - leave
+        return self._unread(end) if self.read < end else ""
 
     def flush(self) -> str:
         """``held()``, taken as emitted: at a request's end, where nothing can finish the character
@@ -137,9 +139,9 @@ class IncrementalDetokenizer:
                 return done
         return ""
 
-    def _unread(self) -> str:
-        """What the tokens not yet emitted spell after their context (``spelt``)."""
-        return spelt(self.decode, self.ids[self.prefix : self.read], self.ids[self.read :], self.skip)
+    def _unread(self, end: int | None = None) -> str:
+        """What the tokens not yet emitted (up to ``end``; None: all) spell after their context (``spelt``)."""
+        return spelt(self.decode, self.ids[self.prefix : self.read], self.ids[self.read : end], self.skip)
 
 
 def context_start(decode: Callable[[list[int], bool], str], ids: list[int], skip: bool) -> int:

@@ -74,9 +74,9 @@ def ended_on_resume(
     rules, ``min_tokens`` and ``ignore_eos`` included): its last token a stop token or EOS ends it
     "stop", that token its ``stop_reason`` (none for the tokenizer's EOS); so does its structured
     document complete (its matcher, taken the output, stopped); as many tokens as ``max_tokens`` or
-    a full context end it "length". No token more, and the text it held (with, where not cut by a
-    stop token, what its last tokens left unfinished: ``advance``'s end); None where it goes on. A
-    record written with a request's final token but not its end is resumed so
+    a full context end it "length". No token more, and the text it held with what its last tokens
+    left unfinished (those before a stop token that ends it: ``advance``'s end); None where it goes
+    on. A record written with a request's final token but not its end is resumed so
     (sgl-project/sglang #12151: a decode side went on after the prefill's EOS); one past its bounds
     was refused before (``check_tokens``)."""
     if not seq.output_ids:
@@ -96,8 +96,8 @@ def ended_on_resume(
     )
     if stop.reason is None:  # (no new text: no stop string can end in it)
         return None
-    if not stop.dropped:  # as ``advance`` ends: the unfinished text comes out
-        stop = _ended(stop, seq.detok.flush(), seq.params, n)
+    # as ``advance`` ends: the unfinished text comes out, of the tokens before a stop token that is cut
+    stop = _ended(stop, seq.detok.held(leave=1) if stop.dropped else seq.detok.flush(), seq.params, n)
     seq.status, seq.finish_reason = Status.FINISHED, stop.reason
     return RequestOutput(
         request_id=seq.request_id,
