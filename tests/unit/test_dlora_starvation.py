@@ -48,3 +48,16 @@ def test_a_starving_adapter_runs_beside_the_merged_one_only_where_that_step_feed
     queue[0] = QueuedRequest("s1", "rare", 0, False, 10)
     d = p.decide(queue, "hot")
     assert (d.merged, d.mixed, d.request_ids[:2]) == ("hot", True, ["s1", "s2"])
+
+
+def test_a_starving_prompt_no_step_can_feed_costs_no_switch() -> None:
+    # lora-hot merged; rare and rare2 starve. In 64 tokens (whole prompts) an unmerged step feeds
+    # s1 and leaves t1 waiting; beside lora-hot the correction holds the second slot, so t1 is not
+    # even in the batch: it waits either way, and the mixed step feeds s1 without an unmerge
+    limits = BatchLimits(max_num_seqs=8, max_adapters=2, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [QueuedRequest("s1", "rare", 0, False, 40), QueuedRequest("t1", "rare2", 1, False, 40)]
+    queue.append(QueuedRequest("h", "hot", 2, False, 5))
+    p = DLoraPolicy(limits)
+    p.credits.balances.update({"rare": 2.0, "rare2": 2.0, "hot": -0.5})
+    d = p.decide(queue, "hot")
+    assert (d.merged, d.mixed, d.request_ids[0]) == ("hot", True, "s1")
