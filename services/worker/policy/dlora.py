@@ -47,21 +47,23 @@ its credits compare the batch run with (the authors' artifact: ``_adjust_credit(
 scheduled)``): what FCFS itself runs, so a request in a slot FCFS gives it too (the refill)
 jumps no one and pays nothing, and a step that leaves it waiting owes it as any request of F.
 
-**Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and
-no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible
-adapters are merged, merged or mixed (a merged adapter in debt runs only mixed steps that leave
-none of F waiting, which move no credit); one step displaces at most the max_adapters adapters
-and the base model of F, less the payer, each moving one t_max; settling never crosses zero. So
-once in F, a request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s +
-(max_adapters + 2) * t_max seconds of steps before it runs, t_max being the longest step: its
-adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
-policy chose: a request it leaves out for memory or the token budget still counts as displaced
-and moves credit, which can take the payer below that floor and lengthen the bound of the
-payer's own requests. Nor does it bound the wait before a request is in F: a prompt the blocks
-free cannot hold whole (``QueuedRequest.fits``) enters F only first in the queue, or once
-finished requests free its blocks, however much credit its adapter holds; and a starving
-adapter's prompt put first in F still waits where the requests of F that came before it hold the
-blocks its next chunk needs: the scheduler evicts none of them for a prompt, ``_fits``.) A
+**Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and no
+adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible adapters
+are merged, merged or mixed (a merged adapter in debt runs only mixed steps that leave none of F
+waiting that the unmerged step, F's own or the starving adapters' first, would feed); one step
+displaces at most the max_adapters adapters and the base model of F, less the payer, each moving
+one t_max; settling never crosses zero. So once in F, a request waits at most
+``wait_bound_s(t_max)`` = starvation_s + debt_floor_s + (max_adapters + 2) * t_max seconds of steps
+before it runs, t_max being the longest step: its adapter then starves, and the next step serves
+it. (It assumes the scheduler admits what the policy chose, and that a step feeds all of F: a
+request of F left out for memory or the token budget, by the scheduler or already by the step
+chosen (one the unmerged step would not feed either), still counts as displaced and moves credit,
+from a merged adapter in debt too, which can take the payer below that floor and lengthen the bound
+of the payer's own requests. Nor does it bound the wait before a request is in F: a prompt the
+blocks free cannot hold whole (``QueuedRequest.fits``) enters F only first in the queue, or once
+finished requests free its blocks, however much credit its adapter holds; and a starving adapter's
+prompt put first in F still waits where the requests of F that came before it hold the blocks its
+next chunk needs: the scheduler evicts none of them for a prompt, ``_fits``.) A
 running request's adapter starves at ``running_starvation_s`` (the lesser) instead: a stream
 pauses at most that bound with it (``wait_bound_s(t_max, running=True)``). A lone stream of a
 rarely used adapter beside a busy one gains nothing by waiting (it has nobody of its adapter to
