@@ -56,6 +56,13 @@ async def test_an_application_stops_and_reaches_only_its_own_requests(bus, monke
     await asyncio.sleep(0.3)
     assert await _still_running(mine)
 
+    # bob's own r-1 sent after his abort of it ends with the abort's last chunk, to bob (the
+    # dispatcher read his aborts too), and alice's runs on
+    await _send(bob, "bob", "r-1", subjects.reply_inbox("r-1", "bob"))
+    ended = await asyncio.wait_for(bobs.get(), 60)
+    assert (ended.finish_reason, ended.error) == ("abort", None)
+    assert await _still_running(mine)
+
     # alice sending r-1 again to its own stream (a retry): no error chunk there, which would end
     # the stream for its reader while the request runs on
     await _send(alice, "alice", "r-1", subjects.reply_inbox("r-1", "alice"))
