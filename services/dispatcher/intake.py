@@ -75,6 +75,14 @@ class Intake(Recovery):
             return
         if answer:  # the gateway waits for a dispatcher to take it (NATS request/reply)
             await self.nc.publish(answer, b"")
+        # Its abort heard already (a gateway whose hand-over timed out answered its client and
+        # aborted): ended as a worker ends it. Sent on, it was recorded on a worker that may have died
+        # meanwhile, to wait as an orphan past the abort's memory and run for nobody; with none live it
+        # was failed ("no worker is available"). Before the Redis work, as it needs none: a hung Redis
+        # is what holds a request past that timeout, and such a one was told "unreachable; try again".
+        if self._aborted_lately(req, time.monotonic()):
+            await self._answer_aborted(req, req.next_seq, req.recoveries)
+            return
         # Requests are taken one at a time (one subscription): with Redis hung each waited out redis-py's
         # tries (20 s), so the third's answer came after its client's timeout. Bounded, and not tried
         # again for a moment once it failed.
@@ -89,15 +97,7 @@ class Intake(Recovery):
         await self._fail(req, req.next_seq, reason, "state-unreachable", ErrorCode.UNAVAILABLE)
 
     async def _take(self, req: GenerateRequest, raw: bytes | None, owner: str) -> None:
-        """``req`` dispatched: refused if it names an adapter it may not use (an application's);
-        ended, as a worker ends it, if its abort was heard already (a gateway whose hand-over timed
-        out answered its client and aborted). Sent on, it was recorded on a worker that may have
-        died meanwhile; with none live it then waited as an orphan (``orphan_wait_s``), past the
-        abort's memory, and ran for nobody once a worker came. With none live now it was failed
-        ("no worker is available"), where its sender is owed the abort's last chunk."""
-        if self._aborted_lately(req, time.monotonic()):
-            await self._answer_aborted(req, req.next_seq, req.recoveries)
-            return
+        """``req`` dispatched: refused if it names an adapter it may not use (an application's)."""
         allowed: AdapterEntry | None = None  # (the version it may use, not a later one read again)
         if owner and req.adapter is not None:  # another tenant's adapter is, to it, not there (tenancy.py)
             if isinstance(seen := await unseen(self.store, owner, req.adapter, req.adapter_version), str):

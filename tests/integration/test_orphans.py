@@ -99,10 +99,16 @@ async def test_a_request_taken_after_its_abort_is_ended_not_dispatched(cluster) 
     no loss or sweep meanwhile)."""
     c: Cluster = await cluster(ttl_s=30.0)
     assert c.dispatcher is not None
-    for rid in ("none-live", "dead"):
+    for rid in ("redis-refused", "none-live", "dead"):
         while not c.dispatcher.aborted.lately(rid, None, time.monotonic()):  # (once it listens)
             await c.nc.publish(subjects.ABORT, msgspec.json.encode(AbortRequest(request_id=rid)))
             await asyncio.sleep(0.05)
+    # Redis failed a moment ago, as when a hung Redis held the intake past the gateway's hand-over
+    # timeout: the abort needs no Redis, and was answered "the state store is unreachable; try again"
+    c.dispatcher._state_bound.down_until = float("inf")
+    chunk = await asyncio.wait_for((await c.send("redis-refused")).get(), 60)
+    c.dispatcher._state_bound.down_until = 0.0
+    assert (chunk.finish_reason, chunk.error) == ("abort", None)
     answered = {"none-live": await c.send("none-live")}
     dead = WorkerStats(
         worker="w-dead", running=0, waiting=0, free_blocks=100, total_blocks=100, block_size=16, max_loras=4
