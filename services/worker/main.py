@@ -468,7 +468,7 @@ class WorkerService:
             stop_preparing(self)  # (after a hand-over, only those that came late: their records go back)
             self.adapters.close()
             await bus.unsubscribe(subs)
-            await self.delivery.close()  # (after: a reader's ClientAlive no longer starts one)
+            await asyncio.gather(self.delivery.close(), self.records.close())  # (no ClientAlive starts a re-send now)
             if self.taken_over_by is None:  # (else its key, records and placement are the other's)
                 await drain.leave(self)
         if self.taken_over_by is not None:

@@ -153,6 +153,14 @@ class ProgressRecords:
         self._outage.succeeded()
         return fenced
 
+    async def close(self) -> None:
+        """Cancel the write in the background (``write_step``) and wait for its end: at a worker's
+        stop it outlived the worker as the re-sends did (``Delivery.close``), to write on a
+        connection closed under it, or be destroyed pending."""
+        if self._retry is not None:
+            self._retry.cancel()
+            await asyncio.gather(self._retry, return_exceptions=True)
+
     @property
     def outage(self) -> bool:
         """Redis failed the last write, and a write beside the steps is trying again."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -14,14 +15,16 @@ import nats
 import pytest
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dlora.common import subjects
-from dlora.common.messages import LostRequests, WorkerStats
+from dlora.common.messages import LostRequests, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
+from dlora.services.worker import records
 from dlora.services.worker.chunks import open_stream
 from dlora.services.worker.engine.faults import DeviceLost
 from dlora.services.worker.main import WorkerService, build_engine
@@ -409,15 +412,24 @@ async def test_a_copy_waiting_on_arrival_that_a_later_attempt_replaces_is_stoppe
 
 
 async def test_a_stop_leaves_no_re_send_of_chunks_running(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Re-sends of recent chunks (a reader's reconnect, ``Delivery.resend_to``; the worker's own,
     ``reconnected``) under way at a stop were left running: they outlived the worker, to publish
-    on the connection closed under them or be destroyed pending. The stop cancels and awaits them."""
-    from dlora.common.messages import TokenChunk
-
+    on the connection closed under them or be destroyed pending. The stop cancels and awaits them,
+    and the records' write in the background after a failed one (``write_step``) too."""
     ws = worker_settings(nats_server.url, tiny_llama, "w-a", stats_interval_s=0.1)
     async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        real = service.store.record_progress
+
+        async def refused_once(*args: Any, **kwargs: Any) -> set[str]:  # Redis restarting, once
+            monkeypatch.setattr(service.store, "record_progress", real)
+            raise RedisConnectionError("restarting")
+
+        monkeypatch.setattr(service.store, "record_progress", refused_once)
+        monkeypatch.setattr(records, "_WRITE_AGAIN_S", 3600.0)  # its write again is due after the stop
+        await service.records.end({"r": 0})
+        assert service.records.outage
         stop = asyncio.Event()
         running = asyncio.create_task(service.run(stop))
         delivery = service.delivery
@@ -437,4 +449,5 @@ async def test_a_stop_leaves_no_re_send_of_chunks_running(
                 await asyncio.sleep(0.01)
         stop.set()
         await asyncio.wait_for(running, 60)
-        assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Delivery._resend"]  # type: ignore[union-attr]
+        left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
+        assert not left & {"Delivery._resend", "ProgressRecords._write_later"}
