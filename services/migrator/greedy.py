@@ -302,7 +302,9 @@ class _Pass:
             other = next((x for x in rs if x is not r), None)
             if other is None or self.price(other) >= 1 or (best and self.price(other) >= self.price(best[0])):
                 continue
-            there = sorted((w for w in self.holders[name] if w != src), key=self.load.__getitem__)
+            # ties by name, as ``order`` has them (``plan`` sorts the workers): in a set's order, a
+            # plan depended on the process's string hashes (``PYTHONHASHSEED``)
+            there = sorted((w for w in self.holders[name] if w != src), key=lambda w: (self.load[w], w))
             if pick := self.destination(other, src, there, until):
                 best = (other, pick)
         return best
