@@ -241,10 +241,9 @@ class _Pass:
             if deadline is not None and time.perf_counter() > deadline:
                 return None
             blocks = blocks_of(r.context_tokens, size)
+            # (any blocks spare some recompute: ``src`` is over its pressure, or it would not swap)
             if r.request_id in self.waits_at or not blocks or not self.relieves(r, src):
                 continue
-            if self.standing.overflow(src, self.demand[src] - blocks) == self.over[src]:
-                continue  # (spares none: not where its KV is the trouble)
             for dst in order:  # (least loaded first: none after it ends sooner, an arrival only adds)
                 if best and self.load[dst] >= best[0]:
                     break
