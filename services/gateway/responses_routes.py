@@ -100,14 +100,15 @@ class ResponsesRoutes:
         streamed = query.get("stream", "false").lower() not in ("false", "0")
         if "starting_after" in query and not streamed:
             raise APIError(400, "starting_after is only for stream", param="starting_after")
+        if not streamed:  # (its bytes as stored, checked of their shape: ``ResponsesStore.fields``)
+            [stored] = await self.store.fields(given, tenant, "response", whole=False)
+            return web.Response(body=stored, content_type="application/json")
         # whether it was made streamed read with it, in one round trip
-        stored, *made = await self.store.fields(given, tenant, "response", *([STREAMED] if streamed else []))
-        if not streamed:
-            return web.Response(body=stored.raw, content_type="application/json")
+        stored, made = await self.store.fields(given, tenant, "response", STREAMED)
         if not stored.object.get("background"):
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
-        if made != [b"1"]:  # (OpenAI's 400: not an empty stream)
+        if made != b"1":  # (OpenAI's 400: not an empty stream)
             why = "stream is only for a background response created with stream true: this one's events are not kept"
             raise APIError(400, why, param="stream")
         try:
