@@ -343,11 +343,12 @@ class ResponsesStore:
                     raise APIError(400, why, param="input")
                 gone = False
                 for response_id in responses:
-                    got = await self.state.response_fields(response_id, tenant, "input", "response")
-                    if got is None or got[0] != tenant.encode() or got[1] is None or got[2] is None:
+                    # (read as every route reads it: one they read as not there holds none)
+                    got = await read(self.state, response_id, tenant, ("input", "response"), self.legacy_s)
+                    if got is None:
                         gone = True  # (deleted since, or replaced)
                         continue
-                    for item in _record_items(got[1], got[2]):  # (a corrupt record's: none)
+                    for item in [*got[0], *got[1].object.get("output", [])]:
                         if isinstance(item, dict) and item.get("id") in missing and item["id"] not in stored:
                             stored[item["id"]] = item
                 if not gone:

@@ -160,6 +160,21 @@ async def test_a_corrupt_record_is_read_as_not_there_not_a_500(redis: Redis) -> 
         assert (e.value.status, e.value.param) == (status, param)
 
 
+async def test_an_item_of_a_record_no_route_reads_is_not_found_through_it(redis: Redis) -> None:
+    """An item_reference's lookup read a holder's two fields apart (``_record_items``): a record
+    whose output no reader decodes (a string of bad UTF-8, written by hand), which every route
+    reads as not there, still gave the items of its conversation, with no warning. It is read as
+    the routes read it (``read``): its items are not found through it."""
+    state = StateStore(redis)
+    store = ResponsesStore(state, _unbound, 60.0, 1 << 20)
+    items = b'[{"type": "message", "role": "user", "content": "kalo", "id": "msg_in"}]'
+    await state.put_response("resp_1", "t", b'{"output": [{"type": "message", "x": "\xff"}]}', items, 60.0, ["msg_in"])
+    with pytest.raises(APIError) as e:
+        await store.fields("resp_1", "t", "input", "response", param="previous_response_id")
+    assert e.value.status == 400
+    assert await store.referenced([{"type": "item_reference", "id": "msg_in"}], [], "t") == {}
+
+
 @pytest.mark.parametrize("between", ["written", "deleted"])
 async def test_a_retry_over_a_record_changed_after_its_read_reads_it_again_a_few_times_at_most(
     redis: Redis, between: str
