@@ -2,7 +2,7 @@
 ``/openapi.json``, valid and invalid, against the real stack (NATS, Redis, dispatcher, two
 workers, gateway taking API keys only). No answer may be a 5xx, no service may die, and a normal completion is still
 exact afterwards. The budget is fixed (``MAX_EXAMPLES`` per operation and mode, derandomized, so
-every run sends the same requests and takes the same time: about 40 s on 2 cores)."""
+every run sends the same requests and takes the same time)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from schemathesis import GenerationMode
 from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_gateway import PROMPTS, offline, post
 
-# Per operation and mode. DLORA_FUZZ_EXAMPLES=300 DLORA_FUZZ_RANDOM=1 hunts longer (about a minute)
-# on new inputs each run; the suite's run is the same every time.
-MAX_EXAMPLES = int(os.environ.get("DLORA_FUZZ_EXAMPLES", "35"))
+# Per operation and mode: 20 reach every operation in both modes (35, the suite's slowest test,
+# took 1.6 times as long). DLORA_FUZZ_EXAMPLES=300 DLORA_FUZZ_RANDOM=1 hunts longer (about a
+# minute) on new inputs each run; the suite's run is the same every time.
+MAX_EXAMPLES = int(os.environ.get("DLORA_FUZZ_EXAMPLES", "20"))
 # The most work one accepted request may ask of the workers here: a fuzzer that asks for 128
 # choices of 500 tokens each would spend minutes on a CPU generating them, and test nothing more.
 MAX_TOKENS, MAX_CHOICES = 4, 2
