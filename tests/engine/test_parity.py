@@ -79,9 +79,9 @@ def test_mixed_batch(arch, kernels: str, policy: str) -> None:
     requests = {f"r{i}": (adapters[i % len(adapters)], prompts[i % len(prompts)]) for i in range(2 * len(adapters))}
     engine = make_engine(tiny, policy=policy, kernels=kernels)
     assert engine.kernels.name == kernels
-    # Under the Triton interpreter every step costs about 2 s whatever the batch: fewer decode
-    # steps there (the kernels see the same segments in each).
-    max_tokens = MAX_TOKENS // 4 if kernels == "triton" else MAX_TOKENS
+    # Under the Triton interpreter every step costs about 2 s whatever the batch: one decode step
+    # there after the prefill (the kernels see the same segments in each).
+    max_tokens = 2 if kernels == "triton" else MAX_TOKENS
     got = run_all(engine, requests, max_tokens)
     assert got == _expected(oracle, requests, max_tokens)
     if policy == "merged-only":
