@@ -11,15 +11,32 @@ import time
 import aiohttp
 import msgspec
 import pytest
+from redis.asyncio import Redis
 
 from dlora.common import subjects
 from dlora.common.messages import ClientAlive
+from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.shaping import served_context
-from tests.integration.conftest import Stack
+from dlora.services.servers import Server
+from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_abort import _slow_steps
 
+# The workers' heartbeat TTL: a client silent past it and FAILOVER_S (3 s) is gone, 4 s here, not
+# the 8 s of the default 5 s TTL.
+TTL_S = 1.0
 
-async def test_requests_of_a_gateway_gone_silent_are_dropped(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+
+@pytest.fixture
+async def quick_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput):  # type: ignore[no-untyped-def]
+    ttl = {"heartbeat_ttl_s": TTL_S}
+    async with run_stack(nats_server, redis, tiny_llama, worker=ttl, dispatcher=ttl, **ttl) as s:
+        yield s
+
+
+async def test_requests_of_a_gateway_gone_silent_are_dropped(
+    quick_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = quick_stack
     _slow_steps(stack, monkeypatch, 0.05)  # 400 tokens take 20 s: the drop comes long before
     heard: asyncio.Queue[ClientAlive] = asyncio.Queue()
 
