@@ -269,7 +269,8 @@ async def _judged_gone(worker, client: str) -> bool:  # type: ignore[no-untyped-
 
 @pytest.fixture
 async def quick_stack(nats_server: Server, redis: Redis, tiny_llama: TinyOutput):  # type: ignore[no-untyped-def]
-    async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=0.5, chunk_timeout_s=6.0) as s:
+    # the record checks at 1 s and 2 s answer 2 s before the chunk timeout does
+    async with run_stack(nats_server, redis, tiny_llama, heartbeat_ttl_s=0.5, chunk_timeout_s=4.0) as s:
         yield s
 
 
@@ -299,7 +300,7 @@ async def test_the_gateway_answers_a_request_whose_record_went_without_an_answer
 
 
 async def _answer(stack: Stack) -> str:
-    """The 503's message for a completion no worker answers (within the 6 s chunk timeout and a margin)."""
+    """The 503's message for a completion no worker answers (within the 4 s chunk timeout and a margin)."""
     body = {"model": "model", "prompt": "kalo", "max_tokens": 4}
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(10), http.post(f"{stack.url}/v1/completions", json=body) as r:
