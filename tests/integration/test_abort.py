@@ -113,16 +113,16 @@ async def test_a_request_queued_behind_others_waits_its_turn_past_the_chunk_time
     nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """llama.cpp #9215's kind: a request the cluster holds is not failed for waiting its turn.
-    One sequence per step on each worker and ~4 s per request: the third and fourth wait ~4 s
-    for a first chunk, twice the 2 s chunk timeout (they were answered 503); the timeout still
-    ends a request whose worker stops stepping, though its heartbeat goes on."""
+    One sequence per step on each worker and ~3 s per request: the third and fourth wait ~3 s
+    for a first chunk, half as long again as the 2 s chunk timeout (they were answered 503); the
+    timeout still ends a request whose worker stops stepping, though its heartbeat goes on."""
     # checks every 0.6 s: the 2 s timeout leaves three checks before it (the first compares against
     # the steps seen as the wait began; it used to only take a baseline). At 1 s it left one, and a
     # loaded machine's late stats made it miss once (CI, three xdist workers).
     settings = {"chunk_timeout_s": 2.0, "heartbeat_ttl_s": 0.3}
     async with run_stack(nats_server, redis, tiny_llama, engine={"max_num_seqs": 1}, **settings) as stack:
         _slow_steps(stack, monkeypatch, 0.06)
-        body = {"model": "model", "prompt": "kalo", "max_tokens": 60, "ignore_eos": True}
+        body = {"model": "model", "prompt": "kalo", "max_tokens": 45, "ignore_eos": True}
         async with aiohttp.ClientSession() as http:
 
             async def complete() -> tuple[int, str]:
