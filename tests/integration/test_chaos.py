@@ -26,6 +26,9 @@ async def test_workers_restarted_and_stalled_under_load_lose_nothing(tiny_llama:
         model=Path(tiny_llama.model),
         adapters=adapters,
         faults=FAULTS,
+        # (not the default 5 s: the stall lasts the TTL + 3 s; a standby joins in ~1.6 s even with
+        # the machine loaded 13 deep, well within it)
+        heartbeat_ttl_s=3.0,
         shape=LoadShape(rate=1.0, output_tokens=(8, 32)),
         timing=Timing(lead_s=2.0, tail_s=2.0, probes=2, drain_s=90.0, settle_s=30.0, recovery_timeout_s=40.0),
         probe_tokens=48,
