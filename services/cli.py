@@ -173,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dlora.common.bus import ConnectionLost, CredentialsRefused, StoppedConnecting
     from dlora.common.settings import SettingsError, load, unknown_env, unread_config
     from dlora.services.config_file import SERVICES, check_config
-    from dlora.services.run import StartupError, run_until_signalled
+    from dlora.services.run import StartupError, exit_now, run_until_signalled
     from dlora.services.worker.engine.faults import DeviceLost
 
     overrides = {"model": args.model, "port": args.port, "worker_id": args.worker_id}
@@ -236,7 +236,7 @@ def _serve(args: argparse.Namespace) -> int:
     except DeviceLost as e:  # its requests were handed over; a new process gets a new device context
         print(f"dlora serve {args.service}: the device failed for good ({e}); exiting to be restarted", file=sys.stderr)
         return 1
-    return 0
+    exit_now(0)  # stopped: what is left of the process is its teardown (run.py)
 
 
 def _up(args: argparse.Namespace) -> int:

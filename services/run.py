@@ -4,10 +4,13 @@ the watchdog is fed meanwhile and ``STOPPING=1`` sent at the signal (``services/
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from dlora.services.notify import notifier
 
@@ -76,3 +79,16 @@ def run_until_signalled(serve: Callable[[Any, asyncio.Event], Awaitable[None]], 
             await watchdog
 
     asyncio.run(main())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with ``code`` once its service has stopped: the exit handlers run
+    (logging's flush, temporary directories' cleanup, file locks, multiprocessing's children),
+    the interpreter's own teardown does not. That teardown, a garbage collection of everything
+    torch, Triton and transformers built, took a stopped worker 3-7 s on a loaded 2-core machine
+    (0.2 s without it), and dlora up's ordered stop, systemd's stop and every restart waited for
+    it. For a process that is the service: it does not return."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
