@@ -17,7 +17,7 @@ import msgspec
 from dlora.services.gateway.openai import APIError, ChatMessage
 
 if TYPE_CHECKING:
-    from dlora.services.gateway.shaping import Tokenizer
+    from dlora.services.gateway.served_model import Tokenizer
 
 
 class RenderingOptions(Protocol):

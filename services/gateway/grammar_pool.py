@@ -3,7 +3,7 @@
 Shaping runs on one thread (the tokenizer sees one caller), and it compiled the structured output
 too: a schema llguidance takes long over (400 patternProperties, 20 KB: 12 s here; 1,000: hours)
 held every other request's shaping, plain ones too, for all of it. Compiled on threads of the
-served model's ``Grammars`` (``off_loop``; ``shaping.GATEWAY_COMPILES`` of them), it holds only
+served model's ``Grammars`` (``off_loop``; ``served_model.GATEWAY_COMPILES`` of them), it holds only
 requests waiting on the same threads (as vLLM compiles grammars beside its scheduler, not in front
 of it). It is compiled after shaping's checks, which need no grammar: a request they refuse (a bad
 temperature, an unknown model, a prompt past the context) spent a compile before its 400 when the

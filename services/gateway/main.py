@@ -62,15 +62,9 @@ from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.responses_lease import SPAN_HEARTBEATS
 from dlora.services.gateway.routes import make_app
+from dlora.services.gateway.served_model import ServedModel, Tokenizer, model_problems, served_context
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import (
-    Job,
-    ServedModel,
-    Tokenizer,
-    model_problems,
-    served_context,
-    shape_request,
-)
+from dlora.services.gateway.shaping import Job, shape_request
 from dlora.services.gateway.status import ClusterView, status_body
 from dlora.services.gateway.stopping import drained
 from dlora.services.notify import notifier

@@ -11,18 +11,15 @@ for some schemas) only after all of them (``compile_grammar``, ``grammar_pool``)
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
-from dlora.common import integers, subjects
+from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
-from dlora.model.config import ModelConfig
-from dlora.services.gateway.call_ids import CALL_ID_LENGTHS
-from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role, template_problem
+from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role
 from dlora.services.gateway.openai import (
     APIError,
     Body,
@@ -30,12 +27,10 @@ from dlora.services.gateway.openai import (
     Shape,
     model_not_found,
 )
+from dlora.services.gateway.prompt_tokens import max_new_tokens, prompt_ids, truncated
 from dlora.services.gateway.reasoning import (
     MARKED,
-    REASONING_END,
-    REASONING_START,
     closes_reasoning,
-    tag_problem,
     thinking,
 )
 from dlora.services.gateway.sampling import (
@@ -46,110 +41,12 @@ from dlora.services.gateway.sampling import (
     structured_field,
     tools_required,
 )
-from dlora.services.worker.engine.detokenizer import spaces_added_tokens
-from dlora.services.worker.engine.structured import Grammars
+from dlora.services.gateway.served_model import ServedModel
 
 MAX_CHOICES = 256  # prompts x n in one request
-# Structured outputs the gateway compiles at once (``grammar_pool``): a burst of slow schemas takes
-# these threads, not every core, and plain requests wait for none of them.
-GATEWAY_COMPILES = 4
 # A completion request without max_tokens, or with null, gets this many (OpenAI's default, and
 # vLLM's for null too since its #45491); a chat request without one may fill the context.
 DEFAULT_COMPLETION_TOKENS = 16
-
-
-class Tokenizer(Protocol):
-    """What shaping asks of a tokenizer (a Hugging Face one in the gateway). A chat template, if
-    it has one, is used through ``apply_chat_template``."""
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What shaping needs to know of the base model the gateway serves."""
-
-    tokenizer: Tokenizer
-    vocab_size: int  # token ids in a prompt lie in [0, vocab_size)
-    context: int  # tokens of prompt plus generated ones at most (max_model_len)
-    # Structured output's matchers for this tokenizer: a schema that fails only at its first mask
-    # is refused before it is sent (None: the workers find it)
-    grammars: Grammars | None = None
-    # The model's sampling defaults for what a request leaves out (``model.config.sampling_defaults``):
-    # temperature, top_p, top_k, min_p, repetition_penalty; max_tokens caps every request (vLLM's).
-    defaults: Mapping[str, float] = field(default_factory=dict)
-    # How the model writes tool calls in its text (the gateway's tool_call_parser; "": not read).
-    tool_call_parser: str = ""
-    # How the model writes its reasoning (the gateway's reasoning_parser; "": not read).
-    reasoning_parser: str = ""
-    # How a chat message's content reaches the template (the gateway's chat_template_content_format).
-    content_format: str = "auto"
-    # Its digest (``model.config.model_digest``): each request says which model its ids are for.
-    model_digest: str = ""
-
-    @cached_property
-    def reasoning_end(self) -> list[int]:
-        """``</think>``'s ids as the tokenizer encodes it: what a structured output beside the
-        reasoning parser waits for in the output (``reasoning_end_ids``), encoded once."""
-        return list(self.tokenizer.encode(REASONING_END, add_special_tokens=False))
-
-    @cached_property
-    def reasoning_start(self) -> list[int]:
-        """``<think>``'s ids likewise: where a usage's reasoning tokens start (``ReasoningTokens``)."""
-        return list(self.tokenizer.encode(REASONING_START, add_special_tokens=False))
-
-    @property
-    def reasoning_tags(self) -> bool:
-        """Whether its reasoning parser reads tags (``<think>``), whose tokens a usage counts between."""
-        return bool(self.reasoning_parser) and self.reasoning_parser not in MARKED
-
-    @cached_property
-    def spaces_added_tokens(self) -> bool:
-        """Whether the workers' decode writes spaces between added tokens (``detokenizer``'s)."""
-        return spaces_added_tokens(self.tokenizer)
-
-    @property
-    def call_id_length(self) -> int:
-        """The call ids its tool-call format takes (``call_ids.CALL_ID_LENGTHS``; 0: ours)."""
-        return CALL_ID_LENGTHS.get(self.tool_call_parser, 0)
-
-    @classmethod
-    def of(
-        cls,
-        tokenizer: Tokenizer,
-        cfg: ModelConfig,
-        context: int,
-        defaults: Mapping[str, float],
-        compile_timeout_s: float | None = None,
-        compile_memory_mb: int | None = None,
-    ) -> ServedModel:
-        """The model of ``cfg`` read through ``tokenizer``, with its structured-output matchers
-        (``compile_timeout_s``, ``compile_memory_mb``: ``Grammars``')."""
-        grammars = Grammars(
-            tokenizer, cfg.vocab_size, set(cfg.eos_token_ids), GATEWAY_COMPILES, compile_timeout_s, compile_memory_mb
-        )
-        return cls(tokenizer, cfg.vocab_size, context, grammars, defaults)
-
-
-def model_problems(model: ServedModel) -> list[tuple[str, str]]:
-    """(what, why) for each way the served model's files will fail some requests, logged at the
-    gateway's start: a chat template that does not compile (chat refused), a ``</think>`` of several
-    tokens beside a reasoning parser (``reasoning.tag_problem``)."""
-    problems = []
-    if (problem := template_problem(getattr(model.tokenizer, "chat_template", None))) is not None:
-        problems.append(("the model's chat template does not compile: chat requests will be refused", problem))
-    if (problem := tag_problem(model.reasoning_parser, model.reasoning_end)) is not None:
-        problems.append(("a structured output beside the reasoning parser may go unbound", problem))
-    return problems
-
-
-def served_context(model_context: int, worker_contexts: list[int]) -> int:
-    """The context a request may fill: the model's, or less where even the largest live worker
-    holds fewer tokens in one request (its KV cache; 0: a worker that does not say)."""
-    known = [n for n in worker_contexts if n > 0]
-    return min(model_context, max(known)) if known else model_context
 
 
 @dataclass(frozen=True)
@@ -420,80 +317,6 @@ def reasoning_end_ids(body: Body, model: ServedModel, thinks: bool) -> list[int]
     return list(model.reasoning_end)  # (a copy: each request's own)
 
 
-def truncated(ids: list[int], text: str | None, tokenizer: Tokenizer, keep: int) -> list[int]:
-    """A prompt's last ``keep`` tokens (vLLM's truncate_prompt_tokens); one given as ``text`` keeps
-    the special tokens its tokenizer puts around it (a Llama tokenizer's BOS), as vLLM's
-    tokenizer truncating from the left does (the text's ids kept are ``keep`` less those)."""
-    if len(ids) <= keep:
-        return ids
-    body = tokenizer.encode(text, add_special_tokens=False) if text is not None else ids
-    head = next((p for p in range(len(ids) - len(body) + 1) if ids[p : p + len(body)] == body), None)
-    if head is None or keep - (len(ids) - len(body)) < 1:  # none to keep apart, or no room beside them
-        return ids[-keep:]
-    tail = len(ids) - head - len(body)
-    return ids[:head] + body[len(body) - (keep - head - tail) :] + ids[len(ids) - tail :]
-
-
 def _nth_seed(seed: int, i: int) -> int:
     """Sample ``i``'s seed: ``seed + i``, wrapped within the signed 64 bits a seed may take."""
     return (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
-
-
-def prompt_ids(
-    prompt: str | list[Any], tokenizer: Tokenizer, vocab_size: int, add_special_tokens: bool = True
-) -> list[tuple[list[int], str | None]]:
-    """Each prompt's token ids, and its text where it came as a string (tokenized with the special
-    tokens the tokenizer puts around a text, a Llama tokenizer's BOS, unless
-    ``add_special_tokens`` is false). A completions ``prompt`` is a string, a list of token ids,
-    or a list of either (several prompts); a token id may be written as an integral float (``5.0``).
-
-    Raises:
-        APIError(400): another form, or a token id outside [0, ``vocab_size``).
-    """
-    many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
-    out: list[tuple[list[int], str | None]] = []
-    for p in prompt if many else [prompt]:
-        if isinstance(p, str):
-            out.append((list(tokenizer.encode(p, add_special_tokens=add_special_tokens)), p))
-            continue
-        try:  # 5.0 is 5, as vLLM's lax list[int] reads it (common/integers.py)
-            p = [integers.whole("prompt", t) for t in p]
-        except integers.NotWhole:
-            raise APIError(
-                400, "prompt must be a string, a list of token ids, or a list of either", param="prompt"
-            ) from None
-        if any(not 0 <= t < vocab_size for t in p):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
-        out.append((p, None))  # (a list of its own already)
-    return out
-
-
-def max_new_tokens(
-    ids: list[int], asked: int | None, context: int, field: str = "prompt", asked_in: str = "max_tokens"
-) -> int:
-    """Tokens to generate after the prompt ``ids`` (the request's ``field``: prompt or messages):
-    ``asked`` (the request's ``asked_in`` field: max_tokens or max_completion_tokens), or (None) all the
-    context leaves; 0 asks for none (a completion's echo).
-
-    Raises:
-        APIError(400): the prompt is empty or longer than the context (``param``: ``field``), or
-            leaves less room than ``asked`` (``param``: ``asked_in``).
-    """
-    if not ids:
-        raise APIError(400, "the prompt is empty", param=field)
-    room = context - len(ids)
-    # With nothing to generate the prompt may fill the context; else it must leave a token's room.
-    # The messages are vLLM's, which names the same two cases.
-    limit = f"This model's maximum context length is {context} tokens. However, you requested"
-    if room < (0 if asked == 0 else 1):
-        raise APIError(
-            400, f"{limit} {len(ids)} tokens in the {field}. Please reduce the length of the {field}.", param=field
-        )
-    if asked is not None and asked > room:
-        raise APIError(
-            400,
-            f"{limit} {len(ids) + asked} tokens ({len(ids)} in the {field}, {asked} in the completion). "
-            f"Please reduce the length of the {field} or completion.",
-            param=asked_in,
-        )
-    return room if asked is None else asked

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from dlora.common import subjects
 from dlora.common.messages import ClientAlive
 from dlora.model.make_tiny import TinyOutput
-from dlora.services.gateway.shaping import served_context
+from dlora.services.gateway.served_model import served_context
 from dlora.services.servers import Server
 from tests.integration.conftest import Stack, run_stack
 from tests.integration.test_abort import _slow_steps

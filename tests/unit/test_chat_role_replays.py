@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dlora.services.gateway.shaping import ServedModel
+from dlora.services.gateway.served_model import ServedModel
 from tests.unit.test_chat_template import llama_style_tokenizer
 from tests.unit.test_gateway_shaping import refused, shape
 

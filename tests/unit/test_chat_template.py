@@ -13,7 +13,7 @@ import pytest
 
 from dlora.services.gateway import chat_template, openai
 from dlora.services.gateway.openai import APIError, ChatMessage
-from dlora.services.gateway.shaping import ServedModel
+from dlora.services.gateway.served_model import ServedModel
 from tests.unit.test_gateway_shaping import CONTEXT, refused, served, shape  # noqa: F401 - served: a fixture
 
 

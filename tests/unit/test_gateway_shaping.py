@@ -14,7 +14,8 @@ from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, SamplingParams
 from dlora.services.gateway import openai, sampling, shaping
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
-from dlora.services.gateway.shaping import Job, ServedModel
+from dlora.services.gateway.served_model import ServedModel
+from dlora.services.gateway.shaping import Job
 
 BASE = "model"
 CONTEXT = 64

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import itertools
 
-from dlora.services.gateway.shaping import ServedModel
+from dlora.services.gateway.served_model import ServedModel
 from tests.unit.test_gateway_shaping import refused, served, shape
 
 __all__ = ["served"]  # the fixture, shared
@@ -100,7 +100,7 @@ def test_a_close_tag_of_several_tokens_beside_a_reasoning_parser_is_said_at_star
     """vLLM refuses to start a reasoning parser whose ``</think>`` is not one token; dlora serves it
     (the text parser still splits on the tag) and says at start that a structured output binds
     only once the model writes the tag in exactly the tokenizer's pieces."""
-    from dlora.services.gateway.shaping import model_problems
+    from dlora.services.gateway.served_model import model_problems
 
     several = served.tokenizer.encode("</think>", add_special_tokens=False)
     assert len(several) > 1  # the tiny tokenizer's

@@ -14,7 +14,7 @@ import msgspec
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway import chat_template
 from dlora.services.gateway.openai import ChatMessage
-from dlora.services.gateway.shaping import ServedModel
+from dlora.services.gateway.served_model import ServedModel
 from tests.unit.test_gateway_shaping import refused, served, shape  # noqa: F401 - served: a fixture
 
 

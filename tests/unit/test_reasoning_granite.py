@@ -13,8 +13,8 @@ from pydantic import BaseModel
 
 from dlora.services.gateway.openai import Choice, Shape
 from dlora.services.gateway.reasoning import ReasoningParser, split
+from dlora.services.gateway.served_model import ServedModel
 from dlora.services.gateway.settings import GatewaySettings
-from dlora.services.gateway.shaping import ServedModel
 from tests.unit.test_gateway_shaping import served, shape
 
 __all__ = ["served"]  # the fixture, shared

@@ -17,7 +17,7 @@ from dlora.services.gateway import shaping
 from dlora.services.gateway.openai import ChatMessage, Choice, Shape
 from dlora.services.gateway.responses_api import decode
 from dlora.services.gateway.responses_shape import ResponsesShape
-from dlora.services.gateway.shaping import ServedModel
+from dlora.services.gateway.served_model import ServedModel
 from tests.unit.test_gateway_shaping import BASE, served
 from tests.unit.test_responses_api import _refused
 from tests.unit.test_responses_shape import _events, _shape
