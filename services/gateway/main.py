@@ -26,7 +26,6 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from dlora.common import bus, log, lograte, subjects
 from dlora.common.bus import connections
 from dlora.common.clients import announce
-from dlora.common.exporter import metrics_response_beside
 from dlora.common.inflight import Inflight
 from dlora.common.key_registry import KeyRegistry
 from dlora.common.messages import (
@@ -41,7 +40,7 @@ from dlora.common.messages import (
 from dlora.common.registry import AdapterRegistry
 from dlora.common.state import StateStore
 from dlora.common.urls import http_url
-from dlora.model.config import ModelConfig, model_digest, same_model, sampling_defaults, served_name
+from dlora.model.config import ModelConfig, model_digest, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.model.tokenizer import load_tokenizer
 from dlora.services.gateway import access, openai
@@ -54,18 +53,18 @@ from dlora.services.gateway.dialects import Dialect
 from dlora.services.gateway.errors import error_response, failure_status
 from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.hand_over import hand_over
-from dlora.services.gateway.health import readiness
 from dlora.services.gateway.hosts import host_name, is_loopback
 from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics, RequestTimer, keep_tidy
+from dlora.services.gateway.monitoring import Monitoring
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
 from dlora.services.gateway.responses_lease import SPAN_HEARTBEATS
 from dlora.services.gateway.routes import make_app
-from dlora.services.gateway.served_model import ServedModel, Tokenizer, model_problems, served_context
+from dlora.services.gateway.served_model import ServedModel, Tokenizer, model_problems
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.shaping import Job, shape_request
-from dlora.services.gateway.status import ClusterView, status_body
+from dlora.services.gateway.status import ClusterView
 from dlora.services.gateway.stopping import drained
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError
@@ -74,7 +73,7 @@ logger = log.get("gateway")
 _encode_request = msgspec.json.Encoder()
 
 
-class Gateway:
+class Gateway(Monitoring):
     """The OpenAI-compatible HTTP front: has each request checked and shaped (``shaping``: adapter
     version, prompt, parameters, context), publishes one ``GenerateRequest`` per choice to the dispatchers, relays
     the workers' chunks back as JSON or server-sent events, and administers the adapter registry.
@@ -385,60 +384,10 @@ class Gateway:
             if c.request is not None:
                 await bus.publish(self.nc, subjects.ABORT, AbortRequest(request_id=c.request.request_id))
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        """Readiness (``/healthz``, ``/readyz``): 200 when a request can be served (Redis reachable,
-        NATS connected, a dispatcher answering, a worker live: ``health.readiness``); else 503
-        with the reasons, so a load balancer stops sending here."""
-        if self.closing:  # from the stop's start, as Kubernetes' readiness (it said 200 until the listener closed)
-            return web.json_response({"status": "unavailable", "reason": "the gateway is shutting down"}, status=503)
-        heard = [st.model_digest for st, _ in self.cluster.live(time.monotonic(), self.s.heartbeat_ttl_s)]
-        ready, body = await readiness(self.nc, self.store, self.state_bound, heard, self.served.model_digest)
-        return web.json_response(body, status=200 if ready else 503)
-
-    async def livez(self, request: web.Request) -> web.Response:
-        """Liveness: 200 while this process answers, whatever its dependencies (restart it only if not)."""
-        return web.json_response({"status": "ok"})
-
-    async def metrics_handler(self, request: web.Request) -> web.Response:
-        return await metrics_response_beside(self.metrics.registry, request.headers.get("Accept", ""))
-
     async def _on_reply(self, msg: Msg) -> None:
         queue = self.replies.get(msg.subject.rsplit(".", 1)[-1])
         if queue is not None:  # else: the request is already over (client gone)
             queue.put_nowait(msg.data)
-
-    async def status(self, request: web.Request) -> web.Response:
-        """``GET /v1/status`` (admin): the cluster as this gateway hears it (``status.ClusterStatus``)."""
-        await self.auth.admin(request)
-        async with self.state_bound():
-            adapters = await self.store.list_adapters()
-        live, plans = self.cluster.live(time.monotonic(), self.s.heartbeat_ttl_s), list(self.cluster.plans)
-        traffic, digest = self.metrics.traffic.frozen(), self.served.model_digest
-        # Made and encoded on a thread from what the loop holds now: each open status page polls once
-        # a second, and the document grows with adapters x workers (tens of ms at 4,000 adapters).
-        args = (live, plans, adapters, traffic, self.base_name, self.gateway_id, time.time(), digest)
-        return web.Response(body=await asyncio.to_thread(status_body, *args), content_type="application/json")
-
-    async def _on_plan(self, plan: MovePlan) -> None:
-        self.cluster.planned(plan)
-
-    async def _on_stats(self, st: WorkerStats) -> None:
-        now = time.monotonic()
-        self.cluster.heard(st, now)
-        if not same_model(st.model_digest, self.served.model_digest) and st.worker not in self._other_model:
-            self._other_model.add(st.worker)  # said once per worker: the dispatchers send it nothing of ours
-            logger.error(
-                "a worker serves another base model than this gateway; none of its requests go there",
-                worker=st.worker,
-                worker_model_digest=st.model_digest,
-                model_digest=self.served.model_digest,
-            )
-        # Requests are checked against the largest live worker's context, not only the model's (a
-        # small KV cache holds less).
-        live = [st.max_model_len for st, _ in self.cluster.live(now, self.s.heartbeat_ttl_s)]
-        context = served_context(self.context, live)
-        if context != self.served.context:
-            self.served = dataclasses.replace(self.served, context=context)
 
     async def read_body(self, request: web.Request) -> bytes:
         return await read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
