@@ -13,7 +13,7 @@ from aiohttp import web
 
 from dlora.common.messages import ErrorCode, GenerateRequest, TokenChunk
 from dlora.model.token_bytes import TokenIdText, TokenText
-from dlora.services.gateway import logprobs, openai
+from dlora.services.gateway import completion_shape, logprobs
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.reasoning import ReasoningTokens
 from dlora.services.gateway.replies import ReplyStream
@@ -45,7 +45,7 @@ def refusal(code: ErrorCode | None, message: str, param: str | None = None) -> A
 class RunningChoice:
     """One choice as its response is written: its request to the workers and what came back so far."""
 
-    out: openai.Choice
+    out: completion_shape.Choice
     request: GenerateRequest | None  # None: nothing to generate (max_tokens 0)
     replies: ReplyStream | None  # its chunks, with the request
     offset: logprobs.TextOffset  # where its next token begins in its text (completions' text_offset)
@@ -64,7 +64,7 @@ class RunningChoice:
         """``keep_ids``: its reply stream keeps the tokens' ids (return_token_ids)."""
         r = plan.request
         return cls(
-            openai.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
+            completion_shape.Choice(plan.index, text=plan.echo, finish_reason=None if r else "length"),
             r,
             ReplyStream(r.request_id, keep_ids=keep_ids) if r else None,
             offset=logprobs.TextOffset(len(plan.echo)),
@@ -311,7 +311,7 @@ class ResponseWriter:
         (a user's trial); ``before``: an opening event (the role, the echoed prompt), which precedes
         every token (the chunk that opened the stream is counted already)."""
         if self.job.continuous_usage:
-            event["usage"] = openai.usage(len(choice.prompt_ids), 0 if before else choice.said)
+            event["usage"] = completion_shape.usage(len(choice.prompt_ids), 0 if before else choice.said)
             self._detailed(event["usage"], [choice])
         return event
 

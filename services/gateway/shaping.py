@@ -20,11 +20,11 @@ import msgspec
 from dlora.common import subjects
 from dlora.common.messages import AdapterEntry, GenerateRequest
 from dlora.services.gateway.chat_template import ChatTemplate, chat_prompt_ids, echoed, reply_role
+from dlora.services.gateway.completion_shape import Shape
 from dlora.services.gateway.openai import (
     APIError,
     Body,
     ChatBody,
-    Shape,
     model_not_found,
 )
 from dlora.services.gateway.prompt_tokens import max_new_tokens, prompt_ids, truncated

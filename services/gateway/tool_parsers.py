@@ -25,7 +25,7 @@ the arguments read so far), a tool call its whole answer then gives as text; her
   A ``[TOOL_CALLS]`` read inside a call's string ends the call where its quotes are unsound, as
   hermes' ``</tool_call>`` does (``tool_scan.NextTag``: a quote the model left unescaped), and
   where the output ends inside a call (``_finish``).
-  Mistral's templates take only 9-character alphanumeric call ids (``openai.Shape``).
+  Mistral's templates take only 9-character alphanumeric call ids (``completion_shape.Shape``).
 - ``pythonic`` (Llama 3.2, Llama 4): a Python list of calls, ``[get_weather(city='SF'), ping()]``
   (``tool_pythonic.py``).
 - ``granite`` (Granite 3.0, 3.1): a JSON array of calls after ``<|tool_call|>``; ``granite-20b-fc``

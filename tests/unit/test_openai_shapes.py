@@ -5,7 +5,8 @@ import pytest
 
 from dlora.services.gateway import logprobs, openai
 from dlora.services.gateway.call_ids import tool_call_id
-from dlora.services.gateway.openai import APIError, CompletionBody, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
+from dlora.services.gateway.openai import APIError, CompletionBody
 
 
 def test_decode_errors_are_400_with_the_reason() -> None:
@@ -18,7 +19,7 @@ def test_decode_errors_are_400_with_the_reason() -> None:
 
 def test_response_shapes() -> None:
     chat, text = Shape.new(True, "chatcmpl-1", "m"), Shape.new(False, "cmpl-1", "m")
-    full = chat.full([openai.Choice(0, "hello", "stop")], 3, 2, cached_tokens=2)
+    full = chat.full([Choice(0, "hello", "stop")], 3, 2, cached_tokens=2)
     # refusal: required by the spec (null: none), sent by OpenAI and vLLM; a client validating
     # against the spec refused dlora's messages without it
     assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {
@@ -32,8 +33,8 @@ def test_response_shapes() -> None:
         "total_tokens": 5,
         "prompt_tokens_details": {"cached_tokens": 2},  # OpenAI's, always in a response's usage
     }
-    assert text.full([openai.Choice(0, "hi", "length")], 1, 1)["choices"][0]["text"] == "hi"
-    two = text.full([openai.Choice(1, "b", "stop"), openai.Choice(0, "a", "stop")], 1, 2)["choices"]
+    assert text.full([Choice(0, "hi", "length")], 1, 1)["choices"][0]["text"] == "hi"
+    two = text.full([Choice(1, "b", "stop"), Choice(0, "a", "stop")], 1, 2)["choices"]
     assert [(c["index"], c["text"]) for c in two] == [(0, "a"), (1, "b")]
     first = chat.chunk("", None, first=True)
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {
@@ -147,7 +148,7 @@ def test_a_forced_tool_call_answers_as_openai_s() -> None:
     text; streamed, the call opens with its id and name, its arguments follow, the last event's
     delta is empty (OpenAI's forced call, finish_reason "stop")."""
     call = Shape(True, "chatcmpl-abc", "m", 0, tool="lookup")
-    [choice] = call.full([openai.Choice(0, '{"q": 1}', "stop")], 3, 4)["choices"]
+    [choice] = call.full([Choice(0, '{"q": 1}', "stop")], 3, 4)["choices"]
     assert choice["finish_reason"] == "stop" and choice["message"] == {
         "role": "assistant",
         "content": None,

@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from dlora.services.gateway.openai import ChatBody, Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
+from dlora.services.gateway.openai import ChatBody
 from dlora.services.gateway.reasoning import ReasoningParser, ReasoningTokens, split, thinking
 from dlora.services.gateway.settings import GatewaySettings
 

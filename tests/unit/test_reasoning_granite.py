@@ -11,7 +11,7 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.reasoning import ReasoningParser, split
 from dlora.services.gateway.served_model import ServedModel
 from dlora.services.gateway.settings import GatewaySettings

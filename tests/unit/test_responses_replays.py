@@ -14,7 +14,8 @@ from typing import Any
 from openai.types.responses import Response
 
 from dlora.services.gateway import shaping
-from dlora.services.gateway.openai import ChatMessage, Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
+from dlora.services.gateway.openai import ChatMessage
 from dlora.services.gateway.responses_api import decode
 from dlora.services.gateway.responses_shape import ResponsesShape
 from dlora.services.gateway.served_model import ServedModel

@@ -11,7 +11,7 @@ from typing import Any
 
 import openai
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.responses_api import ResponsesBody
 from dlora.services.gateway.responses_shape import ResponsesShape
 

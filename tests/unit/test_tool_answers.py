@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from dlora.services.gateway.openai import ChatBody, Choice, Shape, Tool, ToolFunction
+from dlora.services.gateway.completion_shape import Choice, Shape
+from dlora.services.gateway.openai import ChatBody, Tool, ToolFunction
 from dlora.services.gateway.sampling import auto_tools
 from tests.unit.tool_cases import splits
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from tests.unit.tool_cases import read
 
 OUTPUTS = [

@@ -12,7 +12,7 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.call_ids import tool_call_id
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.tool_calls import CallStream, ConflictingDefs, arguments_schema, calls_schema
 from dlora.services.gateway.tool_json import arguments_json
 from dlora.services.worker.engine.structured import check

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
 from tests.unit.tool_cases import read

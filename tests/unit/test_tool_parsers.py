@@ -8,7 +8,7 @@ import random
 import msgspec
 import pytest
 
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_base import joined
 from dlora.services.gateway.tool_json import arguments_json

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from dlora.services.gateway import tool_pythonic, tool_pythonic_call
-from dlora.services.gateway.openai import Choice, Shape
+from dlora.services.gateway.completion_shape import Choice, Shape
 from dlora.services.gateway.settings import GatewaySettings
 from dlora.services.gateway.tool_parsers import ToolParser
 from dlora.services.gateway.tool_pythonic_call import pythonic_call
