@@ -174,7 +174,7 @@ class WorkloadSpec:
         for name, (selector, where) in SCOPED_OPTIONS.items():
             value = _chosen(args, selector)
             if getattr(args, name) is not None and value not in where:
-                # as typed (options.Spelled): the user's vLLM spelling, not loadgen's
+                # as typed (workload_options.Spelled): the user's vLLM spelling, not loadgen's
                 option = (getattr(args, "spelled", None) or {}).get(name) or "--" + name.replace("_", "-")
                 chosen = "--" + selector.replace("_", "-")
                 listed = ", ".join(where[:-1]) + " or " + where[-1] if len(where) > 1 else where[0]

@@ -13,7 +13,8 @@ import msgspec
 
 from dlora.common.integers import NotWhole, whole
 from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range, best_of_problem
-from dlora.loadgen.options import ENDPOINTS, WHOLE, _at_least
+from dlora.loadgen.arg_types import WHOLE, _at_least
+from dlora.loadgen.options import ENDPOINTS
 
 # vLLM's --goodput keys and the --slo-* option each sets
 GOODPUT = {"ttft": "slo_ttft", "tpot": "slo_tpot", "e2el": "slo_e2e"}

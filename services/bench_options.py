@@ -36,7 +36,7 @@ def check_bench_numbers(parser: argparse.ArgumentParser) -> None:
     usage error naming the option, what a benchmark cannot run with: 0 or fewer steps, rounds,
     requests or workers, a NaN rate, a list item that is not a number (each failed deep inside
     with a traceback, or ran and wrote nonsense: a user's trial). Lists stay text."""
-    from dlora.loadgen.options import _at_least, above_zero, positive
+    from dlora.loadgen.arg_types import _at_least, above_zero, positive
 
     name = parser.prog.split()[-1]
     for action in parser._actions:  # argparse's own list of the options it parses

@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dlora.loadgen.options import count, positive, ranks
+    from dlora.loadgen.arg_types import count, positive, ranks
 
     p = _Parser(prog="dlora", description="Serve many LoRA adapters on one base model.")
     sub = p.add_subparsers(dest="command", required=True)

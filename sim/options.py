@@ -12,7 +12,8 @@ from dlora.sim.cost import PROFILES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from dlora.loadgen.options import above_zero, add_workload_arguments, positive, ranks
+    from dlora.loadgen.arg_types import above_zero, positive, ranks
+    from dlora.loadgen.workload_options import add_workload_arguments
 
     p.add_argument(
         "--profile",

@@ -52,7 +52,7 @@ NOT_WORKLOAD = {
     "burstiness",  # vLLM's spelling of --arrivals gamma --cv (from_args folds it in)
     "lora_modules",  # vLLM's spelling of --adapter-names (likewise)
     "lora_assignment",  # vLLM's spelling of --popularity uniform or round-robin (likewise)
-    "spelled",  # how a length option was spelled (options.Spelled), for its refusal's words
+    "spelled",  # how a length option was spelled (workload_options.Spelled), for its refusal's words
 }
 
 
