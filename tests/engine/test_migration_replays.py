@@ -20,7 +20,7 @@ from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine, RequestError
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.engine.sequence import Status
-from dlora.services.worker.engine.structured import GrammarUnavailable
+from dlora.services.worker.engine.structured import GrammarError, GrammarUnavailable
 from dlora.services.worker.moves import handoff
 from tests.engine.helpers import make_engine
 
@@ -465,24 +465,33 @@ def test_a_request_resumed_at_its_length_ends_as_it_is_added(engines: Engines, b
     assert not destination.has_unfinished() and destination.blocks.num_free == destination.blocks.num_blocks
 
 
-def test_a_request_resumed_ended_compiles_no_grammar(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("refusal", [GrammarUnavailable, GrammarError])
+def test_a_request_resumed_ended_is_not_refused_for_its_grammar(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch, refusal: type[Exception]
+) -> None:
     """An ended resume is told before the work only a request that goes on needs (its bad words,
-    allowed tokens, grammar): a grammar that cannot be compiled now (``GrammarUnavailable``: its
-    compile's thread did not start, a 503) answered a request already ended, and a costly one was
-    compiled for no token. Its grammar is not even asked for."""
+    allowed tokens, grammar): a grammar that cannot be had now (``GrammarUnavailable``: its
+    compile's thread did not start, a 503; ``GrammarError``: its compile or its output refused
+    here, a 400) answered a request already ended, and a costly one was compiled for no token. One
+    its last token ends does not ask for it; one at its length does (a complete document ends it
+    "stop") and, none to be had, ends "length" as before, not an error in place of its output."""
     _, destination = engines
     asked: list[SamplingParams] = []
 
     def unavailable(params: SamplingParams, *args: object) -> None:
         asked.append(params)
-        raise GrammarUnavailable("cannot be compiled now")
+        raise refusal("cannot be had now")
 
     monkeypatch.setattr(destination.grammars, "matcher", unavailable)
     params = SamplingParams(max_tokens=8, regex="[0-9]+", bad_words=["abc"], allowed_token_ids=[7, 8, 9])
     eos = destination.primary_eos
-    add(destination, msgspec.structs.replace(request("r", params), resume_token_ids=[7, 8, eos]))
-    (out,) = destination.step()
-    assert (out.finish_reason, out.new_token_ids, asked) == (FinishReason.STOP, [], [])
-    with pytest.raises(GrammarUnavailable):  # (one that goes on needs it)
+    for rid, output, reason, asks in (
+        ("r", [7, 8, eos], FinishReason.STOP, 0),
+        ("l", [7, 8] * 4, FinishReason.LENGTH, 1),
+    ):
+        add(destination, msgspec.structs.replace(request(rid, params), resume_token_ids=output))
+        (out,) = destination.step()
+        assert (out.finish_reason, out.new_token_ids, len(asked)) == (reason, [], asks)
+    with pytest.raises(GrammarUnavailable if refusal is GrammarUnavailable else RequestError):  # (going on, needed)
         add(destination, msgspec.structs.replace(request("s", params), resume_token_ids=[7, 8]))
-    assert len(asked) == 1
+    assert len(asked) == 2

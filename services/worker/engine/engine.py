@@ -278,17 +278,21 @@ class LLMEngine:
         )
         # A resume its last token ends (``ends_by_token``: the worker compiles nothing for it either) is ended
         # before the work only one that goes on needs (a grammar that cannot compile now: a 503); another first
-        # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one
+        # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one. At its
+        # length with none to be had here now, it ends "length" as before: not an error in place of its output
+        refused: Exception | None = None
         if params.structured_outputs() and not ends_by_token(resumed, params, self.eos_ids):
             try:
                 seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
-            except GrammarUnavailable:
-                raise  # (the worker's state, not the request's fault: answered unavailable)
+            except GrammarUnavailable as e:
+                refused = e  # (the worker's state, not the request's fault: answered unavailable)
             except GrammarError as e:
-                raise RequestError(str(e), param=params.structured_outputs()[0]) from None
+                refused = RequestError(str(e), param=params.structured_outputs()[0])
         if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
             self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
             return
+        if refused is not None:
+            raise refused
         if params.bad_words:
             seq.bad_words_ids = (
                 bad_words_token_ids(self.tokenizer, params.bad_words) if bad_words_ids is None else bad_words_ids
