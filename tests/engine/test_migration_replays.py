@@ -398,11 +398,10 @@ def test_a_request_resumed_with_its_document_complete_ends_as_an_unmoved_one(eng
     with that output (a record written with its final token, its end not) it ended "length" at its
     max_tokens, its grammar not asked, and with room left it made an EOS more (a token the unmoved
     one never made, counted in its usage). It ends as the unmoved one did, with no token more."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    params = SamplingParams(max_tokens=200, json_schema=json.dumps(schema))
+    params = SamplingParams(max_tokens=200, json_schema=json.dumps({"type": "boolean"}))
     for room in (True, False):  # room left after the document, then none
         want = unmoved(engines, request("r", params))
-        assert want.reason["r"] is FinishReason.STOP and json.loads(want.text["r"]) in ({"ok": True}, {"ok": False})
+        assert want.reason["r"] is FinishReason.STOP and json.loads(want.text["r"]) in (True, False)
         # (resumed where it ran: its grammar compiled once, as a worker restarted would resume it)
         add(engines[0], msgspec.structs.replace(request("r", params), resume_token_ids=want.ids["r"]))
         got = Client().run(engines[0])
