@@ -11,9 +11,6 @@ import msgspec
 
 from dlora.common import integers
 from dlora.common.undecodable import field_of
-
-# Re-exported: responses_shape.py imports Shape from here (the docs name openai.py for the shapes).
-from dlora.services.gateway.completion_shape import Shape as Shape
 from dlora.services.gateway.structured_outputs import StructuredOutputs
 
 

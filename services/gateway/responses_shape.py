@@ -14,7 +14,8 @@ from typing import Any
 
 import msgspec
 
-from dlora.services.gateway.openai import APIError, Shape
+from dlora.services.gateway.completion_shape import Shape
+from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import ResponsesBody, chat_format, renamed
 
 Keep = Callable[[dict[str, Any]], bool]

@@ -223,8 +223,8 @@ async def test_a_response_under_an_id_drawn_here_is_stored_in_one_round_trip(red
     first, a round trip more on every store with items: nothing is sent outside its MULTI/EXEC
     now. Counted by redis-server's own command counts."""
     from dlora.services.gateway.auth import Principal
+    from dlora.services.gateway.completion_shape import Shape
     from dlora.services.gateway.dialects import Responses
-    from dlora.services.gateway.openai import Shape
     from dlora.services.gateway.shaping import Job
 
     store = ResponsesStore(StateStore(redis), _unbound, 60.0, 1 << 20)

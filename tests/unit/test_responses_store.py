@@ -227,7 +227,7 @@ def test_the_store_settings_are_checked() -> None:
 
 
 def test_a_streams_last_object_is_kept_once_a_failed_one_with_its_status() -> None:
-    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.completion_shape import Shape
     from dlora.services.gateway.responses_api import ResponsesBody
     from dlora.services.gateway.responses_shape import ResponsesShape
 
@@ -251,7 +251,7 @@ def test_a_background_streams_object_too_large_to_keep_ends_it_failed_as_its_rec
     """A background response is its record alone: one whose final object is not kept is stored
     ``failed`` (its error saying why), and its stream's last event is that object's
     response.failed, not the response.completed its record contradicted."""
-    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.completion_shape import Shape
     from dlora.services.gateway.responses_api import ResponsesBody
     from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 
@@ -279,7 +279,7 @@ def test_a_background_streams_failed_object_too_large_to_keep_is_shrunk_and_kept
     emptied, its id, status and error kept), it is kept and ends the stream."""
     from openai.types.responses import Response
 
-    from dlora.services.gateway.openai import Shape
+    from dlora.services.gateway.completion_shape import Shape
     from dlora.services.gateway.responses_api import ResponsesBody
     from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 
@@ -373,8 +373,8 @@ async def test_a_stream_whose_store_fails_ends_saying_store_false() -> None:
     from aiohttp.test_utils import TestServer
     from redis.exceptions import ConnectionError as RedisConnectionError
 
+    from dlora.services.gateway.completion_shape import Shape
     from dlora.services.gateway.dialects import Responses
-    from dlora.services.gateway.openai import Shape
     from dlora.services.gateway.responses import ResponseWriter
     from dlora.services.gateway.responses_api import ResponsesBody
     from dlora.services.gateway.shaping import Job
