@@ -43,7 +43,7 @@ from dlora.common.urls import http_url
 from dlora.model.config import ModelConfig, model_digest, sampling_defaults, served_name
 from dlora.model.token_bytes import TokenText
 from dlora.model.tokenizer import load_tokenizer
-from dlora.services.gateway import access, openai
+from dlora.services.gateway import access, monitoring, openai
 from dlora.services.gateway.auth import Auth, Principal
 from dlora.services.gateway.background import Background
 from dlora.services.gateway.body import read_body
@@ -55,7 +55,6 @@ from dlora.services.gateway.grammar_pool import shaped
 from dlora.services.gateway.hand_over import hand_over
 from dlora.services.gateway.hosts import host_name, is_loopback
 from dlora.services.gateway.metrics import SHUTTING_DOWN, Metrics, RequestTimer, keep_tidy
-from dlora.services.gateway.monitoring import Monitoring
 from dlora.services.gateway.openai import APIError, ChatBody, CompletionBody
 from dlora.services.gateway.replies import GAP_WAIT_S
 from dlora.services.gateway.responses import STATUS, ResponseWriter, RunningChoice
@@ -73,7 +72,7 @@ logger = log.get("gateway")
 _encode_request = msgspec.json.Encoder()
 
 
-class Gateway(Monitoring):
+class Gateway:
     """The OpenAI-compatible HTTP front: has each request checked and shaped (``shaping``: adapter
     version, prompt, parameters, context), publishes one ``GenerateRequest`` per choice to the dispatchers, relays
     the workers' chunks back as JSON or server-sent events, and administers the adapter registry.
@@ -401,8 +400,8 @@ class Gateway(Monitoring):
         self.auth.keys = await KeyRegistry.open(self.nc, self.store, self.s.nats_kv_replicas)
         if self.s.auth == "none" and not is_loopback(host_name(self.s.host)):
             logger.warning("inference is open to anyone who reaches this address (auth = none)", host=self.s.host)
-        await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, self._on_stats)
-        await bus.subscribe(self.nc, subjects.MOVES, MovePlan, self._on_plan)
+        await bus.subscribe(self.nc, subjects.STATS_ALL, WorkerStats, functools.partial(monitoring.on_stats, self))
+        await bus.subscribe(self.nc, subjects.MOVES, MovePlan, functools.partial(monitoring.on_plan, self))
         await self.nc.subscribe(subjects.replies_of(self.gateway_id), cb=self._on_reply)
         await self.background.listen()
         await bus.flush(self.nc)

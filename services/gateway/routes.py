@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dlora.services.gateway import access, cors, dashboard, openapi
+from dlora.services.gateway import access, cors, dashboard, monitoring, openapi
 from dlora.services.gateway.adapter_routes import AdapterAdmin
 from dlora.services.gateway.body import expect_continue
 from dlora.services.gateway.cache_reset import reset_prefix_cache
@@ -68,13 +68,14 @@ def make_app(gw: Gateway) -> web.Application:
     tokens = TokenizeRoutes(gw)
     post("/tokenize", tokens.tokenize)  # vLLM's
     post("/detokenize", tokens.detokenize)
+    healthz = functools.partial(monitoring.healthz, gw)
     for path in ("/healthz", "/readyz", "/health", "/ping"):  # /health and /ping (SageMaker's): vLLM's
-        app.router.add_get(path, gw.healthz)
-    post("/ping", gw.healthz)
-    app.router.add_get("/livez", gw.livez)
+        app.router.add_get(path, healthz)
+    post("/ping", healthz)
+    app.router.add_get("/livez", monitoring.livez)
     app.router.add_get("/version", openapi.version)
-    app.router.add_get("/metrics", gw.metrics_handler)
-    app.router.add_get("/v1/status", gw.status)
+    app.router.add_get("/metrics", functools.partial(monitoring.metrics_handler, gw))
+    app.router.add_get("/v1/status", functools.partial(monitoring.status, gw))
     reset = functools.partial(reset_prefix_cache, gw)
     post("/reset_prefix_cache", reset)  # vLLM's
     post("/flush_cache", reset)  # SGLang's (its older clients GET it)
