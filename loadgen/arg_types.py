@@ -14,7 +14,7 @@ from dlora.common.integers import integer_fields
 from dlora.common.sampling import BODY_RANGES, RANGES, SamplingParams
 
 
-def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
+def at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
     """An argparse type: ``convert(text)``, finite and at least ``low`` (above it when
     ``strict``); a usage error naming the option otherwise, not a traceback from deep inside (or a
     NaN that every comparison lets through, into the results as JSON's invalid ``NaN``)."""
@@ -35,10 +35,10 @@ def _at_least(convert: Callable[[str], Any], low: float, strict: bool = False) -
     return parse
 
 
-count = _at_least(int, 0)  # also make-tiny's
-positive = _at_least(int, 1)  # also the simulator's and make-tiny's
-above_zero = _at_least(float, 0, strict=True)
-_finite = _at_least(float, -math.inf)
+count = at_least(int, 0)  # also make-tiny's
+positive = at_least(int, 1)  # also the simulator's and make-tiny's
+above_zero = at_least(float, 0, strict=True)
+finite_float = at_least(float, -math.inf)
 
 
 # The tables' integer fields (``SamplingParams``' types, and the bodies' counts): top_k 2.5 is a 400
@@ -50,7 +50,7 @@ def sampling_value(name: str) -> Callable[[str], float]:
     """An argparse type: a value of the sampling field ``name`` (an integer where it is one, top_k)
     inside its range in ``common.sampling.RANGES``, refused in the words the gateway's 400 and the
     engine say it (out of it, every request of the run would be refused)."""
-    finite = _at_least(int if name in WHOLE else float, -math.inf)
+    finite = at_least(int if name in WHOLE else float, -math.inf)
 
     def parse(text: str) -> float:
         value = finite(text)
@@ -105,7 +105,7 @@ def ranks(text: str) -> list[int]:
 
 def range_ratio(text: str) -> float:
     """An argparse type: vLLM's ``--random-range-ratio``, in [0, 1)."""
-    value = float(_at_least(float, 0)(text))
+    value = float(at_least(float, 0)(text))
     if value >= 1:
         raise argparse.ArgumentTypeError(f"{value:g} is not below 1 (a length could be drawn as 0)")
     return value

@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from dlora.common.sampling import RANGES
-from dlora.loadgen.arg_types import _at_least, count, positive, sampling_value
+from dlora.loadgen.arg_types import at_least, count, positive, sampling_value
 from dlora.loadgen.workload_options import add_workload_arguments
 
 # vLLM's benchmark's names for the completions and the chat completions APIs (its --backend; its
@@ -149,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_workload_arguments(p)
     # 0 taken, as --goodput's KEY:0 is (vLLM's bound is "non-negative"): only a request with no wait meets it
-    slo = _at_least(float, 0)
+    slo = at_least(float, 0)
     p.add_argument("--slo-ttft", type=slo, help="SLO on time to first token (s; 0 or more)")
     p.add_argument("--slo-tpot", type=slo, help="SLO on time per output token (s; 0 or more)")
     p.add_argument(

@@ -13,7 +13,7 @@ import msgspec
 
 from dlora.common.integers import NotWhole, whole
 from dlora.common.sampling import BODY_RANGES, COMPLETION_RANGES, RANGES, Range, best_of_problem
-from dlora.loadgen.arg_types import WHOLE, _at_least
+from dlora.loadgen.arg_types import WHOLE, at_least
 from dlora.loadgen.options import ENDPOINTS
 
 # vLLM's --goodput keys and the --slo-* option each sets
@@ -27,7 +27,7 @@ def goodput(text: str) -> tuple[str, float]:
     key, colon, ms = text.partition(":")
     if not colon or key.strip() not in GOODPUT:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:MILLISECONDS, KEY one of {', '.join(GOODPUT)}")
-    return GOODPUT[key.strip()], _at_least(float, 0)(ms) / 1000
+    return GOODPUT[key.strip()], at_least(float, 0)(ms) / 1000
 
 
 def slo_seconds(args: argparse.Namespace) -> dict[str, float | None]:
@@ -61,7 +61,7 @@ def percentile_metrics(text: str) -> tuple[str, ...]:
 def metric_percentiles(text: str) -> tuple[float, ...]:
     """An argparse type: vLLM's ``--metric-percentiles``, comma-separated percentiles in [0, 100]
     (numpy's range: 99.9 is one, 999 an error at the run's end)."""
-    values = tuple(_at_least(float, 0)(p.strip()) for p in text.split(","))
+    values = tuple(at_least(float, 0)(p.strip()) for p in text.split(","))
     if over := [p for p in values if p > 100]:
         raise argparse.ArgumentTypeError(f"{over[0]:g} is above 100")
     return values

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, get_args
 
-from dlora.loadgen.arg_types import _finite, above_zero, burstiness, count, gamma_cv, positive, range_ratio, rate
+from dlora.loadgen.arg_types import above_zero, burstiness, count, finite_float, gamma_cv, positive, range_ratio, rate
 from dlora.loadgen.spec import LORA_ASSIGNMENTS, Arrivals, Lengths, Popularity, RampUp, WorkloadSpec
 from dlora.loadgen.traces import FORMATS
 
@@ -149,7 +149,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
         # vLLM's spelling of it, is refused beside it even where it names the default
         help=f"how requests are spread over the adapters (default {_SPEC.popularity})",
     )
-    p.add_argument("--alpha", type=_finite, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")
+    p.add_argument("--alpha", type=finite_float, help=f"zipf exponent / power-law alpha (default {_SPEC.alpha:g})")
     p.add_argument(
         "--stride",
         type=positive,

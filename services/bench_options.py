@@ -36,21 +36,21 @@ def check_bench_numbers(parser: argparse.ArgumentParser) -> None:
     usage error naming the option, what a benchmark cannot run with: 0 or fewer steps, rounds,
     requests or workers, a NaN rate, a list item that is not a number (each failed deep inside
     with a traceback, or ran and wrote nonsense: a user's trial). Lists stay text."""
-    from dlora.loadgen.arg_types import _at_least, above_zero, positive
+    from dlora.loadgen.arg_types import above_zero, at_least, positive
 
     name = parser.prog.split()[-1]
     for action in parser._actions:  # argparse's own list of the options it parses
         dest = action.dest
         if dest in _MAY_BE_ZERO or f"{dest}@{name}" in _MAY_BE_ZERO:
             if action.type in (int, float):
-                action.type = _at_least(action.type, 0)
+                action.type = at_least(action.type, 0)
             continue
         if action.type is int:
             action.type = positive
         elif action.type is float:
             action.type = above_zero
         elif (kind := _LISTS.get(f"{dest}@{name}", _LISTS.get(dest))) is not None:
-            action.type = _number_list(_at_least(kind, 0, strict=True))
+            action.type = _number_list(at_least(kind, 0, strict=True))
 
 
 def sizes(text: str) -> str:
