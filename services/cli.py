@@ -218,7 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except StoppedConnecting as e:  # told to stop while waiting for NATS: a clean stop
         print(f"dlora serve {args.service}: {e}", file=sys.stderr)
-        return 0
+        exit_now(0)
     except socket.gaierror as e:  # a host name that does not resolve: a traceback, and systemd's restarts
         print(f"dlora serve {args.service}: cannot resolve a host name: {e} (host, metrics_host)", file=sys.stderr)
         return 2

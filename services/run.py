@@ -87,8 +87,11 @@ def exit_now(code: int) -> NoReturn:
     the interpreter's own teardown does not. That teardown, a garbage collection of everything
     torch, Triton and transformers built, took a stopped worker 3-7 s on a loaded 2-core machine
     (0.2 s without it), and dlora up's ordered stop, systemd's stop and every restart waited for
-    it. For a process that is the service: it does not return."""
+    it. Threads are not joined (no service leaves one that must finish: the gateway's shaping
+    pool is shut down without waiting). For a process that is the service: it does not return."""
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed descriptor or a broken pipe: still a clean stop
+            if stream is not None:
+                stream.flush()
     os._exit(code)
