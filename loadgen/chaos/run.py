@@ -87,13 +87,15 @@ async def run_chaos(cfg: ChaosConfig, machine: str, say: Callable[[str], None] =
             )
         final = await steady(ctx, cfg.timing.settle_s)
     finally:
-        await asyncio.gather(expected, return_exceptions=True)  # (a thread: it cannot be cancelled)
         for c in (client, canary):
             if c is not None:
                 await c.close()
         await tap.close()
         with contextlib.suppress(Exception):
             await stack.stop()
+        # After the stop, so a failed start does not leave the stack up for the oracle's ~20 s;
+        # its thread cannot be cancelled (at a cancel this returns at once and the thread runs out).
+        await asyncio.gather(expected, return_exceptions=True)
     config = {
         "workers": cfg.workers,
         "heartbeat_ttl_s": cfg.heartbeat_ttl_s,

@@ -26,9 +26,10 @@ async def test_workers_restarted_and_stalled_under_load_lose_nothing(tiny_llama:
         model=Path(tiny_llama.model),
         adapters=adapters,
         faults=FAULTS,
-        # (not the default 5 s: the stall lasts the TTL + 3 s; a standby joins in ~1.6 s even with
-        # the machine loaded 13 deep, well within it)
-        heartbeat_ttl_s=3.0,
+        # (not the default 5 s: the stall lasts the TTL + 3 s. A fast restart's standby waits
+        # min(TTL/2, 2 s) before it connects, and must beat before the dispatcher's TTL runs out:
+        # at 4 s that leaves it ~2 s, where one loaded run took 1.6 s with the wait; 3 s left 1.5 s)
+        heartbeat_ttl_s=4.0,
         shape=LoadShape(rate=1.0, output_tokens=(8, 32)),
         timing=Timing(lead_s=2.0, tail_s=2.0, probes=2, drain_s=90.0, settle_s=30.0, recovery_timeout_s=40.0),
         probe_tokens=48,
