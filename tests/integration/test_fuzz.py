@@ -60,12 +60,13 @@ def _cheap(case: schemathesis.Case) -> None:
         body["prompt"] = prompt[:MAX_CHOICES]  # a list of prompts: one choice each
 
 
-def _fuzz(url: str, key: str) -> tuple[dict[str, int], list[str]]:
+def _fuzz(url: str, key: str) -> tuple[dict[tuple[str, GenerationMode], int], list[str]]:
     """Every operation of the document, valid then invalid bodies, each with the credential its
     operation needs (the admin key for the admin ones, the API ``key`` for the rest): how many
-    requests each got an answer to, and each request answered with a 5xx (or not at all)."""
+    requests each (operation, mode) got an answer to, and each request answered with a 5xx (or
+    not at all). An operation with no input has no invalid form, so no negative entry."""
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    answered: dict[str, int] = {}
+    answered: dict[tuple[str, GenerationMode], int] = {}
     failures: list[str] = []
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}  # past the key check, into the admin handlers
     user = {"Authorization": f"Bearer {key}"}
@@ -90,7 +91,7 @@ def _fuzz(url: str, key: str) -> tuple[dict[str, int], list[str]]:
                 except Exception as e:  # noqa: BLE001 - no answer at all is a failure to report too
                     failures.append(f"{case.method} {case.formatted_path} {case.body!r:.300}: {e!r}")
                     return
-                answered[operation.label] = answered.get(operation.label, 0) + 1
+                answered[operation.label, mode] = answered.get((operation.label, mode), 0) + 1
                 if response.status_code >= 500:
                     failures.append(
                         f"{response.status_code} {case.method} {case.formatted_path} "
@@ -124,8 +125,10 @@ async def test_fuzzing_every_operation_from_the_schema_gets_no_5xx(keyed_stack: 
     assert status == 201, made
     answered, failures = await asyncio.to_thread(_fuzz, stack.url, made["key"])
     assert not failures, "\n".join(failures)
-    assert len(answered) == len(routes), answered  # every operation of the document was reached
-    assert sum(answered.values()) >= 6 * 2 * MAX_EXAMPLES * 0.9, answered  # the six with inputs, both modes
+    reached = {mode: {label for label, m in answered if m is mode} for mode in GenerationMode}
+    assert len(reached[GenerationMode.POSITIVE]) == len(routes), answered  # every operation of the document
+    assert len(reached[GenerationMode.NEGATIVE]) >= 6, answered  # the six with inputs, invalid too
+    assert sum(answered.values()) >= 6 * 2 * MAX_EXAMPLES * 0.9, answered
     # Nothing died: the dispatcher and both workers still run, and the gateway is ready.
     assert not any(t.done() for t in stack.services), [t for t in stack.services if t.done()]
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/healthz") as r:
