@@ -1,6 +1,6 @@
 """What every tool-call parser shares (``tool_parsers``, ``tool_granite``, ``tool_pythonic``): a
 call as read, a decoded object read as one, the readings of an output's pieces joined, a tag's
-start at a text's end. Pure."""
+start at a text's end (``partial_tag``, the reasoning parser's too). Pure."""
 
 from __future__ import annotations
 
