@@ -1,6 +1,6 @@
 """What the dLoRA policy learns from the steps it observes: its epochs' counterfactuals (what the
-other mode would have cost), a repeated step observed at once, and what it keeps of requests and
-adapters gone staying bounded."""
+other mode would have cost), the credit a step moves for what FCFS's own step would have fed, a
+repeated step observed at once, and what it keeps of requests and adapters gone staying bounded."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from dlora.services.worker.policy import QueuedRequest, StepDecision, StepRecord, SwitchedFeeds
+from dlora.services.worker.policy import BatchLimits, QueuedRequest, StepDecision, StepRecord, SwitchedFeeds
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from dlora.services.worker.policy.dlora_steps import Basis
@@ -51,6 +51,30 @@ def test_the_band_prices_merging_with_the_prompt_tokens_it_would_compute_again()
         assert p.r == pytest.approx(r_after), cached
 
 
+# 16 tokens a step, whole prompts: four decodes of a leave no room for w's 400-token prompt, in
+# F (its slot is free) but fed by no step while they run.
+BUDGET = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
+PAST_BUDGET = [QueuedRequest(f"a{i}", "a", i, True, 1, 16) for i in range(4)]
+PAST_BUDGET.append(QueuedRequest("w", "b", 9, False, 400, 16))
+A_RAN = StepRecord("a", ["a0", "a1", "a2", "a3"], ["a"] * 4, 4, 0.02)
+
+
+def test_a_merged_adapter_in_debt_pays_nothing_for_a_prompt_fcfs_would_not_feed_either() -> None:
+    """A review: credit went to every request of F a step left waiting, a prompt past the token
+    budget too, which FCFS's own step would not feed either; the merged adapter paid for it, even
+    below the debt floor, one step after another, and the wait bound's floor did not hold. Now,
+    as the authors' ``_adjust_credit(scheduled_by_fcfs, scheduled)``, only what that step feeds
+    counts; b, owed for earlier steps, keeps its credit while w waits (it is not settled)."""
+    p = _linear_costs(DLoraPolicy(BUDGET, PolicyConfig(debt_floor_s=1.0)))
+    p.credits.balances.update({"a": -1.05, "b": 0.5})
+    for _ in range(50):
+        d = p.decide(PAST_BUDGET, "a")
+        assert (d.merged, d.mixed) == ("a", True)  # priced: a merged, w in the batch, none of F's feed waiting
+        p.observe(d, A_RAN)
+    assert p.credits.balances == {"a": -1.05, "b": 0.5}  # (it was a: -2.05, b: 1.5, and growing)
+    assert p.credits["a"] >= -(p.config.debt_floor_s + (BUDGET.max_adapters + 1) * 0.02)  # the docstring's floor
+
+
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
     attending that many more tokens (a repeated step's, and its counterfactuals')."""
@@ -60,7 +84,7 @@ def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     def grow(rs: list[QueuedRequest]) -> list[QueuedRequest]:
         return [dataclasses.replace(r, context=r.context + tokens) for r in rs]
 
-    grown = dataclasses.replace(basis, fcfs=grow(basis.fcfs), best_group=grow(basis.best_group))
+    grown = dataclasses.replace(basis, fcfs=grow(basis.fcfs), fed=grow(basis.fed), best_group=grow(basis.best_group))
     return dataclasses.replace(decision, basis=grown)
 
 

@@ -61,3 +61,19 @@ def test_a_starving_prompt_no_step_can_feed_costs_no_switch() -> None:
     p.credits.balances.update({"rare": 2.0, "rare2": 2.0, "hot": -0.5})
     d = p.decide(queue, "hot")
     assert (d.merged, d.mixed, d.request_ids[0]) == ("hot", True, "s1")
+
+
+def test_a_merged_adapter_in_debt_pays_nothing_for_what_the_starving_adapter_puts_off() -> None:
+    # lora-hot merged, in debt past the floor; rare starves. In 64 tokens (whole prompts) F's own
+    # step feeds c1 and h, the step with rare first s1 and h, and so does the mixed step beside
+    # lora-hot: c1 waits for rare's sake, as it would unmerged, where nobody pays for it; lora-hot
+    # paid (it could not displace anyone, and its debt grew past the wait bound's floor)
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=64, chunked_prefill=False)
+    queue = [QueuedRequest("c1", "c", 0, False, 40), QueuedRequest("s1", "rare", 1, False, 40)]
+    queue.append(QueuedRequest("h", "hot", 2, True, 1))
+    p = DLoraPolicy(limits)
+    p.credits.balances.update({"rare": 1.5, "hot": -1.5})
+    d = p.decide(queue, "hot")
+    assert (d.merged, d.mixed, d.request_ids[0]) == ("hot", True, "s1")
+    p.observe(d, StepRecord("hot", ["s1", "h"], ["rare", "hot"], num_tokens=41, seconds=0.02))
+    assert p.credits["c"] == 0.0 and p.credits["hot"] == 0.0  # rare, served, settled against it

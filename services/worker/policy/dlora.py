@@ -41,29 +41,33 @@ R_a = R / (1 + overhead(rank_a)) (and L_a likewise): an adapter that costs more 
 (higher rank, by the measured cost model) is merged at a smaller share of the batch.
 
 **Credits** (``CreditLedger``) flow from the merged adapter (merged or mixed), or from the
-adapters whose requests jumped into the batch, to every adapter with a request in F that did not
-run; an owed adapter is settled once nothing of it is displaced. F is dLoRA's FCFS batch, which
-its credits compare the batch run with (the authors' artifact: ``_adjust_credit(scheduled_by_fcfs,
-scheduled)``): what FCFS itself runs, so a request in a slot FCFS gives it too (the refill)
-jumps no one and pays nothing, and a step that leaves it waiting owes it as any request of F.
+adapters whose requests jumped into the batch, to every adapter with a request that F's own step
+feeds (on the starvation path: F's with the starving adapters' requests first) that did not run;
+a request of F that step would not feed either (a prompt past the token budget) waits either way,
+and nobody owes it for that. An owed adapter is settled once nothing of it in F waits. F is
+dLoRA's FCFS batch, which its credits compare the batch run with (the authors' artifact:
+``_adjust_credit(scheduled_by_fcfs, scheduled)``, ``scheduled_by_fcfs`` being what its FCFS step
+schedules): what FCFS itself runs, so a request in a slot FCFS gives it too (the refill) jumps no
+one and pays nothing, and a step that leaves it waiting owes it as any request of F.
 
-**Wait bound.** A request in F that does not run makes its adapter gain the step's seconds, and no
-adapter's balance goes below -(debt_floor_s + (max_adapters + 1) * t_max): only eligible adapters
-are merged, merged or mixed (a merged adapter in debt runs only mixed steps that leave none of F
-waiting that the unmerged step, F's own or the starving adapters' first, would feed); one step
-displaces at most the max_adapters adapters and the base model of F, less the payer, each moving
-one t_max; settling never crosses zero. So once in F, a request waits at most
-``wait_bound_s(t_max)`` = starvation_s + debt_floor_s + (max_adapters + 2) * t_max seconds of steps
-before it runs, t_max being the longest step: its adapter then starves, and the next step serves
-it. (It assumes the scheduler admits what the policy chose, and that a step feeds all of F: a
-request of F left out for memory or the token budget, by the scheduler or already by the step
-chosen (one the unmerged step would not feed either), still counts as displaced and moves credit,
-from a merged adapter in debt too, which can take the payer below that floor and lengthen the bound
-of the payer's own requests. Nor does it bound the wait before a request is in F: a prompt the
-blocks free cannot hold whole (``QueuedRequest.fits``) enters F only first in the queue, or once
-finished requests free its blocks, however much credit its adapter holds; and a starving adapter's
-prompt put first in F still waits where the requests of F that came before it hold the blocks its
-next chunk needs: the scheduler evicts none of them for a prompt, ``_fits``.) A
+**Wait bound.** A request that F's own step feeds and the step run does not makes its adapter gain
+the step's seconds, and no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) *
+t_max): only eligible adapters are merged, merged or mixed (a merged adapter in debt runs only
+mixed steps that leave none waiting of what the unmerged step, F's own or the starving adapters'
+first, would feed: they move no credit); one step displaces at most the max_adapters adapters and
+the base model of F, less the payer, each moving one t_max; settling never crosses zero. So a
+request waits at most ``wait_bound_s(t_max)`` = starvation_s + debt_floor_s + (max_adapters + 2) *
+t_max seconds of the steps F's own step would feed it in, t_max being the longest step: its
+adapter then starves, and the next step serves it. (It assumes the scheduler admits what the
+policy chose, as ``within_budget`` foresees it: a request it leaves out for memory or the token
+budget all the same still counts as displaced and moves credit, from a merged adapter in debt
+too, which can take the payer below that floor and lengthen the bound of the payer's own
+requests. Nor does it bound the wait before F's own step feeds a request: a prompt past the token
+budget waits behind the requests of F before it, as under FCFS; a prompt the blocks free cannot
+hold whole (``QueuedRequest.fits``) enters F only first in the queue, or once finished requests
+free its blocks, however much credit its adapter holds; and a starving adapter's prompt put first
+in F still waits where the requests of F that came before it hold the blocks its next chunk
+needs: the scheduler evicts none of them for a prompt, ``_fits``.) A
 running request's adapter starves at ``running_starvation_s`` (the lesser) instead: a stream
 pauses at most that bound with it (``wait_bound_s(t_max, running=True)``). A lone stream of a
 rarely used adapter beside a busy one gains nothing by waiting (it has nobody of its adapter to
@@ -217,13 +221,14 @@ class DLoraPolicy(EpochLearning):
         # must not be merged.
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = Basis(fcfs, best, eligible.get(best or "", []), merged_now)
         f_run = within_budget(fcfs, self.limits, None, merged_now, kv)
+        basis = Basis(fcfs, f_run, best, eligible.get(best or "", []), merged_now)
         unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
 
         starving = self._starving(queue, fcfs)
         if starving:
-            return self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible, kv).decision(basis)
+            chosen, basis.fed = self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible, kv)
+            return chosen.decision(basis)
         if self.fallback_steps > 0:
             return unmerged.decision(basis)
 
@@ -293,13 +298,16 @@ class DLoraPolicy(EpochLearning):
         merged_now: str | None,
         eligible: bool,
         kv: KvRoom | None,
-    ) -> _Candidate:
+    ) -> tuple[_Candidate, list[QueuedRequest]]:
         """The starving adapters' requests in F first: beside the adapter merged now (no switch;
         the mixed batch refilled as F is) where that step feeds each of them that F unmerged, them
         first, would feed (``within_budget``), or each request of F, where that adapter may not
-        displace anyone (not ``eligible``); else F unmerged, them first."""
+        displace anyone (not ``eligible``); else F unmerged, them first. With what that unmerged
+        step feeds, which the step's credits are counted against (``Basis.fed``): the requests of
+        F it leaves waiting are the starving adapters' to put off, not the merged adapter's to pay."""
         first = [r for r in fcfs if key_of(r.adapter) in starving]
         unmerged = first + [r for r in fcfs if key_of(r.adapter) not in starving]
+        run = within_budget(unmerged, self.limits, None, merged_now, kv)
         if merged_now is not None:
             ordered = [r for r in queue if key_of(r.adapter) in starving]
             ordered += [r for r in queue if key_of(r.adapter) not in starving]
@@ -309,10 +317,10 @@ class DLoraPolicy(EpochLearning):
             # state changes what a prompt finds cached, so what it feeds) waits again, and gains
             # credit its merged adapter pays, where the unmerged step would have fed it and settled
             # its balance. One neither step feeds waits either way.
-            fed = {r.request_id for r in within_budget(unmerged, self.limits, None, merged_now, kv)}
+            fed = {r.request_id for r in run}
             if (must & fed) <= {r.request_id for r in within_budget(mixed, self.limits, merged_now, merged_now, kv)}:
-                return _Candidate(Mode.MIXED, merged_now, mixed)
-        return _Candidate(Mode.UNMERGED, None, unmerged)
+                return _Candidate(Mode.MIXED, merged_now, mixed), run
+        return _Candidate(Mode.UNMERGED, None, unmerged), run
 
     def _candidate(
         self,

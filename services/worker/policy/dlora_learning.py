@@ -69,7 +69,9 @@ class EpochLearning(Policy):
     def _move_credits(self, facts: Facts, seconds: float) -> None:
         if facts.transfers:
             self.credits.transfer(facts.displaced, facts.payers, seconds)
-        for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.displaced]:
+        # (not while a request of it in F waits, fed by the unmerged step or not: that would cancel
+        # what it is owed before it runs)
+        for key in [k for k, v in self.credits.balances.items() if v > 0 and k not in facts.waiting]:
             self.credits.settle(key)
 
     def _account(self, basis: Basis, record: StepRecord, facts: Facts, seconds: float, repeat: int = 0) -> None:

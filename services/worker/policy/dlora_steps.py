@@ -35,7 +35,8 @@ class Facts:
     """What a step tells ``observe`` beside its seconds: the same however often it repeats."""
 
     mode: Mode
-    displaced: set[str]  # keys of the FCFS requests it left waiting: they gain credit
+    displaced: set[str]  # keys of the requests the unmerged step would feed that it left waiting: they gain credit
+    waiting: set[str]  # keys of the requests of F it left waiting, fed by that step or not: not settled
     payers: dict[str, float]  # who pays it, by share
     served: int  # tokens of work it served (``QueuedRequest.work``)
     slowdown: float  # 1 + its FCFS requests left waiting over those it ran
@@ -50,6 +51,10 @@ class Basis:
     """What decide() saw, handed back to observe() in the decision (``StepDecision.basis``)."""
 
     fcfs: list[QueuedRequest]
+    # What one step of the unmerged batch the step is compared with feeds (``within_budget``): F's
+    # own, or on the starvation path F with the starving adapters' requests first. Its requests
+    # the step leaves waiting are displaced; those of F it does not feed would wait either way.
+    fed: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
     best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
     merged_now: str | None = None  # the adapter merged as it decided
@@ -86,17 +91,22 @@ def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
     else:  # whoever jumped in ahead of FCFS pays (nobody, for a batch this policy chose)
         jumped = (key_of(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
         payers = dict(Counter(jumped))
-    waiting = sum(r.request_id not in ran for r in basis.fcfs)
+    # Displaced: what the unmerged step would feed and this one did not (the authors' artifact
+    # counts against what its FCFS step schedules, ``_adjust_credit(scheduled_by_fcfs, scheduled)``):
+    # a prompt past the token budget was owed, by a merged adapter in debt too, for a step in
+    # which FCFS would not have fed it either.
+    left = [r for r in basis.fed if r.request_id not in ran]
     merged = record.merged is not None
-    displaced = {key_of(r.adapter) for r in basis.fcfs if r.request_id not in ran}
+    displaced = {key_of(r.adapter) for r in left}
     return Facts(
         mode=record.mode,
         displaced=displaced,
+        waiting={key_of(r.adapter) for r in basis.fcfs if r.request_id not in ran},
         payers=payers,
         transfers=bool(displaced - payers.keys()) and sum(payers.values()) > 0,
         # what a switch made prompts compute again took the step's time and served no one
         served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
-        slowdown=1 + waiting / max(1, len(ran)),
+        slowdown=1 + sum(r.request_id not in ran for r in basis.fcfs) / max(1, len(ran)),
         cf=step_work(basis.fcfs, None, ranks, basis.merged_now) if merged else None,
         cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
         cf_others=sum(r.adapter != basis.best for r in basis.fcfs) if basis.best is not None else 0,
