@@ -75,6 +75,23 @@ def test_a_merged_adapter_in_debt_pays_nothing_for_a_prompt_fcfs_would_not_feed_
     assert p.credits["a"] >= -(p.config.debt_floor_s + (BUDGET.max_adapters + 1) * 0.02)  # the docstring's floor
 
 
+def test_an_epochs_counterfactual_and_its_waiting_are_what_fcfs_own_step_feeds() -> None:
+    """The merged epoch's counterfactual (F unmerged) priced w's 400 tokens as fed beside a's
+    decodes in one 16-token step, and each step, merged or unmerged, counted w as work it put off
+    (the step's seconds x 1.25), though FCFS's own step left it waiting too: unmerged serving
+    looked nine times faster than it was (1,635 tokens/s, not 182), and an unmerged step of F
+    slower than it ran."""
+    for merged_now, record in (("a", A_RAN), (None, dataclasses.replace(A_RAN, merged=None))):
+        p = _linear_costs(DLoraPolicy(BUDGET))
+        d = dataclasses.replace(p.decide(PAST_BUDGET, merged_now), merged=record.merged, mixed=merged_now is not None)
+        p.observe(d, record)
+        epoch = p._epoch
+        assert epoch is not None and epoch.seconds == 0.02, merged_now
+        assert epoch.cf_tokens == 4  # a's decodes: merged, F's own step; unmerged, a merged
+        if merged_now is None:  # which leaves none of F's own step waiting (w waits either way)
+            assert epoch.cf_seconds == (p.costs.step_seconds(4, context=4) or 0) + p._round_trip("a")
+
+
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
     attending that many more tokens (a repeated step's, and its counterfactuals')."""

@@ -97,18 +97,19 @@ class EpochLearning(Policy):
             epoch.predicted_actual += seconds
             epoch.predicted_steps += 1
             self._watch(epoch)
-        if facts.cf is not None:  # counterfactual: the FCFS batch, unmerged
+        if facts.cf is not None:  # counterfactual: the unmerged step, what one step of it feeds (``Basis.fed``)
             # A waiting prompt is prefilled once an epoch, then decodes, as in the merged one below
             # (a review: a prompt the merged epoch left waiting was counted prefilled at every step,
-            # and unmerged serving looked better than it was)
-            seen = epoch.cf_prefilled
+            # and unmerged serving looked better than it was); one cut to a chunk, once fed whole.
+            # (Priced over all of F, it fed the prompts past the token budget in one step too.)
+            seen, queued = epoch.cf_prefilled, {r.request_id: r for r in basis.fcfs}
             (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
-            if any(not r.running and r.request_id in seen for r in basis.fcfs):
-                batch = [r.decoding() if r.request_id in seen else r for r in basis.fcfs]
+            if any(not r.running and r.request_id in seen for r in basis.fed):
+                batch = [r.decoding() if r.request_id in seen else r for r in basis.fed]
                 tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
                 work = sum(r.work for r in batch)
-            seen.update(r.request_id for r in basis.fcfs if not r.running)
-            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fcfs))
+            seen.update(r.request_id for r in basis.fed if not r.running and r == queued.get(r.request_id))
+            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fed))
             if cf is not None:
                 epoch.cf_tokens += work
                 epoch.cf_seconds += cf

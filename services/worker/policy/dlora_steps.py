@@ -39,11 +39,11 @@ class Facts:
     waiting: set[str]  # keys of the requests of F it left waiting, fed by that step or not: not settled
     payers: dict[str, float]  # who pays it, by share
     served: int  # tokens of work it served (``QueuedRequest.work``)
-    slowdown: float  # 1 + its FCFS requests left waiting over those it ran
-    cf: tuple[int, int, int, int] | None  # a merged step's counterfactual: the FCFS batch unmerged (``step_work``)
-    cf_work: int  # that batch's tokens of work
+    slowdown: float  # 1 + the requests the unmerged step would feed it left waiting over those it ran
+    cf: tuple[int, int, int, int] | None  # a merged step's counterfactual: ``Basis.fed`` unmerged (``step_work``)
+    cf_work: int  # that step's tokens of work
     transfers: bool  # whether ``CreditLedger.transfer`` moves credit for it (someone displaced, someone pays)
-    cf_others: int  # an unmerged step's counterfactual: FCFS requests not of the adapter it would merge
+    cf_others: int  # an unmerged step's counterfactual: requests of ``Basis.fed`` not of the adapter it would merge
 
 
 @dataclass
@@ -106,8 +106,8 @@ def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
         transfers=bool(displaced - payers.keys()) and sum(payers.values()) > 0,
         # what a switch made prompts compute again took the step's time and served no one
         served=record.num_tokens - min(record.num_tokens, sum(basis.excess.get(r, 0) for r in record.request_ids)),
-        slowdown=1 + sum(r.request_id not in ran for r in basis.fcfs) / max(1, len(ran)),
-        cf=step_work(basis.fcfs, None, ranks, basis.merged_now) if merged else None,
-        cf_work=sum(r.work for r in basis.fcfs) if merged else 0,
-        cf_others=sum(r.adapter != basis.best for r in basis.fcfs) if basis.best is not None else 0,
+        slowdown=1 + len(left) / max(1, len(ran)),
+        cf=step_work(basis.fed, None, ranks, basis.merged_now) if merged else None,
+        cf_work=sum(r.work for r in basis.fed) if merged else 0,
+        cf_others=sum(r.adapter != basis.best for r in basis.fed) if basis.best is not None else 0,
     )
