@@ -279,7 +279,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             if free < 0:
                 break
             t = priced(context + n * j)
-            seconds.append(t)
+            seconds.append((clock + t) - clock)  # what a step measures: its clock after, less before
             clock += t
         k = len(seconds)
         if not k:
