@@ -25,6 +25,7 @@ from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
 from dlora.services.worker.engine.outputs import RequestError
 from dlora.services.worker.engine.sampler import SamplingError
+from dlora.services.worker.engine.scheduler import kv_room
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
@@ -246,12 +247,27 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
     def fast_forward(self, until: float) -> tuple[list[str], int]:
         """Run the steps that begin before ``until`` at once, as long as each would repeat the last:
         that step was decodes only and ran every request here (none waits, none was preempted),
-        nothing was added or aborted since, and no request reaches its end (each step that ends
-        one runs as a real step). Each such step is what the engine's own step would make of the
-        same decision (one token per request, its KV blocks, the prefix cache, the stats, the
-        policy's ``observe``, its cost on the clock), without asking the policy again: it could
-        only decide otherwise by its cost estimates moving across a margin within the run.
-        The requests advanced and the steps run (0: none)."""
+        nothing was added or aborted since, no request reaches its end (each step that ends one
+        runs as a real step), and the policy decides it again. Each such step is what the engine's
+        own step would make of the same decision (one token per request, its KV blocks, the prefix
+        cache, the stats, the policy's ``observe``, its cost on the clock). A policy that learns
+        (``Policy.learns``) is asked before each step, as stepping asks it: its cost fit, credits
+        or watchdog can change its mind with no change to the queue (a mixed epoch that went on
+        past the step where the overhead fit came to price the unmerged one cheaper, 26 merges
+        against stepping's 21); the others decide by the queue alone, which these steps leave as
+        it was. The requests advanced and the steps run (0: none)."""
+        if not self.policy.learns:
+            return self._repeat(until)
+        advanced: list[str] = []
+        steps = 0
+        while (ran := self._repeat(until, ask=True))[1]:
+            advanced, steps = ran[0], steps + 1
+        return advanced, steps
+
+    def _repeat(self, until: float, ask: bool = False) -> tuple[list[str], int]:
+        """Run the steps that repeat the last one and begin before ``until``: ``fast_forward``'s.
+        ``ask``: one step at most, and only if the policy decides it again (observed with that
+        decision's own basis, as stepping observes it). The requests advanced and the steps run."""
         if self._last is None:
             return [], 0
         decision, step = self._last
@@ -265,6 +281,8 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             - 1
             for s in batch
         )
+        if ask:
+            k_max = min(k_max, 1)
         # Step j (from 1) grows a request with c tokens cached by one block where (c + j - 1) % bs == 0.
         crossing = Counter(s.num_cached % bs for s in batch)
         free = self.blocks.num_free
@@ -284,6 +302,12 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         k = len(seconds)
         if not k:
             return [], 0
+        if ask:
+            again = self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
+            repeated = (decision.merged, decision.mixed, decision.request_ids)
+            if (again.merged, again.mixed, again.request_ids) != repeated:
+                return [], 0  # the next step runs for real, and asks again: the same state, the same answer
+            decision = again
         # Blocks are taken and named step by step in the order the engine's step takes them (the
         # scheduler grows requests in decision order, the KV written is taken in batch order), at
         # the steps where a request crosses a block bound: the same tables and cache as stepping.

@@ -63,16 +63,12 @@ def test_the_migrator_moves_requests_off_an_overloaded_replica_and_they_end_exac
 
 
 def test_fast_forward_serves_as_stepping_does() -> None:
-    """Skipping the steps that repeat the last one changes nothing under unmerged-only: every
-    request's first token and end come at the same instant, and the stats are the same (a
-    fast-forward that also skipped the step after a horizon moved these figures; one that recorded
-    a step's cost where a step records its clock after less before, its step seconds in the last
-    digit). Under dLoRA's policy, which learns from the steps
-    a fast-forward runs and is not asked within them, an estimate can cross a margin a step later
-    or earlier: the same tokens and steps and latencies within half a percent here (exactly the
-    same until dispatch priced requests by the workers' finished lengths, which gave these
-    replicas other requests; within a thousandth until the cost model priced a step's context,
-    which grows at every step, so that a candidate's price crosses another's within a run)."""
+    """Skipping the steps that repeat the last one changes nothing: every request's first token and
+    end come at the same instant, and the stats are the same (a fast-forward that also skipped the
+    step after a horizon moved these figures; one that recorded a step's cost where a step records
+    its clock after less before, its step seconds in the last digit), under unmerged-only and
+    under dLoRA's policy, which learns from the steps a fast-forward runs and is asked again
+    before each (``SimEngine.fast_forward``)."""
     from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 
@@ -82,41 +78,33 @@ def test_fast_forward_serves_as_stepping_does() -> None:
     for config in (unmerged, None):
         runs = [Cluster(H200, 4, adapters, config=config, fast_forward=ff) for ff in (True, False)]
         fast, exact = (r.run(requests) for r in runs)
-        assert [s.tokens for s in fast] == [s.tokens for s in exact]
-        steps = [sum(r.stats.steps for r in run.replica_summaries) for run in runs]
+        assert fast == exact
+        assert [r.stats for r in runs[0].replica_summaries] == [r.stats for r in runs[1].replica_summaries]
         skipped = sum(r.fast_forwarded for r in runs[0].replica_summaries)
-        assert 0.3 * steps[0] < skipped  # each counted as a step
-        if config is unmerged:
-            assert fast == exact
-            assert [r.stats for r in runs[0].replica_summaries] == [r.stats for r in runs[1].replica_summaries]
-        else:
-            assert steps[0] == pytest.approx(steps[1], rel=0.005)
-            for key, value in summary(fast).items():
-                assert value == pytest.approx(summary(exact)[key], rel=0.005), key
+        assert 0.3 * sum(r.stats.steps for r in runs[0].replica_summaries) < skipped  # each counted as a step
 
 
 def test_fast_forward_serves_as_stepping_does_across_stats_and_switches(tmp_path: Path) -> None:
     """The same through ``dlora simulate`` on a workload with merges, mixed steps and stats ticks
-    between the steps (a review's: a fast-forward that went on past a tick without asking the
-    policy moved its throughput from 516.38 to 518.21 tok/s and its merges from 82 to 73). The
-    same completions; throughput and latencies within a thousandth (see above: latencies equal to
-    the last digit until dispatch priced requests by the workers' finished lengths, throughput
-    until the overhead fit clipped its residuals, 515.56 against 515.49), merges within one in
-    the 76 (the same until the cost model priced a step's context, which moves every step)."""
+    between the steps: every figure but the wall time the same. A review's: a fast-forward that
+    went on past a tick without asking the policy moved its throughput from 516.38 to 518.21 tok/s
+    and its merges from 82 to 73. A helper's: one that asked it only at the steps it ran for real
+    went on mixed past the step where the overhead fit came to price the unmerged step cheaper
+    (26 merges against 21 here, its latency 0.3 % off; the same figures at 300 requests, by luck)."""
     from dlora.services.cli import build_parser
 
-    argv = "simulate --replicas 4 --requests 300 --rate 6 --adapters 12 --ranks 8,16,32 --seed 3"
+    argv = "simulate --replicas 4 --requests 150 --rate 6 --adapters 12 --ranks 8,16,32 --seed 3"
     results = []
     for exact in ([], ["--exact"]):
         args = build_parser().parse_args([*argv.split(), *exact, "--json", str(tmp_path / "r.json")])
         assert args.func(args) == 0
-        results.append(json.loads((tmp_path / "r.json").read_text()))
+        result = json.loads((tmp_path / "r.json").read_text())
+        results.append({k: v for k, v in result.items() if k not in ("exact", "options", "wall_s")})
     fast, stepped = results
-    assert fast["fast_forwarded_steps"] > 0
-    assert fast["completed"] == stepped["completed"]
-    assert abs(fast["merges"] - stepped["merges"]) <= 1
-    for key in ("throughput_tok_s", "norm_latency_mean_s", "norm_latency_p90_s"):
-        assert fast[key] == pytest.approx(stepped[key], rel=0.001), key
+    assert fast.pop("fast_forwarded_steps") > 0
+    assert stepped.pop("fast_forwarded_steps") == 0
+    assert fast["merges"] and fast["steps_by_mode"]["mixed"] and fast["steps_by_mode"]["merged"]
+    assert fast == stepped
 
 
 def test_the_replicas_split_over_processes_serve_exactly_as_in_one() -> None:
@@ -206,9 +194,7 @@ def test_a_replica_reads_what_requests_wait_for_before_what_the_placement_prefet
 
 def test_with_a_disk_tier_fast_forward_and_processes_serve_as_stepping_in_one() -> None:
     """Reads from disk and prefetches change what a replica runs: a fast-forward stops at them,
-    and the placement's prefetches reach each shard alike. (Under mixed-only: the dLoRA policy's
-    estimates can cross a margin within a fast-forward, which then repeats a decision that a
-    step of its own would have changed — ``SimEngine.fast_forward``.)"""
+    and the placement's prefetches reach each shard alike (under mixed-only)."""
     from dlora.services.worker.engine.config import EngineConfig
     from dlora.services.worker.policy.config import PolicyConfig, PolicyName
 

@@ -11,7 +11,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 
 class Mode(enum.StrEnum):
@@ -355,6 +355,11 @@ def fcfs_refilled(
 
 class Policy:
     """Base class: ``decide`` is the policy; ``observe`` and the checkpoint are no-ops by default."""
+
+    # Whether ``decide`` reads what ``observe`` learned (step costs, credits, thresholds): then a
+    # step that repeats the last one (the simulator's fast-forward) must ask it again, as its
+    # decision may change with no change to the queue.
+    learns: ClassVar[bool] = False
 
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits

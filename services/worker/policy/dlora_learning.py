@@ -25,6 +25,8 @@ from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, facts_
 class EpochLearning(Policy):
     """``observe`` for the dLoRA policy: the state it learns lives on the policy, which decides by it."""
 
+    learns = True  # costs, credits, band and watchdog: a repeated step may be decided otherwise
+
     config: PolicyConfig
     r: float  # dLoRA's R: the share of F an adapter's requests need to enter a merged epoch
     credits: CreditLedger
