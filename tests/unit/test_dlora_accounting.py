@@ -92,6 +92,19 @@ def test_an_epochs_counterfactual_and_its_waiting_are_what_fcfs_own_step_feeds()
             assert epoch.cf_seconds == (p.costs.step_seconds(4, context=4) or 0) + p._round_trip("a")
 
 
+def test_a_counterfactual_feeds_a_chunked_prompt_once_over_its_chunks() -> None:
+    """A review: a prompt the counterfactual cut to a chunk counted prefilled only once fed whole,
+    and one the merged epoch left waiting never was: all 100 steps fed w a 12-token chunk (1,200
+    tokens of its 400). Its chunks now add up: 34 of them, then it decodes."""
+    limits = dataclasses.replace(BUDGET, chunked_prefill=True)
+    p = _linear_costs(DLoraPolicy(limits))
+    for _ in range(100):
+        p.observe(dataclasses.replace(p.decide(PAST_BUDGET, "a"), merged="a", request_ids=A_RAN.request_ids), A_RAN)
+    epoch = p._epoch
+    assert epoch is not None and epoch.steps == 100
+    assert epoch.cf_tokens == 100 * 4 + 34 * 12 + 66  # a's decodes; w's chunks, then its decodes
+
+
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
     attending that many more tokens (a repeated step's, and its counterfactuals')."""
@@ -165,3 +178,6 @@ def test_what_the_policy_keeps_of_requests_and_adapters_gone_stays_bounded() -> 
     epoch = p._epoch
     assert epoch is not None and epoch.merged == "a" and epoch.steps == 2000  # one long epoch
     assert len(epoch.cf_prefilled) <= 4 * 6 + 256 and len(p.ranks) <= 4 * 6 + 256
+    epoch.cf_chunked.update((f"gone{i}", 8) for i in range(300))  # prompts gone mid-chunk
+    p.decide(q, "a")
+    assert not epoch.cf_chunked

@@ -178,12 +178,14 @@ class DLoraPolicy(EpochLearning):
 
     def _forget_gone(self, queue: list[QueuedRequest], merged_now: str | None) -> None:
         """Forget requests and adapters no longer queued, once they far outnumber those that are
-        (amortised O(1) a step): an epoch's prompts prefilled in its counterfactual grew by one id
-        a request for as long as one adapter stayed merged, the ranks by one key an adapter
-        version ever queued (a helper's finding: 9,000 ids with 6 requests in flight)."""
+        (amortised O(1) a step): an epoch's prompts prefilled (or chunked) in its counterfactual
+        grew by one id a request for as long as one adapter stayed merged, the ranks by one key an
+        adapter version ever queued (a helper's finding: 9,000 ids with 6 requests in flight)."""
         epoch, bound = self._epoch, 4 * len(queue) + 256
-        if epoch is not None and len(epoch.cf_prefilled) > bound:
-            epoch.cf_prefilled.intersection_update(r.request_id for r in queue)
+        if epoch is not None and len(epoch.cf_prefilled) + len(epoch.cf_chunked) > bound:
+            ids = {r.request_id for r in queue}
+            epoch.cf_prefilled &= ids
+            epoch.cf_chunked = {k: n for k, n in epoch.cf_chunked.items() if k in ids}
         if len(self.ranks) > bound:
             keep = {r.adapter for r in queue} | {merged_now}
             self.ranks = {a: rank for a, rank in self.ranks.items() if a in keep}

@@ -102,15 +102,23 @@ class EpochLearning(Policy):
         if facts.cf is not None:  # counterfactual: the unmerged step, what one step of it feeds (``Basis.fed``)
             # A waiting prompt is prefilled once an epoch, then decodes, as in the merged one below
             # (a review: a prompt the merged epoch left waiting was counted prefilled at every step,
-            # and unmerged serving looked better than it was); one cut to a chunk, once fed whole.
-            # (Priced over all of F, it fed the prompts past the token budget in one step too.)
+            # and unmerged serving looked better than it was); one cut to chunks, once they add up
+            # to it. (Priced over all of F, it fed the prompts past the token budget in one step too.)
             seen, queued = epoch.cf_prefilled, {r.request_id: r for r in basis.fcfs}
             (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
             if any(not r.running and r.request_id in seen for r in basis.fed):
                 batch = [r.decoding() if r.request_id in seen else r for r in basis.fed]
                 tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
                 work = sum(r.work for r in batch)
-            seen.update(r.request_id for r in basis.fed if not r.running and r == queued.get(r.request_id))
+            # (a review: counted prefilled only once fed whole, a prompt the merged epoch left
+            # waiting, so never fed whole, was fed a chunk at every step of it)
+            for r in basis.fed:
+                if not r.running and r.request_id not in seen:
+                    n = epoch.cf_chunked.pop(r.request_id, 0) + r.fed(None, basis.merged_now)
+                    if n < queued[r.request_id].fed(None, basis.merged_now):
+                        epoch.cf_chunked[r.request_id] = n
+                    else:
+                        seen.add(r.request_id)
             cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fed))
             if cf is not None:
                 epoch.cf_tokens += work

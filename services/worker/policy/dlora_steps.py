@@ -28,6 +28,7 @@ class Epoch:
     cf_seconds: float = 0.0
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
     cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
+    cf_chunked: dict[str, int] = field(default_factory=dict)  # by request: prompt tokens it fed in chunks so far
 
 
 @dataclass(frozen=True)
