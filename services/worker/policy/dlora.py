@@ -46,9 +46,10 @@ feeds (on the starvation path: F's with the starving adapters' requests first) t
 a request of F that step would not feed either (a prompt past the token budget) waits either way,
 and nobody owes it for that. An owed adapter is settled once nothing of it in F waits. F is
 dLoRA's FCFS batch, which its credits compare the batch run with (the authors' artifact:
-``_adjust_credit(scheduled_by_fcfs, scheduled)``, ``scheduled_by_fcfs`` being what its FCFS step
-schedules): what FCFS itself runs, so a request in a slot FCFS gives it too (the refill) jumps no
-one and pays nothing, and a step that leaves it waiting owes it as any request of F.
+``_adjust_credit(scheduled_by_fcfs, scheduled)``, ``scheduled_by_fcfs`` being its FCFS step,
+``queued[:max_num_seqs]``: it models no token budget, which ours counts): what FCFS itself runs,
+so a request in a slot FCFS gives it too (the refill) jumps no one and pays nothing, and a step
+that leaves it waiting owes it as any request of F.
 
 **Wait bound.** A request that F's own step feeds and the step run does not makes its adapter gain
 the step's seconds, and no adapter's balance goes below -(debt_floor_s + (max_adapters + 1) *

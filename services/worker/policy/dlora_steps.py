@@ -93,7 +93,8 @@ def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
         jumped = (key_of(a) for rid, a in zip(record.request_ids, record.adapters) if rid not in fcfs_ids)
         payers = dict(Counter(jumped))
     # Displaced: what the unmerged step would feed and this one did not (the authors' artifact
-    # counts against what its FCFS step schedules, ``_adjust_credit(scheduled_by_fcfs, scheduled)``):
+    # counts against its FCFS step, ``_adjust_credit(scheduled_by_fcfs, scheduled)``, one that
+    # models no token budget: ``queued[:max_num_seqs]``):
     # a prompt past the token budget was owed, by a merged adapter in debt too, for a step in
     # which FCFS would not have fed it either.
     left = [r for r in basis.fed if r.request_id not in ran]
