@@ -1,6 +1,6 @@
 """How long one ``GET /v1/status`` poll holds the gateway's event loop at thousands of adapters.
 
-The document is made on a thread (``Gateway.status``), but a thread running Python holds the GIL:
+The document is made on a thread (``monitoring.status``), but a thread running Python holds the GIL:
 the loop runs only in the switch interval's slices (5 ms), and not at all while msgspec encodes
 (C code that keeps the GIL for the whole document). This script times it as the gateway does it
 (``Traffic.frozen`` on the loop, then ``status_body`` on a thread) while a ticker on the loop
@@ -52,7 +52,7 @@ def _setup(adapters: int, workers: int, held: int) -> tuple[tuple[Any, ...], sta
 
 
 async def _poll(args: tuple[Any, ...], traffic: status.Traffic, body: Any) -> tuple[float, int]:
-    """One poll as ``Gateway.status`` makes it; (seconds on the loop before the thread, bytes)."""
+    """One poll as ``monitoring.status`` makes it; (seconds on the loop before the thread, bytes)."""
     start = time.perf_counter()
     frozen = traffic.frozen()
     on_loop = time.perf_counter() - start

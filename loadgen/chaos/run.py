@@ -93,8 +93,8 @@ async def run_chaos(cfg: ChaosConfig, machine: str, say: Callable[[str], None] =
         await tap.close()
         with contextlib.suppress(Exception):
             await stack.stop()
-        # After the stop, so a failed start does not leave the stack up for the oracle's ~20 s;
-        # its thread cannot be cancelled (at a cancel this returns at once and the thread runs out).
+        # After the stop, so a failed start or a Ctrl-C does not leave the stack up while the
+        # oracle's thread (~20 s, not cancellable) runs out: the wait for it comes last.
         await asyncio.gather(expected, return_exceptions=True)
     config = {
         "workers": cfg.workers,

@@ -1,5 +1,5 @@
 """What a gateway hears of the cluster and tells of it: the workers' stats and the migrator's plans
-it listens to (``_on_stats``, ``_on_plan``), and the routes that report on it (readiness,
+it listens to (``on_stats``, ``on_plan``), and the routes that report on it (readiness,
 liveness, metrics, ``/v1/status``). Each takes the gateway first, bound by ``functools.partial``
 in ``routes`` and ``Gateway.start`` (as ``cache_reset``'s route)."""
 

@@ -313,6 +313,6 @@ def cluster_status(
 
 
 def status_body(*args: Any) -> bytes:
-    """``cluster_status(*args)`` as JSON: run on a thread (``Gateway.status``), from a ``frozen``
+    """``cluster_status(*args)`` as JSON: run on a thread (``monitoring.status``), from a ``frozen``
     traffic and the workers' stats (frozen messages), as the loop held them when the poll came."""
     return msgspec.json.encode(cluster_status(*args))
