@@ -21,7 +21,7 @@ import msgspec
 from dlora.common import log
 from dlora.common.messages import GenerateRequest
 from dlora.services.worker.commands import Add
-from dlora.services.worker.engine.stopping import ends_by_token
+from dlora.services.worker.engine.stopping import grammar_needed
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -126,12 +126,9 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
 
 
 def _compiles(w: WorkerService, req: GenerateRequest) -> bool:
-    """Whether ``req``'s grammar is compiled on arrival: it asks for one, and is not a resume its
-    output's last token ends (a stop token, EOS), which the engine ends as it is added, by the same
-    rule (``ends_by_token``), asking for no grammar: a compile of seconds for no token."""
-    return bool(req.params.structured_outputs()) and not ends_by_token(
-        req.resume_token_ids, req.params, w.engine.eos_ids
-    )
+    """Whether ``req``'s grammar is compiled on arrival: by the engine's own rule
+    (``grammar_needed``); a resume its last token ends gets none (a compile of seconds for no token)."""
+    return grammar_needed(req.resume_token_ids, req.params, w.engine.eos_ids)
 
 
 def stop_preparing(w: WorkerService) -> list[Preparing]:

@@ -45,7 +45,7 @@ from dlora.services.worker.engine.scheduler import Limits, kv_room, queued
 from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.stopping import ends_by_token
+from dlora.services.worker.engine.stopping import grammar_needed
 from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
@@ -281,7 +281,7 @@ class LLMEngine:
         # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one. At its
         # length with none to be had here now, it ends "length" as before: not an error in place of its output
         refused: Exception | None = None
-        if params.structured_outputs() and not ends_by_token(resumed, params, self.eos_ids):
+        if grammar_needed(resumed, params, self.eos_ids):
             try:
                 seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
             except GrammarUnavailable as e:

@@ -83,6 +83,13 @@ def ends_by_token(output_ids: list[int], params: SamplingParams, eos_ids: set[in
     )
 
 
+def grammar_needed(output_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> bool:
+    """Whether a request's grammar is compiled: it asks for one and is not a resume its output's
+    last token ends (``ends_by_token``). The engine's ``add_request`` and the worker's arrival
+    (which compiles ahead, off the loop) ask this one rule."""
+    return bool(params.structured_outputs()) and not ends_by_token(output_ids, params, eos_ids)
+
+
 def stop_string_in(text: str, old_len: int, params: SamplingParams, num_output: int) -> Stop | None:
     """The stop a stop string ending in ``text``'s new part (after ``old_len`` characters) makes,
     the text cut before it (after it with ``include_stop_str_in_output``); None: none does, or
