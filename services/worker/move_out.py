@@ -100,6 +100,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
         return
     w.engine.abort(move.request_id)
     del w.streams[move.request_id]
+    w.refusals.left(move.request_id)  # (back here later, a refusal of it is news however soon)
     if fenced:
         return  # given up here meanwhile (this worker stalled): a later attempt serves it
     w.metrics.moved(len(data) if data is not None else None, move.trigger)

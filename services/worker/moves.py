@@ -83,7 +83,13 @@ class Refusals:
     A request refused for its size (``oversized``: ``TooLarge.WHILE_HERE``) stays too large while it
     is here (its tokens only grow): its stats pin it here (``RequestLoad.pinned``), in the message that says the
     refusal, so the migrator does not plan it again (it was planned and refused every ``settle_s``,
-    its cache exported each time: left by the last session)."""
+    its cache exported each time: left by the last session).
+
+    Refusals come in episodes, each logged once (``add``): one opens at a request's refusal here for
+    a reason, and lasts while its refusals for that reason are still said (``lately``: each within
+    ``age_s`` of the last, or not said yet); it ends when the request leaves (``left``, or found gone
+    at the next stats) or its last refusal is said no more. A refusal after that is news again: the
+    condition came back, or the request came back, and the log shows each time it stayed."""
 
     def __init__(self, stats_interval_s: float = 0.0) -> None:
         # how long a plan made from this worker's stats, sent every ``stats_interval_s``, holds
@@ -91,16 +97,22 @@ class Refusals:
         # (plan id, request id) -> when refused (monotonic), and whether a stats message has said it
         self._at: dict[tuple[str, str], tuple[float, bool]] = {}
         self.oversized: set[str] = set()  # requests refused a move for their size (pinned here)
-        self._why: dict[str, str] = {}  # request id -> why its last move was refused (``add``)
+        # request id -> why its last move was refused, when, and whether a stats message has said it
+        # since (its episode's, ``add``)
+        self._last: dict[str, tuple[str, float, bool]] = {}
 
     def add(self, move: Move, now: float, why: str = "", oversized: bool = False) -> bool:
         """``move`` refused at ``now`` (monotonic seconds) for ``why``; ``oversized``: for its request's
-        size. Whether that is news to log: its request's first refusal while here, or one for another
-        reason than its last. Refused only for now (Redis lagging, its held stop text), a request is
-        planned and refused again at each plan until that passes, and its "it stays here" line was
-        logged at every plan (left by the last session)."""
-        news = self._why.get(move.request_id) != why
-        self._why[move.request_id] = why
+        size. Whether that is news to log: the first of an episode (the class's docstring), i.e. not
+        for the reason of its request's last refusal while here, or that one said no more. Refused
+        only for now (Redis lagging, its held stop text), a request is planned and refused again at
+        each plan until that passes, and its "it stays here" line was logged at every plan; kept
+        once per request and reason for as long as it was here, the same reason coming back later
+        (Redis lagging again a minute on, the request moved away and back) was not logged at all
+        (left by the last sessions)."""
+        last = self._last.get(move.request_id)
+        news = last is None or last[0] != why or (now - last[1] >= self.age_s and last[2])
+        self._last[move.request_id] = (why, now, False)
         key = (move.plan_id, move.request_id)
         self._at.pop(key, None)
         self._at[key] = (now, False)  # (last: the latest kept past ``MAX_REFUSED``)
@@ -110,10 +122,18 @@ class Refusals:
             self.oversized.add(move.request_id)
         return news
 
+    def left(self, request_id: str) -> None:
+        """``request_id`` left this worker (its move went through): its episode ends now, not at the
+        next stats, so that a refusal after it comes back is news however soon. What its stats say
+        of its refusals is kept (the migrator frees only a refusal of the plan that moved it last)."""
+        self._last.pop(request_id, None)
+        self.oversized.discard(request_id)
+
     def lately(self, now: float) -> dict[str, list[str]]:
         """Plan id -> the request ids of its moves refused within ``age_s`` of ``now``, or
         earlier and not said yet; each is said from here on (the caller sends it)."""
         self._at = {k: (at, True) for k, (at, said) in self._at.items() if now - at < self.age_s or not said}
+        self._last = {r: (why, at, True) for r, (why, at, _) in self._last.items()}
         out: dict[str, list[str]] = {}
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)
@@ -125,7 +145,7 @@ class Refusals:
         forgotten)."""
         refused = self.lately(now)
         self.oversized = {r for r in self.oversized if r in held}
-        self._why = {r: why for r, why in self._why.items() if r in held}
+        self._last = {r: last for r, last in self._last.items() if r in held}
         if not self.oversized:
             return msgspec.structs.replace(stats, refused_moves=refused)
         loads = [

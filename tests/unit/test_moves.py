@@ -211,6 +211,29 @@ def test_a_request_refused_for_now_is_news_once_a_reason() -> None:
     assert not refusals.add(moves.Move("b", "w1", True, plan_id="p4"), now=12.0, why="outage")
 
 
+def test_a_reason_that_comes_back_later_is_news_again() -> None:
+    """Kept once per request and reason for as long as the request was here, a refusal for a reason
+    that had cleared and come back (Redis lagging again later), or of a request moved away and back
+    before the next stats, was not logged at all (left by the last session). A refusal episode
+    lasts while its refusals are still said (each within ``age_s`` of the last, or not said yet)."""
+    refusals = moves.Refusals()  # (age_s: PLAN_MAX_AGE_S, 5 s)
+
+    def refused(plan_id: str, now: float) -> bool:
+        return refusals.add(moves.Move("a", "w1", True, plan_id=plan_id), now=now, why="outage")
+
+    assert refused("p1", now=10.0)
+    refusals.lately(now=10.5)
+    assert not refused("p2", now=13.0)  # the next plan, the same lag: one episode
+    refusals.lately(now=13.5)
+    assert not refused("p3", now=17.5)  # 7.5 s after the first, within the age of the last
+    refusals.lately(now=18.0)
+    refusals.lately(now=30.0)  # its refusals said no more: the episode is over
+    assert refused("p4", now=40.0)  # Redis lagging again
+    assert not refused("p5", now=50.0)  # p4's not said yet (a stats interval past the age): the same one
+    refusals.left("a")  # moved away (and back, before the next stats)
+    assert refused("p6", now=50.5)
+
+
 def test_a_request_over_the_payload_only_by_its_held_stop_text_is_not_pinned() -> None:
     """The text held back for a stop string is only an end that could still grow into one
     (``stopping.visible_end``): the next token that breaks the match releases all of it, so a
