@@ -418,6 +418,10 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
     unlisted_by_adapter: dict[str, tuple[int, int]] = {}
     # Unix seconds when sent.
     sent: float = 0.0
+    # Seconds between its stats (its ``stats_interval_s``): a plan made from stats older than
+    # ``PLAN_MAX_AGE_S`` past it is dropped there (``worker.moves.plan_max_age``). 0: an older
+    # worker that does not say (the migrator takes its last gap between two stats instead).
+    stats_interval_s: float = 0.0
     # Unix seconds when this state was read: between two steps, and a worker publishes the last
     # reading, so while a step runs it may be older than ``sent``. 0: a worker from before it.
     taken: float = 0.0

@@ -75,21 +75,31 @@ class Looks:
 
 
 def unheard(
-    heard: Mapping[str, float], gaps: Mapping[str, float], now: float, ttl_s: float, solve_s: float
+    heard: Mapping[str, float],
+    gaps: Mapping[str, float],
+    now: float,
+    ttl_s: float,
+    solve_s: float,
+    intervals: Mapping[str, float] | None = None,
 ) -> set[str]:
     """The workers a plan made at ``now`` leaves out, of those ``heard`` (worker -> when its last stats
-    came, monotonic seconds; ``gaps``: seconds between its last two, where two came): those silent
-    past half the heartbeat TTL ``ttl_s`` and three of their gaps, likely dead or hung (dispatch's
-    rule, ``DispatchState.quiet``: their last stats said them idle, so plans sent requests there to
-    stall until a dispatcher recovered them elsewhere); and those whose last stats will be older, once
-    a plan that takes ``solve_s`` reaches them, than a plan they accept (``PLAN_MAX_AGE_S`` past
-    their stats interval, ``worker.moves.plan_max_age``; their last gap for that interval, none
-    before a second stats): planned from them, their moves were dropped and then held moved for
-    ``settle_s``, under a TTL over twice that age (left by the last session)."""
+    came, monotonic seconds; ``gaps``: seconds between its last two, where two came; ``intervals``:
+    the stats interval it says, seconds, where it says one, ``WorkerStats.stats_interval_s``): those
+    silent past half the heartbeat TTL ``ttl_s`` and three of their gaps, likely dead or hung
+    (dispatch's rule, ``DispatchState.quiet``: their last stats said them idle, so plans sent
+    requests there to stall until a dispatcher recovered them elsewhere); and those whose last stats
+    will be older, once a plan that takes ``solve_s`` reaches them, than a plan they accept
+    (``PLAN_MAX_AGE_S`` past their stats interval, ``worker.moves.plan_max_age``): planned from them,
+    their moves were dropped and then held moved for ``settle_s``, under a TTL over twice that age
+    (left by the last session). That interval is the one the worker says; from an older worker that
+    does not, its last gap (none before a second stats). The gap alone is loose by as much as a
+    lost message (left by the last session's review): one lost at a 2 s interval reads as a 4 s
+    gap, and a plan reaching the worker with its stats 7.5 s old is made, to be dropped past 7 s."""
     out = set()
     for w, at in heard.items():
         silent, gap = now - at, gaps.get(w, 0.0)
-        if silent > max(ttl_s / 2, 3 * gap) or silent + solve_s > PLAN_MAX_AGE_S + gap:
+        interval = (intervals or {}).get(w) or gap
+        if silent > max(ttl_s / 2, 3 * gap) or silent + solve_s > PLAN_MAX_AGE_S + interval:
             out.add(w)
     return out
 

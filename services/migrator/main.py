@@ -61,7 +61,8 @@ class Migrator:
     def quiet(self, now: float) -> set[str]:
         """Workers not yet forgotten whose silence leaves them out of a plan made now (``unheard``)."""
         heard = {w: at for w, (_, at) in self.stats.items()}
-        return unheard(heard, self.gaps, now, self.s.heartbeat_ttl_s, self.s.solve_time_s)
+        said = {w: st.stats_interval_s for w, (st, _) in self.stats.items() if st.stats_interval_s > 0}
+        return unheard(heard, self.gaps, now, self.s.heartbeat_ttl_s, self.s.solve_time_s, said)
 
     async def tick(self) -> None:
         """One look: keep or take the lease, and as leader plan if the cluster is out of balance."""

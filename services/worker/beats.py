@@ -35,7 +35,8 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     while not stop.is_set() and w.taken_over_by is None:
         w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
         w.clients.watch_link(time.monotonic())  # and the clients' silence was ours (as of now)
-        stats = msgspec.structs.replace(w.refusals.stated(w.stats, time.monotonic(), w.streams), sent=time.time())
+        stats = w.refusals.stated(w.stats, time.monotonic(), w.streams)
+        stats = msgspec.structs.replace(stats, sent=time.time(), stats_interval_s=interval)
         try:
             await bus.publish(w.nc, subjects.stats(w.s.worker_id), stats)
             w.records.beat()

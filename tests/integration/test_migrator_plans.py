@@ -89,6 +89,34 @@ async def test_a_solver_that_fails_still_balances(
     assert (plans[0].method, plans[0].ilp_fallback) == ("greedy", "ilp-failed")
 
 
+@pytest.mark.parametrize("says", [True, False])
+async def test_no_plan_is_made_from_stats_their_worker_would_find_too_old(
+    nats_server: Server, redis: Redis, says: bool
+) -> None:
+    """w0 sends its stats every 2 s and one was lost: its last gap was 4 s. Taking that gap for its
+    interval, the migrator planned from its stats 6.5 s old, a plan that reached w0 7.5 s after them,
+    past the 7 s (``PLAN_MAX_AGE_S`` past its interval) after which w0 drops it: its moves were lost
+    and then held moved for ``settle_s`` (left by the last session's review). w0 now says its
+    interval (``says``) and is left out; an older worker that does not is judged by its gap."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        trigger = TriggerBounds(patience=1, cooldown_s=0, min_gain_s=0.0)
+        settings = MigratorSettings(nats_url=nats_server.url, trigger=trigger, heartbeat_ttl_s=30.0)
+        m = Migrator(settings, nc, StateStore(redis))  # (under 30 s, silent 6.5 s is not yet quiet)
+        interval = {"stats_interval_s": 2.0} if says else {}
+        now = time.monotonic()
+        m.stats = {
+            "w0": (_stats("w0", _busy("w0", None), **interval), now - 6.5),
+            "w1": (_stats("w1", [], **interval), now),
+        }
+        m.gaps = {"w0": 4.0, "w1": 2.0}
+        assert m.s.solve_time_s == 1.0
+        await m.tick()
+        assert m.leader and m.plans == (0 if says else 1)
+    finally:
+        await nc.drain()
+
+
 @pytest.mark.parametrize("loaded", [False, True])
 @pytest.mark.parametrize("counted", [True, False])
 async def test_requests_a_worker_counts_but_does_not_list_keep_a_third_adapter_off_it(

@@ -351,6 +351,7 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
         await stats.unsubscribe()  # (unread, its queue held the connection's drain 30 s)
         # and while its writes fail, its requests stay pinned: planned again, each was refused again
         assert st.refused_moves == {"p1": ["r"]} and [(r.request_id, r.pinned) for r in st.requests] == [("r", True)]
+        assert st.stats_interval_s == workers["w0"].s.stats_interval_s > 0  # (the age bound the migrator plans to)
         free = msgspec.structs.replace(st, requests=[msgspec.structs.replace(r, pinned=False) for r in st.requests])
         async with asyncio.timeout(30):  # (the migrator's handler has the same stats): free for the next plan
             while migrator.looks.settled(cluster_snapshot([free], {}, settings), time.monotonic()).requests[0].pinned:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
+from dlora.common.messages import WorkerStats
 from dlora.common.plans import PLAN_MAX_AGE_S
 from dlora.services.migrator.looks import unheard
 from dlora.services.migrator.snapshot import ClusterSnapshot, RequestState, WorkerState
@@ -163,3 +165,30 @@ def test_a_plan_leaves_out_the_workers_whose_stats_it_would_reach_too_old() -> N
     gaps = {"live": 0.5, "slow": 2.0, "stale": 0.5, "gone": 0.5}
     assert PLAN_MAX_AGE_S == 5.0 and unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=1.0) == {"stale", "first", "gone"}
     assert unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=0.25) == {"gone"}
+
+
+def test_a_plan_s_age_bound_takes_the_interval_a_worker_says_not_a_gap_a_lost_message_widened() -> None:
+    """The age bound took a worker's last gap between two stats for its interval: one message lost
+    at a 2 s interval read as a 4 s gap, and a plan made from its stats 6.5 s old reached it 7.5 s
+    old, past the 7 s (``PLAN_MAX_AGE_S`` past 2 s) after which it drops a plan (left by the last
+    session's review). The interval a worker says (``WorkerStats.stats_interval_s``) is the bound's;
+    its gap only where it says none (an older worker), and a worker heard once is bounded by it too."""
+    heard = {"lossy": 93.5, "older": 93.5, "once": 94.5}
+    gaps = {"lossy": 4.0, "older": 4.0}
+    said = {"lossy": 2.0, "once": 2.0}
+    assert PLAN_MAX_AGE_S == 5.0 and unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=1.0, intervals=said) == {"lossy"}
+    assert unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=0.25, intervals=said) == set()  # (6.75 s: within it)
+    assert unheard(heard, gaps, 100.0, ttl_s=30.0, solve_s=1.0) == {"once"}  # none said: the gaps, as before
+
+
+def test_stats_that_do_not_say_their_interval_still_decode() -> None:
+    """A worker older than ``WorkerStats.stats_interval_s`` sends none: read as 0 (its gap taken
+    instead); and a migrator older than it reads a newer worker's stats (unknown fields ignored)."""
+    fields = {"running": 0, "waiting": 0, "free_blocks": 1, "total_blocks": 1, "block_size": 16, "max_loras": 1}
+    new = WorkerStats(worker="w0", stats_interval_s=0.5, **fields)
+    old = {k: v for k, v in msgspec.to_builtins(new).items() if k != "stats_interval_s"}
+    assert msgspec.json.decode(msgspec.json.encode(old), type=WorkerStats) == msgspec.structs.replace(
+        new, stats_interval_s=0.0
+    )
+    assert not WorkerStats.__struct_config__.forbid_unknown_fields
+    assert msgspec.json.decode(msgspec.json.encode(new), type=WorkerStats).stats_interval_s == 0.5
