@@ -127,11 +127,15 @@ class DispatchState:
         """Live workers silent for over half the TTL and three of their last gaps between stats:
         likely dead, not yet declared lost (two killed together: the first's loss re-dispatched to
         the second). A worker's interval is under half the TTL (``WorkerSettings.check``), but its
-        gaps are that plus its Redis writes: hence its own gap too, so a slow one is not quiet."""
+        gaps are that plus its Redis writes: hence its own gap too, so a slow one is not quiet. The
+        gap is at least the interval its stats say (``WorkerStats.stats_interval_s``): a gap ended
+        early by stats sent as it fell idle, or none yet (heard once), is shorter than its next
+        silence, and with an interval near half the TTL a worker whose Redis writes took a moment
+        was called quiet and passed over. Not the interval alone: it leaves out those writes."""
         return {
             w
-            for w, (_, at) in self.workers.items()
-            if max(self.ttl_s / 2, 3 * self.gaps.get(w, 0.0)) < now - at <= self.ttl_s
+            for w, (st, at) in self.workers.items()
+            if max(self.ttl_s / 2, 3 * max(self.gaps.get(w, 0.0), st.stats_interval_s)) < now - at <= self.ttl_s
         }
 
     def choose(

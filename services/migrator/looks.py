@@ -85,8 +85,9 @@ def unheard(
     """The workers a plan made at ``now`` leaves out, of those ``heard`` (worker -> when its last stats
     came, monotonic seconds; ``gaps``: seconds between its last two, where two came; ``intervals``:
     the stats interval it says, seconds, where it says one, ``WorkerStats.stats_interval_s``): those
-    silent past half the heartbeat TTL ``ttl_s`` and three of their gaps, likely dead or hung
-    (dispatch's rule, ``DispatchState.quiet``: their last stats said them idle, so plans sent
+    silent past half the heartbeat TTL ``ttl_s`` and three of their gaps, each taken as at least
+    their interval, likely dead or hung (dispatch's rule, ``DispatchState.quiet``, which says why
+    the gap and the interval only under it; their last stats said them idle, so plans sent
     requests there to stall until a dispatcher recovered them elsewhere); and those whose last stats
     will be older, once a plan that takes ``solve_s`` reaches them, than a plan they accept
     (``PLAN_MAX_AGE_S`` past their stats interval, ``worker.moves.plan_max_age``): planned from them,
@@ -99,7 +100,7 @@ def unheard(
     for w, at in heard.items():
         silent, gap = now - at, gaps.get(w, 0.0)
         interval = (intervals or {}).get(w) or gap
-        if silent > max(ttl_s / 2, 3 * gap) or silent + solve_s > PLAN_MAX_AGE_S + interval:
+        if silent > max(ttl_s / 2, 3 * max(gap, interval)) or silent + solve_s > PLAN_MAX_AGE_S + interval:
             out.add(w)
     return out
 
