@@ -39,7 +39,7 @@ from dlora.services.worker import move_out
 from dlora.services.worker.admit import abort
 from dlora.services.worker.engine.kv_transfer import KVSnapshot
 from dlora.services.worker.main import WorkerService
-from dlora.services.worker.moves import handoff
+from dlora.services.worker.moves import Move, handoff
 from dlora.services.worker.settings import WorkerSettings
 from tests.integration.conftest import small_engine, worker_by_hand
 from tests.integration.test_migration import start_workers
@@ -357,6 +357,32 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
             while migrator.looks.settled(cluster_snapshot([free], {}, settings), time.monotonic()).requests[0].pinned:
                 await asyncio.sleep(0.01)
         assert "r" in workers["w0"].streams and not any(c.worker == "w1" for c in seen)
+
+
+async def test_a_request_moved_away_is_news_when_refused_again_before_the_next_stats(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A refusal is logged once an episode, which ends when its request leaves (``Refusals.left``,
+    the pure rule in ``test_moves``): ``move_out`` ends it as the request goes, not the worker's
+    next stats, so a request moved away and back within one stats interval, and refused again for
+    the reason it was refused for before, is logged. w0 sends its stats every 10 s and stays busy
+    (no early stats as it falls idle): none goes out between r's move and the refusal after it."""
+    store = StateStore(redis)
+    slow = {"stats_interval_s": 10.0, "heartbeat_ttl_s": 30.0}
+    async with _workers(nats_server, store, tiny_llama, **slow) as (workers, client):
+        await _send(client, "o", "busy", [5, 6, 7], 400)
+        await _send(client, "o", "r", [8, 9, 10], 400)
+        async with asyncio.timeout(30):
+            while not {"busy", "r"} <= set(workers["w0"].streams):
+                await asyncio.sleep(0.01)
+        refusals = workers["w0"].refusals
+        assert refusals.add(Move("r", "w1", False, plan_id="p0"), time.monotonic(), why="outage")  # (Redis lagged)
+        await _plan(client, 1, "r")
+        async with asyncio.timeout(30):
+            while "r" in workers["w0"].streams:
+                await asyncio.sleep(0.01)
+        # back here (as the same request), and refused for the same reason: news, its episode over
+        assert refusals.add(Move("r", "w1", False, plan_id="p2"), time.monotonic(), why="outage")
 
 
 async def test_a_request_too_large_to_move_is_said_refused_and_stays_pinned(
