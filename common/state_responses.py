@@ -209,7 +209,7 @@ DELETE_TRIES = 5
 STREAMED = "streamed"
 
 # The item ids a stored record's ``input`` and ``response`` hold (None: the field is not there):
-# the gateway's ``responses_store._held``
+# the gateway's ``responses_read.held``
 Held = Callable[[bytes | None, bytes | None], Sequence[str]]
 
 

@@ -35,8 +35,9 @@ from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_lease import RunLease, closing, running
+from dlora.services.gateway.responses_read import Stored, read
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
-from dlora.services.gateway.responses_store import Keeping, Stored, read
+from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
 
 logger = log.get("gateway")

@@ -26,7 +26,7 @@ from dlora.common import bus, log
 from dlora.common.state import StateStore
 
 if TYPE_CHECKING:  # (its reader, ``read``, ends a lapsed run's record here: ``settled``)
-    from dlora.services.gateway.responses_store import Stored
+    from dlora.services.gateway.responses_read import Stored
 
 logger = log.get("gateway")
 Bound = Callable[[], AbstractAsyncContextManager[None]]
@@ -44,7 +44,7 @@ _RUNNING = ("queued", "in_progress")
 
 
 def running(response: dict[str, Any]) -> bool:
-    """Whether a stored response's object (decoded: ``responses_store.read``) is queued or in progress."""
+    """Whether a stored response's object (decoded: ``responses_read.read``) is queued or in progress."""
     return response.get("status") in _RUNNING
 
 
@@ -60,7 +60,7 @@ def closing(failed: bytes) -> tuple[bytes, bytes]:
 async def settled(
     state: StateStore, response_id: str, tenant: str, stored: Stored, legacy_s: float = 0.0
 ) -> bytes | None:
-    """``stored`` (``tenant``'s response as just read: ``responses_store.read``) as it stands: one
+    """``stored`` (``tenant``'s response as just read: ``responses_read.read``) as it stands: one
     queued or in progress whose lease lapsed made ``failed`` (``LAPSED``) first, unless it changed
     meanwhile, a streamed one's stream ended with its ``response.failed`` event. One an older
     gateway wrote (a rolling upgrade: it took no lease) is its gateway's until ``legacy_s``

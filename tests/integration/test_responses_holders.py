@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
-from dlora.services.gateway.responses_store import ResponsesStore, _held
+from dlora.services.gateway.responses_read import held as _held
+from dlora.services.gateway.responses_store import ResponsesStore
 
 
 async def test_an_items_lookup_writes_nothing_and_passes_over_holders_gone(redis: Redis) -> None:

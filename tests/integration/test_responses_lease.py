@@ -27,7 +27,7 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.background import JUDGE_READS, Background
 from dlora.services.gateway.responses_lease import LAPSED, RunLease, settled
-from dlora.services.gateway.responses_store import Stored
+from dlora.services.gateway.responses_read import Stored
 from dlora.services.servers import Server, free_port
 from tests.integration.conftest import Stack, run_stack, sigstop, spawn_gateway, start_gateway
 from tests.integration.test_abort import _nothing_left, _slow_steps
