@@ -35,7 +35,7 @@ from dlora.common.messages import CancelResponse
 from dlora.common.state import StateStore
 from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_lease import RunLease, closing, running
-from dlora.services.gateway.responses_read import Stored, read
+from dlora.services.gateway.responses_read import Seen, Stored, read
 from dlora.services.gateway.responses_shape import TOO_LARGE, ResponsesShape
 from dlora.services.gateway.responses_store import Keeping
 from dlora.services.gateway.shaping import Job
@@ -232,7 +232,7 @@ class Background:
                         reads, judged = 0, loop.time()
                         stored = await self._judged(response_id, tenant)
                         # (over: its events written before it)
-                        if not events and (stored is None or not running(stored.object)):
+                        if not events and (stored is None or not running(stored.status)):
                             events = await self.state.response_events(response_id, tenant, after + 1)
                             if not events:
                                 return
@@ -247,12 +247,13 @@ class Background:
             else:
                 await asyncio.sleep(POLL_S)
 
-    async def _judged(self, response_id: str, tenant: str) -> Stored | None:
-        """Its record as it stands (``settled``: failed first where its run's lease lapsed); None:
-        gone, or one no reader could decode (``read``: as every other reader takes it). The
-        caller bounds the Redis work."""
-        got = await read(self.state, response_id, tenant, ("response",), self.lease_s)
-        return None if got is None else cast(Stored, got[0])
+    async def _judged(self, response_id: str, tenant: str) -> Stored | Seen | None:
+        """Its record as it stands (``settled``: failed first where its run's lease lapsed), its
+        status alone read where it is over (``read``'s ``whole`` False: its items not built, at
+        every poll of a reader); None: gone, or not of a response's shape (as every route reads
+        it). The caller bounds the Redis work."""
+        got = await read(self.state, response_id, tenant, ("response",), self.lease_s, whole=False)
+        return None if got is None else cast(Stored | Seen, got[0])
 
     def _ended(
         self, key: tuple[str, str], task: asyncio.Task[None], slot: ExitStack, holding: asyncio.Task[None]
@@ -331,14 +332,14 @@ class Background:
                 keeping.expect = encoded
         return swapped
 
-    async def cancel(self, response_id: str, tenant: str, stored: Stored) -> dict[str, Any] | None:
+    async def cancel(self, response_id: str, tenant: str, stored: Stored | Seen) -> dict[str, Any] | None:
         """``tenant``'s response as cancelled, if ``stored`` (its record as just read) is one still
         queued or running and still there: every gateway told, the one running it cancels its
         task. A streamed one's stream ends, in the same step, with the cancelled object's
         ``response.failed`` (OpenAI's stream events have no cancelled one; its ``status`` says
         ``cancelled``) and its run's token cleared: its run, until it hears the cancel, appends
         nothing after it. None: it is not (anymore)."""
-        if not running(stored.object):
+        if not isinstance(stored, Stored) or not running(stored.status):  # (a ``Seen`` is over)
             return None
         cancelled = stored.object | {"status": "cancelled"}
         encoded = msgspec.json.encode(cancelled)

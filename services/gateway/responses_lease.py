@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -43,9 +43,10 @@ RENEWALS = 9
 _RUNNING = ("queued", "in_progress")
 
 
-def running(response: dict[str, Any]) -> bool:
-    """Whether a stored response's object (decoded: ``responses_read.read``) is queued or in progress."""
-    return response.get("status") in _RUNNING
+def running(status: object) -> bool:
+    """Whether a stored response's ``status`` (``Stored.status``, ``Seen.status``: ``responses_read.read``)
+    is queued or in progress."""
+    return status in _RUNNING
 
 
 def closing(failed: bytes) -> tuple[bytes, bytes]:
@@ -73,7 +74,7 @@ async def settled(
     Raises:
         ``bus.STATE_OUTAGE``: Redis failed.
     """
-    if not running(stored.object):
+    if not running(stored.status):
         return stored.raw
     failed = stored.object | {"status": "failed", "error": {"code": "server_error", "message": LAPSED}}
     ended = msgspec.json.encode(failed)

@@ -1,7 +1,8 @@
 """How a stored response's record (``StateStore.put_response``'s fields) is read back: each field
 decoded once, as its readers take it (``read``), a record that does not decode so read as not
-there. The store that writes records is ``responses_store``'s; the routes that read them,
-``responses_routes``'s."""
+there; a route that answers the response's bytes as stored, or judges it by its ``status`` and
+``background`` alone, checks its shape without building its items (``Seen``). The store that
+writes records is ``responses_store``'s; the routes that read them, ``responses_routes``'s."""
 
 from __future__ import annotations
 
@@ -18,39 +19,55 @@ from dlora.services.gateway.responses_lease import running, settled
 logger = log.get("gateway")
 
 
-def held(items: bytes | None, response: bytes | None) -> list[str]:
-    """The ids of the items a stored record holds (its ``input`` and its ``response``'s output).
-    A field that is no such JSON (a record cut short, or written by hand) holds none: its DELETE
-    (or a retry written over it) goes on, where it was a 500 that left the record there for good;
-    the sets it was in pass over it once it is gone (``StateStore.responses_of_items``)."""
-    return item_ids(_record_items(items, response))
-
-
 class _Response(msgspec.Struct):
     """What every reader of a stored ``response`` (an object) takes as given, its other fields
     read by each as it needs: its ``output``, where it has one, a list of items, each an object
-    (a previous response's are put before a request's input, their ids read), and its
-    ``status``, where it has one, a string (``responses_lease.running`` reads it as one)."""
+    (a previous response's are put before a request's input, their ids read), its ``status``,
+    where it has one, a string (``responses_lease.running`` reads it as one), and its
+    ``background``, where it has one, a boolean (a streamed retrieve and a cancel judge by it)."""
 
     output: list[dict[str, Any]] = []
     status: str | None = None
+    background: bool | None = None
 
 
 class _Checked(msgspec.Struct):
-    """``_Response``'s shape as a plain GET checks it (``_decoded``'s ``whole`` False): its items
-    left undecoded (``msgspec.Raw``: views of their bytes; msgspec checks the JSON it skips, not
-    its strings' UTF-8 or its numbers' range), its ``status`` a string where it has one."""
+    """``_Response``'s shape as a read of it alone checks it (``_decoded``'s ``whole`` False): its
+    items left undecoded (``msgspec.Raw``: views of their bytes; msgspec checks the JSON it skips,
+    not its strings' UTF-8 or its numbers' range), its ``status`` a string and its ``background``
+    a boolean where it has them."""
 
     output: list[msgspec.Raw] = []
     status: str | None = None
+    background: bool | None = None
 
 
 @dataclass(frozen=True)
 class Stored:
-    """A stored response's object as its readers take it (``read``)."""
+    """A stored response's object as its readers take it (``read``), decoded whole."""
 
     raw: bytes  # as stored: a GET answers these bytes, a compare-and-swap compares them
     object: dict[str, Any]  # decoded whole, of ``_Response``'s shape
+
+    @property
+    def status(self) -> str | None:
+        return self.object.get("status")  # (``_Response``'s: a string where there is one)
+
+    @property
+    def background(self) -> bool:
+        return self.object.get("background") is True
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A stored response over (not running: ``read``'s ``whole`` False), checked of its shape alone:
+    what a plain GET, a streamed one, a cancel and input_items judge it by, its items not built
+    (its output is read by none of them; a whole decode of an 8 MiB record of short items cost
+    50 MB and about a second of the event loop, a check of its shape 2.6 MB and 43 ms)."""
+
+    raw: bytes  # as stored: a GET (and a cancel of one over) answers these bytes
+    status: str | None
+    background: bool
 
 
 # The type each field of a stored record is decoded as for its readers (``_decoded``): the
@@ -70,9 +87,10 @@ async def read(
     short, written by hand: each reader raised on it, a 500 on every read until its DELETE).
     Decoded here once, into what its readers use, so that none decodes it again and fails (a
     check of the shape alone, its items skipped, let a string's bad UTF-8 or a number past a
-    double's range through to the readers). ``whole`` False (a plain GET, which answers the
-    bytes as stored): its ``response`` as those bytes, checked of its shape alone where it is not
-    running (``_decoded``). The caller bounds the Redis work.
+    double's range through to the readers). ``whole`` False (for a reader of its ``status``,
+    ``background`` and bytes alone, never of its output): its ``response`` a ``Seen`` where it
+    is over, checked of its shape alone, a ``Stored`` where it runs (what ends it, a cancel or
+    ``settled``, writes it changed; ``_decoded``). The caller bounds the Redis work.
 
     Raises:
         ``bus.STATE_OUTAGE``: Redis failed.
@@ -85,35 +103,38 @@ async def read(
         logger.warning("a stored response that is no response's JSON is read as not there", id=response_id)
         return None
     k = names.index("response") if "response" in names else None
-    if k is not None and isinstance(stored := values[k], Stored):  # (not: a plain GET's, over)
+    if k is not None and isinstance(stored := values[k], Stored):  # (not a ``Seen``: over)
         if (now := await settled(state, response_id, tenant, stored, legacy_s)) != stored.raw:
             values[k] = _decoded("response", now, whole)  # (failed here, or changed meanwhile: None, gone)
             if values[k] is None:
                 return None
-        if not whole and isinstance(values[k], Stored):
-            values[k] = values[k].raw
     return values
 
 
-def _record_items(items: bytes | None, response: bytes | None) -> list[Any]:
-    """A stored record's conversation (``input``) and its ``response``'s output; a field that is
-    none, or does not decode as its readers take it (``_decoded``), holds none."""
+def held(items: bytes | None, response: bytes | None) -> list[str]:
+    """The ids of the items a stored record holds (its ``input`` and its ``response``'s output).
+    A field that is no such JSON (a record cut short, or written by hand) holds none: its DELETE
+    (or a retry written over it) goes on, where it was a 500 that left the record there for good;
+    the sets it was in pass over it once it is gone (``StateStore.responses_of_items``)."""
     conversation, stored = _decoded("input", items), _decoded("response", response)
-    return [*(conversation or []), *(stored.object.get("output", []) if stored is not None else [])]
+    return item_ids([*(conversation or []), *(stored.object.get("output", []) if stored is not None else [])])
 
 
 def _decoded(name: str, raw: bytes | None, whole: bool = True) -> Any:
     """``raw`` decoded whole as a record's field ``name`` (``_SHAPES``; a ``response``, a ``Stored``
     of ``_Response``'s shape); None where it is none, or does not decode so. ``whole`` False: a
-    ``response`` not running checked of its shape alone (``_Checked``) and given as ``raw``: a plain
-    GET answers its bytes, and a whole decode, for a 404 in place of a record no gateway writes,
-    cost it 2-30 times the time and 20-35 times the memory (an 8 MiB record of short items: 1.3 s
-    of the event loop, every stream on the gateway stalled, not 43 ms; 50 MB, not 2.6 MB)."""
+    ``response`` not running checked of its shape alone (``_Checked``), a ``Seen``: its readers
+    want its bytes, ``status`` or ``background`` alone, and a whole decode, for a 404 in place of
+    a record no gateway writes, cost them 2-30 times the time and 20-35 times the memory (an
+    8 MiB record of short items: 1.3 s of the event loop, every stream on the gateway stalled,
+    not 43 ms; 50 MB, not 2.6 MB)."""
     if raw is None:
         return None
     try:
-        if name == "response" and not whole and not running({"status": msgspec.json.decode(raw, type=_Checked).status}):
-            return raw
+        if name == "response" and not whole:
+            shape = msgspec.json.decode(raw, type=_Checked)
+            if not running(shape.status):
+                return Seen(raw, shape.status, shape.background is True)
         value = msgspec.json.decode(raw, type=_SHAPES[name])
         if name == "response":
             msgspec.convert(value, _Response)  # (its shape: a check of what was just decoded, not parsed again)

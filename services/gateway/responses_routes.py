@@ -100,12 +100,13 @@ class ResponsesRoutes:
         streamed = query.get("stream", "false").lower() not in ("false", "0")
         if "starting_after" in query and not streamed:
             raise APIError(400, "starting_after is only for stream", param="starting_after")
-        if not streamed:  # (its bytes as stored, checked of their shape: ``ResponsesStore.fields``)
+        # Its bytes as stored, judged by their shape alone (``ResponsesStore.fields``'s ``whole``:
+        # its items not built); whether it was made streamed read with it, in one round trip
+        if not streamed:
             [stored] = await self.store.fields(given, tenant, "response", whole=False)
-            return web.Response(body=stored, content_type="application/json")
-        # whether it was made streamed read with it, in one round trip
-        stored, made = await self.store.fields(given, tenant, "response", STREAMED)
-        if not stored.object.get("background"):
+            return web.Response(body=stored.raw, content_type="application/json")
+        stored, made = await self.store.fields(given, tenant, "response", STREAMED, whole=False)
+        if not stored.background:
             why = "stream is not supported: a stored response is retrieved whole (its events are not kept)"
             raise APIError(400, why, param="stream")
         if made != b"1":  # (OpenAI's 400: not an empty stream)
@@ -137,12 +138,13 @@ class ResponsesRoutes:
         tenant, given = await self._tenant(request), request.match_info["id"]
         response_id = stored_id(given)
         for _ in range(2):  # (it ended between the read and the swap: read again)
-            [stored] = await self.store.fields(given, tenant, "response")
+            # (one over read of its shape alone, its items not built: answered as stored)
+            [stored] = await self.store.fields(given, tenant, "response", whole=False)
             if (cancelled := await self.background.cancel(response_id, tenant, stored)) is not None:
                 return web.json_response(cancelled)
-            if not running(stored.object):
+            if not running(stored.status):
                 break
-        if not stored.object.get("background"):
+        if not stored.background:
             raise APIError(400, "Cannot cancel a synchronous response.")  # (vLLM's: no param)
         return web.Response(body=stored.raw, content_type="application/json")
 

@@ -234,7 +234,8 @@ class ResponsesStore:
         self, given: str, tenant: str, *names: str, param: str | None = None, whole: bool = True
     ) -> list[Any]:
         """``names`` of ``tenant``'s response its client names ``given`` (``stored_id``), each as
-        its readers take it (``read``; ``whole`` False: a plain GET's, its ``response`` as bytes).
+        its readers take it (``read``; ``whole`` False: for a reader of its ``response``'s bytes,
+        ``status`` and ``background`` alone, a ``Seen`` where it is over, its items not built).
 
         Raises:
             APIError(404): none such for ``tenant``, named as its client named it ("hello", not
@@ -289,10 +290,10 @@ class ResponsesStore:
         output: list[Any] = []  # the previous response's
         if previous is not None:
             items, record = await self.fields(previous, tenant, "input", "response", param="previous_response_id")
-            if running(response := record.object):  # a background one not over: no answer yet
-                why = f"Previous response with id {previous!r} is still {response['status']}: wait until it is over."
+            if running(record.status):  # a background one not over: no answer yet
+                why = f"Previous response with id {previous!r} is still {record.status}: wait until it is over."
                 raise APIError(400, why, param="previous_response_id")
-            output = response.get("output", [])  # (``_Response``'s: items, each an object)
+            output = record.object.get("output", [])  # (``_Response``'s: items, each an object)
             prior = [*items, *output]
         stored = await self.referenced(body.input, prior, tenant)
         given = conversation(prior, body.input, stored)

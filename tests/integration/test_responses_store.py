@@ -319,29 +319,62 @@ async def test_a_response_kept_with_its_logprobs_is_retrieved_with_the_include_t
         await client.close()
 
 
-async def test_a_record_whose_items_no_reader_decodes_is_read_as_not_there_by_every_route(stack: Stack) -> None:
+async def test_a_record_whose_items_no_reader_decodes_is_not_there_for_the_routes_that_read_them(stack: Stack) -> None:
     """A record written by hand whose conversation or output holds a string of bad UTF-8, a number
     past a float's range or an item that is no object passed the read's check of its shape (its
-    items' bytes skipped, not decoded) and was a 500 for good on input_items, as a
-    previous_response_id, on a streamed retrieve and a cancel: each handler's decode raised. Each
-    route reads it as one not there (OpenAI's 404; previous_response_id's 400), as it reads a
-    record of another shape; but a plain retrieve, which decodes nothing and answers the bytes as
-    stored, checks their shape alone, its items skipped (a whole decode cost it 20-35 times the
-    memory: the unit test of ``fields``'s ``whole``), so answers each of these as stored."""
+    items' bytes skipped, not decoded) and was a 500 for good on input_items and as a
+    previous_response_id: each handler's decode raised. Each route that reads those items reads
+    it as one not there (OpenAI's 404; previous_response_id's 400), as it reads a record of
+    another shape. The routes that read a response's bytes, status and background alone (a GET,
+    streamed or not, and a cancel) check its shape alone, its items not built (a whole decode
+    cost them 20-35 times the memory: the unit test of ``fields``'s ``whole``), so answer each of
+    these as a record of its shape: a plain GET as stored, a streamed one's and a cancel's 400s
+    for a response not background (or not made streamed), a cancel of one over as stored."""
     fine_input, fine = b'[{"type": "message", "role": "user", "content": "kalo"}]', b'{"output": []}'
     odd = (b'"\xff"', b"1e400", b"-1e999", b'{"n": [1e400]}')
     records = [(fine, b"[1]")] + [(fine, b'[{"type": "message", "content": ' + v + b"}]") for v in odd]
     records += [(b'{"output": [1]}', fine_input)]
     records += [(b'{"background": true, "output": [{"type": "message", "id": ' + v + b"}]}", fine_input) for v in odd]
-    # (a record is judged by the fields its route reads: a retrieve reads no input)
-    of_input, of_response = [("GET", "/input_items")], [("GET", "?stream=true"), ("POST", "/cancel")]
     for k, (response, items) in enumerate(records):
         await stack.store.put_response(f"resp_odd{k}", "", response, items, 60.0)
-        for method, path in of_input if items != fine_input else of_response:
-            status, got = await _call(stack.url, method, f"/v1/responses/resp_odd{k}{path}")
-            assert status == 404, (k, path, got)
-        async with aiohttp.ClientSession() as http, http.get(f"{stack.url}/v1/responses/resp_odd{k}") as r:
-            assert (r.status, await r.read()) == (200, response), k
+        if items != fine_input:
+            status, got = await _call(stack.url, "GET", f"/v1/responses/resp_odd{k}/input_items")
+            assert status == 404, (k, got)
+        background = b'"background": true' in response
+        for method, path, answer in (
+            ("GET", "", 200),
+            ("GET", "?stream=true", 400),
+            ("POST", "/cancel", 200 if background else 400),
+        ):
+            async with (
+                aiohttp.ClientSession() as http,
+                http.request(method, f"{stack.url}/v1/responses/resp_odd{k}{path}") as r,
+            ):
+                assert r.status == answer, (k, path, await r.read())
+                if answer == 200:
+                    assert await r.read() == response, (k, path)
         chained = {**ASKED, "input": "remi", "previous_response_id": f"resp_odd{k}"}
         status, got = await post(stack, "/v1/responses", chained)
         assert (status, got["error"]["code"]) == (400, "previous_response_not_found"), (k, got)
+
+
+async def test_a_streamed_background_response_over_is_replayed_and_cancelled_without_its_items_built(
+    stack: Stack,
+) -> None:
+    """A streamed retrieve and a cancel decoded the whole record (every item of its output built:
+    an 8 MiB record of short items, ~1 s of the event loop and 50 MB) to read its status, whether
+    it is background and its bytes. They check its shape alone now: one whose output holds a
+    string of bad UTF-8 (no item of it decodes, so none is built) is replayed from its events,
+    from the first or after ``starting_after``, and its cancel answers it as stored (over:
+    cancelling is idempotent), where both were a 404."""
+    response = b'{"id": "resp_over", "status": "completed", "background": true, "output": [{"id": "\xff"}]}'
+    events = [b'event: response.created\ndata: {"sequence_number":0}\n\n']
+    events.append(b'event: response.completed\ndata: {"sequence_number":1}\n\n')
+    await stack.store.put_response("resp_over", "", response, b"[]", 60.0, stream="run-a", leased=True)
+    assert await stack.store.append_events("resp_over", "", "run-a", events, 60.0)
+    async with aiohttp.ClientSession() as http:
+        for after, replayed in (("", events), ("&starting_after=0", events[1:])):
+            async with http.get(f"{stack.url}/v1/responses/resp_over?stream=true{after}") as r:
+                assert (r.status, await r.read()) == (200, b"".join(replayed)), after
+        async with http.post(f"{stack.url}/v1/responses/resp_over/cancel") as r:
+            assert (r.status, await r.read()) == (200, response)

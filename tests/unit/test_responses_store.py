@@ -427,33 +427,42 @@ async def test_a_refused_reference_is_counted_as_refused() -> None:
     assert counted == MAX_REFERENCED + 1
 
 
-async def test_a_plain_retrieves_read_checks_a_records_shape_without_its_items_built() -> None:
-    """A plain GET answers a stored response's bytes as stored, yet its read decoded the record
-    whole (every item of its output built) to judge it, for a 404 in place of a record no
-    gateway writes (a string of bad UTF-8, a number past a double's range): 20-35 times the
-    memory and up to 30 times the time of a check of its shape (an 8 MiB record of short items:
-    1.3 s of the event loop, not 43 ms). Its items are checked as JSON, left as bytes: the read
-    allocates a small part of the record's size (bytes counted by tracemalloc); a record of
-    another shape is still not there."""
+async def test_a_retrieves_and_a_cancels_read_checks_a_records_shape_without_its_items_built() -> None:
+    """A GET answers a stored response's bytes as stored (a streamed one, and a cancel of one
+    over, judge it by its status and background alone), yet its read decoded the record whole
+    (every item of its output built) to judge it, for a 404 in place of a record no gateway
+    writes (a string of bad UTF-8, a number past a double's range): 20-35 times the memory and up
+    to 30 times the time of a check of its shape (an 8 MiB record of short items: 1.3 s of the
+    event loop, not 43 ms). Its items are checked as JSON, left as bytes: the read allocates a
+    small part of the record's size (bytes counted by tracemalloc); a record of another shape is
+    still not there."""
     import tracemalloc
 
     item = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x" * 1000}]}
-    stored = {"response": msgspec.json.encode({"status": "completed", "output": [item] * 500})}
+    made = {"status": "completed", "background": True, "output": [item] * 500}
+    stored = {"response": msgspec.json.encode(made), "streamed": b"1"}
 
     class Redis:
         async def response_fields(self, response_id: str, tenant: str, *names: str) -> list[bytes]:
             return [tenant.encode(), *(stored[n] for n in names)]
 
     store = ResponsesStore(Redis(), _unbound, 60.0, 1 << 30)  # type: ignore[arg-type]
-    tracemalloc.start()
-    try:
-        got = await store.fields("resp_a", "t", "response", whole=False)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert got == [stored["response"]]
-    assert peak < len(stored["response"]) // 4, peak
-    stored["response"] = b'{"status": 1}'
-    with pytest.raises(APIError) as e:
-        await store.fields("resp_a", "t", "response", whole=False)
-    assert e.value.status == 404
+    for names in (("response",), ("response", "streamed")):  # (a plain GET's and a cancel's; a streamed GET's)
+        tracemalloc.start()
+        try:
+            got = await store.fields("resp_a", "t", *names, whole=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (got[0].raw, got[0].status, got[0].background, got[1:]) == (
+            stored["response"],
+            "completed",
+            True,
+            [b"1"][: len(names) - 1],
+        )
+        assert peak < len(stored["response"]) // 4, (names, peak)
+    for other in (b'{"status": 1}', b'{"background": "yes"}', b'{"output": {}}'):
+        stored["response"] = other
+        with pytest.raises(APIError) as e:
+            await store.fields("resp_a", "t", "response", whole=False)
+        assert e.value.status == 404, other
