@@ -150,12 +150,15 @@ class ResponsesRoutes:
 
     async def input_items(self, request: web.Request) -> web.Response:
         """``GET /v1/responses/{id}/input_items``: its conversation's input items (a previous
-        response's items and output first), OpenAI's list object; ``order`` desc by default."""
+        response's items and output first), OpenAI's list object; ``order`` desc by default. Its
+        ``response`` is read with them, of its shape alone (a ``Seen``: its items not built): a
+        record whose response is of no response's shape is not there here either, as for every
+        other route (its input alone read, its items were listed where a GET of it was a 404)."""
         tenant, query = await self._tenant(request), request.query
         _refuse_include(query)
         if (order := query.get("order", "desc")) not in ("asc", "desc"):
             raise APIError(400, f'order must be "asc" or "desc", got {order!r}', param="order")
         limit = _limit(query)
-        [items] = await self.store.fields(request.match_info["id"], tenant, "input")
+        items, _ = await self.store.fields(request.match_info["id"], tenant, "input", "response", whole=False)
         listing = page(items, order, limit, query.get("after"), query.get("before"))
         return web.json_response(listing)

@@ -378,3 +378,24 @@ async def test_a_streamed_background_response_over_is_replayed_and_cancelled_wit
                 assert (r.status, await r.read()) == (200, b"".join(replayed)), after
         async with http.post(f"{stack.url}/v1/responses/resp_over/cancel") as r:
             assert (r.status, await r.read()) == (200, response)
+
+
+async def test_a_record_whose_response_is_of_no_responses_shape_is_not_there_for_any_route(stack: Stack) -> None:
+    """A record whose ``response`` is no response's JSON (cut short, written by hand) beside a good
+    ``input`` was a 404 for a GET (streamed or not) and a cancel and previous_response_not_found
+    for a previous_response_id, while input_items, which read its input alone, listed its items.
+    It is not there for input_items either (its response's shape read with them, its items not
+    built); one whose response is of a response's shape is listed, as before."""
+    fine_input = b'[{"type": "message", "role": "user", "content": "kalo", "id": "msg_in0"}]'
+    shapes = (b'{"cut', b"[1]", b'{"status": 1}', b'{"output": {}}', b'{"background": "yes"}')
+    for k, response in enumerate(shapes):
+        await stack.store.put_response(f"resp_shape{k}", "", response, fine_input, 60.0)
+        for method, path in (("GET", "/input_items"), ("GET", ""), ("GET", "?stream=true"), ("POST", "/cancel")):
+            status, got = await _call(stack.url, method, f"/v1/responses/resp_shape{k}{path}")
+            assert status == 404, (response, path, got)
+        chained = {**ASKED, "input": "remi", "previous_response_id": f"resp_shape{k}"}
+        status, got = await post(stack, "/v1/responses", chained)
+        assert (status, got["error"]["code"]) == (400, "previous_response_not_found"), (response, got)
+    await stack.store.put_response("resp_shaped", "", b'{"status": "completed"}', fine_input, 60.0)
+    status, got = await _call(stack.url, "GET", "/v1/responses/resp_shaped/input_items")
+    assert (status, [i["id"] for i in got["data"]]) == (200, ["msg_in0"]), got
