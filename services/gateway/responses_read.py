@@ -172,8 +172,3 @@ def _decoded(name: str, raw: bytes | None, whole: bool = True) -> Any:
         return value
     except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
         return None
-
-
-def item_ids(items: list[Any]) -> list[str]:
-    """The ids of ``items`` (a response's conversation and its output), unique."""
-    return list(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))

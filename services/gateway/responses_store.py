@@ -27,7 +27,7 @@ from dlora.services.gateway.openai import APIError
 from dlora.services.gateway.responses_api import ResponsesBody
 from dlora.services.gateway.responses_lease import running
 from dlora.services.gateway.responses_metrics import StoreCounts
-from dlora.services.gateway.responses_read import held, item_ids, read
+from dlora.services.gateway.responses_read import held, read
 
 logger = log.get("gateway")
 
@@ -169,7 +169,7 @@ class Keeping:
         # Every item of the conversation, not only its own: indexed by the response that first stored
         # it alone, an earlier turn's item was a 404 once that turn expired or was deleted, though
         # each later turn of its chain still held it (``StateStore.put_response``: one more holder of each)
-        self._record = (response["id"], items, response, item_ids([*self.items, *response["output"]]))
+        self._record = (response["id"], items, response, _ids([*self.items, *response["output"]]))
         return True
 
     async def finishing(self, events: Sequence[bytes] = ()) -> bool:
@@ -383,3 +383,8 @@ def counted_as_sent(e: APIError, served: str | list[Any], given: str | list[Any]
 
 def _references(given: str | list[Any]) -> bool:
     return any(isinstance(i, dict) and i.get("type") == "item_reference" for i in _items(given))
+
+
+def _ids(items: list[Any]) -> list[str]:
+    """The ids of ``items`` (a response's conversation and its output), unique."""
+    return list(dict.fromkeys(i["id"] for i in items if isinstance(i, dict) and isinstance(i.get("id"), str)))
