@@ -19,27 +19,31 @@ from dlora.services.gateway.responses_lease import running, settled
 logger = log.get("gateway")
 
 
-class _Response(msgspec.Struct):
-    """What every reader of a stored ``response`` (an object) takes as given, its other fields
-    read by each as it needs: its ``output``, where it has one, a list of items, each an object
-    (a previous response's are put before a request's input, their ids read), its ``status``,
-    where it has one, a string (``responses_lease.running`` reads it as one), and its
-    ``background``, where it has one, a boolean (a streamed retrieve and a cancel judge by it)."""
+class _Judged(msgspec.Struct):
+    """The fields of a stored ``response`` (an object) that its readers judge it by, as every
+    reader takes them: its ``status``, where it has one, a string (``responses_lease.running``
+    reads it as one), and its ``background``, where it has one, a boolean (a streamed retrieve
+    and a cancel judge by it). Each read of it (``_Response``, ``_Checked``, ``_Held``) takes its
+    ``output`` with them, so that all agree on which records are there."""
+
+    status: str | None = None
+    background: bool | None = None
+
+
+class _Response(_Judged):
+    """What every reader of a stored ``response`` takes as given, its other fields read by each
+    as it needs: ``_Judged``'s, and its ``output``, where it has one, a list of items, each an
+    object (a previous response's are put before a request's input, their ids read)."""
 
     output: list[dict[str, Any]] = []
-    status: str | None = None
-    background: bool | None = None
 
 
-class _Checked(msgspec.Struct):
+class _Checked(_Judged):
     """``_Response``'s shape as a read of it alone checks it (``_decoded``'s ``whole`` False): its
     items left undecoded (``msgspec.Raw``: views of their bytes; msgspec checks the JSON it skips,
-    not its strings' UTF-8 or its numbers' range), its ``status`` a string and its ``background``
-    a boolean where it has them."""
+    not its strings' UTF-8 or its numbers' range)."""
 
     output: list[msgspec.Raw] = []
-    status: str | None = None
-    background: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,10 @@ class _Item(msgspec.Struct):
     id: Any = None
 
 
-class _Held(msgspec.Struct):
+class _Held(_Judged):
     """``_Response``'s shape as ``held`` reads it: its output's items' ids alone (``_Item``)."""
 
     output: list[_Item] = []
-    status: str | None = None
-    background: bool | None = None
 
 
 def _ided(raw: bytes | None, shape: Any) -> Any:
