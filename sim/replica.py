@@ -31,6 +31,8 @@ from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dlora.services.worker.engine.lora import LoraAdapter
     from dlora.services.worker.engine.outputs import RequestOutput
     from dlora.services.worker.engine.placement import PreparedStep
@@ -113,6 +115,24 @@ def _by_offset(seqs: list[Sequence], bs: int) -> dict[int, list[Sequence]]:
     for s in seqs:
         groups.setdefault(s.num_cached % bs, []).append(s)
     return groups
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run of steps that repeat the last one, as it stood before the first of them: the same
+    batch, merged adapter and LoRA work at each, only the contexts growing (a token a request a
+    step). Step j (from 1) of it attends ``context`` + j tokens a request in all."""
+
+    decision: StepDecision  # the last step's: what each step of the run decides again
+    step: PreparedStep  # the last step
+    k_max: int  # steps before the first request's end (the step that ends one runs for real)
+    crossing: Counter[int]  # requests by their cached tokens modulo the block size
+    priced: Callable[[int], float]  # a step's seconds by its context (``CostProfile.by_context``)
+    context: int  # tokens the batch has cached
+    start: dict[str, int]  # each request's cached tokens, in batch order
+    grows: dict[int, list[Sequence]]  # the requests in decision order by their offset (``_by_offset``)
+    fills: dict[int, list[Sequence]]  # in batch order (none: no prefix caching)
+    salted: dict[str, bytes]  # each request's prefix-cache key under the merged adapter (none: no caching)
 
 
 class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: torch is untyped here
@@ -256,88 +276,129 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
         past the step where the overhead fit came to price the unmerged one cheaper, 26 merges
         against stepping's 21); the others decide by the queue alone, which these steps leave as
         it was. The requests advanced and the steps run (0: none)."""
-        if not self.policy.learns:
-            return self._repeat(until)
-        advanced: list[str] = []
-        steps = 0
-        while (ran := self._repeat(until, ask=True))[1]:
-            advanced, steps = ran[0], steps + 1
-        return advanced, steps
-
-    def _repeat(self, until: float, ask: bool = False) -> tuple[list[str], int]:
-        """Run the steps that repeat the last one and begin before ``until``: ``fast_forward``'s.
-        ``ask``: one step at most, and only if the policy decides it again (observed with that
-        decision's own basis, as stepping observes it). The requests advanced and the steps run."""
-        if self._last is None:
+        run = self._repeatable()
+        if run is None:
             return [], 0
+        k = self._asking(run, until) if self.policy.learns else self._at_once(run, until)
+        if not k:
+            return [], 0
+        self.fast_forwarded += k
+        return list(run.start), k
+
+    def _repeatable(self) -> _Run | None:
+        """What every step of a run repeating the last one shares (None: the last step does not
+        repeat): worked out once a run, as none of it changes while only contexts grow."""
+        if self._last is None:
+            return None
         decision, step = self._last
         batch = step.batch
         if step.num_prefill or len(batch) != len(self.seqs) or any(s.status is not Status.RUNNING for s in batch):
-            return [], 0
-        n, bs = len(batch), self.blocks.block_size
+            return None
+        bs = self.blocks.block_size
         k_max = min(
             min(self.targets[s.request_id], s.params.max_tokens, self.max_model_len - len(s.prompt_ids))
             - len(s.output_ids)
             - 1
             for s in batch
         )
-        if ask:
-            k_max = min(k_max, 1)
-        # Step j (from 1) grows a request with c tokens cached by one block where (c + j - 1) % bs == 0.
-        crossing = Counter(s.num_cached % bs for s in batch)
-        free = self.blocks.num_free
         segments, rank_tokens = self._lora_work(step)
-        context = sum(s.num_cached for s in batch)
-        priced = self.cost.by_context(StepShape(n, 0, 0, segments, rank_tokens))
-        seconds: list[float] = []
-        clock = self.now
-        while len(seconds) < k_max and clock < until:
-            j = len(seconds) + 1
-            free -= crossing[(1 - j) % bs]
-            if free < 0:
-                break
-            t = priced(context + n * j)
-            seconds.append((clock + t) - clock)  # what a step measures: its clock after, less before
-            clock += t
-        k = len(seconds)
-        if not k:
-            return [], 0
-        if ask:
-            again = self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
-            repeated = (decision.merged, decision.mixed, decision.request_ids)
-            if (again.merged, again.mixed, again.request_ids) != repeated:
-                return [], 0  # the next step runs for real, and asks again: the same state, the same answer
-            decision = again
-        # Blocks are taken and named step by step in the order the engine's step takes them (the
-        # scheduler grows requests in decision order, the KV written is taken in batch order), at
-        # the steps where a request crosses a block bound: the same tables and cache as stepping.
         start = {s.request_id: s.num_cached for s in batch}
+        # The scheduler grows requests in decision order, the KV written is taken in batch order.
         order = [s for rid in decision.request_ids if (s := self.seqs.get(rid)) is not None and rid in start]
-        grows, fills = _by_offset(order, bs), _by_offset(batch, bs)
         caching = self.blocks.enable_prefix_caching
         keys = {a: self._cache_key(a) for a in {s.adapter for s in batch}} if caching else {}
-        written = dict(start)
+        return _Run(
+            decision,
+            step,
+            k_max,
+            # Step j (from 1) grows a request with c tokens cached by one block where (c + j - 1) % bs == 0.
+            Counter(c % bs for c in start.values()),
+            self.cost.by_context(StepShape(len(batch), 0, 0, segments, rank_tokens)),
+            sum(start.values()),
+            start,
+            _by_offset(order, bs),
+            _by_offset(batch, bs) if caching else {},
+            {s.request_id: s.salted(keys[s.adapter]) for s in batch} if caching else {},
+        )
+
+    def _at_once(self, run: _Run, until: float) -> int:
+        """Run ``run``'s steps that begin before ``until`` in one go (a policy that does not learn
+        decides each as the last: the queue it reads stays as it was). The steps run."""
+        n, bs = len(run.start), self.blocks.block_size
+        seconds: list[float] = []
+        free, clock = self.blocks.num_free, self.now
+        while len(seconds) < run.k_max and clock < until:
+            j = len(seconds) + 1
+            free -= run.crossing[(1 - j) % bs]
+            if free < 0:
+                break
+            t = run.priced(run.context + n * j)
+            seconds.append((clock + t) - clock)  # what a step measures: its clock after, less before
+            clock += t
+        if seconds:
+            self._advance_run(run, 0, len(seconds))
+            self.now = clock  # the same sum, in the same order, as each step's
+            self._observe_run(run, run.decision, len(seconds), seconds)
+        return len(seconds)
+
+    def _asking(self, run: _Run, until: float) -> int:
+        """Run ``run``'s steps that begin before ``until`` one at a time, each only if the policy
+        decides it again (asked as stepping asks it, then observing it with that decision's own
+        basis before the next is asked). The steps run."""
+        n, bs = len(run.start), self.blocks.block_size
+        repeated = (run.decision.merged, run.decision.mixed, run.decision.request_ids)
+        done = 0
+        while done < run.k_max and self.now < until:
+            j = done + 1
+            if run.crossing[(1 - j) % bs] > self.blocks.num_free:
+                break
+            t = run.priced(run.context + n * j)
+            again = self.policy.decide(self.queue(), self.merger.merged, kv_room(self.blocks))
+            if (again.merged, again.mixed, again.request_ids) != repeated:
+                break  # the next step runs for real, and asks again: the same state, the same answer
+            self._advance_run(run, done, 1)
+            clock = self.now
+            self.now = clock + t
+            self._observe_run(run, again, j, [(clock + t) - clock])  # as a step measures it
+            done = j
+        return done
+
+    def _advance_run(self, run: _Run, done: int, k: int) -> None:
+        """Steps ``done`` + 1 .. ``done`` + ``k`` of ``run``: a token a request, and blocks taken
+        and named at the steps where a request crosses a block bound, in the order the engine's
+        step takes them: the same tables and cache as stepping."""
+        bs, caching = self.blocks.block_size, self.blocks.enable_prefix_caching
+        start, batch = run.start, run.step.batch
+        written = {rid: c + done for rid, c in start.items()}
         for s in batch:
             s.output_ids.extend([self._token] * k)
             s.detok.push([self._token] * k)
-        # Only the steps where some request crosses a bound do anything (every block_size-th).
-        crossings = {*((-c % bs) + 1 for c in grows), *((-f - 1) % bs + 1 for f in (fills if caching else ()))}
-        for j in sorted({j for first in crossings for j in range(first, k + 1, bs)}):
-            for s in grows.get((1 - j) % bs, ()):
+        if k == 1:  # (a step asked for: a request crosses no bound in most)
+            steps: list[int] = [done + 1]
+        else:  # only the steps where some request crosses a bound do anything (every block_size-th)
+            firsts = {*((-c % bs) + 1 for c in run.grows), *((-f - 1) % bs + 1 for f in run.fills)}
+            low = done + 1  # each first's steps from here: the first j >= low that is first modulo bs
+            steps = sorted({j for first in firsts for j in range(low + (first - low) % bs, done + k + 1, bs)})
+        for j in steps:
+            for s in run.grows.get((1 - j) % bs, ()):
                 self.blocks.grow(s.request_id, start[s.request_id] + j)
-            for s in fills.get(-j % bs, ()) if caching else ():
+            for s in run.fills.get(-j % bs, ()):
                 end = start[s.request_id] + j
-                self.blocks.computed(s.request_id, s.all_ids(), written[s.request_id], end, s.salted(keys[s.adapter]))
+                self.blocks.computed(s.request_id, s.all_ids(), written[s.request_id], end, run.salted[s.request_id])
                 written[s.request_id] = end
         for s in batch:
-            s.num_cached = start[s.request_id] + k
+            s.num_cached = start[s.request_id] + done + k
             if caching:  # a block begun and not filled: it fills no block, so no ids are read
-                self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, s.salted(keys[s.adapter]))
-        repeat = dataclasses.replace(step, merge_s=0.0, unmerge_s=0.0, context_tokens=context + n)
-        self.now = clock  # the same sum, in the same order, as each step's
+                self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, run.salted[s.request_id])
+
+    def _observe_run(self, run: _Run, decision: StepDecision, j: int, seconds: list[float]) -> None:
+        """Observe steps of ``run`` up to its ``j``-th, the last of them run with ``seconds``
+        (``_observe`` counts one a second): the engine's stats and the policy's feedback."""
+        n = len(run.start)
+        # The context of the first of these steps: each one attends n more tokens than the last.
+        context = run.context + n * (j - len(seconds) + 1)
+        repeat = dataclasses.replace(run.step, merge_s=0.0, unmerge_s=0.0, context_tokens=context)
         self._observe(decision, repeat, n, seconds)  # the last step is now ``repeat``
-        self.fast_forwarded += k
-        return [s.request_id for s in batch], k
 
     def _finish(self, seq: Sequence, reason: object) -> None:
         super()._finish(seq, reason)  # type: ignore[arg-type]

@@ -1,12 +1,14 @@
 """One simulated replica: the engine's own scheduling path on simulated time (no weights)."""
 
 import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
 
 import pytest
 
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.policy.config import PolicyConfig, PolicyName
-from dlora.sim.cost import ARTIFACT, H200
+from dlora.sim.cost import ARTIFACT, H200, CostProfile, StepShape
 from dlora.sim.replica import SimEngine
 
 
@@ -185,3 +187,40 @@ def test_nothing_is_fast_forwarded_after_a_request_joins_or_while_one_waits() ->
     assert e.fast_forward(until=1e9) == ([], 0)  # joined since the last step
     e.step()
     assert e.fast_forward(until=1e9) == ([], 0)  # r1 waits: the batch is not all there is
+
+
+class _Counted(CostProfile):
+    """H200's profile, counting the runs of repeated steps it prices (``by_context``)."""
+
+    shapes: ClassVar[list[StepShape]] = []
+
+    def by_context(self, s: StepShape) -> Callable[[int], float]:
+        self.shapes.append(s)
+        return super().by_context(s)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_fast_forward_under_a_learning_policy_makes_the_same_state_as_stepping(caching: bool) -> None:
+    """Under dLoRA's policy, which learns from every step and so is asked again before each step a
+    fast-forward repeats: the same tokens, blocks, prefix cache, clock, stats and learned state as
+    stepping. What cannot change within the run (its batch, its LoRA work, its pricing by context)
+    is worked out once a run, not once a step (it was, for each step, a tenth of the run's time)."""
+    config = EngineConfig(block_size=4, enable_prefix_caching=caching)
+    engines = [SimEngine(_Counted(**dataclasses.asdict(H200)), config) for _ in range(2)]
+    for e in engines:
+        e.add_adapter("a", 16)
+        for i, n in enumerate((40, 60, 50)):
+            e.add(f"r{i}", list(range(10 + i, 17 + 3 * i)), output_len=n, adapter="a" if i else None)
+        e.step()  # the prefills
+        e.step()  # a first decode: the step to repeat
+    fast, slow = engines
+    _Counted.shapes.clear()
+    ids, k = fast.fast_forward(until=1e9)
+    assert sorted(ids) == ["r0", "r1", "r2"] and k > 4  # past block bounds (4 tokens a block)
+    assert len(_Counted.shapes) == 1
+    for _ in range(k):
+        slow.step()
+    assert _state(fast) == _state(slow)
+    assert fast.blocks._cached == slow.blocks._cached
+    assert fast.policy.checkpoint() == slow.policy.checkpoint()
+    assert fast.fast_forwarded == k and slow.fast_forwarded == 0
