@@ -41,9 +41,9 @@ def migration_regime(args: argparse.Namespace) -> list[dict]:
             shift_every=duration / 3,
         )
         full = with_slots(args.migration_adapters)
-        per_replica = capacity_rps(ARTIFACT, full, *_means(requests_of(spec)))
+        per_replica = capacity_rps(ARTIFACT, full, *_means(requests_of(spec, args.traces)))
         for load in args.migration_loads:
-            requests = _at(spec, load * args.migration_replicas * per_replica)
+            requests = _at(spec, load * args.migration_replicas * per_replica, args.traces)
             for slots in args.migration_slots:
                 runs = {
                     label: _run(ARTIFACT, requests, args.migration_replicas, with_slots(slots), CUT * duration, **kw)

@@ -52,9 +52,9 @@ def regime(args: argparse.Namespace) -> list[dict]:
         for alpha in args.alphas:
             spec = replace(_spec(args, args.adapters, args.regime_duration), popularity="zipf", alpha=alpha)
             slots = with_slots(args.adapters)
-            capacity = capacity_rps(cost, slots, *_means(requests_of(spec)))
+            capacity = capacity_rps(cost, slots, *_means(requests_of(spec, args.traces)))
             for load in args.loads:
-                requests = _at(spec, load * capacity)
+                requests = _at(spec, load * capacity, args.traces)
                 top = max(Counter(r.adapter for r in requests).values()) / len(requests)
                 runs = {}
                 for policy in POLICIES:

@@ -38,6 +38,7 @@ from dlora.loadgen.bench_policy import ADAPTER_RANKS
 from dlora.loadgen.bench_validate import TITLE as VALIDATE_TITLE
 from dlora.loadgen.bench_validate import check_measured, markdown_validate, validate
 from dlora.loadgen.spec import WorkloadSpec
+from dlora.loadgen.workload import Traces, load_traces
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
@@ -108,9 +109,10 @@ def _run(
     return out
 
 
-def _at(spec: WorkloadSpec, rate: float) -> list[SimRequest]:
-    """``spec``'s requests at ``rate``, as many as arrive in its duration."""
-    return requests_of(replace(spec, rate=rate, requests=int(rate * spec.duration * 1.5) + 10))
+def _at(spec: WorkloadSpec, rate: float, traces: Traces) -> list[SimRequest]:
+    """``spec``'s requests at ``rate``, as many as arrive in its duration (``traces``: the bundled
+    ones, read once a run: ``run_bench_simulate``)."""
+    return requests_of(replace(spec, rate=rate, requests=int(rate * spec.duration * 1.5) + 10), traces)
 
 
 def _means(requests: list[SimRequest]) -> tuple[float, float]:
@@ -125,11 +127,11 @@ def ablation(args: argparse.Namespace) -> list[dict]:
     for name, cost in args.costs.items():
         for stride in args.strides:
             spec = replace(_spec(args, args.adapters, args.duration), stride=stride)
-            probe = requests_of(spec)
+            probe = requests_of(spec, args.traces)
             # Every adapter has a device slot, as in dLoRA's unmerged mode: only the policy differs.
             slots = with_slots(args.adapters)
             rate = args.load * capacity_rps(cost, slots, *_means(probe))
-            requests = _at(spec, rate)
+            requests = _at(spec, rate, args.traces)
             for policy in args.policies:
                 config = msgspec.structs.replace(slots, policy=PolicyConfig(name=PolicyName(policy)))
                 m = _run(cost, requests, 1, config, CUT * args.duration)
@@ -157,9 +159,9 @@ def cluster(args: argparse.Namespace) -> list[dict]:
     # Capacity with a slot for every adapter, as in the ablation (with fewer, an unmerged step runs
     # only as many adapters as slots): the rate is the same for every slot count.
     full = with_slots(args.cluster_adapters)
-    per_replica = capacity_rps(cost, full, *_means(requests_of(spec)))
+    per_replica = capacity_rps(cost, full, *_means(requests_of(spec, args.traces)))
     rate = args.cluster_load * args.replicas * per_replica
-    requests = _at(spec, rate)
+    requests = _at(spec, rate, args.traces)
     reference = rebalancing_reference(cost, requests, args.replicas, full)
     rows = []
     for slots in args.cluster_slots:
@@ -427,6 +429,9 @@ def run_bench_simulate(args: argparse.Namespace) -> int:
             raise ValueError("--profiles: none given")
         args.costs = {name: profile(name) for name in args.profiles}
         args.cluster_cost = profile(args.cluster_profile)
+        # The bundled traces every experiment's workloads replay (lengths, and the stride mapping's
+        # popularity), read once: each workload read them again, ten times in a run of the tests.
+        args.traces = None if run is validate else load_traces(_spec(args, args.adapters, args.duration))
         if below := [o for o in args.overheads if o < 1]:
             raise ValueError(f"--overheads {below[0]:g}: an unmerged iteration costs at least a merged one (>= 1)")
         most = max(args.adapters, args.cluster_adapters, *args.cluster_slots, args.migration_adapters)

@@ -14,7 +14,7 @@ from pathlib import Path
 from dlora.common.messages import MAX_LISTED
 from dlora.loadgen.bench_common import writable
 from dlora.loadgen.spec import WorkloadSpec
-from dlora.loadgen.workload import build_specs, prompt_ids
+from dlora.loadgen.workload import Traces, build_specs, prompt_ids
 from dlora.services.dispatcher.choose import DispatchMode
 from dlora.services.migrator.settings import MigratorSettings
 from dlora.services.worker.engine.config import EngineConfig
@@ -60,18 +60,20 @@ def with_slots(slots: int, max_cpu_loras: int | None = None, **config: object) -
     return EngineConfig(max_loras=slots, max_cpu_loras=host, **config)  # type: ignore[arg-type]
 
 
-def requests_of(spec: WorkloadSpec) -> list[SimRequest]:
+def requests_of(spec: WorkloadSpec, traces: Traces | None = None) -> list[SimRequest]:
     """The workload's requests arriving by its ``duration`` (the clock of ``dlora loadgen``'s
     sender and of the benchmarks' replays, which stop sending then), with prompts of real token
-    ids (shared prefixes stay shared)."""
-    return _sent_by(planned_requests(spec), spec.duration)
+    ids (shared prefixes stay shared). ``traces``: as ``build_specs`` takes them (None: read
+    here). Raises what ``build_specs`` raises."""
+    return _sent_by(planned_requests(spec, traces), spec.duration)
 
 
-def planned_requests(spec: WorkloadSpec) -> list[SimRequest]:
-    """Every request the workload plans (``spec.requests`` of them, or the trace's), however late."""
+def planned_requests(spec: WorkloadSpec, traces: Traces | None = None) -> list[SimRequest]:
+    """Every request the workload plans (``spec.requests`` of them, or the trace's), however late;
+    ``traces`` as ``requests_of`` takes them."""
     return [
         SimRequest(f"q{i}", r.arrival_s, r.adapter, prompt_ids(i, r, LLAMA_7B.vocab_size), max(1, r.output_len))
-        for i, r in enumerate(build_specs(spec))
+        for i, r in enumerate(build_specs(spec, traces))
     ]
 
 

@@ -1,10 +1,12 @@
 """``dlora bench simulate``: the simulator's experiments, run small."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from dlora.loadgen import workload
 from dlora.loadgen.bench_sim import capacity_rps, ignored_options
 from dlora.services.cli import build_parser
 from dlora.services.worker.engine.config import EngineConfig
@@ -16,8 +18,23 @@ def test_a_replica_s_capacity_is_a_full_unmerged_batch_over_each_request_s_steps
     assert capacity_rps(ARTIFACT, EngineConfig(max_num_seqs=64), 500.0, 100.0) == pytest.approx(64 / (100 * 27e-3))
 
 
-def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Path) -> None:
+def test_bench_simulate_runs_each_experiment_and_writes_its_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, md, r = tmp_path / "r.json", tmp_path / "BENCHMARKS.md", {}
+    # The bundled traces, read once a run whatever its workloads (each of them read both again:
+    # ten reads in this test, most of its time).
+    reads: list[str] = []
+
+    def counted(real: Callable[[Path], object]) -> Callable[[Path], object]:
+        def read(path: Path) -> object:
+            reads.append(Path(path).name)
+            return real(path)
+
+        return read
+
+    for name in ("read_azure_llm", "read_azure_functions"):
+        monkeypatch.setattr(workload, name, counted(getattr(workload, name)))
     own = {  # each experiment's own options (another's are refused)
         "policy": "--profiles dlora-artifact --strides 1,16 --policies dlora,merged-only --adapters 8 --duration 4",
         "cluster": "--replicas 2 --cluster-adapters 8 --cluster-slots 8,2 --cluster-duration 3",
@@ -39,7 +56,9 @@ def test_bench_simulate_runs_each_experiment_and_writes_its_section(tmp_path: Pa
                 str(md),
             ]
         )
+        reads.clear()
         assert args.func(args) == 0
+        assert len(reads) == 2 and len(set(reads)) == 2  # the conversation trace, the popularity source
         r[experiment] = json.loads(out.read_text())["rows"]
     assert [(x["stride"], x["policy"]) for x in r["policy"]] == [
         (1, "dlora"),
