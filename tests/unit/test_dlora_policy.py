@@ -22,6 +22,7 @@ from dlora.services.worker.policy import (
 )
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.dlora import DLoraPolicy
+from dlora.services.worker.policy.dlora_shape import shape_of
 from tests.unit.policy_sim import CPU_LIKE, GPU_LIKE, Arrival, Noise, Profile, simulate
 
 LIMITS = BatchLimits(max_num_seqs=8, max_adapters=4)
@@ -165,7 +166,8 @@ def test_merging_a_small_group_must_win_back_its_switch() -> None:
         _fit(p)
         p.costs.observe_step(4, 0.004)
         p.costs.observe_switch(merge=switch, unmerge=switch)
-    assert cheap._pays_off(q, q[:4], None, "a") and not dear._pays_off(q, q[:4], None, "a")
+    shape = dataclasses.replace(shape_of(q, None, None, LIMITS), f_run=q)  # against all of q
+    assert cheap._pays_off(shape, q[:4], "a") and not dear._pays_off(shape, q[:4], "a")
     assert dear.decide(q, None).merged is None
 
 
@@ -458,3 +460,37 @@ def test_a_deleted_adapter_that_ran_here_leaves_the_ledger() -> None:
     assert dict(p.credits.balances) == {"x@v2": -0.5, "y": 0.5} and "x@v1" not in p.ranks
     p.forget_adapter("x")
     assert dict(p.credits.balances) == {} and not {"x@v1", "x@v2"} & p.ranks.keys()
+
+
+def test_a_queue_seen_again_is_read_once_and_decided_as_if_read_anew() -> None:
+    """``decide`` keeps what it reads of the queue alone (F, each candidate's batch and its tokens)
+    while the engine hands it the same entries (decodes whose entries did not change), and
+    decides exactly as from the queue read anew while what it learns (step costs, credits, band,
+    epochs) moves under it: the same decisions, predictions and learned state, step by step."""
+    rng = random.Random(5)
+    queues = [queue(*"aaaaaabc"), queue("a", "b", "b", "b", "b", "b", "c", None)]
+    kept, anew = (DLoraPolicy(LIMITS, PolicyConfig(r_initial=0.5)) for _ in range(2))
+    for p in (kept, anew):
+        _fit(p)
+    merged: dict[int, str | None] = {id(kept): None, id(anew): None}
+    seen, reused = set(), 0
+    for step in range(400):
+        q = queues[step // 40 % 2]
+        if step % 40 == 20:  # the same requests, entries made anew (a context refreshed): read again
+            q = queues[step // 40 % 2] = [dataclasses.replace(r, context=r.context + 1) for r in q]
+        seconds, switch = 0.010 * (1 + rng.random()), 0.002 * rng.random()
+        made = []
+        for p, handed in ((kept, q), (anew, [dataclasses.replace(r) for r in q])):  # copies: never the same
+            before = kept._shape
+            d = p.decide(handed, merged[id(p)])
+            if p is kept and step % 40 not in (0, 20) and before is not None and before.merged_now == merged[id(p)]:
+                assert kept._shape is before  # the same entries, the same adapter merged: not read again
+                reused += 1
+            changed = d.merged != merged[id(p)]
+            p.observe(d, _record(d, q, seconds, merge=switch if changed and d.merged else 0.0))
+            merged[id(p)] = d.merged
+            made.append((d.merged, d.mixed, d.request_ids, d.basis.predicted, d.basis.excess))  # type: ignore[union-attr]
+        assert made[0] == made[1]
+        seen.add((made[0][0] is not None, made[0][1]))
+    assert kept.checkpoint() == anew.checkpoint() and kept.r == anew.r
+    assert len(seen) >= 2 and reused > 300  # more than one mode ran

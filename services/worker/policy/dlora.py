@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -113,6 +114,7 @@ from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import CreditLedger
 from dlora.services.worker.policy.dlora_learning import EpochLearning
+from dlora.services.worker.policy.dlora_shape import QueueShape, shape_of
 from dlora.services.worker.policy.dlora_steps import Basis, key_of, step_work
 
 
@@ -138,10 +140,22 @@ class _Candidate:
     # What one step of ``batch`` feeds (``within_budget``): what ``waiting`` and the price count.
     run: list[QueuedRequest] = field(default_factory=list)
 
-    def decision(self, basis: Basis) -> StepDecision:
+    def decision(self, basis: Basis, shape: QueueShape | None = None) -> StepDecision:
+        """The decision to run it, decided on ``basis``; ``shape``: the queue's it was built from
+        (its ids and excess kept there: one candidate a mode and merged adapter)."""
+        if shape is None:
+            excess, ids = self._excess(basis.merged_now), [r.request_id for r in self.batch]
+        else:
+            excess, ids = shape.piece(
+                ("decision", self.mode, self.merged),
+                lambda: (self._excess(basis.merged_now), [r.request_id for r in self.batch]),
+            )
+        basis.excess = dict(excess)
+        return StepDecision(self.merged, list(ids), basis, mixed=self.mode is Mode.MIXED)
+
+    def _excess(self, merged_now: str | None) -> dict[str, int]:
         # Prompt tokens its merged state makes a request feed beyond its work: computed again, not served.
-        basis.excess = {r.request_id: x for r in self.batch if (x := r.fed(self.merged, basis.merged_now) - r.work) > 0}
-        return StepDecision(self.merged, [r.request_id for r in self.batch], basis, mixed=self.mode is Mode.MIXED)
+        return {r.request_id: x for r in self.batch if (x := r.fed(self.merged, merged_now) - r.work) > 0}
 
 
 class DLoraPolicy(EpochLearning):
@@ -167,6 +181,7 @@ class DLoraPolicy(EpochLearning):
         self.merged_epoch_steps = 8.0
         self.fallback_steps = 0  # steps the watchdog still holds the policy unmerged
         self.watchdog_trips = 0
+        self._shape: QueueShape | None = None  # the last queue's reading, kept while it is the same
 
     # ---- thresholds -----------------------------------------------------------------------
     @property
@@ -200,44 +215,35 @@ class DLoraPolicy(EpochLearning):
 
     # ---- the decision ---------------------------------------------------------------------
     def decide(self, queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None = None) -> StepDecision:
-        fcfs = fcfs_refilled(queue, self.limits, None, merged_now, kv)
         if not queue:
             return StepDecision(merged=merged_now, request_ids=[])
+        shape = self._shape
+        if shape is None or not shape.same(queue, merged_now, kv, self.limits):
+            shape = self._shape = shape_of(queue, merged_now, kv, self.limits)
         self._forget_gone(queue, merged_now)
-        for r in queue:
-            if r.adapter is not None:
-                self.ranks[r.adapter] = r.rank
-        by_adapter: dict[str, list[QueuedRequest]] = {}
-        lines: dict[str, int] = {}  # by adapter: its first recompute that cannot start behind others
-        for r in queue:  # (a prompt that does not fit only first, none behind such a recompute: ``fcfs_batch``)
-            group = by_adapter.setdefault(r.adapter, []) if r.adapter is not None else None
-            if group is None or len(group) == self.limits.max_num_seqs or not (r.keeps_place or not group):
-                continue
-            if r.fresh and r.arrival > lines.get(r.adapter or "", r.arrival):
-                continue
-            if group and not r.fits:
-                lines.setdefault(r.adapter or "", r.arrival)
-            group.append(r)
+        self.ranks.update(shape.ranks)
+        fcfs, f_run = shape.fcfs, shape.f_run
         floor = -self.config.debt_floor_s
-        eligible = {a: rs for a, rs in by_adapter.items() if self.credits[a] >= floor}
+        eligible = {a: rs for a, rs in shape.by_adapter.items() if self.credits[a] >= floor}
         # Most queued first; among equals the one whose oldest request came first; never one that
         # must not be merged.
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        f_run = within_budget(fcfs, self.limits, None, merged_now, kv)
         basis = Basis(fcfs, f_run, best, eligible.get(best or "", []), merged_now)
-        unmerged = _Candidate(Mode.UNMERGED, None, fcfs, run=f_run)
+        unmerged = shape.piece(("unmerged",), lambda: _Candidate(Mode.UNMERGED, None, fcfs, run=f_run))
 
-        starving = self._starving(queue, fcfs)
+        starving = self._starving(shape)
         if starving:
             chosen, basis.fed = self._serve_starving(queue, fcfs, starving, merged_now, merged_now in eligible, kv)
             return chosen.decision(basis)
         if self.fallback_steps > 0:
-            return unmerged.decision(basis)
+            return unmerged.decision(basis, shape)
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
         merged = {
-            a: self._candidate(Mode.MERGED, a, eligible[a], f_run, merged_now, kv)
+            a: shape.piece(
+                (Mode.MERGED, a), partial(self._candidate, Mode.MERGED, a, eligible[a], f_run, merged_now, kv)
+            )
             for a in (merged_now, best)
             if a in eligible
         }
@@ -245,16 +251,15 @@ class DLoraPolicy(EpochLearning):
         enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]
         for m in dict.fromkeys(a for a in (merged_now, best) if a is not None):
-            batch = fcfs_refilled(queue, self.limits, m, merged_now, kv)
-            mixed = self._candidate(Mode.MIXED, m, batch, f_run, merged_now, kv)
+            mixed = shape.piece((Mode.MIXED, m), partial(self._mixed, queue, m, f_run, merged_now, kv))
             if m in eligible or (m == merged_now and mixed.waiting == 0):  # displacing nobody, it owes nothing
                 candidates.append(mixed)
         if stay and merged_now is not None:
             candidates.append(merged[merged_now])
-        if enter and best is not None and self._pays_off(f_run, merged[best].run, merged_now, best):
+        if enter and best is not None and self._pays_off(shape, merged[best].run, best):
             candidates.append(merged[best])
 
-        priced = [self._price(c, merged_now) for c in candidates]
+        priced = [self._price(c, merged_now, shape) for c in candidates]
         if any(c.price is None for c in priced) or not self.costs.fitted:
             # Not measured enough to price LoRA (the overhead fit learns only where base steps of
             # the same size were measured, which unmerged replicas rarely run): dLoRA's count
@@ -277,21 +282,28 @@ class DLoraPolicy(EpochLearning):
                 ),
                 None,
             )
-            if target not in (None, merged_now) and not self._switch_can_pay(f_run, merged_now, target):
+            if target not in (None, merged_now) and not self._switch_can_pay(shape, target):
                 target = None
-            return on.get(target, unmerged).decision(basis)
+            return on.get(target, unmerged).decision(basis, shape)
         chosen = self._choose(priced, self._incumbent(priced, merged_now))
         basis.predicted = chosen.price.seconds if chosen.price else None
-        return chosen.decision(basis)
+        return chosen.decision(basis, shape)
 
-    def _starving(self, queue: list[QueuedRequest], fcfs: list[QueuedRequest]) -> set[str]:
+    def _mixed(
+        self, queue: list[QueuedRequest], m: str, f_run: list[QueuedRequest], merged_now: str | None, kv: KvRoom | None
+    ) -> _Candidate:
+        """The mixed candidate with ``m`` merged: FCFS in which ``m``'s requests need no slot and its
+        correction holds one (refilled as F is)."""
+        batch = fcfs_refilled(queue, self.limits, m, merged_now, kv)
+        return self._candidate(Mode.MIXED, m, batch, f_run, merged_now, kv)
+
+    def _starving(self, shape: QueueShape) -> set[str]:
         """Keys of the adapters owed more than ``starvation_s`` of credit, or ``running_starvation_s``
         (the lesser) where a running request of theirs is in F: a stream paused, not a prompt yet
         to begin."""
         c = self.config
-        running = {key_of(r.adapter) for r in fcfs if r.running}
-        threshold = {k: min(c.starvation_s, c.running_starvation_s) for k in running}
-        return {k for k in {key_of(r.adapter) for r in queue} if self.credits[k] > threshold.get(k, c.starvation_s)}
+        threshold = {k: min(c.starvation_s, c.running_starvation_s) for k in shape.running_keys}
+        return {k for k in shape.queued_keys if self.credits[k] > threshold.get(k, c.starvation_s)}
 
     def _serve_starving(
         self,
@@ -343,9 +355,14 @@ class DLoraPolicy(EpochLearning):
         ids = {r.request_id for r in run}
         return _Candidate(mode, m, batch, sum(r.request_id not in ids for r in f_run), run=run)
 
-    def _price(self, c: _Candidate, merged_now: str | None) -> _Candidate:
-        """``c`` with its price (of what one step of it feeds); unpriced before a base step was measured."""
-        tokens, segments, rank_tokens, context = step_work(c.run, c.merged, self.ranks, merged_now)
+    def _price(self, c: _Candidate, merged_now: str | None, shape: QueueShape) -> _Candidate:
+        """``c`` (``shape``'s) with its price (of what one step of it feeds); unpriced before a base
+        step was measured."""
+        # (its merged adapter's rank is read where none of its requests is in the step)
+        rank = self.ranks.get(c.merged or "", 0)
+        tokens, segments, rank_tokens, context = shape.piece(
+            ("work", c.mode, c.merged, rank), lambda: step_work(c.run, c.merged, self.ranks, merged_now)
+        )
         base = self.costs.base_estimate(tokens)
         if base is None or tokens == 0:
             return c
@@ -395,23 +412,25 @@ class DLoraPolicy(EpochLearning):
         """Seconds of merging ``adapter`` in, and out again (what a merged epoch must win back)."""
         return self._switch(adapter, adapter)[0]
 
-    def _switch_can_pay(self, f_run: list[QueuedRequest], merged_now: str | None, target: str) -> bool:
+    def _switch_can_pay(self, shape: QueueShape, target: str) -> bool:
         """Before LoRA's overhead is measured (the count rule decides): whether a switch could win
         its time back within a merged epoch at all, were merging to save two base steps of F each
         step (it saves the overhead: unmerged steps measured at 1.1x base on this CPU, 2.5x on an
         H200 before its kernels were tuned). A trial here: a rank-512 merge of 1.6 s for one
         8-token request, against 47 ms steps, paused every stream, and again for the next adapter.
         Yes while the switch or F's base step was never measured."""
-        tokens, _, _, context = step_work(f_run, None, self.ranks, merged_now)
+        tokens, _, _, context = self._f_work(shape)
         base = self.costs.base_seconds(tokens, context)
         switch = self._round_trip(target)
         return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
-    def _pays_off(
-        self, f_run: list[QueuedRequest], group: list[QueuedRequest], merged_now: str | None, adapter: str
-    ) -> bool:
+    def _f_work(self, shape: QueueShape) -> tuple[int, int, int, int]:
+        """``step_work`` of what one step of F feeds, unmerged (no rank of the policy's is read)."""
+        return shape.piece(("work", "F"), lambda: step_work(shape.f_run, None, self.ranks, shape.merged_now))
+
+    def _pays_off(self, shape: QueueShape, group: list[QueuedRequest], adapter: str) -> bool:
         """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
-        merged epoch, against F (``f_run``, likewise)?
+        merged epoch, against F (what one step of ``shape``'s feeds)?
 
         Per step, serving the group merged saves (unmerged seconds per token - merged seconds per
         token) x its tokens; over ``merged_epoch_steps`` steps that must exceed the merge and
@@ -419,11 +438,19 @@ class DLoraPolicy(EpochLearning):
         the merge would make it compute again takes longer merged, and serves no more. Before both
         modes are measured, the count rule alone decides.
         """
-        f_tokens, seg, rank_tokens, f_context = step_work(f_run, None, self.ranks, merged_now)
-        g_tokens = sum(r.fed(r.adapter, merged_now) for r in group)
+        f_tokens, seg, rank_tokens, f_context = self._f_work(shape)
+        merged_now = shape.merged_now
+        g_tokens, g_context, f_work, g_work = shape.piece(
+            ("pays", adapter),
+            lambda: (
+                sum(r.fed(r.adapter, merged_now) for r in group),
+                sum(r.attends(r.adapter, merged_now) for r in group),
+                sum(r.work for r in shape.f_run),
+                sum(r.work for r in group),
+            ),
+        )
         unmerged = self.costs.step_seconds(f_tokens, seg, rank_tokens, f_context)
-        merged = self.costs.step_seconds(g_tokens, context=sum(r.attends(r.adapter, merged_now) for r in group))
-        f_work, g_work = sum(r.work for r in f_run), sum(r.work for r in group)
+        merged = self.costs.step_seconds(g_tokens, context=g_context)
         if unmerged is None or merged is None or not f_work or not g_work:
             return True
         saving = g_work * (unmerged / f_work - merged / g_work)
