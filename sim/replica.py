@@ -392,8 +392,9 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
                 self.blocks.computed(s.request_id, [], written[s.request_id], s.num_cached, run.salted[s.request_id])
 
     def _observe_run(self, run: _Run, decision: StepDecision, j: int, seconds: list[float]) -> None:
-        """Observe steps of ``run`` up to its ``j``-th, the last of them run with ``seconds``
-        (``_observe`` counts one a second): the engine's stats and the policy's feedback."""
+        """Observe the steps of ``run`` that end with its ``j``-th, one an entry of ``seconds``
+        (each step's time) and decided by ``decision``: the engine's stats and the policy's
+        feedback."""
         n = len(run.start)
         # The context of the first of these steps: each one attends n more tokens than the last.
         context = run.context + n * (j - len(seconds) + 1)
