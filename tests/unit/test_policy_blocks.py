@@ -61,8 +61,8 @@ def test_the_policy_counts_what_the_scheduler_runs_in_a_tight_cache_over_random_
     free at the step's start: of 1,000 random queues, 443 counted otherwise than the scheduler ran
     them, 206 with a request the scheduler passed over after the first and no one preempted. What
     remains is preemption (who gives a decode its block: outside the batch, the policy cannot
-    tell), a first prompt the scheduler cannot make room for, and, without chunked prefill, a first
-    prompt longer than the budget that runs whole."""
+    tell) and a first prompt the scheduler must evict others for (128 and 5 of the 133 now;
+    ``test_policy_agrees`` draws queues where neither arises, and asserts no difference)."""
     differ = passed_over = 0
     for i in range(1000):
         counted, ran, preempted = _both(*_draw(random.Random(i)))
@@ -70,7 +70,7 @@ def test_the_policy_counts_what_the_scheduler_runs_in_a_tight_cache_over_random_
         ids = {rid for rid, _ in ran}
         passed_over += not preempted and any(rid not in ids for rid, _ in counted[1:])
     assert passed_over == 0  # (206 before)
-    assert differ <= 200  # (443 before; 186 now)
+    assert differ <= 140  # (443 before; 187 before a first prompt without chunked prefill was counted whole; 133 now)
 
 
 def test_a_prompt_that_fits_alone_is_not_counted_behind_one_that_took_the_blocks() -> None:

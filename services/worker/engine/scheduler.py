@@ -11,6 +11,7 @@ already produced (whose full blocks the prefix cache may still hold).
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ def queued(
 ) -> dict[str, QueuedRequest]:
     """What the policy sees of ``seqs`` (adapters by name, for their ranks), by request id in
     scheduling order (priority, then arrival), a prompt counted up to the step's token budget
+    (with chunked prefill: without, whole)
     and, with a prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed
     under), without the blocks it would find cached with ``merged`` merged as now, and under the
     other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
@@ -65,6 +67,9 @@ def queued(
     microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
+    # Without chunked prefill a prompt runs whole or waits (first in its step, past the budget):
+    # counted up to the budget, the policy priced such a step at a fraction of what it fed
+    cap = budget if limits.chunked_prefill else sys.maxsize
     ordered = sorted(seqs, key=_by_arrival)
     # The token budget a prompt under way has beside the decodes, which go first in it: its chunk
     # (a prompt before it in the step takes tokens and the blocks they fill alike)
@@ -72,7 +77,7 @@ def queued(
     for s in ordered:
         q = last.get(s.request_id)
         rank = adapters[s.adapter].rank if s.adapter is not None else 0
-        new, switched, held = min(s.num_new, budget), None, None
+        new, switched, held = min(s.num_new, cap), None, None
         found: int | None = None  # a prompt holding no blocks: its tokens cached now, if looked up
         reused = 0  # and the blocks of them no one holds
         if (
@@ -88,8 +93,8 @@ def queued(
                 names = s.block_names[s.salted(cache_key(s.adapter, merged))]
                 reused = blocks.unheld(names, found // blocks.block_size)
             if min(fed.values()) < s.num_new:
-                new = min(fed[merged], budget)
-                switched = SwitchedFeeds(min(fed[None], budget), min(fed[s.adapter], budget), min(s.num_new, budget))
+                new = min(fed[merged], cap)
+                switched = SwitchedFeeds(min(fed[None], cap), min(fed[s.adapter], cap), min(s.num_new, cap))
                 length = s.num_cached + s.num_new
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)

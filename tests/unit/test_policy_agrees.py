@@ -1,0 +1,72 @@
+"""``within_budget`` (the policy's model of a step, on which every dLoRA candidate's price and
+count rest) against what ``scheduler.schedule`` feeds of the same queue: the same requests, each
+the same tokens, where running decodes' adapters have or lack a device slot, chunked prefill is
+on or off, the token budget, ``max_num_seqs`` and the KV cache's free blocks bind."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from dlora.services.worker.engine.block_manager import BlockManager
+from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
+from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.policy import BatchLimits, StepDecision
+from dlora.services.worker.policy.base import within_budget
+from tests.unit.test_scheduler import running, seq
+
+BLOCK = 4
+ADAPTERS = [None, "a", "b", "c"]
+RANKS = {a: SimpleNamespace(rank=8) for a in ADAPTERS if a is not None}
+
+
+def _build(kinds: list[tuple[str, str | None, int]], num_blocks: int) -> tuple[dict[str, Sequence], BlockManager]:
+    bm = BlockManager(num_blocks=num_blocks, block_size=BLOCK)
+    seqs: dict[str, Sequence] = {}
+    for i, (kind, adapter, n) in enumerate(kinds):
+        rid = f"{kind[0]}{i}"
+        if kind == "decode":
+            s = seq(rid, i, n + (n % BLOCK == 0), adapter, outputs=1)
+            if not bm.can_grow(rid, s.total_len - 1):
+                continue
+            running(s, bm)
+        elif kind == "started":
+            s = seq(rid, i, n + BLOCK, adapter)
+            done = BLOCK + n // 2  # (its last block's room part taken, or none of it)
+            if not bm.can_grow(rid, done):
+                continue
+            bm.grow(rid, done)
+            s.num_cached = done
+        else:
+            s = seq(rid, i, n, adapter, outputs=(n % 5 + 1) * (kind == "recompute"))
+        seqs[rid] = s
+    return seqs, bm
+
+
+def both(
+    seqs: dict[str, Sequence], bm: BlockManager, limits: Limits, merged: str | None, order: list[int]
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]], bool]:
+    """(what ``within_budget`` counts of the decision, what ``schedule`` feeds of it: (request,
+    tokens) each; whether the step preempted anyone). The decision: the whole queue, in ``order``
+    (indices into it, the rest after in queue order), as the engine's head-of-line pass and a
+    refilled FCFS batch hold requests past the device slots."""
+    queue = list(queued(seqs.values(), RANKS, limits, {}, bm).values())
+    picked = [queue[i] for i in dict.fromkeys(i % len(queue) for i in order)]
+    batch = picked + [r for r in queue if r not in picked]
+    lim = BatchLimits(limits.max_num_seqs, limits.max_adapters, limits.max_num_batched_tokens, limits.chunked_prefill)
+    run = within_budget(batch, lim, merged, merged, kv_room(bm))
+    # The step's first prefill makes room by preempting whom it may (``scheduler._fits``): outside
+    # the policy's model, as whom a decode preempts is
+    first = next((r for r in run[:1] if r.kv is not None and not r.running), None)
+    evicts = first is not None and first.kv is not None and first.kv.blocks(first.num_new, BLOCK) > bm.num_free
+    plan = schedule(StepDecision(merged, [r.request_id for r in batch], mixed=merged is not None), seqs, bm, limits)
+    counted = [(r.request_id, r.num_new) for r in run]
+    return counted, [(s.request_id, s.num_scheduled) for s in plan.seqs], evicts or bool(plan.preempted)
+
+
+def test_without_chunked_prefill_the_step_s_first_prompt_past_the_budget_is_counted_whole() -> None:
+    """It runs whole (or waits, behind others): counted up to the budget, a step that fed 30
+    tokens was priced as one of 8."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    seqs = {s.request_id: s for s in (seq("p", 0, 30), seq("q", 1, 4))}
+    counted, fed, _ = both(seqs, bm, Limits(8, 8, 2, chunked_prefill=False), None, [])
+    assert counted == fed == [("p", 30)]  # (counted [("p", 8)] before)
