@@ -70,3 +70,16 @@ def test_without_chunked_prefill_the_step_s_first_prompt_past_the_budget_is_coun
     seqs = {s.request_id: s for s in (seq("p", 0, 30), seq("q", 1, 4))}
     counted, fed, _ = both(seqs, bm, Limits(8, 8, 2, chunked_prefill=False), None, [])
     assert counted == fed == [("p", 30)]  # (counted [("p", 8)] before)
+
+
+def test_a_prompt_under_way_is_counted_by_the_chunk_the_prompts_before_it_leave() -> None:
+    """Its ``fits`` took the chunk the decodes alone would leave it (9 tokens, 3 blocks, 2 free);
+    behind a prompt fed 2 tokens into the room its block had, it is fed 7 (2 blocks): the policy
+    passed it over where the scheduler fed it."""
+    bm = BlockManager(num_blocks=5, block_size=BLOCK)
+    g, h = seq("g", 0, 4), seq("h", 1, 20)
+    for s, done in ((g, 2), (h, 8)):
+        bm.grow(s.request_id, done)
+        s.num_cached = done
+    counted, fed, _ = both({"g": g, "h": h}, bm, Limits(8, 9, 2), None, [])
+    assert counted == fed == [("g", 2), ("h", 7)]  # (counted [("g", 2)] before)

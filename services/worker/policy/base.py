@@ -271,7 +271,9 @@ def within_budget(
     ``kv`` (the cache as the step begins) the blocks too, each admitted request's feed taking its
     ``QueuedRequest.kv`` from the free ones: a prompt not first whose feed, or whole prompt for
     one holding none, does not fit what the requests before it left is skipped as the scheduler
-    skips it; a decode preempts others for its block, and runs. For pricing a step."""
+    skips it (a prompt under way: by the chunk it is fed, whatever its ``fits``); a decode, and the
+    step's first request, preempt others for their blocks, and run (whom they preempt is not
+    modelled, nor a first one the scheduler cannot make room for). For pricing a step."""
     budget = limits.max_num_batched_tokens
     if budget is None and kv is None:
         return batch
@@ -289,7 +291,10 @@ def within_budget(
             continue  # (the slots the adapters it admitted hold: one it passed over holds none)
         if r.arrival > line and r.fresh:
             continue
-        if not r.running and out and (not r.fits or (need is not None and need.whole + need.reused > free)):
+        # (a prompt under way with its blocks counted: by the chunk it is fed, below; its ``fits``
+        # took the chunk all the decodes would leave it, which a prompt fed before it may cut)
+        whole = r.fresh or need is None
+        if not r.running and out and whole and (not r.fits or (need is not None and need.whole + need.reused > free)):
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
         reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
