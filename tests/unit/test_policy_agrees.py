@@ -63,6 +63,30 @@ def both(
     return counted, [(s.request_id, s.num_scheduled) for s in plan.seqs], evicts or bool(plan.preempted)
 
 
+def test_a_prompt_holds_no_room_for_decodes_no_slot_is_left_for() -> None:
+    """With chunked prefill the decodes go first in the token budget: a prompt before them in the
+    decision was cut to leave each its token, also to those of an adapter the one device slot,
+    which the prompt's adapter took, could not hold; they did not run, and the step fed 14 of its
+    16 tokens (a review). Where a slot is left for them they keep their room."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    decodes = [running(seq(f"d{i}", i + 1, 3, "b", outputs=1), bm) for i in range(2)]
+    seqs = {s.request_id: s for s in (seq("p", 0, 40, "a"), *decodes)}
+    counted, fed, _ = both(seqs, bm, Limits(8, 16, max_adapters=1), None, [])
+    assert fed == [("p", 16)]  # ([("p", 14)] before)
+    assert counted == fed
+    seqs = {s.request_id: s for s in (seq("p", 0, 40, "a"), *decodes)}
+    counted, fed, _ = both(seqs, bm, Limits(8, 16, max_adapters=2), None, [])
+    assert counted == fed == [("p", 14), ("d0", 1), ("d1", 1)]
+
+
+def test_the_decodes_a_merged_adapter_s_correction_leaves_no_slot_for_hold_no_room() -> None:
+    """A mixed step's correction holds the one slot: the decodes of another adapter do not run."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    seqs = {s.request_id: s for s in (seq("p", 0, 40, "a"), running(seq("d", 1, 3, "b", outputs=1), bm))}
+    counted, fed, _ = both(seqs, bm, Limits(8, 16, max_adapters=1), "a", [])
+    assert counted == fed == [("p", 16)]  # ([("p", 15)] before)
+
+
 def test_without_chunked_prefill_the_step_s_first_prompt_past_the_budget_is_counted_whole() -> None:
     """It runs whole (or waits, behind others): counted up to the budget, a step that fed 30
     tokens was priced as one of 8."""

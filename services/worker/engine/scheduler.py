@@ -20,7 +20,7 @@ from typing import Any
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import QueuedRequest, StepDecision, SwitchedFeeds, free_slots
-from dlora.services.worker.policy.base import KvNeed, KvRoom
+from dlora.services.worker.policy.base import KvNeed, KvRoom, decode_room
 
 # A prefix-cache key no block is computed under: a prefill that looks under it finds nothing (one
 # collecting prompt logprobs: a cached block's positions have no hidden states to give them).
@@ -211,18 +211,20 @@ def schedule(
     KV for that adapter; ``block_manager.py``). With chunked prefill the decodes come first in the
     token budget wherever they stand in the decision, as in vLLM: a prompt of a higher priority
     (first in the decision) took the whole budget and stalled every running stream for its
-    prefill (a user's trial). ``floor``: the highest priority (lowest value) a pass before this one
-    in the same step preempted (the engine's head of line, after a decision that ran nothing)."""
+    prefill (a user's trial). Only those a seat and a device slot are left for (``decode_room``):
+    a decode whose adapter no slot is left for does not run, and room held for it went unfed.
+    ``floor``: the highest priority (lowest value) a pass before this one in the same step
+    preempted (the engine's head of line, after a decision that ran nothing)."""
     out = Schedule()
     chosen: set[str] = set()
     adapters: set[str] = set()
     tokens = 0
     merged = decision.merged
     slots = free_slots(limits.max_adapters, merged)
-    # The decision's decodes not yet considered (request id -> tokens): their room is held back
-    # from the prefills before them, as much as the step's sequences left can take.
+    # The decision's decodes not yet considered (request id -> adapter, tokens), in its order: their
+    # room is held back from the prefills before them, for those a seat and a slot are left for.
     decodes = _decode_tokens(decision, seqs) if limits.chunked_prefill else {}
-    pending = sum(decodes.values())
+    pending = sum(n for _, n in decodes.values())  # their tokens: the most that is held back
     # The blocks this step's prefills complete, by name: a prompt whose next blocks they are waits
     # a step and then finds them cached, rather than computing the same KV beside them (n > 1
     # choices, a prompt sent twice at once; one following a chunked prefill of the same prompt
@@ -248,8 +250,7 @@ def schedule(
             break
         if merged is not None and seq.adapter != merged and not decision.mixed:
             continue  # a merged step runs only the merged adapter's requests
-        pending -= decodes.pop(rid, 0)
-        reserved = min(pending, limits.max_num_seqs - len(out.seqs) - 1)
+        pending -= decodes.pop(rid, (None, 0))[1]
         if seq.adapter not in (None, merged) and seq.adapter not in adapters and len(adapters) >= slots:
             continue
         if seq.status is Status.WAITING and seq.priority > floor:
@@ -262,7 +263,11 @@ def schedule(
         # Which weights compute its KV this step (a decode needs none: it seldom fills a block)
         caches = blocks.enable_prefix_caching and seq.status is Status.WAITING
         own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
-        room = limits.max_num_batched_tokens - tokens - (reserved if seq.status is Status.WAITING else 0)
+        reserved = 0
+        if seq.status is Status.WAITING and seq.num_new > limits.max_num_batched_tokens - tokens - pending:
+            holding = adapters if seq.adapter is None or seq.adapter == merged else adapters | {seq.adapter}
+            reserved = decode_room(decodes.values(), holding, merged, slots, limits.max_num_seqs - len(out.seqs) - 1)
+        room = limits.max_num_batched_tokens - tokens - reserved
         if fresh:
             ids, lookup = seq.all_ids(), NO_REUSE if seq.collects_prompt_logprobs else own_key
             # (a recompute that blocks computed beside it may make fit goes the long way: it waits
@@ -300,7 +305,7 @@ def schedule(
             before = len(out.preempted)
             fits = _fits(seq, seq.num_cached + n, seqs, blocks, out, chosen, decision)
             for victim in out.preempted[before:]:  # a decode preempted is no longer one to hold room for
-                pending -= decodes.pop(victim.request_id, 0)
+                pending -= decodes.pop(victim.request_id, (None, 0))[1]
                 floor = min(floor, victim.priority)
                 if victim.request_id in chosen:  # one of the step, of a lower priority: out of it again
                     chosen.remove(victim.request_id)
@@ -352,11 +357,12 @@ def _stop(seq: Sequence, line: float) -> float:
     return min(line, seq.arrival) if seq.status is Status.WAITING and seq.output_ids else line
 
 
-def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> dict[str, int]:
-    """The tokens each of the decision's running sequences would feed this step (one, as a rule)."""
+def _decode_tokens(decision: StepDecision, seqs: dict[str, Sequence]) -> dict[str, tuple[str | None, int]]:
+    """The adapter of each of the decision's running sequences and the tokens it would feed this
+    step (one, as a rule), in the decision's order."""
     merged, mixed = decision.merged, decision.mixed
     return {
-        rid: s.num_new
+        rid: (s.adapter, s.num_new)
         for rid in decision.request_ids
         if (s := seqs.get(rid)) is not None
         and s.status is Status.RUNNING

@@ -8,8 +8,10 @@ and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden sta
 from __future__ import annotations
 
 import enum
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
@@ -226,6 +228,32 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
     return len(own) + (corrected > 0), rank_tokens + ranks[merged] * corrected
 
 
+def decode_room(
+    later: Iterable[tuple[str | None, int]], holding: AbstractSet[str], merged: str | None, slots: int, seats: int
+) -> int:
+    """Tokens held back from a prefill for the decodes after it in its step (chunked prefill: they
+    go first in the token budget wherever they stand in the decision; ``scheduler.schedule`` and
+    ``within_budget`` both hold this back): of ``later`` ((adapter, tokens) each, in decision order)
+    those a seat and a device slot are left for, at most ``seats`` of them. A decode whose adapter
+    needs no slot (the base model's, ``merged``'s) or holds one (``holding``: the unmerged adapters
+    of the requests admitted so far and the prefill's own) takes none; another takes the next of
+    ``slots`` (``free_slots``) while one is left, and without one does not run this step, so no
+    room is held for it. Held for every decode after it, a prompt before decodes of adapters no
+    slot was left for was cut to a token or two and the room went to no one (a review). A request
+    admitted after the prefill that takes a seat or slot such a decode was counted for is fed that
+    decode's room instead: its own hold is less by it."""
+    held, room, left = set(holding), 0, seats
+    for adapter, n in later:
+        if left <= 0:
+            break
+        if adapter is not None and adapter != merged and adapter not in held:
+            if len(held) >= slots:
+                continue
+            held.add(adapter)
+        room, left = room + n, left - 1
+    return room
+
+
 def fcfs_batch(queue: list[QueuedRequest], limits: BatchLimits, merged: str | None = None) -> list[QueuedRequest]:
     """The batch plain FCFS would run: queue order (the engine's: priority, then arrival), at most
     ``max_adapters`` distinct adapters (base requests need no slot) and ``max_num_seqs`` requests.
@@ -263,8 +291,9 @@ def within_budget(
 ) -> list[QueuedRequest]:
     """What of ``batch`` one step with ``merged`` merged can feed (``merged_now`` being merged now:
     ``QueuedRequest.fed``), as the scheduler feeds it: its requests in order up to
-    ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it have
-    their room (chunked prefill: ``scheduler.schedule``), or, without chunked prefill, every prompt
+    ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it that a
+    seat and a slot are left for have their room (chunked prefill: ``decode_room``,
+    ``scheduler.schedule``), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
     first; nor a prompt keyed after a recompute that did not fit (the scheduler's line); at most
     ``max_num_seqs``, and ``max_adapters`` slots held by the adapters it feeds (``free_slots``). With
@@ -280,9 +309,10 @@ def within_budget(
     out: list[QueuedRequest] = []
     tokens, line = 0, math.inf
     free = kv.free_blocks if kv is not None else 0
+    # The tokens of the running requests not yet reached: the most ``decode_room`` may hold back
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
     slots, adapters = free_slots(limits.max_adapters, merged), set[str]()
-    for r in batch:
+    for i, r in enumerate(batch):
         if (budget is not None and tokens >= budget) or len(out) == limits.max_num_seqs:
             break
         need = r.kv if kv is not None else None
@@ -297,9 +327,13 @@ def within_budget(
         if not r.running and out and whole and (not r.fits or (need is not None and need.whole + need.reused > free)):
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
-        reserved = 0 if r.running else max(0, min(decodes, limits.max_num_seqs - len(out) - 1))
+        n, reserved = r.fed(merged, merged_now), 0
+        if decodes and budget is not None and not r.running and n > budget - tokens - decodes:  # (else: fits)
+            holding = adapters if r.adapter is None or r.adapter == merged else adapters | {r.adapter}
+            later = ((q.adapter, q.num_new) for q in itertools.islice(batch, i + 1, None) if q.running)
+            reserved = decode_room(later, holding, merged, slots, limits.max_num_seqs - len(out) - 1)
         room = (budget if budget is not None else math.inf) - tokens - reserved
-        if (n := r.fed(merged, merged_now)) > room:
+        if n > room:
             if limits.chunked_prefill and not r.running and room > 0:
                 r, n = r.cut(int(room)), int(room)
             elif out or reserved:
