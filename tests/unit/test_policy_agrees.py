@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
 from dlora.services.worker.engine.sequence import Sequence
@@ -17,6 +20,15 @@ from tests.unit.test_scheduler import running, seq
 BLOCK = 4
 ADAPTERS = [None, "a", "b", "c"]
 RANKS = {a: SimpleNamespace(rank=8) for a in ADAPTERS if a is not None}
+
+# (kind, adapter, length): a decode (length: its prompt, never a multiple of the block size, so its
+# next token fits the block it holds: whom a decode preempts is outside the policy's model), a
+# fresh prompt, a prompt under way (its first chunk computed) or a recompute (prompt and output)
+request = st.tuples(
+    st.sampled_from(["decode", "decode", "prompt", "prompt", "started", "recompute"]),
+    st.sampled_from(ADAPTERS),
+    st.integers(1, 30),
+)
 
 
 def _build(kinds: list[tuple[str, str | None, int]], num_blocks: int) -> tuple[dict[str, Sequence], BlockManager]:
@@ -61,6 +73,42 @@ def both(
     plan = schedule(StepDecision(merged, [r.request_id for r in batch], mixed=merged is not None), seqs, bm, limits)
     counted = [(r.request_id, r.num_new) for r in run]
     return counted, [(s.request_id, s.num_scheduled) for s in plan.seqs], evicts or bool(plan.preempted)
+
+
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(
+    kinds=st.lists(request, min_size=1, max_size=8),
+    num_blocks=st.integers(2, 24),
+    max_num_seqs=st.integers(1, 6),
+    budget=st.integers(2, 24),
+    max_adapters=st.integers(1, 3),
+    chunked=st.booleans(),
+    merged=st.sampled_from([None, "a"]),
+    order=st.lists(st.integers(0, 7), max_size=8),
+)
+def test_the_policy_counts_what_the_scheduler_feeds_and_no_room_is_held_for_nothing(
+    kinds: list[tuple[str, str | None, int]],
+    num_blocks: int,
+    max_num_seqs: int,
+    budget: int,
+    max_adapters: int,
+    chunked: bool,
+    merged: str | None,
+    order: list[int],
+) -> None:
+    seqs, bm = _build(kinds, num_blocks)
+    if not seqs:
+        return
+    limits = Limits(max_num_seqs, budget, max_adapters, chunked)
+    new = {rid: s.num_new for rid, s in seqs.items()}
+    counted, fed, preempted = both(seqs, bm, limits, merged, order)
+    if preempted:
+        return
+    assert counted == fed
+    # No room held back for nothing: a prompt is cut only where the step feeds its whole budget
+    # (room held for decodes whose adapters no slot was left for was fed to no one)
+    if any(n < new[rid] for rid, n in fed):
+        assert sum(n for _, n in fed) == budget
 
 
 def test_a_prompt_holds_no_room_for_decodes_no_slot_is_left_for() -> None:
