@@ -328,7 +328,8 @@ def within_budget(
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
         n, reserved = r.fed(merged, merged_now), 0
-        if decodes and budget is not None and not r.running and n > budget - tokens - decodes:  # (else: fits)
+        # (a prompt that fits beside all the decodes after it is fed whole whatever is held back)
+        if decodes and budget is not None and not r.running and n > budget - tokens - decodes:
             holding = adapters if r.adapter is None or r.adapter == merged else adapters | {r.adapter}
             later = ((q.adapter, q.num_new) for q in itertools.islice(batch, i + 1, None) if q.running)
             reserved = decode_room(later, holding, merged, slots, limits.max_num_seqs - len(out) - 1)
