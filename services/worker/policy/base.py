@@ -8,7 +8,6 @@ and what it cost (a ``StepRecord``) to ``observe``: a policy keeps no hidden sta
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -311,12 +310,15 @@ def within_budget(
     free = kv.free_blocks if kv is not None else 0
     # The tokens of the running requests not yet reached: the most ``decode_room`` may hold back
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
+    runs: list[tuple[str | None, int]] | None = None  # theirs (adapter, tokens), once a prompt needs them
+    reached = 0  # running requests reached
     slots, adapters = free_slots(limits.max_adapters, merged), set[str]()
-    for i, r in enumerate(batch):
+    for r in batch:
         if (budget is not None and tokens >= budget) or len(out) == limits.max_num_seqs:
             break
         need = r.kv if kv is not None else None
-        decodes -= r.num_new if r.running else 0
+        if r.running:
+            decodes, reached = decodes - r.num_new, reached + 1
         if r.adapter not in (None, merged) and r.adapter not in adapters and len(adapters) >= slots:
             continue  # (the slots the adapters it admitted hold: one it passed over holds none)
         if r.arrival > line and r.fresh:
@@ -331,8 +333,8 @@ def within_budget(
         # (a prompt that fits beside all the decodes after it is fed whole whatever is held back)
         if decodes and budget is not None and not r.running and n > budget - tokens - decodes:
             holding = adapters if r.adapter is None or r.adapter == merged else adapters | {r.adapter}
-            later = ((q.adapter, q.num_new) for q in itertools.islice(batch, i + 1, None) if q.running)
-            reserved = decode_room(later, holding, merged, slots, limits.max_num_seqs - len(out) - 1)
+            runs = [(q.adapter, q.num_new) for q in batch if q.running] if runs is None else runs
+            reserved = decode_room(runs[reached:], holding, merged, slots, limits.max_num_seqs - len(out) - 1)
         room = (budget if budget is not None else math.inf) - tokens - reserved
         if n > room:
             if limits.chunked_prefill and not r.running and room > 0:
