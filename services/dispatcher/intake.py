@@ -5,8 +5,6 @@ mixin of ``Dispatcher``, on ``Recovery``, whose declarations of the state and th
 
 from __future__ import annotations
 
-import time
-
 import msgspec
 from nats.aio.msg import Msg
 
@@ -80,8 +78,7 @@ class Intake(Recovery):
         # meanwhile, to wait as an orphan past the abort's memory and run for nobody; with none live it
         # was failed ("no worker is available"). Before the Redis work, as it needs none: a hung Redis
         # is what holds a request past that timeout, and such a one was told "unreachable; try again".
-        if self._aborted_lately(req, time.monotonic()):
-            await self._answer_aborted(req, req.next_seq, req.recoveries)
+        if await self._ended_if_aborted(req):
             return
         # Requests are taken one at a time (one subscription): with Redis hung each waited out redis-py's
         # tries (20 s), so the third's answer came after its client's timeout. Bounded, and not tried

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -47,6 +47,7 @@ from dlora.services.dispatcher.intake import Intake
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
 from dlora.services.dispatcher.placement import decay, placement_of
+from dlora.services.dispatcher.rechecks import Rechecks
 from dlora.services.dispatcher.replaced import on_current_version
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.dispatcher.state import DispatchState, new_salt
@@ -68,7 +69,7 @@ class Dispatcher(Intake):
         # The workers' stats (monotonic clock), the sends since, the placement: the choice's inputs (salted ties).
         self.state = DispatchState(settings.heartbeat_ttl_s, settings.dispatch, settings.costs, new_salt())
         self.traffic: dict[str, float] = {}  # decayed request counts per adapter
-        self._rechecks: set[asyncio.Task[None]] = set()  # requests looked at again, records taken back
+        self.rechecks = Rechecks()  # requests looked at again, records taken back
         self._state_bound = bus.StateBound()  # a request's Redis work
         self._heard = asyncio.Event()  # set by the next worker stats heard
         self._placed_at = 0.0
@@ -278,7 +279,7 @@ class Dispatcher(Intake):
             if not recorded:
                 self.state.unsend(worker, req.adapter, prefixes, ids, tokens, heard, req.adapter_version)
             if not answered and expect is None:  # cut off: Redis may still write it (take_back.py)
-                self._background(take_back(self.store, req, worker))
+                self.rechecks.start(take_back(self.store, req, worker))
         if recorded:
             self._count(req.adapter)
             await self.nc.publish(subjects.worker_requests(worker), raw)
@@ -307,26 +308,25 @@ class Dispatcher(Intake):
         self, req: GenerateRequest, raw: bytes | None, after: Callable[[], Awaitable[None]], **how: Any
     ) -> None:
         """``_dispatch`` ``req`` once more (``again``, with ``how``) when ``after()`` is done, in a
-        task of its own: the handler that asked goes on meanwhile."""
+        task of its own: the handler that asked goes on meanwhile. Its abort heard by then (or
+        meanwhile: that ends the wait) ends it instead, as at the intake (``_ended_if_aborted``)."""
 
         async def recheck() -> None:
-            await after()
+            await self.rechecks.wait(req, after)
+            expect: tuple[str, int] | None = how.get("expect")
             try:
+                if expect is None and await self._ended_if_aborted(req):  # needs no Redis, as at the intake
+                    return
                 async with self._state_bound():  # bounded as at the first look (a hung Redis: 20 s)
-                    await self._dispatch(req, raw, again=True, **how)
+                    if expect is None or not await self._ended_if_aborted(req, expect):
+                        await self._dispatch(req, raw, again=True, **how)
             except bus.STATE_OUTAGE as e:  # said, as at the first look (a recovery waits for the sweep)
-                if how.get("expect") is None:
+                if expect is None:
                     await self._unrecorded(req, type(e).__name__)
             except Exception as e:  # as the bus handler's own guard: logged, never raised
                 logger.exception("request dispatch failed", request=req.request_id, error=str(e))
 
-        self._background(recheck())
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in a task of its own, kept until it ends (and cancelled at the stop)."""
-        task = asyncio.create_task(work)
-        self._rechecks.add(task)
-        task.add_done_callback(self._rechecks.discard)
+        self.rechecks.start(recheck())
 
     async def _heard_from_all(self, since: float, avoid: frozenset[str]) -> None:
         """Until every live worker outside ``avoid`` sent stats read after ``since`` (monotonic
@@ -406,8 +406,7 @@ class Dispatcher(Intake):
             await self.watch_workers(stop)
         finally:
             await bus.unsubscribe(subs)
-            for task in self._rechecks:  # their records stay: the workers hand them back to another dispatcher
-                task.cancel()
+            self.rechecks.cancel()  # their records stay: the workers hand them back to another dispatcher
 
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:

@@ -32,6 +32,7 @@ from dlora.common.state import StateStore
 from dlora.services.dispatcher import hand_backs
 from dlora.services.dispatcher.metrics import DispatcherMetrics, Refusal
 from dlora.services.dispatcher.orphans import OrphanWait
+from dlora.services.dispatcher.rechecks import Rechecks
 from dlora.services.dispatcher.settings import DispatcherSettings
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Recovery:
     store: StateStore
     clients: Clients
     orphans: OrphanWait
+    rechecks: Rechecks
     metrics: DispatcherMetrics
 
     @property
@@ -90,12 +92,18 @@ class Recovery:
         return Aborts()
 
     async def _on_abort(self, abort: AbortRequest) -> None:
-        self.aborted.add(abort.request_id, None, time.monotonic())
-        await self._drop_orphan(abort.request_id, None)
+        await self._heard_abort(abort.request_id, None)
 
     async def _on_app_abort(self, abort: AbortRequest, sender: str) -> None:
-        self.aborted.add(abort.request_id, sender, time.monotonic())
-        await self._drop_orphan(abort.request_id, sender)
+        await self._heard_abort(abort.request_id, sender)
+
+    async def _heard_abort(self, request_id: str, sender: str | None) -> None:
+        """Remember the abort, and end its request where it waits here: for a live worker (an
+        orphan) or to be looked at again (``rechecks.py``, whose look then finds the abort)."""
+        now = time.monotonic()
+        self.aborted.add(request_id, sender, now)
+        self.rechecks.wake(request_id, lambda req: self._aborted_lately(req, now))
+        await self._drop_orphan(request_id, sender)
 
     async def _drop_orphan(self, request_id: str, sender: str | None) -> None:
         """An abort of a request waiting here for a worker (``orphans.py``): its record goes, so no
@@ -117,6 +125,20 @@ class Recovery:
         """Whether a gateway's abort of ``req`` was heard lately, or its own sender's (an
         application's abort stops only its own requests)."""
         return self.aborted.lately(req.request_id, None, now) or self.aborted.lately(req.request_id, req.owner, now)
+
+    async def _ended_if_aborted(self, req: GenerateRequest, expect: tuple[str, int] | None = None) -> bool:
+        """Whether ``req``'s abort was heard lately (``_aborted_lately``): then it is ended with the
+        abort's last chunk, at the intake and at every later look alike. ``expect``: a re-dispatch of
+        the record naming that worker and attempt, which goes first (needs Redis; nothing is sent
+        where another dispatcher took it meanwhile), as a recovery ends one (``_end_aborted``);
+        None: a request with no record of ours (none: needs no Redis)."""
+        if not self._aborted_lately(req, time.monotonic()):
+            return False
+        if expect is None:
+            await self._answer_aborted(req, req.next_seq, req.recoveries)
+        elif await self.store.delete_inflight(req.request_id, expect):
+            await self._answer_aborted(req, req.next_seq, expect[1])
+        return True
 
     async def _end_aborted(self, rec: Inflight) -> None:
         """End the aborted request ``rec`` is of, unless another dispatcher took it meanwhile: its
