@@ -406,7 +406,7 @@ class Dispatcher(Intake):
             await self.watch_workers(stop)
         finally:
             await bus.unsubscribe(subs)
-            self.rechecks.cancel()  # their records stay: the workers hand them back to another dispatcher
+            await self.rechecks.close()  # their records stay: the workers hand them back to another dispatcher
 
 
 async def serve(s: DispatcherSettings, stop: asyncio.Event) -> None:

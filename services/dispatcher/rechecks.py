@@ -6,7 +6,9 @@ adapter version, looked at once every worker's next stats came) and records take
 A request's wait ends early when its abort is heard (``wake``): the look that follows finds the
 abort as the intake does and ends the request with the abort's last chunk at once. Waited out,
 the request was failed ("no worker is available", a duplicate id) or sent to a worker, for
-nobody, after its client had gone (a review). The stop cancels every task."""
+nobody, after its client had gone (a review). The stop cancels every task and waits for its end
+(``close``, as ``Delivery.close`` in the worker): cancelled only, one outlived the dispatcher, to
+log or write after its stop, or be destroyed pending when the loop closed."""
 
 from __future__ import annotations
 
@@ -68,7 +70,11 @@ class Rechecks:
             if aborted(req):
                 woken.set()
 
-    def cancel(self) -> None:
-        """Cancel every task (at the stop)."""
-        for task in self._tasks:
-            task.cancel()
+    async def close(self) -> None:
+        """Cancel every task and wait for its end, and for any a cancelled one started meanwhile
+        (a dispatch cut off in its Redis write starts a take-back of that write: ``_dispatch``)."""
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,8 +1,8 @@
 """Requests the dispatcher looks at again later (``_look_again``, ``rechecks.py``), against real
 NATS and Redis: a second request under an id in flight, and one waiting for a worker that holds
-its adapter version. Their aborts end them as the intake ends one. The workers here are stats
-published by hand: a worker "live" to the dispatcher that never answers, so nothing but the
-dispatcher ends a request."""
+its adapter version. Their aborts end them as the intake ends one, and the dispatcher's stop
+leaves none of them running. The workers here are stats published by hand: a worker "live" to
+the dispatcher that never answers, so nothing but the dispatcher ends a request."""
 
 from __future__ import annotations
 
@@ -180,3 +180,42 @@ async def test_a_request_waiting_for_a_worker_holding_its_adapter_version_ends_w
         assert (chunk.request_id, chunk.finish_reason, chunk.error, chunk.seq) == ("held", "abort", None, 0)
         assert await bus.store.get_inflight("held") is None
         assert not bus.sent
+
+
+async def test_a_stop_leaves_no_recheck_or_take_back_running(
+    surroundings,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The requests looked at again were cancelled at the dispatcher's stop, not awaited: they
+    ended after it (their log lines and Redis writes too), or were destroyed pending with the loop;
+    and a dispatch cut off in its Redis write by that cancel starts a take-back of the write, which
+    nothing cancelled. The stop waits for all of them: none is left once ``run`` returns."""
+    bus: _Bus = await surroundings()
+    stop = asyncio.Event()
+
+    async def stage() -> None:
+        await _wait_for_holder(bus, "held", "test.reply.held")  # a wait of TTL_S
+        assert await bus.store.put_inflight(_request("dup", "test.reply.first"), "w-busy", new=True)
+        real, calls, hanging = bus.store.put_inflight, [], asyncio.Event()
+
+        async def hung(*args: Any, **kwargs: Any) -> bool:  # Redis hangs in the second look's write
+            calls.append(args)
+            if len(calls) == 1:  # the first look's: the id is in flight
+                return await real(*args, **kwargs)
+            hanging.set()
+            await asyncio.Event().wait()
+            return False
+
+        monkeypatch.setattr(bus.store, "put_inflight", hung)
+        monkeypatch.setattr(bus.dispatcher._state_bound, "bound_s", TTL_S)  # (not cut off by the bound)
+        await bus.nc.request(subjects.REQUESTS, msgspec.json.encode(_request("dup", "test.reply.second")), timeout=60)
+        await asyncio.wait_for(hanging.wait(), 60)  # looked at again 0.5 s later
+        stop.set()
+
+    staging = asyncio.create_task(stage())
+    async with asyncio.timeout(60):  # run awaited here, not in a task: what it left is looked at as it returns
+        await bus.dispatcher.run(stop)
+    await staging
+    left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
+    assert not left & {"Dispatcher._look_again.<locals>.recheck", "Dispatcher._heard_from_all", "take_back"}, left
+    assert not len(bus.dispatcher.rechecks)
