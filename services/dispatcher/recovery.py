@@ -88,7 +88,8 @@ class Recovery:
     def aborted(self) -> Aborts:
         """Aborts heard lately: one sent while its request's worker was dead (restarting under
         systemd, say) reached no worker that would remember it, and the request was re-dispatched
-        and ran to its end (a helper's finding); a recovery looks here first (``_recover``)."""
+        and ran to its end (a helper's finding). Looked at first by a recovery (``_recover``),
+        the intake and every later look at a request (``_ended_if_aborted``)."""
         return Aborts()
 
     async def _on_abort(self, abort: AbortRequest) -> None:
