@@ -24,6 +24,7 @@ class Rechecks:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False  # (``close`` returned: nothing more is started)
         # request id -> each request waiting under it (two retries of one id may wait at once),
         # with the event that ends its wait
         self._waiting: dict[str, list[tuple[GenerateRequest, asyncio.Event]]] = {}
@@ -37,7 +38,14 @@ class Rechecks:
         return len(self._tasks)
 
     def start(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` in a task of its own, kept until it ends (and cancelled at ``close``)."""
+        """Run ``work`` in a task of its own, kept until it ends (and cancelled at ``close``); once
+        ``close`` returned, ``work`` is dropped unrun: the stop's unsubscribe cancels the bus handlers
+        without awaiting them, and one cut off in a record's write started its take-back after the
+        stop (its Redis work and log lines too). Dropped, as one cancelled at ``close`` is: a record
+        Redis writes late stays, for its worker to hand back (``take_back.py``)."""
+        if self._closed:
+            work.close()  # (never begun: no "never awaited" warning)
+            return
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -72,9 +80,11 @@ class Rechecks:
 
     async def close(self) -> None:
         """Cancel every task and wait for its end, and for any a cancelled one started meanwhile
-        (a dispatch cut off in its Redis write starts a take-back of that write: ``_dispatch``)."""
+        (a dispatch cut off in its Redis write starts a take-back of that write: ``_dispatch``);
+        none is started after (``start``)."""
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._closed = True

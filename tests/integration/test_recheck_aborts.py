@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from dlora.services.dispatcher import main as dispatcher_main
 from dlora.services.dispatcher.main import Dispatcher
 from dlora.services.dispatcher.settings import DispatcherSettings
 from dlora.services.servers import Server
+from tests.integration.conftest import sigstop
 from tests.integration.fencing_cluster import PROMPT, _until
 
 # No worker is found lost, no sweep runs, and a wait for every worker's next stats lasts this
@@ -219,3 +221,49 @@ async def test_a_stop_leaves_no_recheck_or_take_back_running(
     left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
     assert not left & {"Dispatcher._look_again.<locals>.recheck", "Dispatcher._heard_from_all", "take_back"}, left
     assert not len(bus.dispatcher.rechecks)
+
+
+async def test_a_write_the_stop_cuts_off_at_the_intake_starts_no_take_back_after_the_stop(
+    nats_server: Server, start_redis_here: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop's unsubscribe cancels a request's handler, not awaited: cut off in its record's
+    write (Redis hung), it started a take-back of that write once ``run`` had returned (its Redis
+    work and log lines after the stop). What the stop cancels is not started after it."""
+    redis = start_redis_here()
+    client = Redis.from_url(redis.url)
+    nc = await nats.connect(nats_server.url)
+    settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=TTL_S)
+    store = StateStore(client)
+    bus, stop = _Bus(nc, store, Dispatcher(settings, nc, store)), asyncio.Event()
+    monkeypatch.setattr(bus.dispatcher._state_bound, "bound_s", TTL_S)  # (not cut off by the bound)
+    real, writing, cut = store.put_inflight, asyncio.Event(), asyncio.Event()
+
+    async def noted(*args: Any, **kwargs: Any) -> bool:  # the real write, its start and end noted
+        writing.set()
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            cut.set()  # (the handler's clean-up after it runs in the same step: ``_dispatch``'s finally)
+
+    monkeypatch.setattr(store, "put_inflight", noted)
+
+    async def stage() -> None:
+        await bus.live("w-a")
+        await store.get_inflight("warm")  # a pooled connection: the write is sent, then hangs
+        sigstop(redis.proc)
+        await nc.publish(subjects.REQUESTS, msgspec.json.encode(_request("cut", "test.reply.cut")), reply="r")
+        await asyncio.wait_for(writing.wait(), 60)
+        stop.set()
+
+    staging = asyncio.create_task(stage())
+    try:
+        async with asyncio.timeout(60):
+            await bus.dispatcher.run(stop)
+            await staging
+            await cut.wait()
+        left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
+        assert "take_back" not in left, left
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        await nc.close()
+        await client.aclose()

@@ -65,3 +65,17 @@ async def test_close_ends_every_task_and_those_started_as_one_was_cancelled() ->
     async with asyncio.timeout(10):
         await rechecks.close()
     assert ended == ["take-back"] and not len(rechecks)
+
+
+async def test_nothing_is_started_once_closed() -> None:
+    """A bus handler the stop's unsubscribe cancelled ends after ``close``: the take-back it
+    starts then would outlive the stop, so it is dropped unrun."""
+    rechecks, ran = Rechecks(), []
+
+    async def take_back() -> None:
+        ran.append("take-back")
+
+    await rechecks.close()
+    rechecks.start(take_back())
+    await asyncio.sleep(0)  # (a task started would have run its first step by now)
+    assert not ran and not len(rechecks)
