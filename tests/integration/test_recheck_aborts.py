@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -182,6 +183,28 @@ async def test_a_request_waiting_for_a_worker_holding_its_adapter_version_ends_w
         assert (chunk.request_id, chunk.finish_reason, chunk.error, chunk.seq) == ("held", "abort", None, 0)
         assert await bus.store.get_inflight("held") is None
         assert not bus.sent
+
+
+async def test_an_applications_abort_leaves_the_wait_of_anothers_request_under_its_id(
+    surroundings,  # type: ignore[no-untyped-def]
+) -> None:
+    """An application's abort stops only its own requests: heard, it must not end the wait of a
+    gateway's request under the same id (woken, that one was looked at at once, found no holder,
+    and failed). The gateway's own abort then ends it with the abort's last chunk."""
+    bus: _Bus = await surroundings()
+    async with _running(bus):
+        chunks = await bus.reader("test.reply.held")
+        await _wait_for_holder(bus, "held", "test.reply.held")
+        await bus.nc.publish(subjects.aborts_of("bob"), msgspec.json.encode(AbortRequest(request_id="held")))
+
+        async def heard() -> bool:
+            return bus.dispatcher.aborted.lately("held", "bob", time.monotonic())
+
+        await _until(heard)
+        assert "held" in bus.dispatcher.rechecks
+        await bus.abort("held")
+        chunk = await asyncio.wait_for(chunks.get(), 60)
+        assert (chunk.request_id, chunk.finish_reason, chunk.error, chunk.seq) == ("held", "abort", None, 0)
 
 
 async def test_a_stop_leaves_no_recheck_or_take_back_running(
