@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -97,21 +97,36 @@ def _request(request_id: str, reply: str, **fields: Any) -> GenerateRequest:
 
 
 @pytest.fixture
-async def surroundings(nats_server: Server, redis: Redis) -> AsyncIterator[Callable[[], Awaitable[_Bus]]]:
-    """A dispatcher (heartbeat TTL ``TTL_S``) not yet running, and its surroundings; the test runs it."""
+async def surroundings(nats_server: Server, redis: Redis) -> AsyncIterator[Callable[..., Awaitable[_Bus]]]:
+    """A dispatcher (heartbeat TTL ``TTL_S``) not yet running, and its surroundings; the test runs
+    it. On the tests' Redis, or on ``own`` (a test's own, to hang with SIGSTOP)."""
     conns: list[NATS] = []
+    clients: list[Redis] = []
 
-    async def make() -> _Bus:
+    async def make(own: Server | None = None) -> _Bus:
         nc = await nats.connect(nats_server.url)
         conns.append(nc)
+        if own is not None:
+            clients.append(client := Redis.from_url(own.url))
         settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=TTL_S)
-        store = StateStore(redis)
+        store = StateStore(client if own is not None else redis)
         return _Bus(nc, store, Dispatcher(settings, nc, store))
 
     yield make
     for nc in conns:
         with contextlib.suppress(Exception):
             await nc.close()
+    for client in clients:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def _hung(redis: Server) -> Iterator[Callable[[], None]]:
+    """A call that hangs ``redis`` (SIGSTOP); it answers again when the block ends."""
+    try:
+        yield lambda: sigstop(redis.proc)
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
 
 
 @contextlib.asynccontextmanager
@@ -209,57 +224,58 @@ async def test_an_applications_abort_leaves_the_wait_of_anothers_request_under_i
 
 async def test_a_stop_leaves_no_recheck_or_take_back_running(
     surroundings,  # type: ignore[no-untyped-def]
+    start_redis_here: Callable[..., Server],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The requests looked at again were cancelled at the dispatcher's stop, not awaited: they
     ended after it (their log lines and Redis writes too), or were destroyed pending with the loop;
     and a dispatch cut off in its Redis write by that cancel starts a take-back of the write, which
     nothing cancelled. The stop waits for all of them: none is left once ``run`` returns."""
-    bus: _Bus = await surroundings()
+    redis = start_redis_here()
+    bus: _Bus = await surroundings(redis)
     stop = asyncio.Event()
+    monkeypatch.setattr(bus.dispatcher._state_bound, "bound_s", TTL_S)  # (not cut off by the bound)
 
-    async def stage() -> None:
+    async def stage(hang: Callable[[], None]) -> None:
         await _wait_for_holder(bus, "held", "test.reply.held")  # a wait of TTL_S
         assert await bus.store.put_inflight(_request("dup", "test.reply.first"), "w-busy", new=True)
         real, calls, hanging = bus.store.put_inflight, [], asyncio.Event()
 
-        async def hung(*args: Any, **kwargs: Any) -> bool:  # Redis hangs in the second look's write
+        async def second_hangs(*args: Any, **kwargs: Any) -> bool:  # the real write; Redis hangs in the second
             calls.append(args)
-            if len(calls) == 1:  # the first look's: the id is in flight
-                return await real(*args, **kwargs)
-            hanging.set()
-            await asyncio.Event().wait()
-            return False
+            if len(calls) == 2:  # (the first look's found the id in flight)
+                hang()
+                hanging.set()
+            return await real(*args, **kwargs)
 
-        monkeypatch.setattr(bus.store, "put_inflight", hung)
-        monkeypatch.setattr(bus.dispatcher._state_bound, "bound_s", TTL_S)  # (not cut off by the bound)
+        monkeypatch.setattr(bus.store, "put_inflight", second_hangs)
         await bus.nc.request(subjects.REQUESTS, msgspec.json.encode(_request("dup", "test.reply.second")), timeout=60)
         await asyncio.wait_for(hanging.wait(), 60)  # looked at again 0.5 s later
         stop.set()
 
-    staging = asyncio.create_task(stage())
-    async with asyncio.timeout(60):  # run awaited here, not in a task: what it left is looked at as it returns
-        await bus.dispatcher.run(stop)
-    await staging
-    left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
+    with _hung(redis) as hang:
+        staging = asyncio.create_task(stage(hang))
+        async with asyncio.timeout(60):  # run awaited here, not in a task: what it left is looked at as it returns
+            await bus.dispatcher.run(stop)
+        await staging
+        left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
     assert not left & {"Dispatcher._look_again.<locals>.recheck", "Dispatcher._heard_from_all", "take_back"}, left
     assert not len(bus.dispatcher.rechecks)
 
 
 async def test_a_write_the_stop_cuts_off_at_the_intake_starts_no_take_back_after_the_stop(
-    nats_server: Server, start_redis_here: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+    surroundings,  # type: ignore[no-untyped-def]
+    start_redis_here: Callable[..., Server],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The stop's unsubscribe cancels a request's handler, not awaited: cut off in its record's
     write (Redis hung), it started a take-back of that write once ``run`` had returned (its Redis
     work and log lines after the stop). What the stop cancels is not started after it."""
     redis = start_redis_here()
-    client = Redis.from_url(redis.url)
-    nc = await nats.connect(nats_server.url)
-    settings = DispatcherSettings(nats_url=nats_server.url, redis_url="unused", heartbeat_ttl_s=TTL_S)
-    store = StateStore(client)
-    bus, stop = _Bus(nc, store, Dispatcher(settings, nc, store)), asyncio.Event()
+    bus: _Bus = await surroundings(redis)
+    stop = asyncio.Event()
     monkeypatch.setattr(bus.dispatcher._state_bound, "bound_s", TTL_S)  # (not cut off by the bound)
-    real, writing, cut = store.put_inflight, asyncio.Event(), asyncio.Event()
+    real, writing, cut = bus.store.put_inflight, asyncio.Event(), asyncio.Event()
 
     async def noted(*args: Any, **kwargs: Any) -> bool:  # the real write, its start and end noted
         writing.set()
@@ -268,25 +284,21 @@ async def test_a_write_the_stop_cuts_off_at_the_intake_starts_no_take_back_after
         finally:
             cut.set()  # (the handler's clean-up after it runs in the same step: ``_dispatch``'s finally)
 
-    monkeypatch.setattr(store, "put_inflight", noted)
+    monkeypatch.setattr(bus.store, "put_inflight", noted)
 
-    async def stage() -> None:
+    async def stage(hang: Callable[[], None]) -> None:
         await bus.live("w-a")
-        await store.get_inflight("warm")  # a pooled connection: the write is sent, then hangs
-        sigstop(redis.proc)
-        await nc.publish(subjects.REQUESTS, msgspec.json.encode(_request("cut", "test.reply.cut")), reply="r")
+        await bus.store.get_inflight("warm")  # a pooled connection: the write is sent, then hangs
+        hang()
+        await bus.nc.publish(subjects.REQUESTS, msgspec.json.encode(_request("cut", "test.reply.cut")), reply="r")
         await asyncio.wait_for(writing.wait(), 60)
         stop.set()
 
-    staging = asyncio.create_task(stage())
-    try:
+    with _hung(redis) as hang:
+        staging = asyncio.create_task(stage(hang))
         async with asyncio.timeout(60):
             await bus.dispatcher.run(stop)
             await staging
             await cut.wait()
         left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
-        assert "take_back" not in left, left
-    finally:
-        redis.proc.send_signal(signal.SIGCONT)
-        await nc.close()
-        await client.aclose()
+    assert "take_back" not in left, left
