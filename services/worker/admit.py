@@ -115,6 +115,11 @@ async def admit(w: WorkerService, add: Add) -> None:
     except RequestError as e:
         reason, param = str(e), e.param
     except GrammarUnavailable as e:  # its compile's thread did not start here: a 503, as the gateway's
+        # A resume that goes on (moved or recovered, its client reading its tokens so far): this
+        # worker's state, not the request's, and another worker (or this one later) may compile it.
+        # A 503 ended a stream already under way; once, as for OverContext: back again, it is answered.
+        if req.resume_token_ids and req.recorded and await _hand_back_once(w, req.request_id, req.recoveries):
+            return
         code, reason = ErrorCode.UNAVAILABLE, str(e)
     except AdapterError as e:
         await _adapter_failed(w, req, e)

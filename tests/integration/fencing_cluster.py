@@ -74,10 +74,17 @@ class Cluster:
         return service, stop, task
 
     async def send(
-        self, request_id: str, client: str = "", max_tokens: int = N, to_worker: str = "", prompt: str | None = None
+        self,
+        request_id: str,
+        client: str = "",
+        max_tokens: int = N,
+        to_worker: str = "",
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
     ) -> asyncio.Queue[TokenChunk]:
         """Publish a long greedy request to the dispatchers (or straight to a worker, unrecorded);
-        its chunks arrive on the queue. ``prompt``: a text one instead of ``PROMPT``'s ids."""
+        its chunks arrive on the queue. ``prompt``: a text one instead of ``PROMPT``'s ids;
+        ``params``: its own, in place of ``max_tokens`` greedy ones that ignore EOS."""
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
         async def on_chunk(msg: nats.aio.msg.Msg) -> None:
@@ -92,7 +99,7 @@ class Cluster:
             reply_to=reply,
             prompt_token_ids=PROMPT if prompt is None else None,
             prompt=prompt,
-            params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            params=params or SamplingParams(max_tokens=max_tokens, ignore_eos=True),
             client=client,
         )
         if to_worker:

@@ -1,0 +1,99 @@
+"""A structured request resumed (its worker stopped, its client reading its tokens so far) on a
+worker that cannot have its grammar now (``GrammarUnavailable``: the compile's thread or process
+could not be had there) is handed back once for another, as one too long for a worker's context is
+(admit.py), against a real dispatcher, NATS and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from dlora.common.messages import SamplingParams
+from dlora.services.gateway.replies import ReplyStream
+from dlora.services.worker.engine.structured import GrammarUnavailable
+from dlora.services.worker.main import WorkerService
+from tests.integration import fencing_cluster
+from tests.integration.fencing_cluster import PROMPT, SHORT, Cluster, _read
+from tests.integration.test_gateway import offline
+
+cluster = fencing_cluster.cluster  # the fixture, for pytest to find here
+
+REGEX = "[a-z ]+"  # never complete: it runs to max_tokens
+PARAMS = SamplingParams(max_tokens=SHORT, ignore_eos=True, regex=REGEX)
+
+
+def _unavailable(workers: list[WorkerService], refused: list[str], times: int) -> None:
+    """The first ``times`` grammars any of ``workers`` starts for a request cannot be had (as when
+    its compile's thread does not start); each refusal noted in ``refused`` with its worker."""
+    for w in workers:
+        matcher = w.engine.grammars.matcher
+
+        def refusing(params: SamplingParams, consumed: list[int], w: WorkerService = w, matcher: Any = matcher) -> Any:
+            if len(refused) < times:
+                refused.append(w.s.worker_id)
+                raise GrammarUnavailable("cannot be compiled now: its compile's thread did not start; try again")
+            return matcher(params, consumed)
+
+        w.engine.grammars.matcher = refusing  # type: ignore[method-assign]
+
+
+async def _running(
+    c: Cluster, others: tuple[str, ...]
+) -> tuple[ReplyStream, asyncio.Queue[Any], Callable[[], None], list[WorkerService]]:
+    """A structured request running on w-a, its first tokens read, then ``others`` up: the stream,
+    its chunks, w-a's stop (its drain hands the request over at once, with its tokens so far) and
+    the others. w-a's steps wait from the first tokens until its stop, so that it is still running
+    then however long the others take to start."""
+    first, first_stop, _ = await c.worker("w-a")
+    going, step = threading.Event(), first.engine.step
+    going.set()
+
+    def gated() -> Any:
+        going.wait(60)
+        return step()
+
+    first.engine.step = gated  # type: ignore[method-assign]
+    chunks = await c.send("r", params=PARAMS)
+    stream = ReplyStream("r")
+    await _read(stream, chunks, until_tokens=5)
+    going.clear()
+    started = [(await c.worker(name))[0] for name in others]
+
+    def stop() -> None:  # seen at the loop's next turn, once the step it waits in ends
+        first_stop.set()
+        going.set()
+
+    return stream, chunks, stop, started
+
+
+async def test_a_resume_whose_grammar_cannot_be_had_on_one_worker_goes_on_on_another(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The worker the resume went to answered 503 for its grammar, ending a stream its client had
+    been reading for a reason of that worker's (its compile pool busy, threads short), while
+    another worker could serve it. Handed back once, it goes on there, exactly as it would have
+    run on: no token lost or repeated."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    stream, chunks, stop_first, others = await _running(c, ("w-b", "w-c"))
+    refused: list[str] = []
+    _unavailable(others, refused, times=1)
+    stop_first()
+    await _read(stream, chunks)
+    assert stream.error is None, stream.error
+    assert (stream.finish_reason, stream.tokens, len(refused)) == ("length", SHORT, 1)
+    assert stream.attempt == 2  # w-a's hand-over, then the refusing worker's hand-back
+    request = {"id": "x", "prompt_token_ids": PROMPT, "max_tokens": SHORT, "ignore_eos": True, "regex": REGEX}
+    assert stream.text == offline(c.tiny, [request])[0]["text"]
+
+
+async def test_a_resume_whose_grammar_no_worker_can_have_is_answered_after_one_hand_back(cluster) -> None:  # type: ignore[no-untyped-def]
+    """Handed back once and sent to the same worker again (none other to take it), the resume is
+    answered 503 with the reason, after the tokens its client had: not handed back for ever."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    stream, chunks, stop_first, others = await _running(c, ("w-b",))
+    refused: list[str] = []
+    _unavailable(others, refused, times=10)
+    stop_first()
+    await _read(stream, chunks)
+    assert (stream.error_code, refused) == ("unavailable", ["w-b", "w-b"])
+    assert "cannot be compiled now" in (stream.error or "") and 5 <= stream.tokens < SHORT
