@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 from dlora.common.messages import SamplingParams
 from dlora.model.config import ModelConfig
 from dlora.services.worker.adapters import evictions
-from dlora.services.worker.engine import LLMEngine
+from dlora.services.worker.engine import LLMEngine, taking
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
 from dlora.services.worker.engine.outputs import RequestError
@@ -249,7 +249,7 @@ class SimEngine(LLMEngine):  # type: ignore[misc]  # LLMEngine is Any to mypy: t
             prefill_seqs=sum(s.status is Status.WAITING for s in step.batch),
         )
         self.now += self.cost.step_seconds(shape)
-        ran, _ = self._written(step.batch, None)
+        ran, _ = taking.written(self, step.batch, None)
         tokens: list[int | SamplingError] = [
             next(iter(self.eos_ids)) if len(s.output_ids) + 1 >= self.targets[s.request_id] else self._token
             for s in ran

@@ -273,7 +273,7 @@ def test_under_async_scheduling_a_request_arriving_after_a_nan_prefill_does_not_
 ) -> None:
     """Async scheduling looks at a step's logits one call later, after the next step was scheduled:
     a request with the same prompt and adapter arriving in between found the NaN prefill's blocks
-    cached (``_written`` named them), reused them, and failed "not finite" too: a 500 for a request
+    cached (``taking.written`` named them), reused them, and failed "not finite" too: a 500 for a request
     nothing was wrong with (the synchronous step fails the first before it schedules another). Now
     the check preempts it before anything is drawn from its row, and it computes its prompt again,
     each token given once."""

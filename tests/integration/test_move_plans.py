@@ -202,15 +202,15 @@ async def test_a_shipped_cache_s_cost_counts_its_import_into_the_engine(
     migrator weighs against recomputing) counted its wait, its read and its import into the KV
     cache; with the wait moved beside the steps (arrival.py) the import, a copy of the whole cache
     into the blocks (host to device on a GPU), was left out and shipping read as cheaper than it is."""
-    from dlora.services.worker.engine import engine as engine_module
+    from dlora.services.worker.engine import adding
 
-    real = engine_module.import_kv
+    real = adding.import_kv
 
     def slow_import(*args: object, **kwargs: object) -> object:
         time.sleep(0.3)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine_module, "import_kv", slow_import)
+    monkeypatch.setattr(adding, "import_kv", slow_import)
     ws = WorkerSettings(
         nats_url=nats_server.url, redis_url="unused", worker_id="w1", model=str(tiny_llama.model), engine=small_engine()
     )

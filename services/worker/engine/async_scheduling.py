@@ -38,7 +38,7 @@ from dlora.services.worker.engine.preparing import preempted
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
 from dlora.services.worker.engine.scheduler import forget_lookup, kv_room, preempt
 from dlora.services.worker.engine.sequence import Sequence, Status
-from dlora.services.worker.engine.taking import fail_chunks
+from dlora.services.worker.engine.taking import fail_chunks, written
 from dlora.services.worker.policy import StepDecision
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def step(engine: LLMEngine, decision: StepDecision | None) -> list[RequestOutput
     live = [i for i, s in enumerate(ran) if e.holds(s) and not (tainted and recompute(e, s, tainted))]
     if len(live) < len(ran):
         ran, logits = [ran[i] for i in live], rows_of(logits, live)
-    ran, logits = e._written(ran, logits)
+    ran, logits = written(e, ran, logits)
     e.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
     if logits is None or not ran:  # prefill chunks, or requests the last step ended: no token
         prepared.made = [False] * len(prepared.batch)

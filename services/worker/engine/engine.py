@@ -17,36 +17,25 @@ from dlora.common.messages import ErrorCode, FinishReason, SamplingParams
 from dlora.kernels.backend import select_kernels
 from dlora.model.config import ModelConfig, model_digest, served_name, targets
 from dlora.model.tokenizer import load_tokenizer
-from dlora.services.worker.engine import async_scheduling, forward, observing, preparing, switching, taking
-from dlora.services.worker.engine.admission import check_request, check_tokens, up_to_context
-from dlora.services.worker.engine.bad_words import bad_words_token_ids
+from dlora.services.worker.engine import adding, async_scheduling, forward, observing, preparing, switching, taking
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.config import EngineConfig
-from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
 from dlora.services.worker.engine.device import resolve_device
-from dlora.services.worker.engine.grammar_start import started_matcher
-from dlora.services.worker.engine.inputs import Carry, build_inputs, rows_of
+from dlora.services.worker.engine.inputs import Carry, build_inputs
 from dlora.services.worker.engine.kv_cache import KVCache
-from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv, import_kv
+from dlora.services.worker.engine.kv_transfer import KVSnapshot, export_kv
 from dlora.services.worker.engine.lora import AdapterError, LoraAdapter, load_adapter
 from dlora.services.worker.engine.merge import Merger
 from dlora.services.worker.engine.model import LlamaModel, StepInputs
-from dlora.services.worker.engine.outputs import (
-    LaunchedLogprobs,
-    RequestError,
-    RequestOutput,
-    advance,
-    ended_on_resume,
-    failed_output,
-)
+from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, advance, failed_output
+from dlora.services.worker.engine.outputs import RequestError as RequestError  # (the package's: engine.RequestError)
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots
-from dlora.services.worker.engine.sampler import SamplingError, allowed_mask, sample_sequences
+from dlora.services.worker.engine.sampler import SamplingError, sample_sequences
 from dlora.services.worker.engine.scheduler import Limits, kv_room, queued
-from dlora.services.worker.engine.sequence import Sequence, Status, fcfs_arrival
+from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
-from dlora.services.worker.engine.stopping import grammar_needed
-from dlora.services.worker.engine.structured import GrammarError, Grammars, GrammarUnavailable
+from dlora.services.worker.engine.structured import Grammars
 from dlora.services.worker.engine.weights import load_weights
 from dlora.services.worker.policy import (
     BatchLimits,
@@ -250,60 +239,25 @@ class LLMEngine:
         than end it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
         tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here). ``decoded``:
         ``params`` came off the wire (the worker's), their types checked by its decoder, not again here."""
-        params = params or SamplingParams()
-        if request_id in self.seqs:
-            raise RequestError(f"request id {request_id!r} is already in flight")
-        if adapter is not None and adapter not in self.adapters and adapter not in self.loading:
-            raise RequestError(f"adapter {adapter!r} is not registered")
-        ids = list(self.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
-        params = up_to_context(params, len(ids), self.max_model_len)  # vLLM's max_tokens=None
-        check_request(params, prompt, prompt_token_ids, cache_salt, typed=decoded)
-        resumed = list(resume_token_ids or [])
-        pending, held = resume_text_pending, resume_text_held
-        field = prompt_field or ("prompt" if prompt is not None else "prompt_token_ids")
-        check_tokens(ids, resumed, self.model_config.vocab_size, self.max_model_len, params, pending, field, whole)
-        tail = sent_tail(self.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
-        seq = Sequence(
-            request_id=request_id,
-            adapter=adapter,
-            prompt_ids=ids,
+        adding.add(
+            self,
+            request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
             params=params,
-            arrival=fcfs_arrival(self._arrivals, bool(resumed), self.seqs.values(), priority, arrival_time),
-            arrival_time=time.time() if arrival_time is None else arrival_time,
-            detok=IncrementalDetokenizer(self.tokenizer, ids + resumed, params.skip_special_tokens, pending),
-            output_ids=resumed,
-            text=tail + held,
-            emitted=len(tail),
+            adapter=adapter,
+            resume_token_ids=resume_token_ids,
+            kv=kv,
+            resume_text_pending=resume_text_pending,
+            resume_text_held=resume_text_held,
+            priority=priority,
+            arrival_time=arrival_time,
             cache_salt=cache_salt,
+            bad_words_ids=bad_words_ids,
+            whole=whole,
+            prompt_field=prompt_field,
+            decoded=decoded,
         )
-        # A resume its last token ends (``ends_by_token``: the worker compiles nothing for it either) is ended
-        # before the work only one that goes on needs (a grammar that cannot compile now: a 503); another first
-        # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one. At its
-        # length with none to be had here now, it ends "length" as before: not an error in place of its output
-        refused: Exception | None = None
-        if grammar_needed(resumed, params, self.eos_ids):
-            try:
-                seq.matcher, seq.grammar_from = started_matcher(self.grammars, params, resumed)
-            except GrammarUnavailable as e:
-                refused = e  # (the worker's state, not the request's fault: answered unavailable)
-            except GrammarError as e:
-                refused = RequestError(str(e), param=params.structured_outputs()[0])
-        if (ended := ended_on_resume(seq, self.eos_ids, self.max_model_len, self.primary_eos)) is not None:
-            self._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
-            return
-        if refused is not None:
-            raise refused
-        if params.bad_words:
-            seq.bad_words_ids = (
-                bad_words_token_ids(self.tokenizer, params.bad_words) if bad_words_ids is None else bad_words_ids
-            )
-        if params.allowed_token_ids:
-            seq.allowed_mask = allowed_mask(params.allowed_token_ids, self.model_config.vocab_size, self.device)
-        if kv is not None:
-            import_kv(seq, kv, self.blocks, self.model.kv)
-        self._arrivals += 1
-        self.seqs[request_id] = seq
-        seq.uncounted_prompt = 0 if resumed else len(ids)
 
     def export_kv(self, request_id: str) -> KVSnapshot | None:
         """The cache of a decoding request (None if it has none: waiting, mid-prefill or unknown).
@@ -397,35 +351,12 @@ class LLMEngine:
         one token (or the sampler's error) each, and failure outputs of those that could not run."""
         ran, logits, failures = self._forward(step.batch, step.slots)
         failed = [self._fail(seq, why) for seq, why in failures]
-        ran, logits = self._written(ran, logits)
+        ran, logits = taking.written(self, ran, logits)
         self.last_logits = dict(zip((s.request_id for s in ran), logits)) if logits is not None else {}
         tokens = (
             sample_sequences(logits, ran, self._rng, self.eos_ids, self.grammars).result() if logits is not None else []
         )
         return ran, logits, tokens, failed + taking.fail_chunks(self)
-
-    def _written(self, ran: list[Sequence], logits: torch.Tensor | None) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
-        goes on to sample, with its logits: a prefill chunk short of the prompt's end does not."""
-        done, keys = [], {}
-        for i, s in enumerate(ran):
-            start, end = s.num_cached, s.num_cached + s.num_scheduled
-            if self.blocks.enable_prefix_caching:
-                if s.lookup is not None:  # counted once the step it was made for is kept
-                    self.stats.record_prefix_cache(*s.take_lookup())
-                if s.adapter not in keys:
-                    keys[s.adapter] = self._cache_key(s.adapter)
-                ids = s.all_ids() if self.blocks.fills_block(start, end) else []  # a decode mostly fills none
-                self.blocks.computed(s.request_id, ids, start, end, s.salted(keys[s.adapter]))
-            if end < s.total_len:
-                s.num_cached = end
-            else:
-                done.append(i)
-        if len(done) == len(ran):
-            return ran, logits
-        chunks = [i for i in range(len(ran)) if i not in set(done)]
-        self._chunks = taking.check_chunks([ran[i] for i in chunks], rows_of(logits, chunks))
-        return [ran[i] for i in done], rows_of(logits, done)
 
     def _cache_key(self, adapter: str | None, merged: str | None | bool = True) -> bytes:
         """Which weights compute ``adapter``'s KV with ``merged`` merged (True: as now): its content

@@ -1,5 +1,6 @@
 """A step's sampled tokens taken into their requests: text, stop conditions, logprobs, and a
-request whose token cannot be taken failed alone (the synchronous step's and async scheduling's)."""
+request whose token cannot be taken failed alone (the synchronous step's and async scheduling's);
+before them, the KV the step wrote taken into the block manager (``written``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from dlora.common.messages import ErrorCode
 from dlora.kernels.host import HostCopy
 from dlora.services.worker.engine.faults import describe, raise_if_lost
+from dlora.services.worker.engine.inputs import rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, token_logprobs
 from dlora.services.worker.engine.sampler import NotFinite, NothingAllowed, SamplingError
 from dlora.services.worker.engine.sequence import Sequence
@@ -82,6 +84,32 @@ def not_finite(engine: LLMEngine, seq: Sequence, why: NotFinite) -> RequestOutpu
     weights = f"adapter {name!r}" + (f" (version {version})" if version else "") if name else "the base model"
     dtype = str(engine.dtype).removeprefix("torch.")
     return engine._fail(seq, f"sampling failed: {why} (computed by {weights} in {dtype} on this worker)")
+
+
+def written(
+    engine: LLMEngine, ran: list[Sequence], logits: torch.Tensor | None
+) -> tuple[list[Sequence], torch.Tensor | None]:
+    """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
+    goes on to sample, with its logits: a prefill chunk short of the prompt's end does not."""
+    done, keys = [], {}
+    for i, s in enumerate(ran):
+        start, end = s.num_cached, s.num_cached + s.num_scheduled
+        if engine.blocks.enable_prefix_caching:
+            if s.lookup is not None:  # counted once the step it was made for is kept
+                engine.stats.record_prefix_cache(*s.take_lookup())
+            if s.adapter not in keys:
+                keys[s.adapter] = engine._cache_key(s.adapter)
+            ids = s.all_ids() if engine.blocks.fills_block(start, end) else []  # a decode mostly fills none
+            engine.blocks.computed(s.request_id, ids, start, end, s.salted(keys[s.adapter]))
+        if end < s.total_len:
+            s.num_cached = end
+        else:
+            done.append(i)
+    if len(done) == len(ran):
+        return ran, logits
+    chunks = [i for i in range(len(ran)) if i not in set(done)]
+    engine._chunks = check_chunks([ran[i] for i in chunks], rows_of(logits, chunks))
+    return [ran[i] for i in done], rows_of(logits, done)
 
 
 @dataclass(frozen=True)

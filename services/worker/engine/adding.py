@@ -1,0 +1,100 @@
+"""A request into the engine (``LLMEngine.add_request``, whose docstring states the contract):
+refused at the door (``admission``), its sequence built with a resume's output and text so far,
+its grammar started where it goes on, or ended at once where its resume already ended it."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from dlora.common.messages import SamplingParams
+from dlora.services.worker.engine.admission import check_request, check_tokens, up_to_context
+from dlora.services.worker.engine.bad_words import bad_words_token_ids
+from dlora.services.worker.engine.detokenizer import IncrementalDetokenizer, sent_tail
+from dlora.services.worker.engine.grammar_start import started_matcher
+from dlora.services.worker.engine.kv_transfer import KVSnapshot, import_kv
+from dlora.services.worker.engine.outputs import RequestError, ended_on_resume
+from dlora.services.worker.engine.sampler import allowed_mask
+from dlora.services.worker.engine.sequence import Sequence, fcfs_arrival
+from dlora.services.worker.engine.stopping import grammar_needed
+from dlora.services.worker.engine.structured import GrammarError, GrammarUnavailable
+
+if TYPE_CHECKING:
+    from dlora.services.worker.engine.engine import LLMEngine
+
+
+def add(
+    engine: LLMEngine,
+    request_id: str,
+    *,
+    prompt: str | None,
+    prompt_token_ids: list[int] | None,
+    params: SamplingParams | None,
+    adapter: str | None,
+    resume_token_ids: list[int] | None,
+    kv: KVSnapshot | None,
+    resume_text_pending: int,
+    resume_text_held: str,
+    priority: int,
+    arrival_time: float | None,
+    cache_salt: str,
+    bad_words_ids: list[list[int]] | None,
+    whole: bool,
+    prompt_field: str | None,
+    decoded: bool,
+) -> None:
+    """Queue the request ``LLMEngine.add_request`` is given, into ``engine``; raises as it says."""
+    params = params or SamplingParams()
+    if request_id in engine.seqs:
+        raise RequestError(f"request id {request_id!r} is already in flight")
+    if adapter is not None and adapter not in engine.adapters and adapter not in engine.loading:
+        raise RequestError(f"adapter {adapter!r} is not registered")
+    ids = list(engine.tokenizer.encode(prompt)) if prompt is not None else list(prompt_token_ids or [])
+    params = up_to_context(params, len(ids), engine.max_model_len)  # vLLM's max_tokens=None
+    check_request(params, prompt, prompt_token_ids, cache_salt, typed=decoded)
+    resumed = list(resume_token_ids or [])
+    pending, held = resume_text_pending, resume_text_held
+    field = prompt_field or ("prompt" if prompt is not None else "prompt_token_ids")
+    check_tokens(ids, resumed, engine.model_config.vocab_size, engine.max_model_len, params, pending, field, whole)
+    tail = sent_tail(engine.tokenizer, ids, resumed, params, pending, held)  # sent already: looked in, not again
+    seq = Sequence(
+        request_id=request_id,
+        adapter=adapter,
+        prompt_ids=ids,
+        params=params,
+        arrival=fcfs_arrival(engine._arrivals, bool(resumed), engine.seqs.values(), priority, arrival_time),
+        arrival_time=time.time() if arrival_time is None else arrival_time,
+        detok=IncrementalDetokenizer(engine.tokenizer, ids + resumed, params.skip_special_tokens, pending),
+        output_ids=resumed,
+        text=tail + held,
+        emitted=len(tail),
+        cache_salt=cache_salt,
+    )
+    # A resume its last token ends (``ends_by_token``: the worker compiles nothing for it either) is ended
+    # before the work only one that goes on needs (a grammar that cannot compile now: a 503); another first
+    # gets its grammar: a complete document ends it "stop", at max_tokens too, as ``advance`` ends one. At its
+    # length with none to be had here now, it ends "length" as before: not an error in place of its output
+    refused: Exception | None = None
+    if grammar_needed(resumed, params, engine.eos_ids):
+        try:
+            seq.matcher, seq.grammar_from = started_matcher(engine.grammars, params, resumed)
+        except GrammarUnavailable as e:
+            refused = e  # (the worker's state, not the request's fault: answered unavailable)
+        except GrammarError as e:
+            refused = RequestError(str(e), param=params.structured_outputs()[0])
+    if (ended := ended_on_resume(seq, engine.eos_ids, engine.max_model_len, engine.primary_eos)) is not None:
+        engine._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
+        return
+    if refused is not None:
+        raise refused
+    if params.bad_words:
+        seq.bad_words_ids = (
+            bad_words_token_ids(engine.tokenizer, params.bad_words) if bad_words_ids is None else bad_words_ids
+        )
+    if params.allowed_token_ids:
+        seq.allowed_mask = allowed_mask(params.allowed_token_ids, engine.model_config.vocab_size, engine.device)
+    if kv is not None:
+        import_kv(seq, kv, engine.blocks, engine.model.kv)
+    engine._arrivals += 1
+    engine.seqs[request_id] = seq
+    seq.uncounted_prompt = 0 if resumed else len(ids)
