@@ -93,7 +93,7 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
     (or not in time: then it is recomputed) and its grammar compiled (one that fails is refused at
     admission, saying why); it ``arrived`` then (monotonic seconds)."""
     kv, waited, bad_words_ids = None, 0.0, None
-    # Its deadline bounds the wait, as ``_expire`` bounds one the loop holds: past it, the request
+    # Its deadline bounds the wait, as ``upkeep.expire`` bounds one the loop holds: past it, the request
     # is refused at admission, saying so (a compile can take minutes, vLLM #54003).
     until = None if req.deadline is None else max(0.0, req.deadline - time.time())
     try:

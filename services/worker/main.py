@@ -9,7 +9,6 @@ Redis and restored at start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import secrets
 import time
@@ -24,13 +23,11 @@ from dlora.common.aborts import Aborts
 from dlora.common.bus import connections
 from dlora.common.clients import Clients, link_of
 from dlora.common.exporter import metrics_endpoint
-from dlora.common.inflight import Copy, Sent
 from dlora.common.messages import (
     AbortRequest,
     AdapterEvent,
     ClientAlive,
     ErrorCode,
-    FinishReason,
     GenerateRequest,
     KVChunk,
     MovePlan,
@@ -42,18 +39,17 @@ from dlora.common.messages import (
 from dlora.common.state import StateStore
 from dlora.services.notify import notifier
 from dlora.services.run import StartupError, hurried, killed_by_signals
-from dlora.services.worker import drain
+from dlora.services.worker import drain, stepping, upkeep
 from dlora.services.worker.adapters import AdapterRead, WorkerAdapters
-from dlora.services.worker.admit import abort, adapter_read, admit, hand_back_unheld, refuse_unreadable
+from dlora.services.worker.admit import abort, adapter_read, admit, refuse_unreadable
 from dlora.services.worker.arrival import Preparing, arrive, stop_preparing
 from dlora.services.worker.beats import LIST_EVERY_S, publish_stats
-from dlora.services.worker.chunks import Stream, chunk_for, error_chunk, past_deadline
+from dlora.services.worker.chunks import Stream, error_chunk
 from dlora.services.worker.commands import Abort, AdapterChanged, Add, Command, Commands, Prefetch, ResetPrefixCache
 from dlora.services.worker.cycles import StepCycles
 from dlora.services.worker.delivery import Delivery
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.engine.faults import device_lost, raise_if_lost
-from dlora.services.worker.engine.outputs import RequestOutput
 from dlora.services.worker.kv_inbox import KVInbox
 from dlora.services.worker.lengths import OutputLengths
 from dlora.services.worker.metrics import WorkerMetrics, worker_view
@@ -61,7 +57,6 @@ from dlora.services.worker.move_out import move_out
 from dlora.services.worker.moves import Move, Refusals, moves_to_take
 from dlora.services.worker.one_id import given_up, refuse_if_taken
 from dlora.services.worker.records import ProgressRecords
-from dlora.services.worker.rerecord import record_again_if_lost
 from dlora.services.worker.settings import WorkerSettings
 from dlora.services.worker.snapshot import settings_in_effect, worker_stats
 from dlora.services.worker.tokenized import Tokenized
@@ -69,11 +64,6 @@ from dlora.services.worker.tokenized import Tokenized
 logger = log.get("worker")
 
 _KV_WAIT_S = 5.0  # a moved request waits this long for its KV, then recomputes (unclaimed 4x as long: dropped)
-# A record this fresh may be for a request whose message is still on its way here: not handed
-# back. Records are reconciled this often too (or every quarter heartbeat TTL, if sooner).
-_HANDBACK_GRACE_S = 2.0
-_RECONCILE_REDIS_S = 1.0  # the most a reconcile's reads of Redis may hold the step loop, each
-_EXPIRE_EVERY_S = 0.05  # how late past its deadline a request may still be stopped, at most
 
 
 class WorkerService:
@@ -101,7 +91,7 @@ class WorkerService:
         self.adapters = WorkerAdapters(engine, store, post=self.commands.put)
         # Aborts seen lately by (request id, Abort.sender), and when: one can overtake its request.
         self.aborted = Aborts()
-        self._expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
+        self.expired_at = 0.0  # Unix seconds of the last look for requests past their deadline
         # Requests handed back once for another worker to take, with whether only one holding their
         # adapter's version can (admit.py): they did not decode here, or that version cannot load here.
         self.handed_back = recent.Recent[str, bool](messages.HANDED_BACK_MEMORY_S, messages.MAX_HANDED_BACK)
@@ -243,107 +233,14 @@ class WorkerService:
         finally:
             self.pending.discard(cmd.req.request_id)
 
-    async def _expire(self) -> None:
-        """Stop each request held here whose deadline passed (``GenerateRequest.deadline``), waiting
-        or running: its reader gets the tokens sent so far, then an error saying why. Looked at
-        every ``_EXPIRE_EVERY_S``, not every step: a walk over every request held, on the loop."""
-        now = time.time()
-        if now - self._expired_at < _EXPIRE_EVERY_S:
-            return
-        self._expired_at = now
-        for rid, stream in list(self.streams.items()):
-            if (late := past_deadline(stream.request, now)) is not None:
-                await self.drop(rid)
-                chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, late, self.s.worker_id, seq=stream.seq)
-                await self.delivery.publish(stream.reply_to, chunk, stream.request.client)
-
+    # Methods (the work is their modules'), so that a test can pace or count them on one worker
     async def _step(self) -> None:
-        st = self.engine.stats
-        started, steps, before = time.monotonic(), st.steps, (st.step_seconds, st.switch_and_load_seconds())
-        try:
-            outputs = await asyncio.to_thread(self.engine.step)
-            if st.steps == steps:  # nothing could run: no step to time
-                self.cycles.idle()
-            else:
-                switched = st.switch_and_load_seconds() != before[1]
-                self.cycles.stepped(started, st.last_batch, st.last_prefill, st.step_seconds - before[0], switched)
-        except Exception as e:
-            raise_if_lost(e)  # the device is gone for good: out of the loop (``run_loop``)
-            # engine cannot say whose it is, so its requests fail with the reason and the worker serves on
-            logger.exception("step failed", error=str(e))
-            self.cycles.idle()
-            outputs = self.engine.fail_all(f"the worker's step failed: {type(e).__name__}: {e}")
-        await self.deliver(outputs)
-
-    async def deliver(self, outputs: list[RequestOutput]) -> None:
-        """Send what the engine produced to the clients (each request's chunk), then record it."""
-        now = time.monotonic()
-        chunks = [  # of the requests not aborted while the step ran
-            (out, s, chunk_for(out, s, self.s.worker_id, now))
-            for out in outputs
-            if (s := self.streams.get(out.request_id))
-        ]
-        # Asked as late as can be (for every request held, waiting ones too): the chunks go to NATS
-        # right after, written at the flush below with no other wait between. A stall (SIGSTOP) after
-        # it puts out chunks of a copy given up on meanwhile (readers drop them by attempt).
-        if self.records.stalled():
-            await self._drop_fenced()
-        sent: dict[str, Sent] = {}
-        for out, stream, chunk in chunks:
-            if out.request_id not in self.streams:  # fenced just now
-                continue
-            # Recorded only if handed to NATS: the record says what a resume need not send again.
-            if await self.delivery.publish(stream.reply_to, chunk, stream.request.client):
-                seq = self.engine.seqs.get(out.request_id)
-                held = (seq.detok.pending, seq.text[seq.emitted :]) if seq else (0, "")
-                sent[out.request_id] = Sent(stream.request.recoveries, chunk.seq, out.new_token_ids, *held)
-            if out.finished:
-                del self.streams[out.request_id]
-                if out.error is None:
-                    self.lengths.observe(out.num_output_tokens, cut_off=out.finish_reason == FinishReason.LENGTH)
-        # Flush before the Redis bookkeeping: nats-py's flusher sends them ~1 ms later (p50 2.9 ms, not 1.9).
-        # One round trip, not bus.flush's two: this one is for latency, and its flusher has written the
-        # chunks to the socket before the PONG can come.
-        with contextlib.suppress(Exception):  # NATS down: they go out on reconnect (and are re-sent)
-            await self.nc.flush(timeout=1)
-        running = {rid: v for rid, v in sent.items() if rid in self.streams}
-        # Finished requests' records go with this write (or a later one): left, they would run again.
-        self.records.unrecorded_ends |= {rid: s.attempt for rid, s in sent.items() if rid not in self.streams}
-        # Fenced: given up here and re-dispatched, another attempt serves it.
-        for rid in await self.records.write_step(running) & running.keys():
-            logger.warning("request fenced: a later attempt serves it", request=rid)
-            await self.drop(rid, record=False, attempt=running[rid].attempt)
-
-    async def _drop_fenced(self) -> None:
-        """Drop the copies held here that are fenced (a recorded one's record gone too), after a stall."""
-        copies = {rid: Copy.of(s.request, stalled=True) for rid, s in self.streams.items()}
-        for rid in await self.records.fenced_after_stall(copies):
-            logger.warning("request fenced after a stall: a later attempt serves it", request=rid)
-            await self.drop(rid, record=False, attempt=copies[rid].attempt)
+        """One step, its outputs sent and recorded (``stepping.step``)."""
+        await stepping.step(self)
 
     async def _reconcile(self) -> None:
-        """Between steps, every few seconds: write the records of the requests held here again if Redis
-        lost its data, drop moved caches unclaimed (else kept until the next move came) and requests
-        whose client has gone, and hand back what the in-flight records say is here but is not (a past
-        incarnation's, or never came) for a dispatcher to re-dispatch. Redis's parts not while its writes
-        fail (each waited out a hung Redis in the step loop), its reads each within ``_RECONCILE_REDIS_S``."""
-        self.kv_inbox.sweep()
-        if not self.records.outage:
-            await record_again_if_lost(self, _RECONCILE_REDIS_S)
-        now = time.monotonic()
-        for rid, stream in list(self.streams.items()):
-            if stream.request.client and self.clients.gone(stream.request.client, now):
-                logger.info("request abandoned: its client is gone", request=rid, client=stream.request.client)
-                await self.drop(rid)
-                # said, for a reader that comes back (it is sent again with the chunks it missed):
-                # without it, one that was away longer than the heartbeat TTL waited for ever (a trial)
-                why = "the request was stopped: its client was not heard from for heartbeat_ttl_s"
-                chunk = error_chunk(stream.request, ErrorCode.UNAVAILABLE, why, self.s.worker_id, seq=stream.seq)
-                await self.delivery.publish(stream.reply_to, chunk, stream.request.client)
-        await self.records.write_step({})  # what waits for Redis (a finished request's record going)
-        if not self.records.outage:
-            async with asyncio.timeout(_RECONCILE_REDIS_S):
-                await hand_back_unheld(self, min(_HANDBACK_GRACE_S, self.s.heartbeat_ttl_s))
+        """The in-flight records reconciled with what is held here (``upkeep.reconcile``)."""
+        await upkeep.reconcile(self)
 
     async def run_loop(self, stop: asyncio.Event, done: asyncio.Event) -> None:
         """Steps until ``stop``, drains (``drain_timeout_s``), hands over the rest; then ``done``."""
@@ -367,7 +264,7 @@ class WorkerService:
 
     async def _turn(self) -> None:
         """One turn of the loop: reconcile now and then, take commands, step, refresh the stats."""
-        if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, _HANDBACK_GRACE_S):
+        if time.monotonic() - self._swept_at > min(self.s.heartbeat_ttl_s / 4, upkeep.HANDBACK_GRACE_S):
             self._swept_at = time.monotonic()
             try:
                 await self._reconcile()
@@ -382,7 +279,7 @@ class WorkerService:
                 async with asyncio.timeout(0.2):  # not wait_for: see the gateway's _relay
                     cmd = await self.commands.get()
             except TimeoutError:
-                await self._expire()  # requests waiting for their adapter's read have deadlines too
+                await upkeep.expire(self)  # requests waiting for their adapter's read have deadlines too
                 self._refresh_stats()  # idle, read again all the same: a dispatcher waits for a fresh reading
                 return
             await self._take(cmd)
@@ -392,7 +289,7 @@ class WorkerService:
             await self._take(self.commands.get_nowait())
             if i % 256 == 255:
                 await asyncio.sleep(0)
-        await self._expire()
+        await upkeep.expire(self)
         if self.engine.runnable():
             await self._step()
             self.adapters.tidy()

@@ -12,6 +12,7 @@ from dlora.common import bus, log, subjects
 from dlora.common.inflight import Copy
 from dlora.services.worker.chunks import Stream
 from dlora.services.worker.moves import Move, TooLarge, handoff, too_large
+from dlora.services.worker.stepping import deliver
 
 if TYPE_CHECKING:
     from dlora.common.messages import GenerateRequest
@@ -52,7 +53,7 @@ async def move_out(w: WorkerService, move: Move) -> None:
     # A step in flight (async scheduling) holds its last token: it reaches the client first, so
     # the request moves with every token its client has and nothing else.
     if outputs := await asyncio.to_thread(w.engine.drain):
-        await w.deliver(outputs)
+        await deliver(w, outputs)
     stream = w.streams.get(move.request_id)
     seq = w.engine.seqs.get(move.request_id)
     if stream is None or seq is None:

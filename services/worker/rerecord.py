@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from dlora.common import log
 from dlora.services.worker.moves import handoff
+from dlora.services.worker.stepping import deliver
 
 if TYPE_CHECKING:
     from dlora.services.worker.main import WorkerService
@@ -39,7 +40,7 @@ async def record_again(w: WorkerService) -> None:
     a record written meanwhile (another attempt's) is left as it is."""
     # A step in flight (async scheduling) holds its last token: to the client first, as a move does.
     if outputs := await asyncio.to_thread(w.engine.drain):
-        await w.deliver(outputs)
+        await deliver(w, outputs)
     written = 0
     for rid, stream in list(w.streams.items()):
         if (seq := w.engine.seqs.get(rid)) is None:

@@ -20,7 +20,7 @@ from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.servers import Server
-from dlora.services.worker import main as worker_main
+from dlora.services.worker import stepping
 from dlora.services.worker.chunks import chunk_for
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.main import WorkerService
@@ -128,7 +128,7 @@ async def test_a_stall_after_a_step_is_asked_about_before_its_chunks_go_out(
             thread.join()
         return chunk
 
-    monkeypatch.setattr(worker_main, "chunk_for", stalled_while_made)
+    monkeypatch.setattr(stepping, "chunk_for", stalled_while_made)
     await _until(lambda: _dropped(worker, "taken-over"))
     await asyncio.sleep(0.3)  # anything sent would have arrived by now
     assert made and worker.records.stalls >= 1

@@ -160,7 +160,7 @@ async def test_only_a_request_not_begun_takes_the_version_registered_since_and_o
 async def test_a_request_whose_worker_died_with_it_keeps_its_version_though_its_record_shows_no_tokens(
     redis: Redis,
 ) -> None:
-    """A worker sends a step's chunks first and records them after (``WorkerService.deliver``): one
+    """A worker sends a step's chunks first and records them after (``stepping.deliver``): one
     that died between the two left a record with no tokens while its client had some. Re-dispatched,
     then handed back by a worker that found the version's files rewritten, such a request looked not
     begun, took the reload, and the client's text went on from the new weights after the old's (the
