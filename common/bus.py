@@ -429,12 +429,35 @@ def reject(pattern: str, subject: str, kind: type, error: Exception) -> None:
         )
 
 
+# How long ``unsubscribe`` waits for the handlers it cut off to end: DRAIN_S, what a drain gives
+# the handlers of a stopping service to finish (those unsubscribed are out of the drain, which then
+# has none to wait for, so the stop stays within dlora up's 10 s). Their clean-up's Redis work is
+# bounded at 2 s (``StateBound``); one that outlasts this is hung, and the stop goes on without it.
+HANDLERS_S = DRAIN_S
+
+
 async def unsubscribe(subs: list[Subscription]) -> None:
-    """Each of ``subs`` ended; none left to end on a connection NATS closed (a service stopping
-    then goes on to its own clean-up: a lease released, its requests handed back)."""
+    """Each of ``subs`` ended, and the handler each was running ended too (cancelled: its clean-up
+    runs), for at most ``HANDLERS_S`` in all; none left to end on a connection NATS closed (a
+    service stopping then goes on to its own clean-up: a lease released, its requests handed back).
+
+    nats-py runs a subscription's handler in the subscription's task and cancels that task at
+    ``unsubscribe`` without awaiting it: a handler cut off in a Redis write ran its clean-up (a
+    take-back, a record's delete) after the service's ``run`` returned, raced the next owner, and
+    was destroyed pending at the loop's close (a review)."""
     for sub in subs:
         with contextlib.suppress(nats.errors.ConnectionClosedError):
             await sub.unsubscribe()
+    # The task nats-py runs a ``cb=`` subscription's handlers in (2.16's name, typed None there; a
+    # rename fails test_bus.py). On a closed connection nats-py cancelled it at its close, unawaited too.
+    tasks: list[asyncio.Task[None] | None] = [getattr(sub, "_wait_for_msgs_task", None) for sub in subs]
+    handlers = [t for t in tasks if t is not None]
+    if handlers and (left := (await asyncio.wait(handlers, timeout=HANDLERS_S))[1]):
+        _log.warning(
+            "stopping with bus handlers still running: their clean-up outlasted the bound",
+            handlers=len(left),
+            bound_s=HANDLERS_S,
+        )
 
 
 async def flush(nc: NATS, round_trip_s: int = 10) -> None:

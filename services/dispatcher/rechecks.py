@@ -39,10 +39,10 @@ class Rechecks:
 
     def start(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task of its own, kept until it ends (and cancelled at ``close``); once
-        ``close`` returned, ``work`` is dropped unrun: the stop's unsubscribe cancels the bus handlers
-        without awaiting them, and one cut off in a record's write started its take-back after the
-        stop (its Redis work and log lines too). Dropped, as one cancelled at ``close`` is: a record
-        Redis writes late stays, for its worker to hand back (``take_back.py``)."""
+        ``close`` returned, ``work`` is dropped unrun: a bus handler the stop's unsubscribe cut off
+        and gave up on (past ``bus.HANDLERS_S``) must not start a take-back after the stop (its
+        Redis work and log lines too). Dropped, as one cancelled at ``close`` is: a record Redis
+        writes late stays, for its worker to hand back (``take_back.py``)."""
         if self._closed:
             work.close()  # (never begun: no "never awaited" warning)
             return

@@ -268,9 +268,10 @@ async def test_a_write_the_stop_cuts_off_at_the_intake_starts_no_take_back_after
     start_redis_here: Callable[..., Server],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The stop's unsubscribe cancels a request's handler, not awaited: cut off in its record's
+    """The stop's unsubscribe cancelled a request's handler, not awaited: cut off in its record's
     write (Redis hung), it started a take-back of that write once ``run`` had returned (its Redis
-    work and log lines after the stop). What the stop cancels is not started after it."""
+    work and log lines after the stop). The handler's clean-up now ends before ``run`` returns,
+    and the take-back it starts is cancelled with the rest at ``Rechecks.close``."""
     redis = start_redis_here()
     bus: _Bus = await surroundings(redis)
     stop = asyncio.Event()
@@ -298,7 +299,7 @@ async def test_a_write_the_stop_cuts_off_at_the_intake_starts_no_take_back_after
         staging = asyncio.create_task(stage(hang))
         async with asyncio.timeout(60):
             await bus.dispatcher.run(stop)
+            assert cut.is_set()  # the handler's clean-up ran before run returned (bus.unsubscribe awaits it)
             await staging
-            await cut.wait()
         left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
     assert "take_back" not in left, left
