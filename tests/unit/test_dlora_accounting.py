@@ -95,14 +95,59 @@ def test_an_epochs_counterfactual_and_its_waiting_are_what_fcfs_own_step_feeds()
 def test_a_counterfactual_feeds_a_chunked_prompt_once_over_its_chunks() -> None:
     """A review: a prompt the counterfactual cut to a chunk counted prefilled only once fed whole,
     and one the merged epoch left waiting never was: all 100 steps fed w a 12-token chunk (1,200
-    tokens of its 400). Its chunks now add up: 34 of them, then it decodes."""
+    tokens of its 400). Its chunks now add up: 33 of 12 and a last one of what is left, 4 (a
+    review: counted a full chunk, w's prompt was 408 tokens), then it decodes: as the scheduler
+    feeds it, 12 tokens beside a's four decodes a step, then the 4 left, then a token a step.
+
+    The scheduler shows the policy a prompt only up to the token budget (``scheduler.queued``:
+    16 of w's 400), and the counterfactual prefills that much: a chunk of 12, the 4 left, then
+    decodes (it counted two chunks of 12)."""
     limits = dataclasses.replace(BUDGET, chunked_prefill=True)
-    p = _linear_costs(DLoraPolicy(limits))
-    for _ in range(100):
-        p.observe(dataclasses.replace(p.decide(PAST_BUDGET, "a"), merged="a", request_ids=A_RAN.request_ids), A_RAN)
-    epoch = p._epoch
-    assert epoch is not None and epoch.steps == 100
-    assert epoch.cf_tokens == 100 * 4 + 34 * 12 + 66  # a's decodes; w's chunks, then its decodes
+    shown = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16)  # w as ``scheduler.queued`` shows it
+    for w, prompt in ((PAST_BUDGET[-1], 400), (shown, 16)):
+        p = _linear_costs(DLoraPolicy(limits))
+        q = [*PAST_BUDGET[:-1], w]
+        for _ in range(100):
+            p.observe(dataclasses.replace(p.decide(q, "a"), merged="a", request_ids=A_RAN.request_ids), A_RAN)
+        epoch = p._epoch
+        assert epoch is not None and epoch.steps == 100
+        chunks = -(-prompt // 12)
+        assert epoch.cf_tokens == 100 * 4 + prompt + (100 - chunks), prompt  # a's decodes; w's chunks, its decodes
+
+
+def _sloped(p: DLoraPolicy) -> DLoraPolicy:
+    """``_linear_costs`` and, from base steps of 9 and 16 tokens whose contexts jump, a step's
+    KV read: 1 ms more every 100 context tokens."""
+    p = _linear_costs(p)
+    for i in range(300):
+        context = 100 if (i // 30) % 2 == 0 else 4_000
+        for n in (9, 16):
+            p.costs.observe_step(n, 0.010 + 0.0004 * n + 1e-5 * context, context=context)
+    assert p.costs.context_slope > 5e-6
+    return p
+
+
+def test_a_counterfactual_chunk_attends_what_its_prompt_fed_before_it() -> None:
+    """A review: each chunk of a prompt the counterfactual fed in chunks was priced at the queue's
+    context, the first chunk's, and its decodes after at it too: w's 16-token prompt, fed 8 and 8
+    beside a's eight decodes (of 100 context tokens each), attends 8 then 16, and 16 as it decodes,
+    not 8 throughout."""
+    limits = BatchLimits(max_num_seqs=16, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
+    q = [QueuedRequest(f"a{i}", "a", i, True, 1, 16, context=100) for i in range(8)]
+    q.append(QueuedRequest("w", "b", 9, False, 16, 16, context=16))  # as ``scheduler.queued`` shows it
+    ran = StepRecord("a", [r.request_id for r in q[:8]], ["a"] * 8, 8, 0.02)
+    p = _sloped(DLoraPolicy(limits))
+
+    def unmerged(tokens: int, w_context: int) -> float:  # a's decodes and w's chunk (or decode), unmerged
+        return p.costs.step_seconds(tokens, 2, 16 * tokens, 800 + w_context) or 0.0
+
+    seconds = 0.0
+    for tokens, w_context in ((16, 8), (16, 16), (9, 16), (9, 16)):  # (w at 8 each step before)
+        p.observe(dataclasses.replace(p.decide(q, "a"), merged="a", request_ids=ran.request_ids), ran)
+        assert p._epoch is not None
+        step, seconds = p._epoch.cf_seconds - seconds, p._epoch.cf_seconds  # (priced as it learned this step)
+        assert step == pytest.approx(unmerged(tokens, w_context), rel=1e-9), (tokens, w_context)
+    assert p._epoch.cf_prefilled == {"w"} and p._epoch.cf_tokens == 16 + 16 + 9 + 9
 
 
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:

@@ -4,7 +4,11 @@ accounted against their counterfactual to adapt the band and trip the watchdog. 
 
 **Band.** At each change of mode the epoch that ended is compared with what the other mode would
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
-the switches), using measured step and switch times. Merged epochs that lost raise R by
+the switches), using measured step and switch times: each step what the scheduler would feed of
+that batch (``within_budget``), a prompt prefilled once an epoch, chunk by chunk where the token
+budget cuts it, then decoding (``cf_step``). (The authors' artifact, ``_adjust_merge_threshold``,
+counts requests a batch, ``min(len(batch), max_num_seqs)``, with no token budget; here tokens of
+work.) Merged epochs that lost raise R by
 ``band_up``; unmerged epochs that merging would have beaten by ``band_margin`` scale R by
 ``band_down``. L = ``band_ratio`` * R keeps the hysteresis.
 
@@ -19,7 +23,7 @@ from dlora.services.worker.policy.base import Mode, Policy, StepDecision, StepRe
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import CreditLedger
-from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, facts_of, step_work
+from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, cf_step, facts_of, step_work
 
 
 class EpochLearning(Policy):
@@ -100,25 +104,16 @@ class EpochLearning(Policy):
             epoch.predicted_steps += 1
             self._watch(epoch)
         if facts.cf is not None:  # counterfactual: the unmerged step, what one step of it feeds (``Basis.fed``)
-            # A waiting prompt is prefilled once an epoch, then decodes, as in the merged one below
-            # (a review: a prompt the merged epoch left waiting was counted prefilled at every step,
-            # and unmerged serving looked better than it was); one cut to chunks, once they add up
-            # to it. (Priced over all of F, it fed the prompts past the token budget in one step too.)
-            seen, queued = epoch.cf_prefilled, {r.request_id: r for r in basis.fcfs}
+            # A waiting prompt is prefilled once an epoch, in chunks where the budget cuts it, then
+            # decodes (``cf_step``; a review: a prompt the merged epoch
+            # left waiting was counted prefilled at every step, and unmerged serving looked better
+            # than it was). (Priced over all of F, it fed the prompts past the token budget in one
+            # step too.)
             (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
-            if any(not r.running and r.request_id in seen for r in basis.fed):
-                batch = [r.decoding() if r.request_id in seen else r for r in basis.fed]
+            if not all(r.running for r in basis.fed):  # (decodes alone: as the step saw them, worked out once)
+                queued = {r.request_id: r for r in basis.fcfs}
+                batch, work = cf_step(basis.fed, queued, epoch, None, basis.merged_now)
                 tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
-                work = sum(r.work for r in batch)
-            # (a review: counted prefilled only once fed whole, a prompt the merged epoch left
-            # waiting, so never fed whole, was fed a chunk at every step of it)
-            for r in basis.fed:
-                if not r.running and r.request_id not in seen:
-                    n = epoch.cf_chunked.pop(r.request_id, 0) + r.fed(None, basis.merged_now)
-                    if n < queued[r.request_id].fed(None, basis.merged_now):
-                        epoch.cf_chunked[r.request_id] = n
-                    else:
-                        seen.add(r.request_id)
             cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fed))
             if cf is not None:
                 epoch.cf_tokens += work

@@ -5,9 +5,10 @@ the epoch it accounts it to (``Epoch``). Pure."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
-from dlora.services.worker.policy.base import Mode, QueuedRequest, StepRecord, lora_work
+from dlora.services.worker.policy.base import Mode, QueuedRequest, StepRecord, SwitchedFeeds, lora_work
 from dlora.services.worker.policy.credits import BASE
 
 
@@ -81,6 +82,60 @@ def step_work(
         known[merged] = ranks.get(merged, 0)  # 0: merged before a restart and not queued since
     context = sum(r.held_under(merged, merged_now) + n for r, (_, n) in zip(batch, fed))
     return sum(n for _, n in fed), *lora_work(fed, merged, known), context
+
+
+def cf_step(
+    run: list[QueuedRequest],
+    queued: Mapping[str, QueuedRequest],
+    epoch: Epoch,
+    merged: str | None,
+    merged_now: str | None,
+) -> tuple[list[QueuedRequest], int]:
+    """One step of ``epoch``'s counterfactual (with ``merged`` merged, ``merged_now`` being merged
+    now) and its tokens of work (``QueuedRequest.work``), from ``run``: what one such step feeds of
+    the queue as it is (``within_budget``), ``queued`` holding each prompt of it as queued (not cut
+    to a chunk). The counterfactual goes on from its steps before in the epoch, which the queue
+    does not show: a prompt it fed whole decodes (a token, attending the prompt); one it fed in part
+    feeds its next chunk, at most what is left of the prompt (``full - epoch.cf_chunked[id]``),
+    attending what it fed before too. Records what this step feeds in ``epoch.cf_prefilled`` and
+    ``epoch.cf_chunked``. (A review: the last chunk was priced a full one, a 400-token prompt in
+    12-token chunks counted 408 tokens, and each chunk at the queue's context, as if the first.)
+
+    A prompt past ``max_num_batched_tokens`` is seen only up to it (``scheduler.queued`` caps
+    ``num_new``): the counterfactual prefills that much of it, not more."""
+    batch: list[QueuedRequest] = []
+    work = 0
+    for r in run:
+        rid = r.request_id
+        if r.running:
+            batch.append(r)
+            work += r.work
+            continue
+        full = queued[rid]
+        done = epoch.cf_chunked.pop(rid, 0)
+        whole = full.fed(merged, merged_now)
+        # (fed whole; or, fed in chunks beside steps that ran it too, what the queue shows left of
+        # it the counterfactual has fed)
+        if rid in epoch.cf_prefilled or done >= whole:
+            epoch.cf_prefilled.add(rid)
+            batch.append(full.decoding())
+            work += 1
+            continue
+        n = min(r.fed(merged, merged_now), whole - done)
+        chunk = full.cut(n)
+        if done:  # it attends the chunks before it too
+            held = None if chunk.held is None else SwitchedFeeds(*(h + done for h in chunk.held))
+            chunk = replace(chunk, context=chunk.context + done, held=held)
+        batch.append(chunk)
+        # Its work is the prompt's last ``full.work`` tokens: those before it the cache under
+        # another merged state holds, so that this one computes them again, serving no one.
+        again = whole - full.work
+        work += max(0, done + n - again) - max(0, done - again)
+        if done + n < whole:
+            epoch.cf_chunked[rid] = done + n
+        else:
+            epoch.cf_prefilled.add(rid)
+    return batch, work
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
