@@ -150,6 +150,26 @@ def test_a_counterfactual_chunk_attends_what_its_prompt_fed_before_it() -> None:
     assert p._epoch.cf_prefilled == {"w"} and p._epoch.cf_tokens == 16 + 16 + 9 + 9
 
 
+def test_an_unmerged_epochs_merged_counterfactual_feeds_no_more_than_the_token_budget() -> None:
+    """A review: the merged step on b an unmerged epoch is compared with (``Basis.best_group``) was
+    priced with all of b's queued prompts in it, 30 tokens in a 16-token step. As the scheduler
+    feeds it (``within_budget``): p0 whole and 6 of p1; then p0 decodes beside p1's 4 left; then
+    both decode (p2 is left for steps with room)."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
+    q = [QueuedRequest(f"p{i}", "b", i, False, 10, 16, context=10) for i in range(3)]
+    q.append(QueuedRequest("c0", "c", 3, True, 1, 16, context=50))
+    ran = StepRecord(None, ["c0"], ["c"], 1, 0.02, lora_segments=1, lora_rank_tokens=16)
+    p = _linear_costs(DLoraPolicy(limits))
+    cf_tokens = []
+    for _ in range(3):
+        d = p.decide(q, None)
+        assert isinstance(d.basis, Basis) and d.basis.best == "b"
+        p.observe(dataclasses.replace(d, merged=None, mixed=False, request_ids=["c0"]), ran)
+        assert p._epoch is not None and p._epoch.merged is None
+        cf_tokens.append(p._epoch.cf_tokens)
+    assert cf_tokens == [16, 16 + 5, 16 + 5 + 2]  # ([30, 33, 36] before)
+
+
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     """``decision`` as deciding it ``tokens`` steps later would have seen it: every request it saw
     attending that many more tokens (a repeated step's, and its counterfactuals')."""
@@ -159,7 +179,13 @@ def _grown(decision: StepDecision, tokens: int) -> StepDecision:
     def grow(rs: list[QueuedRequest]) -> list[QueuedRequest]:
         return [dataclasses.replace(r, context=r.context + tokens) for r in rs]
 
-    grown = dataclasses.replace(basis, fcfs=grow(basis.fcfs), fed=grow(basis.fed), best_group=grow(basis.best_group))
+    grown = dataclasses.replace(
+        basis,
+        fcfs=grow(basis.fcfs),
+        fed=grow(basis.fed),
+        best_group=grow(basis.best_group),
+        best_run=grow(basis.best_run),
+    )
     return dataclasses.replace(decision, basis=grown)
 
 

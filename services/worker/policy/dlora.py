@@ -229,7 +229,16 @@ class DLoraPolicy(EpochLearning):
         # must not be merged.
         mergeable = [a for a in eligible if a not in self.unmergeable]
         best = max(mergeable, key=lambda a: (len(eligible[a]), -eligible[a][0].arrival), default=None)
-        basis = Basis(fcfs, f_run, best, eligible.get(best or "", []), merged_now)
+
+        def merged_piece(a: str) -> _Candidate:  # (worked out once a queue shape: ``shape.piece``)
+            return shape.piece(
+                (Mode.MERGED, a), partial(self._candidate, Mode.MERGED, a, eligible[a], f_run, merged_now, kv)
+            )
+
+        group = eligible.get(best or "", [])
+        # (what one merged step on it feeds: its candidate's run, the merged counterfactual's step)
+        best_run = merged_piece(best).run if best is not None else []
+        basis = Basis(fcfs, f_run, best, group, merged_now, best_run=best_run)
         unmerged = shape.piece(("unmerged",), lambda: _Candidate(Mode.UNMERGED, None, fcfs, run=f_run))
 
         starving = self._starving(shape)
@@ -240,13 +249,7 @@ class DLoraPolicy(EpochLearning):
             return unmerged.decision(basis, shape)
 
         # dLoRA's band: the merged adapter stays merged at L of F, another enters at R.
-        merged = {
-            a: shape.piece(
-                (Mode.MERGED, a), partial(self._candidate, Mode.MERGED, a, eligible[a], f_run, merged_now, kv)
-            )
-            for a in (merged_now, best)
-            if a in eligible
-        }
+        merged = {a: merged_piece(a) for a in (merged_now, best) if a in eligible}
         stay = merged_now in merged and len(merged[merged_now].run) >= self._threshold(self.l, merged_now) * len(f_run)
         enter = best not in (None, merged_now) and len(merged[best].run) >= self._threshold(self.r, best) * len(f_run)
         candidates = [unmerged]

@@ -105,7 +105,7 @@ class EpochLearning(Policy):
             self._watch(epoch)
         if facts.cf is not None:  # counterfactual: the unmerged step, what one step of it feeds (``Basis.fed``)
             # A waiting prompt is prefilled once an epoch, in chunks where the budget cuts it, then
-            # decodes (``cf_step``; a review: a prompt the merged epoch
+            # decodes, as in the merged one below (``cf_step``; a review: a prompt the merged epoch
             # left waiting was counted prefilled at every step, and unmerged serving looked better
             # than it was). (Priced over all of F, it fed the prompts past the token budget in one
             # step too.)
@@ -118,22 +118,24 @@ class EpochLearning(Policy):
             if cf is not None:
                 epoch.cf_tokens += work
                 epoch.cf_seconds += cf
-        elif basis.best is not None:  # counterfactual: the most-queued adapter, merged
-            # Each request's prompt counts once in an epoch: one that waits for room through many
-            # steps would be prefilled by the first merged step, not by every one (counted at each,
-            # a long prompt queued a while made merging look many times better than it was).
-            fresh = [r for r in basis.best_group if r.request_id not in epoch.cf_prefilled]
-            tokens = len(basis.best_group) - len(fresh) + sum(r.fed(basis.best, basis.merged_now) for r in fresh)
-            epoch.cf_prefilled.update(r.request_id for r in fresh)
-            context = sum(r.attends(basis.best, basis.merged_now) for r in basis.best_group)
-            context += repeat * len(basis.best_group)
-            cf = self.costs.step_seconds(tokens, context=context)
+        elif basis.best is not None and basis.best_run:  # counterfactual: the most-queued adapter, merged
+            # What one merged step on it feeds (``Basis.best_run``: within the token budget, as the
+            # candidate is priced), each prompt prefilled once an epoch, in chunks where the budget
+            # cuts it (``cf_step``): one that waits for room through many steps would be prefilled
+            # by the first merged steps, not by every one (counted at each, a long prompt queued a
+            # while made merging look many times better than it was); and one merged step feeds no
+            # more than the budget (a review: all of ``best_group`` was priced, past it).
+            queued = {r.request_id: r for r in basis.best_group}
+            batch, work = cf_step(basis.best_run, queued, epoch, basis.best, basis.merged_now)
+            tokens, _, _, context = step_work(batch, basis.best, self.ranks, basis.merged_now)
+            cf = self.costs.step_seconds(tokens, context=context + repeat * len(batch))
             if cf is not None:
-                cf *= 1 + facts.cf_others / max(1, len(basis.best_group))
+                # F's requests it leaves waiting count as in ``Facts.slowdown``: per request it runs.
+                cf *= 1 + facts.cf_others / len(batch)
                 if basis.best != epoch.cf_adapter:
                     cf += self._round_trip(basis.best)
                     epoch.cf_adapter = basis.best
-                epoch.cf_tokens += len(basis.best_group) - len(fresh) + sum(r.work for r in fresh)
+                epoch.cf_tokens += work
                 epoch.cf_seconds += cf
 
     def _watch(self, epoch: Epoch) -> None:

@@ -58,10 +58,14 @@ class Basis:
     # the step leaves waiting are displaced; those of F it does not feed would wait either way.
     fed: list[QueuedRequest]
     best: str | None  # most-queued eligible adapter
-    best_group: list[QueuedRequest]  # its queued requests: what a merged step on it would run
+    best_group: list[QueuedRequest]  # its queued requests (a batch's worth): what a merged step on it would take
     merged_now: str | None = None  # the adapter merged as it decided
     predicted: float | None = None  # seconds the cost model expects of the chosen step
     excess: dict[str, int] = field(default_factory=dict)  # by request: tokens fed beyond its work
+    # What one merged step on it feeds of them (``within_budget``, as a candidate is priced): the
+    # merged counterfactual of an unmerged epoch. ``best_group`` priced whole, a merged step fed
+    # every prompt in it past the token budget.
+    best_run: list[QueuedRequest] = field(default_factory=list)
 
 
 def key_of(adapter: str | None) -> str:
