@@ -161,12 +161,15 @@ def test_an_unmerged_epochs_merged_counterfactual_feeds_no_more_than_the_token_b
     ran = StepRecord(None, ["c0"], ["c"], 1, 0.02, lora_segments=1, lora_rank_tokens=16)
     p = _linear_costs(DLoraPolicy(limits))
     cf_tokens = []
-    for _ in range(3):
+    for step in range(3):
         d = p.decide(q, None)
         assert isinstance(d.basis, Basis) and d.basis.best == "b"
         p.observe(dataclasses.replace(d, merged=None, mixed=False, request_ids=["c0"]), ran)
         assert p._epoch is not None and p._epoch.merged is None
         cf_tokens.append(p._epoch.cf_tokens)
+        if step == 0:  # c0, which F's step feeds, waits: counted per request the merged step runs (2, not 3)
+            seconds = (p.costs.step_seconds(16, context=16) or 0) * (1 + 1 / 2) + p._round_trip("b")
+            assert p._epoch.cf_seconds == pytest.approx(seconds, rel=1e-9)
     assert cf_tokens == [16, 16 + 5, 16 + 5 + 2]  # ([30, 33, 36] before)
 
 
