@@ -153,8 +153,9 @@ def test_a_counterfactual_chunk_attends_what_its_prompt_fed_before_it() -> None:
 def test_an_unmerged_epochs_merged_counterfactual_feeds_no_more_than_the_token_budget() -> None:
     """A review: the merged step on b an unmerged epoch is compared with (``Basis.best_group``) was
     priced with all of b's queued prompts in it, 30 tokens in a 16-token step. As the scheduler
-    feeds it (``within_budget``): p0 whole and 6 of p1; then p0 decodes beside p1's 4 left; then
-    both decode (p2 is left for steps with room)."""
+    feeds it (``within_budget``): p0 whole and 6 of p1; then p0 decodes beside p1's 4 left and p2
+    whole, in the room p0's prompt left (a review: the step stayed cut from the queue as it stood,
+    and p2 was never fed); then all three decode."""
     limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
     q = [QueuedRequest(f"p{i}", "b", i, False, 10, 16, context=10) for i in range(3)]
     q.append(QueuedRequest("c0", "c", 3, True, 1, 16, context=50))
@@ -170,7 +171,24 @@ def test_an_unmerged_epochs_merged_counterfactual_feeds_no_more_than_the_token_b
         if step == 0:  # c0, which F's step feeds, waits: counted per request the merged step runs (2, not 3)
             seconds = (p.costs.step_seconds(16, context=16) or 0) * (1 + 1 / 2) + p._round_trip("b")
             assert p._epoch.cf_seconds == pytest.approx(seconds, rel=1e-9)
-    assert cf_tokens == [16, 16 + 5, 16 + 5 + 2]  # ([30, 33, 36] before)
+    assert cf_tokens == [16, 16 + 15, 16 + 15 + 3]  # ([30, 33, 36] past the budget; [16, 21, 23] as the queue stood)
+
+
+def test_a_merged_epochs_counterfactual_gives_the_budget_a_prefilled_prompt_freed_to_the_next() -> None:
+    """A review: the counterfactual of a merged epoch (F unmerged) stayed cut from the queue as it
+    stood while b's prompts waited: w1 whole and 2 of w2 beside a's four decodes, then w1 decoding
+    beside 2 more of w2 a step, 7 tokens where the scheduler would feed 13. Cut anew from what it
+    has fed (``within_budget``): w2's 8 left go in the second step, and all decode in the third."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
+    q = [*PAST_BUDGET[:-1], *(QueuedRequest(f"w{i}", "b", 9 + i, False, 10, 16, context=10) for i in (1, 2))]
+    p = _linear_costs(DLoraPolicy(limits))
+    cf_tokens = []
+    for _ in range(3):
+        p.observe(dataclasses.replace(p.decide(q, "a"), merged="a", request_ids=A_RAN.request_ids), A_RAN)
+        assert p._epoch is not None and p._epoch.merged == "a"
+        cf_tokens.append(p._epoch.cf_tokens)
+    assert cf_tokens == [16, 16 + 13, 16 + 13 + 6]  # ([16, 23, 30] cut as the queue stood)
+    assert p._epoch.cf_prefilled == {"w1", "w2"} and not p._epoch.cf_chunked
 
 
 def _grown(decision: StepDecision, tokens: int) -> StepDecision:
@@ -255,3 +273,22 @@ def test_what_the_policy_keeps_of_requests_and_adapters_gone_stays_bounded() -> 
     epoch.cf_chunked.update((f"gone{i}", 8) for i in range(300))  # prompts gone mid-chunk
     p.decide(q, "a")
     assert not epoch.cf_chunked
+
+
+def test_a_counterfactual_cut_anew_grows_its_context_by_the_requests_it_feeds_when_repeated() -> None:
+    """A repeated step's counterfactual attends one more token a request it feeds each run. Cut
+    anew from what it has fed (``cf_step``), it feeds w2 beside w1's decode (6 requests) where the
+    step as decided fed 5 (w2 past the budget of whole prompts): counted by those 5, a step
+    observed repeated priced it otherwise than each run observed in turn."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
+    q = [*PAST_BUDGET[:-1], *(QueuedRequest(f"w{i}", "b", 9 + i, False, 10, 16, context=10) for i in (1, 2))]
+    each, repeated = _sloped(DLoraPolicy(limits)), _sloped(DLoraPolicy(limits))
+    runs = [0.02, 0.021, 0.022]
+    d = dataclasses.replace(each.decide(q, "a"), merged="a", request_ids=A_RAN.request_ids)
+    for j, t in enumerate(runs):
+        each.observe(_grown(d, j), dataclasses.replace(A_RAN, seconds=t, context_tokens=4 * j))
+    d = dataclasses.replace(repeated.decide(q, "a"), merged="a", request_ids=A_RAN.request_ids)
+    assert isinstance(d.basis, Basis) and len(d.basis.fed) == 5  # w2 left for a step with room
+    repeated.observe_repeated(d, A_RAN, runs)
+    assert each._epoch is not None and each._epoch.cf_tokens == 14 + 15 + 6
+    assert repeated._epoch == each._epoch

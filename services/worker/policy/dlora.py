@@ -238,7 +238,7 @@ class DLoraPolicy(EpochLearning):
         group = eligible.get(best or "", [])
         # (what one merged step on it feeds: its candidate's run, the merged counterfactual's step)
         best_run = merged_piece(best).run if best is not None else []
-        basis = Basis(fcfs, f_run, best, group, merged_now, best_run=best_run)
+        basis = Basis(fcfs, f_run, best, group, merged_now, best_run=best_run, kv=kv)
         unmerged = shape.piece(("unmerged",), lambda: _Candidate(Mode.UNMERGED, None, fcfs, run=f_run))
 
         starving = self._starving(shape)

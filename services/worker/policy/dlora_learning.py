@@ -6,9 +6,9 @@ accounted against their counterfactual to adapt the band and trip the watchdog. 
 have done over the same steps (the FCFS batches unmerged, or the most-queued adapter merged plus
 the switches), using measured step and switch times: each step what the scheduler would feed of
 that batch (``within_budget``), a prompt prefilled once an epoch, chunk by chunk where the token
-budget cuts it, then decoding (``cf_step``). (The authors' artifact, ``_adjust_merge_threshold``,
-counts requests a batch, ``min(len(batch), max_num_seqs)``, with no token budget; here tokens of
-work.) Merged epochs that lost raise R by
+budget cuts it, then decoding, the step cut anew from what it has fed (``cf_step``). (The
+authors' artifact, ``_adjust_merge_threshold``, counts requests a batch, ``min(len(batch),
+max_num_seqs)``, with no token budget; here tokens of work.) Merged epochs that lost raise R by
 ``band_up``; unmerged epochs that merging would have beaten by ``band_margin`` scale R by
 ``band_down``. L = ``band_ratio`` * R keeps the hysteresis.
 
@@ -109,24 +109,25 @@ class EpochLearning(Policy):
             # left waiting was counted prefilled at every step, and unmerged serving looked better
             # than it was). (Priced over all of F, it fed the prompts past the token budget in one
             # step too.)
-            (tokens, segments, rank_tokens, context), work = facts.cf, facts.cf_work
-            if not all(r.running for r in basis.fed):  # (decodes alone: as the step saw them, worked out once)
-                queued = {r.request_id: r for r in basis.fcfs}
-                batch, work = cf_step(basis.fed, queued, epoch, None, basis.merged_now)
+            (tokens, segments, rank_tokens, context), work, seqs = facts.cf, facts.cf_work, len(basis.fed)
+            step = cf_step(basis.fed, basis.fcfs, epoch, self.limits, None, basis.merged_now, basis.kv)
+            if step is not None:  # (None: decodes alone, as the step saw them, worked out once)
+                (batch, work), seqs = step, len(step[0])
                 tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
-            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * len(basis.fed))
+            cf = self.costs.step_seconds(tokens, segments, rank_tokens, context + repeat * seqs)
             if cf is not None:
                 epoch.cf_tokens += work
                 epoch.cf_seconds += cf
         elif basis.best is not None and basis.best_run:  # counterfactual: the most-queued adapter, merged
             # What one merged step on it feeds (``Basis.best_run``: within the token budget, as the
-            # candidate is priced), each prompt prefilled once an epoch, in chunks where the budget
-            # cuts it (``cf_step``): one that waits for room through many steps would be prefilled
-            # by the first merged steps, not by every one (counted at each, a long prompt queued a
-            # while made merging look many times better than it was); and one merged step feeds no
-            # more than the budget (a review: all of ``best_group`` was priced, past it).
-            queued = {r.request_id: r for r in basis.best_group}
-            batch, work = cf_step(basis.best_run, queued, epoch, basis.best, basis.merged_now)
+            # candidate is priced; once it has fed any, cut anew from what it has fed), each prompt
+            # prefilled once an epoch, in chunks where the budget cuts it (``cf_step``): one that
+            # waits for room through many steps would be prefilled by the first merged steps, not
+            # by every one (counted at each, a long prompt queued a while made merging look many
+            # times better than it was); and one merged step feeds no more than the budget (a
+            # review: all of ``best_group`` was priced, past it).
+            step = cf_step(basis.best_run, basis.best_group, epoch, self.limits, basis.best, basis.merged_now, basis.kv)
+            batch, work = step or (basis.best_run, sum(r.work for r in basis.best_run))
             tokens, _, _, context = step_work(batch, basis.best, self.ranks, basis.merged_now)
             cf = self.costs.step_seconds(tokens, context=context + repeat * len(batch))
             if cf is not None:

@@ -5,10 +5,18 @@ the epoch it accounts it to (``Epoch``). Pure."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from dlora.services.worker.policy.base import Mode, QueuedRequest, StepRecord, SwitchedFeeds, lora_work
+from dlora.services.worker.policy.base import (
+    BatchLimits,
+    KvRoom,
+    Mode,
+    QueuedRequest,
+    StepRecord,
+    SwitchedFeeds,
+    lora_work,
+    within_budget,
+)
 from dlora.services.worker.policy.credits import BASE
 
 
@@ -66,6 +74,7 @@ class Basis:
     # merged counterfactual of an unmerged epoch. ``best_group`` priced whole, a merged step fed
     # every prompt in it past the token budget.
     best_run: list[QueuedRequest] = field(default_factory=list)
+    kv: KvRoom | None = None  # the KV cache as it decided: a counterfactual step cut anew is cut to it (``cf_step``)
 
 
 def key_of(adapter: str | None) -> str:
@@ -89,48 +98,57 @@ def step_work(
 
 
 def cf_step(
-    run: list[QueuedRequest],
-    queued: Mapping[str, QueuedRequest],
+    fed: list[QueuedRequest],
+    batch: list[QueuedRequest],
     epoch: Epoch,
+    limits: BatchLimits,
     merged: str | None,
     merged_now: str | None,
-) -> tuple[list[QueuedRequest], int]:
+    kv: KvRoom | None = None,
+) -> tuple[list[QueuedRequest], int] | None:
     """One step of ``epoch``'s counterfactual (with ``merged`` merged, ``merged_now`` being merged
-    now) and its tokens of work (``QueuedRequest.work``), from ``run``: what one such step feeds of
-    the queue as it is (``within_budget``), ``queued`` holding each prompt of it as queued (not cut
-    to a chunk). The counterfactual goes on from its steps before in the epoch, which the queue
-    does not show: a prompt it fed whole decodes (a token, attending the prompt); one it fed in part
-    feeds its next chunk, at most what is left of the prompt (``full - epoch.cf_chunked[id]``),
-    attending what it fed before too. Records what this step feeds in ``epoch.cf_prefilled`` and
-    ``epoch.cf_chunked``. (A review: the last chunk was priced a full one, a 400-token prompt in
-    12-token chunks counted 408 tokens, and each chunk at the queue's context, as if the first.)
+    now) and its tokens of work (``QueuedRequest.work``): what one such step feeds of ``batch``
+    (its requests as queued, not cut to a chunk), ``fed`` being what it feeds of the queue as it
+    stands (``within_budget``, in the order it was cut: ``Basis.fed`` or ``Basis.best_run``). None:
+    that step is ``fed`` as it is, decodes alone (the caller's prices of it, worked out once, hold).
+
+    The counterfactual goes on from its steps before in the epoch, which the queue does not show:
+    a prompt it fed whole decodes (a token, attending the prompt); one it fed in part feeds its
+    next chunk, at most what is left of it (``full - epoch.cf_chunked[id]``), attending what it fed
+    before too. Once it has fed any, the step is cut anew (``within_budget``, with ``limits`` and
+    ``kv``: the cache as the step began) from ``batch`` as the counterfactual has it, so that the
+    budget its prefilled prompts no longer take goes to the prompts after them, as the scheduler
+    gives it. Records what it feeds in ``epoch.cf_prefilled`` and ``epoch.cf_chunked``. (Reviews:
+    the last chunk was priced a full one, a 400-token prompt in 12-token chunks counted 408 tokens,
+    and each chunk at the queue's context, as if the first; and the step stayed cut from the queue
+    as it stood, a prompt behind a prefilled one never fed while the queue stood still.)
 
     A prompt past ``max_num_batched_tokens`` is seen only up to it (``scheduler.queued`` caps
     ``num_new``): the counterfactual prefills that much of it, not more."""
-    batch: list[QueuedRequest] = []
+    ids = {r.request_id for r in fed}
+    queued = {r.request_id: r for r in batch}
+    if any(not r.running and (r.request_id in epoch.cf_prefilled or r.request_id in epoch.cf_chunked) for r in batch):
+        source = [queued[r.request_id] for r in fed] + [r for r in batch if r.request_id not in ids]
+        fed = within_budget([_left(r, epoch, merged, merged_now) for r in source], limits, merged, merged_now, kv)
+    elif all(r.running for r in fed):
+        return None
+    out: list[QueuedRequest] = []
     work = 0
-    for r in run:
+    for r in fed:
         rid = r.request_id
-        if r.running:
-            batch.append(r)
+        if r.running:  # (a decode, or a prompt it prefilled: ``_left``)
+            out.append(r)
             work += r.work
             continue
         full = queued[rid]
         done = epoch.cf_chunked.pop(rid, 0)
         whole = full.fed(merged, merged_now)
-        # (fed whole; or, fed in chunks beside steps that ran it too, what the queue shows left of
-        # it the counterfactual has fed)
-        if rid in epoch.cf_prefilled or done >= whole:
-            epoch.cf_prefilled.add(rid)
-            batch.append(full.decoding())
-            work += 1
-            continue
         n = min(r.fed(merged, merged_now), whole - done)
         chunk = full.cut(n)
         if done:  # it attends the chunks before it too
             held = None if chunk.held is None else SwitchedFeeds(*(h + done for h in chunk.held))
             chunk = replace(chunk, context=chunk.context + done, held=held)
-        batch.append(chunk)
+        out.append(chunk)
         # Its work is the prompt's last ``full.work`` tokens: those before it the cache under
         # another merged state holds, so that this one computes them again, serving no one.
         again = whole - full.work
@@ -139,7 +157,24 @@ def cf_step(
             epoch.cf_chunked[rid] = done + n
         else:
             epoch.cf_prefilled.add(rid)
-    return batch, work
+    return out, work
+
+
+def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | None) -> QueuedRequest:
+    """``r`` as ``epoch``'s counterfactual has it (``cf_step``'s arguments): a prompt it prefilled
+    a decode, and one it fed in part what is left of it, holding KV (``started``: the scheduler's
+    line does not stop it). Their blocks are taken to fit (``kv`` None): they hold them already.
+    A prompt a step that ran fed too may show less left than the counterfactual has fed: taken as
+    prefilled."""
+    rid = r.request_id
+    if r.running:
+        return r
+    done, whole = epoch.cf_chunked.get(rid, 0), r.fed(merged, merged_now)
+    if rid in epoch.cf_prefilled or (done and done >= whole):
+        return replace(r.decoding(), running=True, kv=None)
+    if done:
+        return replace(r.cut(whole - done), started=True, kv=None)
+    return r
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
