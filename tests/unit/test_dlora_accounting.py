@@ -100,11 +100,13 @@ def test_a_counterfactual_feeds_a_chunked_prompt_once_over_its_chunks() -> None:
     feeds it, 12 tokens beside a's four decodes a step, then the 4 left, then a token a step.
 
     The scheduler shows the policy a prompt only up to the token budget (``scheduler.queued``:
-    16 of w's 400), and the counterfactual prefills that much: a chunk of 12, the 4 left, then
-    decodes (it counted two chunks of 12)."""
+    16 of w's 400), and all of it in ``length``: the counterfactual feeds all 400 (a review: it
+    prefilled the 16 shown, 514 tokens). A prompt of 16: a chunk of 12, the 4 left, then decodes
+    (it counted two chunks of 12)."""
     limits = dataclasses.replace(BUDGET, chunked_prefill=True)
-    shown = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16)  # w as ``scheduler.queued`` shows it
-    for w, prompt in ((PAST_BUDGET[-1], 400), (shown, 16)):
+    shown = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16, length=400)  # as ``scheduler.queued`` shows it
+    short = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16)
+    for w, prompt in ((PAST_BUDGET[-1], 400), (shown, 400), (short, 16)):
         p = _linear_costs(DLoraPolicy(limits))
         q = [*PAST_BUDGET[:-1], w]
         for _ in range(100):

@@ -354,6 +354,8 @@ def test_the_policy_sees_a_waiting_prompt_without_what_it_would_find_cached_unde
     both = queued([again, later], adapters, tight, {}, bm, key, None)
     assert (both["b"].num_new, both["b"].switched) == (6, SwitchedFeeds(6, 4, 6))  # within the budget
     assert both["b"].context == 8 + 6  # cached 8, fed 6 of the other 8
+    # all it has left past the budget, under each merged state (what a counterfactual feeds in chunks)
+    assert (both["b"].left(None, None), both["b"].left("x", None), both["b"].left("y", None)) == (8, 4, 16)
     # under each merged state a candidate could run it: what that state's key holds, and its feed
     b = both["b"]
     assert (b.attends(None, None), b.attends("x", None), b.attends("y", None)) == (8 + 6, 12 + 4, 0 + 6)
@@ -373,6 +375,7 @@ def test_the_policy_sees_each_request_s_context_refreshed_as_it_grows() -> None:
     prompt, decode = seq("p", 0, 100, adapter="x"), running(seq("d", 1, 300, adapter="x", outputs=20), bm)
     last = queued([prompt, decode], adapters, limits, {})
     assert (last["p"].context, last["d"].context) == (64, 320)
+    assert (last["p"].left(None, None), last["p"].length, last["d"].length) == (100, 100, 0)  # p past the budget
     first = last["d"]
     for grown in range(1, 40):
         decode.output_ids.append(0)

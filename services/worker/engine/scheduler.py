@@ -55,16 +55,15 @@ def queued(
 ) -> dict[str, QueuedRequest]:
     """What the policy sees of ``seqs`` (adapters by name, for their ranks), by request id in
     scheduling order (priority, then arrival), a prompt counted up to the step's token budget
-    (with chunked prefill: without, whole)
-    and, with a prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed
-    under), without the blocks it would find cached with ``merged`` merged as now, and under the
-    other states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs``
-    waiting prompts, all that one step of any candidate can run. With ``blocks``, what its next
-    feed takes of them (``QueuedRequest.kv``, under the merged state now) and whether it ``fits``
-    them. A request's entry in ``last``
-    (the previous call's) is kept while it is unchanged, its context grown by at most a
-    sixteenth: a decode's stays the same for many steps, and made anew it cost the step a few
-    microseconds per sequence, as much as scheduling it."""
+    (with chunked prefill: without, whole; all of it in ``QueuedRequest.length``) and, with a
+    prefix cache (``blocks``; ``cache_key(adapter, merged)`` the key its KV is computed under),
+    without the blocks it would find cached with ``merged`` merged as now, and under the other
+    states (``SwitchedFeeds``): looked up only for each adapter's first ``max_num_seqs`` waiting
+    prompts, all that one step of any candidate can run. With ``blocks``, what its next feed takes
+    of them (``QueuedRequest.kv``, under the merged state now) and whether it ``fits`` them. A
+    request's entry in ``last`` (the previous call's) is kept while it is unchanged, its context
+    grown by at most a sixteenth: a decode's stays the same for many steps, and made anew it cost
+    the step a few microseconds per sequence, as much as scheduling it."""
     out: dict[str, QueuedRequest] = {}
     budget, looked = limits.max_num_batched_tokens, Counter[str | None]()
     # Without chunked prefill a prompt runs whole or waits (first in its step, past the budget):
@@ -98,6 +97,8 @@ def queued(
                 length = s.num_cached + s.num_new
                 held = SwitchedFeeds(length - fed[None], length - fed[s.adapter], s.num_cached)
         fields = (s.adapter, s.arrival, s.status is Status.RUNNING, new, rank, switched)
+        # (the policy's counterfactuals feed all of it: ``QueuedRequest.left``)
+        length = s.num_cached + s.num_new if s.status is Status.WAITING and s.num_new > cap else 0
         context = s.num_cached + (found or 0) + new  # what it attends fed ``new``: its cached tokens too
         started = blocks is not None and s.status is Status.WAITING and blocks.holds(s.request_id)
         fits, kv = True, None
@@ -108,11 +109,11 @@ def queued(
             q is None
             or (q.adapter, q.arrival, q.running, q.num_new, q.rank, q.switched) != fields
             or q.held != held
-            or (q.fits, q.started, q.kv) != (fits, started, kv)
+            or (q.fits, q.started, q.kv, q.length) != (fits, started, kv, length)
             or not q.context <= context <= q.context + q.context // 16
         ):
             recompute = s.status is Status.WAITING and bool(s.output_ids)
-            q = QueuedRequest(s.request_id, *fields, context, held, fits, recompute, started, kv)
+            q = QueuedRequest(s.request_id, *fields, context, held, fits, recompute, started, kv, length)
         out[s.request_id] = q
     return out
 

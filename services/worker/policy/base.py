@@ -90,6 +90,9 @@ class QueuedRequest:
     started: bool = False
     # What its next feed takes of the KV cache's blocks (None: not counted, taken to fit).
     kv: KvNeed | None = None
+    # Waiting: the KV entries it holds once all its prompt is fed, where ``num_new`` (and
+    # ``switched``) stop at the token budget (``scheduler.queued``); 0: they are all of it.
+    length: int = 0
 
     @property
     def fresh(self) -> bool:
@@ -108,6 +111,12 @@ class QueuedRequest:
         if merged == merged_now or s is None:
             return self.num_new
         return s.unmerged if merged is None else s.own if merged == self.adapter else s.other
+
+    def left(self, merged: str | None, merged_now: str | None) -> int:
+        """Tokens of its prompt left to feed with ``merged`` merged (``fed``'s arguments), over as
+        many steps as that takes: ``fed``'s, past the token budget where ``length`` says."""
+        n = self.fed(merged, merged_now)
+        return max(n, self.length - self.held_under(merged, merged_now)) if self.length else n
 
     def attends(self, merged: str | None, merged_now: str | None) -> int:
         """KV entries it would attend in a step with ``merged`` merged (``fed``'s arguments): a

@@ -123,8 +123,9 @@ def cf_step(
     and each chunk at the queue's context, as if the first; and the step stayed cut from the queue
     as it stood, a prompt behind a prefilled one never fed while the queue stood still.)
 
-    A prompt past ``max_num_batched_tokens`` is seen only up to it (``scheduler.queued`` caps
-    ``num_new``): the counterfactual prefills that much of it, not more."""
+    A prompt past ``max_num_batched_tokens`` is fed all of it (``QueuedRequest.left``), not only
+    what ``scheduler.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
+    prompt, then decoded it at 16 tokens of context)."""
     ids = {r.request_id for r in fed}
     queued = {r.request_id: r for r in batch}
     if any(not r.running and (r.request_id in epoch.cf_prefilled or r.request_id in epoch.cf_chunked) for r in batch):
@@ -142,7 +143,7 @@ def cf_step(
             continue
         full = queued[rid]
         done = epoch.cf_chunked.pop(rid, 0)
-        whole = full.fed(merged, merged_now)
+        whole = full.left(merged, merged_now)
         n = min(r.fed(merged, merged_now), whole - done)
         chunk = full.cut(n)
         if done:  # it attends the chunks before it too
@@ -151,7 +152,7 @@ def cf_step(
         out.append(chunk)
         # Its work is the prompt's last ``full.work`` tokens: those before it the cache under
         # another merged state holds, so that this one computes them again, serving no one.
-        again = whole - full.work
+        again = whole - min(full.left(m, merged_now) for m in {merged_now, None, full.adapter})
         work += max(0, done + n - again) - max(0, done - again)
         if done + n < whole:
             epoch.cf_chunked[rid] = done + n
@@ -169,9 +170,9 @@ def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | 
     rid = r.request_id
     if r.running:
         return r
-    done, whole = epoch.cf_chunked.get(rid, 0), r.fed(merged, merged_now)
+    done, whole = epoch.cf_chunked.get(rid, 0), r.left(merged, merged_now)
     if rid in epoch.cf_prefilled or (done and done >= whole):
-        return replace(r.decoding(), running=True, kv=None)
+        return replace(r.decoding(), running=True, kv=None, context=r.held_under(merged, merged_now) + whole)
     if done:
         return replace(r.cut(whole - done), started=True, kv=None)
     return r
