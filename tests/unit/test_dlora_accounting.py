@@ -294,3 +294,22 @@ def test_a_counterfactual_cut_anew_grows_its_context_by_the_requests_it_feeds_wh
     repeated.observe_repeated(d, A_RAN, runs)
     assert each._epoch is not None and each._epoch.cf_tokens == 14 + 15 + 6
     assert repeated._epoch == each._epoch
+
+
+def test_a_prompt_the_merged_steps_feed_too_is_fed_all_of_it_in_their_counterfactual() -> None:
+    """A review: a prompt of the merged adapter that both the merged steps and their counterfactual
+    (F unmerged) fed in chunks had both amounts taken off it: a's 40-token prompt, 16 a step, was
+    24 left when the counterfactual had fed 16, so it fed 8 more and counted it prefilled (24 of
+    its 40). The counterfactual feeds what it has left itself: 16, 16, 8, then a decode."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
+    p = _linear_costs(DLoraPolicy(limits))
+    for fed in (0, 16, 32):  # as ``scheduler.queued`` shows p, the merged steps having fed that much of it
+        left = 40 - fed
+        w = QueuedRequest("p", "a", 0, False, min(left, 16), 16, context=fed + min(left, 16), started=fed > 0)
+        q = [dataclasses.replace(w, length=40 if left > 16 else 0)]
+        ran = StepRecord("a", ["p"], ["a"], min(left, 16), 0.02)
+        p.observe(dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"]), ran)
+    q = [QueuedRequest("p", "a", 0, True, 1, 16, context=41)]
+    p.observe(dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"]), ran)
+    assert p._epoch is not None and p._epoch.merged == "a" and p._epoch.cf_prefilled == {"p"}
+    assert p._epoch.cf_tokens == 16 + 16 + 8 + 1  # (16 + 8 + 1 + 1 counted both steps' feeds off it)

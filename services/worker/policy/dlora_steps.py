@@ -13,7 +13,6 @@ from dlora.services.worker.policy.base import (
     Mode,
     QueuedRequest,
     StepRecord,
-    SwitchedFeeds,
     lora_work,
     within_budget,
 )
@@ -37,7 +36,7 @@ class Epoch:
     cf_seconds: float = 0.0
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
     cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
-    cf_chunked: dict[str, int] = field(default_factory=dict)  # by request: prompt tokens it fed in chunks so far
+    cf_chunked: dict[str, int] = field(default_factory=dict)  # by request: prompt tokens it has left, fed in chunks
 
 
 @dataclass(frozen=True)
@@ -114,14 +113,16 @@ def cf_step(
 
     The counterfactual goes on from its steps before in the epoch, which the queue does not show:
     a prompt it fed whole decodes (a token, attending the prompt); one it fed in part feeds its
-    next chunk, at most what is left of it (``full - epoch.cf_chunked[id]``), attending what it fed
-    before too. Once it has fed any, the step is cut anew (``within_budget``, with ``limits`` and
-    ``kv``: the cache as the step began) from ``batch`` as the counterfactual has it, so that the
-    budget its prefilled prompts no longer take goes to the prompts after them, as the scheduler
-    gives it. Records what it feeds in ``epoch.cf_prefilled`` and ``epoch.cf_chunked``. (Reviews:
+    next chunk, at most what it has left of it (``epoch.cf_chunked[id]``: its own, whatever steps
+    that ran fed of it), attending what it fed before too. Once it has fed any, the step is cut
+    anew (``within_budget``, with ``limits`` and ``kv``: the cache as the step began) from
+    ``batch`` as the counterfactual has it, so that the budget its prefilled prompts no longer
+    take goes to the prompts after them, as the scheduler gives it. Records what it feeds in
+    ``epoch.cf_prefilled`` and ``epoch.cf_chunked``. (Reviews:
     the last chunk was priced a full one, a 400-token prompt in 12-token chunks counted 408 tokens,
-    and each chunk at the queue's context, as if the first; and the step stayed cut from the queue
-    as it stood, a prompt behind a prefilled one never fed while the queue stood still.)
+    and each chunk at the queue's context, as if the first; the step stayed cut from the queue as
+    it stood, a prompt behind a prefilled one never fed while the queue stood still; and a prompt
+    the merged steps fed too had their chunks taken off it as well as its own.)
 
     A prompt past ``max_num_batched_tokens`` is fed all of it (``QueuedRequest.left``), not only
     what ``scheduler.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
@@ -142,20 +143,18 @@ def cf_step(
             work += r.work
             continue
         full = queued[rid]
-        done = epoch.cf_chunked.pop(rid, 0)
-        whole = full.left(merged, merged_now)
-        n = min(r.fed(merged, merged_now), whole - done)
-        chunk = full.cut(n)
-        if done:  # it attends the chunks before it too
-            held = None if chunk.held is None else SwitchedFeeds(*(h + done for h in chunk.held))
-            chunk = replace(chunk, context=chunk.context + done, held=held)
-        out.append(chunk)
-        # Its work is the prompt's last ``full.work`` tokens: those before it the cache under
-        # another merged state holds, so that this one computes them again, serving no one.
-        again = whole - min(full.left(m, merged_now) for m in {merged_now, None, full.adapter})
-        work += max(0, done + n - again) - max(0, done - again)
-        if done + n < whole:
-            epoch.cf_chunked[rid] = done + n
+        # The KV entries it holds once fed whole, and what it has left: its own (the queue shows
+        # what is left after steps that ran, which may have fed it too)
+        total = full.held_under(merged, merged_now) + full.left(merged, merged_now)
+        left = epoch.cf_chunked.pop(rid, full.left(merged, merged_now))
+        n, at = min(r.fed(merged, merged_now), left), total - left
+        out.append(replace(full, num_new=n, switched=None, held=None, context=at + n))  # attends its chunks before
+        # Its work is the prompt's last tokens no merged state's cache holds: those before them,
+        # computed again under this one, serve no one.
+        again = total - min(full.left(m, merged_now) for m in {merged_now, None, full.adapter})
+        work += max(0, at + n - again) - max(0, at - again)
+        if n < left:
+            epoch.cf_chunked[rid] = left - n
         else:
             epoch.cf_prefilled.add(rid)
     return out, work
@@ -163,18 +162,17 @@ def cf_step(
 
 def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | None) -> QueuedRequest:
     """``r`` as ``epoch``'s counterfactual has it (``cf_step``'s arguments): a prompt it prefilled
-    a decode, and one it fed in part what is left of it, holding KV (``started``: the scheduler's
-    line does not stop it). Their blocks are taken to fit (``kv`` None): they hold them already.
-    A prompt a step that ran fed too may show less left than the counterfactual has fed: taken as
-    prefilled."""
+    a decode (attending all of it), and one it fed in part what it has left of it, holding KV
+    (``started``: the scheduler's line does not stop it). Their blocks are taken to fit (``kv``
+    None): they hold them already."""
     rid = r.request_id
     if r.running:
         return r
-    done, whole = epoch.cf_chunked.get(rid, 0), r.left(merged, merged_now)
-    if rid in epoch.cf_prefilled or (done and done >= whole):
-        return replace(r.decoding(), running=True, kv=None, context=r.held_under(merged, merged_now) + whole)
-    if done:
-        return replace(r.cut(whole - done), started=True, kv=None)
+    if rid in epoch.cf_prefilled:
+        total = r.held_under(merged, merged_now) + r.left(merged, merged_now)
+        return replace(r.decoding(), running=True, kv=None, context=total)
+    if (left := epoch.cf_chunked.get(rid)) is not None:
+        return replace(r, num_new=left, switched=None, held=None, started=True, kv=None)
     return r
 
 
