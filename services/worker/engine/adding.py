@@ -1,4 +1,4 @@
-"""A request into the engine (``LLMEngine.add_request``, whose docstring states the contract):
+"""A request into the engine (``LLMEngine.add_request``, which is ``add_request`` here, bound):
 refused at the door (``admission``), its sequence built with a resume's output and text so far,
 its grammar started where it goes on, or ended at once where its resume already ended it."""
 
@@ -23,27 +23,46 @@ if TYPE_CHECKING:
     from dlora.services.worker.engine.engine import LLMEngine
 
 
-def add(
+def add_request(
     engine: LLMEngine,
     request_id: str,
-    *,
-    prompt: str | None,
-    prompt_token_ids: list[int] | None,
-    params: SamplingParams | None,
-    adapter: str | None,
-    resume_token_ids: list[int] | None,
-    kv: KVSnapshot | None,
-    resume_text_pending: int,
-    resume_text_held: str,
-    priority: int,
-    arrival_time: float | None,
-    cache_salt: str,
-    bad_words_ids: list[list[int]] | None,
-    whole: bool,
-    prompt_field: str | None,
-    decoded: bool,
+    prompt: str | None = None,
+    prompt_token_ids: list[int] | None = None,
+    params: SamplingParams | None = None,
+    adapter: str | None = None,
+    resume_token_ids: list[int] | None = None,
+    kv: KVSnapshot | None = None,
+    resume_text_pending: int = 0,
+    resume_text_held: str = "",
+    priority: int = 0,
+    arrival_time: float | None = None,
+    cache_salt: str = "",
+    bad_words_ids: list[list[int]] | None = None,
+    whole: bool = False,
+    prompt_field: str | None = None,
+    decoded: bool = False,
 ) -> None:
-    """Queue the request ``LLMEngine.add_request`` is given, into ``engine``; raises as it says."""
+    """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
+    generation continues after them and they are not reported again (``resume_text_held``, their text not sent
+    yet, and that of the last ``resume_text_pending`` come first, a stop string looked for across them); ending in
+    a stop token or EOS, a complete structured document, or at max_tokens or the context, it ends so at the next
+    step (``ended_on_resume``).
+    ``kv``: the moved request's cache from another engine (``export_kv``), not recomputed. ``priority``: lower first
+    (``fcfs_arrival``; one without output by ``arrival_time`` too: Unix seconds it entered the system, None:
+    now). Its prompt tokens count once its first token is made here, unless it made some before (vLLM's
+    prompt_tokens at prefill). ``cache_salt``: its prefix-cache blocks are shared only with requests of
+    the same salt (``Sequence.salted``). ``bad_words_ids``: the token sequences of ``params.bad_words``
+    (``bad_words_token_ids``), tokenized already (the worker does it on arrival, off its loop); None: tokenized
+    here. ``whole``: refuse a request whose prompt and max_tokens overrun the context (``check_tokens``) rather
+    than end it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
+    tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here). ``decoded``:
+    ``params`` came off the wire (the worker's), their types checked by its decoder, not again here.
+
+    Raises:
+        RequestError: the request cannot be served as asked (``OverContext``: past this engine's
+            context), its grammar included (a 400).
+        GrammarUnavailable: its grammar cannot be compiled here now (a 503: the worker's state).
+    """
     params = params or SamplingParams()
     if request_id in engine.seqs:
         raise RequestError(f"request id {request_id!r} is already in flight")
