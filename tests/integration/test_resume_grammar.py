@@ -97,3 +97,19 @@ async def test_a_resume_whose_grammar_no_worker_can_have_is_answered_after_one_h
     await _read(stream, chunks)
     assert (stream.error_code, refused) == ("unavailable", ["w-b", "w-b"])
     assert "cannot be compiled now" in (stream.error or "") and 5 <= stream.tokens < SHORT
+
+
+async def test_a_resume_every_worker_refuses_so_is_answered_once_each_has_refused_it(cluster) -> None:  # type: ignore[no-untyped-def]
+    """A grammar no worker can have now (every one's compile threads short, or one that never
+    compiles here): each worker hands the resume back once, the dispatcher sending it to none that
+    did while another can, and the first it comes back to answers 503: neither handed round for
+    ever nor left waiting, and asked of each worker once, not bounced between two of them."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    stream, chunks, stop_first, others = await _running(c, ("w-b", "w-c"))
+    refused: list[str] = []
+    _unavailable(others, refused, times=10)
+    stop_first()
+    await _read(stream, chunks)
+    assert stream.error_code == "unavailable" and "cannot be compiled now" in (stream.error or "")
+    assert len(refused) == 3 and set(refused[:2]) == {"w-b", "w-c"}, refused  # each once, then the answer
+    assert 5 <= stream.tokens < SHORT
