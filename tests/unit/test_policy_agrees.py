@@ -155,3 +155,28 @@ def test_a_prompt_under_way_is_counted_by_the_chunk_the_prompts_before_it_leave(
         s.num_cached = done
     counted, fed, _ = both({"g": g, "h": h}, bm, Limits(8, 9, 2), None, [])
     assert counted == fed == [("g", 2), ("h", 7)]  # (counted [("g", 2)] before)
+
+
+def test_no_prompt_after_a_cut_one_takes_the_seat_of_a_decode_the_cut_held_room_for() -> None:
+    """A prompt cut for the decodes' room leaves the step exactly their tokens: a prompt after it
+    in the decision got room only by taking the seat of one of them (``max_num_seqs``), a 1-token
+    chunk that stalled a stream and that the policy counted as a request served (a review). As
+    in vLLM (the decodes first, then the prompts until one is cut), no prompt runs after a cut."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    decodes = [running(seq(f"d{i}", i + 2, 3, "a", outputs=1), bm) for i in range(5)]
+    seqs = {s.request_id: s for s in (seq("p", 0, 40, "a"), seq("q", 1, 40, "a"), *decodes)}
+    counted, fed, _ = both(seqs, bm, Limits(4, 16, max_adapters=2), None, [])
+    assert fed == [("p", 13), ("d0", 1), ("d1", 1), ("d2", 1)]  # ([p 13, q 1, d0, d1] before)
+    assert counted == fed
+
+
+def test_a_prompt_after_a_cut_one_takes_no_slot_whose_decodes_the_cut_held_room_for() -> None:
+    """The slot case: a prompt of lora-a cut to leave three decodes of lora-b their room, then a
+    1-token prompt of lora-c took the last slot; the decodes did not run and 2 of the 16 tokens
+    went to no one (14 fed)."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    decodes = [running(seq(f"d{i}", i + 2, 3, "b", outputs=1), bm) for i in range(3)]
+    seqs = {s.request_id: s for s in (seq("p", 0, 40, "a"), seq("q", 1, 1, "c"), *decodes)}
+    counted, fed, _ = both(seqs, bm, Limits(8, 16, max_adapters=2), None, [])
+    assert fed == [("p", 13), ("d0", 1), ("d1", 1), ("d2", 1)]  # ([p 13, q 1] before)
+    assert counted == fed

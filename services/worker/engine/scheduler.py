@@ -214,6 +214,7 @@ def schedule(
     (first in the decision) took the whole budget and stalled every running stream for its
     prefill (a user's trial). Only those a seat and a device slot are left for (``decode_room``):
     a decode whose adapter no slot is left for does not run, and room held for it went unfed.
+    As in vLLM (decodes first, then prompts until one is cut) no prompt runs after one is cut.
     ``floor``: the highest priority (lowest value) a pass before this one in the same step
     preempted (the engine's head of line, after a decision that ran nothing)."""
     out = Schedule()
@@ -243,6 +244,10 @@ def schedule(
     # waited for taken, and it never ran again (tests/engine/test_preemption_order.py).
     line = math.inf
     admitted: set[str] = set()  # admitted holding no blocks before this step
+    # A prompt was cut to leave the decodes after it their room: the tokens left are theirs, and a
+    # prompt after it got room only by taking the seat or slot of one of them (vLLM: the decodes
+    # first, then prompts until one is cut; here the decision gives the seats and slots).
+    cut = False
     for rid in decision.request_ids:
         seq = seqs.get(rid)
         if seq is None or seq.status is Status.FINISHED or rid in chosen:
@@ -257,6 +262,8 @@ def schedule(
         if seq.status is Status.WAITING and seq.priority > floor:
             # A higher priority gave blocks up: a lower one's prompt takes none of them (vLLM admits
             # no waiting request in a step that preempted; one admitted then decoded on as it waited)
+            continue
+        if cut and seq.status is Status.WAITING:
             continue
         fresh = not blocks.holds(rid)
         if fresh and seq.arrival > line:
@@ -323,6 +330,7 @@ def schedule(
                 continue
             blocks.grow(rid, seq.num_cached + n)
         seq.num_scheduled = n
+        cut = cut or n < seq.num_new
         seq.block_names.clear()  # looked up for the policy while it waited; admitted, it needs them no more
         out.seqs.append(seq)
         chosen.add(rid)

@@ -247,9 +247,9 @@ def decode_room(
     of the requests admitted so far and the prefill's own) takes none; another takes the next of
     ``slots`` (``free_slots``) while one is left, and without one does not run this step, so no
     room is held for it. Held for every decode after it, a prompt before decodes of adapters no
-    slot was left for was cut to a token or two and the room went to no one (a review). A request
-    admitted after the prefill that takes a seat or slot such a decode was counted for is fed that
-    decode's room instead: its own hold is less by it."""
+    slot was left for was cut to a token or two and the room went to no one (a review). Once a
+    prefill is cut to this room no prompt after it runs: one taking the seat or slot of a decode
+    counted here stalled it for a chunk of its room, and left the rest of it unfed."""
     held, room, left = set(holding), 0, seats
     for adapter, n in later:
         if left <= 0:
@@ -301,7 +301,7 @@ def within_budget(
     ``QueuedRequest.fed``), as the scheduler feeds it: its requests in order up to
     ``max_num_batched_tokens``, a prompt cut to the tokens left once the decodes after it that a
     seat and a slot are left for have their room (chunked prefill: ``decode_room``,
-    ``scheduler.schedule``), or, without chunked prefill, every prompt
+    ``scheduler.schedule``; no prompt after one so cut), or, without chunked prefill, every prompt
     that does not fit what is left skipped (it waits for a later step) unless it is the step's
     first; nor a prompt keyed after a recompute that did not fit (the scheduler's line); at most
     ``max_num_seqs``, and ``max_adapters`` slots held by the adapters it feeds (``free_slots``). With
@@ -321,6 +321,7 @@ def within_budget(
     decodes = sum(r.num_new for r in batch if r.running) if limits.chunked_prefill else 0
     runs: list[tuple[str | None, int]] | None = None  # theirs (adapter, tokens), once a prompt needs them
     reached = 0  # running requests reached
+    cut = False  # a prompt was cut for the decodes' room: no prompt after it runs (``schedule``)
     slots, adapters = free_slots(limits.max_adapters, merged), set[str]()
     for r in batch:
         if (budget is not None and tokens >= budget) or len(out) == limits.max_num_seqs:
@@ -330,7 +331,7 @@ def within_budget(
             decodes, reached = decodes - r.num_new, reached + 1
         if r.adapter not in (None, merged) and r.adapter not in adapters and len(adapters) >= slots:
             continue  # (the slots the adapters it admitted hold: one it passed over holds none)
-        if r.arrival > line and r.fresh:
+        if (cut and not r.running) or (r.arrival > line and r.fresh):
             continue
         # (a prompt under way with its blocks counted: by the chunk it is fed, below; its ``fits``
         # took the chunk all the decodes would leave it, which a prompt fed before it may cut)
@@ -338,7 +339,8 @@ def within_budget(
         if not r.running and out and whole and (not r.fits or (need is not None and need.whole + need.reused > free)):
             line = min(line, r.arrival) if r.recompute else line  # (passed over; a recompute stops the line)
             continue
-        n, reserved = r.fed(merged, merged_now), 0
+        n = whole_feed = r.fed(merged, merged_now)
+        reserved = 0
         # (a prompt that fits beside all the decodes after it is fed whole whatever is held back)
         if decodes and budget is not None and not r.running and n > budget - tokens - decodes:
             holding = adapters if r.adapter is None or r.adapter == merged else adapters | {r.adapter}
@@ -360,7 +362,7 @@ def within_budget(
         if r.adapter not in (None, merged):
             adapters.add(r.adapter)
         out.append(r)
-        tokens += n
+        tokens, cut = tokens + n, cut or n < whole_feed
     return out
 
 
