@@ -180,3 +180,18 @@ def test_a_prompt_after_a_cut_one_takes_no_slot_whose_decodes_the_cut_held_room_
     counted, fed, _ = both(seqs, bm, Limits(8, 16, max_adapters=2), None, [])
     assert fed == [("p", 13), ("d0", 1), ("d1", 1), ("d2", 1)]  # ([p 13, q 1] before)
     assert counted == fed
+
+
+def test_without_chunked_prefill_a_decode_passed_over_holds_no_room_from_the_first_prompt() -> None:
+    """Without chunked prefill nothing is held back, but within_budget took the tokens of each
+    running request it passed from a count that started at none: below zero, it held room for the
+    decode after the step's first prompt, which it then skipped as not fitting; the scheduler runs
+    that prompt whole (a mixed step, lora-a merged: its correction holds the one slot, so lora-b's
+    decode before the prompt is passed over)."""
+    bm = BlockManager(num_blocks=64, block_size=BLOCK)
+    seqs = {
+        s.request_id: s
+        for s in (seq("p", 0, 30), running(seq("d", 1, 3, "b", outputs=1), bm), running(seq("e", 2, 3, outputs=1), bm))
+    }
+    counted, fed, _ = both(seqs, bm, Limits(8, 8, max_adapters=1, chunked_prefill=False), "a", [1])
+    assert counted == fed == [("p", 30)]  # (counted [("e", 1)] before)

@@ -327,8 +327,8 @@ def within_budget(
         if (budget is not None and tokens >= budget) or len(out) == limits.max_num_seqs:
             break
         need = r.kv if kv is not None else None
-        if r.running:
-            decodes, reached = decodes - r.num_new, reached + 1
+        if r.running:  # (without chunked prefill none are counted: below zero, room was held)
+            decodes, reached = decodes - (r.num_new if limits.chunked_prefill else 0), reached + 1
         if r.adapter not in (None, merged) and r.adapter not in adapters and len(adapters) >= slots:
             continue  # (the slots the adapters it admitted hold: one it passed over holds none)
         if (cut and not r.running) or (r.arrival > line and r.fresh):
