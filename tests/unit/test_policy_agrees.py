@@ -195,3 +195,16 @@ def test_without_chunked_prefill_a_decode_passed_over_holds_no_room_from_the_fir
     }
     counted, fed, _ = both(seqs, bm, Limits(8, 8, max_adapters=1, chunked_prefill=False), "a", [1])
     assert counted == fed == [("p", 30)]  # (counted [("e", 1)] before)
+
+
+def test_a_prompt_cut_but_passed_over_for_its_blocks_does_not_stop_the_prompts_after_it() -> None:
+    """Only a prompt that runs cut leaves the step no room: one whose chunk does not fit the blocks
+    free is passed over, and a prompt after it that fits runs whole."""
+    bm = BlockManager(num_blocks=5, block_size=BLOCK)
+    p = seq("p", 1, 40)
+    bm.grow("p", 8)
+    p.num_cached = 8
+    d0, d1 = (running(seq(rid, i, 3, outputs=1), bm) for rid, i in (("d0", 0), ("d1", 3)))
+    seqs = {s.request_id: s for s in (d0, p, seq("q", 2, 3), d1)}
+    counted, fed, _ = both(seqs, bm, Limits(8, 16, 2), None, [])
+    assert counted == fed == [("d0", 1), ("q", 3), ("d1", 1)]
