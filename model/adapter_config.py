@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dlora.model.adapter_files import AdapterError, nonnegative_int
-from dlora.model.peft_targets import key_regex, layers_regex, regex_problem, saved_problem
+from dlora.model.peft_targets import key_problem, layers_regex, regex_problem, saved_problem
 
 __all__ = ["DEFAULT_TARGETS", "check_config", "read_config"]
 
@@ -183,5 +183,5 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
                     f"(finite), not {value!r}"
                 )
         for pattern in conf.get(key) or {}:
-            if (problem := regex_problem(pattern, key_regex(pattern))) is not None:
+            if (problem := key_problem(pattern)) is not None:
                 refuse(f"{key} key {pattern[:200]!r} is not a valid regex ({problem})")

@@ -123,7 +123,8 @@ def test_patterns_that_take_longer_than_their_bound_are_refused(
     1 MB config holds 50,000 rank_pattern keys: 24 s of one core here, more on a deeper base):
     every match an adapter's config asks for shares one time bound, plain names' matcher too."""
     # 5,000 keys (past MAX_COMPILED's 2,048) take the plain matcher 0.09 s of a core here, 9 times
-    # the bound; most of the test's time is the config's check, which compiles every key with re
+    # the bound; most of the regex keys' time is the config's check, which compiles each with re
+    # (plain keys need no compile: test_peft_targets)
     keys = _dotted_names(5_000) if plain else [f"(k{i})" for i in range(5_000)]
     _set_raw(adapter, "rank_pattern", json.dumps(dict.fromkeys(keys, 8)))
     monkeypatch.setattr("dlora.model.peft_targets.PATTERN_BUDGET_S", 0.01)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from dlora.model import peft_targets
 from dlora.model.adapter_config import check_config
 from dlora.model.adapter_files import AdapterError
-from dlora.model.peft_targets import Targets, key_regex, regex_problem, saved_problem
+from dlora.model.peft_targets import Targets, key_problem, key_regex, regex_problem, saved_problem
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -213,3 +214,39 @@ def test_modules_to_save_names_keep_lora_off_as_peft_s_regex_does(monkeypatch: p
                 found = check_target_module_exists(peft_conf, module)
                 want = bool(found) and not isinstance(found, _ExcludedModule)
                 assert chosen.targeted(module) == want, (conf["modules_to_save"], module)
+
+
+def test_plain_rank_and_alpha_keys_are_checked_without_compiling_a_regex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_config compiled every rank_pattern / alpha_pattern key with re inside PEFT's
+    (.*\\.)?(KEY)$: an EVA-style config of 20,000 module names took 2 s of a core at each
+    registration and each load, though a plain key (word characters, '-', '.') always compiles
+    there. A key with any other character is still compiled, and refused where re refuses it."""
+    compiled: list[str] = []
+    compile_ = peft_targets.re.compile
+
+    def counting(pattern: Any, flags: int = 0) -> Any:
+        compiled.append(pattern)
+        return compile_(pattern, flags)
+
+    monkeypatch.setattr(peft_targets.re, "compile", counting)
+    names = [f"model.layers.{i // 7}.{'self_attn' if i % 7 < 4 else 'mlp'}.{TARGETS[i % 7]}" for i in range(20_000)]
+    names[-1] = "model.layers.9.mlp.down-proj.é"  # (-, a dot and a non-ASCII letter: plain too)
+    conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS)}
+    check_config("eva", {**conf, "rank_pattern": dict.fromkeys(names, 4), "alpha_pattern": dict.fromkeys(names, 8)})
+    assert compiled == []
+    with pytest.raises(AdapterError) as refused:
+        check_config("eva", {**conf, "rank_pattern": {**dict.fromkeys(names, 4), "(?i)Q_PROJ": 4}})
+    assert compiled == [key_regex("(?i)Q_PROJ")]
+    assert "rank_pattern key '(?i)Q_PROJ' is not a valid regex" in str(refused.value)
+
+
+@pytest.mark.filterwarnings("ignore:Possible:FutureWarning")  # re's, on '[[', '--', '&&'...
+def test_a_key_is_refused_as_it_was_when_every_key_was_compiled() -> None:
+    """The shortcut for plain keys refuses exactly the keys compiling each one refused: random
+    keys over word characters, '-', '.', every re metacharacter and escapes."""
+    r = random.Random(3)
+    alphabet = list("q_1é.-") + list("()[]{}*+?|^$\\:<>=!#,") + ["(?i)", "(?P<x>", "\\d", "{1,2}", "\n"]
+    keys = ["".join(r.choice(alphabet) for _ in range(r.randint(0, 8))) for _ in range(10_000)]
+    for key in keys:
+        assert key_problem(key) == regex_problem(key, key_regex(key)), key
+    assert sum(regex_problem(k, key_regex(k)) is not None for k in keys) > 2_500  # (the refused half met)
