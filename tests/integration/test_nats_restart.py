@@ -401,7 +401,9 @@ async def test_a_nats_outage_is_logged_once_and_its_end_once_not_at_each_attempt
         with structlog.testing.capture_logs() as logs:
             async with connections(Common(nats_url=server.url, redis_url=redis_server.url)) as (nc, _):
                 server.stop()
-                await asyncio.sleep(5.0)  # nats-py tries every 2 s
+                # nats-py tries again 2 s after it lost the server: back after 3 s, the outage held
+                # the lost connection and one refused attempt (5 s here waited out two more)
+                await asyncio.sleep(3.0)
                 server = start_nats(port)
                 async with asyncio.timeout(15):
                     while not nc.is_connected:
@@ -409,6 +411,8 @@ async def test_a_nats_outage_is_logged_once_and_its_end_once_not_at_each_attempt
                 await asyncio.sleep(0.2)
         events = [line["event"] for line in logs]
         assert events.count("dependency unavailable; retrying") == 1 and "dependency back" in events, events
+        back = next(line for line in logs if line["event"] == "dependency back")
+        assert back["failed_attempts"] >= 2, logs  # (one line though it failed more than once)
         assert "nats error" not in events, events
     finally:
         server.stop()
