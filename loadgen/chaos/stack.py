@@ -334,6 +334,17 @@ class ChaosStack:
     async def inflight_on(self, worker: str) -> int:
         return int(await self.redis.scard(f"dlora:inflight-of:{worker}"))
 
+    async def requests_on(self, worker: str) -> set[str]:
+        """The ids of the requests whose in-flight records name ``worker`` (its index)."""
+        return {
+            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(f"dlora:inflight-of:{worker}")
+        }
+
+    async def recorded(self, request_ids: set[str]) -> int:
+        """How many of ``request_ids`` still have an in-flight record: running (somewhere), not
+        finished or given up."""
+        return int(await self.redis.exists(*(f"dlora:inflight:{r}" for r in request_ids))) if request_ids else 0
+
     async def stop(self) -> None:
         """Services first (SIGTERM, as an orchestrator stops them), then the servers."""
         services = [n for n in self.procs if n not in ("nats", "redis")]

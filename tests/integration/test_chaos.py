@@ -26,9 +26,9 @@ async def test_workers_restarted_and_stalled_under_load_lose_nothing(tiny_llama:
         model=Path(tiny_llama.model),
         adapters=adapters,
         faults=FAULTS,
-        # (not the default 5 s: the stall lasts the TTL and until its requests moved, up to 3 s
-        # more. A fast restart's standby waits min(TTL/2, 2 s) before it connects, and must beat
-        # before the dispatcher's TTL runs out:
+        # (not the default 5 s: the stall lasts the TTL and until its requests finished elsewhere,
+        # up to 3 s more. A fast restart's standby waits min(TTL/2, 2 s) before it connects, and
+        # must beat before the dispatcher's TTL runs out:
         # at 4 s that leaves it ~2 s, where one loaded run took 1.6 s with the wait; 3 s left 1.5 s)
         heartbeat_ttl_s=4.0,
         shape=LoadShape(rate=1.0, output_tokens=(8, 32)),
