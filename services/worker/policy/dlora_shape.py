@@ -31,7 +31,8 @@ class QueueShape:
     """What ``decide`` reads of ``queue`` (``merged_now`` merged, ``kv`` free, under ``limits``)
     before anything it learned: built by ``shape_of``, kept by the policy while ``same``."""
 
-    queue: list[QueuedRequest]  # the entries, compared by identity
+    # The entries, compared by identity: a copy, as a caller may change its list in place.
+    queue: tuple[QueuedRequest, ...]
     merged_now: str | None
     kv: KvRoom | None
     limits: BatchLimits
@@ -85,7 +86,7 @@ def shape_of(queue: list[QueuedRequest], merged_now: str | None, kv: KvRoom | No
             lines.setdefault(r.adapter, r.arrival)
         group.append(r)
     return QueueShape(
-        queue=queue,
+        queue=tuple(queue),
         merged_now=merged_now,
         kv=kv,
         limits=limits,
