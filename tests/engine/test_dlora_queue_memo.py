@@ -103,8 +103,10 @@ def run(tiny: TinyOutput, seed: int, roomy: bool, tally: Tally) -> None:
         pytest.fail(f"unfinished after {MAX_STEPS} steps ({settings})")
 
 
+# (Two runs: each decides every step twice on a deep copy of the policy, ~5 s of CPU a run; the
+# review's twelve seeds all agreed; with entries compared by request id, both of these fail.)
 @pytest.mark.parametrize("roomy", [False, True], ids=["pressed", "roomy"])
-@pytest.mark.parametrize("seed", SEEDS[:6])
+@pytest.mark.parametrize("seed", SEEDS[:1])
 def test_a_kept_reading_of_the_queue_decides_as_one_read_anew_in_the_engine(
     tiny_llama: TinyOutput, seed: int, roomy: bool
 ) -> None:
