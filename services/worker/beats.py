@@ -35,8 +35,7 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
     while not stop.is_set() and w.taken_over_by is None:
         w.delivery.reconnected()  # what went out meanwhile may be lost: sent again
         w.clients.watch_link(time.monotonic())  # and the clients' silence was ours (as of now)
-        stats = w.refusals.stated(w.stats, time.monotonic(), w.streams)
-        stats = msgspec.structs.replace(stats, sent=time.time(), stats_interval_s=interval)
+        stats = outgoing(w)
         try:
             await bus.publish(w.nc, subjects.stats(w.s.worker_id), stats)
             w.records.beat()
@@ -54,6 +53,16 @@ async def publish_stats(w: WorkerService, stop: asyncio.Event) -> None:
         if w.fell_idle.is_set() and not stop.is_set():
             w.fell_idle.clear()
             await asyncio.sleep(max(0.0, sent_at + interval / 4 - time.monotonic()))
+
+
+def outgoing(w: WorkerService) -> WorkerStats:
+    """``w``'s last snapshot (``w.stats``) as every stats message of it goes out, the periodic ones
+    and a drain's first alike: with the moves it refused lately (``MoveRefusals.stated``), when sent
+    (Unix seconds) and its ``stats_interval_s``. A drain's own message lacked the three: a migrator
+    reading it took the worker's interval from the gap between two stats, and its refusals as none
+    (a review: one message of another shape among a worker's stats)."""
+    stats = w.refusals.stated(w.stats, time.monotonic(), w.streams)
+    return msgspec.structs.replace(stats, sent=time.time(), stats_interval_s=w.s.stats_interval_s)
 
 
 async def _heartbeat(w: WorkerService, stats: WorkerStats) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from dlora.common import bus, log, subjects
 from dlora.common.messages import LostRequests
+from dlora.services.worker import beats
 from dlora.services.worker.arrival import stop_preparing
 from dlora.services.worker.commands import Add
 from dlora.services.worker.engine.sequence import Status
@@ -51,7 +52,7 @@ async def start(w: WorkerService) -> float:
     w.draining = True
     w.stats, w._snapshot_at = w._snapshot(), time.monotonic()
     with contextlib.suppress(Exception):  # NATS down: the next stats say it
-        await bus.publish(w.nc, subjects.stats(w.s.worker_id), w.stats)
+        await bus.publish(w.nc, subjects.stats(w.s.worker_id), beats.outgoing(w))
     logger.info("draining", requests=len(w.streams), timeout_s=w.s.drain_timeout_s, now="signal again to hand over now")
     return time.monotonic() + w.s.drain_timeout_s
 

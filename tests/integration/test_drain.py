@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from dlora.common import subjects
+from dlora.common import bus, subjects
 from dlora.common.messages import LostRequests, TokenChunk, WorkerStats
 from dlora.common.state import StateStore
 from dlora.model.make_tiny import TinyOutput
@@ -451,3 +451,33 @@ async def test_a_stop_leaves_no_re_send_of_chunks_running(
         await asyncio.wait_for(running, 60)
         left = {t.get_coro().__qualname__ for t in asyncio.all_tasks()}  # type: ignore[union-attr]
         assert not left & {"Delivery._resend", "ProgressRecords._write_later"}
+
+
+async def test_a_drains_first_stats_are_the_shape_of_every_other(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+) -> None:
+    """A review: the stats a drain sends at once were the bare snapshot, without when they were sent,
+    the worker's stats interval and the moves it refused lately, which every other stats message
+    carries (beats.py): a reader took it for an older worker's, and a refusal it held went unsaid."""
+    from dlora.services.worker import drain
+    from dlora.services.worker.moves import Move
+
+    ws = worker_settings(nats_server.url, tiny_llama, "w-a", stats_interval_s=0.7)
+    async with worker_by_hand(nats_server, StateStore(redis), ws) as (service, _):
+        heard: asyncio.Queue[WorkerStats] = asyncio.Queue()
+
+        async def on_stats(msg) -> None:  # type: ignore[no-untyped-def]
+            heard.put_nowait(msgspec.json.decode(msg.data, type=WorkerStats))
+
+        listener = await nats.connect(nats_server.url)
+        try:
+            await listener.subscribe(subjects.stats("w-a"), cb=on_stats)
+            await bus.flush(listener)
+            service.refusals.add(Move("r", "w-b", ship_kv=False, plan_id="p1"), time.monotonic())
+            before = time.time()
+            await drain.start(service)
+            st = await asyncio.wait_for(heard.get(), 60)
+        finally:
+            await listener.close()
+    assert st.draining and st.sent >= before
+    assert (st.stats_interval_s, st.refused_moves) == (0.7, {"p1": ["r"]})
