@@ -444,10 +444,21 @@ async def unsubscribe(subs: list[Subscription]) -> None:
     nats-py runs a subscription's handler in the subscription's task and cancels that task at
     ``unsubscribe`` without awaiting it: a handler cut off in a Redis write ran its clean-up (a
     take-back, a record's delete) after the service's ``run`` returned, raced the next owner, and
-    was destroyed pending at the loop's close (a review)."""
-    for sub in subs:
+    was destroyed pending at the loop's close (a review).
+
+    All are unsubscribed in one turn of the loop (their handlers' tasks cancelled there) before any
+    handler is awaited: nats-py's unsubscribe waits for its flusher when the connection's outgoing
+    buffer is past ``pending_size`` (a busy worker's tokens), and one at a time, a later
+    subscription's handler meanwhile took its next message and began its work during the stop (a
+    review; test_bus.py)."""
+
+    async def unsubscribed(sub: Subscription) -> None:
         with contextlib.suppress(nats.errors.ConnectionClosedError):
             await sub.unsubscribe()
+
+    # (gather's tasks take their first steps one after another, in the turn after this call: each
+    # subscription's task is cancelled there, before any other can run)
+    await asyncio.gather(*(unsubscribed(sub) for sub in subs))
     # The task nats-py runs a ``cb=`` subscription's handlers in (2.16's name, typed None there; a
     # rename fails test_bus.py). On a closed connection nats-py cancelled it at its close, unawaited too.
     tasks: list[asyncio.Task[None] | None] = [getattr(sub, "_wait_for_msgs_task", None) for sub in subs]

@@ -93,3 +93,44 @@ async def test_unsubscribe_gives_up_on_a_clean_up_that_hangs(nc: NATS, monkeypat
     async with asyncio.timeout(30):
         while not ended:
             await asyncio.sleep(0.01)
+
+
+async def test_unsubscribe_stops_every_handler_before_any_can_take_its_next_message(nats_server: Server) -> None:
+    """A review: ``unsubscribe`` unsubscribed one subscription at a time, awaiting each, and
+    nats-py's unsubscribe waits for its flusher once the connection's outgoing buffer is past its
+    ``pending_size`` (here at once; a busy worker's past 2 MB of tokens). Meanwhile the first
+    handler cut off ran its clean-up, which let a later subscription's handler end, and that one
+    took its next message and began its work in the middle of the stop. All are now cut off in one
+    turn: the message waiting is never begun."""
+    busy = await nats.connect(nats_server.url, pending_size=1)
+    try:
+        released, began = asyncio.Event(), []
+        first_started = asyncio.Event()
+
+        async def first(_: AbortRequest) -> None:  # cut off in a wait; its clean-up frees the other
+            first_started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                released.set()
+
+        async def second(req: AbortRequest) -> None:  # one message at a time, the first until freed
+            began.append(req.request_id)
+            if len(began) == 1:
+                await released.wait()
+
+        subs = [
+            await bus.subscribe(busy, "test.first", AbortRequest, first),
+            await bus.subscribe(busy, "test.second", AbortRequest, second),
+        ]
+        await bus.flush(busy)
+        for subject, rid in (("test.first", "f"), ("test.second", "s1"), ("test.second", "s2")):
+            await busy.publish(subject, msgspec.json.encode(AbortRequest(request_id=rid)))
+        await bus.flush(busy)
+        async with asyncio.timeout(30):  # (a guard) the first in its wait, s1 begun and s2 waiting
+            while not (first_started.is_set() and began == ["s1"] and subs[1].pending_msgs == 1):
+                await asyncio.sleep(0.01)
+        await bus.unsubscribe(subs)
+        assert began == ["s1"]
+    finally:
+        await busy.close()
