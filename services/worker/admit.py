@@ -167,9 +167,13 @@ async def _adapter_failed(w: WorkerService, req: GenerateRequest, e: AdapterErro
     # A version's files rewritten since (a trainer's, before it loads them again): a worker that
     # holds the version in memory serves it, as vLLM's one engine goes on with the old weights.
     # Files only this worker's limits refuse (a fleet of mixed settings): another may take them.
+    # A resume (moved or recovered, its client reading its tokens so far) failed by this worker's
+    # own read (an I/O error, its copy of the files damaged, an install that failed): another may
+    # read them, where a 500 ended a stream under way. Once, as for GrammarUnavailable: back again
+    # (none other took it), it is answered.
     changed = isinstance(e, AdapterChanged)
     handed = (
-        (changed or isinstance(e, AdapterRefused))
+        (changed or isinstance(e, AdapterRefused) or bool(req.resume_token_ids))
         and req.recorded
         and await _hand_back_once(w, req.request_id, req.recoveries, elsewhere=changed)
     )

@@ -81,10 +81,12 @@ class Cluster:
         to_worker: str = "",
         prompt: str | None = None,
         params: SamplingParams | None = None,
+        adapter: str | None = None,
     ) -> asyncio.Queue[TokenChunk]:
         """Publish a long greedy request to the dispatchers (or straight to a worker, unrecorded);
         its chunks arrive on the queue. ``prompt``: a text one instead of ``PROMPT``'s ids;
-        ``params``: its own, in place of ``max_tokens`` greedy ones that ignore EOS."""
+        ``params``: its own, in place of ``max_tokens`` greedy ones that ignore EOS; ``adapter``:
+        the registered adapter it runs on (None: the base model)."""
         chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
         async def on_chunk(msg: nats.aio.msg.Msg) -> None:
@@ -101,6 +103,7 @@ class Cluster:
             prompt=prompt,
             params=params or SamplingParams(max_tokens=max_tokens, ignore_eos=True),
             client=client,
+            adapter=adapter,
         )
         if to_worker:
             await self.nc.publish(subjects.worker_requests(to_worker), msgspec.json.encode(req))
