@@ -114,7 +114,7 @@ async def admit(w: WorkerService, add: Add) -> None:
         reason, param = str(e), e.param
     except RequestError as e:
         reason, param = str(e), e.param
-    except GrammarUnavailable as e:  # its compile's thread did not start here: a 503, as the gateway's
+    except GrammarUnavailable as e:  # its compile could not be had here now (no thread, starved, killed): a 503
         # A resume that goes on (moved or recovered, its client reading its tokens so far): this
         # worker's state, not the request's, and another worker (or this one later) may compile it.
         # A 503 ended a stream already under way; once, as for OverContext: back again, it is answered.

@@ -10,8 +10,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.replies import ReplyStream
+from dlora.services.worker.engine import compile_bound
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.main import WorkerService
 from tests.integration import fencing_cluster
@@ -95,7 +98,7 @@ async def test_a_resume_whose_grammar_no_worker_can_have_is_answered_after_one_h
     _unavailable(others, refused, times=10)
     stop_first()
     await _read(stream, chunks)
-    assert (stream.error_code, refused) == ("unavailable", ["w-b", "w-b"])
+    assert (stream.error_code, refused) == ("unavailable", ["w-b", "w-b"]), stream.error
     assert "cannot be compiled now" in (stream.error or "") and 5 <= stream.tokens < SHORT
 
 
@@ -113,3 +116,28 @@ async def test_a_resume_every_worker_refuses_so_is_answered_once_each_has_refuse
     assert stream.error_code == "unavailable" and "cannot be compiled now" in (stream.error or "")
     assert len(refused) == 3 and set(refused[:2]) == {"w-b", "w-c"}, refused  # each once, then the answer
     assert 5 <= stream.tokens < SHORT
+
+
+async def test_a_resume_whose_compile_a_loaded_worker_starves_is_handed_back_not_refused(  # type: ignore[no-untyped-def]
+    cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile stopped at its bound in wall time while its CPU time fell short (a loaded host)
+    ended the resume with a 400 "too complex ... simplify it", though its grammar had compiled on
+    its first worker. Starved there (CPU time read as nothing spent, the wall time's bound at
+    once), the resume is handed back, then answered 503 saying the server was busy."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    stream, chunks, stop_first, (second,) = await _running(c, ("w-b",))
+    monkeypatch.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)  # (w-a has its matcher already)
+    monkeypatch.setattr(compile_bound, "_WALL_PER_CPU", 0.0)
+    arrivals, prepare = [], second.engine.grammars.prepare
+
+    def counted(params: SamplingParams) -> GrammarUnavailable | None:
+        arrivals.append(params)
+        return prepare(params)
+
+    second.engine.grammars.prepare = counted  # type: ignore[method-assign]
+    stop_first()
+    await _read(stream, chunks)
+    assert stream.error_code == "unavailable", (stream.error_code, stream.error)
+    assert "cannot be compiled now: the server was too busy" in (stream.error or ""), stream.error
+    assert 5 <= stream.tokens < SHORT and len(arrivals) == 2  # w-a's hand-over, w-b's hand-back

@@ -153,14 +153,16 @@ def test_a_child_stopped_in_wall_time_not_cpu_time_says_so(monkeypatch: pytest.M
 
 def test_a_refusal_of_a_starved_compile_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """A schema refused at the bound because a load spike starved its child was refused for good
-    (until 32 other grammars pushed it out of the cache), however idle the host became."""
+    (until 32 other grammars pushed it out of the cache), however idle the host became. It is a
+    503 for now (``test_grammar_starved``)."""
     from dlora.services.worker.engine import compile_bound
+    from dlora.services.worker.engine.structured import GrammarUnavailable
 
     params = SamplingParams(json_schema=ORDINARY.replace("x_", "starved_"))
     with monkeypatch.context() as starved:  # no CPU time spent, the wall time's bound at once
         starved.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)
         starved.setattr(compile_bound, "_WALL_PER_CPU", 0.0)
-        with pytest.raises(GrammarError, match="too complex to compile within"):
+        with pytest.raises(GrammarUnavailable, match="cannot be compiled now: the server was too busy"):
             check(params)
     check(params)  # the load gone: compiled
 

@@ -73,10 +73,15 @@ TOKENIZER_S = 60.0
 # answered (quick to find again in-process, where the caller sees the exception itself), or no child
 # could start (fork's EAGAIN or ENOMEM: compiled in-process, unbounded, rather than refused).
 UNCHECKED = "\0unchecked"
-# What it answers when the bound was met in wall time, not the child's CPU time: a child starved
-# by a loaded host, or a host with no /proc to read CPU time from. Refused as the CPU bound's
-# refusal is, but not for good: the same grammar may compile in time once the load is gone.
+# What it answers when the bound was met in wall time while the child's CPU time, read, was short
+# of it (a child starved by a loaded host), or the child took no grammar or tokenizer in time: no
+# verdict on the grammar, which may compile in time once the load is gone (a 503, not kept).
 STARVED = "\0starved"
+# What it answers when the bound was met in wall time on a host with no CPU time to read (no /proc):
+# a grammar too complex and a starved child cannot be told apart there. Refused as too complex (a
+# 400), though not for good: a 503 each time let a client retry a grammar that never compiles for
+# ever, each retry a core for the bound.
+UNTIMED = "\0untimed"
 
 
 def _cpu_s(pid: int) -> float | None:
@@ -149,9 +154,10 @@ class _Child:
         """Why ``grammar`` cannot be used (empty: it can; ``UNCHECKED``; ``MEMORY``: past
         ``memory_mb`` MiB of the child's data, 0: no cap): compiled with ``tokenizer`` as the
         engine does, first mask included, or without one llguidance's ``validate_grammar``; None
-        past ``bound_s`` seconds of the child's CPU, ``STARVED`` past them in wall time
-        (``_WALL_PER_CPU`` times them, or no CPU time to read), or a tokenizer's build past
-        ``TOKENIZER_S``. Raises OSError (EOFError) when the child is gone."""
+        past ``bound_s`` seconds of the child's CPU, ``STARVED`` past ``_WALL_PER_CPU`` times
+        them in wall time (its CPU time short of them) or a tokenizer's build past ``TOKENIZER_S``,
+        ``UNTIMED`` past them in wall time with no CPU time to read. Raises OSError (EOFError)
+        when the child is gone."""
         stdout = self.proc.stdout
         assert stdout is not None
         if tokenizer is not None and tokenizer.key not in self.tokenizers:  # once a child
@@ -178,7 +184,9 @@ class _Child:
             # CPU time, not wall time: 4 slow compiles at once on 2 cores each take twice as long
             left = min(bound_s - cpu, bound_s * _WALL_PER_CPU - spent)
             if left <= 0:
-                return None if used is not None and used_before is not None and cpu >= bound_s else STARVED
+                if used is None or used_before is None:
+                    return UNTIMED
+                return None if cpu >= bound_s else STARVED
             if select.select([stdout], [], [], left)[0]:
                 return _read(stdout).decode("utf-8", "surrogatepass")
 
@@ -235,8 +243,9 @@ class Validator:
     ) -> str | None:
         """Why ``grammar`` cannot be used (``_Child.ask``: empty, it can; ``UNCHECKED``: not said;
         ``MEMORY``: past ``memory_mb``), found within ``bound_s`` seconds of CPU, or None when it
-        ran past them and was stopped (``STARVED``: stopped at the bound in wall time, a loaded
-        host's or one without /proc). A child that dies on the grammar (llguidance crashed on it)
+        ran past them and was stopped (``STARVED``: stopped in wall time, its CPU time short of
+        the bound, a loaded host's; ``UNTIMED``: at the bound in wall time, no CPU time to read).
+        A child that dies on the grammar (llguidance crashed on it)
         says so as a message (``CRASHED``); one killed from outside is replaced once, then
         ``KILLED``."""
         killed = False
@@ -260,7 +269,7 @@ class Validator:
                     killed = True  # not this grammar's doing unless it is killed again)
                     continue
                 return death
-            if verdict is None or verdict in (STARVED, MEMORY):  # (one short of memory: a new one next)
+            if verdict is None or verdict in (STARVED, UNTIMED, MEMORY):  # (one short of memory: a new one next)
                 child.kill()
                 return verdict
             with self._lock:

@@ -35,6 +35,7 @@ from dlora.services.worker.engine.compile_bound import (
     MEMORY,
     STARVED,
     UNCHECKED,
+    UNTIMED,
     DaemonPool,
     TokenizerSpec,
     TooSlow,
@@ -67,6 +68,13 @@ GRAMMAR_COMPILATION_MEMORY_MB = 4096
 _TOO_SLOW = "too complex to compile within"
 _TOO_LARGE = "too large to compile within"
 _KILLED = "cannot be compiled now: its compiler's process was killed (the host short of memory?); try again"
+# A compile stopped in wall time while its CPU time was short of the bound: the host's load, not the
+# grammar (which a resume's first worker compiled), so a 503 as vLLM's and SGLang's overload is, and
+# a resume handed back; not for a host with no CPU time to read (``UNTIMED``: refused as too complex).
+_STARVED = (
+    "cannot be compiled now: the server was too busy to compile it within its time bound"
+    " (grammar_compilation_timeout_s); try again"
+)
 _validator = Validator()
 
 
@@ -80,8 +88,8 @@ def check(params: SamplingParams) -> None:
         error = _validated(grammar, GRAMMAR_COMPILATION_TIMEOUT_S, None, GRAMMAR_COMPILATION_MEMORY_MB)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
-    if error == KILLED:
-        raise GrammarUnavailable(f"{label(params)} {_KILLED}")
+    if error in (KILLED, STARVED):
+        raise GrammarUnavailable(f"{label(params)} {_KILLED if error == KILLED else _STARVED}")
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
@@ -94,7 +102,8 @@ def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = N
     """llguidance's ``validate_grammar`` message (with ``tokenizer``: its matcher's error, first
     mask included), or why it was stopped: within ``bound_s`` seconds of CPU (a child process's;
     0: unbounded, here) and ``memory_mb`` MiB of its memory (0: no cap); ``KILLED``: the child was
-    killed from outside, no verdict."""
+    killed from outside, ``STARVED``: stopped in wall time, its CPU time short of the bound (a loaded
+    host), no verdict either."""
     try:
         return _kept_verdict(grammar, bound_s, tokenizer, memory_mb)
     except _Unkept as e:
@@ -105,14 +114,16 @@ def _validated(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = N
 def _kept_verdict(grammar: str, bound_s: float, tokenizer: TokenizerSpec | None, memory_mb: int) -> str:
     """``_validated``'s verdict, kept, a refusal at the CPU bound or the memory cap too: sent again,
     a schema that ran to either would take a core as long, or the memory, again. Not one met in
-    wall time (``STARVED``): kept, a schema that compiles in a second was refused for good after a
-    load spike starved its child; nor a child killed from outside (``KILLED``: the OOM killer's
-    choice on a host short of memory, which says nothing of the grammar)."""
+    wall time (``STARVED``, ``UNTIMED``): kept, a schema that compiles in a second was refused for
+    good after a load spike starved its child; nor a child killed from outside (``KILLED``: the OOM
+    killer's choice on a host short of memory, which says nothing of the grammar)."""
     if bound_s > 0:
         verdict = _validator.validate(grammar, bound_s, tokenizer, memory_mb)
-        if verdict in (None, STARVED):
+        if verdict == STARVED:
+            raise _Unkept(STARVED)
+        if verdict in (None, UNTIMED):
             refusal = f"{_TOO_SLOW} {bound_s:g} s (the server's grammar_compilation_timeout_s): simplify it"
-            if verdict == STARVED:
+            if verdict == UNTIMED:
                 raise _Unkept(refusal)
             return refusal
         if verdict == MEMORY and memory_mb:
@@ -200,8 +211,8 @@ class Grammars:
             return self._fresh(grammar) if compiled and isinstance(got, str) else got
         try:
             error = self._verdict(grammar)
-            if error == KILLED:  # (not the grammar's fault, as far as is known: a retry may pass)
-                raise GrammarUnavailable(_KILLED)
+            if error in (KILLED, STARVED):  # (not the grammar's fault, as far as is known: a retry may pass)
+                raise GrammarUnavailable(_KILLED if error == KILLED else _STARVED)
             if error.startswith((_TOO_SLOW, _TOO_LARGE)) or error == CRASHED:  # (crashes this process too)
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m: LLMatcher | str = error
