@@ -214,6 +214,7 @@ def _add_to_engine(w: WorkerService, req: GenerateRequest, add: Add, kv: KVSnaps
         whole=True,  # as the dispatcher checks token ids: a text prompt's length is first known here
         decoded=True,  # (its types checked as it was decoded)
         prompt_field="prompt" if add.text_prompt else None,
+        grammar_unavailable=add.grammar_unavailable,  # (not compiled again here, on the loop)
     )
 
 

@@ -91,8 +91,9 @@ async def _tokenized(
 async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize: bool, arrived: float) -> None:
     """``req`` to the loop once tokenized (``tokenize``: a long text prompt), its shipped cache here
     (or not in time: then it is recomputed) and its grammar compiled (one that fails is refused at
-    admission, saying why); it ``arrived`` then (monotonic seconds)."""
-    kv, waited, bad_words_ids = None, 0.0, None
+    admission, saying why; one not to be had here now, without a second compile there); it
+    ``arrived`` then (monotonic seconds)."""
+    kv, waited, bad_words_ids, unavailable = None, 0.0, None, None
     # Its deadline bounds the wait, as ``upkeep.expire`` bounds one the loop holds: past it, the request
     # is refused at admission, saying so (a compile can take minutes, vLLM #54003).
     until = None if req.deadline is None else max(0.0, req.deadline - time.time())
@@ -114,7 +115,8 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
                         "moved KV not taken (late, unreadable or not finite here); recomputing", request=req.request_id
                     )
             if _compiles(w, req):
-                await w.engine.grammars.off_loop(w.engine.grammars.prepare, req.params)
+                refused = await w.engine.grammars.off_loop(w.engine.grammars.prepare, req.params)
+                unavailable = None if refused is None else str(refused)
     except TimeoutError:
         logger.info("request's deadline passed while it was prepared", request=req.request_id)
     except Exception as e:  # noqa: BLE001 - the request goes on all the same: recomputed, or refused saying why
@@ -122,7 +124,10 @@ async def _prepared(w: WorkerService, req: GenerateRequest, text: bool, tokenize
     finally:
         if (mine := w.preparing.get(req.request_id)) is not None and mine.task is asyncio.current_task():
             del w.preparing[req.request_id]
-    await w.commands.put(Add(req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text, arrived=arrived))
+    add = Add(
+        req, bad_words_ids, kv=kv, kv_wait_s=waited, text_prompt=text, arrived=arrived, grammar_unavailable=unavailable
+    )
+    await w.commands.put(add)
 
 
 def _compiles(w: WorkerService, req: GenerateRequest) -> bool:

@@ -24,6 +24,9 @@ class Add:
     # When it came (monotonic seconds; None: now): its queue time runs from there, its wait on arrival
     # (its grammar's compile, its prompt's tokenizing) in it, as vLLM's counts a wait for its grammar
     arrived: float | None = None
+    # Why its grammar could not be had when compiled on arrival (None: it was, or none is needed):
+    # answered so at admission, not compiled again on the loop (``Grammars.prepare``)
+    grammar_unavailable: str | None = None
 
 
 @dataclass(frozen=True)

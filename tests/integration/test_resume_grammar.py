@@ -14,7 +14,8 @@ import pytest
 
 from dlora.common.messages import SamplingParams
 from dlora.services.gateway.replies import ReplyStream
-from dlora.services.worker.engine import compile_bound
+from dlora.services.worker.engine import compile_bound, structured
+from dlora.services.worker.engine.compile_bound import KILLED, TokenizerSpec, Validator
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.main import WorkerService
 from tests.integration import fencing_cluster
@@ -141,3 +142,30 @@ async def test_a_resume_whose_compile_a_loaded_worker_starves_is_handed_back_not
     assert stream.error_code == "unavailable", (stream.error_code, stream.error)
     assert "cannot be compiled now: the server was too busy" in (stream.error or ""), stream.error
     assert 5 <= stream.tokens < SHORT and len(arrivals) == 2  # w-a's hand-over, w-b's hand-back
+
+
+async def test_a_grammar_unavailable_on_arrival_is_not_compiled_again_on_the_loop(  # type: ignore[no-untyped-def]
+    cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compile on arrival found the grammar unavailable (its compiler's process killed, the host
+    short of memory), and admission compiled it again on the worker's loop, holding every stream
+    there as long (seconds for a compiler killed for memory), once for each worker the resume was
+    handed to. Now admission answers (hands back) from the first compile's finding: each arrival
+    compiles once, off the loop."""
+    c: Cluster = await cluster(ttl_s=5.0)
+    stream, chunks, stop_first, _ = await _running(c, ("w-b",))
+    loop_thread, on = threading.get_ident(), list[int]()  # (the threads each compile ran on)
+
+    class Killed(Validator):
+        def validate(
+            self, grammar: str, bound_s: float, tokenizer: TokenizerSpec | None = None, memory_mb: int = 0
+        ) -> str | None:
+            on.append(threading.get_ident())
+            return KILLED
+
+    monkeypatch.setattr(structured, "_validator", Killed())  # (w-a has its matcher already)
+    stop_first()
+    await _read(stream, chunks)
+    assert stream.error_code == "unavailable" and "killed" in (stream.error or ""), stream.error
+    assert loop_thread not in on, "compiled on the worker's loop"
+    assert len(on) == 2, on  # once on each arrival: w-a's hand-over, w-b's hand-back

@@ -31,7 +31,7 @@ def test_a_starved_compile_is_a_503_at_the_gateway_and_on_a_worker(
     """The engine turned a compile stopped in wall time into the too-slow refusal, a 400 telling the
     client to simplify a grammar that compiled on the worker it first ran on: a resume moved to a
     loaded worker ended so, mid-stream. Now it is ``GrammarUnavailable`` (a 503; a resume is handed
-    back), at the gateway's check too."""
+    back), at the gateway's check too, and whichever compile ahead found it says so."""
     monkeypatch.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)  # no CPU time spent, ever
     monkeypatch.setattr(structured, "GRAMMAR_COMPILATION_TIMEOUT_S", BOUND_S)
     params = SamplingParams(json_schema=SLOW)
@@ -42,6 +42,9 @@ def test_a_starved_compile_is_a_503_at_the_gateway_and_on_a_worker(
         grammars.check(params)  # the gateway's, as far as a worker's first mask
     with pytest.raises(GrammarUnavailable, match="json_schema cannot be compiled now: the server was too busy"):
         grammars.matcher(params, [])  # a worker's
+    refused = grammars.prepare(params)  # a worker's compile on arrival
+    assert isinstance(refused, GrammarUnavailable), refused
+    assert str(refused).startswith("json_schema cannot be compiled now: the server was too busy"), refused
 
 
 def test_a_bound_met_in_wall_time_with_no_cpu_time_to_read_is_too_complex_for_now(

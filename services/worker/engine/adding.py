@@ -41,6 +41,7 @@ def add_request(
     whole: bool = False,
     prompt_field: str | None = None,
     decoded: bool = False,
+    grammar_unavailable: str | None = None,
 ) -> None:
     """Queue a request. ``resume_token_ids``: outputs already produced (by a preempted, migrated or lost run);
     generation continues after them and they are not reported again (``resume_text_held``, their text not sent
@@ -57,6 +58,8 @@ def add_request(
     than end it "length" there. ``prompt_field``: the field its sender gave the prompt in, where the caller
     tokenized a text prompt itself (the worker, on arrival): errors name it (None: the one here). ``decoded``:
     ``params`` came off the wire (the worker's), their types checked by its decoder, not again here.
+    ``grammar_unavailable``: why its grammar could not be had when the caller compiled it ahead
+    (``Grammars.prepare``, off the loop): raised as ``GrammarUnavailable``, not compiled again here.
 
     Raises:
         RequestError: the request cannot be served as asked (``OverContext``: past this engine's
@@ -96,6 +99,8 @@ def add_request(
     refused: Exception | None = None
     if grammar_needed(resumed, params, engine.eos_ids):
         try:
+            if grammar_unavailable is not None:  # (compiled here again, it held the caller's loop as long)
+                raise GrammarUnavailable(grammar_unavailable)
             seq.matcher, seq.grammar_from = started_matcher(engine.grammars, params, resumed)
         except GrammarUnavailable as e:
             refused = e  # (the worker's state, not the request's fault: answered unavailable)

@@ -182,12 +182,21 @@ class Grammars:
         in_context = functools.partial(contextvars.copy_context().run, fn, *args)  # (the log's, as to_thread)
         return await asyncio.get_running_loop().run_in_executor(self._pool, in_context)
 
-    def prepare(self, params: SamplingParams) -> None:
+    def prepare(self, params: SamplingParams) -> GrammarUnavailable | None:
         """Compile the grammar ``params`` asks for now (in a thread: seconds for a large schema),
-        for ``matcher`` to copy. One that fails is left for ``matcher`` to refuse, saying why."""
-        with contextlib.suppress(Exception):
+        for ``matcher`` to copy. One that cannot be had here now is returned, as ``matcher`` would
+        raise it (``GrammarUnavailable``), for the caller to answer without ``matcher``: it is not
+        kept, and ``matcher``, on the engine's loop, compiled it again (a compiler killed for
+        memory held every stream there for as long, once a worker a resume was handed to). Any
+        other failure is left for ``matcher`` to refuse, saying why."""
+        try:
             if (grammar := constraint(params)) is not None:
                 self._fresh(grammar)
+        except GrammarUnavailable as e:
+            return GrammarUnavailable(f"{label(params)} {e}")
+        except Exception:  # noqa: BLE001 - left for ``matcher``, which finds it again or where it was kept
+            pass
+        return None
 
     def _fresh(self, grammar: str, compiled: bool = True) -> LLMatcher | str:
         """A fresh matcher of ``grammar``, compiled once, one in error too (the compile is the
