@@ -24,7 +24,7 @@ from dlora.services.servers import Server, free_port
 from dlora.services.worker.engine.structured import Grammars
 from tests.integration.conftest import Stack, run_stack, until_live
 from tests.integration.test_gateway import post
-from tests.unit.test_grammar_compile_bound import LIVENESS_S, SLOW
+from tests.unit.test_grammar_compile_bound import LIVENESS_S, ORDINARY, SLOW
 
 BOUND = {"grammar_compilation_timeout_s": 1.0}
 
@@ -121,3 +121,21 @@ async def test_a_constraint_past_the_memory_cap_is_refused_naming_its_field(
             assert "cannot be used: too large to compile within 150 MiB of memory" in resp["error"]["message"], resp
         status, resp = await post(stack, "/v1/completions", {**plain, "guided_regex": "(kalo|remi)"})
         assert status == 200 and resp["choices"][0]["text"] in ("kalo", "remi"), resp
+
+
+async def test_a_compile_a_loaded_gateway_starves_is_a_503_saying_so(
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's check turned a compile stopped in wall time (its CPU time short of the bound:
+    the host's load) into a 400 telling the client to simplify a grammar that was fine; it agrees
+    with a worker now: a 503 saying the server was too busy, to retry."""
+    from dlora.services.worker.engine import compile_bound
+
+    plain = {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
+    schema = json.loads(ORDINARY.replace("x_", "busy_"))
+    async with run_stack(nats_server, redis, tiny_llama, worker=BOUND, **BOUND) as stack:
+        monkeypatch.setattr(compile_bound, "_cpu_s", lambda pid: 0.0)  # no CPU time spent, the wall time's
+        monkeypatch.setattr(compile_bound, "_WALL_PER_CPU", 0.0)  # bound at once
+        status, resp = await post(stack, "/v1/completions", {**plain, "guided_json": schema})
+        assert status == 503 and resp["error"]["param"] == "guided_json", resp
+        assert resp["error"]["message"].startswith("guided_json schema cannot be compiled now: the server was too busy")
