@@ -12,7 +12,8 @@ client named none.
 The access line is written by a middleware, not aiohttp's access logger: that one writes nothing
 for a request whose client went away (its handler cancelled), the requests an operator looks for.
 Health checks, scrapes and the status page's polls go at debug level unless they fail (vLLM
-users ask to filter them out of the log); no line names a prompt, an output or a key's secret.
+users ask to filter them out of the log): a failing one is said as its path begins failing, or fails
+with another status, then at debug while it fails the same way; no line names a prompt, an output or a key's secret.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ class AccessLog:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        # The status each polled path last answered. A readiness probe polls every second or less
+        # while workers load (dlora up's own every 0.2 s, a load balancer's): a line for each of its
+        # 503s put 16-19 of them before dlora up's banner (a new user's try-out).
+        self._polled: dict[str, int] = {}
+
+    def _said(self, path: str, status: int) -> bool:
+        """Whether a request to ``path`` answered ``status`` is logged at info, not debug: any but
+        a polled path's (``_QUIET``), and those as they begin failing or fail with another status."""
+        if path not in _QUIET:
+            return True
+        last, self._polled[path] = self._polled.get(path), status
+        return status >= 400 and status != last
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -87,14 +100,14 @@ class AccessLog:
             raise
         finally:
             if self.enabled:
-                _log(request, noted, status, time.monotonic() - started)
+                _log(request, noted, status, time.monotonic() - started, self._said(request.path, status))
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """The request's id in its response's headers."""
         if (noted := request.get(_NOTED)) is None:  # answered before the middleware (see above)
             noted = request[_NOTED] = _noted(request)
             if self.enabled:
-                _log(request, noted, response.status, 0.0)
+                _log(request, noted, response.status, 0.0, self._said(request.path, response.status))
         response.headers["X-Request-Id"] = noted.request_id
 
 
@@ -136,7 +149,7 @@ def note(
     noted.workers = workers or noted.workers
 
 
-def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> None:
+def _log(request: web.Request, noted: _Noted, status: int, seconds: float, said: bool) -> None:
     caller = noted.caller
     fields = {
         "method": request.method,
@@ -152,5 +165,5 @@ def _log(request: web.Request, noted: _Noted, status: int, seconds: float) -> No
         "tenant": caller.tenant if caller else None,
         "admin": caller.admin if caller else None,
     }
-    write = logger.debug if request.path in _QUIET and status < 400 else logger.info  # (a failing one said)
+    write = logger.info if said else logger.debug
     write("http request", **{k: v for k, v in fields.items() if v is not None})

@@ -150,3 +150,13 @@ async def test_redirects_refusals_before_any_handler_and_long_names_are_logged_a
     assert moved["status"] == 308 and too_large["status"] == 413 and too_large["request_id"] == "big-1"
     assert named["model"] == "m" * 128
     assert unhealthy["status"] == 503 and unhealthy["log_level"] == "info"
+
+
+def test_a_failing_poll_is_said_as_it_begins_failing_not_at_every_poll() -> None:
+    """A new user's try-out: ``dlora up``'s readiness poll (every 0.2 s while its workers load)
+    wrote a line at info for each 503, 16-19 of them before its banner."""
+    logged = access.AccessLog(True)
+    said = [logged._said("/healthz", status) for status in (503, 503, 503, 200, 503, 500, 500)]
+    assert said == [True, False, False, False, True, True, False]
+    assert logged._said("/readyz", 503)  # (each path its own)
+    assert logged._said("/v1/ok", 200) and logged._said("/v1/ok", 200)  # any other path: every one
