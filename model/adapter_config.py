@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dlora.model.adapter_files import AdapterError, nonnegative_int
-from dlora.model.peft_targets import key_problem, layers_regex, regex_problem, saved_problem
+from dlora.model.peft_targets import key_problem, layers_problem, regex_problem, saved_problem
 
 __all__ = ["DEFAULT_TARGETS", "check_config", "read_config"]
 
@@ -171,7 +171,7 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
                 refuse(f"{key} {pattern[:200]!r} is not a valid regex ({problem})")
     lp = conf.get("layers_pattern") or []
     for pattern in [lp] if isinstance(lp, str) else lp:  # a list's too: PEFT matches each
-        if (problem := regex_problem(pattern, layers_regex(pattern))) is not None:
+        if (problem := layers_problem(pattern)) is not None:
             refuse(f"layers_pattern {pattern[:200]!r} is not a valid regex ({problem})")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(conf.get(key) or {}, dict):

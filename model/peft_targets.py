@@ -75,6 +75,13 @@ def layers_regex(pattern: str) -> str:
     return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
+def layers_problem(pattern: str) -> str | None:
+    """Why PEFT's ``re`` cannot compile a ``layers_pattern`` entry as it matches it
+    (``re.match(rf".*\\.{pattern}\\.(\\d+)\\.", module)``, ``check_target_module_exists``: its load
+    fails there), or None; a plain entry (letters, digits, '_', '-', '.') always compiles there."""
+    return None if _PLAIN.fullmatch(pattern) else regex_problem(pattern, layers_regex(pattern))
+
+
 # A repeat as re reads one; any other '{' is a literal to re, but regex reads fuzzy matching there
 _REPEAT = re.compile(r"\{\d*(?:,\d*)?\}")
 

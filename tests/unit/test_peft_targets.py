@@ -13,7 +13,15 @@ import pytest
 from dlora.model import peft_targets
 from dlora.model.adapter_config import check_config
 from dlora.model.adapter_files import AdapterError
-from dlora.model.peft_targets import Targets, key_problem, key_regex, regex_problem, saved_problem
+from dlora.model.peft_targets import (
+    Targets,
+    key_problem,
+    key_regex,
+    layers_problem,
+    layers_regex,
+    regex_problem,
+    saved_problem,
+)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -250,3 +258,38 @@ def test_a_key_is_refused_as_it_was_when_every_key_was_compiled() -> None:
     for key in keys:
         assert key_problem(key) == regex_problem(key, key_regex(key)), key
     assert sum(regex_problem(k, key_regex(k)) is not None for k in keys) > 2_500  # (the refused half met)
+
+
+def test_plain_layers_pattern_entries_are_checked_without_compiling_a_regex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_config compiled every layers_pattern entry inside PEFT's .*\\.{pattern}\\.(\\d+)\\.
+    (check_target_module_exists), a plain one ('layers', 'h', 'blocks') too, though such an entry
+    always compiles there: a list of 50,000 cost seconds at each registration and load. Only an
+    entry with another character is compiled, and refused where re refuses it."""
+    compiled: list[str] = []
+    compile_ = peft_targets.re.compile
+
+    def counting(pattern: Any, flags: int = 0) -> Any:
+        compiled.append(pattern)
+        return compile_(pattern, flags)
+
+    monkeypatch.setattr(peft_targets.re, "compile", counting)
+    entries = ["layers", "h", "blocks", "model.layers", "décoder-blocks"] + [f"l{i}" for i in range(50_000)]
+    conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "layers_to_transform": [0]}
+    check_config("lp", {**conf, "layers_pattern": entries})
+    check_config("lp", {**conf, "layers_pattern": "layers"})
+    assert compiled == []
+    with pytest.raises(AdapterError) as refused:
+        check_config("lp", {**conf, "layers_pattern": [*entries[:3], "lay(ers"]})
+    assert compiled == [layers_regex("lay(ers")]
+    assert "layers_pattern 'lay(ers' is not a valid regex" in str(refused.value)
+
+
+@pytest.mark.filterwarnings("ignore:Possible:FutureWarning")  # re's, on '[[', '--', '&&'...
+def test_a_layers_pattern_entry_is_refused_as_it_was_when_every_entry_was_compiled() -> None:
+    """The shortcut for plain entries refuses exactly the entries compiling each one refused."""
+    r = random.Random(4)
+    alphabet = list("q_1é.-") + list("()[]{}*+?|^$\\:<>=!#,") + ["(?i)", "(?P<idx>", "\\d", "{1,2}", "\n"]
+    entries = ["".join(r.choice(alphabet) for _ in range(r.randint(0, 8))) for _ in range(10_000)]
+    for entry in entries:
+        assert layers_problem(entry) == regex_problem(entry, layers_regex(entry)), entry
+    assert sum(regex_problem(e, layers_regex(e)) is not None for e in entries) > 2_500  # (the refused half met)
