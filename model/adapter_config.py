@@ -9,17 +9,31 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from dlora.model.adapter_files import AdapterError, nonnegative_int
-from dlora.model.peft_targets import key_problem, layers_problem, regex_problem, saved_problem
+from dlora.model.peft_targets import (
+    MAX_REGEX_PATTERNS,
+    PATTERN_BUDGET_S,
+    key_problem,
+    layers_problem,
+    plain,
+    regex_problem,
+    saved_problem,
+)
 
 __all__ = ["DEFAULT_TARGETS", "check_config", "read_config"]
 
 # What PEFT adapts when target_modules is left out: its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 # (peft/utils/constants.py) says q_proj and v_proj for llama, mistral and qwen2 alike.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
+# CPU seconds (this thread's) that compiling one config's regex patterns with re may take: the
+# matcher's bound (peft_targets.PATTERN_BUDGET_S), a deadline of its own, as the compiles come
+# first and have no other bound (the matcher's starts when Targets is built)
+COMPILE_BUDGET_S = PATTERN_BUDGET_S
 
 
 def read_config(name: str, path: Path, conf_bytes: bytes) -> dict[str, Any]:
@@ -124,9 +138,6 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
     # the model has is refused in adapters._modules
     if not (conf.get("modules_to_save") is None or _names(conf["modules_to_save"])):
         refuse("modules_to_save must be a list of strings")
-    for saved in conf.get("modules_to_save") or []:
-        if (problem := saved_problem(saved)) is not None:
-            refuse(f"modules_to_save name {saved[:200]!r} is not a valid regex ({problem}; PEFT matches each as one)")
     # "all" and "lora_only" train the base layers' biases and save them beside the LoRA weights
     # (refused by their tensors in _modules); a base without biases (Llama) saves none, and PEFT
     # serves such an adapter as plain LoRA (vLLM refusing it by this field alone failed every
@@ -165,14 +176,6 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
         refuse("layers_to_transform cannot be used when target_modules is a string (peft refuses it too)")
     if conf.get("layers_pattern") and layers is None:
         refuse("layers_pattern needs layers_to_transform (peft refuses it too)")
-    for key in ("target_modules", "exclude_modules"):
-        for pattern in [conf[key]] if isinstance(conf.get(key), str) else []:
-            if (problem := regex_problem(pattern)) is not None:
-                refuse(f"{key} {pattern[:200]!r} is not a valid regex ({problem})")
-    lp = conf.get("layers_pattern") or []
-    for pattern in [lp] if isinstance(lp, str) else lp:  # a list's too: PEFT matches each
-        if (problem := layers_problem(pattern)) is not None:
-            refuse(f"layers_pattern {pattern[:200]!r} is not a valid regex ({problem})")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(conf.get(key) or {}, dict):
             refuse(f"{key} must be an object")
@@ -182,6 +185,44 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
                     f"{key}[{pattern!r}] must be a positive {'integer' if key == 'rank_pattern' else 'number'} "
                     f"(finite), not {value!r}"
                 )
-        for pattern in conf.get(key) or {}:
-            if (problem := key_problem(pattern)) is not None:
-                refuse(f"{key} key {pattern[:200]!r} is not a valid regex ({problem})")
+    _check_patterns(name, conf)
+
+
+def _check_patterns(name: str, conf: dict[str, Any]) -> None:
+    """Refuses (AdapterError) a pattern of ``conf`` that PEFT's ``re`` cannot compile where PEFT
+    puts it, a field holding over MAX_REGEX_PATTERNS regex patterns, and patterns that take re over
+    COMPILE_BUDGET_S of this thread's CPU to compile together (re compiles ~2 us a character; the
+    bound is looked at after each compile). Plain module names always compile and are not compiled:
+    a 0.74 MB config of 50,000 keys such as '(k1)' cost 1.8 s of a core at every registration and load."""
+    deadline = time.thread_time() + COMPILE_BUDGET_S
+
+    def check(key: str, noun: str, patterns: Iterable[str], problem_of: Callable[[str], str | None]) -> None:
+        regexes = list(dict.fromkeys(p for p in patterns if not plain(p)))
+        if len(regexes) > MAX_REGEX_PATTERNS:
+            raise AdapterError(
+                f"adapter {name!r}: {key} has {len(regexes)} regex {noun}s (other than plain module names); "
+                f"at most {MAX_REGEX_PATTERNS}"
+            )
+        for pattern in regexes:
+            if (problem := problem_of(pattern)) is not None:
+                what = f"{key} {noun}" if noun in ("key", "name") else key  # (the messages' old wording)
+                why = "; PEFT matches each as one" if key == "modules_to_save" else ""
+                raise AdapterError(f"adapter {name!r}: {what} {pattern[:200]!r} is not a valid regex ({problem}{why})")
+            if time.thread_time() >= deadline:
+                raise AdapterError(
+                    f"adapter {name!r}: its regex patterns take over {COMPILE_BUDGET_S:g} s to compile "
+                    "(target_modules, exclude_modules, modules_to_save, layers_pattern, rank_pattern, alpha_pattern)"
+                )
+
+    def listed(key: str) -> list[str]:
+        value = conf.get(key) or []
+        return [value] if isinstance(value, str) else list(value)
+
+    for key in ("target_modules", "exclude_modules"):  # a string is a regex; a list, names
+        if isinstance(conf.get(key), str):
+            check(key, "regex", [conf[key]], regex_problem)
+    # PEFT matches each modules_to_save name and layers_pattern entry (a list's too) as a regex
+    check("modules_to_save", "name", listed("modules_to_save"), saved_problem)
+    check("layers_pattern", "entry", listed("layers_pattern"), layers_problem)
+    for key in ("rank_pattern", "alpha_pattern"):
+        check(key, "key", conf.get(key) or {}, key_problem)

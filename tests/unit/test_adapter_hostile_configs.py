@@ -8,11 +8,13 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from dlora.model import peft_targets
 from dlora.model.adapters import AdapterError
 from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.openai import APIError
@@ -122,13 +124,75 @@ def test_patterns_that_take_longer_than_their_bound_are_refused(
     """An engine that bounds its backtracking still meets patterns that are slow by their number (a
     1 MB config holds 50,000 rank_pattern keys: 24 s of one core here, more on a deeper base):
     every match an adapter's config asks for shares one time bound, plain names' matcher too."""
-    # 5,000 keys (past MAX_COMPILED's 2,048) take the plain matcher 0.09 s of a core here, 9 times
-    # the bound; most of the regex keys' time is the config's check, which compiles each with re
-    # (plain keys need no compile: test_peft_targets)
-    keys = _dotted_names(5_000) if plain else [f"(k{i})" for i in range(5_000)]
+    # 5,000 plain keys (past MAX_COMPILED's 2,048) take the plain matcher 0.09 s of a core here, 9
+    # times the bound; 2,000 regex keys (a config holds at most 2,048) take the config's check 0.1 s
+    # to compile, within its own bound (COMPILE_BUDGET_S, not lowered here), and the matcher more
+    keys = _dotted_names(5_000) if plain else [f"(k{i})" for i in range(2_000)]
     _set_raw(adapter, "rank_pattern", json.dumps(dict.fromkeys(keys, 8)))
     monkeypatch.setattr("dlora.model.peft_targets.PATTERN_BUDGET_S", 0.01)
     _refused_everywhere(adapter, root, engine_cfg, "its module patterns take over 0.01 s to match")
+
+
+def _counting_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The patterns re.compile is asked for from now on (re's, which PEFT matches with)."""
+    compiled: list[str] = []
+    compile_ = peft_targets.re.compile
+
+    def counting(pattern: Any, flags: int = 0) -> Any:
+        compiled.append(pattern)
+        return compile_(pattern, flags)
+
+    monkeypatch.setattr(peft_targets.re, "compile", counting)
+    return compiled
+
+
+@pytest.mark.parametrize("key", ["rank_pattern", "alpha_pattern", "modules_to_save", "layers_pattern"])
+def test_more_regex_patterns_than_a_config_holds_are_refused_before_any_is_compiled(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """A 0.74 MB config of 50,000 keys such as '(k1)' (each a valid regex) cost re 1.8 s of a core
+    to compile at every registration and every load, outside any bound; a field now holds at most
+    MAX_REGEX_PATTERNS regex patterns (a key per module of a 290-layer base), counted before any
+    is compiled. Plain module names (EVA's key per module) are not counted: test_peft_targets."""
+    patterns = [f"(k{i})" for i in range(50_000)]
+    raw = json.dumps(dict.fromkeys(patterns, 8) if key.endswith("_pattern") and key != "layers_pattern" else patterns)
+    _set_raw(adapter, key, raw)
+    if key == "layers_pattern":
+        _set_raw(adapter, "layers_to_transform", "[0, 1]")
+    compiled = _counting_compiles(monkeypatch)
+    noun = {"modules_to_save": "name", "layers_pattern": "entry"}.get(key, "key")
+    _refused_everywhere(adapter, root, engine_cfg, f"{key} has 50000 regex {noun}s .*; at most 2048")
+    assert not [p for p in compiled if "(k" in p]
+
+
+def test_regex_patterns_are_compiled_within_a_time_bound(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer patterns than the cap can still be long (one 1 MB key takes re 2 s to compile): the
+    compiles of a config share a bound of this thread's CPU time, looked at after each. A bound of
+    0 s refuses after the first compile (the count, not a time, is asserted)."""
+    _set_raw(adapter, "rank_pattern", json.dumps({"(q_proj)": 4, "(k_proj)": 4, "(v_proj)": 4}))
+    compiled = _counting_compiles(monkeypatch)
+    monkeypatch.setattr("dlora.model.adapter_config.COMPILE_BUDGET_S", 0.0)
+    with pytest.raises(AdapterError, match="its regex patterns take over 0 s to compile"):
+        load_adapter("a", adapter, engine_cfg)
+    assert [p for p in compiled if "_proj)" in p] == [peft_targets.key_regex("(q_proj)")]
+
+
+def test_a_config_with_a_regex_key_per_module_still_loads(adapter: Path, root: Path, engine_cfg) -> None:
+    """PEFT's LoraConfig docstring writes rank_pattern keys as '^model.decoder.layers.0...': a
+    config with such a key per module of the base, and as many more as the cap allows, is served
+    with the ranks they give (the cap and the bounds refuse none of it)."""
+    conf = json.loads((adapter / CONFIG).read_text())
+    parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+    layers = range(engine_cfg.num_layers)
+    modules = [f"model.layers.{i}.{parent.get(t, 'mlp')}.{t}" for i in layers for t in conf["target_modules"]]
+    keys = {f"^{m}": 8 for m in modules} | {f"^model.layers.{i}.self_attn.x_proj": 4 for i in range(2_048)}
+    keys = dict(list(keys.items())[:2_048])  # a key per module of a 290-layer base
+    alphas = {"^model.layers.0.self_attn.q_proj": 16}
+    (adapter / CONFIG).write_text(json.dumps({**conf, "rank_pattern": keys, "alpha_pattern": alphas}))
+    assert check_adapter("a", str(adapter), [str(root)], "model", engine_cfg).rank == 8
+    load_adapter("a", adapter, engine_cfg)
 
 
 @pytest.mark.parametrize("key", ["target_modules", "exclude_modules"])
