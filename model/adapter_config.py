@@ -16,6 +16,7 @@ from typing import Any
 
 from dlora.model.adapter_files import AdapterError, nonnegative_int
 from dlora.model.peft_targets import (
+    MAX_PATTERN_CHARS,
     MAX_REGEX_PATTERNS,
     PATTERN_BUDGET_S,
     key_problem,
@@ -190,7 +191,8 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
 
 def _check_patterns(name: str, conf: dict[str, Any]) -> None:
     """Refuses (AdapterError) a pattern of ``conf`` that PEFT's ``re`` cannot compile where PEFT
-    puts it, a field holding over MAX_REGEX_PATTERNS regex patterns, and patterns that take re over
+    puts it, a field holding over MAX_REGEX_PATTERNS regex patterns or one over MAX_PATTERN_CHARS
+    characters (no compile can be stopped midway), and patterns that take re over
     COMPILE_BUDGET_S of this thread's CPU to compile together (re compiles ~2 us a character; the
     bound is looked at after each compile). Plain module names always compile and are not compiled:
     a 0.74 MB config of 50,000 keys such as '(k1)' cost 1.8 s of a core at every registration and load."""
@@ -202,6 +204,11 @@ def _check_patterns(name: str, conf: dict[str, Any]) -> None:
             raise AdapterError(
                 f"adapter {name!r}: {key} has {len(regexes)} regex {noun}s (other than plain module names); "
                 f"at most {MAX_REGEX_PATTERNS}"
+            )
+        if len(longest := max(regexes, key=len, default="")) > MAX_PATTERN_CHARS:
+            raise AdapterError(
+                f"adapter {name!r}: {key} has a regex {noun} of {len(longest)} characters ({longest[:50]!r}...); "
+                f"at most {MAX_PATTERN_CHARS}"
             )
         for pattern in regexes:
             if (problem := problem_of(pattern)) is not None:

@@ -165,6 +165,31 @@ def test_more_regex_patterns_than_a_config_holds_are_refused_before_any_is_compi
     assert not [p for p in compiled if "(k" in p]
 
 
+LONG = "".join(f"(k{i})" for i in range(70_000))  # 0.55 MB: regex took 3 s to compile it, re 1.1 s
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "noun"),
+    [
+        ("target_modules", json.dumps(LONG), "regex"),
+        ("rank_pattern", json.dumps({LONG: 8}), "key"),
+        ("modules_to_save", json.dumps([LONG]), "name"),
+    ],
+)
+def test_a_regex_too_long_to_compile_in_the_bound_is_refused_before_it_is_compiled(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch, key: str, raw: str, noun: str
+) -> None:
+    """No compile can be stopped midway: one 0.55 MB rank_pattern key took re 1.1 s at the check
+    and regex 3 s in the matcher (whose bound is looked at between compiles), at every
+    registration and load. A regex pattern holds at most MAX_PATTERN_CHARS characters, refused
+    before it is compiled."""
+    _set_raw(adapter, key, raw)
+    compiled = _counting_compiles(monkeypatch)
+    fragment = f"{key} has a regex {noun} of {len(LONG)} characters .*; at most 65536"
+    _refused_everywhere(adapter, root, engine_cfg, fragment)
+    assert not [p for p in compiled if "(k" in p]
+
+
 def test_regex_patterns_are_compiled_within_a_time_bound(
     adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch
 ) -> None:
