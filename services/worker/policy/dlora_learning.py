@@ -12,6 +12,17 @@ max_num_seqs)``, with no token budget; here tokens of work.) Merged epochs that 
 ``band_up``; unmerged epochs that merging would have beaten by ``band_margin`` scale R by
 ``band_down``. L = ``band_ratio`` * R keeps the hysteresis.
 
+R moves on a loss only, so it seldom moves (a review traced it: once in a policy ablation, never
+in 22 epochs of a probe). Each step already takes the mode its price says is cheaper per token,
+waiting counted as here, so an epoch loses only where the cost model mispredicted; an epoch ends
+only when the merged adapter changes (one unmerged epoch held 2,453 steps, most of a stride-32
+ablation run); one mostly mixed is not judged; and in such runs an unmerged epoch's merged
+counterfactual lost by 8 to 300 times (the busiest adapter held a decode or two while the steps
+prefilled others' prompts), past any fix of a few tens of per cent. The artifact moves its
+thresholds on a win too: a merged epoch that won lowers R by ``aimd_add`` (0.05, not below L),
+one that lost multiplies it by ``aimd_mul`` (1.1); unmerged epochs move L the same way, up when
+they won, down when they lost.
+
 **Watchdog.** A merged or mixed epoch whose predicted steps (three at least) took
 ``watchdog_ratio`` times their predicted time holds the policy unmerged for ``watchdog_steps``
 steps.
