@@ -342,3 +342,22 @@ def test_an_epoch_its_counterfactual_clearly_beat_moves_the_band_its_way_by_its_
     d = dataclasses.replace(p.decide(q, merged), merged=closer, mixed=False)
     p.observe(d, _record(d, q, 0.015, merge=0.001 if closer else 0.0, unmerge=0.001 if merged else 0.0, repeat=4))
     assert p.r == pytest.approx(r_after)
+
+
+def test_a_prompt_only_the_merged_steps_prefilled_is_prefilled_in_their_counterfactual_too() -> None:
+    """A review: a prompt the merged step prefilled shows as running (a decode) in the queues after,
+    so the counterfactual (F unmerged), whose budget had gone to b's prompt before it, decoded it
+    from the next step on without ever prefilling it. 16 tokens a step, whole prompts: w (b's, 10)
+    fills F's step and a's p (10) waits for the next, which also decodes w; then both decode."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
+    p = _linear_costs(DLoraPolicy(limits))
+    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
+    prompt = QueuedRequest("p", "a", 1, False, 10, 16, context=10)
+    decoding = QueuedRequest("p", "a", 1, True, 1, 16, context=11)
+    cf_tokens = []
+    for q, ran in (([w, prompt], 10), ([w, decoding], 1), ([w, decoding], 1)):
+        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"])
+        p.observe(d, StepRecord("a", ["p"], ["a"], ran, 0.02))
+        assert p._epoch is not None and p._epoch.merged == "a"
+        cf_tokens.append(p._epoch.cf_tokens)
+    assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]  # ([10, 12, 14]: p decoded, never prefilled)

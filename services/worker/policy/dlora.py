@@ -143,14 +143,16 @@ class _Candidate:
     def decision(self, basis: Basis, shape: QueueShape | None = None) -> StepDecision:
         """The decision to run it, decided on ``basis``; ``shape``: the queue's it was built from
         (its ids and excess kept there: one candidate a mode and merged adapter)."""
+
+        def made() -> tuple[dict[str, int], list[str], list[QueuedRequest]]:
+            prompts = [r for r in self.batch if not r.running]
+            return self._excess(basis.merged_now), [r.request_id for r in self.batch], prompts
+
         if shape is None:
-            excess, ids = self._excess(basis.merged_now), [r.request_id for r in self.batch]
+            excess, ids, prompts = made()
         else:
-            excess, ids = shape.piece(
-                ("decision", self.mode, self.merged),
-                lambda: (self._excess(basis.merged_now), [r.request_id for r in self.batch]),
-            )
-        basis.excess = dict(excess)
+            excess, ids, prompts = shape.piece(("decision", self.mode, self.merged), made)
+        basis.excess, basis.prompts = dict(excess), prompts
         return StepDecision(self.merged, list(ids), basis, mixed=self.mode is Mode.MIXED)
 
     def _excess(self, merged_now: str | None) -> dict[str, int]:
@@ -198,10 +200,11 @@ class DLoraPolicy(EpochLearning):
         grew by one id a request for as long as one adapter stayed merged, the ranks by one key an
         adapter version ever queued (a helper's finding: 9,000 ids with 6 requests in flight)."""
         epoch, bound = self._epoch, 4 * len(queue) + 256
-        if epoch is not None and len(epoch.cf_prefilled) + len(epoch.cf_chunked) > bound:
+        if epoch is not None and len(epoch.cf_prefilled) + len(epoch.cf_chunked) + len(epoch.cf_owed) > bound:
             ids = {r.request_id for r in queue}
             epoch.cf_prefilled &= ids
             epoch.cf_chunked = {k: n for k, n in epoch.cf_chunked.items() if k in ids}
+            epoch.cf_owed = {k: r for k, r in epoch.cf_owed.items() if k in ids}
         if len(self.ranks) > bound:
             keep = {r.adapter for r in queue} | {merged_now}
             self.ranks = {a: rank for a, rank in self.ranks.items() if a in keep}

@@ -17,9 +17,9 @@ in 22 epochs of a probe). Each step already takes the mode its price says is che
 waiting counted as here, so an epoch loses only where the cost model mispredicted; an epoch ends
 only when the merged adapter changes (one unmerged epoch held 2,453 steps, most of a stride-32
 ablation run); one mostly mixed is not judged; and in such runs an unmerged epoch's merged
-counterfactual lost by 8 to 300 times (the busiest adapter held a decode or two while the steps
-prefilled others' prompts), past any fix of a few tens of per cent. The artifact moves its
-thresholds on a win too: a merged epoch that won lowers R by ``aimd_add`` (0.05, not below L),
+counterfactual lost by 2.6 to over 1,000 times (the busiest adapter held a decode or two while
+the steps prefilled others' prompts), past any fix of a few tens of per cent. The artifact moves
+its thresholds on a win too: a merged epoch that won lowers R by ``aimd_add`` (0.05, not below L),
 one that lost multiplies it by ``aimd_mul`` (1.1); unmerged epochs move L the same way, up when
 they won, down when they lost.
 
@@ -34,7 +34,7 @@ from dlora.services.worker.policy.base import Mode, Policy, StepDecision, StepRe
 from dlora.services.worker.policy.config import PolicyConfig
 from dlora.services.worker.policy.costs import CostModel
 from dlora.services.worker.policy.credits import CreditLedger
-from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, cf_step, facts_of, step_work
+from dlora.services.worker.policy.dlora_steps import Basis, Epoch, Facts, cf_step, facts_of, owe_prefills, step_work
 
 
 class EpochLearning(Policy):
@@ -122,6 +122,7 @@ class EpochLearning(Policy):
             # step too.)
             (tokens, segments, rank_tokens, context), work, seqs = facts.cf, facts.cf_work, len(basis.fed)
             step = cf_step(basis.fed, basis.fcfs, epoch, self.limits, None, basis.merged_now, basis.kv)
+            owe_prefills(epoch, basis, record)
             if step is not None:  # (None: decodes alone, as the step saw them, worked out once)
                 (batch, work), seqs = step, len(step[0])
                 tokens, segments, rank_tokens, context = step_work(batch, None, self.ranks, basis.merged_now)
@@ -138,6 +139,7 @@ class EpochLearning(Policy):
             # times better than it was); and one merged step feeds no more than the budget (a
             # review: all of ``best_group`` was priced, past it).
             step = cf_step(basis.best_run, basis.best_group, epoch, self.limits, basis.best, basis.merged_now, basis.kv)
+            owe_prefills(epoch, basis, record)
             batch, work = step or (basis.best_run, sum(r.work for r in basis.best_run))
             tokens, _, _, context = step_work(batch, basis.best, self.ranks, basis.merged_now)
             cf = self.costs.step_seconds(tokens, context=context + repeat * len(batch))

@@ -37,6 +37,9 @@ class Epoch:
     cf_adapter: str | None = None  # unmerged epochs: adapter the counterfactual has merged
     cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
     cf_chunked: dict[str, int] = field(default_factory=dict)  # by request: prompt tokens it has left, fed in chunks
+    # By request: a prompt the steps that ran fed (in part or whole) before the counterfactual fed
+    # any of it, as queued then: it owes the prefill, where the queues after show it running.
+    cf_owed: dict[str, QueuedRequest] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Basis:
     # every prompt in it past the token budget.
     best_run: list[QueuedRequest] = field(default_factory=list)
     kv: KvRoom | None = None  # the KV cache as it decided: a counterfactual step cut anew is cut to it (``cf_step``)
+    # The chosen batch's waiting requests, as queued: what the step may start (``Epoch.cf_owed``).
+    prompts: list[QueuedRequest] = field(default_factory=list)
 
 
 def key_of(adapter: str | None) -> str:
@@ -114,7 +119,8 @@ def cf_step(
     The counterfactual goes on from its steps before in the epoch, which the queue does not show:
     a prompt it fed whole decodes (a token, attending the prompt); one it fed in part feeds its
     next chunk, at most what it has left of it (``epoch.cf_chunked[id]``: its own, whatever steps
-    that ran fed of it), attending what it fed before too. Once it has fed any, the step is cut
+    that ran fed of it), attending what it fed before too; one the steps that ran fed first is fed
+    as it was queued then (``epoch.cf_owed``), all of it. Once it has fed any, the step is cut
     anew (``within_budget``, with ``limits`` and ``kv``: the cache as the step began) from
     ``batch`` as the counterfactual has it, so that the budget its prefilled prompts no longer
     take goes to the prompts after them, as the scheduler gives it. Records what it feeds in
@@ -127,9 +133,13 @@ def cf_step(
     A prompt past ``max_num_batched_tokens`` is fed all of it (``QueuedRequest.left``), not only
     what ``scheduler.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
     prompt, then decoded it at 16 tokens of context)."""
-    ids = {r.request_id for r in fed}
-    queued = {r.request_id: r for r in batch}
-    if any(not r.running and (r.request_id in epoch.cf_prefilled or r.request_id in epoch.cf_chunked) for r in batch):
+    ids, owed = {r.request_id for r in fed}, epoch.cf_owed
+    queued = {r.request_id: owed.get(r.request_id, r) for r in batch}
+    if any(
+        r.request_id in owed
+        or (not r.running and (r.request_id in epoch.cf_prefilled or r.request_id in epoch.cf_chunked))
+        for r in batch
+    ):
         source = [queued[r.request_id] for r in fed] + [r for r in batch if r.request_id not in ids]
         fed = within_budget([_left(r, epoch, merged, merged_now) for r in source], limits, merged, merged_now, kv)
     elif all(r.running for r in fed):
@@ -157,15 +167,31 @@ def cf_step(
             epoch.cf_chunked[rid] = left - n
         else:
             epoch.cf_prefilled.add(rid)
+        owed.pop(rid, None)
     return out, work
+
+
+def owe_prefills(epoch: Epoch, basis: Basis, record: StepRecord) -> None:
+    """Record in ``epoch.cf_owed`` the prompts ``record``'s step fed that its counterfactual has
+    fed none of (call after that step's ``cf_step``): the queues after show them running, or
+    with less left, and the counterfactual would decode them, or feed only the rest, without
+    ever paying what the step fed (a review: a prompt a merged step prefilled, for which F's own
+    step had no budget left, was decoded in the counterfactual from the next step on)."""
+    waiting = {r.request_id: r for r in (*basis.fcfs, *basis.prompts) if not r.running}
+    for rid in record.request_ids:
+        if (r := waiting.get(rid)) is not None and rid not in epoch.cf_prefilled and rid not in epoch.cf_chunked:
+            epoch.cf_owed.setdefault(rid, r)
 
 
 def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | None) -> QueuedRequest:
     """``r`` as ``epoch``'s counterfactual has it (``cf_step``'s arguments): a prompt it prefilled
     a decode (attending all of it), and one it fed in part what it has left of it, holding KV
-    (``started``: the scheduler's line does not stop it). Their blocks are taken to fit (``kv``
-    None): they hold them already."""
+    (``started``: the scheduler's line does not stop it), and one the steps that ran fed first
+    the prompt it was (``Epoch.cf_owed``). Their blocks are taken to fit (``kv`` None): they hold
+    them already."""
     rid = r.request_id
+    if (owed := epoch.cf_owed.get(rid)) is not None:  # a prompt as queued before the steps that ran fed it
+        return replace(owed, kv=None)
     if r.running:
         return r
     if rid in epoch.cf_prefilled:
