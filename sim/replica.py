@@ -24,8 +24,8 @@ from dlora.services.worker.engine import LLMEngine, taking
 from dlora.services.worker.engine.config import EngineConfig
 from dlora.services.worker.engine.kv_transfer import adopt
 from dlora.services.worker.engine.outputs import RequestError
+from dlora.services.worker.engine.queue_view import kv_room
 from dlora.services.worker.engine.sampler import SamplingError
-from dlora.services.worker.engine.scheduler import kv_room
 from dlora.services.worker.engine.sequence import Status
 from dlora.services.worker.policy import Policy, lora_work
 from dlora.sim.cost import CostProfile, StepShape

@@ -99,12 +99,12 @@ def test_a_counterfactual_feeds_a_chunked_prompt_once_over_its_chunks() -> None:
     review: counted a full chunk, w's prompt was 408 tokens), then it decodes: as the scheduler
     feeds it, 12 tokens beside a's four decodes a step, then the 4 left, then a token a step.
 
-    The scheduler shows the policy a prompt only up to the token budget (``scheduler.queued``:
+    The scheduler shows the policy a prompt only up to the token budget (``queue_view.queued``:
     16 of w's 400), and all of it in ``length``: the counterfactual feeds all 400 (a review: it
     prefilled the 16 shown, 514 tokens). A prompt of 16: a chunk of 12, the 4 left, then decodes
     (it counted two chunks of 12)."""
     limits = dataclasses.replace(BUDGET, chunked_prefill=True)
-    shown = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16, length=400)  # as ``scheduler.queued`` shows it
+    shown = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16, length=400)  # as ``queued`` shows it
     short = dataclasses.replace(PAST_BUDGET[-1], num_new=16, context=16)
     for w, prompt in ((PAST_BUDGET[-1], 400), (shown, 400), (short, 16)):
         p = _linear_costs(DLoraPolicy(limits))
@@ -136,7 +136,7 @@ def test_a_counterfactual_chunk_attends_what_its_prompt_fed_before_it() -> None:
     not 8 throughout."""
     limits = BatchLimits(max_num_seqs=16, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
     q = [QueuedRequest(f"a{i}", "a", i, True, 1, 16, context=100) for i in range(8)]
-    q.append(QueuedRequest("w", "b", 9, False, 16, 16, context=16))  # as ``scheduler.queued`` shows it
+    q.append(QueuedRequest("w", "b", 9, False, 16, 16, context=16))  # as ``queue_view.queued`` shows it
     ran = StepRecord("a", [r.request_id for r in q[:8]], ["a"] * 8, 8, 0.02)
     p = _sloped(DLoraPolicy(limits))
 
@@ -303,7 +303,7 @@ def test_a_prompt_the_merged_steps_feed_too_is_fed_all_of_it_in_their_counterfac
     its 40). The counterfactual feeds what it has left itself: 16, 16, 8, then a decode."""
     limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
     p = _linear_costs(DLoraPolicy(limits))
-    for fed in (0, 16, 32):  # as ``scheduler.queued`` shows p, the merged steps having fed that much of it
+    for fed in (0, 16, 32):  # as ``queue_view.queued`` shows p, the merged steps having fed that much of it
         left = 40 - fed
         w = QueuedRequest("p", "a", 0, False, min(left, 16), 16, context=fed + min(left, 16), started=fed > 0)
         q = [dataclasses.replace(w, length=40 if left > 16 else 0)]

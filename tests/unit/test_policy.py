@@ -114,7 +114,8 @@ def test_within_budget_starts_no_prompt_keyed_after_a_recompute_that_does_not_fi
     it small prompts kept the room it waited for). ``within_budget`` went on past it and priced the
     step on a prompt that would not run (the last session's "misprices with chunked prefill off")."""
     from dlora.services.worker.engine.block_manager import BlockManager
-    from dlora.services.worker.engine.scheduler import Limits, queued, schedule
+    from dlora.services.worker.engine.queue_view import queued
+    from dlora.services.worker.engine.scheduler import Limits, schedule
     from dlora.services.worker.policy import StepDecision
     from tests.unit.test_scheduler import running, seq
 
@@ -134,7 +135,8 @@ def test_within_budget_goes_on_past_a_recompute_that_does_not_fit_to_a_prompt_ho
     blocks, vLLM's running list) goes on past a recompute that waits. ``within_budget`` stopped it
     too, and priced the step without it (found by a differential check against ``schedule``)."""
     from dlora.services.worker.engine.block_manager import BlockManager
-    from dlora.services.worker.engine.scheduler import queued, schedule
+    from dlora.services.worker.engine.queue_view import queued
+    from dlora.services.worker.engine.scheduler import schedule
     from dlora.services.worker.policy import StepDecision
     from tests.unit.test_scheduler import CHUNKED, running, seq
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
+from dlora.services.worker.engine.queue_view import kv_room, queued
+from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import BatchLimits, StepDecision
 from dlora.services.worker.policy.base import within_budget

@@ -6,7 +6,8 @@ import random
 from dataclasses import replace
 
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import Limits, kv_room, queued, schedule
+from dlora.services.worker.engine.queue_view import kv_room, queued
+from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import BatchLimits, KvNeed, KvRoom, QueuedRequest, StepDecision, fcfs_batch
 from dlora.services.worker.policy.base import within_budget

@@ -5,7 +5,8 @@ import torch
 
 from dlora.common.messages import SamplingParams
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import Limits, queued, schedule
+from dlora.services.worker.engine.queue_view import queued
+from dlora.services.worker.engine.scheduler import Limits, schedule
 from dlora.services.worker.engine.sequence import PRIORITY_SPAN, Sequence, Status, requeue
 from dlora.services.worker.policy import StepDecision, SwitchedFeeds
 

@@ -8,7 +8,8 @@ import pytest
 
 from dlora.services.worker.engine import block_manager
 from dlora.services.worker.engine.block_manager import BlockManager
-from dlora.services.worker.engine.scheduler import queued, schedule
+from dlora.services.worker.engine.queue_view import queued
+from dlora.services.worker.engine.scheduler import schedule
 from dlora.services.worker.engine.sequence import Sequence
 from dlora.services.worker.policy import BatchLimits, StepDecision, fcfs_batch
 from dlora.services.worker.policy.base import within_budget

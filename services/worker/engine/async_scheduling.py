@@ -35,8 +35,9 @@ from dlora.services.worker.engine.faults import raise_if_lost
 from dlora.services.worker.engine.inputs import Carry, rows_of
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, launch_logprobs, reserve
 from dlora.services.worker.engine.preparing import preempted
+from dlora.services.worker.engine.queue_view import kv_room
 from dlora.services.worker.engine.sampler import Sampled, sample_sequences
-from dlora.services.worker.engine.scheduler import forget_lookup, kv_room, preempt
+from dlora.services.worker.engine.scheduler import forget_lookup, preempt
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.taking import fail_chunks, written
 from dlora.services.worker.policy import StepDecision

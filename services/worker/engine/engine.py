@@ -30,8 +30,9 @@ from dlora.services.worker.engine.model import LlamaModel, StepInputs
 from dlora.services.worker.engine.outputs import LaunchedLogprobs, RequestOutput, advance, failed_output
 from dlora.services.worker.engine.outputs import RequestError as RequestError  # (the package's: engine.RequestError)
 from dlora.services.worker.engine.placement import PreparedStep, StepSlots
+from dlora.services.worker.engine.queue_view import kv_room, queued
 from dlora.services.worker.engine.sampler import SamplingError, sample_sequences
-from dlora.services.worker.engine.scheduler import Limits, kv_room, queued
+from dlora.services.worker.engine.scheduler import Limits
 from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.engine.slots import DeviceLoras, SlotChange, SlotTable
 from dlora.services.worker.engine.stats import EngineStats
@@ -250,7 +251,7 @@ class LLMEngine:
         return bool(self.seqs or self._taken) or self._in_flight is not None
 
     def queue(self) -> list[QueuedRequest]:
-        """What the policy may run, in scheduling order: priority, then arrival (``scheduler.queued``)."""
+        """What the policy may run, in scheduling order: priority, then arrival (``queue_view.queued``)."""
         seqs, merged = self.seqs.values(), self.merger.merged
         if self.loading:  # (a list made only then: the policy asks every step)
             seqs = [s for s in seqs if s.adapter not in self.loading]

@@ -70,7 +70,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     cache_salt: str = ""  # vLLM's: its prefix-cache blocks are shared only with requests of the same salt
     # Its full blocks' names in the prefix cache, per cache key, as far as looked: for the policy's
-    # look at what a waiting prompt would find cached (``scheduler.queued``), hashed once.
+    # look at what a waiting prompt would find cached (``queue_view.queued``), hashed once.
     block_names: dict[bytes, list[bytes]] = field(default_factory=dict)
 
     def salted(self, key: bytes) -> bytes:

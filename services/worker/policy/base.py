@@ -74,7 +74,7 @@ class QueuedRequest:
     switched: SwitchedFeeds | None = None  # None: ``num_new`` under any merged state (none of it cached, a decode)
     # KV entries it would attend were it fed ``num_new`` tokens: its tokens cached, computed or
     # not, and those fed (a step's KV read grows with it: ``CostModel``). A running request's is
-    # refreshed as it grows by a sixteenth (``scheduler.queued``), so it may be a little short.
+    # refreshed as it grows by a sixteenth (``queue_view.queued``), so it may be a little short.
     context: int = 0
     # With ``switched``: the KV entries it attends besides those it feeds, under each merged
     # state (what it holds and what it finds cached under that state's key).
@@ -91,7 +91,7 @@ class QueuedRequest:
     # What its next feed takes of the KV cache's blocks (None: not counted, taken to fit).
     kv: KvNeed | None = None
     # Waiting: the KV entries it holds once all its prompt is fed, where ``num_new`` (and
-    # ``switched``) stop at the token budget (``scheduler.queued``); 0: they are all of it.
+    # ``switched``) stop at the token budget (``queue_view.queued``); 0: they are all of it.
     length: int = 0
 
     @property

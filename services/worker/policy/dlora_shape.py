@@ -6,7 +6,7 @@ blocks and the batch limits) and what the policy learned (costs, credits, band, 
 first fixes the batches every candidate would run (F, its refills, each adapter's group, what one
 step of each feeds, their tokens and contexts); the second only which candidate wins and what
 credit moves. While requests only decode, the engine hands the policy the very same entries step
-after step (``scheduler.queued`` keeps a request's entry until its context grows by a sixteenth
+after step (``queue_view.queued`` keeps a request's entry until its context grows by a sixteenth
 or it crosses a block bound), so the batches need not be built again: on a simulated hour that
 decides millions of repeated steps, building them was most of ``decide``'s time. Everything here
 is a function of the entries (frozen, their fields immutable: one seen again by identity is the

@@ -131,7 +131,7 @@ def cf_step(
     the merged steps fed too had their chunks taken off it as well as its own.)
 
     A prompt past ``max_num_batched_tokens`` is fed all of it (``QueuedRequest.left``), not only
-    what ``scheduler.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
+    what ``queue_view.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
     prompt, then decoded it at 16 tokens of context)."""
     ids, owed = {r.request_id for r in fed}, epoch.cf_owed
     queued = {r.request_id: owed.get(r.request_id, r) for r in batch}
