@@ -1,10 +1,12 @@
 """``within_budget`` (the policy's model of a step, on which every dLoRA candidate's price and
 count rest) against what ``scheduler.schedule`` feeds of the same queue: the same requests, each
 the same tokens, where running decodes' adapters have or lack a device slot, chunked prefill is
-on or off, the token budget, ``max_num_seqs`` and the KV cache's free blocks bind."""
+on or off, the token budget, ``max_num_seqs`` and the KV cache's free blocks bind; and no prompt
+runs after one cut to leave the decodes their room."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from hypothesis import given, settings
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 from dlora.services.worker.engine.block_manager import BlockManager
 from dlora.services.worker.engine.queue_view import kv_room, queued
 from dlora.services.worker.engine.scheduler import Limits, schedule
-from dlora.services.worker.engine.sequence import Sequence
+from dlora.services.worker.engine.sequence import Sequence, Status
 from dlora.services.worker.policy import BatchLimits, StepDecision
 from dlora.services.worker.policy.base import within_budget
 from tests.unit.test_scheduler import running, seq
@@ -76,40 +78,88 @@ def both(
     return counted, [(s.request_id, s.num_scheduled) for s in plan.seqs], evicts or bool(plan.preempted)
 
 
-@settings(max_examples=250, deadline=None, derandomize=True)
-@given(
+@dataclass(frozen=True)
+class Case:
+    kinds: list[tuple[str, str | None, int]]  # the queue in arrival order (``request``)
+    num_blocks: int  # the KV cache's, of BLOCK tokens each
+    limits: Limits
+    merged: str | None  # merged now; a mixed step with it merged, its correction holding a slot
+    order: list[int]  # indices into the queue put first in the decision (``both``)
+
+
+# Anything: the KV cache tight as often as not (a prompt under way cut by its blocks, full-ISL
+# admission passing prompts over).
+general = st.builds(
+    Case,
     kinds=st.lists(request, min_size=1, max_size=8),
     num_blocks=st.integers(2, 24),
-    max_num_seqs=st.integers(1, 6),
-    budget=st.integers(2, 24),
-    max_adapters=st.integers(1, 3),
-    chunked=st.booleans(),
+    limits=st.builds(Limits, st.integers(1, 6), st.integers(2, 24), st.integers(1, 3), st.booleans()),
     merged=st.sampled_from([None, "a"]),
     order=st.lists(st.integers(0, 7), max_size=8),
 )
-def test_the_policy_counts_what_the_scheduler_feeds_and_no_room_is_held_for_nothing(
-    kinds: list[tuple[str, str | None, int]],
-    num_blocks: int,
-    max_num_seqs: int,
-    budget: int,
-    max_adapters: int,
-    chunked: bool,
-    merged: str | None,
-    order: list[int],
-) -> None:
-    seqs, bm = _build(kinds, num_blocks)
+
+
+# A prompt of any kind, often past the budget, often of a token or three (one that fits the room a
+# cut prompt left); a running decode
+PROMPT = st.tuples(
+    st.sampled_from(["prompt", "prompt", "started", "recompute"]),
+    st.sampled_from(ADAPTERS),
+    st.one_of(st.integers(1, 40), st.integers(1, 3)),
+)
+DECODE = st.tuples(st.just("decode"), st.sampled_from(ADAPTERS), st.integers(1, 7))
+
+
+@st.composite
+def cut(draw: st.DrawFn) -> Case:
+    """Chunked prefill: prompts, often past the token budget, that arrived before running decodes,
+    with few seats (``max_num_seqs``) and device slots (``max_adapters``) and a roomy KV cache: a
+    prompt cut to leave the decodes after it their room, and prompts after it."""
+    prompts = draw(st.lists(PROMPT, min_size=2, max_size=3))
+    decodes = draw(st.lists(DECODE, min_size=1, max_size=5))
+    limits = Limits(draw(st.integers(1, 5)), draw(st.integers(4, 16)), draw(st.integers(1, 2)))
+    order = draw(st.lists(st.integers(0, 7), max_size=2))
+    return Case(prompts + decodes, 64, limits, draw(st.sampled_from([None, "a"])), order)
+
+
+@st.composite
+def passed_over(draw: st.DrawFn) -> Case:
+    """Chunked prefill off, a mixed step (lora-a merged: its correction holds the one device slot)
+    whose decision puts first, ahead of the prompts that arrived before them, running decodes of
+    other adapters: passed over for want of a slot, they leave a prompt past the token budget the
+    step's first (run whole), with decodes after it."""
+    prompts = draw(st.lists(PROMPT, min_size=1, max_size=3))
+    decodes = draw(st.lists(DECODE, min_size=1, max_size=5))
+    limits = Limits(draw(st.integers(1, 5)), draw(st.integers(4, 16)), 1, chunked_prefill=False)
+    # (first: some of the decodes no slot is left for)
+    others = [len(prompts) + i for i, (_, adapter, _) in enumerate(decodes) if adapter not in (None, "a")]
+    order = draw(st.lists(st.sampled_from(others), min_size=1, max_size=3)) if others else []
+    return Case(prompts + decodes, 64, limits, "a", order)
+
+
+# Drawn only from ``general``, the shapes of ``cut`` and ``passed_over`` took 4,000+ examples to
+# meet: two bugs got past its 250 (a prompt after a cut one taking a decode's seat or slot; room
+# held, without chunked prefill, for the decodes after one passed over).
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(case=st.one_of(cut(), passed_over(), general))
+def test_the_policy_counts_what_the_scheduler_feeds_and_no_room_is_held_for_nothing(case: Case) -> None:
+    seqs, bm = _build(case.kinds, case.num_blocks)
     if not seqs:
         return
-    limits = Limits(max_num_seqs, budget, max_adapters, chunked)
     new = {rid: s.num_new for rid, s in seqs.items()}
-    counted, fed, preempted = both(seqs, bm, limits, merged, order)
+    decoding = {rid for rid, s in seqs.items() if s.status is Status.RUNNING}
+    counted, fed, preempted = both(seqs, bm, case.limits, case.merged, case.order)
     if preempted:
         return
     assert counted == fed
     # No room held back for nothing: a prompt is cut only where the step feeds its whole budget
     # (room held for decodes whose adapters no slot was left for was fed to no one)
     if any(n < new[rid] for rid, n in fed):
-        assert sum(n for _, n in fed) == budget
+        assert sum(n for _, n in fed) == case.limits.max_num_batched_tokens
+    # A prompt cut leaves the rest of the step to the decodes after it (vLLM: the decodes first,
+    # then prompts until one is cut): a prompt after it ran only in the seat or slot of a decode
+    # that the cut held room for, a chunk of a token or two that stalled a stream for it
+    first_cut = next((i for i, (rid, n) in enumerate(fed) if n < new[rid]), len(fed))
+    assert all(rid in decoding for rid, _ in fed[first_cut + 1 :])
 
 
 def test_a_prompt_holds_no_room_for_decodes_no_slot_is_left_for() -> None:
