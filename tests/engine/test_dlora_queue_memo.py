@@ -1,5 +1,5 @@
 """The dLoRA policy keeps its reading of the queue (``dlora_shape.QueueShape``) while the engine
-hands it the same entries (``scheduler.queued``): in the engine's own flow, every decision must be
+hands it the same entries (``queue_view.queued``): in the engine's own flow, every decision must be
 the one a policy reading the queue anew makes, with what it learned as it stands then. Seeded runs
 under KV pressure (``test_pressure_fuzz.draw``: preemption and recompute, prefix caching, chunked
 prefill, async scheduling, token budgets, max_loras, priorities, resumed requests), with requests
@@ -60,7 +60,7 @@ def checked(policy: DLoraPolicy, tally: Tally) -> None:
 def run(tiny: TinyOutput, seed: int, roomy: bool, tally: Tally) -> None:
     """``seed``'s run, checked (``checked``). ``roomy``: prompts of 150 tokens and 40 decoded, on a
     cache of 32-token blocks that holds them: the engine keeps a decode's entry until its context
-    grows by a sixteenth (``scheduler.queued``), and the free blocks stay as they are between the
+    grows by a sixteenth (``queue_view.queued``), and the free blocks stay as they are between the
     steps where one crosses a block bound, so a reading is kept for runs of steps."""
     requests, settings, num_blocks = draw(seed, tiny)
     settings["policy"] = "dlora"
