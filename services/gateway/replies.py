@@ -40,7 +40,9 @@ class ReplyStream:
     error: str | None = None
     error_code: ErrorCode | None = None
     error_param: str | None = None  # the SamplingParams field at fault (``TokenChunk.param``)
-    worker: str = ""  # the worker of the last chunk taken: the one serving the request now
+    # The worker serving the request now: that of the last chunk taken, or of the latest attempt
+    # heard from (its first chunk can be one the client has, or its error: access log's ``workers``)
+    worker: str = ""
     attempt: int = 0  # the latest attempt (``recoveries``) heard from: earlier ones are fenced
     _ahead: dict[int, TokenChunk] = field(default_factory=dict)  # chunks after a gap, by seq
     _gap_since: float | None = None  # when the open gap opened (monotonic seconds)
@@ -73,16 +75,21 @@ class ReplyStream:
         dispatcher (``worker`` empty: it fails a recovered request numbered from the in-flight
         record, which can lag what the client has; dropped, the client would hang) or from the
         worker serving the request now; from another worker it is a stale one's and is dropped.
-        A worker's chunk from an attempt before the latest heard from is dropped whatever it says
-        (that worker stalled, was given up and resumed; the request was re-dispatched)."""
+        A worker that speaks first for a later attempt serves it now (its record lagged the client:
+        its error came numbered behind, was dropped as a stale one's, and the client waited out
+        its timeout for no answer). A worker's chunk from an attempt before the latest heard from
+        is dropped whatever it says (that worker stalled, was given up and resumed; the request
+        was re-dispatched)."""
         if self.done or (chunk.worker and chunk.recoveries < self.attempt):
             return []
         if chunk.recoveries > self.attempt:  # held chunks of an earlier attempt are fenced too
             self.attempt = chunk.recoveries
             self._ahead = {seq: c for seq, c in self._ahead.items() if not c.worker or c.recoveries >= self.attempt}
+            self.worker = chunk.worker or self.worker  # (a dispatcher's chunk names none)
         if chunk.error is not None:
             if chunk.seq < self.next_seq and chunk.worker not in ("", self.worker):
                 return []
+            self.worker = chunk.worker or self.worker
             self._end(chunk.error, chunk.error_code)
             self.error_param = chunk.param
             return [chunk]

@@ -135,3 +135,31 @@ def test_a_long_completion_is_not_copied_at_each_chunk() -> None:
         r.take(chunk(seq, text=piece))
     assert len(r._pieces) == 1600  # none joined yet
     assert r.text == piece * 1600 and len(r._pieces) == 1 and r.text == piece * 1600  # joined once
+
+
+def test_a_later_attempts_error_numbered_behind_ends_the_stream_and_names_its_worker() -> None:
+    """A review: a recovered request's worker failed it (its adapter unreadable there) numbered from
+    its in-flight record, which lagged the chunks the client had; from a worker other than the last
+    token's, the error was dropped as a stale one's, and the client waited out its timeout. The
+    stream also named the earlier worker as the one serving it (the access log's ``workers``)."""
+    r = ReplyStream("r")
+    for seq in range(4):
+        r.accept(chunk(seq, text="x", worker="w-a"))
+    error = dict(tokens=0, error="adapter could not be loaded", error_code=ErrorCode.INTERNAL)
+    assert r.accept(chunk(2, worker="w-b", recoveries=1, finish_reason=FinishReason.ERROR, **error))
+    assert (r.done, r.error_code, r.text, r.worker, r.attempt) == (True, ErrorCode.INTERNAL, "xxxx", "w-b", 1)
+
+
+def test_a_later_attempts_worker_is_the_one_serving_the_request_before_it_sends_anything_new() -> None:
+    """Its first chunks repeat what the client has (dropped); its error at the next number comes
+    from the worker serving the request now, and the stream says which."""
+    r = ReplyStream("r")
+    for seq in range(3):
+        r.accept(chunk(seq, worker="w-a"))
+    assert not r.accept(chunk(2, worker="w-b", recoveries=1)) and r.worker == "w-b"
+    failed = chunk(3, tokens=0, error="boom", error_code=ErrorCode.INTERNAL, worker="w-b", recoveries=1)
+    assert r.accept(failed) and r.done and r.worker == "w-b"
+    dispatcher = ReplyStream("r")  # a dispatcher's chunk names no worker: the last one stays
+    dispatcher.accept(chunk(0, worker="w-a"))
+    assert dispatcher.accept(chunk(0, tokens=0, error="lost", error_code=ErrorCode.INTERNAL, recoveries=1))
+    assert dispatcher.worker == "w-a"
