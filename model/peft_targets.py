@@ -16,9 +16,10 @@ matched without any regex engine, by the same rules (``_Plain``).
 
 from __future__ import annotations
 
+import importlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import regex
@@ -141,11 +142,50 @@ def regex_problem(pattern: str, whole: str | None = None) -> str | None:
         return otherwise
     try:
         re.compile(pattern if whole is None else whole)
+        unrolled = _unrolled(_PARSER.parse(pattern if whole is None else whole))
     except RecursionError:  # a few thousand nested groups: not a re.error
         return "nested too deeply"
     except (re.error, OverflowError) as e:
         return str(e)
+    if unrolled > MAX_PATTERN_CHARS:
+        return (
+            f"its counted repeats, written out, come to over {MAX_PATTERN_CHARS} characters "
+            "(the matcher's regex engine writes nested ones out when it compiles them)"
+        )
     return None
+
+
+# re's parser (PEFT's engine reads a pattern with it; typeshed has no stub under this name, and the
+# sre_parse alias warns that it is deprecated)
+_PARSER: Any = importlib.import_module("re._parser")
+_CONSTANTS: Any = importlib.import_module("re._constants")
+_REPEATS = {_CONSTANTS.MAX_REPEAT, _CONSTANTS.MIN_REPEAT, _CONSTANTS.POSSESSIVE_REPEAT}
+
+
+def _subpatterns(av: Any) -> Iterator[Any]:
+    """The subpatterns in a parsed node's argument (a group's, a branch's, a lookaround's)."""
+    if isinstance(av, _PARSER.SubPattern):
+        yield av
+    elif isinstance(av, (tuple, list)):
+        for item in av:
+            yield from _subpatterns(item)
+
+
+def _unrolled(parsed: Any) -> int:
+    """Characters' worth of a parsed pattern with each counted repeat written out (``{m,n}`` as n
+    copies, ``{m,}`` as m), up to MAX_PATTERN_CHARS + 1. ``regex`` compiles nested counted repeats
+    written out, unlike re: '(?:(?:a{100}){100}){100}' took it 0.4 s of a core and
+    '(?:(?:a{1000}){1000}){1000}' (31 characters, which re compiles in a millisecond) more memory
+    than the machine had, at the first match of a config holding it."""
+    total = 0
+    for op, av in parsed:
+        if op in _REPEATS:
+            low, high, sub = av
+            size = _unrolled(sub) * (max(low, 1) if high == _CONSTANTS.MAXREPEAT else high)
+        else:
+            size = max(1, sum(_unrolled(s) for s in _subpatterns(av)))
+        total = min(total + size, MAX_PATTERN_CHARS + 1)
+    return total
 
 
 def _masked(text: str, dots: tuple[int, ...]) -> str:

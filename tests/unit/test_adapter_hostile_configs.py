@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,52 @@ def test_regex_patterns_are_compiled_within_a_time_bound(
     with pytest.raises(AdapterError, match="its regex patterns take over 0 s to compile"):
         load_adapter("a", adapter, engine_cfg)
     assert [p for p in compiled if "_proj)" in p] == [peft_targets.key_regex("(q_proj)")]
+
+
+NESTED = "(?:(?:(?:a{1000}){1000}){1000})"  # 31 characters: a billion written out
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("rank_pattern", json.dumps({NESTED: 8})),
+        ("target_modules", json.dumps(f"{NESTED}|.*q_proj")),
+        ("layers_pattern", json.dumps(["layers", NESTED])),
+    ],
+)
+def test_nested_counted_repeats_are_refused_before_the_matcher_compiles_them(
+    adapter: Path, root: Path, engine_cfg, monkeypatch: pytest.MonkeyPatch, key: str, raw: str
+) -> None:
+    """re compiles NESTED in a millisecond, so the check let it by; the matcher's regex writes
+    nested counted repeats out as it compiles: '(?:(?:a{100}){100}){100}' took it 0.4 s, NESTED
+    more memory than the machine had, at every registration (the gateway killed) and load. A
+    pattern whose repeats, written out, pass MAX_PATTERN_CHARS is refused at the check (the
+    matcher's compiles are watched here, so the test fails rather than running NESTED)."""
+    _set_raw(adapter, key, raw)
+    if key == "layers_pattern":
+        _set_raw(adapter, "layers_to_transform", "[0]")
+    compile_ = peft_targets.regex.compile
+
+    def guarded(pattern: Any, flags: int = 0) -> Any:
+        assert "{1000}" not in pattern, f"the matcher compiled {pattern!r}"
+        return compile_(pattern, flags)
+
+    monkeypatch.setattr(peft_targets.regex, "compile", guarded)
+    _refused_everywhere(adapter, root, engine_cfg, "its counted repeats, written out, come to over 65536")
+
+
+def test_real_patterns_with_counted_repeats_pass_the_repeat_bound() -> None:
+    """Counts real configs write (a layer number's digits, a range of layers) and a target_modules
+    alternation of every module's escaped full name of a 126-layer base (31 KB) are not refused."""
+    names = [f"model.layers.{i}.self_attn.{t}_proj" for i in range(126) for t in "qkvo"]
+    names += [f"model.layers.{i}.mlp.{t}_proj" for i in range(126) for t in ("gate", "up", "down")]
+    for pattern in [
+        r".*\.layers\.\d{1,3}\..*(q|v)_proj",
+        r"model\.layers\.(?:[0-9]|1[0-5])\..*",
+        "|".join(map(re.escape, names)),
+    ]:
+        assert peft_targets.regex_problem(pattern) is None, pattern[:80]
+        assert peft_targets.key_problem(pattern) is None, pattern[:80]
 
 
 def test_a_config_with_a_regex_key_per_module_still_loads(adapter: Path, root: Path, engine_cfg) -> None:
