@@ -191,8 +191,9 @@ def check_config(name: str, conf: dict[str, Any]) -> None:
 
 def _check_patterns(name: str, conf: dict[str, Any]) -> None:
     """Refuses (AdapterError) a pattern of ``conf`` that PEFT's ``re`` cannot compile where PEFT
-    puts it, a field holding over MAX_REGEX_PATTERNS regex patterns or one over MAX_PATTERN_CHARS
-    characters (no compile can be stopped midway), and patterns that take re over
+    puts it (or whose counted repeats, written out, pass MAX_PATTERN_CHARS: regex_problem), a field
+    holding over MAX_REGEX_PATTERNS regex patterns or one over MAX_PATTERN_CHARS characters (no
+    compile can be stopped midway), and patterns that take re over
     COMPILE_BUDGET_S of this thread's CPU to compile together (re compiles ~2 us a character; the
     bound is looked at after each compile). Plain module names always compile and are not compiled:
     a 0.74 MB config of 50,000 keys such as '(k1)' cost 1.8 s of a core at every registration and load."""

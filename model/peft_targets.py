@@ -45,7 +45,8 @@ MAX_REGEX_PATTERNS = MAX_COMPILED
 # Characters of one regex pattern: neither re nor regex can stop a compile midway, and regex took
 # 3 s for one 0.55 MB rank_pattern key (re 1.1 s, at the check), at every registration and load.
 # A real config's longest is a target_modules alternation of every module's escaped full name:
-# 21 KB for an 80-layer base. At this cap: re 0.13 s, regex 0.32 s of a core.
+# 21 KB for an 80-layer base. At this cap: re 0.13 s, regex 0.32 s of a core. The same cap holds a
+# pattern with its counted repeats written out (_unrolled), as regex compiles nested ones.
 MAX_PATTERN_CHARS = 65_536
 
 
