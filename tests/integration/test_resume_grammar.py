@@ -29,18 +29,32 @@ PARAMS = SamplingParams(max_tokens=SHORT, ignore_eos=True, regex=REGEX)
 
 
 def _unavailable(workers: list[WorkerService], refused: list[str], times: int) -> None:
-    """The first ``times`` grammars any of ``workers`` starts for a request cannot be had (as when
-    its compile's thread does not start); each refusal noted in ``refused`` with its worker."""
+    """The first ``times`` grammars any of ``workers`` is asked for cannot be had (as when its
+    compile's thread does not start); each refusal noted in ``refused`` with its worker. Refused
+    where a worker first asks, its compile on arrival (``Grammars.prepare``), and at admission
+    (``matcher``) for one that arrival does not compile: only refusing ``matcher``, a real compile
+    on arrival the test host could not have (its compiler killed, for memory or by a stray kill;
+    its thread not started; starved) answered the resume first, ``matcher`` never asked, and the
+    count came out [] (a flaky failure, 1 run in 8 on a loaded host)."""
     for w in workers:
-        matcher = w.engine.grammars.matcher
+        matcher, prepare = w.engine.grammars.matcher, w.engine.grammars.prepare
+
+        def refusal(w: WorkerService) -> GrammarUnavailable | None:
+            if len(refused) >= times:
+                return None
+            refused.append(w.s.worker_id)
+            return GrammarUnavailable("cannot be compiled now: its compile's thread did not start; try again")
 
         def refusing(params: SamplingParams, consumed: list[int], w: WorkerService = w, matcher: Any = matcher) -> Any:
-            if len(refused) < times:
-                refused.append(w.s.worker_id)
-                raise GrammarUnavailable("cannot be compiled now: its compile's thread did not start; try again")
+            if (e := refusal(w)) is not None:
+                raise e
             return matcher(params, consumed)
 
+        def refusing_ahead(params: SamplingParams, w: WorkerService = w, prepare: Any = prepare) -> Any:
+            return refusal(w) or prepare(params)
+
         w.engine.grammars.matcher = refusing  # type: ignore[method-assign]
+        w.engine.grammars.prepare = refusing_ahead  # type: ignore[method-assign]
 
 
 async def _running(
