@@ -24,14 +24,17 @@ from dlora.services.servers import Server, free_port
 from dlora.services.worker.engine.structured import Grammars
 from tests.integration.conftest import Stack, run_stack, until_live
 from tests.integration.test_gateway import post
-from tests.unit.test_grammar_compile_bound import LIVENESS_S, ORDINARY, SLOW
+from tests.unit.test_grammar_compile_bound import LIVENESS_S, ORDINARY, SLOW, UNSTARVED
 
 BOUND = {"grammar_compilation_timeout_s": 1.0}
 
 
 async def test_a_schema_too_slow_to_compile_is_refused_naming_its_field(
-    nats_server: Server, redis: Redis, tiny_llama: TinyOutput
+    nats_server: Server, redis: Redis, tiny_llama: TinyOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from dlora.services.worker.engine import compile_bound
+
+    monkeypatch.setattr(compile_bound, "_WALL_PER_CPU", UNSTARVED)  # (the host's load: not a 503)
     schema = json.loads(SLOW)
     plain = {"model": "lora-1", "prompt": "kalo", "max_tokens": 3, "temperature": 0}
     async with run_stack(nats_server, redis, tiny_llama, worker=BOUND, **BOUND) as stack:
