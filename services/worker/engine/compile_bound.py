@@ -39,7 +39,8 @@ _HEADER = struct.Struct("<Q")
 # The signals a stop sends every process of a unit or a terminal's group: the child ignores them.
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 # A child is found starved, not slow, past this many times the bound in wall time (a host so loaded
-# that the child has a fifth of a core): refused all the same, saying so.
+# that the child has a fifth of a core): ``STARVED``, a 503 to retry (a resume handed back), not the
+# too-complex 400 (``structured``).
 _WALL_PER_CPU = 5.0
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # Children kept for the next grammars; the others end after theirs. Each holds the engine's
