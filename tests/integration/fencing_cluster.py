@@ -1,14 +1,16 @@
 """A dispatcher and in-process workers against real NATS and Redis, each worker stopped by its own
 event, every chunk sent back noted with its time: the fencing tests' cluster (``test_fencing``,
-``test_orphans``)."""
+``test_orphans``, the resume tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import nats
@@ -128,6 +130,35 @@ async def _read(stream: ReplyStream, chunks: asyncio.Queue[TokenChunk], until_to
     """Take chunks into ``stream`` until it is over (or has ``until_tokens`` tokens)."""
     while not stream.done and (until_tokens is None or stream.tokens < until_tokens):
         stream.accept(await asyncio.wait_for(chunks.get(), 60))
+
+
+async def resumed(
+    c: Cluster, others: tuple[str, ...], **send: Any
+) -> tuple[ReplyStream, asyncio.Queue[TokenChunk], Callable[[], None], list[WorkerService]]:
+    """A request (``Cluster.send``'s ``send``) running on w-a, its first tokens read, then ``others``
+    up: the stream, its chunks, w-a's stop (its drain hands the request over at once, with its tokens
+    so far) and the others. w-a's steps wait from the first tokens until its stop, so that it is
+    still running then however long the others take to start."""
+    first, first_stop, _ = await c.worker("w-a")
+    going, step = threading.Event(), first.engine.step
+    going.set()
+
+    def gated() -> Any:
+        going.wait(60)
+        return step()
+
+    first.engine.step = gated  # type: ignore[method-assign]
+    chunks = await c.send("r", **send)
+    stream = ReplyStream("r")
+    await _read(stream, chunks, until_tokens=5)
+    going.clear()
+    started = [(await c.worker(name))[0] for name in others]
+
+    def stop() -> None:  # seen at the loop's next turn, once the step it waits in ends
+        first_stop.set()
+        going.set()
+
+    return stream, chunks, stop, started
 
 
 @pytest.fixture

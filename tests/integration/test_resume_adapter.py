@@ -6,7 +6,6 @@ grammar cannot be had there is (admit.py), against a real dispatcher, NATS and R
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -41,32 +40,12 @@ def _unreadable(workers: list[WorkerService], failed: list[str], times: int) -> 
 async def _running(
     c: Cluster, others: tuple[str, ...]
 ) -> tuple[ReplyStream, asyncio.Queue[Any], Callable[[], None], list[WorkerService]]:
-    """A request on ``ADAPTER`` running on w-a, its first tokens read, then ``others`` up: the
-    stream, its chunks, w-a's stop (its drain hands the request over at once, with its tokens so
-    far) and the others. w-a's steps wait from the first tokens until its stop."""
-    first, first_stop, _ = await c.worker("w-a")
+    """A request on ``ADAPTER`` (registered) running on w-a, handed over at its stop
+    (``fencing_cluster.resumed``)."""
     path = str(c.tiny.adapters[ADAPTER])
     entry = check_adapter(ADAPTER, path, [str(c.tiny.adapters_dir)], "model", ModelConfig.from_dir(c.tiny.model))
     assert await c.store.put_adapter(entry)
-    going, step = threading.Event(), first.engine.step
-    going.set()
-
-    def gated() -> Any:
-        going.wait(60)
-        return step()
-
-    first.engine.step = gated  # type: ignore[method-assign]
-    chunks = await c.send("r", max_tokens=SHORT, adapter=ADAPTER)
-    stream = ReplyStream("r")
-    await _read(stream, chunks, until_tokens=5)
-    going.clear()
-    started = [(await c.worker(name))[0] for name in others]
-
-    def stop() -> None:  # seen at the loop's next turn, once the step it waits in ends
-        first_stop.set()
-        going.set()
-
-    return stream, chunks, stop, started
+    return await fencing_cluster.resumed(c, others, max_tokens=SHORT, adapter=ADAPTER)
 
 
 async def test_a_resume_whose_adapter_one_worker_cannot_read_goes_on_on_another(cluster) -> None:  # type: ignore[no-untyped-def]

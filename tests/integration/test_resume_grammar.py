@@ -60,30 +60,8 @@ def _unavailable(workers: list[WorkerService], refused: list[str], times: int) -
 async def _running(
     c: Cluster, others: tuple[str, ...]
 ) -> tuple[ReplyStream, asyncio.Queue[Any], Callable[[], None], list[WorkerService]]:
-    """A structured request running on w-a, its first tokens read, then ``others`` up: the stream,
-    its chunks, w-a's stop (its drain hands the request over at once, with its tokens so far) and
-    the others. w-a's steps wait from the first tokens until its stop, so that it is still running
-    then however long the others take to start."""
-    first, first_stop, _ = await c.worker("w-a")
-    going, step = threading.Event(), first.engine.step
-    going.set()
-
-    def gated() -> Any:
-        going.wait(60)
-        return step()
-
-    first.engine.step = gated  # type: ignore[method-assign]
-    chunks = await c.send("r", params=PARAMS)
-    stream = ReplyStream("r")
-    await _read(stream, chunks, until_tokens=5)
-    going.clear()
-    started = [(await c.worker(name))[0] for name in others]
-
-    def stop() -> None:  # seen at the loop's next turn, once the step it waits in ends
-        first_stop.set()
-        going.set()
-
-    return stream, chunks, stop, started
+    """A structured request running on w-a, handed over at its stop (``fencing_cluster.resumed``)."""
+    return await fencing_cluster.resumed(c, others, params=PARAMS)
 
 
 async def test_a_resume_whose_grammar_cannot_be_had_on_one_worker_goes_on_on_another(cluster) -> None:  # type: ignore[no-untyped-def]
