@@ -361,3 +361,22 @@ def test_a_prompt_only_the_merged_steps_prefilled_is_prefilled_in_their_counterf
         assert p._epoch is not None and p._epoch.merged == "a"
         cf_tokens.append(p._epoch.cf_tokens)
     assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]  # ([10, 12, 14]: p decoded, never prefilled)
+
+
+def test_a_prompt_only_the_unmerged_steps_prefilled_is_prefilled_in_their_merged_counterfactual() -> None:
+    """The unmerged side of the review above: b (the most queued) merged would feed w (10) and
+    have no room for p (10) in its first step (16 tokens, whole prompts), but the unmerged step
+    prefilled p, which the queues after show decoding: the counterfactual feeds p whole at its
+    next step (with w's decode), then decodes both ([10, 12, 14] when it decoded p unfed)."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
+    p = _linear_costs(DLoraPolicy(limits))
+    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
+    prompt = QueuedRequest("p", "b", 1, False, 10, 16, context=10)
+    decoding = QueuedRequest("p", "b", 1, True, 1, 16, context=11)
+    cf_tokens = []
+    for q, ran in (([w, prompt], 10), ([w, decoding], 1), ([w, decoding], 1)):
+        d = dataclasses.replace(p.decide(q, None), merged=None, mixed=False, request_ids=["p"])
+        p.observe(d, StepRecord(None, ["p"], ["b"], ran, 0.02, lora_segments=1, lora_rank_tokens=16 * ran))
+        assert p._epoch is not None and p._epoch.merged is None and p._epoch.cf_adapter == "b"
+        cf_tokens.append(p._epoch.cf_tokens)
+    assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]
