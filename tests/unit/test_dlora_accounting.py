@@ -380,3 +380,21 @@ def test_a_prompt_only_the_unmerged_steps_prefilled_is_prefilled_in_their_merged
         assert p._epoch is not None and p._epoch.merged is None and p._epoch.cf_adapter == "b"
         cf_tokens.append(p._epoch.cf_tokens)
     assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]
+
+
+def test_a_prompt_the_counterfactual_fed_a_chunk_of_and_the_merged_step_all_of_feeds_its_rest() -> None:
+    """F unmerged feeds w (b's, 10) and 6 of p (a's, 12) in its 16 tokens; the merged step fed
+    all of p, which the queues after show decoding: the counterfactual feeds p's other 6 (with
+    w's decode) before it decodes it ([16, 18, 20] when it decoded p without them)."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
+    p = _linear_costs(DLoraPolicy(limits))
+    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
+    prompt = QueuedRequest("p", "a", 1, False, 12, 16, context=12)
+    decoding = QueuedRequest("p", "a", 1, True, 1, 16, context=13)
+    cf_tokens = []
+    for q, ran in (([w, prompt], 12), ([w, decoding], 1), ([w, decoding], 1)):
+        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"])
+        p.observe(d, StepRecord("a", ["p"], ["a"], ran, 0.02))
+        assert p._epoch is not None and p._epoch.merged == "a"
+        cf_tokens.append(p._epoch.cf_tokens)
+    assert cf_tokens == [16, 16 + 6 + 1, 16 + 7 + 2]

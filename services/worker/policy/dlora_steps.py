@@ -38,7 +38,8 @@ class Epoch:
     cf_prefilled: set[str] = field(default_factory=set)  # requests whose prompt the counterfactual served
     cf_chunked: dict[str, int] = field(default_factory=dict)  # by request: prompt tokens it has left, fed in chunks
     # By request: a prompt the steps that ran fed (in part or whole) before the counterfactual fed
-    # any of it, as queued then: it owes the prefill, where the queues after show it running.
+    # all of it, as queued then: it owes the prefill (less ``cf_chunked``'s part it fed), where
+    # the queues after show it running.
     cf_owed: dict[str, QueuedRequest] = field(default_factory=dict)
 
 
@@ -119,12 +120,12 @@ def cf_step(
     The counterfactual goes on from its steps before in the epoch, which the queue does not show:
     a prompt it fed whole decodes (a token, attending the prompt); one it fed in part feeds its
     next chunk, at most what it has left of it (``epoch.cf_chunked[id]``: its own, whatever steps
-    that ran fed of it), attending what it fed before too; one the steps that ran fed first is fed
-    as it was queued then (``epoch.cf_owed``), all of it. Once it has fed any, the step is cut
-    anew (``within_budget``, with ``limits`` and ``kv``: the cache as the step began) from
-    ``batch`` as the counterfactual has it, so that the budget its prefilled prompts no longer
-    take goes to the prompts after them, as the scheduler gives it. Records what it feeds in
-    ``epoch.cf_prefilled`` and ``epoch.cf_chunked``. (Reviews:
+    that ran fed of it), attending what it fed before too; one the steps that ran fed before it
+    fed all of it is fed as it was queued then (``epoch.cf_owed``), all of it or its rest. Once
+    it has fed any, the step is cut anew (``within_budget``, with ``limits`` and ``kv``: the
+    cache as the step began) from ``batch`` as the counterfactual has it, so that the budget its
+    prefilled prompts no longer take goes to the prompts after them, as the scheduler gives it.
+    Records what it feeds in ``epoch.cf_prefilled`` and ``epoch.cf_chunked``. (Reviews:
     the last chunk was priced a full one, a 400-token prompt in 12-token chunks counted 408 tokens,
     and each chunk at the queue's context, as if the first; the step stayed cut from the queue as
     it stood, a prompt behind a prefilled one never fed while the queue stood still; and a prompt
@@ -173,13 +174,16 @@ def cf_step(
 
 def owe_prefills(epoch: Epoch, basis: Basis, record: StepRecord) -> None:
     """Record in ``epoch.cf_owed`` the prompts ``record``'s step fed that its counterfactual has
-    fed none of (call after that step's ``cf_step``): the queues after show them running, or
+    not fed all of (call after that step's ``cf_step``): the queues after show them running, or
     with less left, and the counterfactual would decode them, or feed only the rest, without
-    ever paying what the step fed (a review: a prompt a merged step prefilled, for which F's own
-    step had no budget left, was decoded in the counterfactual from the next step on)."""
+    ever paying what the step fed (reviews: a prompt a merged step prefilled, for which F's own
+    step had no budget left, was decoded in the counterfactual from the next step on; one the
+    counterfactual had fed a chunk of, and the step all of, decoded without its other chunks)."""
     waiting = {r.request_id: r for r in (*basis.fcfs, *basis.prompts) if not r.running}
     for rid in record.request_ids:
-        if (r := waiting.get(rid)) is not None and rid not in epoch.cf_prefilled and rid not in epoch.cf_chunked:
+        # (One it fed in part is owed too: the step may have fed the rest, and the queues after
+        # show it running, which it would decode without its own last chunks.)
+        if (r := waiting.get(rid)) is not None and rid not in epoch.cf_prefilled:
             epoch.cf_owed.setdefault(rid, r)
 
 
@@ -191,6 +195,8 @@ def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | 
     them already."""
     rid = r.request_id
     if (owed := epoch.cf_owed.get(rid)) is not None:  # a prompt as queued before the steps that ran fed it
+        if (left := epoch.cf_chunked.get(rid)) is not None:  # less what it fed of it itself
+            return replace(owed, num_new=left, switched=None, held=None, started=True, kv=None)
         return replace(owed, kv=None)
     if r.running:
         return r
