@@ -96,6 +96,16 @@ def on_exit(service: str, code: int) -> str:
     return "leave" if service.startswith("worker-") else "stop"
 
 
+def exit_said(code: int) -> str:
+    """A child's exit as ``subprocess`` reports it (``returncode``: a negative one is the signal
+    that ended it), said as systemd says it: ``code 3``, ``signal SIGKILL`` (a try-out read
+    ``code -9`` as a code of the worker's own)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
 class LocalStack:
     """The stack as child processes: start() brings it up (raising on failure), stop() takes it
     down, services first. ``dlora up`` and the control-plane benchmark use it."""
@@ -191,17 +201,17 @@ class LocalStack:
             return "left", f"{name} stopped cleanly (drained); not started again"
         if action == "restart" and self.restart(i):
             metrics = f" (metrics {self.metrics_urls[name]})" if name in self.metrics_urls else ""
-            return "restarted", f"{name} exited (code {code}); started it again{metrics}"
+            return "restarted", f"{name} exited ({exit_said(code)}); started it again{metrics}"
         if action == "restart" and name.startswith("worker-"):
             alive = sum(n.startswith("worker-") and p.poll() is None for n, p in zip(self.names, self.procs))
             if not alive:  # nothing would serve: the stack stops, saying why, as before
-                return "stop", f"{name} exited (code {code}) and would only fail again, the last worker; stopping"
+                return "stop", f"{name} exited ({exit_said(code)}) and would only fail again, the last worker; stopping"
             return "left", (
-                f"{name} exited (code {code}) and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
+                f"{name} exited ({exit_said(code)}) and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
                 f"was started again {MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s): left out, "
                 f"{alive} worker{'s' * (alive != 1)} still serving"
             )
-        return "stop", f"{name} exited (code {code}); stopping everything"
+        return "stop", f"{name} exited ({exit_said(code)}); stopping everything"
 
     def start(self) -> None:
         base = self.base

@@ -144,7 +144,7 @@ def test_dlora_up_serves_the_readme_commands_and_stops_cleanly(tmp_path: Path) -
             said = proc.stdout.readline()
             lines.append(said)
             assert said or proc.poll() is None, "dlora up ended"
-        assert "worker-0 exited (code -9)" in said
+        assert "worker-0 exited (signal SIGKILL)" in said
         # every worker line says whose, those of its adapter reads too (several under dlora up)
         read = [line for line in lines if "adapter read into host memory" in line]
         assert read and all("worker-0" in line for line in read), read

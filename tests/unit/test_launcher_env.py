@@ -70,3 +70,15 @@ def test_the_services_dlora_up_starts_do_not_each_warn_of_the_unread_dlora_toml(
     named = {**env, "DLORA_CONFIG": "other.toml"}
     LocalStack(1, str(tmp_path), [], free_port(), None, env=named, migrator=False).start()
     assert spawned["gateway"]["DLORA_CONFIG"] == spawned["worker-0"]["DLORA_CONFIG"] == "other.toml"
+
+
+def test_an_exit_is_said_by_its_signal_where_a_signal_ended_it() -> None:
+    """A try-out: ``dlora up`` said a worker SIGKILLed "exited (code -9)", a code of its own."""
+    from dlora.services.launcher import exit_said
+
+    assert (exit_said(-9), exit_said(-15), exit_said(3), exit_said(-200)) == (
+        "signal SIGKILL",
+        "signal SIGTERM",
+        "code 3",
+        "code -200",  # (no such signal: the code as it came)
+    )
