@@ -97,7 +97,7 @@ def up(workers: int, model: str | None, lora: list[str], port: int | None, confi
             gateway = f"the gateway's up to {finish:g} s, " if finish else ""
             print(
                 f"dlora up: stopping; workers finish their requests (up to {drain:g} s), {gateway}"
-                "Ctrl-C again hands them over",
+                "a second Ctrl-C or SIGTERM hands them over",
                 file=sys.stderr,
                 flush=True,
             )
