@@ -12,8 +12,9 @@ client named none.
 The access line is written by a middleware, not aiohttp's access logger: that one writes nothing
 for a request whose client went away (its handler cancelled), the requests an operator looks for.
 Health checks, scrapes and the status page's polls go at debug level unless they fail (vLLM
-users ask to filter them out of the log): a failing one is said as its path begins failing, or fails
-with another status, then at debug while it fails the same way; no line names a prompt, an output or a key's secret.
+users ask to filter them out of the log): a 4xx is said each time, a 5xx as its path begins failing
+or fails with another status and again as it ends, at debug while it fails the same way; no line
+names a prompt, an output or a key's secret.
 """
 
 from __future__ import annotations
@@ -79,12 +80,14 @@ class AccessLog:
         self._polled: dict[str, int] = {}
 
     def _said(self, path: str, status: int) -> bool:
-        """Whether a request to ``path`` answered ``status`` is logged at info, not debug: any but
-        a polled path's (``_QUIET``), and those as they begin failing or fail with another status."""
-        if path not in _QUIET:
+        """Whether a request to ``path`` answered ``status`` is logged at info, not debug: any but a
+        polled path's (``_QUIET``); of those each 4xx (a key refused at ``/v1/status``, a client gone:
+        said every time, and no break in a run of failures), a 5xx as its path begins failing or
+        fails with another status, and the first answer after such a run (its end)."""
+        if path not in _QUIET or 400 <= status < 500:
             return True
         last, self._polled[path] = self._polled.get(path), status
-        return status >= 400 and status != last
+        return status != last and (status >= 500 or (last or 0) >= 500)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

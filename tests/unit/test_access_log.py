@@ -156,7 +156,8 @@ def test_a_failing_poll_is_said_as_it_begins_failing_not_at_every_poll() -> None
     """A new user's try-out: ``dlora up``'s readiness poll (every 0.2 s while its workers load)
     wrote a line at info for each 503, 16-19 of them before its banner."""
     logged = access.AccessLog(True)
-    said = [logged._said("/healthz", status) for status in (503, 503, 503, 200, 503, 500, 500)]
-    assert said == [True, False, False, False, True, True, False]
+    said = [logged._said("/healthz", status) for status in (503, 503, 401, 503, 200, 200, 503, 500, 500)]
+    assert said == [True, False, True, False, True, False, True, True, False]  # (a 4xx each time, the end once)
     assert logged._said("/readyz", 503)  # (each path its own)
+    assert logged._said("/v1/status", 403) and logged._said("/v1/status", 403)  # (a refused key, each time)
     assert logged._said("/v1/ok", 200) and logged._said("/v1/ok", 200)  # any other path: every one
