@@ -134,7 +134,7 @@ def test_patterns_that_take_longer_than_their_bound_are_refused(
     _refused_everywhere(adapter, root, engine_cfg, "its module patterns take over 0.01 s to match")
 
 
-def _counting_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def counting_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The patterns re.compile is asked for from now on (re's, which PEFT matches with)."""
     compiled: list[str] = []
     compile_ = peft_targets.re.compile
@@ -160,7 +160,7 @@ def test_more_regex_patterns_than_a_config_holds_are_refused_before_any_is_compi
     _set_raw(adapter, key, raw)
     if key == "layers_pattern":
         _set_raw(adapter, "layers_to_transform", "[0, 1]")
-    compiled = _counting_compiles(monkeypatch)
+    compiled = counting_compiles(monkeypatch)
     noun = {"modules_to_save": "name", "layers_pattern": "entry"}.get(key, "key")
     _refused_everywhere(adapter, root, engine_cfg, f"{key} has 50000 regex {noun}s .*; at most 2048")
     assert not [p for p in compiled if "(k" in p]
@@ -185,7 +185,7 @@ def test_a_regex_too_long_to_compile_in_the_bound_is_refused_before_it_is_compil
     registration and load. A regex pattern holds at most MAX_PATTERN_CHARS characters, refused
     before it is compiled."""
     _set_raw(adapter, key, raw)
-    compiled = _counting_compiles(monkeypatch)
+    compiled = counting_compiles(monkeypatch)
     fragment = f"{key} has a regex {noun} of {len(LONG)} characters .*; at most 65536"
     _refused_everywhere(adapter, root, engine_cfg, fragment)
     assert not [p for p in compiled if "(k" in p]
@@ -198,7 +198,7 @@ def test_regex_patterns_are_compiled_within_a_time_bound(
     compiles of a config share a bound of this thread's CPU time, looked at after each. A bound of
     0 s refuses after the first compile (the count, not a time, is asserted)."""
     _set_raw(adapter, "rank_pattern", json.dumps({"(q_proj)": 4, "(k_proj)": 4, "(v_proj)": 4}))
-    compiled = _counting_compiles(monkeypatch)
+    compiled = counting_compiles(monkeypatch)
     monkeypatch.setattr("dlora.model.adapter_config.COMPILE_BUDGET_S", 0.0)
     with pytest.raises(AdapterError, match="its regex patterns take over 0 s to compile"):
         load_adapter("a", adapter, engine_cfg)

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from dlora.model import peft_targets
 from dlora.model.adapter_config import check_config
 from dlora.model.adapter_files import AdapterError
 from dlora.model.peft_targets import (
@@ -22,6 +21,7 @@ from dlora.model.peft_targets import (
     regex_problem,
     saved_problem,
 )
+from tests.unit.test_adapter_hostile_configs import counting_compiles
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -229,14 +229,7 @@ def test_plain_rank_and_alpha_keys_are_checked_without_compiling_a_regex(monkeyp
     (.*\\.)?(KEY)$: an EVA-style config of 20,000 module names took 2 s of a core at each
     registration and each load, though a plain key (word characters, '-', '.') always compiles
     there. A key with any other character is still compiled, and refused where re refuses it."""
-    compiled: list[str] = []
-    compile_ = peft_targets.re.compile
-
-    def counting(pattern: Any, flags: int = 0) -> Any:
-        compiled.append(pattern)
-        return compile_(pattern, flags)
-
-    monkeypatch.setattr(peft_targets.re, "compile", counting)
+    compiled = counting_compiles(monkeypatch)
     names = [f"model.layers.{i // 7}.{'self_attn' if i % 7 < 4 else 'mlp'}.{TARGETS[i % 7]}" for i in range(20_000)]
     names[-1] = "model.layers.9.mlp.down-proj.é"  # (-, a dot and a non-ASCII letter: plain too)
     conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS)}
@@ -265,14 +258,7 @@ def test_plain_layers_pattern_entries_are_checked_without_compiling_a_regex(monk
     (check_target_module_exists), a plain one ('layers', 'h', 'blocks') too, though such an entry
     always compiles there: a list of 50,000 cost seconds at each registration and load. Only an
     entry with another character is compiled, and refused where re refuses it."""
-    compiled: list[str] = []
-    compile_ = peft_targets.re.compile
-
-    def counting(pattern: Any, flags: int = 0) -> Any:
-        compiled.append(pattern)
-        return compile_(pattern, flags)
-
-    monkeypatch.setattr(peft_targets.re, "compile", counting)
+    compiled = counting_compiles(monkeypatch)
     entries = ["layers", "h", "blocks", "model.layers", "décoder-blocks"] + [f"l{i}" for i in range(50_000)]
     conf = {"r": 8, "lora_alpha": 16, "target_modules": list(TARGETS), "layers_to_transform": [0]}
     check_config("lp", {**conf, "layers_pattern": entries})
