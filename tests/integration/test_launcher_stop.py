@@ -96,7 +96,7 @@ def test_dlora_up_stops_workers_before_the_dispatcher_and_hurries_them_at_a_seco
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert "Ctrl-C again" in err
+    assert "a second Ctrl-C or SIGTERM" in err
     events = _events(log)
     # Each worker exited on its second SIGTERM (the stand-in notes "exit" only then): not drained
     # on to its 60 s, nor killed (which notes nothing). Told so by what they did, not how soon.
