@@ -33,8 +33,10 @@ from dlora.model.config import TARGET_NAMES
 # bound also counted the other threads holding the GIL: eight 32-layer registrations at once were
 # all refused.
 PATTERN_BUDGET_S = 2.0
-# Compiled patterns kept for one config: a key per module of a 290-layer base. A compiled pattern
-# holds ~5 KB, and a 1 MB config's 50,000 keys would hold 100 MB or more until its bound.
+# Compiled patterns kept for one config: a key per module of a 290-layer base. A plain key's
+# compiled pattern holds ~5 KB (a 1 MB config's 50,000 keys would hold 100 MB or more until its
+# bound); one of counted repeats holds what they write out: '(?:a{255}){256}' ~9.5 MB in regex,
+# and a config of such keys can hold a GB before the budget stops it (a review: not bounded yet).
 MAX_COMPILED = 2048
 # Regex patterns (other than plain module names) one field of a config may hold: a key per module
 # of a 290-layer base, as MAX_COMPILED. Real configs hold a few, or a key per module: EVA and
