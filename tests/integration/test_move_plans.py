@@ -64,6 +64,18 @@ async def _plan(client: nats.NATS, epoch: int, request_id: str, marks: bool = Fa
     await bus.flush(client)
 
 
+def _paced(worker: WorkerService) -> None:
+    """``worker``'s steps 10 ms each at least: a request of 400 tokens outlasts the plans and stats
+    a test waits for (on an idle machine, unpaced, it had ended first: 'r' gone from its streams)."""
+    step = worker.engine.step
+
+    def paced() -> object:
+        time.sleep(0.01)
+        return step()
+
+    worker.engine.step = paced  # type: ignore[method-assign]
+
+
 @asynccontextmanager
 async def _workers(
     nats_server: Server,
@@ -104,6 +116,7 @@ async def test_workers_drop_plans_from_a_deposed_migrator(
                 moved.append(await store.get_inflight("r"))
 
         await client.subscribe(subjects.replies_of(owner), cb=on_chunk)
+        _paced(workers["w0"])
         await asyncio.sleep(0.3)
         await _send(client, owner, "r", [5, 6, 7], 400)
         while not seen:
@@ -336,6 +349,7 @@ async def test_a_move_refused_while_progress_writes_lag_frees_its_request_for_th
             raise RedisConnectionError("Connection reset by peer")
 
         monkeypatch.setattr(store, "record_progress", refused)
+        _paced(workers["w0"])
         await _send(client, owner, "r", [5, 6, 7], 400)
         async with asyncio.timeout(30):
             while not workers["w0"].records.outage:
