@@ -344,22 +344,32 @@ def test_an_epoch_its_counterfactual_clearly_beat_moves_the_band_its_way_by_its_
     assert p.r == pytest.approx(r_after)
 
 
+def _cf_tokens_over_a_prefill(merged: str | None, prompt_of: str, n: int, chunked: bool) -> list[int]:
+    """The epoch's counterfactual tokens after each of three steps on w (b's, 10 tokens) and p
+    (``prompt_of``'s, ``n``), 16 tokens a step: the step that ran (``merged`` merged, or unmerged)
+    feeds p whole, then decodes it, and the queues after show p decoding."""
+    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=chunked)
+    p = _linear_costs(DLoraPolicy(limits))
+    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
+    prompt = QueuedRequest("p", prompt_of, 1, False, n, 16, context=n)
+    decoding = QueuedRequest("p", prompt_of, 1, True, 1, 16, context=n + 1)
+    cf_tokens = []
+    for q, ran in (([w, prompt], n), ([w, decoding], 1), ([w, decoding], 1)):
+        d = dataclasses.replace(p.decide(q, merged), merged=merged, mixed=False, request_ids=["p"])
+        lora = {} if merged else {"lora_segments": 1, "lora_rank_tokens": 16 * ran}
+        p.observe(d, StepRecord(merged, ["p"], [prompt_of], ran, 0.02, **lora))
+        assert p._epoch is not None and p._epoch.merged == merged
+        assert merged is not None or p._epoch.cf_adapter == "b"
+        cf_tokens.append(p._epoch.cf_tokens)
+    return cf_tokens
+
+
 def test_a_prompt_only_the_merged_steps_prefilled_is_prefilled_in_their_counterfactual_too() -> None:
     """A review: a prompt the merged step prefilled shows as running (a decode) in the queues after,
     so the counterfactual (F unmerged), whose budget had gone to b's prompt before it, decoded it
     from the next step on without ever prefilling it. 16 tokens a step, whole prompts: w (b's, 10)
     fills F's step and a's p (10) waits for the next, which also decodes w; then both decode."""
-    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
-    p = _linear_costs(DLoraPolicy(limits))
-    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
-    prompt = QueuedRequest("p", "a", 1, False, 10, 16, context=10)
-    decoding = QueuedRequest("p", "a", 1, True, 1, 16, context=11)
-    cf_tokens = []
-    for q, ran in (([w, prompt], 10), ([w, decoding], 1), ([w, decoding], 1)):
-        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"])
-        p.observe(d, StepRecord("a", ["p"], ["a"], ran, 0.02))
-        assert p._epoch is not None and p._epoch.merged == "a"
-        cf_tokens.append(p._epoch.cf_tokens)
+    cf_tokens = _cf_tokens_over_a_prefill("a", "a", 10, chunked=False)
     assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]  # ([10, 12, 14]: p decoded, never prefilled)
 
 
@@ -368,17 +378,7 @@ def test_a_prompt_only_the_unmerged_steps_prefilled_is_prefilled_in_their_merged
     have no room for p (10) in its first step (16 tokens, whole prompts), but the unmerged step
     prefilled p, which the queues after show decoding: the counterfactual feeds p whole at its
     next step (with w's decode), then decodes both ([10, 12, 14] when it decoded p unfed)."""
-    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=False)
-    p = _linear_costs(DLoraPolicy(limits))
-    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
-    prompt = QueuedRequest("p", "b", 1, False, 10, 16, context=10)
-    decoding = QueuedRequest("p", "b", 1, True, 1, 16, context=11)
-    cf_tokens = []
-    for q, ran in (([w, prompt], 10), ([w, decoding], 1), ([w, decoding], 1)):
-        d = dataclasses.replace(p.decide(q, None), merged=None, mixed=False, request_ids=["p"])
-        p.observe(d, StepRecord(None, ["p"], ["b"], ran, 0.02, lora_segments=1, lora_rank_tokens=16 * ran))
-        assert p._epoch is not None and p._epoch.merged is None and p._epoch.cf_adapter == "b"
-        cf_tokens.append(p._epoch.cf_tokens)
+    cf_tokens = _cf_tokens_over_a_prefill(None, "b", 10, chunked=False)
     assert cf_tokens == [10, 10 + 10 + 1, 10 + 11 + 2]
 
 
@@ -386,15 +386,5 @@ def test_a_prompt_the_counterfactual_fed_a_chunk_of_and_the_merged_step_all_of_f
     """F unmerged feeds w (b's, 10) and 6 of p (a's, 12) in its 16 tokens; the merged step fed
     all of p, which the queues after show decoding: the counterfactual feeds p's other 6 (with
     w's decode) before it decodes it ([16, 18, 20] when it decoded p without them)."""
-    limits = BatchLimits(max_num_seqs=8, max_adapters=4, max_num_batched_tokens=16, chunked_prefill=True)
-    p = _linear_costs(DLoraPolicy(limits))
-    w = QueuedRequest("w", "b", 0, False, 10, 16, context=10)
-    prompt = QueuedRequest("p", "a", 1, False, 12, 16, context=12)
-    decoding = QueuedRequest("p", "a", 1, True, 1, 16, context=13)
-    cf_tokens = []
-    for q, ran in (([w, prompt], 12), ([w, decoding], 1), ([w, decoding], 1)):
-        d = dataclasses.replace(p.decide(q, "a"), merged="a", mixed=False, request_ids=["p"])
-        p.observe(d, StepRecord("a", ["p"], ["a"], ran, 0.02))
-        assert p._epoch is not None and p._epoch.merged == "a"
-        cf_tokens.append(p._epoch.cf_tokens)
+    cf_tokens = _cf_tokens_over_a_prefill("a", "a", 12, chunked=True)
     assert cf_tokens == [16, 16 + 6 + 1, 16 + 7 + 2]
