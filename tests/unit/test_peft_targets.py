@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -241,18 +242,6 @@ def test_plain_rank_and_alpha_keys_are_checked_without_compiling_a_regex(monkeyp
     assert "rank_pattern key '(?i)Q_PROJ' is not a valid regex" in str(refused.value)
 
 
-@pytest.mark.filterwarnings("ignore:Possible:FutureWarning")  # re's, on '[[', '--', '&&'...
-def test_a_key_is_refused_as_it_was_when_every_key_was_compiled() -> None:
-    """The shortcut for plain keys refuses exactly the keys compiling each one refused: random
-    keys over word characters, '-', '.', every re metacharacter and escapes."""
-    r = random.Random(3)
-    alphabet = list("q_1é.-") + list("()[]{}*+?|^$\\:<>=!#,") + ["(?i)", "(?P<x>", "\\d", "{1,2}", "\n"]
-    keys = ["".join(r.choice(alphabet) for _ in range(r.randint(0, 8))) for _ in range(10_000)]
-    for key in keys:
-        assert key_problem(key) == regex_problem(key, key_regex(key)), key
-    assert sum(regex_problem(k, key_regex(k)) is not None for k in keys) > 2_500  # (the refused half met)
-
-
 def test_plain_layers_pattern_entries_are_checked_without_compiling_a_regex(monkeypatch: pytest.MonkeyPatch) -> None:
     """check_config compiled every layers_pattern entry inside PEFT's .*\\.{pattern}\\.(\\d+)\\.
     (check_target_module_exists), a plain one ('layers', 'h', 'blocks') too, though such an entry
@@ -271,11 +260,19 @@ def test_plain_layers_pattern_entries_are_checked_without_compiling_a_regex(monk
 
 
 @pytest.mark.filterwarnings("ignore:Possible:FutureWarning")  # re's, on '[[', '--', '&&'...
-def test_a_layers_pattern_entry_is_refused_as_it_was_when_every_entry_was_compiled() -> None:
-    """The shortcut for plain entries refuses exactly the entries compiling each one refused."""
-    r = random.Random(4)
-    alphabet = list("q_1é.-") + list("()[]{}*+?|^$\\:<>=!#,") + ["(?i)", "(?P<idx>", "\\d", "{1,2}", "\n"]
-    entries = ["".join(r.choice(alphabet) for _ in range(r.randint(0, 8))) for _ in range(10_000)]
-    for entry in entries:
-        assert layers_problem(entry) == regex_problem(entry, layers_regex(entry)), entry
-    assert sum(regex_problem(e, layers_regex(e)) is not None for e in entries) > 2_500  # (the refused half met)
+@pytest.mark.parametrize(
+    ("shortcut", "regex_of", "seed", "group"),
+    [(key_problem, key_regex, 3, "(?P<x>"), (layers_problem, layers_regex, 4, "(?P<idx>")],
+    ids=["rank_pattern key", "layers_pattern entry"],
+)
+def test_a_plain_shortcut_refuses_exactly_what_compiling_each_one_refused(
+    shortcut: Callable[[str], str | None], regex_of: Callable[[str], str], seed: int, group: str
+) -> None:
+    """The shortcuts for plain keys and entries refuse exactly what compiling each one refused:
+    random ones over word characters, '-', '.', every re metacharacter and escapes."""
+    r = random.Random(seed)
+    alphabet = list("q_1é.-") + list("()[]{}*+?|^$\\:<>=!#,") + ["(?i)", group, "\\d", "{1,2}", "\n"]
+    patterns = ["".join(r.choice(alphabet) for _ in range(r.randint(0, 8))) for _ in range(10_000)]
+    for pattern in patterns:
+        assert shortcut(pattern) == regex_problem(pattern, regex_of(pattern)), pattern
+    assert sum(regex_problem(p, regex_of(p)) is not None for p in patterns) > 2_500  # (the refused half met)
