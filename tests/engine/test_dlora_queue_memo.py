@@ -14,13 +14,12 @@ from dataclasses import replace
 
 import pytest
 
-from dlora.common.messages import SamplingParams
 from dlora.model.make_tiny import TinyOutput
 from dlora.services.worker.engine import LLMEngine
 from dlora.services.worker.policy import KvRoom, QueuedRequest, StepDecision
 from dlora.services.worker.policy.dlora import DLoraPolicy
 from tests.engine.helpers import make_engine
-from tests.engine.test_pressure_fuzz import MAX_STEPS, SEEDS, counted, draw
+from tests.engine.test_pressure_fuzz import MAX_STEPS, SEEDS, arrive, counted, draw
 
 
 class Tally:
@@ -78,16 +77,7 @@ def run(tiny: TinyOutput, seed: int, roomy: bool, tally: Tally) -> None:
     flipping = sorted(tiny.adapters)[0]
     last = max(r.at for r in requests)
     for t in range(MAX_STEPS):
-        for r in (r for r in requests if r.at == t):
-            params = SamplingParams(max_tokens=r.max_tokens + len(r.resumed), ignore_eos=True)
-            engine.add_request(
-                r.rid,
-                prompt_token_ids=r.prompt,
-                params=params,
-                adapter=r.adapter,
-                priority=r.priority,
-                resume_token_ids=r.resumed or None,
-            )
+        arrive(engine, requests, t)
         if t == last + 2:  # some requests aborted midway, whatever they are doing
             for rid in sorted(aborted):
                 engine.abort(rid)

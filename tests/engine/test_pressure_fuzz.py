@@ -118,6 +118,20 @@ def counted(_engine: LLMEngine) -> Callable[[], float]:
     return functools.partial(next, itertools.count(0.0, 1e-3))
 
 
+def arrive(engine: LLMEngine, requests: list[Request], t: int) -> None:
+    """The requests drawn to arrive at step ``t``, added to ``engine``."""
+    for r in (r for r in requests if r.at == t):
+        params = SamplingParams(max_tokens=r.max_tokens + len(r.resumed), ignore_eos=True)
+        engine.add_request(
+            r.rid,
+            prompt_token_ids=r.prompt,
+            params=params,
+            adapter=r.adapter,
+            priority=r.priority,
+            resume_token_ids=r.resumed or None,
+        )
+
+
 def run(
     tiny: TinyOutput,
     requests: list[Request],
@@ -132,16 +146,7 @@ def run(
     got: dict[str, list[int]] = {r.rid: [] for r in requests}
     last = max(r.at for r in requests)
     for t in range(MAX_STEPS):
-        for r in (r for r in requests if r.at == t):
-            params = SamplingParams(max_tokens=r.max_tokens + len(r.resumed), ignore_eos=True)
-            engine.add_request(
-                r.rid,
-                prompt_token_ids=r.prompt,
-                params=params,
-                adapter=r.adapter,
-                priority=r.priority,
-                resume_token_ids=r.resumed or None,
-            )
+        arrive(engine, requests, t)
         if t > last and not engine.has_unfinished():
             break
         before = {rid: (engine.blocks.holds(rid), s.num_preemptions) for rid, s in engine.seqs.items()}
