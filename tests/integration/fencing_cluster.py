@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +159,22 @@ async def resumed(
         going.set()
 
     return stream, chunks, stop, started
+
+
+async def resume_faulted(
+    started: Awaitable[tuple[ReplyStream, asyncio.Queue[TokenChunk], Callable[[], None], list[WorkerService]]],
+    fault: Callable[[list[WorkerService], list[str], int], None],
+    times: int,
+) -> tuple[ReplyStream, list[str]]:
+    """The request ``started`` (``resumed``: running on w-a, others up) handed over at w-a's stop
+    once ``fault`` is put on the others, its first ``times`` faults noted by worker, and read to its
+    end: the stream and the workers faulted."""
+    stream, chunks, stop, others = await started
+    faulted: list[str] = []
+    fault(others, faulted, times)
+    stop()
+    await _read(stream, chunks)
+    return stream, faulted
 
 
 @pytest.fixture

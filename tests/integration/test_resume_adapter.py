@@ -14,7 +14,7 @@ from dlora.services.gateway.admin import check_adapter
 from dlora.services.gateway.replies import ReplyStream
 from dlora.services.worker.main import WorkerService
 from tests.integration import fencing_cluster
-from tests.integration.fencing_cluster import PROMPT, SHORT, Cluster, _read
+from tests.integration.fencing_cluster import PROMPT, SHORT, Cluster, resume_faulted
 from tests.integration.test_gateway import offline
 
 cluster = fencing_cluster.cluster  # the fixture, for pytest to find here
@@ -53,11 +53,7 @@ async def test_a_resume_whose_adapter_one_worker_cannot_read_goes_on_on_another(
     ending a stream its client had been reading, while another worker could read the files.
     Handed back once, it goes on there, exactly as it would have run on: no token lost or repeated."""
     c: Cluster = await cluster(ttl_s=5.0)
-    stream, chunks, stop_first, others = await _running(c, ("w-b", "w-c"))
-    failed: list[str] = []
-    _unreadable(others, failed, times=1)
-    stop_first()
-    await _read(stream, chunks)
+    stream, failed = await resume_faulted(_running(c, ("w-b", "w-c")), _unreadable, times=1)
     assert stream.error is None, stream.error
     assert (stream.finish_reason, stream.tokens, len(failed)) == ("length", SHORT, 1)
     assert stream.attempt == 2  # w-a's hand-over, then the failing worker's hand-back
@@ -70,11 +66,7 @@ async def test_a_resume_whose_adapter_no_worker_can_read_is_answered_after_one_h
     answered 500 with the reason, after the tokens its client had: not handed back for ever (and
     the files not read again: the failure is remembered there)."""
     c: Cluster = await cluster(ttl_s=5.0)
-    stream, chunks, stop_first, others = await _running(c, ("w-b",))
-    failed: list[str] = []
-    _unreadable(others, failed, times=10)
-    stop_first()
-    await _read(stream, chunks)
+    stream, failed = await resume_faulted(_running(c, ("w-b",)), _unreadable, times=10)
     assert (stream.error_code, failed) == ("internal", ["w-b"])
     assert "Input/output error" in (stream.error or "") and 5 <= stream.tokens < SHORT
     assert stream.attempt == 2

@@ -19,7 +19,7 @@ from dlora.services.worker.engine.compile_bound import KILLED, TokenizerSpec, Va
 from dlora.services.worker.engine.structured import GrammarUnavailable
 from dlora.services.worker.main import WorkerService
 from tests.integration import fencing_cluster
-from tests.integration.fencing_cluster import PROMPT, SHORT, Cluster, _read
+from tests.integration.fencing_cluster import PROMPT, SHORT, Cluster, _read, resume_faulted
 from tests.integration.test_gateway import offline
 
 cluster = fencing_cluster.cluster  # the fixture, for pytest to find here
@@ -70,11 +70,7 @@ async def test_a_resume_whose_grammar_cannot_be_had_on_one_worker_goes_on_on_ano
     another worker could serve it. Handed back once, it goes on there, exactly as it would have
     run on: no token lost or repeated."""
     c: Cluster = await cluster(ttl_s=5.0)
-    stream, chunks, stop_first, others = await _running(c, ("w-b", "w-c"))
-    refused: list[str] = []
-    _unavailable(others, refused, times=1)
-    stop_first()
-    await _read(stream, chunks)
+    stream, refused = await resume_faulted(_running(c, ("w-b", "w-c")), _unavailable, times=1)
     assert stream.error is None, stream.error
     assert (stream.finish_reason, stream.tokens, len(refused)) == ("length", SHORT, 1)
     assert stream.attempt == 2  # w-a's hand-over, then the refusing worker's hand-back
@@ -86,11 +82,7 @@ async def test_a_resume_whose_grammar_no_worker_can_have_is_answered_after_one_h
     """Handed back once and sent to the same worker again (none other to take it), the resume is
     answered 503 with the reason, after the tokens its client had: not handed back for ever."""
     c: Cluster = await cluster(ttl_s=5.0)
-    stream, chunks, stop_first, others = await _running(c, ("w-b",))
-    refused: list[str] = []
-    _unavailable(others, refused, times=10)
-    stop_first()
-    await _read(stream, chunks)
+    stream, refused = await resume_faulted(_running(c, ("w-b",)), _unavailable, times=10)
     answers = [(chunk.worker, chunk.error) for _, chunk in c.arrivals if chunk.error_code]  # (whose, if not w-b's)
     assert (stream.error_code, refused) == ("unavailable", ["w-b", "w-b"]), answers
     assert "cannot be compiled now" in (stream.error or "") and 5 <= stream.tokens < SHORT
@@ -102,11 +94,7 @@ async def test_a_resume_every_worker_refuses_so_is_answered_once_each_has_refuse
     did while another can, and the first it comes back to answers 503: neither handed round for
     ever nor left waiting, and asked of each worker once, not bounced between two of them."""
     c: Cluster = await cluster(ttl_s=5.0)
-    stream, chunks, stop_first, others = await _running(c, ("w-b", "w-c"))
-    refused: list[str] = []
-    _unavailable(others, refused, times=10)
-    stop_first()
-    await _read(stream, chunks)
+    stream, refused = await resume_faulted(_running(c, ("w-b", "w-c")), _unavailable, times=10)
     assert stream.error_code == "unavailable" and "cannot be compiled now" in (stream.error or "")
     assert len(refused) == 3 and set(refused[:2]) == {"w-b", "w-c"}, refused  # each once, then the answer
     assert 5 <= stream.tokens < SHORT
