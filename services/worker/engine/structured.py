@@ -190,16 +190,9 @@ class Grammars:
         memory held every stream there for as long, once a worker a resume was handed to). Any
         other failure is left for ``matcher`` to refuse, saying why."""
         try:
-            if (grammar := constraint(params)) is None:
-                return None
-        except GrammarUnavailable as e:  # (says its label already, raised so by ``matcher`` too)
-            return e
-        except Exception:  # noqa: BLE001 - left for ``matcher``, which finds it again
-            return None
-        try:
-            self._fresh(grammar)
+            self._usable(params)  # (``matcher``'s own compile, labelled as it raises it)
         except GrammarUnavailable as e:
-            return GrammarUnavailable(f"{label(params)} {e}")
+            return e
         except Exception:  # noqa: BLE001 - left for ``matcher``, which finds it where it was kept
             pass
         return None
