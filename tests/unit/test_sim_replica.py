@@ -143,6 +143,19 @@ def _state(e: SimEngine) -> tuple:
     )
 
 
+def _twins(profile: CostProfile, config: EngineConfig, output_lens: tuple[int, int, int]) -> list[SimEngine]:
+    """Two engines alike: adapter "a" (rank 16), three requests (r0 on the base model, r1 and r2 on
+    "a") of ``output_lens`` tokens, their prefills and a first decode stepped (the step to repeat)."""
+    engines = [SimEngine(profile, config) for _ in range(2)]
+    for e in engines:
+        e.add_adapter("a", 16)
+        for i, n in enumerate(output_lens):
+            e.add(f"r{i}", list(range(10 + i, 17 + 3 * i)), output_len=n, adapter="a" if i else None)
+        e.step()  # the prefills
+        e.step()  # a first decode: the step to repeat
+    return engines
+
+
 @pytest.mark.parametrize("caching", [True, False])
 def test_fast_forward_makes_the_same_state_as_the_steps_it_skips(caching: bool) -> None:
     """Steps that repeat the last one (decodes of every request, none ending) run at once: the same
@@ -151,14 +164,7 @@ def test_fast_forward_makes_the_same_state_as_the_steps_it_skips(caching: bool) 
     config = EngineConfig(
         policy=PolicyConfig(name=PolicyName.UNMERGED_ONLY), block_size=4, enable_prefix_caching=caching
     )
-    engines = [SimEngine(H200, config) for _ in range(2)]
-    for e in engines:
-        e.add_adapter("a", 16)
-        for i, n in enumerate((5, 30, 40)):
-            e.add(f"r{i}", list(range(10 + i, 17 + 3 * i)), output_len=n, adapter="a" if i else None)
-        e.step()  # the prefills
-        e.step()  # a first decode: the step to repeat
-    fast, slow = engines
+    fast, slow = _twins(H200, config, (5, 30, 40))
     ids, k = fast.fast_forward(until=1e9)
     assert (
         sorted(ids) == ["r0", "r1", "r2"] and k == 2
@@ -206,14 +212,7 @@ def test_fast_forward_under_a_learning_policy_makes_the_same_state_as_stepping(c
     stepping. What cannot change within the run (its batch, its LoRA work, its pricing by context)
     is worked out once a run, not once a step (it was, for each step, a tenth of the run's time)."""
     config = EngineConfig(block_size=4, enable_prefix_caching=caching)
-    engines = [SimEngine(_Counted(**dataclasses.asdict(H200)), config) for _ in range(2)]
-    for e in engines:
-        e.add_adapter("a", 16)
-        for i, n in enumerate((40, 60, 50)):
-            e.add(f"r{i}", list(range(10 + i, 17 + 3 * i)), output_len=n, adapter="a" if i else None)
-        e.step()  # the prefills
-        e.step()  # a first decode: the step to repeat
-    fast, slow = engines
+    fast, slow = _twins(_Counted(**dataclasses.asdict(H200)), config, (40, 60, 50))
     _Counted.shapes.clear()
     ids, k = fast.fast_forward(until=1e9)
     assert sorted(ids) == ["r0", "r1", "r2"] and k > 4  # past block bounds (4 tokens a block)
