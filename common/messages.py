@@ -470,6 +470,16 @@ class WorkerStats(msgspec.Struct, kw_only=True, frozen=True):
         return read_price(*line, nbytes)
 
 
+def likely_dead(silent_s: float, ttl_s: float, gap_s: float, interval_s: float) -> bool:
+    """A worker silent ``silent_s`` is likely dead or hung (not yet past the heartbeat TTL ``ttl_s``
+    and declared lost: the caller bounds that): past half the TTL and three of its last gap between
+    stats ``gap_s``, taken as at least the stats interval it says ``interval_s``
+    (``WorkerStats.stats_interval_s``; 0 where none is said, or no gap yet). Dispatch passes such
+    workers over (``DispatchState.quiet``, which says why the gap and the interval) and the migrator
+    leaves them out of its plans (``looks.unheard``)."""
+    return max(ttl_s / 2, 3 * max(gap_s, interval_s)) < silent_s
+
+
 # Requests a worker's stats list one by one: 4,096 x ~65 bytes is ~270 KB, a quarter of NATS's
 # default max_payload (1 MB), which the adapters (at most max_cpu_loras) share.
 MAX_LISTED = 4096

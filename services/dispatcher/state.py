@@ -12,7 +12,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from dlora.common.messages import WorkerStats
+from dlora.common.messages import WorkerStats, likely_dead
 from dlora.common.reads import pooled_read
 from dlora.common.versions import engine_key
 from dlora.services.dispatcher.affinity import GRANULE, MAX_HASHED, PrefixAffinity
@@ -135,7 +135,7 @@ class DispatchState:
         return {
             w
             for w, (st, at) in self.workers.items()
-            if max(self.ttl_s / 2, 3 * max(self.gaps.get(w, 0.0), st.stats_interval_s)) < now - at <= self.ttl_s
+            if now - at <= self.ttl_s and likely_dead(now - at, self.ttl_s, self.gaps.get(w, 0.0), st.stats_interval_s)
         }
 
     def choose(

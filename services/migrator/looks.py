@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from dlora.common.messages import PlanTrigger, WorkerStats
+from dlora.common.messages import PlanTrigger, WorkerStats, likely_dead
 from dlora.common.plans import PLAN_MAX_AGE_S
 from dlora.services.migrator.planner import PlannerSettings
 from dlora.services.migrator.settings import MigratorSettings
@@ -86,8 +86,8 @@ def unheard(
     came, monotonic seconds; ``gaps``: seconds between its last two, where two came; ``intervals``:
     the stats interval it says, seconds, where it says one, ``WorkerStats.stats_interval_s``): those
     silent past half the heartbeat TTL ``ttl_s`` and three of their gaps, each taken as at least
-    their interval, likely dead or hung (dispatch's rule, ``DispatchState.quiet``, which says why
-    the gap and the interval only under it; their last stats said them idle, so plans sent
+    their interval, likely dead or hung (``likely_dead``, dispatch's rule: ``DispatchState.quiet``
+    says why the gap and the interval only under it; their last stats said them idle, so plans sent
     requests there to stall until a dispatcher recovered them elsewhere); and those whose last stats
     will be older, once a plan that takes ``solve_s`` reaches them, than a plan they accept
     (``PLAN_MAX_AGE_S`` past their stats interval, ``worker.moves.plan_max_age``): planned from them,
@@ -96,11 +96,12 @@ def unheard(
     does not, its last gap (none before a second stats). The gap alone is loose by as much as a
     lost message (left by the last session's review): one lost at a 2 s interval reads as a 4 s
     gap, and a plan reaching the worker with its stats 7.5 s old is made, to be dropped past 7 s."""
+    said = intervals or {}
     out = set()
     for w, at in heard.items():
         silent, gap = now - at, gaps.get(w, 0.0)
-        interval = (intervals or {}).get(w) or gap
-        if silent > max(ttl_s / 2, 3 * max(gap, interval)) or silent + solve_s > PLAN_MAX_AGE_S + interval:
+        interval = said.get(w) or gap
+        if likely_dead(silent, ttl_s, gap, interval) or silent + solve_s > PLAN_MAX_AGE_S + interval:
             out.add(w)
     return out
 
