@@ -119,7 +119,7 @@ class Recovery:
         if rec is None or (sender is not None and rec.request.owner != sender):
             return
         if rec.worker not in {w.worker for w in self.live()}:  # still waiting
-            await self._end_aborted(rec)
+            await self._end_aborted(rec.request, rec.next_seq, (rec.worker, rec.recoveries))
             self.orphans.over(request_id)
 
     def _aborted_lately(self, req: GenerateRequest, now: float) -> bool:
@@ -137,15 +137,16 @@ class Recovery:
             return False
         if expect is None:
             await self._answer_aborted(req, req.next_seq, req.recoveries)
-        elif await self.store.delete_inflight(req.request_id, expect):
-            await self._answer_aborted(req, req.next_seq, expect[1])
+        else:
+            await self._end_aborted(req, req.next_seq, expect)
         return True
 
-    async def _end_aborted(self, rec: Inflight) -> None:
-        """End the aborted request ``rec`` is of, unless another dispatcher took it meanwhile: its
-        record goes, and its reader gets the abort's last chunk, as a worker answers one."""
-        if await self.store.delete_inflight(rec.request.request_id, (rec.worker, rec.recoveries)):
-            await self._answer_aborted(rec.request, rec.next_seq, rec.recoveries)
+    async def _end_aborted(self, req: GenerateRequest, seq: int, held: tuple[str, int]) -> None:
+        """End the aborted request ``req``, its record held by ``held`` (worker, attempt), unless
+        another dispatcher took it meanwhile: its record goes, and its reader gets the abort's last
+        chunk of that attempt, numbered ``seq``, as a worker answers one."""
+        if await self.store.delete_inflight(req.request_id, held):
+            await self._answer_aborted(req, seq, held[1])
 
     async def _answer_aborted(self, req: GenerateRequest, seq: int, recoveries: int) -> None:
         """Send ``req``'s reader the abort's last chunk of attempt ``recoveries``, numbered ``seq``,
@@ -279,7 +280,7 @@ class Recovery:
         mine = (rec.worker, rec.recoveries)  # unless another dispatcher took it meanwhile
         now = time.monotonic()
         if self._aborted_lately(first, now):
-            await self._end_aborted(rec)
+            await self._end_aborted(first, next_seq, mine)
             return
         # Silent twice the TTL: a client cut off by the fault that lost the worker (its NATS node on
         # the worker's host) was silent about as long as the worker when it is found lost, and
