@@ -67,14 +67,18 @@ GRAMMAR_COMPILATION_TIMEOUT_S = 10.0
 GRAMMAR_COMPILATION_MEMORY_MB = 4096
 _TOO_SLOW = "too complex to compile within"
 _TOO_LARGE = "too large to compile within"
-_KILLED = "cannot be compiled now: its compiler's process was killed (the host short of memory?); try again"
-# A compile stopped in wall time while its CPU time was short of the bound: the host's load, not the
-# grammar (which a resume's first worker compiled), so a 503 as vLLM's and SGLang's overload is, and
-# a resume handed back; not for a host with no CPU time to read (``UNTIMED``: refused as too complex).
-_STARVED = (
-    "cannot be compiled now: the server was too busy to compile it within its time bound"
-    " (grammar_compilation_timeout_s); try again"
-)
+# What a verdict that is not the grammar's fault (as far as is known: a retry may pass) tells the
+# client, as GrammarUnavailable. STARVED: a compile stopped in wall time while its CPU time was short
+# of the bound: the host's load, not the grammar (which a resume's first worker compiled), so a 503
+# as vLLM's and SGLang's overload is, and a resume handed back; not for a host with no CPU time to
+# read (``UNTIMED``: refused as too complex).
+_UNAVAILABLE = {
+    KILLED: "cannot be compiled now: its compiler's process was killed (the host short of memory?); try again",
+    STARVED: (
+        "cannot be compiled now: the server was too busy to compile it within its time bound"
+        " (grammar_compilation_timeout_s); try again"
+    ),
+}
 _validator = Validator()
 
 
@@ -88,8 +92,8 @@ def check(params: SamplingParams) -> None:
         error = _validated(grammar, GRAMMAR_COMPILATION_TIMEOUT_S, None, GRAMMAR_COMPILATION_MEMORY_MB)
     except GrammarUnavailable as e:
         raise GrammarUnavailable(f"{label(params)} {e}") from None
-    if error in (KILLED, STARVED):
-        raise GrammarUnavailable(f"{label(params)} {_KILLED if error == KILLED else _STARVED}")
+    if (why := _UNAVAILABLE.get(error)) is not None:
+        raise GrammarUnavailable(f"{label(params)} {why}")
     if error and not error.startswith("WARNING"):
         raise GrammarError(f"{label(params)} cannot be used: {_reason(error)}")
 
@@ -219,8 +223,8 @@ class Grammars:
             return self._fresh(grammar) if compiled and isinstance(got, str) else got
         try:
             error = self._verdict(grammar)
-            if error in (KILLED, STARVED):  # (not the grammar's fault, as far as is known: a retry may pass)
-                raise GrammarUnavailable(_KILLED if error == KILLED else _STARVED)
+            if (why := _UNAVAILABLE.get(error)) is not None:
+                raise GrammarUnavailable(why)
             if error.startswith((_TOO_SLOW, _TOO_LARGE)) or error == CRASHED:  # (crashes this process too)
                 raise TooSlow(error)  # (what passed takes as long here, the tokenizer's part aside)
             m: LLMatcher | str = error
