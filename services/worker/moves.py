@@ -129,11 +129,12 @@ class Refusals:
         self._last.pop(request_id, None)
         self.oversized.discard(request_id)
 
-    def lately(self, now: float) -> dict[str, list[str]]:
+    def lately(self, now: float, held: Container[str] | None = None) -> dict[str, list[str]]:
         """Plan id -> the request ids of its moves refused within ``age_s`` of ``now``, or
-        earlier and not said yet; each is said from here on (the caller sends it)."""
+        earlier and not said yet; each is said from here on (the caller sends it). ``held``: the
+        requests still here, whose episodes go on (the others' end); None: every one's."""
         self._at = {k: (at, True) for k, (at, said) in self._at.items() if now - at < self.age_s or not said}
-        self._last = {r: (why, at, True) for r, (why, at, _) in self._last.items()}
+        self._last = {r: (why, at, True) for r, (why, at, _) in self._last.items() if held is None or r in held}
         out: dict[str, list[str]] = {}
         for plan_id, request_id in self._at:
             out.setdefault(plan_id, []).append(request_id)
@@ -143,9 +144,8 @@ class Refusals:
         """``stats`` as they go out at ``now``: with the moves refused lately (``lately``) and the
         requests too large to move pinned; ``held``: the requests still here (the others are
         forgotten)."""
-        refused = self.lately(now)
+        refused = self.lately(now, held)
         self.oversized = {r for r in self.oversized if r in held}
-        self._last = {r: last for r, last in self._last.items() if r in held}
         if not self.oversized:
             return msgspec.structs.replace(stats, refused_moves=refused)
         loads = [
