@@ -69,13 +69,19 @@ def key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+def _wrapped_problem(pattern: str, wrap: Callable[[str], str]) -> str | None:
+    """Why PEFT's ``re`` cannot compile ``pattern`` as it matches it (``wrap``: its load fails
+    there), or None. A plain pattern (``plain``: a module name, as EVA writes one per module)
+    always compiles there and is matched here without a regex engine (``_Plain``), so it is not
+    compiled: 20,000 rank_pattern keys took re 0.8 s of a core (2 s loaded) at every registration
+    and load."""
+    return None if plain(pattern) else regex_problem(pattern, wrap(pattern))
+
+
 def key_problem(key: str) -> str | None:
     """Why PEFT's ``re`` cannot compile a ``rank_pattern`` / ``alpha_pattern`` key as it matches it
-    (``re.match(rf"(.*\\.)?({key})$", module)``, ``get_pattern_key``: its load fails there), or None.
-    A plain key (letters, digits, '_', '-', '.': a module name, as EVA writes one per module) always
-    compiles there and is matched here without a regex engine (``_Plain``), so it is not compiled:
-    20,000 of them took re 0.8 s of a core (2 s loaded) at every registration and load."""
-    return None if _PLAIN.fullmatch(key) else regex_problem(key, key_regex(key))
+    (``re.match(rf"(.*\\.)?({key})$", module)``, ``get_pattern_key``), or None (``_wrapped_problem``)."""
+    return _wrapped_problem(key, key_regex)
 
 
 def saved_regex(name: str) -> str:
@@ -86,9 +92,9 @@ def saved_regex(name: str) -> str:
 
 
 def saved_problem(name: str) -> str | None:
-    """Why PEFT's ``re`` cannot compile a ``modules_to_save`` name as it matches it (its load fails
-    there), or None; a plain name (letters, digits, '_', '-', '.') always compiles."""
-    return None if _PLAIN.fullmatch(name) else regex_problem(name, saved_regex(name))
+    """Why PEFT's ``re`` cannot compile a ``modules_to_save`` name as it matches it, or None
+    (``_wrapped_problem``)."""
+    return _wrapped_problem(name, saved_regex)
 
 
 def layers_regex(pattern: str) -> str:
@@ -98,9 +104,9 @@ def layers_regex(pattern: str) -> str:
 
 def layers_problem(pattern: str) -> str | None:
     """Why PEFT's ``re`` cannot compile a ``layers_pattern`` entry as it matches it
-    (``re.match(rf".*\\.{pattern}\\.(\\d+)\\.", module)``, ``check_target_module_exists``: its load
-    fails there), or None; a plain entry (letters, digits, '_', '-', '.') always compiles there."""
-    return None if _PLAIN.fullmatch(pattern) else regex_problem(pattern, layers_regex(pattern))
+    (``re.match(rf".*\\.{pattern}\\.(\\d+)\\.", module)``, ``check_target_module_exists``), or None
+    (``_wrapped_problem``)."""
+    return _wrapped_problem(pattern, layers_regex)
 
 
 # A repeat as re reads one; any other '{' is a literal to re, but regex reads fuzzy matching there
@@ -255,8 +261,8 @@ class Targets:
         # modules_to_save names, plain ones indexed as rank_pattern keys are (a 1 MB config's 50,000
         # names matched one by one against each module would cost seconds)
         saved = conf.get("modules_to_save") or []
-        self._saved_plain = _Plain([(i, k) for i, k in enumerate(saved) if _PLAIN.fullmatch(k)])
-        self._saved_others = [k for k in saved if not _PLAIN.fullmatch(k)]
+        self._saved_plain = _Plain([(i, k) for i, k in enumerate(saved) if plain(k)])
+        self._saved_others = [k for k in saved if not plain(k)]
 
     def _refuse_slow(self) -> AdapterError:
         return AdapterError(
@@ -296,9 +302,9 @@ class Targets:
             return next((v for k, v in patterns.items() if self._match("match", key_regex(k), module)), default)
         if (split := self._split.get(id(patterns))) is None:
             keys = list(patterns)
-            plain = [(i, k) for i, k in enumerate(keys) if _PLAIN.fullmatch(k)]
-            others = [(i, k) for i, k in enumerate(keys) if not _PLAIN.fullmatch(k)]
-            split = self._split[id(patterns)] = (patterns, _Plain(plain), keys, others)
+            plains = [(i, k) for i, k in enumerate(keys) if plain(k)]
+            others = [(i, k) for i, k in enumerate(keys) if not plain(k)]
+            split = self._split[id(patterns)] = (patterns, _Plain(plains), keys, others)
         _, plain_keys, keys, others = split
         first = plain_keys.first(module, self._spend)
         for place, key in others:  # a pattern before the first plain key that matches still wins
@@ -312,7 +318,7 @@ class Targets:
         """A ``target_modules`` / ``exclude_modules`` value: a string is a regex the whole name must
         match; a list names modules by full name or dotted suffix."""
         if isinstance(spec := self.conf[key], str):
-            if _PLAIN.fullmatch(spec) and "\n" not in module:
+            if plain(spec) and "\n" not in module:
                 return len(spec) == len(module) and _masked(module, _dots(spec)) == spec
             return self._match("fullmatch", spec, module) is not None
         parts, names = module.split("."), self._names[key]
