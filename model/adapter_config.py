@@ -199,7 +199,15 @@ def _check_patterns(name: str, conf: dict[str, Any]) -> None:
     a 0.74 MB config of 50,000 keys such as '(k1)' cost 1.8 s of a core at every registration and load."""
     deadline = time.thread_time() + COMPILE_BUDGET_S
 
-    def check(key: str, noun: str, patterns: Iterable[str], problem_of: Callable[[str], str | None]) -> None:
+    def check(
+        key: str,
+        noun: str,
+        patterns: Iterable[str],
+        problem_of: Callable[[str], str | None],
+        label: str | None = None,
+        why: str = "",
+    ) -> None:
+        """``label`` (``key`` unless given) and ``why`` word the message of a pattern that fails to compile."""
         regexes = list(dict.fromkeys(p for p in patterns if not plain(p)))
         if len(regexes) > MAX_REGEX_PATTERNS:
             raise AdapterError(
@@ -213,9 +221,9 @@ def _check_patterns(name: str, conf: dict[str, Any]) -> None:
             )
         for pattern in regexes:
             if (problem := problem_of(pattern)) is not None:
-                what = f"{key} {noun}" if noun in ("key", "name") else key  # (the messages' old wording)
-                why = "; PEFT matches each as one" if key == "modules_to_save" else ""
-                raise AdapterError(f"adapter {name!r}: {what} {pattern[:200]!r} is not a valid regex ({problem}{why})")
+                raise AdapterError(
+                    f"adapter {name!r}: {label or key} {pattern[:200]!r} is not a valid regex ({problem}{why})"
+                )
             if time.thread_time() >= deadline:
                 raise AdapterError(
                     f"adapter {name!r}: its regex patterns take over {COMPILE_BUDGET_S:g} s to compile "
@@ -230,7 +238,14 @@ def _check_patterns(name: str, conf: dict[str, Any]) -> None:
         if isinstance(conf.get(key), str):
             check(key, "regex", [conf[key]], regex_problem)
     # PEFT matches each modules_to_save name and layers_pattern entry (a list's too) as a regex
-    check("modules_to_save", "name", listed("modules_to_save"), saved_problem)
+    check(
+        "modules_to_save",
+        "name",
+        listed("modules_to_save"),
+        saved_problem,
+        label="modules_to_save name",
+        why="; PEFT matches each as one",
+    )
     check("layers_pattern", "entry", listed("layers_pattern"), layers_problem)
     for key in ("rank_pattern", "alpha_pattern"):
-        check(key, "key", conf.get(key) or {}, key_problem)
+        check(key, "key", conf.get(key) or {}, key_problem, label=f"{key} key")
