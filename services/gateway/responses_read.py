@@ -142,13 +142,18 @@ class _Held(_Judged):
     output: list[_Item] = []
 
 
+# What a record that does not decode (or check) as its shape raises: ValidationError is a DecodeError;
+# RecursionError, msgspec's bound on nesting
+_UNREAD = (msgspec.DecodeError, RecursionError)
+
+
 def _ided(raw: bytes | None, shape: Any) -> Any:
     """``raw`` decoded as ``shape``; None where it is none, or does not decode so."""
     if raw is None:
         return None
     try:
         return msgspec.json.decode(raw, type=shape)
-    except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
+    except _UNREAD:
         return None
 
 
@@ -160,17 +165,17 @@ def _decoded(name: str, raw: bytes | None, whole: bool = True) -> Any:
     a record no gateway writes, cost them 2-30 times the time and 20-35 times the memory (an
     8 MiB record of short items: 1.3 s of the event loop, every stream on the gateway stalled,
     not 43 ms; 50 MB, not 2.6 MB)."""
-    if raw is None:
+    if raw is None:  # (_ided says so too; here for the raw kept in a Seen or Stored)
         return None
-    try:
-        if name == "response" and not whole:
-            shape = msgspec.json.decode(raw, type=_Checked)
-            if not running(shape.status):
-                return Seen(raw, shape.status, shape.background is True)
-        value = msgspec.json.decode(raw, type=_SHAPES[name])
-        if name == "response":
-            msgspec.convert(value, _Response)  # (its shape: a check of what was just decoded, not parsed again)
-            return Stored(raw, value)
+    if name == "response" and not whole:
+        if (shape := _ided(raw, _Checked)) is None:
+            return None
+        if not running(shape.status):
+            return Seen(raw, shape.status, shape.background is True)
+    if (value := _ided(raw, _SHAPES[name])) is None or name != "response":
         return value
-    except (msgspec.DecodeError, RecursionError):  # (ValidationError is one; msgspec's bound on nesting)
+    try:
+        msgspec.convert(value, _Response)  # (its shape: a check of what was just decoded, not parsed again)
+    except _UNREAD:
         return None
+    return Stored(raw, value)
