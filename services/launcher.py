@@ -199,19 +199,20 @@ class LocalStack:
         action = on_exit(name, code)
         if action == "leave":
             return "left", f"{name} stopped cleanly (drained); not started again"
+        exited = f"{name} exited ({exit_said(code)})"
         if action == "restart" and self.restart(i):
             metrics = f" (metrics {self.metrics_urls[name]})" if name in self.metrics_urls else ""
-            return "restarted", f"{name} exited ({exit_said(code)}); started it again{metrics}"
+            return "restarted", f"{exited}; started it again{metrics}"
         if action == "restart" and name.startswith("worker-"):
             alive = sum(n.startswith("worker-") and p.poll() is None for n, p in zip(self.names, self.procs))
             if not alive:  # nothing would serve: the stack stops, saying why, as before
-                return "stop", f"{name} exited ({exit_said(code)}) and would only fail again, the last worker; stopping"
+                return "stop", f"{exited} and would only fail again, the last worker; stopping"
             return "left", (
-                f"{name} exited ({exit_said(code)}) and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
+                f"{exited} and would only fail again (it ran under {CRASH_LOOP_S:.0f} s, or "
                 f"was started again {MAX_RESTARTS} times in {RESTART_WINDOW_S:.0f} s): left out, "
                 f"{alive} worker{'s' * (alive != 1)} still serving"
             )
-        return "stop", f"{name} exited ({exit_said(code)}); stopping everything"
+        return "stop", f"{exited}; stopping everything"
 
     def start(self) -> None:
         base = self.base
