@@ -16,10 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dlora.loadgen.chaos.stack import ChaosStack
 from dlora.loadgen.chaos.tap import BusTap
+
+T = TypeVar("T")
 
 # The issue's own bound: the same worker id SIGKILLed twice within this many seconds.
 TWICE_WITHIN_S = 30.0
@@ -73,6 +75,14 @@ class Fault:
     inject: Inject
 
 
+async def _said(read: Awaitable[T], otherwise: T) -> T:
+    """What ``read`` of Redis says; ``otherwise`` while Redis cannot say (restarting: look again)."""
+    try:
+        return await read
+    except Exception:  # noqa: BLE001 - Redis restarting
+        return otherwise
+
+
 async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
     """Wait until ``worker`` (None: any worker) holds requests in flight (at most ``limit_s``); how
     many. Meanwhile more load goes out every 0.3 s, in bursts that grow while the worker stays
@@ -81,10 +91,7 @@ async def _busy(ctx: Ctx, worker: str | None, limit_s: float = 30.0) -> int:
     deadline = time.monotonic() + limit_s
     nudged, nudges = 0.0, 0
     while True:
-        try:
-            n = await ctx.stack.inflight_on(worker) if worker else len(await ctx.stack.inflight_keys())
-        except Exception:  # noqa: BLE001 - Redis restarting: look again
-            n = 0
+        n = await _said(ctx.stack.inflight_on(worker), 0) if worker else len(await _said(ctx.stack.inflight_keys(), []))
         if n > 0 or time.monotonic() > deadline:
             return n
         if ctx.nudge is not None and time.monotonic() - nudged > 0.3 and nudges < 30:
@@ -194,11 +201,11 @@ def worker_stalled(worker: str) -> Fault:
         # another worker), a fence blind to missing records passed every run (a review); a fixed
         # TTL + 3 s caught it only where the request was short enough to end within those 3 s.
         while (stall := time.monotonic() - at) < ctx.stack.heartbeat_ttl_s + 3.0:
-            held |= await _requests_on(ctx, worker)
-            if stall >= ctx.stack.heartbeat_ttl_s and not await _recorded(ctx, held):
+            held |= set(await _said(ctx.stack.store.inflight_on(worker), []))
+            if stall >= ctx.stack.heartbeat_ttl_s and not await _said(ctx.stack.recorded(held), len(held)):
                 break
             await asyncio.sleep(0.1)
-        left = await _recorded(ctx, held)
+        left = await _said(ctx.stack.recorded(held), len(held))
         ctx.stack.procs[worker].signal(signal.SIGCONT)
         log.event("SIGCONT", target=worker, stalled_s=round(stall, 2), held=len(held), still_running=left)
         log.restored()
@@ -209,22 +216,6 @@ def worker_stalled(worker: str) -> Fault:
         "then SIGCONT",
         inject,
     )
-
-
-async def _requests_on(ctx: Ctx, worker: str) -> set[str]:
-    """The requests recorded on ``worker`` (none while Redis cannot say)."""
-    try:
-        return await ctx.stack.requests_on(worker)
-    except Exception:  # noqa: BLE001 - Redis restarting: look again
-        return set()
-
-
-async def _recorded(ctx: Ctx, requests: set[str]) -> int:
-    """How many of ``requests`` still run somewhere (all of them while Redis cannot say)."""
-    try:
-        return await ctx.stack.recorded(requests)
-    except Exception:  # noqa: BLE001 - Redis restarting: as yet unknown
-        return len(requests)
 
 
 def service_killed(name: str) -> Fault:

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from dlora.common import subjects
 from dlora.common.permissions import ROLES, nats_users
+from dlora.common.state import StateStore
 from dlora.services.servers import REDIS_USER, free_port, redis_acl
 
 # What the services log once they serve (dlora serve <service>).
@@ -183,6 +184,7 @@ class ChaosStack:
             worker_env = {**as_role("worker"), "DLORA_WORKER_ID": wid}
             self.procs[wid] = Proc(wid, [*serve, "worker"], worker_env, logs / f"{wid}.log")
         self.redis = Redis.from_url(self.redis_url, username=OBSERVER, password=self.passwords[OBSERVER])
+        self.store = StateStore(self.redis)  # (its reads: the observer may not write)
 
     @staticmethod
     def worker_id(i: int) -> str:
@@ -332,13 +334,8 @@ class ChaosStack:
         return sorted(keys)
 
     async def inflight_on(self, worker: str) -> int:
-        return int(await self.redis.scard(f"dlora:inflight-of:{worker}"))
-
-    async def requests_on(self, worker: str) -> set[str]:
-        """The ids of the requests whose in-flight records name ``worker`` (its index)."""
-        return {
-            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(f"dlora:inflight-of:{worker}")
-        }
+        """How many requests' in-flight records name ``worker`` (``store.inflight_on``: their ids)."""
+        return len(await self.store.inflight_on(worker))
 
     async def recorded(self, request_ids: set[str]) -> int:
         """How many of ``request_ids`` still have an in-flight record: running (somewhere), not
