@@ -91,7 +91,7 @@ def written(
 ) -> tuple[list[Sequence], torch.Tensor | None]:
     """Take in the KV the step wrote (the prefix cache names the blocks it filled); keep what
     goes on to sample, with its logits: a prefill chunk short of the prompt's end does not."""
-    done, keys = [], {}
+    done, chunks, keys = [], [], {}
     for i, s in enumerate(ran):
         start, end = s.num_cached, s.num_cached + s.num_scheduled
         if engine.blocks.enable_prefix_caching:
@@ -103,11 +103,11 @@ def written(
             engine.blocks.computed(s.request_id, ids, start, end, s.salted(keys[s.adapter]))
         if end < s.total_len:
             s.num_cached = end
+            chunks.append(i)
         else:
             done.append(i)
-    if len(done) == len(ran):
+    if not chunks:
         return ran, logits
-    chunks = [i for i in range(len(ran)) if i not in set(done)]
     engine._chunks = check_chunks([ran[i] for i in chunks], rows_of(logits, chunks))
     return [ran[i] for i in done], rows_of(logits, done)
 
