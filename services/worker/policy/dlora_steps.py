@@ -134,17 +134,19 @@ def cf_step(
     A prompt past ``max_num_batched_tokens`` is fed all of it (``QueuedRequest.left``), not only
     what ``queue_view.queued`` shows of it in a step (a review: it prefilled 16 of a 400-token
     prompt, then decoded it at 16 tokens of context)."""
-    ids, owed = {r.request_id for r in fed}, epoch.cf_owed
-    queued = {r.request_id: owed.get(r.request_id, r) for r in batch}
-    if any(
+    owed = epoch.cf_owed
+    anew = any(
         r.request_id in owed
         or (not r.running and (r.request_id in epoch.cf_prefilled or r.request_id in epoch.cf_chunked))
         for r in batch
-    ):
+    )
+    if not anew and all(r.running for r in fed):
+        return None
+    queued = {r.request_id: owed.get(r.request_id, r) for r in batch}
+    if anew:
+        ids = {r.request_id for r in fed}
         source = [queued[r.request_id] for r in fed] + [r for r in batch if r.request_id not in ids]
         fed = within_budget([_left(r, epoch, merged, merged_now) for r in source], limits, merged, merged_now, kv)
-    elif all(r.running for r in fed):
-        return None
     out: list[QueuedRequest] = []
     work = 0
     for r in fed:
