@@ -152,8 +152,8 @@ class _Candidate:
             excess, ids, prompts = made()
         else:
             excess, ids, prompts = shape.piece(("decision", self.mode, self.merged), made)
-        basis.excess, basis.prompts = dict(excess), prompts
-        return StepDecision(self.merged, list(ids), basis, mixed=self.mode is Mode.MIXED)
+        basis.excess, basis.prompts = excess, prompts  # (shared with the shape's piece: read, never changed)
+        return StepDecision(self.merged, ids, basis, mixed=self.mode is Mode.MIXED)
 
     def _excess(self, merged_now: str | None) -> dict[str, int]:
         # Prompt tokens its merged state makes a request feed beyond its work: computed again, not served.
