@@ -123,8 +123,8 @@ def schedule(
         own_key = seq.salted(cache_key(seq.adapter)) if caches or fresh else b""
         reserved = 0
         if seq.status is Status.WAITING and seq.num_new > limits.max_num_batched_tokens - tokens - pending:
-            holding = adapters if seq.adapter is None or seq.adapter == merged else adapters | {seq.adapter}
-            reserved = decode_room(decodes.values(), holding, merged, slots, limits.max_num_seqs - len(out.seqs) - 1)
+            seats = limits.max_num_seqs - len(out.seqs) - 1
+            reserved = decode_room(decodes.values(), adapters, seq.adapter, merged, slots, seats)
         room = limits.max_num_batched_tokens - tokens - reserved
         if fresh:
             ids, lookup = seq.all_ids(), NO_REUSE if seq.collects_prompt_logprobs else own_key

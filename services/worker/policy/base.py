@@ -237,20 +237,27 @@ def lora_work(fed: list[tuple[str | None, int]], merged: str | None, ranks: Mapp
 
 
 def decode_room(
-    later: Iterable[tuple[str | None, int]], holding: AbstractSet[str], merged: str | None, slots: int, seats: int
+    later: Iterable[tuple[str | None, int]],
+    holding: AbstractSet[str],
+    own: str | None,
+    merged: str | None,
+    slots: int,
+    seats: int,
 ) -> int:
     """Tokens held back from a prefill for the decodes after it in its step (chunked prefill: they
     go first in the token budget wherever they stand in the decision; ``scheduler.schedule`` and
     ``within_budget`` both hold this back): of ``later`` ((adapter, tokens) each, in decision order)
     those a seat and a device slot are left for, at most ``seats`` of them. A decode whose adapter
     needs no slot (the base model's, ``merged``'s) or holds one (``holding``: the unmerged adapters
-    of the requests admitted so far and the prefill's own) takes none; another takes the next of
-    ``slots`` (``free_slots``) while one is left, and without one does not run this step, so no
+    of the requests admitted so far, and ``own``, the prefill's) takes none; another takes the next
+    of ``slots`` (``free_slots``) while one is left, and without one does not run this step, so no
     room is held for it. Held for every decode after it, a prompt before decodes of adapters no
     slot was left for was cut to a token or two and the room went to no one (a review). Once a
     prefill is cut to this room no prompt after it runs: one taking the seat or slot of a decode
     counted here stalled it for a chunk of its room, and left the rest of it unfed."""
     held, room, left = set(holding), 0, seats
+    if own is not None and own != merged:
+        held.add(own)
     for adapter, n in later:
         if left <= 0:
             break
@@ -343,9 +350,9 @@ def within_budget(
         reserved = 0
         # (a prompt that fits beside all the decodes after it is fed whole whatever is held back)
         if decodes and budget is not None and not r.running and n > budget - tokens - decodes:
-            holding = adapters if r.adapter is None or r.adapter == merged else adapters | {r.adapter}
             runs = [(q.adapter, q.num_new) for q in batch if q.running] if runs is None else runs
-            reserved = decode_room(runs[reached:], holding, merged, slots, limits.max_num_seqs - len(out) - 1)
+            seats = limits.max_num_seqs - len(out) - 1
+            reserved = decode_room(runs[reached:], adapters, r.adapter, merged, slots, seats)
         room = (budget if budget is not None else math.inf) - tokens - reserved
         if n > room:
             if limits.chunked_prefill and not r.running and room > 0:
