@@ -431,8 +431,11 @@ class DLoraPolicy(EpochLearning):
         return base is None or not switch or self.merged_epoch_steps * 2 * base > switch
 
     def _f_work(self, shape: QueueShape) -> tuple[int, int, int, int]:
-        """``step_work`` of what one step of F feeds, unmerged (no rank of the policy's is read)."""
-        return shape.piece(("work", "F"), lambda: step_work(shape.f_run, None, self.ranks, shape.merged_now))
+        """``step_work`` of what one step of F feeds, unmerged (no rank of the policy's is read):
+        the unmerged candidate's, under ``_price``'s key for it (its run is F's, no adapter merged)."""
+        return shape.piece(
+            ("work", Mode.UNMERGED, None, 0), lambda: step_work(shape.f_run, None, self.ranks, shape.merged_now)
+        )
 
     def _pays_off(self, shape: QueueShape, group: list[QueuedRequest], adapter: str) -> bool:
         """Would merging ``group`` (what one step of it feeds) win back the switch within a typical
