@@ -98,14 +98,15 @@ def add_request(
     # length with none to be had here now, it ends "length" as before: not an error in place of its output
     refused: Exception | None = None
     if grammar_needed(resumed, params, engine.eos_ids):
-        try:
-            if grammar_unavailable is not None:  # (compiled here again, it held the caller's loop as long)
-                raise GrammarUnavailable(grammar_unavailable)
-            seq.matcher, seq.grammar_from = started_matcher(engine.grammars, params, resumed)
-        except GrammarUnavailable as e:
-            refused = e  # (the worker's state, not the request's fault: answered unavailable)
-        except GrammarError as e:
-            refused = RequestError(str(e), param=params.structured_outputs()[0])
+        if grammar_unavailable is not None:  # (compiled here again, it held the caller's loop as long)
+            refused = GrammarUnavailable(grammar_unavailable)
+        else:
+            try:
+                seq.matcher, seq.grammar_from = started_matcher(engine.grammars, params, resumed)
+            except GrammarUnavailable as e:
+                refused = e  # (the worker's state, not the request's fault: answered unavailable)
+            except GrammarError as e:
+                refused = RequestError(str(e), param=params.structured_outputs()[0])
     if (ended := ended_on_resume(seq, engine.eos_ids, engine.max_model_len, engine.primary_eos)) is not None:
         engine._taken.append(ended)  # the next step returns it; nothing is made for it, nor held
         return
