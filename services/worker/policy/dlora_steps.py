@@ -196,18 +196,15 @@ def _left(r: QueuedRequest, epoch: Epoch, merged: str | None, merged_now: str | 
     the prompt it was (``Epoch.cf_owed``). Their blocks are taken to fit (``kv`` None): they hold
     them already."""
     rid = r.request_id
-    if (owed := epoch.cf_owed.get(rid)) is not None:  # a prompt as queued before the steps that ran fed it
-        if (left := epoch.cf_chunked.get(rid)) is not None:  # less what it fed of it itself
-            return replace(owed, num_new=left, switched=None, held=None, started=True, kv=None)
-        return replace(owed, kv=None)
-    if r.running:
+    owed = epoch.cf_owed.get(rid)  # a prompt as queued before the steps that ran fed it
+    if owed is None and r.running:
         return r
-    if rid in epoch.cf_prefilled:
+    if owed is None and rid in epoch.cf_prefilled:
         total = r.held_under(merged, merged_now) + r.left(merged, merged_now)
         return replace(r.decoding(), running=True, kv=None, context=total)
-    if (left := epoch.cf_chunked.get(rid)) is not None:
-        return replace(r, num_new=left, switched=None, held=None, started=True, kv=None)
-    return r
+    if (left := epoch.cf_chunked.get(rid)) is not None:  # (an owed one: less what it fed of it itself)
+        return replace(owed or r, num_new=left, switched=None, held=None, started=True, kv=None)
+    return r if owed is None else replace(owed, kv=None)
 
 
 def facts_of(basis: Basis, record: StepRecord, ranks: dict[str, int]) -> Facts:
